@@ -1,0 +1,52 @@
+"""cffi build script: compiles csrc/walsync.c into ``walsync_vfs._shim``.
+
+The result is one shared object that is both a CPython extension (so Python calls the
+consumer API directly) and a SQLite loadable extension (entry ``sqlite3_walsync_init``),
+loaded into apsw's private SQLite with ``load_extension``.  The dynamic loader maps one
+path once, so both sides share the same globals: the record queue the shim fills is the
+one Python drains.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+CDEF = """
+typedef struct ws_rec ws_rec;
+struct ws_rec {
+  ws_rec *next;
+  int64_t db_id;
+  int32_t kind;
+  uint32_t page_size;
+  uint64_t seq;
+  int64_t time_ns;
+  uint32_t db_size;
+  uint32_t npages;
+  uint32_t salt1, salt2;
+  uint32_t frame_start, frame_end;
+  uint32_t *pgnos;
+  unsigned char *data;
+};
+int ws_wait(int timeout_ms);
+void ws_wake(void);
+ws_rec *ws_take(void);
+void ws_free(ws_rec *r);
+uint64_t ws_sync(int64_t db_id);
+const char *ws_db_path(int64_t db_id);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "walsync_vfs._shim",
+    '#include "walsync.c"',
+    include_dirs=[str(HERE)],
+    depends=[str(HERE / "walsync.c")],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

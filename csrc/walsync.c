@@ -1,0 +1,780 @@
+/*
+** walsync.c -- a shim VFS that publishes every committed WAL transaction
+** exactly once, at the moment SQLite commits it.
+**
+** Shaped like SQLite's ext/misc/cksumvfs.c: the "walsync" VFS wraps the
+** default VFS, the lower sqlite3_file lives right after our WsFile, and every
+** method passes straight through.  Only four places do work:
+**
+**   - xWrite on a "-wal" file copies the bytes into a per-connection mirror of
+**     the WAL region written since the last publish (frame headers are
+**     rewritten at commit and spilled pages are overwritten in place, so
+**     nothing is trusted until the commit is complete);
+**   - xShmLock releasing the WAL write lock (lock 0) on the main db file is the
+**     moment a transaction is complete and still serialized against every
+**     other writer: the mirror is parsed, the checksum chain verified, and the
+**     transaction published *before* the lock is passed down;
+**   - xFileControl(SQLITE_FCNTL_COMMIT_PHASETWO) publishes the same way for
+**     locking_mode=EXCLUSIVE, where WAL locks are never taken;
+**   - xWrite on a main db file outside a checkpoint (CKPT_START..CKPT_DONE)
+**     means the database is being changed without the WAL: a GAP is reported.
+**
+** Published records form one process-wide FIFO that Python drains with
+** ws_wait()/ws_take() (see build_shim.py for the declarations).  Per database
+** the shim keeps the WAL checksum chain position of the last published
+** commit; frames that do not continue that chain (another process or a
+** connection not using this VFS wrote) produce a GAP record instead of a
+** wrong transaction.  Until Python calls ws_sync() the chain position is
+** unknown and nothing is published for that database, because the consumer
+** needs a snapshot anyway before deltas mean anything.
+*/
+#include "sqlite3ext.h"
+SQLITE_EXTENSION_INIT1
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define WS_VFS_NAME "walsync"
+
+/* File control answered by the main db file: *(int64_t*)pArg = db id.  This
+** is how Python learns which WsDb a given connection is using. */
+#define WS_FCNTL_DB_ID 0x57530001
+
+/* Record kinds, mirrored in walsync_vfs/capture.py. */
+#define WS_COMMIT 1 /* one committed transaction */
+#define WS_GAP 2    /* the stream for this db is broken here */
+#define WS_OPEN 3   /* first connection opened the db; data = path */
+#define WS_CLOSE 4  /* last connection closed the db */
+
+#define WAL_HDR 32
+#define FRAME_HDR 24
+
+/* One published record; this layout is declared to cffi in build_shim.py. */
+typedef struct ws_rec ws_rec;
+struct ws_rec {
+  ws_rec *next;
+  int64_t db_id;
+  int32_t kind;
+  uint32_t page_size;
+  uint64_t seq;       /* per-db record sequence, 1, 2, 3 ... */
+  int64_t time_ns;    /* CLOCK_REALTIME at publish */
+  uint32_t db_size;   /* pages after commit */
+  uint32_t npages;    /* distinct pages in this commit */
+  uint32_t salt1, salt2;
+  uint32_t frame_start, frame_end; /* WAL frames [start, end) of the commit */
+  uint32_t *pgnos;    /* npages, ascending */
+  unsigned char *data; /* npages * page_size bytes; for WS_OPEN the path */
+};
+
+/* Position in the WAL checksum chain after the last published commit.  Only
+** touched by the connection holding the WAL write lock (or by ws_sync(),
+** whose caller holds it). */
+typedef struct WsChain WsChain;
+struct WsChain {
+  int bKnown;       /* the rest is meaningful */
+  int bHdr;         /* the WAL has a valid header */
+  int bBigEndCksum; /* checksum words are big-endian (magic 0x377f0683) */
+  uint32_t szPage, salt1, salt2;
+  uint32_t nFrame;  /* frames up to and including the last commit */
+  uint32_t cksum[2];
+};
+
+/* Per-database state, shared by every connection of this process. */
+typedef struct WsDb WsDb;
+struct WsDb {
+  char *zPath;
+  int64_t id;
+  int nRef;     /* open main-db handles (gMutex) */
+  uint64_t seq; /* last record seq used (gMutex) */
+  WsChain c;
+};
+
+typedef struct WsFile WsFile;
+struct WsFile {
+  sqlite3_file base;
+  sqlite3_file *pReal; /* the lower file, allocated right after this struct */
+  int eType;           /* WSF_MAIN, WSF_WAL or WSF_OTHER */
+  WsDb *pDb;           /* MAIN and WAL: the database */
+  WsFile *pMain;       /* WAL: the main-db file of the same connection */
+  WsFile *pWal;        /* MAIN: this connection's open WAL, if any */
+  int bInCkpt;         /* MAIN: between CKPT_START and CKPT_DONE */
+  /* WAL: mirror of the bytes written since the last publish. */
+  unsigned char *aBuf;
+  sqlite3_int64 iStart, nBuf, nAlloc;
+};
+#define WSF_OTHER 0
+#define WSF_MAIN 1
+#define WSF_WAL 2
+
+#define ORIGVFS(p) ((sqlite3_vfs *)((p)->pAppData))
+
+/* Global registry and record queue, guarded by one mutex. */
+static pthread_mutex_t gMutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gCond = PTHREAD_COND_INITIALIZER;
+static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
+static int64_t gnDb = 0, gnDbAlloc = 0;
+static ws_rec *gHead = 0, *gTail = 0;
+static int gWaiting = 0, gWake = 0;
+
+/* ---------------------------------------------------------------- helpers */
+
+static uint32_t get32(const unsigned char *p) {
+  return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static int64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* The WAL checksum: pairs of u32 words, native or big-endian as the magic says. */
+static void walCksum(int bigEnd, const unsigned char *a, int n, const uint32_t *in, uint32_t *out) {
+  uint32_t s1 = in[0], s2 = in[1];
+  int i;
+  for (i = 0; i < n; i += 8) {
+    uint32_t x0, x1;
+    if (bigEnd) {
+      x0 = get32(a + i);
+      x1 = get32(a + i + 4);
+    } else {
+      memcpy(&x0, a + i, 4);
+      memcpy(&x1, a + i + 4, 4);
+    }
+    s1 += x0 + s2;
+    s2 += x1 + s1;
+  }
+  out[0] = s1;
+  out[1] = s2;
+}
+
+/* Parse a 32-byte WAL header into the chain-start state of pDb. */
+static int parseWalHeader(WsChain *pC, const unsigned char *h) {
+  uint32_t magic = get32(h), sz = get32(h + 8), ck[2], zero[2] = {0, 0};
+  if ((magic & 0xFFFFFFFE) != 0x377f0682 || get32(h + 4) != 3007000) return 0;
+  if (sz == 1) sz = 65536;
+  if (sz < 512 || sz > 65536 || (sz & (sz - 1))) return 0;
+  walCksum(magic & 1, h, 24, zero, ck);
+  if (ck[0] != get32(h + 24) || ck[1] != get32(h + 28)) return 0;
+  pC->bHdr = 1;
+  pC->bBigEndCksum = magic & 1;
+  pC->szPage = sz;
+  pC->salt1 = get32(h + 16);
+  pC->salt2 = get32(h + 20);
+  pC->cksum[0] = ck[0];
+  pC->cksum[1] = ck[1];
+  pC->nFrame = 0;
+  return 1;
+}
+
+/* Does frame header h (followed by its page) continue the chain in ck?  On
+** success ck is advanced to this frame's checksum. */
+static int frameValid(const WsChain *pC, const unsigned char *h, uint32_t *ck) {
+  uint32_t c[2];
+  if (get32(h + 8) != pC->salt1 || get32(h + 12) != pC->salt2 || get32(h) == 0) return 0;
+  walCksum(pC->bBigEndCksum, h, 8, ck, c);
+  walCksum(pC->bBigEndCksum, h + FRAME_HDR, (int)pC->szPage, c, c);
+  if (c[0] != get32(h + 16) || c[1] != get32(h + 20)) return 0;
+  ck[0] = c[0];
+  ck[1] = c[1];
+  return 1;
+}
+
+/* Append r to the queue, numbering it in its database's sequence. */
+static void enqueue(WsDb *pDb, ws_rec *r) {
+  pthread_mutex_lock(&gMutex);
+  r->seq = ++pDb->seq;
+  r->next = 0;
+  if (gTail) gTail->next = r;
+  else gHead = r;
+  gTail = r;
+  if (gWaiting) pthread_cond_signal(&gCond);
+  pthread_mutex_unlock(&gMutex);
+}
+
+/* Queue a record with no page payload (GAP, OPEN, CLOSE). */
+static void publishEvent(WsDb *pDb, int kind, const char *zText) {
+  size_t n = zText ? strlen(zText) + 1 : 0;
+  ws_rec *r = calloc(1, sizeof(*r) + n);
+  if (!r) return; /* out of memory: the consumer will see a seq hole */
+  r->db_id = pDb->id;
+  r->kind = kind;
+  r->time_ns = now_ns();
+  if (n) {
+    r->data = (unsigned char *)(r + 1);
+    memcpy(r->data, zText, n);
+  }
+  enqueue(pDb, r);
+}
+
+/* Forget the chain position and tell the consumer the stream broke. */
+static void reportGap(WsDb *pDb) {
+  pDb->c.bKnown = 0;
+  publishEvent(pDb, WS_GAP, 0);
+}
+
+typedef struct { uint32_t pgno, iFrame; } PageRef;
+
+static int cmpPageRef(const void *a, const void *b) {
+  const PageRef *x = a, *y = b;
+  if (x->pgno != y->pgno) return x->pgno < y->pgno ? -1 : 1;
+  return x->iFrame < y->iFrame ? -1 : (x->iFrame > y->iFrame);
+}
+
+/*
+** Publish the committed transaction held in pWal's mirror, if any, and reset
+** the mirror.  Called with the WAL write lock still held (or, in EXCLUSIVE
+** locking mode, by the only connection), so pDb's chain state is ours alone.
+**
+** The mirror covers WAL bytes [iStart, iStart+nBuf).  If it starts at 0 the
+** WAL was restarted and the header comes first.  Frames are walked while they
+** continue the checksum chain; the transaction ends at the last valid commit
+** frame (synchronous=FULL pads with repeated commit frames).  Anything after
+** it was rolled back.
+*/
+static void publishPending(WsFile *pWal) {
+  WsDb *pDb = pWal->pDb;
+  const unsigned char *a = pWal->aBuf;
+  sqlite3_int64 nBuf = pWal->nBuf, off = 0, f0Off;
+  uint32_t ck[2], endCk[2] = {0, 0}, f0, i, nCommit = 0, dbSize = 0, szFrame;
+  WsChain c;
+
+  pWal->nBuf = 0;
+  if (nBuf == 0 || !pDb || !pDb->c.bKnown) return;
+
+  c = pDb->c;
+  if (pWal->iStart == 0) {
+    /* WAL restart: a new header.  SQLite only restarts a fully checkpointed
+    ** WAL and steps salt-1 by one; any other step means somebody else
+    ** restarted it in between, erasing frames we never saw. */
+    if (nBuf < WAL_HDR || !parseWalHeader(&c, a)) return;
+    if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + 1) {
+      reportGap(pDb);
+      return;
+    }
+    off = WAL_HDR;
+  } else if (!c.bHdr) {
+    reportGap(pDb);
+    return;
+  }
+  f0Off = pWal->iStart + off;
+  szFrame = FRAME_HDR + c.szPage;
+  if ((f0Off - WAL_HDR) % szFrame) {
+    reportGap(pDb);
+    return;
+  }
+  f0 = (uint32_t)((f0Off - WAL_HDR) / szFrame);
+  if (f0 != c.nFrame) { /* SQLite appended after frames we never saw */
+    reportGap(pDb);
+    return;
+  }
+  ck[0] = c.cksum[0];
+  ck[1] = c.cksum[1];
+  for (i = 0; off + szFrame <= nBuf; i++, off += szFrame) {
+    const unsigned char *h = a + off;
+    if (!frameValid(&c, h, ck)) break;
+    if (get32(h + 4)) {
+      nCommit = i + 1;
+      dbSize = get32(h + 4);
+      endCk[0] = ck[0];
+      endCk[1] = ck[1];
+    }
+  }
+  /* A commit marker with our salts past a broken link means a committed
+  ** transaction we cannot verify: never drop it silently. */
+  for (; off + szFrame <= nBuf; off += szFrame) {
+    const unsigned char *h = a + off;
+    if (get32(h + 4) && get32(h + 8) == c.salt1 && get32(h + 12) == c.salt2) {
+      reportGap(pDb);
+      return;
+    }
+  }
+  if (nCommit == 0) return; /* rolled back */
+
+  {
+    /* Keep the last version of each page; drop pages past the new end. */
+    const unsigned char *aF = a + (f0Off - pWal->iStart);
+    PageRef *aRef = malloc(sizeof(PageRef) * nCommit);
+    uint32_t nRef = 0, nPage = 0, k;
+    ws_rec *r;
+    if (!aRef) {
+      reportGap(pDb);
+      return;
+    }
+    for (k = 0; k < nCommit; k++) {
+      uint32_t pg = get32(aF + (sqlite3_int64)k * szFrame);
+      if (pg <= dbSize) {
+        aRef[nRef].pgno = pg;
+        aRef[nRef].iFrame = k;
+        nRef++;
+      }
+    }
+    qsort(aRef, nRef, sizeof(PageRef), cmpPageRef);
+    for (k = 0; k < nRef; k++) {
+      if (k + 1 < nRef && aRef[k + 1].pgno == aRef[k].pgno) continue;
+      aRef[nPage++] = aRef[k];
+    }
+    r = malloc(sizeof(*r) + (size_t)nPage * (4 + c.szPage));
+    if (!r) {
+      free(aRef);
+      reportGap(pDb);
+      return;
+    }
+    memset(r, 0, sizeof(*r));
+    r->db_id = pDb->id;
+    r->kind = WS_COMMIT;
+    r->page_size = c.szPage;
+    r->time_ns = now_ns();
+    r->db_size = dbSize;
+    r->npages = nPage;
+    r->salt1 = c.salt1;
+    r->salt2 = c.salt2;
+    r->frame_start = f0;
+    r->frame_end = f0 + nCommit;
+    r->pgnos = (uint32_t *)(r + 1);
+    r->data = (unsigned char *)(r->pgnos + nPage);
+    for (k = 0; k < nPage; k++) {
+      r->pgnos[k] = aRef[k].pgno;
+      memcpy(r->data + (size_t)k * c.szPage, aF + (sqlite3_int64)aRef[k].iFrame * szFrame + FRAME_HDR,
+             c.szPage);
+    }
+    free(aRef);
+    c.nFrame = f0 + nCommit;
+    c.cksum[0] = endCk[0];
+    c.cksum[1] = endCk[1];
+    pDb->c = c;
+    enqueue(pDb, r);
+  }
+}
+
+/* Copy a WAL write into the mirror, growing it as needed. */
+static int mirrorWrite(WsFile *p, const void *z, int iAmt, sqlite3_int64 iOfst) {
+  sqlite3_int64 end;
+  if (p->nBuf == 0 || iOfst == 0) {
+    p->iStart = iOfst;
+    p->nBuf = 0;
+  } else if (iOfst < p->iStart) {
+    /* Writes below the mirror start are not produced by SQLite's WAL writer;
+    ** restart the mirror so the chain check reports the inconsistency. */
+    p->iStart = iOfst;
+    p->nBuf = 0;
+  }
+  end = iOfst - p->iStart + iAmt;
+  if (end > p->nAlloc) {
+    sqlite3_int64 n = p->nAlloc ? p->nAlloc * 2 : 65536;
+    unsigned char *aNew;
+    while (n < end) n *= 2;
+    aNew = realloc(p->aBuf, (size_t)n);
+    if (!aNew) return SQLITE_IOERR_NOMEM;
+    p->aBuf = aNew;
+    p->nAlloc = n;
+  }
+  if (iOfst - p->iStart > p->nBuf) memset(p->aBuf + p->nBuf, 0, (size_t)(iOfst - p->iStart - p->nBuf));
+  memcpy(p->aBuf + (iOfst - p->iStart), z, (size_t)iAmt);
+  if (end > p->nBuf) p->nBuf = end;
+  return SQLITE_OK;
+}
+
+/* After a publish, give back a mirror grown by a big transaction. */
+static void mirrorTrim(WsFile *p) {
+  if (p->nAlloc > (1 << 22)) {
+    free(p->aBuf);
+    p->aBuf = 0;
+    p->nAlloc = 0;
+  }
+}
+
+static void publishFromMain(WsFile *pMain) {
+  if (pMain->pWal && pMain->pWal->nBuf) {
+    publishPending(pMain->pWal);
+    mirrorTrim(pMain->pWal);
+  }
+}
+
+/* ------------------------------------------------------------ io methods */
+
+static int wsClose(sqlite3_file *pFile) {
+  WsFile *p = (WsFile *)pFile;
+  int rc;
+  if (p->eType == WSF_WAL) {
+    if (p->pMain && p->pMain->pWal == p) p->pMain->pWal = 0;
+    free(p->aBuf);
+  } else if (p->eType == WSF_MAIN && p->pDb) {
+    int bLast;
+    pthread_mutex_lock(&gMutex);
+    bLast = (--p->pDb->nRef == 0);
+    pthread_mutex_unlock(&gMutex);
+    if (p->pWal) p->pWal->pMain = 0;
+    if (bLast) {
+      /* Nobody holds the db now; another process may change it before the
+      ** next open, which therefore starts from a fresh sync point. */
+      p->pDb->c.bKnown = 0;
+      publishEvent(p->pDb, WS_CLOSE, 0);
+    }
+  }
+  rc = p->pReal->pMethods ? p->pReal->pMethods->xClose(p->pReal) : SQLITE_OK;
+  return rc;
+}
+
+static int wsRead(sqlite3_file *f, void *z, int n, sqlite3_int64 o) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xRead(r, z, n, o);
+}
+
+static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
+  WsFile *p = (WsFile *)f;
+  int rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
+  if (rc != SQLITE_OK) return rc;
+  if (p->eType == WSF_WAL) return mirrorWrite(p, z, n, o);
+  if (p->eType == WSF_MAIN && !p->bInCkpt && p->pDb && p->pDb->c.bKnown) reportGap(p->pDb);
+  return rc;
+}
+
+static int wsTruncate(sqlite3_file *f, sqlite3_int64 size) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xTruncate(r, size);
+}
+
+static int wsSync(sqlite3_file *f, int flags) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xSync(r, flags);
+}
+
+static int wsFileSize(sqlite3_file *f, sqlite3_int64 *pSize) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xFileSize(r, pSize);
+}
+
+static int wsLock(sqlite3_file *f, int e) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xLock(r, e);
+}
+
+static int wsUnlock(sqlite3_file *f, int e) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xUnlock(r, e);
+}
+
+static int wsCheckReservedLock(sqlite3_file *f, int *pOut) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xCheckReservedLock(r, pOut);
+}
+
+static int wsFileControl(sqlite3_file *f, int op, void *pArg) {
+  WsFile *p = (WsFile *)f;
+  int rc;
+  if (p->eType == WSF_MAIN) {
+    switch (op) {
+      case SQLITE_FCNTL_CKPT_START: p->bInCkpt = 1; break;
+      case SQLITE_FCNTL_CKPT_DONE: p->bInCkpt = 0; break;
+      case SQLITE_FCNTL_COMMIT_PHASETWO: publishFromMain(p); break;
+      case WS_FCNTL_DB_ID:
+        *(int64_t *)pArg = p->pDb ? p->pDb->id : 0;
+        return SQLITE_OK;
+      case SQLITE_FCNTL_VFSNAME:
+        rc = p->pReal->pMethods->xFileControl(p->pReal, op, pArg);
+        if (rc == SQLITE_OK) {
+          *(char **)pArg = sqlite3_mprintf(WS_VFS_NAME "/%z", *(char **)pArg);
+        }
+        return rc;
+    }
+  }
+  return p->pReal->pMethods->xFileControl(p->pReal, op, pArg);
+}
+
+static int wsSectorSize(sqlite3_file *f) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xSectorSize(r);
+}
+
+static int wsDeviceCharacteristics(sqlite3_file *f) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xDeviceCharacteristics(r);
+}
+
+static int wsShmMap(sqlite3_file *f, int i, int sz, int bExtend, void volatile **pp) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xShmMap(r, i, sz, bExtend, pp);
+}
+
+/* Releasing the WAL write lock (lock 0) ends a write transaction: publish first. */
+static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
+  WsFile *p = (WsFile *)f;
+  if (ofst == 0 && flags == (SQLITE_SHM_UNLOCK | SQLITE_SHM_EXCLUSIVE) && p->eType == WSF_MAIN) {
+    publishFromMain(p);
+  }
+  return p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
+}
+
+static void wsShmBarrier(sqlite3_file *f) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  r->pMethods->xShmBarrier(r);
+}
+
+static int wsShmUnmap(sqlite3_file *f, int deleteFlag) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xShmUnmap(r, deleteFlag);
+}
+
+static int wsFetch(sqlite3_file *f, sqlite3_int64 o, int n, void **pp) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xFetch(r, o, n, pp);
+}
+
+static int wsUnfetch(sqlite3_file *f, sqlite3_int64 o, void *pPage) {
+  sqlite3_file *r = ((WsFile *)f)->pReal;
+  return r->pMethods->xUnfetch(r, o, pPage);
+}
+
+static const sqlite3_io_methods ws_io_methods = {
+    3,
+    wsClose, wsRead, wsWrite, wsTruncate, wsSync, wsFileSize, wsLock, wsUnlock,
+    wsCheckReservedLock, wsFileControl, wsSectorSize, wsDeviceCharacteristics,
+    wsShmMap, wsShmLock, wsShmBarrier, wsShmUnmap, wsFetch, wsUnfetch,
+};
+
+/* ----------------------------------------------------------- vfs methods */
+
+/* Find or create the WsDb for a main-db path and take a reference. */
+static WsDb *dbAcquire(const char *zPath) {
+  WsDb *pDb = 0;
+  int64_t i;
+  int bOpened = 0;
+  pthread_mutex_lock(&gMutex);
+  for (i = 0; i < gnDb; i++) {
+    if (strcmp(gaDb[i]->zPath, zPath) == 0) {
+      pDb = gaDb[i];
+      break;
+    }
+  }
+  if (!pDb) {
+    if (gnDb == gnDbAlloc) {
+      int64_t n = gnDbAlloc ? gnDbAlloc * 2 : 64;
+      WsDb **aNew = realloc(gaDb, sizeof(WsDb *) * (size_t)n);
+      if (!aNew) goto out;
+      gaDb = aNew;
+      gnDbAlloc = n;
+    }
+    pDb = calloc(1, sizeof(*pDb) + strlen(zPath) + 1);
+    if (!pDb) goto out;
+    pDb->zPath = (char *)(pDb + 1);
+    strcpy(pDb->zPath, zPath);
+    pDb->id = gnDb + 1;
+    gaDb[gnDb++] = pDb;
+  }
+  bOpened = (pDb->nRef++ == 0);
+out:
+  pthread_mutex_unlock(&gMutex);
+  if (bOpened) publishEvent(pDb, WS_OPEN, zPath);
+  return pDb;
+}
+
+static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile, int flags, int *pOutFlags) {
+  WsFile *p = (WsFile *)pFile;
+  sqlite3_vfs *pOrig = ORIGVFS(pVfs);
+  int rc;
+  memset(p, 0, sizeof(*p));
+  p->pReal = (sqlite3_file *)&p[1];
+  rc = pOrig->xOpen(pOrig, zName, p->pReal, flags, pOutFlags);
+  if (rc != SQLITE_OK) {
+    p->base.pMethods = 0;
+    return rc;
+  }
+  p->base.pMethods = &ws_io_methods;
+  if ((flags & SQLITE_OPEN_MAIN_DB) && zName) {
+    p->eType = WSF_MAIN;
+    p->pDb = dbAcquire(zName);
+  } else if ((flags & SQLITE_OPEN_WAL) && zName) {
+    sqlite3_file *pMainFile = sqlite3_database_file_object(zName);
+    p->eType = WSF_WAL;
+    if (pMainFile && pMainFile->pMethods == &ws_io_methods) {
+      p->pMain = (WsFile *)pMainFile;
+      p->pDb = p->pMain->pDb;
+      p->pMain->pWal = p;
+    }
+  }
+  return SQLITE_OK;
+}
+
+static int wsDelete(sqlite3_vfs *v, const char *z, int syncDir) {
+  return ORIGVFS(v)->xDelete(ORIGVFS(v), z, syncDir);
+}
+static int wsAccess(sqlite3_vfs *v, const char *z, int flags, int *pOut) {
+  return ORIGVFS(v)->xAccess(ORIGVFS(v), z, flags, pOut);
+}
+static int wsFullPathname(sqlite3_vfs *v, const char *z, int n, char *zOut) {
+  return ORIGVFS(v)->xFullPathname(ORIGVFS(v), z, n, zOut);
+}
+static void *wsDlOpen(sqlite3_vfs *v, const char *z) { return ORIGVFS(v)->xDlOpen(ORIGVFS(v), z); }
+static void wsDlError(sqlite3_vfs *v, int n, char *z) { ORIGVFS(v)->xDlError(ORIGVFS(v), n, z); }
+static void (*wsDlSym(sqlite3_vfs *v, void *h, const char *z))(void) {
+  return ORIGVFS(v)->xDlSym(ORIGVFS(v), h, z);
+}
+static void wsDlClose(sqlite3_vfs *v, void *h) { ORIGVFS(v)->xDlClose(ORIGVFS(v), h); }
+static int wsRandomness(sqlite3_vfs *v, int n, char *z) { return ORIGVFS(v)->xRandomness(ORIGVFS(v), n, z); }
+static int wsSleep(sqlite3_vfs *v, int us) { return ORIGVFS(v)->xSleep(ORIGVFS(v), us); }
+static int wsCurrentTime(sqlite3_vfs *v, double *p) { return ORIGVFS(v)->xCurrentTime(ORIGVFS(v), p); }
+static int wsGetLastError(sqlite3_vfs *v, int n, char *z) {
+  return ORIGVFS(v)->xGetLastError(ORIGVFS(v), n, z);
+}
+static int wsCurrentTimeInt64(sqlite3_vfs *v, sqlite3_int64 *p) {
+  return ORIGVFS(v)->xCurrentTimeInt64(ORIGVFS(v), p);
+}
+static int wsSetSystemCall(sqlite3_vfs *v, const char *z, sqlite3_syscall_ptr f) {
+  return ORIGVFS(v)->xSetSystemCall(ORIGVFS(v), z, f);
+}
+static sqlite3_syscall_ptr wsGetSystemCall(sqlite3_vfs *v, const char *z) {
+  return ORIGVFS(v)->xGetSystemCall(ORIGVFS(v), z);
+}
+static const char *wsNextSystemCall(sqlite3_vfs *v, const char *z) {
+  return ORIGVFS(v)->xNextSystemCall(ORIGVFS(v), z);
+}
+
+static sqlite3_vfs ws_vfs = {
+    3, 0, 1024, 0, WS_VFS_NAME, 0,
+    wsOpen, wsDelete, wsAccess, wsFullPathname, wsDlOpen, wsDlError, wsDlSym, wsDlClose,
+    wsRandomness, wsSleep, wsCurrentTime, wsGetLastError, wsCurrentTimeInt64,
+    wsSetSystemCall, wsGetSystemCall, wsNextSystemCall,
+};
+
+/* ------------------------------------------------------- Python-side API */
+
+/* Block until a record is queued, ws_wake() is called, or timeout_ms passes.
+** Returns 1 if records are queued.  cffi releases the GIL around this call. */
+int ws_wait(int timeout_ms) {
+  int r;
+  pthread_mutex_lock(&gMutex);
+  if (!gHead && !gWake && timeout_ms != 0) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000;
+    }
+    gWaiting++;
+    while (!gHead && !gWake) {
+      if (pthread_cond_timedwait(&gCond, &gMutex, &ts) == ETIMEDOUT) break;
+    }
+    gWaiting--;
+  }
+  gWake = 0;
+  r = gHead != 0;
+  pthread_mutex_unlock(&gMutex);
+  return r;
+}
+
+void ws_wake(void) {
+  pthread_mutex_lock(&gMutex);
+  gWake = 1;
+  pthread_cond_broadcast(&gCond);
+  pthread_mutex_unlock(&gMutex);
+}
+
+/* Detach every queued record, oldest first; free them with ws_free(). */
+ws_rec *ws_take(void) {
+  ws_rec *r;
+  pthread_mutex_lock(&gMutex);
+  r = gHead;
+  gHead = gTail = 0;
+  pthread_mutex_unlock(&gMutex);
+  return r;
+}
+
+void ws_free(ws_rec *r) {
+  while (r) {
+    ws_rec *n = r->next;
+    free(r);
+    r = n;
+  }
+}
+
+static WsDb *dbById(int64_t id) {
+  WsDb *p = 0;
+  pthread_mutex_lock(&gMutex);
+  if (id >= 1 && id <= gnDb) p = gaDb[id - 1];
+  pthread_mutex_unlock(&gMutex);
+  return p;
+}
+
+/*
+** Establish the chain position from the WAL file on disk and return the seq
+** of the last record so far: every commit with a higher seq happened after
+** this point.  The caller must hold the WAL write lock (BEGIN IMMEDIATE on a
+** connection to the same db) so no commit is in flight.  Returns 0 and leaves
+** the position unknown if the db is unknown or the WAL cannot be read.
+*/
+uint64_t ws_sync(int64_t db_id) {
+  WsDb *pDb = dbById(db_id);
+  WsChain c;
+  char *zWal;
+  int fd;
+  unsigned char hdr[WAL_HDR];
+  uint64_t seq;
+  if (!pDb) return 0;
+  memset(&c, 0, sizeof(c));
+  zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
+  if (!zWal) return 0;
+  fd = open(zWal, O_RDONLY | O_CLOEXEC);
+  sqlite3_free(zWal);
+  if (fd >= 0) {
+    if (pread(fd, hdr, WAL_HDR, 0) == WAL_HDR && parseWalHeader(&c, hdr)) {
+      uint32_t szFrame = FRAME_HDR + c.szPage, ck[2], n = 0;
+      unsigned char *aFrame = malloc(szFrame);
+      off_t off;
+      ck[0] = c.cksum[0];
+      ck[1] = c.cksum[1];
+      for (off = WAL_HDR; aFrame; off += szFrame, n++) {
+        if (pread(fd, aFrame, szFrame, off) != (ssize_t)szFrame || !frameValid(&c, aFrame, ck)) break;
+        if (get32(aFrame + 4)) {
+          c.nFrame = n + 1;
+          c.cksum[0] = ck[0];
+          c.cksum[1] = ck[1];
+        }
+      }
+      free(aFrame);
+    }
+    close(fd);
+  }
+  c.bKnown = 1;
+  pthread_mutex_lock(&gMutex);
+  pDb->c = c;
+  seq = pDb->seq;
+  pthread_mutex_unlock(&gMutex);
+  return seq;
+}
+
+/* The database path for an id (valid for the life of the process). */
+const char *ws_db_path(int64_t db_id) {
+  WsDb *p = dbById(db_id);
+  return p ? p->zPath : 0;
+}
+
+/* ---------------------------------------------------------- entry point */
+
+#ifdef _WIN32
+__declspec(dllexport)
+#endif
+int sqlite3_walsync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines *pApi) {
+  int rc = SQLITE_OK;
+  sqlite3_vfs *pOrig;
+  SQLITE_EXTENSION_INIT2(pApi);
+  (void)db;
+  (void)pzErrMsg;
+  if (sqlite3_vfs_find(WS_VFS_NAME)) return SQLITE_OK_LOAD_PERMANENTLY;
+  pOrig = sqlite3_vfs_find(0);
+  if (!pOrig) return SQLITE_ERROR;
+  ws_vfs.iVersion = pOrig->iVersion < 3 ? pOrig->iVersion : 3;
+  ws_vfs.szOsFile = pOrig->szOsFile + (int)sizeof(WsFile);
+  ws_vfs.mxPathname = pOrig->mxPathname;
+  ws_vfs.pAppData = pOrig;
+  rc = sqlite3_vfs_register(&ws_vfs, 0);
+  return rc == SQLITE_OK ? SQLITE_OK_LOAD_PERMANENTLY : rc;
+}
