@@ -33,7 +33,11 @@ int ws_wait(int timeout_ms);
 void ws_wake(void);
 ws_rec *ws_take(void);
 void ws_free(ws_rec *r);
-uint64_t ws_sync(int64_t db_id);
+typedef struct ws_pos { uint64_t seq; uint32_t page_size, nframe, salt1, salt2; } ws_pos;
+int ws_sync(int64_t db_id, ws_pos *out);
+void ws_hold(int64_t db_id, int delta);
+int ws_read(void *file, void *buf, int n, int64_t off);
+int64_t ws_file_size(void *file);
 const char *ws_db_path(int64_t db_id);
 """
 

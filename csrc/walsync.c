@@ -83,6 +83,7 @@ struct WsChain {
   uint32_t szPage, salt1, salt2;
   uint32_t nFrame;  /* frames up to and including the last commit */
   uint32_t cksum[2];
+  int bTruncated;   /* one of our connections truncated the WAL to zero */
 };
 
 /* Per-database state, shared by every connection of this process. */
@@ -92,7 +93,17 @@ struct WsDb {
   int64_t id;
   int nRef;     /* open main-db handles (gMutex) */
   uint64_t seq; /* last record seq used (gMutex) */
+  int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
+};
+
+/* What ws_sync() reports: the last seq, and the WAL holding the state at it. */
+typedef struct ws_pos ws_pos;
+struct ws_pos {
+  uint64_t seq;
+  uint32_t page_size; /* 0 if the WAL has no valid header */
+  uint32_t nframe;    /* frames up to the last commit */
+  uint32_t salt1, salt2;
 };
 
 typedef struct WsFile WsFile;
@@ -170,6 +181,7 @@ static int parseWalHeader(WsChain *pC, const unsigned char *h) {
   pC->cksum[0] = ck[0];
   pC->cksum[1] = ck[1];
   pC->nFrame = 0;
+  pC->bTruncated = 0;
   return 1;
 }
 
@@ -353,6 +365,49 @@ static void publishPending(WsFile *pWal) {
   }
 }
 
+/*
+** A WAL header is about to be written at offset 0: the WAL restarts.  SQLite
+** restarts only a fully checkpointed WAL, so every frame in it must have been
+** ours.  Read the old WAL before it is overwritten: a valid commit frame past
+** our position, a different header, or a WAL that vanished without one of our
+** connections truncating it, all mean another writer committed transactions
+** (and checkpointed them) that the stream never saw.
+*/
+static void checkRestart(WsFile *pWal) {
+  WsDb *pDb = pWal->pDb;
+  sqlite3_file *r = pWal->pReal;
+  sqlite3_int64 size = 0, off;
+  unsigned char h[WAL_HDR], *aFrame;
+  WsChain old;
+  uint32_t ck[2], szFrame;
+  if (!pDb || !pDb->c.bKnown) return;
+  if (r->pMethods->xFileSize(r, &size) != SQLITE_OK) size = 0;
+  if (size < WAL_HDR || r->pMethods->xRead(r, h, WAL_HDR, 0) != SQLITE_OK || !parseWalHeader(&old, h)) {
+    if (pDb->c.bHdr && !pDb->c.bTruncated) reportGap(pDb);
+    return;
+  }
+  if (!pDb->c.bHdr || old.salt1 != pDb->c.salt1 || old.salt2 != pDb->c.salt2) {
+    /* A header we never saw: frames under it are foreign unless there are none. */
+    old.nFrame = 0;
+  } else {
+    old = pDb->c;
+  }
+  szFrame = FRAME_HDR + old.szPage;
+  aFrame = malloc(szFrame);
+  if (!aFrame) return;
+  ck[0] = old.cksum[0];
+  ck[1] = old.cksum[1];
+  for (off = WAL_HDR + (sqlite3_int64)old.nFrame * szFrame; off + szFrame <= size; off += szFrame) {
+    if (r->pMethods->xRead(r, aFrame, (int)szFrame, off) != SQLITE_OK) break;
+    if (!frameValid(&old, aFrame, ck)) break;
+    if (get32(aFrame + 4)) {
+      reportGap(pDb);
+      break;
+    }
+  }
+  free(aFrame);
+}
+
 /* Copy a WAL write into the mirror, growing it as needed. */
 static int mirrorWrite(WsFile *p, const void *z, int iAmt, sqlite3_int64 iOfst) {
   sqlite3_int64 end;
@@ -429,7 +484,9 @@ static int wsRead(sqlite3_file *f, void *z, int n, sqlite3_int64 o) {
 
 static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
   WsFile *p = (WsFile *)f;
-  int rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
+  int rc;
+  if (p->eType == WSF_WAL && o == 0) checkRestart(p);
+  rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
   if (rc != SQLITE_OK) return rc;
   if (p->eType == WSF_WAL) return mirrorWrite(p, z, n, o);
   if (p->eType == WSF_MAIN && !p->bInCkpt && p->pDb && p->pDb->c.bKnown) reportGap(p->pDb);
@@ -437,8 +494,11 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
 }
 
 static int wsTruncate(sqlite3_file *f, sqlite3_int64 size) {
-  sqlite3_file *r = ((WsFile *)f)->pReal;
-  return r->pMethods->xTruncate(r, size);
+  WsFile *p = (WsFile *)f;
+  int rc = p->pReal->pMethods->xTruncate(p->pReal, size);
+  /* TRUNCATE checkpoint: the next header lands in an empty file legitimately. */
+  if (rc == SQLITE_OK && size == 0 && p->eType == WSF_WAL && p->pDb) p->pDb->c.bTruncated = 1;
+  return rc;
 }
 
 static int wsSync(sqlite3_file *f, int flags) {
@@ -503,11 +563,24 @@ static int wsShmMap(sqlite3_file *f, int i, int sz, int bExtend, void volatile *
   return r->pMethods->xShmMap(r, i, sz, bExtend, pp);
 }
 
-/* Releasing the WAL write lock (lock 0) ends a write transaction: publish first. */
+/* Lock offsets in the wal-index (see wal.c): 0 = write lock, 3+i = read lock i. */
+#define WAL_WRITE_LOCK 0
+#define WAL_READ_LOCK1 4
+#define WAL_NREADER_1 4
+
+/* Releasing the WAL write lock ends a write transaction: publish first.  An
+** exclusive lock on read locks 1..4 together is taken only to restart the
+** WAL (walRestartLog, TRUNCATE checkpoints); refuse it with SQLITE_BUSY
+** while a raw snapshot reads the WAL -- SQLite then simply appends. */
 static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
   WsFile *p = (WsFile *)f;
-  if (ofst == 0 && flags == (SQLITE_SHM_UNLOCK | SQLITE_SHM_EXCLUSIVE) && p->eType == WSF_MAIN) {
-    publishFromMain(p);
+  if (p->eType == WSF_MAIN && (flags & SQLITE_SHM_EXCLUSIVE)) {
+    if (ofst == WAL_WRITE_LOCK && (flags & SQLITE_SHM_UNLOCK)) {
+      publishFromMain(p);
+    } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_LOCK) &&
+               p->pDb && __atomic_load_n(&p->pDb->nHold, __ATOMIC_ACQUIRE) > 0) {
+      return SQLITE_BUSY;
+    }
   }
   return p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
 }
@@ -705,19 +778,18 @@ static WsDb *dbById(int64_t id) {
 }
 
 /*
-** Establish the chain position from the WAL file on disk and return the seq
+** Establish the chain position from the WAL file on disk and report the seq
 ** of the last record so far: every commit with a higher seq happened after
 ** this point.  The caller must hold the WAL write lock (BEGIN IMMEDIATE on a
-** connection to the same db) so no commit is in flight.  Returns 0 and leaves
-** the position unknown if the db is unknown or the WAL cannot be read.
+** connection to the same db) so no commit is in flight.  Returns 0 if the db
+** id is unknown.
 */
-uint64_t ws_sync(int64_t db_id) {
+int ws_sync(int64_t db_id, ws_pos *pOut) {
   WsDb *pDb = dbById(db_id);
   WsChain c;
   char *zWal;
   int fd;
   unsigned char hdr[WAL_HDR];
-  uint64_t seq;
   if (!pDb) return 0;
   memset(&c, 0, sizeof(c));
   zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
@@ -746,9 +818,36 @@ uint64_t ws_sync(int64_t db_id) {
   c.bKnown = 1;
   pthread_mutex_lock(&gMutex);
   pDb->c = c;
-  seq = pDb->seq;
+  pOut->seq = pDb->seq;
   pthread_mutex_unlock(&gMutex);
-  return seq;
+  pOut->page_size = c.bHdr ? c.szPage : 0;
+  pOut->nframe = c.nFrame;
+  pOut->salt1 = c.salt1;
+  pOut->salt2 = c.salt2;
+  return 1;
+}
+
+/* Refuse (delta > 0) or allow again (delta < 0) WAL restarts for a db. */
+void ws_hold(int64_t db_id, int delta) {
+  WsDb *pDb = dbById(db_id);
+  if (pDb) __atomic_add_fetch(&pDb->nHold, delta, __ATOMIC_ACQ_REL);
+}
+
+/*
+** Read through an open sqlite3_file (from SQLITE_FCNTL_FILE_POINTER).  Python
+** must never open() a database file itself: closing any descriptor of a file
+** drops every POSIX lock this process holds on it, after which another
+** process may checkpoint and delete the WAL under our connections.
+*/
+int ws_read(void *pFile, void *buf, int n, int64_t off) {
+  sqlite3_file *f = pFile;
+  return f->pMethods->xRead(f, buf, n, off);
+}
+
+int64_t ws_file_size(void *pFile) {
+  sqlite3_file *f = pFile;
+  sqlite3_int64 sz = -1;
+  return f->pMethods->xFileSize(f, &sz) == SQLITE_OK ? sz : -1;
 }
 
 /* The database path for an id (valid for the life of the process). */

@@ -9,7 +9,10 @@ consumer lines a full copy up with the deltas that follow it.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -21,6 +24,7 @@ VFS_NAME = "walsync"
 _FCNTL_DB_ID = 0x57530001
 
 ffi, lib = _shim.ffi, _shim.lib
+log = logging.getLogger("walsync_vfs")
 _load_lock = threading.Lock()
 _loaded = False
 
@@ -134,38 +138,105 @@ def wake() -> None:
 
 
 class SyncPoint:
-    """A read snapshot of a database pinned together with the record seq it corresponds to.
+    """A database's exact bytes at a known record seq, readable while writers go on.
 
     Holding the WAL write lock (``BEGIN IMMEDIATE``) for a moment guarantees no commit is in
-    flight: the shim re-reads the WAL chain position and reports the last seq used, and a
-    second connection opens a read transaction at exactly that state.  The write lock is
-    released at once, so writers stall only for microseconds however long the caller then
-    reads.  Every COMMIT with ``seq > self.seq`` applies on top of :attr:`reader`'s view.
+    flight: the shim re-reads the WAL chain and reports the last seq used and how many WAL
+    frames make up the state.  Before the lock is released, a read transaction pins that state
+    (the checkpointer cannot copy later frames into the db file) and the shim refuses WAL
+    restarts (the frames we read stay put).  Writers stall only for those microseconds.
+
+    :meth:`pages` then reads the raw pages: each page's newest frame among the first
+    ``nframe`` WAL frames, else the db file.  (The backup API is no substitute: it rewrites the
+    change counter and schema cookie of page 1.)  Every COMMIT with ``seq > self.seq`` applies
+    on top of these bytes.
     """
 
     def __init__(self, path: str, busy_timeout_ms: int = 60_000) -> None:
         load()
+        self.path = path
+        self._held = False
         self.reader = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
         writer = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
         try:
             for con in (self.reader, writer):
                 con.set_busy_timeout(busy_timeout_ms)
             self.db_id = db_id_of(writer)
+            pos = ffi.new("ws_pos *")
             writer.execute("BEGIN IMMEDIATE")
             try:
-                self.seq = int(lib.ws_sync(self.db_id))
+                if not lib.ws_sync(self.db_id, pos):
+                    raise CaptureError(f"{path}: not opened through the walsync VFS")
+                lib.ws_hold(self.db_id, 1)
+                self._held = True
                 self.reader.execute("BEGIN")
                 self.reader.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
             finally:
                 writer.execute("ROLLBACK")
         except BaseException:
-            self.reader.close()
+            self.close()
             raise
         finally:
             writer.close()
+        self.seq = int(pos.seq)
+        self._wal_page_size = int(pos.page_size)
+        self._nframe = int(pos.nframe)
+        self._salts = (int(pos.salt1), int(pos.salt2))
+
+    def _file(self, op: int) -> object:
+        """The reader's own open sqlite3_file for the db (or its WAL): see ws_read()."""
+        out = ffi.new("void **")
+        self.reader.file_control("main", op, int(ffi.cast("intptr_t", out)))
+        if out[0] == ffi.NULL:
+            raise CaptureError(f"{self.path}: file handle unavailable")
+        return out[0]
+
+    def pages(self) -> tuple[int, int, Iterator[bytes]]:
+        """(page_size, db_size, iterator over pages 1..db_size) of the pinned state."""
+        db = self._file(apsw.SQLITE_FCNTL_FILE_POINTER)
+        wal = self._file(apsw.SQLITE_FCNTL_JOURNAL_POINTER) if self._nframe else None
+        newest: dict[int, int] = {}  # pgno -> offset of its newest frame's page data
+        hdr = ffi.new("unsigned char[]", 100)
+        if wal is not None:
+            page_size = self._wal_page_size
+            frame = 24 + page_size
+            for i in range(self._nframe):
+                _read(wal, hdr, 24, 32 + i * frame)
+                newest[int.from_bytes(ffi.buffer(hdr, 4), "big")] = 32 + i * frame + 24
+            db_size = int.from_bytes(ffi.buffer(hdr, 8)[4:8], "big")  # last frame commits
+        else:
+            size = lib.ws_file_size(db)
+            page_size = 4096
+            if size >= 100:
+                _read(db, hdr, 100, 0)
+                page_size = int.from_bytes(ffi.buffer(hdr, 100)[16:18], "big")
+                page_size = 65536 if page_size == 1 else page_size
+            db_size = max(size, 0) // page_size
+
+        def gen() -> Iterator[bytes]:
+            buf = ffi.new("unsigned char[]", page_size)
+            for pgno in range(1, db_size + 1):
+                off = newest.get(pgno)
+                if off is None:
+                    _read(db, buf, page_size, (pgno - 1) * page_size)
+                else:
+                    _read(wal, buf, page_size, off)
+                yield ffi.buffer(buf)[:]
+            if wal is not None:  # a foreign process could still restart the WAL
+                _read(wal, hdr, 8, 16)
+                salts = ffi.buffer(hdr, 8)[:]
+                if (int.from_bytes(salts[:4], "big"), int.from_bytes(salts[4:], "big")) != (
+                    self._salts
+                ):
+                    raise CaptureError(f"{self.path}: WAL restarted during the snapshot")
+
+        return page_size, db_size, gen()
 
     def close(self) -> None:
-        """End the read transaction and close the reader."""
+        """End the read transaction, let WAL restarts happen again, close the reader."""
+        if self._held:
+            lib.ws_hold(self.db_id, -1)
+            self._held = False
         if self.reader.in_transaction:
             self.reader.execute("COMMIT")
         self.reader.close()
@@ -175,3 +246,89 @@ class SyncPoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read(file: object, buf: object, n: int, off: int) -> None:
+    rc = lib.ws_read(file, buf, n, off)
+    if rc != 0:
+        raise CaptureError(f"read of {n} bytes at offset {off} failed (SQLite error {rc})")
+
+
+Sink = Callable[[list[Record]], None]
+
+
+class Dispatcher:
+    """The process's single consumer of the shim's queue: routes records to per-database sinks.
+
+    One daemon thread blocks in C (GIL released) until records arrive, then hands each
+    database its batch, in commit order.  A database's sink is chosen when its OPEN record
+    arrives: a sink routed to its path, else :attr:`default` (the replication engine), else
+    the records are dropped.
+    """
+
+    def __init__(self) -> None:
+        self.default: Sink | None = None
+        self._by_path: dict[str, Sink] = {}
+        self._by_id: dict[int, Sink | None] = {}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._requested = self._served = 0  # barrier bookkeeping
+        self._thread = threading.Thread(target=self._run, name="walsync-capture", daemon=True)
+        self._thread.start()
+
+    def route_path(self, path: str, sink: Sink | None) -> None:
+        """Send the records of the database at ``path`` to ``sink`` from its next OPEN on."""
+        with self._lock:
+            key = os.path.realpath(path)
+            if sink is None:
+                self._by_path.pop(key, None)
+            else:
+                self._by_path[key] = sink
+
+    def barrier(self, timeout: float = 10.0) -> None:
+        """Return once every record queued before the call has been handed to its sink."""
+        with self._cond:
+            self._requested += 1
+            target = self._requested
+            wake()
+            if not self._cond.wait_for(lambda: self._served >= target, timeout):
+                raise TimeoutError("capture dispatcher did not drain in time")
+
+    def _sink_for(self, rec: Record) -> Sink | None:
+        with self._lock:
+            if rec.kind is Kind.OPEN:
+                sink = self._by_path.get(os.path.realpath(rec.path), self.default)
+                self._by_id[rec.db_id] = sink
+                return sink
+            return self._by_id.get(rec.db_id, self.default)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                requested = self._requested
+            batch: dict[Sink, list[Record]] = {}
+            # A waiting barrier needs a pass that starts after it: drain without blocking.
+            for rec in take(None if requested == self._served else 0):
+                sink = self._sink_for(rec)
+                if sink is not None:
+                    batch.setdefault(sink, []).append(rec)
+            for sink, recs in batch.items():
+                try:
+                    sink(recs)
+                except Exception:  # a sink's bug must not stop capture for every database
+                    log.exception("walsync: capture sink failed")
+            with self._cond:
+                self._served = requested
+                self._cond.notify_all()
+
+
+_dispatcher: Dispatcher | None = None
+
+
+def dispatcher() -> Dispatcher:
+    """The process-wide :class:`Dispatcher`, started on first use."""
+    global _dispatcher
+    with _load_lock:
+        if _dispatcher is None:
+            _dispatcher = Dispatcher()
+        return _dispatcher

@@ -1,0 +1,636 @@
+"""Tests for walsync_vfs.format against docs/FORMAT.md.
+
+Forged objects are built here straight from the spec's tables (not through the encoder),
+so the tests also check that the code and FORMAT.md agree.
+"""
+
+import hashlib
+import io
+import random
+import struct
+from functools import reduce
+from operator import xor
+
+import pytest
+import xxhash
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from walsync_vfs.format import (
+    SEGMENT_MAGIC,
+    SNAPSHOT_MAGIC,
+    Commit,
+    CorruptObject,
+    DbChecksum,
+    IndexEntry,
+    ParsedKey,
+    SnapshotHeader,
+    SnapshotWriter,
+    encode_segment,
+    iter_segment_commits,
+    new_generation_id,
+    page_hash,
+    parse_key,
+    read_segment_header,
+    read_snapshot,
+    segment_key,
+    snapshot_key,
+)
+
+GEN = "0000000000000001-deadbeef"
+SEG_KEY = f"db/{GEN}/seg/0000000000000005-0000000000000007.wseg"
+SNAP_KEY = f"db/{GEN}/snapshot/0000000000000001.wsnap"
+FUZZ = settings(max_examples=150, deadline=None)
+
+
+def page(size: int, seed: int) -> bytes:
+    """Half compressible, half random, so bodies mix compressed and raw zstd blocks."""
+    return bytes([seed % 251]) * (size // 2) + random.Random(seed).randbytes(size - size // 2)
+
+
+def make_commits(page_size: int, first: int, sizes: list[tuple[int, list[int]]]) -> list[Commit]:
+    """Commits from (db_size, pgnos) pairs, each with a correct running checksum."""
+    ck = DbChecksum()
+    commits = []
+    for i, (db_size, pgnos) in enumerate(sizes):
+        pages = tuple((p, page(page_size, 1000 * i + p)) for p in pgnos)
+        ck.apply(db_size, pages)
+        commits.append(Commit(first + i, 1_700_000_000_000_000_000 + i, db_size, ck.value, pages))
+    return commits
+
+
+SMALL = make_commits(512, 5, [(2, [1, 2]), (3, [1, 3]), (1, [1])])
+
+
+def reseal(obj: bytes) -> bytes:
+    """Recompute the trailing SHA-256 (the last 32 bytes of both object kinds)."""
+    return obj[:-32] + hashlib.sha256(obj[:-32]).digest()
+
+
+def forge_segment(
+    page_size: int,
+    entries: list[tuple[int, int, int, int, int]],
+    raw: bytes,
+    *,
+    first: int | None = None,
+    version: int = 1,
+    body: bytes | None = None,
+    raw_length: int | None = None,
+) -> bytes:
+    body = zstandard.ZstdCompressor().compress(raw) if body is None else body
+    first = entries[0][0] if first is None else first
+    header = struct.pack(
+        ">8sHHIQQIQQ", SEGMENT_MAGIC, version, 0, page_size, first, first + len(entries) - 1,
+        len(entries), len(body), len(raw) if raw_length is None else raw_length,
+    )  # fmt: skip
+    index = b"".join(struct.pack(">QqIIQ", *e) for e in entries)
+    return reseal(header + index + body + bytes(32))
+
+
+def forge_snapshot(page_size: int, db_size: int, body: bytes, checksum: int = 0) -> bytes:
+    header = struct.pack(">8sHHIQqI", SNAPSHOT_MAGIC, 1, 0, page_size, 1, 0, db_size)
+    return reseal(header + body + struct.pack(">QQ", checksum, len(body)) + bytes(32))
+
+
+def write_snapshot(page_size: int, pages: list[bytes], txid: int = 1) -> bytes:
+    out = io.BytesIO()
+    w = SnapshotWriter(out, page_size, txid, 123, len(pages))
+    for p in pages:
+        w.add_page(p)
+    w.finish()
+    return out.getvalue()
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+RAW_516 = struct.pack(">I", 1) + bytes(512)
+BLOCK_516 = (516 << 3).to_bytes(3, "little") + RAW_516  # raw block, not the last
+
+
+def frame_516(fhd: int, dict_id: bytes, blocks: bytes) -> bytes:
+    """A single-segment zstd frame declaring 516 bytes (2-byte content size field)."""
+    return ZSTD_MAGIC + bytes([fhd]) + dict_id + (516 - 256).to_bytes(2, "little") + blocks
+
+
+def huge_frame(content_size: int) -> bytes:
+    """A zstd frame declaring `content_size` bytes but holding one 8-byte raw block."""
+    fhd, window = 0xC0, 0x00  # 8-byte content size field, not single-segment; 1 KiB window
+    block = ((8 << 3) | 1).to_bytes(3, "little") + b"12345678"  # last block, raw, 8 bytes
+    return ZSTD_MAGIC + bytes([fhd, window]) + content_size.to_bytes(8, "little") + block
+
+
+def assert_corrupt(key: str, fn, *args) -> CorruptObject:
+    with pytest.raises(CorruptObject) as info:
+        fn(*args)
+    msg = str(info.value)
+    assert msg.startswith(f"{key}: ") and "\n" not in msg
+    return info.value
+
+
+def decode_segment_fully(data: bytes) -> list[Commit]:
+    read_segment_header(data, SEG_KEY)
+    return list(iter_segment_commits(data, SEG_KEY))
+
+
+def decode_snapshot_fully(src) -> tuple[SnapshotHeader, list[bytes]]:
+    header, pages = read_snapshot(src, SNAP_KEY)
+    return header, list(pages)
+
+
+def only_corrupt(fn, *args) -> None:
+    """Decoding untrusted bytes either succeeds or raises CorruptObject: nothing else."""
+    try:
+        fn(*args)
+    except CorruptObject as e:
+        assert "\n" not in str(e)
+
+
+# --- keys ----------------------------------------------------------------------------
+
+
+def test_key_round_trip():
+    gen = new_generation_id(0x1234)
+    assert gen.startswith("0000000000001234-") and len(gen) == 25
+    skey = snapshot_key("app.db", gen, 0x1234)
+    assert skey == f"app.db/{gen}/snapshot/0000000000001234.wsnap"
+    assert parse_key(skey) == ParsedKey("app.db", gen, "snapshot", 0x1234, 0x1234)
+    gkey = segment_key("app.db", gen, 0x1235, 2**64 - 1)
+    assert gkey == f"app.db/{gen}/seg/0000000000001235-ffffffffffffffff.wseg"
+    assert parse_key(gkey) == ParsedKey("app.db", gen, "segment", 0x1235, 2**64 - 1)
+    assert parse_key(segment_key("a b", gen, 7, 7)) == ParsedKey("a b", gen, "segment", 7, 7)
+
+
+def test_keys_sort_by_txid():
+    gens = [new_generation_id(t) for t in (2, 10, 255, 256, 2**40)]
+    assert sorted(gens) == gens
+    segs = [segment_key("d", gens[0], a, a + 1) for a in (3, 9, 16, 4096)]
+    assert sorted(segs) == segs
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        f"db/{GEN}/snapshot/0000000000000001.wsnap.tmp",
+        f"db/{GEN}/snapshot/000000000000001.wsnap",
+        f"db/{GEN}/snapshot/000000000000000A.wsnap",
+        f"db/{GEN}/seg/0000000000000002-0000000000000001.wseg",
+        f"db/{GEN}/seg/0000000000000001.wseg",
+        f"db/{GEN}/seg/0000000000000001-0000000000000002.wsnap",
+        f"db/{GEN}/snap/0000000000000001.wsnap",
+        "db/0000000000000001-deadbee/snapshot/0000000000000001.wsnap",
+        "db/0000000000000001_deadbeef/snapshot/0000000000000001.wsnap",
+        f"a/db/{GEN}/snapshot/0000000000000001.wsnap",
+        f"/db/{GEN}/snapshot/0000000000000001.wsnap",
+        f"../{GEN}/snapshot/0000000000000001.wsnap",
+        f"db/{GEN}/snapshot/0000000000000001.wsnap\n",
+        f"d\x00b/{GEN}/snapshot/0000000000000001.wsnap",
+        f"db/{GEN}/snapshot/0000000000000001.wsnap/x",
+        "db/README.md",
+    ],
+)
+def test_parse_key_rejects_foreign(key):
+    assert parse_key(key) is None
+
+
+def test_key_builders_reject_bad_parts():
+    for name in ("", ".", "..", "a/b", "x\ny"):
+        with pytest.raises(ValueError):
+            snapshot_key(name, GEN, 1)
+    for gen in ("1-deadbeef", GEN.upper(), GEN + "0"):
+        with pytest.raises(ValueError):
+            segment_key("db", gen, 1, 2)
+    with pytest.raises(ValueError):
+        segment_key("db", GEN, 3, 2)
+    with pytest.raises(ValueError):
+        snapshot_key("db", GEN, 2**64)
+    with pytest.raises(ValueError):
+        new_generation_id(-1)
+
+
+# --- checksum ------------------------------------------------------------------------
+
+
+def test_page_hash_definition():
+    data = page(4096, 7)
+    assert page_hash(3, data) == xxhash.xxh3_64_intdigest(data, seed=3)
+    assert page_hash(3, data) != page_hash(4, data)
+
+
+def test_checksum_from_pages():
+    pages = [page(512, i) for i in range(5)]
+    ck = DbChecksum.from_pages(pages)
+    assert ck.db_size == 5
+    assert ck.value == reduce(xor, (page_hash(i, p) for i, p in enumerate(pages, 1)))
+    assert DbChecksum.from_pages([]).value == 0
+
+
+def test_checksum_apply_rejects_and_stays_unchanged():
+    ck = DbChecksum.from_pages([page(512, i) for i in range(3)])
+    before = (ck.value, ck.db_size)
+    with pytest.raises(ValueError, match="page 5 was not given"):
+        ck.apply(5, [(1, b"x"), (4, b"y")])
+    with pytest.raises(ValueError, match="outside"):
+        ck.apply(2, [(3, b"x")])
+    with pytest.raises(ValueError, match="outside"):
+        ck.apply(3, [(0, b"x")])
+    with pytest.raises(ValueError):
+        ck.apply(-1, [])
+    assert (ck.value, ck.db_size) == before
+
+
+@FUZZ
+@given(st.data())
+def test_checksum_incremental_matches_scratch(data):
+    model: list[bytes] = []
+    ck = DbChecksum()
+    for _ in range(data.draw(st.integers(1, 12))):
+        db_size = data.draw(st.integers(0, 10))
+        grown = set(range(len(model) + 1, db_size + 1))
+        written = data.draw(st.sets(st.integers(1, max(db_size, 1)))) if db_size else set()
+        pages = [(p, data.draw(st.binary(min_size=1, max_size=8))) for p in written | grown]
+        ck.apply(db_size, pages)
+        model = (model + [b""] * db_size)[:db_size]
+        for p, d in pages:
+            model[p - 1] = d
+        assert ck.db_size == db_size
+        assert ck.value == DbChecksum.from_pages(model).value
+
+
+# --- segments ------------------------------------------------------------------------
+
+
+def test_segment_round_trip_single():
+    commit = make_commits(4096, 1, [(1, [1])])
+    data = encode_segment(4096, commit)
+    assert list(iter_segment_commits(data, SEG_KEY)) == commit
+    header = read_segment_header(data, SEG_KEY)
+    assert (header.page_size, header.first_txid, header.last_txid) == (4096, 1, 1)
+    c = commit[0]
+    assert header.index == (IndexEntry(1, c.time_ns, 1, 1, c.checksum),)
+
+
+@pytest.mark.parametrize("page_size", [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
+def test_segment_round_trip_page_sizes(page_size):
+    sizes = [(4, [1, 2, 3, 4]), (4, [2]), (2, []), (3, [1, 3]), (3, [3])]
+    commits = make_commits(page_size, 2**64 - 5, sizes)
+    data = encode_segment(page_size, commits)
+    assert decode_segment_fully(data) == commits
+    header = read_segment_header(data, SEG_KEY)
+    assert [e.page_count for e in header.index] == [4, 1, 0, 2, 1]
+    assert header.last_txid == 2**64 - 1
+
+
+def test_segment_round_trip_many_and_big():
+    many = make_commits(1024, 100, [(i // 3 + 1, [i // 3 + 1]) for i in range(300)])
+    assert decode_segment_fully(encode_segment(1024, many)) == many
+    big = make_commits(65536, 7, [(40, list(range(1, 41))), (40, list(range(1, 41, 2)))])
+    data = encode_segment(65536, big, level=1)
+    assert decode_segment_fully(data) == big
+
+
+def test_segment_is_self_consistent_with_spec():
+    data = encode_segment(512, SMALL)
+    magic, version, flags, psize, first, last, count, blen, rawlen = struct.unpack_from(
+        ">8sHHIQQIQQ", data
+    )
+    assert (magic, version, flags, psize, first, last, count) == (SEGMENT_MAGIC, 1, 0, 512, 5, 7, 3)
+    assert len(data) == 52 + 32 * count + blen + 32
+    assert rawlen == sum(len(c.pages) * (4 + 512) for c in SMALL)
+    body = data[52 + 32 * count : -32]
+    assert zstandard.get_frame_parameters(body).content_size == rawlen
+    assert hashlib.sha256(data[:-32]).digest() == data[-32:]
+
+
+@pytest.mark.parametrize(
+    ("page_size", "commits", "match"),
+    [
+        (512, [], "at least one commit"),
+        (500, SMALL, "page size"),
+        (131072, SMALL, "page size"),
+        (512, [SMALL[0], SMALL[2]], "not consecutive"),
+        (512, [Commit(1, 0, 2, 0, ((2, bytes(512)), (1, bytes(512))))], "strictly increase"),
+        (512, [Commit(1, 0, 2, 0, ((1, bytes(512)), (1, bytes(512))))], "strictly increase"),
+        (512, [Commit(1, 0, 2, 0, ((0, bytes(512)),))], "strictly increase"),
+        (512, [Commit(1, 0, 2, 0, ((3, bytes(512)),))], "strictly increase"),
+        (512, [Commit(1, 0, 1, 0, ((1, bytes(511)),))], "page length"),
+        (512, [Commit(1, 0, 0, 0, ())], "out of range"),
+        (512, [Commit(1, 0, 1, 2**64, ())], "out of range"),
+        (512, [Commit(-1, 0, 1, 0, ())], "out of range"),
+    ],
+)
+def test_encode_segment_rejects(page_size, commits, match):
+    with pytest.raises(ValueError, match=match):
+        encode_segment(page_size, commits)
+
+
+def test_upto_txid_yields_prefix():
+    data = encode_segment(512, SMALL)
+    for upto in range(3, 10):
+        got = list(iter_segment_commits(data, SEG_KEY, upto_txid=upto))
+        assert got == [c for c in SMALL if c.txid <= upto]
+
+
+def test_upto_txid_does_not_decode_the_rest():
+    # Third record is broken (pgnos out of order) but sealed with a valid SHA-256:
+    # only decoding it can notice, so stopping before it must not raise.
+    raw = struct.pack(">I", 1) + bytes(512) + struct.pack(">I", 1) + bytes(512)
+    raw += struct.pack(">II", 2, 1) + bytes(1024)
+    entries = [(5, 0, 2, 1, 0), (6, 0, 2, 1, 0), (7, 0, 2, 2, 0)]
+    data = forge_segment(512, entries, raw)
+    assert [c.txid for c in iter_segment_commits(data, SEG_KEY, upto_txid=6)] == [5, 6]
+    err = assert_corrupt(SEG_KEY, decode_segment_fully, data)
+    assert "txid 7" in err.reason
+
+
+def test_structural_errors_raise_at_call_time():
+    data = bytearray(encode_segment(512, SMALL))
+    data[-1] ^= 1
+    assert_corrupt(SEG_KEY, iter_segment_commits, bytes(data), SEG_KEY)
+
+
+def test_segment_every_byte_flip_detected():
+    data = encode_segment(512, SMALL)
+    for pos in range(len(data)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x10
+        assert_corrupt(SEG_KEY, decode_segment_fully, bytes(bad))
+
+
+def test_segment_truncation_and_extension_detected():
+    data = encode_segment(512, SMALL)
+    for n in range(len(data)):
+        assert_corrupt(SEG_KEY, decode_segment_fully, data[:n])
+    assert_corrupt(SEG_KEY, decode_segment_fully, data + b"\0")
+    assert_corrupt(SEG_KEY, decode_segment_fully, reseal(data + bytes(32)))
+
+
+def test_newer_version_message():
+    data = forge_segment(512, [(1, 0, 1, 0, 0)], b"", version=2)
+    err = assert_corrupt(SEG_KEY, read_segment_header, data, SEG_KEY)
+    assert str(err) == f"{SEG_KEY}: written by a newer format version 2; upgrade walsync_vfs"
+    # A newer version may change everything after the version field.
+    err = assert_corrupt(SEG_KEY, read_segment_header, SEGMENT_MAGIC + b"\x00\x07", SEG_KEY)
+    assert err.reason == "written by a newer format version 7; upgrade walsync_vfs"
+    snap = SNAPSHOT_MAGIC + b"\x01\x00"
+    err = assert_corrupt(SNAP_KEY, read_snapshot, snap, SNAP_KEY)
+    assert err.reason == "written by a newer format version 256; upgrade walsync_vfs"
+    assert_corrupt(SEG_KEY, read_segment_header, SEGMENT_MAGIC + b"\x00\x00", SEG_KEY)
+
+
+@pytest.mark.parametrize(
+    ("entries", "raw", "kwargs", "match"),
+    [
+        ([(5, 0, 2, 1, 0), (7, 0, 2, 0, 0)], struct.pack(">I", 1) + bytes(512), {}, "txid 7"),
+        ([(5, 0, 0, 0, 0)], b"", {}, "db_size 0"),
+        ([(5, 0, 1, 2, 0)], b"", {"raw_length": 1032}, "2 pages in 1-page db"),
+        ([(5, 0, 3, 1, 0)], struct.pack(">I", 1) + bytes(512), {"raw_length": 1}, "implies"),
+        ([(5, 0, 3, 1, 0)], struct.pack(">I", 4) + bytes(512), {}, "pgno 4"),
+        ([(5, 0, 3, 1, 0)], struct.pack(">I", 0) + bytes(512), {}, "pgno 0"),
+        ([(5, 0, 1, 1, 0)], struct.pack(">I", 1) + bytes(512), {"first": 6}, "txid 5"),
+        (
+            [(5, 0, 1, 1, 0)],
+            struct.pack(">I", 1) + bytes(512),
+            {"body": zstandard.ZstdCompressor().compress(bytes(516)) + b"\0"},
+            "body_length",
+        ),
+        (
+            [(5, 0, 1, 1, 0)],
+            struct.pack(">I", 1) + bytes(512),
+            {"body": zstandard.ZstdCompressor(write_content_size=False).compress(bytes(516))},
+            "content size",
+        ),
+        ([(5, 0, 1, 1, 0)], struct.pack(">I", 1) + bytes(512), {"body": b"junk"}, "zstd"),
+        (
+            [(5, 0, 1, 1, 0)],
+            struct.pack(">I", 1) + bytes(512),
+            {"body": ZSTD_MAGIC + b"\xff" + bytes(20)},
+            "bad zstd frame header",
+        ),
+        (
+            [(5, 0, 1, 1, 0)],
+            struct.pack(">I", 1) + bytes(512),
+            {"body": frame_516(0x61, b"\x05", ((516 << 3) | 1).to_bytes(3, "little") + RAW_516)},
+            "dictionary",
+        ),
+        (
+            [(5, 0, 1, 1, 0)],
+            struct.pack(">I", 1) + bytes(512),
+            {"body": frame_516(0x60, b"", b"\x07\x00\x00" + RAW_516)},
+            "reserved block type",
+        ),
+        (
+            [(5, 0, 1, 1, 0)],
+            struct.pack(">I", 1) + bytes(512),
+            {"body": frame_516(0x60, b"", BLOCK_516)},
+            "zstd frame truncated",
+        ),
+        (
+            [(5, 0, 1, 1, 0)],
+            struct.pack(">I", 1) + bytes(512),
+            {"body": frame_516(0x60, b"", BLOCK_516 + ((1 << 3) | 1).to_bytes(3, "little") + b"x")},
+            "zstd",
+        ),
+    ],
+)
+def test_segment_deep_validation(entries, raw, kwargs, match):
+    """Sealed with a correct SHA-256, so only the deeper checks can catch these."""
+    err = assert_corrupt(SEG_KEY, decode_segment_fully, forge_segment(512, entries, raw, **kwargs))
+    assert match in err.reason
+
+
+def test_segment_forged_huge_lengths_do_not_allocate():
+    n = 2**32 - 1
+    raw_length = n * (4 + 65536)
+    data = forge_segment(
+        65536, [(5, 0, n, n, 0)], b"", body=huge_frame(raw_length), raw_length=raw_length
+    )
+    assert read_segment_header(data, SEG_KEY).index[0].page_count == n
+    assert_corrupt(SEG_KEY, decode_segment_fully, data)
+    header = struct.pack(">8sHHIQQIQQ", SEGMENT_MAGIC, 1, 0, 512, 0, n - 1, n, 2**64 - 1, 0)
+    assert "header implies" in assert_corrupt(SEG_KEY, decode_segment_fully, header).reason
+
+
+def test_segment_zstd_checksum_accepted():
+    raw = struct.pack(">I", 1) + bytes(512)
+    body = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+    data = forge_segment(512, [(5, 0, 1, 1, 0)], raw, body=body)
+    assert decode_segment_fully(data)[0].pages == ((1, bytes(512)),)
+    bad_checksum = body[:-4] + bytes(4)
+    data = forge_segment(512, [(5, 0, 1, 1, 0)], raw, body=bad_checksum)
+    assert "zstd" in assert_corrupt(SEG_KEY, decode_segment_fully, data).reason
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(SEGMENT_MAGIC.__add__)))
+def test_fuzz_segment_random_bytes(data):
+    only_corrupt(decode_segment_fully, data)
+
+
+VALID_SEGMENT = encode_segment(512, SMALL)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(VALID_SEGMENT) - 33), st.binary(max_size=4))))
+def test_fuzz_segment_mutations_resealed(edits):
+    data = bytearray(VALID_SEGMENT)
+    for pos, new in edits:
+        data[pos : pos + len(new)] = new
+    only_corrupt(decode_segment_fully, reseal(bytes(data)))
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 4), st.integers(0, 4)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(st.integers(0, 5), max_size=12),
+    st.integers(0, 3),
+)
+def test_fuzz_segment_forged_structure(entries, pgnos, extra_pages):
+    """Plausible-looking segments with random index/pgno combinations, correctly sealed."""
+    raw = struct.pack(f">{len(pgnos)}I", *pgnos) + bytes(512 * (len(pgnos) + extra_pages))
+    forged = [(5 + i, t, db, n, 0) for i, (t, db, n) in enumerate(entries)]
+    only_corrupt(decode_segment_fully, forge_segment(512, forged, raw))
+
+
+# --- snapshots -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_size", [512, 4096, 65536])
+def test_snapshot_round_trip(page_size, tmp_path):
+    pages = [page(page_size, i) for i in range(9)]
+    out = io.BytesIO()
+    w = SnapshotWriter(out, page_size, 42, -5, len(pages))
+    for p in pages:
+        w.add_page(p)
+    header = w.finish()
+    expected = SnapshotHeader(page_size, 42, -5, 9, DbChecksum.from_pages(pages).value)
+    assert header == expected
+    data = out.getvalue()
+    assert decode_snapshot_fully(data) == (expected, pages)
+    assert decode_snapshot_fully(io.BytesIO(data)) == (expected, pages)
+    path = tmp_path / "s.wsnap"
+    path.write_bytes(b"prefix" + data)
+    with open(path, "rb") as f:
+        f.seek(6)
+        assert decode_snapshot_fully(f) == (expected, pages)
+
+
+def test_snapshot_layout_matches_spec():
+    pages = [page(512, i) for i in range(3)]
+    data = write_snapshot(512, pages, txid=9)
+    assert struct.unpack_from(">8sHHIQqI", data) == (SNAPSHOT_MAGIC, 1, 0, 512, 9, 123, 3)
+    checksum, body_length = struct.unpack_from(">QQ", data, len(data) - 48)
+    assert checksum == DbChecksum.from_pages(pages).value
+    assert len(data) == 36 + body_length + 48
+    assert zstandard.ZstdDecompressor().decompress(data[36 : 36 + body_length]) == b"".join(pages)
+    assert hashlib.sha256(data[:-32]).digest() == data[-32:]
+
+
+def test_snapshot_empty_database():
+    data = write_snapshot(4096, [])
+    assert decode_snapshot_fully(data) == (SnapshotHeader(4096, 1, 123, 0, 0), [])
+    assert decode_snapshot_fully(io.BytesIO(data)) == (SnapshotHeader(4096, 1, 123, 0, 0), [])
+
+
+def test_snapshot_writer_misuse():
+    with pytest.raises(ValueError):
+        SnapshotWriter(io.BytesIO(), 1000, 1, 0, 1)
+    with pytest.raises(ValueError):
+        SnapshotWriter(io.BytesIO(), 512, 1, 0, 2**32)
+    with pytest.raises(ValueError):
+        SnapshotWriter(io.BytesIO(), 512, 1, 2**63, 1)
+    w = SnapshotWriter(io.BytesIO(), 512, 1, 0, 1)
+    with pytest.raises(ValueError, match="page size"):
+        w.add_page(bytes(511))
+    with pytest.raises(ValueError, match="0 pages added"):
+        w.finish()
+    w.add_page(bytes(512))
+    with pytest.raises(ValueError, match="more than"):
+        w.add_page(bytes(512))
+    w.finish()
+    with pytest.raises(ValueError, match="already finished"):
+        w.finish()
+
+
+SNAP_PAGES = [page(512, i) for i in range(4)]
+VALID_SNAPSHOT = write_snapshot(512, SNAP_PAGES)
+
+
+def test_snapshot_every_byte_flip_detected():
+    for pos in range(len(VALID_SNAPSHOT)):
+        bad = bytearray(VALID_SNAPSHOT)
+        bad[pos] ^= 0x01
+        assert_corrupt(SNAP_KEY, decode_snapshot_fully, bytes(bad))
+        assert_corrupt(SNAP_KEY, decode_snapshot_fully, io.BytesIO(bad))
+
+
+def test_snapshot_truncation_detected():
+    for n in range(len(VALID_SNAPSHOT)):
+        assert_corrupt(SNAP_KEY, decode_snapshot_fully, VALID_SNAPSHOT[:n])
+        assert_corrupt(SNAP_KEY, decode_snapshot_fully, io.BytesIO(VALID_SNAPSHOT[:n]))
+    assert_corrupt(SNAP_KEY, decode_snapshot_fully, VALID_SNAPSHOT + b"\0")
+
+
+def test_snapshot_sha_mismatch_bytes_before_any_page_file_before_last_page():
+    bad = bytearray(VALID_SNAPSHOT)
+    bad[24] ^= 1  # time_ns: parses fine, only the SHA-256 can tell
+    assert_corrupt(SNAP_KEY, read_snapshot, bytes(bad), SNAP_KEY)
+    _, pages = read_snapshot(io.BytesIO(bad), SNAP_KEY)
+    got = []
+    with pytest.raises(CorruptObject, match="sha256 mismatch"):
+        got.extend(pages)
+    assert got == SNAP_PAGES[:-1]
+
+
+def test_snapshot_checksum_mismatch_before_last_page():
+    data = bytearray(VALID_SNAPSHOT)
+    data[-48] ^= 0x80  # footer checksum, resealed: only the page checksum can tell
+    data = reseal(bytes(data))
+    for src in (data, io.BytesIO(data)):
+        _, pages = read_snapshot(src, SNAP_KEY)
+        got = []
+        with pytest.raises(CorruptObject, match="database checksum"):
+            got.extend(pages)
+        assert got == SNAP_PAGES[:-1]
+
+
+def test_snapshot_deep_validation():
+    short = zstandard.ZstdCompressor().compress(bytes(1024))
+    assert (
+        "content size"
+        in assert_corrupt(SNAP_KEY, decode_snapshot_fully, forge_snapshot(512, 3, short)).reason
+    )
+    n = 2**32 - 1
+    assert_corrupt(SNAP_KEY, decode_snapshot_fully, forge_snapshot(65536, n, huge_frame(n << 16)))
+    flags = bytearray(forge_snapshot(512, 2, short))
+    flags[11] = 1
+    assert "flags" in assert_corrupt(SNAP_KEY, decode_snapshot_fully, reseal(bytes(flags))).reason
+    assert "magic" in assert_corrupt(SNAP_KEY, decode_snapshot_fully, VALID_SEGMENT).reason
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=200), st.binary(max_size=200).map(SNAPSHOT_MAGIC.__add__)))
+def test_fuzz_snapshot_random_bytes(data):
+    only_corrupt(decode_snapshot_fully, data)
+    only_corrupt(decode_snapshot_fully, io.BytesIO(data))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(VALID_SNAPSHOT) - 33), st.binary(max_size=4))))
+def test_fuzz_snapshot_mutations_resealed(edits):
+    data = bytearray(VALID_SNAPSHOT)
+    for pos, new in edits:
+        data[pos : pos + len(new)] = new
+    data = reseal(bytes(data))
+    only_corrupt(decode_snapshot_fully, data)
+    only_corrupt(decode_snapshot_fully, io.BytesIO(data))
+
+
+def test_corrupt_object_is_value_error():
+    err = CorruptObject("k", "why")
+    assert isinstance(err, ValueError)
+    assert (str(err), err.key, err.reason) == ("k: why", "k", "why")

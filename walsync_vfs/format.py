@@ -1,0 +1,620 @@
+"""On-store object formats: segments, snapshots, key names and whole-database checksums.
+
+docs/FORMAT.md is the specification; section numbers below refer to it. Decoders treat
+every object as untrusted: any defect raises `CorruptObject` and nothing else, and no
+declared length is trusted for an allocation before the object's real size vouches for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import secrets
+import struct
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+import xxhash
+import zstandard
+
+FORMAT_VERSION = 1
+SEGMENT_MAGIC = b"\x89WSSEG\r\n"
+SNAPSHOT_MAGIC = b"\x89WSSNP\r\n"
+
+# magic version flags page_size first_txid last_txid commit_count body_length body_raw_length
+_SEG_HEADER = struct.Struct(">8sHHIQQIQQ")
+_SEG_ENTRY = struct.Struct(">QqIIQ")  # txid time_ns db_size page_count checksum
+_SNAP_HEADER = struct.Struct(">8sHHIQqI")  # magic version flags page_size txid time_ns db_size
+_SNAP_FOOTER = struct.Struct(">QQ32s")  # checksum body_length sha256
+_SHA_LEN = 32
+_VERSION_END = 10  # magic + version: all a reader needs to refuse an object it cannot parse
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_MAX_FRAME_HEADER = 18
+# Decompressed data is read at most this much at a time, so memory follows what really
+# decompresses rather than what a (possibly forged) length field claims.
+_CHUNK = 1 << 20
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+class CorruptObject(ValueError):
+    """An object is not a valid object of this format; str() is one line, `<key>: <reason>`."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+# --- keys (§2) -------------------------------------------------------------------------
+
+_NAME = r"[^/\x00-\x1f\x7f]+"
+_HEX16 = r"[0-9a-f]{16}"
+_GENERATION = _HEX16 + r"-[0-9a-f]{8}"
+_NAME_RE = re.compile(_NAME)
+_GENERATION_RE = re.compile(_GENERATION)
+_KEY_RE = re.compile(
+    rf"({_NAME})/({_GENERATION})/"
+    rf"(?:snapshot/({_HEX16})\.wsnap|seg/({_HEX16})-({_HEX16})\.wseg)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """A key of ours, decomposed; a snapshot has first_txid == last_txid == its txid."""
+
+    name: str
+    generation: str
+    kind: Literal["snapshot", "segment"]
+    first_txid: int
+    last_txid: int
+
+
+def _valid_name(name: str) -> bool:
+    return _NAME_RE.fullmatch(name) is not None and name not in (".", "..")
+
+
+def _checked_prefix(name: str, generation: str) -> str:
+    if not _valid_name(name):
+        raise ValueError(f"invalid database name {name!r}")
+    if _GENERATION_RE.fullmatch(generation) is None:
+        raise ValueError(f"invalid generation id {generation!r}")
+    return f"{name}/{generation}"
+
+
+def _hex_txid(txid: int) -> str:
+    if not 0 <= txid <= _U64_MAX:
+        raise ValueError(f"txid {txid} out of u64 range")
+    return f"{txid:016x}"
+
+
+def new_generation_id(txid: int) -> str:
+    """Id for a generation starting at `txid`: sorts by start, random tail avoids collisions."""
+    return f"{_hex_txid(txid)}-{secrets.token_hex(4)}"
+
+
+def snapshot_key(name: str, generation: str, txid: int) -> str:
+    return f"{_checked_prefix(name, generation)}/snapshot/{_hex_txid(txid)}.wsnap"
+
+
+def segment_key(name: str, generation: str, first_txid: int, last_txid: int) -> str:
+    if first_txid > last_txid:
+        raise ValueError(f"segment range {first_txid}..{last_txid} is empty")
+    prefix = _checked_prefix(name, generation)
+    return f"{prefix}/seg/{_hex_txid(first_txid)}-{_hex_txid(last_txid)}.wseg"
+
+
+def parse_key(key: str) -> ParsedKey | None:
+    """Decompose one of our keys; None for anything else, since foreign files are ignored."""
+    m = _KEY_RE.fullmatch(key)
+    if m is None or m[1] in (".", ".."):
+        return None
+    if m[3] is not None:
+        txid = int(m[3], 16)
+        return ParsedKey(m[1], m[2], "snapshot", txid, txid)
+    first, last = int(m[4], 16), int(m[5], 16)
+    if first > last:
+        return None
+    return ParsedKey(m[1], m[2], "segment", first, last)
+
+
+# --- whole-database checksum (§3) ------------------------------------------------------
+
+
+def page_hash(pgno: int, data: bytes) -> int:
+    """Hash of one page, seeded with its number so a page at the wrong place changes the sum."""
+    return xxhash.xxh3_64_intdigest(data, seed=pgno)
+
+
+class DbChecksum:
+    """Whole-database checksum kept up to date commit by commit.
+
+    Per-page hashes are remembered so a rewritten page's old contribution can be XORed
+    out without re-reading the old page.
+    """
+
+    __slots__ = ("_hashes", "_value")
+
+    def __init__(self) -> None:
+        self._hashes = array("Q")
+        self._value = 0
+
+    @classmethod
+    def from_pages(cls, pages: Iterable[bytes]) -> DbChecksum:
+        """Checksum of a full image: pages 1, 2, ... in order."""
+        ck = cls()
+        for pgno, data in enumerate(pages, 1):
+            h = page_hash(pgno, data)
+            ck._hashes.append(h)
+            ck._value ^= h
+        return ck
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @property
+    def db_size(self) -> int:
+        return len(self._hashes)
+
+    def apply(self, db_size: int, pages: Iterable[tuple[int, bytes]]) -> None:
+        """Apply one commit; on error (ValueError) the checksum is left unchanged.
+
+        Pages past the old end must all be supplied: SQLite writes every page it
+        allocates, so a missing one means the caller lost a page.
+        """
+        if not 0 <= db_size <= _U32_MAX:
+            raise ValueError(f"db_size {db_size} out of range")
+        new = {pgno: page_hash(pgno, data) for pgno, data in pages}
+        outside = next((p for p in new if not 1 <= p <= db_size), None)
+        if outside is not None:
+            raise ValueError(f"page {outside} outside a database of {db_size} pages")
+        old_size = len(self._hashes)
+        missing = next((p for p in range(old_size + 1, db_size + 1) if p not in new), None)
+        if missing is not None:
+            raise ValueError(f"database grew to {db_size} pages but page {missing} was not given")
+        if db_size < old_size:
+            for h in self._hashes[db_size:]:
+                self._value ^= h
+            del self._hashes[db_size:]
+        else:
+            self._hashes.frombytes(bytes(8 * (db_size - old_size)))  # all overwritten below
+        for pgno, h in new.items():
+            self._value ^= self._hashes[pgno - 1] ^ h
+            self._hashes[pgno - 1] = h
+
+
+# --- data model -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One committed write transaction: every page it changed, and the database after it."""
+
+    txid: int
+    time_ns: int  # commit time, unix epoch nanoseconds
+    db_size: int  # database size in pages after the commit
+    checksum: int  # whole-db checksum after the commit (u64)
+    pages: tuple[tuple[int, bytes], ...]  # (pgno, page bytes), sorted by pgno, unique
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """A commit as described by a segment's uncompressed index (§4.2)."""
+
+    txid: int
+    time_ns: int
+    db_size: int
+    page_count: int
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    page_size: int
+    first_txid: int
+    last_txid: int
+    index: tuple[IndexEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotHeader:
+    page_size: int
+    txid: int
+    time_ns: int
+    db_size: int
+    checksum: int  # whole-db checksum of the image
+
+
+# --- shared validation -------------------------------------------------------------------
+
+
+def _valid_page_size(page_size: int) -> bool:
+    return 512 <= page_size <= 65536 and page_size & (page_size - 1) == 0
+
+
+def _pgno_problem(pgnos: Iterable[int], db_size: int) -> str | None:
+    """Why a commit's page list breaks §4.3, or None; shared so encoder and decoder agree."""
+    prev = 0
+    for pgno in pgnos:
+        if not prev < pgno <= db_size:
+            return f"pgno {pgno} after {prev}: must strictly increase within 1..{db_size}"
+        prev = pgno
+    return None
+
+
+def _check_magic_version(head: bytes | memoryview, magic: bytes, key: str) -> None:
+    if len(head) < _VERSION_END:
+        raise CorruptObject(key, f"truncated: {len(head)} bytes")
+    if head[:8] != magic:
+        kind = "segment" if magic == SEGMENT_MAGIC else "snapshot"
+        raise CorruptObject(key, f"bad magic: not a walsync_vfs {kind}")
+    (version,) = struct.unpack_from(">H", head, 8)
+    if version > FORMAT_VERSION:
+        raise CorruptObject(
+            key, f"written by a newer format version {version}; upgrade walsync_vfs"
+        )
+    if version != FORMAT_VERSION:
+        raise CorruptObject(key, f"invalid format version {version}")
+
+
+def _check_flags_page_size(flags: int, page_size: int, key: str) -> None:
+    if flags:
+        raise CorruptObject(key, f"unknown flags {flags:#06x}")
+    if not _valid_page_size(page_size):
+        raise CorruptObject(key, f"invalid page size {page_size}")
+
+
+def _check_frame(
+    body_at: Callable[[int, int], bytes], length: int, raw_length: int, key: str
+) -> None:
+    """Prove the body is exactly one zstd frame of `raw_length` content (§4.3).
+
+    Walks block headers only, so trailing bytes or a short frame are caught without
+    decompressing. `body_at(pos, n)` returns at most n bytes, none past the body's end.
+    """
+    head = body_at(0, _ZSTD_MAX_FRAME_HEADER)
+    if head[:4] != _ZSTD_MAGIC:
+        raise CorruptObject(key, "body is not a zstd frame")
+    try:
+        params = zstandard.get_frame_parameters(head)
+        pos = zstandard.frame_header_size(head)
+    except zstandard.ZstdError as e:
+        raise CorruptObject(key, f"bad zstd frame header: {e}") from None
+    if params.content_size != raw_length or params.content_size == _U64_MAX:
+        raise CorruptObject(
+            key, f"zstd frame content size {params.content_size}, expected {raw_length}"
+        )
+    if params.dict_id:
+        raise CorruptObject(key, "zstd frame needs a dictionary")
+    last = 0
+    while not last:
+        block = body_at(pos, 3)
+        if len(block) < 3:
+            raise CorruptObject(key, "zstd frame truncated")
+        bits = int.from_bytes(block, "little")
+        last, block_type, block_size = bits & 1, bits >> 1 & 3, bits >> 3
+        if block_type == 3:
+            raise CorruptObject(key, "zstd frame has a reserved block type")
+        pos += 3 + (1 if block_type == 1 else block_size)  # RLE blocks store one byte
+    if params.has_checksum:
+        pos += 4
+    if pos != length:
+        raise CorruptObject(key, f"zstd frame is {pos} bytes, body_length is {length}")
+
+
+def _read_exact(reader: zstandard.ZstdDecompressionReader, n: int, key: str) -> bytes:
+    parts = []
+    while n:
+        try:
+            chunk = reader.read(min(n, _CHUNK))
+        except zstandard.ZstdError as e:
+            raise CorruptObject(key, f"zstd: {e}") from None
+        if not chunk:
+            raise CorruptObject(key, "decompressed body ends early")
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _expect_end(reader: zstandard.ZstdDecompressionReader, key: str) -> None:
+    try:
+        extra = reader.read(1)
+    except zstandard.ZstdError as e:
+        raise CorruptObject(key, f"zstd: {e}") from None
+    if extra:
+        raise CorruptObject(key, "decompressed body longer than declared")
+
+
+# --- segments (§4) -----------------------------------------------------------------------
+
+
+def encode_segment(page_size: int, commits: Sequence[Commit], level: int = 3) -> bytes:
+    """Encode consecutive commits as one segment object.
+
+    Raises ValueError for input the format cannot represent, so nothing is uploaded
+    that a reader would later reject.
+    """
+    if not _valid_page_size(page_size):
+        raise ValueError(f"invalid page size {page_size}")
+    if not commits:
+        raise ValueError("a segment needs at least one commit")
+    first = commits[0].txid
+    index = bytearray()
+    raw: list[bytes] = []
+    for i, c in enumerate(commits):
+        if c.txid != first + i:
+            raise ValueError(f"txid {c.txid} follows {first + i - 1}: not consecutive")
+        if not (
+            0 <= c.txid <= _U64_MAX
+            and _I64_MIN <= c.time_ns <= _I64_MAX
+            and 1 <= c.db_size <= _U32_MAX
+            and 0 <= c.checksum <= _U64_MAX
+        ):
+            raise ValueError(f"txid {c.txid}: a field is out of range")
+        pgnos = [pgno for pgno, _ in c.pages]
+        problem = _pgno_problem(pgnos, c.db_size)
+        if problem:
+            raise ValueError(f"txid {c.txid}: {problem}")
+        if any(len(data) != page_size for _, data in c.pages):
+            raise ValueError(f"txid {c.txid}: page length differs from page size {page_size}")
+        index += _SEG_ENTRY.pack(c.txid, c.time_ns, c.db_size, len(pgnos), c.checksum)
+        raw.append(struct.pack(f">{len(pgnos)}I", *pgnos))
+        raw.extend(data for _, data in c.pages)
+    raw_body = b"".join(raw)
+    body = zstandard.ZstdCompressor(level=level).compress(raw_body)
+    header = _SEG_HEADER.pack(
+        SEGMENT_MAGIC, FORMAT_VERSION, 0, page_size, first, commits[-1].txid,
+        len(commits), len(body), len(raw_body),
+    )  # fmt: skip
+    obj = b"".join((header, index, body))
+    return obj + hashlib.sha256(obj).digest()
+
+
+def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
+    """Reading rules 1-6 of §4.4; returns the header and the (validated) compressed body."""
+    view = memoryview(data)
+    _check_magic_version(view, SEGMENT_MAGIC, key)
+    if len(view) < _SEG_HEADER.size:
+        raise CorruptObject(key, f"truncated: {len(view)} bytes")
+    _, _, flags, page_size, first, last, count, body_length, raw_length = _SEG_HEADER.unpack_from(
+        view
+    )
+    _check_flags_page_size(flags, page_size, key)
+    if last < first:
+        raise CorruptObject(key, f"last_txid {last} < first_txid {first}")
+    if count != last - first + 1:
+        raise CorruptObject(key, f"commit_count {count} does not match txids {first}..{last}")
+    index_end = _SEG_HEADER.size + count * _SEG_ENTRY.size
+    expected = index_end + body_length + _SHA_LEN
+    if len(view) != expected:
+        raise CorruptObject(key, f"object is {len(view)} bytes, header implies {expected}")
+    if hashlib.sha256(view[:-_SHA_LEN]).digest() != view[-_SHA_LEN:]:
+        raise CorruptObject(key, "sha256 mismatch")
+    index = []
+    total = 0
+    for i, fields in enumerate(_SEG_ENTRY.iter_unpack(view[_SEG_HEADER.size : index_end])):
+        entry = IndexEntry(*fields)
+        if entry.txid != first + i:
+            raise CorruptObject(key, f"index entry {i} has txid {entry.txid}, not {first + i}")
+        if entry.db_size < 1:
+            raise CorruptObject(key, f"txid {entry.txid}: db_size 0")
+        if entry.page_count > entry.db_size:
+            raise CorruptObject(
+                key, f"txid {entry.txid}: {entry.page_count} pages in {entry.db_size}-page db"
+            )
+        total += entry.page_count * (4 + page_size)
+        index.append(entry)
+    if total != raw_length:
+        raise CorruptObject(key, f"body_raw_length {raw_length}, index implies {total}")
+    body = view[index_end : index_end + body_length]
+    _check_frame(lambda pos, n: body[pos : pos + n].tobytes(), body_length, raw_length, key)
+    return SegmentHeader(page_size, first, last, tuple(index)), body
+
+
+def read_segment_header(data: bytes, key: str) -> SegmentHeader:
+    """Validate a whole segment (SHA-256 included) and return its header and index."""
+    return _parse_segment(data, key)[0]
+
+
+def iter_segment_commits(data: bytes, key: str, upto_txid: int | None = None) -> Iterator[Commit]:
+    """Validate a segment, then stream its commits, stopping after `upto_txid` if given.
+
+    Structural checks raise here, at call time; per-record checks raise from the
+    iterator, so only an exhausted iterator proves the whole segment good.
+    """
+    header, body = _parse_segment(data, key)
+    return _segment_commits(header, body, key, upto_txid)
+
+
+def _segment_commits(
+    header: SegmentHeader, body: memoryview, key: str, upto_txid: int | None
+) -> Iterator[Commit]:
+    reader = zstandard.ZstdDecompressor().stream_reader(body)
+    for entry in header.index:
+        if upto_txid is not None and entry.txid > upto_txid:
+            return  # the rest is never decompressed
+        n = entry.page_count
+        pgnos = struct.unpack(f">{n}I", _read_exact(reader, 4 * n, key))
+        problem = _pgno_problem(pgnos, entry.db_size)
+        if problem:
+            raise CorruptObject(key, f"txid {entry.txid}: {problem}")
+        pages = tuple((pgno, _read_exact(reader, header.page_size, key)) for pgno in pgnos)
+        yield Commit(entry.txid, entry.time_ns, entry.db_size, entry.checksum, pages)
+    _expect_end(reader, key)
+
+
+# --- snapshots (§5) ----------------------------------------------------------------------
+
+
+class SnapshotWriter:
+    """Writes a snapshot to `fileobj` in one sequential pass (no seeking, no spooling).
+
+    Call add_page() exactly db_size times with pages 1..db_size in order, then finish().
+    """
+
+    def __init__(
+        self,
+        fileobj: BinaryIO,
+        page_size: int,
+        txid: int,
+        time_ns: int,
+        db_size: int,
+        level: int = 3,
+    ) -> None:
+        if not _valid_page_size(page_size):
+            raise ValueError(f"invalid page size {page_size}")
+        if not (0 <= txid <= _U64_MAX and _I64_MIN <= time_ns <= _I64_MAX):
+            raise ValueError("txid or time_ns out of range")
+        if not 0 <= db_size <= _U32_MAX:
+            raise ValueError(f"db_size {db_size} out of range")
+        self._out = fileobj
+        self._sha = hashlib.sha256()
+        self._written = 0
+        self._compressor = zstandard.ZstdCompressor(level=level).compressobj(
+            size=db_size * page_size
+        )
+        self._header = SnapshotHeader(page_size, txid, time_ns, db_size, 0)
+        self._pgno = 0
+        self._checksum = 0
+        self._finished = False
+        self._write(
+            _SNAP_HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION, 0, page_size, txid, time_ns, db_size)
+        )
+
+    def _write(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._written += len(data)
+        self._out.write(data)
+
+    def add_page(self, data: bytes) -> None:
+        if self._pgno == self._header.db_size:
+            raise ValueError(f"more than db_size={self._header.db_size} pages added")
+        if len(data) != self._header.page_size:
+            raise ValueError(f"page of {len(data)} bytes, page size is {self._header.page_size}")
+        self._pgno += 1
+        self._checksum ^= page_hash(self._pgno, data)
+        self._write(self._compressor.compress(data))
+
+    def finish(self) -> SnapshotHeader:
+        """Write the footer; returns the header as a reader will see it (checksum filled in)."""
+        if self._finished:
+            raise ValueError("snapshot already finished")
+        if self._pgno != self._header.db_size:
+            raise ValueError(f"{self._pgno} pages added, db_size is {self._header.db_size}")
+        self._finished = True
+        self._write(self._compressor.flush())
+        body_length = self._written - _SNAP_HEADER.size
+        self._write(struct.pack(">QQ", self._checksum, body_length))
+        self._out.write(self._sha.digest())
+        h = self._header
+        return SnapshotHeader(h.page_size, h.txid, h.time_ns, h.db_size, self._checksum)
+
+
+class _HashingBody:
+    """The body of a snapshot in a file, hashing whatever the decompressor reads from it.
+
+    One pass over the file then both decompresses and verifies the SHA-256.
+    """
+
+    def __init__(self, f: BinaryIO, start: int, length: int, sha: hashlib._Hash) -> None:
+        self._f = f
+        self._pos = start
+        self._left = length
+        self._sha = sha
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        self._f.seek(self._pos)
+        data = self._f.read(n)
+        self._pos += len(data)
+        self._left -= len(data)
+        self._sha.update(data)
+        return data
+
+    def digest(self, tail: bytes) -> bytes:
+        """SHA-256 of the object once the unread rest of the body and `tail` are included."""
+        while self.read(_CHUNK):
+            pass
+        self._sha.update(tail)
+        return self._sha.digest()
+
+
+def read_snapshot(src: bytes | BinaryIO, key: str) -> tuple[SnapshotHeader, Iterator[bytes]]:
+    """Validate a snapshot's structure and return its header and an iterator of its pages.
+
+    `src` is the whole object as bytes, or a seekable file holding the object from its
+    current position to its end. For bytes the SHA-256 is checked before any page is
+    returned; for files it is checked while streaming. Either way the iterator raises
+    before yielding the last page if the SHA-256 or the database checksum is wrong, so
+    the image is good only once the iterator is exhausted without error.
+    """
+    if isinstance(src, bytes | bytearray | memoryview):
+        view = memoryview(src)
+        size = len(view)
+
+        def read_at(pos: int, n: int) -> bytes:
+            return view[pos : pos + n].tobytes()
+
+    else:
+        f = src
+        base = f.tell()
+        size = f.seek(0, io.SEEK_END) - base
+
+        def read_at(pos: int, n: int) -> bytes:
+            f.seek(base + pos)
+            return f.read(n)
+
+    head = read_at(0, _SNAP_HEADER.size)
+    _check_magic_version(head, SNAPSHOT_MAGIC, key)
+    if len(head) < _SNAP_HEADER.size or size < _SNAP_HEADER.size + _SNAP_FOOTER.size:
+        raise CorruptObject(key, f"truncated: {size} bytes")
+    _, _, flags, page_size, txid, time_ns, db_size = _SNAP_HEADER.unpack(head)
+    _check_flags_page_size(flags, page_size, key)
+    footer = read_at(size - _SNAP_FOOTER.size, _SNAP_FOOTER.size)
+    checksum, body_length, sha = _SNAP_FOOTER.unpack(footer)
+    expected = _SNAP_HEADER.size + body_length + _SNAP_FOOTER.size
+    if size != expected:
+        raise CorruptObject(key, f"object is {size} bytes, footer implies {expected}")
+    start = _SNAP_HEADER.size
+    if isinstance(src, bytes | bytearray | memoryview):
+        if hashlib.sha256(view[:-_SHA_LEN]).digest() != sha:
+            raise CorruptObject(key, "sha256 mismatch")
+        body: memoryview | _HashingBody = view[start : start + body_length]
+    else:
+        body = _HashingBody(src, base + start, body_length, hashlib.sha256(head))
+    _check_frame(
+        lambda pos, n: read_at(start + pos, max(0, min(n, body_length - pos))),
+        body_length,
+        db_size * page_size,
+        key,
+    )
+    header = SnapshotHeader(page_size, txid, time_ns, db_size, checksum)
+    return header, _snapshot_pages(header, body, footer, key)
+
+
+def _snapshot_pages(
+    header: SnapshotHeader, body: memoryview | _HashingBody, footer: bytes, key: str
+) -> Iterator[bytes]:
+    reader = zstandard.ZstdDecompressor().stream_reader(body)
+    checksum = 0
+    held: bytes | None = None  # the latest page, released only once everything checks out
+    for pgno in range(1, header.db_size + 1):
+        page = _read_exact(reader, header.page_size, key)
+        checksum ^= page_hash(pgno, page)
+        if held is not None:
+            yield held
+        held = page
+    _expect_end(reader, key)
+    if isinstance(body, _HashingBody) and body.digest(footer[:-_SHA_LEN]) != footer[-_SHA_LEN:]:
+        raise CorruptObject(key, "sha256 mismatch")
+    if checksum != header.checksum:
+        raise CorruptObject(
+            key, f"database checksum {checksum:#018x}, footer says {header.checksum:#018x}"
+        )
+    if held is not None:
+        yield held
