@@ -83,7 +83,7 @@ struct WsChain {
   uint32_t szPage, salt1, salt2;
   uint32_t nFrame;  /* frames up to and including the last commit */
   uint32_t cksum[2];
-  int bTruncated;   /* one of our connections truncated the WAL to zero */
+  uint32_t nTrunc;  /* TRUNCATE checkpoints by our connections since the header */
 };
 
 /* Per-database state, shared by every connection of this process. */
@@ -181,7 +181,7 @@ static int parseWalHeader(WsChain *pC, const unsigned char *h) {
   pC->cksum[0] = ck[0];
   pC->cksum[1] = ck[1];
   pC->nFrame = 0;
-  pC->bTruncated = 0;
+  pC->nTrunc = 0;
   return 1;
 }
 
@@ -262,11 +262,11 @@ static void publishPending(WsFile *pWal) {
 
   c = pDb->c;
   if (pWal->iStart == 0) {
-    /* WAL restart: a new header.  SQLite only restarts a fully checkpointed
-    ** WAL and steps salt-1 by one; any other step means somebody else
-    ** restarted it in between, erasing frames we never saw. */
+    /* WAL restart: a new header.  SQLite steps salt-1 by one per restart:
+    ** once here, or once per TRUNCATE checkpoint of ours.  Any other step
+    ** means somebody else restarted it, erasing frames we never saw. */
     if (nBuf < WAL_HDR || !parseWalHeader(&c, a)) return;
-    if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + 1) {
+    if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1)) {
       reportGap(pDb);
       return;
     }
@@ -383,7 +383,7 @@ static void checkRestart(WsFile *pWal) {
   if (!pDb || !pDb->c.bKnown) return;
   if (r->pMethods->xFileSize(r, &size) != SQLITE_OK) size = 0;
   if (size < WAL_HDR || r->pMethods->xRead(r, h, WAL_HDR, 0) != SQLITE_OK || !parseWalHeader(&old, h)) {
-    if (pDb->c.bHdr && !pDb->c.bTruncated) reportGap(pDb);
+    if (pDb->c.bHdr && !pDb->c.nTrunc) reportGap(pDb);
     return;
   }
   if (!pDb->c.bHdr || old.salt1 != pDb->c.salt1 || old.salt2 != pDb->c.salt2) {
@@ -496,8 +496,9 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
 static int wsTruncate(sqlite3_file *f, sqlite3_int64 size) {
   WsFile *p = (WsFile *)f;
   int rc = p->pReal->pMethods->xTruncate(p->pReal, size);
-  /* TRUNCATE checkpoint: the next header lands in an empty file legitimately. */
-  if (rc == SQLITE_OK && size == 0 && p->eType == WSF_WAL && p->pDb) p->pDb->c.bTruncated = 1;
+  /* A TRUNCATE checkpoint: it stepped salt-1 and the next header lands in an
+  ** empty file legitimately. */
+  if (rc == SQLITE_OK && size == 0 && p->eType == WSF_WAL && p->pDb) p->pDb->c.nTrunc++;
   return rc;
 }
 
