@@ -101,10 +101,9 @@ def test_one_record_per_commit_and_none_for_rollbacks(db):
     con, f = db
     for i in range(20):
         con.execute("INSERT INTO t(v) VALUES(?)", (i,))
-    with pytest.raises(apsw.ConstraintError):
-        with con:
-            con.execute("INSERT INTO t(id, v) VALUES(1000, 1)")
-            con.execute("INSERT INTO t(id, v) VALUES(1000, 2)")
+    with pytest.raises(apsw.ConstraintError), con:
+        con.execute("INSERT INTO t(id, v) VALUES(1000, 1)")
+        con.execute("INSERT INTO t(id, v) VALUES(1000, 2)")
     con.execute("BEGIN")
     fill(con, 50)
     con.execute("ROLLBACK")

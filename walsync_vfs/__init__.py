@@ -1,24 +1,78 @@
 """walsync_vfs: continuous replication of SQLite databases, captured at the source.
 
-``import walsync_vfs`` registers the ``walsync`` VFS in apsw's SQLite.  Databases opened with
-``apsw.Connection(path, vfs="walsync")`` are switched to WAL mode and every committed
-transaction is captured by the shim.
+``import walsync_vfs`` registers the ``walsync`` VFS in apsw's SQLite and starts the
+replication engine.  Every database opened with ``apsw.Connection(path, vfs="walsync")`` is
+switched to WAL mode and replicated to the configured replica root.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import apsw
 
-from walsync_vfs import capture
+from walsync_vfs import capture, storage
 from walsync_vfs.capture import CaptureError
+from walsync_vfs.config import Settings
+from walsync_vfs.engine import Engine, ReplicationError, stats_of
 
-__all__ = ["CaptureError"]
+__all__ = ["CaptureError", "ReplicationError", "configure", "flush", "stats"]
+
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+SYNC_POINT_WAIT_S = 10.0
+_settings = Settings()
+_engine: Engine | None = None
+
+
+def configure(replica: str | None = None, **options: object) -> None:
+    """Set the replica root (``file:///abs/dir`` or ``s3://bucket/prefix``) and knobs for
+    databases opened from now on.  Without it, ``$WALSYNC_REPLICA`` or the local default is
+    used.  Options are the fields of :class:`walsync_vfs.config.Settings`."""
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"replica"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(
+            f"unknown walsync option {unknown[0]!r}; known: {', '.join(sorted(fields))}"
+        )
+    new = dataclasses.replace(_settings, **options)
+    if replica is not None:
+        if replica:  # "" goes back to $WALSYNC_REPLICA or the default
+            storage.open_replica(replica, **new.client_options)  # malformed URLs fail here
+        new.replica = replica
+    new.validate()
+    for f in dataclasses.fields(Settings):
+        setattr(_settings, f.name, getattr(new, f.name))
+
+
+def flush(timeout: float | None = None) -> None:
+    """Block until every transaction committed in this process before the call is durable in
+    its replica.  Raises ``TimeoutError`` on timeout and :class:`ReplicationError` when a
+    replica keeps failing."""
+    _engine_instance().flush(timeout)
+
+
+def stats() -> list[dict]:
+    """Per database: last and replicated txid, pending commits and bytes, errors."""
+    engine = _engine_instance()
+    with engine._lock:
+        return [stats_of(db) for db in engine._dbs.values()]
+
+
+def _engine_instance() -> Engine:
+    global _engine
+    if _engine is None:
+        _engine = Engine(_settings)
+        capture.dispatcher().default = _engine.on_records
+    return _engine
 
 
 def _ensure_wal(con: apsw.Connection) -> None:
     """apsw connection hook: a walsync database must be in WAL mode, or capture sees nothing."""
     if con.open_vfs != capture.VFS_NAME:
         return
+    # Sync points hold the write lock for microseconds; without a busy timeout a writer that
+    # collides with one would fail at once.  The application may set its own afterwards.
+    con.set_busy_timeout(DEFAULT_BUSY_TIMEOUT_MS)
     mode = con.execute("PRAGMA journal_mode").fetchone()[0]
     if mode != "wal":
         mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -27,8 +81,11 @@ def _ensure_wal(con: apsw.Connection) -> None:
             f"{con.filename or ':memory:'}: walsync needs journal_mode=WAL but SQLite kept "
             f"{mode!r}; open an on-disk database file"
         )
+    if not capture.opening_internally():
+        _engine_instance().await_sync_point(capture.db_id_of(con), SYNC_POINT_WAIT_S)
 
 
 capture.load()
+_engine_instance()  # before any database opens, so no OPEN record finds no sink
 if _ensure_wal not in apsw.connection_hooks:
     apsw.connection_hooks.append(_ensure_wal)

@@ -26,6 +26,7 @@ _FCNTL_DB_ID = 0x57530001
 ffi, lib = _shim.ffi, _shim.lib
 log = logging.getLogger("walsync_vfs")
 _load_lock = threading.Lock()
+_internal = threading.local()
 _loaded = False
 
 
@@ -74,7 +75,9 @@ def load() -> None:
             con.enable_load_extension(True)
             con.load_extension(_shim.__file__, "sqlite3_walsync_init")
         except apsw.Error as exc:
-            raise CaptureError(f"cannot load the walsync shim from {_shim.__file__}: {exc}") from exc
+            raise CaptureError(
+                f"cannot load the walsync shim from {_shim.__file__}: {exc}"
+            ) from exc
         finally:
             con.close()
         if VFS_NAME not in apsw.vfs_names():
@@ -90,6 +93,11 @@ def db_id_of(con: apsw.Connection, schema: str = "main") -> int:
     except apsw.Error:
         return 0
     return int(out[0])
+
+
+def opening_internally() -> bool:
+    """True while a :class:`SyncPoint` opens its own connections in this thread."""
+    return getattr(_internal, "active", False)
 
 
 def db_path(db_id: int) -> str:
@@ -156,8 +164,12 @@ class SyncPoint:
         load()
         self.path = path
         self._held = False
-        self.reader = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
-        writer = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
+        _internal.active = True  # our own connections: the open hook must not wait on us
+        try:
+            self.reader = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
+            writer = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
+        finally:
+            _internal.active = False
         try:
             for con in (self.reader, writer):
                 con.set_busy_timeout(busy_timeout_ms)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 
@@ -17,3 +17,10 @@ def apply_pages(
         f.seek((pgno - 1) * page_size)
         f.write(data)
     f.truncate(db_size * page_size)
+
+
+def tee(pages: Iterable[bytes], sink: Callable[[bytes], object]) -> Iterator[bytes]:
+    """Pass pages through while handing each to ``sink``: one read feeds two consumers."""
+    for page in pages:
+        sink(page)
+        yield page

@@ -1,0 +1,371 @@
+"""Capture overhead (issue 2): commits/s through the walsync VFS relative to plain apsw.
+
+A = ``vfs="walsync"`` with every captured record delivered to a null sink by the capture
+dispatcher; B = plain apsw (default VFS) in WAL mode.  Both run in one process, on fresh files
+in one directory, with the same pragmas, alternating A/B (order swapped every round) so that
+machine noise (other tenants, page cache, disk) lands on both sides.  The verdict is the
+per-round ratio rate(A) / rate(B): median, min and max over the rounds.  Absolute commits/s
+are printed for context only; they say more about the machine than about the shim.
+
+Each slice runs a fixed number of commits (calibrated in a discarded warm-up round so a slice
+lasts about ``--slice`` seconds): both databases then grow by the same amount every round.  A
+walsync slice ends only once the dispatcher has handed every record of the slice to the sink
+(``barrier``), so the consumer's backlog is paid inside the slice that produced it.
+
+``--capture`` selects what A does with the stream, to split the cost when a target is missed:
+
+* ``consumed`` (default, the real thing): ``import walsync_vfs`` as an application would; its
+  dispatcher thread converts the records to Python and hands them to the null sink;
+* ``batched``: a Python thread that lingers 1 ms after each wake-up, then converts the whole
+  backlog at once (``capture.take``): the dispatcher's work with fewer, larger batches;
+* ``drained``: a thread frees records in C (``ws_wait``/``ws_take``/``ws_free``) without
+  converting them: a consumer thread's wake-ups without its Python work;
+* ``queued``: records pile up in the C queue, freed between slices (untimed): shim cost only;
+* ``off``: the walsync VFS without a sync point, so nothing is parsed or published (the pass-
+  through and the WAL mirror copy remain).
+
+The diagnostic modes import ``walsync_vfs.capture`` without running the package's
+``__init__``: that would start the replication engine and its dispatcher, a second consumer
+of the queue.
+
+Usage: ``python benchmarks/overhead.py [--quick] [--rounds N] [--slice S] [--dir DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import apsw
+
+if TYPE_CHECKING:
+    from walsync_vfs.capture import Record
+
+MODES = ("consumed", "batched", "drained", "queued", "off")
+capture: types.ModuleType  # walsync_vfs.capture, bound by load_capture()
+
+
+def load_capture(mode: str) -> None:
+    """Import the capture layer: the whole package for ``consumed``, the bare module otherwise.
+
+    The package's ``__init__`` starts the replication engine and the capture dispatcher; in the
+    diagnostic modes that thread would steal the records the benchmark wants to leave queued or
+    to consume its own way, so there the package is stubbed and only the shim is loaded.
+    """
+    global capture
+    if mode == "consumed":
+        importlib.import_module("walsync_vfs")
+    else:
+        spec = importlib.util.find_spec("walsync_vfs")
+        if spec is None or spec.submodule_search_locations is None:
+            raise SystemExit("walsync_vfs is not importable")
+        stub = types.ModuleType("walsync_vfs")
+        stub.__path__ = list(spec.submodule_search_locations)
+        sys.modules["walsync_vfs"] = stub
+    capture = importlib.import_module("walsync_vfs.capture")
+    capture.load()
+
+
+ONE_ROW = "INSERT INTO t(v) VALUES(randomblob(100))"
+BULK = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) "
+    "INSERT INTO t(v) SELECT randomblob(100) FROM n"
+)  # one statement in autocommit = one transaction of 1,000 rows
+
+
+@dataclass(frozen=True)
+class Case:
+    """One workload: rows per commit at one synchronous level, and the ratio it must reach."""
+
+    rows: int
+    synchronous: str
+    target: float
+
+    @property
+    def name(self) -> str:
+        return f"{'1-row' if self.rows == 1 else f'{self.rows:,}-row'} {self.synchronous}"
+
+
+CASES = (
+    Case(1, "NORMAL", 0.95),
+    Case(1, "FULL", 0.95),
+    Case(1000, "NORMAL", 0.97),
+    Case(1000, "FULL", 0.97),
+)
+
+
+class NullSink:
+    """Discards records, counting them so the run can prove capture really happened."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.gaps = 0
+
+    def __call__(self, records: list[Record]) -> None:
+        commit, gap = capture.Kind.COMMIT, capture.Kind.GAP
+        for r in records:
+            if r.kind is commit:
+                self.commits += 1
+            elif r.kind is gap:
+                self.gaps += 1
+
+
+class Consumer:
+    """A stand-in for the dispatcher (``batched``, ``drained``), with its own barrier."""
+
+    def __init__(self, convert: bool, linger_s: float) -> None:
+        self.convert, self.linger_s = convert, linger_s
+        self.sink = NullSink()
+        self.stop = False
+        self._cond = threading.Condition()
+        self._requested = self._served = 0
+        self.thread = threading.Thread(target=self._run, name="bench-consumer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        lib = capture.lib
+        while not self.stop:
+            with self._cond:
+                requested = self._requested
+            if requested == self._served and lib.ws_wait(100) and self.linger_s:
+                time.sleep(self.linger_s)  # let the writer queue more: one wake-up per batch
+            if self.convert:
+                self.sink(capture.take(0))
+            else:
+                lib.ws_free(lib.ws_take())
+            with self._cond:
+                self._served = requested
+                self._cond.notify_all()
+
+    def barrier(self) -> None:
+        """Return once every record queued before the call has been consumed."""
+        with self._cond:
+            self._requested += 1
+            target = self._requested
+            capture.wake()
+            self._cond.wait_for(lambda: self._served >= target)
+
+    def close(self) -> None:
+        self.stop = True
+        capture.wake()
+        self.thread.join()
+
+
+def count_queued() -> tuple[int, int]:
+    """Take and free whatever sits in the C queue; (commits, gaps) among it."""
+    lib, ffi = capture.lib, capture.ffi
+    head = lib.ws_take()
+    commits = gaps = 0
+    rec = head
+    while rec != ffi.NULL:
+        commits += rec.kind == capture.Kind.COMMIT
+        gaps += rec.kind == capture.Kind.GAP
+        rec = rec.next
+    lib.ws_free(head)
+    return commits, gaps
+
+
+@dataclass
+class Side:
+    """One database under test and the commits/s of each of its slices."""
+
+    label: str
+    con: apsw.Connection
+    stmt: str
+    settle: Callable[[], None] = lambda: None  # run inside the timed section, after the commits
+    rates: list[float] = field(default_factory=list)
+    commits: int = 0
+
+    def run(self, n: int) -> float:
+        """n commits (plus settle) with GC off; returns commits/s."""
+        execute, stmt = self.con.execute, self.stmt
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                execute(stmt)
+            self.settle()
+            dt = time.perf_counter() - t0
+        finally:
+            gc.enable()
+        self.commits += n
+        return n / dt
+
+    def run_for(self, seconds: float) -> float:
+        """Warm-up: commit for about ``seconds``; returns commits/s."""
+        execute, stmt = self.con.execute, self.stmt
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            execute(stmt)
+            n += 1
+        self.settle()
+        self.commits += n
+        return n / (time.perf_counter() - t0)
+
+
+def open_db(path: str, synchronous: str, vfs: str | None) -> apsw.Connection:
+    """Open with the pragmas both sides share (autocheckpoint stays at SQLite's default)."""
+    con = apsw.Connection(path, vfs=vfs) if vfs else apsw.Connection(path)
+    if con.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
+        raise SystemExit(f"{path}: could not switch to WAL")
+    con.execute(f"PRAGMA synchronous={synchronous}")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    return con
+
+
+@dataclass
+class Result:
+    """Per-round ratios and rates of one case."""
+
+    case: Case
+    ratios: list[float]
+    rate_a: list[float]
+    rate_b: list[float]
+    per_slice: int
+    captured: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def met(self) -> bool:
+        return self.median >= self.case.target
+
+
+def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -> Result:
+    """Warm up, calibrate the slice length, then alternate A/B for ``rounds`` rounds."""
+    d = tempfile.mkdtemp(prefix=f"overhead-{case.rows}-{case.synchronous}-", dir=workdir)
+    path_a, path_b = os.path.join(d, "walsync.db"), os.path.join(d, "plain.db")
+    stmt = ONE_ROW if case.rows == 1 else BULK
+    sink, consumer = NullSink(), None
+    settle: Callable[[], None] = lambda: None  # noqa: E731
+    if mode == "consumed":
+        disp = capture.dispatcher()
+        disp.route_path(path_a, sink)  # before the open: OPEN picks the sink
+        settle = disp.barrier
+    elif mode in ("batched", "drained"):
+        consumer = Consumer(convert=mode == "batched", linger_s=0.001 if mode == "batched" else 0)
+        sink, settle = consumer.sink, consumer.barrier
+    con_a = open_db(path_a, case.synchronous, "walsync")
+    if mode != "off":
+        capture.SyncPoint(path_a).close()  # the shim publishes nothing for a db before a sync
+    con_b = open_db(path_b, case.synchronous, None)
+    a = Side("walsync", con_a, stmt, settle)
+    b = Side("plain", con_b, stmt)
+    queued = [0, 0]
+
+    def between() -> None:
+        """Untimed housekeeping after each slice: empty the C queue in ``queued``/``off``."""
+        if mode in ("queued", "off"):
+            c, g = count_queued()
+            queued[0] += c
+            queued[1] += g
+
+    try:
+        warm = min(a.run_for(slice_s), b.run_for(slice_s))
+        between()
+        per_slice = max(3, round(warm * slice_s))
+        ratios: list[float] = []
+        for r in range(rounds):
+            order = (a, b) if r % 2 == 0 else (b, a)
+            for side in order:
+                side.rates.append(side.run(per_slice))
+                between()
+            ratios.append(a.rates[-1] / b.rates[-1])
+        if mode in ("consumed", "batched"):
+            settle()
+            captured, gaps = sink.commits, sink.gaps
+        elif mode == "drained":
+            captured, gaps = -1, 0  # freed unseen
+        else:
+            captured, gaps = queued
+        if gaps:
+            raise SystemExit(f"{case.name}: the capture stream reported {gaps} gap(s)")
+        if mode in ("consumed", "batched", "queued") and captured != a.commits:
+            raise SystemExit(f"{case.name}: {a.commits} commits but {captured} captured")
+    finally:
+        if consumer is not None:
+            consumer.close()
+        con_a.close()
+        con_b.close()
+        if mode == "consumed":
+            capture.dispatcher().route_path(path_a, None)
+        for name in os.listdir(d):
+            os.unlink(os.path.join(d, name))
+        os.rmdir(d)
+    return Result(case, ratios, a.rates, b.rates, per_slice, captured)
+
+
+def print_environment(workdir: str, mode: str, rounds: int, slice_s: float) -> None:
+    """What the numbers were measured on: the ratio is only comparable with this context."""
+    fs = os.statvfs(workdir)
+    print(f"python {platform.python_version()} ({sys.implementation.name}), "
+          f"apsw {apsw.apsw_version()}, SQLite {apsw.sqlite_lib_version()}")  # fmt: skip
+    print(f"{platform.platform()}; cpus: {os.cpu_count()} "
+          f"(usable: {len(os.sched_getaffinity(0))})")  # fmt: skip
+    print(f"dir: {workdir} (block size {fs.f_bsize}); capture: {mode}; "
+          f"rounds: {rounds}; slice ~{slice_s:.2f} s")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every case and print the ratio table; exit 1 if a target is missed."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--quick", action="store_true", help="short run for CI (~15 s)")
+    ap.add_argument("--rounds", type=int, help="timed A/B rounds per case (default 15, quick 5)")
+    ap.add_argument("--slice", type=float, help="seconds per slice (default 0.4, quick 0.15)")
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the databases go")
+    ap.add_argument(
+        "--capture",
+        choices=MODES,
+        default="consumed",
+        help="what A does with the captured stream (see the module docstring)",
+    )
+    ap.add_argument("--case", action="append", help="run only cases whose name contains this")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (5 if args.quick else 15)
+    slice_s = args.slice or (0.15 if args.quick else 0.4)
+    cases = [c for c in CASES if not args.case or any(s in c.name for s in args.case)]
+    load_capture(args.capture)
+
+    print_environment(args.dir, args.capture, rounds, slice_s)
+    print()
+    head = (
+        f"{'case':<16} {'ratio med':>9} {'min':>6} {'max':>6}  {'target':>7}  {'met':<4}"
+        f" {'walsync c/s':>12} {'plain c/s':>10} {'commits/slice':>13}"
+    )
+    print(head)
+    print("-" * len(head))
+    results = []
+    for case in cases:
+        res = run_case(case, args.dir, args.capture, rounds, slice_s)
+        results.append(res)
+        print(
+            f"{case.name:<16} {res.median:>9.3f} {min(res.ratios):>6.3f} {max(res.ratios):>6.3f}"
+            f"  >={case.target:<5.2f}  {'yes' if res.met else 'NO':<4}"
+            f" {statistics.median(res.rate_a):>12,.0f} {statistics.median(res.rate_b):>10,.0f}"
+            f" {res.per_slice:>13,}",
+            flush=True,
+        )
+    print()
+    print("ratio = walsync commits/s / plain commits/s per round (median over rounds);")
+    print("absolute commits/s are medians, for context only.")
+    return 0 if all(r.met for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

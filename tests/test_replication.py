@@ -1,0 +1,202 @@
+"""Issue: the replication pipeline.  Write through the VFS, flush, restore with the CLI, compare."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import apsw
+import pytest
+
+import walsync_vfs
+from walsync_vfs import format, storage
+
+
+@pytest.fixture
+def replica(replica_url):
+    """Replicate databases opened in the test to a fresh root on the parametrized backend."""
+    walsync_vfs.configure(replica=replica_url)
+    yield replica_url
+    walsync_vfs.flush(timeout=30)  # leave no upload running into the next test's settings
+    walsync_vfs.configure(replica="")
+
+
+def open_db(path: Path) -> apsw.Connection:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.set_busy_timeout(10_000)
+    return con
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def restore(url: str, out: Path, *extra: str) -> apsw.Connection:
+    proc = cli("restore", url, "-o", str(out), *extra)
+    assert proc.returncode == 0, proc.stderr
+    con = apsw.Connection(str(out))
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    return con
+
+
+def rows(con: apsw.Connection, table: str = "t") -> list[tuple]:
+    return con.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+
+
+def test_round_trip_small_big_checkpoints_reopen(replica, tmp_path):
+    path = tmp_path / "app.db"
+    con = open_db(path)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    for i in range(300):
+        con.execute("INSERT INTO t(v) VALUES(?)", (f"row {i}",))
+    con.execute("PRAGMA cache_size=5")
+    with con:  # big transaction that spills
+        con.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000) "
+            "INSERT INTO t(v) SELECT randomblob(300) FROM n"
+        )
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.execute("UPDATE t SET v = randomblob(50) WHERE id % 7 = 0")
+    con.execute("DELETE FROM t WHERE id % 11 = 0")
+    con.close()  # clean close: checkpoint and WAL deleted
+
+    con = open_db(path)  # reopen: the lineage continues
+    con.execute("INSERT INTO t(v) VALUES('after reopen')")
+    walsync_vfs.flush(timeout=30)
+
+    out = restore(f"{replica}/app.db", tmp_path / "restored.db")
+    assert rows(out) == rows(con)
+    client = storage.open_replica(replica)
+    gens = {k.generation for o in client.list("app.db/") if (k := format.parse_key(o.key))}
+    assert len(gens) == 1
+    con.close()
+
+
+def test_several_databases_at_once(replica, tmp_path):
+    cons = {}
+    for i in range(6):
+        cons[i] = open_db(tmp_path / f"tenant{i}.db")
+        cons[i].execute("CREATE TABLE t(k, v)")
+    for round_ in range(25):
+        for i, con in cons.items():
+            con.execute("INSERT INTO t VALUES(?, randomblob(?))", (round_, 50 * (i + 1)))
+    walsync_vfs.flush(timeout=30)
+    for i, con in cons.items():
+        out = restore(f"{replica}/tenant{i}.db", tmp_path / f"r{i}.db")
+        assert rows(out) == rows(con)
+        assert len(rows(out)) == 25
+        con.close()
+
+
+def test_txids_are_consecutive_and_restore_by_txid(replica, tmp_path):
+    con = open_db(tmp_path / "tx.db")
+    con.execute("CREATE TABLE t(x)")
+    for i in range(20):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    walsync_vfs.flush(timeout=30)
+    client = storage.open_replica(replica)
+    keys = sorted(
+        (k for o in client.list("tx.db/") if (k := format.parse_key(o.key))),
+        key=lambda k: k.first_txid,
+    )
+    snap = keys[0]
+    assert snap.kind == "snapshot"
+    expected = snap.last_txid + 1
+    for k in keys[1:]:
+        assert k.first_txid == expected
+        expected = k.last_txid + 1
+    last = expected - 1
+    out = restore(f"{replica}/tx.db", tmp_path / "at.db", "--txid", str(last - 5))
+    assert len(rows(out)) == 15
+    con.close()
+
+
+def test_flipped_byte_is_caught_naming_the_object(replica, tmp_path):
+    con = open_db(tmp_path / "flip.db")
+    con.execute("CREATE TABLE t(x)")
+    for i in range(5):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    client = storage.open_replica(replica)
+    for obj in client.list("flip.db/"):
+        data = bytearray(client.get(obj.key))
+        data[len(data) // 2] ^= 0x40
+        client.put(obj.key, bytes(data))
+        proc = cli("restore", f"{replica}/flip.db", "-o", str(tmp_path / "x.db"))
+        assert proc.returncode == 1
+        assert proc.stderr.startswith(f"walsync: error: {obj.key}: ")
+        assert proc.stderr.count("\n") == 1
+        assert not (tmp_path / "x.db").exists()
+        data[len(data) // 2] ^= 0x40
+        client.put(obj.key, bytes(data))
+    restore(f"{replica}/flip.db", tmp_path / "ok.db")
+
+
+def test_restore_refuses_to_overwrite_without_force(replica, tmp_path):
+    con = open_db(tmp_path / "keep.db")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    out = tmp_path / "exists.db"
+    out.write_bytes(b"precious")
+    proc = cli("restore", f"{replica}/keep.db", "-o", str(out))
+    assert proc.returncode == 1
+    assert proc.stderr == f"walsync: error: {out} already exists; pass --force to overwrite it\n"
+    assert out.read_bytes() == b"precious"
+    assert rows(restore(f"{replica}/keep.db", out, "--force")) == [(1,)]
+    con.close()
+
+
+def test_restore_of_unknown_database_fails_clearly(replica, tmp_path):
+    proc = cli("restore", f"{replica}/nothing.db", "-o", str(tmp_path / "n.db"))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("walsync: error: no replica of 'nothing.db' found at ")
+
+
+def test_foreign_writer_starts_new_generation_with_continuing_txids(replica, tmp_path):
+    path = tmp_path / "shared.db"
+    con = open_db(path)
+    con.execute("CREATE TABLE t(x)")
+    for i in range(5):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    walsync_vfs.flush(timeout=30)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('INSERT INTO t VALUES(100)')",
+            str(path),
+        ],
+        check=True,
+    )
+    con.execute("INSERT INTO t VALUES(6)")
+    walsync_vfs.flush(timeout=30)
+    out = restore(f"{replica}/shared.db", tmp_path / "r.db")
+    assert sorted(rows(out)) == sorted(rows(con))
+    assert (100,) in rows(out)
+    client = storage.open_replica(replica)
+    keys = [k for o in client.list("shared.db/") if (k := format.parse_key(o.key))]
+    gens = sorted({k.generation for k in keys})
+    assert len(gens) == 2
+    old_last = max(k.last_txid for k in keys if k.generation == gens[0])
+    new_first = min(k.first_txid for k in keys if k.generation == gens[1])
+    assert new_first == old_last + 1
+    con.close()
+
+
+def test_names_cannot_escape_the_root(tmp_path):
+    with pytest.raises(ValueError, match="invalid database name '../x'"):
+        walsync_vfs.config.check_name("../x")
+    proc = cli("restore", "file:///tmp/../etc", "-o", str(tmp_path / "x.db"))
+    assert proc.returncode == 1
+
+
+def test_configure_rejects_unknown_options_and_bad_urls():
+    with pytest.raises(TypeError, match="unknown walsync option 'upload_intervall'"):
+        walsync_vfs.configure(upload_intervall=1)
+    with pytest.raises(storage.StorageError):
+        walsync_vfs.configure(replica="ftp://example/x")

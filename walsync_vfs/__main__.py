@@ -1,0 +1,5 @@
+import sys
+
+from walsync_vfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,502 @@
+"""The replication engine: turns each database's captured commits into snapshots and segments.
+
+One engine per process.  It is the capture dispatcher's default sink, so every database opened
+through ``vfs="walsync"`` replicates.  Per database it keeps only a little state (no thread, no
+client, no buffer beyond commits not yet uploaded):
+
+* **Sync.**  On the first OPEN, after a GAP and on reopen, a worker takes a :class:`SyncPoint`
+  and reads the database's exact bytes.  If they match the replica's latest state (whole-db
+  checksum), the lineage continues; otherwise the bytes become the snapshot of a new
+  generation.  After a crash, commits that never reached the store are thus folded into that
+  snapshot: nothing is lost, only their individual restore points.
+* **Upload.**  One uploader thread ships pending commits as segments through one client per
+  replica root, via a small pool (one upload in flight per database keeps its segments in
+  order).  A per-database token bucket ships the first commit after an idle spell at once and
+  coalesces commits under sustained writes.  Failures are retried with backoff; nothing is
+  dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from walsync_vfs import capture, format, storage
+from walsync_vfs.capture import Kind, Record
+from walsync_vfs.config import Settings, check_name
+from walsync_vfs.dbfile import tee
+
+log = logging.getLogger("walsync_vfs")
+
+FAILING_AFTER = 3  # consecutive failed attempts before flush() reports the replica as failing
+
+
+class ReplicationError(RuntimeError):
+    """A database's replica cannot be written (the message says why and what to do)."""
+
+
+@dataclass
+class Head:
+    """What the replica holds for a database: the lineage to continue, if any."""
+
+    generation: str | None = None
+    txid: int = 0  # last txid in the whole history (0 = empty replica)
+    page_size: int = 0
+    db_size: int = 0
+    checksum: int | None = None
+
+
+def read_head(client: storage.ReplicaClient, name: str) -> Head:
+    """Find the newest generation's last state with one LIST and one GET."""
+    keys = [k for k in (format.parse_key(o.key) for o in client.list(name + "/")) if k]
+    keys = [k for k in keys if k.name == name]
+    if not keys:
+        return Head()
+    last_txid = max(k.last_txid for k in keys)
+    gen = max(k.generation for k in keys)
+    in_gen = [k for k in keys if k.generation == gen]
+    top = max(in_gen, key=lambda k: (k.last_txid, k.kind == "segment"))
+    if top.kind == "segment":
+        key = format.segment_key(name, gen, top.first_txid, top.last_txid)
+        hdr = format.read_segment_header(client.get(key), key)
+        last = hdr.index[-1]
+        return Head(gen, last_txid, hdr.page_size, last.db_size, last.checksum)
+    key = format.snapshot_key(name, gen, top.last_txid)
+    snap, _ = format.read_snapshot(client.get(key), key)
+    return Head(gen, last_txid, snap.page_size, snap.db_size, snap.checksum)
+
+
+@dataclass
+class DbState:
+    """One replicated database.  Guarded by the engine lock."""
+
+    db_id: int
+    path: str
+    name: str = ""
+    client: storage.ReplicaClient | None = None
+    open: bool = True
+    syncing: bool = False
+    resync: bool = False  # a GAP or reopen arrived while a sync was running
+    held: list[Record] = field(default_factory=list)  # commits that arrived during a sync
+    sync_seq: int = 0
+    open_seq: int = 0  # seq of the latest OPEN
+    pinned_seq: int = 0  # seq of the latest sync point taken
+    generation: str | None = None
+    next_txid: int = 1
+    page_size: int = 0
+    checksum: format.DbChecksum | None = None
+    # (seq, generation, commit): a commit stays in the lineage it was made in
+    pending: list[tuple[int, str, format.Commit]] = field(default_factory=list)
+    pending_bytes: int = 0
+    uploading: bool = False
+    seen_seq: int = 0  # last COMMIT seq received
+    durable_seq: int = 0  # every commit up to this seq is in the replica
+    durable_txid: int = 0
+    tokens: float = 0.0
+    token_time: float = 0.0
+    failures: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    bytes_uploaded: int = 0
+
+
+class Engine:
+    """See the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        settings.validate()
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._dbs: dict[int, DbState] = {}
+        self._names: dict[str, int] = {}  # name -> db_id, to refuse two dbs on one prefix
+        self._clients: dict[str, storage.ReplicaClient] = {}
+        self._flushers = 0
+        self._stopped = False
+        self._sync_pool = ThreadPoolExecutor(2, thread_name_prefix="walsync-sync")
+        self._put_pool = ThreadPoolExecutor(
+            settings.upload_workers, thread_name_prefix="walsync-put"
+        )
+        self._thread = threading.Thread(
+            target=self._upload_loop, name="walsync-upload", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ capture side
+
+    def on_records(self, records: list[Record]) -> None:
+        """Dispatcher sink: called with each batch of records, in commit order."""
+        with self._lock:
+            for rec in records:
+                db = self._dbs.get(rec.db_id)
+                if rec.kind is Kind.OPEN:
+                    if db is None:
+                        db = self._dbs[rec.db_id] = DbState(rec.db_id, rec.path)
+                    log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
+                    db.open = True
+                    db.open_seq = rec.seq
+                    self._request_sync(db)
+                elif db is None:
+                    continue
+                elif rec.kind is Kind.GAP:
+                    log.info("walsync: %s changed outside the stream; resyncing", db.path)
+                    self._request_sync(db)
+                elif rec.kind is Kind.CLOSE:
+                    log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)
+                    db.open = False
+                    self._forget_if_done(db)
+                elif rec.kind is Kind.COMMIT:
+                    db.seen_seq = rec.seq
+                    if db.syncing:
+                        db.held.append(rec)
+                    else:
+                        self._append(db, rec)
+            self._cond.notify_all()
+
+    def _request_sync(self, db: DbState) -> None:
+        """Start a sync, or ask the running one to go round once more."""
+        if db.syncing:
+            db.resync = True
+        else:
+            db.syncing = True
+            self._sync_pool.submit(self._sync_loop, db)
+
+    def _append(self, db: DbState, rec: Record) -> None:
+        """Give a commit its txid and whole-db checksum and queue it for upload."""
+        if rec.seq <= db.sync_seq or db.checksum is None:
+            return  # inside the snapshot this lineage starts from
+        if rec.page_size != db.page_size:
+            # VACUUM changed the page size: the next sync point comes after this commit, so
+            # the snapshot it takes contains it.
+            log.info(
+                "walsync: %s page size %d -> %d; resyncing", db.path, db.page_size, rec.page_size
+            )
+            db.sync_seq = max(db.sync_seq, rec.seq)
+            db.checksum = None
+            self._request_sync(db)
+            return
+        db.checksum.apply(rec.db_size, rec.pages)
+        commit = format.Commit(db.next_txid, rec.time_ns, rec.db_size, db.checksum.value, rec.pages)
+        db.next_txid += 1
+        db.pending.append((rec.seq, db.generation, commit))
+        db.pending_bytes += len(rec.pages) * rec.page_size
+
+    def _forget_if_done(self, db: DbState) -> None:
+        """Drop a closed database's state once everything it committed is uploaded."""
+        if db.open or db.syncing or db.pending or db.uploading:
+            return
+        self._dbs.pop(db.db_id, None)
+        if self._names.get(db.name) == db.db_id:
+            del self._names[db.name]
+        self._cond.notify_all()
+
+    # ------------------------------------------------------------------- sync side
+
+    def _client(self, root: str) -> storage.ReplicaClient:
+        with self._lock:
+            client = self._clients.get(root)
+        if client is None:
+            client = storage.open_replica(root, **self.settings.client_options)
+            with self._lock:
+                client = self._clients.setdefault(root, client)
+        return client
+
+    def _sync_loop(self, db: DbState) -> None:
+        """Sync until it succeeds (retrying store errors with backoff) and no resync is due."""
+        delay = 0.1
+        while not self._stopped:
+            try:
+                self._sync(db)
+            except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
+                with self._lock:
+                    db.failures += 1
+                    db.last_error = _describe(exc)
+                    self._cond.notify_all()
+                log.warning(
+                    "walsync: sync of %s failed (retrying in %.1fs): %s",
+                    db.path,
+                    delay,
+                    db.last_error,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 0.1
+            with self._lock:
+                held, db.held = db.held, []
+                for rec in held:
+                    self._append(db, rec)
+                if db.resync:
+                    db.resync = False
+                    continue
+                db.syncing = False
+                self._forget_if_done(db)
+                self._cond.notify_all()
+                return
+
+    def _resolve(self, db: DbState) -> None:
+        """Name the database and pick its client, once."""
+        name = check_name(self.settings.name(db.path))
+        with self._lock:
+            owner = self._names.setdefault(name, db.db_id)
+        if owner != db.db_id:
+            raise ReplicationError(
+                f"{db.path}: replica name {name!r} is already used by "
+                f"{self._dbs[owner].path}; give one of them another name"
+            )
+        db.name = name
+        db.client = self._client(self.settings.replica_root())
+
+    def _sync(self, db: DbState) -> None:
+        """Line the lineage up with the database's current bytes (see module docstring)."""
+        if not db.name:
+            self._resolve(db)
+        assert db.client is not None
+        with tempfile.TemporaryFile() as raw:
+            with capture.SyncPoint(db.path) as sp:  # closed before the upload: it pins the WAL
+                taken_ns = time.time_ns()
+                page_size, db_size, pages = sp.pages()
+                with self._lock:
+                    db.pinned_seq = sp.seq
+                    self._cond.notify_all()
+                checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
+                seq = sp.seq
+            # Commits up to the sync point still belong to the old lineage: apply them first,
+            # so what we compare is everything that lineage holds.
+            capture.dispatcher().barrier()
+            with self._lock:
+                keep = []
+                for rec in db.held:
+                    if rec.seq <= seq:
+                        self._append(db, rec)
+                    else:
+                        keep.append(rec)
+                db.held = keep
+                if db.checksum is not None:
+                    head = Head(
+                        db.generation,
+                        db.next_txid - 1,
+                        db.page_size,
+                        db.checksum.db_size,
+                        db.checksum.value,
+                    )
+                elif db.generation is not None:  # lineage broken (page size changed)
+                    head = Head(None, db.next_txid - 1)
+                else:
+                    head = None
+            if head is None:  # first sync in this process: ask the store
+                head = read_head(db.client, db.name)
+            same = (
+                head.generation is not None
+                and head.checksum == checksum.value
+                and head.page_size == page_size
+                and head.db_size == db_size
+            )
+            if not same and head.generation is not None:
+                log.debug("walsync: %s differs from its replica (%s) at seq %d: checksum %x, "
+                          "%d pages of %d", db.path, head, seq, checksum.value, db_size, page_size)
+            txid = head.txid if same else head.txid + 1
+            generation = head.generation if same else format.new_generation_id(txid)
+            if not same:
+                raw.seek(0)
+                db.client.put(
+                    format.snapshot_key(db.name, generation, txid),
+                    _snapshot(raw, page_size, txid, taken_ns, db_size),
+                )
+        with self._lock:
+            db.generation = generation
+            db.next_txid = txid + 1
+            db.page_size = page_size
+            db.checksum = checksum
+            db.sync_seq = seq
+            db.durable_seq = max(db.durable_seq, seq)
+            db.durable_txid = max(db.durable_txid, txid)
+            db.failures = 0
+            db.last_error = ""
+        log.info(
+            "walsync: %s -> %s/%s at txid %d (%s)",
+            db.path,
+            db.client.url,
+            db.name,
+            txid,
+            "continued" if same else "new generation",
+        )
+
+    # ----------------------------------------------------------------- upload side
+
+    def _upload_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                ready, wait = self._due(now)
+                for db in ready:
+                    batch, size = [], 0
+                    gen = db.pending[0][1]
+                    while (
+                        db.pending
+                        and db.pending[0][1] == gen
+                        and (not batch or size < self.settings.max_segment_bytes)
+                    ):
+                        batch.append(db.pending.pop(0))
+                        size += len(batch[-1][2].pages) * db.page_size
+                    db.pending_bytes -= size
+                    db.uploading = True
+                    self._put_pool.submit(self._upload, db, batch, size)
+                if not ready:
+                    self._cond.wait(wait)
+
+    def _due(self, now: float) -> tuple[list[DbState], float | None]:
+        """Databases whose pending commits should ship now, and how long until the next."""
+        s = self.settings
+        ready, wait = [], None
+        for db in self._dbs.values():
+            if not db.pending or db.uploading or db.syncing:
+                continue
+            # Refill the token bucket.
+            if s.upload_interval > 0:
+                db.tokens = min(
+                    s.upload_burst, db.tokens + (now - db.token_time) / s.upload_interval
+                )
+            else:
+                db.tokens = s.upload_burst
+            db.token_time = now
+            at = db.next_attempt
+            if db.tokens < 1 and not self._flushers and db.pending_bytes < s.max_segment_bytes:
+                at = max(at, now + (1 - db.tokens) * s.upload_interval)
+            if at <= now:
+                db.tokens = max(db.tokens - 1, 0)
+                ready.append(db)
+            else:
+                wait = at - now if wait is None else min(wait, at - now)
+        return ready, wait
+
+    def _upload(self, db: DbState, batch: list[tuple[int, str, format.Commit]], size: int) -> None:
+        commits = [c for _, _, c in batch]
+        key = format.segment_key(db.name, batch[0][1], commits[0].txid, commits[-1].txid)
+        try:
+            page_size = next((len(p) for c in commits for _, p in c.pages), db.page_size)
+            data = format.encode_segment(page_size, commits)
+            db.client.put(key, data)
+        except Exception as exc:  # noqa: BLE001 - retried, never dropped
+            with self._lock:
+                db.pending[:0] = batch
+                db.pending_bytes += size
+                db.uploading = False
+                db.failures += 1
+                db.last_error = _describe(exc)
+                db.next_attempt = time.monotonic() + min(0.1 * 2 ** (db.failures - 1), 30.0)
+                self._cond.notify_all()
+            log.warning(
+                "walsync: upload of %s failed (attempt %d): %s", key, db.failures, db.last_error
+            )
+            return
+        with self._lock:
+            db.uploading = False
+            db.failures = 0
+            db.last_error = ""
+            db.durable_seq = max(db.durable_seq, batch[-1][0])
+            db.durable_txid = commits[-1].txid
+            db.bytes_uploaded += len(data)
+            self._forget_if_done(db)
+            self._cond.notify_all()
+
+    def await_sync_point(self, db_id: int, timeout: float) -> None:
+        """Block a database's first opener until the engine has pinned its sync point.
+
+        The shim publishes nothing for a database until its chain position is known, so a
+        commit made between open and sync point would be folded into the snapshot and the
+        lineage could not continue.  Holding the opener for those few milliseconds keeps a
+        reopened database in its generation.
+        """
+        capture.dispatcher().barrier(timeout)
+        with self._lock:
+            db = self._dbs.get(db_id)
+            if db is None or not self._cond.wait_for(
+                lambda: self._stopped or db.pinned_seq >= db.open_seq or db.failures, timeout
+            ):
+                return
+
+    # ---------------------------------------------------------------------- flush
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every commit made before the call is in its replica."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        capture.dispatcher().barrier(timeout if timeout is not None else 60.0)
+        with self._lock:
+            marks = {db.db_id: db.seen_seq for db in self._dbs.values()}
+            self._flushers += 1
+            self._cond.notify_all()
+            try:
+                while True:
+                    waiting = [
+                        db
+                        for i, m in marks.items()
+                        if (db := self._dbs.get(i)) is not None
+                        and (db.syncing or db.durable_seq < m)
+                    ]
+                    if not waiting:
+                        return
+                    for db in waiting:
+                        if db.failures >= FAILING_AFTER:
+                            raise ReplicationError(
+                                f"replica of {db.path} is failing: {db.last_error}"
+                            )
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        names = ", ".join(db.path for db in waiting)
+                        raise TimeoutError(f"flush timed out; not yet replicated: {names}")
+                    self._cond.wait(left if left is not None else 1.0)
+            finally:
+                self._flushers -= 1
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._put_pool.shutdown(wait=True)
+        self._sync_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _snapshot(raw: BinaryIO, page_size: int, txid: int, time_ns: int, db_size: int) -> bytes:
+    """Encode the raw pages spooled at a sync point as a snapshot object."""
+    with tempfile.TemporaryFile() as out:
+        writer = format.SnapshotWriter(out, page_size, txid, time_ns, db_size)
+        for _ in range(db_size):
+            writer.add_page(raw.read(page_size))
+        writer.finish()
+        out.seek(0)
+        return out.read()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for logs and errors; storage errors already are one clear line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        text
+        if isinstance(exc, storage.StorageError | ReplicationError)
+        else (f"{type(exc).__name__}: {text}")
+    )
+
+
+def stats_of(db: DbState) -> dict:
+    return {
+        "path": db.path,
+        "name": db.name,
+        "generation": db.generation,
+        "last_txid": db.next_txid - 1,
+        "replicated_txid": db.durable_txid,
+        "pending_commits": len(db.pending),
+        "pending_bytes": db.pending_bytes,
+        "bytes_uploaded": db.bytes_uploaded,
+        "syncing": db.syncing,
+        "failures": db.failures,
+        "last_error": db.last_error,
+    }

@@ -1,0 +1,134 @@
+"""Replica storage: a small object-store protocol with one module per backend.
+
+Modelled on Litestream's ReplicaClient: the replication engine only ever needs whole-object
+put/get, a sorted listing and batch delete, so every backend (a local directory, S3) fits
+behind the same four calls and the engine never branches on where replicas live.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ReplicaClient",
+    "StorageError",
+    "check_key",
+    "check_prefix",
+    "open_replica",
+    "redact_url",
+]
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+ACCEPTED_FORMS = "file:///absolute/dir, a directory path, or s3://bucket/optional/prefix"
+
+
+class StorageError(Exception):
+    """One-line, user-facing message saying what failed and what to do.
+
+    Never contains credentials, so callers may log or print it as is.
+    """
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist; restore and head reads treat this as a normal outcome."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the client's root, '/'-separated
+    size: int
+
+
+class ReplicaClient(Protocol):
+    """What the engine needs from a replica store; every call is safe from any thread."""
+
+    url: str  # the root URL it was opened with, without credentials
+    requests: int  # calls/pages sent to the store, so tests can prove idle databases cost 0
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` atomically: readers see all of it or the previous state."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; :class:`ObjectNotFound` if it does not exist."""
+        ...
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` ("" = all), sorted by key."""
+        ...
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove the objects; keys that do not exist are not an error."""
+        ...
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could escape the root or mean different objects on different backends.
+
+    A key like ``a//b`` is one S3 object but the file ``a/b``; ``..`` or a leading ``/`` would
+    leave the root directory.  Refusing them everywhere keeps both backends equivalent.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"invalid object key {key!r}: must be a non-empty string")
+    if "\\" in key or "\0" in key:
+        raise ValueError(f"invalid object key {key!r}: backslash and NUL are not allowed")
+    if key.startswith("/"):
+        raise ValueError(f"invalid object key {key!r}: must be relative (no leading '/')")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise ValueError(f"invalid object key {key!r}: empty, '.' or '..' segment")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Like :func:`check_key`, but "" and a trailing '/' are allowed (listing a "directory")."""
+    if prefix:
+        check_key(prefix.removesuffix("/"))
+    return prefix
+
+
+def redact_url(url: str) -> str:
+    """The URL with any ``user:secret@`` part masked, so error messages can quote it."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+def bad_url(url: str, reason: str) -> StorageError:
+    return StorageError(f"invalid replica URL {redact_url(url)!r}: {reason}; use {ACCEPTED_FORMS}")
+
+
+def open_replica(url: str, **options: object) -> ReplicaClient:
+    """Open the replica root named by ``url``; ``options`` go to the backend (S3: endpoint_url,
+    region, path_style).  Backends are imported lazily so file-only users never load boto3."""
+    if not isinstance(url, str) or not url.strip():
+        raise bad_url(str(url), "empty")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced '[' in the host
+        raise bad_url(url, str(exc)) from None
+    scheme = parts.scheme.lower()
+    if scheme == "":
+        from walsync_vfs.storage.file import FileReplicaClient
+
+        return FileReplicaClient(os.path.abspath(url), **options)
+    if scheme == "file":
+        path = unquote(parts.path)
+        if parts.netloc or not Path(path).is_absolute():
+            raise bad_url(url, "file URLs need an absolute path (three slashes)")
+        if parts.query or parts.fragment:
+            raise bad_url(url, "file URLs take no query or fragment")
+        from walsync_vfs.storage.file import FileReplicaClient
+
+        return FileReplicaClient(os.path.normpath(path), **options)
+    if scheme == "s3":
+        from walsync_vfs.storage.s3 import S3ReplicaClient
+
+        return S3ReplicaClient.from_url(url, **options)
+    raise bad_url(url, f"unsupported scheme {parts.scheme!r}")

@@ -1,0 +1,167 @@
+"""Local-directory replica backend: one file per object under a root directory.
+
+Useful on its own (a replica on another disk or a network mount) and as the reference the S3
+backend is tested against.  Objects must be all-or-nothing even across a crash, so every put
+goes through a temp file, fsync and rename, like SQLite's own journal handling.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from walsync_vfs.storage import (
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    check_key,
+    check_prefix,
+)
+
+TMP_SUFFIX = ".walsync-tmp"  # in-flight puts; never listed, never a valid key
+_PUT_ATTEMPTS = 3  # a concurrent delete may prune the directory between mkdir and create
+
+
+class FileReplicaClient:
+    """Objects are files under ``root``; key segments are directories."""
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        self.url = self.root.as_uri()
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        self._count()
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+        try:
+            fd = self._create(tmp)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(path.parent)  # the rename itself must survive a crash too
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.url}/{key}: {_why(exc)}") from exc
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        self._count()
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFound(f"object {self.url}/{key} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        check_prefix(prefix)
+        self._count()
+        found: list[ObjectInfo] = []
+        try:
+            self._walk(self.root, "", prefix, found)
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.url}/{prefix}: {_why(exc)}") from exc
+        found.sort(key=lambda info: info.key)
+        return found
+
+    def delete(self, keys: Iterable[str]) -> None:
+        paths = {key: self._path(key) for key in keys}  # validate all before removing any
+        if not paths:
+            return
+        self._count()
+        # Not fsynced: a delete lost in a crash only brings back an object retention deletes
+        # again, whereas a lost put would lose data.
+        emptied = set()
+        for key, path in paths.items():
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot delete {self.url}/{key}: {_why(exc)}") from exc
+            emptied.add(path.parent)
+        for directory in sorted(emptied, key=lambda d: len(d.parts), reverse=True):
+            self._prune(directory)
+
+    def _path(self, key: str) -> Path:
+        if check_key(key).endswith(TMP_SUFFIX):
+            raise ValueError(f"invalid object key {key!r}: '{TMP_SUFFIX}' is reserved")
+        return self.root.joinpath(*key.split("/"))
+
+    def _count(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def _create(self, tmp: Path) -> int:
+        """Create ``tmp`` exclusively, making (and fsyncing) its missing directories."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for _ in range(_PUT_ATTEMPTS - 1):
+            try:
+                return os.open(tmp, flags, 0o666)
+            except FileNotFoundError:
+                _makedirs(tmp.parent)
+        return os.open(tmp, flags, 0o666)
+
+    def _walk(self, directory: Path, rel: str, prefix: str, found: list[ObjectInfo]) -> None:
+        try:
+            entries = os.scandir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with entries:
+            for entry in entries:
+                key = rel + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    sub = key + "/"
+                    if sub.startswith(prefix) or prefix.startswith(sub):
+                        self._walk(Path(entry.path), sub, prefix, found)
+                elif key.startswith(prefix) and not entry.name.endswith(TMP_SUFFIX):
+                    try:
+                        found.append(ObjectInfo(key, entry.stat().st_size))
+                    except FileNotFoundError:  # deleted while we listed
+                        continue
+
+    def _prune(self, directory: Path) -> None:
+        """Remove ``directory`` and its parents while empty, stopping at the root."""
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass  # a concurrent delete pruned it; its parents may still be empty
+            except OSError:
+                return  # not empty (or not ours to remove): a leftover directory costs nothing
+            directory = directory.parent
+
+
+def _makedirs(directory: Path) -> None:
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
