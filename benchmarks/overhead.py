@@ -217,6 +217,20 @@ class Side:
         return n / (time.perf_counter() - t0)
 
 
+def user_seconds() -> tuple[float, float] | None:
+    """(user CPU-seconds of the whole machine, of this process) so far; Linux only.
+
+    User time only: the kernel's share includes the writeback of our own files by kworkers,
+    which is part of the workload, while other processes (tests, builds) show up as user time.
+    """
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:3]]  # user, nice
+    except (OSError, ValueError):
+        return None
+    return sum(ticks) / os.sysconf("SC_CLK_TCK"), os.times().user
+
+
 def open_db(path: str, synchronous: str, vfs: str | None) -> apsw.Connection:
     """Open with the pragmas both sides share (autocheckpoint stays at SQLite's default)."""
     con = apsw.Connection(path, vfs=vfs) if vfs else apsw.Connection(path)
@@ -237,6 +251,7 @@ class Result:
     rate_b: list[float]
     per_slice: int
     captured: int
+    others: float | None  # share of the CPUs other processes used (user time) during the case
 
     @property
     def median(self) -> float:
@@ -268,6 +283,7 @@ def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -
     a = Side("walsync", con_a, stmt, settle)
     b = Side("plain", con_b, stmt)
     queued = [0, 0]
+    cpu0, t0 = user_seconds(), time.monotonic()
 
     def between() -> None:
         """Untimed housekeeping after each slice: empty the C queue in ``queued``/``off``."""
@@ -294,6 +310,11 @@ def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -
             captured, gaps = -1, 0  # freed unseen
         else:
             captured, gaps = queued
+        cpu1, elapsed = user_seconds(), time.monotonic() - t0
+        others = None
+        if cpu0 and cpu1:
+            foreign = (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])
+            others = max(0.0, foreign / (elapsed * (os.cpu_count() or 1)))
         if gaps:
             raise SystemExit(f"{case.name}: the capture stream reported {gaps} gap(s)")
         if mode in ("consumed", "batched", "queued") and captured != a.commits:
@@ -308,7 +329,7 @@ def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -
         for name in os.listdir(d):
             os.unlink(os.path.join(d, name))
         os.rmdir(d)
-    return Result(case, ratios, a.rates, b.rates, per_slice, captured)
+    return Result(case, ratios, a.rates, b.rates, per_slice, captured, others)
 
 
 def print_environment(workdir: str, mode: str, rounds: int, slice_s: float) -> None:
@@ -346,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     head = (
         f"{'case':<16} {'ratio med':>9} {'min':>6} {'max':>6}  {'target':>7}  {'met':<4}"
-        f" {'walsync c/s':>12} {'plain c/s':>10} {'commits/slice':>13}"
+        f" {'walsync c/s':>12} {'plain c/s':>10} {'commits/slice':>13} {'others':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -354,16 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         res = run_case(case, args.dir, args.capture, rounds, slice_s)
         results.append(res)
+        others = "?" if res.others is None else f"{res.others:.0%}"
         print(
             f"{case.name:<16} {res.median:>9.3f} {min(res.ratios):>6.3f} {max(res.ratios):>6.3f}"
             f"  >={case.target:<5.2f}  {'yes' if res.met else 'NO':<4}"
             f" {statistics.median(res.rate_a):>12,.0f} {statistics.median(res.rate_b):>10,.0f}"
-            f" {res.per_slice:>13,}",
+            f" {res.per_slice:>13,} {others:>6}",
             flush=True,
         )
     print()
     print("ratio = walsync commits/s / plain commits/s per round (median over rounds);")
-    print("absolute commits/s are medians, for context only.")
+    print("absolute commits/s are medians, for context only; others = user CPU share taken by")
+    print("other processes during the case (high: the machine was busy, the ratio is noisier).")
     return 0 if all(r.met for r in results) else 1
 
 

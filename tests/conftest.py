@@ -151,6 +151,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
             for name in ("AWS_CA_BUNDLE", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
                 mp.delenv(name, raising=False)
             yield server
+        if proc.poll() is not None:  # every later S3 test failed as "connection refused"; say why
+            pytest.fail(f"weed died during the tests ({proc.returncode}):\n{server.log_tail()}")
     finally:
         _stop(proc)
         for port in (master_grpc, volume_grpc, filer_grpc, s3_grpc):

@@ -1,4 +1,4 @@
-"""``python -m walsync_vfs``: restore a database from its replica.
+"""``python -m walsync_vfs``: restore, list and verify replicas.
 
 Every failure ends in one line on stderr, ``walsync: error: ...``, and exit status 1.
 """
@@ -6,12 +6,13 @@ Every failure ends in one line on stderr, ``walsync: error: ...``, and exit stat
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import datetime
 
-from walsync_vfs import storage
+from walsync_vfs import report, storage
 from walsync_vfs.format import CorruptObject
-from walsync_vfs.restore import RestoreError, restore
+from walsync_vfs.restore import RestoreError, restore, split_url
 
 
 def parse_timestamp(text: str) -> int:
@@ -47,14 +48,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="restore as of this time (ISO 8601 with timezone, or unix seconds)",
     )
     r.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    ls = sub.add_parser("list", help="show a database's generations, or every database in a root")
+    ls.add_argument("url", help="replica root, or replica root + '/' + database name")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    v = sub.add_parser("verify", help="download and check every object of a database's replica")
+    v.add_argument("url", help="replica root + '/' + database name")
     return parser
+
+
+def run_list(url: str, as_json: bool) -> int:
+    client, name = report.open_target(url)
+    info = report.describe_database(client, name) if name else report.describe_root(client)
+    if name is None and not info["databases"]:
+        raise RestoreError(f"nothing replicated at {url}")
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        dbs = [info] if name else info["databases"]
+        print("\n".join(report.format_database(d) for d in dbs))
+    return 0
+
+
+def run_verify(url: str) -> int:
+    root, name = split_url(url)
+    problems = report.verify(storage.open_replica(root), name)
+    for line in problems:
+        print(f"walsync: problem: {line}", file=sys.stderr)
+    if problems:
+        print(f"walsync: error: {url}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{url}: every object, txid chain and database checksum verified")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "list":
+            return run_list(args.url, args.json)
+        if args.command == "verify":
+            return run_verify(args.url)
         result = restore(
-            args.url, args.output, txid=args.txid, timestamp_ns=args.timestamp, force=args.force
+            args.url,
+            args.output,
+            txid=args.txid,
+            timestamp_ns=args.timestamp,
+            force=args.force,
+            progress=sys.stderr.isatty(),
         )
     except (RestoreError, storage.StorageError, CorruptObject, OSError) as exc:
         print(f"walsync: error: {exc}", file=sys.stderr)

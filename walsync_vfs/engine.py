@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from walsync_vfs import capture, format, storage
+from walsync_vfs import capture, catalog, format, storage
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.config import Settings, check_name
 from walsync_vfs.dbfile import tee
@@ -53,22 +53,18 @@ class Head:
 
 def read_head(client: storage.ReplicaClient, name: str) -> Head:
     """Find the newest generation's last state with one LIST and one GET."""
-    keys = [k for k in (format.parse_key(o.key) for o in client.list(name + "/")) if k]
-    keys = [k for k in keys if k.name == name]
-    if not keys:
+    gens = catalog.generations(client, name)
+    if not gens:
         return Head()
-    last_txid = max(k.last_txid for k in keys)
-    gen = max(k.generation for k in keys)
-    in_gen = [k for k in keys if k.generation == gen]
-    top = max(in_gen, key=lambda k: (k.last_txid, k.kind == "segment"))
+    gen = gens[-1]
+    top = max(gen.snapshots + gen.segments, key=lambda k: (k.last_txid, k.kind == "segment"))
+    key = catalog.object_key(top)
     if top.kind == "segment":
-        key = format.segment_key(name, gen, top.first_txid, top.last_txid)
         hdr = format.read_segment_header(client.get(key), key)
         last = hdr.index[-1]
-        return Head(gen, last_txid, hdr.page_size, last.db_size, last.checksum)
-    key = format.snapshot_key(name, gen, top.last_txid)
+        return Head(gen.id, gen.last_txid, hdr.page_size, last.db_size, last.checksum)
     snap, _ = format.read_snapshot(client.get(key), key)
-    return Head(gen, last_txid, snap.page_size, snap.db_size, snap.checksum)
+    return Head(gen.id, gen.last_txid, snap.page_size, snap.db_size, snap.checksum)
 
 
 @dataclass
@@ -298,8 +294,16 @@ class Engine:
                 and head.db_size == db_size
             )
             if not same and head.generation is not None:
-                log.debug("walsync: %s differs from its replica (%s) at seq %d: checksum %x, "
-                          "%d pages of %d", db.path, head, seq, checksum.value, db_size, page_size)
+                log.debug(
+                    "walsync: %s differs from its replica (%s) at seq %d: checksum %x, "
+                    "%d pages of %d",
+                    db.path,
+                    head,
+                    seq,
+                    checksum.value,
+                    db_size,
+                    page_size,
+                )
             txid = head.txid if same else head.txid + 1
             generation = head.generation if same else format.new_generation_id(txid)
             if not same:

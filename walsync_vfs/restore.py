@@ -13,10 +13,12 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import apsw
+from tqdm import tqdm
 
-from walsync_vfs import format, storage
+from walsync_vfs import catalog, format, storage
 from walsync_vfs.config import check_name
 from walsync_vfs.dbfile import apply_pages, tee
 
@@ -36,6 +38,7 @@ class Plan:
     snapshot: format.ParsedKey
     segments: list[format.ParsedKey]
     target_txid: int | None  # None: replay to the end (or to the timestamp)
+    snapshot_data: bytes | None = None  # already downloaded while planning
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,27 @@ def split_url(url: str) -> tuple[str, str]:
     return root, name
 
 
-def _keys(client: storage.ReplicaClient, name: str) -> list[format.ParsedKey]:
-    keys = [k for k in (format.parse_key(o.key) for o in client.list(name + "/")) if k]
-    return [k for k in keys if k.name == name]
+def iso_time(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+def _range_text(gens: list[catalog.Generation]) -> str:
+    restorable = [g for g in gens if g.snapshots]
+    if not restorable:
+        return "none"
+    return f"{min(g.snapshots[0].last_txid for g in restorable)}..{gens[-1].last_txid}"
+
+
+def _snapshot_at(
+    client: storage.ReplicaClient, snaps: list[format.ParsedKey], timestamp_ns: int
+) -> tuple[format.ParsedKey, bytes] | None:
+    """The newest snapshot taken at or before the timestamp, with its bytes (reused later)."""
+    for snap in reversed(snaps):
+        key = catalog.object_key(snap)
+        data = client.get(key)
+        if format.read_snapshot(data, key)[0].time_ns <= timestamp_ns:
+            return snap, data
+    return None
 
 
 def plan(
@@ -69,67 +90,41 @@ def plan(
     txid: int | None = None,
     timestamp_ns: int | None = None,
 ) -> Plan:
-    """Choose the snapshot and segments that rebuild ``name`` as of ``txid`` (or the end)."""
-    keys = _keys(client, name)
-    if not keys:
+    """Choose the snapshot and the chain of segments that rebuild ``name`` as of ``txid`` or
+    ``timestamp_ns`` (default: the newest commit).  A hole in the chain before the target is
+    an error, never a silently older database."""
+    gens = catalog.generations(client, name)
+    if not gens:
         raise RestoreError(f"no replica of {name!r} found at {client.url}")
-    gens = sorted({k.generation for k in keys}, reverse=True)
-    first = (
-        min(k.first_txid for k in keys if k.kind == "snapshot")
-        if any(k.kind == "snapshot" for k in keys)
-        else None
-    )
-    last = max(k.last_txid for k in keys)
-    for gen in gens:
-        snaps = sorted(
-            (k for k in keys if k.generation == gen and k.kind == "snapshot"),
-            key=lambda k: k.last_txid,
-        )
-        if txid is not None:
-            snaps = [s for s in snaps if s.last_txid <= txid]
+    what = f"txid {txid}" if timestamp_ns is None else f"timestamp {iso_time(timestamp_ns)}"
+    outside = f"{name}: {what} is not in the retained history (available: "
+    for g in reversed(gens):
+        snaps = [s for s in g.snapshots if txid is None or s.last_txid <= txid]
+        data = None
+        if timestamp_ns is not None:
+            found = _snapshot_at(client, snaps, timestamp_ns)
+            snaps = [found[0]] if found else []
+            data = found[1] if found else None
         if not snaps:
             continue
         snap = snaps[-1]
-        segs = sorted(
-            (
-                k
-                for k in keys
-                if k.generation == gen and k.kind == "segment" and k.last_txid > snap.last_txid
-            ),
-            key=lambda k: k.first_txid,
-        )
         chain, expected = [], snap.last_txid + 1
-        for seg in segs:
+        for seg in g.segments:
             if txid is not None and expected > txid:
                 break
             if seg.last_txid < expected:
-                continue  # covered already (e.g. by a compacted segment)
+                continue  # already covered (a compacted segment overlaps smaller ones)
             if seg.first_txid > expected:
-                break  # a hole: history in this generation ends before it
+                raise RestoreError(
+                    f"{name}: segments for txids {expected}..{seg.first_txid - 1} are missing "
+                    f"in generation {g.id}"
+                )
             chain.append(seg)
             expected = seg.last_txid + 1
-        end = expected - 1
-        if txid is not None and end < txid:
-            gen_last = max(k.last_txid for k in keys if k.generation == gen)
-            if gen_last >= txid:
-                missing = min(k.first_txid for k in segs if k.first_txid > end)
-                raise RestoreError(
-                    f"{name}: segments for txids {end + 1}..{missing - 1} are missing in "
-                    f"generation {gen}; cannot restore txid {txid}"
-                )
-            if gen != gens[0]:
-                raise RestoreError(
-                    f"{name}: txid {txid} is not in the retained history "
-                    f"(available: {first}..{last})"
-                )
-        if txid is not None and txid > last:
-            raise RestoreError(
-                f"{name}: txid {txid} is not in the retained history (available: {first}..{last})"
-            )
-        return Plan(name, gen, snap, chain, txid)
-    raise RestoreError(
-        f"{name}: txid {txid} is not in the retained history (available: {first}..{last})"
-    )
+        if txid is not None and expected <= txid:
+            raise RestoreError(outside + _range_text(gens) + ")")
+        return Plan(name, g.id, snap, chain, txid, data)
+    raise RestoreError(outside + _range_text(gens) + ")")
 
 
 def _fetch(client: storage.ReplicaClient, keys: list[str]) -> Iterator[tuple[str, bytes]]:
@@ -154,23 +149,26 @@ def replay(
     p: Plan,
     out_path: str,
     timestamp_ns: int | None = None,
+    progress: bool = False,
 ) -> Result:
     """Write the planned state into ``out_path`` (created or truncated), verifying as it goes."""
-    snap_key = format.snapshot_key(p.name, p.generation, p.snapshot.last_txid)
-    try:
-        data = client.get(snap_key)
-    except storage.ObjectNotFound as exc:
-        raise RestoreError(f"{snap_key}: object listed but missing") from exc
+    snap_key = catalog.object_key(p.snapshot)
+    data = p.snapshot_data
+    if data is None:
+        try:
+            data = client.get(snap_key)
+        except storage.ObjectNotFound as exc:
+            raise RestoreError(f"{snap_key}: object listed but missing") from exc
     header, pages = format.read_snapshot(data, snap_key)
-    if timestamp_ns is not None and header.time_ns > timestamp_ns:
-        raise RestoreError(f"{p.name}: the snapshot {snap_key} is newer than the timestamp")
     page_size = header.page_size
     with open(out_path, "wb") as out:  # read_snapshot verifies SHA-256 and checksum as it goes
         checksum = format.DbChecksum.from_pages(tee(pages, out.write))
     result = Result(header.txid, header.time_ns, header.db_size, page_size)
     keys = [format.segment_key(p.name, p.generation, s.first_txid, s.last_txid) for s in p.segments]
-    with open(out_path, "r+b") as out:
+    bar = tqdm(total=len(keys) + 1, unit="obj", desc=p.name, disable=not progress, initial=1)
+    with open(out_path, "r+b") as out, bar:
         for key, blob in _fetch(client, keys):
+            bar.update(1)
             seg = format.read_segment_header(blob, key)
             if seg.page_size != page_size:
                 raise RestoreError(f"{key}: page size {seg.page_size}, snapshot has {page_size}")
@@ -200,6 +198,7 @@ def restore(
     timestamp_ns: int | None = None,
     force: bool = False,
     client_options: dict | None = None,
+    progress: bool = False,
 ) -> Result:
     """Restore ``url`` (replica root + '/' + name) into the file ``out``; see module docstring."""
     root, name = split_url(url)
@@ -210,7 +209,7 @@ def restore(
     p = plan(client, name, txid, timestamp_ns)
     tmp = f"{out}.walsync-tmp"
     try:
-        result = replay(client, p, tmp, timestamp_ns)
+        result = replay(client, p, tmp, timestamp_ns, progress)
         if txid is not None and result.txid != txid:
             raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
         check = apsw.Connection(tmp, flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")

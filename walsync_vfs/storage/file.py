@@ -81,7 +81,7 @@ class FileReplicaClient:
         self._count()
         # Not fsynced: a delete lost in a crash only brings back an object retention deletes
         # again, whereas a lost put would lose data.
-        emptied = set()
+        emptied: set[Path] = set()
         for key, path in paths.items():
             try:
                 path.unlink()
