@@ -196,7 +196,7 @@ def test_names_cannot_escape_the_root(tmp_path):
 
 
 def test_configure_rejects_unknown_options_and_bad_urls():
-    with pytest.raises(TypeError, match="unknown walsync option 'upload_intervall'"):
+    with pytest.raises(TypeError, match="configure\\(\\): unknown key 'upload_intervall'"):
         walsync_vfs.configure(upload_intervall=1)
     with pytest.raises(storage.StorageError):
         walsync_vfs.configure(replica="ftp://example/x")

@@ -8,40 +8,57 @@ switched to WAL mode and replicated to the configured replica root.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import apsw
 
-from walsync_vfs import capture, storage
+from walsync_vfs import capture, metrics, storage
 from walsync_vfs.capture import CaptureError
-from walsync_vfs.config import Settings
-from walsync_vfs.engine import Engine, ReplicationError, stats_of
+from walsync_vfs.config import Settings, check_knob, initial_settings, load_file
+from walsync_vfs.engine import Engine, ReplicationError
 
 __all__ = ["CaptureError", "ReplicationError", "configure", "flush", "stats"]
 
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 SYNC_POINT_WAIT_S = 10.0
-_settings = Settings()
+_settings = initial_settings()
 _engine: Engine | None = None
 
 
-def configure(replica: str | None = None, **options: object) -> None:
-    """Set the replica root (``file:///abs/dir`` or ``s3://bucket/prefix``) and knobs for
-    databases opened from now on.  Without it, ``$WALSYNC_REPLICA`` or the local default is
-    used.  Options are the fields of :class:`walsync_vfs.config.Settings`."""
-    fields = {f.name for f in dataclasses.fields(Settings)} - {"replica"}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise TypeError(
-            f"unknown walsync option {unknown[0]!r}; known: {', '.join(sorted(fields))}"
-        )
-    new = dataclasses.replace(_settings, **options)
+_PROCESS_OPTIONS = ("name", "upload_workers", "metrics_port", "client_options")
+
+
+def configure(
+    replica: str | None = None, *, config: str | os.PathLike | None = None, **options: object
+) -> None:
+    """Configure replication for databases opened from now on.
+
+    ``replica`` is the root URL (``file:///abs/dir`` or ``s3://bucket/prefix``); without it,
+    ``$WALSYNC_REPLICA`` or the local default.  ``config`` loads a walsync.toml file (its
+    settings replace the current ones).  Other keywords set defaults for every database
+    (``upload_interval``, ``upload_burst``, ``max_segment_bytes``, ``snapshot_interval``,
+    ``retention``, ``compact_segments``) or process-wide options (``name``: a function from
+    database path to replica name, ``upload_workers``, ``metrics_port``, ``client_options``).
+    """
+    new = load_file(config) if config is not None else dataclasses.replace(_settings)
+    knobs = {}
+    for key, value in options.items():
+        if key in _PROCESS_OPTIONS:
+            setattr(new, key, value)
+        else:
+            try:
+                knobs[key] = check_knob("configure()", key, value)
+            except ValueError as exc:
+                raise (TypeError if "unknown key" in str(exc) else ValueError)(str(exc)) from None
     if replica is not None:
         if replica:  # "" goes back to $WALSYNC_REPLICA or the default
             storage.open_replica(replica, **new.client_options)  # malformed URLs fail here
-        new.replica = replica
-    new.validate()
+        knobs["replica"] = replica
+    new.defaults = dataclasses.replace(new.defaults, **knobs)
     for f in dataclasses.fields(Settings):
         setattr(_settings, f.name, getattr(new, f.name))
+    if _settings.metrics_port is not None:
+        metrics.serve(_settings.metrics_port, _engine_instance())
 
 
 def flush(timeout: float | None = None) -> None:
@@ -52,10 +69,8 @@ def flush(timeout: float | None = None) -> None:
 
 
 def stats() -> list[dict]:
-    """Per database: last and replicated txid, pending commits and bytes, errors."""
-    engine = _engine_instance()
-    with engine._lock:
-        return [stats_of(db) for db in engine._dbs.values()]
+    """Per database: last and replicated txid, lag, pending and uploaded bytes, errors."""
+    return _engine_instance().stats()
 
 
 def _engine_instance() -> Engine:
@@ -87,5 +102,7 @@ def _ensure_wal(con: apsw.Connection) -> None:
 
 capture.load()
 _engine_instance()  # before any database opens, so no OPEN record finds no sink
+if _settings.metrics_port is not None:
+    metrics.serve(_settings.metrics_port, _engine_instance())
 if _ensure_wal not in apsw.connection_hooks:
     apsw.connection_hooks.append(_ensure_wal)

@@ -1,14 +1,35 @@
-"""Where and how databases replicate: the replica root, per-database names, upload knobs."""
+"""Where and how databases replicate: replica root, names, and knobs, per database.
+
+Settings come from ``walsync_vfs.configure(...)``, a TOML file (``configure(config=...)``,
+``$WALSYNC_CONFIG`` or ``./walsync.toml``) and ``$WALSYNC_REPLICA``.  A TOML file has
+``[defaults]`` and any number of ``[[databases]]`` tables whose ``match`` glob (on the file's
+base name or full path) applies per-database overrides; later tables win::
+
+    [defaults]
+    replica = "s3://bucket/prefix"
+    upload_interval = 1.0
+
+    [[databases]]
+    match = "tenant-*.db"
+    retention = 604800
+
+Unknown keys and bad values are errors that name the key.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import os
 import re
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_REPLICA = "WALSYNC_REPLICA"
+ENV_CONFIG = "WALSYNC_CONFIG"
+DEFAULT_CONFIG_FILE = "walsync.toml"
 
 
 def default_replica() -> str:
@@ -20,17 +41,12 @@ def default_replica() -> str:
     return (Path(base) / "walsync" / "replica").as_uri()
 
 
-def default_name(path: str) -> str:
-    """A database replicates under its file's base name unless a name function says otherwise."""
-    return os.path.basename(path)
-
-
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
 def check_name(name: str) -> str:
     """Names are one path component: they must never reach outside the replica root."""
-    if not name or name in (".", "..") or _BAD_NAME.search(name):
+    if not isinstance(name, str) or not name or name in (".", "..") or _BAD_NAME.search(name):
         raise ValueError(
             f"invalid database name {name!r}: use one path component without '/', '\\' or "
             "control characters"
@@ -38,29 +54,137 @@ def check_name(name: str) -> str:
     return name
 
 
-@dataclass
-class Settings:
-    """Replication knobs; see README "Configuration" for what each one trades."""
+@dataclass(frozen=True)
+class DbConfig:
+    """The knobs one database replicates with (defaults, then matching overrides)."""
 
     replica: str = ""  # root URL; "" = $WALSYNC_REPLICA or the local default
-    name: Callable[[str], str] = default_name  # db path -> name under the root
-    # Per database, uploads follow a token bucket: a burst ships at once (the first commit
-    # after an idle spell goes immediately), sustained writes ship once per upload_interval.
+    name: str = ""  # "" = the database file's base name
+    # Uploads follow a token bucket: a burst ships at once (the first commit after an idle
+    # spell goes immediately), sustained writes ship once per upload_interval seconds.
     upload_interval: float = 1.0
     upload_burst: int = 4
     max_segment_bytes: int = 16 << 20  # ship at once past this, and split segments at it
-    upload_workers: int = 4  # uploads in flight at once, across all databases
-    client_options: dict = field(default_factory=dict)  # passed to storage.open_replica
+    snapshot_interval: float = 86400.0  # new snapshot after this many seconds (0 = never)
+    retention: float = 86400.0  # keep every restore point this many seconds back (0 = all)
+    compact_segments: int = 32  # merge a generation's segments once this many are small
 
     def replica_root(self) -> str:
         return self.replica or os.environ.get(ENV_REPLICA) or default_replica()
 
-    def validate(self) -> None:
-        if self.upload_interval < 0:
-            raise ValueError(f"upload_interval must be >= 0, got {self.upload_interval}")
-        if self.upload_burst < 1:
-            raise ValueError(f"upload_burst must be >= 1, got {self.upload_burst}")
-        if self.max_segment_bytes < 4096:
-            raise ValueError(f"max_segment_bytes must be >= 4096, got {self.max_segment_bytes}")
-        if self.upload_workers < 1:
-            raise ValueError(f"upload_workers must be >= 1, got {self.upload_workers}")
+
+# Checks per knob: (type, minimum).  Shared by configure() keywords and TOML tables.
+_KNOBS: dict[str, tuple[type, float | None]] = {
+    "replica": (str, None),
+    "name": (str, None),
+    "upload_interval": (float, 0.0),
+    "upload_burst": (int, 1),
+    "max_segment_bytes": (int, 4096),
+    "snapshot_interval": (float, 0.0),
+    "retention": (float, 0.0),
+    "compact_segments": (int, 2),
+}
+
+
+def check_knob(where: str, key: str, value: object) -> object:
+    """Validate one knob; errors name where it came from and the key."""
+    if key not in _KNOBS:
+        raise ValueError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(_KNOBS))}")
+    kind, low = _KNOBS[key]
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    if low is not None and value < low:  # type: ignore[operator]
+        raise ValueError(f"{where}: {key} must be >= {low}, got {value!r}")
+    if key == "name":
+        check_name(value)  # type: ignore[arg-type]
+    return value
+
+
+@dataclass(frozen=True)
+class Override:
+    match: str  # glob on the database file's base name or full path
+    values: dict
+
+
+@dataclass
+class Settings:
+    """Process-wide settings: defaults, per-database overrides, and shared resources."""
+
+    defaults: DbConfig = field(default_factory=DbConfig)
+    overrides: list[Override] = field(default_factory=list)
+    name: Callable[[str], str] | None = None  # db path -> name, before overrides' names
+    upload_workers: int = 4  # uploads in flight at once, across all databases
+    metrics_port: int | None = None  # serve Prometheus metrics on this port
+    client_options: dict = field(default_factory=dict)  # passed to storage.open_replica
+
+    def for_db(self, path: str) -> DbConfig:
+        """The effective knobs for the database at ``path``."""
+        cfg = self.defaults
+        if self.name is not None:
+            cfg = dataclasses.replace(cfg, name=check_name(self.name(path)))
+        base = os.path.basename(path)
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(base, o.match) or fnmatch.fnmatchcase(path, o.match):
+                cfg = dataclasses.replace(cfg, **o.values)
+        return cfg if cfg.name else dataclasses.replace(cfg, name=check_name(base))
+
+
+def load_toml(text: str, where: str) -> Settings:
+    """Parse a walsync.toml document into :class:`Settings` (errors name file and key)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{where}: not valid TOML: {exc}") from None
+    settings = Settings()
+    for key, value in doc.items():
+        if key == "defaults" and isinstance(value, dict):
+            knobs = {k: check_knob(f"{where} [defaults]", k, v) for k, v in value.items()}
+            if "name" in knobs:
+                raise ValueError(
+                    f"{where} [defaults]: name is per database; set it in a [[databases]] table"
+                )
+            settings.defaults = dataclasses.replace(settings.defaults, **knobs)
+        elif key == "databases" and isinstance(value, list):
+            for i, table in enumerate(value):
+                here = f"{where} [[databases]] #{i + 1}"
+                if not isinstance(table, dict) or not isinstance(table.get("match"), str):
+                    raise ValueError(f'{here}: needs match = "<glob>"')
+                knobs = {k: check_knob(here, k, v) for k, v in table.items() if k != "match"}
+                settings.overrides.append(Override(table["match"], knobs))
+        elif key == "upload_workers":
+            settings.upload_workers = _positive_int(where, key, value)
+        elif key == "metrics_port":
+            settings.metrics_port = _positive_int(where, key, value)
+        else:
+            raise ValueError(
+                f"{where}: unknown key {key!r}; known: defaults, databases, metrics_port, "
+                "upload_workers"
+            )
+    return settings
+
+
+def _positive_int(where: str, key: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def load_file(path: str | os.PathLike) -> Settings:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+    return load_toml(text, str(path))
+
+
+def initial_settings() -> Settings:
+    """Settings at import: ``$WALSYNC_CONFIG``, else ``./walsync.toml`` if present."""
+    path = os.environ.get(ENV_CONFIG)
+    if path:
+        return load_file(path)
+    if os.path.exists(DEFAULT_CONFIG_FILE):
+        return load_file(DEFAULT_CONFIG_FILE)
+    return Settings()

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from walsync_vfs import capture, catalog, format, storage
 from walsync_vfs.capture import Kind, Record
-from walsync_vfs.config import Settings, check_name
+from walsync_vfs.config import DbConfig, Settings
 from walsync_vfs.dbfile import tee
 
 log = logging.getLogger("walsync_vfs")
@@ -74,6 +74,7 @@ class DbState:
     db_id: int
     path: str
     name: str = ""
+    cfg: DbConfig = field(default_factory=DbConfig)
     client: storage.ReplicaClient | None = None
     open: bool = True
     syncing: bool = False
@@ -98,6 +99,7 @@ class DbState:
     failures: int = 0
     next_attempt: float = 0.0
     last_error: str = ""
+    errors: int = 0  # failed attempts, ever
     bytes_uploaded: int = 0
 
 
@@ -105,7 +107,6 @@ class Engine:
     """See the module docstring."""
 
     def __init__(self, settings: Settings) -> None:
-        settings.validate()
         self.settings = settings
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -211,6 +212,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
                 with self._lock:
                     db.failures += 1
+                    db.errors += 1
                     db.last_error = _describe(exc)
                     self._cond.notify_all()
                 log.warning(
@@ -236,8 +238,9 @@ class Engine:
                 return
 
     def _resolve(self, db: DbState) -> None:
-        """Name the database and pick its client, once."""
-        name = check_name(self.settings.name(db.path))
+        """Settle the database's knobs, name and client, once."""
+        cfg = self.settings.for_db(db.path)
+        name = cfg.name
         with self._lock:
             owner = self._names.setdefault(name, db.db_id)
         if owner != db.db_id:
@@ -245,8 +248,9 @@ class Engine:
                 f"{db.path}: replica name {name!r} is already used by "
                 f"{self._dbs[owner].path}; give one of them another name"
             )
+        db.cfg = cfg
         db.name = name
-        db.client = self._client(self.settings.replica_root())
+        db.client = self._client(cfg.replica_root())
 
     def _sync(self, db: DbState) -> None:
         """Line the lineage up with the database's current bytes (see module docstring)."""
@@ -346,7 +350,7 @@ class Engine:
                     while (
                         db.pending
                         and db.pending[0][1] == gen
-                        and (not batch or size < self.settings.max_segment_bytes)
+                        and (not batch or size < db.cfg.max_segment_bytes)
                     ):
                         batch.append(db.pending.pop(0))
                         size += len(batch[-1][2].pages) * db.page_size
@@ -358,11 +362,11 @@ class Engine:
 
     def _due(self, now: float) -> tuple[list[DbState], float | None]:
         """Databases whose pending commits should ship now, and how long until the next."""
-        s = self.settings
         ready, wait = [], None
         for db in self._dbs.values():
             if not db.pending or db.uploading or db.syncing:
                 continue
+            s = db.cfg
             # Refill the token bucket.
             if s.upload_interval > 0:
                 db.tokens = min(
@@ -394,6 +398,7 @@ class Engine:
                 db.pending_bytes += size
                 db.uploading = False
                 db.failures += 1
+                db.errors += 1
                 db.last_error = _describe(exc)
                 db.next_attempt = time.monotonic() + min(0.1 * 2 ** (db.failures - 1), 30.0)
                 self._cond.notify_all()
@@ -460,6 +465,11 @@ class Engine:
             finally:
                 self._flushers -= 1
 
+    def stats(self) -> list[dict]:
+        now = time.time_ns()
+        with self._lock:
+            return [stats_of(db, now) for db in self._dbs.values()]
+
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
@@ -490,17 +500,21 @@ def _describe(exc: BaseException) -> str:
     )
 
 
-def stats_of(db: DbState) -> dict:
+def stats_of(db: DbState, now_ns: int) -> dict:
+    """One database's replication state; lag is the age of its oldest unreplicated commit."""
+    oldest = db.pending[0][2].time_ns if db.pending else (db.held[0].time_ns if db.held else now_ns)
     return {
         "path": db.path,
         "name": db.name,
         "generation": db.generation,
         "last_txid": db.next_txid - 1,
         "replicated_txid": db.durable_txid,
-        "pending_commits": len(db.pending),
+        "lag_seconds": max(0.0, (now_ns - oldest) / 1e9),
+        "pending_commits": len(db.pending) + len(db.held),
         "pending_bytes": db.pending_bytes,
         "bytes_uploaded": db.bytes_uploaded,
         "syncing": db.syncing,
         "failures": db.failures,
+        "errors": db.errors,
         "last_error": db.last_error,
     }

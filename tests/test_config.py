@@ -1,0 +1,89 @@
+"""Issue: config file — defaults, per-database overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from walsync_vfs.config import Settings, load_toml
+
+GOOD = """
+upload_workers = 8
+metrics_port = 9464
+
+[defaults]
+replica = "s3://bucket/prefix"
+upload_interval = 2
+retention = 3600
+
+[[databases]]
+match = "tenant-*.db"
+upload_interval = 0.25
+
+[[databases]]
+match = "/srv/special/app.db"
+name = "special"
+replica = "file:///backups"
+"""
+
+
+def test_defaults_and_overrides_by_glob_and_path():
+    s = load_toml(GOOD, "walsync.toml")
+    assert (s.upload_workers, s.metrics_port) == (8, 9464)
+    plain = s.for_db("/srv/data/other.db")
+    assert (plain.replica, plain.name, plain.upload_interval, plain.retention) == (
+        "s3://bucket/prefix",
+        "other.db",
+        2.0,
+        3600.0,
+    )
+    tenant = s.for_db("/srv/data/tenant-42.db")
+    assert (tenant.name, tenant.upload_interval) == ("tenant-42.db", 0.25)
+    special = s.for_db("/srv/special/app.db")
+    assert (special.name, special.replica, special.upload_interval) == (
+        "special",
+        "file:///backups",
+        2.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[defaults]\nupload_intervall = 1\n",
+            "walsync.toml [defaults]: unknown key 'upload_intervall'; known: ",
+        ),
+        (
+            "[defaults]\nupload_interval = -1\n",
+            "walsync.toml [defaults]: upload_interval must be >= 0.0, got -1.0",
+        ),
+        (
+            '[defaults]\nupload_burst = "many"\n',
+            "walsync.toml [defaults]: upload_burst must be a int, got 'many'",
+        ),
+        (
+            "[[databases]]\nupload_interval = 1\n",
+            'walsync.toml [[databases]] #1: needs match = "<glob>"',
+        ),
+        ('[[databases]]\nmatch = "a"\nname = "../up"\n', "invalid database name '../up'"),
+        (
+            '[[databases]]\nmatch = "a"\nretension = 5\n',
+            "walsync.toml [[databases]] #1: unknown key 'retension'",
+        ),
+        ("upload_workers = 0\n", "walsync.toml: upload_workers must be a positive integer, got 0"),
+        ("replicas = 1\n", "walsync.toml: unknown key 'replicas'"),
+        ("[defaults\n", "walsync.toml: not valid TOML"),
+        ('[defaults]\nname = "x"\n', "walsync.toml [defaults]: name is per database"),
+    ],
+)
+def test_bad_config_names_the_key(text, message):
+    with pytest.raises(ValueError) as info:
+        load_toml(text, "walsync.toml")
+    assert str(info.value).startswith(message)
+
+
+def test_name_function_then_overrides():
+    s = Settings(name=lambda p: "fn-" + p.rsplit("/", 1)[-1])
+    assert s.for_db("/x/a.db").name == "fn-a.db"
+    with pytest.raises(ValueError, match="invalid database name"):
+        Settings(name=lambda p: "a/b").for_db("/x/a.db")

@@ -1,0 +1,53 @@
+"""Optional Prometheus endpoint: per-database replication gauges, computed at scrape time.
+
+A custom collector reads :meth:`Engine.stats` when scraped, so no metric objects exist per
+database and an idle process does no metrics work at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from walsync_vfs.engine import Engine
+
+_GAUGES = {
+    "last_txid": "Last txid committed through the walsync VFS",
+    "replicated_txid": "Last txid durable in the replica",
+    "lag_seconds": "Age of the oldest commit not yet in the replica",
+    "pending_bytes": "Page bytes waiting for upload",
+    "bytes_uploaded": "Segment bytes uploaded since the database was opened",
+    "errors": "Failed store requests since the database was opened",
+}
+_started: set[int] = set()
+_lock = threading.Lock()
+
+
+class _Collector:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        stats = self.engine.stats()
+        for key, text in _GAUGES.items():
+            family = GaugeMetricFamily(f"walsync_{key}", text, labels=["database"])
+            for s in stats:
+                family.add_metric([s["name"] or s["path"]], float(s[key]))
+            yield family
+
+
+def serve(port: int, engine: Engine) -> None:
+    """Start the endpoint once per port (idempotent)."""
+    from prometheus_client import start_http_server
+    from prometheus_client.core import REGISTRY
+
+    with _lock:
+        if port in _started:
+            return
+        if not _started:
+            REGISTRY.register(_Collector(engine))
+        start_http_server(port, addr="127.0.0.1")
+        _started.add(port)
