@@ -87,6 +87,7 @@ def test_missing_objects(replica_url: str) -> None:
         client.get("dir")  # a "directory" is not an object on either backend
     client.delete(["nothing/here", "dir/obj/deeper", "missing"])  # not an error
     assert client.list("") == [ObjectInfo("dir/obj", 1)]
+    assert abs(client.list("")[0].modified - time.time()) < 60  # write time, for retention
 
 
 def test_requests_are_counted(replica_url: str) -> None:

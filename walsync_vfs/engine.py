@@ -26,13 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from walsync_vfs import capture, catalog, format, storage
+from walsync_vfs import capture, catalog, format, maintenance, storage
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.config import DbConfig, Settings
 from walsync_vfs.dbfile import tee
 
 log = logging.getLogger("walsync_vfs")
 
+MAINTENANCE_TICK = 1.0  # seconds between looks for due snapshots, compactions, retention
 FAILING_AFTER = 3  # consecutive failed attempts before flush() reports the replica as failing
 
 
@@ -101,6 +102,14 @@ class DbState:
     last_error: str = ""
     errors: int = 0  # failed attempts, ever
     bytes_uploaded: int = 0
+    # Maintenance: periodic snapshots, compaction of small segments, retention.
+    force_snapshot: bool = False
+    snapshot_txid: int = 0
+    snapshot_at: float = 0.0  # monotonic time of the latest snapshot
+    small_segments: list[format.ParsedKey] = field(default_factory=list)
+    maintaining: bool = False
+    uploaded_since_retention: bool = False
+    retained_at: float = 0.0
 
 
 class Engine:
@@ -114,6 +123,7 @@ class Engine:
         self._names: dict[str, int] = {}  # name -> db_id, to refuse two dbs on one prefix
         self._clients: dict[str, storage.ReplicaClient] = {}
         self._flushers = 0
+        self._next_maintenance = 0.0
         self._stopped = False
         self._sync_pool = ThreadPoolExecutor(2, thread_name_prefix="walsync-sync")
         self._put_pool = ThreadPoolExecutor(
@@ -185,7 +195,7 @@ class Engine:
 
     def _forget_if_done(self, db: DbState) -> None:
         """Drop a closed database's state once everything it committed is uploaded."""
-        if db.open or db.syncing or db.pending or db.uploading:
+        if db.open or db.syncing or db.pending or db.uploading or db.maintaining:
             return
         self._dbs.pop(db.db_id, None)
         if self._names.get(db.name) == db.db_id:
@@ -310,7 +320,8 @@ class Engine:
                 )
             txid = head.txid if same else head.txid + 1
             generation = head.generation if same else format.new_generation_id(txid)
-            if not same:
+            periodic = same and db.force_snapshot and txid > db.snapshot_txid
+            if not same or periodic:
                 raw.seek(0)
                 db.client.put(
                     format.snapshot_key(db.name, generation, txid),
@@ -326,13 +337,19 @@ class Engine:
             db.durable_txid = max(db.durable_txid, txid)
             db.failures = 0
             db.last_error = ""
+            db.force_snapshot = False
+            if not same or periodic or not db.snapshot_at:
+                db.snapshot_txid = txid
+                db.snapshot_at = time.monotonic()
+            if not same:
+                db.small_segments = []
         log.info(
             "walsync: %s -> %s/%s at txid %d (%s)",
             db.path,
             db.client.url,
             db.name,
             txid,
-            "continued" if same else "new generation",
+            "new generation" if not same else "snapshot" if periodic else "continued",
         )
 
     # ----------------------------------------------------------------- upload side
@@ -357,8 +374,66 @@ class Engine:
                     db.pending_bytes -= size
                     db.uploading = True
                     self._put_pool.submit(self._upload, db, batch, size)
+                if now >= self._next_maintenance:
+                    self._next_maintenance = now + MAINTENANCE_TICK
+                    self._schedule_maintenance(now)
                 if not ready:
-                    self._cond.wait(wait)
+                    self._cond.wait(
+                        MAINTENANCE_TICK if wait is None else min(wait, MAINTENANCE_TICK)
+                    )
+
+    def _schedule_maintenance(self, now: float) -> None:
+        """Start due snapshots, compactions and retention runs.  Each needs new commits or
+        uploads since its last run, so idle databases never cause a request."""
+        for db in self._dbs.values():
+            cfg = db.cfg
+            if db.checksum is None:
+                continue
+            retain = (
+                cfg.retention > 0
+                and db.uploaded_since_retention
+                and now - db.retained_at >= max(MAINTENANCE_TICK, cfg.retention / 10)
+            )
+            compact = len(db.small_segments) >= cfg.compact_segments
+            if not db.maintaining and (retain or compact):
+                segs = db.small_segments if compact else []
+                db.small_segments = [] if compact else db.small_segments
+                if retain:
+                    db.uploaded_since_retention = False
+                    db.retained_at = now
+                db.maintaining = True
+                self._put_pool.submit(self._maintain, db, retain, segs)
+            if (
+                not db.syncing
+                and cfg.snapshot_interval
+                and now - db.snapshot_at >= cfg.snapshot_interval
+                and db.next_txid - 1 > db.snapshot_txid
+            ):
+                db.force_snapshot = True
+                self._request_sync(db)
+
+    def _maintain(self, db: DbState, retain: bool, segs: list[format.ParsedKey]) -> None:
+        """One database's retention pass and/or compaction, from one LIST.  Failures are
+        logged; the work is simply due again later."""
+        try:
+            objects = db.client.list(db.name + "/")
+            doomed = maintenance.expired(objects, db.cfg.retention) if retain else []
+            if doomed:
+                db.client.delete(doomed)
+                log.info("walsync: %s retention removed %d objects", db.name, len(doomed))
+            alive = {o.key for o in objects} - set(doomed)
+            segs = [k for k in segs if catalog.object_key(k) in alive]
+            if len(segs) >= 2:
+                written = maintenance.compact(db.client, segs, db.cfg.max_segment_bytes)
+                log.info("walsync: %s compacted %d segments into %s", db.name, len(segs), written)
+        except Exception as exc:  # noqa: BLE001 - maintenance can always wait
+            log.warning("walsync: maintenance of %s failed: %s", db.name, _describe(exc))
+            with self._lock:
+                db.errors += 1
+        with self._lock:
+            db.maintaining = False
+            self._forget_if_done(db)
+            self._cond.notify_all()
 
     def _due(self, now: float) -> tuple[list[DbState], float | None]:
         """Databases whose pending commits should ship now, and how long until the next."""
@@ -413,6 +488,12 @@ class Engine:
             db.durable_seq = max(db.durable_seq, batch[-1][0])
             db.durable_txid = commits[-1].txid
             db.bytes_uploaded += len(data)
+            db.uploaded_since_retention = True
+            # Compaction merges runs of consecutive small segments of the current generation.
+            if size < db.cfg.max_segment_bytes // 4 and batch[0][1] == db.generation:
+                db.small_segments.append(format.parse_key(key))
+            else:
+                db.small_segments.clear()
             self._forget_if_done(db)
             self._cond.notify_all()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -45,6 +45,9 @@ class ObjectNotFound(StorageError):
 class ObjectInfo:
     key: str  # relative to the client's root, '/'-separated
     size: int
+    # Unix seconds the object was written: retention's conservative clock (an object is never
+    # older than this).  Not part of identity, so listings compare by key and size.
+    modified: float = field(default=0.0, compare=False)
 
 
 class ReplicaClient(Protocol):

@@ -126,7 +126,8 @@ class FileReplicaClient:
                         self._walk(Path(entry.path), sub, prefix, found)
                 elif key.startswith(prefix) and not entry.name.endswith(TMP_SUFFIX):
                     try:
-                        found.append(ObjectInfo(key, entry.stat().st_size))
+                        st = entry.stat()
+                        found.append(ObjectInfo(key, st.st_size, st.st_mtime))
                     except FileNotFoundError:  # deleted while we listed
                         continue
 

@@ -193,7 +193,10 @@ class S3ReplicaClient:
             page = self._call(
                 "list", f"{self.url}/{prefix}", lambda: self.client.list_objects_v2(**args)
             )
-            found.extend(ObjectInfo(o["Key"][strip:], o["Size"]) for o in page.get("Contents", ()))
+            found.extend(
+                ObjectInfo(o["Key"][strip:], o["Size"], o["LastModified"].timestamp())
+                for o in page.get("Contents", ())
+            )
             if not page.get("IsTruncated"):
                 break
             args["ContinuationToken"] = page["NextContinuationToken"]
