@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -240,7 +241,7 @@ class Setup:
     sources: dict[tuple[str, str], Path] = field(default_factory=dict)
     walsync_roots: dict[str, str] = field(default_factory=dict)
     restore_config: Path | None = None
-    db_bytes: int = 0
+    db_bytes: dict[str, int] = field(default_factory=dict)  # tool -> source size
     txns: int = 0
     rows: int = 0
     digest: str = ""
@@ -307,14 +308,18 @@ def wait_litestream(config: Path, dbs: list[Path], env: dict[str, str], timeout:
         time.sleep(0.5)
 
 
-def write_phase(setup: Setup, target_bytes: int, index: bool) -> None:
-    """Stream the same transactions into all four databases while both tools replicate."""
+def write_phase(setup: Setup, target_bytes: int, index: bool, pace: float) -> None:
+    """Stream the same transactions into all four databases while both tools replicate.
+
+    ``pace`` transactions per second (0: flat out): at full speed the whole database lands
+    in one or two sync intervals, which is a bulk load, not the stream a replica usually sees.
+    """
     import walsync_vfs  # starts the replication engine: only the write phase needs it
 
     src = setup.work / "src"
     for tool in TOOLS:
-        for store in STORES:
-            setup.sources[tool, store] = src / f"{tool}-{store}" / NAME
+        for store in STORES:  # walsync names a replica by file name: one name per database
+            setup.sources[tool, store] = src / f"{tool}-{store}.db"
     setup.walsync_roots = {
         "local": (setup.work / "replica" / "walsync-local").as_uri(),
         "s3": f"s3://{setup.bucket}/walsync",
@@ -351,6 +356,8 @@ def write_phase(setup: Setup, target_bytes: int, index: bool) -> None:
         page_size = ref.execute("PRAGMA page_size").fetchone()[0]
         t0 = time.perf_counter()
         for rows in transactions(SEED):
+            if pace:
+                time.sleep(max(0.0, t0 + setup.txns / pace - time.perf_counter()))
             for con in cons.values():
                 with con:
                     con.executemany(INSERT, rows)
@@ -379,9 +386,14 @@ def write_phase(setup: Setup, target_bytes: int, index: bool) -> None:
             key: con.execute("PRAGMA page_count").fetchone()[0] * page_size
             for key, con in cons.items()
         }
-        if len(set(digests.values())) != 1 or len(set(sizes.values())) != 1:
+        # Litestream adds two tables of its own (_litestream_seq, _litestream_lock) to the
+        # databases it replicates: sizes agree per tool, rows everywhere.
+        setup.db_bytes = {tool: sizes[tool, "local"] for tool in TOOLS}
+        if len(set(digests.values())) != 1 or any(
+            sizes[tool, store] != setup.db_bytes[tool] for tool in TOOLS for store in STORES
+        ):
             raise SystemExit(f"source databases differ: {digests} {sizes}")
-        (setup.rows, setup.digest), setup.db_bytes = digests[REF], sizes[REF]
+        setup.rows, setup.digest = digests[REF]
         describe_replicas(setup, config)
     finally:
         stop(ls, 30.0)
@@ -394,7 +406,8 @@ def describe_replicas(setup: Setup, config: Path) -> None:
     from walsync_vfs import storage
 
     for store in STORES:
-        objs = storage.open_replica(setup.walsync_roots[store]).list(NAME + "/")
+        name = setup.sources["walsync", store].name
+        objs = storage.open_replica(setup.walsync_roots[store]).list(name + "/")
         setup.replica_stats["walsync", store] = (
             f"{len(objs)} objects, {sum(o.size for o in objs) / 1e6:.1f} MB"
         )
@@ -411,7 +424,7 @@ def describe_replicas(setup: Setup, config: Path) -> None:
 
 def restore_cmd(setup: Setup, tool: str, store: str, out: Path, check: str) -> list[str]:
     if tool == "walsync":
-        url = f"{setup.walsync_roots[store]}/{NAME}"
+        url = f"{setup.walsync_roots[store]}/{setup.sources[tool, store].name}"
         return [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out), "--force"]
     assert setup.restore_config is not None
     return [
@@ -439,13 +452,16 @@ def timed_restore(setup: Setup, tool: str, store: str, check: str) -> float:
             f"{tool} restore ({store}) failed ({proc.returncode}): {' '.join(cmd)}\n"
             f"{proc.stdout.decode(errors='replace')}{proc.stderr.decode(errors='replace')}"
         )
-    verify(out, setup, f"{tool}/{store}")
+    verify(out, setup, tool, store)
     clear(out)
     return elapsed
 
 
-def verify(out: Path, setup: Setup, what: str) -> None:
-    """integrity_check ok, and the same rows as the source: a fast wrong restore counts for 0."""
+def verify(out: Path, setup: Setup, tool: str, store: str) -> None:
+    """integrity_check ok, the source's size and rows: a fast wrong restore counts for 0."""
+    what = f"{tool}/{store}"
+    if out.stat().st_size != setup.db_bytes[tool]:
+        raise SystemExit(f"{what}: {out.stat().st_size} bytes, source {setup.db_bytes[tool]}")
     con = apsw.Connection(str(out), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         problems = [r[0] for r in con.execute("PRAGMA integrity_check")]
@@ -489,10 +505,12 @@ def startup_seconds(env: dict[str, str]) -> float:
 
 
 def report(setup: Setup, times: dict[tuple[str, str], list[float]], check: str) -> bool:
-    mb = setup.db_bytes / 1e6
+    """Print sizes, the MB/s table and the per-store ratios; True if every store meets TARGET."""
+    mb = {tool: n / 1e6 for tool, n in setup.db_bytes.items()}
     print()
     print(
-        f"database: {mb:.1f} MB ({setup.db_bytes:,} bytes), {setup.rows:,} rows, "
+        f"database: {mb['walsync']:.1f} MB ({setup.db_bytes['walsync']:,} bytes; Litestream's "
+        f"copy {setup.db_bytes['litestream']:,} with its 2 tables), {setup.rows:,} rows, "
         f"{setup.txns} transactions of {ROWS_PER_TXN} rows, written in {setup.write_s:.1f} s"
     )
     for key, text in setup.replica_stats.items():
@@ -506,9 +524,9 @@ def report(setup: Setup, times: dict[tuple[str, str], list[float]], check: str) 
         for tool in TOOLS:
             ts = times[tool, store]
             med = statistics.median(ts)
-            medians[tool, store] = mb / med
+            medians[tool, store] = mb[tool] / med
             runs = " ".join(f"{t:.2f}" for t in ts)
-            print(f"| {store} | {tool} | {runs} | {med:.2f} | {mb / med:.1f} |")
+            print(f"| {store} | {tool} | {runs} | {med:.2f} | {mb[tool] / med:.1f} |")
     print()
     ok = True
     for store in STORES:
@@ -532,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="~20 MB database, 3 runs")
     ap.add_argument("--mb", type=float, help="database size in 10^6 bytes (default 100, quick 20)")
     ap.add_argument("--runs", type=int, help="timed runs per tool and store (default 5, quick 3)")
+    ap.add_argument(
+        "--pace", type=float, default=5.0, help="write transactions per second (0: flat out)"
+    )
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the work dir goes")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (sources, replicas)")
@@ -562,9 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.clear()  # walsync's S3 client in this process reads the same settings
             os.environ.update(env)
             setup = Setup(work=work, endpoint=endpoint, bucket=create_bucket(endpoint), env=env)
-            write_phase(setup, int(mb * 1e6), args.index)
+            write_phase(setup, int(mb * 1e6), args.index, args.pace)
             print(
-                f"replicated: {setup.db_bytes / 1e6:.1f} MB, {setup.rows:,} rows; "
+                f"replicated: {setup.db_bytes['walsync'] / 1e6:.1f} MB, {setup.rows:,} rows; "
                 f"restoring ({args.warmup} warm-up + {runs} runs per tool and store)"
             )
             times = measure(setup, runs, args.warmup, args.litestream_check)
@@ -583,4 +604,17 @@ def litestream_version() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # After a failure walsync's sync workers may still be retrying a replica (forever, by
+    # design), and interpreter exit would join them: leave without waiting.
+    os._exit(status)

@@ -83,7 +83,7 @@ def _engine_instance() -> Engine:
 
 def _ensure_wal(con: apsw.Connection) -> None:
     """apsw connection hook: a walsync database must be in WAL mode, or capture sees nothing."""
-    if con.open_vfs != capture.VFS_NAME:
+    if con.open_vfs != capture.VFS_NAME or capture.opening_internally():
         return
     # Sync points hold the write lock for microseconds; without a busy timeout a writer that
     # collides with one would fail at once.  The application may set its own afterwards.
@@ -96,8 +96,7 @@ def _ensure_wal(con: apsw.Connection) -> None:
             f"{con.filename or ':memory:'}: walsync needs journal_mode=WAL but SQLite kept "
             f"{mode!r}; open an on-disk database file"
         )
-    if not capture.opening_internally():
-        _engine_instance().await_sync_point(capture.db_id_of(con), SYNC_POINT_WAIT_S)
+    _engine_instance().await_sync_point(capture.db_id_of(con), SYNC_POINT_WAIT_S)
 
 
 capture.load()

@@ -174,6 +174,9 @@ class SyncPoint:
             for con in (self.reader, writer):
                 con.set_busy_timeout(busy_timeout_ms)
             self.db_id = db_id_of(writer)
+            mode = writer.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                raise CaptureError(f"{path}: journal_mode is {mode!r}, not WAL")
             pos = ffi.new("ws_pos *")
             writer.execute("BEGIN IMMEDIATE")
             try:

@@ -146,8 +146,7 @@ class Engine:
                         db = self._dbs[rec.db_id] = DbState(rec.db_id, rec.path)
                     log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
                     db.open = True
-                    db.open_seq = rec.seq
-                    self._request_sync(db)
+                    db.open_seq = rec.seq  # the opener's hook starts the sync: see await_sync_point
                 elif db is None:
                     continue
                 elif rec.kind is Kind.GAP:
@@ -498,7 +497,8 @@ class Engine:
             self._cond.notify_all()
 
     def await_sync_point(self, db_id: int, timeout: float) -> None:
-        """Block a database's first opener until the engine has pinned its sync point.
+        """Start the sync of a newly opened database and block its opener until the engine
+        has pinned its sync point.
 
         The shim publishes nothing for a database until its chain position is known, so a
         commit made between open and sync point would be folded into the snapshot and the
@@ -508,7 +508,13 @@ class Engine:
         capture.dispatcher().barrier(timeout)
         with self._lock:
             db = self._dbs.get(db_id)
-            if db is None or not self._cond.wait_for(
+            if db is None:
+                return  # not ours (routed elsewhere) or already forgotten
+            if db.pinned_seq < db.open_seq:
+                # Only now: the hook has put the database in WAL mode.  A sync already running
+                # may have pinned before this open; it then goes round once more.
+                self._request_sync(db)
+            if not self._cond.wait_for(
                 lambda: self._stopped or db.pinned_seq >= db.open_seq or db.failures, timeout
             ):
                 return
