@@ -25,7 +25,15 @@ _settings = initial_settings()
 _engine: Engine | None = None
 
 
-_PROCESS_OPTIONS = ("name", "upload_workers", "metrics_port", "client_options")
+_PROCESS_OPTIONS = (
+    "name",
+    "upload_workers",
+    "metrics_port",
+    "client_options",
+    "memory_cap",
+    "spool_dir",
+    "spool_cap",
+)
 
 
 def configure(

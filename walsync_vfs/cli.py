@@ -1,18 +1,34 @@
 """``python -m walsync_vfs``: restore, list and verify replicas.
 
-Every failure ends in one line on stderr, ``walsync: error: ...``, and exit status 1.
+Every failure ends in one line on stderr, ``walsync: error: ...``, and exit status 1 (a
+follower reports errors that happen after its first update and carries on).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import time
 from datetime import datetime
+from types import FrameType
 
 from walsync_vfs import report, storage
 from walsync_vfs.format import CorruptObject
-from walsync_vfs.restore import RestoreError, restore, split_url
+from walsync_vfs.restore import Follower, RestoreError, restore, split_url
+
+ERRORS = (RestoreError, storage.StorageError, CorruptObject, OSError)
+FOLLOW_HELP = """\
+--follow keeps OUTPUT up to date as new commits reach the replica, polling it every
+--interval seconds, until Ctrl-C or SIGTERM (exit status 0, after the update in progress;
+a second signal interrupts at once).  Each update replaces OUTPUT with a new, fully checked
+file in rollback-journal mode: open connections keep the version they opened, new ones
+get the newest.  A new generation (the source was rewritten outside walsync) is followed
+from its snapshot.  Errors before OUTPUT is first written end the command (exit status 1);
+later ones (store unreachable, an object missing or failing its checks) are reported on
+stderr and retried at every poll, OUTPUT keeping its last verified state.
+"""
 
 
 def parse_timestamp(text: str) -> int:
@@ -34,10 +50,25 @@ def parse_timestamp(text: str) -> int:
     return int(when.timestamp() * 1_000_000) * 1000
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid interval {text!r}: use seconds > 0")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m walsync_vfs")
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("restore", help="rebuild a database from its replica")
+    r = sub.add_parser(
+        "restore",
+        help="rebuild a database from its replica",
+        epilog=FOLLOW_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("url", help="replica root + '/' + database name, e.g. file:///backups/app.db")
     r.add_argument("-o", "--output", required=True, help="database file to create")
     target = r.add_mutually_exclusive_group()
@@ -48,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="restore as of this time (ISO 8601 with timezone, or unix seconds)",
     )
     r.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    r.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep OUTPUT up to date with the newest commit, as a read replica (see below)",
+    )
+    r.add_argument(
+        "--interval",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="with --follow: seconds between polls of the replica (default 1)",
+    )
     ls = sub.add_parser("list", help="show a database's generations, or every database in a root")
     ls.add_argument("url", help="replica root, or replica root + '/' + database name")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -81,13 +123,79 @@ def run_verify(url: str) -> int:
     return 0
 
 
+class StopRequest:
+    """SIGINT and SIGTERM ask a follower to stop, which it does between polls: never half-way
+    through an update, so its last line says where OUTPUT really is.  A second signal
+    interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._saved: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        self._saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake within 0.1 s of a stop request."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+
+
+def run_follow(url: str, output: str, force: bool, interval: float) -> int:
+    """Poll until stopped; see FOLLOW_HELP for what is reported and when it gives up."""
+    last_error = None
+    with Follower(url, output, force=force) as follower, StopRequest() as stop:
+        while not stop.requested:
+            generation = follower.generation
+            try:
+                updated = follower.poll()
+            except ERRORS as exc:
+                if follower.published is None:
+                    raise
+                if str(exc) != last_error:  # one line per distinct error, not one per poll
+                    print(f"walsync: error: {exc}", file=sys.stderr, flush=True)
+                last_error = str(exc)
+            else:
+                last_error = None
+                if updated and follower.generation != generation:  # the first, or a new one
+                    print(f"following {url}: {output} {_where(follower)}", flush=True)
+            stop.sleep(interval)
+        print(f"stopped following {url}: {output} {_where(follower)}", flush=True)
+    return 0
+
+
+def _where(follower: Follower) -> str:
+    if follower.published is None:
+        return "was not written"
+    return f"is at txid {follower.published.txid} (generation {follower.generation})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    pinned = args.command == "restore" and (args.txid is not None or args.timestamp is not None)
+    if pinned and args.follow:
+        parser.error("--follow tracks the newest commit: it cannot take --txid or --timestamp")
+    if args.command == "restore" and args.interval is not None and not args.follow:
+        parser.error("--interval only applies with --follow")
     try:
         if args.command == "list":
             return run_list(args.url, args.json)
         if args.command == "verify":
             return run_verify(args.url)
+        if args.follow:
+            return run_follow(args.url, args.output, args.force, args.interval or 1.0)
         result = restore(
             args.url,
             args.output,
@@ -96,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             progress=sys.stderr.isatty(),
         )
-    except (RestoreError, storage.StorageError, CorruptObject, OSError) as exc:
+    except ERRORS as exc:
         print(f"walsync: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -118,6 +118,11 @@ class Settings:
     name: Callable[[str], str] | None = None  # db path -> name, before overrides' names
     upload_workers: int = 4  # uploads in flight at once, across all databases
     metrics_port: int | None = None  # serve Prometheus metrics on this port
+    # Unsent data while the store is away: in memory up to memory_cap, then in spool_dir
+    # (default: a private temp directory) up to spool_cap; see spool.py for what happens past it.
+    memory_cap: int = 64 << 20
+    spool_dir: str | None = None
+    spool_cap: int = 1 << 30
     client_options: dict = field(default_factory=dict)  # passed to storage.open_replica
 
     def for_db(self, path: str) -> DbConfig:

@@ -30,11 +30,13 @@ from walsync_vfs import capture, catalog, format, maintenance, storage
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.config import DbConfig, Settings
 from walsync_vfs.dbfile import tee
+from walsync_vfs.spool import Outgoing, Spool
 
 log = logging.getLogger("walsync_vfs")
 
 MAINTENANCE_TICK = 1.0  # seconds between looks for due snapshots, compactions, retention
 FAILING_AFTER = 3  # consecutive failed attempts before flush() reports the replica as failing
+MAX_BACKOFF = 5.0  # seconds between retries of a failing store: recovery is noticed quickly
 
 
 class ReplicationError(RuntimeError):
@@ -91,12 +93,18 @@ class DbState:
     # (seq, generation, commit): a commit stays in the lineage it was made in
     pending: list[tuple[int, str, format.Commit]] = field(default_factory=list)
     pending_bytes: int = 0
-    uploading: bool = False
+    outbox: list[Outgoing] = field(default_factory=list)  # encoded, oldest first
+    held_bytes: int = 0
+    uploading: bool = False  # a PUT of this database is under way (outbox[0])
+    spilling: bool = False
     seen_seq: int = 0  # last COMMIT seq received
     durable_seq: int = 0  # every commit up to this seq is in the replica
     durable_txid: int = 0
     tokens: float = 0.0
     token_time: float = 0.0
+    quiet: bool = True  # the oldest pending commit came after a quiet spell
+    arrived_at: float = 0.0  # monotonic time the latest commit reached the engine
+    shipped_at: float = 0.0  # monotonic time the latest upload was started
     failures: int = 0
     next_attempt: float = 0.0
     last_error: str = ""
@@ -123,6 +131,7 @@ class Engine:
         self._names: dict[str, int] = {}  # name -> db_id, to refuse two dbs on one prefix
         self._clients: dict[str, storage.ReplicaClient] = {}
         self._flushers = 0
+        self._spool = Spool(settings)
         self._next_maintenance = 0.0
         self._stopped = False
         self._sync_pool = ThreadPoolExecutor(2, thread_name_prefix="walsync-sync")
@@ -159,10 +168,25 @@ class Engine:
                 elif rec.kind is Kind.COMMIT:
                     db.seen_seq = rec.seq
                     if db.syncing:
-                        db.held.append(rec)
+                        self._hold(db, rec)
                     else:
                         self._append(db, rec)
             self._cond.notify_all()
+
+    def _hold(self, db: DbState, rec: Record) -> None:
+        """Keep a commit that arrived during a sync; past the memory cap, let the next sync
+        point (which comes after it) take it into its snapshot instead."""
+        db.held.append(rec)
+        db.held_bytes += len(rec.pages) * rec.page_size
+        if db.held_bytes > self.settings.memory_cap // 4:
+            log.warning(
+                "walsync: %s: commits held during a sync exceed the memory cap; "
+                "they will be in the next snapshot",
+                db.path,
+            )
+            db.held.clear()
+            db.held_bytes = 0
+            db.resync = True
 
     def _request_sync(self, db: DbState) -> None:
         """Start a sync, or ask the running one to go round once more."""
@@ -189,12 +213,24 @@ class Engine:
         db.checksum.apply(rec.db_size, rec.pages)
         commit = format.Commit(db.next_txid, rec.time_ns, rec.db_size, db.checksum.value, rec.pages)
         db.next_txid += 1
+        now = time.monotonic()
+        if not db.pending:
+            db.quiet = now - db.arrived_at >= db.cfg.upload_interval / 4
+        db.arrived_at = now
         db.pending.append((rec.seq, db.generation, commit))
         db.pending_bytes += len(rec.pages) * rec.page_size
 
     def _forget_if_done(self, db: DbState) -> None:
         """Drop a closed database's state once everything it committed is uploaded."""
-        if db.open or db.syncing or db.pending or db.uploading or db.maintaining:
+        if (
+            db.open
+            or db.syncing
+            or db.pending
+            or db.outbox
+            or db.uploading
+            or db.spilling
+            or db.maintaining
+        ):
             return
         self._dbs.pop(db.db_id, None)
         if self._names.get(db.name) == db.db_id:
@@ -231,11 +267,11 @@ class Engine:
                     db.last_error,
                 )
                 time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, MAX_BACKOFF)
                 continue
             delay = 0.1
             with self._lock:
-                held, db.held = db.held, []
+                held, db.held, db.held_bytes = db.held, [], 0
                 for rec in held:
                     self._append(db, rec)
                 if db.resync:
@@ -286,6 +322,7 @@ class Engine:
                     else:
                         keep.append(rec)
                 db.held = keep
+                db.held_bytes = sum(len(r.pages) * r.page_size for r in keep)
                 if db.checksum is not None:
                     head = Head(
                         db.generation,
@@ -361,18 +398,12 @@ class Engine:
                 now = time.monotonic()
                 ready, wait = self._due(now)
                 for db in ready:
-                    batch, size = [], 0
-                    gen = db.pending[0][1]
-                    while (
-                        db.pending
-                        and db.pending[0][1] == gen
-                        and (not batch or size < db.cfg.max_segment_bytes)
-                    ):
-                        batch.append(db.pending.pop(0))
-                        size += len(batch[-1][2].pages) * db.page_size
-                    db.pending_bytes -= size
                     db.uploading = True
-                    self._put_pool.submit(self._upload, db, batch, size)
+                    if db.outbox:
+                        self._put_pool.submit(self._ship, db, db.outbox[0])
+                    else:
+                        self._put_pool.submit(self._ship, db, None, self._take_batch(db))
+                self._spill_if_over_cap()
                 if now >= self._next_maintenance:
                     self._next_maintenance = now + MAINTENANCE_TICK
                     self._schedule_maintenance(now)
@@ -380,6 +411,126 @@ class Engine:
                     self._cond.wait(
                         MAINTENANCE_TICK if wait is None else min(wait, MAINTENANCE_TICK)
                     )
+
+    def _take_batch(self, db: DbState) -> list[tuple[int, str, format.Commit]]:
+        """The oldest pending commits of one generation, up to max_segment_bytes."""
+        batch, size = [], 0
+        gen = db.pending[0][1]
+        while (
+            db.pending
+            and db.pending[0][1] == gen
+            and (not batch or size < db.cfg.max_segment_bytes)
+        ):
+            batch.append(db.pending.pop(0))
+            size += len(batch[-1][2].pages) * db.page_size
+        db.pending_bytes -= size
+        return batch
+
+    def _encode(self, db: DbState, batch: list[tuple[int, str, format.Commit]]) -> Outgoing:
+        commits = [c for _, _, c in batch]
+        gen = batch[0][1]
+        page_size = next((len(p) for c in commits for _, p in c.pages), db.page_size)
+        return Outgoing(
+            format.segment_key(db.name, gen, commits[0].txid, commits[-1].txid),
+            gen,
+            batch[-1][0],
+            commits[-1].txid,
+            sum(len(c.pages) for c in commits) * page_size,
+            format.encode_segment(page_size, commits),
+        )
+
+    def _ship(self, db: DbState, item: Outgoing | None, batch: list | None = None) -> None:
+        """Upload the oldest outgoing segment of a database (encoding it first if new)."""
+        try:
+            if item is None:
+                item = self._encode(db, batch)
+                with self._lock:
+                    db.outbox.insert(0, item)
+            data = item.payload()
+            db.client.put(item.key, data)
+        except Exception as exc:  # noqa: BLE001 - retried, never dropped
+            with self._lock:
+                db.uploading = False
+                db.failures += 1
+                db.errors += 1
+                db.last_error = _describe(exc)
+                db.next_attempt = time.monotonic() + min(0.1 * 2 ** (db.failures - 1), MAX_BACKOFF)
+                self._cond.notify_all()
+            log.warning(
+                "walsync: upload for %s failed (attempt %d): %s",
+                db.name,
+                db.failures,
+                db.last_error,
+            )
+            return
+        self._spool.discard(item)
+        with self._lock:
+            db.outbox.remove(item)
+            db.uploading = False
+            db.failures = 0
+            db.last_error = ""
+            db.durable_seq = max(db.durable_seq, item.last_seq)
+            db.durable_txid = item.last_txid
+            db.bytes_uploaded += len(data)
+            db.uploaded_since_retention = True
+            # Compaction merges runs of consecutive small segments of the current generation.
+            if item.raw_bytes < db.cfg.max_segment_bytes // 4 and item.generation == db.generation:
+                db.small_segments.append(format.parse_key(item.key))
+            else:
+                db.small_segments.clear()
+            self._forget_if_done(db)
+            self._cond.notify_all()
+
+    def _spill_if_over_cap(self) -> None:
+        """Past the memory cap, move the biggest backlog to the local spool (lock held)."""
+        mem = sum(db.pending_bytes + sum(i.memory for i in db.outbox) for db in self._dbs.values())
+        if mem <= self.settings.memory_cap:
+            return
+        candidates = [
+            db
+            for db in self._dbs.values()
+            if not db.spilling and (db.pending or any(i.data is not None for i in db.outbox))
+        ]
+        if candidates:
+            db = max(candidates, key=lambda d: d.pending_bytes + sum(i.memory for i in d.outbox))
+            db.spilling = True
+            batches = []
+            while db.pending:
+                batches.append(self._take_batch(db))
+            self._put_pool.submit(self._spill, db, batches)
+
+    def _spill(self, db: DbState, batches: list[list]) -> None:
+        try:
+            items = [self._encode(db, b) for b in batches]
+            with self._lock:
+                db.outbox.extend(items)
+                in_flight = db.outbox[0] if db.uploading else None
+                backlog = [i for i in db.outbox if i.data is not None and i is not in_flight]
+            for item in backlog:
+                self._spool.spill(item)
+        except OSError as exc:  # spool full or disk full: see spool.py for the policy
+            log.error(
+                "walsync: cannot spool %s (%s); its unsent commits will be in a new "
+                "snapshot once the store is back",
+                db.name,
+                exc,
+            )
+            with self._lock:
+                in_flight = db.outbox[0] if db.uploading else None
+                for item in db.outbox:
+                    if item is not in_flight:
+                        self._spool.discard(item)
+                db.outbox[:] = [in_flight] if in_flight else []
+                db.pending.clear()
+                db.pending_bytes = 0
+                db.small_segments.clear()
+                db.checksum = None  # the lineage has a hole now: continue in a new generation
+                db.errors += 1
+                db.last_error = f"spool: {exc}"
+                self._request_sync(db)
+        with self._lock:
+            db.spilling = False
+            self._cond.notify_all()
 
     def _schedule_maintenance(self, now: float) -> None:
         """Start due snapshots, compactions and retention runs.  Each needs new commits or
@@ -438,7 +589,7 @@ class Engine:
         """Databases whose pending commits should ship now, and how long until the next."""
         ready, wait = [], None
         for db in self._dbs.values():
-            if not db.pending or db.uploading or db.syncing:
+            if not (db.pending or db.outbox) or db.uploading or db.syncing:
                 continue
             s = db.cfg
             # Refill the token bucket.
@@ -450,51 +601,19 @@ class Engine:
                 db.tokens = s.upload_burst
             db.token_time = now
             at = db.next_attempt
-            if db.tokens < 1 and not self._flushers and db.pending_bytes < s.max_segment_bytes:
-                at = max(at, now + (1 - db.tokens) * s.upload_interval)
+            urgent = self._flushers or db.pending_bytes >= s.max_segment_bytes
+            # Burst tokens are for a commit that follows a quiet spell (the first after idle
+            # ships at once); a steady stream ships one segment per upload_interval.
+            if not urgent and not (db.quiet and db.tokens >= 1):
+                at = max(at, db.shipped_at + s.upload_interval)
             if at <= now:
                 db.tokens = max(db.tokens - 1, 0)
+                db.shipped_at = now
+                db.quiet = False
                 ready.append(db)
             else:
                 wait = at - now if wait is None else min(wait, at - now)
         return ready, wait
-
-    def _upload(self, db: DbState, batch: list[tuple[int, str, format.Commit]], size: int) -> None:
-        commits = [c for _, _, c in batch]
-        key = format.segment_key(db.name, batch[0][1], commits[0].txid, commits[-1].txid)
-        try:
-            page_size = next((len(p) for c in commits for _, p in c.pages), db.page_size)
-            data = format.encode_segment(page_size, commits)
-            db.client.put(key, data)
-        except Exception as exc:  # noqa: BLE001 - retried, never dropped
-            with self._lock:
-                db.pending[:0] = batch
-                db.pending_bytes += size
-                db.uploading = False
-                db.failures += 1
-                db.errors += 1
-                db.last_error = _describe(exc)
-                db.next_attempt = time.monotonic() + min(0.1 * 2 ** (db.failures - 1), 30.0)
-                self._cond.notify_all()
-            log.warning(
-                "walsync: upload of %s failed (attempt %d): %s", key, db.failures, db.last_error
-            )
-            return
-        with self._lock:
-            db.uploading = False
-            db.failures = 0
-            db.last_error = ""
-            db.durable_seq = max(db.durable_seq, batch[-1][0])
-            db.durable_txid = commits[-1].txid
-            db.bytes_uploaded += len(data)
-            db.uploaded_since_retention = True
-            # Compaction merges runs of consecutive small segments of the current generation.
-            if size < db.cfg.max_segment_bytes // 4 and batch[0][1] == db.generation:
-                db.small_segments.append(format.parse_key(key))
-            else:
-                db.small_segments.clear()
-            self._forget_if_done(db)
-            self._cond.notify_all()
 
     def await_sync_point(self, db_id: int, timeout: float) -> None:
         """Start the sync of a newly opened database and block its opener until the engine

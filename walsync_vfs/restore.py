@@ -1,28 +1,39 @@
 """Rebuilding a database from its replica: plan from one LIST, replay, verify everything.
 
 A restore picks the generation holding the target, downloads its snapshot and the segments
-after it (a few in parallel, applied strictly in txid order), writes pages in place, checks
-every object's SHA-256 and the whole-database checksum after every commit, runs
-``PRAGMA integrity_check`` and only then moves the result to its final name.
+after it, checks every object's SHA-256 and the whole-database checksum after every commit,
+runs ``PRAGMA integrity_check`` and only then moves the result to its final name.
+
+Prefetch threads download and decode a few segments ahead (GET, SHA-256 and zstd all release
+the GIL); the calling thread applies them strictly in txid order, each segment checked in full
+before its pages are written in one batch.  :class:`Follower` keeps applying new segments as
+they arrive (``restore --follow``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import islice
+from typing import BinaryIO
 
 import apsw
-from tqdm import tqdm
 
 from walsync_vfs import catalog, format, storage
 from walsync_vfs.config import check_name
 from walsync_vfs.dbfile import apply_pages, tee
 
-PREFETCH = 4  # segments downloaded ahead of the one being applied
+PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied
+WRITE_BUFFER = 1 << 20  # snapshot pages arrive in order: write them a MiB at a time
+# Database header bytes 18-19, the file format versions: 1 = rollback journal, 2 = WAL.
+_FILE_FORMAT_OFFSET = 18
+_ROLLBACK_JOURNAL = b"\x01\x01"
 
 
 class RestoreError(Exception):
@@ -93,7 +104,17 @@ def plan(
     """Choose the snapshot and the chain of segments that rebuild ``name`` as of ``txid`` or
     ``timestamp_ns`` (default: the newest commit).  A hole in the chain before the target is
     an error, never a silently older database."""
-    gens = catalog.generations(client, name)
+    return _choose(client, name, catalog.generations(client, name), txid, timestamp_ns)
+
+
+def _choose(
+    client: storage.ReplicaClient,
+    name: str,
+    gens: list[catalog.Generation],
+    txid: int | None = None,
+    timestamp_ns: int | None = None,
+) -> Plan:
+    """`plan` from a listing already made (a follower lists once per poll)."""
     if not gens:
         raise RestoreError(f"no replica of {name!r} found at {client.url}")
     what = f"txid {txid}" if timestamp_ns is None else f"timestamp {iso_time(timestamp_ns)}"
@@ -108,40 +129,178 @@ def plan(
         if not snaps:
             continue
         snap = snaps[-1]
-        chain, expected = [], snap.last_txid + 1
-        for seg in g.segments:
-            if txid is not None and expected > txid:
-                break
-            if seg.last_txid < expected:
-                continue  # already covered (a compacted segment overlaps smaller ones)
-            if seg.first_txid > expected:
-                raise RestoreError(
-                    f"{name}: segments for txids {expected}..{seg.first_txid - 1} are missing "
-                    f"in generation {g.id}"
-                )
-            chain.append(seg)
-            expected = seg.last_txid + 1
-        if txid is not None and expected <= txid:
+        chain = _chain(name, g, snap.last_txid, txid)
+        if txid is not None and (chain[-1] if chain else snap).last_txid < txid:
             raise RestoreError(outside + _range_text(gens) + ")")
         return Plan(name, g.id, snap, chain, txid, data)
     raise RestoreError(outside + _range_text(gens) + ")")
 
 
-def _fetch(client: storage.ReplicaClient, keys: list[str]) -> Iterator[tuple[str, bytes]]:
-    """Download keys a few ahead, yielding them in order."""
-    with ThreadPoolExecutor(PREFETCH) as pool:
-        window: deque[tuple[str, Future[bytes]]] = deque()
-        todo = iter(keys)
-        for key in todo:
-            window.append((key, pool.submit(client.get, key)))
-            if len(window) >= PREFETCH:
-                break
+def _chain(
+    name: str, g: catalog.Generation, after: int, txid: int | None = None
+) -> list[format.ParsedKey]:
+    """The segments of ``g`` that continue a database at txid ``after``, up to ``txid``
+    (default: the generation's end).  A hole before the target is an error."""
+    chain, expected = [], after + 1
+    for seg in g.segments:
+        if txid is not None and expected > txid:
+            break
+        if seg.last_txid < expected:
+            continue  # already covered (a compacted segment overlaps smaller ones)
+        if seg.first_txid > expected:
+            raise RestoreError(
+                f"{name}: segments for txids {expected}..{seg.first_txid - 1} are missing "
+                f"in generation {g.id}"
+            )
+        chain.append(seg)
+        expected = seg.last_txid + 1
+    return chain
+
+
+@contextmanager
+def _prefetch_pool() -> Iterator[ThreadPoolExecutor]:
+    """Threads for downloads; leaving early drops the queued ones rather than waiting."""
+    pool = ThreadPoolExecutor(PREFETCH)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+Decoded = tuple[str, format.SegmentHeader, list[format.Commit]]
+
+
+def _decoded(
+    pool: ThreadPoolExecutor,
+    client: storage.ReplicaClient,
+    keys: list[str],
+    upto_txid: int | None = None,
+) -> Iterator[Decoded]:
+    """Each segment downloaded and fully decoded in ``pool``, PREFETCH ahead, in key order.
+
+    The first PREFETCH start now rather than at the first ``next()``, so they overlap
+    whatever the caller does first.  At most PREFETCH + 1 decoded segments are in memory.
+    """
+
+    def decode(key: str) -> Decoded:
+        return key, *format.decode_segment(client.get(key), key, upto_txid)
+
+    todo = iter(keys)
+    window = deque(pool.submit(decode, key) for key in islice(todo, PREFETCH))
+
+    def in_order() -> Iterator[Decoded]:
         while window:
-            key, fut = window.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                window.append((nxt, pool.submit(client.get, nxt)))
-            yield key, fut.result()
+            done = window.popleft()
+            window.extend(pool.submit(decode, key) for key in islice(todo, 1))
+            yield done.result()
+
+    return in_order()
+
+
+@contextmanager
+def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[], object]]:
+    """A tick per object on a terminal's progress bar; tqdm is imported only then (~20 ms)."""
+    if not enabled:
+        yield lambda: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="obj", desc=desc, initial=1) as bar:
+        yield lambda: bar.update(1)
+
+
+class _Image:
+    """A database file being rebuilt, with its whole-database checksum and last commit."""
+
+    def __init__(
+        self, f: BinaryIO, generation: str, checksum: format.DbChecksum, result: Result
+    ) -> None:
+        self.file = f
+        self.generation = generation
+        self.checksum = checksum
+        self.result = result
+
+    @classmethod
+    def from_snapshot(cls, f: BinaryIO, generation: str, key: str, data: bytes) -> _Image:
+        """Write the snapshot from the start of ``f``; read_snapshot verifies SHA-256 and
+        checksum as it goes."""
+        header, pages = format.read_snapshot(data, key)
+        f.seek(0)
+        f.truncate()
+        checksum = format.DbChecksum.from_pages(tee(pages, f.write))
+        f.flush()
+        result = Result(header.txid, header.time_ns, header.db_size, header.page_size)
+        return cls(f, generation, checksum, result)
+
+    def apply_segment(
+        self,
+        key: str,
+        header: format.SegmentHeader,
+        commits: list[format.Commit],
+        timestamp_ns: int | None = None,
+    ) -> bool:
+        """Check one segment's commits against the image, then write their pages in one batch.
+
+        Commits already in the image are skipped; False once a commit later than
+        ``timestamp_ns`` ends the replay.  Every error is raised before anything is written,
+        but after the checksum has taken in the commits checked so far.
+        """
+        page_size = self.result.page_size
+        if header.page_size != page_size:
+            raise RestoreError(f"{key}: page size {header.page_size}, snapshot has {page_size}")
+        pages: dict[int, format.Page] = {}  # a page rewritten by several commits is written once
+        result, reached = self.result, False
+        for commit in commits:
+            if commit.txid <= result.txid:
+                continue
+            if commit.txid != result.txid + 1:
+                raise RestoreError(f"{key}: expected txid {result.txid + 1}, got {commit.txid}")
+            if timestamp_ns is not None and commit.time_ns > timestamp_ns:
+                reached = True
+                break
+            try:
+                self.checksum.apply(commit.db_size, commit.pages)
+            except ValueError as exc:
+                raise RestoreError(f"{key}: txid {commit.txid}: {exc}") from None
+            if self.checksum.value != commit.checksum:
+                raise RestoreError(
+                    f"{key}: whole-database checksum mismatch after txid {commit.txid}"
+                )
+            pages.update(commit.pages)
+            result = Result(commit.txid, commit.time_ns, commit.db_size, page_size)
+        if result is not self.result:
+            kept = sorted(item for item in pages.items() if item[0] <= result.db_size)
+            apply_pages(self.file, page_size, result.db_size, kept)
+            self.result = result
+        return not reached
+
+
+def _replay(
+    client: storage.ReplicaClient,
+    p: Plan,
+    f: BinaryIO,
+    timestamp_ns: int | None = None,
+    progress: bool = False,
+) -> _Image:
+    """Write the planned state into ``f``: the snapshot downloads alongside the first
+    segments, then each segment is applied as soon as it is decoded."""
+    snap_key = catalog.object_key(p.snapshot)
+    keys = [catalog.object_key(s) for s in p.segments]
+    with _prefetch_pool() as pool:
+        fetch = pool.submit(client.get, snap_key) if p.snapshot_data is None else None
+        segments = _decoded(pool, client, keys, p.target_txid)
+        try:
+            data = fetch.result() if fetch else p.snapshot_data
+        except storage.ObjectNotFound as exc:
+            raise RestoreError(f"{snap_key}: object listed but missing") from exc
+        assert data is not None
+        image = _Image.from_snapshot(f, p.generation, snap_key, data)
+        with _progress(len(keys) + 1, p.name, progress) as tick:
+            for key, header, commits in segments:
+                tick()
+                if not image.apply_segment(key, header, commits, timestamp_ns):
+                    break
+    return image
 
 
 def replay(
@@ -152,43 +311,44 @@ def replay(
     progress: bool = False,
 ) -> Result:
     """Write the planned state into ``out_path`` (created or truncated), verifying as it goes."""
-    snap_key = catalog.object_key(p.snapshot)
-    data = p.snapshot_data
-    if data is None:
-        try:
-            data = client.get(snap_key)
-        except storage.ObjectNotFound as exc:
-            raise RestoreError(f"{snap_key}: object listed but missing") from exc
-    header, pages = format.read_snapshot(data, snap_key)
-    page_size = header.page_size
-    with open(out_path, "wb") as out:  # read_snapshot verifies SHA-256 and checksum as it goes
-        checksum = format.DbChecksum.from_pages(tee(pages, out.write))
-    result = Result(header.txid, header.time_ns, header.db_size, page_size)
-    keys = [format.segment_key(p.name, p.generation, s.first_txid, s.last_txid) for s in p.segments]
-    bar = tqdm(total=len(keys) + 1, unit="obj", desc=p.name, disable=not progress, initial=1)
-    with open(out_path, "r+b") as out, bar:
-        for key, blob in _fetch(client, keys):
-            bar.update(1)
-            seg = format.read_segment_header(blob, key)
-            if seg.page_size != page_size:
-                raise RestoreError(f"{key}: page size {seg.page_size}, snapshot has {page_size}")
-            for commit in format.iter_segment_commits(blob, key, p.target_txid):
-                if commit.txid <= result.txid:
-                    continue
-                if commit.txid != result.txid + 1:
-                    raise RestoreError(f"{key}: expected txid {result.txid + 1}, got {commit.txid}")
-                if timestamp_ns is not None and commit.time_ns > timestamp_ns:
-                    return result
-                apply_pages(out, page_size, commit.db_size, commit.pages)
-                checksum.apply(commit.db_size, commit.pages)
-                if checksum.value != commit.checksum:
-                    raise RestoreError(
-                        f"{key}: whole-database checksum mismatch after txid {commit.txid}"
-                    )
-                result = Result(commit.txid, commit.time_ns, commit.db_size, page_size)
-                if p.target_txid is not None and commit.txid >= p.target_txid:
-                    return result
-    return result
+    with open(out_path, "w+b", buffering=WRITE_BUFFER) as f:
+        return _replay(client, p, f, timestamp_ns, progress).result
+
+
+def _output_path(out: str, force: bool) -> str:
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not force:
+        raise RestoreError(f"{out} already exists; pass --force to overwrite it")
+    return out
+
+
+@contextmanager
+def _staged(out: str) -> Iterator[str]:
+    """The temporary name a new ``out`` is built under; removed unless it was installed."""
+    tmp = f"{out}.walsync-tmp"
+    try:
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _install(tmp: str, out: str) -> None:
+    """Check ``tmp`` with SQLite, make it durable, and rename it over ``out``: whoever opens
+    ``out`` gets the old file or the new one, complete."""
+    check = apsw.Connection(tmp, flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")
+    try:
+        problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
+    finally:
+        check.close()
+    if problems != ["ok"]:
+        raise RestoreError(f"restored database fails integrity_check: {problems[0]}")
+    for suffix in ("-wal", "-shm", "-journal"):  # a stale WAL would be applied on open
+        if os.path.exists(out + suffix):
+            os.remove(out + suffix)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
 
 
 def restore(
@@ -202,32 +362,125 @@ def restore(
 ) -> Result:
     """Restore ``url`` (replica root + '/' + name) into the file ``out``; see module docstring."""
     root, name = split_url(url)
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not force:
-        raise RestoreError(f"{out} already exists; pass --force to overwrite it")
+    out = _output_path(out, force)
     client = storage.open_replica(root, **(client_options or {}))
     p = plan(client, name, txid, timestamp_ns)
-    tmp = f"{out}.walsync-tmp"
-    try:
-        result = replay(client, p, tmp, timestamp_ns, progress)
-        if txid is not None and result.txid != txid:
-            raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
-        check = apsw.Connection(tmp, flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")
+    with _staged(out) as tmp:
         try:
-            problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
-        finally:
-            check.close()
-        if problems != ["ok"]:
-            raise RestoreError(f"restored database fails integrity_check: {problems[0]}")
-        for suffix in ("-wal", "-shm", "-journal"):  # a stale WAL would be applied on open
-            if os.path.exists(out + suffix):
-                os.remove(out + suffix)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except format.CorruptObject as exc:
-        raise RestoreError(str(exc)) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            result = replay(client, p, tmp, timestamp_ns, progress)
+            if txid is not None and result.txid != txid:
+                raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
+            _install(tmp, out)
+        except format.CorruptObject as exc:
+            raise RestoreError(str(exc)) from exc
     return result
+
+
+class Follower:
+    """Keeps ``out`` a verified copy of a replicated database's newest state (a read replica).
+
+    New segments are applied to a private working copy, ``<out>.walsync-follow``, never to
+    ``out``: each segment is checked in full before any of its pages is written, so the
+    working copy is always some commit's exact image.  Publishing copies it, switches the
+    copy to rollback-journal mode, runs ``PRAGMA integrity_check`` and renames it over
+    ``out``.  A reader keeps the version it opened until it opens ``out`` again, and every
+    version it can open is complete.  Rollback-journal mode because readers of a WAL
+    database create ``-wal``/``-shm`` files, which connections to the old and the new file
+    would then share by name.
+    """
+
+    def __init__(
+        self, url: str, out: str, force: bool = False, client_options: dict | None = None
+    ) -> None:
+        root, self.name = split_url(url)
+        self.out = _output_path(out, force)
+        self.work = f"{self.out}.walsync-follow"
+        self.client = storage.open_replica(root, **(client_options or {}))
+        self.published: Result | None = None
+        self.generation: str | None = None  # of the published file
+        self._image: _Image | None = None
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the working copy; ``out`` stays as last published."""
+        self._drop()
+        if os.path.exists(self.work):
+            os.remove(self.work)
+
+    def poll(self) -> bool:
+        """Bring ``out`` up to the replica's newest commit; True if ``out`` was replaced.
+
+        On error ``out`` is left as it was and the working copy at its last verified commit,
+        so the next poll carries on from there.
+        """
+        try:
+            return self._poll()
+        except storage.ObjectNotFound:
+            return self._poll()  # listed, then replaced by compaction or retention: list again
+
+    def _poll(self) -> bool:
+        gens = catalog.generations(self.client, self.name)
+        p = _choose(self.client, self.name, gens)
+        if not self._catch_up(p, gens):
+            self._rebuild(p)
+        image = self._image
+        assert image is not None
+        if self.published == image.result and self.generation == image.generation:
+            return False
+        self._publish(image)
+        return True
+
+    def _catch_up(self, p: Plan, gens: list[catalog.Generation]) -> bool:
+        """Apply the new segments of the working copy's generation; False when it has to start
+        over from ``p``'s snapshot (a new generation, or retention removed segments it needs)."""
+        image = self._image
+        if image is None or image.generation != p.generation:
+            return False
+        (g,) = [g for g in gens if g.id == p.generation]
+        try:
+            chain = _chain(self.name, g, image.result.txid)
+        except RestoreError:
+            return False
+        keys = [catalog.object_key(s) for s in chain]
+        with _prefetch_pool() as pool:
+            for key, header, commits in _decoded(pool, self.client, keys):
+                saved = image.checksum.copy()
+                try:
+                    image.apply_segment(key, header, commits)
+                except RestoreError:
+                    image.checksum = saved  # raised before any write: the copy is still good
+                    raise
+                except BaseException:
+                    self._drop()  # a write failed half-way: start over at the next poll
+                    raise
+        return True
+
+    def _rebuild(self, p: Plan) -> None:
+        """Start the working copy over from ``p``'s snapshot."""
+        self._drop()
+        f = open(self.work, "w+b", buffering=WRITE_BUFFER)  # noqa: SIM115 (owned by the image)
+        try:
+            self._image = _replay(self.client, p, f)
+        except BaseException:
+            f.close()
+            raise
+
+    def _drop(self) -> None:
+        if self._image is not None:
+            self._image.file.close()
+            self._image = None
+
+    def _publish(self, image: _Image) -> None:
+        """Copy the working copy, check it and rename it over ``out``."""
+        with _staged(self.out) as tmp:
+            shutil.copyfile(self.work, tmp)
+            with open(tmp, "r+b") as f:
+                f.seek(_FILE_FORMAT_OFFSET)
+                f.write(_ROLLBACK_JOURNAL)
+            _install(tmp, self.out)
+        self.published, self.generation = image.result, image.generation

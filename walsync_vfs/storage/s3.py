@@ -1,8 +1,10 @@
-"""S3 replica backend (AWS or any S3-compatible server), built on boto3.
+"""S3 replica backend (AWS or any S3-compatible server), built on botocore.
 
 Endpoint, region and credentials come from boto3's own conventions (``AWS_ENDPOINT_URL_S3``,
 ``AWS_ACCESS_KEY_ID``, profiles, instance roles, ...), so walsync needs no settings of its own
-and behaves like every other AWS tool on the machine.
+and behaves like every other AWS tool on the machine.  Those conventions live in botocore;
+boto3's session adds only resources and s3transfer's upload helpers, which walsync does not
+use and which cost a restore about 0.1 s to import and hook in.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import boto3
+import botocore.session
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import (
@@ -38,7 +40,7 @@ from walsync_vfs.storage import (
 )
 
 CONNECT_TIMEOUT = 5
-READ_TIMEOUT = 30
+READ_TIMEOUT = 15  # seconds; a frozen store must surface as an error, not a hang
 DELETE_BATCH = 1000  # the DeleteObjects limit
 ENV_PATH_STYLE = "WALSYNC_S3_PATH_STYLE"
 
@@ -46,7 +48,7 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()]+)")
 
-# One client per process and endpoint: a boto3 client owns a connection pool and resolves
+# One client per process and endpoint: a botocore client owns a connection pool and resolves
 # credentials once, so sharing it across databases keeps sockets and credential lookups flat.
 _clients: dict[tuple[str | None, str | None, bool | None], BaseClient] = {}
 _clients_lock = threading.Lock()
@@ -57,7 +59,7 @@ T = TypeVar("T")
 def shared_client(
     endpoint_url: str | None = None, region: str | None = None, path_style: bool | None = None
 ) -> BaseClient:
-    """The process-wide boto3 S3 client for these options, created on first use.
+    """The process-wide S3 client for these options, created on first use.
 
     ``path_style=None`` defers to ``$WALSYNC_S3_PATH_STYLE`` (1/true or 0/false), and failing
     that uses path-style for any endpoint that is not AWS's own.
@@ -75,7 +77,7 @@ def shared_client(
 def _new_client(
     endpoint_url: str | None, region: str | None, path_style: bool | None
 ) -> BaseClient:
-    session = boto3.session.Session()  # the default session is not safe to share across threads
+    session = botocore.session.Session()  # the default session is not safe to share across threads
 
     def make(addressing: str | None) -> BaseClient:
         config = Config(
@@ -85,7 +87,9 @@ def _new_client(
             read_timeout=READ_TIMEOUT,
             s3={"addressing_style": addressing} if addressing else None,
         )
-        return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        return session.create_client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        )
 
     if path_style is not None:
         return make("path" if path_style else "virtual")

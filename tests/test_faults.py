@@ -1,0 +1,269 @@
+"""Issue: fault tolerance — store outages, a full spool, foreign writers, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import walsync_vfs
+from walsync_vfs import catalog, format, storage
+from walsync_vfs.restore import RestoreError, plan
+
+
+def rows(con: apsw.Connection) -> list[tuple]:
+    return con.execute("SELECT * FROM t ORDER BY rowid").fetchall()
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def restored(url: str, out: Path) -> apsw.Connection:
+    proc = cli("restore", url, "-o", str(out), "--force")
+    assert proc.returncode == 0, proc.stderr
+    con = apsw.Connection(str(out))
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    return con
+
+
+@pytest.fixture
+def stopped_store(s3_server):
+    """SIGSTOP/SIGCONT the S3 server; always resumed at the end."""
+
+    class Control:
+        def stop(self) -> None:
+            os.kill(s3_server.pid, signal.SIGSTOP)
+
+        def resume(self) -> None:
+            os.kill(s3_server.pid, signal.SIGCONT)
+
+    control = Control()
+    yield control
+    control.resume()
+
+
+@pytest.fixture
+def s3_replica(s3_url):
+    walsync_vfs.configure(replica=s3_url, upload_interval=0.0, memory_cap=64 << 10)
+    yield s3_url
+    walsync_vfs.configure(replica="", upload_interval=1.0, memory_cap=64 << 20, spool_cap=1 << 30)
+
+
+def test_outage_commits_never_block_spill_and_catch_up(s3_replica, stopped_store, tmp_path):
+    con = apsw.Connection(str(tmp_path / "outage.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    walsync_vfs.flush(timeout=30)
+    stopped_store.stop()
+    slowest = 0.0
+    end = time.monotonic() + 6.0
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(0.005)
+    assert slowest < 0.5, f"a commit took {slowest:.3f}s during the outage"
+    engine = walsync_vfs._engine_instance()
+    assert engine._spool.used > 0, "nothing was spooled past the memory cap"
+    with pytest.raises((TimeoutError, walsync_vfs.ReplicationError)):
+        walsync_vfs.flush(timeout=1)
+    stopped_store.resume()
+    walsync_vfs.flush(timeout=120)
+    assert engine._spool.used == 0
+    out = restored(f"{s3_replica}/outage.db", tmp_path / "r.db")
+    assert rows(out) == rows(con)
+    con.close()
+
+
+def test_full_spool_drops_to_a_new_generation_and_loses_nothing(
+    s3_replica, stopped_store, tmp_path
+):
+    walsync_vfs.configure(spool_cap=1)  # every spill fails: the spool is "full"
+    con = apsw.Connection(str(tmp_path / "full.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    walsync_vfs.flush(timeout=30)
+    stopped_store.stop()
+    for _ in range(60):
+        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
+    time.sleep(1.0)
+    (state,) = [s for s in walsync_vfs.stats() if s["name"] == "full.db"]
+    assert state["last_error"].startswith("spool: spool cap of 1 bytes reached")
+    stopped_store.resume()
+    walsync_vfs.flush(timeout=120)
+    out = restored(f"{s3_replica}/full.db", tmp_path / "r.db")
+    assert rows(out) == rows(con)
+    client = storage.open_replica(s3_replica)
+    assert len(catalog.generations(client, "full.db")) >= 2  # dropped commits: new lineage
+    con.close()
+
+
+def test_in_process_writer_without_the_vfs_starts_a_new_generation(file_url, tmp_path):
+    walsync_vfs.configure(replica=file_url)
+    path = tmp_path / "mixed.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    con.execute("INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    plain = apsw.Connection(str(path))  # default VFS: the shim never sees this commit
+    plain.execute("INSERT INTO t VALUES(2)")
+    con.execute("INSERT INTO t VALUES(3)")
+    walsync_vfs.flush(timeout=30)
+    out = restored(f"{file_url}/mixed.db", tmp_path / "r.db")
+    assert rows(out) == [(1,), (2,), (3,)]
+    assert len(catalog.generations(storage.open_replica(file_url), "mixed.db")) == 2
+    plain.close()
+    con.close()
+    walsync_vfs.configure(replica="")
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def s3_db(s3_url, tmp_path):
+    """A replicated S3 database, and the restore URL for it."""
+    walsync_vfs.configure(replica=s3_url)
+    con = apsw.Connection(str(tmp_path / "bad.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    con.execute("INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    yield f"{s3_url}/bad.db"
+    con.close()
+    walsync_vfs.configure(replica="")
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("walsync: error: ")
+    return proc.stderr
+
+
+def test_wrong_credentials(s3_db, tmp_path):
+    env = dict(os.environ, AWS_SECRET_ACCESS_KEY="not-the-secret")
+    err = one_error_line(cli("restore", s3_db, "-o", str(tmp_path / "x.db"), env=env))
+    assert "access denied" in err and "not-the-secret" not in err
+
+
+def test_missing_bucket(s3_server, tmp_path):
+    err = one_error_line(
+        cli("restore", "s3://no-such-bucket-here/p/x.db", "-o", str(tmp_path / "x"))
+    )
+    assert "bucket 'no-such-bucket-here' does not exist" in err
+
+
+def test_unreachable_endpoint(tmp_path):
+    env = dict(
+        os.environ,
+        AWS_ENDPOINT_URL_S3="http://127.0.0.1:9",
+        AWS_MAX_ATTEMPTS="1",
+        AWS_ACCESS_KEY_ID="a",
+        AWS_SECRET_ACCESS_KEY="b",
+        AWS_REGION="us-east-1",
+    )
+    err = one_error_line(cli("restore", "s3://bucket/p/x.db", "-o", str(tmp_path / "x"), env=env))
+    assert "cannot reach http://127.0.0.1:9" in err
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [
+        ("ftp://host/x.db", "invalid replica URL"),
+        ("s3:///x.db", "invalid replica URL"),
+        ("x.db", "expected <replica root>/<database name>"),
+        ("file:///tmp/..", "invalid database name '..'"),
+    ],
+)
+def test_malformed_urls_and_escaping_names(url, text, tmp_path):
+    assert text in one_error_line(cli("restore", url, "-o", str(tmp_path / "x.db")))
+
+
+def test_newer_format_version_is_refused(s3_db, tmp_path):
+    root, name = s3_db.rsplit("/", 1)
+    client = storage.open_replica(root)
+    key = next(o.key for o in client.list(name + "/") if "/seg/" in o.key)
+    data = bytearray(client.get(key))
+    data[8:10] = (99).to_bytes(2, "big")
+    client.put(key, bytes(data))
+    err = one_error_line(cli("restore", s3_db, "-o", str(tmp_path / "x.db")))
+    assert f"{key}: written by a newer format version 99; upgrade walsync_vfs" in err
+
+
+def test_reordered_objects_are_caught(file_url, tmp_path):
+    walsync_vfs.configure(replica=file_url, upload_interval=0.0)
+    con = apsw.Connection(str(tmp_path / "order.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    for i in range(6):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+        walsync_vfs.flush(timeout=30)
+    client = storage.open_replica(file_url)
+    segs = [k for g in catalog.generations(client, "order.db") for k in g.segments]
+    a, b = catalog.object_key(segs[-2]), catalog.object_key(segs[-1])
+    da, db_ = client.get(a), client.get(b)
+    client.put(a, db_)  # swap two segments' contents under their names
+    client.put(b, da)
+    err = one_error_line(cli("restore", f"{file_url}/order.db", "-o", str(tmp_path / "x.db")))
+    assert err.startswith(f"walsync: error: {a}: ")
+    con.close()
+    walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
+def test_flush_reports_a_failing_replica(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    walsync_vfs.configure(replica=blocker.as_uri())
+    con = apsw.Connection(str(tmp_path / "nowhere.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    with pytest.raises(walsync_vfs.ReplicationError, match="replica of .*nowhere.db is failing: "):
+        walsync_vfs.flush(timeout=30)
+    con.close()
+    walsync_vfs.configure(replica="")
+
+
+# ------------------------------------------------------------------------------- fuzzing
+
+KEYS = st.builds(
+    lambda gen, kind, a, n: (gen, kind, a, a + n),
+    st.sampled_from(["0000000000000001-aaaaaaaa", "0000000000000009-bbbbbbbb"]),
+    st.sampled_from(["snapshot", "segment"]),
+    st.integers(1, 30),
+    st.integers(0, 5),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(KEYS, max_size=12), st.one_of(st.none(), st.integers(0, 40)))
+def test_planner_gives_a_chain_or_a_clean_error(entries, target):
+    keys = [
+        format.snapshot_key("db", g, a) if kind == "snapshot" else format.segment_key("db", g, a, b)
+        for g, kind, a, b in entries
+    ]
+    with tempfile.TemporaryDirectory() as root:
+        client = storage.open_replica(root)
+        for key in keys:
+            client.put(key, b"")  # the planner reads only the listing
+        try:
+            p = plan(client, "db", target)
+        except RestoreError as exc:
+            assert "\n" not in str(exc)
+            return
+    expected = p.snapshot.last_txid + 1
+    for seg in p.segments:  # the chain is contiguous from the snapshot
+        assert seg.first_txid <= expected <= seg.last_txid + 1
+        expected = seg.last_txid + 1
+    if target is not None:
+        assert p.snapshot.last_txid <= target < expected

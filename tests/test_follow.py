@@ -1,0 +1,263 @@
+"""Issue 4: ``restore --follow`` keeps a read replica up to date while the source writes."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+import walsync_vfs
+from walsync_vfs import catalog, format, storage
+
+CATCH_UP = 20.0  # seconds a follower polling every 0.1 s may take to show a flushed commit
+
+
+@pytest.fixture
+def replica(file_url):
+    walsync_vfs.configure(replica=file_url, upload_interval=0.0)
+    yield file_url
+    walsync_vfs.flush(timeout=30)
+    walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
+class Follower:
+    """``restore --follow`` in a child process, its output in files the test can poll."""
+
+    def __init__(self, url: str, out: Path, *extra: str) -> None:
+        self.url, self.out = url, out
+        self.stdout, self.stderr = out.with_suffix(".stdout"), out.with_suffix(".stderr")
+        with self.stdout.open("w") as so, self.stderr.open("w") as se:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out)]
+                + ["--follow", "--interval", "0.1", *extra],
+                stdout=so,
+                stderr=se,
+            )
+
+    def errors(self) -> list[str]:
+        return self.stderr.read_text().splitlines()
+
+    def wait_for(self, done, what: str) -> None:
+        deadline = time.monotonic() + CATCH_UP
+        while not done():
+            assert self.proc.poll() is None, f"follower exited: {self.errors()}"
+            assert time.monotonic() < deadline, f"follower never got {what}: {self.errors()}"
+            time.sleep(0.05)
+
+    def wait_same(self, con: apsw.Connection) -> None:
+        """Until OUT holds what the source holds (every read of OUT must be consistent)."""
+        want = digest(con)
+        self.wait_for(lambda: self.out.exists() and read(self.out)[1] == want, "the source state")
+
+    def stop(self, sig: int = signal.SIGINT) -> list[str]:
+        """Stop it as Ctrl-C (or a service manager) would: exit 0, stdout lines returned."""
+        self.proc.send_signal(sig)
+        assert self.proc.wait(timeout=30) == 0, self.errors()
+        return self.stdout.read_text().splitlines()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def followers():
+    started: list[Follower] = []
+
+    def start(url: str, out: Path, *extra: str) -> Follower:
+        started.append(Follower(url, out, *extra))
+        return started[-1]
+
+    yield start
+    for f in started:  # only after a failed assertion: tests stop theirs
+        f.kill()
+
+
+def digest(con: apsw.Connection) -> str:
+    h = hashlib.sha256()
+    for row in con.execute("SELECT id, v FROM t ORDER BY id"):
+        h.update(repr(row).encode())
+    return h.hexdigest()
+
+
+def read(path: Path) -> tuple[int, str]:
+    """(row count, digest) through a fresh connection, after checking the whole file."""
+    con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return con.execute("SELECT count(*) FROM t").fetchone()[0], digest(con)
+    finally:
+        con.close()
+
+
+def source(path: Path) -> apsw.Connection:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    con.execute("INSERT INTO t(v) VALUES(randomblob(100))")
+    walsync_vfs.flush(timeout=30)
+    return con
+
+
+def head(url: str, name: str) -> tuple[int, str]:
+    """(last txid, generation id) of the newest generation in the replica."""
+    g = catalog.generations(storage.open_replica(url), name)[-1]
+    return g.last_txid, g.id
+
+
+class Reader(threading.Thread):
+    """Reads OUT over and over while the follower replaces it.  Every fresh open must see a
+    whole database whose row count never goes back; a connection held open all along must
+    keep seeing the one version it started with."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+        self.halt = threading.Event()
+        self.counts: list[int] = []
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        held = apsw.Connection(str(self.out), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            first = held.execute("SELECT count(*), max(id) FROM t").fetchone()
+            while not self.halt.is_set():
+                count, _ = read(self.out)
+                assert count >= (self.counts[-1] if self.counts else first[0])
+                self.counts.append(count)
+                assert held.execute("SELECT count(*), max(id) FROM t").fetchone() == first
+                assert held.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        except BaseException as exc:  # reported by the test thread
+            self.failure = exc
+        finally:
+            held.close()
+
+
+def test_follow_applies_batches_while_readers_see_whole_databases(replica, tmp_path, followers):
+    con = source(tmp_path / "src.db")
+    url = f"{replica}/src.db"
+    out = tmp_path / "replica.db"
+    start, generation = head(replica, "src.db")
+    follower = followers(url, out)
+    follower.wait_same(con)
+    reader = Reader(out)
+    reader.start()
+    try:
+        for batch in range(6):
+            for i in range(4):  # several commits per batch, so segments hold several
+                with con:
+                    con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (200 + 3000 * i,))
+                    con.execute("UPDATE t SET v = randomblob(60) WHERE id % 5 = ?", (batch % 5,))
+            if batch == 3:  # one big commit: hundreds of new pages, a long pwritev run
+                con.execute(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)"
+                    " INSERT INTO t(v) SELECT randomblob(700) FROM n"
+                )
+            walsync_vfs.flush(timeout=30)
+            follower.wait_same(con)
+    finally:
+        reader.halt.set()
+        reader.join()
+    if reader.failure is not None:
+        raise reader.failure
+    assert len(set(reader.counts)) >= 3, "the reader should have seen several versions"
+
+    with con:  # shrink: OUT must be cut to the source's size, not keep stale pages
+        con.execute("DELETE FROM t WHERE id % 4 != 0")
+    con.execute("VACUUM")
+    walsync_vfs.flush(timeout=30)
+    follower.wait_same(con)
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    assert out.stat().st_size == page_size * con.execute("PRAGMA page_count").fetchone()[0]
+
+    txid, same = head(replica, "src.db")
+    assert same == generation
+    lines = follower.stop()
+    assert lines[0] == f"following {url}: {out} is at txid {start} (generation {generation})"
+    stopped = f"stopped following {url}: {out} is at txid {txid}"
+    assert lines[-1] == f"{stopped} (generation {generation})"
+    assert follower.errors() == []
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("replica.db")]
+    assert leftovers == ["replica.db"]  # no working copy, no temporary file
+    con.close()
+
+
+def test_follow_starts_over_from_a_new_generation(replica, tmp_path, followers):
+    path = tmp_path / "shared.db"
+    con = source(path)
+    url = f"{replica}/shared.db"
+    out = tmp_path / "replica.db"
+    start, first = head(replica, "shared.db")
+    follower = followers(url, out)
+    follower.wait_same(con)
+    foreign = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DELETE FROM t')"
+    subprocess.run([sys.executable, "-c", foreign + "; c.commit()", str(path)], check=True)
+    con.execute("INSERT INTO t(v) VALUES(x'01')")  # the engine notices the foreign write here
+    walsync_vfs.flush(timeout=30)
+    txid, second = head(replica, "shared.db")
+    assert second != first
+    follower.wait_same(con)
+    assert read(out)[0] == 1
+
+    lines = follower.stop(signal.SIGTERM)
+    assert lines == [
+        f"following {url}: {out} is at txid {start} (generation {first})",
+        f"following {url}: {out} is at txid {txid} (generation {second})",
+        f"stopped following {url}: {out} is at txid {txid} (generation {second})",
+    ]
+    con.close()
+
+
+def test_a_bad_object_is_reported_once_and_out_keeps_its_state(replica, tmp_path, followers):
+    con = source(tmp_path / "bad.db")
+    url = f"{replica}/bad.db"
+    out = tmp_path / "replica.db"
+    follower = followers(url, out)
+    follower.wait_same(con)
+    txid, generation = head(replica, "bad.db")
+    client = storage.open_replica(replica)
+    bogus = format.segment_key("bad.db", generation, txid + 1, txid + 1)
+    client.put(bogus, b"not a segment")
+    follower.wait_for(follower.errors, "an error line")
+    time.sleep(0.5)  # five more polls meet the same object: still one line
+    (line,) = follower.errors()
+    assert line == f"walsync: error: {bogus}: bad magic: not a walsync_vfs segment"
+    assert read(out)[0] == 1
+    assert follower.proc.poll() is None
+
+    client.delete([bogus])
+    con.execute("INSERT INTO t(v) VALUES(x'02')")
+    walsync_vfs.flush(timeout=30)
+    follower.wait_same(con)
+    assert follower.stop()[-1].endswith(f"is at txid {txid + 1} (generation {generation})")
+    con.close()
+
+
+def test_follow_refuses_what_it_cannot_do(replica, tmp_path):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "walsync_vfs", "restore", f"{replica}/x.db", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    out = str(tmp_path / "out.db")
+    for pinned in (["--txid", "3"], ["--timestamp", "2030-01-01T00:00:00Z"]):
+        proc = cli("-o", out, "--follow", *pinned)
+        assert proc.returncode == 2
+        assert "--follow tracks the newest commit: it cannot take --txid or --timestamp" in (
+            proc.stderr
+        )
+    proc = cli("-o", out, "--interval", "2")
+    assert proc.returncode == 2 and "--interval only applies with --follow" in proc.stderr
+    proc = cli("-o", out, "--follow")  # nothing replicated under that name: fail at once
+    assert proc.returncode == 1
+    assert proc.stderr == f"walsync: error: no replica of 'x.db' found at {replica}\n"
+    (tmp_path / "out.db").write_bytes(b"precious")
+    proc = cli("-o", out, "--follow")
+    assert proc.returncode == 1 and "already exists; pass --force" in proc.stderr
+    assert (tmp_path / "out.db").read_bytes() == b"precious"

@@ -1,0 +1,99 @@
+"""Segments on their way to the store: in memory, or spilled to a local spool directory.
+
+While the store is unreachable, commits keep arriving.  Up to a memory cap they wait as
+encoded segments in memory; past it they are written to the spool directory, up to its own
+cap.  If the spool is full or cannot be written (disk full), the engine drops the unsent
+segments of that database and starts a new generation from a snapshot once the store is
+back: the database file still holds every commit, only their individual restore points are
+lost.  Nothing is ever silently missing from a generation.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from walsync_vfs.config import Settings
+
+
+class SpoolFull(OSError):
+    """The spool would exceed its cap."""
+
+
+@dataclass(eq=False)
+class Outgoing:
+    """One encoded segment waiting for its PUT."""
+
+    key: str
+    generation: str
+    last_seq: int
+    last_txid: int
+    raw_bytes: int  # page bytes it carries (compaction only merges small segments)
+    data: bytes | None  # None once spilled
+    path: str | None = None
+
+    def payload(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        with open(self.path, "rb") as f:  # type: ignore[arg-type]
+            return f.read()
+
+    @property
+    def memory(self) -> int:
+        return len(self.data) if self.data is not None else 0
+
+
+class Spool:
+    """A directory of spilled segments with a byte cap (shared by all databases).
+
+    Reads ``settings.spool_dir`` and ``settings.spool_cap`` at each spill, so configure()
+    applies to the next one.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.used = 0
+        self._private_dir: str | None = None
+        self._lock = threading.Lock()
+
+    def spill(self, item: Outgoing) -> None:
+        """Move ``item``'s bytes to disk; raises :class:`SpoolFull` or the OSError of the write."""
+        if item.data is None:
+            return
+        size = len(item.data)
+        with self._lock:
+            cap = self.settings.spool_cap
+            if self.used + size > cap:
+                raise SpoolFull(f"spool cap of {cap} bytes reached")
+            directory = self.settings.spool_dir
+            if directory is None:
+                if self._private_dir is None:
+                    self._private_dir = tempfile.mkdtemp(prefix=f"walsync-spool-{os.getpid()}-")
+                directory = self._private_dir
+            self.used += size
+        try:
+            fd, path = tempfile.mkstemp(dir=directory, suffix=".wseg")
+            with os.fdopen(fd, "wb") as f:
+                f.write(item.data)
+        except OSError:
+            with self._lock:
+                self.used -= size
+            raise
+        item.path, item.data = path, None
+
+    def discard(self, item: Outgoing) -> None:
+        """Forget a shipped or dropped segment's spool file."""
+        if item.path is None:
+            return
+        try:
+            size = os.path.getsize(item.path)
+            os.remove(item.path)
+        except OSError:
+            return
+        with self._lock:
+            self.used -= size
+        item.path = None
