@@ -203,3 +203,15 @@ def file_url(tmp_path: Path) -> str:
 def replica_url(request: pytest.FixtureRequest) -> str:
     """A fresh, empty replica root on each backend."""
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def file_replica(file_url: str) -> Iterator[str]:
+    """Replicate databases opened in the test to a fresh local root, restoring the default
+    root afterwards (uploads finished first, so none runs into the next test)."""
+    import walsync_vfs
+
+    walsync_vfs.configure(replica=file_url)
+    yield file_url
+    walsync_vfs.flush(timeout=60)
+    walsync_vfs.configure(replica="")

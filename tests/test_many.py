@@ -7,21 +7,12 @@ import time
 import urllib.request
 
 import apsw
-import pytest
 
 import walsync_vfs
 from walsync_vfs.restore import restore
 
 
-@pytest.fixture
-def replica(file_url):
-    walsync_vfs.configure(replica=file_url)
-    yield file_url
-    walsync_vfs.flush(timeout=60)
-    walsync_vfs.configure(replica="")
-
-
-def test_220_databases_replicate_and_restore(replica, tmp_path):
+def test_220_databases_replicate_and_restore(file_replica, tmp_path):
     cons = []
     for i in range(220):
         con = apsw.Connection(str(tmp_path / f"tenant-{i:03d}.db"), vfs="walsync")
@@ -35,19 +26,19 @@ def test_220_databases_replicate_and_restore(replica, tmp_path):
     walsync_vfs.flush(timeout=120)
     for i in range(220):
         out = tmp_path / f"r{i}.db"
-        restore(f"{replica}/tenant-{i:03d}.db", str(out))
+        restore(f"{file_replica}/tenant-{i:03d}.db", str(out))
         got = apsw.Connection(str(out)).execute("SELECT v FROM t ORDER BY k").fetchall()
         assert got == [(f"{i}:{r}",) for r in range(3)]
     for con in cons[1::2]:
         con.close()
 
 
-def test_idle_databases_make_no_requests(replica, tmp_path):
+def test_idle_databases_make_no_requests(file_replica, tmp_path):
     cons = [apsw.Connection(str(tmp_path / f"idle{i}.db"), vfs="walsync") for i in range(20)]
     for con in cons:
         con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
     walsync_vfs.flush(timeout=60)
-    client = walsync_vfs._engine_instance()._clients[replica]
+    client = walsync_vfs._engine_instance()._clients[file_replica]
     before = client.requests
     time.sleep(2.5)  # more than upload_interval: a poller would have shown up
     assert client.requests == before
@@ -58,7 +49,7 @@ def test_idle_databases_make_no_requests(replica, tmp_path):
         con.close()
 
 
-def test_stats_and_prometheus_endpoint(replica, tmp_path):
+def test_stats_and_prometheus_endpoint(file_replica, tmp_path):
     con = apsw.Connection(str(tmp_path / "metered.db"), vfs="walsync")
     con.execute("CREATE TABLE t(x)")
     for i in range(5):

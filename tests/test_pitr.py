@@ -16,14 +16,6 @@ import walsync_vfs
 from walsync_vfs import catalog, format, storage
 
 
-@pytest.fixture
-def replica(file_url):
-    walsync_vfs.configure(replica=file_url)
-    yield file_url
-    walsync_vfs.flush(timeout=30)
-    walsync_vfs.configure(replica="")
-
-
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "walsync_vfs", *args], capture_output=True, text=True, timeout=120
@@ -38,7 +30,7 @@ def content_hash(con: apsw.Connection) -> str:
 
 
 @pytest.fixture
-def history(replica, tmp_path):
+def history(file_replica, tmp_path):
     """A database with 60 commits, and per commit: (txid, commit time, content hash)."""
     con = apsw.Connection(str(tmp_path / "pit.db"), vfs="walsync")
     con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
@@ -54,7 +46,7 @@ def history(replica, tmp_path):
         log.append((time.time_ns(), content_hash(con)))
         time.sleep(0.002)
     walsync_vfs.flush(timeout=30)
-    url = f"{replica}/pit.db"
+    url = f"{file_replica}/pit.db"
     # Map each logged commit to its txid: txids are consecutive and end at the last one.
     last = next(s for s in walsync_vfs.stats() if s["name"] == "pit.db")["replicated_txid"]
     log = [(last - len(log) + 1 + i, t, h) for i, (t, h) in enumerate(log)]
