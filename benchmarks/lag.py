@@ -688,8 +688,11 @@ class Bench:
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while self.restorable(side, commit) is None:
             if time.monotonic() > deadline:
-                print(f"  ! {side.tool}: txid {commit.txid} not restorable after "
-                      f"{SETTLE_TIMEOUT:.0f}s", flush=True)
+                print(
+                    f"  ! {side.tool}: txid {commit.txid} not restorable after "
+                    f"{SETTLE_TIMEOUT:.0f}s",
+                    flush=True,
+                )
                 return False
             time.sleep(0.02)
         return True
@@ -751,8 +754,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(shutil.rmtree, workdir, True)
         server = start_seaweedfs(workdir / "seaweedfs")
         stack.callback(stop_seaweedfs, server)
-        print(f"SeaweedFS pid {server.proc.pid} at {server.endpoint}; work dir {workdir}",
-              flush=True)
+        print(
+            f"SeaweedFS pid {server.proc.pid} at {server.endpoint}; work dir {workdir}", flush=True
+        )
         admin = s3_client(server.endpoint)
         create_bucket(server, admin)
         env = dict(
@@ -810,8 +814,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             side.poller.active.clear()
 
         # Sparse writes: alternating blocks, ABBA, only the writing tool's prefix polled.
-        print(f"sparse: {args.commits} commits per tool, gaps U{GAP_RANGE} s, "
-              f"blocks of {args.block}", flush=True)
+        print(
+            f"sparse: {args.commits} commits per tool, gaps U{GAP_RANGE} s, blocks of {args.block}",
+            flush=True,
+        )
         order = ("walsync", "litestream")
         for j, start in enumerate(range(0, args.commits, args.block)):
             for tool in order if j % 2 == 0 else order[::-1]:
@@ -827,8 +833,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Constant writes: both tools at once, both prefixes polled.
         ws, ls = sides["walsync", "constant"], sides["litestream", "constant"]
-        print(f"constant: {args.rate} tx/s for {args.duration} s, both tools at once",
-              flush=True)
+        print(f"constant: {args.rate} tx/s for {args.duration} s, both tools at once", flush=True)
         for side in (ws, ls):
             side.poller.active.set()
         time.sleep(0.5)
@@ -865,9 +870,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for c in side.commits:
                 bench.restorable(side, c)
 
-    result.update(
-        report(args, commits, seen, headers, stops, ls_puts, rtts, result["window"])
-    )
+    result.update(report(args, commits, seen, headers, stops, ls_puts, rtts, result["window"]))
     result["poll_errors"] = poll_errors
     result["header_errors"] = header_errors
     if poll_errors or header_errors:
@@ -888,32 +891,44 @@ def report(
     """Print the tables and verdicts; return the numbers for --json."""
     out: dict[str, Any] = {}
     print()
-    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"litestream {litestream_version(args.litestream)}")
-    print(f"LIST round trip (resolution of 'first seen', plus the {args.poll * 1000:.0f} ms "
-          f"poll period): median {pct(rtts, 50) * 1000:.1f} ms, p99 {pct(rtts, 99) * 1000:.1f} "
-          f"ms over {len(rtts)} polls")
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"litestream {litestream_version(args.litestream)}, load average at start / end "
+        f"{args.load_start:.2f} / {os.getloadavg()[0]:.2f}"
+    )
+    out["lags"] = {f"{tool}-{load}": [c.lag for c in cs] for (tool, load), cs in commits.items()}
+    print(
+        f"LIST round trip (resolution of 'first seen', plus the {args.poll * 1000:.0f} ms "
+        f"poll period): median {pct(rtts, 50) * 1000:.1f} ms, p99 {pct(rtts, 99) * 1000:.1f} "
+        f"ms over {len(rtts)} polls"
+    )
 
     # walsync bookkeeping check: commits counted == txids the engine assigned
     for load in ("sparse", "constant"):
         st = stops["walsync", load]
         expect = st["base_txid"] + st["commits"]
         if st["last_txid"] != expect or st["replicated_txid"] != expect:
-            print(f"! walsync {load}: expected last txid {expect}, engine says "
-                  f"{st['last_txid']} (replicated {st['replicated_txid']})")
+            print(
+                f"! walsync {load}: expected last txid {expect}, engine says "
+                f"{st['last_txid']} (replicated {st['replicated_txid']})"
+            )
 
     # ---- sparse lag
     print()
-    print(f"Sparse writes: {args.commits} commits per tool, gaps uniform "
-          f"{GAP_RANGE[0]}-{GAP_RANGE[1]} s, lag COMMIT -> restorable (ms)")
+    print(
+        f"Sparse writes: {args.commits} commits per tool, gaps uniform "
+        f"{GAP_RANGE[0]}-{GAP_RANGE[1]} s, lag COMMIT -> restorable (ms)"
+    )
     print(f"{'tool':<12}{'n':>4}{'median':>9}{'p90':>9}{'p99':>9}{'max':>9}  unmatched")
     sparse: dict[str, dict[str, float]] = {}
     for tool in ("walsync", "litestream"):
         cs = commits[tool, "sparse"]
         lags = [c.lag for c in cs if c.lag is not None]
         sparse[tool] = s = summary(lags)
-        print(f"{tool:<12}{len(lags):>4}{ms(s['median'])}{ms(s['p90'])}{ms(s['p99'])}"
-              f"{ms(s['max'])}  {len(cs) - len(lags)}")
+        print(
+            f"{tool:<12}{len(lags):>4}{ms(s['median'])}{ms(s['p90'])}{ms(s['p99'])}"
+            f"{ms(s['max'])}  {len(cs) - len(lags)}"
+        )
     ratio = {k: sparse["walsync"][k] / sparse["litestream"][k] for k in sparse["walsync"]}
     print(f"{'ratio w/l':<16}" + "".join(f"{ratio[k]:9.3f}" for k in ratio))
     out["sparse"] = sparse
@@ -937,19 +952,23 @@ def report(
     t0, t1 = window
     minutes = (t1 - t0) / 60
     print()
-    print(f"Constant writes: {args.rate} tx/s for {args.duration} s, both tools at once; "
-          f"window {t1 - t0:.1f} s")
-    print(f"{'tool':<12}{'commits':>8}{'PUTs':>6}{'PUTs/min':>10}{'steady':>8}  "
-          f"{'by kind (LIST diff)':<22}issued in window / total / unseen by LIST")
+    print(
+        f"Constant writes: {args.rate} tx/s for {args.duration} s, both tools at once; "
+        f"window {t1 - t0:.1f} s"
+    )
+    print(
+        f"{'tool':<12}{'commits':>8}{'PUTs':>6}{'PUTs/min':>10}{'steady':>8}  "
+        f"{'by kind (LIST diff)':<22}issued in window / total / unseen by LIST"
+    )
     puts: dict[str, float] = {}
     steady: dict[str, float] = {}
     for tool in ("walsync", "litestream"):
         keys = seen[tool, "constant"]
         in_window = [k for k, t in keys.items() if t0 <= t <= t1]
         kinds: dict[str, int] = {}
+        kind_of = put_kinds(keys)
         for k in in_window:
-            kind = put_kind(k)
-            kinds[kind] = kinds.get(kind, 0) + 1
+            kinds[kind_of[k]] = kinds.get(kind_of[k], 0) + 1
         prefix = f"{tool}/{tool}-constant.db/"
         if tool == "walsync":
             issued = [("walsync/" + k, end) for k, _, end, ok in
@@ -962,11 +981,15 @@ def report(
         late = sum(1 for t in keys.values() if t0 + STEADY_AFTER <= t <= t1)
         steady[tool] = late / ((t1 - t0 - STEADY_AFTER) / 60)
         kind_text = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-        print(f"{tool:<12}{len(commits[tool, 'constant']):>8}{len(in_window):>6}"
-              f"{puts[tool]:>10.1f}{steady[tool]:>8.1f}  {kind_text:<22}"
-              f"{issued_window} / {len(issued)} / {unseen}")
-    print(f"(steady = PUTs/min from {STEADY_AFTER:.0f} s into the window on, i.e. without the "
-          "start of the busy spell)")
+        print(
+            f"{tool:<12}{len(commits[tool, 'constant']):>8}{len(in_window):>6}"
+            f"{puts[tool]:>10.1f}{steady[tool]:>8.1f}  {kind_text:<22}"
+            f"{issued_window} / {len(issued)} / {unseen}"
+        )
+    print(
+        f"(steady = PUTs/min from {STEADY_AFTER:.0f} s into the window on, i.e. without the "
+        "start of the busy spell)"
+    )
     out["steady_puts_per_min"] = steady
     out["puts_per_min"] = puts
     print("lag under constant writes (ms):")
@@ -989,19 +1012,29 @@ def report(
     print()
     for name, value, ok in verdicts:
         print(f"{'PASS' if ok else 'FAIL'}  {name}  ({value:.1f})")
-    print(f"info  steady-state PUTs/min: walsync {steady['walsync']:.1f}, "
-          f"Litestream {steady['litestream']:.1f}")
+    print(
+        f"info  steady-state PUTs/min: walsync {steady['walsync']:.1f}, "
+        f"Litestream {steady['litestream']:.1f}"
+    )
     out["verdicts"] = {name: ok for name, _, ok in verdicts}
     return out
 
 
-def put_kind(key: str) -> str:
-    if WSEG_KEY.search(key):
-        return "seg"
-    if WSNAP_KEY.search(key):
-        return "snapshot"
-    m = LTX_KEY.search(key)
-    return f"L{int(m.group(1), 16)}" if m else "other"
+def put_kinds(keys: dict[str, float]) -> dict[str, str]:
+    """Kind of each key: walsync segment, merged segment (compaction output: its range starts
+    at or before the end of one seen earlier), snapshot; Litestream LTX level."""
+    kinds, top = {}, 0
+    for key, _ in sorted(keys.items(), key=lambda kv: kv[1]):
+        if m := WSEG_KEY.search(key):
+            first, last = int(m.group(1), 16), int(m.group(2), 16)
+            kinds[key] = "merged seg" if first <= top else "seg"
+            top = max(top, last)
+        elif WSNAP_KEY.search(key):
+            kinds[key] = "snapshot"
+        else:
+            m = LTX_KEY.search(key)
+            kinds[key] = f"L{int(m.group(1), 16)}" if m else "other"
+    return kinds
 
 
 def walsync_breakdown(
@@ -1065,21 +1098,27 @@ def mapping_samples(
     multi = sum(v for v in shared.values() if v > 1)
     generations = len({c.wal[:2] for c in cs if c.wal})
     print()
-    print(f"Litestream mapping: {len(cs)} commits -> {len(shared)} TXIDs; {multi} commits "
-          f"shared an L0 file with another; naive 'TXID = first + i' wrong for {naive_wrong}; "
-          f"{generations} WAL generation(s); {len(l0)} L0 headers read")
+    print(
+        f"Litestream mapping: {len(cs)} commits -> {len(shared)} TXIDs; {multi} commits "
+        f"shared an L0 file with another; naive 'TXID = first + i' wrong for {naive_wrong}; "
+        f"{generations} WAL generation(s); {len(l0)} L0 headers read"
+    )
     show = list(range(min(n, len(cs))))
     show += [i for i, c in enumerate(cs) if shared.get(c.ltx_txid or -1, 0) > 1][:4]
-    print(f"{'#':>4}{'salt1':>12}{'wal end':>9}{'naive':>7}{'TXID':>6}  L0 file WAL range"
-          f"{'':>12}lag ms")
+    print(
+        f"{'#':>4}{'salt1':>12}{'wal end':>9}{'naive':>7}{'TXID':>6}  L0 file WAL range"
+        f"{'':>12}lag ms"
+    )
     for i in sorted(set(show)):
         c = cs[i]
         assert c.wal is not None
         h = next((h for h in l0 if h.max_txid == c.ltx_txid), None)
         rng = f"{h.wal_offset}+{h.wal_size}" if h else "-"
         lag = f"{c.lag * 1000:.1f}" if c.lag is not None else "-"
-        print(f"{i:>4}{c.wal[0]:>12x}{c.wal[2]:>9}{first + i:>7}{c.ltx_txid or '-':>6}  "
-              f"{rng:<28}{lag}")
+        print(
+            f"{i:>4}{c.wal[0]:>12x}{c.wal[2]:>9}{first + i:>7}{c.ltx_txid or '-':>6}  "
+            f"{rng:<28}{lag}"
+        )
     return {"commits": len(cs), "txids": len(shared), "shared": multi, "naive_wrong": naive_wrong}
 
 
@@ -1119,6 +1158,7 @@ def main() -> None:
         args.litestream = str(local) if local.exists() else shutil.which("litestream")
     if not args.litestream:
         raise SystemExit("litestream not found next to the interpreter or on PATH")
+    args.load_start = os.getloadavg()[0]
     result = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))

@@ -16,10 +16,12 @@ walsync slice ends only once the dispatcher has handed every record of the slice
 
 * ``consumed`` (default, the real thing): ``import walsync_vfs`` as an application would; its
   dispatcher thread converts the records to Python and hands them to the null sink;
-* ``batched``: a Python thread that lingers 1 ms after each wake-up, then converts the whole
-  backlog at once (``capture.take``): the dispatcher's work with fewer, larger batches;
+* ``batched``: a Python thread that lingers ``--linger-ms`` (default 1) after each wake-up,
+  then converts the whole backlog at once (``capture.take``): the dispatcher's Python work
+  with one wake-up per batch instead of one per commit;
 * ``drained``: a thread frees records in C (``ws_wait``/``ws_take``/``ws_free``) without
-  converting them: a consumer thread's wake-ups without its Python work;
+  converting them, lingering ``--linger-ms`` (default 0) after each wake-up: a consumer
+  thread's wake-ups without its Python work;
 * ``queued``: records pile up in the C queue, freed between slices (untimed): shim cost only;
 * ``off``: the walsync VFS without a sync point, so nothing is parsed or published (the pass-
   through and the WAL mirror copy remain);
@@ -30,7 +32,7 @@ The diagnostic modes import ``walsync_vfs.capture`` without running the package'
 of the queue.
 
 Usage: ``python benchmarks/overhead.py [--quick] [--rounds N] [--slice S] [--dir DIR]
-[--capture MODE] [--case SUBSTRING] [--check]``
+[--capture MODE] [--linger-ms MS] [--case SUBSTRING] [--check]``
 """
 
 from __future__ import annotations
@@ -264,7 +266,9 @@ class Result:
         return self.median >= self.case.target
 
 
-def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -> Result:
+def run_case(
+    case: Case, workdir: str, mode: str, rounds: int, slice_s: float, linger_s: float
+) -> Result:
     """Warm up, calibrate the slice length, then alternate A/B for ``rounds`` rounds."""
     d = tempfile.mkdtemp(prefix=f"overhead-{case.rows}-{case.synchronous}-", dir=workdir)
     path_a, path_b = os.path.join(d, "walsync.db"), os.path.join(d, "plain.db")
@@ -276,7 +280,7 @@ def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -
         disp.route_path(path_a, sink)  # before the open: OPEN picks the sink
         settle = disp.barrier
     elif mode in ("batched", "drained"):
-        consumer = Consumer(convert=mode == "batched", linger_s=0.001 if mode == "batched" else 0)
+        consumer = Consumer(convert=mode == "batched", linger_s=linger_s)
         sink, settle = consumer.sink, consumer.barrier
     con_a = open_db(path_a, case.synchronous, None if mode == "plain" else "walsync")
     if mode not in ("off", "plain"):
@@ -358,15 +362,26 @@ def main(argv: list[str] | None = None) -> int:
         default="consumed",
         help="what A does with the captured stream (see the module docstring)",
     )
+    ap.add_argument(
+        "--linger-ms",
+        type=float,
+        help="batched/drained: consumer's wait after a wake-up (default 1 / 0)",
+    )
     ap.add_argument("--case", action="append", help="run only cases whose name contains this")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = ap.parse_args(argv)
     rounds = args.rounds or (6 if args.quick else 15)
     slice_s = args.slice or (0.2 if args.quick else 0.4)
     cases = [c for c in CASES if not args.case or any(s in c.name for s in args.case)]
+    linger_ms = args.linger_ms
+    if linger_ms is None:
+        linger_ms = 1.0 if args.capture == "batched" else 0.0
     load_capture(args.capture)
 
-    print_environment(args.dir, args.capture, rounds, slice_s)
+    mode = args.capture
+    if mode in ("batched", "drained"):
+        mode += f" (linger {linger_ms:g} ms)"
+    print_environment(args.dir, mode, rounds, slice_s)
     print()
     head = (
         f"{'case':<16} {'ratio med':>9} {'min':>6} {'max':>6}  {'target':>7}  {'met':<4}"
@@ -376,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     results = []
     for case in cases:
-        res = run_case(case, args.dir, args.capture, rounds, slice_s)
+        res = run_case(case, args.dir, args.capture, rounds, slice_s, linger_ms / 1000)
         results.append(res)
         others = "?" if res.others is None else f"{res.others:.0%}"
         print(

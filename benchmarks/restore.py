@@ -14,7 +14,8 @@ databases until they reach the target size:
 Both S3 replicas live on one SeaweedFS server on loopback (started here, as tests/conftest.py
 does).  Four files rather than one because walsync captures at the source VFS: a database it
 writes is not one a second process may checkpoint under Litestream's read lock.  The stream is
-identical, so the four databases hold the same rows (checked) and the same page count.
+identical (paced, 5 transactions/s by default), so the four databases hold the same rows
+(checked); Litestream adds two tables of its own, so its copies are 2 pages larger.
 
 Once walsync has flushed and Litestream's replica holds its newest local TXID (and Litestream
 has been stopped), each restore runs as a child process, walsync and Litestream alternating
@@ -28,7 +29,8 @@ walsync / Litestream, target >= 1.5.  Absolute MB/s are context: they describe t
 Note that walsync's restore always runs ``PRAGMA integrity_check`` and fsyncs before renaming
 into place; Litestream's does neither by default (``--litestream-check`` adds its check).
 
-Usage: ``python benchmarks/restore.py [--quick] [--mb N] [--runs N] [--dir DIR] [--keep]``
+Usage: ``python benchmarks/restore.py [--quick] [--mb N] [--runs N] [--pace TPS] [--index]
+[--litestream-check none|quick|full] [--profile DIR] [--dir DIR] [--keep]``
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import hashlib
 import json
 import os
 import platform
+import pstats
 import random
 import secrets
 import shutil
@@ -131,8 +134,8 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 @contextmanager
-def seaweedfs(workdir: Path) -> Iterator[str]:
-    """A SeaweedFS server (master, volume, filer, S3) on loopback; yields its S3 endpoint.
+def seaweedfs(workdir: Path) -> Iterator[tuple[str, int]]:
+    """A SeaweedFS server (master, volume, filer, S3) on loopback; yields (S3 endpoint, pid).
 
     Same command line as tests/conftest.py (copied: that module needs pytest to import).
     """
@@ -160,7 +163,7 @@ def seaweedfs(workdir: Path) -> Iterator[str]:
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
     try:
-        yield f"http://127.0.0.1:{s3}"
+        yield f"http://127.0.0.1:{s3}", proc.pid
         if proc.poll() is not None:
             raise SystemExit(f"weed died during the benchmark; see {log_path}")
     finally:
@@ -238,6 +241,7 @@ class Setup:
     endpoint: str
     bucket: str
     env: dict[str, str]
+    weed_pid: int
     sources: dict[tuple[str, str], Path] = field(default_factory=dict)
     walsync_roots: dict[str, str] = field(default_factory=dict)
     restore_config: Path | None = None
@@ -438,15 +442,45 @@ def clear(out: Path) -> None:
         Path(f"{out}{suffix}").unlink(missing_ok=True)
 
 
-def timed_restore(setup: Setup, tool: str, store: str, check: str) -> float:
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    others: float | None  # share of all CPUs that unrelated processes used meanwhile
+
+
+def cpu_sample(weed_pid: int) -> tuple[float, float] | None:
+    """(user CPU-seconds of the whole machine, of us: this process, reaped children, weed).
+
+    User time only, as in overhead.py: other tenants (tests, builds) show up there, while
+    the kernel's share includes writeback of our own output.  Linux only, else None.
+    """
+    try:
+        with open("/proc/stat") as f:
+            machine = sum(int(x) for x in f.readline().split()[1:3])  # user, nice
+        with open(f"/proc/{weed_pid}/stat") as f:
+            weed = int(f.read().rsplit(")", 1)[1].split()[11])  # utime
+    except (OSError, ValueError, IndexError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return machine / hz, t.user + t.children_user + weed / hz
+
+
+def timed_restore(setup: Setup, tool: str, store: str, check: str) -> Run:
     """Wall seconds of one restore child process; the output is verified afterwards."""
     out = setup.work / "restored" / f"{tool}-{store}.db"
     out.parent.mkdir(exist_ok=True)
     clear(out)
     cmd = restore_cmd(setup, tool, store, out, check)
+    before = cpu_sample(setup.weed_pid)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, env=setup.env, cwd=setup.work)
     elapsed = time.perf_counter() - t0
+    after = cpu_sample(setup.weed_pid)
+    others = None
+    if before and after:
+        foreign = (after[0] - before[0]) - (after[1] - before[1])
+        others = max(0.0, foreign / (elapsed * (os.cpu_count() or 1)))
     if proc.returncode != 0:
         raise SystemExit(
             f"{tool} restore ({store}) failed ({proc.returncode}): {' '.join(cmd)}\n"
@@ -454,7 +488,7 @@ def timed_restore(setup: Setup, tool: str, store: str, check: str) -> float:
         )
     verify(out, setup, tool, store)
     clear(out)
-    return elapsed
+    return Run(elapsed, others)
 
 
 def verify(out: Path, setup: Setup, tool: str, store: str) -> None:
@@ -474,19 +508,38 @@ def verify(out: Path, setup: Setup, tool: str, store: str) -> None:
         con.close()
 
 
-def measure(setup: Setup, runs: int, warmup: int, check: str) -> dict[tuple[str, str], list]:
-    """Alternate the tools run by run (order swapped each round) on each store."""
-    times: dict[tuple[str, str], list[float]] = {(t, s): [] for t in TOOLS for s in STORES}
+Runs = dict[tuple[str, str], list[Run]]
+
+
+def measure(setup: Setup, runs: int, warmup: int, check: str) -> Runs:
+    """Alternate the tools run by run (order swapped each round) on each store, so noise from
+    the machine lands on both and each round gives one paired ratio."""
+    results: Runs = {(t, s): [] for t in TOOLS for s in STORES}
     for rnd in range(warmup + runs):
         order = TOOLS if rnd % 2 == 0 else TOOLS[::-1]
         for store in STORES:
             for tool in order:
-                elapsed = timed_restore(setup, tool, store, check)
+                run = timed_restore(setup, tool, store, check)
                 label = "warm-up" if rnd < warmup else f"run {rnd - warmup + 1}"
-                print(f"  {label:8} {store:5} {tool:10} {elapsed:6.2f} s", flush=True)
+                others = "" if run.others is None else f"  (others {run.others:.0%} CPU)"
+                print(f"  {label:8} {store:5} {tool:10} {run.seconds:6.2f} s{others}", flush=True)
                 if rnd >= warmup:
-                    times[tool, store].append(elapsed)
-    return times
+                    results[tool, store].append(run)
+    return results
+
+
+def profile_walsync(setup: Setup, store: str, dest: Path) -> None:
+    """One more, untimed, walsync restore under cProfile: where the time goes on a miss."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = setup.work / "restored" / f"profile-{store}.db"
+    prof = dest / f"walsync-restore-{store}.prof"
+    url = f"{setup.walsync_roots[store]}/{setup.sources['walsync', store].name}"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "walsync_vfs", "restore"]
+    subprocess.run([*cmd, url, "-o", str(out), "--force"], capture_output=True, env=setup.env,
+                   check=True)  # fmt: skip
+    clear(out)
+    print(f"\ncProfile of walsync restore ({store}) -> {prof}, top by own time:")
+    pstats.Stats(str(prof), stream=sys.stdout).sort_stats("tottime").print_stats(12)
 
 
 def startup_seconds(env: dict[str, str]) -> float:
@@ -504,7 +557,7 @@ def startup_seconds(env: dict[str, str]) -> float:
     return statistics.median(samples)
 
 
-def report(setup: Setup, times: dict[tuple[str, str], list[float]], check: str) -> bool:
+def report(setup: Setup, results: Runs, check: str) -> bool:
     """Print sizes, the MB/s table and the per-store ratios; True if every store meets TARGET."""
     mb = {tool: n / 1e6 for tool, n in setup.db_bytes.items()}
     print()
@@ -517,26 +570,33 @@ def report(setup: Setup, times: dict[tuple[str, str], list[float]], check: str) 
         print(f"  replica {key[0]:10} {key[1]:5}: {text}")
     print(f"python -m walsync_vfs startup: {startup_seconds(setup.env):.2f} s")
     print()
-    print("| store | tool | runs (s) | median s | median MB/s |")
-    print("|---|---|---|---|---|")
+    print("| store | tool | runs (s) | median s | median MB/s | others' CPU (median) |")
+    print("|---|---|---|---|---|---|")
     medians: dict[tuple[str, str], float] = {}
     for store in STORES:
         for tool in TOOLS:
-            ts = times[tool, store]
+            ts = [r.seconds for r in results[tool, store]]
+            shares = [r.others for r in results[tool, store] if r.others is not None]
             med = statistics.median(ts)
             medians[tool, store] = mb[tool] / med
             runs = " ".join(f"{t:.2f}" for t in ts)
-            print(f"| {store} | {tool} | {runs} | {med:.2f} | {mb[tool] / med:.1f} |")
+            others = f"{statistics.median(shares):.0%}" if shares else "?"
+            print(f"| {store} | {tool} | {runs} | {med:.2f} | {mb[tool] / med:.1f} | {others} |")
     print()
     ok = True
     for store in STORES:
         ratio = medians["walsync", store] / medians["litestream", store]
+        paired = [
+            (mb["walsync"] / w.seconds) / (mb["litestream"] / ls.seconds)
+            for w, ls in zip(results["walsync", store], results["litestream", store], strict=True)
+        ]
         met = ratio >= TARGET
         ok &= met
         print(
             f"{store:5}: walsync/litestream = {ratio:.2f}x  (target >= {TARGET}x: "
             f"{'met' if met else 'MISSED'}; {medians['walsync', store]:.1f} vs "
-            f"{medians['litestream', store]:.1f} MB/s)"
+            f"{medians['litestream', store]:.1f} MB/s; per-round ratios: median "
+            f"{statistics.median(paired):.2f}, min {min(paired):.2f}, max {max(paired):.2f})"
         )
     print(
         f"verdict: {'target met' if ok else 'target missed'} (litestream -integrity-check {check})"
@@ -549,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="~20 MB database, 3 runs")
     ap.add_argument("--mb", type=float, help="database size in 10^6 bytes (default 100, quick 20)")
-    ap.add_argument("--runs", type=int, help="timed runs per tool and store (default 5, quick 3)")
+    ap.add_argument("--runs", type=int, help="timed runs per tool and store (default 7, quick 3)")
     ap.add_argument(
         "--pace", type=float, default=5.0, help="write transactions per second (0: flat out)"
     )
@@ -567,9 +627,10 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         help="litestream restore -integrity-check (walsync always runs a full one)",
     )
+    ap.add_argument("--profile", metavar="DIR", help="then cProfile one walsync restore per store")
     args = ap.parse_args(argv)
     mb = args.mb or (20.0 if args.quick else 100.0)
-    runs = args.runs or (3 if args.quick else 5)
+    runs = args.runs or (3 if args.quick else 7)
     if runs < 1:
         ap.error("--runs must be >= 1")
     work = Path(tempfile.mkdtemp(prefix="walsync-restore-bench-", dir=args.dir))
@@ -578,18 +639,22 @@ def main(argv: list[str] | None = None) -> int:
         f"litestream {litestream_version()}; work dir {work}"
     )
     try:
-        with seaweedfs(work) as endpoint:
+        with seaweedfs(work) as (endpoint, weed_pid):
             env = s3_env(endpoint)
             os.environ.clear()  # walsync's S3 client in this process reads the same settings
             os.environ.update(env)
-            setup = Setup(work=work, endpoint=endpoint, bucket=create_bucket(endpoint), env=env)
+            bucket = create_bucket(endpoint)
+            setup = Setup(work=work, endpoint=endpoint, bucket=bucket, env=env, weed_pid=weed_pid)
             write_phase(setup, int(mb * 1e6), args.index, args.pace)
             print(
                 f"replicated: {setup.db_bytes['walsync'] / 1e6:.1f} MB, {setup.rows:,} rows; "
                 f"restoring ({args.warmup} warm-up + {runs} runs per tool and store)"
             )
-            times = measure(setup, runs, args.warmup, args.litestream_check)
-            met = report(setup, times, args.litestream_check)
+            results = measure(setup, runs, args.warmup, args.litestream_check)
+            met = report(setup, results, args.litestream_check)
+            if args.profile:
+                for store in STORES:
+                    profile_walsync(setup, store, Path(args.profile))
     finally:
         if args.keep:
             print(f"kept {work}")

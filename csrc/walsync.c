@@ -267,10 +267,13 @@ static void publishPending(WsFile *pWal) {
   c = pDb->c;
   if (pWal->iStart == 0) {
     /* WAL restart: a new header.  SQLite steps salt-1 by one per restart:
-    ** once here, or once per TRUNCATE checkpoint of ours.  Any other step
-    ** means somebody else restarted it, erasing frames we never saw. */
+    ** once here, or once per TRUNCATE checkpoint of ours.  Rewriting the
+    ** header of a WAL without frames (after recovery of a crashed first
+    ** transaction) keeps the salts.  Anything else means somebody else
+    ** restarted it, erasing frames we never saw. */
     if (nBuf < WAL_HDR || !parseWalHeader(&c, a)) return;
-    if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1)) {
+    if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1) &&
+        !(pDb->c.nFrame == 0 && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2)) {
       reportGap(pDb);
       return;
     }

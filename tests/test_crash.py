@@ -79,7 +79,10 @@ def test_checker_accepts_workload_states_and_rejects_impossible_ones(
 def test_short_crash_torture_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cycles", "8", "--final-txns", "30", "--json", str(out)],
+        [
+            *(sys.executable, str(SCRIPT), "--cycles", "8", "--final-txns", "30"),
+            *("--json", str(out), "--dir", str(tmp_path / "work")),  # kept by pytest on failure
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -220,6 +220,19 @@ class Engine:
         db.pending.append((rec.seq, db.generation, commit))
         db.pending_bytes += len(rec.pages) * rec.page_size
 
+    def _give_up(self, db: DbState) -> None:
+        """A closed database whose store keeps failing: stop retrying (lock held).
+
+        Its file holds every commit, and its next open starts from a fresh sync point that
+        the replica is compared against, so nothing is lost -- only restore points.
+        """
+        log.error("walsync: giving up on %s after it closed: %s", db.path, db.last_error)
+        for item in db.outbox:
+            self._spool.discard(item)
+        db.outbox, db.held, db.held_bytes = [], [], 0
+        db.pending, db.pending_bytes = [], 0
+        self._forget_if_done(db)
+
     def _forget_if_done(self, db: DbState) -> None:
         """Drop a closed database's state once everything it committed is uploaded."""
         if (
@@ -260,6 +273,10 @@ class Engine:
                     db.errors += 1
                     db.last_error = _describe(exc)
                     self._cond.notify_all()
+                    if not db.open and db.failures >= FAILING_AFTER:
+                        db.syncing = False
+                        self._give_up(db)
+                        return
                 log.warning(
                     "walsync: sync of %s failed (retrying in %.1fs): %s",
                     db.path,
@@ -456,6 +473,9 @@ class Engine:
                 db.last_error = _describe(exc)
                 db.next_attempt = time.monotonic() + min(0.1 * 2 ** (db.failures - 1), MAX_BACKOFF)
                 self._cond.notify_all()
+                if not db.open and db.failures >= FAILING_AFTER:
+                    self._give_up(db)
+                    return
             log.warning(
                 "walsync: upload for %s failed (attempt %d): %s",
                 db.name,
