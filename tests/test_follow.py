@@ -20,23 +20,23 @@ CATCH_UP = 20.0  # seconds a follower polling every 0.1 s may take to show a flu
 
 
 @pytest.fixture
-def replica(file_url):
-    walsync_vfs.configure(replica=file_url, upload_interval=0.0)
-    yield file_url
+def replica(replica_url):
+    walsync_vfs.configure(replica=replica_url, upload_interval=0.0)
+    yield replica_url
     walsync_vfs.flush(timeout=30)
     walsync_vfs.configure(replica="", upload_interval=1.0)
 
 
-class Follower:
+class FollowProcess:
     """``restore --follow`` in a child process, its output in files the test can poll."""
 
-    def __init__(self, url: str, out: Path, *extra: str) -> None:
-        self.url, self.out = url, out
+    def __init__(self, url: str, out: Path) -> None:
+        self.out = out
         self.stdout, self.stderr = out.with_suffix(".stdout"), out.with_suffix(".stderr")
         with self.stdout.open("w") as so, self.stderr.open("w") as se:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out)]
-                + ["--follow", "--interval", "0.1", *extra],
+                + ["--follow", "--interval", "0.1"],
                 stdout=so,
                 stderr=se,
             )
@@ -70,10 +70,10 @@ class Follower:
 
 @pytest.fixture
 def followers():
-    started: list[Follower] = []
+    started: list[FollowProcess] = []
 
-    def start(url: str, out: Path, *extra: str) -> Follower:
-        started.append(Follower(url, out, *extra))
+    def start(url: str, out: Path) -> FollowProcess:
+        started.append(FollowProcess(url, out))
         return started[-1]
 
     yield start
@@ -215,28 +215,28 @@ def test_follow_starts_over_from_a_new_generation(replica, tmp_path, followers):
     con.close()
 
 
-def test_a_bad_object_is_reported_once_and_out_keeps_its_state(replica, tmp_path, followers):
+def test_a_bad_object_is_reported_once_and_what_precedes_it_goes_out(replica, tmp_path, followers):
     con = source(tmp_path / "bad.db")
     url = f"{replica}/bad.db"
     out = tmp_path / "replica.db"
     follower = followers(url, out)
     follower.wait_same(con)
     txid, generation = head(replica, "bad.db")
-    client = storage.open_replica(replica)
-    bogus = format.segment_key("bad.db", generation, txid + 1, txid + 1)
-    client.put(bogus, b"not a segment")
-    follower.wait_for(follower.errors, "an error line")
-    time.sleep(0.5)  # five more polls meet the same object: still one line
-    (line,) = follower.errors()
-    assert line == f"walsync: error: {bogus}: bad magic: not a walsync_vfs segment"
-    assert read(out)[0] == 1
-    assert follower.proc.poll() is None
-
-    client.delete([bogus])
-    con.execute("INSERT INTO t(v) VALUES(x'02')")
+    bogus = format.segment_key("bad.db", generation, txid + 2, txid + 2)
+    storage.open_replica(replica).put(bogus, b"not a segment")
+    con.execute("INSERT INTO t(v) VALUES(x'02')")  # txid + 1: one good segment before it
     walsync_vfs.flush(timeout=30)
     follower.wait_same(con)
-    assert follower.stop()[-1].endswith(f"is at txid {txid + 1} (generation {generation})")
+    bad = f"walsync: error: {bogus}: bad magic: not a walsync_vfs segment"
+    follower.wait_for(lambda: bad in follower.errors(), "an error line")
+    time.sleep(0.5)  # five more polls meet the same object: still one line
+    assert follower.errors()[-1] == bad and follower.errors().count(bad) == 1
+    assert read(out)[0] == 2
+
+    con.execute("INSERT INTO t(v) VALUES(x'03')")  # the engine's upload replaces the bad one
+    walsync_vfs.flush(timeout=30)
+    follower.wait_same(con)
+    assert follower.stop()[-1].endswith(f"is at txid {txid + 2} (generation {generation})")
     con.close()
 
 

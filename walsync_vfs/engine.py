@@ -394,6 +394,9 @@ class Engine:
             if not same or periodic or not db.snapshot_at:
                 db.snapshot_txid = txid
                 db.snapshot_at = time.monotonic()
+            # The first retention pass comes one pass interval after the first sync, not at
+            # once: a database that only just started replicating has nothing to expire.
+            db.retained_at = db.retained_at or time.monotonic()
             if not same:
                 db.small_segments = []
         log.info(
