@@ -28,7 +28,8 @@ file in rollback-journal mode: open connections keep the version they opened, ne
 get the newest.  A new generation (the source was rewritten outside walsync) is followed
 from its snapshot.  Errors before OUTPUT is first written end the command (exit status 1);
 later ones (store unreachable, an object missing or failing its checks) are reported on
-stderr and retried at every poll, OUTPUT keeping its last verified state.
+stderr, once while they repeat, and retried at every poll; OUTPUT keeps its last verified
+state.
 """
 
 
