@@ -15,24 +15,21 @@ walsync slice ends only once the dispatcher has handed every record of the slice
 ``--capture`` selects what A does with the stream, to split the cost when a target is missed:
 
 * ``consumed`` (default, the real thing): ``import walsync_vfs`` as an application would; its
-  dispatcher thread converts the records to Python and hands them to the null sink;
-* ``batched``: a Python thread that lingers ``--linger-ms`` (default 1) after each wake-up,
-  then converts the whole backlog at once (``capture.take``): the dispatcher's Python work
-  with one wake-up per batch instead of one per commit;
-* ``drained``: a thread frees records in C (``ws_wait``/``ws_take``/``ws_free``) without
-  converting them, lingering ``--linger-ms`` (default 0) after each wake-up: a consumer
-  thread's wake-ups without its Python work;
+  dispatcher thread drains the queue (checksum verification and page index in C) and hands
+  each batch to the null sink, which reads only the batch's commit count;
+* ``converted``: the same, but the sink turns every record into a Python ``Record`` (the
+  least any Python consumer of the pages pays, e.g. the replication engine);
 * ``queued``: records pile up in the C queue, freed between slices (untimed): shim cost only;
 * ``off``: the walsync VFS without a sync point, so nothing is parsed or published (the pass-
   through and the WAL mirror copy remain);
 * ``plain``: A is plain apsw too: an A/A run that shows the harness's own bias and noise.
 
-The diagnostic modes import ``walsync_vfs.capture`` without running the package's
+The modes without a consumer import ``walsync_vfs.capture`` without running the package's
 ``__init__``: that would start the replication engine and its dispatcher, a second consumer
 of the queue.
 
 Usage: ``python benchmarks/overhead.py [--quick] [--rounds N] [--slice S] [--dir DIR]
-[--capture MODE] [--linger-ms MS] [--case SUBSTRING] [--check]``
+[--capture MODE] [--case SUBSTRING] [--check]``
 """
 
 from __future__ import annotations
@@ -46,19 +43,14 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import apsw
 
-if TYPE_CHECKING:
-    from walsync_vfs.capture import Record
-
-MODES = ("consumed", "batched", "drained", "queued", "off", "plain")
+MODES = ("consumed", "converted", "queued", "off", "plain")
 capture: types.ModuleType  # walsync_vfs.capture, bound by load_capture()
 
 
@@ -66,11 +58,11 @@ def load_capture(mode: str) -> None:
     """Import the capture layer: the whole package for ``consumed``, the bare module otherwise.
 
     The package's ``__init__`` starts the replication engine and the capture dispatcher; in the
-    diagnostic modes that thread would steal the records the benchmark wants to leave queued or
-    to consume its own way, so there the package is stubbed and only the shim is loaded.
+    modes without a consumer (``queued``, ``off``, ``plain``) that thread would steal the records
+    the benchmark leaves queued, so there the package is stubbed and only the shim is loaded.
     """
     global capture
-    if mode == "consumed":
+    if mode in ("consumed", "converted"):
         importlib.import_module("walsync_vfs")
     else:
         spec = importlib.util.find_spec("walsync_vfs")
@@ -112,75 +104,26 @@ CASES = (
 
 
 class NullSink:
-    """Discards records, counting them so the run can prove capture really happened."""
+    """Discards batches, counting their commits so the run can prove capture happened;
+    with ``convert``, first turns every record into a Python ``Record``."""
 
-    def __init__(self) -> None:
+    def __init__(self, convert: bool) -> None:
+        self.convert = convert
         self.commits = 0
         self.gaps = 0
 
-    def __call__(self, records: list[Record]) -> None:
-        commit, gap = capture.Kind.COMMIT, capture.Kind.GAP
-        for r in records:
-            if r.kind is commit:
-                self.commits += 1
-            elif r.kind is gap:
-                self.gaps += 1
-
-
-class Consumer:
-    """A stand-in for the dispatcher (``batched``, ``drained``), with its own barrier."""
-
-    def __init__(self, convert: bool, linger_s: float) -> None:
-        self.convert, self.linger_s = convert, linger_s
-        self.sink = NullSink()
-        self.stop = False
-        self._cond = threading.Condition()
-        self._requested = self._served = 0
-        self.thread = threading.Thread(target=self._run, name="bench-consumer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        lib = capture.lib
-        while not self.stop:
-            with self._cond:
-                requested = self._requested
-            if requested == self._served and lib.ws_wait(100) and self.linger_s:
-                time.sleep(self.linger_s)  # let the writer queue more: one wake-up per batch
-            if self.convert:
-                self.sink(capture.take(0))
-            else:
-                lib.ws_free(lib.ws_take())
-            with self._cond:
-                self._served = requested
-                self._cond.notify_all()
-
-    def barrier(self, timeout: float = 30.0) -> None:
-        """Return once every record queued before the call has been consumed."""
-        with self._cond:
-            self._requested += 1
-            target = self._requested
-            capture.wake()
-            if not self._cond.wait_for(lambda: self._served >= target, timeout):
-                raise TimeoutError("benchmark consumer did not drain in time")
-
-    def close(self) -> None:
-        self.stop = True
-        capture.wake()
-        self.thread.join()
+    def __call__(self, batch: capture.Batch) -> None:
+        if self.convert:
+            for _ in batch:
+                pass
+        self.commits += batch.commits
+        self.gaps += batch.gaps
 
 
 def count_queued() -> tuple[int, int]:
     """Take and free whatever sits in the C queue; (commits, gaps) among it."""
-    lib, ffi = capture.lib, capture.ffi
-    head = lib.ws_take()
-    commits = gaps = 0
-    rec = head
-    while rec != ffi.NULL:
-        commits += rec.kind == capture.Kind.COMMIT
-        gaps += rec.kind == capture.Kind.GAP
-        rec = rec.next
-    lib.ws_free(head)
-    return commits, gaps
+    with capture.drain() as batches:
+        return sum(b.commits for b in batches), sum(b.gaps for b in batches)
 
 
 @dataclass
@@ -266,22 +209,18 @@ class Result:
         return self.median >= self.case.target
 
 
-def run_case(
-    case: Case, workdir: str, mode: str, rounds: int, slice_s: float, linger_s: float
-) -> Result:
+def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -> Result:
     """Warm up, calibrate the slice length, then alternate A/B for ``rounds`` rounds."""
     d = tempfile.mkdtemp(prefix=f"overhead-{case.rows}-{case.synchronous}-", dir=workdir)
     path_a, path_b = os.path.join(d, "walsync.db"), os.path.join(d, "plain.db")
     stmt = ONE_ROW if case.rows == 1 else BULK
-    sink, consumer = NullSink(), None
+    sink = NullSink(convert=mode == "converted")
     settle: Callable[[], None] = lambda: None  # noqa: E731
-    if mode == "consumed":
+    routed = mode in ("consumed", "converted")
+    if routed:
         disp = capture.dispatcher()
         disp.route_path(path_a, sink)  # before the open: OPEN picks the sink
         settle = disp.barrier
-    elif mode in ("batched", "drained"):
-        consumer = Consumer(convert=mode == "batched", linger_s=linger_s)
-        sink, settle = consumer.sink, consumer.barrier
     con_a = open_db(path_a, case.synchronous, None if mode == "plain" else "walsync")
     if mode not in ("off", "plain"):
         capture.SyncPoint(path_a).close()  # the shim publishes nothing for a db before a sync
@@ -309,11 +248,9 @@ def run_case(
                 side.rates.append(side.run(per_slice))
                 between()
             ratios.append(a.rates[-1] / b.rates[-1])
-        if mode in ("consumed", "batched"):
+        if routed:
             settle()
             captured, gaps = sink.commits, sink.gaps
-        elif mode == "drained":
-            captured, gaps = -1, 0  # freed unseen
         else:
             captured, gaps = queued
         cpu1, elapsed = user_seconds(), time.monotonic() - t0
@@ -323,14 +260,12 @@ def run_case(
             others = max(0.0, foreign / (elapsed * (os.cpu_count() or 1)))
         if gaps:
             raise SystemExit(f"{case.name}: the capture stream reported {gaps} gap(s)")
-        if mode in ("consumed", "batched", "queued") and captured != a.commits:
+        if mode not in ("off", "plain") and captured != a.commits:
             raise SystemExit(f"{case.name}: {a.commits} commits but {captured} captured")
     finally:
-        if consumer is not None:
-            consumer.close()
         con_a.close()
         con_b.close()
-        if mode == "consumed":
+        if routed:
             capture.dispatcher().route_path(path_a, None)
         for name in os.listdir(d):
             os.unlink(os.path.join(d, name))
@@ -362,26 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         default="consumed",
         help="what A does with the captured stream (see the module docstring)",
     )
-    ap.add_argument(
-        "--linger-ms",
-        type=float,
-        help="batched/drained: consumer's wait after a wake-up (default 1 / 0)",
-    )
     ap.add_argument("--case", action="append", help="run only cases whose name contains this")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = ap.parse_args(argv)
     rounds = args.rounds or (6 if args.quick else 15)
     slice_s = args.slice or (0.2 if args.quick else 0.4)
     cases = [c for c in CASES if not args.case or any(s in c.name for s in args.case)]
-    linger_ms = args.linger_ms
-    if linger_ms is None:
-        linger_ms = 1.0 if args.capture == "batched" else 0.0
     load_capture(args.capture)
-
-    mode = args.capture
-    if mode in ("batched", "drained"):
-        mode += f" (linger {linger_ms:g} ms)"
-    print_environment(args.dir, mode, rounds, slice_s)
+    print_environment(args.dir, args.capture, rounds, slice_s)
     print()
     head = (
         f"{'case':<16} {'ratio med':>9} {'min':>6} {'max':>6}  {'target':>7}  {'met':<4}"
@@ -391,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     results = []
     for case in cases:
-        res = run_case(case, args.dir, args.capture, rounds, slice_s, linger_ms / 1000)
+        res = run_case(case, args.dir, args.capture, rounds, slice_s)
         results.append(res)
         others = "?" if res.others is None else f"{res.others:.0%}"
         print(

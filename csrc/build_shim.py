@@ -27,12 +27,21 @@ struct ws_rec {
   uint32_t salt1, salt2;
   uint32_t frame_start, frame_end;
   uint32_t *pgnos;
-  unsigned char *data;
+  unsigned char **pages;
+  char *path;
+  ...;
 };
-int ws_wait(int timeout_ms);
+typedef struct ws_batch ws_batch;
+struct ws_batch {
+  ws_batch *next;
+  int64_t db_id;
+  uint32_t nrec, ncommit, ngap;
+  ws_rec *first;
+  const char *open_path;
+  ...;
+};
+ws_batch *ws_drain(int timeout_ms, int linger_us);
 void ws_wake(void);
-ws_rec *ws_take(void);
-void ws_free(ws_rec *r);
 typedef struct ws_pos { uint64_t seq; uint32_t page_size, nframe, salt1, salt2; } ws_pos;
 int ws_sync(int64_t db_id, ws_pos *out);
 void ws_hold(int64_t db_id, int delta);

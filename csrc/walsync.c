@@ -12,16 +12,20 @@
 **     nothing is trusted until the commit is complete);
 **   - xShmLock releasing the WAL write lock (lock 0) on the main db file is the
 **     moment a transaction is complete and still serialized against every
-**     other writer: the mirror is parsed, the checksum chain verified, and the
-**     transaction published *before* the lock is passed down;
+**     other writer: the frame headers in the mirror are scanned for the
+**     commit, and the mirror itself is handed to the queue *before* the lock
+**     is passed down (no copy, no checksum on the writer's path);
 **   - xFileControl(SQLITE_FCNTL_COMMIT_PHASETWO) publishes the same way for
 **     locking_mode=EXCLUSIVE, where WAL locks are never taken;
 **   - xWrite on a main db file outside a checkpoint (CKPT_START..CKPT_DONE)
 **     means the database is being changed without the WAL: a GAP is reported.
 **
 ** Published records form one process-wide FIFO that Python drains with
-** ws_wait()/ws_take() (see build_shim.py for the declarations).  Per database
-** the shim keeps the WAL checksum chain position of the last published
+** ws_drain() (see build_shim.py for the declarations).  ws_drain()
+** runs on the consumer's thread with the GIL released: it verifies each
+** commit's WAL checksum chain, picks the last version of every page, and
+** groups the records per database, so the writer pays for none of it.  Per
+** database the shim keeps the WAL chain position of the last published
 ** commit; frames that do not continue that chain (another process or a
 ** connection not using this VFS wrote) produce a GAP record instead of a
 ** wrong transaction.  Until Python calls ws_sync() the chain position is
@@ -55,23 +59,6 @@ SQLITE_EXTENSION_INIT1
 #define WAL_HDR 32
 #define FRAME_HDR 24
 
-/* One published record; this layout is declared to cffi in build_shim.py. */
-typedef struct ws_rec ws_rec;
-struct ws_rec {
-  ws_rec *next;
-  int64_t db_id;
-  int32_t kind;
-  uint32_t page_size;
-  uint64_t seq;       /* per-db record sequence, 1, 2, 3 ... */
-  int64_t time_ns;    /* CLOCK_REALTIME at publish */
-  uint32_t db_size;   /* pages after commit */
-  uint32_t npages;    /* distinct pages in this commit */
-  uint32_t salt1, salt2;
-  uint32_t frame_start, frame_end; /* WAL frames [start, end) of the commit */
-  uint32_t *pgnos;    /* npages, ascending */
-  unsigned char *data; /* npages * page_size bytes; for WS_OPEN the path */
-};
-
 /* Position in the WAL checksum chain after the last published commit.  Only
 ** touched by the connection holding the WAL write lock (or by ws_sync(),
 ** whose caller holds it). */
@@ -86,6 +73,43 @@ struct WsChain {
   uint32_t nTrunc;  /* TRUNCATE checkpoints by our connections since the header */
 };
 
+/* One published record; its public part is declared to cffi in build_shim.py. */
+typedef struct ws_rec ws_rec;
+struct ws_rec {
+  ws_rec *next;
+  int64_t db_id;
+  int32_t kind;
+  uint32_t page_size;
+  uint64_t seq;       /* per-db record sequence, 1, 2, 3 ... */
+  int64_t time_ns;    /* CLOCK_REALTIME at publish */
+  uint32_t db_size;   /* pages after commit */
+  uint32_t npages;    /* distinct pages in this commit */
+  uint32_t salt1, salt2;
+  uint32_t frame_start, frame_end; /* WAL frames [start, end) of the commit */
+  uint32_t *pgnos;    /* npages, ascending */
+  unsigned char **pages; /* npages pointers to page_size bytes each */
+  char *path;         /* WS_OPEN: the database path */
+  /* Below: private to the shim (cffi sees "..."). */
+  struct WsDb *pDb;
+  unsigned char *aMirror; /* COMMIT: the writer's mirror, owned by the record */
+  sqlite3_int64 nMirror;  /* its allocated size */
+  sqlite3_int64 iFrames;  /* offset of the first frame in aMirror */
+  WsChain chain;          /* COMMIT: chain state the frames must continue */
+  void *pIndex;           /* COMMIT: block holding pgnos and pages */
+};
+
+/* The records of one database in one ws_drain(), in publish order. */
+typedef struct ws_batch ws_batch;
+struct ws_batch {
+  ws_batch *next;
+  int64_t db_id;
+  uint32_t nrec, ncommit, ngap;
+  ws_rec *first;
+  const char *open_path; /* path of an OPEN record in the batch, else NULL */
+  ws_rec *last;
+};
+
+
 /* Per-database state, shared by every connection of this process. */
 typedef struct WsDb WsDb;
 struct WsDb {
@@ -95,6 +119,7 @@ struct WsDb {
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
+  ws_batch *pBatch; /* ws_drain() scratch: this db's batch being built */
 };
 
 /* What ws_sync() reports: the last seq, and the WAL holding the state at it. */
@@ -118,6 +143,7 @@ struct WsFile {
   /* WAL: mirror of the bytes written since the last publish. */
   unsigned char *aBuf;
   sqlite3_int64 iStart, nBuf, nAlloc;
+  sqlite3_int64 nHint; /* bytes the last published mirror used: the next one's size */
 };
 #define WSF_OTHER 0
 #define WSF_MAIN 1
@@ -132,6 +158,19 @@ static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
 static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
 static int gWaiting = 0, gWake = 0;
+
+/* Mirrors the consumer is done with, handed back to writers: a commit then
+** never pays for malloc or page faults of fresh memory on the writer's path.
+** A spare's first bytes hold the list link and its size. */
+typedef struct WsSpare WsSpare;
+struct WsSpare {
+  WsSpare *next;
+  sqlite3_int64 n;
+};
+static WsSpare *gSpare = 0;
+static sqlite3_int64 gSpareBytes = 0;
+#define WS_MAX_SPARE_BYTES (8 << 20) /* spares kept, in all */
+#define WS_MAX_SPARE_SIZE (1 << 20)  /* bigger mirrors go back to malloc */
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -202,9 +241,17 @@ static int frameValid(const WsChain *pC, const unsigned char *h, uint32_t *ck) {
   return 1;
 }
 
-/* Append r to the queue, numbering it in its database's sequence. */
-static void enqueue(WsDb *pDb, ws_rec *r) {
+/* Append r to the queue, numbering it in its database's sequence.  If pRefill
+** is given (its mirror was just handed over), give it a spare mirror. */
+static void enqueue(WsDb *pDb, ws_rec *r, WsFile *pRefill) {
   pthread_mutex_lock(&gMutex);
+  if (pRefill && gSpare) {
+    WsSpare *sp = gSpare;
+    gSpare = sp->next;
+    gSpareBytes -= sp->n;
+    pRefill->aBuf = (unsigned char *)sp;
+    pRefill->nAlloc = sp->n;
+  }
   r->seq = ++pDb->seq;
   r->next = 0;
   if (gTail) gTail->next = r;
@@ -219,14 +266,15 @@ static void publishEvent(WsDb *pDb, int kind, const char *zText) {
   size_t n = zText ? strlen(zText) + 1 : 0;
   ws_rec *r = calloc(1, sizeof(*r) + n);
   if (!r) return; /* out of memory: the consumer will see a seq hole */
+  r->pDb = pDb;
   r->db_id = pDb->id;
   r->kind = kind;
   r->time_ns = now_ns();
   if (n) {
-    r->data = (unsigned char *)(r + 1);
-    memcpy(r->data, zText, n);
+    r->path = (char *)(r + 1);
+    memcpy(r->path, zText, n);
   }
-  enqueue(pDb, r);
+  enqueue(pDb, r, 0);
 }
 
 /* Forget the chain position and tell the consumer the stream broke. */
@@ -235,31 +283,28 @@ static void reportGap(WsDb *pDb) {
   publishEvent(pDb, WS_GAP, 0);
 }
 
-typedef struct { uint32_t pgno, iFrame; } PageRef;
-
-static int cmpPageRef(const void *a, const void *b) {
-  const PageRef *x = a, *y = b;
-  if (x->pgno != y->pgno) return x->pgno < y->pgno ? -1 : 1;
-  return x->iFrame < y->iFrame ? -1 : (x->iFrame > y->iFrame);
-}
-
 /*
 ** Publish the committed transaction held in pWal's mirror, if any, and reset
 ** the mirror.  Called with the WAL write lock still held (or, in EXCLUSIVE
 ** locking mode, by the only connection), so pDb's chain state is ours alone.
 **
 ** The mirror covers WAL bytes [iStart, iStart+nBuf).  If it starts at 0 the
-** WAL was restarted and the header comes first.  Frames are walked while they
-** continue the checksum chain; the transaction ends at the last valid commit
-** frame (synchronous=FULL pads with repeated commit frames).  Anything after
-** it was rolled back.
+** WAL was restarted and the header comes first.  Only frame headers are read
+** here: the transaction ends at the last commit frame (synchronous=FULL pads
+** with copies of it) in the run of frames carrying our salts; anything after
+** it was rolled back.  The commit frame's stored checksum becomes the chain
+** position, and the mirror goes to the queue as it is.  prepareCommit(), on
+** the consumer's thread, recomputes the chain over every frame and turns the
+** record into a GAP if one link fails, so nothing unverified is ever handed
+** to Python.
 */
 static void publishPending(WsFile *pWal) {
   WsDb *pDb = pWal->pDb;
   const unsigned char *a = pWal->aBuf;
   sqlite3_int64 nBuf = pWal->nBuf, off = 0, f0Off;
-  uint32_t ck[2], endCk[2] = {0, 0}, f0, i, nCommit = 0, dbSize = 0, szFrame;
+  uint32_t endCk[2] = {0, 0}, f0, i, nCommit = 0, dbSize = 0, szFrame;
   WsChain c;
+  ws_rec *r;
 
   pWal->nBuf = 0;
   if (nBuf == 0 || !pDb || !pDb->c.bKnown) return;
@@ -293,19 +338,17 @@ static void publishPending(WsFile *pWal) {
     reportGap(pDb);
     return;
   }
-  ck[0] = c.cksum[0];
-  ck[1] = c.cksum[1];
   for (i = 0; off + szFrame <= nBuf; i++, off += szFrame) {
     const unsigned char *h = a + off;
-    if (!frameValid(&c, h, ck)) break;
+    if (get32(h) == 0 || get32(h + 8) != c.salt1 || get32(h + 12) != c.salt2) break;
     if (get32(h + 4)) {
       nCommit = i + 1;
       dbSize = get32(h + 4);
-      endCk[0] = ck[0];
-      endCk[1] = ck[1];
+      endCk[0] = get32(h + 16);
+      endCk[1] = get32(h + 20);
     }
   }
-  /* A commit marker with our salts past a broken link means a committed
+  /* A commit marker with our salts past a broken run means a committed
   ** transaction we cannot verify: never drop it silently. */
   for (; off + szFrame <= nBuf; off += szFrame) {
     const unsigned char *h = a + off;
@@ -316,60 +359,86 @@ static void publishPending(WsFile *pWal) {
   }
   if (nCommit == 0) return; /* rolled back */
 
-  {
-    /* Keep the last version of each page; drop pages past the new end. */
-    const unsigned char *aF = a + (f0Off - pWal->iStart);
-    PageRef *aRef = malloc(sizeof(PageRef) * nCommit);
-    uint32_t nRef = 0, nPage = 0, k;
-    ws_rec *r;
-    if (!aRef) {
-      reportGap(pDb);
-      return;
-    }
-    for (k = 0; k < nCommit; k++) {
-      uint32_t pg = get32(aF + (sqlite3_int64)k * szFrame);
-      if (pg <= dbSize) {
-        aRef[nRef].pgno = pg;
-        aRef[nRef].iFrame = k;
-        nRef++;
-      }
-    }
-    qsort(aRef, nRef, sizeof(PageRef), cmpPageRef);
-    for (k = 0; k < nRef; k++) {
-      if (k + 1 < nRef && aRef[k + 1].pgno == aRef[k].pgno) continue;
-      aRef[nPage++] = aRef[k];
-    }
-    r = malloc(sizeof(*r) + (size_t)nPage * (4 + c.szPage));
-    if (!r) {
-      free(aRef);
-      reportGap(pDb);
-      return;
-    }
-    memset(r, 0, sizeof(*r));
-    r->db_id = pDb->id;
-    r->kind = WS_COMMIT;
-    r->page_size = c.szPage;
-    r->time_ns = now_ns();
-    r->db_size = dbSize;
-    r->npages = nPage;
-    r->salt1 = c.salt1;
-    r->salt2 = c.salt2;
-    r->frame_start = f0;
-    r->frame_end = f0 + nCommit;
-    r->pgnos = (uint32_t *)(r + 1);
-    r->data = (unsigned char *)(r->pgnos + nPage);
-    for (k = 0; k < nPage; k++) {
-      r->pgnos[k] = aRef[k].pgno;
-      memcpy(r->data + (size_t)k * c.szPage, aF + (sqlite3_int64)aRef[k].iFrame * szFrame + FRAME_HDR,
-             c.szPage);
-    }
-    free(aRef);
-    c.nFrame = f0 + nCommit;
-    c.cksum[0] = endCk[0];
-    c.cksum[1] = endCk[1];
-    pDb->c = c;
-    enqueue(pDb, r);
+  r = calloc(1, sizeof(*r));
+  if (!r) {
+    reportGap(pDb);
+    return;
   }
+  r->pDb = pDb;
+  r->db_id = pDb->id;
+  r->kind = WS_COMMIT;
+  r->page_size = c.szPage;
+  r->time_ns = now_ns();
+  r->db_size = dbSize;
+  r->salt1 = c.salt1;
+  r->salt2 = c.salt2;
+  r->frame_start = f0;
+  r->frame_end = f0 + nCommit;
+  r->chain = c; /* the state the first frame continues */
+  r->aMirror = pWal->aBuf;
+  r->nMirror = pWal->nAlloc;
+  r->iFrames = f0Off - pWal->iStart;
+  pWal->aBuf = 0; /* enqueue() hands over a spare, else the next write allocates */
+  pWal->nAlloc = 0;
+  pWal->nHint = nBuf;
+  c.nFrame = f0 + nCommit;
+  c.cksum[0] = endCk[0];
+  c.cksum[1] = endCk[1];
+  pDb->c = c;
+  enqueue(pDb, r, pWal);
+}
+
+typedef struct { uint32_t pgno, iFrame; } PageRef;
+
+static int cmpPageRef(const void *a, const void *b) {
+  const PageRef *x = a, *y = b;
+  if (x->pgno != y->pgno) return x->pgno < y->pgno ? -1 : 1;
+  return x->iFrame < y->iFrame ? -1 : (x->iFrame > y->iFrame);
+}
+
+/* Consumer side of a COMMIT: verify the checksum chain of its frames and
+** index the newest version of every page still inside the database.  A
+** broken link turns the record into a GAP (the consumer resyncs). */
+static void prepareCommit(ws_rec *r) {
+  const WsChain *c = &r->chain;
+  const unsigned char *aF = r->aMirror + r->iFrames;
+  uint32_t n = r->frame_end - r->frame_start, szFrame = FRAME_HDR + c->szPage;
+  uint32_t ck[2], k, nRef = 0, nPage = 0;
+  PageRef *aRef;
+  ck[0] = c->cksum[0];
+  ck[1] = c->cksum[1];
+  for (k = 0; k < n; k++) {
+    if (!frameValid(c, aF + (sqlite3_int64)k * szFrame, ck)) goto gap;
+  }
+  aRef = malloc(sizeof(PageRef) * n + (sizeof(uint32_t) + sizeof(unsigned char *)) * n);
+  if (!aRef) goto gap;
+  for (k = 0; k < n; k++) {
+    uint32_t pg = get32(aF + (sqlite3_int64)k * szFrame);
+    if (pg <= r->db_size) {
+      aRef[nRef].pgno = pg;
+      aRef[nRef].iFrame = k;
+      nRef++;
+    }
+  }
+  qsort(aRef, nRef, sizeof(PageRef), cmpPageRef);
+  for (k = 0; k < nRef; k++) {
+    if (k + 1 < nRef && aRef[k + 1].pgno == aRef[k].pgno) continue;
+    aRef[nPage++] = aRef[k];
+  }
+  /* The index arrays live in the same block, after the PageRefs. */
+  r->pages = (unsigned char **)(aRef + n);
+  r->pgnos = (uint32_t *)(r->pages + n);
+  for (k = 0; k < nPage; k++) {
+    r->pgnos[k] = aRef[k].pgno;
+    r->pages[k] = (unsigned char *)aF + (sqlite3_int64)aRef[k].iFrame * szFrame + FRAME_HDR;
+  }
+  r->npages = nPage;
+  r->pIndex = aRef;
+  return;
+gap:
+  free(r->aMirror);
+  r->aMirror = 0;
+  r->kind = WS_GAP;
 }
 
 /*
@@ -429,7 +498,7 @@ static int mirrorWrite(WsFile *p, const void *z, int iAmt, sqlite3_int64 iOfst) 
   }
   end = iOfst - p->iStart + iAmt;
   if (end > p->nAlloc) {
-    sqlite3_int64 n = p->nAlloc ? p->nAlloc * 2 : 65536;
+    sqlite3_int64 n = p->nAlloc ? p->nAlloc * 2 : (p->nHint > 16384 ? p->nHint : 16384);
     unsigned char *aNew;
     while (n < end) n *= 2;
     aNew = realloc(p->aBuf, (size_t)n);
@@ -726,16 +795,15 @@ static sqlite3_vfs ws_vfs = {
 
 /* ------------------------------------------------------- Python-side API */
 
-/* Block until a record is queued, ws_wake() is called, or timeout_ms passes.
-** Returns 1 if records are queued.  cffi releases the GIL around this call. */
-int ws_wait(int timeout_ms) {
-  int r;
+/* Block until a record is queued, ws_wake() is called, or timeout_ms passes
+** (negative: no limit). */
+static void waitForRecords(int timeout_ms) {
   pthread_mutex_lock(&gMutex);
   if (!gHead && !gWake && timeout_ms != 0) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += timeout_ms / 1000;
-    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+    ts.tv_sec += timeout_ms < 0 ? 1 << 30 : timeout_ms / 1000;
+    ts.tv_nsec += timeout_ms < 0 ? 0 : (long)(timeout_ms % 1000) * 1000000;
     if (ts.tv_nsec >= 1000000000) {
       ts.tv_sec++;
       ts.tv_nsec -= 1000000000;
@@ -747,9 +815,7 @@ int ws_wait(int timeout_ms) {
     gWaiting--;
   }
   gWake = 0;
-  r = gHead != 0;
   pthread_mutex_unlock(&gMutex);
-  return r;
 }
 
 void ws_wake(void) {
@@ -759,22 +825,105 @@ void ws_wake(void) {
   pthread_mutex_unlock(&gMutex);
 }
 
-/* Detach every queued record, oldest first; free them with ws_free(). */
-ws_rec *ws_take(void) {
-  ws_rec *r;
+/* Free a record; its mirror joins *ppSpare if it is worth keeping. */
+static void freeRecord(ws_rec *r, WsSpare **ppSpare) {
+  if (r->aMirror && ppSpare && r->nMirror <= WS_MAX_SPARE_SIZE) {
+    WsSpare *sp = (WsSpare *)r->aMirror;
+    sp->n = r->nMirror;
+    sp->next = *ppSpare;
+    *ppSpare = sp;
+  } else {
+    free(r->aMirror);
+  }
+  free(r->pIndex);
+  free(r);
+}
+
+/* Detach every queued record, prepare its commits (checksum chain, page
+** index) and group the records per database, each group in publish order. */
+static ws_batch *takeBatches(void) {
+  ws_rec *r, *next;
+  ws_batch *head = 0, **pTail = &head;
   pthread_mutex_lock(&gMutex);
   r = gHead;
   gHead = gTail = 0;
   pthread_mutex_unlock(&gMutex);
-  return r;
+  for (; r; r = next) {
+    ws_batch *b = r->pDb->pBatch; /* only this thread touches pBatch */
+    next = r->next;
+    r->next = 0;
+    if (r->kind == WS_COMMIT) prepareCommit(r);
+    if (!b) {
+      b = calloc(1, sizeof(*b));
+      if (!b) { /* out of memory: drop it; the consumer sees a seq hole */
+        freeRecord(r, 0);
+        continue;
+      }
+      b->db_id = r->db_id;
+      b->first = r;
+      r->pDb->pBatch = b;
+      *pTail = b;
+      pTail = &b->next;
+    } else {
+      b->last->next = r;
+    }
+    b->last = r;
+    b->nrec++;
+    if (r->kind == WS_COMMIT) b->ncommit++;
+    if (r->kind == WS_GAP) b->ngap++;
+    if (r->kind == WS_OPEN && !b->open_path) b->open_path = r->path;
+  }
+  for (ws_batch *b = head; b; b = b->next) b->first->pDb->pBatch = 0;
+  return head;
 }
 
-void ws_free(ws_rec *r) {
-  while (r) {
-    ws_rec *n = r->next;
-    free(r);
-    r = n;
+static void freeBatches(ws_batch *b) {
+  WsSpare *sp = 0;
+  while (b) {
+    ws_batch *nb = b->next;
+    ws_rec *r = b->first;
+    while (r) {
+      ws_rec *n = r->next;
+      freeRecord(r, &sp);
+      r = n;
+    }
+    free(b);
+    b = nb;
   }
+  pthread_mutex_lock(&gMutex);
+  while (sp && gSpareBytes + sp->n <= WS_MAX_SPARE_BYTES) {
+    WsSpare *n = sp->next;
+    sp->next = gSpare;
+    gSpare = sp;
+    gSpareBytes += sp->n;
+    sp = n;
+  }
+  pthread_mutex_unlock(&gMutex);
+  while (sp) {
+    WsSpare *n = sp->next;
+    free(sp);
+    sp = n;
+  }
+}
+
+/* The consumer's whole cycle in one call, so the GIL is released once per
+** drain rather than once per step: free the previous drain's batches, linger
+** linger_us if it returned any (commits queue up meanwhile, so a busy writer
+** costs one wake-up per linger, not one per commit), wait up to timeout_ms
+** (negative: no limit) for a record, then take everything queued.  A batch
+** stays valid until the next call.  Exactly one thread may call this. */
+ws_batch *ws_drain(int timeout_ms, int linger_us) {
+  static ws_batch *pPrev = 0;
+  int bLinger = pPrev != 0 && linger_us > 0;
+  freeBatches(pPrev);
+  pPrev = 0;
+  if (bLinger) {
+    struct timespec ts = {0, (long)linger_us * 1000};
+    nanosleep(&ts, 0);
+  }
+  if (timeout_ms != 0) waitForRecords(timeout_ms);
+  pPrev = takeBatches();
+  return pPrev;
 }
 
 static WsDb *dbById(int64_t id) {

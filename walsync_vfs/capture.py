@@ -2,7 +2,11 @@
 
 The shim (csrc/walsync.c) publishes one record per committed transaction into a process-wide
 FIFO without touching Python; a single consumer thread drains it here, so the writer never
-takes the GIL.  Each database's records carry a sequence number (``seq``); a :class:`SyncPoint`
+takes the GIL.  The drain verifies and indexes the records in C with the GIL released and
+hands each database one :class:`Batch`; records become Python objects only when a sink
+iterates it, so a sink that ignores them costs nothing per commit.
+
+Each database's records carry a sequence number (``seq``); a :class:`SyncPoint`
 pins a read snapshot of the database together with the seq it corresponds to, which is how a
 consumer lines a full copy up with the deltas that follow it.
 """
@@ -12,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -22,7 +26,7 @@ import apsw
 from walsync_vfs import _shim
 
 VFS_NAME = "walsync"
-LINGER = 0.001  # seconds the dispatcher waits after a batch (bounds added lag to ~1 ms)
+LINGER = 0.005  # seconds the dispatcher waits after a batch (bounds added lag to ~1 ms)
 _FCNTL_DB_ID = 0x57530001
 
 ffi, lib = _shim.ffi, _shim.lib
@@ -109,42 +113,75 @@ def db_path(db_id: int) -> str:
     return ffi.string(p).decode() if p != ffi.NULL else ""
 
 
+_KINDS = {int(k): k for k in Kind}
+
+
 def _convert(rec) -> Record:
-    kind = Kind(rec.kind)
+    kind = _KINDS[rec.kind]
     if kind is Kind.COMMIT:
         n, ps = rec.npages, rec.page_size
         pgnos = ffi.unpack(rec.pgnos, n)
-        data = ffi.buffer(rec.data, n * ps)[:]
-        pages = tuple((pgnos[i], data[i * ps : (i + 1) * ps]) for i in range(n))
+        pages = tuple((pgnos[i], ffi.buffer(rec.pages[i], ps)[:]) for i in range(n))
         return Record(
             kind, rec.db_id, rec.seq, rec.time_ns, ps, rec.db_size, pages,
             (rec.salt1, rec.salt2), (rec.frame_start, rec.frame_end),
         )  # fmt: skip
-    path = ffi.string(ffi.cast("char *", rec.data)).decode() if kind is Kind.OPEN else ""
+    path = ffi.string(rec.path).decode() if kind is Kind.OPEN else ""
     return Record(kind, rec.db_id, rec.seq, rec.time_ns, path=path)
 
 
-def take(timeout: float | None = 0.0) -> list[Record]:
-    """Drain every queued record, oldest first, waiting up to ``timeout`` seconds for one.
+class Batch:
+    """One database's records from one drain of the queue, in commit order.
 
-    ``None`` waits until a record arrives or :func:`wake` is called.  The wait happens in C
-    with the GIL released.  There must be exactly one consumer per process.
+    Iterating converts them to :class:`Record` (Python copies, safe to keep).  The batch
+    itself points into C memory that is freed when the sink returns: a sink must not keep
+    it (iterating it afterwards yields nothing).
+    """
+
+    __slots__ = ("db_id", "commits", "gaps", "records", "open_path", "_first")
+
+    def __init__(self, b) -> None:
+        self.db_id: int = b.db_id
+        self.commits: int = b.ncommit  # COMMIT records in the batch
+        self.gaps: int = b.ngap
+        self.records: int = b.nrec
+        self.open_path = ffi.string(b.open_path).decode() if b.open_path != ffi.NULL else None
+        self._first = b.first
+
+    def __iter__(self) -> Iterator[Record]:
+        rec = self._first
+        while rec != ffi.NULL:
+            yield _convert(rec)
+            rec = rec.next
+
+    def __len__(self) -> int:
+        return self.records
+
+
+@contextmanager
+def drain(timeout: float | None = 0.0, linger: float = 0.0) -> Iterator[list[Batch]]:
+    """Drain every queued record as per-database batches, waiting up to ``timeout`` seconds
+    for one (``None``: until a record arrives or :func:`wake` is called).  If the previous
+    drain returned records, first sleep ``linger`` seconds so commits batch up.
+
+    All of it is one C call with the GIL released.  The batches are valid inside the
+    ``with`` block only.  There must be exactly one consumer per process.
     """
     ms = -1 if timeout is None else int(timeout * 1000)
-    if ms != 0 and not lib.ws_wait(ms if ms > 0 else 2**31 - 1):
-        return []
-    head = lib.ws_take()
-    out = []
-    rec = head
-    while rec != ffi.NULL:
-        out.append(_convert(rec))
-        rec = rec.next
-    lib.ws_free(head)
-    return out
+    batches = []
+    b = lib.ws_drain(ms, int(linger * 1e6))
+    while b != ffi.NULL:
+        batches.append(Batch(b))
+        b = b.next
+    try:
+        yield batches
+    finally:
+        for batch in batches:  # the C memory goes at the next drain
+            batch._first = ffi.NULL
 
 
 def wake() -> None:
-    """Make a blocked :func:`take` return (used to stop the consumer)."""
+    """Make a blocked :func:`drain` return (used by barriers and to stop the consumer)."""
     lib.ws_wake()
 
 
@@ -272,16 +309,16 @@ def _read(file: object, buf: object, n: int, off: int) -> None:
         raise CaptureError(f"read of {n} bytes at offset {off} failed (SQLite error {rc})")
 
 
-Sink = Callable[[list[Record]], None]
+Sink = Callable[[Batch], None]
 
 
 class Dispatcher:
     """The process's single consumer of the shim's queue: routes records to per-database sinks.
 
     One daemon thread blocks in C (GIL released) until records arrive, then hands each
-    database its batch, in commit order.  A database's sink is chosen when its OPEN record
-    arrives: a sink routed to its path, else :attr:`default` (the replication engine), else
-    the records are dropped.
+    database its :class:`Batch`, in commit order.  A database's sink is chosen when its OPEN
+    record arrives: a sink routed to its path, else :attr:`default` (the replication engine),
+    else the records are dropped.
     """
 
     def __init__(self) -> None:
@@ -312,34 +349,32 @@ class Dispatcher:
             if not self._cond.wait_for(lambda: self._served >= target, timeout):
                 raise TimeoutError("capture dispatcher did not drain in time")
 
-    def _sink_for(self, rec: Record) -> Sink | None:
+    def _sink_for(self, batch: Batch) -> Sink | None:
         with self._lock:
-            if rec.kind is Kind.OPEN:
-                sink = self._by_path.get(os.path.realpath(rec.path), self.default)
-                self._by_id[rec.db_id] = sink
+            if batch.open_path is not None:
+                sink = self._by_path.get(os.path.realpath(batch.open_path), self.default)
+                self._by_id[batch.db_id] = sink
                 return sink
-            return self._by_id.get(rec.db_id, self.default)
+            return self._by_id.get(batch.db_id, self.default)
 
     def _run(self) -> None:
         while True:
             with self._lock:
                 requested = self._requested
-            batch: dict[Sink, list[Record]] = {}
             # A waiting barrier needs a pass that starts after it: drain without blocking.
-            for rec in take(None if requested == self._served else 0):
-                sink = self._sink_for(rec)
-                if sink is not None:
-                    batch.setdefault(sink, []).append(rec)
-            for sink, recs in batch.items():
-                try:
-                    sink(recs)
-                except Exception:  # a sink's bug must not stop capture for every database
-                    log.exception("walsync: capture sink failed")
-            if batch:
-                # Linger before draining again: commits arriving meanwhile queue up without
-                # waking this thread, so a busy writer pays one wake-up per LINGER, not per
-                # commit.  Idle, the thread blocks in take() and costs nothing.
-                time.sleep(LINGER)
+            # Otherwise linger after a busy pass: commits arriving meanwhile queue up without
+            # waking this thread, so a busy writer pays one wake-up per LINGER, not per
+            # commit.  Idle, the thread blocks in C and costs nothing.
+            idle = requested == self._served
+            with drain(None if idle else 0, LINGER if idle else 0) as batches:
+                for batch in batches:
+                    sink = self._sink_for(batch)
+                    if sink is None:
+                        continue
+                    try:
+                        sink(batch)
+                    except Exception:  # a sink's bug must not stop capture for every database
+                        log.exception("walsync: capture sink failed")
             with self._cond:
                 self._served = requested
                 self._cond.notify_all()

@@ -22,6 +22,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -145,7 +146,7 @@ class Engine:
 
     # ------------------------------------------------------------------ capture side
 
-    def on_records(self, records: list[Record]) -> None:
+    def on_records(self, records: Iterable[Record]) -> None:
         """Dispatcher sink: called with each batch of records, in commit order."""
         with self._lock:
             for rec in records:
