@@ -13,8 +13,12 @@
 **   - xShmLock releasing the WAL write lock (lock 0) on the main db file is the
 **     moment a transaction is complete and still serialized against every
 **     other writer: the frame headers in the mirror are scanned for the
-**     commit, and the mirror itself is handed to the queue *before* the lock
-**     is passed down (no copy, no checksum on the writer's path);
+**     commit, and a small record naming its frames is queued *before* the
+**     lock is passed down (no page copy, no checksum on the writer's path);
+**   - xWrite at offset 0, xTruncate and xDelete of a WAL (a restart, a
+**     TRUNCATE checkpoint, the last close) first wait until the consumer has
+**     read every queued commit's frames: committed frames never change
+**     before that;
 **   - xFileControl(SQLITE_FCNTL_COMMIT_PHASETWO) publishes the same way for
 **     locking_mode=EXCLUSIVE, where WAL locks are never taken;
 **   - xWrite on a main db file outside a checkpoint (CKPT_START..CKPT_DONE)
@@ -22,8 +26,9 @@
 **
 ** Published records form one process-wide FIFO that Python drains with
 ** ws_drain() (see build_shim.py for the declarations).  ws_drain()
-** runs on the consumer's thread with the GIL released: it verifies each
-** commit's WAL checksum chain, picks the last version of every page, and
+** runs on the consumer's thread with the GIL released: it reads each
+** commit's frames from the WAL file (one pread, from the page cache),
+** verifies their checksum chain, picks the last version of every page, and
 ** groups the records per database, so the writer pays for none of it.  Per
 ** database the shim keeps the WAL chain position of the last published
 ** commit; frames that do not continue that chain (another process or a
@@ -91,10 +96,9 @@ struct ws_rec {
   char *path;         /* WS_OPEN: the database path */
   /* Below: private to the shim (cffi sees "..."). */
   struct WsDb *pDb;
-  unsigned char *aMirror; /* COMMIT: the writer's mirror, owned by the record */
-  sqlite3_int64 nMirror;  /* its allocated size */
-  sqlite3_int64 iFrames;  /* offset of the first frame in aMirror */
   WsChain chain;          /* COMMIT: chain state the frames must continue */
+  uint32_t endCk[2];      /* COMMIT: checksum stored in its commit frame */
+  unsigned char *aFrames; /* COMMIT: its frames, read by the consumer */
   void *pIndex;           /* COMMIT: block holding pgnos and pages */
 };
 
@@ -119,6 +123,10 @@ struct WsDb {
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
+  int nPending; /* COMMITs queued whose frames the consumer has not read (atomic) */
+  int nWaiter;  /* writers in waitConsumed() (gMutex) */
+  int walFd;    /* the consumer's descriptor for the WAL, or -1 */
+  int bReopen;  /* the WAL may be another file now: reopen walFd (atomic) */
   ws_batch *pBatch; /* ws_drain() scratch: this db's batch being built */
 };
 
@@ -143,7 +151,6 @@ struct WsFile {
   /* WAL: mirror of the bytes written since the last publish. */
   unsigned char *aBuf;
   sqlite3_int64 iStart, nBuf, nAlloc;
-  sqlite3_int64 nHint; /* bytes the last published mirror used: the next one's size */
 };
 #define WSF_OTHER 0
 #define WSF_MAIN 1
@@ -159,18 +166,7 @@ static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
 static int gWaiting = 0, gWake = 0;
 
-/* Mirrors the consumer is done with, handed back to writers: a commit then
-** never pays for malloc or page faults of fresh memory on the writer's path.
-** A spare's first bytes hold the list link and its size. */
-typedef struct WsSpare WsSpare;
-struct WsSpare {
-  WsSpare *next;
-  sqlite3_int64 n;
-};
-static WsSpare *gSpare = 0;
-static sqlite3_int64 gSpareBytes = 0;
-#define WS_MAX_SPARE_BYTES (8 << 20) /* spares kept, in all */
-#define WS_MAX_SPARE_SIZE (1 << 20)  /* bigger mirrors go back to malloc */
+static pthread_cond_t gDone = PTHREAD_COND_INITIALIZER; /* some db's nPending hit 0 */
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -241,17 +237,10 @@ static int frameValid(const WsChain *pC, const unsigned char *h, uint32_t *ck) {
   return 1;
 }
 
-/* Append r to the queue, numbering it in its database's sequence.  If pRefill
-** is given (its mirror was just handed over), give it a spare mirror. */
-static void enqueue(WsDb *pDb, ws_rec *r, WsFile *pRefill) {
+/* Append r to the queue, numbering it in its database's sequence. */
+static void enqueue(WsDb *pDb, ws_rec *r) {
   pthread_mutex_lock(&gMutex);
-  if (pRefill && gSpare) {
-    WsSpare *sp = gSpare;
-    gSpare = sp->next;
-    gSpareBytes -= sp->n;
-    pRefill->aBuf = (unsigned char *)sp;
-    pRefill->nAlloc = sp->n;
-  }
+  if (r->kind == WS_COMMIT) __atomic_add_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
   r->seq = ++pDb->seq;
   r->next = 0;
   if (gTail) gTail->next = r;
@@ -274,7 +263,7 @@ static void publishEvent(WsDb *pDb, int kind, const char *zText) {
     r->path = (char *)(r + 1);
     memcpy(r->path, zText, n);
   }
-  enqueue(pDb, r, 0);
+  enqueue(pDb, r);
 }
 
 /* Forget the chain position and tell the consumer the stream broke. */
@@ -293,10 +282,10 @@ static void reportGap(WsDb *pDb) {
 ** here: the transaction ends at the last commit frame (synchronous=FULL pads
 ** with copies of it) in the run of frames carrying our salts; anything after
 ** it was rolled back.  The commit frame's stored checksum becomes the chain
-** position, and the mirror goes to the queue as it is.  prepareCommit(), on
-** the consumer's thread, recomputes the chain over every frame and turns the
-** record into a GAP if one link fails, so nothing unverified is ever handed
-** to Python.
+** position, and a record naming the frames is queued.  prepareCommit(), on
+** the consumer's thread, reads them from the WAL file, recomputes the chain
+** over every frame and turns the record into a GAP unless it ends exactly at
+** that checksum, so nothing unverified is ever handed to Python.
 */
 static void publishPending(WsFile *pWal) {
   WsDb *pDb = pWal->pDb;
@@ -375,17 +364,13 @@ static void publishPending(WsFile *pWal) {
   r->frame_start = f0;
   r->frame_end = f0 + nCommit;
   r->chain = c; /* the state the first frame continues */
-  r->aMirror = pWal->aBuf;
-  r->nMirror = pWal->nAlloc;
-  r->iFrames = f0Off - pWal->iStart;
-  pWal->aBuf = 0; /* enqueue() hands over a spare, else the next write allocates */
-  pWal->nAlloc = 0;
-  pWal->nHint = nBuf;
+  r->endCk[0] = endCk[0];
+  r->endCk[1] = endCk[1];
   c.nFrame = f0 + nCommit;
   c.cksum[0] = endCk[0];
   c.cksum[1] = endCk[1];
   pDb->c = c;
-  enqueue(pDb, r, pWal);
+  enqueue(pDb, r);
 }
 
 typedef struct { uint32_t pgno, iFrame; } PageRef;
@@ -396,19 +381,68 @@ static int cmpPageRef(const void *a, const void *b) {
   return x->iFrame < y->iFrame ? -1 : (x->iFrame > y->iFrame);
 }
 
-/* Consumer side of a COMMIT: verify the checksum chain of its frames and
-** index the newest version of every page still inside the database.  A
-** broken link turns the record into a GAP (the consumer resyncs). */
+/* Read n bytes at off, retrying short reads; 0 on success. */
+static int preadFull(int fd, unsigned char *a, sqlite3_int64 n, sqlite3_int64 off) {
+  while (n > 0) {
+    ssize_t got = pread(fd, a, (size_t)n, (off_t)off);
+    if (got <= 0) {
+      if (got < 0 && errno == EINTR) continue;
+      return 1;
+    }
+    a += got;
+    n -= got;
+    off += got;
+  }
+  return 0;
+}
+
+/* The consumer is done with one of pDb's queued commits: wake writers in
+** waitConsumed() when it was the last. */
+static void commitConsumed(WsDb *pDb) {
+  if (__atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL) == 0) {
+    pthread_mutex_lock(&gMutex);
+    if (pDb->nWaiter) pthread_cond_broadcast(&gDone);
+    pthread_mutex_unlock(&gMutex);
+  }
+}
+
+/* Consumer side of a COMMIT: read its frames from the WAL file, verify that
+** they continue the chain and end at the checksum the writer saw, and index
+** the newest version of every page still inside the database.  Anything
+** else (the WAL was rewritten by someone else, a read failed) turns the
+** record into a GAP, and the consumer resyncs. */
 static void prepareCommit(ws_rec *r) {
+  WsDb *pDb = r->pDb;
   const WsChain *c = &r->chain;
-  const unsigned char *aF = r->aMirror + r->iFrames;
   uint32_t n = r->frame_end - r->frame_start, szFrame = FRAME_HDR + c->szPage;
   uint32_t ck[2], k, nRef = 0, nPage = 0;
+  const unsigned char *aF;
   PageRef *aRef;
+  if (__atomic_exchange_n(&pDb->bReopen, 0, __ATOMIC_ACQ_REL) && pDb->walFd >= 0) {
+    close(pDb->walFd);
+    pDb->walFd = -1;
+  }
+  if (pDb->walFd < 0) {
+    char *zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
+    if (zWal) pDb->walFd = open(zWal, O_RDONLY | O_CLOEXEC);
+    sqlite3_free(zWal);
+    if (pDb->walFd < 0) goto gap;
+  }
+  r->aFrames = malloc((size_t)n * szFrame);
+  if (!r->aFrames ||
+      preadFull(pDb->walFd, r->aFrames, (sqlite3_int64)n * szFrame,
+                WAL_HDR + (sqlite3_int64)r->frame_start * szFrame)) {
+    goto gap;
+  }
+  aF = r->aFrames;
   ck[0] = c->cksum[0];
   ck[1] = c->cksum[1];
   for (k = 0; k < n; k++) {
     if (!frameValid(c, aF + (sqlite3_int64)k * szFrame, ck)) goto gap;
+  }
+  if (ck[0] != r->endCk[0] || ck[1] != r->endCk[1] ||
+      get32(aF + (sqlite3_int64)(n - 1) * szFrame + 4) != r->db_size) {
+    goto gap;
   }
   aRef = malloc(sizeof(PageRef) * n + (sizeof(uint32_t) + sizeof(unsigned char *)) * n);
   if (!aRef) goto gap;
@@ -434,11 +468,45 @@ static void prepareCommit(ws_rec *r) {
   }
   r->npages = nPage;
   r->pIndex = aRef;
+  commitConsumed(pDb);
   return;
 gap:
-  free(r->aMirror);
-  r->aMirror = 0;
+  free(r->aFrames);
+  r->aFrames = 0;
   r->kind = WS_GAP;
+  commitConsumed(pDb);
+}
+
+/*
+** SQLite is about to overwrite, truncate or delete the WAL.  Wait until the
+** consumer has read the frames of every queued commit of pDb, which lie in
+** it.  The wait is bounded: a stalled consumer is no reason to stall the
+** application; its reads then fail the chain check and it resyncs.
+*/
+static void waitConsumed(WsDb *pDb) {
+  struct timespec ts;
+  if (!pDb || __atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) return;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ts.tv_sec += 2;
+  pthread_mutex_lock(&gMutex);
+  pDb->nWaiter++;
+  while (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) > 0) {
+    if (pthread_cond_timedwait(&gDone, &gMutex, &ts) == ETIMEDOUT) break;
+  }
+  pDb->nWaiter--;
+  pthread_mutex_unlock(&gMutex);
+}
+
+/* The WAL is being deleted, or the database's last connection closes: once
+** the consumer has read everything queued, close its descriptor (a deleted
+** WAL's space is only freed then; the next commit opens the new WAL).  The
+** consumer touches walFd only while one of the db's commits is pending. */
+static void releaseWal(WsDb *pDb) {
+  waitConsumed(pDb);
+  if (pDb->walFd >= 0 && __atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) {
+    close(pDb->walFd);
+    pDb->walFd = -1;
+  }
 }
 
 /*
@@ -498,7 +566,7 @@ static int mirrorWrite(WsFile *p, const void *z, int iAmt, sqlite3_int64 iOfst) 
   }
   end = iOfst - p->iStart + iAmt;
   if (end > p->nAlloc) {
-    sqlite3_int64 n = p->nAlloc ? p->nAlloc * 2 : (p->nHint > 16384 ? p->nHint : 16384);
+    sqlite3_int64 n = p->nAlloc ? p->nAlloc * 2 : 65536;
     unsigned char *aNew;
     while (n < end) n *= 2;
     aNew = realloc(p->aBuf, (size_t)n);
@@ -546,6 +614,7 @@ static int wsClose(sqlite3_file *pFile) {
       /* Nobody holds the db now; another process may change it before the
       ** next open, which therefore starts from a fresh sync point. */
       p->pDb->c.bKnown = 0;
+      releaseWal(p->pDb);
       publishEvent(p->pDb, WS_CLOSE, 0);
     }
   }
@@ -561,7 +630,10 @@ static int wsRead(sqlite3_file *f, void *z, int n, sqlite3_int64 o) {
 static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
   WsFile *p = (WsFile *)f;
   int rc;
-  if (p->eType == WSF_WAL && o == 0) checkRestart(p);
+  if (p->eType == WSF_WAL && o == 0) {
+    waitConsumed(p->pDb);
+    checkRestart(p);
+  }
   rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
   if (rc != SQLITE_OK) return rc;
   if (p->eType == WSF_WAL) return mirrorWrite(p, z, n, o);
@@ -571,7 +643,9 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
 
 static int wsTruncate(sqlite3_file *f, sqlite3_int64 size) {
   WsFile *p = (WsFile *)f;
-  int rc = p->pReal->pMethods->xTruncate(p->pReal, size);
+  int rc;
+  if (p->eType == WSF_WAL) waitConsumed(p->pDb);
+  rc = p->pReal->pMethods->xTruncate(p->pReal, size);
   /* A TRUNCATE checkpoint: it stepped salt-1 and the next header lands in an
   ** empty file legitimately. */
   if (rc == SQLITE_OK && size == 0 && p->eType == WSF_WAL && p->pDb) p->pDb->c.nTrunc++;
@@ -716,6 +790,7 @@ static WsDb *dbAcquire(const char *zPath) {
     pDb->zPath = (char *)(pDb + 1);
     strcpy(pDb->zPath, zPath);
     pDb->id = gnDb + 1;
+    pDb->walFd = -1;
     gaDb[gnDb++] = pDb;
   }
   bOpened = (pDb->nRef++ == 0);
@@ -752,7 +827,23 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
   return SQLITE_OK;
 }
 
+/* The database whose WAL is at zWal, if this process has it open. */
+static WsDb *dbByWal(const char *zWal) {
+  size_t n = strlen(zWal);
+  WsDb *pDb = 0;
+  int64_t i;
+  if (n < 4 || strcmp(zWal + n - 4, "-wal") != 0) return 0;
+  pthread_mutex_lock(&gMutex);
+  for (i = 0; i < gnDb && !pDb; i++) {
+    if (strncmp(gaDb[i]->zPath, zWal, n - 4) == 0 && gaDb[i]->zPath[n - 4] == 0) pDb = gaDb[i];
+  }
+  pthread_mutex_unlock(&gMutex);
+  return pDb;
+}
+
 static int wsDelete(sqlite3_vfs *v, const char *z, int syncDir) {
+  WsDb *pDb = dbByWal(z);
+  if (pDb) releaseWal(pDb);
   return ORIGVFS(v)->xDelete(ORIGVFS(v), z, syncDir);
 }
 static int wsAccess(sqlite3_vfs *v, const char *z, int flags, int *pOut) {
@@ -825,16 +916,8 @@ void ws_wake(void) {
   pthread_mutex_unlock(&gMutex);
 }
 
-/* Free a record; its mirror joins *ppSpare if it is worth keeping. */
-static void freeRecord(ws_rec *r, WsSpare **ppSpare) {
-  if (r->aMirror && ppSpare && r->nMirror <= WS_MAX_SPARE_SIZE) {
-    WsSpare *sp = (WsSpare *)r->aMirror;
-    sp->n = r->nMirror;
-    sp->next = *ppSpare;
-    *ppSpare = sp;
-  } else {
-    free(r->aMirror);
-  }
+static void freeRecord(ws_rec *r) {
+  free(r->aFrames);
   free(r->pIndex);
   free(r);
 }
@@ -856,7 +939,7 @@ static ws_batch *takeBatches(void) {
     if (!b) {
       b = calloc(1, sizeof(*b));
       if (!b) { /* out of memory: drop it; the consumer sees a seq hole */
-        freeRecord(r, 0);
+        freeRecord(r);
         continue;
       }
       b->db_id = r->db_id;
@@ -878,31 +961,16 @@ static ws_batch *takeBatches(void) {
 }
 
 static void freeBatches(ws_batch *b) {
-  WsSpare *sp = 0;
   while (b) {
     ws_batch *nb = b->next;
     ws_rec *r = b->first;
     while (r) {
       ws_rec *n = r->next;
-      freeRecord(r, &sp);
+      freeRecord(r);
       r = n;
     }
     free(b);
     b = nb;
-  }
-  pthread_mutex_lock(&gMutex);
-  while (sp && gSpareBytes + sp->n <= WS_MAX_SPARE_BYTES) {
-    WsSpare *n = sp->next;
-    sp->next = gSpare;
-    gSpare = sp;
-    gSpareBytes += sp->n;
-    sp = n;
-  }
-  pthread_mutex_unlock(&gMutex);
-  while (sp) {
-    WsSpare *n = sp->next;
-    free(sp);
-    sp = n;
   }
 }
 
@@ -973,6 +1041,7 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
     close(fd);
   }
   c.bKnown = 1;
+  __atomic_store_n(&pDb->bReopen, 1, __ATOMIC_RELEASE); /* the WAL may be a new file */
   pthread_mutex_lock(&gMutex);
   pDb->c = c;
   pOut->seq = pDb->seq;
