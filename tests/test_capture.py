@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import apsw
@@ -29,7 +30,16 @@ class Follower:
         self.copy = path.with_name(path.name + ".copy")
         self.records: list[Record] = []
         self.seq = 0
-        capture.dispatcher().route_path(str(path), self.records.extend)
+        self.stall = 0.0  # seconds the next batch keeps the (process-wide) consumer busy
+        self.stalling = threading.Event()
+        capture.dispatcher().route_path(str(path), self.sink)
+
+    def sink(self, batch: capture.Batch) -> None:
+        if self.stall:
+            self.stalling.set()
+            time.sleep(self.stall)
+            self.stall = 0.0
+        self.records.extend(batch)
 
     def start(self) -> None:
         """Copy the database at a sync point; records after it are deltas on that copy."""
@@ -212,6 +222,45 @@ def test_several_connections_and_threads(db):
     assert errors == []
     assert len(f.catch_up()) == 200
     f.assert_identical(con)
+
+
+def stall_consumer(con: apsw.Connection, f: Follower, seconds: float) -> None:
+    """Make the consumer sleep in the sink for ``seconds``, then queue 5 commits it has not
+    read yet."""
+    capture.dispatcher().barrier()
+    f.stall = seconds
+    con.execute("INSERT INTO t(v) VALUES(0)")
+    assert f.stalling.wait(5)
+    for i in range(5):
+        con.execute("INSERT INTO t(v) VALUES(?)", (i,))
+
+
+def test_wal_truncate_waits_until_queued_commits_are_read(db):
+    """Queued commits are read back from the WAL by the consumer: a TRUNCATE checkpoint
+    waits until it has, and the stream stays exact."""
+    con, f = db
+    fill(con, 200)
+    stall_consumer(con, f, 0.8)
+    t0 = time.monotonic()
+    assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    assert time.monotonic() - t0 > 0.4
+    fill(con, 50)
+    f.assert_identical(con)
+
+
+def test_consumer_stalled_past_the_bound_gives_a_gap_not_wrong_data(db):
+    """A consumer that stops does not stop the application: after 2 s the WAL is truncated
+    anyway, and the commits whose frames are gone are reported as a gap."""
+    con, f = db
+    stall_consumer(con, f, 3.0)
+    t0 = time.monotonic()
+    assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    assert 1.5 < time.monotonic() - t0 < 2.9
+    fill(con, 50)  # new frames where the queued commits' frames were
+    capture.dispatcher().barrier()
+    kinds = [r.kind for r in f.records if r.seq > f.seq]
+    # The commit read before the stall, the five whose frames were gone, the one after.
+    assert kinds == [Kind.COMMIT] + [Kind.GAP] * 5 + [Kind.COMMIT]
 
 
 def test_several_databases(tmp_path):
