@@ -15,10 +15,10 @@
 **     other writer: the frame headers in the mirror are scanned for the
 **     commit, and a small record naming its frames is queued *before* the
 **     lock is passed down (no page copy, no checksum on the writer's path);
-**   - xWrite at offset 0, xTruncate and xDelete of a WAL (a restart, a
-**     TRUNCATE checkpoint, the last close) first wait until the consumer has
-**     read every queued commit's frames: committed frames never change
-**     before that;
+**   - before xWrite at offset 0, xTruncate and xClose of a WAL (a restart, a
+**     TRUNCATE checkpoint, the last close, after which SQLite deletes it),
+**     the frames of commits still queued are read into their records:
+**     committed frames never change before one of those;
 **   - xFileControl(SQLITE_FCNTL_COMMIT_PHASETWO) publishes the same way for
 **     locking_mode=EXCLUSIVE, where WAL locks are never taken;
 **   - xWrite on a main db file outside a checkpoint (CKPT_START..CKPT_DONE)
@@ -98,7 +98,8 @@ struct ws_rec {
   struct WsDb *pDb;
   WsChain chain;          /* COMMIT: chain state the frames must continue */
   uint32_t endCk[2];      /* COMMIT: checksum stored in its commit frame */
-  unsigned char *aFrames; /* COMMIT: its frames, read by the consumer */
+  unsigned char *aFrames; /* COMMIT: its frames (NULL if they could not be read) */
+  int bRead;              /* COMMIT: the read of aFrames was done (by either side) */
   void *pIndex;           /* COMMIT: block holding pgnos and pages */
 };
 
@@ -123,7 +124,7 @@ struct WsDb {
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
-  int nPending; /* COMMITs queued whose frames the consumer has not read (atomic) */
+  int nPending; /* COMMITs queued whose frames nobody has read yet (atomic) */
   int nWaiter;  /* writers in waitConsumed() (gMutex) */
   int walFd;    /* the consumer's descriptor for the WAL, or -1 */
   int bReopen;  /* the WAL may be another file now: reopen walFd (atomic) */
@@ -167,6 +168,8 @@ static ws_rec *gHead = 0, *gTail = 0;
 static int gWaiting = 0, gWake = 0;
 
 static pthread_cond_t gDone = PTHREAD_COND_INITIALIZER; /* some db's nPending hit 0 */
+
+void ws_wake(void);
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -396,9 +399,9 @@ static int preadFull(int fd, unsigned char *a, sqlite3_int64 n, sqlite3_int64 of
   return 0;
 }
 
-/* The consumer is done with one of pDb's queued commits: wake writers in
+/* One of pDb's queued commits has its frames in memory now: wake writers in
 ** waitConsumed() when it was the last. */
-static void commitConsumed(WsDb *pDb) {
+static void commitRead(WsDb *pDb) {
   if (__atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL) == 0) {
     pthread_mutex_lock(&gMutex);
     if (pDb->nWaiter) pthread_cond_broadcast(&gDone);
@@ -422,18 +425,22 @@ static void prepareCommit(ws_rec *r) {
     close(pDb->walFd);
     pDb->walFd = -1;
   }
-  if (pDb->walFd < 0) {
+  if (pDb->walFd < 0 && !r->bRead) {
     char *zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
     if (zWal) pDb->walFd = open(zWal, O_RDONLY | O_CLOEXEC);
     sqlite3_free(zWal);
-    if (pDb->walFd < 0) goto gap;
   }
-  r->aFrames = malloc((size_t)n * szFrame);
-  if (!r->aFrames ||
-      preadFull(pDb->walFd, r->aFrames, (sqlite3_int64)n * szFrame,
-                WAL_HDR + (sqlite3_int64)r->frame_start * szFrame)) {
-    goto gap;
+  if (!r->bRead) {
+    r->aFrames = malloc((size_t)n * szFrame);
+    if (r->aFrames && preadFull(pDb->walFd, r->aFrames, (sqlite3_int64)n * szFrame,
+                                WAL_HDR + (sqlite3_int64)r->frame_start * szFrame)) {
+      free(r->aFrames);
+      r->aFrames = 0;
+    }
+    r->bRead = 1;
+    commitRead(pDb);
   }
+  if (!r->aFrames) goto gap;
   aF = r->aFrames;
   ck[0] = c->cksum[0];
   ck[1] = c->cksum[1];
@@ -468,28 +475,50 @@ static void prepareCommit(ws_rec *r) {
   }
   r->npages = nPage;
   r->pIndex = aRef;
-  commitConsumed(pDb);
   return;
 gap:
+  if (!r->bRead) {
+    r->bRead = 1;
+    commitRead(pDb);
+  }
   free(r->aFrames);
   r->aFrames = 0;
   r->kind = WS_GAP;
-  commitConsumed(pDb);
 }
 
 /*
-** SQLite is about to overwrite, truncate or delete the WAL.  Wait until the
-** consumer has read the frames of every queued commit of pDb, which lie in
-** it.  The wait is bounded: a stalled consumer is no reason to stall the
-** application; its reads then fail the chain check and it resyncs.
+** SQLite is about to overwrite, truncate or delete the WAL: the frames of
+** pDb's queued commits must be in memory first.  With pWal (the writer's own
+** WAL handle, at a restart or truncate) the writer reads those still in the
+** queue itself, which costs it one read per restart instead of a wait for
+** the consumer thread to be scheduled.  Then it waits for the ones the
+** consumer is reading right now.  The wait is bounded: a stalled consumer is
+** no reason to stall the application; its reads then fail the chain check
+** and it resyncs.
 */
-static void waitConsumed(WsDb *pDb) {
+static void waitConsumed(WsDb *pDb, sqlite3_file *pWal) {
   struct timespec ts;
+  ws_rec *r;
   if (!pDb || __atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) return;
+  pthread_mutex_lock(&gMutex);
+  for (r = gHead; r && pWal; r = r->next) {
+    if (r->pDb == pDb && r->kind == WS_COMMIT && !r->bRead) {
+      sqlite3_int64 szFrame = FRAME_HDR + r->chain.szPage, n = (r->frame_end - r->frame_start) * szFrame;
+      r->aFrames = malloc((size_t)n);
+      if (r->aFrames &&
+          pWal->pMethods->xRead(pWal, r->aFrames, (int)n, WAL_HDR + r->frame_start * szFrame) != SQLITE_OK) {
+        free(r->aFrames);
+        r->aFrames = 0;
+      }
+      r->bRead = 1;
+      __atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
+    }
+  }
   clock_gettime(CLOCK_REALTIME, &ts);
   ts.tv_sec += 2;
-  pthread_mutex_lock(&gMutex);
   pDb->nWaiter++;
+  gWake = 1; /* a lingering consumer goes on at once */
+  pthread_cond_broadcast(&gCond);
   while (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) > 0) {
     if (pthread_cond_timedwait(&gDone, &gMutex, &ts) == ETIMEDOUT) break;
   }
@@ -502,7 +531,7 @@ static void waitConsumed(WsDb *pDb) {
 ** WAL's space is only freed then; the next commit opens the new WAL).  The
 ** consumer touches walFd only while one of the db's commits is pending. */
 static void releaseWal(WsDb *pDb) {
-  waitConsumed(pDb);
+  waitConsumed(pDb, 0);
   if (pDb->walFd >= 0 && __atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) {
     close(pDb->walFd);
     pDb->walFd = -1;
@@ -602,6 +631,7 @@ static int wsClose(sqlite3_file *pFile) {
   WsFile *p = (WsFile *)pFile;
   int rc;
   if (p->eType == WSF_WAL) {
+    waitConsumed(p->pDb, p->pReal); /* SQLite may delete the WAL next */
     if (p->pMain && p->pMain->pWal == p) p->pMain->pWal = 0;
     free(p->aBuf);
   } else if (p->eType == WSF_MAIN && p->pDb) {
@@ -631,7 +661,7 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
   WsFile *p = (WsFile *)f;
   int rc;
   if (p->eType == WSF_WAL && o == 0) {
-    waitConsumed(p->pDb);
+    waitConsumed(p->pDb, p->pReal);
     checkRestart(p);
   }
   rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
@@ -644,7 +674,7 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
 static int wsTruncate(sqlite3_file *f, sqlite3_int64 size) {
   WsFile *p = (WsFile *)f;
   int rc;
-  if (p->eType == WSF_WAL) waitConsumed(p->pDb);
+  if (p->eType == WSF_WAL) waitConsumed(p->pDb, p->pReal);
   rc = p->pReal->pMethods->xTruncate(p->pReal, size);
   /* A TRUNCATE checkpoint: it stepped salt-1 and the next header lands in an
   ** empty file legitimately. */
@@ -682,7 +712,12 @@ static int wsFileControl(sqlite3_file *f, int op, void *pArg) {
   int rc;
   if (p->eType == WSF_MAIN) {
     switch (op) {
-      case SQLITE_FCNTL_CKPT_START: p->bInCkpt = 1; break;
+      case SQLITE_FCNTL_CKPT_START:
+        /* A WAL restart may follow: have the consumer read queued frames now,
+        ** while the checkpoint runs, rather than the writer at the restart. */
+        p->bInCkpt = 1;
+        if (p->pDb && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE)) ws_wake();
+        break;
       case SQLITE_FCNTL_CKPT_DONE: p->bInCkpt = 0; break;
       case SQLITE_FCNTL_COMMIT_PHASETWO: publishFromMain(p); break;
       case WS_FCNTL_DB_ID:
@@ -985,9 +1020,16 @@ ws_batch *ws_drain(int timeout_ms, int linger_us) {
   int bLinger = pPrev != 0 && linger_us > 0;
   freeBatches(pPrev);
   pPrev = 0;
-  if (bLinger) {
-    struct timespec ts = {0, (long)linger_us * 1000};
-    nanosleep(&ts, 0);
+  if (bLinger) { /* a writer waiting in waitConsumed() cuts it short */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += (long)linger_us * 1000;
+    ts.tv_sec += ts.tv_nsec / 1000000000;
+    ts.tv_nsec %= 1000000000;
+    pthread_mutex_lock(&gMutex);
+    while (!gWake && pthread_cond_timedwait(&gCond, &gMutex, &ts) != ETIMEDOUT) {
+    }
+    pthread_mutex_unlock(&gMutex);
   }
   if (timeout_ms != 0) waitForRecords(timeout_ms);
   pPrev = takeBatches();

@@ -235,32 +235,30 @@ def stall_consumer(con: apsw.Connection, f: Follower, seconds: float) -> None:
         con.execute("INSERT INTO t(v) VALUES(?)", (i,))
 
 
-def test_wal_truncate_waits_until_queued_commits_are_read(db):
-    """Queued commits are read back from the WAL by the consumer: a TRUNCATE checkpoint
-    waits until it has, and the stream stays exact."""
+def test_wal_truncate_with_queued_commits(db):
+    """Queued commits are read back from the WAL by the consumer.  A TRUNCATE checkpoint
+    while the consumer is busy elsewhere reads their frames first, without waiting for it,
+    and the stream stays exact."""
     con, f = db
     fill(con, 200)
-    stall_consumer(con, f, 0.8)
+    stall_consumer(con, f, 1.5)
     t0 = time.monotonic()
     assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-    assert time.monotonic() - t0 > 0.4
-    fill(con, 50)
+    assert time.monotonic() - t0 < 0.5
+    fill(con, 50)  # new frames where the queued commits' frames were
     f.assert_identical(con)
 
 
-def test_consumer_stalled_past_the_bound_gives_a_gap_not_wrong_data(db):
-    """A consumer that stops does not stop the application: after 2 s the WAL is truncated
-    anyway, and the commits whose frames are gone are reported as a gap."""
+def test_last_close_with_queued_commits(db):
+    """Closing the last connection checkpoints and deletes the WAL: queued commits are read
+    before that, and replay onto the copy gives the closed database."""
     con, f = db
-    stall_consumer(con, f, 3.0)
-    t0 = time.monotonic()
-    assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-    assert 1.5 < time.monotonic() - t0 < 2.9
-    fill(con, 50)  # new frames where the queued commits' frames were
-    capture.dispatcher().barrier()
-    kinds = [r.kind for r in f.records if r.seq > f.seq]
-    # The commit read before the stall, the five whose frames were gone, the one after.
-    assert kinds == [Kind.COMMIT] + [Kind.GAP] * 5 + [Kind.COMMIT]
+    fill(con, 200)
+    stall_consumer(con, f, 1.0)
+    con.close()
+    assert not os.path.exists(str(f.path) + "-wal")
+    f.catch_up()
+    assert f.path.read_bytes() == f.copy.read_bytes()
 
 
 def test_several_databases(tmp_path):
