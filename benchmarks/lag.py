@@ -396,16 +396,15 @@ def writer_main(tool: str, db: str, replica: str) -> None:
             return
 
 
-class Writer:
-    """Parent-side handle of a writer child."""
+class Child:
+    """Parent-side handle of a child running ``script``: one JSON object a line each way,
+    its stderr in ``log`` (shown when it dies)."""
 
-    def __init__(self, tool: str, db: Path, replica: str, env: dict[str, str], log: Path) -> None:
-        self.tool = tool
-        self.db = db
+    def __init__(self, script: str, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
         with log.open("wb") as err:
             self.proc: subprocess.Popen[str] = subprocess.Popen(
-                [sys.executable, __file__, "--writer", tool, "--db", str(db), "--replica", replica],
+                [sys.executable, script, *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -413,7 +412,6 @@ class Writer:
                 text=True,
                 bufsize=1,
             )
-        self.base_txid = 0
 
     def _io(self) -> tuple[IO[str], IO[str]]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -428,8 +426,20 @@ class Writer:
         if not line:
             self.proc.wait(5)
             tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise SystemExit(f"{self.tool} writer {self.db.name} died:\n{tail}")
+            raise SystemExit(f"{self.log_path.stem} child died:\n{tail}")
         return json.loads(line)
+
+
+class Writer(Child):
+    """Parent-side handle of a writer child."""
+
+    def __init__(self, tool: str, db: Path, replica: str, env: dict[str, str], log: Path) -> None:
+        super().__init__(
+            __file__, ["--writer", tool, "--db", str(db), "--replica", replica], env, log
+        )
+        self.tool = tool
+        self.db = db
+        self.base_txid = 0
 
     def ready(self) -> None:
         self.base_txid = self.reply()["base_txid"]

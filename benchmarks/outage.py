@@ -51,7 +51,7 @@ import apsw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import seaweedfs  # the SeaweedFS launcher the tests use
-from lag import pct
+from lag import Child, pct
 
 PHASES = ("before", "during", "after")
 LATE = 0.1  # s behind schedule that counts a commit as late
@@ -143,7 +143,7 @@ class App:
         settings = self.ws._settings
         say(memory_cap=settings.memory_cap, spool_cap=settings.spool_cap)
         for line in inp:
-            cmd = line.strip()
+            cmd = json.loads(line)
             if cmd == "start":
                 self._writer.start()
                 self._sampler.start()
@@ -227,35 +227,9 @@ class Sampler(threading.Thread):
         self.join()
 
 
-class Child:
-    """Parent-side handle of the app child."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        with log.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, __file__, *argv],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=env,
-                text=True,
-                bufsize=1,
-            )
-        self.log = log
-
-    def reply(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(10)
-            raise SystemExit(f"the app died:\n{self.log.read_text(errors='replace')[-3000:]}")
-        return json.loads(line)
-
-    def send(self, cmd: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self.reply()
+def command(app: Child, cmd: str) -> dict[str, Any]:
+    app.send(cmd)
+    return app.reply()
 
 
 def rows_digest(path: Path) -> tuple[int, str, str]:
@@ -297,30 +271,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for knob in ("memory_cap", "spool_cap"):
             if getattr(args, knob):
                 argv += [f"--{knob.replace('_', '-')}", str(getattr(args, knob))]
-        app = Child(argv, server.env(), workdir / "app.log")
+        app = Child(__file__, argv, server.env(), workdir / "app.log")
         stack.callback(seaweedfs.stop_process, app.proc)
         result["caps"] = app.reply()
         print(f"SeaweedFS pid {server.pid}, app pid {app.proc.pid}; work dir {workdir}", flush=True)
         sampler = Sampler(app.proc.pid, spool)
         sampler.start()
-        app.send("start")
+        command(app, "start")
         time.sleep(args.baseline)
 
         sampler.phase = "during"
-        app.send("during")
+        command(app, "during")
         os.kill(server.pid, signal.SIGSTOP)
         stack.callback(os.kill, server.pid, signal.SIGCONT)  # never leave it frozen
         print(f"SeaweedFS stopped for {args.seconds:g} s", flush=True)
         time.sleep(args.seconds / 2)
-        app.send("flush")
+        command(app, "flush")
         time.sleep(args.seconds / 2)
         os.kill(server.pid, signal.SIGCONT)
         sampler.phase = "after"
-        app.send("after")
+        command(app, "after")
         print("SeaweedFS resumed", flush=True)
         time.sleep(args.after)
 
-        report = app.send("stop")
+        report = command(app, "stop")
         app.proc.wait(60)
         sampler.stop()
         server.check_alive()
@@ -343,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             restored=rows_digest(out),
             restore_s=restore_s,
             db_bytes=db.stat().st_size,
-            app_log=[ln for ln in app.log.read_text().splitlines() if "walsync" in ln],
+            app_log=[ln for ln in app.log_path.read_text().splitlines() if "walsync" in ln],
         )
     return result
 
@@ -402,7 +376,9 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> bool:
     reasons = Counter(
         re.sub(r"\(attempt \d+\)|retrying in [\d.]+s", "", ln) for ln in result["app_log"]
     )
-    print(f"app log: {len(result['app_log'])} walsync lines; most frequent:")
+    print(
+        f"app log: {len(result['app_log'])} walsync lines" + (", most frequent:" if reasons else "")
+    )
     for text, n in reasons.most_common(6):
         print(f"  {n:4} x {text[:150]}")
     src, got = result["source"], result["restored"]
