@@ -282,7 +282,7 @@ class WalsyncTrace:
         engine_sink = disp.default
         assert engine_sink is not None
 
-        def sink(records: list[capture.Record]) -> None:
+        def sink(records: Iterable[capture.Record]) -> None:
             now = time.monotonic()
             self.dispatch.extend(now for r in records if r.kind is capture.Kind.COMMIT)
             engine_sink(records)
