@@ -42,13 +42,19 @@ def spool_state(spool: str) -> dict[str, object]:
 
 
 def main(db_path: str, replica: str, spool: str) -> None:
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", spool],
-        capture_output=True,
-        text=True,
-    )
-    if mount.returncode:
-        say(skip=f"cannot mount a tmpfs: {mount.stderr.strip()}")
+    try:
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", spool],
+            capture_output=True,
+            text=True,
+        )
+        failure = (
+            (mount.stderr.strip() or f"exit status {mount.returncode}") if mount.returncode else ""
+        )
+    except OSError as exc:  # no mount(8)
+        failure = str(exc)
+    if failure:
+        say(skip=f"cannot mount a tmpfs: {failure}")
         return
     with open(os.path.join(spool, FILLER), "wb") as f:
         f.write(b"\0" * (TMPFS_BYTES - FREE))
