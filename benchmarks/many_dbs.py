@@ -3,7 +3,7 @@
 One application child process writes N databases at 10 tx/s each (one small row per
 transaction, one writer thread, commits spread evenly over time, round-robin over the
 databases) for a fixed window.  The same app is measured three ways in one run, against one
-SeaweedFS S3 server (started as in ``lag.py``, whose helpers are imported, not copied):
+SeaweedFS S3 server (started by ``tests/seaweedfs.py``, as for the tests and ``lag.py``):
 
 * ``walsync``: ``import walsync_vfs``, ``configure(replica="s3://...")``, every connection
   opened with ``vfs="walsync"`` (default knobs);
@@ -41,9 +41,11 @@ from typing import IO, Any
 
 import apsw
 
-# benchmarks/lag.py (SeaweedFS start/stop, bucket, Litestream config), loaded in the parent
-# only: the app children must not import boto3 with it, or the baseline would carry its RSS.
+# benchmarks/lag.py (bucket, Litestream config) and tests/seaweedfs.py (the S3 server), loaded
+# in the parent only: the app children must not import boto3 with them, or the baseline would
+# carry its RSS.
 lag: Any = None
+seaweedfs: Any = None
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, ts REAL, payload BLOB)"
 INSERT = "INSERT INTO events(ts, payload) VALUES (?, ?)"
@@ -173,7 +175,7 @@ class App:
         return json.loads(line)
 
     def close(self) -> None:
-        lag.stop_process(self.proc)
+        seaweedfs.stop_process(self.proc)
         self.log.close()
 
 
@@ -237,7 +239,7 @@ def run_mode(mode: str, n: int, args: argparse.Namespace, workdir: Path,
                     [args.litestream, "replicate", "-config", str(config)],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 )  # fmt: skip
-            stack.callback(lag.stop_process, ls)
+            stack.callback(seaweedfs.stop_process, ls)
         time.sleep(WARMUP)
         start = time.monotonic() + 0.2
         app.send({"op": "go", "start": start, "rate": args.rate, "duration": args.window})
@@ -263,25 +265,17 @@ def run_mode(mode: str, n: int, args: argparse.Namespace, workdir: Path,
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    for name in ("AWS_CA_BUNDLE", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        os.environ.pop(name, None)
     workdir = Path(tempfile.mkdtemp(prefix="walsync-many-"))
     results: list[dict[str, Any]] = []
     with ExitStack() as stack:
         if not args.keep:
             stack.callback(shutil.rmtree, workdir, True)
-        server = lag.start_seaweedfs(workdir / "seaweedfs")
-        stack.callback(lag.stop_seaweedfs, server)
-        lag.create_bucket(server, lag.s3_client(server.endpoint))
-        env = dict(
-            os.environ,
-            AWS_ENDPOINT_URL_S3=server.endpoint,
-            AWS_ACCESS_KEY_ID=lag.ACCESS_KEY,
-            AWS_SECRET_ACCESS_KEY=lag.SECRET_KEY,
-            AWS_REGION=lag.REGION,
-        )
-        os.environ.update(env)  # for restore in this process
-        print(f"SeaweedFS pid {server.proc.pid} at {server.endpoint}; work dir {workdir}",
+        server = stack.enter_context(seaweedfs.running(workdir / "seaweedfs"))
+        server.new_bucket(lag.BUCKET)
+        env = server.env()
+        os.environ.clear()  # for restore in this process
+        os.environ.update(env)
+        print(f"SeaweedFS pid {server.pid} at {server.endpoint}; work dir {workdir}",
               flush=True)  # fmt: skip
         for n in args.n:
             for mode in MODES:
@@ -358,19 +352,15 @@ def main() -> None:
     if args.child:
         app_main(args.child, args.dir, int(args.n), args.replica)
         return
-    global lag
+    global lag, seaweedfs
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import lag as lag_module
+    import lag as lag_module  # puts tests/ on sys.path for the launcher
 
-    lag = lag_module
+    lag, seaweedfs = lag_module, lag_module.seaweedfs
     args.n = [int(x) for x in args.n.split(",")]
     if args.window is None:
         args.window = 10.0 if args.quick else 30.0
-    if args.litestream is None:
-        local = Path(sys.executable).with_name("litestream")
-        args.litestream = str(local) if local.exists() else shutil.which("litestream")
-    if not args.litestream:
-        raise SystemExit("litestream not found next to the interpreter or on PATH")
+    args.litestream = args.litestream or seaweedfs.tool_path("litestream")
     results = run(args)
     ok = report(results, args)
     if args.json:

