@@ -16,12 +16,12 @@ import os
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import quote
 
 import apsw
@@ -159,7 +159,7 @@ def _chain(
 
 
 @contextmanager
-def _prefetch_pool() -> Iterator[ThreadPoolExecutor]:
+def prefetch_pool() -> Iterator[ThreadPoolExecutor]:
     """Threads for downloads; leaving early drops the queued ones rather than waiting."""
     pool = ThreadPoolExecutor(PREFETCH)
     try:
@@ -169,6 +169,33 @@ def _prefetch_pool() -> Iterator[ThreadPoolExecutor]:
 
 
 Decoded = tuple[str, format.SegmentHeader, list[format.Commit]]
+T = TypeVar("T")
+
+
+def prefetched(
+    pool: ThreadPoolExecutor, keys: list[str], fetch: Callable[[str], T]
+) -> Iterator[tuple[str, Future[T]]]:
+    """``fetch(key)`` for each key in ``pool``, PREFETCH ahead, handed out in key order.
+
+    The first PREFETCH start now rather than at the first ``next()``, so they overlap
+    whatever the caller does first.  At most PREFETCH + 1 results are held at once; a failed
+    fetch raises only from its own future, so a caller may carry on past it.
+    """
+    todo = iter(keys)
+    window = deque((key, pool.submit(fetch, key)) for key in islice(todo, PREFETCH))
+
+    def in_order() -> Iterator[tuple[str, Future[T]]]:
+        while window:
+            done = window.popleft()
+            window.extend((key, pool.submit(fetch, key)) for key in islice(todo, 1))
+            yield done
+
+    return in_order()
+
+
+def decode_object(client: storage.ReplicaClient, key: str, upto_txid: int | None = None) -> Decoded:
+    """Download one segment and check and decode it whole (SHA-256, frame, zstd, records)."""
+    return key, *format.decode_segment(client.get(key), key, upto_txid)
 
 
 def _decoded(
@@ -177,25 +204,10 @@ def _decoded(
     keys: list[str],
     upto_txid: int | None = None,
 ) -> Iterator[Decoded]:
-    """Each segment downloaded and fully decoded in ``pool``, PREFETCH ahead, in key order.
-
-    The first PREFETCH start now rather than at the first ``next()``, so they overlap
-    whatever the caller does first.  At most PREFETCH + 1 decoded segments are in memory.
-    """
-
-    def decode(key: str) -> Decoded:
-        return key, *format.decode_segment(client.get(key), key, upto_txid)
-
-    todo = iter(keys)
-    window = deque(pool.submit(decode, key) for key in islice(todo, PREFETCH))
-
-    def in_order() -> Iterator[Decoded]:
-        while window:
-            done = window.popleft()
-            window.extend(pool.submit(decode, key) for key in islice(todo, 1))
-            yield done.result()
-
-    return in_order()
+    """Each segment downloaded and fully decoded in ``pool`` (see `prefetched`), in key order;
+    the first bad one raises."""
+    fetched = prefetched(pool, keys, lambda key: decode_object(client, key, upto_txid))
+    return (future.result() for _, future in fetched)
 
 
 @contextmanager
@@ -210,7 +222,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[], obj
         yield lambda: bar.update(1)
 
 
-class _Image:
+class Image:
     """A database file being rebuilt, with its whole-database checksum and last commit."""
 
     def __init__(
@@ -222,7 +234,7 @@ class _Image:
         self.result = result
 
     @classmethod
-    def from_snapshot(cls, f: BinaryIO, generation: str, key: str, data: bytes) -> _Image:
+    def from_snapshot(cls, f: BinaryIO, generation: str, key: str, data: bytes) -> Image:
         """Write the snapshot into the empty file ``f``; read_snapshot verifies SHA-256 and
         checksum as it goes."""
         header, pages = format.read_snapshot(data, key)
@@ -280,12 +292,12 @@ def _replay(
     f: BinaryIO,
     timestamp_ns: int | None = None,
     progress: bool = False,
-) -> _Image:
+) -> Image:
     """Write the planned state into ``f``: the snapshot downloads alongside the first
     segments, then each segment is applied as soon as it is decoded."""
     snap_key = catalog.object_key(p.snapshot)
     keys = [catalog.object_key(s) for s in p.segments]
-    with _prefetch_pool() as pool:
+    with prefetch_pool() as pool:
         data = p.snapshot_data
         fetch = pool.submit(client.get, snap_key) if data is None else None
         segments = _decoded(pool, client, keys, p.target_txid)
@@ -294,7 +306,7 @@ def _replay(
                 data = fetch.result()
             except storage.ObjectNotFound as exc:
                 raise RestoreError(f"{snap_key}: object listed but missing") from exc
-        image = _Image.from_snapshot(f, p.generation, snap_key, data)
+        image = Image.from_snapshot(f, p.generation, snap_key, data)
         with _progress(len(keys) + 1, p.name, progress) as tick:
             for key, header, commits in segments:
                 tick()
@@ -333,29 +345,38 @@ def _staged(out: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def first_integrity_problem(path: str) -> str | None:
+    """SQLite's first ``PRAGMA integrity_check`` complaint about the database at ``path``, or
+    None if it is sound.  Read through mmap, immutable: no ``-wal``/``-shm`` is created."""
+    check = apsw.Connection(
+        f"file:{quote(path)}?immutable=1",
+        flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
+        vfs="unix",
+    )
+    try:
+        check.execute(f"PRAGMA mmap_size={os.path.getsize(path)}")
+        problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
+    finally:
+        check.close()
+    if problems == ["ok"]:
+        return None
+    # Rows may hold several lines under "*** in database main ***".
+    return next(line for row in problems for line in row.splitlines() if line[:3] != "***")
+
+
 def _install(tmp: str, out: str) -> None:
     """Check ``tmp`` with SQLite, make it durable, and rename it over ``out``: whoever opens
     ``out`` gets the old file or the new one, complete.
 
     The fsync runs alongside the check (one writes the file back, the other reads it; both
-    release the GIL), and the check reads through mmap rather than a pread per page.
+    release the GIL).
     """
     with open(tmp, "rb+") as f, ThreadPoolExecutor(1) as pool:
         synced = pool.submit(os.fsync, f.fileno())
-        check = apsw.Connection(  # immutable: read the file as it is, create no -wal/-shm
-            f"file:{quote(tmp)}?immutable=1",
-            flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
-            vfs="unix",
-        )
-        try:
-            check.execute(f"PRAGMA mmap_size={os.fstat(f.fileno()).st_size}")
-            problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
-        finally:
-            check.close()
+        problem = first_integrity_problem(tmp)
         synced.result()
-    if problems != ["ok"]:  # rows may hold several lines under "*** in database main ***"
-        lines = [line for row in problems for line in row.splitlines() if line[:3] != "***"]
-        raise RestoreError(f"restored database fails integrity_check: {lines[0]}")
+    if problem is not None:
+        raise RestoreError(f"restored database fails integrity_check: {problem}")
     for suffix in ("-wal", "-shm", "-journal"):  # a stale WAL would be applied on open
         if os.path.exists(out + suffix):
             os.remove(out + suffix)
@@ -409,7 +430,7 @@ class Follower:
         self.client = storage.open_replica(root, **(client_options or {}))
         self.published: Result | None = None
         self.generation: str | None = None  # of the published file
-        self._image: _Image | None = None
+        self._image: Image | None = None
 
     def __enter__(self) -> Follower:
         return self
@@ -456,7 +477,7 @@ class Follower:
         except RestoreError:
             return False
         keys = [catalog.object_key(s) for s in chain]
-        with _prefetch_pool() as pool:
+        with prefetch_pool() as pool:
             for key, header, commits in _decoded(pool, self.client, keys):
                 saved = image.checksum.copy()
                 try:
