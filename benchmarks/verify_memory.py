@@ -70,7 +70,11 @@ def verify_run(tree: str, url: str, workdir: Path) -> tuple[float, float]:
     t0 = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "walsync_vfs", "verify", url], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "walsync_vfs", "verify", url],
+            env=env,
+            cwd=workdir,  # not the caller's: "-m" puts the working directory first on sys.path
+            stdout=out,
+            stderr=out,
         )
         _, status, usage = os.wait4(proc.pid, 0)  # reaps it: rusage of this child alone
     wall = time.monotonic() - t0
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the work dir goes")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
     trees = args.tree or [str(HERE)]
     workdir = Path(tempfile.mkdtemp(prefix="walsync-verify-mem-", dir=args.dir))
     try:

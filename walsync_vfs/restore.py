@@ -173,16 +173,16 @@ T = TypeVar("T")
 
 
 def prefetched(
-    pool: ThreadPoolExecutor, keys: list[str], fetch: Callable[[str], T]
+    pool: ThreadPoolExecutor, keys: list[str], fetch: Callable[[str], T], depth: int = PREFETCH
 ) -> Iterator[tuple[str, Future[T]]]:
-    """``fetch(key)`` for each key in ``pool``, PREFETCH ahead, handed out in key order.
+    """``fetch(key)`` for each key in ``pool``, ``depth`` ahead, handed out in key order.
 
-    The first PREFETCH start now rather than at the first ``next()``, so they overlap
-    whatever the caller does first.  At most PREFETCH + 1 results are held at once; a failed
+    The first ``depth`` start now rather than at the first ``next()``, so they overlap
+    whatever the caller does first.  At most ``depth`` + 1 results are held at once; a failed
     fetch raises only from its own future, so a caller may carry on past it.
     """
     todo = iter(keys)
-    window = deque((key, pool.submit(fetch, key)) for key in islice(todo, PREFETCH))
+    window = deque((key, pool.submit(fetch, key)) for key in islice(todo, depth))
 
     def in_order() -> Iterator[tuple[str, Future[T]]]:
         while window:
@@ -345,16 +345,18 @@ def _staged(out: str) -> Iterator[str]:
             os.remove(tmp)
 
 
-def first_integrity_problem(path: str) -> str | None:
+def first_integrity_problem(path: str, mmap: bool = True) -> str | None:
     """SQLite's first ``PRAGMA integrity_check`` complaint about the database at ``path``, or
-    None if it is sound.  Read through mmap, immutable: no ``-wal``/``-shm`` is created."""
+    None if it is sound.  Opened immutable: no ``-wal``/``-shm`` is created.  Reading through
+    mmap is faster, but maps the whole file into the process (its RSS grows by the file)."""
     check = apsw.Connection(
         f"file:{quote(path)}?immutable=1",
         flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
         vfs="unix",
     )
     try:
-        check.execute(f"PRAGMA mmap_size={os.path.getsize(path)}")
+        if mmap:
+            check.execute(f"PRAGMA mmap_size={os.path.getsize(path)}")
         problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
     finally:
         check.close()
