@@ -77,11 +77,54 @@ def iso_time(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
 
 
-def _range_text(gens: list[catalog.Generation]) -> str:
+def _outside(
+    client: storage.ReplicaClient,
+    name: str,
+    gens: list[catalog.Generation],
+    txid: int | None,
+    timestamp_ns: int | None,
+) -> RestoreError:
+    """The error for a target the replica cannot restore, saying what it can: a txid range,
+    and for a timestamp the earliest restorable time (one more GET, on this path only)."""
     restorable = [g for g in gens if g.snapshots]
     if not restorable:
-        return "none"
-    return f"{min(g.snapshots[0].last_txid for g in restorable)}..{gens[-1].last_txid}"
+        return RestoreError(f"{name}: no generation has a snapshot, nothing can be restored")
+    first = restorable[0].snapshots[0]
+    available = f"txids {first.last_txid}..{gens[-1].last_txid}"
+    if timestamp_ns is None:
+        return RestoreError(
+            f"{name}: txid {txid} is not in the retained history (available: {available})"
+        )
+    key = catalog.object_key(first)
+    since = iso_time(format.read_snapshot(client.get(key), key)[0].time_ns)
+    return RestoreError(
+        f"{name}: timestamp {iso_time(timestamp_ns)} is before the retained history "
+        f"(available: {since} onwards, {available})"
+    )
+
+
+def _lacks_snapshot(
+    client: storage.ReplicaClient,
+    name: str,
+    g: catalog.Generation,
+    txid: int | None,
+    timestamp_ns: int | None,
+) -> RestoreError | None:
+    """For a generation without a snapshot (lost: the engine writes it first): an error if the
+    target is in it, rather than a silently older database from the generation before."""
+    if txid is not None:
+        reached = txid >= g.first_txid
+    elif timestamp_ns is not None:
+        key = catalog.object_key(g.segments[0])
+        reached = format.read_segment_header(client.get(key), key).index[0].time_ns <= timestamp_ns
+    else:
+        reached = True
+    if not reached:
+        return None
+    return RestoreError(
+        f"{name}: generation {g.id} has no snapshot, so txids {g.first_txid}..{g.last_txid} "
+        "cannot be restored; choose an earlier --txid or --timestamp"
+    )
 
 
 def _snapshot_at(
@@ -118,9 +161,11 @@ def _choose(
     """`plan` from a listing already made (a follower lists once per poll)."""
     if not gens:
         raise RestoreError(f"no replica of {name!r} found at {client.url}")
-    what = f"txid {txid}" if timestamp_ns is None else f"timestamp {iso_time(timestamp_ns)}"
-    outside = f"{name}: {what} is not in the retained history (available: "
     for g in reversed(gens):
+        if not g.snapshots:
+            if error := _lacks_snapshot(client, name, g, txid, timestamp_ns):
+                raise error
+            continue
         snaps = [s for s in g.snapshots if txid is None or s.last_txid <= txid]
         data = None
         if timestamp_ns is not None:
@@ -132,9 +177,9 @@ def _choose(
         snap = snaps[-1]
         chain = _chain(name, g, snap.last_txid, txid)
         if txid is not None and (chain[-1] if chain else snap).last_txid < txid:
-            raise RestoreError(outside + _range_text(gens) + ")")
+            raise _outside(client, name, gens, txid, timestamp_ns)
         return Plan(name, g.id, snap, chain, txid, data)
-    raise RestoreError(outside + _range_text(gens) + ")")
+    raise _outside(client, name, gens, txid, timestamp_ns)
 
 
 def _chain(
