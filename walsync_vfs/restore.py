@@ -112,8 +112,9 @@ def _lacks_snapshot(
 ) -> RestoreError | None:
     """For a generation without a snapshot (lost: the engine writes it first): an error if the
     target is in it, rather than a silently older database from the generation before."""
+    start = int(g.id[:16], 16)  # the generation id begins with its snapshot's txid (FORMAT.md)
     if txid is not None:
-        reached = txid >= g.first_txid
+        reached = txid >= start
     elif timestamp_ns is not None:
         key = catalog.object_key(g.segments[0])
         reached = format.read_segment_header(client.get(key), key).index[0].time_ns <= timestamp_ns
@@ -122,7 +123,7 @@ def _lacks_snapshot(
     if not reached:
         return None
     return RestoreError(
-        f"{name}: generation {g.id} has no snapshot, so txids {g.first_txid}..{g.last_txid} "
+        f"{name}: generation {g.id} has no snapshot, so txids {start}..{g.last_txid} "
         "cannot be restored; choose an earlier --txid or --timestamp"
     )
 
@@ -403,6 +404,8 @@ def first_integrity_problem(path: str, mmap: bool = True) -> str | None:
         if mmap:
             check.execute(f"PRAGMA mmap_size={os.path.getsize(path)}")
         problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
+    except apsw.Error as exc:  # too broken to check at all ("database disk image is malformed")
+        return str(exc)
     finally:
         check.close()
     if problems == ["ok"]:
