@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 from array import array
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from walsync_vfs import catalog, format, storage
 from walsync_vfs.restore import (
@@ -39,24 +41,16 @@ def open_target(url: str, **options: object) -> tuple[storage.ReplicaClient, str
 
 
 def describe_database(client: storage.ReplicaClient, name: str) -> dict:
-    """Generations with their snapshots and segment txid/time ranges and sizes."""
+    """Generations with their snapshots, segment txid and time ranges, and sizes.
+
+    Times are those of each generation's first and last commits, read from the index of its
+    first and last segments that read cleanly: two GETs per generation, not the replica.
+    """
     gens = catalog.generations(client, name)
-    seg_keys = [catalog.object_key(k) for g in gens for k in g.segments]
-    headers = {}
-    for key, blob in catalog.fetch_all(client, seg_keys).items():
-        try:
-            headers[key] = (
-                format.read_segment_header(blob, key) if isinstance(blob, bytes) else None
-            )
-        except format.CorruptObject:
-            headers[key] = None
+    with ThreadPoolExecutor(catalog.FETCH_WORKERS) as pool:
+        times = list(pool.map(lambda g: _time_range(client, g), gens))
     out = []
-    for g in gens:
-        times = [
-            (h.index[0].time_ns, h.index[-1].time_ns)
-            for k in g.segments
-            if (h := headers.get(catalog.object_key(k)))
-        ]
+    for g, (first_time, last_time) in zip(gens, times, strict=True):
         out.append(
             {
                 "generation": g.id,
@@ -70,13 +64,36 @@ def describe_database(client: storage.ReplicaClient, name: str) -> dict:
                     "count": len(g.segments),
                     "first_txid": g.segments[0].first_txid if g.segments else None,
                     "last_txid": g.segments[-1].last_txid if g.segments else None,
-                    "first_time": iso_time(min(t[0] for t in times)) if times else None,
-                    "last_time": iso_time(max(t[1] for t in times)) if times else None,
+                    "first_time": first_time,
+                    "last_time": last_time,
                     "bytes": sum(g.sizes[catalog.object_key(k)] for k in g.segments),
                 },
             }
         )
     return {"url": f"{client.url}/{name}", "name": name, "generations": out}
+
+
+def _time_range(
+    client: storage.ReplicaClient, g: catalog.Generation
+) -> tuple[str | None, str | None]:
+    """ISO times of the first commit of the first readable segment and the last commit of the
+    last (None if none reads: ``verify`` says why)."""
+    keys = [catalog.object_key(k) for k in g.segments]
+    first = next((h.index[0] for h in _headers(client, keys)), None)
+    last = next((h.index[-1] for h in _headers(client, keys[::-1])), None)
+    return (
+        iso_time(first.time_ns) if first else None,
+        iso_time(last.time_ns) if last else None,
+    )
+
+
+def _headers(client: storage.ReplicaClient, keys: list[str]) -> Iterator[format.SegmentHeader]:
+    """The headers of those of ``keys`` that download and check out, lazily, in order."""
+    for key in keys:
+        try:
+            yield format.read_segment_header(client.get(key), key)
+        except (format.CorruptObject, storage.StorageError):
+            continue
 
 
 def describe_root(client: storage.ReplicaClient) -> dict:
