@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import pty
 import random
+import re
+import struct
 import subprocess
 import sys
+import termios
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -15,7 +21,7 @@ import pytest
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
-from walsync_vfs.restore import iso_time
+from walsync_vfs.restore import iso_time, plan
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -225,3 +231,32 @@ def test_list_a_database_and_every_database_under_a_root(history, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == f"walsync: error: nothing replicated at {empty.as_uri()}\n"
     other.close()
+
+
+def test_progress_bar_on_a_terminal_only(history, tmp_path):
+    url, log, _ = history
+    p = plan(storage.open_replica(url.rsplit("/", 1)[0]), "pit.db")
+    objects = len(p.segments) + 1
+    quiet = cli("restore", url, "-o", str(tmp_path / "quiet.db"))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+    controller, terminal = pty.openpty()  # stderr is a real terminal, stdout a pipe
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    cmd = [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(tmp_path / "tty.db")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the child is gone and with it the terminal's last writer
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stdout.read().decode().startswith(f"restored {url} to ")
+    *_, last = filter(None, re.split(r"[\r\n]+", shown.decode()))  # tqdm redraws with \r
+    assert last.startswith("pit.db: 100%|") and f"| {objects}/{objects} [" in last
+    assert last.rstrip().endswith("obj/s]")
