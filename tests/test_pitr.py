@@ -260,3 +260,32 @@ def test_progress_bar_on_a_terminal_only(history, tmp_path):
     *_, last = filter(None, re.split(r"[\r\n]+", shown.decode()))  # tqdm redraws with \r
     assert last.startswith("pit.db: 100%|") and f"| {objects}/{objects} [" in last
     assert last.rstrip().endswith("obj/s]")
+
+
+def test_the_recorded_checksum_is_that_of_the_source_file(history, tmp_path):
+    """Item 2 at the source: the checksum the capture recorded with the last commit equals one
+    computed from scratch over the database file's pages (read in a child process: closing an
+    fd of a database this process has open would drop its POSIX locks)."""
+    url, log, con = history
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
+    client = storage.open_replica(url.rsplit("/", 1)[0])
+    (gen,) = catalog.generations(client, "pit.db")
+    key = catalog.object_key(gen.segments[-1])
+    last = format.read_segment_header(client.get(key), key).index[-1]
+    assert last.txid == log[-1][0]
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    scratch = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from walsync_vfs.format import DbChecksum as C; d = open(sys.argv[1], "
+            "'rb').read(); n = int(sys.argv[2]); "
+            "print(C.from_pages(d[i : i + n] for i in range(0, len(d), n)).value)",
+            str(tmp_path / "pit.db"),
+            str(page_size),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(scratch.stdout) == last.checksum
