@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import pty
 import random
+import re
+import struct
 import subprocess
 import sys
+import termios
 import time
+from datetime import UTC, datetime, timedelta, timezone
 
 import apsw
 import pytest
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
+from walsync_vfs.restore import iso_time, plan
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -81,59 +89,203 @@ def test_timestamps_restore_the_last_commit_at_or_before(history, tmp_path):
         assert f"at txid {txid} " in proc.stdout
 
 
+def test_iso_timestamps_with_any_timezone_restore_the_same_commit(history, tmp_path):
+    url, log, _ = history
+    txid, t, want = log[len(log) // 2]
+    when = datetime.fromtimestamp((t + 500_000) / 1e9, UTC)
+    for i, text in enumerate(
+        [
+            when.isoformat(),  # +00:00
+            when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            when.astimezone(timezone(timedelta(hours=-7, minutes=-30))).isoformat(),
+        ]
+    ):
+        out = tmp_path / f"iso{i}.db"
+        proc = cli("restore", url, "-o", str(out), "--timestamp", text)
+        assert proc.returncode == 0, proc.stderr
+        assert f"at txid {txid} " in proc.stdout
+        assert restored_hash(out) == want
+
+
 def test_targets_outside_history_name_the_available_range(history, tmp_path):
     url, log, _ = history
-    proc = cli("restore", url, "-o", str(tmp_path / "x.db"), "--txid", str(log[-1][0] + 5))
+    out = str(tmp_path / "x.db")
+    last = log[-1][0]
+    proc = cli("restore", url, "-o", out, "--txid", str(last + 5))
     assert proc.returncode == 1
     assert proc.stderr == (
-        f"walsync: error: pit.db: txid {log[-1][0] + 5} is not in the retained history "
-        f"(available: 1..{log[-1][0]})\n"
+        f"walsync: error: pit.db: txid {last + 5} is not in the retained history "
+        f"(available: txids 1..{last})\n"
     )
-    proc = cli("restore", url, "-o", str(tmp_path / "x.db"), "--timestamp", "2001-01-01T00:00:00Z")
+    client = storage.open_replica(url.rsplit("/", 1)[0])
+    (gen,) = catalog.generations(client, "pit.db")
+    key = catalog.object_key(gen.snapshots[0])
+    since = iso_time(format.read_snapshot(client.get(key), key)[0].time_ns)
+    proc = cli("restore", url, "-o", out, "--timestamp", "2001-01-01T00:00:00Z")
     assert proc.returncode == 1
-    assert "is not in the retained history (available: 1.." in proc.stderr
-    proc = cli("restore", url, "-o", str(tmp_path / "x.db"), "--timestamp", "2001-01-01T00:00:00")
+    assert proc.stderr == (
+        "walsync: error: pit.db: timestamp 2001-01-01T00:00:00.000+00:00 is before the retained "
+        f"history (available: {since} onwards, txids 1..{last})\n"
+    )
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "2001-01-01T00:00:00",
+            "timestamp '2001-01-01T00:00:00' has no timezone: add one, e.g. "
+            "2001-01-01T00:00:00+00:00",
+        ),
+        (
+            "2001-01-01",
+            "timestamp '2001-01-01' has no timezone: add one, e.g. 2001-01-01T00:00:00+00:00",
+        ),
+        (
+            "yesterday",
+            "invalid timestamp 'yesterday': use ISO 8601 with a timezone or unix seconds",
+        ),
+        ("inf", "invalid timestamp 'inf': use ISO 8601 with a timezone or unix seconds"),
+    ],
+)
+def test_bad_timestamps_are_one_line_errors(text, error, tmp_path):
+    proc = cli(
+        "restore", f"{tmp_path.as_uri()}/x.db", "-o", str(tmp_path / "x.db"), "--timestamp", text
+    )
     assert proc.returncode == 2
-    assert "has no timezone" in proc.stderr
+    assert proc.stderr == (
+        f"walsync: error: argument --timestamp: {error} "
+        "(see python -m walsync_vfs restore --help)\n"
+    )
 
 
-def test_list_shows_generations_and_json(history):
+def expected_listing(client: storage.ReplicaClient, name: str) -> dict:
+    """What ``list --json`` must say about ``name``, worked out from the store directly."""
+    sizes = {o.key: o.size for o in client.list(name + "/")}
+    gens = []
+    for gen_id in sorted({k.split("/")[1] for k in sizes}):
+        keys = sorted(k for k in sizes if k.split("/")[1] == gen_id)
+        snaps = [format.parse_key(k) for k in keys if "/snapshot/" in k]
+        segs = [k for k in keys if "/seg/" in k]
+        first = format.read_segment_header(client.get(segs[0]), segs[0]).index[0]
+        last = format.read_segment_header(client.get(segs[-1]), segs[-1]).index[-1]
+        gens.append(
+            {
+                "generation": gen_id,
+                "first_txid": snaps[0].last_txid,
+                "last_txid": last.txid,
+                "snapshots": [
+                    {"txid": s.last_txid, "bytes": sizes[catalog.object_key(s)]} for s in snaps
+                ],
+                "segments": {
+                    "count": len(segs),
+                    "first_txid": format.parse_key(segs[0]).first_txid,
+                    "last_txid": last.txid,
+                    "first_time": iso_time(first.time_ns),
+                    "last_time": iso_time(last.time_ns),
+                    "bytes": sum(sizes[k] for k in segs),
+                },
+            }
+        )
+    return {"url": f"{client.url}/{name}", "name": name, "generations": gens}
+
+
+def test_list_a_database_and_every_database_under_a_root(history, tmp_path):
     url, log, _ = history
+    root = url.rsplit("/", 1)[0]
+    other = apsw.Connection(str(tmp_path / "other.db"), vfs="walsync")
+    other.execute("CREATE TABLE t(x)")
+    other.execute("INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    client = storage.open_replica(root)
+    want = {name: expected_listing(client, name) for name in ("other.db", "pit.db")}
+    assert want["pit.db"]["generations"][0]["last_txid"] == log[-1][0]
+
     proc = cli("list", url, "--json")
     assert proc.returncode == 0, proc.stderr
-    info = json.loads(proc.stdout)
-    (gen,) = info["generations"]
-    assert gen["last_txid"] == log[-1][0]
-    assert gen["snapshots"][0]["txid"] == 1
-    assert gen["segments"]["last_txid"] == log[-1][0]
-    assert gen["segments"]["first_time"] <= gen["segments"]["last_time"]
-    root = url.rsplit("/", 1)[0]
+    assert json.loads(proc.stdout) == want["pit.db"]
     proc = cli("list", root, "--json")
-    assert [d["name"] for d in json.loads(proc.stdout)["databases"]] == ["pit.db"]
-    proc = cli("list", root)
-    assert "generation " in proc.stdout and "segments" in proc.stdout
-
-
-def test_verify_passes_then_names_each_broken_object(history):
-    url, _, _ = history
-    proc = cli("verify", url)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"url": root, "databases": list(want.values())}
+
+    proc = cli("list", root)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for info in want.values():
+        (g,) = info["generations"]
+        segs = g["segments"]
+        at = lines.index(info["url"])
+        assert lines[at + 1 : at + 4] == [
+            f"  generation {g['generation']}  txids {g['first_txid']}..{g['last_txid']}",
+            f"    snapshot  txid {g['first_txid']}  {g['snapshots'][0]['bytes']} bytes",
+            f"    segments  {segs['count']}  txids {segs['first_txid']}..{segs['last_txid']}"
+            f"  {segs['first_time']} .. {segs['last_time']}  {segs['bytes']} bytes",
+        ]
+    at = lines.index(url)
+    assert cli("list", url).stdout == "\n".join(lines[at : at + 4]) + "\n"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = cli("list", empty.as_uri())
+    assert proc.returncode == 1
+    assert proc.stderr == f"walsync: error: nothing replicated at {empty.as_uri()}\n"
+    other.close()
+
+
+def test_progress_bar_on_a_terminal_only(history, tmp_path):
+    url, log, _ = history
+    p = plan(storage.open_replica(url.rsplit("/", 1)[0]), "pit.db")
+    objects = len(p.segments) + 1
+    quiet = cli("restore", url, "-o", str(tmp_path / "quiet.db"))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+    controller, terminal = pty.openpty()  # stderr is a real terminal, stdout a pipe
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    cmd = [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(tmp_path / "tty.db")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the child is gone and with it the terminal's last writer
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stdout.read().decode().startswith(f"restored {url} to ")
+    *_, last = filter(None, re.split(r"[\r\n]+", shown.decode()))  # tqdm redraws with \r
+    assert last.startswith("pit.db: 100%|") and f"| {objects}/{objects} [" in last
+    assert last.rstrip().endswith("obj/s]")
+
+
+def test_the_recorded_checksum_is_that_of_the_source_file(history, tmp_path):
+    """Item 2 at the source: the checksum the capture recorded with the last commit equals one
+    computed from scratch over the database file's pages (read in a child process: closing an
+    fd of a database this process has open would drop its POSIX locks)."""
+    url, log, con = history
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
     client = storage.open_replica(url.rsplit("/", 1)[0])
-    objs = [o.key for o in client.list("pit.db/")]
-    seg = next(k for k in objs if "/seg/" in k)
-    data = client.get(seg)
-    client.put(seg, data[: len(data) // 2])  # truncated
-    proc = cli("verify", url)
-    assert proc.returncode == 1
-    assert f"walsync: problem: {seg}: " in proc.stderr
-    proc = cli("restore", url, "-o", url.replace("file://", "") + "-r.db")
-    assert proc.returncode == 1 and proc.stderr.startswith(f"walsync: error: {seg}: ")
-    client.delete([seg])  # missing
-    proc = cli("verify", url)
-    assert proc.returncode == 1
-    parsed = format.parse_key(seg)
-    assert f"txids {parsed.first_txid}..{parsed.last_txid} missing before it" in proc.stderr
-    proc = cli("restore", url, "-o", url.replace("file://", "") + "-r.db")
-    assert proc.returncode == 1
-    assert f"segments for txids {parsed.first_txid}..{parsed.last_txid} are missing" in proc.stderr
-    assert catalog.databases(client) == {"pit.db": len(objs) - 1}
+    (gen,) = catalog.generations(client, "pit.db")
+    key = catalog.object_key(gen.segments[-1])
+    last = format.read_segment_header(client.get(key), key).index[-1]
+    assert last.txid == log[-1][0]
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    scratch = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from walsync_vfs.format import DbChecksum as C; d = open(sys.argv[1], "
+            "'rb').read(); n = int(sys.argv[2]); "
+            "print(C.from_pages(d[i : i + n] for i in range(0, len(d), n)).value)",
+            str(tmp_path / "pit.db"),
+            str(page_size),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(scratch.stdout) == last.checksum

@@ -1,7 +1,8 @@
 """``python -m walsync_vfs``: restore, list and verify replicas.
 
-Every failure ends in one line on stderr, ``walsync: error: ...``, and exit status 1 (a
-follower reports errors that happen after its first update and carries on).
+Every failure ends in one line on stderr, ``walsync: error: ...``, and exit status 1, or 2
+for a bad command line (a follower reports errors that happen after its first update and
+carries on).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import json
 import signal
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from types import FrameType
+from typing import NoReturn
 
 from walsync_vfs import report, storage
 from walsync_vfs.format import CorruptObject
-from walsync_vfs.restore import Follower, RestoreError, restore, split_url
+from walsync_vfs.restore import Follower, RestoreError, iso_time, restore, split_url
 
 ERRORS = (RestoreError, storage.StorageError, CorruptObject, OSError)
 FOLLOW_HELP = """\
@@ -33,23 +35,39 @@ state.
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with this tool's one-line errors: the usage block would bury the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"walsync: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_timestamp(text: str) -> int:
-    """ISO 8601 with a timezone, or unix seconds -> unix nanoseconds."""
+    """ISO 8601 with a timezone, or unix seconds -> unix nanoseconds.  Times a datetime cannot
+    show (before year 1, after 9999, inf) are refused here, not in a later error message."""
+    invalid = argparse.ArgumentTypeError(
+        f"invalid timestamp {text!r}: use ISO 8601 with a timezone or unix seconds"
+    )
     try:
-        return int(float(text) * 1_000_000_000)
+        ns = int(float(text) * 1_000_000_000)
+    except OverflowError:
+        raise invalid from None
     except ValueError:
-        pass
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            raise invalid from None
+        if when.tzinfo is None:
+            example = when.replace(tzinfo=UTC).isoformat()
+            raise argparse.ArgumentTypeError(
+                f"timestamp {text!r} has no timezone: add one, e.g. {example}"
+            ) from None
+        ns = int(when.timestamp() * 1_000_000) * 1000
     try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid timestamp {text!r}: use ISO 8601 with a timezone or unix seconds"
-        ) from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(
-            f"timestamp {text!r} has no timezone: add one, e.g. {text}+00:00"
-        )
-    return int(when.timestamp() * 1_000_000) * 1000
+        iso_time(ns)
+    except (ValueError, OverflowError, OSError):
+        raise invalid from None
+    return ns
 
 
 def positive_seconds(text: str) -> float:
@@ -62,8 +80,9 @@ def positive_seconds(text: str) -> float:
     return seconds
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m walsync_vfs")
+def build_parser() -> tuple[Parser, Parser]:
+    """The command line, and its ``restore`` subcommand (for errors between its options)."""
+    parser = Parser(prog="python -m walsync_vfs")
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
         "restore",
@@ -97,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     v = sub.add_parser("verify", help="download and check every object of a database's replica")
     v.add_argument("url", help="replica root + '/' + database name")
-    return parser
+    return parser, r
 
 
 def run_list(url: str, as_json: bool) -> int:
@@ -194,13 +213,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None) -> int:
-    parser = build_parser()
+    parser, restore_parser = build_parser()
     args = parser.parse_args(argv)
     pinned = args.command == "restore" and (args.txid is not None or args.timestamp is not None)
     if pinned and args.follow:
-        parser.error("--follow tracks the newest commit: it cannot take --txid or --timestamp")
+        restore_parser.error(
+            "--follow tracks the newest commit: it cannot take --txid or --timestamp"
+        )
     if args.command == "restore" and args.interval is not None and not args.follow:
-        parser.error("--interval only applies with --follow")
+        restore_parser.error("--interval only applies with --follow")
     try:
         if args.command == "list":
             return run_list(args.url, args.json)

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import os
 import tempfile
+from array import array
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from walsync_vfs import catalog, format, storage
-from walsync_vfs.restore import Plan, RestoreError, iso_time, replay, split_url
+from walsync_vfs.restore import (
+    WRITE_BUFFER,
+    Image,
+    RestoreError,
+    decode_object,
+    first_integrity_problem,
+    iso_time,
+    prefetch_pool,
+    prefetched,
+    split_url,
+)
+
+# Segments verify decodes ahead of the one it replays.  Fewer than restore's PREFETCH: each
+# decoded segment holds up to max_segment_bytes of pages (plus its download and a joined copy
+# while it decodes), and measured on a 500 MB replica 2 is as fast as 4 with ~60 MB less peak.
+VERIFY_PREFETCH = 2
 
 
 def open_target(url: str, **options: object) -> tuple[storage.ReplicaClient, str | None]:
@@ -23,24 +41,16 @@ def open_target(url: str, **options: object) -> tuple[storage.ReplicaClient, str
 
 
 def describe_database(client: storage.ReplicaClient, name: str) -> dict:
-    """Generations with their snapshots and segment txid/time ranges and sizes."""
+    """Generations with their snapshots, segment txid and time ranges, and sizes.
+
+    Times are those of each generation's first and last commits, read from the index of its
+    first and last segments that read cleanly: two GETs per generation, not the replica.
+    """
     gens = catalog.generations(client, name)
-    seg_keys = [catalog.object_key(k) for g in gens for k in g.segments]
-    headers = {}
-    for key, blob in catalog.fetch_all(client, seg_keys).items():
-        try:
-            headers[key] = (
-                format.read_segment_header(blob, key) if isinstance(blob, bytes) else None
-            )
-        except format.CorruptObject:
-            headers[key] = None
+    with ThreadPoolExecutor(catalog.FETCH_WORKERS) as pool:
+        times = list(pool.map(lambda g: _time_range(client, g), gens))
     out = []
-    for g in gens:
-        times = [
-            (h.index[0].time_ns, h.index[-1].time_ns)
-            for k in g.segments
-            if (h := headers.get(catalog.object_key(k)))
-        ]
+    for g, (first_time, last_time) in zip(gens, times, strict=True):
         out.append(
             {
                 "generation": g.id,
@@ -54,13 +64,36 @@ def describe_database(client: storage.ReplicaClient, name: str) -> dict:
                     "count": len(g.segments),
                     "first_txid": g.segments[0].first_txid if g.segments else None,
                     "last_txid": g.segments[-1].last_txid if g.segments else None,
-                    "first_time": iso_time(min(t[0] for t in times)) if times else None,
-                    "last_time": iso_time(max(t[1] for t in times)) if times else None,
+                    "first_time": first_time,
+                    "last_time": last_time,
                     "bytes": sum(g.sizes[catalog.object_key(k)] for k in g.segments),
                 },
             }
         )
     return {"url": f"{client.url}/{name}", "name": name, "generations": out}
+
+
+def _time_range(
+    client: storage.ReplicaClient, g: catalog.Generation
+) -> tuple[str | None, str | None]:
+    """ISO times of the first commit of the first readable segment and the last commit of the
+    last (None if none reads: ``verify`` says why)."""
+    keys = [catalog.object_key(k) for k in g.segments]
+    first = next((h.index[0] for h in _headers(client, keys)), None)
+    last = next((h.index[-1] for h in _headers(client, keys[::-1])), None)
+    return (
+        iso_time(first.time_ns) if first else None,
+        iso_time(last.time_ns) if last else None,
+    )
+
+
+def _headers(client: storage.ReplicaClient, keys: list[str]) -> Iterator[format.SegmentHeader]:
+    """The headers of those of ``keys`` that download and check out, lazily, in order."""
+    for key in keys:
+        try:
+            yield format.read_segment_header(client.get(key), key)
+        except (format.CorruptObject, storage.StorageError):
+            continue
 
 
 def describe_root(client: storage.ReplicaClient) -> dict:
@@ -88,48 +121,129 @@ def format_database(info: dict) -> str:
 def verify(client: storage.ReplicaClient, name: str) -> list[str]:
     """Every problem found, one line each naming the object (empty list = sound).
 
-    Downloads and decodes every object (SHA-256 and structure), checks that each generation's
-    segments chain txid by txid from its snapshot, and replays each generation to its end
-    comparing the whole-database checksum after every commit.
+    Each object is downloaded once and checked whole (SHA-256, structure, zstd); each
+    generation is replayed from its first snapshot through its segments the way restore does,
+    comparing the whole-database checksum after every commit, and its final image must pass
+    ``PRAGMA integrity_check``.  Objects are streamed through restore's prefetch window and
+    the replay goes to a temporary file, so memory stays at a few segments (plus the
+    snapshot being read) however large the replica is.
     """
-    problems: list[str] = []
     gens = catalog.generations(client, name)
     if not gens:
         return [f"{client.url}/{name}: no replica found"]
-    keys = [catalog.object_key(k) for g in gens for k in g.snapshots + g.segments]
-    for key, blob in catalog.fetch_all(client, keys).items():
-        if isinstance(blob, Exception):
-            problems.append(f"{key}: {blob}")
-            continue
-        try:
-            if "/seg/" in key:
-                for _ in format.iter_segment_commits(blob, key):
-                    pass
-            else:
-                for _ in format.read_snapshot(blob, key)[1]:
-                    pass
-        except format.CorruptObject as exc:
-            problems.append(str(exc))
-    for g in gens:
-        if not g.snapshots:
-            problems.append(f"{name}/{g.id}: generation has no snapshot")
-            continue
-        expected = g.snapshots[0].last_txid + 1
-        for seg in g.segments:
-            if seg.first_txid > expected:
-                problems.append(
-                    f"{catalog.object_key(seg)}: txids {expected}..{seg.first_txid - 1} missing "
-                    "before it"
-                )
-            expected = max(expected, seg.last_txid + 1)
-        if problems:
-            continue  # replay would only repeat what is already reported
-        fd, tmp = tempfile.mkstemp(suffix=".db")
-        os.close(fd)
-        try:
-            replay(client, Plan(name, g.id, g.snapshots[0], g.segments, None), tmp)
-        except (RestoreError, format.CorruptObject, storage.StorageError) as exc:
-            problems.append(str(exc))
-        finally:
-            os.remove(tmp)
+    return [line for g in gens for line in _verify_generation(client, name, g)]
+
+
+def _problem(key: str, exc: Exception) -> str:
+    """One line naming ``key``; format and replay errors already start with it."""
+    if isinstance(exc, storage.ObjectNotFound):
+        return f"{key}: object listed but missing"
+    if isinstance(exc, format.CorruptObject | RestoreError):
+        return str(exc)
+    return f"{key}: {exc}"
+
+
+class _History:
+    """The whole-database checksum after each txid a generation's replay has reached, so
+    objects outside the replayed chain (a later snapshot, a segment a compacted one covers)
+    can be checked against it; 8 bytes per commit."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base  # txid of the generation's first snapshot
+        self.checksums = array("Q")
+
+    def add(self, commits: list[format.Commit], upto: int) -> None:
+        for c in commits:
+            if self.base + len(self.checksums) < c.txid <= upto:
+                self.checksums.append(c.checksum)
+
+    def disagrees(self, txid: int, checksum: int) -> bool:
+        """True if the replay reached ``txid`` and had another checksum there."""
+        i = txid - self.base - 1
+        return 0 <= i < len(self.checksums) and self.checksums[i] != checksum
+
+
+def _verify_generation(
+    client: storage.ReplicaClient, name: str, g: catalog.Generation
+) -> list[str]:
+    """Problems of one generation; the replay stops at the first break in its chain, but every
+    object is still checked on its own."""
+    problems = []
+    seg_keys = [catalog.object_key(s) for s in g.segments]
+    snap_keys = [catalog.object_key(s) for s in g.snapshots]
+    if not snap_keys:
+        problems.append(f"{name}/{g.id}: generation has no snapshot")
+    holes = _holes(g)
+    with (
+        tempfile.TemporaryDirectory(prefix="walsync-verify-") as tmp,
+        open(os.path.join(tmp, "replay.db"), "w+b", buffering=WRITE_BUFFER) as f,
+        prefetch_pool() as pool,
+    ):
+        first = pool.submit(client.get, snap_keys[0]) if snap_keys else None
+        segments = prefetched(
+            pool, seg_keys, lambda key: decode_object(client, key), VERIFY_PREFETCH
+        )
+        image, history = None, _History(g.snapshots[0].last_txid if snap_keys else 0)
+        if first is not None:
+            try:
+                image = Image.from_snapshot(f, g.id, snap_keys[0], first.result())
+            except (format.CorruptObject, storage.StorageError) as exc:
+                problems.append(_problem(snap_keys[0], exc))
+            del first  # the snapshot's bytes go as soon as its pages are written
+        for key, future in segments:
+            if key in holes:
+                problems.append(holes[key])
+                image = None  # replay cannot cross a hole; the objects are still checked
+            try:
+                _, header, commits = future.result()
+            except (format.CorruptObject, storage.StorageError) as exc:
+                problems.append(_problem(key, exc))
+                image = None
+                continue
+            for c in commits:
+                if history.disagrees(c.txid, c.checksum):
+                    problems.append(f"{key}: txid {c.txid} differs from the replayed history")
+                    break
+            if image is not None:
+                try:
+                    image.apply_segment(key, header, commits)
+                except RestoreError as exc:
+                    problems.append(str(exc))
+                    image = None
+                    continue
+                history.add(commits, image.result.txid)
+        if image is not None and (bad := first_integrity_problem(f.name, mmap=False)) is not None:
+            problems.append(
+                f"{name}/{g.id}: database replayed to txid {image.result.txid} fails "
+                f"integrity_check: {bad}"
+            )
+        for key in snap_keys[1:]:  # one at a time: a snapshot is as large as the database
+            try:
+                snap = _read_snapshot(client, key)
+            except (format.CorruptObject, storage.StorageError) as exc:
+                problems.append(_problem(key, exc))
+                continue
+            if history.disagrees(snap.txid, snap.checksum):
+                problems.append(f"{key}: snapshot differs from the replayed history")
     return problems
+
+
+def _holes(g: catalog.Generation) -> dict[str, str]:
+    """Segment key -> the problem line for txids missing before it, from the listing alone."""
+    if not g.snapshots:
+        return {}
+    holes, expected = {}, g.snapshots[0].last_txid + 1
+    for seg in g.segments:
+        if seg.first_txid > expected:
+            key = catalog.object_key(seg)
+            holes[key] = f"{key}: txids {expected}..{seg.first_txid - 1} missing before it"
+        expected = max(expected, seg.last_txid + 1)
+    return holes
+
+
+def _read_snapshot(client: storage.ReplicaClient, key: str) -> format.SnapshotHeader:
+    """Download a snapshot and read it through (SHA-256, frame, checksum), keeping no page."""
+    header, pages = format.read_snapshot(client.get(key), key)
+    for _ in pages:
+        pass
+    return header

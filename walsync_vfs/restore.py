@@ -16,12 +16,12 @@ import os
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import quote
 
 import apsw
@@ -77,11 +77,55 @@ def iso_time(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
 
 
-def _range_text(gens: list[catalog.Generation]) -> str:
+def _outside(
+    client: storage.ReplicaClient,
+    name: str,
+    gens: list[catalog.Generation],
+    txid: int | None,
+    timestamp_ns: int | None,
+) -> RestoreError:
+    """The error for a target the replica cannot restore, saying what it can: a txid range,
+    and for a timestamp the earliest restorable time (one more GET, on this path only)."""
     restorable = [g for g in gens if g.snapshots]
     if not restorable:
-        return "none"
-    return f"{min(g.snapshots[0].last_txid for g in restorable)}..{gens[-1].last_txid}"
+        return RestoreError(f"{name}: no generation has a snapshot, nothing can be restored")
+    first = restorable[0].snapshots[0]
+    available = f"txids {first.last_txid}..{gens[-1].last_txid}"
+    if timestamp_ns is None:
+        return RestoreError(
+            f"{name}: txid {txid} is not in the retained history (available: {available})"
+        )
+    key = catalog.object_key(first)
+    since = iso_time(format.read_snapshot(client.get(key), key)[0].time_ns)
+    return RestoreError(
+        f"{name}: timestamp {iso_time(timestamp_ns)} is before the retained history "
+        f"(available: {since} onwards, {available})"
+    )
+
+
+def _lacks_snapshot(
+    client: storage.ReplicaClient,
+    name: str,
+    g: catalog.Generation,
+    txid: int | None,
+    timestamp_ns: int | None,
+) -> RestoreError | None:
+    """For a generation without a snapshot (lost: the engine writes it first): an error if the
+    target is in it, rather than a silently older database from the generation before."""
+    start = int(g.id[:16], 16)  # the generation id begins with its snapshot's txid (FORMAT.md)
+    if txid is not None:
+        reached = txid >= start
+    elif timestamp_ns is not None:
+        key = catalog.object_key(g.segments[0])
+        reached = format.read_segment_header(client.get(key), key).index[0].time_ns <= timestamp_ns
+    else:
+        reached = True
+    if not reached:
+        return None
+    return RestoreError(
+        f"{name}: generation {g.id} has no snapshot, so txids {start}..{g.last_txid} "
+        "cannot be restored; choose an earlier --txid or --timestamp"
+    )
 
 
 def _snapshot_at(
@@ -118,9 +162,11 @@ def _choose(
     """`plan` from a listing already made (a follower lists once per poll)."""
     if not gens:
         raise RestoreError(f"no replica of {name!r} found at {client.url}")
-    what = f"txid {txid}" if timestamp_ns is None else f"timestamp {iso_time(timestamp_ns)}"
-    outside = f"{name}: {what} is not in the retained history (available: "
     for g in reversed(gens):
+        if not g.snapshots:
+            if error := _lacks_snapshot(client, name, g, txid, timestamp_ns):
+                raise error
+            continue
         snaps = [s for s in g.snapshots if txid is None or s.last_txid <= txid]
         data = None
         if timestamp_ns is not None:
@@ -132,9 +178,9 @@ def _choose(
         snap = snaps[-1]
         chain = _chain(name, g, snap.last_txid, txid)
         if txid is not None and (chain[-1] if chain else snap).last_txid < txid:
-            raise RestoreError(outside + _range_text(gens) + ")")
+            raise _outside(client, name, gens, txid, timestamp_ns)
         return Plan(name, g.id, snap, chain, txid, data)
-    raise RestoreError(outside + _range_text(gens) + ")")
+    raise _outside(client, name, gens, txid, timestamp_ns)
 
 
 def _chain(
@@ -159,7 +205,7 @@ def _chain(
 
 
 @contextmanager
-def _prefetch_pool() -> Iterator[ThreadPoolExecutor]:
+def prefetch_pool() -> Iterator[ThreadPoolExecutor]:
     """Threads for downloads; leaving early drops the queued ones rather than waiting."""
     pool = ThreadPoolExecutor(PREFETCH)
     try:
@@ -169,6 +215,33 @@ def _prefetch_pool() -> Iterator[ThreadPoolExecutor]:
 
 
 Decoded = tuple[str, format.SegmentHeader, list[format.Commit]]
+T = TypeVar("T")
+
+
+def prefetched(
+    pool: ThreadPoolExecutor, keys: list[str], fetch: Callable[[str], T], depth: int = PREFETCH
+) -> Iterator[tuple[str, Future[T]]]:
+    """``fetch(key)`` for each key in ``pool``, ``depth`` ahead, handed out in key order.
+
+    The first ``depth`` start now rather than at the first ``next()``, so they overlap
+    whatever the caller does first.  At most ``depth`` + 1 results are held at once; a failed
+    fetch raises only from its own future, so a caller may carry on past it.
+    """
+    todo = iter(keys)
+    window = deque((key, pool.submit(fetch, key)) for key in islice(todo, depth))
+
+    def in_order() -> Iterator[tuple[str, Future[T]]]:
+        while window:
+            done = window.popleft()
+            window.extend((key, pool.submit(fetch, key)) for key in islice(todo, 1))
+            yield done
+
+    return in_order()
+
+
+def decode_object(client: storage.ReplicaClient, key: str, upto_txid: int | None = None) -> Decoded:
+    """Download one segment and check and decode it whole (SHA-256, frame, zstd, records)."""
+    return key, *format.decode_segment(client.get(key), key, upto_txid)
 
 
 def _decoded(
@@ -177,25 +250,10 @@ def _decoded(
     keys: list[str],
     upto_txid: int | None = None,
 ) -> Iterator[Decoded]:
-    """Each segment downloaded and fully decoded in ``pool``, PREFETCH ahead, in key order.
-
-    The first PREFETCH start now rather than at the first ``next()``, so they overlap
-    whatever the caller does first.  At most PREFETCH + 1 decoded segments are in memory.
-    """
-
-    def decode(key: str) -> Decoded:
-        return key, *format.decode_segment(client.get(key), key, upto_txid)
-
-    todo = iter(keys)
-    window = deque(pool.submit(decode, key) for key in islice(todo, PREFETCH))
-
-    def in_order() -> Iterator[Decoded]:
-        while window:
-            done = window.popleft()
-            window.extend(pool.submit(decode, key) for key in islice(todo, 1))
-            yield done.result()
-
-    return in_order()
+    """Each segment downloaded and fully decoded in ``pool`` (see `prefetched`), in key order;
+    the first bad one raises."""
+    fetched = prefetched(pool, keys, lambda key: decode_object(client, key, upto_txid))
+    return (future.result() for _, future in fetched)
 
 
 @contextmanager
@@ -210,7 +268,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[], obj
         yield lambda: bar.update(1)
 
 
-class _Image:
+class Image:
     """A database file being rebuilt, with its whole-database checksum and last commit."""
 
     def __init__(
@@ -222,7 +280,7 @@ class _Image:
         self.result = result
 
     @classmethod
-    def from_snapshot(cls, f: BinaryIO, generation: str, key: str, data: bytes) -> _Image:
+    def from_snapshot(cls, f: BinaryIO, generation: str, key: str, data: bytes) -> Image:
         """Write the snapshot into the empty file ``f``; read_snapshot verifies SHA-256 and
         checksum as it goes."""
         header, pages = format.read_snapshot(data, key)
@@ -280,12 +338,12 @@ def _replay(
     f: BinaryIO,
     timestamp_ns: int | None = None,
     progress: bool = False,
-) -> _Image:
+) -> Image:
     """Write the planned state into ``f``: the snapshot downloads alongside the first
     segments, then each segment is applied as soon as it is decoded."""
     snap_key = catalog.object_key(p.snapshot)
     keys = [catalog.object_key(s) for s in p.segments]
-    with _prefetch_pool() as pool:
+    with prefetch_pool() as pool:
         data = p.snapshot_data
         fetch = pool.submit(client.get, snap_key) if data is None else None
         segments = _decoded(pool, client, keys, p.target_txid)
@@ -294,7 +352,7 @@ def _replay(
                 data = fetch.result()
             except storage.ObjectNotFound as exc:
                 raise RestoreError(f"{snap_key}: object listed but missing") from exc
-        image = _Image.from_snapshot(f, p.generation, snap_key, data)
+        image = Image.from_snapshot(f, p.generation, snap_key, data)
         with _progress(len(keys) + 1, p.name, progress) as tick:
             for key, header, commits in segments:
                 tick()
@@ -333,29 +391,42 @@ def _staged(out: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def first_integrity_problem(path: str, mmap: bool = True) -> str | None:
+    """SQLite's first ``PRAGMA integrity_check`` complaint about the database at ``path``, or
+    None if it is sound.  Opened immutable: no ``-wal``/``-shm`` is created.  Reading through
+    mmap is faster, but maps the whole file into the process (its RSS grows by the file)."""
+    check = apsw.Connection(
+        f"file:{quote(path)}?immutable=1",
+        flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
+        vfs="unix",
+    )
+    try:
+        if mmap:
+            check.execute(f"PRAGMA mmap_size={os.path.getsize(path)}")
+        problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
+    except apsw.Error as exc:  # too broken to check at all ("database disk image is malformed")
+        return str(exc)
+    finally:
+        check.close()
+    if problems == ["ok"]:
+        return None
+    # Rows may hold several lines under "*** in database main ***".
+    return next(line for row in problems for line in row.splitlines() if line[:3] != "***")
+
+
 def _install(tmp: str, out: str) -> None:
     """Check ``tmp`` with SQLite, make it durable, and rename it over ``out``: whoever opens
     ``out`` gets the old file or the new one, complete.
 
     The fsync runs alongside the check (one writes the file back, the other reads it; both
-    release the GIL), and the check reads through mmap rather than a pread per page.
+    release the GIL).
     """
     with open(tmp, "rb+") as f, ThreadPoolExecutor(1) as pool:
         synced = pool.submit(os.fsync, f.fileno())
-        check = apsw.Connection(  # immutable: read the file as it is, create no -wal/-shm
-            f"file:{quote(tmp)}?immutable=1",
-            flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
-            vfs="unix",
-        )
-        try:
-            check.execute(f"PRAGMA mmap_size={os.fstat(f.fileno()).st_size}")
-            problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
-        finally:
-            check.close()
+        problem = first_integrity_problem(tmp)
         synced.result()
-    if problems != ["ok"]:  # rows may hold several lines under "*** in database main ***"
-        lines = [line for row in problems for line in row.splitlines() if line[:3] != "***"]
-        raise RestoreError(f"restored database fails integrity_check: {lines[0]}")
+    if problem is not None:
+        raise RestoreError(f"restored database fails integrity_check: {problem}")
     for suffix in ("-wal", "-shm", "-journal"):  # a stale WAL would be applied on open
         if os.path.exists(out + suffix):
             os.remove(out + suffix)
@@ -409,7 +480,7 @@ class Follower:
         self.client = storage.open_replica(root, **(client_options or {}))
         self.published: Result | None = None
         self.generation: str | None = None  # of the published file
-        self._image: _Image | None = None
+        self._image: Image | None = None
 
     def __enter__(self) -> Follower:
         return self
@@ -456,7 +527,7 @@ class Follower:
         except RestoreError:
             return False
         keys = [catalog.object_key(s) for s in chain]
-        with _prefetch_pool() as pool:
+        with prefetch_pool() as pool:
             for key, header, commits in _decoded(pool, self.client, keys):
                 saved = image.checksum.copy()
                 try:

@@ -1,0 +1,229 @@
+"""Issue 4, item 4: ``verify`` checks every object and names each broken one; restore agrees.
+
+The replica is a real one (written through the VFS, two generations); each test then breaks it
+the way a store, a bug or an operator could, and checks verify's exact report and exit status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import apsw
+import pytest
+
+import walsync_vfs
+from walsync_vfs import catalog, format, storage
+from walsync_vfs.restore import restore
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@dataclass
+class Replica:
+    url: str  # root + '/' + name
+    client: storage.ReplicaClient
+    gens: list[catalog.Generation]
+    tmp: Path
+
+    def segments(self, gen: int) -> list[str]:
+        return [catalog.object_key(k) for k in self.gens[gen].segments]
+
+    def snapshot(self, gen: int) -> str:
+        return catalog.object_key(self.gens[gen].snapshots[0])
+
+    def decoded(self, key: str) -> tuple[format.SegmentHeader, list[format.Commit]]:
+        return format.decode_segment(self.client.get(key), key)
+
+    def problems(self) -> list[str]:
+        """verify's problem lines, after checking its exit status and last line."""
+        proc = cli("verify", self.url)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        lines = proc.stderr.splitlines()
+        assert lines[-1] == f"walsync: error: {self.url}: {len(lines) - 1} problem(s) found"
+        assert proc.stdout == ""
+        return [line.removeprefix("walsync: problem: ") for line in lines[:-1]]
+
+    def restore_error(self, *args: str) -> str:
+        proc = cli("restore", self.url, "-o", str(self.tmp / "restored.db"), "--force", *args)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("walsync: error: ")
+        return proc.stderr.removeprefix("walsync: error: ").rstrip("\n")
+
+    def restored_pages(self, txid: int) -> list[bytes]:
+        out = self.tmp / f"at-{txid}.db"
+        result = restore(self.url, str(out), txid=txid, force=True)
+        data = out.read_bytes()
+        return [data[i : i + result.page_size] for i in range(0, len(data), result.page_size)]
+
+
+@pytest.fixture
+def replica(replica_url, tmp_path):
+    """``v.db``: generation 0 with a snapshot and 7 one-commit segments, then a foreign write,
+    and generation 1 with a snapshot and 3 one-commit segments."""
+    walsync_vfs.configure(replica=replica_url, upload_interval=0.0)
+    path = tmp_path / "v.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    walsync_vfs.flush(timeout=30)
+    for i in range(6):
+        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (500 + 1000 * i,))
+        walsync_vfs.flush(timeout=30)
+    foreign = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DELETE FROM t')"
+    subprocess.run([sys.executable, "-c", foreign + "; c.commit()", str(path)], check=True)
+    for _ in range(4):  # the first is where the engine notices: it is in the new snapshot
+        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
+        walsync_vfs.flush(timeout=30)
+    client = storage.open_replica(replica_url)
+    gens = catalog.generations(client, "v.db")
+    assert [len(g.snapshots) for g in gens] == [1, 1]
+    assert [len(g.segments) for g in gens] == [7, 3]
+    yield Replica(f"{replica_url}/v.db", client, gens, tmp_path)
+    con.close()
+    walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
+def test_a_sound_replica_verifies_with_overlaps_and_later_snapshots(replica):
+    # A compacted segment beside the ones it merges (compaction writes before it deletes) and
+    # a later snapshot: both must agree with the replayed history, and they do.
+    a, b = replica.segments(0)[2:4]
+    (ha, ca), (_, cb) = replica.decoded(a), replica.decoded(b)
+    merged = format.segment_key("v.db", replica.gens[0].id, ca[0].txid, cb[-1].txid)
+    replica.client.put(merged, format.encode_segment(ha.page_size, ca + cb))
+    txid = cb[-1].txid
+    replica.client.put(*snapshot_at(replica, txid, replica.restored_pages(txid)))
+
+    proc = cli("verify", replica.url)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert (
+        proc.stdout == f"{replica.url}: every object, txid chain and database checksum verified\n"
+    )
+
+
+def snapshot_at(replica: Replica, txid: int, pages: list[bytes]) -> tuple[str, bytes]:
+    """A snapshot of generation 0 at ``txid`` holding ``pages``: (key, object)."""
+    out = io.BytesIO()
+    writer = format.SnapshotWriter(out, len(pages[0]), txid, 0, len(pages))
+    for page in pages:
+        writer.add_page(page)
+    writer.finish()
+    return format.snapshot_key("v.db", replica.gens[0].id, txid), out.getvalue()
+
+
+def test_every_broken_object_is_named(replica):
+    """Corrupted, truncated, from a newer version, missing segment, missing snapshot: one run
+    names them all, in order, and keeps checking objects after the replay has stopped."""
+    segs, client = replica.segments(0), replica.client
+    flipped = bytearray(client.get(segs[1]))
+    flipped[len(flipped) // 2] ^= 0x40
+    client.put(segs[1], bytes(flipped))
+    truncated = client.get(segs[3])
+    client.put(segs[3], truncated[:-100])
+    newer = bytearray(client.get(segs[4]))
+    newer[8:10] = (2).to_bytes(2, "big")
+    client.put(segs[4], bytes(newer))
+    client.delete([segs[5]])
+    after_hole = format.parse_key(segs[6])
+    client.delete([replica.snapshot(1)])
+
+    assert replica.problems() == [
+        f"{segs[1]}: sha256 mismatch",
+        f"{segs[3]}: object is {len(truncated) - 100} bytes, header implies {len(truncated)}",
+        f"{segs[4]}: written by a newer format version 2; upgrade walsync_vfs",
+        f"{segs[6]}: txids {after_hole.first_txid - 1}..{after_hole.first_txid - 1} missing "
+        "before it",
+        f"v.db/{replica.gens[1].id}: generation has no snapshot",
+    ]
+    # Restore refuses rather than hand back an older database, and names what is broken.
+    g1 = replica.gens[1]
+    assert replica.restore_error() == (
+        f"v.db: generation {g1.id} has no snapshot, so txids {g1.first_txid}..{g1.last_txid} "
+        "cannot be restored; choose an earlier --txid or --timestamp"
+    )
+    assert replica.restore_error("--txid", str(format.parse_key(segs[1]).last_txid)) == (
+        f"{segs[1]}: sha256 mismatch"
+    )
+    assert replica.restore_error("--txid", str(after_hole.last_txid)) == (
+        f"v.db: segments for txids {after_hole.first_txid - 1}..{after_hole.first_txid - 1} are "
+        f"missing in generation {replica.gens[0].id}"
+    )
+
+
+def test_a_corrupt_snapshot_is_named_and_its_segments_still_checked(replica):
+    snap, segs = replica.snapshot(1), replica.segments(1)
+    data = bytearray(replica.client.get(snap))
+    data[40] ^= 1
+    replica.client.put(snap, bytes(data))
+    replica.client.put(segs[2], b"not a segment")
+    assert replica.problems() == [
+        f"{snap}: sha256 mismatch",
+        f"{segs[2]}: bad magic: not a walsync_vfs segment",
+    ]
+    assert replica.restore_error() == f"{snap}: sha256 mismatch"
+
+
+def test_a_wrong_database_checksum_names_segment_and_txid(replica):
+    """An intact object (right SHA-256) whose commit does not produce the recorded database."""
+    key = replica.segments(1)[1]
+    header, commits = replica.decoded(key)
+    bad = [dataclasses.replace(c, checksum=c.checksum ^ 1) for c in commits]
+    replica.client.put(key, format.encode_segment(header.page_size, bad))
+    txid = commits[0].txid
+    assert replica.problems() == [f"{key}: whole-database checksum mismatch after txid {txid}"]
+    assert replica.restore_error() == f"{key}: whole-database checksum mismatch after txid {txid}"
+
+
+def test_objects_that_contradict_the_replayed_history_are_named(replica):
+    """A later snapshot and a compacted segment, each intact on its own, that disagree with the
+    database the segments replay to (restore from that snapshot would differ)."""
+    segs = replica.segments(0)
+    (ha, ca), (_, cb) = replica.decoded(segs[2]), replica.decoded(segs[3])
+    liar = [dataclasses.replace(ca[0], checksum=ca[0].checksum ^ 1), *cb]
+    merged = format.segment_key("v.db", replica.gens[0].id, ca[0].txid, cb[-1].txid)
+    replica.client.put(merged, format.encode_segment(ha.page_size, liar))
+    txid = cb[-1].txid
+    pages = replica.restored_pages(txid)
+    pages[-1] = bytes(len(pages[-1]))  # one page zeroed
+    snap, data = snapshot_at(replica, txid, pages)
+    replica.client.put(snap, data)
+    # Sorted by (first, last) txid, the merged segment comes after segs[2] has been replayed.
+    assert replica.problems() == [
+        f"{merged}: txid {ca[0].txid} differs from the replayed history",
+        f"{snap}: snapshot differs from the replayed history",
+    ]
+
+
+def test_a_database_sqlite_rejects_fails_verify_and_restore(replica):
+    """Every checksum right, but the pages are not a valid database: integrity_check decides."""
+    key = replica.segments(1)[-1]
+    header, (commit,) = replica.decoded(key)
+    before = format.DbChecksum.from_pages(replica.restored_pages(commit.txid - 1))
+    pages = tuple((pgno, bytes(len(page)) if pgno > 1 else page) for pgno, page in commit.pages)
+    before.apply(commit.db_size, pages)
+    forged = dataclasses.replace(commit, pages=pages, checksum=before.value)
+    replica.client.put(key, format.encode_segment(header.page_size, [forged]))
+
+    (problem,) = replica.problems()
+    prefix = f"v.db/{replica.gens[1].id}: database replayed to txid {commit.txid} fails "
+    assert problem.startswith(prefix + "integrity_check: ") and len(problem) > len(prefix) + 18
+    error = replica.restore_error()
+    assert error == "restored database fails integrity_check: " + problem.removeprefix(
+        prefix + "integrity_check: "
+    )
+
+
+def test_verify_of_nothing_fails(tmp_path):
+    url = f"{tmp_path.as_uri()}/none.db"
+    proc = cli("verify", url)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"walsync: problem: {url}: no replica found\nwalsync: error: {url}: 1 problem(s) found\n"
+    )
