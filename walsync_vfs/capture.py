@@ -26,7 +26,7 @@ import apsw
 from walsync_vfs import _shim
 
 VFS_NAME = "walsync"
-LINGER = 0.001  # seconds the dispatcher waits after a batch (bounds added lag to ~1 ms)
+LINGER = 0.005  # seconds the dispatcher waits after a busy drain (adds at most ~5 ms of lag)
 _FCNTL_DB_ID = 0x57530001
 
 ffi, lib = _shim.ffi, _shim.lib

@@ -83,6 +83,7 @@ class DbState:
     open: bool = True
     syncing: bool = False
     resync: bool = False  # a GAP or reopen arrived while a sync was running
+    broken: bool = False  # commits were dropped during a sync: its lineage cannot go on
     held: list[Record] = field(default_factory=list)  # commits that arrived during a sync
     sync_seq: int = 0
     open_seq: int = 0  # seq of the latest OPEN
@@ -187,7 +188,14 @@ class Engine:
             )
             db.held.clear()
             db.held_bytes = 0
-            db.resync = True
+            self._break_lineage(db)
+
+    def _break_lineage(self, db: DbState) -> None:
+        """Commits were dropped: nothing may be appended to the lineage any more, and the
+        next sync point starts a new generation whose snapshot holds them."""
+        db.checksum = None
+        db.broken = db.syncing  # a sync in flight may restore the checksum: see _sync_loop
+        self._request_sync(db)
 
     def _request_sync(self, db: DbState) -> None:
         """Start a sync, or ask the running one to go round once more."""
@@ -289,6 +297,11 @@ class Engine:
                 continue
             delay = 0.1
             with self._lock:
+                if db.broken:  # commits dropped while this round ran: go round afresh
+                    db.broken = False
+                    db.checksum = None
+                    db.held, db.held_bytes = [], 0
+                    db.resync = True
                 held, db.held, db.held_bytes = db.held, [], 0
                 for rec in held:
                     self._append(db, rec)
@@ -548,10 +561,9 @@ class Engine:
                 db.pending.clear()
                 db.pending_bytes = 0
                 db.small_segments.clear()
-                db.checksum = None  # the lineage has a hole now: continue in a new generation
                 db.errors += 1
                 db.last_error = f"spool: {exc}"
-                self._request_sync(db)
+                self._break_lineage(db)  # the lineage has a hole now
         with self._lock:
             db.spilling = False
             self._cond.notify_all()
