@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from walsync_vfs.storage import ObjectInfo, ObjectNotFound, StorageError, open_replica
+from walsync_vfs.storage import ObjectInfo, ObjectNotFound, StorageError, open_replica, sigv4
 from walsync_vfs.storage import s3 as s3_backend
-from walsync_vfs.storage import sigv4
 from walsync_vfs.storage.file import TMP_SUFFIX
 
 FORMS = "use file:///absolute/dir, a directory path, or s3://bucket/optional/prefix"
