@@ -417,6 +417,7 @@ def test_s3_keys_with_awkward_characters(s3_url: str) -> None:
     assert client.list("") == []
 
 
+@pytest.mark.usefixtures("fresh_clients")  # a pool no other test has used
 def test_s3_reuses_connections_and_survives_a_dropped_one(s3_url: str) -> None:
     """Requests share kept-alive connections; one the peer dropped while idle is replaced
     without a retry attempt or an error."""

@@ -53,6 +53,8 @@ DEFAULT_REGION = "us-east-1"  # botocore's too, when nothing names one
 DEFAULT_ATTEMPTS = 3  # botocore's "standard" retry mode
 MAX_BACKOFF = 20.0  # seconds; standard mode's cap on the jittered 1, 2, 4, ... s backoff
 MAX_IDLE = 32  # keep-alive connections kept per host (the old client's pool size)
+MAX_HEADER_LINE = 65536  # http.client's own limits on a reply's header block
+MAX_HEADERS = 100
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
@@ -232,6 +234,52 @@ class S3Service:
         return self._creds
 
 
+class _Response(http.client.HTTPResponse):
+    """http.client's response, with the header block read into a plain dict.
+
+    ``HTTPResponse.begin`` hands the headers to the ``email`` package, which cost about half
+    of a small PUT's CPU; an S3 reply needs only the framing headers (length, chunking,
+    connection), read here under http.client's own limits.  Body reading, chunked decoding
+    and keep-alive handling stay http.client's.
+    """
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()  # raises RemoteDisconnected if none
+            headers = self._read_header_block()
+            if status != http.client.CONTINUE:
+                break
+        if not version.startswith("HTTP/1."):
+            raise http.client.UnknownProtocol(version)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        self.version = 10 if version == "HTTP/1.0" else 11
+        self.headers = self.msg = headers  # type: ignore[assignment]
+        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        length = headers.get("content-length", "")
+        self.length = int(length) if length.isdigit() and not self.chunked else None
+        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or status < 200:
+            self.length = 0
+        if self.length is None and not self.chunked:
+            self.will_close = True  # the body ends when the connection does
+
+    def _read_header_block(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self.fp.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return headers
+            name, _, value = line.decode("iso-8859-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+
+
 class _Pool:
     """Idle keep-alive connections to one host, shared by all threads."""
 
@@ -304,6 +352,7 @@ class _Pool:
             )
         else:
             conn = http.client.HTTPConnection(self.host, timeout=CONNECT_TIMEOUT)
+        conn.response_class = _Response
         try:
             conn.connect()
         except TimeoutError:
