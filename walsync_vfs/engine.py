@@ -133,7 +133,10 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # state changes: flush, sync points
+        # The uploader waits on its own condition, so the end of every upload (which wakes
+        # flushers) does not wake it too; _schedule wakes it when it has to.
+        self._uploader = threading.Condition(self._lock)
         self._dbs: dict[int, DbState] = {}
         self._names: dict[str, int] = {}  # name -> db_id, to refuse two dbs on one prefix
         self._clients: dict[str, storage.ReplicaClient] = {}
@@ -456,7 +459,7 @@ class Engine:
                 if self._agenda:
                     wait = min(wait, max(self._agenda[0][0] - now, COALESCE))
                 self._wake_at = now + wait
-                self._cond.wait(wait)
+                self._uploader.wait(wait)
                 self._wake_at = -math.inf  # awake: what is scheduled now is seen before waiting
 
     def _take_batch(self, db: DbState) -> list[tuple[int, str, format.Commit]]:
@@ -650,7 +653,7 @@ class Engine:
         db.due_at = at
         heapq.heappush(self._agenda, (at, next(self._ticket), db))
         if at < self._wake_at:
-            self._cond.notify_all()
+            self._uploader.notify()
 
     def _ship_time(self, db: DbState, now: float) -> float:
         """When the database's pending commits should ship (inf: nothing to do for now)."""
@@ -724,7 +727,6 @@ class Engine:
             now = time.monotonic()
             for db in self._dbs.values():  # all urgent now
                 self._schedule(db, now)
-            self._cond.notify_all()
             try:
                 while True:
                     waiting = [
@@ -757,6 +759,7 @@ class Engine:
         with self._lock:
             self._stopped = True
             self._cond.notify_all()
+            self._uploader.notify()
         self._thread.join()
         self._put_pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel_futures=True)
