@@ -42,7 +42,9 @@ MAINTENANCE_TICK = 1.0  # seconds between looks for due snapshots, compactions, 
 FAILING_AFTER = 3  # consecutive failed attempts before flush() reports the replica as failing
 MAX_BACKOFF = 5.0  # seconds between retries of a failing store: recovery is noticed quickly
 COALESCE = 0.01  # s: uploads falling due this close together start in one uploader wake-up
-SPILL_CHECK = 0.05  # s between looks at the memory cap (a sum over every database)
+# s between looks at the memory cap (a sum over every database), made whenever the uploader
+# wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
+SPILL_CHECK = 0.05
 
 
 class ReplicationError(RuntimeError):
@@ -76,9 +78,10 @@ def read_head(client: storage.ReplicaClient, name: str) -> Head:
     return Head(gen.id, gen.last_txid, snap.page_size, snap.db_size, snap.checksum)
 
 
-@dataclass
+@dataclass(slots=True)
 class DbState:
-    """One replicated database.  Guarded by the engine lock."""
+    """One replicated database.  Guarded by the engine lock.  Slotted: a process may hold
+    thousands of these."""
 
     db_id: int
     path: str
