@@ -82,9 +82,10 @@ class _Unreachable(Exception):
 class _Failed(Exception):
     """An HTTP error response from the store."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, bucket_region: str = "") -> None:
         super().__init__(f"{code}: {message}")
         self.status, self.code, self.message = status, code, message
+        self.bucket_region = bucket_region  # S3 names it when we sign for the wrong one
 
     @property
     def retryable(self) -> bool:
@@ -189,13 +190,13 @@ class S3Service:
             signed = {"host": host, **(headers or {})}
             self.signer.sign(method, path, qs, signed, payload, self._credentials(), _amz_date())
             try:
-                status, data = pool.exchange(method, target, body, signed)
+                status, data, region = pool.exchange(method, target, body, signed)
             except _Unreachable as exc:
                 failure: Exception = exc
             else:
                 if status < 300:
                     return data
-                failure = _Failed(status, *_error_fields(status, data))
+                failure = _Failed(status, *_error_fields(status, data), region)
                 if not failure.retryable:
                     raise failure
             if attempt >= self.max_attempts:
@@ -227,7 +228,7 @@ class S3Service:
         if self._provider is None:
             raise _NoCredentials()
         frozen = self._provider.get_frozen_credentials()
-        if frozen is not self._frozen:
+        if frozen != self._frozen:
             self._creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
             self._frozen = frozen
         assert self._creds is not None
@@ -295,10 +296,11 @@ class _Pool:
 
     def exchange(
         self, method: str, target: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, bytes]:
-        """One request and its whole response body.  A kept-alive connection the server has
-        closed meanwhile fails on first use; the request then goes once more on a new one (every
-        request here is idempotent)."""
+    ) -> tuple[int, bytes, str]:
+        """One request: status, whole body and the ``x-amz-bucket-region`` header, if any.
+
+        A kept-alive connection the server has closed meanwhile fails on first use; the request
+        then goes once more on a new one (every request here is idempotent)."""
         for fresh in (False, True):
             conn, reused = self._take(fresh)
             try:
@@ -323,7 +325,7 @@ class _Pool:
                 conn.close()
             else:
                 self._give(conn)
-            return response.status, data
+            return response.status, data, response.headers.get("x-amz-bucket-region", "")
         raise AssertionError("unreachable")  # the fresh connection's attempt always returns
 
     def _take(self, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
@@ -622,6 +624,11 @@ class S3ReplicaClient:
         if isinstance(exc, _Unreachable):
             return StorageError(f"cannot reach {endpoint}: {exc}")
         assert isinstance(exc, _Failed)
+        if exc.bucket_region and exc.bucket_region != self.service.region:
+            return StorageError(
+                f"bucket '{self.bucket}' is in region {exc.bucket_region}, not "
+                f"{self.service.region}: set AWS_REGION={exc.bucket_region} (or region=)"
+            )
         if exc.code == "NoSuchBucket":
             return StorageError(
                 f"bucket '{self.bucket}' does not exist at {endpoint}: "
