@@ -154,6 +154,9 @@ class Engine:
         self._next_maintenance = 0.0
         self._stopped = False
         self._sync_pool = ThreadPoolExecutor(2, thread_name_prefix="walsync-sync")
+        # One maintenance pass at a time, beside the uploads: a compaction holds a few MiB of
+        # decoded pages, and many databases fall due in the same tick.
+        self._maintenance_pool = ThreadPoolExecutor(1, thread_name_prefix="walsync-maintain")
         self._put_pool = ThreadPoolExecutor(
             settings.upload_workers, thread_name_prefix="walsync-put"
         )
@@ -608,7 +611,7 @@ class Engine:
                     db.uploaded_since_retention = False
                     db.retained_at = now
                 db.maintaining = True
-                self._put_pool.submit(self._maintain, db, retain, segs)
+                self._maintenance_pool.submit(self._maintain, db, retain, segs)
             if (
                 not db.syncing
                 and cfg.snapshot_interval
@@ -765,6 +768,7 @@ class Engine:
             self._uploader.notify()
         self._thread.join()
         self._put_pool.shutdown(wait=True)
+        self._maintenance_pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -25,8 +25,8 @@ def compact(
     groups: list[tuple[int, list[format.Commit]]] = []
     size = 0
     for key in keys:
-        # One GET at a time, in the engine's upload thread: a pool of fetch threads per merge
-        # (every 32 uploads of every database) cost more CPU and memory than the merge itself.
+        # One GET at a time, in the engine's maintenance thread: a pool of fetch threads per
+        # merge (every 32 uploads of every database) cost more CPU and memory than the merge.
         blob = client.get(key)
         header, commits = format.decode_segment(blob, key)  # one validation pass, not two
         for commit in commits:
