@@ -432,3 +432,34 @@ def test_s3_reuses_connections_and_survives_a_dropped_one(s3_url: str) -> None:
     idle.sock.shutdown(socket.SHUT_RDWR)  # what a server's idle timeout looks like to us
     assert client.get("k") == b"v"
     assert len(pool._idle) == 1 and pool._idle[0] is not idle
+
+
+@pytest.mark.usefixtures("fresh_clients")
+def test_broken_aws_configuration_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+        "AWS_REGION", "AWS_DEFAULT_REGION",
+    ):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "config").write_text("[default]\nregion = eu-west-1\n")
+    (tmp_path / "credentials").write_text("[default]\naws_access_key_id = AKIAHALF\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    client = open_replica("s3://bucket/x", endpoint_url=endpoint)
+    assert client.service.region == "eu-west-1"  # read from the config file by botocore
+    with pytest.raises(StorageError) as info:
+        client.get("k")
+    assert str(info.value) == (
+        "cannot get AWS credentials: Partial credentials found in shared-credentials-file, "
+        "missing: aws_secret_access_key"
+    )
+    monkeypatch.setenv("AWS_PROFILE", "walsync-no-such-profile")
+    monkeypatch.setattr(s3_backend, "_services", {})  # resolved again, from the new env
+    with pytest.raises(StorageError) as info:
+        open_replica("s3://bucket/y", endpoint_url=endpoint)  # fails before any request
+    assert str(info.value) == (
+        "AWS configuration: The config profile (walsync-no-such-profile) could not be found"
+    )

@@ -160,8 +160,7 @@ class S3Service:
         self._lock = threading.Lock()
         self._provider: Any = None
         self._provider_resolved = False
-        self._frozen: Any = None
-        self._creds: Credentials | None = None
+        self._creds: tuple[Any, Credentials | None] = (None, None)  # (botocore's, ours)
 
     # -------------------------------------------------------------- the request path
 
@@ -208,7 +207,8 @@ class S3Service:
         """(Host header, encoded path): path-style, or virtual-hosted where DNS and TLS allow
         (a dotted bucket name would not match the wildcard certificate)."""
         if self.path_style or (self._https and "." in bucket):
-            return self._host, uri_path(f"{self._base}/{bucket}/{key}" if key else f"/{bucket}")
+            path = f"{self._base}/{bucket}/{key}" if key else f"{self._base}/{bucket}"
+            return self._host, uri_path(path)
         return f"{bucket}.{self._host}", uri_path(f"{self._base}/{key}")
 
     def _pool(self, host: str) -> _Pool:
@@ -220,19 +220,24 @@ class S3Service:
 
     def _credentials(self) -> Credentials:
         """The current credentials; a refreshing provider (role, SSO) renews them itself."""
-        if not self._provider_resolved:
-            with self._lock:
-                if not self._provider_resolved:
-                    self._provider = self._session.get_credentials()
-                    self._provider_resolved = True
-        if self._provider is None:
-            raise _NoCredentials()
-        frozen = self._provider.get_frozen_credentials()
-        if frozen != self._frozen:
-            self._creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-            self._frozen = frozen
-        assert self._creds is not None
-        return self._creds
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            if not self._provider_resolved:
+                with self._lock:
+                    if not self._provider_resolved:
+                        self._provider = self._session.get_credentials()
+                        self._provider_resolved = True
+            if self._provider is None:
+                raise _NoCredentials()
+            frozen = self._provider.get_frozen_credentials()
+        except BotoCoreError as exc:  # a broken profile, an expired SSO token, ...
+            raise _NoCredentials(str(exc).splitlines()[0]) from None
+        known, creds = self._creds
+        if frozen != known or creds is None:
+            creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+            self._creds = (frozen, creds)
+        return creds
 
 
 class _Response(http.client.HTTPResponse):
@@ -617,6 +622,8 @@ class S3ReplicaClient:
         """Say what failed and what to do."""
         endpoint = self.service.endpoint_url
         if isinstance(exc, _NoCredentials):
+            if str(exc):  # botocore's words: they name the profile or file, never a secret
+                return StorageError(f"cannot get AWS credentials: {exc}")
             return StorageError(
                 "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                 "or an AWS profile"
