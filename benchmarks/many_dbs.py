@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -60,11 +61,23 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ----------------------------------------------------------------------------- /proc readers
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (threads included), in seconds."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
+def cpu_seconds(pid: int, task: int | None = None) -> float:
+    """utime + stime of one process (threads included) or of one of its threads, in seconds."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+    raw = Path(path).read_text()
     fields = raw[raw.rindex(")") + 2 :].split()  # comm may contain spaces
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread, by native thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = cpu_seconds(pid, int(task.name))
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
 
 
 def rss_mib(pid: int) -> float:
@@ -120,7 +133,11 @@ def app_main(mode: str, dbdir: str, n: int, replica: str) -> None:
                 elif delay < -0.1:
                     late += 1
                 cons[k % n].execute(INSERT, (time.time(), os.urandom(32)))
-            send({"commits": total, "late": late, "end": time.monotonic()})
+            # Thread names by native id, so the parent can say where the CPU went (Python
+            # 3.11 does not name OS threads).  Pool threads are grouped: "walsync-put_2" ->
+            # "walsync-put".
+            names = {t.native_id: t.name.split("_")[0] for t in threading.enumerate()}
+            send({"commits": total, "late": late, "end": time.monotonic(), "threads": names})
         elif cmd["op"] == "stop":
             reply: dict[str, Any] = {}
             if walsync is not None:
@@ -244,10 +261,11 @@ def run_mode(mode: str, n: int, args: argparse.Namespace, workdir: Path,
         start = time.monotonic() + 0.2
         app.send({"op": "go", "start": start, "rate": args.rate, "duration": args.window})
         time.sleep(max(0.0, start - time.monotonic()))
-        cpu0 = cpu_seconds(app.pid)
+        cpu0, threads0 = cpu_seconds(app.pid), thread_cpu(app.pid)
         ls_cpu0 = cpu_seconds(ls.pid) if ls else 0.0
         time.sleep(max(0.0, start + args.window - time.monotonic()))
         res["cpu_s"] = cpu_seconds(app.pid) - cpu0
+        threads1 = thread_cpu(app.pid)
         res["rss_mib"] = rss_mib(app.pid)
         if ls is not None:
             res["ls_cpu_s"] = cpu_seconds(ls.pid) - ls_cpu0
@@ -257,6 +275,11 @@ def run_mode(mode: str, n: int, args: argparse.Namespace, workdir: Path,
         done = app.reply()
         res.update(commits=done["commits"], late=done["late"],
                    overrun_s=max(0.0, done["end"] - (start + args.window)))  # fmt: skip
+        by_thread: dict[str, float] = {}
+        for tid, cpu in threads1.items():
+            name = done["threads"].get(str(tid), "other")
+            by_thread[name] = by_thread.get(name, 0.0) + cpu - threads0.get(tid, 0.0)
+        res["thread_cpu_s"] = by_thread
         app.send({"op": "stop"})
         res.update(app.reply())
     if mode == "walsync":
@@ -310,6 +333,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> bool:
               f"{pl['cpu_s']:>9.2f}s {ws['cpu_s']:>7.2f}s {extra_cpu:>9.2f}s "
               f"{ls['ls_cpu_s']:>7.2f}s {ls['ls_rss_mib']:>7.1f}M {ratio:>7.2f} "
               f"{v['sampled'] - len(v['bad']):>4}/{v['sampled']:<4}")  # fmt: skip
+        split = sorted(ws["thread_cpu_s"].items(), key=lambda kv: -kv[1])
+        print("      walsync app CPU by thread: "
+              + ", ".join(f"{name} {cpu:.2f}s" for name, cpu in split if cpu >= 0.005)
+              + f" (plain app: {sum(pl['thread_cpu_s'].values()):.2f}s)")  # fmt: skip
         for m in MODES:
             r = by[n, m]
             if r["late"] or r["overrun_s"] > 0.5:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from walsync_vfs.storage import ObjectInfo, ObjectNotFound, StorageError, open_replica
+from walsync_vfs.storage import ObjectInfo, ObjectNotFound, StorageError, open_replica, sigv4
 from walsync_vfs.storage import s3 as s3_backend
 from walsync_vfs.storage.file import TMP_SUFFIX
 
@@ -29,8 +29,8 @@ def closed_port() -> int:
 
 @pytest.fixture
 def fresh_clients(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An empty boto3 client cache, so env changes made by the test take effect."""
-    monkeypatch.setattr(s3_backend, "_clients", {})
+    """An empty S3 service cache, so env changes made by the test take effect."""
+    monkeypatch.setattr(s3_backend, "_services", {})
 
 
 def test_round_trip(replica_url: str) -> None:
@@ -309,28 +309,27 @@ def test_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch) -> Non
     )
 
 
-def test_one_boto3_client_per_endpoint(s3_server) -> None:
+def test_one_service_per_endpoint(s3_server) -> None:
     a = open_replica(f"s3://{s3_server.new_bucket()}/a")
     b = open_replica(f"s3://{s3_server.new_bucket()}")
-    assert a.client is b.client
-    assert a.client.meta.endpoint_url == s3_server.endpoint
-    assert a.client.meta.config.max_pool_connections == 32
+    assert a.service is b.service
+    assert a.service.endpoint_url == s3_server.endpoint
     other = open_replica("s3://bucket", endpoint_url="http://127.0.0.1:9")
-    assert other.client is not a.client
+    assert other.service is not a.service
 
-    clients: list[object] = []
+    services: list[object] = []
     barrier = threading.Barrier(8)
 
     def race() -> None:
         barrier.wait()
-        clients.append(open_replica("s3://bucket", region="eu-west-3").client)
+        services.append(open_replica("s3://bucket", region="eu-west-3").service)
 
     threads = [threading.Thread(target=race) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len({id(c) for c in clients}) == 1
+    assert len({id(c) for c in services}) == 1
 
 
 @pytest.mark.usefixtures("fresh_clients")
@@ -340,14 +339,127 @@ def test_addressing_style(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
 
-    def style(**options: object) -> str | None:
-        config = open_replica("s3://bucket", **options).client.meta.config
-        return (config.s3 or {}).get("addressing_style")
+    def service(**options: object) -> s3_backend.S3Service:
+        return open_replica("s3://bucket", **options).service
 
-    assert style() is None  # AWS itself: botocore's default, virtual-hosted
-    assert style(endpoint_url="http://minio.internal:9000") == "path"
+    aws = service()  # AWS itself: virtual-hosted, the region's own endpoint
+    assert (aws.path_style, aws.endpoint_url) == (False, "https://s3.eu-west-1.amazonaws.com")
+    assert service(endpoint_url="http://minio.internal:9000").path_style
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://seaweed.internal:8333")
-    assert style(region="eu-west-2") == "path"
-    assert style(endpoint_url="http://minio.internal:9000", path_style=False) == "virtual"
+    env = service(region="eu-west-2")
+    assert (env.path_style, env.endpoint_url) == (True, "http://seaweed.internal:8333")
+    assert not service(endpoint_url="http://minio.internal:9000", path_style=False).path_style
     monkeypatch.setenv(s3_backend.ENV_PATH_STYLE, "true")
-    assert style(region="us-west-1") == "path"
+    assert service(region="us-west-1").path_style
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "body", "extra"),
+    [
+        ("PUT", "/bkt/p/db/0001-ab/seg/a b+c%d~é=&.wseg", {}, b"x\x00\xff" * 100, {}),
+        ("GET", "/bkt/k", {}, b"", {}),
+        (
+            "GET",
+            "/bkt",
+            {"list-type": "2", "prefix": "p/a b/", "continuation-token": "1/+=x"},
+            b"",
+            {},
+        ),  # fmt: skip
+        (
+            "POST",
+            "/bkt",
+            {"delete": ""},
+            b"<Delete/>",
+            {"content-md5": "1B2M2Y8AsgTpgAmY7PhCfg==", "content-type": "application/xml"},
+        ),
+    ],  # fmt: skip
+)
+@pytest.mark.parametrize("token", [None, "session/token+="])
+def test_signature_matches_botocore(
+    method: str, path: str, query: dict[str, str], body: bytes, extra: dict[str, str],
+    token: str | None,
+) -> None:  # fmt: skip
+    """Our SigV4 headers are byte for byte those of botocore's own S3 signer."""
+    import hashlib
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials as BotoCredentials
+
+    creds = sigv4.Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    encoded, qs = sigv4.uri_path(path), sigv4.canonical_query(query)
+    url = f"http://127.0.0.1:8333{encoded}" + (f"?{qs}" if qs else "")
+    theirs = AWSRequest(method=method, url=url, data=body, headers=dict(extra))
+    S3SigV4Auth(
+        BotoCredentials(creds.access_key, creds.secret_key, token), "s3", "eu-west-3"
+    ).add_auth(theirs)
+    ours = {"host": "127.0.0.1:8333", **extra}
+    payload = hashlib.sha256(body).hexdigest()
+    sigv4.Signer("eu-west-3").sign(
+        method, encoded, qs, ours, payload, creds, theirs.headers["X-Amz-Date"]
+    )
+    assert ours["authorization"] == theirs.headers["Authorization"]
+    assert ours["x-amz-content-sha256"] == theirs.headers["X-Amz-Content-SHA256"]
+    assert ours.get("x-amz-security-token") == theirs.headers.get("X-Amz-Security-Token")
+    assert creds.secret_key not in repr(creds) and "session" not in repr(creds)
+
+
+def test_s3_keys_with_awkward_characters(s3_url: str) -> None:
+    """Keys are URI-encoded once in the path and come back decoded from listings."""
+    client = open_replica(s3_url)
+    keys = ["db/a b", "db/a+b", "db/100%", "db/é~ü", "db/q?x=1&y", "db/semi;colon", "db/<x>'\""]
+    for key in keys:
+        client.put(key, key.encode())
+    assert client.list("db/") == [ObjectInfo(k, len(k.encode())) for k in sorted(keys)]
+    for key in keys:
+        assert client.get(key) == key.encode()
+    client.delete(keys)
+    assert client.list("") == []
+
+
+@pytest.mark.usefixtures("fresh_clients")  # a pool no other test has used
+def test_s3_reuses_connections_and_survives_a_dropped_one(s3_url: str) -> None:
+    """Requests share kept-alive connections; one the peer dropped while idle is replaced
+    without a retry attempt or an error."""
+    client = open_replica(s3_url)
+    client.put("k", b"v")
+    (pool,) = [p for p in client.service._pools.values()]
+    (idle,) = pool._idle
+    for i in range(5):
+        client.put(f"k{i}", b"v")
+    assert pool._idle == [idle]  # sequential requests: one connection, reused
+    assert idle.sock is not None
+    idle.sock.shutdown(socket.SHUT_RDWR)  # what a server's idle timeout looks like to us
+    assert client.get("k") == b"v"
+    assert len(pool._idle) == 1 and pool._idle[0] is not idle
+
+
+@pytest.mark.usefixtures("fresh_clients")
+def test_broken_aws_configuration_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+        "AWS_REGION", "AWS_DEFAULT_REGION",
+    ):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "config").write_text("[default]\nregion = eu-west-1\n")
+    (tmp_path / "credentials").write_text("[default]\naws_access_key_id = AKIAHALF\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    client = open_replica("s3://bucket/x", endpoint_url=endpoint)
+    assert client.service.region == "eu-west-1"  # read from the config file by botocore
+    with pytest.raises(StorageError) as info:
+        client.get("k")
+    assert str(info.value) == (
+        "cannot get AWS credentials: Partial credentials found in shared-credentials-file, "
+        "missing: aws_secret_access_key"
+    )
+    monkeypatch.setenv("AWS_PROFILE", "walsync-no-such-profile")
+    monkeypatch.setattr(s3_backend, "_services", {})  # resolved again, from the new env
+    with pytest.raises(StorageError) as info:
+        open_replica("s3://bucket/y", endpoint_url=endpoint)  # fails before any request
+    assert str(info.value) == (
+        "AWS configuration: The config profile (walsync-no-such-profile) could not be found"
+    )

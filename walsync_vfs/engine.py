@@ -18,7 +18,10 @@ client, no buffer beyond commits not yet uploaded):
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -38,6 +41,10 @@ log = logging.getLogger("walsync_vfs")
 MAINTENANCE_TICK = 1.0  # seconds between looks for due snapshots, compactions, retention
 FAILING_AFTER = 3  # consecutive failed attempts before flush() reports the replica as failing
 MAX_BACKOFF = 5.0  # seconds between retries of a failing store: recovery is noticed quickly
+COALESCE = 0.01  # s: uploads falling due this close together start in one uploader wake-up
+# s between looks at the memory cap (a sum over every database), made whenever the uploader
+# wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
+SPILL_CHECK = 0.05
 
 
 class ReplicationError(RuntimeError):
@@ -71,9 +78,10 @@ def read_head(client: storage.ReplicaClient, name: str) -> Head:
     return Head(gen.id, gen.last_txid, snap.page_size, snap.db_size, snap.checksum)
 
 
-@dataclass
+@dataclass(slots=True)
 class DbState:
-    """One replicated database.  Guarded by the engine lock."""
+    """One replicated database.  Guarded by the engine lock.  Slotted: a process may hold
+    thousands of these."""
 
     db_id: int
     path: str
@@ -107,6 +115,7 @@ class DbState:
     quiet: bool = True  # the oldest pending commit came after a quiet spell
     arrived_at: float = 0.0  # monotonic time the latest commit reached the engine
     shipped_at: float = 0.0  # monotonic time the latest upload was started
+    due_at: float = math.inf  # earliest time the uploader has been asked to look at it
     failures: int = 0
     next_attempt: float = 0.0
     last_error: str = ""
@@ -128,15 +137,27 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # state changes: flush, sync points
+        # The uploader waits on its own condition, so the end of every upload (which wakes
+        # flushers) does not wake it too; _schedule wakes it when it has to.
+        self._uploader = threading.Condition(self._lock)
         self._dbs: dict[int, DbState] = {}
         self._names: dict[str, int] = {}  # name -> db_id, to refuse two dbs on one prefix
         self._clients: dict[str, storage.ReplicaClient] = {}
         self._flushers = 0
+        # (time, tie-breaker, db): when the uploader should look at a database next, so it
+        # never scans every database per wake-up (see _schedule).
+        self._agenda: list[tuple[float, int, DbState]] = []
+        self._ticket = itertools.count()
+        self._wake_at = -math.inf  # when the waiting uploader will wake up by itself
+        self._next_spill_check = 0.0
         self._spool = Spool(settings)
         self._next_maintenance = 0.0
         self._stopped = False
         self._sync_pool = ThreadPoolExecutor(2, thread_name_prefix="walsync-sync")
+        # One maintenance pass at a time, beside the uploads: a compaction holds a few MiB of
+        # decoded pages, and many databases fall due in the same tick.
+        self._maintenance_pool = ThreadPoolExecutor(1, thread_name_prefix="walsync-maintain")
         self._put_pool = ThreadPoolExecutor(
             settings.upload_workers, thread_name_prefix="walsync-put"
         )
@@ -148,11 +169,22 @@ class Engine:
     # ------------------------------------------------------------------ capture side
 
     def on_records(self, records: Iterable[Record]) -> None:
-        """Dispatcher sink: called with each batch of records, in commit order."""
+        """Dispatcher sink: called with each batch of records, in commit order.
+
+        Wakes the uploader only when a database gets something to ship sooner than it was
+        going to look (see _schedule): a steady stream of commits costs no wake-ups.
+        """
+        dbs, commit = self._dbs, Kind.COMMIT
         with self._lock:
             for rec in records:
-                db = self._dbs.get(rec.db_id)
-                if rec.kind is Kind.OPEN:
+                db = dbs.get(rec.db_id)
+                if rec.kind is commit and db is not None:  # the hot case first
+                    db.seen_seq = rec.seq
+                    if db.syncing:
+                        self._hold(db, rec)
+                    else:
+                        self._append(db, rec)
+                elif rec.kind is Kind.OPEN:
                     if db is None:
                         db = self._dbs[rec.db_id] = DbState(rec.db_id, rec.path)
                     log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
@@ -167,13 +199,6 @@ class Engine:
                     log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)
                     db.open = False
                     self._forget_if_done(db)
-                elif rec.kind is Kind.COMMIT:
-                    db.seen_seq = rec.seq
-                    if db.syncing:
-                        self._hold(db, rec)
-                    else:
-                        self._append(db, rec)
-            self._cond.notify_all()
 
     def _hold(self, db: DbState, rec: Record) -> None:
         """Keep a commit that arrived during a sync; past the memory cap, let the next sync
@@ -223,11 +248,17 @@ class Engine:
         commit = format.Commit(db.next_txid, rec.time_ns, rec.db_size, db.checksum.value, rec.pages)
         db.next_txid += 1
         now = time.monotonic()
-        if not db.pending:
+        first = not db.pending
+        if first:
             db.quiet = now - db.arrived_at >= db.cfg.upload_interval / 4
         db.arrived_at = now
         db.pending.append((rec.seq, db.generation, commit))
-        db.pending_bytes += len(rec.pages) * rec.page_size
+        size = db.pending_bytes + len(rec.pages) * rec.page_size
+        # Only these two change when the uploader should look: commits that join a batch
+        # already waiting for its turn cost it nothing.
+        if first or (size >= db.cfg.max_segment_bytes > db.pending_bytes):
+            self._schedule(db, now)
+        db.pending_bytes = size
 
     def _give_up(self, db: DbState) -> None:
         """A closed database whose store keeps failing: stop retrying (lock held).
@@ -309,6 +340,7 @@ class Engine:
                     db.resync = False
                     continue
                 db.syncing = False
+                self._schedule(db, time.monotonic())  # commits held or left during the sync
                 self._forget_if_done(db)
                 self._cond.notify_all()
                 return
@@ -430,33 +462,34 @@ class Engine:
                 if self._stopped:
                     return
                 now = time.monotonic()
-                ready, wait = self._due(now)
-                for db in ready:
+                for db in self._due(now):
                     db.uploading = True
                     if db.outbox:
                         self._put_pool.submit(self._ship, db, db.outbox[0])
                     else:
                         self._put_pool.submit(self._ship, db, None, self._take_batch(db))
-                self._spill_if_over_cap()
+                if now >= self._next_spill_check:
+                    self._next_spill_check = now + SPILL_CHECK
+                    self._spill_if_over_cap()
                 if now >= self._next_maintenance:
                     self._next_maintenance = now + MAINTENANCE_TICK
                     self._schedule_maintenance(now)
-                if not ready:
-                    self._cond.wait(
-                        MAINTENANCE_TICK if wait is None else min(wait, MAINTENANCE_TICK)
-                    )
+                wait = MAINTENANCE_TICK
+                if self._agenda:
+                    wait = min(wait, max(self._agenda[0][0] - now, COALESCE))
+                self._wake_at = now + wait
+                self._uploader.wait(wait)
+                self._wake_at = -math.inf  # awake: what is scheduled now is seen before waiting
 
     def _take_batch(self, db: DbState) -> list[tuple[int, str, format.Commit]]:
         """The oldest pending commits of one generation, up to max_segment_bytes."""
-        batch, size = [], 0
-        gen = db.pending[0][1]
-        while (
-            db.pending
-            and db.pending[0][1] == gen
-            and (not batch or size < db.cfg.max_segment_bytes)
-        ):
-            batch.append(db.pending.pop(0))
-            size += len(batch[-1][2].pages) * db.page_size
+        pending, limit = db.pending, db.cfg.max_segment_bytes
+        gen = pending[0][1]
+        end, size = 0, 0
+        while end < len(pending) and pending[end][1] == gen and (not end or size < limit):
+            size += len(pending[end][2].pages) * db.page_size
+            end += 1
+        batch, db.pending = pending[:end], pending[end:]
         db.pending_bytes -= size
         return batch
 
@@ -493,6 +526,7 @@ class Engine:
                 if not db.open and db.failures >= FAILING_AFTER:
                     self._give_up(db)
                     return
+                self._schedule(db, time.monotonic())
             log.warning(
                 "walsync: upload for %s failed (attempt %d): %s",
                 db.name,
@@ -515,6 +549,7 @@ class Engine:
                 db.small_segments.append(format.parse_key(item.key))
             else:
                 db.small_segments.clear()
+            self._schedule(db, time.monotonic())
             self._forget_if_done(db)
             self._cond.notify_all()
 
@@ -588,7 +623,7 @@ class Engine:
                     db.uploaded_since_retention = False
                     db.retained_at = now
                 db.maintaining = True
-                self._put_pool.submit(self._maintain, db, retain, segs)
+                self._maintenance_pool.submit(self._maintain, db, retain, segs)
             if (
                 not db.syncing
                 and cfg.snapshot_interval
@@ -621,35 +656,59 @@ class Engine:
             self._forget_if_done(db)
             self._cond.notify_all()
 
-    def _due(self, now: float) -> tuple[list[DbState], float | None]:
-        """Databases whose pending commits should ship now, and how long until the next."""
-        ready, wait = [], None
-        for db in self._dbs.values():
-            if not (db.pending or db.outbox) or db.uploading or db.syncing:
-                continue
-            s = db.cfg
-            # Refill the token bucket.
-            if s.upload_interval > 0:
-                db.tokens = min(
-                    s.upload_burst, db.tokens + (now - db.token_time) / s.upload_interval
-                )
-            else:
-                db.tokens = s.upload_burst
-            db.token_time = now
-            at = db.next_attempt
-            urgent = self._flushers or db.pending_bytes >= s.max_segment_bytes
-            # Burst tokens are for a commit that follows a quiet spell (the first after idle
-            # ships at once); a steady stream ships one segment per upload_interval.
-            if not urgent and not (db.quiet and db.tokens >= 1):
-                at = max(at, db.shipped_at + s.upload_interval)
-            if at <= now:
+    def _schedule(self, db: DbState, now: float) -> None:
+        """Put ``db`` on the uploader's agenda for when its next upload is due (lock held).
+
+        Called wherever that time can move earlier: a first pending commit, a segment's worth
+        of pending bytes, the end of an upload or a sync, a flush.  The uploader pops what is
+        due instead of scanning every database per wake-up -- that scan, at every commit
+        batch, was the biggest per-commit cost with 100 databases.  It is woken only if the
+        new time comes before the one it is already waiting for.
+        """
+        at = self._ship_time(db, now)
+        if at >= db.due_at:
+            return
+        db.due_at = at
+        heapq.heappush(self._agenda, (at, next(self._ticket), db))
+        if at < self._wake_at:
+            self._uploader.notify()
+
+    def _ship_time(self, db: DbState, now: float) -> float:
+        """When the database's pending commits should ship (inf: nothing to do for now)."""
+        if not (db.pending or db.outbox) or db.uploading or db.syncing:
+            return math.inf  # an upload's or sync's end schedules it again
+        s = db.cfg
+        # Refill the token bucket.
+        if s.upload_interval > 0:
+            db.tokens = min(s.upload_burst, db.tokens + (now - db.token_time) / s.upload_interval)
+        else:
+            db.tokens = s.upload_burst
+        db.token_time = now
+        at = db.next_attempt
+        urgent = self._flushers or db.pending_bytes >= s.max_segment_bytes
+        # Burst tokens are for a commit that follows a quiet spell (the first after idle
+        # ships at once); a steady stream ships one segment per upload_interval.
+        if not urgent and not (db.quiet and db.tokens >= 1):
+            at = max(at, db.shipped_at + s.upload_interval)
+        return at
+
+    def _due(self, now: float) -> list[DbState]:
+        """Databases whose pending commits should ship now (from the agenda; lock held)."""
+        ready = []
+        agenda = self._agenda
+        while agenda and agenda[0][0] <= now:
+            at, _, db = heapq.heappop(agenda)
+            if at != db.due_at:
+                continue  # superseded by an earlier entry
+            db.due_at = math.inf
+            if self._ship_time(db, now) <= now:
                 db.tokens = max(db.tokens - 1, 0)
                 db.shipped_at = now
                 db.quiet = False
                 ready.append(db)
             else:
-                wait = at - now if wait is None else min(wait, at - now)
-        return ready, wait
+                self._schedule(db, now)
+        return ready
 
     def await_sync_point(self, db_id: int, timeout: float) -> None:
         """Start the sync of a newly opened database and block its opener until the engine
@@ -683,7 +742,9 @@ class Engine:
         with self._lock:
             marks = {db.db_id: db.seen_seq for db in self._dbs.values()}
             self._flushers += 1
-            self._cond.notify_all()
+            now = time.monotonic()
+            for db in self._dbs.values():  # all urgent now
+                self._schedule(db, now)
             try:
                 while True:
                     waiting = [
@@ -716,8 +777,10 @@ class Engine:
         with self._lock:
             self._stopped = True
             self._cond.notify_all()
+            self._uploader.notify()
         self._thread.join()
         self._put_pool.shutdown(wait=True)
+        self._maintenance_pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -109,7 +109,7 @@ def bad_url(url: str, reason: str) -> StorageError:
 
 def open_replica(url: str, **options: object) -> ReplicaClient:
     """Open the replica root named by ``url``; ``options`` go to the backend (S3: endpoint_url,
-    region, path_style).  Backends are imported lazily so file-only users never load boto3."""
+    region, path_style).  Backends are imported lazily so file-only users never load botocore."""
     if not isinstance(url, str) or not url.strip():
         raise bad_url(str(url), "empty")
     try:

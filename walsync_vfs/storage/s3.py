@@ -1,34 +1,33 @@
-"""S3 replica backend (AWS or any S3-compatible server), built on botocore.
+"""S3 replica backend (AWS or any S3-compatible server): signed HTTP on pooled connections.
 
-Endpoint, region and credentials come from boto3's own conventions (``AWS_ENDPOINT_URL_S3``,
-``AWS_ACCESS_KEY_ID``, profiles, instance roles, ...), so walsync needs no settings of its own
-and behaves like every other AWS tool on the machine.  Those conventions live in botocore;
-boto3's session adds only resources and s3transfer's upload helpers, which walsync does not
-use and which cost a restore about 0.1 s to import and hook in.
+Endpoint, region and credentials come from the AWS conventions every other tool on the
+machine follows (``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles, config and
+credentials files, instance roles, ...), resolved by a botocore *session*.  The requests
+themselves -- PUT, GET, ListObjectsV2, DeleteObjects -- are four fixed REST calls, so they are
+made here with ``http.client`` and :mod:`walsync_vfs.storage.sigv4` instead of a botocore
+client: that client loads S3's service model (~14 MiB) and spends most of a commit's
+replication CPU on its per-request machinery, while walsync PUTs about once per database per
+second.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import http.client
 import ipaddress
 import os
+import random
 import re
+import socket
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
-
-import botocore.session
-from botocore.client import BaseClient
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectionError,
-    ConnectTimeoutError,
-    NoCredentialsError,
-    ReadTimeoutError,
-)
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote_plus, urlsplit
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
 
 from walsync_vfs.storage import (
     ObjectInfo,
@@ -38,67 +37,388 @@ from walsync_vfs.storage import (
     check_key,
     check_prefix,
 )
+from walsync_vfs.storage.sigv4 import (
+    EMPTY_SHA256,
+    Credentials,
+    Signer,
+    canonical_query,
+    uri_path,
+)
 
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 15  # seconds; a frozen store must surface as an error, not a hang
 DELETE_BATCH = 1000  # the DeleteObjects limit
 ENV_PATH_STYLE = "WALSYNC_S3_PATH_STYLE"
+DEFAULT_REGION = "us-east-1"  # botocore's too, when nothing names one
+DEFAULT_ATTEMPTS = 3  # botocore's "standard" retry mode
+MAX_BACKOFF = 20.0  # seconds; standard mode's cap on the jittered 1, 2, 4, ... s backoff
+MAX_IDLE = 32  # keep-alive connections kept per host (the old client's pool size)
+MAX_HEADER_LINE = 65536  # http.client's own limits on a reply's header block
+MAX_HEADERS = 100
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
-_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()]+)")
+# botocore's standard retry mode: transient and throttling errors are retried.
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+_RETRY_CODES = {
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "Throttling",
+    "ThrottlingException", "ThrottledException", "RequestThrottledException", "SlowDown",
+    "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+    "RequestThrottled", "InternalError", "ServiceUnavailable",
+}  # fmt: skip
+_CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
+_MESSAGE = re.compile(rb"<Message>([^<]{0,500})</Message>")
 
-# One client per process and endpoint: a botocore client owns a connection pool and resolves
-# credentials once, so sharing it across databases keeps sockets and credential lookups flat.
-_clients: dict[tuple[str | None, str | None, bool | None], BaseClient] = {}
-_clients_lock = threading.Lock()
-
-T = TypeVar("T")
+# One service per process and endpoint options: it owns the connection pools and resolves
+# credentials once, so sharing it across databases keeps sockets and lookups flat.
+_services: dict[tuple[str | None, str | None, bool | None], S3Service] = {}
+_services_lock = threading.Lock()
 
 
-def shared_client(
+class _Unreachable(Exception):
+    """No HTTP response: the text says why (one line, no credentials)."""
+
+
+class _Failed(Exception):
+    """An HTTP error response from the store."""
+
+    def __init__(self, status: int, code: str, message: str, bucket_region: str = "") -> None:
+        super().__init__(f"{code}: {message}")
+        self.status, self.code, self.message = status, code, message
+        self.bucket_region = bucket_region  # S3 names it when we sign for the wrong one
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in _RETRY_STATUS or self.code in _RETRY_CODES
+
+
+class _NoCredentials(Exception):
+    pass
+
+
+def shared_service(
     endpoint_url: str | None = None, region: str | None = None, path_style: bool | None = None
-) -> BaseClient:
-    """The process-wide S3 client for these options, created on first use.
+) -> S3Service:
+    """The process-wide :class:`S3Service` for these options, created on first use."""
+    key = (endpoint_url, region, path_style)
+    with _services_lock:
+        service = _services.get(key)
+        if service is None:
+            service = _services[key] = S3Service(endpoint_url, region, path_style)
+        return service
+
+
+class S3Service:
+    """One S3 endpoint as configured for this process: addressing, signing, credentials,
+    retries and keep-alive connections.  Every call is safe from any thread.
 
     ``path_style=None`` defers to ``$WALSYNC_S3_PATH_STYLE`` (1/true or 0/false), and failing
-    that uses path-style for any endpoint that is not AWS's own.
+    that uses path-style for any endpoint that is not AWS's own: S3-compatible servers
+    (MinIO, SeaweedFS, ...) rarely have wildcard DNS for bucket subdomains.
     """
-    if path_style is None:
-        path_style = _env_flag(ENV_PATH_STYLE)
-    key = (endpoint_url, region, path_style)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _clients[key] = _new_client(endpoint_url, region, path_style)
-        return client
+
+    def __init__(
+        self, endpoint_url: str | None, region: str | None, path_style: bool | None
+    ) -> None:
+        import botocore.session
+        from botocore.configprovider import ConfiguredEndpointProvider
+        from botocore.exceptions import BotoCoreError
+
+        # The default session is not safe to share across threads; this one is only read.
+        self._session = session = botocore.session.Session()
+        try:
+            region = (
+                region
+                or os.environ.get("AWS_REGION")
+                or session.get_config_variable("region")
+                or DEFAULT_REGION
+            )
+            if endpoint_url is None and not session.get_config_variable(
+                "ignore_configured_endpoint_urls"
+            ):
+                endpoint_url = ConfiguredEndpointProvider(
+                    session.full_config, session.get_scoped_config(), "s3"
+                ).provide()
+            attempts = session.get_config_variable("max_attempts")
+            self._ca_bundle: str | None = session.get_config_variable("ca_bundle")
+        except BotoCoreError as exc:
+            raise StorageError(f"AWS configuration: {exc}") from None
+        self.endpoint_url = (endpoint_url or _aws_endpoint(region)).rstrip("/")
+        parts = urlsplit(self.endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise StorageError(f"invalid S3 endpoint URL {self.endpoint_url!r}: use http(s)://host")
+        self.region = region
+        if path_style is None:
+            path_style = _env_flag(ENV_PATH_STYLE)
+        self.path_style = not _is_aws(self.endpoint_url) if path_style is None else path_style
+        self.max_attempts = max(1, int(attempts or DEFAULT_ATTEMPTS))
+        self.signer = Signer(region)
+        self._https = parts.scheme == "https"
+        self._host = parts.netloc
+        self._base = parts.path.rstrip("/")
+        self._pools: dict[str, _Pool] = {}
+        self._lock = threading.Lock()
+        self._provider: Any = None
+        self._provider_resolved = False
+        self._creds: tuple[Any, Credentials | None] = (None, None)  # (botocore's, ours)
+
+    # -------------------------------------------------------------- the request path
+
+    def request(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        query: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """Sign and send one request, retrying transient failures with jittered backoff;
+        returns the body of a 2xx response.  Raises _Unreachable, _Failed or _NoCredentials.
+
+        Payloads are always SHA-256 signed (never UNSIGNED-PAYLOAD): the store then refuses a
+        body damaged in transit even without TLS, for about 2 µs per KiB.
+        """
+        host, path = self._address(bucket, key)
+        qs = canonical_query(query) if query else ""
+        target = f"{path}?{qs}" if qs else path
+        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        pool = self._pool(host)
+        attempt = 1
+        while True:
+            signed = {"host": host, **(headers or {})}
+            self.signer.sign(method, path, qs, signed, payload, self._credentials(), _amz_date())
+            try:
+                status, data, region = pool.exchange(method, target, body, signed)
+            except _Unreachable as exc:
+                failure: Exception = exc
+            else:
+                if status < 300:
+                    return data
+                failure = _Failed(status, *_error_fields(status, data), region)
+                if not failure.retryable:
+                    raise failure
+            if attempt >= self.max_attempts:
+                raise failure
+            time.sleep(random.random() * min(2.0 ** (attempt - 1), MAX_BACKOFF))
+            attempt += 1
+
+    def _address(self, bucket: str, key: str) -> tuple[str, str]:
+        """(Host header, encoded path): path-style, or virtual-hosted where DNS and TLS allow
+        (a dotted bucket name would not match the wildcard certificate)."""
+        if self.path_style or (self._https and "." in bucket):
+            path = f"{self._base}/{bucket}/{key}" if key else f"{self._base}/{bucket}"
+            return self._host, uri_path(path)
+        return f"{bucket}.{self._host}", uri_path(f"{self._base}/{key}")
+
+    def _pool(self, host: str) -> _Pool:
+        pool = self._pools.get(host)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.setdefault(host, _Pool(host, self._https, self._ca_bundle))
+        return pool
+
+    def _credentials(self) -> Credentials:
+        """The current credentials; a refreshing provider (role, SSO) renews them itself."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            if not self._provider_resolved:
+                with self._lock:
+                    if not self._provider_resolved:
+                        self._provider = self._session.get_credentials()
+                        self._provider_resolved = True
+            if self._provider is None:
+                raise _NoCredentials()
+            frozen = self._provider.get_frozen_credentials()
+        except BotoCoreError as exc:  # a broken profile, an expired SSO token, ...
+            raise _NoCredentials(str(exc).splitlines()[0]) from None
+        known, creds = self._creds
+        if frozen != known or creds is None:
+            creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+            self._creds = (frozen, creds)
+        return creds
 
 
-def _new_client(
-    endpoint_url: str | None, region: str | None, path_style: bool | None
-) -> BaseClient:
-    session = botocore.session.Session()  # the default session is not safe to share across threads
+class _Response(http.client.HTTPResponse):
+    """http.client's response, with the header block read into a plain dict.
 
-    def make(addressing: str | None) -> BaseClient:
-        config = Config(
-            max_pool_connections=32,
-            retries={"mode": "standard"},
-            connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=READ_TIMEOUT,
-            s3={"addressing_style": addressing} if addressing else None,
-        )
-        return session.create_client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config
-        )
+    ``HTTPResponse.begin`` hands the headers to the ``email`` package, which cost about half
+    of a small PUT's CPU; an S3 reply needs only the framing headers (length, chunking,
+    connection), read here under http.client's own limits.  Body reading, chunked decoding
+    and keep-alive handling stay http.client's.
+    """
 
-    if path_style is not None:
-        return make("path" if path_style else "virtual")
-    client = make(None)
-    # S3-compatible servers (MinIO, SeaweedFS, ...) rarely have wildcard DNS for bucket
-    # subdomains, so any endpoint that is not AWS's own gets path-style addressing.
-    if _is_aws(client.meta.endpoint_url):
-        return client
-    return make("path")
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()  # raises RemoteDisconnected if none
+            headers = self._read_header_block()
+            if status != http.client.CONTINUE:
+                break
+        if not version.startswith("HTTP/1."):
+            raise http.client.UnknownProtocol(version)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        self.version = 10 if version == "HTTP/1.0" else 11
+        self.headers = self.msg = headers  # type: ignore[assignment]
+        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        length = headers.get("content-length", "")
+        self.length = int(length) if length.isdigit() and not self.chunked else None
+        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or status < 200:
+            self.length = 0
+        if self.length is None and not self.chunked:
+            self.will_close = True  # the body ends when the connection does
+
+    def _read_header_block(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self.fp.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return headers
+            name, _, value = line.decode("iso-8859-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+
+
+class _Pool:
+    """Idle keep-alive connections to one host, shared by all threads."""
+
+    def __init__(self, host: str, https: bool, ca_bundle: str | None) -> None:
+        self.host = host
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._context: Any = None
+        if https:
+            import ssl  # only for https endpoints: plain http never loads OpenSSL's tables
+
+            self._context = ssl.create_default_context(cafile=ca_bundle)
+
+    def exchange(
+        self, method: str, target: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, str]:
+        """One request: status, whole body and the ``x-amz-bucket-region`` header, if any.
+
+        A kept-alive connection the server has closed meanwhile fails on first use; the request
+        then goes once more on a new one (every request here is idempotent)."""
+        for fresh in (False, True):
+            conn, reused = self._take(fresh)
+            try:
+                conn.request(method, target, body or None, headers)
+                response = conn.getresponse()
+                data = response.read()
+            except TimeoutError:
+                conn.close()
+                raise _Unreachable(
+                    f"no response within {READ_TIMEOUT}s; the server is up but not answering"
+                ) from None
+            except (http.client.HTTPException, OSError) as exc:
+                conn.close()
+                if reused and _closed(exc):
+                    continue
+                raise _Unreachable(
+                    "connection closed before a response; is the server overloaded or restarting?"
+                    if _closed(exc)
+                    else f"{_reason(exc)}; check the endpoint URL and that the server is running"
+                ) from None
+            if response.will_close:
+                conn.close()
+            else:
+                self._give(conn)
+            return response.status, data, response.headers.get("x-amz-bucket-region", "")
+        raise AssertionError("unreachable")  # the fresh connection's attempt always returns
+
+    def _take(self, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            if fresh:  # the idle ones are as old as the one that just failed
+                idle, self._idle = self._idle, []
+            elif self._idle:
+                return self._idle.pop(), True
+            else:
+                idle = []
+        for conn in idle:
+            conn.close()
+        return self._connect(), False
+
+    def _give(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._context is not None:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self.host, timeout=CONNECT_TIMEOUT, context=self._context
+            )
+        else:
+            conn = http.client.HTTPConnection(self.host, timeout=CONNECT_TIMEOUT)
+        conn.response_class = _Response
+        try:
+            conn.connect()
+        except TimeoutError:
+            conn.close()
+            raise _Unreachable(
+                f"no connection within {CONNECT_TIMEOUT}s; check the endpoint URL and network"
+            ) from None
+        except OSError as exc:
+            conn.close()
+            if self._context is not None and type(exc).__module__ == "ssl":
+                raise _Unreachable(
+                    f"TLS handshake failed ({_reason(exc)}); check the endpoint URL, "
+                    "or point AWS_CA_BUNDLE at the CA that signed its certificate"
+                ) from None
+            raise _Unreachable(
+                f"{_reason(exc)}; check the endpoint URL and that the server is running"
+            ) from None
+        assert conn.sock is not None
+        conn.sock.settimeout(READ_TIMEOUT)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+
+def _closed(exc: BaseException) -> bool:
+    """The peer dropped the connection (rather than refusing or timing out)."""
+    return isinstance(
+        exc,
+        http.client.RemoteDisconnected
+        | http.client.IncompleteRead
+        | ConnectionResetError
+        | ConnectionAbortedError
+        | BrokenPipeError,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """'connection refused', 'name or service not known', ...: the OS's words, lower case."""
+    text = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+    return str(text).splitlines()[0].strip().lower() if str(text).strip() else type(exc).__name__
+
+
+def _error_fields(status: int, body: bytes) -> tuple[str, str]:
+    """(code, message) of an S3 error reply; error bodies are tiny, so a regex will do."""
+    code = _CODE.search(body)
+    message = _MESSAGE.search(body)
+    return (
+        code[1].decode(errors="replace") if code else f"HTTP {status}",
+        (message[1].decode(errors="replace") if message else "")
+        or http.client.responses.get(status, "error"),
+    )
+
+
+def _amz_date() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _aws_endpoint(region: str) -> str:
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://s3.{region}.{suffix}"
 
 
 def _is_aws(endpoint_url: str) -> bool:
@@ -136,6 +456,10 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+def _local(tag: str) -> str:
+    return tag.rpartition("}")[2]  # S3 replies are namespaced, some compatible servers' not
+
+
 class S3ReplicaClient:
     """Objects live at ``s3://bucket/prefix/<key>``; the prefix never shows in keys."""
 
@@ -151,7 +475,7 @@ class S3ReplicaClient:
         self.bucket = bucket
         self.prefix = prefix
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-        self.client = shared_client(endpoint_url, region, path_style)
+        self.service = shared_service(endpoint_url, region, path_style)
         self.requests = 0
         self._root = prefix + "/" if prefix else ""
         self._lock = threading.Lock()
@@ -174,107 +498,155 @@ class S3ReplicaClient:
 
     def put(self, key: str, data: bytes) -> None:
         full = self._root + check_key(key)
-        self._call(
-            "put",
-            f"{self.url}/{key}",
-            lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data),
-        )
+        self._call("put", f"{self.url}/{key}", "PUT", full, body=data)
 
     def get(self, key: str) -> bytes:
         full = self._root + check_key(key)
-
-        def fetch() -> bytes:
-            # The body streams after the headers arrive, so its errors must be mapped too.
-            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
-
-        return self._call("get", f"{self.url}/{key}", fetch)
+        return self._call("get", f"{self.url}/{key}", "GET", full)
 
     def list(self, prefix: str) -> list[ObjectInfo]:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._root + check_prefix(prefix)}
+        # encoding-type=url, as botocore sends it: keys come back percent-encoded, so any
+        # key survives XML (which cannot carry some characters a key may hold).
+        query = {"list-type": "2", "prefix": self._root + check_prefix(prefix)}
+        query["encoding-type"] = "url"
         found: list[ObjectInfo] = []
         strip = len(self._root)
+        target = f"{self.url}/{prefix}"
         while True:
-            page = self._call(
-                "list", f"{self.url}/{prefix}", lambda: self.client.list_objects_v2(**args)
-            )
-            found.extend(
-                ObjectInfo(o["Key"][strip:], o["Size"], o["LastModified"].timestamp())
-                for o in page.get("Contents", ())
-            )
-            if not page.get("IsTruncated"):
+            page = self._call("list", target, "GET", "", query=query)
+            try:
+                root = ElementTree.fromstring(page)
+                token, encoded = None, False
+                truncated = False
+                for node in root:
+                    tag = _local(node.tag)
+                    if tag == "Contents":
+                        fields = {_local(f.tag): f.text or "" for f in node}
+                        found.append(
+                            ObjectInfo(
+                                fields["Key"],
+                                int(fields["Size"]),
+                                datetime.fromisoformat(fields["LastModified"]).timestamp(),
+                            )
+                        )
+                    elif tag == "IsTruncated":
+                        truncated = node.text == "true"
+                    elif tag == "NextContinuationToken":
+                        token = node.text
+                    elif tag == "EncodingType":
+                        encoded = node.text == "url"
+            except (ElementTree.ParseError, KeyError, ValueError) as exc:
+                raise StorageError(
+                    f"S3 list {target} failed at {self.service.endpoint_url}: "
+                    f"malformed ListObjectsV2 reply ({exc})"
+                ) from None
+            if not truncated:
                 break
-            args["ContinuationToken"] = page["NextContinuationToken"]
+            if not token:
+                raise StorageError(
+                    f"S3 list {target} failed at {self.service.endpoint_url}: "
+                    "truncated listing without a continuation token"
+                )
+            query["continuation-token"] = token
+        if encoded:
+            found = [ObjectInfo(unquote_plus(o.key), o.size, o.modified) for o in found]
+        found = [ObjectInfo(o.key[strip:], o.size, o.modified) for o in found]
         found.sort(key=lambda info: info.key)
         return found
 
     def delete(self, keys: Iterable[str]) -> None:
         full = [self._root + check_key(key) for key in keys]  # validate all before deleting any
         for start in range(0, len(full), DELETE_BATCH):
-            batch = [{"Key": k} for k in full[start : start + DELETE_BATCH]]
+            batch = full[start : start + DELETE_BATCH]
+            body = (
+                "<Delete><Quiet>true</Quiet>"
+                + "".join(f"<Object><Key>{escape(k)}</Key></Object>" for k in batch)
+                + "</Delete>"
+            ).encode()
+            # DeleteObjects is the one call S3 refuses without a Content-MD5.
+            md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
             reply = self._call(
                 "delete",
                 f"of {len(batch)} objects under {self.url}",
-                lambda batch=batch: self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
-                ),
+                "POST",
+                "",
+                query={"delete": ""},
+                body=body,
+                headers={"content-md5": md5, "content-type": "application/xml"},
             )
-            failed = [e for e in reply.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
-            if failed:
-                err = failed[0]
-                if err.get("Code") in _DENIED:
-                    raise StorageError(self._denied())
-                raise StorageError(
-                    f"S3 delete of s3://{self.bucket}/{err.get('Key')} failed: "
-                    f"{err.get('Code')}: {err.get('Message')}"
-                )
+            self._check_deleted(reply)
 
-    def _call(self, op: str, target: str, fn: Callable[[], T]) -> T:
-        """Run one request, counted, with botocore's errors turned into one-line messages."""
+    def _check_deleted(self, reply: bytes) -> None:
+        """DeleteObjects answers 200 and lists per-key failures; missing keys are fine."""
+        try:
+            errors = [
+                {_local(f.tag): f.text or "" for f in node}
+                for node in ElementTree.fromstring(reply)
+                if _local(node.tag) == "Error"
+            ]
+        except ElementTree.ParseError as exc:
+            raise StorageError(
+                f"S3 delete under {self.url} failed at {self.service.endpoint_url}: "
+                f"malformed DeleteObjects reply ({exc})"
+            ) from None
+        failed = [e for e in errors if e.get("Code") != "NoSuchKey"]
+        if failed:
+            err = failed[0]
+            if err.get("Code") in _DENIED:
+                raise StorageError(self._denied())
+            raise StorageError(
+                f"S3 delete of s3://{self.bucket}/{err.get('Key')} failed: "
+                f"{err.get('Code')}: {err.get('Message')}"
+            )
+
+    def _call(
+        self,
+        op: str,
+        target: str,
+        method: str,
+        key: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """One counted request, with failures turned into one-line messages."""
         with self._lock:
             self.requests += 1
         try:
-            return fn()
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error(op, target, exc) from exc
+            return self.service.request(method, self.bucket, key, query, body, headers)
+        except (_Unreachable, _Failed, _NoCredentials) as exc:
+            raise self._error(op, target, exc) from None
 
     def _error(self, op: str, target: str, exc: Exception) -> StorageError:
-        """Say what failed and what to do; botocore's own text is often neither."""
-        endpoint = self.client.meta.endpoint_url
-        if isinstance(exc, NoCredentialsError):
+        """Say what failed and what to do."""
+        endpoint = self.service.endpoint_url
+        if isinstance(exc, _NoCredentials):
+            if str(exc):  # botocore's words: they name the profile or file, never a secret
+                return StorageError(f"cannot get AWS credentials: {exc}")
             return StorageError(
                 "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                 "or an AWS profile"
             )
-        if isinstance(exc, ConnectionError | ReadTimeoutError | ConnectionClosedError):
-            return StorageError(f"cannot reach {endpoint}: {_unreachable_reason(exc)}")
-        if isinstance(exc, ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "NoSuchBucket":
-                return StorageError(
-                    f"bucket '{self.bucket}' does not exist at {endpoint}: "
-                    "create it or fix the replica URL"
-                )
-            if code == "NoSuchKey" or (op == "get" and status == 404):
-                return ObjectNotFound(f"object {target} does not exist")
-            if code in _DENIED or status == 403:
-                return StorageError(self._denied())
-            message = str(error.get("Message") or exc).splitlines()[0]
-            return StorageError(f"S3 {op} {target} failed at {endpoint}: {code}: {message}")
-        return StorageError(f"S3 {op} {target} failed: {str(exc).splitlines()[0]}")
+        if isinstance(exc, _Unreachable):
+            return StorageError(f"cannot reach {endpoint}: {exc}")
+        assert isinstance(exc, _Failed)
+        if exc.bucket_region and exc.bucket_region != self.service.region:
+            return StorageError(
+                f"bucket '{self.bucket}' is in region {exc.bucket_region}, not "
+                f"{self.service.region}: set AWS_REGION={exc.bucket_region} (or region=)"
+            )
+        if exc.code == "NoSuchBucket":
+            return StorageError(
+                f"bucket '{self.bucket}' does not exist at {endpoint}: "
+                "create it or fix the replica URL"
+            )
+        if exc.code == "NoSuchKey" or (op == "get" and exc.status == 404):
+            return ObjectNotFound(f"object {target} does not exist")
+        if exc.code in _DENIED or exc.status == 403:
+            return StorageError(self._denied())
+        message = exc.message.splitlines()[0] if exc.message else ""
+        return StorageError(f"S3 {op} {target} failed at {endpoint}: {exc.code}: {message}")
 
     def _denied(self) -> str:
         return f"access denied to {self.url}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
-
-
-def _unreachable_reason(exc: BotoCoreError) -> str:
-    if isinstance(exc, ConnectTimeoutError):
-        return f"no connection within {CONNECT_TIMEOUT}s; check the endpoint URL and network"
-    if isinstance(exc, ReadTimeoutError):
-        return f"no response within {READ_TIMEOUT}s; the server is up but not answering"
-    if isinstance(exc, ConnectionClosedError):
-        return "connection closed before a response; is the server overloaded or restarting?"
-    match = _ERRNO.search(str(getattr(exc, "kwargs", {}).get("error", exc)))
-    why = match.group(1).strip().lower() if match else str(exc).splitlines()[0]
-    return f"{why}; check the endpoint URL and that the server is running"

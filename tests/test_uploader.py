@@ -1,0 +1,64 @@
+"""The uploader's schedule: first commit after idle ships at once, steady writes coalesce.
+
+These are the two promises of the token bucket (README, ``upload_interval``), kept now that
+the uploader works from an agenda of due times instead of scanning every database.
+"""
+
+from __future__ import annotations
+
+import time
+
+import apsw
+
+import walsync_vfs
+from walsync_vfs import catalog, storage
+
+
+def segments(url: str, name: str) -> list[str]:
+    client = storage.open_replica(url)
+    return [key for gen in catalog.generations(client, name) for key in gen.segments]
+
+
+def test_first_commit_after_idle_ships_without_a_flush(file_replica, tmp_path):
+    walsync_vfs.configure(upload_interval=5.0)
+    try:
+        con = apsw.Connection(str(tmp_path / "idle.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        before = len(segments(file_replica, "idle.db"))
+        time.sleep(1.5)  # a quiet spell (> interval/4 would be 1.25 s)
+        con.execute("INSERT INTO t VALUES(1)")
+        deadline = time.monotonic() + 1.0  # far less than the 5 s interval
+        while len(segments(file_replica, "idle.db")) == before:
+            assert time.monotonic() < deadline, "the first commit after idle waited"
+            time.sleep(0.02)
+        con.close()
+    finally:
+        walsync_vfs.configure(upload_interval=1.0)
+
+
+def test_steady_writes_ship_about_once_per_interval(file_replica, tmp_path):
+    walsync_vfs.configure(upload_interval=0.5)
+    try:
+        cons = [apsw.Connection(str(tmp_path / f"s{i}.db"), vfs="walsync") for i in range(3)]
+        for con in cons:
+            con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        before = [len(segments(file_replica, f"s{i}.db")) for i in range(3)]
+        end = time.monotonic() + 3.0
+        n = 0
+        while time.monotonic() < end:  # 3 databases x ~50 commits/s for 3 s
+            for con in cons:
+                con.execute("INSERT INTO t VALUES(?)", (n,))
+            n += 1
+            time.sleep(0.02)
+        walsync_vfs.flush(timeout=30)
+        for i, con in enumerate(cons):
+            shipped = len(segments(file_replica, f"s{i}.db")) - before[i]
+            # 3 s / 0.5 s = 6 intervals; the first commit and the flush may each add one.
+            assert 4 <= shipped <= 9, f"s{i}.db: {shipped} segments for {n} commits"
+            (state,) = [s for s in walsync_vfs.stats() if s["name"] == f"s{i}.db"]
+            assert state["replicated_txid"] == state["last_txid"]
+            con.close()
+    finally:
+        walsync_vfs.configure(upload_interval=1.0)
