@@ -685,7 +685,10 @@ class Engine:
             db.tokens = s.upload_burst
         db.token_time = now
         at = db.next_attempt
-        urgent = self._flushers or db.pending_bytes >= s.max_segment_bytes
+        # A full segment waits for nothing, nor does a backlog of encoded segments (left by
+        # an outage or read back from the spool): catching up must not take one interval
+        # per segment.
+        urgent = self._flushers or db.pending_bytes >= s.max_segment_bytes or len(db.outbox) > 1
         # Burst tokens are for a commit that follows a quiet spell (the first after idle
         # ships at once); a steady stream ships one segment per upload_interval.
         if not urgent and not (db.quiet and db.tokens >= 1):
