@@ -3,7 +3,7 @@
 The shim (csrc/walsync.c) publishes one record per committed transaction into a process-wide
 FIFO without touching Python; a single consumer thread drains it here, so the writer never
 takes the GIL.  The drain verifies and indexes the records in C with the GIL released and
-hands each database one :class:`Batch`; records become Python objects only when a sink
+hands each sink one :class:`Batch`; records become Python objects only when a sink
 iterates it, so a sink that ignores them costs nothing per commit.
 
 Each database's records carry a sequence number (``seq``); a :class:`SyncPoint`
@@ -131,53 +131,57 @@ def _convert(rec) -> Record:
 
 
 class Batch:
-    """One database's records from one drain of the queue, in commit order.
+    """What one drain of the queue holds for one sink: the records of one or more databases,
+    each database's in commit order.
 
     Iterating converts them to :class:`Record` (Python copies, safe to keep).  The batch
-    itself points into C memory that is freed when the sink returns: a sink must not keep
-    it (iterating it afterwards yields nothing).
+    itself points into C memory that is freed after the sink returns: a sink must not keep
+    it (iterating it afterwards yields nothing).  One batch per sink, not per database, so
+    a drain touching many databases costs one sink call.
     """
 
-    __slots__ = ("db_id", "commits", "gaps", "records", "open_path", "_first")
+    __slots__ = ("commits", "gaps", "_heads")
 
-    def __init__(self, b) -> None:
-        self.db_id: int = b.db_id
-        self.commits: int = b.ncommit  # COMMIT records in the batch
-        self.gaps: int = b.ngap
-        self.records: int = b.nrec
-        self.open_path = ffi.string(b.open_path).decode() if b.open_path != ffi.NULL else None
-        self._first = b.first
+    def __init__(self) -> None:
+        self.commits = 0  # COMMIT records in the batch
+        self.gaps = 0
+        self._heads: list = []  # each database's first record (ws_rec *)
+
+    def add(self, b) -> None:
+        """Add one database's records (a ``ws_batch *`` from :func:`drain`)."""
+        self.commits += b.ncommit
+        self.gaps += b.ngap
+        self._heads.append(b.first)
 
     def __iter__(self) -> Iterator[Record]:
-        rec = self._first
-        while rec != ffi.NULL:
-            yield _convert(rec)
-            rec = rec.next
+        for rec in self._heads:
+            while rec != ffi.NULL:
+                yield _convert(rec)
+                rec = rec.next
 
-    def __len__(self) -> int:
-        return self.records
+    def release(self) -> None:
+        """Forget the C memory (called once the sink has returned)."""
+        self._heads = []
 
 
 @contextmanager
-def drain(timeout: float | None = 0.0, linger: float = 0.0) -> Iterator[list[Batch]]:
-    """Drain every queued record as per-database batches, waiting up to ``timeout`` seconds
-    for one (``None``: until a record arrives or :func:`wake` is called).  If the previous
-    drain returned records, first sleep ``linger`` seconds so commits batch up.
+def drain(timeout: float | None = 0.0, linger: float = 0.0) -> Iterator[list]:
+    """Drain every queued record, grouped per database (``ws_batch *`` each: ``db_id``,
+    ``nrec``, ``ncommit``, ``ngap``, ``open_path``, ``first``), waiting up to ``timeout``
+    seconds for one (``None``: until a record arrives or :func:`wake` is called).  If the
+    previous drain returned records, first sleep ``linger`` seconds so commits batch up.
 
-    All of it is one C call with the GIL released.  The batches are valid inside the
-    ``with`` block only.  There must be exactly one consumer per process.
+    All of it is one C call with the GIL released.  What it yields is valid inside the
+    ``with`` block only (the C memory goes at the next drain).  There must be exactly one
+    consumer per process.
     """
     ms = -1 if timeout is None else int(timeout * 1000)
-    batches = []
+    groups = []
     b = lib.ws_drain(ms, int(linger * 1e6))
     while b != ffi.NULL:
-        batches.append(Batch(b))
+        groups.append(b)
         b = b.next
-    try:
-        yield batches
-    finally:
-        for batch in batches:  # the C memory goes at the next drain
-            batch._first = ffi.NULL
+    yield groups
 
 
 def wake() -> None:
@@ -315,10 +319,10 @@ Sink = Callable[[Batch], None]
 class Dispatcher:
     """The process's single consumer of the shim's queue: routes records to per-database sinks.
 
-    One daemon thread blocks in C (GIL released) until records arrive, then hands each
-    database its :class:`Batch`, in commit order.  A database's sink is chosen when its OPEN
-    record arrives: a sink routed to its path, else :attr:`default` (the replication engine),
-    else the records are dropped.
+    One daemon thread blocks in C (GIL released) until records arrive, then hands each sink
+    one :class:`Batch` with its databases' records, each database's in commit order.  A
+    database's sink is chosen when its OPEN record arrives: a sink routed to its path, else
+    :attr:`default` (the replication engine), else the records are dropped.
     """
 
     def __init__(self) -> None:
@@ -349,13 +353,21 @@ class Dispatcher:
             if not self._cond.wait_for(lambda: self._served >= target, timeout):
                 raise TimeoutError("capture dispatcher did not drain in time")
 
-    def _sink_for(self, batch: Batch) -> Sink | None:
+    def _route(self, groups: list) -> dict[Sink, Batch]:
+        """Each database's records to its sink; an OPEN in the drain (re)chooses it."""
+        out: dict[Sink, Batch] = {}
         with self._lock:
-            if batch.open_path is not None:
-                sink = self._by_path.get(os.path.realpath(batch.open_path), self.default)
-                self._by_id[batch.db_id] = sink
-                return sink
-            return self._by_id.get(batch.db_id, self.default)
+            for b in groups:
+                if b.open_path != ffi.NULL:
+                    path = os.path.realpath(ffi.string(b.open_path).decode())
+                    sink = self._by_id[b.db_id] = self._by_path.get(path, self.default)
+                else:
+                    sink = self._by_id.get(b.db_id, self.default)
+                if sink is not None:
+                    if sink not in out:
+                        out[sink] = Batch()
+                    out[sink].add(b)
+        return out
 
     def _run(self) -> None:
         while True:
@@ -366,15 +378,14 @@ class Dispatcher:
             # waking this thread, so a busy writer pays one wake-up per LINGER, not per
             # commit.  Idle, the thread blocks in C and costs nothing.
             idle = requested == self._served
-            with drain(None if idle else 0, LINGER if idle else 0) as batches:
-                for batch in batches:
-                    sink = self._sink_for(batch)
-                    if sink is None:
-                        continue
+            with drain(None if idle else 0, LINGER if idle else 0) as groups:
+                for sink, batch in self._route(groups).items():
                     try:
                         sink(batch)
                     except Exception:  # a sink's bug must not stop capture for every database
                         log.exception("walsync: capture sink failed")
+                    finally:
+                        batch.release()
             with self._cond:
                 self._served = requested
                 self._cond.notify_all()
