@@ -22,10 +22,11 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -60,6 +61,8 @@ class Head:
     page_size: int = 0
     db_size: int = 0
     checksum: int | None = None
+    time_ns: int = 0  # when the last state was committed (or snapshotted)
+    wal: format.WalPos | None = None  # where its last commit ended in the source's WAL
 
 
 def read_head(client: storage.ReplicaClient, name: str) -> Head:
@@ -73,9 +76,17 @@ def read_head(client: storage.ReplicaClient, name: str) -> Head:
     if top.kind == "segment":
         hdr = format.read_segment_header(client.get(key), key)
         last = hdr.index[-1]
-        return Head(gen.id, gen.last_txid, hdr.page_size, last.db_size, last.checksum)
+        return Head(
+            gen.id,
+            gen.last_txid,
+            hdr.page_size,
+            last.db_size,
+            last.checksum,
+            last.time_ns,
+            last.wal,
+        )
     snap, _ = format.read_snapshot(client.get(key), key)
-    return Head(gen.id, gen.last_txid, snap.page_size, snap.db_size, snap.checksum)
+    return Head(gen.id, gen.last_txid, snap.page_size, snap.db_size, snap.checksum, snap.time_ns)
 
 
 @dataclass(slots=True)
@@ -245,7 +256,10 @@ class Engine:
             self._request_sync(db)
             return
         db.checksum.apply(rec.db_size, rec.pages)
-        commit = format.Commit(db.next_txid, rec.time_ns, rec.db_size, db.checksum.value, rec.pages)
+        wal = format.WalPos(*rec.wal_salts, rec.wal_frames[1])
+        commit = format.Commit(
+            db.next_txid, rec.time_ns, rec.db_size, db.checksum.value, rec.pages, wal
+        )
         db.next_txid += 1
         now = time.monotonic()
         first = not db.pending
@@ -365,6 +379,7 @@ class Engine:
         if not db.name:
             self._resolve(db)
         assert db.client is not None
+        fresh = db.generation is None  # nothing known in this process: the store has the head
         with tempfile.TemporaryFile() as raw:
             with capture.SyncPoint(db.path) as sp:  # closed before the upload: it pins the WAL
                 taken_ns = time.time_ns()
@@ -374,6 +389,8 @@ class Engine:
                     self._cond.notify_all()
                 checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
                 seq = sp.seq
+                stored = read_head(db.client, db.name) if fresh else Head()
+                survivors = self._survivors(db, sp, stored, checksum, page_size)
             # Commits up to the sync point still belong to the old lineage: apply them first,
             # so what we compare is everything that lineage holds.
             capture.dispatcher().barrier()
@@ -396,16 +413,9 @@ class Engine:
                     )
                 elif db.generation is not None:  # lineage broken (page size changed)
                     head = Head(None, db.next_txid - 1)
-                else:
-                    head = None
-            if head is None:  # first sync in this process: ask the store
-                head = read_head(db.client, db.name)
-            same = (
-                head.generation is not None
-                and head.checksum == checksum.value
-                and head.page_size == page_size
-                and head.db_size == db_size
-            )
+                else:  # first sync in this process
+                    head = stored
+            same = bool(survivors) or _holds(head, checksum, page_size)
             if not same and head.generation is not None:
                 log.debug(
                     "walsync: %s differs from its replica (%s) at seq %d: checksum %x, "
@@ -417,7 +427,12 @@ class Engine:
                     db_size,
                     page_size,
                 )
-            txid = head.txid if same else head.txid + 1
+            for batch in _batches(survivors, page_size, db.cfg.max_segment_bytes):
+                db.client.put(
+                    format.segment_key(db.name, head.generation, batch[0].txid, batch[-1].txid),
+                    format.encode_segment(page_size, batch),
+                )
+            txid = head.txid + len(survivors) if same else head.txid + 1
             generation = head.generation if same else format.new_generation_id(txid)
             periodic = same and db.force_snapshot and txid > db.snapshot_txid
             if not same or periodic:
@@ -445,14 +460,52 @@ class Engine:
             db.retained_at = db.retained_at or time.monotonic()
             if not same:
                 db.small_segments = []
+        if not same:
+            how = "new generation"
+        elif periodic:
+            how = "snapshot"
+        elif survivors:
+            how = f"continued; {len(survivors)} commits recovered from the WAL"
+        else:
+            how = "continued"
         log.info(
             "walsync: %s -> %s/%s at txid %d (%s)",
             db.path,
             db.client.url,
             db.name,
             txid,
-            "new generation" if not same else "snapshot" if periodic else "continued",
+            how,
         )
+
+    def _survivors(
+        self,
+        db: DbState,
+        sp: capture.SyncPoint,
+        head: Head,
+        now: format.DbChecksum,
+        page_size: int,
+    ) -> list[format.Commit]:
+        """After a restart, the commits the replica never got that are still in the WAL (see
+        :func:`_wal_survivors`); [] when the database matches the replica or they cannot be
+        proven to continue it.  Their commit time is the WAL file's modification time (the
+        last write to it, so not before any of them), or the replica's last commit time if
+        that is later: a point-in-time restore never includes a commit made after its time."""
+        if head.generation is None or _holds(head, now, page_size):
+            return []
+        try:
+            written = os.stat(db.path + "-wal").st_mtime_ns  # stat opens no descriptor
+        except OSError:
+            return []
+        commits = _wal_survivors(
+            sp, head, now, max(head.time_ns, written), self.settings.memory_cap
+        )
+        if not commits:
+            log.info(
+                "walsync: %s: commits after txid %d are not recoverable from the WAL",
+                db.path,
+                head.txid,
+            )
+        return commits
 
     # ----------------------------------------------------------------- upload side
 
@@ -785,6 +838,78 @@ class Engine:
         self._put_pool.shutdown(wait=True)
         self._maintenance_pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _holds(head: Head, now: format.DbChecksum, page_size: int) -> bool:
+    """Does the replica's last state equal the database's pinned bytes?"""
+    return (
+        head.generation is not None
+        and head.checksum == now.value
+        and head.page_size == page_size
+        and head.db_size == now.db_size
+    )
+
+
+def _wal_survivors(
+    sp: capture.SyncPoint, head: Head, now: format.DbChecksum, time_ns: int, cap: int
+) -> list[format.Commit]:
+    """The WAL's commits after the replica's last one, as txids ``head.txid + 1, ...``; [] if
+    they do not provably lead from the replica's last state to the pinned one.
+
+    The replica's last commit ended at WAL frame F (when its salts are still the WAL's), or
+    else the replica may equal the db file alone (F = 0: the WAL was checkpointed and
+    restarted since).  The state at F of every page a frame after F touches, with the pinned
+    state for the rest, must have the replica's whole-db checksum: that proves the replica
+    holds exactly that state -- a checkpoint that already copied later frames into the db
+    file fails it -- so replaying the frames after F, one commit frame at a time, gives each
+    later commit's exact state; the last must be the pinned state.  At most ``cap`` bytes of
+    frames are read: beyond that a new generation is cheaper than holding them.
+    """
+    if head.checksum is None or head.page_size != sp.wal_page_size:
+        return []
+    pos = head.wal
+    start = pos.end if pos is not None and (pos.salt1, pos.salt2) == sp.salts else 0
+    if not start < sp.nframe or (sp.nframe - start) * head.page_size > cap:
+        return []
+    commits: list[format.Commit] = []
+    try:
+        frames = list(sp.frames(start))
+        touched = {pgno for pgno, _, _ in frames if pgno <= head.db_size}
+        touched.update(range(now.db_size + 1, head.db_size + 1))  # cut off since: all needed
+        state = now.copy()
+        state.apply(head.db_size, sp.pages_as_of(start, sorted(touched)))
+        if state.value != head.checksum:
+            return []
+        pages: dict[int, bytes] = {}
+        for i, (pgno, commit_size, page) in enumerate(frames, start + 1):
+            pages[pgno] = page
+            if commit_size:  # a commit frame: the transaction's pages are complete
+                kept = tuple(sorted((p, d) for p, d in pages.items() if p <= commit_size))
+                state.apply(commit_size, kept)
+                wal = format.WalPos(*sp.salts, i)
+                txid = head.txid + len(commits) + 1
+                commits.append(format.Commit(txid, time_ns, commit_size, state.value, kept, wal))
+                pages = {}
+    except (capture.CaptureError, ValueError) as exc:  # e.g. the db file no longer has a page
+        log.debug("walsync: %s: WAL frames from %d unusable: %s", sp.path, start, exc)
+        return []
+    return commits if state.value == now.value and state.db_size == now.db_size else []
+
+
+def _batches(
+    commits: list[format.Commit], page_size: int, max_bytes: int
+) -> Iterator[list[format.Commit]]:
+    """Consecutive commits in segments of about ``max_bytes`` of pages (at least one each)."""
+    batch: list[format.Commit] = []
+    size = 0
+    for commit in commits:
+        if batch and size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(commit)
+        size += len(commit.pages) * page_size
+    if batch:
+        yield batch
 
 
 def _snapshot(raw: BinaryIO, page_size: int, txid: int, time_ns: int, db_size: int) -> bytes:
