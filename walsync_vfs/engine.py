@@ -7,7 +7,9 @@ client, no buffer beyond commits not yet uploaded):
 * **Sync.**  On the first OPEN, after a GAP and on reopen, a worker takes a :class:`SyncPoint`
   and reads the database's exact bytes.  If they match the replica's latest state (whole-db
   checksum), the lineage continues; otherwise the bytes become the snapshot of a new
-  generation.  After a crash, commits that never reached the store are thus folded into that
+  generation.  After a crash, commits that never reached the store but are still in the WAL
+  are first shipped as commits of the same generation, if they provably continue the
+  replica's last state (:func:`_wal_survivors`); when not, they are folded into that
   snapshot: nothing is lost, only their individual restore points.
 * **Upload.**  One uploader thread ships pending commits as segments through one client per
   replica root, via a small pool (one upload in flight per database keeps its segments in
@@ -389,6 +391,8 @@ class Engine:
                     self._cond.notify_all()
                 checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
                 seq = sp.seq
+                # Commits a crash left in the WAL are read while the sync point pins it, and
+                # only the replica's head says where they start: one LIST + GET, pinned.
                 stored = read_head(db.client, db.name) if fresh else Head()
                 survivors = self._survivors(db, sp, stored, checksum, page_size)
             # Commits up to the sync point still belong to the old lineage: apply them first,
