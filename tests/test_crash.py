@@ -117,7 +117,12 @@ import apsw, walsync_vfs
 
 db, replica, scenario = sys.argv[1:]
 walsync_vfs.configure(replica=replica, upload_interval=3600.0)
-con = apsw.Connection(db, vfs="walsync")
+if scenario == "padded":  # synchronous=FULL pads each commit with copies of its last frame
+    flags = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    con = apsw.Connection(f"file:{db}?psow=0", flags=flags, vfs="walsync")
+    con.execute("PRAGMA synchronous=FULL")
+else:
+    con = apsw.Connection(db, vfs="walsync")
 
 def digest():
     rows = [con.execute(f"SELECT * FROM {t} ORDER BY k").fetchall() for t in ("t", "other")]
@@ -213,12 +218,13 @@ def restored_digest(url: str, out: Path, *args: str) -> str:
         con.close()
 
 
-@pytest.mark.parametrize("scenario", ["wal", "restarted"])
+@pytest.mark.parametrize("scenario", ["wal", "restarted", "padded"])
 def test_commits_left_in_the_wal_continue_the_generation(
     scenario: str, file_replica: str, tmp_path: Path
 ) -> None:
     """Commits that never reached the store but are still in the WAL (or in a WAL restarted
-    after a full checkpoint) ship as ordinary commits of the same generation on reopen."""
+    after a full checkpoint, or padded to sector boundaries) ship as ordinary commits of the
+    same generation on reopen."""
     db = tmp_path / "left.db"
     url = f"{file_replica}/left.db"
     acked, survivors = crash_writer(db, file_replica, scenario)

@@ -20,6 +20,7 @@ client, no buffer beyond commits not yet uploaded):
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -885,15 +886,23 @@ def _wal_survivors(
         if state.value != head.checksum:
             return []
         pages: dict[int, bytes] = {}
-        for i, (pgno, commit_size, page) in enumerate(frames, start + 1):
+        last = None  # the latest commit frame
+        for i, frame in enumerate(frames, start + 1):
+            pgno, commit_size, page = frame
+            wal = format.WalPos(*sp.salts, i)
+            if not pages and frame == last:
+                # Without powersafe overwrite, synchronous=FULL pads a commit to a sector
+                # boundary with copies of its commit frame: part of that commit, as the shim
+                # publishes it (a real transaction like this would change nothing anyway).
+                commits[-1] = dataclasses.replace(commits[-1], wal=wal)
+                continue
             pages[pgno] = page
             if commit_size:  # a commit frame: the transaction's pages are complete
                 kept = tuple(sorted((p, d) for p, d in pages.items() if p <= commit_size))
                 state.apply(commit_size, kept)
-                wal = format.WalPos(*sp.salts, i)
                 txid = head.txid + len(commits) + 1
                 commits.append(format.Commit(txid, time_ns, commit_size, state.value, kept, wal))
-                pages = {}
+                pages, last = {}, frame
     except (capture.CaptureError, ValueError) as exc:  # e.g. the db file no longer has a page
         log.debug("walsync: %s: WAL frames from %d unusable: %s", sp.path, start, exc)
         return []
