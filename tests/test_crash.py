@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import random
 import shutil
 import signal
@@ -262,7 +263,7 @@ def test_commits_left_in_the_wal_continue_the_generation(
 
 
 def test_commits_a_checkpoint_moved_into_the_db_file_start_a_new_generation(
-    file_replica: str, tmp_path: Path
+    file_replica: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When a checkpoint already copied unshipped commits into the db file, the replica's last
     state cannot be rebuilt from the WAL: a new generation from a snapshot, nothing lost."""
@@ -271,8 +272,11 @@ def test_commits_a_checkpoint_moved_into_the_db_file_start_a_new_generation(
     acked, survivors = crash_writer(db, file_replica, "checkpointed")
     (old,) = listing(url)
 
+    caplog.set_level(logging.INFO, logger="walsync_vfs")
     con = apsw.Connection(str(db), vfs="walsync")
     walsync_vfs.flush(timeout=30)
+    # The frames are still in the same WAL: the whole-db checksum is what refused them.
+    assert "(same WAL) is not the replica's last state" in caplog.text
     assert digest_of(con) == survivors[-1]
     first, new = listing(url)
     assert first == old

@@ -499,18 +499,16 @@ class Engine:
             return []
         try:
             written = os.stat(db.path + "-wal").st_mtime_ns  # stat opens no descriptor
-        except OSError:
-            return []
-        commits = _wal_survivors(
-            sp, head, now, max(head.time_ns, written), self.settings.memory_cap
-        )
-        if not commits:
+            time_ns = max(head.time_ns, written)
+            return _wal_survivors(sp, head, now, time_ns, self.settings.memory_cap)
+        except (Unrecoverable, OSError) as exc:
             log.info(
-                "walsync: %s: commits after txid %d are not recoverable from the WAL",
+                "walsync: %s: commits after txid %d are not recoverable from the WAL: %s",
                 db.path,
                 head.txid,
+                exc,
             )
-        return commits
+            return []
 
     # ----------------------------------------------------------------- upload side
 
@@ -855,11 +853,16 @@ def _holds(head: Head, now: format.DbChecksum, page_size: int) -> bool:
     )
 
 
+class Unrecoverable(Exception):
+    """Why commits after the replica's last one cannot be taken from the WAL."""
+
+
 def _wal_survivors(
     sp: capture.SyncPoint, head: Head, now: format.DbChecksum, time_ns: int, cap: int
 ) -> list[format.Commit]:
-    """The WAL's commits after the replica's last one, as txids ``head.txid + 1, ...``; [] if
-    they do not provably lead from the replica's last state to the pinned one.
+    """The WAL's commits after the replica's last one, as txids ``head.txid + 1, ...``;
+    raises :class:`Unrecoverable` unless they provably lead from the replica's last state to
+    the pinned one.
 
     The replica's last commit ended at WAL frame F (when its salts are still the WAL's), or
     else the replica may equal the db file alone (F = 0: the WAL was checkpointed and
@@ -871,11 +874,15 @@ def _wal_survivors(
     frames are read: beyond that a new generation is cheaper than holding them.
     """
     if head.checksum is None or head.page_size != sp.wal_page_size:
-        return []
+        raise Unrecoverable("the WAL is empty or has another page size")
     pos = head.wal
-    start = pos.end if pos is not None and (pos.salt1, pos.salt2) == sp.salts else 0
-    if not start < sp.nframe or (sp.nframe - start) * head.page_size > cap:
-        return []
+    same_wal = pos is not None and (pos.salt1, pos.salt2) == sp.salts
+    start = pos.end if same_wal else 0
+    where = f"WAL frames {start}..{sp.nframe} ({'same WAL' if same_wal else 'from the start'})"
+    if not start < sp.nframe:
+        raise Unrecoverable(f"no {where}")
+    if (sp.nframe - start) * head.page_size > cap:
+        raise Unrecoverable(f"{where} exceed memory_cap")
     commits: list[format.Commit] = []
     try:
         frames = list(sp.frames(start))
@@ -884,7 +891,7 @@ def _wal_survivors(
         state = now.copy()
         state.apply(head.db_size, sp.pages_as_of(start, sorted(touched)))
         if state.value != head.checksum:
-            return []
+            raise Unrecoverable(f"what precedes {where} is not the replica's last state")
         pages: dict[int, bytes] = {}
         last = None  # the latest commit frame
         for i, frame in enumerate(frames, start + 1):
@@ -904,9 +911,10 @@ def _wal_survivors(
                 commits.append(format.Commit(txid, time_ns, commit_size, state.value, kept, wal))
                 pages, last = {}, frame
     except (capture.CaptureError, ValueError) as exc:  # e.g. the db file no longer has a page
-        log.debug("walsync: %s: WAL frames from %d unusable: %s", sp.path, start, exc)
-        return []
-    return commits if state.value == now.value and state.db_size == now.db_size else []
+        raise Unrecoverable(f"{where}: {exc}") from exc
+    if state.value != now.value or state.db_size != now.db_size:
+        raise Unrecoverable(f"replaying {where} does not give the database's state")
+    return commits
 
 
 def _batches(
