@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -219,9 +220,17 @@ def restored_digest(url: str, out: Path, *args: str) -> str:
         con.close()
 
 
+@pytest.fixture
+def page_segments() -> Iterator[None]:
+    """Segments split after every page, so commits recovered together ship in several."""
+    walsync_vfs.configure(max_segment_bytes=4096)
+    yield
+    walsync_vfs.configure(max_segment_bytes=16 << 20)
+
+
 @pytest.mark.parametrize("scenario", ["wal", "restarted", "padded"])
 def test_commits_left_in_the_wal_continue_the_generation(
-    scenario: str, file_replica: str, tmp_path: Path
+    scenario: str, file_replica: str, page_segments: None, tmp_path: Path
 ) -> None:
     """Commits that never reached the store but are still in the WAL (or in a WAL restarted
     after a full checkpoint, or padded to sector boundaries) ship as ordinary commits of the
@@ -245,10 +254,13 @@ def test_commits_left_in_the_wal_continue_the_generation(
         assert got == want, f"restore point {acked_txid + n} (survivor {n})"
     assert restored_digest(url, tmp_path / "latest.db") == digest_of(con)
 
-    # Their commit time is when the WAL was last written: after the acked commit, before now.
+    # One segment each (split at max_segment_bytes); their commit time is when the WAL was
+    # last written: after the acked commit, before the reopen.
     client = storage.open_replica(file_replica)
+    segments = catalog.generations(client, "left.db")[0].segments
+    assert len([k for k in segments if k.first_txid > acked_txid]) == len(survivors)
     times = {}
-    for k in catalog.generations(client, "left.db")[0].segments:
+    for k in segments:
         key = catalog.object_key(k)
         times.update(
             (e.txid, e.time_ns) for e in format.read_segment_header(client.get(key), key).index
