@@ -110,6 +110,7 @@ class DbState:
     sync_seq: int = 0
     open_seq: int = 0  # seq of the latest OPEN
     pinned_seq: int = 0  # seq of the latest sync point taken
+    stored_head: Head | None = None  # the replica's head, read by a first sync's first pass
     generation: str | None = None
     next_txid: int = 1
     page_size: int = 0
@@ -382,7 +383,8 @@ class Engine:
         if not db.name:
             self._resolve(db)
         assert db.client is not None
-        fresh = db.generation is None  # nothing known in this process: the store has the head
+        # The replica's head as a first pass read it (see below), for the first sync only.
+        stored = db.stored_head if db.generation is None else None
         with tempfile.TemporaryFile() as raw:
             with capture.SyncPoint(db.path) as sp:  # closed before the upload: it pins the WAL
                 taken_ns = time.time_ns()
@@ -392,10 +394,8 @@ class Engine:
                     self._cond.notify_all()
                 checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
                 seq = sp.seq
-                # Commits a crash left in the WAL are read while the sync point pins it, and
-                # only the replica's head says where they start: one LIST + GET, pinned.
-                stored = read_head(db.client, db.name) if fresh else Head()
-                survivors = self._survivors(db, sp, stored, checksum, page_size)
+                wal_frames = sp.nframe
+                survivors = self._survivors(db, sp, stored, checksum, page_size) if stored else []
             # Commits up to the sync point still belong to the old lineage: apply them first,
             # so what we compare is everything that lineage holds.
             capture.dispatcher().barrier()
@@ -418,8 +418,23 @@ class Engine:
                     )
                 elif db.generation is not None:  # lineage broken (page size changed)
                     head = Head(None, db.next_txid - 1)
-                else:  # first sync in this process
+                else:  # first sync in this process: the store has the head
                     head = stored
+            if head is None:
+                head = read_head(db.client, db.name)
+                if (
+                    wal_frames
+                    and head.generation is not None
+                    and not _holds(head, checksum, page_size)
+                ):
+                    # Ahead of the replica: a crash may have left the missing commits in the
+                    # WAL.  Look under a new sync point now that the head is known, so no
+                    # network round trip ever happens while the WAL is pinned.
+                    log.debug("walsync: %s is ahead of its replica; looking in the WAL", db.path)
+                    with self._lock:
+                        db.stored_head = head
+                        db.resync = True
+                    return
             same = bool(survivors) or _holds(head, checksum, page_size)
             if not same and head.generation is not None:
                 log.debug(
@@ -447,6 +462,7 @@ class Engine:
                     _snapshot(raw, page_size, txid, taken_ns, db_size),
                 )
         with self._lock:
+            db.stored_head = None
             db.generation = generation
             db.next_txid = txid + 1
             db.page_size = page_size
