@@ -20,6 +20,7 @@ client, no buffer beyond commits not yet uploaded):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -49,6 +50,7 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # s between looks at the memory cap (a sum over every database), made whenever the uploader
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
+HEAD_WAIT = 1.0  # seconds a first sync keeps the WAL pinned waiting for the replica's head
 
 
 class ReplicationError(RuntimeError):
@@ -383,8 +385,12 @@ class Engine:
         if not db.name:
             self._resolve(db)
         assert db.client is not None
-        # The replica's head as a first pass read it (see below), for the first sync only.
+        # The first sync in this process needs the replica's head: fetched while the pages are
+        # read, so that commits a crash left in the WAL can be taken under this sync point.
         stored = db.stored_head if db.generation is None else None
+        fetch = None
+        if db.generation is None and stored is None:
+            fetch = self._put_pool.submit(read_head, db.client, db.name)
         with tempfile.TemporaryFile() as raw:
             with capture.SyncPoint(db.path) as sp:  # closed before the upload: it pins the WAL
                 taken_ns = time.time_ns()
@@ -395,6 +401,9 @@ class Engine:
                 checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
                 seq = sp.seq
                 wal_frames = sp.nframe
+                if fetch is not None:
+                    with contextlib.suppress(TimeoutError):  # a slow store: see below
+                        stored = fetch.result(HEAD_WAIT)
                 survivors = self._survivors(db, sp, stored, checksum, page_size) if stored else []
             # Commits up to the sync point still belong to the old lineage: apply them first,
             # so what we compare is everything that lineage holds.
@@ -420,16 +429,16 @@ class Engine:
                     head = Head(None, db.next_txid - 1)
                 else:  # first sync in this process: the store has the head
                     head = stored
-            if head is None:
-                head = read_head(db.client, db.name)
+            if head is None:  # the store was too slow to keep the WAL pinned for it
+                assert fetch is not None
+                head = fetch.result()
                 if (
                     wal_frames
                     and head.generation is not None
                     and not _holds(head, checksum, page_size)
                 ):
                     # Ahead of the replica: a crash may have left the missing commits in the
-                    # WAL.  Look under a new sync point now that the head is known, so no
-                    # network round trip ever happens while the WAL is pinned.
+                    # WAL.  Look under a new sync point now that the head is known.
                     log.debug("walsync: %s is ahead of its replica; looking in the WAL", db.path)
                     with self._lock:
                         db.stored_head = head
