@@ -26,7 +26,7 @@ import apsw
 import pytest
 
 import walsync_vfs
-from walsync_vfs import catalog, format, storage
+from walsync_vfs import catalog, engine, format, storage
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "crash_torture.py"
@@ -228,23 +228,19 @@ def page_segments() -> Iterator[None]:
     walsync_vfs.configure(max_segment_bytes=16 << 20)
 
 
-@pytest.mark.parametrize("scenario", ["wal", "restarted", "padded"])
-def test_commits_left_in_the_wal_continue_the_generation(
-    scenario: str, file_replica: str, page_segments: None, tmp_path: Path
-) -> None:
-    """Commits that never reached the store but are still in the WAL (or in a WAL restarted
-    after a full checkpoint, or padded to sector boundaries) ship as ordinary commits of the
-    same generation on reopen."""
+def check_recovery(root: str, scenario: str, tmp_path: Path) -> None:
+    """Crash a writer with commits left in its WAL, reopen the database in this process and
+    check they shipped as the same generation's next commits, each its own restore point."""
     db = tmp_path / "left.db"
-    url = f"{file_replica}/left.db"
-    acked, survivors = crash_writer(db, file_replica, scenario)
+    url = f"{root}/left.db"
+    acked, survivors = crash_writer(db, root, scenario)
     (g,) = listing(url)
     gen, acked_txid = g["generation"], g["last_txid"]
     assert restored_digest(url, tmp_path / "acked.db") == acked  # and nothing after it
     before = time.time_ns()
 
     con = apsw.Connection(str(db), vfs="walsync")
-    walsync_vfs.flush(timeout=30)
+    walsync_vfs.flush(timeout=60)
     assert digest_of(con) == survivors[-1]
     (g,) = listing(url)
     assert (g["generation"], g["last_txid"]) == (gen, acked_txid + len(survivors))
@@ -256,7 +252,7 @@ def test_commits_left_in_the_wal_continue_the_generation(
 
     # One segment each (split at max_segment_bytes); their commit time is when the WAL was
     # last written: after the acked commit, before the reopen.
-    client = storage.open_replica(file_replica)
+    client = storage.open_replica(root)
     segments = catalog.generations(client, "left.db")[0].segments
     assert len([k for k in segments if k.first_txid > acked_txid]) == len(survivors)
     times = {}
@@ -268,10 +264,39 @@ def test_commits_left_in_the_wal_continue_the_generation(
     stamps = {times[acked_txid + n] for n in range(1, len(survivors) + 1)}
     assert len(stamps) == 1 and times[acked_txid] <= stamps.pop() <= before
     con.execute("INSERT INTO t VALUES(-1, 'after')")  # and the lineage goes on from there
-    walsync_vfs.flush(timeout=30)
+    walsync_vfs.flush(timeout=60)
     assert listing(url)[0]["last_txid"] == acked_txid + len(survivors) + 1
     assert restored_digest(url, tmp_path / "next.db") == digest_of(con)
     con.close()
+
+
+@pytest.mark.parametrize("scenario", ["wal", "restarted", "padded"])
+def test_commits_left_in_the_wal_continue_the_generation(
+    scenario: str, file_replica: str, page_segments: None, tmp_path: Path
+) -> None:
+    """Commits that never reached the store but are still in the WAL (or in a WAL restarted
+    after a full checkpoint, or padded to sector boundaries) ship as ordinary commits of the
+    same generation on reopen."""
+    check_recovery(file_replica, scenario, tmp_path)
+
+
+def test_commits_left_in_the_wal_are_found_when_the_head_comes_late(
+    s3_url: str,
+    page_segments: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store slower than HEAD_WAIT: the sync point is released without waiting for the
+    replica's head, and the commits are looked for under a second one."""
+    monkeypatch.setattr(engine, "HEAD_WAIT", 0.0)
+    caplog.set_level(logging.DEBUG, logger="walsync_vfs")
+    walsync_vfs.configure(replica=s3_url)
+    try:
+        check_recovery(s3_url, "wal", tmp_path)
+    finally:
+        walsync_vfs.configure(replica="")
+    assert "is ahead of its replica; looking in the WAL" in caplog.text
 
 
 def test_commits_a_checkpoint_moved_into_the_db_file_start_a_new_generation(
