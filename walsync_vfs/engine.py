@@ -389,10 +389,10 @@ class Engine:
         # read, so that commits a crash left in the WAL can be taken under this sync point.
         stored = db.stored_head if db.generation is None else None
         fetch = None
-        if db.generation is None and stored is None:
-            fetch = self._put_pool.submit(read_head, db.client, db.name)
         with tempfile.TemporaryFile() as raw:
             with capture.SyncPoint(db.path) as sp:  # closed before the upload: it pins the WAL
+                if db.generation is None and stored is None:
+                    fetch = self._put_pool.submit(read_head, db.client, db.name)
                 taken_ns = time.time_ns()
                 page_size, db_size, pages = sp.pages()
                 with self._lock:
