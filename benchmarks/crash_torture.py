@@ -6,8 +6,11 @@ A writer child process runs random transactions through ``vfs="walsync"`` into a
 replica and prints an acknowledgement after every successful ``walsync_vfs.flush()``.  The
 parent SIGKILLs it 0.05-0.6 s after spawning it (so kills land in the import, the open and its
 sync point, a commit, an upload, a snapshot, a checkpoint or a VACUUM), restores the replica,
-checks it, and starts the next child on the same database.  A final child runs without a kill;
-its restore must equal the source row for row and ``verify`` must pass.
+checks it, and starts the next child on the same database.  A reopen after a kill that left the
+replica behind must either ship the missing commits from the WAL in the same generation (one
+of them restoring to exactly what the kill left) or start a new generation.  A final
+child runs without a kill; its restore must equal the source row for row and ``verify`` must
+pass.
 
 The workload makes "a state the database was in" checkable from the restored file alone:
 every transaction appends rows with consecutive ``seq`` numbers to ``log``, and each log row
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -66,6 +70,8 @@ COMMIT;
 """
 TABLES = ("log", "kv", "bulk")
 ROLLBACK_TAG = -1  # rows of a rolled-back (spilled) transaction; never in a sound state
+# The engine's log line for a reopen that shipped commits a crash left in the WAL.
+RECOVERED = re.compile(r"at txid (\d+) \(continued; (\d+) commits recovered from the WAL\)")
 
 # Transaction kinds and weights; "checkpoint" and "vacuum" change no rows.
 KINDS = {
@@ -359,6 +365,10 @@ class Run:
     acked_txns: int = 0
     ack_generations: list[str] = field(default_factory=list)
     done: bool = False
+    # From the engine's log: the reopen shipped this many commits it recovered from the WAL,
+    # the last of them as this txid.
+    recovered: int = 0
+    recovered_txid: int = 0
 
     def parse(self) -> None:
         for line in self.lines:
@@ -399,6 +409,8 @@ class Summary:
     kills: int = 0
     generations: int = 0
     reopen_same_generation: int = 0
+    reopen_recovered: int = 0  # of those, by shipping the commits the kill left in the WAL
+    recovered_commits: int = 0
     reopen_new_generation: int = 0
     reopen_undecided: int = 0  # killed before the reopen's lineage decision was visible
     new_generation_while_nothing_lost: int = 0
@@ -444,7 +456,9 @@ class Torture:
         self.n_gens = 0
         self.last_gen: str | None = None
         self.last_k = 0  # highest seq a restore has held: restores never go back
-        self.expect_new: bool | None = None  # what the next reopen should do, from the last kill
+        # The source as the last kill left it, and whether the replica was behind it then.
+        self.left: dict | None = None
+        self.behind: bool | None = None
 
     # ---------------------------------------------------------------- helpers
 
@@ -485,10 +499,13 @@ class Torture:
     def generations(self) -> list[catalog.Generation]:
         return catalog.generations(storage.open_replica(self.replica), NAME)
 
-    def classify_reopen(self, cycle: int | str, run: Run) -> None:
+    def classify_reopen(self, cycle: int | str, run: Run, child_seed: int) -> None:
         """Did this run's reopen continue the lineage or start a new generation, and was that
         what the state left by the previous kill called for?  Also counts generations that
-        began later in the run, which nothing in this workload should cause."""
+        began later in the run, which nothing in this workload should cause.
+
+        A replica behind the source may continue only by shipping the missing commits from
+        the WAL; one of them must then restore to exactly what the kill left."""
         before_n, before_id = self.n_gens, self.last_gen
         gens = self.generations()
         self.n_gens, self.last_gen = len(gens), (gens[-1].id if gens else None)
@@ -499,19 +516,51 @@ class Torture:
         if later > 0:
             s.new_generations_mid_run += later
             s.mid_run_cycles.append(cycle)
-        if before_n == 0 or self.expect_new is None:
+        if before_n == 0 or self.behind is None:
             return  # the first generation, or no kill checked yet: nothing to continue
         if new:
             s.reopen_new_generation += 1
-            if not self.expect_new:
+            if not self.behind:
                 s.new_generation_while_nothing_lost += 1
                 s.nothing_lost_cycles.append(cycle)
-        elif run.acked_seq or run.done:  # a flush returned, so the reopen's sync had finished
+        elif run.acked_seq or run.done or run.recovered:  # the reopen's sync had finished
             s.reopen_same_generation += 1
-            if self.expect_new:
+            if run.recovered and not self.behind:
+                self.fail(cycle, "the reopen recovered commits the replica already had")
+            elif run.recovered:
+                s.reopen_recovered += 1
+                s.recovered_commits += run.recovered
+                self.check_recovered(cycle, run, child_seed)
+            elif self.behind:
                 self.fail(cycle, "the reopen continued the lineage although commits were lost")
         else:
             s.reopen_undecided += 1
+
+    def check_recovered(self, cycle: int | str, run: Run, child_seed: int) -> None:
+        """One of the commits recovered from the WAL must restore to exactly the source the
+        kill left (the last ones may be the new writer's first commits: the engine looks in
+        the WAL under a second sync point, after the writer was let go)."""
+        if self.left is None:
+            return
+        out = str(self.dir / "recovered.db")
+        first = run.recovered_txid - run.recovered + 1
+        for txid in range(run.recovered_txid, first - 1, -1):
+            try:
+                self.restore(out, txid)
+                state = read_state(out)
+            except Exception as exc:  # noqa: BLE001 - any failure to restore is a finding
+                what = f"restore --txid {txid} (recovered): {type(exc).__name__}: {exc}"
+                self.fail(cycle, what, child_seed)
+                return
+            if state["k"] <= self.left["k"]:
+                break
+        if state["rows"] != self.left["rows"]:
+            self.fail(
+                cycle,
+                f"no recovered txid ({first}..{run.recovered_txid}) restores to the seq "
+                f"{self.left['k']} the kill left (txid {txid} holds seq {state['k']})",
+                child_seed,
+            )
 
     def note_log(self, cycle: int | str, err_path: Path, run: Run, how: str) -> None:
         """Append the child's engine log and last protocol lines to children.log, for
@@ -520,6 +569,9 @@ class Torture:
         tail = " | ".join(line.strip() for line in run.lines[-4:])
         with open(self.dir / "children.log", "a") as log:
             log.write(f"=== cycle {cycle}: {how}; last lines: {tail}\n{text}")
+        recovered = RECOVERED.search(text)
+        if recovered:
+            run.recovered_txid, run.recovered = int(recovered[1]), int(recovered[2])
         if text.rfind("differs from its replica") > text.rfind("(new generation)"):
             self.summary.kills_mid_snapshot += 1  # decided on a new generation, not yet stored
         for line in text.splitlines():
@@ -540,6 +592,7 @@ class Torture:
         except Unsound as exc:
             self.fail(cycle, f"the source database itself is unsound: {exc}", child_seed)
             return None
+        self.left = source
         if source["k"] < s.committed_seq:
             self.fail(
                 cycle,
@@ -635,10 +688,9 @@ class Torture:
         self.phases[run.phase] += 1
         self.absorb(i, run, child_seed)
         self.puts.update(interrupted_puts(self.replica_dir, self.tmp_seen))
-        self.classify_reopen(i, run)
+        self.classify_reopen(i, run, child_seed)
         state = self.check_after(i, run, child_seed)
-        # The next reopen must start a new generation if the replica is behind the source.
-        self.expect_new = None if state is None else not state["identical"]
+        self.behind = None if state is None else not state["identical"]
         if self.args.verbose or i % 10 == 0:
             print(
                 f"cycle {i}: kill after {delay:.3f}s in {run.phase}; acked seq {s.acked_seq}, "
@@ -667,7 +719,7 @@ class Torture:
             tail = err_path.read_text(errors="replace").strip().splitlines()[-3:]
             self.fail("final", f"the final writer failed ({proc.returncode}): {tail}", child_seed)
         self.absorb("final", run, child_seed)
-        self.classify_reopen("final", run)
+        self.classify_reopen("final", run, child_seed)
         state = self.check_after("final", run, child_seed)
         if state is not None:
             src = str(self.dir / "source-copy.db")
@@ -719,7 +771,8 @@ def print_summary(s: Summary) -> None:
     print(f"  generations          {s.generations}")
     print(
         f"  reopens after a kill {reopened} decided: {s.reopen_same_generation} continued the "
-        f"same generation, {s.reopen_new_generation} started a new one "
+        f"same generation ({s.reopen_recovered} of them by shipping {s.recovered_commits} "
+        f"commits recovered from the WAL), {s.reopen_new_generation} started a new one "
         f"({s.new_generation_while_nothing_lost} of them with nothing lost "
         f"{s.nothing_lost_cycles}); {s.reopen_undecided} killed before deciding"
     )

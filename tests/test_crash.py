@@ -1,4 +1,5 @@
-"""Issue 6: crash torture, the short CI variant of benchmarks/crash_torture.py.
+"""Issue 6: crash torture, the short CI variant of benchmarks/crash_torture.py, and commits
+a crash left in the WAL before they were uploaded.
 
 A writer replicating through the VFS is SIGKILLed at random moments; after every kill the
 replica must restore to a sound state that holds every acknowledged commit.  The checker is
@@ -7,17 +8,25 @@ tested first on states it must reject, so a passing torture run means something.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import logging
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import apsw
 import pytest
+
+import walsync_vfs
+from walsync_vfs import catalog, engine, format, storage
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "crash_torture.py"
@@ -97,3 +106,218 @@ def test_short_crash_torture_loses_nothing(tmp_path: Path) -> None:
     assert summary["final_rows"]["log"] == summary["acked_seq"]  # the final flush acked all
     assert summary["verify_exit"] == 0
     assert summary["generations"] >= 1
+
+
+# ------------------------------------------------------------- commits that survived a crash
+
+# The writer: commits what the scenario says, flushes (the replica now holds everything so far),
+# commits more with uploads held back for an hour, prints each commit's digest, and waits for
+# its SIGKILL.  Protocol: "ACK <digest>", then "C <digest>" per later commit, then "READY".
+WRITER = r"""
+import hashlib, sys, time
+import apsw, walsync_vfs
+
+db, replica, scenario = sys.argv[1:]
+walsync_vfs.configure(replica=replica, upload_interval=3600.0)
+if scenario == "padded":  # synchronous=FULL pads each commit with copies of its last frame
+    flags = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    con = apsw.Connection(f"file:{db}?psow=0", flags=flags, vfs="walsync")
+    con.execute("PRAGMA synchronous=FULL")
+else:
+    con = apsw.Connection(db, vfs="walsync")
+
+def digest():
+    rows = [con.execute(f"SELECT * FROM {t} ORDER BY k").fetchall() for t in ("t", "other")]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+def rows(n, size, first=1):  # n rows of random blobs (apsw's SQLite has no generate_series)
+    return (
+        f"WITH RECURSIVE s(i) AS (SELECT {first} UNION ALL SELECT i + 1 FROM s "
+        f"WHERE i < {first + n - 1}) SELECT i, randomblob({size}) FROM s"
+    )
+
+def commit(sql, *args):
+    con.execute(sql, args)
+    print("C", digest(), flush=True)
+
+con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+con.execute("CREATE TABLE other(k INTEGER PRIMARY KEY, v BLOB)")
+con.execute("INSERT INTO other " + rows(40, 300))
+if scenario == "checkpointed":  # `other`'s pages leave the WAL: only the db file has them
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+con.execute("INSERT INTO t VALUES(1, randomblob(100))")
+walsync_vfs.flush(timeout=30)
+print("ACK", digest(), flush=True)
+if scenario == "restarted":  # the WAL is emptied: what follows lands in a new one, new salts
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+commit("INSERT INTO t VALUES(2, randomblob(100))")
+commit("UPDATE other SET v = randomblob(300) WHERE k % 3 = 0")
+commit("INSERT INTO t " + rows(30, 3000, first=101))  # grows the database
+if scenario == "wal":
+    commit("DELETE FROM t WHERE k > 100")
+    con.execute("VACUUM")  # shrinks the file: a commit whose db size is below earlier frames'
+    print("C", digest(), flush=True)
+if scenario == "checkpointed":  # the db file now holds pages newer than the replica's state
+    con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+print("READY", flush=True)
+time.sleep(3600)
+"""
+
+
+def digest_of(con: apsw.Connection) -> str:
+    rows = [con.execute(f"SELECT * FROM {t} ORDER BY k").fetchall() for t in ("t", "other")]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def crash_writer(db: Path, replica: str, scenario: str) -> tuple[str, list[str]]:
+    """Run the writer until READY, SIGKILL it; (acked digest, digests of later commits)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db), replica, scenario],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.split())
+            if line.startswith("READY"):
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        err = proc.communicate(timeout=30)[1]
+    assert lines and lines[-1] == ["READY"], err[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    acked = next(words[1] for words in lines if words[0] == "ACK")
+    return acked, [words[1] for words in lines if words[0] == "C"]
+
+
+def listing(url: str) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", "list", url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["generations"]
+
+
+def restored_digest(url: str, out: Path, *args: str) -> str:
+    """Restore with the CLI; the copy must pass integrity_check."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out), "--force", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    con = apsw.Connection(str(out), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return digest_of(con)
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def page_segments() -> Iterator[None]:
+    """Segments split after every page, so commits recovered together ship in several."""
+    walsync_vfs.configure(max_segment_bytes=4096)
+    yield
+    walsync_vfs.configure(max_segment_bytes=16 << 20)
+
+
+def check_recovery(root: str, scenario: str, tmp_path: Path) -> None:
+    """Crash a writer with commits left in its WAL, reopen the database in this process and
+    check they shipped as the same generation's next commits, each its own restore point."""
+    db = tmp_path / "left.db"
+    url = f"{root}/left.db"
+    acked, survivors = crash_writer(db, root, scenario)
+    (g,) = listing(url)
+    gen, acked_txid = g["generation"], g["last_txid"]
+    assert restored_digest(url, tmp_path / "acked.db") == acked  # and nothing after it
+    before = time.time_ns()
+
+    con = apsw.Connection(str(db), vfs="walsync")
+    walsync_vfs.flush(timeout=60)
+    assert digest_of(con) == survivors[-1]
+    (g,) = listing(url)
+    assert (g["generation"], g["last_txid"]) == (gen, acked_txid + len(survivors))
+    assert len(g["snapshots"]) == 1  # no new snapshot either
+    for n, want in enumerate(survivors, 1):
+        got = restored_digest(url, tmp_path / f"r{n}.db", "--txid", str(acked_txid + n))
+        assert got == want, f"restore point {acked_txid + n} (survivor {n})"
+    assert restored_digest(url, tmp_path / "latest.db") == digest_of(con)
+
+    # One segment each (split at max_segment_bytes); their commit time is when the WAL was
+    # last written: after the acked commit, before the reopen.
+    client = storage.open_replica(root)
+    segments = catalog.generations(client, "left.db")[0].segments
+    assert len([k for k in segments if k.first_txid > acked_txid]) == len(survivors)
+    times = {}
+    for k in segments:
+        key = catalog.object_key(k)
+        times.update(
+            (e.txid, e.time_ns) for e in format.read_segment_header(client.get(key), key).index
+        )
+    stamps = {times[acked_txid + n] for n in range(1, len(survivors) + 1)}
+    assert len(stamps) == 1 and times[acked_txid] <= stamps.pop() <= before
+    con.execute("INSERT INTO t VALUES(-1, 'after')")  # and the lineage goes on from there
+    walsync_vfs.flush(timeout=60)
+    assert listing(url)[0]["last_txid"] == acked_txid + len(survivors) + 1
+    assert restored_digest(url, tmp_path / "next.db") == digest_of(con)
+    con.close()
+
+
+@pytest.mark.parametrize("scenario", ["wal", "restarted", "padded"])
+def test_commits_left_in_the_wal_continue_the_generation(
+    scenario: str, file_replica: str, page_segments: None, tmp_path: Path
+) -> None:
+    """Commits that never reached the store but are still in the WAL (or in a WAL restarted
+    after a full checkpoint, or padded to sector boundaries) ship as ordinary commits of the
+    same generation on reopen."""
+    check_recovery(file_replica, scenario, tmp_path)
+
+
+def test_commits_left_in_the_wal_are_found_when_the_head_comes_late(
+    s3_url: str,
+    page_segments: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store slower than HEAD_WAIT: the sync point is released without waiting for the
+    replica's head, and the commits are looked for under a second one."""
+    monkeypatch.setattr(engine, "HEAD_WAIT", 0.0)
+    caplog.set_level(logging.DEBUG, logger="walsync_vfs")
+    walsync_vfs.configure(replica=s3_url)
+    try:
+        check_recovery(s3_url, "wal", tmp_path)
+    finally:
+        walsync_vfs.configure(replica="")
+    assert "is ahead of its replica; looking in the WAL" in caplog.text
+
+
+def test_commits_a_checkpoint_moved_into_the_db_file_start_a_new_generation(
+    file_replica: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When a checkpoint already copied unshipped commits into the db file, the replica's last
+    state cannot be rebuilt from the WAL: a new generation from a snapshot, nothing lost."""
+    db = tmp_path / "moved.db"
+    url = f"{file_replica}/moved.db"
+    acked, survivors = crash_writer(db, file_replica, "checkpointed")
+    (old,) = listing(url)
+
+    caplog.set_level(logging.INFO, logger="walsync_vfs")
+    con = apsw.Connection(str(db), vfs="walsync")
+    walsync_vfs.flush(timeout=30)
+    # The frames are still in the same WAL: the whole-db checksum is what refused them.
+    assert "(same WAL) is not the replica's last state" in caplog.text
+    assert digest_of(con) == survivors[-1]
+    first, new = listing(url)
+    assert first == old
+    assert new["first_txid"] == old["last_txid"] + 1 == new["snapshots"][0]["txid"]
+    assert restored_digest(url, tmp_path / "latest.db") == digest_of(con)
+    assert restored_digest(url, tmp_path / "acked.db", "--txid", str(old["last_txid"])) == acked
+    con.close()

@@ -27,6 +27,7 @@ from walsync_vfs.format import (
     ParsedKey,
     SnapshotHeader,
     SnapshotWriter,
+    WalPos,
     encode_segment,
     iter_segment_commits,
     new_generation_id,
@@ -70,7 +71,7 @@ def reseal(obj: bytes) -> bytes:
 
 def forge_segment(
     page_size: int,
-    entries: list[tuple[int, int, int, int, int]],
+    entries: list[tuple[int, ...]],
     raw: bytes,
     *,
     first: int | None = None,
@@ -78,13 +79,15 @@ def forge_segment(
     body: bytes | None = None,
     raw_length: int | None = None,
 ) -> bytes:
+    """A segment from §4; entries of 5 fields are packed as version 1's (32 B), of 8 fields
+    as version 2's (44 B)."""
     body = zstandard.ZstdCompressor().compress(raw) if body is None else body
     first = entries[0][0] if first is None else first
     header = struct.pack(
         ">8sHHIQQIQQ", SEGMENT_MAGIC, version, 0, page_size, first, first + len(entries) - 1,
         len(entries), len(body), len(raw) if raw_length is None else raw_length,
     )  # fmt: skip
-    index = b"".join(struct.pack(">QqIIQ", *e) for e in entries)
+    index = b"".join(struct.pack(">QqIIQ" if len(e) == 5 else ">QqIIQIII", *e) for e in entries)
     return reseal(header + index + body + bytes(32))
 
 
@@ -289,22 +292,65 @@ def test_segment_round_trip_many_and_big():
     assert decode_segment_fully(data) == big
 
 
+def with_wal(commits: list[Commit]) -> list[Commit]:
+    """The commits as the engine ships them: each with its WAL position."""
+    return [
+        Commit(c.txid, c.time_ns, c.db_size, c.checksum, c.pages, WalPos(0xFFFFFFFF, 7, 3 + i))
+        for i, c in enumerate(commits)
+    ]
+
+
 def test_segment_is_self_consistent_with_spec():
-    data = encode_segment(512, SMALL)
+    commits = with_wal(SMALL)
+    data = encode_segment(512, commits)
     magic, version, flags, psize, first, last, count, blen, rawlen = struct.unpack_from(
         ">8sHHIQQIQQ", data
     )
-    assert (magic, version, flags, psize, first, last, count) == (SEGMENT_MAGIC, 1, 0, 512, 5, 7, 3)
-    assert len(data) == 52 + 32 * count + blen + 32
+    assert (magic, version, flags, psize, first, last, count) == (SEGMENT_MAGIC, 2, 0, 512, 5, 7, 3)
+    assert len(data) == 52 + 44 * count + blen + 32
     assert rawlen == sum(len(c.pages) * (4 + 512) for c in SMALL)
-    body = data[52 + 32 * count : -32]
+    for i, c in enumerate(commits):
+        entry = struct.unpack_from(">QqIIQIII", data, 52 + 44 * i)
+        fields = (c.txid, c.time_ns, c.db_size, len(c.pages), c.checksum)
+        assert entry == (*fields, 0xFFFFFFFF, 7, 3 + i)
+    body = data[52 + 44 * count : -32]
     assert zstandard.get_frame_parameters(body).content_size == rawlen
     assert hashlib.sha256(data[:-32]).digest() == data[-32:]
+
+
+def test_wal_positions_round_trip_and_unknown_ones_read_as_none():
+    commits = with_wal(SMALL[:2]) + SMALL[2:]  # compaction may merge old commits without one
+    data = encode_segment(512, commits)
+    assert decode_segment_fully(data) == commits
+    assert [e.wal for e in read_segment_header(data, SEG_KEY).index] == [
+        WalPos(0xFFFFFFFF, 7, 3),
+        WalPos(0xFFFFFFFF, 7, 4),
+        None,
+    ]
+
+
+def test_version_1_segments_still_read():
+    raw = struct.pack(">I", 1) + page(512, 1)
+    data = forge_segment(512, [(5, 42, 1, 1, page_hash(1, page(512, 1)))], raw, version=1)
+    (commit,) = iter_segment_commits(data, SEG_KEY)
+    assert (commit.txid, commit.time_ns, commit.wal) == (5, 42, None)
+    assert read_segment_header(data, SEG_KEY).index[0].wal is None
+
+
+def test_wal_salts_without_a_position_are_corrupt():
+    raw = struct.pack(">I", 1) + bytes(512)
+    data = forge_segment(512, [(5, 0, 1, 1, 0, 9, 9, 0)], raw, version=2)
+    err = assert_corrupt(SEG_KEY, read_segment_header, data, SEG_KEY)
+    assert err.reason == "txid 5: WAL salts without a WAL position"
+    good = forge_segment(512, [(5, 0, 1, 1, 0, 9, 9, 1)], raw, version=2)
+    assert read_segment_header(good, SEG_KEY).index[0].wal == WalPos(9, 9, 1)
 
 
 @pytest.mark.parametrize(
     ("page_size", "commits", "match"),
     [
+        (512, [Commit(1, 0, 1, 0, (), WalPos(1, 2, 0))], "invalid WAL position"),
+        (512, [Commit(1, 0, 1, 0, (), WalPos(2**32, 2, 1))], "invalid WAL position"),
         (512, [], "at least one commit"),
         (500, SMALL, "page size"),
         (131072, SMALL, "page size"),
@@ -366,9 +412,12 @@ def test_segment_truncation_and_extension_detected():
 
 
 def test_newer_version_message():
-    data = forge_segment(512, [(1, 0, 1, 0, 0)], b"", version=2)
+    data = forge_segment(512, [(1, 0, 1, 0, 0)], b"", version=3)
     err = assert_corrupt(SEG_KEY, read_segment_header, data, SEG_KEY)
-    assert str(err) == f"{SEG_KEY}: written by a newer format version 2; upgrade walsync_vfs"
+    assert str(err) == f"{SEG_KEY}: written by a newer format version 3; upgrade walsync_vfs"
+    # Snapshots are still version 1: a version 2 snapshot is from the future too.
+    err = assert_corrupt(SNAP_KEY, read_snapshot, SNAPSHOT_MAGIC + b"\x00\x02", SNAP_KEY)
+    assert err.reason == "written by a newer format version 2; upgrade walsync_vfs"
     # A newer version may change everything after the version field.
     err = assert_corrupt(SEG_KEY, read_segment_header, SEGMENT_MAGIC + b"\x00\x07", SEG_KEY)
     assert err.reason == "written by a newer format version 7; upgrade walsync_vfs"

@@ -128,7 +128,7 @@ def test_every_broken_object_is_named(replica):
     truncated = client.get(segs[3])
     client.put(segs[3], truncated[:-100])
     newer = bytearray(client.get(segs[4]))
-    newer[8:10] = (2).to_bytes(2, "big")
+    newer[8:10] = (format.SEGMENT_VERSION + 1).to_bytes(2, "big")
     client.put(segs[4], bytes(newer))
     client.delete([segs[5]])
     after_hole = format.parse_key(segs[6])
@@ -137,7 +137,8 @@ def test_every_broken_object_is_named(replica):
     assert replica.problems() == [
         f"{segs[1]}: sha256 mismatch",
         f"{segs[3]}: object is {len(truncated) - 100} bytes, header implies {len(truncated)}",
-        f"{segs[4]}: written by a newer format version 2; upgrade walsync_vfs",
+        f"{segs[4]}: written by a newer format version {format.SEGMENT_VERSION + 1}; "
+        "upgrade walsync_vfs",
         f"{segs[6]}: txids {after_hole.first_txid - 1}..{after_hole.first_txid - 1} missing "
         "before it",
         f"v.db/{replica.gens[1].id}: generation has no snapshot",

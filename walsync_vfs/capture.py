@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
@@ -238,9 +238,9 @@ class SyncPoint:
         finally:
             writer.close()
         self.seq = int(pos.seq)
-        self._wal_page_size = int(pos.page_size)
-        self._nframe = int(pos.nframe)
-        self._salts = (int(pos.salt1), int(pos.salt2))
+        self.wal_page_size = int(pos.page_size)
+        self.nframe = int(pos.nframe)  # the pinned state is WAL frames [0, nframe) + the db file
+        self.salts = (int(pos.salt1), int(pos.salt2))
 
     def _file(self, op: int) -> object:
         """The reader's own open sqlite3_file for the db (or its WAL): see ws_read()."""
@@ -250,19 +250,36 @@ class SyncPoint:
             raise CaptureError(f"{self.path}: file handle unavailable")
         return out[0]
 
+    def _frame_size(self) -> int:
+        return 24 + self.wal_page_size
+
+    def _newest(self, wal: object, end: int) -> dict[int, int]:
+        """pgno -> offset of the page data of its newest frame among WAL frames [0, end)."""
+        newest: dict[int, int] = {}
+        hdr = ffi.new("unsigned char[]", 4)
+        size = self._frame_size()
+        for off in range(32, 32 + end * size, size):
+            _read(wal, hdr, 4, off)
+            newest[int.from_bytes(ffi.buffer(hdr, 4), "big")] = off + 24
+        return newest
+
+    def _check_salts(self, wal: object) -> None:
+        """A foreign process could still restart the WAL: then what was read is not the state."""
+        hdr = ffi.new("unsigned char[]", 8)
+        _read(wal, hdr, 8, 16)
+        salts = ffi.buffer(hdr, 8)[:]
+        if (int.from_bytes(salts[:4], "big"), int.from_bytes(salts[4:], "big")) != self.salts:
+            raise CaptureError(f"{self.path}: WAL restarted during the snapshot")
+
     def pages(self) -> tuple[int, int, Iterator[bytes]]:
         """(page_size, db_size, iterator over pages 1..db_size) of the pinned state."""
         db = self._file(apsw.SQLITE_FCNTL_FILE_POINTER)
-        wal = self._file(apsw.SQLITE_FCNTL_JOURNAL_POINTER) if self._nframe else None
-        newest: dict[int, int] = {}  # pgno -> offset of its newest frame's page data
         hdr = ffi.new("unsigned char[]", 100)
-        if wal is not None:
-            page_size = self._wal_page_size
-            frame = 24 + page_size
-            for i in range(self._nframe):
-                _read(wal, hdr, 24, 32 + i * frame)
-                newest[int.from_bytes(ffi.buffer(hdr, 4), "big")] = 32 + i * frame + 24
-            db_size = int.from_bytes(ffi.buffer(hdr, 8)[4:8], "big")  # last frame commits
+        if self.nframe:
+            page_size = self.wal_page_size
+            wal = self._file(apsw.SQLITE_FCNTL_JOURNAL_POINTER)
+            _read(wal, hdr, 8, 32 + (self.nframe - 1) * self._frame_size())
+            db_size = int.from_bytes(ffi.buffer(hdr, 8)[4:8], "big")  # the last frame commits
         else:
             size = lib.ws_file_size(db)
             page_size = 4096
@@ -271,25 +288,40 @@ class SyncPoint:
                 page_size = int.from_bytes(ffi.buffer(hdr, 100)[16:18], "big")
                 page_size = 65536 if page_size == 1 else page_size
             db_size = max(size, 0) // page_size
+        pgnos = self.pages_as_of(self.nframe, range(1, db_size + 1), page_size)
+        return page_size, db_size, (page for _, page in pgnos)
 
-        def gen() -> Iterator[bytes]:
-            buf = ffi.new("unsigned char[]", page_size)
-            for pgno in range(1, db_size + 1):
-                off = newest.get(pgno)
-                if off is None:
-                    _read(db, buf, page_size, (pgno - 1) * page_size)
-                else:
-                    _read(wal, buf, page_size, off)
-                yield ffi.buffer(buf)[:]
-            if wal is not None:  # a foreign process could still restart the WAL
-                _read(wal, hdr, 8, 16)
-                salts = ffi.buffer(hdr, 8)[:]
-                if (int.from_bytes(salts[:4], "big"), int.from_bytes(salts[4:], "big")) != (
-                    self._salts
-                ):
-                    raise CaptureError(f"{self.path}: WAL restarted during the snapshot")
+    def pages_as_of(
+        self, frame: int, pgnos: Iterable[int], page_size: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        """(pgno, page) as WAL frames [0, frame) and the db file have each page: the database
+        at the commit ending at ``frame`` (pages a later checkpoint copied into the db file
+        excepted, which is why callers check the result against a whole-db checksum)."""
+        db = self._file(apsw.SQLITE_FCNTL_FILE_POINTER)
+        wal = self._file(apsw.SQLITE_FCNTL_JOURNAL_POINTER) if self.nframe else None
+        newest = self._newest(wal, frame) if wal is not None else {}
+        size = page_size or self.wal_page_size
+        buf = ffi.new("unsigned char[]", size)
+        for pgno in pgnos:
+            off = newest.get(pgno)
+            if off is None:
+                _read(db, buf, size, (pgno - 1) * size)
+            else:
+                _read(wal, buf, size, off)
+            yield pgno, ffi.buffer(buf)[:]
+        if wal is not None:
+            self._check_salts(wal)
 
-        return page_size, db_size, gen()
+    def frames(self, start: int) -> Iterator[tuple[int, int, bytes]]:
+        """(pgno, db size if a commit frame else 0, page) of WAL frames [start, nframe)."""
+        wal = self._file(apsw.SQLITE_FCNTL_JOURNAL_POINTER)
+        size = self._frame_size()
+        buf = ffi.new("unsigned char[]", size)
+        for i in range(start, self.nframe):
+            _read(wal, buf, size, 32 + i * size)
+            frame = ffi.buffer(buf)
+            yield (int.from_bytes(frame[0:4], "big"), int.from_bytes(frame[4:8], "big"), frame[24:])
+        self._check_salts(wal)
 
     def close(self) -> None:
         """End the read transaction, let WAL restarts happen again, close the reader."""

@@ -7,7 +7,9 @@ client, no buffer beyond commits not yet uploaded):
 * **Sync.**  On the first OPEN, after a GAP and on reopen, a worker takes a :class:`SyncPoint`
   and reads the database's exact bytes.  If they match the replica's latest state (whole-db
   checksum), the lineage continues; otherwise the bytes become the snapshot of a new
-  generation.  After a crash, commits that never reached the store are thus folded into that
+  generation.  After a crash, commits that never reached the store but are still in the WAL
+  are first shipped as commits of the same generation, if they provably continue the
+  replica's last state (:func:`_wal_survivors`); when not, they are folded into that
   snapshot: nothing is lost, only their individual restore points.
 * **Upload.**  One uploader thread ships pending commits as segments through one client per
   replica root, via a small pool (one upload in flight per database keeps its segments in
@@ -18,14 +20,17 @@ client, no buffer beyond commits not yet uploaded):
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -45,6 +50,7 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # s between looks at the memory cap (a sum over every database), made whenever the uploader
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
+HEAD_WAIT = 1.0  # seconds a first sync keeps the WAL pinned waiting for the replica's head
 
 
 class ReplicationError(RuntimeError):
@@ -60,6 +66,8 @@ class Head:
     page_size: int = 0
     db_size: int = 0
     checksum: int | None = None
+    time_ns: int = 0  # when the last state was committed (or snapshotted)
+    wal: format.WalPos | None = None  # where its last commit ended in the source's WAL
 
 
 def read_head(client: storage.ReplicaClient, name: str) -> Head:
@@ -73,9 +81,17 @@ def read_head(client: storage.ReplicaClient, name: str) -> Head:
     if top.kind == "segment":
         hdr = format.read_segment_header(client.get(key), key)
         last = hdr.index[-1]
-        return Head(gen.id, gen.last_txid, hdr.page_size, last.db_size, last.checksum)
+        return Head(
+            gen.id,
+            gen.last_txid,
+            hdr.page_size,
+            last.db_size,
+            last.checksum,
+            last.time_ns,
+            last.wal,
+        )
     snap, _ = format.read_snapshot(client.get(key), key)
-    return Head(gen.id, gen.last_txid, snap.page_size, snap.db_size, snap.checksum)
+    return Head(gen.id, gen.last_txid, snap.page_size, snap.db_size, snap.checksum, snap.time_ns)
 
 
 @dataclass(slots=True)
@@ -96,6 +112,7 @@ class DbState:
     sync_seq: int = 0
     open_seq: int = 0  # seq of the latest OPEN
     pinned_seq: int = 0  # seq of the latest sync point taken
+    stored_head: Head | None = None  # the replica's head, read by a first sync's first pass
     generation: str | None = None
     next_txid: int = 1
     page_size: int = 0
@@ -245,7 +262,10 @@ class Engine:
             self._request_sync(db)
             return
         db.checksum.apply(rec.db_size, rec.pages)
-        commit = format.Commit(db.next_txid, rec.time_ns, rec.db_size, db.checksum.value, rec.pages)
+        wal = format.WalPos(*rec.wal_salts, rec.wal_frames[1])
+        commit = format.Commit(
+            db.next_txid, rec.time_ns, rec.db_size, db.checksum.value, rec.pages, wal
+        )
         db.next_txid += 1
         now = time.monotonic()
         first = not db.pending
@@ -365,8 +385,14 @@ class Engine:
         if not db.name:
             self._resolve(db)
         assert db.client is not None
+        # The first sync in this process needs the replica's head: fetched while the pages are
+        # read, so that commits a crash left in the WAL can be taken under this sync point.
+        stored = db.stored_head if db.generation is None else None
+        fetch = None
         with tempfile.TemporaryFile() as raw:
             with capture.SyncPoint(db.path) as sp:  # closed before the upload: it pins the WAL
+                if db.generation is None and stored is None:
+                    fetch = self._put_pool.submit(read_head, db.client, db.name)
                 taken_ns = time.time_ns()
                 page_size, db_size, pages = sp.pages()
                 with self._lock:
@@ -374,6 +400,11 @@ class Engine:
                     self._cond.notify_all()
                 checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
                 seq = sp.seq
+                wal_frames = sp.nframe
+                if fetch is not None:
+                    with contextlib.suppress(TimeoutError):  # a slow store: see below
+                        stored = fetch.result(HEAD_WAIT)
+                survivors = self._survivors(db, sp, stored, checksum, page_size) if stored else []
             # Commits up to the sync point still belong to the old lineage: apply them first,
             # so what we compare is everything that lineage holds.
             capture.dispatcher().barrier()
@@ -396,16 +427,24 @@ class Engine:
                     )
                 elif db.generation is not None:  # lineage broken (page size changed)
                     head = Head(None, db.next_txid - 1)
-                else:
-                    head = None
-            if head is None:  # first sync in this process: ask the store
-                head = read_head(db.client, db.name)
-            same = (
-                head.generation is not None
-                and head.checksum == checksum.value
-                and head.page_size == page_size
-                and head.db_size == db_size
-            )
+                else:  # first sync in this process: the store has the head
+                    head = stored
+            if head is None:  # the store was too slow to keep the WAL pinned for it
+                assert fetch is not None
+                head = fetch.result()
+                if (
+                    wal_frames
+                    and head.generation is not None
+                    and not _holds(head, checksum, page_size)
+                ):
+                    # Ahead of the replica: a crash may have left the missing commits in the
+                    # WAL.  Look under a new sync point now that the head is known.
+                    log.debug("walsync: %s is ahead of its replica; looking in the WAL", db.path)
+                    with self._lock:
+                        db.stored_head = head
+                        db.resync = True
+                    return
+            same = bool(survivors) or _holds(head, checksum, page_size)
             if not same and head.generation is not None:
                 log.debug(
                     "walsync: %s differs from its replica (%s) at seq %d: checksum %x, "
@@ -417,7 +456,12 @@ class Engine:
                     db_size,
                     page_size,
                 )
-            txid = head.txid if same else head.txid + 1
+            for batch in _batches(survivors, page_size, db.cfg.max_segment_bytes):
+                db.client.put(
+                    format.segment_key(db.name, head.generation, batch[0].txid, batch[-1].txid),
+                    format.encode_segment(page_size, batch),
+                )
+            txid = head.txid + len(survivors) if same else head.txid + 1
             generation = head.generation if same else format.new_generation_id(txid)
             periodic = same and db.force_snapshot and txid > db.snapshot_txid
             if not same or periodic:
@@ -427,6 +471,7 @@ class Engine:
                     _snapshot(raw, page_size, txid, taken_ns, db_size),
                 )
         with self._lock:
+            db.stored_head = None
             db.generation = generation
             db.next_txid = txid + 1
             db.page_size = page_size
@@ -445,14 +490,50 @@ class Engine:
             db.retained_at = db.retained_at or time.monotonic()
             if not same:
                 db.small_segments = []
+        if not same:
+            how = "new generation"
+        elif periodic:
+            how = "snapshot"
+        elif survivors:
+            how = f"continued; {len(survivors)} commits recovered from the WAL"
+        else:
+            how = "continued"
         log.info(
             "walsync: %s -> %s/%s at txid %d (%s)",
             db.path,
             db.client.url,
             db.name,
             txid,
-            "new generation" if not same else "snapshot" if periodic else "continued",
+            how,
         )
+
+    def _survivors(
+        self,
+        db: DbState,
+        sp: capture.SyncPoint,
+        head: Head,
+        now: format.DbChecksum,
+        page_size: int,
+    ) -> list[format.Commit]:
+        """After a restart, the commits the replica never got that are still in the WAL (see
+        :func:`_wal_survivors`); [] when the database matches the replica or they cannot be
+        proven to continue it.  Their commit time is the WAL file's modification time (the
+        last write to it, so not before any of them), or the replica's last commit time if
+        that is later: a point-in-time restore never includes a commit made after its time."""
+        if head.generation is None or _holds(head, now, page_size):
+            return []
+        try:
+            written = os.stat(db.path + "-wal").st_mtime_ns  # stat opens no descriptor
+            time_ns = max(head.time_ns, written)
+            return _wal_survivors(sp, head, now, time_ns, self.settings.memory_cap)
+        except (Unrecoverable, OSError) as exc:
+            log.info(
+                "walsync: %s: commits after txid %d are not recoverable from the WAL: %s",
+                db.path,
+                head.txid,
+                exc,
+            )
+            return []
 
     # ----------------------------------------------------------------- upload side
 
@@ -785,6 +866,96 @@ class Engine:
         self._put_pool.shutdown(wait=True)
         self._maintenance_pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _holds(head: Head, now: format.DbChecksum, page_size: int) -> bool:
+    """Does the replica's last state equal the database's pinned bytes?"""
+    return (
+        head.generation is not None
+        and head.checksum == now.value
+        and head.page_size == page_size
+        and head.db_size == now.db_size
+    )
+
+
+class Unrecoverable(Exception):
+    """Why commits after the replica's last one cannot be taken from the WAL."""
+
+
+def _wal_survivors(
+    sp: capture.SyncPoint, head: Head, now: format.DbChecksum, time_ns: int, cap: int
+) -> list[format.Commit]:
+    """The WAL's commits after the replica's last one, as txids ``head.txid + 1, ...``;
+    raises :class:`Unrecoverable` unless they provably lead from the replica's last state to
+    the pinned one.
+
+    The replica's last commit ended at WAL frame F (when its salts are still the WAL's), or
+    else the replica may equal the db file alone (F = 0: the WAL was checkpointed and
+    restarted since).  The state at F of every page a frame after F touches, with the pinned
+    state for the rest, must have the replica's whole-db checksum: that proves the replica
+    holds exactly that state -- a checkpoint that already copied later frames into the db
+    file fails it -- so replaying the frames after F, one commit frame at a time, gives each
+    later commit's exact state; the last must be the pinned state.  At most ``cap`` bytes of
+    frames are read: beyond that a new generation is cheaper than holding them.
+    """
+    if head.checksum is None or head.page_size != sp.wal_page_size:
+        raise Unrecoverable("the WAL is empty or has another page size")
+    pos = head.wal
+    same_wal = pos is not None and (pos.salt1, pos.salt2) == sp.salts
+    start = pos.end if same_wal else 0
+    where = f"WAL frames {start}..{sp.nframe} ({'same WAL' if same_wal else 'from the start'})"
+    if not start < sp.nframe:
+        raise Unrecoverable(f"no {where}")
+    if (sp.nframe - start) * head.page_size > cap:
+        raise Unrecoverable(f"{where} exceed memory_cap")
+    commits: list[format.Commit] = []
+    try:
+        frames = list(sp.frames(start))
+        touched = {pgno for pgno, _, _ in frames if pgno <= head.db_size}
+        touched.update(range(now.db_size + 1, head.db_size + 1))  # cut off since: all needed
+        state = now.copy()
+        state.apply(head.db_size, sp.pages_as_of(start, sorted(touched)))
+        if state.value != head.checksum:
+            raise Unrecoverable(f"what precedes {where} is not the replica's last state")
+        pages: dict[int, bytes] = {}
+        last = None  # the latest commit frame
+        for i, frame in enumerate(frames, start + 1):
+            pgno, commit_size, page = frame
+            wal = format.WalPos(*sp.salts, i)
+            if not pages and frame == last:
+                # Without powersafe overwrite, synchronous=FULL pads a commit to a sector
+                # boundary with copies of its commit frame: part of that commit, as the shim
+                # publishes it (a real transaction like this would change nothing anyway).
+                commits[-1] = dataclasses.replace(commits[-1], wal=wal)
+                continue
+            pages[pgno] = page
+            if commit_size:  # a commit frame: the transaction's pages are complete
+                kept = tuple(sorted((p, d) for p, d in pages.items() if p <= commit_size))
+                state.apply(commit_size, kept)
+                txid = head.txid + len(commits) + 1
+                commits.append(format.Commit(txid, time_ns, commit_size, state.value, kept, wal))
+                pages, last = {}, frame
+    except (capture.CaptureError, ValueError) as exc:  # e.g. the db file no longer has a page
+        raise Unrecoverable(f"{where}: {exc}") from exc
+    if state.value != now.value or state.db_size != now.db_size:
+        raise Unrecoverable(f"replaying {where} does not give the database's state")
+    return commits
+
+
+def _batches(
+    commits: list[format.Commit], page_size: int, max_bytes: int
+) -> Iterator[list[format.Commit]]:
+    """Consecutive commits in segments of about ``max_bytes`` of pages (at least one each)."""
+    batch: list[format.Commit] = []
+    size = 0
+    for commit in commits:
+        if batch and size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(commit)
+        size += len(commit.pages) * page_size
+    if batch:
+        yield batch
 
 
 def _snapshot(raw: BinaryIO, page_size: int, txid: int, time_ns: int, db_size: int) -> bytes:

@@ -20,13 +20,17 @@ from typing import BinaryIO, Literal
 import xxhash
 import zstandard
 
-FORMAT_VERSION = 1
+# Segments are version 2 (index entries carry the commit's WAL position); version 1 segments
+# are still read.  Snapshots did not change and are still written as version 1.
+SEGMENT_VERSION = 2
+SNAPSHOT_VERSION = 1
 SEGMENT_MAGIC = b"\x89WSSEG\r\n"
 SNAPSHOT_MAGIC = b"\x89WSSNP\r\n"
 
 # magic version flags page_size first_txid last_txid commit_count body_length body_raw_length
 _SEG_HEADER = struct.Struct(">8sHHIQQIQQ")
-_SEG_ENTRY = struct.Struct(">QqIIQ")  # txid time_ns db_size page_count checksum
+_SEG_ENTRY_V1 = struct.Struct(">QqIIQ")  # txid time_ns db_size page_count checksum
+_SEG_ENTRY = struct.Struct(">QqIIQIII")  # ... wal_salt1 wal_salt2 wal_end (version 2)
 _SNAP_HEADER = struct.Struct(">8sHHIQqI")  # magic version flags page_size txid time_ns db_size
 _SNAP_FOOTER = struct.Struct(">QQ32s")  # checksum body_length sha256
 _SHA_LEN = 32
@@ -212,6 +216,16 @@ class DbChecksum:
 
 
 @dataclass(frozen=True, slots=True)
+class WalPos:
+    """Where a commit ended in the source's WAL (§4.2): after a crash, frames past it that are
+    still in that WAL are the commits the replica never got."""
+
+    salt1: int
+    salt2: int
+    end: int  # frames [0, end) of the WAL with these salts hold the database as of the commit
+
+
+@dataclass(frozen=True, slots=True)
 class Commit:
     """One committed write transaction: every page it changed, and the database after it."""
 
@@ -220,6 +234,7 @@ class Commit:
     db_size: int  # database size in pages after the commit
     checksum: int  # whole-db checksum after the commit (u64)
     pages: tuple[tuple[int, Page], ...]  # (pgno, page bytes), sorted by pgno, unique
+    wal: WalPos | None = None  # None: unknown (version 1 segments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +246,7 @@ class IndexEntry:
     db_size: int
     page_count: int
     checksum: int
+    wal: WalPos | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,19 +283,30 @@ def _pgno_problem(pgnos: Iterable[int], db_size: int) -> str | None:
     return None
 
 
-def _check_magic_version(head: bytes | memoryview, magic: bytes, key: str) -> None:
+def _check_magic_version(head: bytes | memoryview, magic: bytes, newest: int, key: str) -> int:
+    """Check magic and version (1..newest are readable); return the version."""
     if len(head) < _VERSION_END:
         raise CorruptObject(key, f"truncated: {len(head)} bytes")
     if head[:8] != magic:
         kind = "segment" if magic == SEGMENT_MAGIC else "snapshot"
         raise CorruptObject(key, f"bad magic: not a walsync_vfs {kind}")
     (version,) = struct.unpack_from(">H", head, 8)
-    if version > FORMAT_VERSION:
+    if version > newest:
         raise CorruptObject(
             key, f"written by a newer format version {version}; upgrade walsync_vfs"
         )
-    if version != FORMAT_VERSION:
+    if version == 0:
         raise CorruptObject(key, f"invalid format version {version}")
+    return version
+
+
+_NO_WAL = WalPos(0, 0, 0)  # how an unknown WAL position is stored
+
+
+def _wal_valid(wal: WalPos) -> bool:
+    """§4.2: a WAL position is all zeros (unknown) or ends after at least one frame."""
+    in_range = all(0 <= v <= _U32_MAX for v in (wal.salt1, wal.salt2, wal.end))
+    return in_range and (wal.end > 0 or wal == _NO_WAL)
 
 
 def _check_flags_page_size(flags: int, page_size: int, key: str) -> None:
@@ -386,13 +413,20 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = 3) ->
             raise ValueError(f"txid {c.txid}: {_pgno_problem(pgnos, c.db_size)}")
         if any(len(data) != page_size for data in pages):
             raise ValueError(f"txid {c.txid}: page length differs from page size {page_size}")
-        index.append(entry(c.txid, c.time_ns, c.db_size, len(pgnos), c.checksum))
+        wal = c.wal or _NO_WAL
+        if not _wal_valid(wal):
+            raise ValueError(f"txid {c.txid}: invalid WAL position {wal}")
+        index.append(
+            entry(
+                c.txid, c.time_ns, c.db_size, len(pgnos), c.checksum, wal.salt1, wal.salt2, wal.end
+            )
+        )
         raw.append(struct.pack(f">{len(pgnos)}I", *pgnos))
         raw += pages
     raw_body = b"".join(raw)
     body = zstandard.ZstdCompressor(level=level).compress(raw_body)
     header = _SEG_HEADER.pack(
-        SEGMENT_MAGIC, FORMAT_VERSION, 0, page_size, first, commits[-1].txid,
+        SEGMENT_MAGIC, SEGMENT_VERSION, 0, page_size, first, commits[-1].txid,
         len(commits), len(body), len(raw_body),
     )  # fmt: skip
     obj = b"".join((header, *index, body))
@@ -402,7 +436,8 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = 3) ->
 def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
     """Reading rules 1-6 of §4.4; returns the header and the (validated) compressed body."""
     view = memoryview(data)
-    _check_magic_version(view, SEGMENT_MAGIC, key)
+    version = _check_magic_version(view, SEGMENT_MAGIC, SEGMENT_VERSION, key)
+    entry_format = _SEG_ENTRY_V1 if version == 1 else _SEG_ENTRY
     if len(view) < _SEG_HEADER.size:
         raise CorruptObject(key, f"truncated: {len(view)} bytes")
     _, _, flags, page_size, first, last, count, body_length, raw_length = _SEG_HEADER.unpack_from(
@@ -413,7 +448,7 @@ def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
         raise CorruptObject(key, f"last_txid {last} < first_txid {first}")
     if count != last - first + 1:
         raise CorruptObject(key, f"commit_count {count} does not match txids {first}..{last}")
-    index_end = _SEG_HEADER.size + count * _SEG_ENTRY.size
+    index_end = _SEG_HEADER.size + count * entry_format.size
     expected = index_end + body_length + _SHA_LEN
     if len(view) != expected:
         raise CorruptObject(key, f"object is {len(view)} bytes, header implies {expected}")
@@ -421,8 +456,11 @@ def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
         raise CorruptObject(key, "sha256 mismatch")
     index = []
     total = 0
-    for i, fields in enumerate(_SEG_ENTRY.iter_unpack(view[_SEG_HEADER.size : index_end])):
-        entry = IndexEntry(*fields)
+    for i, fields in enumerate(entry_format.iter_unpack(view[_SEG_HEADER.size : index_end])):
+        wal = WalPos(*fields[5:]) if len(fields) > 5 else _NO_WAL
+        entry = IndexEntry(*fields[:5], wal if wal.end else None)
+        if not _wal_valid(wal):
+            raise CorruptObject(key, f"txid {entry.txid}: WAL salts without a WAL position")
         if entry.txid != first + i:
             raise CorruptObject(key, f"index entry {i} has txid {entry.txid}, not {first + i}")
         if entry.db_size < 1:
@@ -490,7 +528,7 @@ def _segment_commits(
             for i, pgno in enumerate(pgnos)
         )
         pos += size
-        yield Commit(entry.txid, entry.time_ns, entry.db_size, entry.checksum, pages)
+        yield Commit(entry.txid, entry.time_ns, entry.db_size, entry.checksum, pages, entry.wal)
 
 
 # --- snapshots (§5) ----------------------------------------------------------------------
@@ -528,7 +566,9 @@ class SnapshotWriter:
         self._checksum = 0
         self._finished = False
         self._write(
-            _SNAP_HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION, 0, page_size, txid, time_ns, db_size)
+            _SNAP_HEADER.pack(
+                SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, page_size, txid, time_ns, db_size
+            )
         )
 
     def _write(self, data: bytes) -> None:
@@ -615,7 +655,7 @@ def read_snapshot(src: bytes | BinaryIO, key: str) -> tuple[SnapshotHeader, Iter
             return f.read(n)
 
     head = read_at(0, _SNAP_HEADER.size)
-    _check_magic_version(head, SNAPSHOT_MAGIC, key)
+    _check_magic_version(head, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, key)
     if len(head) < _SNAP_HEADER.size or size < _SNAP_HEADER.size + _SNAP_FOOTER.size:
         raise CorruptObject(key, f"truncated: {size} bytes")
     _, _, flags, page_size, txid, time_ns, db_size = _SNAP_HEADER.unpack(head)
