@@ -6,10 +6,10 @@
 ** default VFS, the lower sqlite3_file lives right after our WsFile, and every
 ** method passes straight through.  Only four places do work:
 **
-**   - xWrite on a "-wal" file copies the bytes into a per-connection mirror of
-**     the WAL region written since the last publish (frame headers are
-**     rewritten at commit and spilled pages are overwritten in place, so
-**     nothing is trusted until the commit is complete);
+**   - xWrite on a "-wal" file copies the WAL header and frame headers into a
+**     per-connection mirror of the WAL region written since the last publish
+**     (frame headers are rewritten at commit, so nothing is trusted until the
+**     commit is complete; page images are not copied);
 **   - xShmLock releasing the WAL write lock (lock 0) on the main db file is the
 **     moment a transaction is complete and still serialized against every
 **     other writer: the frame headers in the mirror are scanned for the
@@ -587,9 +587,25 @@ static void checkRestart(WsFile *pWal) {
   free(aFrame);
 }
 
-/* Copy a WAL write into the mirror, growing it as needed. */
+/* The page size of the frames being mirrored: from the header in the mirror
+** if the WAL restarts in it, else from the chain; 0 if not known. */
+static uint32_t mirrorPageSize(const WsFile *p) {
+  if (p->iStart == 0 && p->nBuf >= WAL_HDR) {
+    uint32_t sz = get32(p->aBuf + 8);
+    sz = sz == 1 ? 65536 : sz;
+    return sz >= 512 && sz <= 65536 && !(sz & (sz - 1)) ? sz : 0;
+  }
+  return p->pDb && p->pDb->c.bHdr ? p->pDb->c.szPage : 0;
+}
+
+/* Copy a WAL write into the mirror, growing it as needed.  Only the WAL header
+** and the frame headers are ever read from the mirror (the consumer reads page
+** images back from the WAL), so a write of exactly one page image at its place
+** in a frame only extends the mirror; its bytes there stay stale.  Any other
+** write is copied. */
 static int mirrorWrite(WsFile *p, const void *z, int iAmt, sqlite3_int64 iOfst) {
   sqlite3_int64 end;
+  uint32_t sz;
   if (p->nBuf == 0 || iOfst == 0) {
     p->iStart = iOfst;
     p->nBuf = 0;
@@ -610,7 +626,11 @@ static int mirrorWrite(WsFile *p, const void *z, int iAmt, sqlite3_int64 iOfst) 
     p->nAlloc = n;
   }
   if (iOfst - p->iStart > p->nBuf) memset(p->aBuf + p->nBuf, 0, (size_t)(iOfst - p->iStart - p->nBuf));
-  memcpy(p->aBuf + (iOfst - p->iStart), z, (size_t)iAmt);
+  sz = mirrorPageSize(p);
+  if (!(sz && (uint32_t)iAmt == sz && iOfst >= WAL_HDR + FRAME_HDR &&
+        (iOfst - WAL_HDR) % (FRAME_HDR + sz) == FRAME_HDR)) {
+    memcpy(p->aBuf + (iOfst - p->iStart), z, (size_t)iAmt);
+  }
   if (end > p->nBuf) p->nBuf = end;
   return SQLITE_OK;
 }
