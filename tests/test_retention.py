@@ -11,8 +11,9 @@ import apsw
 import pytest
 
 import walsync_vfs
-from walsync_vfs import catalog, storage
-from walsync_vfs.restore import RestoreError, restore
+from walsync_vfs import catalog, format, maintenance, storage
+from walsync_vfs.restore import RestoreError, restore, restore_from
+from walsync_vfs.storage.file import FileReplicaClient
 
 RETENTION = 2.0
 
@@ -103,4 +104,42 @@ def test_restore_points_inside_the_window_survive_maintenance(replica, tmp_path)
     assert str(err.value) == (
         f"kept.db: txid 2 is not in the retained history (available: txids {first}..{last})"
     )
+    con.close()
+
+
+class CompactedAfterListing(FileReplicaClient):
+    """The real file store, where a real compaction of a database's segments runs right after
+    the first listing that shows them: the race of a restore with a live replica's engine,
+    made certain instead of rare."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.compacted = False
+
+    def list(self, prefix: str) -> list[storage.ObjectInfo]:
+        listing = super().list(prefix)
+        segments = [k for o in listing if (k := format.parse_key(o.key)) and k.kind == "segment"]
+        if not self.compacted and len(segments) > 1:
+            self.compacted = True
+            maintenance.compact(self, sorted(segments, key=lambda k: k.first_txid), 1 << 30)
+        return listing
+
+
+def test_restore_plans_again_when_listed_segments_are_compacted_away(replica, tmp_path):
+    """A segment listed and then deleted by compaction before its GET makes restore plan
+    again from a fresh listing (which has the merged segment), not fail."""
+    path = tmp_path / "live.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    for _ in range(3):  # three segments: each flush ships what is pending
+        con.execute("INSERT INTO t VALUES(randomblob(200))")
+        walsync_vfs.flush(timeout=30)
+    client = CompactedAfterListing(replica.removeprefix("file://"))
+    out = tmp_path / "r.db"
+    restore_from(client, "live.db", str(out))
+    assert client.compacted
+    check = apsw.Connection(str(out))
+    assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert digest(check) == digest(con)
+    check.close()
     con.close()

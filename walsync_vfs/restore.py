@@ -37,8 +37,19 @@ _FILE_FORMAT_OFFSET = 18
 _ROLLBACK_JOURNAL = b"\x01\x01"
 
 
+RESTORE_ATTEMPTS = 3  # plans tried when listed objects vanish (a live replica being compacted)
+
+
 class RestoreError(Exception):
     """A restore cannot produce a correct database; the message is one line saying why."""
+
+
+class Vanished(RestoreError):
+    """An object listed a moment ago is gone: compaction or retention of a live replica
+    replaced it between the LIST and the GET.  Planning again finds its replacement."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key}: object listed but missing")
 
 
 @dataclass(frozen=True)
@@ -251,9 +262,17 @@ def _decoded(
     upto_txid: int | None = None,
 ) -> Iterator[Decoded]:
     """Each segment downloaded and fully decoded in ``pool`` (see `prefetched`), in key order;
-    the first bad one raises."""
+    the first bad one raises.  The downloads start at once, not at the first ``next``."""
     fetched = prefetched(pool, keys, lambda key: decode_object(client, key, upto_txid))
-    return (future.result() for _, future in fetched)
+
+    def results() -> Iterator[Decoded]:
+        for key, future in fetched:
+            try:
+                yield future.result()
+            except storage.ObjectNotFound:
+                raise Vanished(key) from None
+
+    return results()
 
 
 @contextmanager
@@ -350,8 +369,8 @@ def _replay(
         if fetch is not None:
             try:
                 data = fetch.result()
-            except storage.ObjectNotFound as exc:
-                raise RestoreError(f"{snap_key}: object listed but missing") from exc
+            except storage.ObjectNotFound:
+                raise Vanished(snap_key) from None
         image = Image.from_snapshot(f, p.generation, snap_key, data)
         with _progress(len(keys) + 1, p.name, progress) as tick:
             for key, header, commits in segments:
@@ -446,16 +465,34 @@ def restore(
     root, name = split_url(url)
     out = _output_path(out, force)
     client = storage.open_replica(root, **(client_options or {}))
-    p = plan(client, name, txid, timestamp_ns)
-    with _staged(out) as tmp:
-        try:
-            result = replay(client, p, tmp, timestamp_ns, progress)
-            if txid is not None and result.txid != txid:
-                raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
-            _install(tmp, out)
-        except format.CorruptObject as exc:
-            raise RestoreError(str(exc)) from exc
-    return result
+    return restore_from(client, name, out, txid, timestamp_ns, progress)
+
+
+def restore_from(
+    client: storage.ReplicaClient,
+    name: str,
+    out: str,
+    txid: int | None = None,
+    timestamp_ns: int | None = None,
+    progress: bool = False,
+) -> Result:
+    """:func:`restore` through an open client, into a checked output path."""
+    attempt = 1
+    while True:
+        p = plan(client, name, txid, timestamp_ns)
+        with _staged(out) as tmp:
+            try:
+                result = replay(client, p, tmp, timestamp_ns, progress)
+                if txid is not None and result.txid != txid:
+                    raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
+                _install(tmp, out)
+                return result
+            except Vanished:
+                if attempt == RESTORE_ATTEMPTS:
+                    raise
+            except format.CorruptObject as exc:
+                raise RestoreError(str(exc)) from exc
+        attempt += 1  # the replica changed under us: plan again from a fresh listing
 
 
 class Follower:
@@ -502,7 +539,7 @@ class Follower:
         """
         try:
             return self._poll()
-        except storage.ObjectNotFound:
+        except (Vanished, storage.ObjectNotFound):
             return self._poll()  # listed, then replaced by compaction or retention: list again
 
     def _poll(self) -> bool:
