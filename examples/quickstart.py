@@ -32,7 +32,9 @@ root = (
 )
 restored = os.path.join(work, "restored.db")
 subprocess.run(
-    [sys.executable, "-m", "walsync_vfs", "restore", f"{root}/{name}", "-o", restored], check=True
+    [sys.executable, "-m", "walsync_vfs", "restore", f"{root}/{name}", "-o", restored],
+    check=True,
+    cwd=work,  # not the source tree: there `-m walsync_vfs` would find the unbuilt sources
 )
 
 copy = apsw.Connection(restored)

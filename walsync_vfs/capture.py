@@ -23,7 +23,13 @@ from enum import IntEnum
 
 import apsw
 
-from walsync_vfs import _shim
+try:
+    from walsync_vfs import _shim
+except ImportError as exc:  # a source tree without the compiled shim shadows the installed one
+    raise ImportError(
+        f"walsync_vfs at {os.path.dirname(__file__)} has no compiled shim (_shim): build it "
+        "with `pip install -e .` there, or run from outside that source directory"
+    ) from exc
 
 VFS_NAME = "walsync"
 LINGER = 0.005  # seconds the dispatcher waits after a busy drain (adds at most ~5 ms of lag)
