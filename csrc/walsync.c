@@ -180,6 +180,16 @@ static uint32_t get32(const unsigned char *p) {
   return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
+/* CLOCK_REALTIME plus ns, for pthread_cond_timedwait(). */
+static struct timespec deadlineIn(int64_t ns) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ns += ts.tv_nsec;
+  ts.tv_sec += (time_t)(ns / 1000000000);
+  ts.tv_nsec = (long)(ns % 1000000000);
+  return ts;
+}
+
 static int64_t now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
@@ -402,6 +412,20 @@ static int preadFull(int fd, unsigned char *a, sqlite3_int64 n, sqlite3_int64 of
   return 0;
 }
 
+/* A commit's frames, read through pFile (the writer's WAL handle) if given,
+** else from fd; NULL if they could not be read. */
+static unsigned char *readFrames(const ws_rec *r, sqlite3_file *pFile, int fd) {
+  sqlite3_int64 szFrame = FRAME_HDR + r->chain.szPage;
+  sqlite3_int64 n = (sqlite3_int64)(r->frame_end - r->frame_start) * szFrame;
+  sqlite3_int64 off = WAL_HDR + (sqlite3_int64)r->frame_start * szFrame;
+  unsigned char *a = malloc((size_t)n);
+  if (a && (pFile ? pFile->pMethods->xRead(pFile, a, (int)n, off) != SQLITE_OK : preadFull(fd, a, n, off))) {
+    free(a);
+    a = 0;
+  }
+  return a;
+}
+
 /* One of pDb's queued commits has its frames in memory now: wake writers in
 ** waitConsumed() when it was the last. */
 static void commitRead(WsDb *pDb) {
@@ -437,12 +461,7 @@ static void prepareCommit(ws_rec *r) {
     sqlite3_free(zWal);
   }
   if (!r->bRead) {
-    r->aFrames = malloc((size_t)n * szFrame);
-    if (r->aFrames && preadFull(pDb->walFd, r->aFrames, (sqlite3_int64)n * szFrame,
-                                WAL_HDR + (sqlite3_int64)r->frame_start * szFrame)) {
-      free(r->aFrames);
-      r->aFrames = 0;
-    }
+    r->aFrames = readFrames(r, 0, pDb->walFd);
     r->bRead = 1;
     commitRead(pDb);
   }
@@ -482,11 +501,7 @@ static void prepareCommit(ws_rec *r) {
   r->npages = nPage;
   r->pIndex = aRef;
   return;
-gap:
-  if (!r->bRead) {
-    r->bRead = 1;
-    commitRead(pDb);
-  }
+gap: /* every jump here comes after the read above */
   free(r->aFrames);
   r->aFrames = 0;
   r->kind = WS_GAP;
@@ -509,19 +524,12 @@ static void waitConsumed(WsDb *pDb, sqlite3_file *pWal) {
   pthread_mutex_lock(&gMutex);
   for (r = gHead; r && pWal; r = r->next) {
     if (r->pDb == pDb && r->kind == WS_COMMIT && !r->bRead) {
-      sqlite3_int64 szFrame = FRAME_HDR + r->chain.szPage, n = (r->frame_end - r->frame_start) * szFrame;
-      r->aFrames = malloc((size_t)n);
-      if (r->aFrames &&
-          pWal->pMethods->xRead(pWal, r->aFrames, (int)n, WAL_HDR + r->frame_start * szFrame) != SQLITE_OK) {
-        free(r->aFrames);
-        r->aFrames = 0;
-      }
+      r->aFrames = readFrames(r, pWal, -1);
       r->bRead = 1;
       __atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
     }
   }
-  clock_gettime(CLOCK_REALTIME, &ts);
-  ts.tv_sec += 2;
+  ts = deadlineIn(2000000000);
   pDb->nWaiter++;
   gWake = 1; /* a lingering consumer goes on at once */
   pthread_cond_broadcast(&gCond);
@@ -952,14 +960,7 @@ static sqlite3_vfs ws_vfs = {
 static void waitForRecords(int timeout_ms) {
   pthread_mutex_lock(&gMutex);
   if (!gHead && !gWake && timeout_ms != 0) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += timeout_ms < 0 ? 1 << 30 : timeout_ms / 1000;
-    ts.tv_nsec += timeout_ms < 0 ? 0 : (long)(timeout_ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000;
-    }
+    struct timespec ts = deadlineIn(timeout_ms < 0 ? (int64_t)1 << 60 : (int64_t)timeout_ms * 1000000);
     gWaiting++;
     while (!gHead && !gWake) {
       if (pthread_cond_timedwait(&gCond, &gMutex, &ts) == ETIMEDOUT) break;
@@ -1047,11 +1048,7 @@ ws_batch *ws_drain(int timeout_ms, int linger_us) {
   freeBatches(pPrev);
   pPrev = 0;
   if (bLinger) { /* a writer waiting in waitConsumed() cuts it short */
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_nsec += (long)linger_us * 1000;
-    ts.tv_sec += ts.tv_nsec / 1000000000;
-    ts.tv_nsec %= 1000000000;
+    struct timespec ts = deadlineIn((int64_t)linger_us * 1000);
     pthread_mutex_lock(&gMutex);
     while (!gWake && pthread_cond_timedwait(&gCond, &gMutex, &ts) != ETIMEDOUT) {
     }

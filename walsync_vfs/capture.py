@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -170,15 +169,14 @@ class Batch:
         self._heads = []
 
 
-@contextmanager
-def drain(timeout: float | None = 0.0, linger: float = 0.0) -> Iterator[list]:
+def drain(timeout: float | None = 0.0, linger: float = 0.0) -> list:
     """Drain every queued record, grouped per database (``ws_batch *`` each: ``db_id``,
     ``nrec``, ``ncommit``, ``ngap``, ``open_path``, ``first``), waiting up to ``timeout``
     seconds for one (``None``: until a record arrives or :func:`wake` is called).  If the
     previous drain returned records, first sleep ``linger`` seconds so commits batch up.
 
-    All of it is one C call with the GIL released.  What it yields is valid inside the
-    ``with`` block only (the C memory goes at the next drain).  There must be exactly one
+    All of it is one C call with the GIL released, which also frees the previous drain's
+    records: what it returns is valid until the next call.  There must be exactly one
     consumer per process.
     """
     ms = -1 if timeout is None else int(timeout * 1000)
@@ -187,7 +185,7 @@ def drain(timeout: float | None = 0.0, linger: float = 0.0) -> Iterator[list]:
     while b != ffi.NULL:
         groups.append(b)
         b = b.next
-    yield groups
+    return groups
 
 
 def wake() -> None:
@@ -416,14 +414,14 @@ class Dispatcher:
             # waking this thread, so a busy writer pays one wake-up per LINGER, not per
             # commit.  Idle, the thread blocks in C and costs nothing.
             idle = requested == self._served
-            with drain(None if idle else 0, LINGER if idle else 0) as groups:
-                for sink, batch in self._route(groups).items():
-                    try:
-                        sink(batch)
-                    except Exception:  # a sink's bug must not stop capture for every database
-                        log.exception("walsync: capture sink failed")
-                    finally:
-                        batch.release()
+            groups = drain(None if idle else 0, LINGER if idle else 0)
+            for sink, batch in self._route(groups).items():
+                try:
+                    sink(batch)
+                except Exception:  # a sink's bug must not stop capture for every database
+                    log.exception("walsync: capture sink failed")
+                finally:
+                    batch.release()
             with self._cond:
                 self._served = requested
                 self._cond.notify_all()
