@@ -12,6 +12,7 @@ import io
 import re
 import secrets
 import struct
+import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,19 @@ _CHUNK = 1 << 20
 _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+# One compressor per thread and level, reused: a new zstd context per segment allocated (and
+# page-faulted in) its tables every time, which cost more CPU than compressing a small segment.
+_compressors = threading.local()
+
+
+def _compress(data: bytes, level: int) -> bytes:
+    per_level = _compressors.__dict__
+    compressor = per_level.get(level)
+    if compressor is None:
+        compressor = per_level[level] = zstandard.ZstdCompressor(level=level)
+    return compressor.compress(data)
 
 
 # A page as decoders hand it out: a slice of one decompressed buffer, not a copy per page.
@@ -283,6 +297,25 @@ def _pgno_problem(pgnos: Iterable[int], db_size: int) -> str | None:
     return None
 
 
+def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
+    """Why ``c`` cannot be the commit ``txid`` of a segment (the encoder's slow path)."""
+    if c.txid != txid:
+        return f"txid {c.txid} follows {txid - 1}: not consecutive"
+    if not (
+        0 <= c.txid <= _U64_MAX
+        and _I64_MIN <= c.time_ns <= _I64_MAX
+        and 1 <= c.db_size <= _U32_MAX
+        and 0 <= c.checksum <= _U64_MAX
+    ):
+        return f"txid {c.txid}: a field is out of range"
+    problem = _pgno_problem((pgno for pgno, _ in c.pages), c.db_size)
+    if problem:
+        return f"txid {c.txid}: {problem}"
+    if any(len(data) != page_size for _, data in c.pages):
+        return f"txid {c.txid}: page length differs from page size {page_size}"
+    return f"txid {c.txid}: invalid WAL position {c.wal or _NO_WAL}"
+
+
 def _check_magic_version(head: bytes | memoryview, magic: bytes, newest: int, key: str) -> int:
     """Check magic and version (1..newest are readable); return the version."""
     if len(head) < _VERSION_END:
@@ -380,11 +413,12 @@ def _expect_end(reader: zstandard.ZstdDecompressionReader, key: str) -> None:
 # --- segments (§4) -----------------------------------------------------------------------
 
 
-def encode_segment(page_size: int, commits: Sequence[Commit], level: int = 3) -> bytes:
+def encode_segment(page_size: int, commits: Sequence[Commit], level: int = 1) -> bytes:
     """Encode consecutive commits as one segment object.
 
     Raises ValueError for input the format cannot represent, so nothing is uploaded
-    that a reader would later reject.
+    that a reader would later reject.  Level 1: segments are small and short-lived (compacted,
+    expired), so compression speed matters more than the last few percent of size.
     """
     if not _valid_page_size(page_size):
         raise ValueError(f"invalid page size {page_size}")
@@ -393,38 +427,39 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = 3) ->
     first = commits[0].txid
     index: list[bytes] = []
     raw: list[bytes | memoryview] = []
-    entry = _SEG_ENTRY.pack
-    for i, c in enumerate(commits):
-        if c.txid != first + i:
-            raise ValueError(f"txid {c.txid} follows {first + i - 1}: not consecutive")
-        if not (
-            0 <= c.txid <= _U64_MAX
-            and _I64_MIN <= c.time_ns <= _I64_MAX
-            and 1 <= c.db_size <= _U32_MAX
-            and 0 <= c.checksum <= _U64_MAX
-        ):
-            raise ValueError(f"txid {c.txid}: a field is out of range")
-        pgnos, pages = zip(*c.pages, strict=True) if c.pages else ((), ())
-        # Strictly increasing within 1..db_size (§4.3), checked in C; the slow path words it.
-        if pgnos and not (
-            pgnos[0] > 0 and pgnos[-1] <= c.db_size and len(set(pgnos)) == len(pgnos)
-            and list(pgnos) == sorted(pgnos)
-        ):  # fmt: skip
-            raise ValueError(f"txid {c.txid}: {_pgno_problem(pgnos, c.db_size)}")
-        if any(len(data) != page_size for data in pages):
-            raise ValueError(f"txid {c.txid}: page length differs from page size {page_size}")
+    entry, sizes = _SEG_ENTRY.pack, {page_size}
+    # Runs once per replicated commit: cheap checks (range checks by struct, in C) first; any
+    # failure goes to _commit_problem, which words the first rule broken.
+    for txid, c in enumerate(commits, first):
+        pgnos = [pgno for pgno, _ in c.pages]
+        pages = [data for _, data in c.pages]
         wal = c.wal or _NO_WAL
-        if not _wal_valid(wal):
-            raise ValueError(f"txid {c.txid}: invalid WAL position {wal}")
-        index.append(
-            entry(
-                c.txid, c.time_ns, c.db_size, len(pgnos), c.checksum, wal.salt1, wal.salt2, wal.end
+        try:
+            if not (
+                c.txid == txid and c.db_size >= 1 and (wal.end > 0 or wal == _NO_WAL)
+                and (not pgnos or pgnos[0] > 0 and pgnos[-1] <= c.db_size
+                     and all(map(int.__lt__, pgnos, pgnos[1:])))
+                and (not pages or set(map(len, pages)) == sizes)
+            ):  # fmt: skip
+                raise struct.error
+            index.append(
+                entry(
+                    c.txid,
+                    c.time_ns,
+                    c.db_size,
+                    len(pgnos),
+                    c.checksum,
+                    wal.salt1,
+                    wal.salt2,
+                    wal.end,
+                )  # fmt: skip
             )
-        )
+        except struct.error:
+            raise ValueError(_commit_problem(c, txid, page_size)) from None
         raw.append(struct.pack(f">{len(pgnos)}I", *pgnos))
         raw += pages
     raw_body = b"".join(raw)
-    body = zstandard.ZstdCompressor(level=level).compress(raw_body)
+    body = _compress(raw_body, level)
     header = _SEG_HEADER.pack(
         SEGMENT_MAGIC, SEGMENT_VERSION, 0, page_size, first, commits[-1].txid,
         len(commits), len(body), len(raw_body),

@@ -4,8 +4,8 @@ Endpoint, region and credentials come from the AWS conventions every other tool 
 machine follows (``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles, config and
 credentials files, instance roles, ...), resolved by a botocore *session*.  The requests
 themselves -- PUT, GET, ListObjectsV2, DeleteObjects -- are four fixed REST calls, so they are
-made here with ``http.client`` and :mod:`walsync_vfs.storage.sigv4` instead of a botocore
-client: that client loads S3's service model (~14 MiB) and spends most of a commit's
+made here (:mod:`~walsync_vfs.storage.wire`, :mod:`~walsync_vfs.storage.sigv4`) instead of a
+botocore client: that client loads S3's service model (~14 MiB) and spends most of a commit's
 replication CPU on its per-request machinery, while walsync PUTs about once per database per
 second.
 """
@@ -19,7 +19,6 @@ import ipaddress
 import os
 import random
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -44,6 +43,7 @@ from walsync_vfs.storage.sigv4 import (
     canonical_query,
     uri_path,
 )
+from walsync_vfs.storage.wire import Connection
 
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 15  # seconds; a frozen store must surface as an error, not a hang
@@ -53,8 +53,6 @@ DEFAULT_REGION = "us-east-1"  # botocore's too, when nothing names one
 DEFAULT_ATTEMPTS = 3  # botocore's "standard" retry mode
 MAX_BACKOFF = 20.0  # seconds; standard mode's cap on the jittered 1, 2, 4, ... s backoff
 MAX_IDLE = 32  # keep-alive connections kept per host (the old client's pool size)
-MAX_HEADER_LINE = 65536  # http.client's own limits on a reply's header block
-MAX_HEADERS = 100
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
@@ -240,58 +238,12 @@ class S3Service:
         return creds
 
 
-class _Response(http.client.HTTPResponse):
-    """http.client's response, with the header block read into a plain dict.
-
-    ``HTTPResponse.begin`` hands the headers to the ``email`` package, which cost about half
-    of a small PUT's CPU; an S3 reply needs only the framing headers (length, chunking,
-    connection), read here under http.client's own limits.  Body reading, chunked decoding
-    and keep-alive handling stay http.client's.
-    """
-
-    def begin(self) -> None:
-        if self.headers is not None:
-            return
-        while True:
-            version, status, reason = self._read_status()  # raises RemoteDisconnected if none
-            headers = self._read_header_block()
-            if status != http.client.CONTINUE:
-                break
-        if not version.startswith("HTTP/1."):
-            raise http.client.UnknownProtocol(version)
-        self.code = self.status = status
-        self.reason = reason.strip()
-        self.version = 10 if version == "HTTP/1.0" else 11
-        self.headers = self.msg = headers  # type: ignore[assignment]
-        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        length = headers.get("content-length", "")
-        self.length = int(length) if length.isdigit() and not self.chunked else None
-        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or status < 200:
-            self.length = 0
-        if self.length is None and not self.chunked:
-            self.will_close = True  # the body ends when the connection does
-
-    def _read_header_block(self) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        for _ in range(MAX_HEADERS + 1):
-            line = self.fp.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                raise http.client.LineTooLong("header line")
-            if line in (b"\r\n", b"\n", b""):
-                return headers
-            name, _, value = line.decode("iso-8859-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
-
-
 class _Pool:
     """Idle keep-alive connections to one host, shared by all threads."""
 
     def __init__(self, host: str, https: bool, ca_bundle: str | None) -> None:
         self.host = host
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._context: Any = None
         if https:
@@ -309,9 +261,7 @@ class _Pool:
         for fresh in (False, True):
             conn, reused = self._take(fresh)
             try:
-                conn.request(method, target, body or None, headers)
-                response = conn.getresponse()
-                data = response.read()
+                status, reply, data = conn.exchange(method, target, headers, body)
             except TimeoutError:
                 conn.close()
                 raise _Unreachable(
@@ -326,14 +276,12 @@ class _Pool:
                     if _closed(exc)
                     else f"{_reason(exc)}; check the endpoint URL and that the server is running"
                 ) from None
-            if response.will_close:
-                conn.close()
-            else:
+            if conn.open:
                 self._give(conn)
-            return response.status, data, response.headers.get("x-amz-bucket-region", "")
+            return status, data, reply.get("x-amz-bucket-region", "")
         raise AssertionError("unreachable")  # the fresh connection's attempt always returns
 
-    def _take(self, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+    def _take(self, fresh: bool) -> tuple[Connection, bool]:
         with self._lock:
             if fresh:  # the idle ones are as old as the one that just failed
                 idle, self._idle = self._idle, []
@@ -345,30 +293,21 @@ class _Pool:
             conn.close()
         return self._connect(), False
 
-    def _give(self, conn: http.client.HTTPConnection) -> None:
+    def _give(self, conn: Connection) -> None:
         with self._lock:
             if len(self._idle) < MAX_IDLE:
                 self._idle.append(conn)
                 return
         conn.close()
 
-    def _connect(self) -> http.client.HTTPConnection:
-        if self._context is not None:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self.host, timeout=CONNECT_TIMEOUT, context=self._context
-            )
-        else:
-            conn = http.client.HTTPConnection(self.host, timeout=CONNECT_TIMEOUT)
-        conn.response_class = _Response
+    def _connect(self) -> Connection:
         try:
-            conn.connect()
+            return Connection(self.host, self._context, CONNECT_TIMEOUT, READ_TIMEOUT)
         except TimeoutError:
-            conn.close()
             raise _Unreachable(
                 f"no connection within {CONNECT_TIMEOUT}s; check the endpoint URL and network"
             ) from None
         except OSError as exc:
-            conn.close()
             if self._context is not None and type(exc).__module__ == "ssl":
                 raise _Unreachable(
                     f"TLS handshake failed ({_reason(exc)}); check the endpoint URL, "
@@ -377,10 +316,6 @@ class _Pool:
             raise _Unreachable(
                 f"{_reason(exc)}; check the endpoint URL and that the server is running"
             ) from None
-        assert conn.sock is not None
-        conn.sock.settimeout(READ_TIMEOUT)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
 
 
 def _closed(exc: BaseException) -> bool:

@@ -1,0 +1,145 @@
+"""One keep-alive HTTP/1.1 connection, as much of the protocol as S3's REST calls use.
+
+walsync PUTs a small segment per database per second, so the per-request cost of the HTTP
+layer is replication CPU the application pays.  ``http.client`` spends about as much Python
+on one small request as signing and the kernel together: a header-by-header request builder,
+two ``sendall`` calls (two packets with ``TCP_NODELAY``), a new buffered reader and an
+``email`` header parser per response.  Here a request is one formatted string and one
+``sendall``, and the reply is read from one buffered reader kept with the socket.
+
+Replies: status line, header block (http.client's limits), body framed by Content-Length or
+chunked transfer coding, or by the end of the connection.  Errors are http.client's exception
+classes (``RemoteDisconnected``, ``IncompleteRead``, ...) or OSError, so callers can tell a
+dropped keep-alive connection from a refused one.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+
+MAX_LINE = 65536  # http.client's own limits on a reply's header block
+MAX_HEADERS = 100
+BIG_BODY = 1 << 16  # larger bodies are sent after the head, not copied into one buffer
+
+
+def address(host: str, tls: bool) -> tuple[str, int]:
+    """(name, port) of a Host header: ``example.com``, ``example.com:9000``, ``[::1]:9000``."""
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit() and not name.endswith(":"):
+        return name.strip("[]"), int(port)
+    return host.strip("[]"), 443 if tls else 80
+
+
+class Connection:
+    """A connected socket (TLS if ``context``) with its reader; used by one thread at a time."""
+
+    def __init__(
+        self,
+        host: str,
+        context: ssl.SSLContext | None,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        name, port = address(host, context is not None)
+        sock = socket.create_connection((name, port), timeout=connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=name)
+            sock.settimeout(read_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        self.open = True
+
+    def close(self) -> None:
+        self.open = False
+        self.reader.close()
+        self.sock.close()
+
+    def exchange(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send one request and read its whole reply: (status, headers, body).  Afterwards
+        ``open`` says whether the connection can carry another request."""
+        head = [f"{method} {target} HTTP/1.1\r\n"]
+        head += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if body or method in ("PUT", "POST"):
+            head.append(f"content-length: {len(body)}\r\n")
+        head.append("\r\n")
+        data = "".join(head).encode("latin-1")
+        if len(body) > BIG_BODY:
+            self.sock.sendall(data)
+            self.sock.sendall(body)
+        else:
+            self.sock.sendall(data + body)
+        while True:
+            status, version = self._status_line()
+            reply = self._header_block()
+            if status != http.client.CONTINUE:
+                break
+        length = reply.get("content-length", "")
+        chunked = reply.get("transfer-encoding", "").lower() == "chunked"
+        keep = version == b"HTTP/1.1" and reply.get("connection", "").lower() != "close"
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            content = b""
+        elif chunked:
+            content = self._chunked()
+        elif length.isdigit():
+            content = self._exactly(int(length))
+        else:  # framed by the end of the connection
+            content, keep = self.reader.read(), False
+        if not keep:
+            self.close()
+        return status, reply, content
+
+    def _line(self) -> bytes:
+        line = self.reader.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise http.client.LineTooLong("header line")
+        return line
+
+    def _status_line(self) -> tuple[int, bytes]:
+        line = self._line()
+        if not line:
+            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+        version, _, rest = line.partition(b" ")
+        code = rest[:3]
+        if not version.startswith(b"HTTP/1.") or not code.isdigit():
+            raise http.client.BadStatusLine(line.decode("latin-1").strip())
+        return int(code), version
+
+    def _header_block(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self._line()
+            if line in (b"\r\n", b"\n", b""):
+                return headers
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+
+    def _exactly(self, n: int) -> bytes:
+        data = self.reader.read(n)
+        if len(data) < n:
+            raise http.client.IncompleteRead(data, n - len(data))
+        return data
+
+    def _chunked(self) -> bytes:
+        parts = []
+        while True:
+            size_line = self._line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_line, 16)
+            except ValueError:
+                raise http.client.IncompleteRead(b"".join(parts)) from None
+            if size == 0:
+                self._header_block()  # trailers
+                return b"".join(parts)
+            parts.append(self._exactly(size))
+            if self._line() not in (b"\r\n", b"\n"):
+                raise http.client.IncompleteRead(b"".join(parts))
