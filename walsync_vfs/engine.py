@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from walsync_vfs import capture, catalog, format, maintenance, storage
+from walsync_vfs import capture, catalog, format, heap, maintenance, storage
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.config import DbConfig, Settings
 from walsync_vfs.dbfile import tee
@@ -170,6 +170,8 @@ class Engine:
         self._next_spill_check = 0.0
         self._spool = Spool(settings)
         self._next_maintenance = 0.0
+        self._freed = False  # uploads freed page copies since the last heap.release()
+        self._next_release = 0.0
         self._stopped = False
         self._sync_pool = ThreadPoolExecutor(2, thread_name_prefix="walsync-sync")
         # One maintenance pass at a time, beside the uploads: a compaction holds a few MiB of
@@ -543,6 +545,14 @@ class Engine:
                 if self._stopped:
                     return
                 now = time.monotonic()
+                if self._freed and now >= self._next_release:
+                    self._freed = False
+                    self._next_release = now + MAINTENANCE_TICK
+                    self._lock.release()  # a few ms: capture and uploads go on meanwhile
+                    try:
+                        heap.release()
+                    finally:
+                        self._lock.acquire()
                 for db in self._due(now):
                     db.uploading = True
                     if db.outbox:
@@ -624,6 +634,7 @@ class Engine:
             db.durable_seq = max(db.durable_seq, item.last_seq)
             db.durable_txid = item.last_txid
             db.bytes_uploaded += len(data)
+            self._freed = True
             db.uploaded_since_retention = True
             # Compaction merges runs of consecutive small segments of the current generation.
             if item.raw_bytes < db.cfg.max_segment_bytes // 4 and item.generation == db.generation:
