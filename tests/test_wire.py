@@ -196,3 +196,13 @@ def test_s3_over_tls(tls_front, s3_server, tmp_path: Path, monkeypatch: pytest.M
         "); check the endpoint URL, or point AWS_CA_BUNDLE at the CA that signed its certificate"
     )
     assert "certificate verify failed" in str(info.value)
+
+
+def test_a_line_break_in_a_header_value_is_refused() -> None:
+    server = Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+    conn = Connection(server.host, None, 5, 5)
+    for value in ("a\r\nx-evil: 1", "a\nb", "a\rb"):
+        with pytest.raises(http.client.HTTPException, match="^line break inside the request head$"):
+            conn.exchange("GET", "/b/k", {"host": server.host, "x-amz-meta": value}, b"")
+    status, _, _ = conn.exchange("GET", "/b/k", {"host": server.host}, b"")
+    assert status == 200 and len(server.requests) == 1
