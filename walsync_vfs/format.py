@@ -273,8 +273,14 @@ def _valid_page_size(page_size: int) -> bool:
     return 512 <= page_size <= 65536 and page_size & (page_size - 1) == 0
 
 
-def _pgno_problem(pgnos: Iterable[int], db_size: int) -> str | None:
-    """Why a commit's page list breaks §4.3, or None; shared so encoder and decoder agree."""
+def _pgno_problem(pgnos: Sequence[int], db_size: int) -> str | None:
+    """Why a commit's page list breaks §4.3, or None; shared so encoder and decoders agree."""
+    # Strictly increasing within 1..db_size, checked in C; the slow path below words it.
+    if not pgnos or (
+        pgnos[0] > 0 and pgnos[-1] <= db_size and len(set(pgnos)) == len(pgnos)
+        and list(pgnos) == sorted(pgnos)
+    ):  # fmt: skip
+        return None
     prev = 0
     for pgno in pgnos:
         if not prev < pgno <= db_size:
@@ -393,7 +399,6 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = 3) ->
     first = commits[0].txid
     index: list[bytes] = []
     raw: list[bytes | memoryview] = []
-    entry = _SEG_ENTRY.pack
     for i, c in enumerate(commits):
         if c.txid != first + i:
             raise ValueError(f"txid {c.txid} follows {first + i - 1}: not consecutive")
@@ -405,31 +410,53 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = 3) ->
         ):
             raise ValueError(f"txid {c.txid}: a field is out of range")
         pgnos, pages = zip(*c.pages, strict=True) if c.pages else ((), ())
-        # Strictly increasing within 1..db_size (§4.3), checked in C; the slow path words it.
-        if pgnos and not (
-            pgnos[0] > 0 and pgnos[-1] <= c.db_size and len(set(pgnos)) == len(pgnos)
-            and list(pgnos) == sorted(pgnos)
-        ):  # fmt: skip
-            raise ValueError(f"txid {c.txid}: {_pgno_problem(pgnos, c.db_size)}")
+        problem = _pgno_problem(pgnos, c.db_size)
+        if problem:
+            raise ValueError(f"txid {c.txid}: {problem}")
         if any(len(data) != page_size for data in pages):
             raise ValueError(f"txid {c.txid}: page length differs from page size {page_size}")
-        wal = c.wal or _NO_WAL
-        if not _wal_valid(wal):
-            raise ValueError(f"txid {c.txid}: invalid WAL position {wal}")
-        index.append(
-            entry(
-                c.txid, c.time_ns, c.db_size, len(pgnos), c.checksum, wal.salt1, wal.salt2, wal.end
-            )
-        )
+        if c.wal is not None and not _wal_valid(c.wal):
+            raise ValueError(f"txid {c.txid}: invalid WAL position {c.wal}")
+        index.append(_pack_entry(c.txid, c.time_ns, c.db_size, len(pgnos), c.checksum, c.wal))
         raw.append(struct.pack(f">{len(pgnos)}I", *pgnos))
         raw += pages
-    raw_body = b"".join(raw)
-    body = zstandard.ZstdCompressor(level=level).compress(raw_body)
+    return _seal_segment(page_size, first, commits[-1].txid, index, raw, level)
+
+
+def _pack_entry(
+    txid: int, time_ns: int, db_size: int, page_count: int, checksum: int, wal: WalPos | None
+) -> bytes:
+    """One version 2 index entry (§4.2); an unknown WAL position is stored as zeros."""
+    wal = wal or _NO_WAL
+    return _SEG_ENTRY.pack(
+        txid, time_ns, db_size, page_count, checksum, wal.salt1, wal.salt2, wal.end
+    )
+
+
+def _seal_segment(
+    page_size: int,
+    first: int,
+    last: int,
+    index: Sequence[bytes | memoryview],
+    records: Sequence[bytes | memoryview],
+    level: int,
+) -> bytes:
+    """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4).
+
+    Streamed into the compressor, never joined first: a merge's body is megabytes.  The
+    stream's output does not depend on how the records are cut, so encoding commits and
+    merging segments produce the same bytes.
+    """
+    raw_length = sum(len(r) for r in records)
+    compressor = zstandard.ZstdCompressor(level=level).compressobj(size=raw_length)
+    body = [compressor.compress(r) for r in records]
+    body.append(compressor.flush())
+    body_length = sum(len(b) for b in body)
     header = _SEG_HEADER.pack(
-        SEGMENT_MAGIC, SEGMENT_VERSION, 0, page_size, first, commits[-1].txid,
-        len(commits), len(body), len(raw_body),
+        SEGMENT_MAGIC, SEGMENT_VERSION, 0, page_size, first, last,
+        last - first + 1, body_length, raw_length,
     )  # fmt: skip
-    obj = b"".join((header, *index, body))
+    obj = b"".join((header, *index, *body))
     return obj + hashlib.sha256(obj).digest()
 
 
@@ -529,6 +556,95 @@ def _segment_commits(
         )
         pos += size
         yield Commit(entry.txid, entry.time_ns, entry.db_size, entry.checksum, pages, entry.wal)
+
+
+@dataclass(frozen=True, slots=True)
+class RawSegment:
+    """A fully validated segment taken apart for :func:`merge_segments`."""
+
+    key: str
+    data: bytes  # the object itself
+    header: SegmentHeader
+    index: bytes  # every entry in version 2 layout (a version 1 entry's WAL position unknown)
+    raw: bytes  # the decompressed body: the commit records back to back
+
+
+def read_segment_raw(data: bytes, key: str) -> RawSegment:
+    """Validate a whole segment (every rule of §4.4) and return it taken apart, without an
+    object per page or commit: compaction merges segments at this level."""
+    header, body = _parse_segment(data, key)
+    sizes = [e.page_count * (4 + header.page_size) for e in header.index]
+    reader = zstandard.ZstdDecompressor().stream_reader(body)
+    raw = _read_exact(reader, sum(sizes), key)
+    _expect_end(reader, key)
+    pos = 0
+    for entry, size in zip(header.index, sizes, strict=True):
+        problem = _pgno_problem(
+            struct.unpack_from(f">{entry.page_count}I", raw, pos), entry.db_size
+        )
+        if problem:
+            raise CorruptObject(key, f"txid {entry.txid}: {problem}")
+        pos += size
+    index = b"".join(
+        _pack_entry(e.txid, e.time_ns, e.db_size, e.page_count, e.checksum, e.wal)
+        for e in header.index
+    )
+    return RawSegment(key, data, header, index, raw)
+
+
+def merge_segments(
+    segments: Sequence[RawSegment], max_bytes: int, level: int = 3
+) -> Iterator[tuple[int, int, bytes]]:
+    """Merge consecutive segments into as few as fit ``max_bytes`` of page data each (a
+    single commit over it gets a segment of its own); yields ``(first_txid, last_txid,
+    object)`` for each.
+
+    Each object is byte for byte what :func:`encode_segment` makes of the same commits, but
+    built by joining index entries and decompressed bodies and compressing once: no object
+    per commit, which made compaction cost as much CPU as the replication it compacts.  A
+    group that is exactly one input comes back as that input's own object, unchanged.
+    Raises ValueError unless the inputs continue each other's txids with one page size.
+    """
+    if not segments:
+        raise ValueError("nothing to merge")
+    page_size = segments[0].header.page_size
+    width = _SEG_ENTRY.size
+    # Per group: its first txid, and runs of index entries and of records cut from the inputs.
+    firsts: list[int] = []
+    indexes: list[list[memoryview]] = []
+    bodies: list[list[memoryview]] = []
+    size = 0
+    expected = segments[0].header.first_txid
+    for seg in segments:
+        h = seg.header
+        if h.page_size != page_size or h.first_txid != expected:
+            raise ValueError(
+                f"{seg.key} does not continue txid {expected - 1} at page size {page_size}"
+            )
+        expected = h.last_txid + 1
+        index, raw = memoryview(seg.index), memoryview(seg.raw)
+        start = pos = run_pos = 0  # the current run: entries from `start`, records from `run_pos`
+        for i, entry in enumerate(h.index):
+            pages = entry.page_count * page_size
+            if not firsts or size + pages > max_bytes:
+                if i > start:
+                    indexes[-1].append(index[start * width : i * width])
+                    bodies[-1].append(raw[run_pos:pos])
+                firsts.append(entry.txid)
+                indexes.append([])
+                bodies.append([])
+                start, run_pos, size = i, pos, 0
+            size += pages
+            pos += pages + 4 * entry.page_count
+        indexes[-1].append(index[start * width :])
+        bodies[-1].append(raw[run_pos:])
+    whole = {(s.header.first_txid, s.header.last_txid): s.data for s in segments}
+    lasts = [f - 1 for f in firsts[1:]] + [expected - 1]
+    for first, last, index_runs, body_runs in zip(firsts, lasts, indexes, bodies, strict=True):
+        data = whole.get((first, last))
+        if data is None:
+            data = _seal_segment(page_size, first, last, index_runs, body_runs, level)
+        yield first, last, data
 
 
 # --- snapshots (§5) ----------------------------------------------------------------------
