@@ -15,6 +15,7 @@ opened per copy, never held open: a thousand databases must not hold a thousand 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
@@ -62,7 +63,7 @@ class RecentCopies:
     def keep(self, run: Run, key: format.ParsedKey, data: bytes) -> None:
         """Append a copy of an uploaded segment to its run's file, if the disk allows."""
         if (key.name, key.generation) != (run.name, run.generation):
-            return
+            return  # read() files copies under the run's own name and generation
         with self._lock:
             if run.dropped:
                 return
@@ -70,6 +71,7 @@ class RecentCopies:
             try:
                 if self._dir is None:
                     self._dir = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=self._spool.directory())
+                    atexit.register(self.close)  # nothing else would remove it
                 fd = os.open(self._path(run), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
                     # At the run's own end, not O_APPEND: a short write (disk full) is simply
@@ -111,7 +113,7 @@ class RecentCopies:
                     os.remove(self._path(run))
 
     def close(self) -> None:
-        """Remove every run's file (the engine is stopping)."""
+        """Remove every run's file (the engine is stopping, or the process exiting)."""
         with self._lock:
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)

@@ -10,8 +10,10 @@ lost.  Nothing is ever silently missing from a generation.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -96,6 +98,8 @@ class Spool:
         with self._lock:
             if self._private_dir is None:
                 self._private_dir = tempfile.mkdtemp(prefix=f"walsync-spool-{os.getpid()}-")
+                # Made by every process now (local copies live in it), and useless to any other.
+                atexit.register(shutil.rmtree, self._private_dir, True)
             return self._private_dir
 
     def discard(self, item: Outgoing) -> None:
