@@ -79,11 +79,14 @@ def kept_copies(path: str, n: int) -> Run:
     return run
 
 
-def wait_for_compaction(client: storage.ReplicaClient, name: str) -> None:
+def wait_for_compaction(client: storage.ReplicaClient, path: str) -> None:
+    """Until a merged segment is in the store and the maintenance pass that wrote it ended."""
+    name = os.path.basename(path)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         segs = [s for g in catalog.generations(client, name) for s in g.segments]
-        if any(s.last_txid - s.first_txid + 1 >= COMPACT for s in segs):
+        merged = any(s.last_txid - s.first_txid + 1 >= COMPACT for s in segs)
+        if merged and not db_state(path).maintaining:
             return
         time.sleep(0.1)
     raise AssertionError(f"no compaction of {name}: {segs}")
@@ -110,9 +113,8 @@ def test_compaction_reads_local_copies_and_makes_no_get(replica, tmp_path):
     commit_segments(con, COMPACT - 1)  # with the CREATE: COMPACT small segments
     run = kept_copies(path, COMPACT)
     engine = walsync_vfs._engine_instance()
-    wait_for_compaction(client.client, "local.db")
+    wait_for_compaction(client.client, path)
     assert client.gets == []
-    walsync_vfs.flush(timeout=30)
     assert not os.path.exists(engine._recent._path(run)), "compacted copies were not removed"
     commit_segments(con, 2)  # the next run starts a file of its own
     assert db_state(path).recent is not run
@@ -140,7 +142,7 @@ def test_compaction_gets_segments_whose_copy_is_missing_or_damaged(replica, tmp_
             f.write(bytes([byte[0] ^ 0xFF]))
         lost = segments[:1]
     commit_segments(con, 1)
-    wait_for_compaction(client.client, "damaged.db")
+    wait_for_compaction(client.client, path)
     assert client.gets == lost
     check_restores(url, "damaged.db", con, str(tmp_path / "r.db"))
     con.close()
