@@ -37,8 +37,20 @@ def expect(word: str) -> None:
 
 
 def spool_state(spool: str) -> dict[str, object]:
+    """Spool files, and the free space as if no local copies of recently uploaded segments
+    (kept in a subdirectory, and dropped when a lineage breaks) were there."""
+    from walsync_vfs import recent  # imported by main() once the tmpfs is mounted
+
     st = os.statvfs(spool)
-    return {"files": sorted(os.listdir(spool)), "free": st.f_bavail * st.f_frsize}
+    free = st.f_bavail * st.f_frsize
+    files = []
+    for name in sorted(os.listdir(spool)):
+        if not name.startswith(recent.DIR_PREFIX):
+            files.append(name)
+            continue
+        for copies in os.scandir(os.path.join(spool, name)):
+            free += copies.stat().st_blocks * 512
+    return {"files": files, "free": free}
 
 
 def main(db_path: str, replica: str, spool: str) -> None:

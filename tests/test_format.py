@@ -4,6 +4,7 @@ Forged objects are built here straight from the spec's tables (not through the e
 so the tests also check that the code and FORMAT.md agree.
 """
 
+import dataclasses
 import hashlib
 import io
 import random
@@ -28,12 +29,15 @@ from walsync_vfs.format import (
     SnapshotHeader,
     SnapshotWriter,
     WalPos,
+    decode_segment,
     encode_segment,
     iter_segment_commits,
+    merge_segments,
     new_generation_id,
     page_hash,
     parse_key,
     read_segment_header,
+    read_segment_raw,
     read_snapshot,
     segment_key,
     snapshot_key,
@@ -131,8 +135,20 @@ def assert_corrupt(key: str, fn, *args) -> CorruptObject:
 
 
 def decode_segment_fully(data: bytes) -> list[Commit]:
-    read_segment_header(data, SEG_KEY)
-    return list(iter_segment_commits(data, SEG_KEY))
+    """Decode every commit; compaction's reader must accept exactly the same objects."""
+    try:
+        read_segment_raw(data, SEG_KEY)
+        merge_ok = True
+    except CorruptObject:
+        merge_ok = False
+    try:
+        read_segment_header(data, SEG_KEY)
+        commits = list(iter_segment_commits(data, SEG_KEY))
+    except CorruptObject:
+        assert not merge_ok, "read_segment_raw accepted what decoding rejects"
+        raise
+    assert merge_ok, "read_segment_raw rejected what decoding accepts"
+    return commits
 
 
 def decode_snapshot_fully(src) -> tuple[SnapshotHeader, list[bytes]]:
@@ -543,6 +559,86 @@ def test_fuzz_segment_forged_structure(entries, pgnos, extra_pages):
     raw = struct.pack(f">{len(pgnos)}I", *pgnos) + bytes(512 * (len(pgnos) + extra_pages))
     forged = [(5 + i, t, db, n, 0) for i, (t, db, n) in enumerate(entries)]
     only_corrupt(decode_segment_fully, forge_segment(512, forged, raw))
+
+
+# --- merging (compaction) ----------------------------------------------------------
+
+
+def merge_by_decoding(blobs: list[bytes], max_bytes: int) -> list[tuple[int, int, bytes]]:
+    """What compaction did before merging raw bytes: decode every commit, group, encode; a
+    group that is exactly one input stays as it is."""
+    groups: list[list[Commit]] = []
+    size = 0
+    whole = {}
+    for blob in blobs:
+        header, commits = decode_segment(blob, SEG_KEY)
+        whole[header.first_txid, header.last_txid] = blob
+        for c in commits:
+            pages = len(c.pages) * header.page_size
+            if not groups or size + pages > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(c)
+            size += pages
+    return [
+        (
+            g[0].txid,
+            g[-1].txid,
+            whole.get((g[0].txid, g[-1].txid)) or encode_segment(header.page_size, g),
+        )
+        for g in groups
+    ]
+
+
+def merge_raw(blobs: list[bytes], max_bytes: int) -> list[tuple[int, int, bytes]]:
+    return list(merge_segments([read_segment_raw(b, SEG_KEY) for b in blobs], max_bytes))
+
+
+def v1_segment(commits: list[Commit], page_size: int) -> bytes:
+    """Commits as a version 1 writer stored them (no WAL positions)."""
+    entries = [(c.txid, c.time_ns, c.db_size, len(c.pages), c.checksum) for c in commits]
+    raw = b"".join(
+        struct.pack(f">{len(c.pages)}I", *(p for p, _ in c.pages)) + b"".join(d for _, d in c.pages)
+        for c in commits
+    )
+    return forge_segment(page_size, entries, raw, version=1)
+
+
+MERGE_INPUT = make_commits(
+    1024, 5, [(3, [1, 2, 3]), (3, [2]), (4, [1, 4]), (4, []), (4, [3]), (5, [1, 5]), (5, [2, 3])]
+)
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 30, 3 * 1024, 2 * 1024, 1024, 0])
+def test_merge_segments_is_byte_for_byte_encode_segment(max_bytes):
+    """Version 2 segments with and without WAL positions, and a version 1 one, merged by raw
+    bytes into exactly what decoding them and encoding the commits makes, group for group."""
+    c = with_wal(MERGE_INPUT[:3]) + MERGE_INPUT[3:]
+    blobs = [encode_segment(1024, c[:2]), v1_segment(c[2:4], 1024), encode_segment(1024, c[4:])]
+    merged = merge_raw(blobs, max_bytes)
+    assert merged == merge_by_decoding(blobs, max_bytes)
+    v1_read = [dataclasses.replace(x, wal=None) for x in c[2:4]]  # version 1 lost them
+    assert [x for *_, data in merged for x in decode_segment_fully(data)] == c[:2] + v1_read + c[4:]
+
+
+def test_merge_segments_keeps_a_lone_segment_as_it_is():
+    """A group that is exactly one input (here: too big to merge with its neighbours) is that
+    input's own object, not a re-encoding of it (a version 1 segment stays version 1)."""
+    blobs = [encode_segment(1024, MERGE_INPUT[:1]), v1_segment(MERGE_INPUT[1:2], 1024)]
+    assert merge_raw(blobs, 0) == [(5, 5, blobs[0]), (6, 6, blobs[1])]
+
+
+@pytest.mark.parametrize(
+    "blobs",
+    [
+        [encode_segment(1024, MERGE_INPUT[:2]), encode_segment(1024, MERGE_INPUT[3:])],  # a gap
+        [encode_segment(1024, MERGE_INPUT[2:]), encode_segment(1024, MERGE_INPUT[:2])],  # order
+        [encode_segment(512, SMALL), encode_segment(1024, make_commits(1024, 8, [(1, [1])]))],
+    ],
+)
+def test_merge_segments_refuses_inputs_that_do_not_continue_each_other(blobs):
+    with pytest.raises(ValueError, match="does not continue"):
+        merge_raw(blobs, 1 << 30)
 
 
 # --- snapshots -----------------------------------------------------------------------

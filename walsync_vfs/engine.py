@@ -39,6 +39,7 @@ from walsync_vfs import capture, catalog, format, heap, maintenance, storage
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.config import DbConfig, Settings
 from walsync_vfs.dbfile import tee
+from walsync_vfs.recent import RecentCopies, Run
 from walsync_vfs.spool import Outgoing, Spool
 
 log = logging.getLogger("walsync_vfs")
@@ -143,6 +144,7 @@ class DbState:
     snapshot_txid: int = 0
     snapshot_at: float = 0.0  # monotonic time of the latest snapshot
     small_segments: list[format.ParsedKey] = field(default_factory=list)
+    recent: Run | None = None  # local copies of small_segments, so compaction needs no GETs
     maintaining: bool = False
     uploaded_since_retention: bool = False
     retained_at: float = 0.0
@@ -169,6 +171,7 @@ class Engine:
         self._wake_at = -math.inf  # when the waiting uploader will wake up by itself
         self._next_spill_check = 0.0
         self._spool = Spool(settings)
+        self._recent = RecentCopies(self._spool)
         self._next_maintenance = 0.0
         self._freed = False  # uploads freed page copies since the last heap.release()
         self._next_release = 0.0
@@ -308,6 +311,7 @@ class Engine:
         ):
             return
         self._dbs.pop(db.db_id, None)
+        self._drop_small_segments(db)
         if self._names.get(db.name) == db.db_id:
             del self._names[db.name]
         self._cond.notify_all()
@@ -491,7 +495,7 @@ class Engine:
             # once: a database that only just started replicating has nothing to expire.
             db.retained_at = db.retained_at or time.monotonic()
             if not same:
-                db.small_segments = []
+                self._drop_small_segments(db)
         if not same:
             how = "new generation"
         elif periodic:
@@ -626,6 +630,17 @@ class Engine:
             )
             return
         self._spool.discard(item)
+        run = None
+        with self._lock:
+            # Compaction merges runs of consecutive small segments of the current generation.
+            if item.raw_bytes < db.cfg.max_segment_bytes // 4 and item.generation == db.generation:
+                key = format.parse_key(item.key)
+                db.small_segments.append(key)
+                run = db.recent = db.recent or self._recent.new_run(key)
+            else:
+                self._drop_small_segments(db)
+        if run is not None:  # a file write: outside the engine lock, before flush() returns
+            self._recent.keep(run, key, data)
         with self._lock:
             db.outbox.remove(item)
             db.uploading = False
@@ -636,14 +651,16 @@ class Engine:
             db.bytes_uploaded += len(data)
             self._freed = True
             db.uploaded_since_retention = True
-            # Compaction merges runs of consecutive small segments of the current generation.
-            if item.raw_bytes < db.cfg.max_segment_bytes // 4 and item.generation == db.generation:
-                db.small_segments.append(format.parse_key(item.key))
-            else:
-                db.small_segments.clear()
             self._schedule(db, time.monotonic())
             self._forget_if_done(db)
             self._cond.notify_all()
+
+    def _drop_small_segments(self, db: DbState) -> None:
+        """They will not be merged (lineage changed, or the database is forgotten): forget
+        them and their local copies (lock held)."""
+        db.small_segments = []
+        self._recent.drop(db.recent)
+        db.recent = None
 
     def _spill_if_over_cap(self) -> None:
         """Past the memory cap, move the biggest backlog to the local spool (lock held)."""
@@ -687,7 +704,7 @@ class Engine:
                 db.outbox[:] = [in_flight] if in_flight else []
                 db.pending.clear()
                 db.pending_bytes = 0
-                db.small_segments.clear()
+                self._drop_small_segments(db)
                 db.errors += 1
                 db.last_error = f"spool: {exc}"
                 self._break_lineage(db)  # the lineage has a hole now
@@ -709,13 +726,14 @@ class Engine:
             )
             compact = len(db.small_segments) >= cfg.compact_segments
             if not db.maintaining and (retain or compact):
-                segs = db.small_segments if compact else []
-                db.small_segments = [] if compact else db.small_segments
+                segs, run = (db.small_segments, db.recent) if compact else ([], None)
+                if compact:
+                    db.small_segments, db.recent = [], None
                 if retain:
                     db.uploaded_since_retention = False
                     db.retained_at = now
                 db.maintaining = True
-                self._maintenance_pool.submit(self._maintain, db, retain, segs)
+                self._maintenance_pool.submit(self._maintain, db, retain, segs, run)
             if (
                 not db.syncing
                 and cfg.snapshot_interval
@@ -725,9 +743,12 @@ class Engine:
                 db.force_snapshot = True
                 self._request_sync(db)
 
-    def _maintain(self, db: DbState, retain: bool, segs: list[format.ParsedKey]) -> None:
-        """One database's retention pass and/or compaction, from one LIST.  Failures are
-        logged; the work is simply due again later."""
+    def _maintain(
+        self, db: DbState, retain: bool, segs: list[format.ParsedKey], run: Run | None
+    ) -> None:
+        """One database's retention pass and/or compaction (of ``segs``, whose local copies
+        ``run`` holds), from one LIST.  Failures are logged; the work is simply due again
+        later."""
         try:
             objects = db.client.list(db.name + "/")
             doomed = maintenance.expired(objects, db.cfg.retention) if retain else []
@@ -737,12 +758,14 @@ class Engine:
             alive = {o.key for o in objects} - set(doomed)
             segs = [k for k in segs if catalog.object_key(k) in alive]
             if len(segs) >= 2:
-                written = maintenance.compact(db.client, segs, db.cfg.max_segment_bytes)
+                copies = self._recent.read(run)
+                written = maintenance.compact(db.client, segs, db.cfg.max_segment_bytes, copies.get)
                 log.info("walsync: %s compacted %d segments into %s", db.name, len(segs), written)
         except Exception as exc:  # noqa: BLE001 - maintenance can always wait
             log.warning("walsync: maintenance of %s failed: %s", db.name, _describe(exc))
             with self._lock:
                 db.errors += 1
+        self._recent.drop(run)
         with self._lock:
             db.maintaining = False
             self._forget_if_done(db)
@@ -877,6 +900,7 @@ class Engine:
         self._put_pool.shutdown(wait=True)
         self._maintenance_pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel_futures=True)
+        self._recent.close()
 
 
 def _holds(head: Head, now: format.DbChecksum, page_size: int) -> bool:

@@ -6,47 +6,56 @@ a newer snapshot), so no restore point inside the retention window is lost.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 from walsync_vfs import catalog, format, storage
 
+log = logging.getLogger("walsync_vfs")
+
 
 def compact(
-    client: storage.ReplicaClient, segments: list[format.ParsedKey], max_bytes: int
+    client: storage.ReplicaClient,
+    segments: list[format.ParsedKey],
+    max_bytes: int,
+    local: Callable[[str], bytes | None] = lambda key: None,
 ) -> list[str]:
     """Merge consecutive segments into as few as fit ``max_bytes`` of page data each, upload
     the merged ones, then delete the originals.  Returns the keys written.
 
-    The per-commit index survives the merge, so every commit stays a restore point.  Merged
+    ``local(key)`` may return a copy of a segment kept on this machine (see recent.py), so
+    the store is only read for segments without one or whose copy fails validation.  The
+    per-commit index survives the merge, so every commit stays a restore point.  Merged
     segments are written before anything is deleted, and a plan skips commits it already has,
     so a restore running meanwhile sees either set.
     """
     keys = [catalog.object_key(k) for k in segments]
-    groups: list[tuple[int, list[format.Commit]]] = []
-    size = 0
-    for key in keys:
-        # One GET at a time, in the engine's maintenance thread: a pool of fetch threads per
-        # merge (every 32 uploads of every database) cost more CPU and memory than the merge.
-        blob = client.get(key)
-        header, commits = format.decode_segment(blob, key)  # one validation pass, not two
-        for commit in commits:
-            pages = len(commit.pages) * header.page_size
-            if not groups or groups[-1][0] != header.page_size or size + pages > max_bytes:
-                groups.append((header.page_size, []))
-                size = 0
-            groups[-1][1].append(commit)
-            size += pages
+    # One GET at a time, in the engine's maintenance thread: a pool of fetch threads per merge
+    # (every 32 uploads of every database) cost more CPU and memory than the merge.
+    raws = [_read(client, key, local(key)) for key in keys]
     first = segments[0]
-    merged = [
-        format.segment_key(first.name, first.generation, c[0].txid, c[-1].txid) for _, c in groups
-    ]
-    written = []
-    for (page_size, commits), key in zip(groups, merged, strict=True):
+    merged, written = [], []
+    for first_txid, last_txid, data in format.merge_segments(raws, max_bytes):
+        key = format.segment_key(first.name, first.generation, first_txid, last_txid)
+        merged.append(key)
         if key not in keys:  # a lone segment too big to merge stays as it is
-            client.put(key, format.encode_segment(page_size, commits))
+            client.put(key, data)
             written.append(key)
     client.delete([k for k in keys if k not in merged])
     return written
+
+
+def _read(client: storage.ReplicaClient, key: str, copy: bytes | None) -> format.RawSegment:
+    """The segment from its local copy if that is intact, else from the store."""
+    if copy is not None:
+        try:
+            return format.read_segment_raw(copy, key)
+        except format.CorruptObject as exc:
+            log.warning(
+                "walsync: local copy of %s is damaged (%s); reading the store", key, exc.reason
+            )
+    return format.read_segment_raw(client.get(key), key)
 
 
 def expired(

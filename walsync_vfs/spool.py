@@ -10,8 +10,10 @@ lost.  Nothing is ever silently missing from a generation.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -67,15 +69,11 @@ class Spool:
         if item.data is None:
             return
         size = len(item.data)
+        directory = self.directory()
         with self._lock:
             cap = self.settings.spool_cap
             if self.used + size > cap:
                 raise SpoolFull(f"spool cap of {cap} bytes reached")
-            directory = self.settings.spool_dir
-            if directory is None:
-                if self._private_dir is None:
-                    self._private_dir = tempfile.mkdtemp(prefix=f"walsync-spool-{os.getpid()}-")
-                directory = self._private_dir
             self.used += size
         path = None
         try:
@@ -92,6 +90,17 @@ class Spool:
                 item.path, item.data = path, None
                 return
         self._remove(path, size)  # it shipped from memory while being written
+
+    def directory(self) -> str:
+        """``settings.spool_dir``, or a private temporary directory made on first use."""
+        if self.settings.spool_dir is not None:
+            return self.settings.spool_dir
+        with self._lock:
+            if self._private_dir is None:
+                self._private_dir = tempfile.mkdtemp(prefix=f"walsync-spool-{os.getpid()}-")
+                # Made by every process now (local copies live in it), and useless to any other.
+                atexit.register(shutil.rmtree, self._private_dir, True)
+            return self._private_dir
 
     def discard(self, item: Outgoing) -> None:
         """Forget a shipped or dropped segment's spool file (or the one being written)."""

@@ -1,0 +1,148 @@
+"""Issue: compaction must be cheap in CPU with many databases in one process.
+
+The segments it merges were uploaded by this very process moments before, so it reads them
+from local copies (walsync_vfs/recent.py) instead of GETting them back, and falls back to the
+store for any copy that is missing or damaged.  Counted at the storage layer, on both
+backends, and every compacted replica must still restore to the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+
+import apsw
+import pytest
+
+import walsync_vfs
+from walsync_vfs import catalog, storage
+from walsync_vfs.engine import DbState
+from walsync_vfs.recent import Run
+from walsync_vfs.restore import restore
+
+COMPACT = 4  # small segments per compaction
+
+
+class CountingGets:
+    """A real replica client that records the key of every GET made through it."""
+
+    def __init__(self, client: storage.ReplicaClient) -> None:
+        self.client = client
+        self.gets: list[str] = []
+
+    def get(self, key: str) -> bytes:
+        self.gets.append(key)
+        return self.client.get(key)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.client, name)
+
+
+@pytest.fixture
+def replica(replica_url: str) -> Iterator[tuple[str, CountingGets]]:
+    """Every upload its own segment, compaction every COMPACT of them; the engine's client
+    for the root counts GETs."""
+    client = CountingGets(storage.open_replica(replica_url))
+    walsync_vfs._engine_instance()._clients[replica_url] = client
+    walsync_vfs.configure(replica=replica_url, upload_interval=0.0, compact_segments=COMPACT)
+    yield replica_url, client
+    walsync_vfs.flush(timeout=30)
+    walsync_vfs.configure(replica="", upload_interval=1.0, compact_segments=32)
+
+
+def open_db(path: str) -> apsw.Connection:
+    con = apsw.Connection(path, vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    walsync_vfs.flush(timeout=30)  # a segment of its own
+    return con
+
+
+def commit_segments(con: apsw.Connection, n: int) -> None:
+    """n commits, each shipped (flush) before the next: one small segment each."""
+    for _ in range(n):
+        con.execute("INSERT INTO t VALUES(randomblob(300))")
+        walsync_vfs.flush(timeout=30)
+
+
+def db_state(path: str) -> DbState:
+    engine = walsync_vfs._engine_instance()
+    with engine._lock:
+        return next(db for db in engine._dbs.values() if db.path == path)
+
+
+def kept_copies(path: str, n: int) -> Run:
+    """The database's run of local copies, holding n (written before flush() returns)."""
+    run = db_state(path).recent
+    assert run is not None and len(run.copies) == 4 * n, "a local copy was not kept"
+    return run
+
+
+def wait_for_compaction(client: storage.ReplicaClient, path: str) -> None:
+    """Until a merged segment is in the store and the maintenance pass that wrote it ended."""
+    name = os.path.basename(path)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        segs = [s for g in catalog.generations(client, name) for s in g.segments]
+        merged = any(s.last_txid - s.first_txid + 1 >= COMPACT for s in segs)
+        if merged and not db_state(path).maintaining:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no compaction of {name}: {segs}")
+
+
+def check_restores(url: str, name: str, con: apsw.Connection, out: str) -> None:
+    walsync_vfs.flush(timeout=30)
+    restore(f"{url}/{name}", out)
+    got = apsw.Connection(out)
+    assert got.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+    def digest(c: apsw.Connection) -> str:
+        rows = c.execute("SELECT rowid, x FROM t ORDER BY rowid").fetchall()
+        return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+    assert digest(got) == digest(con)
+    got.close()
+
+
+def test_compaction_reads_local_copies_and_makes_no_get(replica, tmp_path):
+    url, client = replica
+    path = str(tmp_path / "local.db")
+    con = open_db(path)
+    commit_segments(con, COMPACT - 1)  # with the CREATE: COMPACT small segments
+    run = kept_copies(path, COMPACT)
+    engine = walsync_vfs._engine_instance()
+    wait_for_compaction(client.client, path)
+    assert client.gets == []
+    assert not os.path.exists(engine._recent._path(run)), "compacted copies were not removed"
+    commit_segments(con, 2)  # the next run starts a file of its own
+    assert db_state(path).recent is not run
+    check_restores(url, "local.db", con, str(tmp_path / "r.db"))
+    con.close()
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+def test_compaction_gets_segments_whose_copy_is_missing_or_damaged(replica, tmp_path, damage):
+    url, client = replica
+    path = str(tmp_path / "damaged.db")
+    con = open_db(path)
+    commit_segments(con, COMPACT - 2)  # with the CREATE: one short of a compaction
+    run = kept_copies(path, COMPACT - 1)
+    segments = [catalog.object_key(k) for k in db_state(path).small_segments]
+    file = walsync_vfs._engine_instance()._recent._path(run)
+    if damage == "delete":
+        os.remove(file)  # the next copy lands in a new file at its own offset: a sparse one
+        lost = segments
+    else:
+        with open(file, "r+b") as f:  # one byte in the middle of the first copy
+            f.seek(run.copies[3] // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        lost = segments[:1]
+    commit_segments(con, 1)
+    wait_for_compaction(client.client, path)
+    assert client.gets == lost
+    check_restores(url, "damaged.db", con, str(tmp_path / "r.db"))
+    con.close()
