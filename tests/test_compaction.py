@@ -26,15 +26,21 @@ COMPACT = 4  # small segments per compaction
 
 
 class CountingGets:
-    """A real replica client that records the key of every GET made through it."""
+    """A real replica client that records the key of every GET and the prefix of every LIST
+    made through it."""
 
     def __init__(self, client: storage.ReplicaClient) -> None:
         self.client = client
         self.gets: list[str] = []
+        self.lists: list[str] = []
 
     def get(self, key: str) -> bytes:
         self.gets.append(key)
         return self.client.get(key)
+
+    def list(self, prefix: str) -> list[storage.ObjectInfo]:
+        self.lists.append(prefix)
+        return self.client.list(prefix)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.client, name)
@@ -107,14 +113,17 @@ def check_restores(url: str, name: str, con: apsw.Connection, out: str) -> None:
 
 
 def test_compaction_reads_local_copies_and_makes_no_get(replica, tmp_path):
+    """No GET, and no LIST either: every segment merged has a copy and was uploaded after
+    retention last deleted anything (the first sync's LIST of the replica head aside)."""
     url, client = replica
     path = str(tmp_path / "local.db")
     con = open_db(path)
+    client.lists.clear()
     commit_segments(con, COMPACT - 1)  # with the CREATE: COMPACT small segments
     run = kept_copies(path, COMPACT)
     engine = walsync_vfs._engine_instance()
     wait_for_compaction(client.client, path)
-    assert client.gets == []
+    assert (client.gets, client.lists) == ([], [])
     assert not os.path.exists(engine._recent._path(run)), "compacted copies were not removed"
     commit_segments(con, 2)  # the next run starts a file of its own
     assert db_state(path).recent is not run

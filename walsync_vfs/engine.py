@@ -146,6 +146,7 @@ class DbState:
     small_segments: list[format.ParsedKey] = field(default_factory=list)
     recent: Run | None = None  # local copies of small_segments, so compaction needs no GETs
     maintaining: bool = False
+    pruned_at: float = 0.0  # monotonic time retention last deleted objects of this database
     uploaded_since_retention: bool = False
     retained_at: float = 0.0
 
@@ -747,16 +748,21 @@ class Engine:
         self, db: DbState, retain: bool, segs: list[format.ParsedKey], run: Run | None
     ) -> None:
         """One database's retention pass and/or compaction (of ``segs``, whose local copies
-        ``run`` holds), from one LIST.  Failures are logged; the work is simply due again
-        later."""
+        ``run`` holds), from at most one LIST.  Failures are logged; the work is simply due
+        again later."""
         try:
-            objects = db.client.list(db.name + "/")
-            doomed = maintenance.expired(objects, db.cfg.retention) if retain else []
-            if doomed:
-                db.client.delete(doomed)
-                log.info("walsync: %s retention removed %d objects", db.name, len(doomed))
-            alive = {o.key for o in objects} - set(doomed)
-            segs = [k for k in segs if catalog.object_key(k) in alive]
+            # The LIST (every object of the database: it grows with the retention window) is
+            # for retention, and for telling which of segs still exist -- unless all of them
+            # were uploaded after retention last deleted anything and have local copies.
+            if retain or run is None or db.pruned_at >= run.started:
+                objects = db.client.list(db.name + "/")
+                doomed = maintenance.expired(objects, db.cfg.retention) if retain else []
+                if doomed:
+                    db.client.delete(doomed)
+                    db.pruned_at = time.monotonic()
+                    log.info("walsync: %s retention removed %d objects", db.name, len(doomed))
+                alive = {o.key for o in objects} - set(doomed)
+                segs = [k for k in segs if catalog.object_key(k) in alive]
             if len(segs) >= 2:
                 copies = self._recent.read(run)
                 written = maintenance.compact(db.client, segs, db.cfg.max_segment_bytes, copies.get)

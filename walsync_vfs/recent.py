@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from array import array
 
 from walsync_vfs import format
@@ -37,12 +38,13 @@ class Run:
     """Copies of one database's consecutive small segments of one generation: one file,
     written in upload order and dropped as a whole.  Small: one per replicating database."""
 
-    __slots__ = ("copies", "dropped", "file", "generation", "name")
+    __slots__ = ("copies", "dropped", "file", "generation", "name", "started")
 
     def __init__(self, file: str, name: str, generation: str) -> None:
         self.file = file  # name inside the copies directory
         self.name = name
         self.generation = generation
+        self.started = time.monotonic()  # before any of its segments could have been deleted
         self.copies = array("Q")  # first_txid, last_txid, offset, length per copy kept
         self.dropped = False
 
