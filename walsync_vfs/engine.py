@@ -51,6 +51,7 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # s between looks at the memory cap (a sum over every database), made whenever the uploader
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
+RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
 HEAD_WAIT = 1.0  # seconds a first sync keeps the WAL pinned waiting for the replica's head
 
 
@@ -552,7 +553,7 @@ class Engine:
                 now = time.monotonic()
                 if self._freed and now >= self._next_release:
                     self._freed = False
-                    self._next_release = now + MAINTENANCE_TICK
+                    self._next_release = now + RELEASE_EVERY
                     self._lock.release()  # a few ms: capture and uploads go on meanwhile
                     try:
                         heap.release()
