@@ -282,6 +282,39 @@ def test_unreachable_endpoint(tmp_path):
     assert "cannot reach http://127.0.0.1:9" in err
 
 
+APP_WITH_STORE_DOWN = """
+import sys, time, apsw, walsync_vfs
+walsync_vfs.configure(replica="s3://bucket/p")
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.execute("CREATE TABLE t(x)")
+while not walsync_vfs.stats()[0]["failures"]:
+    time.sleep(0.01)
+print(walsync_vfs.stats()[0]["last_error"], flush=True)
+"""  # and exits with the database still open and its sync still failing
+
+
+def test_an_application_exits_while_its_store_is_down(tmp_path):
+    """Failed syncs are retried from the uploader's schedule, never by a pool thread waiting
+    out the outage: the interpreter joins pool threads at exit, and one that retried forever
+    kept the application from exiting."""
+    env = dict(
+        os.environ,
+        AWS_ENDPOINT_URL_S3="http://127.0.0.1:9",
+        AWS_MAX_ATTEMPTS="1",
+        AWS_ACCESS_KEY_ID="a",
+        AWS_SECRET_ACCESS_KEY="b",
+        AWS_REGION="us-east-1",
+    )
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", APP_WITH_STORE_DOWN, str(tmp_path / "a.db")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started < 10
+    assert out.stdout.startswith("cannot reach http://127.0.0.1:9: connection refused")
+
+
 @pytest.mark.parametrize(
     ("url", "text"),
     [

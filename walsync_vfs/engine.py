@@ -52,6 +52,7 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
+FIRST_RETRY = 0.1  # s before a failed sync is tried again; doubles up to MAX_BACKOFF
 HEAD_WAIT = 1.0  # seconds a first sync keeps the WAL pinned waiting for the replica's head
 
 
@@ -108,6 +109,7 @@ class DbState:
     client: storage.ReplicaClient | None = None
     open: bool = True
     syncing: bool = False
+    sync_delay: float = FIRST_RETRY  # before the next retry of a failing sync
     resync: bool = False  # a GAP or reopen arrived while a sync was running
     broken: bool = False  # commits were dropped during a sync: its lineage cannot go on
     held: list[Record] = field(default_factory=list)  # commits that arrived during a sync
@@ -170,6 +172,7 @@ class Engine:
         # never scans every database per wake-up (see _schedule).
         self._agenda: list[tuple[float, int, DbState]] = []
         self._ticket = itertools.count()
+        self._sync_retries: list[tuple[float, int, DbState]] = []  # (time, tie-breaker, db)
         self._wake_at = -math.inf  # when the waiting uploader will wake up by itself
         self._next_spill_check = 0.0
         self._spool = Spool(settings)
@@ -330,8 +333,12 @@ class Engine:
         return client
 
     def _sync_loop(self, db: DbState) -> None:
-        """Sync until it succeeds (retrying store errors with backoff) and no resync is due."""
-        delay = 0.1
+        """Sync until it succeeds and no resync is due.
+
+        A failed attempt is retried with backoff by the uploader thread (see _upload_loop),
+        not by sleeping here: pool threads are joined when the interpreter exits, so one
+        waiting out a store that is down would keep the application from exiting.
+        """
         while not self._stopped:
             try:
                 self._sync(db)
@@ -345,17 +352,20 @@ class Engine:
                         db.syncing = False
                         self._give_up(db)
                         return
+                    delay, db.sync_delay = db.sync_delay, min(db.sync_delay * 2, MAX_BACKOFF)
+                    at = time.monotonic() + delay
+                    heapq.heappush(self._sync_retries, (at, next(self._ticket), db))
+                    if at < self._wake_at:
+                        self._uploader.notify()
                 log.warning(
                     "walsync: sync of %s failed (retrying in %.1fs): %s",
                     db.path,
                     delay,
                     db.last_error,
                 )
-                time.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-                continue
-            delay = 0.1
+                return
             with self._lock:
+                db.sync_delay = FIRST_RETRY
                 if db.broken:  # commits dropped while this round ran: go round afresh
                     db.broken = False
                     db.checksum = None
@@ -559,6 +569,10 @@ class Engine:
                         heap.release()
                     finally:
                         self._lock.acquire()
+                while self._sync_retries and self._sync_retries[0][0] <= now:
+                    db = heapq.heappop(self._sync_retries)[2]
+                    with contextlib.suppress(RuntimeError):  # the interpreter is exiting
+                        self._sync_pool.submit(self._sync_loop, db)
                 for db in self._due(now):
                     db.uploading = True
                     if db.outbox:
@@ -574,6 +588,8 @@ class Engine:
                 wait = MAINTENANCE_TICK
                 if self._agenda:
                     wait = min(wait, max(self._agenda[0][0] - now, COALESCE))
+                if self._sync_retries:
+                    wait = min(wait, max(self._sync_retries[0][0] - now, 0.0))
                 self._wake_at = now + wait
                 self._uploader.wait(wait)
                 self._wake_at = -math.inf  # awake: what is scheduled now is seen before waiting
