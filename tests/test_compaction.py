@@ -85,13 +85,14 @@ def kept_copies(path: str, n: int) -> Run:
     return run
 
 
-def wait_for_compaction(client: storage.ReplicaClient, path: str) -> None:
-    """Until a merged segment is in the store and the maintenance pass that wrote it ended."""
+def wait_for_compaction(client: storage.ReplicaClient, path: str, size: int = COMPACT) -> None:
+    """Until a segment merged from ``size`` commits or more is in the store and the
+    maintenance pass that wrote it ended."""
     name = os.path.basename(path)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         segs = [s for g in catalog.generations(client, name) for s in g.segments]
-        merged = any(s.last_txid - s.first_txid + 1 >= COMPACT for s in segs)
+        merged = any(s.last_txid - s.first_txid + 1 >= size for s in segs)
         if merged and not db_state(path).maintaining:
             return
         time.sleep(0.1)
@@ -154,4 +155,25 @@ def test_compaction_gets_segments_whose_copy_is_missing_or_damaged(replica, tmp_
     wait_for_compaction(client.client, path)
     assert client.gets == lost
     check_restores(url, "damaged.db", con, str(tmp_path / "r.db"))
+    con.close()
+
+
+def test_compaction_lists_after_retention_deleted_and_resurrects_nothing(replica, tmp_path):
+    """Once retention has deleted objects since a run began, compaction LISTs and merges only
+    the run's segments still in the store: it never uploads again what retention removed."""
+    url, client = replica
+    path = str(tmp_path / "pruned.db")
+    con = open_db(path)
+    commit_segments(con, COMPACT - 2)  # with the CREATE: one short of a compaction
+    db = db_state(path)
+    gone = db.small_segments[0]
+    client.client.delete([catalog.object_key(gone)])  # what a retention pass would do ...
+    db.pruned_at = time.monotonic()  # ... and record
+    client.lists.clear()
+    commit_segments(con, 1)
+    wait_for_compaction(client.client, path, COMPACT - 1)
+    assert client.lists == ["pruned.db/"]
+    assert client.gets == []
+    segs = [s for g in catalog.generations(client.client, "pruned.db") for s in g.segments]
+    assert not any(s.first_txid <= gone.last_txid for s in segs), "a deleted segment came back"
     con.close()
