@@ -18,7 +18,7 @@ import pytest
 
 import walsync_vfs
 from walsync_vfs import catalog, storage
-from walsync_vfs.engine import DbState
+from walsync_vfs.engine import DbState, _small_keys
 from walsync_vfs.recent import Run
 from walsync_vfs.restore import restore
 
@@ -139,7 +139,7 @@ def test_compaction_gets_segments_whose_copy_is_missing_or_damaged(replica, tmp_
     con = open_db(path)
     commit_segments(con, COMPACT - 2)  # with the CREATE: one short of a compaction
     run = kept_copies(path, COMPACT - 1)
-    segments = [catalog.object_key(k) for k in db_state(path).small_segments]
+    segments = [catalog.object_key(k) for k in _small_keys(db_state(path))]
     file = walsync_vfs._engine_instance()._recent._path(run)
     if damage == "delete":
         os.remove(file)  # the next copy lands in a new file at its own offset: a sparse one
@@ -166,7 +166,7 @@ def test_compaction_lists_after_retention_deleted_and_resurrects_nothing(replica
     con = open_db(path)
     commit_segments(con, COMPACT - 2)  # with the CREATE: one short of a compaction
     db = db_state(path)
-    gone = db.small_segments[0]
+    gone = _small_keys(db)[0]
     client.client.delete([catalog.object_key(gone)])  # what a retention pass would do ...
     db.pruned_at = time.monotonic()  # ... and record
     client.lists.clear()

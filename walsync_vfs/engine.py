@@ -30,6 +30,7 @@ import os
 import tempfile
 import threading
 import time
+from array import array
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -146,7 +147,10 @@ class DbState:
     force_snapshot: bool = False
     snapshot_txid: int = 0
     snapshot_at: float = 0.0  # monotonic time of the latest snapshot
-    small_segments: list[format.ParsedKey] = field(default_factory=list)
+    # (first_txid, last_txid) of each small segment of the current generation uploaded since
+    # the last compaction: 16 bytes each, not a ParsedKey (~300 bytes with its strings; a
+    # thousand databases hold up to 32 each).
+    small_segments: array = field(default_factory=lambda: array("Q"))
     recent: Run | None = None  # local copies of small_segments, so compaction needs no GETs
     maintaining: bool = False
     pruned_at: float = 0.0  # monotonic time retention last deleted objects of this database
@@ -653,7 +657,7 @@ class Engine:
             # Compaction merges runs of consecutive small segments of the current generation.
             if item.raw_bytes < db.cfg.max_segment_bytes // 4 and item.generation == db.generation:
                 key = format.parse_key(item.key)
-                db.small_segments.append(key)
+                db.small_segments.extend((key.first_txid, key.last_txid))
                 run = db.recent = db.recent or self._recent.new_run(key)
             else:
                 self._drop_small_segments(db)
@@ -676,7 +680,7 @@ class Engine:
     def _drop_small_segments(self, db: DbState) -> None:
         """They will not be merged (lineage changed, or the database is forgotten): forget
         them and their local copies (lock held)."""
-        db.small_segments = []
+        db.small_segments = array("Q")
         self._recent.drop(db.recent)
         db.recent = None
 
@@ -742,11 +746,11 @@ class Engine:
                 and db.uploaded_since_retention
                 and now - db.retained_at >= max(MAINTENANCE_TICK, cfg.retention / 10)
             )
-            compact = len(db.small_segments) >= cfg.compact_segments
+            compact = len(db.small_segments) >= 2 * cfg.compact_segments
             if not db.maintaining and (retain or compact):
-                segs, run = (db.small_segments, db.recent) if compact else ([], None)
+                segs, run = (_small_keys(db), db.recent) if compact else ([], None)
                 if compact:
-                    db.small_segments, db.recent = [], None
+                    db.small_segments, db.recent = array("Q"), None
                 if retain:
                     db.uploaded_since_retention = False
                     db.retained_at = now
@@ -998,6 +1002,16 @@ def _wal_survivors(
     if state.value != now.value or state.db_size != now.db_size:
         raise Unrecoverable(f"replaying {where} does not give the database's state")
     return commits
+
+
+def _small_keys(db: DbState) -> list[format.ParsedKey]:
+    """The keys of the database's small segments (all of its current generation)."""
+    pairs = db.small_segments
+    assert db.generation is not None
+    return [
+        format.ParsedKey(db.name, db.generation, "segment", first, last)
+        for first, last in zip(pairs[::2], pairs[1::2], strict=True)
+    ]
 
 
 def _batches(
