@@ -6,9 +6,11 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -313,6 +315,36 @@ def test_an_application_exits_while_its_store_is_down(tmp_path):
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - started < 10
     assert out.stdout.startswith("cannot reach http://127.0.0.1:9: connection refused")
+
+
+def test_an_application_exits_while_its_store_hangs(tmp_path):
+    """A store that accepts connections and never answers: uploads and syncs wait for their
+    15 s read timeout, but on daemon threads, so the application still exits at once."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.extend(iter(lambda: silent.accept()[0], None)),
+                     daemon=True).start()  # fmt: skip
+    env = dict(
+        os.environ,
+        AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{silent.getsockname()[1]}",
+        AWS_MAX_ATTEMPTS="1",
+        AWS_ACCESS_KEY_ID="a",
+        AWS_SECRET_ACCESS_KEY="b",
+        AWS_REGION="us-east-1",
+    )
+    # Wait a second (the sync's first request is then stuck waiting for a reply), then exit.
+    app = APP_WITH_STORE_DOWN.replace(
+        'while not walsync_vfs.stats()[0]["failures"]:\n    time.sleep(0.01)', "time.sleep(1)"
+    )
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", app, str(tmp_path / "a.db")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started < 10
+    assert held, "the app never reached the store"
+    silent.close()
 
 
 @pytest.mark.parametrize(

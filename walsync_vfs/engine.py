@@ -32,7 +32,6 @@ import threading
 import time
 from array import array
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -42,6 +41,7 @@ from walsync_vfs.config import DbConfig, Settings
 from walsync_vfs.dbfile import tee
 from walsync_vfs.recent import RecentCopies, Run
 from walsync_vfs.spool import Outgoing, Spool
+from walsync_vfs.workers import Workers
 
 log = logging.getLogger("walsync_vfs")
 
@@ -185,13 +185,11 @@ class Engine:
         self._freed = False  # uploads freed page copies since the last heap.release()
         self._next_release = 0.0
         self._stopped = False
-        self._sync_pool = ThreadPoolExecutor(2, thread_name_prefix="walsync-sync")
+        self._sync_pool = Workers(2, "walsync-sync")
         # One maintenance pass at a time, beside the uploads: a compaction holds a few MiB of
         # decoded pages, and many databases fall due in the same tick.
-        self._maintenance_pool = ThreadPoolExecutor(1, thread_name_prefix="walsync-maintain")
-        self._put_pool = ThreadPoolExecutor(
-            settings.upload_workers, thread_name_prefix="walsync-put"
-        )
+        self._maintenance_pool = Workers(1, "walsync-maintain")
+        self._put_pool = Workers(settings.upload_workers, "walsync-put")
         self._thread = threading.Thread(
             target=self._upload_loop, name="walsync-upload", daemon=True
         )
@@ -340,8 +338,8 @@ class Engine:
         """Sync until it succeeds and no resync is due.
 
         A failed attempt is retried with backoff by the uploader thread (see _upload_loop),
-        not by sleeping here: pool threads are joined when the interpreter exits, so one
-        waiting out a store that is down would keep the application from exiting.
+        not by sleeping here: a worker waiting out an outage would hold up the syncs of
+        every other database behind it.
         """
         while not self._stopped:
             try:
@@ -575,8 +573,7 @@ class Engine:
                         self._lock.acquire()
                 while self._sync_retries and self._sync_retries[0][0] <= now:
                     db = heapq.heappop(self._sync_retries)[2]
-                    with contextlib.suppress(RuntimeError):  # the interpreter is exiting
-                        self._sync_pool.submit(self._sync_loop, db)
+                    self._sync_pool.submit(self._sync_loop, db)
                 for db in self._due(now):
                     db.uploading = True
                     if db.outbox:
@@ -926,7 +923,7 @@ class Engine:
         self._thread.join()
         self._put_pool.shutdown(wait=True)
         self._maintenance_pool.shutdown(wait=True)
-        self._sync_pool.shutdown(wait=False, cancel_futures=True)
+        self._sync_pool.shutdown(wait=False, cancel=True)
         self._recent.close()
 
 
