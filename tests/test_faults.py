@@ -271,49 +271,54 @@ def test_missing_bucket(s3_server, tmp_path):
     assert "bucket 'no-such-bucket-here' does not exist" in err
 
 
-def test_unreachable_endpoint(tmp_path):
-    env = dict(
+def store_env(endpoint: str) -> dict[str, str]:
+    """This environment pointed at ``endpoint`` with throwaway credentials, one attempt each."""
+    return dict(
         os.environ,
-        AWS_ENDPOINT_URL_S3="http://127.0.0.1:9",
+        AWS_ENDPOINT_URL_S3=endpoint,
         AWS_MAX_ATTEMPTS="1",
         AWS_ACCESS_KEY_ID="a",
         AWS_SECRET_ACCESS_KEY="b",
         AWS_REGION="us-east-1",
     )
+
+
+def test_unreachable_endpoint(tmp_path):
+    env = store_env("http://127.0.0.1:9")
     err = one_error_line(cli("restore", "s3://bucket/p/x.db", "-o", str(tmp_path / "x"), env=env))
     assert "cannot reach http://127.0.0.1:9" in err
 
 
-APP_WITH_STORE_DOWN = """
+APP_THAT_EXITS = """
 import sys, time, apsw, walsync_vfs
 walsync_vfs.configure(replica="s3://bucket/p")
 con = apsw.Connection(sys.argv[1], vfs="walsync")
 con.execute("CREATE TABLE t(x)")
-while not walsync_vfs.stats()[0]["failures"]:
-    time.sleep(0.01)
+if sys.argv[2] == "failure":  # until the first sync has failed
+    while not walsync_vfs.stats()[0]["failures"]:
+        time.sleep(0.01)
+else:  # long enough for the first request to be under way
+    time.sleep(float(sys.argv[2]))
 print(walsync_vfs.stats()[0]["last_error"], flush=True)
-"""  # and exits with the database still open and its sync still failing
+"""  # and exits with the database still open and its replication still failing
 
 
-def test_an_application_exits_while_its_store_is_down(tmp_path):
-    """Failed syncs are retried from the uploader's schedule, never by a pool thread waiting
-    out the outage: the interpreter joins pool threads at exit, and one that retried forever
-    kept the application from exiting."""
-    env = dict(
-        os.environ,
-        AWS_ENDPOINT_URL_S3="http://127.0.0.1:9",
-        AWS_MAX_ATTEMPTS="1",
-        AWS_ACCESS_KEY_ID="a",
-        AWS_SECRET_ACCESS_KEY="b",
-        AWS_REGION="us-east-1",
-    )
+def app_exit(tmp_path, endpoint: str, wait: str) -> subprocess.CompletedProcess:
+    """Run APP_THAT_EXITS against ``endpoint``: it must exit cleanly within 10 s."""
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-c", APP_WITH_STORE_DOWN, str(tmp_path / "a.db")],
-        capture_output=True, text=True, timeout=60, env=env,
+        [sys.executable, "-c", APP_THAT_EXITS, str(tmp_path / "a.db"), wait],
+        capture_output=True, text=True, timeout=60, env=store_env(endpoint),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - started < 10
+    return out
+
+
+def test_an_application_exits_while_its_store_is_down(tmp_path):
+    """Failed syncs are retried from the uploader's schedule, never by a thread retrying
+    forever: one that did kept the application from exiting."""
+    out = app_exit(tmp_path, "http://127.0.0.1:9", "failure")
     assert out.stdout.startswith("cannot reach http://127.0.0.1:9: connection refused")
 
 
@@ -324,25 +329,7 @@ def test_an_application_exits_while_its_store_hangs(tmp_path):
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.extend(iter(lambda: silent.accept()[0], None)),
                      daemon=True).start()  # fmt: skip
-    env = dict(
-        os.environ,
-        AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{silent.getsockname()[1]}",
-        AWS_MAX_ATTEMPTS="1",
-        AWS_ACCESS_KEY_ID="a",
-        AWS_SECRET_ACCESS_KEY="b",
-        AWS_REGION="us-east-1",
-    )
-    # Wait a second (the sync's first request is then stuck waiting for a reply), then exit.
-    app = APP_WITH_STORE_DOWN.replace(
-        'while not walsync_vfs.stats()[0]["failures"]:\n    time.sleep(0.01)', "time.sleep(1)"
-    )
-    started = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-c", app, str(tmp_path / "a.db")],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert time.monotonic() - started < 10
+    app_exit(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}", "1")
     assert held, "the app never reached the store"
     silent.close()
 
