@@ -177,3 +177,24 @@ def test_compaction_lists_after_retention_deleted_and_resurrects_nothing(replica
     segs = [s for g in catalog.generations(client.client, "pruned.db") for s in g.segments]
     assert not any(s.first_txid <= gone.last_txid for s in segs), "a deleted segment came back"
     con.close()
+
+
+def test_local_copies_after_close_are_neither_kept_nor_read(tmp_path):
+    """At exit the copies' directory is removed while a maintenance thread may still run: it
+    must then compact from the store, not fail on the vanished directory (an AssertionError
+    per database, logged as a failed maintenance) or make the directory again."""
+    from walsync_vfs import format
+    from walsync_vfs.config import Settings
+    from walsync_vfs.recent import RecentCopies
+    from walsync_vfs.spool import Spool
+
+    copies = RecentCopies(Spool(Settings(spool_dir=str(tmp_path))))
+    key = format.parse_key(format.segment_key("db", format.new_generation_id(1), 2, 2))
+    run = copies.new_run(key)
+    copies.keep(run, key, b"segment")
+    assert copies.read(run) == {format.segment_key(key.name, key.generation, 2, 2): b"segment"}
+    copies.close()
+    assert os.listdir(tmp_path) == []
+    assert copies.read(run) == {}
+    copies.keep(run, key, b"later")
+    assert os.listdir(tmp_path) == []

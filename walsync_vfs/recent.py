@@ -57,6 +57,7 @@ class RecentCopies:
         self._dir: str | None = None
         self._names = itertools.count()
         self._lock = threading.Lock()  # file writes against drops: no file outlives its run
+        self._closed = False  # after close() (exit), copies are neither kept nor read
 
     def new_run(self, key: format.ParsedKey) -> Run:
         """A run for segments of ``key``'s database and generation (no file until a copy)."""
@@ -67,7 +68,7 @@ class RecentCopies:
         if (key.name, key.generation) != (run.name, run.generation):
             return  # read() files copies under the run's own name and generation
         with self._lock:
-            if run.dropped:
+            if run.dropped or self._closed:
                 return
             offset = run.copies[-2] + run.copies[-1] if run.copies else 0
             try:
@@ -90,7 +91,7 @@ class RecentCopies:
     def read(self, run: Run | None) -> dict[str, bytes]:
         """Every copy the run kept, by object key ({} if its file cannot be read)."""
         with self._lock:
-            if run is None or run.dropped or not run.copies:
+            if run is None or run.dropped or self._closed or not run.copies:
                 return {}
             try:
                 with open(self._path(run), "rb") as f:
@@ -115,8 +116,10 @@ class RecentCopies:
                     os.remove(self._path(run))
 
     def close(self) -> None:
-        """Remove every run's file (the engine is stopping, or the process exiting)."""
+        """Remove every run's file (the engine is stopping, or the process exiting).  A
+        maintenance thread still running then compacts from the store, if at all."""
         with self._lock:
+            self._closed = True
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
