@@ -54,6 +54,7 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # One compressor per thread and level, reused: a new zstd context per segment allocated (and
 # page-faulted in) its tables every time, which cost more CPU than compressing a small segment.
 _compressors = threading.local()
+_decompressors = threading.local()
 
 
 def _compress(data: bytes, level: int) -> bytes:
@@ -62,6 +63,16 @@ def _compress(data: bytes, level: int) -> bytes:
     if compressor is None:
         compressor = per_level[level] = zstandard.ZstdCompressor(level=level)
     return compressor.compress(data)
+
+
+def _segment_reader(body: memoryview) -> zstandard.ZstdDecompressionReader:
+    """A reader over a segment body, on this thread's decompressor (a new one per segment
+    cost more than decompressing a small segment).  Only for bodies read to the end at once:
+    a second reader on the same thread resets the first."""
+    decompressor = getattr(_decompressors, "one", None)
+    if decompressor is None:
+        decompressor = _decompressors.one = zstandard.ZstdDecompressor()
+    return decompressor.stream_reader(body)
 
 
 # A page as decoders hand it out: a slice of one decompressed buffer, not a copy per page.
@@ -486,8 +497,13 @@ def _seal_segment(
     return obj + hashlib.sha256(obj).digest()
 
 
-def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
-    """Reading rules 1-6 of §4.4; returns the header and the (validated) compressed body."""
+_Row = tuple[int, int, int, int, int, int, int, int]  # one index entry, version 2 fields
+
+
+def _check_segment(data: bytes, key: str) -> tuple[int, int, int, list[_Row], memoryview, int]:
+    """Reading rules 1-6 of §4.4.  Returns the version, page size, first txid, the index
+    entries as rows of version 2 fields (version 1 rows get an unknown WAL position), the
+    validated compressed body and its raw length."""
     view = memoryview(data)
     version = _check_magic_version(view, SEGMENT_MAGIC, SEGMENT_VERSION, key)
     entry_format = _SEG_ENTRY_V1 if version == 1 else _SEG_ENTRY
@@ -507,29 +523,56 @@ def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
         raise CorruptObject(key, f"object is {len(view)} bytes, header implies {expected}")
     if hashlib.sha256(view[:-_SHA_LEN]).digest() != view[-_SHA_LEN:]:
         raise CorruptObject(key, "sha256 mismatch")
-    index = []
-    total = 0
-    # Runs per commit for every segment restored or compacted: plain ints, no WalPos for an
-    # unknown position, and no range checks the unpacked u32 fields cannot fail.
-    for i, fields in enumerate(entry_format.iter_unpack(view[_SEG_HEADER.size : index_end])):
-        txid, time_ns, db_size, page_count, checksum = fields[:5]
-        salt1, salt2, wal_end = fields[5:] or (0, 0, 0)
-        if not wal_end and (salt1 or salt2):
-            raise CorruptObject(key, f"txid {txid}: WAL salts without a WAL position")
-        if txid != first + i:
-            raise CorruptObject(key, f"index entry {i} has txid {txid}, not {first + i}")
-        if db_size < 1:
-            raise CorruptObject(key, f"txid {txid}: db_size 0")
-        if page_count > db_size:
-            raise CorruptObject(key, f"txid {txid}: {page_count} pages in {db_size}-page db")
-        total += page_count * (4 + page_size)
-        wal = WalPos(salt1, salt2, wal_end) if wal_end else None
-        index.append(IndexEntry(txid, time_ns, db_size, page_count, checksum, wal))
-    if total != raw_length:
-        raise CorruptObject(key, f"body_raw_length {raw_length}, index implies {total}")
+    rows = list(entry_format.iter_unpack(view[_SEG_HEADER.size : index_end]))
+    if version == 1:
+        rows = [row + (0, 0, 0) for row in rows]
+    # Runs for every segment restored or compacted: the entries' rules checked column by
+    # column in C; _index_problem words the first one broken (or clears a valid mix of
+    # known and unknown WAL positions, which this fast check leaves to it).
+    txids, _, db_sizes, page_counts, _, salts1, salts2, wal_ends = zip(*rows, strict=True)
+    if not (
+        txids == tuple(range(first, last + 1))
+        and min(db_sizes) >= 1
+        and all(map(int.__le__, page_counts, db_sizes))
+        and (0 not in wal_ends or not (any(salts1) or any(salts2)))
+        and sum(page_counts) * (4 + page_size) == raw_length
+    ):
+        problem = _index_problem(rows, first, page_size, raw_length)
+        if problem:
+            raise CorruptObject(key, problem)
     body = view[index_end : index_end + body_length]
     _check_frame(lambda pos, n: body[pos : pos + n].tobytes(), body_length, raw_length, key)
-    return SegmentHeader(page_size, first, last, tuple(index)), body
+    return version, page_size, first, rows, body, raw_length
+
+
+def _index_problem(rows: list[_Row], first: int, page_size: int, raw_length: int) -> str | None:
+    """The first rule of §4.2 the index entries break, or None."""
+    total = 0
+    for i, (txid, _, db_size, page_count, _, salt1, salt2, wal_end) in enumerate(rows):
+        if not wal_end and (salt1 or salt2):
+            return f"txid {txid}: WAL salts without a WAL position"
+        if txid != first + i:
+            return f"index entry {i} has txid {txid}, not {first + i}"
+        if db_size < 1:
+            return f"txid {txid}: db_size 0"
+        if page_count > db_size:
+            return f"txid {txid}: {page_count} pages in {db_size}-page db"
+        total += page_count * (4 + page_size)
+    if total != raw_length:
+        return f"body_raw_length {raw_length}, index implies {total}"
+    return None
+
+
+def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
+    """Reading rules 1-6 of §4.4; returns the header and the (validated) compressed body."""
+    _, page_size, first, rows, body, _ = _check_segment(data, key)
+    index = tuple(
+        IndexEntry(
+            txid, time_ns, db_size, page_count, checksum, WalPos(s1, s2, end) if end else None
+        )
+        for txid, time_ns, db_size, page_count, checksum, s1, s2, end in rows
+    )
+    return SegmentHeader(page_size, first, first + len(rows) - 1, index), body
 
 
 def read_segment_header(data: bytes, key: str) -> SegmentHeader:
@@ -565,7 +608,7 @@ def _segment_commits(
     """Decompress the records wanted in 1 MiB steps, then cut pages out of that one buffer."""
     entries = [e for e in header.index if upto_txid is None or e.txid <= upto_txid]
     record_size = [e.page_count * (4 + header.page_size) for e in entries]
-    reader = zstandard.ZstdDecompressor().stream_reader(body)
+    reader = _segment_reader(body)
     raw = memoryview(_read_exact(reader, sum(record_size), key))  # the rest is never decompressed
     if len(entries) == len(header.index):
         _expect_end(reader, key)
@@ -591,7 +634,10 @@ class RawSegment:
 
     key: str
     data: bytes  # the object itself
-    header: SegmentHeader
+    page_size: int
+    first_txid: int
+    last_txid: int
+    page_counts: tuple[int, ...]  # per commit
     index: bytes  # every entry in version 2 layout (a version 1 entry's WAL position unknown)
     raw: bytes  # the decompressed body: the commit records back to back
 
@@ -599,28 +645,22 @@ class RawSegment:
 def read_segment_raw(data: bytes, key: str) -> RawSegment:
     """Validate a whole segment (every rule of §4.4) and return it taken apart, without an
     object per page or commit: compaction merges segments at this level."""
-    header, body = _parse_segment(data, key)
-    sizes = [e.page_count * (4 + header.page_size) for e in header.index]
-    reader = zstandard.ZstdDecompressor().stream_reader(body)
-    raw = _read_exact(reader, sum(sizes), key)
+    version, page_size, first, rows, body, raw_length = _check_segment(data, key)
+    reader = _segment_reader(body)
+    raw = _read_exact(reader, raw_length, key)
     _expect_end(reader, key)
-    pos = 0
-    for entry, size in zip(header.index, sizes, strict=True):
-        problem = _pgno_problem(
-            struct.unpack_from(f">{entry.page_count}I", raw, pos), entry.db_size
-        )
+    pos, width = 0, 4 + page_size
+    for txid, _, db_size, page_count, *_ in rows:
+        problem = _pgno_problem(struct.unpack_from(f">{page_count}I", raw, pos), db_size)
         if problem:
-            raise CorruptObject(key, f"txid {entry.txid}: {problem}")
-        pos += size
-    _, version = struct.unpack_from(">8sH", data)
+            raise CorruptObject(key, f"txid {txid}: {problem}")
+        pos += page_count * width
     if version == SEGMENT_VERSION:
-        index = data[_SEG_HEADER.size : _SEG_HEADER.size + len(header.index) * _SEG_ENTRY.size]
+        index = data[_SEG_HEADER.size : _SEG_HEADER.size + len(rows) * _SEG_ENTRY.size]
     else:
-        index = b"".join(
-            _pack_entry(e.txid, e.time_ns, e.db_size, e.page_count, e.checksum, e.wal)
-            for e in header.index
-        )
-    return RawSegment(key, data, header, index, raw)
+        index = b"".join(_SEG_ENTRY.pack(*row) for row in rows)
+    counts = tuple(row[3] for row in rows)
+    return RawSegment(key, data, page_size, first, first + len(rows) - 1, counts, index, raw)
 
 
 def merge_segments(
@@ -638,38 +678,43 @@ def merge_segments(
     """
     if not segments:
         raise ValueError("nothing to merge")
-    page_size = segments[0].header.page_size
+    page_size = segments[0].page_size
     width = _SEG_ENTRY.size
     # Per group: its first txid, and runs of index entries and of records cut from the inputs.
     firsts: list[int] = []
     indexes: list[list[memoryview]] = []
     bodies: list[list[memoryview]] = []
     size = 0
-    expected = segments[0].header.first_txid
+    expected = segments[0].first_txid
     for seg in segments:
-        h = seg.header
-        if h.page_size != page_size or h.first_txid != expected:
+        if seg.page_size != page_size or seg.first_txid != expected:
             raise ValueError(
                 f"{seg.key} does not continue txid {expected - 1} at page size {page_size}"
             )
-        expected = h.last_txid + 1
+        expected = seg.last_txid + 1
         index, raw = memoryview(seg.index), memoryview(seg.raw)
+        pages = sum(seg.page_counts) * page_size
+        if firsts and size + pages <= max_bytes:  # the usual case: it joins the group whole
+            indexes[-1].append(index)
+            bodies[-1].append(raw)
+            size += pages
+            continue
         start = pos = run_pos = 0  # the current run: entries from `start`, records from `run_pos`
-        for i, entry in enumerate(h.index):
-            pages = entry.page_count * page_size
+        for i, page_count in enumerate(seg.page_counts):
+            pages = page_count * page_size
             if not firsts or size + pages > max_bytes:
                 if i > start:
                     indexes[-1].append(index[start * width : i * width])
                     bodies[-1].append(raw[run_pos:pos])
-                firsts.append(entry.txid)
+                firsts.append(seg.first_txid + i)
                 indexes.append([])
                 bodies.append([])
                 start, run_pos, size = i, pos, 0
             size += pages
-            pos += pages + 4 * entry.page_count
+            pos += pages + 4 * page_count
         indexes[-1].append(index[start * width :])
         bodies[-1].append(raw[run_pos:])
-    whole = {(s.header.first_txid, s.header.last_txid): s.data for s in segments}
+    whole = {(s.first_txid, s.last_txid): s.data for s in segments}
     lasts = [f - 1 for f in firsts[1:]] + [expected - 1]
     for first, last, index_runs, body_runs in zip(firsts, lasts, indexes, bodies, strict=True):
         data = whole.get((first, last))
