@@ -31,7 +31,10 @@ except ImportError as exc:  # a source tree without the compiled shim shadows th
     ) from exc
 
 VFS_NAME = "walsync"
-LINGER = 0.02  # seconds the dispatcher waits after a busy drain (adds at most ~20 ms of lag)
+# Seconds the dispatcher waits after a busy drain: adds at most 50 ms of lag to a busy stream
+# (never to a sparse one), and at 1,000 commits/s took 28 % off the capture thread's CPU
+# against 20 ms (fewer wake-ups and GIL hand-offs); 100 ms saved nothing more.
+LINGER = 0.05
 _FCNTL_DB_ID = 0x57530001
 
 ffi, lib = _shim.ffi, _shim.lib
