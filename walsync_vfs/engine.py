@@ -611,13 +611,15 @@ class Engine:
         commits = [c for _, _, c in batch]
         gen = batch[0][1]
         page_size = next((len(p) for c in commits for _, p in c.pages), db.page_size)
+        raw_bytes = sum(len(c.pages) for c in commits) * page_size
+        level = format.SMALL_SEGMENT_LEVEL if _small(raw_bytes, db) else format.SEGMENT_LEVEL
         return Outgoing(
             format.segment_key(db.name, gen, commits[0].txid, commits[-1].txid),
             gen,
             batch[-1][0],
             commits[-1].txid,
-            sum(len(c.pages) for c in commits) * page_size,
-            format.encode_segment(page_size, commits),
+            raw_bytes,
+            format.encode_segment(page_size, commits, level),
         )
 
     def _ship(self, db: DbState, item: Outgoing | None, batch: list | None = None) -> None:
@@ -652,7 +654,7 @@ class Engine:
         run = None
         with self._lock:
             # Compaction merges runs of consecutive small segments of the current generation.
-            if item.raw_bytes < db.cfg.max_segment_bytes // 4 and item.generation == db.generation:
+            if _small(item.raw_bytes, db) and item.generation == db.generation:
                 key = format.parse_key(item.key)
                 db.small_segments.extend((key.first_txid, key.last_txid))
                 run = db.recent = db.recent or self._recent.new_run(key)
@@ -999,6 +1001,11 @@ def _wal_survivors(
     if state.value != now.value or state.db_size != now.db_size:
         raise Unrecoverable(f"replaying {where} does not give the database's state")
     return commits
+
+
+def _small(raw_bytes: int, db: DbState) -> bool:
+    """Whether a segment of ``raw_bytes`` page bytes is one compaction merges."""
+    return raw_bytes < db.cfg.max_segment_bytes // 4
 
 
 def _small_keys(db: DbState) -> list[format.ParsedKey]:
