@@ -2,12 +2,12 @@
 
 Endpoint, region and credentials come from the AWS conventions every other tool on the
 machine follows (``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles, config and
-credentials files, instance roles, ...), resolved by a botocore *session*.  The requests
-themselves -- PUT, GET, ListObjectsV2, DeleteObjects -- are four fixed REST calls, so they are
-made here (:mod:`~walsync_vfs.storage.wire`, :mod:`~walsync_vfs.storage.sigv4`) instead of a
-botocore client: that client loads S3's service model (~14 MiB) and spends most of a commit's
-replication CPU on its per-request machinery, while walsync PUTs about once per database per
-second.
+credentials files, instance roles, ...), resolved by :mod:`~walsync_vfs.storage.awsconfig`.
+The requests themselves -- PUT, GET, ListObjectsV2, DeleteObjects -- are four fixed REST
+calls, so they are made here (:mod:`~walsync_vfs.storage.wire`,
+:mod:`~walsync_vfs.storage.sigv4`) instead of a botocore client: that client loads S3's
+service model (~14 MiB) and spends most of a commit's replication CPU on its per-request
+machinery, while walsync PUTs about once per database per second.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from walsync_vfs.storage import (
     ObjectInfo,
     ObjectNotFound,
     StorageError,
+    awsconfig,
     bad_url,
     check_key,
     check_prefix,
@@ -118,29 +119,15 @@ class S3Service:
     def __init__(
         self, endpoint_url: str | None, region: str | None, path_style: bool | None
     ) -> None:
-        import botocore.session
-        from botocore.configprovider import ConfiguredEndpointProvider
-        from botocore.exceptions import BotoCoreError
-
-        # The default session is not safe to share across threads; this one is only read.
-        self._session = session = botocore.session.Session()
         try:
-            region = (
-                region
-                or os.environ.get("AWS_REGION")
-                or session.get_config_variable("region")
-                or DEFAULT_REGION
-            )
-            if endpoint_url is None and not session.get_config_variable(
-                "ignore_configured_endpoint_urls"
-            ):
-                endpoint_url = ConfiguredEndpointProvider(
-                    session.full_config, session.get_scoped_config(), "s3"
-                ).provide()
-            attempts = session.get_config_variable("max_attempts")
-            self._ca_bundle: str | None = session.get_config_variable("ca_bundle")
-        except BotoCoreError as exc:
+            aws = awsconfig.resolve()
+        except awsconfig.ConfigError as exc:
             raise StorageError(f"AWS configuration: {exc}") from None
+        region = region or aws.region or DEFAULT_REGION
+        endpoint_url = endpoint_url if endpoint_url is not None else aws.endpoint_url
+        attempts = aws.max_attempts
+        self._ca_bundle = aws.ca_bundle
+        self._current_credentials = aws.credentials
         self.endpoint_url = (endpoint_url or _aws_endpoint(region)).rstrip("/")
         parts = urlsplit(self.endpoint_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -156,8 +143,6 @@ class S3Service:
         self._base = parts.path.rstrip("/")
         self._pools: dict[str, _Pool] = {}
         self._lock = threading.Lock()
-        self._provider: Any = None
-        self._provider_resolved = False
         self._creds: tuple[Any, Credentials | None] = (None, None)  # (botocore's, ours)
 
     # -------------------------------------------------------------- the request path
@@ -218,19 +203,12 @@ class S3Service:
 
     def _credentials(self) -> Credentials:
         """The current credentials; a refreshing provider (role, SSO) renews them itself."""
-        from botocore.exceptions import BotoCoreError
-
         try:
-            if not self._provider_resolved:
-                with self._lock:
-                    if not self._provider_resolved:
-                        self._provider = self._session.get_credentials()
-                        self._provider_resolved = True
-            if self._provider is None:
-                raise _NoCredentials()
-            frozen = self._provider.get_frozen_credentials()
-        except BotoCoreError as exc:  # a broken profile, an expired SSO token, ...
-            raise _NoCredentials(str(exc).splitlines()[0]) from None
+            frozen = self._current_credentials()
+        except awsconfig.CredentialsError as exc:  # a broken profile, an expired SSO token
+            raise _NoCredentials(str(exc)) from None
+        if frozen is None:
+            raise _NoCredentials()
         known, creds = self._creds
         if frozen != known or creds is None:
             creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
