@@ -48,6 +48,7 @@ void ws_hold(int64_t db_id, int delta);
 int ws_read(void *file, void *buf, int n, int64_t off);
 int64_t ws_file_size(void *file);
 const char *ws_db_path(int64_t db_id);
+int ws_release_heap(void);
 """
 
 ffibuilder = FFI()

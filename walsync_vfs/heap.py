@@ -4,23 +4,15 @@ Every captured page becomes a ~4 KiB bytes object (too big for Python's own allo
 on the capture thread and freed on an upload thread about a second later.  glibc keeps such
 freed chunks in its arenas instead of returning them, so with 1,000 databases writing, the
 process held ~30 MiB more than it was using.  ``malloc_trim`` returns them in a few ms; the
-engine calls :func:`release` at most once a second, and only after uploads.  Elsewhere (musl,
-macOS) there is nothing to call and :func:`release` does nothing.
+engine calls :func:`release` at most once a second, and only after uploads.  The call is in
+the compiled shim (``ws_release_heap``); elsewhere than glibc (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
 
-import cffi
-
-_ffi = cffi.FFI()
-_ffi.cdef("int malloc_trim(size_t pad);")
-try:
-    _trim = _ffi.dlopen(None).malloc_trim  # the C library the process already runs on
-except (OSError, AttributeError):
-    _trim = None
+from walsync_vfs import _shim
 
 
 def release() -> None:
     """Return free heap memory to the OS, where the C library can."""
-    if _trim is not None:
-        _trim(0)
+    _shim.lib.ws_release_heap()

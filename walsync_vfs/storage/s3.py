@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import ipaddress
 import os
 import random
@@ -23,10 +22,10 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 from xml.etree import ElementTree
-from xml.sax.saxutils import escape
 
 from walsync_vfs.storage import (
     ObjectInfo,
@@ -44,7 +43,7 @@ from walsync_vfs.storage.sigv4 import (
     canonical_query,
     uri_path,
 )
-from walsync_vfs.storage.wire import Connection
+from walsync_vfs.storage.wire import Connection, Disconnected, ProtocolError
 
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 15  # seconds; a frozen store must surface as an error, not a hang
@@ -245,7 +244,7 @@ class _Pool:
                 raise _Unreachable(
                     f"no response within {READ_TIMEOUT}s; the server is up but not answering"
                 ) from None
-            except (http.client.HTTPException, OSError) as exc:
+            except (ProtocolError, OSError) as exc:
                 conn.close()
                 if reused and _closed(exc):
                     continue
@@ -300,11 +299,7 @@ def _closed(exc: BaseException) -> bool:
     """The peer dropped the connection (rather than refusing or timing out)."""
     return isinstance(
         exc,
-        http.client.RemoteDisconnected
-        | http.client.IncompleteRead
-        | ConnectionResetError
-        | ConnectionAbortedError
-        | BrokenPipeError,
+        Disconnected | ConnectionResetError | ConnectionAbortedError | BrokenPipeError,
     )
 
 
@@ -320,9 +315,22 @@ def _error_fields(status: int, body: bytes) -> tuple[str, str]:
     message = _MESSAGE.search(body)
     return (
         code[1].decode(errors="replace") if code else f"HTTP {status}",
-        (message[1].decode(errors="replace") if message else "")
-        or http.client.responses.get(status, "error"),
+        (message[1].decode(errors="replace") if message else "") or _phrase(status),
     )
+
+
+def _xml_text(text: str) -> str:
+    """``text`` as XML character data (xml.sax.saxutils.escape would import urllib.request,
+    http.client and ssl: ~6 MiB)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _phrase(status: int) -> str:
+    """'Not Found', 'Service Unavailable', ...; 'error' for a status HTTP does not define."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
 
 
 def _amz_date() -> str:
@@ -473,7 +481,7 @@ class S3ReplicaClient:
             batch = full[start : start + DELETE_BATCH]
             body = (
                 "<Delete><Quiet>true</Quiet>"
-                + "".join(f"<Object><Key>{escape(k)}</Key></Object>" for k in batch)
+                + "".join(f"<Object><Key>{_xml_text(k)}</Key></Object>" for k in batch)
                 + "</Delete>"
             ).encode()
             # DeleteObjects is the one call S3 refuses without a Content-MD5.
