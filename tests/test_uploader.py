@@ -62,3 +62,23 @@ def test_steady_writes_ship_about_once_per_interval(file_replica, tmp_path):
             con.close()
     finally:
         walsync_vfs.configure(upload_interval=1.0)
+
+
+def test_upload_threads_start_only_as_latency_needs_them() -> None:
+    """One at a time, calls run on one thread; calls that wait on the store (here, on an
+    event) start more threads, up to the cap, and every call runs."""
+    import threading
+
+    from walsync_vfs.workers import Workers
+
+    pool = Workers(3, "test-put")
+    for i in range(20):
+        assert pool.submit(lambda i=i: i * 2).result(timeout=5) == i * 2
+    assert pool.started == 1
+    release = threading.Event()
+    slow = [pool.submit(release.wait, 5) for _ in range(6)]
+    time.sleep(0.2)
+    assert pool.started == 3  # capped: the other three wait in the queue
+    release.set()
+    assert [f.result(timeout=5) for f in slow] == [True] * 6
+    pool.shutdown()

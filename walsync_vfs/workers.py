@@ -18,21 +18,44 @@ from typing import Any
 
 
 class Workers:
-    """``n`` daemon threads named ``name_0`` ... running submitted calls in order."""
+    """Up to ``n`` daemon threads named ``name_0`` ... running submitted calls in order.
+
+    Threads start as the work needs them: a call submitted while every started thread is busy
+    starts another, up to ``n``.  With a fast store one or two upload threads do; a slow one
+    (or a busy machine) brings up the rest.
+    """
 
     def __init__(self, n: int, name: str) -> None:
+        self._max = n
+        self._name = name
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True) for i in range(n)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # started threads waiting for work
+        self._stopped = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run ``fn(*args)`` on a worker; the future holds its result or exception."""
         future: Future = Future()
         self._queue.put((future, fn, args))
+        with self._lock:
+            if (
+                not self._stopped
+                and self._queue.qsize() > self._idle
+                and len(self._threads) < self._max
+            ):
+                thread = threading.Thread(
+                    target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                self._idle += 1  # counted before it runs: the next submit must not start one
+                thread.start()
         return future
+
+    @property
+    def started(self) -> int:
+        """Threads started so far."""
+        return len(self._threads)
 
     def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
         """Stop the workers after what is queued (``cancel``: drop what has not started)."""
@@ -44,18 +67,26 @@ class Workers:
                     break
                 if item is not None:
                     item[0].cancel()
-        for _ in self._threads:
+        with self._lock:
+            self._stopped = True
+            threads = list(self._threads)
+        for _ in threads:
             self._queue.put(None)
         if wait:
-            for thread in self._threads:
+            for thread in threads:
                 thread.join()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
+            with self._lock:
+                self._idle -= 1
             future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever holds the future
-                future.set_exception(exc)
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as exc:  # noqa: BLE001 - handed to the future's holder
+                        future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._idle += 1
