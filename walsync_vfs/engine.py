@@ -49,6 +49,7 @@ MAINTENANCE_TICK = 1.0  # seconds between looks for due snapshots, compactions, 
 FAILING_AFTER = 3  # consecutive failed attempts before flush() reports the replica as failing
 MAX_BACKOFF = 5.0  # seconds between retries of a failing store: recovery is noticed quickly
 COALESCE = 0.01  # s: uploads falling due this close together start in one uploader wake-up
+SHIPS_PER_WORKER = 2  # ships queued or running per put thread (see Engine.__init__)
 # s between looks at the memory cap (a sum over every database), made whenever the uploader
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
@@ -190,6 +191,13 @@ class Engine:
         # decoded pages, and many databases fall due in the same tick.
         self._maintenance_pool = Workers(1, "walsync-maintain")
         self._put_pool = Workers(settings.upload_workers, "walsync-put")
+        # Ships handed to the put threads and not finished.  At most SHIPS_PER_WORKER per
+        # thread: a database whose turn comes later keeps its commits pending, where
+        # memory_cap counts them and its next batch takes them all.  Unbounded, every due
+        # database's batch sat in the queue behind a slow store or a saturated machine:
+        # two thirds of the page copies held at 1,000 databases.
+        self._ship_slots = SHIPS_PER_WORKER * settings.upload_workers
+        self._ships = 0
         self._thread = threading.Thread(
             target=self._upload_loop, name="walsync-upload", daemon=True
         )
@@ -574,12 +582,13 @@ class Engine:
                 while self._sync_retries and self._sync_retries[0][0] <= now:
                     db = heapq.heappop(self._sync_retries)[2]
                     self._sync_pool.submit(self._sync_loop, db)
-                for db in self._due(now):
+                for db in self._due(now, self._ship_slots - self._ships):
                     db.uploading = True
+                    self._ships += 1
                     if db.outbox:
-                        self._put_pool.submit(self._ship, db, db.outbox[0])
+                        self._put_pool.submit(self._ship_in_slot, db, db.outbox[0])
                     else:
-                        self._put_pool.submit(self._ship, db, None, self._take_batch(db))
+                        self._put_pool.submit(self._ship_in_slot, db, None, self._take_batch(db))
                 if now >= self._next_spill_check:
                     self._next_spill_check = now + SPILL_CHECK
                     self._spill_if_over_cap()
@@ -587,7 +596,7 @@ class Engine:
                     self._next_maintenance = now + MAINTENANCE_TICK
                     self._schedule_maintenance(now)
                 wait = MAINTENANCE_TICK
-                if self._agenda:
+                if self._agenda and self._ships < self._ship_slots:  # else a ship's end wakes it
                     wait = min(wait, max(self._agenda[0][0] - now, COALESCE))
                 if self._sync_retries:
                     wait = min(wait, max(self._sync_retries[0][0] - now, 0.0))
@@ -621,6 +630,16 @@ class Engine:
             raw_bytes,
             format.encode_segment(page_size, commits, level),
         )
+
+    def _ship_in_slot(self, db: DbState, item: Outgoing | None, batch: list | None = None) -> None:
+        """_ship, then give its slot back, waking the uploader if databases waited for one."""
+        try:
+            self._ship(db, item, batch)
+        finally:
+            with self._lock:
+                self._ships -= 1
+                if self._ships == self._ship_slots - 1:
+                    self._uploader.notify()
 
     def _ship(self, db: DbState, item: Outgoing | None, batch: list | None = None) -> None:
         """Upload the oldest outgoing segment of a database (encoding it first if new)."""
@@ -836,11 +855,12 @@ class Engine:
             at = max(at, db.shipped_at + s.upload_interval)
         return at
 
-    def _due(self, now: float) -> list[DbState]:
-        """Databases whose pending commits should ship now (from the agenda; lock held)."""
-        ready = []
+    def _due(self, now: float, room: int) -> list[DbState]:
+        """Up to ``room`` databases whose pending commits should ship now (from the agenda;
+        lock held).  The others stay due on the agenda, their commits pending."""
+        ready: list[DbState] = []
         agenda = self._agenda
-        while agenda and agenda[0][0] <= now:
+        while agenda and agenda[0][0] <= now and len(ready) < room:
             at, _, db = heapq.heappop(agenda)
             if at != db.due_at:
                 continue  # superseded by an earlier entry
