@@ -82,3 +82,41 @@ def test_upload_threads_start_only_as_latency_needs_them() -> None:
     release.set()
     assert [f.result(timeout=5) for f in slow] == [True] * 6
     pool.shutdown()
+
+
+def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
+    """Behind a slow store, at most two ships per put thread are handed over at once; the
+    other due databases keep their commits pending, where memory_cap counts them (and their
+    next batch takes them all), instead of each parking a batch in the put queue."""
+    engine = walsync_vfs._engine_instance()
+    client = storage.open_replica(file_replica)
+    handed_over: list[int] = []  # ships queued or running, seen from inside each PUT
+
+    class SlowStore:
+        def put(self, key: str, data: bytes) -> None:
+            handed_over.append(engine._ships)
+            time.sleep(0.05)
+            client.put(key, data)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(client, name)
+
+    cons = [apsw.Connection(str(tmp_path / f"q{i}.db"), vfs="walsync") for i in range(24)]
+    for con in cons:
+        con.execute("CREATE TABLE t(x)")
+    walsync_vfs.flush(timeout=30)
+    engine._clients[file_replica] = SlowStore()
+    for db in engine._dbs.values():
+        if db.path.startswith(str(tmp_path)):
+            db.client = engine._clients[file_replica]
+    try:
+        for con in cons:  # 24 databases due at once
+            con.execute("INSERT INTO t VALUES(1)")
+        walsync_vfs.flush(timeout=30)
+    finally:
+        engine._clients[file_replica] = client
+    assert len(handed_over) >= 24
+    assert max(handed_over) <= engine._ship_slots == 2 * 4, handed_over
+    for i, con in enumerate(cons):
+        assert len(segments(file_replica, f"q{i}.db")) >= 2  # the CREATE's and the INSERT's
+        con.close()

@@ -596,11 +596,12 @@ class Engine:
                     self._next_maintenance = now + MAINTENANCE_TICK
                     self._schedule_maintenance(now)
                 wait = MAINTENANCE_TICK
-                if self._agenda and self._ships < self._ship_slots:  # else a ship's end wakes it
+                full = self._ships >= self._ship_slots  # then only a ship's end wakes it
+                if self._agenda and not full:
                     wait = min(wait, max(self._agenda[0][0] - now, COALESCE))
                 if self._sync_retries:
                     wait = min(wait, max(self._sync_retries[0][0] - now, 0.0))
-                self._wake_at = now + wait
+                self._wake_at = -math.inf if full else now + wait
                 self._uploader.wait(wait)
                 self._wake_at = -math.inf  # awake: what is scheduled now is seen before waiting
 
