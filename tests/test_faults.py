@@ -210,7 +210,7 @@ def test_spool_keeps_no_file_of_a_segment_shipped_while_it_was_spilled(tmp_path)
     """The uploader may ship a segment from memory (and discard it) while the spiller is
     still writing its file: the file must go, not linger uncounted until the process exits."""
     spool = Spool(Settings(spool_dir=str(tmp_path)))
-    item = Outgoing("k", "g", 1, 1, 4096, b"x" * 4096)
+    item = Outgoing("k", "g", 1, 1, 1, 4096, b"x" * 4096)
     spool.discard(item)  # shipped first; the spill below is the write that was under way
     spool.spill(item)
     assert list(tmp_path.iterdir()) == [] and spool.used == 0

@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import tempfile
 import threading
 import time
@@ -49,7 +50,7 @@ MAINTENANCE_TICK = 1.0  # seconds between looks for due snapshots, compactions, 
 FAILING_AFTER = 3  # consecutive failed attempts before flush() reports the replica as failing
 MAX_BACKOFF = 5.0  # seconds between retries of a failing store: recovery is noticed quickly
 COALESCE = 0.01  # s: uploads falling due this close together start in one uploader wake-up
-SHIPS_PER_WORKER = 2  # ships queued or running per put thread (see Engine.__init__)
+SHIPS_PER_WORKER = 4  # ships queued or running per put thread (see Engine.__init__)
 # s between looks at the memory cap (a sum over every database), made whenever the uploader
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
@@ -186,6 +187,9 @@ class Engine:
         self._freed = False  # uploads freed page copies since the last heap.release()
         self._next_release = 0.0
         self._stopped = False
+        # Where this process's upload ticks fall within an interval (see _ship_time): random,
+        # so processes sharing a store do not all upload at the same instant.
+        self._phase = random.random()
         self._sync_pool = Workers(2, "walsync-sync")
         # One maintenance pass at a time, beside the uploads: a compaction holds a few MiB of
         # decoded pages, and many databases fall due in the same tick.
@@ -198,6 +202,7 @@ class Engine:
         # two thirds of the page copies held at 1,000 databases.
         self._ship_slots = SHIPS_PER_WORKER * settings.upload_workers
         self._ships = 0
+        self._throttled = False  # the uploader waits for slots to free up
         self._thread = threading.Thread(
             target=self._upload_loop, name="walsync-upload", daemon=True
         )
@@ -265,7 +270,7 @@ class Engine:
             db.resync = True
         else:
             db.syncing = True
-            self._sync_pool.submit(self._sync_loop, db)
+            self._sync_pool.spawn(self._sync_loop, db)
 
     def _append(self, db: DbState, rec: Record) -> None:
         """Give a commit its txid and whole-db checksum and queue it for upload."""
@@ -581,14 +586,10 @@ class Engine:
                         self._lock.acquire()
                 while self._sync_retries and self._sync_retries[0][0] <= now:
                     db = heapq.heappop(self._sync_retries)[2]
-                    self._sync_pool.submit(self._sync_loop, db)
-                for db in self._due(now, self._ship_slots - self._ships):
-                    db.uploading = True
-                    self._ships += 1
-                    if db.outbox:
-                        self._put_pool.submit(self._ship_in_slot, db, db.outbox[0])
-                    else:
-                        self._put_pool.submit(self._ship_in_slot, db, None, self._take_batch(db))
+                    self._sync_pool.spawn(self._sync_loop, db)
+                due = self._due(now, self._ship_slots - self._ships)
+                if due:
+                    self._start_ships(due)
                 if now >= self._next_spill_check:
                     self._next_spill_check = now + SPILL_CHECK
                     self._spill_if_over_cap()
@@ -596,7 +597,8 @@ class Engine:
                     self._next_maintenance = now + MAINTENANCE_TICK
                     self._schedule_maintenance(now)
                 wait = MAINTENANCE_TICK
-                full = self._ships >= self._ship_slots  # then only a ship's end wakes it
+                # Every slot taken: only the end of ships wakes it (see _ship_in_slot).
+                full = self._throttled = self._ships >= self._ship_slots
                 if self._agenda and not full:
                     wait = min(wait, max(self._agenda[0][0] - now, COALESCE))
                 if self._sync_retries:
@@ -604,6 +606,48 @@ class Engine:
                 self._wake_at = -math.inf if full else now + wait
                 self._uploader.wait(wait)
                 self._wake_at = -math.inf  # awake: what is scheduled now is seen before waiting
+
+    def _start_ships(self, due: list[DbState]) -> None:
+        """Hand the due databases' oldest segments to the put threads (lock held).
+
+        New segments are encoded here, all of them in one go with the lock released, rather
+        than one per put thread: a burst of encodes runs on warm caches without a GIL
+        hand-off between them (83 vs 128 us per 10-commit segment at 100 databases), and
+        the put threads are left with the requests alone.
+        """
+        fresh = []
+        for db in due:
+            db.uploading = True
+            self._ships += 1
+            if not db.outbox:
+                fresh.append((db, self._take_batch(db)))
+        self._lock.release()
+        try:
+            encoded = [(db, self._encode_or_none(db, batch)) for db, batch in fresh]
+        finally:
+            self._lock.acquire()
+        for db, item in encoded:
+            if item is None:
+                self._ships -= 1
+                db.uploading = False
+                self._break_lineage(db)
+            else:
+                db.outbox.insert(0, item)
+        for db in due:
+            if db.uploading:
+                self._put_pool.spawn(self._ship_in_slot, db, db.outbox[0])
+
+    def _encode_or_none(self, db: DbState, batch: list) -> Outgoing | None:
+        """_encode, or None (logged) if the commits cannot be encoded: they are then lost to
+        the lineage, which has to start again from a snapshot that holds them."""
+        try:
+            return self._encode(db, batch)
+        except ValueError as exc:
+            log.error("walsync: cannot encode commits of %s (%s); resyncing", db.path, exc)
+            with self._lock:
+                db.errors += 1
+                db.last_error = f"encode: {exc}"
+            return None
 
     def _take_batch(self, db: DbState) -> list[tuple[int, str, format.Commit]]:
         """The oldest pending commits of one generation, up to max_segment_bytes."""
@@ -627,28 +671,28 @@ class Engine:
             format.segment_key(db.name, gen, commits[0].txid, commits[-1].txid),
             gen,
             batch[-1][0],
+            commits[0].txid,
             commits[-1].txid,
             raw_bytes,
             format.encode_segment(page_size, commits, level),
         )
 
-    def _ship_in_slot(self, db: DbState, item: Outgoing | None, batch: list | None = None) -> None:
-        """_ship, then give its slot back, waking the uploader if databases waited for one."""
+    def _ship_in_slot(self, db: DbState, item: Outgoing) -> None:
+        """_ship, then give its slot back.  An uploader that found every slot taken is woken
+        once half of them are free, not at each ship's end: databases fall due in bursts
+        (they start together), and a wake-up per ship doubled the uploader's CPU."""
         try:
-            self._ship(db, item, batch)
+            self._ship(db, item)
         finally:
             with self._lock:
                 self._ships -= 1
-                if self._ships == self._ship_slots - 1:
+                if self._throttled and self._ships <= self._ship_slots // 2:
+                    self._throttled = False
                     self._uploader.notify()
 
-    def _ship(self, db: DbState, item: Outgoing | None, batch: list | None = None) -> None:
-        """Upload the oldest outgoing segment of a database (encoding it first if new)."""
+    def _ship(self, db: DbState, item: Outgoing) -> None:
+        """Upload the oldest outgoing segment of a database."""
         try:
-            if item is None:
-                item = self._encode(db, batch)
-                with self._lock:
-                    db.outbox.insert(0, item)
             data = item.payload()
             db.client.put(item.key, data)
         except Exception as exc:  # noqa: BLE001 - retried, never dropped
@@ -675,7 +719,9 @@ class Engine:
         with self._lock:
             # Compaction merges runs of consecutive small segments of the current generation.
             if _small(item.raw_bytes, db) and item.generation == db.generation:
-                key = format.parse_key(item.key)
+                key = format.ParsedKey(
+                    db.name, item.generation, "segment", item.first_txid, item.last_txid
+                )
                 db.small_segments.extend((key.first_txid, key.last_txid))
                 run = db.recent = db.recent or self._recent.new_run(key)
             else:
@@ -719,7 +765,7 @@ class Engine:
             batches = []
             while db.pending:
                 batches.append(self._take_batch(db))
-            self._put_pool.submit(self._spill, db, batches)
+            self._put_pool.spawn(self._spill, db, batches)
 
     def _spill(self, db: DbState, batches: list[list]) -> None:
         try:
@@ -774,7 +820,7 @@ class Engine:
                     db.uploaded_since_retention = False
                     db.retained_at = now
                 db.maintaining = True
-                self._maintenance_pool.submit(self._maintain, db, retain, segs, run)
+                self._maintenance_pool.spawn(self._maintain, db, retain, segs, run)
             if (
                 not db.syncing
                 and cfg.snapshot_interval
@@ -851,9 +897,15 @@ class Engine:
         # per segment.
         urgent = self._flushers or db.pending_bytes >= s.max_segment_bytes or len(db.outbox) > 1
         # Burst tokens are for a commit that follows a quiet spell (the first after idle
-        # ships at once); a steady stream ships one segment per upload_interval.
+        # ships at once); a steady stream ships one segment per upload_interval, at the
+        # first tick of this process's upload clock after its last upload.  On a shared
+        # clock the busy databases fall due together and ship in one burst (encoded in one
+        # go, see _start_ships) instead of one at a time all through the interval: fewer
+        # wake-ups, and the code runs warm.  The lag a commit sees is still 0..interval.
         if not urgent and not (db.quiet and db.tokens >= 1):
-            at = max(at, db.shipped_at + s.upload_interval)
+            tick = s.upload_interval
+            phase = self._phase * tick
+            at = max(at, ((db.shipped_at - phase) // tick + 1) * tick + phase)
         return at
 
     def _due(self, now: float, room: int) -> list[DbState]:

@@ -34,6 +34,7 @@ class Outgoing:
     key: str
     generation: str
     last_seq: int
+    first_txid: int
     last_txid: int
     raw_bytes: int  # page bytes it carries (compaction only merges small segments)
     data: bytes | None  # None once spilled

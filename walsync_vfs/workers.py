@@ -10,11 +10,14 @@ alive: what is not uploaded yet is in the database file, the next open ships it,
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
+
+log = logging.getLogger("walsync_vfs")
 
 
 class Workers:
@@ -37,7 +40,17 @@ class Workers:
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run ``fn(*args)`` on a worker; the future holds its result or exception."""
         future: Future = Future()
-        self._queue.put((future, fn, args))
+        self._put((future, fn, args))
+        return future
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on a worker, for work nobody waits on: no future to make (the
+        engine starts a hundred uploads a second), and an exception is logged rather than
+        kept in a future nobody reads."""
+        self._put((None, fn, args))
+
+    def _put(self, item: tuple) -> None:
+        self._queue.put(item)
         with self._lock:
             if (
                 not self._stopped
@@ -50,7 +63,6 @@ class Workers:
                 self._threads.append(thread)
                 self._idle += 1  # counted before it runs: the next submit must not start one
                 thread.start()
-        return future
 
     @property
     def started(self) -> int:
@@ -65,7 +77,7 @@ class Workers:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
+                if item is not None and item[0] is not None:
                     item[0].cancel()
         with self._lock:
             self._stopped = True
@@ -82,7 +94,12 @@ class Workers:
                 self._idle -= 1
             future, fn, args = item
             try:
-                if future.set_running_or_notify_cancel():
+                if future is None:
+                    try:
+                        fn(*args)
+                    except Exception:  # a bug in the work must not end the thread unseen
+                        log.exception("walsync: %s failed", getattr(fn, "__name__", fn))
+                elif future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn(*args))
                     except BaseException as exc:  # noqa: BLE001 - handed to the future's holder
