@@ -597,7 +597,7 @@ class Engine:
                     self._next_maintenance = now + MAINTENANCE_TICK
                     self._schedule_maintenance(now)
                 wait = MAINTENANCE_TICK
-                # Every slot taken: only the end of ships wakes it (see _ship_in_slot).
+                # Every slot taken: only the end of ships wakes it (see _ship_all).
                 full = self._throttled = self._ships >= self._ship_slots
                 if self._agenda and not full:
                     wait = min(wait, max(self._agenda[0][0] - now, COALESCE))
@@ -633,9 +633,12 @@ class Engine:
                 self._break_lineage(db)
             else:
                 db.outbox.insert(0, item)
+        by_client: dict[int, list[tuple[DbState, Outgoing]]] = {}
         for db in due:
             if db.uploading:
-                self._put_pool.spawn(self._ship_in_slot, db, db.outbox[0])
+                by_client.setdefault(id(db.client), []).append((db, db.outbox[0]))
+        for ships in by_client.values():
+            self._put_pool.spawn(self._ship_all, ships[0][0].client, ships)
 
     def _encode_or_none(self, db: DbState, batch: list) -> Outgoing | None:
         """_encode, or None (logged) if the commits cannot be encoded: they are then lost to
@@ -677,43 +680,61 @@ class Engine:
             format.encode_segment(page_size, commits, level),
         )
 
-    def _ship_in_slot(self, db: DbState, item: Outgoing) -> None:
-        """_ship, then give its slot back.  An uploader that found every slot taken is woken
-        once half of them are free, not at each ship's end: databases fall due in bursts
-        (they start together), and a wake-up per ship doubled the uploader's CPU."""
+    def _ship_all(
+        self, client: storage.ReplicaClient, ships: list[tuple[DbState, Outgoing]]
+    ) -> None:
+        """Upload the oldest outgoing segment of each of these databases (one store) in one
+        go (:func:`storage.put_all`), settle each, then give their slots back.  An uploader
+        that found every slot taken is woken once half of them are free, not at each
+        ship's end: databases fall due in bursts, and a wake-up per ship doubled its CPU."""
+        settled = 0
         try:
-            self._ship(db, item)
+            objects, sending = [], []
+            for db, item in ships:
+                try:
+                    objects.append((item.key, item.payload()))
+                    sending.append((db, item))
+                except OSError as exc:  # a spooled segment that cannot be read back
+                    self._upload_failed(db, exc)
+                    settled += 1
+            results = storage.put_all(client, objects)
+            for (db, item), (_, data), exc in zip(sending, objects, results, strict=True):
+                if exc is None:
+                    self._uploaded(db, item, data)
+                else:
+                    self._upload_failed(db, exc)
+                settled += 1
+        except Exception as exc:  # a bug: never leave a database marked as uploading
+            log.exception("walsync: uploads failed")
+            for db, _ in ships[settled:]:
+                self._upload_failed(db, exc)
         finally:
             with self._lock:
-                self._ships -= 1
+                self._ships -= len(ships)
                 if self._throttled and self._ships <= self._ship_slots // 2:
                     self._throttled = False
                     self._uploader.notify()
 
-    def _ship(self, db: DbState, item: Outgoing) -> None:
-        """Upload the oldest outgoing segment of a database."""
-        try:
-            data = item.payload()
-            db.client.put(item.key, data)
-        except Exception as exc:  # noqa: BLE001 - retried, never dropped
-            with self._lock:
-                db.uploading = False
-                db.failures += 1
-                db.errors += 1
-                db.last_error = _describe(exc)
-                db.next_attempt = time.monotonic() + min(0.1 * 2 ** (db.failures - 1), MAX_BACKOFF)
-                self._cond.notify_all()
-                if not db.open and db.failures >= FAILING_AFTER:
-                    self._give_up(db)
-                    return
-                self._schedule(db, time.monotonic())
-            log.warning(
-                "walsync: upload for %s failed (attempt %d): %s",
-                db.name,
-                db.failures,
-                db.last_error,
-            )
-            return
+    def _upload_failed(self, db: DbState, exc: Exception) -> None:
+        """Retry later with backoff; nothing is dropped (but a closed database's store that
+        keeps failing is given up on: see _give_up)."""
+        with self._lock:
+            db.uploading = False
+            db.failures += 1
+            db.errors += 1
+            db.last_error = _describe(exc)
+            db.next_attempt = time.monotonic() + min(0.1 * 2 ** (db.failures - 1), MAX_BACKOFF)
+            self._cond.notify_all()
+            if not db.open and db.failures >= FAILING_AFTER:
+                self._give_up(db)
+                return
+            self._schedule(db, time.monotonic())
+        log.warning(
+            "walsync: upload for %s failed (attempt %d): %s", db.name, db.failures, db.last_error
+        )
+
+    def _uploaded(self, db: DbState, item: Outgoing, data: bytes) -> None:
+        """A segment is in the store: keep its local copy for compaction, mark it durable."""
         self._spool.discard(item)
         run = None
         with self._lock:

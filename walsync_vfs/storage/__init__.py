@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -71,6 +71,27 @@ class ReplicaClient(Protocol):
     def delete(self, keys: Iterable[str]) -> None:
         """Remove the objects; keys that do not exist are not an error."""
         ...
+
+
+def put_all(client: ReplicaClient, objects: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
+    """PUT several objects; per object, None or the exception its put raised.
+
+    A backend whose requests can overlap offers ``put_many`` with this contract (S3: every
+    request is sent before any reply is read); the others get one put after another.  Not
+    part of :class:`ReplicaClient`: a store needs only the four calls.
+    """
+    many = getattr(client, "put_many", None)
+    if many is not None:
+        return many(objects)
+    results: list[Exception | None] = []
+    for key, data in objects:
+        try:
+            client.put(key, data)
+        except Exception as exc:  # noqa: BLE001 - handed back per object
+            results.append(exc)
+        else:
+            results.append(None)
+    return results
 
 
 def check_key(key: str) -> str:

@@ -64,6 +64,7 @@ class Connection:
             sock.close()
             raise
         self.sock = sock
+        self.read_timeout = read_timeout
         self.reader = sock.makefile("rb")
         self.open = True
 
@@ -77,6 +78,12 @@ class Connection:
     ) -> tuple[int, dict[str, str], bytes]:
         """Send one request and read its whole reply: (status, headers, body).  Afterwards
         ``open`` says whether the connection can carry another request."""
+        self.send(method, target, headers, body)
+        return self.receive(method)
+
+    def send(self, method: str, target: str, headers: dict[str, str], body: bytes) -> None:
+        """The request half of :meth:`exchange`: a caller may send on several connections
+        before it reads any reply."""
         head = [f"{method} {target} HTTP/1.1"]
         head += [f"{name}: {value}" for name, value in headers.items()]
         if body or method in ("PUT", "POST"):
@@ -91,6 +98,21 @@ class Connection:
             self.sock.sendall(body)
         else:
             self.sock.sendall(data + body)
+
+    def receive(
+        self, method: str, timeout: float | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """The reply half of :meth:`exchange` (``timeout``: seconds for this reply instead
+        of the connection's read timeout)."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            return self._reply(method)
+        finally:
+            if timeout is not None and self.open:
+                self.sock.settimeout(self.read_timeout)
+
+    def _reply(self, method: str) -> tuple[int, dict[str, str], bytes]:
         while True:
             status, version = self._status_line()
             reply = self._header_block()
