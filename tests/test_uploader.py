@@ -12,6 +12,7 @@ import apsw
 
 import walsync_vfs
 from walsync_vfs import catalog, storage
+from walsync_vfs import engine as engine_mod
 
 
 def segments(url: str, name: str) -> list[str]:
@@ -85,7 +86,7 @@ def test_upload_threads_start_only_as_latency_needs_them() -> None:
 
 
 def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
-    """Behind a slow store, at most four ships per put thread are handed over at once; the
+    """Behind a slow store, at most PUT_BATCH ships per put thread are handed over at once; the
     other due databases keep their commits pending, where memory_cap counts them (and their
     next batch takes them all), instead of each parking a batch in the put queue."""
     engine = walsync_vfs._engine_instance()
@@ -101,7 +102,7 @@ def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
         def __getattr__(self, name: str) -> object:
             return getattr(client, name)
 
-    cons = [apsw.Connection(str(tmp_path / f"q{i}.db"), vfs="walsync") for i in range(40)]
+    cons = [apsw.Connection(str(tmp_path / f"q{i}.db"), vfs="walsync") for i in range(100)]
     for con in cons:
         con.execute("CREATE TABLE t(x)")
     walsync_vfs.flush(timeout=30)
@@ -110,13 +111,13 @@ def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
         if db.path.startswith(str(tmp_path)):
             db.client = engine._clients[file_replica]
     try:
-        for con in cons:  # 40 databases due at once
+        for con in cons:  # 100 databases due at once, more than the 64 slots
             con.execute("INSERT INTO t VALUES(1)")
         walsync_vfs.flush(timeout=30)
     finally:
         engine._clients[file_replica] = client
-    assert len(handed_over) >= 40
-    assert max(handed_over) <= engine._ship_slots == 4 * 4, handed_over
+    assert len(handed_over) >= 100
+    assert max(handed_over) <= engine._ship_slots == engine_mod.PUT_BATCH * 4, handed_over
     for i, con in enumerate(cons):
         assert len(segments(file_replica, f"q{i}.db")) >= 2  # the CREATE's and the INSERT's
         con.close()

@@ -116,7 +116,7 @@ class Settings:
     defaults: DbConfig = field(default_factory=DbConfig)
     overrides: list[Override] = field(default_factory=list)
     name: Callable[[str], str] | None = None  # db path -> name, before overrides' names
-    upload_workers: int = 4  # uploads in flight at once, across all databases
+    upload_workers: int = 4  # upload threads, across all databases (16 PUTs at once each)
     metrics_port: int | None = None  # serve Prometheus metrics on this port
     # Unsent data while the store is away: in memory up to memory_cap, then in spool_dir
     # (default: a private temp directory) up to spool_cap; see spool.py for what happens past it.
