@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from walsync_vfs.storage import ObjectInfo, ObjectNotFound, StorageError, open_replica, sigv4
+from walsync_vfs.storage import (
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    open_replica,
+    put_all,
+    sigv4,
+)
 from walsync_vfs.storage import s3 as s3_backend
 from walsync_vfs.storage.file import TMP_SUFFIX
 
@@ -463,3 +470,117 @@ def test_broken_aws_configuration_is_one_clear_line(
     assert str(info.value) == (
         "AWS configuration: The config profile (walsync-no-such-profile) could not be found"
     )
+
+
+# ------------------------------------------------------------------- several PUTs at once
+
+
+def batch(seed: int) -> list[tuple[str, bytes]]:
+    """20 objects from empty to past wire.BIG_BODY (whose head and body are sent apart)."""
+    rng = random.Random(seed)
+    sizes = [0, 1, 17, 100, 1000, 3000, 4096, 10_000, 65_535, 65_536, 65_537, 100_000]
+    sizes += [200_000, 1 << 20, 3, 50, 500, 5000, 50_000, 7]
+    objects = [(f"db/seg/{i:04d}", rng.randbytes(n)) for i, n in enumerate(sizes)]
+    objects[3] = ("db/a b+c%d~é", objects[3][1])  # encoded once in the signed path
+    return objects
+
+
+@pytest.mark.usefixtures("fresh_clients")  # a pool no other test has used
+def test_s3_put_many_stores_every_object(s3_url: str) -> None:
+    client = open_replica(s3_url)
+    assert client.put_many([]) == [] and client.requests == 0
+    objects = batch(1)
+    assert len(objects) == 20 and max(len(d) for _, d in objects) > (1 << 16)
+    assert client.put_many(objects) == [None] * 20
+    assert client.requests == 20
+    for key, data in objects:
+        assert client.get(key) == data
+    assert client.list("") == [ObjectInfo(k, len(d)) for k, d in sorted(objects)]
+    (pool,) = client.service._pools.values()
+    assert len(pool._idle) == 20  # one kept-alive connection per object, all given back
+
+    again = [(key, data[::-1] + b"!") for key, data in objects]  # overwrite on those sockets
+    client.requests = 0
+    assert put_all(client, again) == [None] * 20  # put_all hands an S3 client to put_many
+    assert client.requests == 20
+    assert len(pool._idle) == 20
+    assert [client.get(key) for key, _ in again] == [data for _, data in again]
+
+
+@pytest.mark.usefixtures("fresh_clients")
+def test_s3_put_many_real_refusals(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-retryable errors from a real store come back per object, worded as put's."""
+    client = open_replica("s3://walsync-no-such-bucket/x")
+    results = client.put_many([("a", b"1"), ("b", b"2" * 100_000)])
+    assert [str(e) for e in results] == [
+        f"bucket 'walsync-no-such-bucket' does not exist at {s3_server.endpoint}: "
+        "create it or fix the replica URL"
+    ] * 2
+    assert all(type(e) is StorageError for e in results)
+
+    url = f"s3://{s3_server.new_bucket()}/p"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    monkeypatch.setattr(s3_backend, "_services", {})
+    client = open_replica(url)
+    results = client.put_many([("a", b"1"), ("b", b"2")])
+    denied = f"access denied to {url}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    assert [str(e) for e in results] == [denied, denied]
+    assert client.requests == 2
+
+
+def test_file_put_all_stores_every_object(file_url: str) -> None:
+    client = open_replica(file_url)
+    objects = batch(2)
+    assert put_all(client, objects) == [None] * 20
+    assert client.requests == 20
+    assert [client.get(key) for key, _ in objects] == [data for _, data in objects]
+    assert put_all(client, []) == []
+
+
+def test_file_put_all_failures_are_per_object(file_url: str) -> None:
+    client = open_replica(file_url)
+    client.put("db/blocker", b"a file where a directory would have to be")
+    objects = [("db/a", b"1"), ("db/blocker/x", b"2"), ("db/c", b"3")]
+    results = put_all(client, objects)
+    assert results[0] is None and results[2] is None
+    assert type(results[1]) is StorageError
+    assert str(results[1]) == f"cannot write {file_url}/db/blocker/x: Not a directory"
+    assert client.get("db/a") == b"1" and client.get("db/c") == b"3"
+    assert client.requests == 1 + 3 + 2
+
+
+def test_put_all_without_put_many_tries_every_object() -> None:
+    """A backend with only put: each object is tried, in order, whatever came before."""
+
+    class Flaky:
+        url, requests = "test://flaky", 0
+
+        def __init__(self) -> None:
+            self.stored: dict[str, bytes] = {}
+            self.tried: list[str] = []
+
+        def put(self, key: str, data: bytes) -> None:
+            self.tried.append(key)
+            if key.startswith("bad"):
+                raise OSError(f"cannot store {key}")
+            self.stored[key] = data
+
+    client = Flaky()
+    results = put_all(client, [("bad1", b"x"), ("a", b"1"), ("bad2", b"y"), ("b", b"2")])
+    assert [None if r is None else (type(r), str(r)) for r in results] == [
+        (OSError, "cannot store bad1"), None, (OSError, "cannot store bad2"), None
+    ]  # fmt: skip
+    assert client.tried == ["bad1", "a", "bad2", "b"]
+    assert client.stored == {"a": b"1", "b": b"2"}
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_put_all_invalid_key_fails_only_that_object(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    client = open_replica(request.getfixturevalue(f"{backend}_url"))
+    results = put_all(client, [("a", b"1"), ("../escape", b"2"), ("c", b"3")])
+    assert results[0] is None and results[2] is None
+    assert type(results[1]) is ValueError
+    assert str(results[1]).startswith("invalid object key '../escape'")
+    assert client.get("a") == b"1" and client.get("c") == b"3"

@@ -3,11 +3,15 @@ TLS front for SeaweedFS."""
 
 from __future__ import annotations
 
+import os
+import select
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,3 +212,299 @@ def test_a_line_break_in_a_header_value_is_refused() -> None:
             conn.exchange("GET", "/b/k", {"host": server.host, "x-amz-meta": value}, b"")
     status, _, _ = conn.exchange("GET", "/b/k", {"host": server.host}, b"")
     assert status == 200 and len(server.requests) == 1
+
+
+def test_receive_timeout_is_for_that_reply_only() -> None:
+    """send on two connections, then read the replies in the other order; a receive with a
+    timeout gives up after it and leaves the connection's own read timeout in place."""
+    first = Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1"])
+    second = Scripted([b"HTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\n2"])
+    a, b = Connection(first.host, None, 5, 5), Connection(second.host, None, 5, 5)
+    a.send("PUT", "/b/1", {"host": first.host}, b"x" * 100_000)
+    b.send("PUT", "/b/2", {"host": second.host}, b"y")
+    assert b.receive("PUT", 2.0)[::2] == (201, b"2")
+    assert b.sock.gettimeout() == 5
+    assert a.receive("PUT")[::2] == (200, b"1")
+
+    silent = FakeS3(lambda *_: HANG)
+    conn = Connection(silent.host, None, 5, 5)
+    conn.send("PUT", "/b/k", {"host": silent.host}, b"z")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        conn.receive("PUT", 0.3)
+    assert 0.25 < time.monotonic() - started < 2
+    assert conn.open and conn.sock.gettimeout() == 5
+    silent.stop()
+
+
+# ---------------------------------------------------------- put_many against a fake store
+
+HANG = object()  # FakeS3 answer: keep the connection open and never reply
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+def s3_error(status: int, phrase: str, code: str, message: str) -> bytes:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        "<Resource>/bucket/x</Resource><RequestId>4442587FB7D0A2F9</RequestId></Error>"
+    ).encode()
+    head = f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/xml\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+class FakeS3:
+    """A loopback stand-in for an S3 endpoint: every connection on its own thread, each
+    request answered by ``answer(method, path, body)``: reply bytes; None to close without
+    a reply; HANG to never answer; (reply, "fin"/"rst") to reply and then drop the
+    connection (a FIN, or a RST) without having said Connection: close."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.endpoint = f"http://{self.host}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def paths(self) -> list[str]:
+        with self._lock:
+            return [path for _, path, _ in self.requests]
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.sock.close()
+        with self._lock:
+            for conn in self._open:
+                conn.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self._open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn, conn.makefile("rb") as reader:
+                while request := self._read(reader):
+                    with self._lock:
+                        self.requests.append(request)
+                    reply = self.answer(*request)
+                    if reply is HANG:
+                        self._stopped.wait()
+                        return
+                    if reply is None:
+                        return
+                    if isinstance(reply, tuple):
+                        reply, how = reply
+                        conn.sendall(reply)
+                        if how == "rst":  # SO_LINGER 0: close() sends a RST
+                            conn.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                            )
+                        return
+                    conn.sendall(reply)
+        except OSError:
+            return
+
+    @staticmethod
+    def _read(reader) -> tuple[str, str, bytes] | None:
+        line = reader.readline()
+        if not line:
+            return None
+        method, path, _ = line.decode("latin-1").split(" ", 2)
+        length = 0
+        while (header := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = header.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        return method, path, reader.read(length)
+
+
+@pytest.fixture
+def fake_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    """make(answer) -> (FakeS3, client of s3://bucket/x there); the AWS env points at it."""
+    servers: list[FakeS3] = []
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+
+    def make(answer):
+        server = FakeS3(answer)
+        servers.append(server)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.endpoint)
+        monkeypatch.setattr(s3_backend, "_services", {})
+        return server, open_replica("s3://bucket/x")
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def objects(n: int) -> list[tuple[str, bytes]]:
+    return [(f"k{i}", f"body {i}".encode() * (i + 1)) for i in range(n)]
+
+
+def test_put_many_retries_a_slow_down_through_the_request_path(fake_s3) -> None:
+    slow_down = s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.")
+    answered: dict[str, int] = {}
+
+    def answer(method: str, path: str, body: bytes):
+        answered[path] = answered.get(path, 0) + 1
+        return slow_down if path == "/bucket/x/k1" and answered[path] == 1 else OK
+
+    server, client = fake_s3(answer)
+    batch = objects(4)
+    assert client.put_many(batch) == [None] * 4
+    assert client.requests == 4
+    assert sorted(server.paths()) == [
+        "/bucket/x/k0", "/bucket/x/k1", "/bucket/x/k1", "/bucket/x/k2", "/bucket/x/k3"
+    ]  # fmt: skip
+    bodies = [(p, b) for _, p, b in server.requests if p == "/bucket/x/k1"]
+    assert bodies == [("/bucket/x/k1", batch[1][1])] * 2  # the same object, sent again
+
+
+def test_put_many_gives_up_on_a_store_that_keeps_throttling(
+    fake_s3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # put_many's own attempt and one more
+    slow_down = s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.")
+    server, client = fake_s3(lambda m, path, b: slow_down if path.endswith("/k2") else OK)
+    results = client.put_many(objects(3))
+    assert results[:2] == [None, None]
+    assert str(results[2]) == (
+        f"S3 put s3://bucket/x/k2 failed at {server.endpoint}: "
+        "SlowDown: Please reduce your request rate."
+    )
+    # put_many's own attempt, then request()'s for the rest of AWS_MAX_ATTEMPTS
+    assert server.paths().count("/bucket/x/k2") == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (
+            s3_error(403, "Forbidden", "AccessDenied", "Access Denied"),
+            "access denied to s3://bucket/x: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
+        ),
+        (
+            s3_error(404, "Not Found", "NoSuchBucket", "The specified bucket does not exist"),
+            "bucket 'bucket' does not exist at {endpoint}: create it or fix the replica URL",
+        ),
+        (
+            s3_error(400, "Bad Request", "EntityTooLarge", "Your proposed upload exceeds\nthe"),
+            "S3 put s3://bucket/x/k2 failed at {endpoint}: EntityTooLarge: Your proposed "
+            "upload exceeds",
+        ),
+    ],
+    ids=["AccessDenied", "NoSuchBucket", "EntityTooLarge"],
+)
+def test_put_many_refusal_is_that_objects_error(fake_s3, reply: bytes, expected: str) -> None:
+    server, client = fake_s3(lambda m, path, b: reply if path.endswith("/k2") else OK)
+    results = client.put_many(objects(5))
+    assert [r is None for r in results] == [True, True, False, True, True]
+    assert type(results[2]) is StorageError
+    assert str(results[2]) == expected.format(endpoint=server.endpoint)
+    assert server.paths().count("/bucket/x/k2") == 1  # not retried
+    assert len(server.requests) == 5
+    assert all(m == "PUT" for m, _, _ in server.requests)
+
+
+def no_reply(seconds: float) -> str:
+    return f"no response within {seconds}s; the server is up but not answering"
+
+
+def test_put_many_to_a_hung_store_costs_one_read_timeout(
+    fake_s3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_backend, "READ_TIMEOUT", 1.0)  # the deadline and each socket's
+    server, client = fake_s3(lambda *_: HANG)
+    n = 8
+    started = time.monotonic()
+    results = client.put_many(objects(n))
+    elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 2.5  # one timeout for all, not n x 1 s (nor n x attempts x 1 s)
+    assert [str(r) for r in results] == [f"cannot reach {server.endpoint}: {no_reply(1.0)}"] * n
+    assert all(type(r) is StorageError for r in results)
+    assert sorted(server.paths()) == [f"/bucket/x/k{i}" for i in range(n)]  # all sent first
+    assert server.connections == n  # one connection each, and a timeout is not retried
+    (pool,) = client.service._pools.values()
+    assert pool._idle == []  # the timed-out connections were closed, not pooled
+
+
+def test_put_many_one_hung_reply_does_not_fail_the_answered_ones(
+    fake_s3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_backend, "READ_TIMEOUT", 0.5)
+    server, client = fake_s3(lambda m, path, b: HANG if path.endswith("/k0") else OK)
+    started = time.monotonic()
+    results = client.put_many(objects(5))  # k0's reply is read first and never comes
+    assert time.monotonic() - started < 2
+    assert str(results[0]) == f"cannot reach {server.endpoint}: {no_reply(0.5)}"
+    assert results[1:] == [None] * 4  # their replies were waiting when the deadline passed
+
+
+def test_put_many_to_a_store_that_stopped_reading_costs_one_timeout(
+    fake_s3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_backend, "READ_TIMEOUT", 0.5)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    server, client = fake_s3(lambda *_: HANG)
+    server._read = lambda reader: server._stopped.wait() and None  # accepts, never reads
+    big = [(f"k{i}", bytes(16 << 20)) for i in range(3)]  # more than the socket buffers take
+    started = time.monotonic()
+    results = client.put_many(big)
+    elapsed = time.monotonic() - started
+    assert [str(r) for r in results] == [f"cannot reach {server.endpoint}: {no_reply(0.5)}"] * 3
+    assert elapsed < 1.5
+
+
+@pytest.mark.parametrize("drop", ["fin", "rst"])
+def test_put_many_replaces_a_kept_alive_connection_the_server_closed(fake_s3, drop) -> None:
+    """fin: the request goes out and reading its reply fails; rst: sending it fails."""
+    server, client = fake_s3(lambda m, path, b: (OK, drop) if path.endswith("/warm") else OK)
+    client.put("warm", b"w")  # leaves its connection in the pool; the server then drops it
+    (pool,) = client.service._pools.values()
+    (stale,) = pool._idle
+    assert select.select([stale.sock], [], [], 5)[0]  # the FIN/RST has arrived
+    batch = objects(3)
+    assert client.put_many(batch) == [None] * 3  # k0 goes out on the stale connection first
+    assert client.requests == 4
+    assert sorted(server.requests) == sorted(
+        [("PUT", "/bucket/x/warm", b"w")] + [("PUT", f"/bucket/x/{k}", d) for k, d in batch]
+    )  # k0 arrived once: the server never read what was sent on the dead connection
+    assert not stale.open and stale not in pool._idle
+    # warm, k1, k2: k0's retry went out on a connection k1 or k2 had given back
+    assert server.connections == 3
+
+
+def test_put_many_to_a_closed_port_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3_backend, "_services", {})
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    client = open_replica("s3://bucket/x", endpoint_url=endpoint)
+    started = time.monotonic()
+    results = client.put_many(objects(3))
+    assert time.monotonic() - started < 2
+    assert [str(r) for r in results] == [
+        f"cannot reach {endpoint}: connection refused; "
+        "check the endpoint URL and that the server is running"
+    ] * 3

@@ -21,29 +21,42 @@ def compact(
     max_bytes: int,
     local: Callable[[str], bytes | None] = lambda key: None,
 ) -> list[str]:
-    """Merge consecutive segments into as few as fit ``max_bytes`` of page data each, upload
-    the merged ones, then delete the originals.  Returns the keys written.
+    """Merge consecutive segments (see :func:`merge_plan`), upload the merged ones, then
+    delete the originals.  Returns the keys written."""
+    puts, doomed = merge_plan(client, segments, max_bytes, local)
+    for key, data in puts:
+        client.put(key, data)
+    client.delete(doomed)
+    return [key for key, _ in puts]
+
+
+def merge_plan(
+    client: storage.ReplicaClient,
+    segments: list[format.ParsedKey],
+    max_bytes: int,
+    local: Callable[[str], bytes | None] = lambda key: None,
+) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """Merge consecutive segments into as few as fit ``max_bytes`` of page data each:
+    ``(objects to put, keys to delete once every put succeeded)``.
 
     ``local(key)`` may return a copy of a segment kept on this machine (see recent.py), so
     the store is only read for segments without one or whose copy fails validation.  The
     per-commit index survives the merge, so every commit stays a restore point.  Merged
-    segments are written before anything is deleted, and a plan skips commits it already has,
-    so a restore running meanwhile sees either set.
+    segments must be written before anything is deleted, and a plan skips commits it already
+    has, so a restore running meanwhile sees either set.
     """
     keys = [catalog.object_key(k) for k in segments]
     # One GET at a time, in the engine's maintenance thread: a pool of fetch threads per merge
     # (every 32 uploads of every database) cost more CPU and memory than the merge.
     raws = [_read(client, key, local(key)) for key in keys]
     first = segments[0]
-    merged, written = [], []
+    merged, puts = [], []
     for first_txid, last_txid, data in format.merge_segments(raws, max_bytes):
         key = format.segment_key(first.name, first.generation, first_txid, last_txid)
         merged.append(key)
         if key not in keys:  # a lone segment too big to merge stays as it is
-            client.put(key, data)
-            written.append(key)
-    client.delete([k for k in keys if k not in merged])
-    return written
+            puts.append((key, data))
+    return puts, [k for k in keys if k not in merged]
 
 
 def _read(client: storage.ReplicaClient, key: str, copy: bytes | None) -> format.RawSegment:

@@ -53,7 +53,6 @@ DEFAULT_REGION = "us-east-1"  # botocore's too, when nothing names one
 DEFAULT_ATTEMPTS = 3  # botocore's "standard" retry mode
 MAX_BACKOFF = 20.0  # seconds; standard mode's cap on the jittered 1, 2, 4, ... s backoff
 MAX_IDLE = 32  # keep-alive connections kept per host (the old client's pool size)
-_NO_REPLY = f"no response within {READ_TIMEOUT}s; the server is up but not answering"
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
@@ -155,9 +154,12 @@ class S3Service:
         query: Mapping[str, str] | None = None,
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
+        attempt: int = 1,
     ) -> bytes:
         """Sign and send one request, retrying transient failures with jittered backoff;
         returns the body of a 2xx response.  Raises _Unreachable, _Failed or _NoCredentials.
+        ``attempt`` > 1 goes on from a failed attempt made elsewhere (see put_many): it
+        backs off first, and counts toward the attempts allowed.
 
         Payloads are always SHA-256 signed (never UNSIGNED-PAYLOAD): the store then refuses a
         body damaged in transit even without TLS, for about 2 µs per KiB.
@@ -167,8 +169,9 @@ class S3Service:
         target = f"{path}?{qs}" if qs else path
         payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         pool = self._pool(host)
-        attempt = 1
         while True:
+            if attempt > 1:
+                time.sleep(random.random() * min(2.0 ** (attempt - 2), MAX_BACKOFF))
             signed = {"host": host, **(headers or {})}
             self.signer.sign(method, path, qs, signed, payload, self._credentials(), _amz_date())
             try:
@@ -183,7 +186,6 @@ class S3Service:
                     raise failure
             if attempt >= self.max_attempts:
                 raise failure
-            time.sleep(random.random() * min(2.0 ** (attempt - 1), MAX_BACKOFF))
             attempt += 1
 
     def put_many(self, bucket: str, objects: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
@@ -192,20 +194,27 @@ class S3Service:
         object (to SeaweedFS, 3 KB objects: 51 us of CPU per PUT in batches of 16 against
         187 us one at a time -- waking up for each reply was most of the cost).
 
-        Per object: None, or what :meth:`request` would raise.  An object whose attempt here
-        fails in a way worth retrying (a kept-alive connection the server had closed, a 503)
-        goes through :meth:`request` afterwards, with its retries; replies are awaited
-        against one deadline, so a store that stopped answering costs one read timeout.
+        Per object: None, or what :meth:`request` would raise.  A failure of one object or
+        connection (a kept-alive connection the server had closed, a 503) sends that object
+        again through :meth:`request`, as the rest of its attempts.  A store that cannot be
+        reached or stopped answering fails what is left of the batch at once: sends and
+        replies share one deadline, so that costs one read timeout, and the caller retries
+        later (the engine with its own backoff).
         """
         results: list[Exception | None] = [None] * len(objects)
-        retry: list[int] = []
-        sent: list[tuple[int, _Pool, Connection]] = []
+        retry: list[tuple[int, int]] = []  # (object, attempt it goes on with)
+        sent: list[tuple[int, _Pool, Connection, bool]] = []
         try:
             creds = self._credentials()
         except _NoCredentials as exc:
             return [exc] * len(objects)
         amz_date = _amz_date()
+        deadline = time.monotonic() + READ_TIMEOUT
+        down: Exception | None = None  # the store is unreachable: the rest fail with this
         for i, (key, body) in enumerate(objects):
+            if down is not None:
+                results[i] = down
+                continue
             host, path = self._address(bucket, key)
             headers = {"host": host}
             self.signer.sign(
@@ -213,28 +222,33 @@ class S3Service:
             )
             pool = self._pool(host)
             try:
-                conn, _ = pool.take(fresh=False)
+                conn, reused = pool.take(fresh=False)
             except _Unreachable as exc:
-                results[i] = exc
+                results[i] = down = exc
                 continue
             try:
-                conn.send("PUT", path, headers, body)
-            except (ProtocolError, OSError):
-                conn.close()
-                retry.append(i)
-                continue
-            sent.append((i, pool, conn))
-        deadline = time.monotonic() + READ_TIMEOUT
-        for i, pool, conn in sent:
-            try:
-                status, reply, data = conn.receive("PUT", max(deadline - time.monotonic(), 0.001))
+                conn.send("PUT", path, headers, body, _left(deadline))
             except TimeoutError:
                 conn.close()
-                results[i] = _Unreachable(_NO_REPLY)
+                results[i] = down = _no_reply()
                 continue
-            except (ProtocolError, OSError):
+            except (ProtocolError, OSError) as exc:
                 conn.close()
-                retry.append(i)
+                results[i] = _lost(exc)
+                retry.append((i, 1 if reused and _closed(exc) else 2))
+                continue
+            sent.append((i, pool, conn, reused))
+        for i, pool, conn, reused in sent:  # past the deadline, only replies already here
+            try:
+                status, reply, data = conn.receive("PUT", _left(deadline))
+            except TimeoutError:
+                conn.close()
+                results[i] = down = _no_reply()
+                continue
+            except (ProtocolError, OSError) as exc:
+                conn.close()
+                results[i] = _lost(exc)
+                retry.append((i, 1 if reused and _closed(exc) else 2))
                 continue
             if conn.open:
                 pool.give(conn)
@@ -242,14 +256,19 @@ class S3Service:
                 failure = _Failed(
                     status, *_error_fields(status, data), reply.get("x-amz-bucket-region", "")
                 )
+                results[i] = failure
                 if failure.retryable:
-                    retry.append(i)
-                else:
-                    results[i] = failure
-        for i in sorted(retry):
+                    retry.append((i, 2))
+        for i, attempt in sorted(retry):
+            if down is not None:
+                results[i] = down
+                continue
+            if attempt > self.max_attempts:
+                continue  # its failure stands
             key, body = objects[i]
             try:
-                self.request("PUT", bucket, key, body=body)
+                self.request("PUT", bucket, key, body=body, attempt=attempt)
+                results[i] = None
             except (_Unreachable, _Failed, _NoCredentials) as exc:
                 results[i] = exc
         return results
@@ -310,16 +329,12 @@ class _Pool:
                 status, reply, data = conn.exchange(method, target, headers, body)
             except TimeoutError:
                 conn.close()
-                raise _Unreachable(_NO_REPLY) from None
+                raise _no_reply() from None
             except (ProtocolError, OSError) as exc:
                 conn.close()
                 if reused and _closed(exc):
                     continue
-                raise _Unreachable(
-                    "connection closed before a response; is the server overloaded or restarting?"
-                    if _closed(exc)
-                    else f"{_reason(exc)}; check the endpoint URL and that the server is running"
-                ) from None
+                raise _lost(exc) from None
             if conn.open:
                 self.give(conn)
             return status, data, reply.get("x-amz-bucket-region", "")
@@ -360,6 +375,24 @@ class _Pool:
             raise _Unreachable(
                 f"{_reason(exc)}; check the endpoint URL and that the server is running"
             ) from None
+
+
+def _left(deadline: float) -> float:
+    """Seconds to a deadline, for a socket timeout (which must be positive)."""
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def _no_reply() -> _Unreachable:
+    return _Unreachable(f"no response within {READ_TIMEOUT}s; the server is up but not answering")
+
+
+def _lost(exc: BaseException) -> _Unreachable:
+    """A request that got no reply because its connection failed."""
+    return _Unreachable(
+        "connection closed before a response; is the server overloaded or restarting?"
+        if _closed(exc)
+        else f"{_reason(exc)}; check the endpoint URL and that the server is running"
+    )
 
 
 def _closed(exc: BaseException) -> bool:
@@ -491,14 +524,23 @@ class S3ReplicaClient:
     def put_many(self, objects: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
         """Several PUTs at once (see :func:`storage.put_all`); per object None or the
         StorageError its put would raise."""
-        full = [(self._root + check_key(key), data) for key, data in objects]
+        results: list[Exception | None] = [None] * len(objects)
+        valid: list[int] = []
+        for i, (key, _) in enumerate(objects):
+            try:
+                check_key(key)
+                valid.append(i)
+            except ValueError as exc:  # as put would raise it, for this object alone
+                results[i] = exc
         with self._lock:
-            self.requests += len(full)
-        errors = self.service.put_many(self.bucket, full)
-        return [
-            None if exc is None else self._error("put", f"{self.url}/{key}", exc)
-            for (key, _), exc in zip(objects, errors, strict=True)
-        ]
+            self.requests += len(valid)
+        errors = self.service.put_many(
+            self.bucket, [(self._root + objects[i][0], objects[i][1]) for i in valid]
+        )
+        for i, exc in zip(valid, errors, strict=True):
+            if exc is not None:
+                results[i] = self._error("put", f"{self.url}/{objects[i][0]}", exc)
+        return results
 
     def get(self, key: str) -> bytes:
         full = self._root + check_key(key)

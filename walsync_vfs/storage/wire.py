@@ -81,9 +81,26 @@ class Connection:
         self.send(method, target, headers, body)
         return self.receive(method)
 
-    def send(self, method: str, target: str, headers: dict[str, str], body: bytes) -> None:
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes,
+        timeout: float | None = None,
+    ) -> None:
         """The request half of :meth:`exchange`: a caller may send on several connections
-        before it reads any reply."""
+        before it reads any reply (``timeout``: seconds for this send instead of the read
+        timeout; a server that stopped reading blocks a large body)."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            self._send(method, target, headers, body)
+        finally:
+            if timeout is not None and self.open:
+                self.sock.settimeout(self.read_timeout)
+
+    def _send(self, method: str, target: str, headers: dict[str, str], body: bytes) -> None:
         head = [f"{method} {target} HTTP/1.1"]
         head += [f"{name}: {value}" for name, value in headers.items()]
         if body or method in ("PUT", "POST"):
