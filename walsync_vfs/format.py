@@ -218,6 +218,18 @@ class DbChecksum:
         Pages past the old end must all be supplied: SQLite writes every page it
         allocates, so a missing one means the caller lost a page.
         """
+        hashes = self._hashes
+        if db_size == len(hashes):  # the usual commit: no page added or cut off
+            same = [(pgno, _xxh3(data, seed=pgno)) for pgno, data in pages]
+            for pgno, _ in same:  # all checked before anything changes
+                if not 1 <= pgno <= db_size:
+                    raise ValueError(f"page {pgno} outside a database of {db_size} pages")
+            value = self._value
+            for pgno, h in same:  # a page given twice: the XORs leave the last one's hash
+                value ^= hashes[pgno - 1] ^ h
+                hashes[pgno - 1] = h
+            self._value = value
+            return
         if not 0 <= db_size <= _U32_MAX:
             raise ValueError(f"db_size {db_size} out of range")
         # Runs once per replicated commit: page_hash inlined, range checks done in C.
@@ -225,7 +237,7 @@ class DbChecksum:
         if new and (min(new) < 1 or max(new) > db_size):
             outside = next(p for p in new if not 1 <= p <= db_size)
             raise ValueError(f"page {outside} outside a database of {db_size} pages")
-        hashes, value = self._hashes, self._value
+        value = self._value
         old_size = len(hashes)
         if db_size > old_size:
             missing = next((p for p in range(old_size + 1, db_size + 1) if p not in new), None)
