@@ -235,3 +235,67 @@ def test_local_copies_after_close_are_neither_kept_nor_read(tmp_path):
     assert copies.read(run) == {}
     copies.keep(run, key, b"later")
     assert os.listdir(tmp_path) == []
+
+
+class FailingMerges(CountingGets):
+    """Refuses the merged segments of one database; counts delete calls."""
+
+    put_many = None  # put_all then goes through put, one object at a time
+
+    def __init__(self, client: storage.ReplicaClient, refused: str) -> None:
+        super().__init__(client)
+        self.refused = refused
+        self.deletes: list[list[str]] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        parsed = format.parse_key(key)
+        if parsed and parsed.name == self.refused and parsed.last_txid - parsed.first_txid:
+            raise storage.StorageError(f"refused {key}")
+        self.client.put(key, data)
+
+    def delete(self, keys) -> None:
+        self.deletes.append(list(keys))
+        self.client.delete(keys)
+
+
+def test_compactions_of_one_tick_are_sent_together_and_fail_alone(replica, tmp_path):
+    """Three databases due in one maintenance tick: their merged segments go out together and
+    one delete removes the originals -- but only of the databases whose merged segments are
+    all in the store.  The refused one keeps every original, so nothing is lost."""
+    url, counting = replica
+    engine = walsync_vfs._engine_instance()
+    client = FailingMerges(counting.client, "b.db")
+    engine._clients[url] = client
+    names = ["a.db", "b.db", "c.db"]
+    cons = {}
+    with engine._lock:
+        engine._next_maintenance = float("inf")  # hold maintenance until all three are due
+    try:
+        for name in names:
+            cons[name] = open_db(str(tmp_path / name))
+            db_state(str(tmp_path / name)).client = client
+            commit_segments(cons[name], COMPACT - 1)
+        originals = {
+            n: {catalog.object_key(k) for k in _small_keys(db_state(str(tmp_path / n)))}
+            for n in names
+        }
+        assert all(len(keys) == COMPACT for keys in originals.values())
+    finally:
+        with engine._lock:
+            engine._next_maintenance = 0.0
+            engine._uploader.notify()
+    for name in ("a.db", "c.db"):
+        wait_for_compaction(client.client, str(tmp_path / name))
+    deadline = time.monotonic() + 15
+    while db_state(str(tmp_path / "b.db")).maintaining and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [sorted(keys) for keys in client.deletes] == [
+        sorted(originals["a.db"] | originals["c.db"])
+    ]  # one delete for both, none for b.db
+    stored = {o.key for o in client.client.list("")}
+    assert originals["b.db"] <= stored  # refused merge: every original is still there
+    assert not (originals["a.db"] | originals["c.db"]) & stored
+    assert db_state(str(tmp_path / "b.db")).errors == 1
+    for name in names:
+        check_restores(url, name, cons[name], str(tmp_path / f"r-{name}"))
+        cons[name].close()
