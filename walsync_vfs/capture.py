@@ -169,7 +169,7 @@ class Batch:
 
     def __iter__(self) -> Iterator[Record]:
         for rec in self._heads:
-            while rec != ffi.NULL:
+            while rec:  # a NULL pointer is false
                 yield _convert(rec)
                 rec = rec.next
 

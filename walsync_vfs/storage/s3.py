@@ -52,7 +52,7 @@ ENV_PATH_STYLE = "WALSYNC_S3_PATH_STYLE"
 DEFAULT_REGION = "us-east-1"  # botocore's too, when nothing names one
 DEFAULT_ATTEMPTS = 3  # botocore's "standard" retry mode
 MAX_BACKOFF = 20.0  # seconds; standard mode's cap on the jittered 1, 2, 4, ... s backoff
-MAX_IDLE = 32  # keep-alive connections kept per host (the old client's pool size)
+MAX_IDLE = 64  # keep-alive connections kept per host: 4 put threads x 16 PUTs at once
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
