@@ -996,15 +996,19 @@ class Engine:
         # per segment.
         urgent = self._flushers or db.pending_bytes >= s.max_segment_bytes or len(db.outbox) > 1
         # Burst tokens are for a commit that follows a quiet spell (the first after idle
-        # ships at once); a steady stream ships one segment per upload_interval, at the
-        # first tick of this process's upload clock after its last upload.  On a shared
-        # clock the busy databases fall due together and ship in one burst (encoded in one
-        # go, see _start_ships) instead of one at a time all through the interval: fewer
-        # wake-ups, and the code runs warm.  The lag a commit sees is still 0..interval.
+        # ships at once); a steady stream ships one segment per upload_interval, on the
+        # ticks of this process's upload clock.  On a shared clock the busy databases fall
+        # due together and ship in one burst (encoded in one go, see _start_ships) instead
+        # of one at a time all through the interval: fewer wake-ups, and the code runs warm.
+        # A database off the clock (its stream began with a burst upload) drifts onto it by
+        # at most a tenth of an interval per upload: never two uploads within an interval,
+        # and a commit waits at most 1.1 intervals.
         if not urgent and not (db.quiet and db.tokens >= 1):
-            tick = s.upload_interval
-            phase = self._phase * tick
-            at = max(at, ((db.shipped_at - phase) // tick + 1) * tick + phase)
+            interval = s.upload_interval
+            target = db.shipped_at + interval
+            phase = self._phase * interval
+            tick = math.ceil((target - phase) / interval - 1e-9) * interval + phase
+            at = max(at, min(tick, target + interval / 10))
         return at
 
     def _due(self, now: float, room: int) -> list[DbState]:
@@ -1017,9 +1021,12 @@ class Engine:
             if at != db.due_at:
                 continue  # superseded by an earlier entry
             db.due_at = math.inf
-            if self._ship_time(db, now) <= now:
+            due = self._ship_time(db, now)
+            if due <= now:
                 db.tokens = max(db.tokens - 1, 0)
-                db.shipped_at = now
+                # A paced upload counts from its tick, however late it starts, so a slow
+                # burst does not push the database off the clock (see _ship_time).
+                db.shipped_at = due if now - due < db.cfg.upload_interval else now
                 db.quiet = False
                 ready.append(db)
             else:
