@@ -121,3 +121,24 @@ def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
     for i, con in enumerate(cons):
         assert len(segments(file_replica, f"q{i}.db")) >= 2  # the CREATE's and the INSERT's
         con.close()
+
+
+def test_paced_uploads_drift_onto_the_upload_clock() -> None:
+    """A steady stream that began off the process's upload clock (with a burst upload) joins
+    it a tenth of an interval per upload: never two uploads within an interval, no commit
+    waiting more than 1.1 intervals, and once on a tick it stays on the ticks."""
+    engine = walsync_vfs._engine_instance()
+    db = engine_mod.DbState(-1, "/not/opened.db")  # never registered with the engine
+    db.pending = [(1, "gen", None)]  # type: ignore[list-item]
+    db.quiet = False  # pacing applies: no burst token
+    interval = db.cfg.upload_interval
+    phase = engine._phase * interval
+    shipped = 1000 * interval + phase + 0.45 * interval  # off the clock by 0.45 intervals
+    gaps = []
+    for _ in range(10):
+        db.shipped_at = shipped
+        due = engine._ship_time(db, shipped)
+        gaps.append(round((due - shipped) / interval, 6))
+        shipped = due
+    assert gaps == [1.1] * 5 + [1.05] + [1.0] * 4
+    assert abs((shipped - phase) / interval - round((shipped - phase) / interval)) < 1e-6
