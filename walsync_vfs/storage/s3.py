@@ -210,6 +210,17 @@ class S3Service:
             return [exc] * len(objects)
         amz_date = _amz_date()
         deadline = time.monotonic() + READ_TIMEOUT
+
+        def failed(i: int, conn: Connection, reused: bool, exc: Exception) -> Exception | None:
+            """Settle a send or reply that failed; the error if the store stopped answering."""
+            conn.close()
+            if isinstance(exc, TimeoutError):
+                results[i] = _no_reply()
+                return results[i]
+            results[i] = _lost(exc)
+            retry.append((i, 1 if reused and _closed(exc) else 2))
+            return None
+
         down: Exception | None = None  # the store is unreachable: the rest fail with this
         for i, (key, body) in enumerate(objects):
             if down is not None:
@@ -228,27 +239,15 @@ class S3Service:
                 continue
             try:
                 conn.send("PUT", path, headers, body, _left(deadline))
-            except TimeoutError:
-                conn.close()
-                results[i] = down = _no_reply()
-                continue
             except (ProtocolError, OSError) as exc:
-                conn.close()
-                results[i] = _lost(exc)
-                retry.append((i, 1 if reused and _closed(exc) else 2))
+                down = failed(i, conn, reused, exc) or down
                 continue
             sent.append((i, pool, conn, reused))
         for i, pool, conn, reused in sent:  # past the deadline, only replies already here
             try:
                 status, reply, data = conn.receive("PUT", _left(deadline))
-            except TimeoutError:
-                conn.close()
-                results[i] = down = _no_reply()
-                continue
             except (ProtocolError, OSError) as exc:
-                conn.close()
-                results[i] = _lost(exc)
-                retry.append((i, 1 if reused and _closed(exc) else 2))
+                down = failed(i, conn, reused, exc) or down
                 continue
             if conn.open:
                 pool.give(conn)
