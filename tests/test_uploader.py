@@ -6,6 +6,7 @@ the uploader works from an agenda of due times instead of scanning every databas
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import apsw
@@ -142,3 +143,14 @@ def test_paced_uploads_drift_onto_the_upload_clock() -> None:
         shipped = due
     assert gaps == [1.1] * 5 + [1.05] + [1.0] * 4
     assert abs((shipped - phase) / interval - round((shipped - phase) / interval)) < 1e-6
+
+
+def test_without_an_upload_interval_nothing_is_paced() -> None:
+    """upload_interval = 0: every commit may ship at once, with no clock to divide by."""
+    engine = walsync_vfs._engine_instance()
+    db = engine_mod.DbState(-1, "/not/opened.db")
+    db.cfg = dataclasses.replace(db.cfg, upload_interval=0.0)
+    db.pending = [(1, "gen", None)]  # type: ignore[list-item]
+    db.quiet = False
+    db.shipped_at = 5.0
+    assert engine._ship_time(db, 5.0) == db.next_attempt == 0.0

@@ -902,8 +902,6 @@ class Engine:
             # The LIST (every object of the database: it grows with the retention window) is
             # for retention, and for telling which of segs still exist -- unless all of them
             # were uploaded after retention last deleted anything and have local copies.
-            # for retention, and for telling which of segs still exist -- unless all of them
-            # were uploaded after retention last deleted anything and have local copies.
             objects = db.client.list(db.name + "/")
             doomed = maintenance.expired(objects, db.cfg.retention) if retain else []
             if doomed:
@@ -1003,8 +1001,8 @@ class Engine:
         # A database off the clock (its stream began with a burst upload) drifts onto it by
         # at most a tenth of an interval per upload: never two uploads within an interval,
         # and a commit waits at most 1.1 intervals.
-        if not urgent and not (db.quiet and db.tokens >= 1):
-            interval = s.upload_interval
+        interval = s.upload_interval
+        if interval > 0 and not urgent and not (db.quiet and db.tokens >= 1):
             target = db.shipped_at + interval
             phase = self._phase * interval
             tick = math.ceil((target - phase) / interval - 1e-9) * interval + phase
