@@ -131,7 +131,11 @@ class CompactedAfterListing(FileReplicaClient):
         segments = [k for o in listing if (k := format.parse_key(o.key)) and k.kind == "segment"]
         if not self.compacted and len(segments) > 1:
             self.compacted = True
-            maintenance.compact(self, sorted(segments, key=lambda k: k.first_txid), 1 << 30)
+            ordered = sorted(segments, key=lambda k: k.first_txid)
+            puts, doomed = maintenance.merge_plan(self, ordered, 1 << 30)
+            for key, data in puts:  # the merged segments first, as the engine does
+                self.put(key, data)
+            self.delete(doomed)
         return listing
 
 

@@ -36,7 +36,7 @@ import time
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from walsync_vfs import capture, catalog, format, heap, maintenance, storage
 from walsync_vfs.capture import Kind, Record
@@ -165,6 +165,7 @@ class DbState:
     retained_at: float = 0.0
 
 
+_E = TypeVar("_E", bound=tuple)  # an entry whose first item is a DbState
 # (database, retention due, small segments to merge, their local copies)
 MaintenanceJob = tuple[DbState, bool, list[format.ParsedKey], Run | None]
 # (database, merged segments to put, segments to delete once they are all in)
@@ -644,11 +645,8 @@ class Engine:
                 self._break_lineage(db)
             else:
                 db.outbox.insert(0, item)
-        by_client: dict[int, list[tuple[DbState, Outgoing]]] = {}
-        for db in due:
-            if db.uploading:
-                by_client.setdefault(id(db.client), []).append((db, db.outbox[0]))
-        for ships in by_client.values():
+        ready = [(db, db.outbox[0]) for db in due if db.uploading]
+        for ships in _per_client(ready):
             for i in range(0, len(ships), PUT_BATCH):
                 self._put_pool.spawn(self._ship_all, ships[i][0].client, ships[i : i + PUT_BATCH])
 
@@ -918,10 +916,7 @@ class Engine:
     def _compact_group(self, group: list[Compaction]) -> None:
         """Write the planned merged segments, then delete the originals of every database
         whose merged segments are all in the store (per client: one put_all, one delete)."""
-        by_client: dict[int, list[Compaction]] = {}
-        for entry in group:
-            by_client.setdefault(id(entry[0].client), []).append(entry)
-        for entries in by_client.values():
+        for entries in _per_client(group):
             client = entries[0][0].client
             done = entries  # until the PUTs are settled, a failure is everyone's
             try:
@@ -1178,6 +1173,15 @@ def _wal_survivors(
     if state.value != now.value or state.db_size != now.db_size:
         raise Unrecoverable(f"replaying {where} does not give the database's state")
     return commits
+
+
+def _per_client(entries: list[_E]) -> Iterable[list[_E]]:
+    """Entries that start with a database, grouped by the client of its replica root (one
+    batch of requests per store), in their order."""
+    groups: dict[int, list[_E]] = {}
+    for entry in entries:
+        groups.setdefault(id(entry[0].client), []).append(entry)
+    return groups.values()
 
 
 def _small(raw_bytes: int, db: DbState) -> bool:

@@ -15,21 +15,6 @@ from walsync_vfs import catalog, format, storage
 log = logging.getLogger("walsync_vfs")
 
 
-def compact(
-    client: storage.ReplicaClient,
-    segments: list[format.ParsedKey],
-    max_bytes: int,
-    local: Callable[[str], bytes | None] = lambda key: None,
-) -> list[str]:
-    """Merge consecutive segments (see :func:`merge_plan`), upload the merged ones, then
-    delete the originals.  Returns the keys written."""
-    puts, doomed = merge_plan(client, segments, max_bytes, local)
-    for key, data in puts:
-        client.put(key, data)
-    client.delete(doomed)
-    return [key for key, _ in puts]
-
-
 def merge_plan(
     client: storage.ReplicaClient,
     segments: list[format.ParsedKey],

@@ -16,7 +16,9 @@ refused one.  Not importing http.client at all keeps ~6 MiB out of the process: 
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -92,13 +94,8 @@ class Connection:
         """The request half of :meth:`exchange`: a caller may send on several connections
         before it reads any reply (``timeout``: seconds for this send instead of the read
         timeout; a server that stopped reading blocks a large body)."""
-        if timeout is not None:
-            self.sock.settimeout(timeout)
-        try:
+        with self._timeout(timeout):
             self._send(method, target, headers, body)
-        finally:
-            if timeout is not None and self.open:
-                self.sock.settimeout(self.read_timeout)
 
     def _send(self, method: str, target: str, headers: dict[str, str], body: bytes) -> None:
         head = [f"{method} {target} HTTP/1.1"]
@@ -121,12 +118,20 @@ class Connection:
     ) -> tuple[int, dict[str, str], bytes]:
         """The reply half of :meth:`exchange` (``timeout``: seconds for this reply instead
         of the connection's read timeout)."""
-        if timeout is not None:
-            self.sock.settimeout(timeout)
-        try:
+        with self._timeout(timeout):
             return self._reply(method)
+
+    @contextlib.contextmanager
+    def _timeout(self, timeout: float | None) -> Iterator[None]:
+        """``timeout`` seconds for what runs inside, then the read timeout again."""
+        if timeout is None:
+            yield
+            return
+        self.sock.settimeout(timeout)
+        try:
+            yield
         finally:
-            if timeout is not None and self.open:
+            if self.open:
                 self.sock.settimeout(self.read_timeout)
 
     def _reply(self, method: str) -> tuple[int, dict[str, str], bytes]:
