@@ -21,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from walsync_vfs.format import check_name
 
 ENV_REPLICA = "WALSYNC_REPLICA"
 ENV_CONFIG = "WALSYNC_CONFIG"
@@ -39,19 +40,6 @@ def default_replica() -> str:
     """
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return (Path(base) / "walsync" / "replica").as_uri()
-
-
-_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
-
-
-def check_name(name: str) -> str:
-    """Names are one path component: they must never reach outside the replica root."""
-    if not isinstance(name, str) or not name or name in (".", "..") or _BAD_NAME.search(name):
-        raise ValueError(
-            f"invalid database name {name!r}: use one path component without '/', '\\' or "
-            "control characters"
-        )
-    return name
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""Page hashes and the whole-database checksum (§3), kept up to date commit by commit."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable
+
+import xxhash
+
+from walsync_vfs.format.fields import U32_MAX
+
+# A page as decoders hand it out: a slice of one decompressed buffer, not a copy per page.
+Page = bytes | memoryview
+
+
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def page_hash(pgno: int, data: Page) -> int:
+    """Hash of one page, seeded with its number so a page at the wrong place changes the sum."""
+    return _xxh3(data, seed=pgno)
+
+
+class DbChecksum:
+    """Whole-database checksum kept up to date commit by commit.
+
+    Per-page hashes are remembered so a rewritten page's old contribution can be XORed
+    out without re-reading the old page.
+    """
+
+    __slots__ = ("_hashes", "_value")
+
+    def __init__(self) -> None:
+        self._hashes = array("Q")
+        self._value = 0
+
+    @classmethod
+    def from_pages(cls, pages: Iterable[Page]) -> DbChecksum:
+        """Checksum of a full image: pages 1, 2, ... in order."""
+        ck = cls()
+        for pgno, data in enumerate(pages, 1):
+            h = page_hash(pgno, data)
+            ck._hashes.append(h)
+            ck._value ^= h
+        return ck
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @property
+    def db_size(self) -> int:
+        return len(self._hashes)
+
+    def copy(self) -> DbChecksum:
+        """An independent copy: verify a batch on it, keep it only if the whole batch checks out."""
+        ck = DbChecksum()
+        ck._hashes = self._hashes[:]
+        ck._value = self._value
+        return ck
+
+    def apply(self, db_size: int, pages: Iterable[tuple[int, Page]]) -> None:
+        """Apply one commit; on error (ValueError) the checksum is left unchanged.
+
+        Pages past the old end must all be supplied: SQLite writes every page it
+        allocates, so a missing one means the caller lost a page.
+        """
+        hashes = self._hashes
+        if db_size == len(hashes):  # the usual commit: no page added or cut off
+            same = [(pgno, _xxh3(data, seed=pgno)) for pgno, data in pages]
+            for pgno, _ in same:  # all checked before anything changes
+                if not 1 <= pgno <= db_size:
+                    raise ValueError(f"page {pgno} outside a database of {db_size} pages")
+            value = self._value
+            for pgno, h in same:  # a page given twice: the XORs leave the last one's hash
+                value ^= hashes[pgno - 1] ^ h
+                hashes[pgno - 1] = h
+            self._value = value
+            return
+        if not 0 <= db_size <= U32_MAX:
+            raise ValueError(f"db_size {db_size} out of range")
+        # Runs once per replicated commit: page_hash inlined, range checks done in C.
+        new = {pgno: _xxh3(data, seed=pgno) for pgno, data in pages}
+        if new and (min(new) < 1 or max(new) > db_size):
+            outside = next(p for p in new if not 1 <= p <= db_size)
+            raise ValueError(f"page {outside} outside a database of {db_size} pages")
+        value = self._value
+        old_size = len(hashes)
+        if db_size > old_size:
+            missing = next((p for p in range(old_size + 1, db_size + 1) if p not in new), None)
+            if missing is not None:
+                raise ValueError(
+                    f"database grew to {db_size} pages but page {missing} was not given"
+                )
+            hashes.frombytes(bytes(8 * (db_size - old_size)))  # all overwritten below
+        elif db_size < old_size:
+            for h in hashes[db_size:]:
+                value ^= h
+            del hashes[db_size:]
+        for pgno, h in new.items():
+            value ^= hashes[pgno - 1] ^ h
+            hashes[pgno - 1] = h
+        self._value = value
+

@@ -1,0 +1,97 @@
+"""Object keys (§2): database names, generation ids, and the keys of snapshots and segments.
+
+A database name ends up as one path component of every key, and of a local replica's file
+paths, so :func:`check_name` is the one rule for names wherever they come from.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Literal
+
+from walsync_vfs.format.fields import U64_MAX
+
+_BAD_NAME_CHAR = re.compile(r"[/\\\x00-\x1f\x7f]")
+_HEX16 = r"[0-9a-f]{16}"
+_GENERATION = _HEX16 + r"-[0-9a-f]{8}"
+_GENERATION_RE = re.compile(_GENERATION)
+# The name is any first component here; _valid_name() then decides, so names have one rule.
+_KEY_RE = re.compile(
+    rf"([^/]+)/({_GENERATION})/"
+    rf"(?:snapshot/({_HEX16})\.wsnap|seg/({_HEX16})-({_HEX16})\.wseg)"
+)
+
+
+def _valid_name(name: object) -> bool:
+    """One path component: never empty, ``.`` or ``..``, no ``/``, ``\\`` or control chars."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and _BAD_NAME_CHAR.search(name) is None
+    )
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid database name: names must never reach outside the replica root."""
+    if not _valid_name(name):
+        raise ValueError(
+            f"invalid database name {name!r}: use one path component without '/', '\\' or "
+            "control characters"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """A key of ours, decomposed; a snapshot has first_txid == last_txid == its txid."""
+
+    name: str
+    generation: str
+    kind: Literal["snapshot", "segment"]
+    first_txid: int
+    last_txid: int
+
+
+def _checked_prefix(name: str, generation: str) -> str:
+    check_name(name)
+    if _GENERATION_RE.fullmatch(generation) is None:
+        raise ValueError(f"invalid generation id {generation!r}")
+    return f"{name}/{generation}"
+
+
+def _hex_txid(txid: int) -> str:
+    if not 0 <= txid <= U64_MAX:
+        raise ValueError(f"txid {txid} out of u64 range")
+    return f"{txid:016x}"
+
+
+def new_generation_id(txid: int) -> str:
+    """Id for a generation starting at `txid`: sorts by start, random tail avoids collisions."""
+    return f"{_hex_txid(txid)}-{secrets.token_hex(4)}"
+
+
+def snapshot_key(name: str, generation: str, txid: int) -> str:
+    return f"{_checked_prefix(name, generation)}/snapshot/{_hex_txid(txid)}.wsnap"
+
+
+def segment_key(name: str, generation: str, first_txid: int, last_txid: int) -> str:
+    if first_txid > last_txid:
+        raise ValueError(f"segment range {first_txid}..{last_txid} is empty")
+    prefix = _checked_prefix(name, generation)
+    return f"{prefix}/seg/{_hex_txid(first_txid)}-{_hex_txid(last_txid)}.wseg"
+
+
+def parse_key(key: str) -> ParsedKey | None:
+    """Decompose one of our keys; None for anything else, since foreign files are ignored."""
+    m = _KEY_RE.fullmatch(key)
+    if m is None or not _valid_name(m[1]):
+        return None
+    if m[3] is not None:
+        txid = int(m[3], 16)
+        return ParsedKey(m[1], m[2], "snapshot", txid, txid)
+    first, last = int(m[4], 16), int(m[5], 16)
+    if first > last:
+        return None
+    return ParsedKey(m[1], m[2], "segment", first, last)
