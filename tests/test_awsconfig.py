@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from walsync_vfs.storage import awsconfig
+from walsync_vfs.storage import awsconfig, sigv4
 
 AWS_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
@@ -82,6 +82,16 @@ def test_the_environment_alone_gives_botocores_answers(env, values: dict[str, st
 def test_anything_more_goes_to_botocore(env, values: dict[str, str]) -> None:
     env(values)
     assert awsconfig.from_environment() is None
+
+
+def test_both_ways_give_the_credentials_requests_are_signed_with(env) -> None:
+    env({**KEYS, "AWS_SESSION_TOKEN": "session-token"})
+    mine = awsconfig.from_environment()
+    assert mine is not None
+    for config in (mine, awsconfig.from_botocore()):
+        creds = config.credentials()
+        assert creds == sigv4.Credentials("AKIAENV", "env-secret", "session-token")
+        assert "env-secret" not in repr(creds) and "session-token" not in repr(creds)
 
 
 def test_a_config_file_goes_to_botocore(env, tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from walsync_vfs.storage.sigv4 import Credentials
+
 
 class ConfigError(Exception):
     """The AWS configuration cannot be read; str() is one line that names what is wrong."""
@@ -24,15 +26,6 @@ class ConfigError(Exception):
 
 class CredentialsError(Exception):
     """Credentials exist but cannot be obtained (broken profile, expired SSO token, ...)."""
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Frozen:
-    """One consistent set of credentials, as botocore's ``get_frozen_credentials()`` gives."""
-
-    access_key: str
-    secret_key: str
-    token: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +36,7 @@ class AwsConfig:
     ca_bundle: str | None
     # The current credentials (None: none found), raising CredentialsError.  Called per
     # request: a refreshing provider (role, SSO) renews them itself.
-    credentials: Callable[[], Frozen | Any | None]
+    credentials: Callable[[], Credentials | None]
 
 
 def resolve() -> AwsConfig:
@@ -71,13 +64,13 @@ def from_environment() -> AwsConfig | None:
         max_attempts = int(attempts) if attempts else None
     except ValueError:
         raise ConfigError(f"AWS_MAX_ATTEMPTS={attempts!r} is not a whole number") from None
-    frozen = Frozen(key, secret, env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN"))
+    creds = Credentials(key, secret, env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN"))
     return AwsConfig(
         env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
         endpoint,
         max_attempts,
         env.get("AWS_CA_BUNDLE") or None,
-        lambda: frozen,
+        lambda: creds,
     )
 
 
@@ -104,16 +97,26 @@ def from_botocore() -> AwsConfig:
         raise ConfigError(str(exc).splitlines()[0]) from None
     lock = threading.Lock()
     provider: list[Any] = []  # resolved on first use: it may ask an instance role
+    # botocore's latest set and ours for it, replaced as one tuple: converted once per refresh.
+    latest: tuple[Any, Credentials | None] = (None, None)
 
-    def credentials() -> Any:
+    def credentials() -> Credentials | None:
+        nonlocal latest
         try:
             if not provider:
                 with lock:
                     if not provider:
                         provider.append(session.get_credentials())
-            return provider[0].get_frozen_credentials() if provider[0] is not None else None
+            frozen = provider[0].get_frozen_credentials() if provider[0] is not None else None
         except BotoCoreError as exc:
             raise CredentialsError(str(exc).splitlines()[0]) from None
+        if frozen is None:
+            return None
+        known, creds = latest
+        if frozen != known or creds is None:
+            creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+            latest = (frozen, creds)
+        return creds
 
     return AwsConfig(
         region or None,

@@ -142,7 +142,6 @@ class S3Service:
         self._base = parts.path.rstrip("/")
         self._pools: dict[str, _Pool] = {}
         self._lock = threading.Lock()
-        self._creds: tuple[Any, Credentials | None] = (None, None)  # (botocore's, ours)
 
     # -------------------------------------------------------------- the request path
 
@@ -290,15 +289,11 @@ class S3Service:
     def _credentials(self) -> Credentials:
         """The current credentials; a refreshing provider (role, SSO) renews them itself."""
         try:
-            frozen = self._current_credentials()
+            creds = self._current_credentials()
         except awsconfig.CredentialsError as exc:  # a broken profile, an expired SSO token
             raise _NoCredentials(str(exc)) from None
-        if frozen is None:
+        if creds is None:
             raise _NoCredentials()
-        known, creds = self._creds
-        if frozen != known or creds is None:
-            creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-            self._creds = (frozen, creds)
         return creds
 
 
