@@ -115,12 +115,6 @@ def opening_internally() -> bool:
     return getattr(_internal, "active", False)
 
 
-def db_path(db_id: int) -> str:
-    """The full path SQLite opened for ``db_id``."""
-    p = lib.ws_db_path(db_id)
-    return ffi.string(p).decode() if p != ffi.NULL else ""
-
-
 _KINDS = {int(k): k for k in Kind}
 _COMMIT = Kind.COMMIT
 

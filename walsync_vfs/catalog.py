@@ -7,7 +7,6 @@ whole catalog; object contents are only fetched to show commit times or to verif
 from __future__ import annotations
 
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from walsync_vfs import format, storage
@@ -65,16 +64,3 @@ def databases(client: storage.ReplicaClient) -> dict[str, int]:
             names[k.name] += 1
     return dict(sorted(names.items()))
 
-
-def fetch_all(client: storage.ReplicaClient, keys: list[str]) -> dict[str, bytes | Exception]:
-    """Download objects in parallel; failures are returned, not raised, so callers can report
-    every broken object rather than the first."""
-
-    def get(key: str) -> bytes | Exception:
-        try:
-            return client.get(key)
-        except storage.StorageError as exc:
-            return exc
-
-    with ThreadPoolExecutor(FETCH_WORKERS) as pool:
-        return dict(zip(keys, pool.map(get, keys), strict=True))
