@@ -11,7 +11,7 @@ import zstandard
 from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.fields import U64_MAX, valid_page_size
 
-SHA_LEN = 32  # every object ends with (segments) or in (snapshots) a SHA-256
+SHA_LEN = 32  # both kinds of object end with the SHA-256 of all that comes before it
 _VERSION_END = 10  # magic + version: all a reader needs to refuse an object it cannot parse
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZSTD_MAX_FRAME_HEADER = 18

@@ -16,16 +16,9 @@ from typing import BinaryIO, cast
 
 import zstandard
 
+from walsync_vfs.format import container
 from walsync_vfs.format.checksum import Page, page_hash
-from walsync_vfs.format.container import (
-    CHUNK,
-    SHA_LEN,
-    check_flags_page_size,
-    check_frame,
-    check_magic_version,
-    expect_end,
-    read_exact,
-)
+from walsync_vfs.format.container import CHUNK, SHA_LEN
 from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.fields import I64_MAX, I64_MIN, U32_MAX, U64_MAX, valid_page_size
 
@@ -165,11 +158,11 @@ def read_snapshot(src: bytes | BinaryIO, key: str) -> tuple[SnapshotHeader, Iter
             return f.read(n)
 
     head = read_at(0, _SNAP_HEADER.size)
-    check_magic_version(head, SNAPSHOT_MAGIC, "snapshot", SNAPSHOT_VERSION, key)
+    container.check_magic_version(head, SNAPSHOT_MAGIC, "snapshot", SNAPSHOT_VERSION, key)
     if len(head) < _SNAP_HEADER.size or size < _SNAP_HEADER.size + _SNAP_FOOTER.size:
         raise CorruptObject(key, f"truncated: {size} bytes")
     _, _, flags, page_size, txid, time_ns, db_size = _SNAP_HEADER.unpack(head)
-    check_flags_page_size(flags, page_size, key)
+    container.check_flags_page_size(flags, page_size, key)
     footer = read_at(size - _SNAP_FOOTER.size, _SNAP_FOOTER.size)
     checksum, body_length, sha = _SNAP_FOOTER.unpack(footer)
     expected = _SNAP_HEADER.size + body_length + _SNAP_FOOTER.size
@@ -182,7 +175,7 @@ def read_snapshot(src: bytes | BinaryIO, key: str) -> tuple[SnapshotHeader, Iter
         body: memoryview | _HashingBody = view[start : start + body_length]
     else:
         body = _HashingBody(src, base + start, body_length, hashlib.sha256(head))
-    check_frame(
+    container.check_frame(
         lambda pos, n: read_at(start + pos, max(0, min(n, body_length - pos))),
         body_length,
         db_size * page_size,
@@ -203,14 +196,14 @@ def _snapshot_pages(
     held: Page | None = None  # the latest page, released only once everything checks out
     for start in range(0, header.db_size, CHUNK // size):  # 1 MiB of pages per read
         count = min(CHUNK // size, header.db_size - start)
-        chunk = memoryview(read_exact(reader, count * size, key))
+        chunk = memoryview(container.read_exact(reader, count * size, key))
         for i in range(count):
             page = chunk[i * size : (i + 1) * size]
             checksum ^= page_hash(start + i + 1, page)
             if held is not None:
                 yield held
             held = page
-    expect_end(reader, key)
+    container.expect_end(reader, key)
     if isinstance(body, _HashingBody) and body.digest(footer[:-SHA_LEN]) != footer[-SHA_LEN:]:
         raise CorruptObject(key, "sha256 mismatch")
     if checksum != header.checksum:
