@@ -35,7 +35,7 @@ from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
 from walsync_vfs.errors import ReplicationError
-from walsync_vfs.lineage import Head, decide, holds, read_head
+from walsync_vfs.lineage import Head, decide, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
 from walsync_vfs.uploader import RETRY, Uploader
@@ -284,20 +284,14 @@ class Engine:
         assert client is not None
         lineage, state = db.lineage, db.sync
         stored = state.stored_head if lineage.generation is None else None
+        cap = self.settings.memory_cap
 
         def fetch_head() -> Future[Head]:
             return self.uploads.pool.submit(read_head, client, db.name)
 
         with tempfile.TemporaryFile() as raw:
             fetch = fetch_head if lineage.generation is None and stored is None else None
-            pinned = sync.pin(
-                db.path,
-                raw,
-                stored,
-                fetch,
-                lambda seq: self._pinned(db, seq),
-                self.settings.memory_cap,
-            )
+            pinned = sync.pin(db.path, raw, stored, fetch, lambda seq: self._pinned(db, seq), cap)
             # Commits up to the sync point still belong to the old lineage: apply them first,
             # so what we compare is everything that lineage holds.
             capture.dispatcher().barrier()
@@ -308,39 +302,16 @@ class Engine:
             if head is None:  # the store was too slow to keep the WAL pinned for it
                 assert pinned.fetch is not None
                 head = pinned.fetch.result()
-                if (
-                    pinned.wal_frames
-                    and head.generation is not None
-                    and not holds(head, pinned.checksum, pinned.page_size)
-                ):
-                    # Ahead of the replica: a crash may have left the missing commits in the
-                    # WAL.  Look under a new sync point now that the head is known.
+                if pinned.ahead_of(head):  # look in the WAL under a new sync point
                     log.debug("walsync: %s is ahead of its replica; looking in the WAL", db.path)
                     with self._lock:
                         state.stored_head = head
                         state.resync = True
                     return
             upkeep = db.upkeep
-            decision = decide(
-                head,
-                pinned.checksum,
-                pinned.page_size,
-                pinned.survivors,
-                upkeep.force_snapshot,
-                upkeep.snapshot_txid,
-            )
-            if not decision.continues and head.generation is not None:
-                log.debug(
-                    "walsync: %s differs from its replica (%s) at seq %d: checksum %x, "
-                    "%d pages of %d",
-                    db.path,
-                    head,
-                    pinned.seq,
-                    pinned.checksum.value,
-                    pinned.db_size,
-                    pinned.page_size,
-                )
-            sync.write(client, db.name, decision, pinned, raw, db.cfg.max_segment_bytes)
+            snapshot = (upkeep.force_snapshot, upkeep.snapshot_txid)
+            decision = decide(head, pinned.checksum, pinned.page_size, pinned.survivors, *snapshot)
+            sync.write(client, db.name, head, decision, pinned, raw, db.cfg.max_segment_bytes)
         with self._lock:
             state.stored_head = None
             lineage.restart(decision, pinned.page_size, pinned.checksum, pinned.seq)

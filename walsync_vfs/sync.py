@@ -9,6 +9,7 @@ and reads the database's pages into a temporary file, computing their whole-db c
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from typing import BinaryIO
 from walsync_vfs import capture, format, recovery, storage
 from walsync_vfs.capture import Record
 from walsync_vfs.dbfile import tee
-from walsync_vfs.lineage import Decision, Head
+from walsync_vfs.lineage import Decision, Head, holds
 from walsync_vfs.uploader import batches
+
+log = logging.getLogger("walsync_vfs")
 
 HEAD_WAIT = 1.0  # seconds a first sync keeps the WAL pinned waiting for the replica's head
 
@@ -58,6 +61,7 @@ class SyncState:
 class Pinned:
     """What a sync point read: the database's state, and the replica's head if it came."""
 
+    path: str
     seq: int
     page_size: int
     db_size: int
@@ -67,6 +71,15 @@ class Pinned:
     stored: Head | None  # the replica's head, if this sync needed and got it in time
     fetch: Future[Head] | None  # the head's read, if this sync started one
     survivors: list[format.Commit]  # commits recovered from the WAL (see recovery.py)
+
+    def ahead_of(self, head: Head) -> bool:
+        """Whether the database may be ahead of a replica ``head`` read too late for this sync
+        point: a crash may have left the missing commits in the WAL, for another to take."""
+        return (
+            bool(self.wal_frames)
+            and head.generation is not None
+            and not holds(head, self.checksum, self.page_size)
+        )
 
 
 def pin(
@@ -97,20 +110,40 @@ def pin(
                 stored = fetch.result(HEAD_WAIT)
         survivors = recovery.survivors(path, sp, stored, checksum, page_size, cap) if stored else []
         return Pinned(
-            sp.seq, page_size, db_size, checksum, sp.nframe, taken_ns, stored, fetch, survivors
+            path,
+            sp.seq,
+            page_size,
+            db_size,
+            checksum,
+            sp.nframe,
+            taken_ns,
+            stored,
+            fetch,
+            survivors,
         )
 
 
 def write(
     client: storage.ReplicaClient,
     name: str,
+    head: Head,
     decision: Decision,
     pinned: Pinned,
     raw: BinaryIO,
     max_segment_bytes: int,
 ) -> None:
-    """Upload the commits recovered from the WAL, then the snapshot if the decision takes
-    one."""
+    """Upload the commits recovered from the WAL, then the snapshot if the decision (taken
+    against the replica's ``head``) takes one."""
+    if not decision.continues and head.generation is not None:
+        log.debug(
+            "walsync: %s differs from its replica (%s) at seq %d: checksum %x, %d pages of %d",
+            pinned.path,
+            head,
+            pinned.seq,
+            pinned.checksum.value,
+            pinned.db_size,
+            pinned.page_size,
+        )
     for batch in batches(decision.survivors, pinned.page_size, max_segment_bytes):
         client.put(
             format.segment_key(name, decision.generation, batch[0].txid, batch[-1].txid),
