@@ -18,8 +18,9 @@ import pytest
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
+from walsync_vfs.compactor import small_keys
 from walsync_vfs.config import Settings
-from walsync_vfs.engine import DbState, _small_keys
+from walsync_vfs.database import Database
 from walsync_vfs.recent import RecentCopies, Run
 from walsync_vfs.restore import restore
 from walsync_vfs.spool import Spool
@@ -74,15 +75,21 @@ def commit_segments(con: apsw.Connection, n: int) -> None:
         walsync_vfs.flush(timeout=30)
 
 
-def db_state(path: str) -> DbState:
-    engine = walsync_vfs._engine_instance()
-    with engine._lock:
-        return next(db for db in engine._dbs.values() if db.path == path)
+def db_state(path: str) -> Database:
+    db = walsync_vfs._engine_instance().database(path)
+    assert db is not None, f"{path} is not replicating"
+    return db
+
+
+def small_segment_keys(path: str) -> list[format.ParsedKey]:
+    db = db_state(path)
+    assert db.lineage.generation is not None
+    return small_keys(db.name, db.lineage.generation, db.upkeep)
 
 
 def kept_copies(path: str, n: int) -> Run:
     """The database's run of local copies, holding n (written before flush() returns)."""
-    run = db_state(path).recent
+    run = db_state(path).upkeep.recent
     assert run is not None and len(run.copies) == 4 * n, "a local copy was not kept"
     return run
 
@@ -95,7 +102,7 @@ def wait_for_compaction(client: storage.ReplicaClient, path: str, size: int = CO
     while time.monotonic() < deadline:
         segs = [s for g in catalog.generations(client, name) for s in g.segments]
         merged = any(s.last_txid - s.first_txid + 1 >= size for s in segs)
-        if merged and not db_state(path).maintaining:
+        if merged and not db_state(path).upkeep.maintaining:
             return
         time.sleep(0.1)
     raise AssertionError(f"no compaction of {name}: {segs}")
@@ -127,9 +134,10 @@ def test_compaction_reads_local_copies_and_makes_no_get(replica, tmp_path):
     engine = walsync_vfs._engine_instance()
     wait_for_compaction(client.client, path)
     assert (client.gets, client.lists) == ([], [])
-    assert not os.path.exists(engine._recent._path(run)), "compacted copies were not removed"
+    copies = engine.compactor.recent
+    assert not os.path.exists(copies._path(run)), "compacted copies were not removed"
     commit_segments(con, 2)  # the next run starts a file of its own
-    assert db_state(path).recent is not run
+    assert db_state(path).upkeep.recent is not run
     check_restores(url, "local.db", con, str(tmp_path / "r.db"))
     con.close()
 
@@ -141,8 +149,8 @@ def test_compaction_gets_segments_whose_copy_is_missing_or_damaged(replica, tmp_
     con = open_db(path)
     commit_segments(con, COMPACT - 2)  # with the CREATE: one short of a compaction
     run = kept_copies(path, COMPACT - 1)
-    segments = [catalog.object_key(k) for k in _small_keys(db_state(path))]
-    file = walsync_vfs._engine_instance()._recent._path(run)
+    segments = [catalog.object_key(k) for k in small_segment_keys(path)]
+    file = walsync_vfs._engine_instance().compactor.recent._path(run)
     if damage == "delete":
         # The run's file stays open: the next copy goes to the unlinked file, lost as well.
         os.remove(file)
@@ -172,9 +180,9 @@ def test_compaction_lists_after_retention_deleted_and_resurrects_nothing(replica
     con = open_db(path)
     commit_segments(con, COMPACT - 2)  # with the CREATE: one short of a compaction
     db = db_state(path)
-    gone = _small_keys(db)[0]
+    gone = small_segment_keys(path)[0]
     client.client.delete([catalog.object_key(gone)])  # what a retention pass would do ...
-    db.pruned_at = time.monotonic()  # ... and record
+    db.upkeep.pruned_at = time.monotonic()  # ... and record
     client.lists.clear()
     commit_segments(con, 1)
     wait_for_compaction(client.client, path, COMPACT - 1)
@@ -276,18 +284,18 @@ def test_compactions_of_one_tick_are_sent_together_and_fail_alone(replica, tmp_p
             db_state(str(tmp_path / name)).client = client
             commit_segments(cons[name], COMPACT - 1)
         originals = {
-            n: {catalog.object_key(k) for k in _small_keys(db_state(str(tmp_path / n)))}
+            n: {catalog.object_key(k) for k in small_segment_keys(str(tmp_path / n))}
             for n in names
         }
         assert all(len(keys) == COMPACT for keys in originals.values())
     finally:
         with engine._lock:
             engine._next_maintenance = 0.0
-            engine._uploader.notify()
+            engine._wake.notify()
     for name in ("a.db", "c.db"):
         wait_for_compaction(client.client, str(tmp_path / name))
     deadline = time.monotonic() + 15
-    while db_state(str(tmp_path / "b.db")).maintaining and time.monotonic() < deadline:
+    while db_state(str(tmp_path / "b.db")).upkeep.maintaining and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [sorted(keys) for keys in client.deletes] == [
         sorted(originals["a.db"] | originals["c.db"])

@@ -26,7 +26,7 @@ import apsw
 import pytest
 
 import walsync_vfs
-from walsync_vfs import catalog, engine, format, storage
+from walsync_vfs import catalog, format, storage, sync
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "crash_torture.py"
@@ -289,7 +289,7 @@ def test_commits_left_in_the_wal_are_found_when_the_head_comes_late(
 ) -> None:
     """A store slower than HEAD_WAIT: the sync point is released without waiting for the
     replica's head, and the commits are looked for under a second one."""
-    monkeypatch.setattr(engine, "HEAD_WAIT", 0.0)
+    monkeypatch.setattr(sync, "HEAD_WAIT", 0.0)
     caplog.set_level(logging.DEBUG, logger="walsync_vfs")
     walsync_vfs.configure(replica=s3_url)
     try:

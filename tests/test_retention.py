@@ -11,7 +11,7 @@ import apsw
 import pytest
 
 import walsync_vfs
-from walsync_vfs import catalog, format, maintenance, storage
+from walsync_vfs import catalog, compactor, format, storage
 from walsync_vfs.restore import RestoreError, restore, restore_from
 from walsync_vfs.storage.file import FileReplicaClient
 
@@ -132,7 +132,7 @@ class CompactedAfterListing(FileReplicaClient):
         if not self.compacted and len(segments) > 1:
             self.compacted = True
             ordered = sorted(segments, key=lambda k: k.first_txid)
-            puts, doomed = maintenance.merge_plan(self, ordered, 1 << 30)
+            puts, doomed = compactor.merge_plan(self, ordered, 1 << 30)
             for key, data in puts:  # the merged segments first, as the engine does
                 self.put(key, data)
             self.delete(doomed)

@@ -6,14 +6,12 @@ the uploader works from an agenda of due times instead of scanning every databas
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import apsw
 
 import walsync_vfs
-from walsync_vfs import catalog, storage
-from walsync_vfs import engine as engine_mod
+from walsync_vfs import catalog, storage, uploader
 
 
 def segments(url: str, name: str) -> list[str]:
@@ -96,7 +94,7 @@ def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
 
     class SlowStore:
         def put(self, key: str, data: bytes) -> None:
-            handed_over.append(engine._ships)
+            handed_over.append(engine.uploads.slots.in_use)
             time.sleep(0.05)
             client.put(key, data)
 
@@ -108,9 +106,10 @@ def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
         con.execute("CREATE TABLE t(x)")
     walsync_vfs.flush(timeout=30)
     engine._clients[file_replica] = SlowStore()
-    for db in engine._dbs.values():
-        if db.path.startswith(str(tmp_path)):
-            db.client = engine._clients[file_replica]
+    for i in range(len(cons)):
+        db = engine.database(str(tmp_path / f"q{i}.db"))
+        assert db is not None
+        db.client = engine._clients[file_replica]
     try:
         for con in cons:  # 100 databases due at once, more than the 64 slots
             con.execute("INSERT INTO t VALUES(1)")
@@ -118,39 +117,8 @@ def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
     finally:
         engine._clients[file_replica] = client
     assert len(handed_over) >= 100
-    assert max(handed_over) <= engine._ship_slots == engine_mod.PUT_BATCH * 4, handed_over
+    slots = engine.uploads.slots.capacity
+    assert max(handed_over) <= slots == uploader.PUT_BATCH * 4, handed_over
     for i, con in enumerate(cons):
         assert len(segments(file_replica, f"q{i}.db")) >= 2  # the CREATE's and the INSERT's
         con.close()
-
-
-def test_paced_uploads_drift_onto_the_upload_clock() -> None:
-    """A steady stream that began off the process's upload clock (with a burst upload) joins
-    it a tenth of an interval per upload: never two uploads within an interval, no commit
-    waiting more than 1.1 intervals, and once on a tick it stays on the ticks."""
-    engine = walsync_vfs._engine_instance()
-    db = engine_mod.DbState(-1, "/not/opened.db")  # never registered with the engine
-    db.pending = [(1, "gen", None)]  # type: ignore[list-item]
-    db.quiet = False  # pacing applies: no burst token
-    interval = db.cfg.upload_interval
-    phase = engine._phase * interval
-    shipped = 1000 * interval + phase + 0.45 * interval  # off the clock by 0.45 intervals
-    gaps = []
-    for _ in range(10):
-        db.shipped_at = shipped
-        due = engine._ship_time(db, shipped)
-        gaps.append(round((due - shipped) / interval, 6))
-        shipped = due
-    assert gaps == [1.1] * 5 + [1.05] + [1.0] * 4
-    assert abs((shipped - phase) / interval - round((shipped - phase) / interval)) < 1e-6
-
-
-def test_without_an_upload_interval_nothing_is_paced() -> None:
-    """upload_interval = 0: every commit may ship at once, with no clock to divide by."""
-    engine = walsync_vfs._engine_instance()
-    db = engine_mod.DbState(-1, "/not/opened.db")
-    db.cfg = dataclasses.replace(db.cfg, upload_interval=0.0)
-    db.pending = [(1, "gen", None)]  # type: ignore[list-item]
-    db.quiet = False
-    db.shipped_at = 5.0
-    assert engine._ship_time(db, 5.0) == db.next_attempt == 0.0

@@ -16,7 +16,6 @@ import base64
 import hashlib
 import ipaddress
 import os
-import random
 import re
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 from xml.etree import ElementTree
 
+from walsync_vfs.backoff import Backoff
 from walsync_vfs.storage import (
     ObjectInfo,
     ObjectNotFound,
@@ -51,7 +51,8 @@ DELETE_BATCH = 1000  # the DeleteObjects limit
 ENV_PATH_STYLE = "WALSYNC_S3_PATH_STYLE"
 DEFAULT_REGION = "us-east-1"  # botocore's too, when nothing names one
 DEFAULT_ATTEMPTS = 3  # botocore's "standard" retry mode
-MAX_BACKOFF = 20.0  # seconds; standard mode's cap on the jittered 1, 2, 4, ... s backoff
+# botocore's standard retry mode: a jittered 1, 2, 4, ... s backoff, capped at 20 s.
+RETRY = Backoff(first=1.0, cap=20.0, jitter=True)
 MAX_IDLE = 64  # keep-alive connections kept per host: 4 put threads x 16 PUTs at once
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -170,7 +171,7 @@ class S3Service:
         pool = self._pool(host)
         while True:
             if attempt > 1:
-                time.sleep(random.random() * min(2.0 ** (attempt - 2), MAX_BACKOFF))
+                time.sleep(RETRY.delay(attempt - 1))
             signed = {"host": host, **(headers or {})}
             self.signer.sign(method, path, qs, signed, payload, self._credentials(), _amz_date())
             try:

@@ -1,0 +1,80 @@
+"""One replicated database as the engine keeps it: its identity and health, and the state
+each role owns (sync, lineage, upload, maintenance).  Guarded by the engine lock.  Slotted:
+a process may hold thousands of these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from walsync_vfs import storage
+from walsync_vfs.compactor import MaintenanceState
+from walsync_vfs.config import DbConfig
+from walsync_vfs.errors import describe
+from walsync_vfs.lineage import Lineage
+from walsync_vfs.sync import SyncState
+from walsync_vfs.uploader import UploadState
+
+FAILING_AFTER = 3  # consecutive failed attempts before flush() reports the replica as failing
+
+
+@dataclass(slots=True, eq=False)
+class Database:
+    """See the module docstring."""
+
+    db_id: int
+    path: str
+    name: str = ""
+    cfg: DbConfig = field(default_factory=DbConfig)
+    client: storage.ReplicaClient | None = None
+    open: bool = True
+    failures: int = 0  # consecutive failed syncs and uploads
+    last_error: str = ""
+    errors: int = 0  # failed attempts, ever
+    sync: SyncState = field(default_factory=SyncState)
+    lineage: Lineage = field(default_factory=Lineage)
+    upload: UploadState = field(default_factory=UploadState)
+    upkeep: MaintenanceState = field(default_factory=MaintenanceState)
+
+    def fail(self, exc: BaseException) -> None:
+        """Count a failed sync or upload."""
+        self.failures += 1
+        self.errors += 1
+        self.last_error = describe(exc)
+
+    def given_up(self) -> bool:
+        """Whether to stop retrying: the database closed and its store keeps failing."""
+        return not self.open and self.failures >= FAILING_AFTER
+
+    def busy(self) -> bool:
+        """Whether anything of the database is still under way or not yet uploaded."""
+        up = self.upload
+        return bool(
+            self.sync.syncing
+            or up.pending
+            or up.outbox
+            or up.uploading
+            or up.spilling
+            or self.upkeep.maintaining
+        )
+
+
+def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
+    """One database's replication state; lag is the age of its oldest unreplicated commit."""
+    up, held = db.upload, db.sync.held
+    oldest = up.pending[0][2].time_ns if up.pending else (held[0].time_ns if held else now_ns)
+    return {
+        "path": db.path,
+        "name": db.name,
+        "generation": db.lineage.generation,
+        "last_txid": db.lineage.next_txid - 1,
+        "replicated_txid": up.durable_txid,
+        "lag_seconds": max(0.0, (now_ns - oldest) / 1e9),
+        "pending_commits": len(up.pending) + len(held),
+        "pending_bytes": up.pending_bytes,
+        "bytes_uploaded": up.bytes_uploaded,
+        "syncing": db.sync.syncing,
+        "failures": db.failures,
+        "errors": db.errors,
+        "last_error": db.last_error,
+    }

@@ -1,0 +1,19 @@
+"""What the engine reports when a replica cannot be written, in one line each."""
+
+from __future__ import annotations
+
+from walsync_vfs import storage
+
+
+class ReplicationError(RuntimeError):
+    """A database's replica cannot be written (the message says why and what to do)."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for logs and errors; storage errors already are one clear line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        text
+        if isinstance(exc, storage.StorageError | ReplicationError)
+        else (f"{type(exc).__name__}: {text}")
+    )

@@ -1,0 +1,168 @@
+"""Sync points: reading a database's exact bytes (and the replica's head) while its WAL is
+pinned, and writing what the lineage decision needs -- recovered commits, a snapshot.
+
+On the first OPEN, after a GAP and on reopen, the engine takes a :class:`capture.SyncPoint`
+and reads the database's pages into a temporary file, computing their whole-db checksum;
+:func:`lineage.decide` then says whether the lineage continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from walsync_vfs import capture, format, recovery, storage
+from walsync_vfs.capture import Record
+from walsync_vfs.dbfile import tee
+from walsync_vfs.lineage import Decision, Head, holds
+from walsync_vfs.uploader import batches
+
+log = logging.getLogger("walsync_vfs")
+
+HEAD_WAIT = 1.0  # seconds a first sync keeps the WAL pinned waiting for the replica's head
+
+
+@dataclass(slots=True)
+class SyncState:
+    """Where a database's sync stands, and the commits that arrive meanwhile."""
+
+    syncing: bool = False
+    retries: int = 0  # consecutive failed syncs (their backoff)
+    resync: bool = False  # a GAP or reopen arrived while a sync was running
+    broken: bool = False  # commits were dropped during a sync: its lineage cannot go on
+    held: list[Record] = field(default_factory=list)  # commits that arrived during a sync
+    held_bytes: int = 0
+    open_seq: int = 0  # seq of the latest OPEN
+    pinned_seq: int = 0  # seq of the latest sync point taken
+    stored_head: Head | None = None  # the replica's head, read by a first sync's first pass
+
+    def hold(self, rec: Record) -> None:
+        self.held.append(rec)
+        self.held_bytes += len(rec.pages) * rec.page_size
+
+    def drop_held(self) -> None:
+        self.held, self.held_bytes = [], 0
+
+    def take_held(self, upto: float = float("inf")) -> list[Record]:
+        """Take the held commits up to seq ``upto``, keeping the later ones."""
+        taken = [rec for rec in self.held if rec.seq <= upto]
+        self.held = [rec for rec in self.held if rec.seq > upto]
+        self.held_bytes = sum(len(r.pages) * r.page_size for r in self.held)
+        return taken
+
+
+@dataclass
+class Pinned:
+    """What a sync point read: the database's state, and the replica's head if it came."""
+
+    path: str
+    seq: int
+    page_size: int
+    db_size: int
+    checksum: format.DbChecksum
+    wal_frames: int
+    taken_ns: int
+    stored: Head | None  # the replica's head, if this sync needed and got it in time
+    fetch: Future[Head] | None  # the head's read, if this sync started one
+    survivors: list[format.Commit]  # commits recovered from the WAL (see recovery.py)
+
+    def ahead_of(self, head: Head) -> bool:
+        """Whether the database may be ahead of a replica ``head`` read too late for this sync
+        point: a crash may have left the missing commits in the WAL, for another to take."""
+        return (
+            bool(self.wal_frames)
+            and head.generation is not None
+            and not holds(head, self.checksum, self.page_size)
+        )
+
+
+def pin(
+    path: str,
+    raw: BinaryIO,
+    stored: Head | None,
+    fetch_head: Callable[[], Future[Head]] | None,
+    pinned: Callable[[int], None],
+    cap: int,
+) -> Pinned:
+    """Take a sync point of ``path`` and copy its pages to ``raw``.
+
+    ``fetch_head`` starts reading the replica's head (a first sync in this process): it is
+    awaited for HEAD_WAIT while the WAL is pinned, so that commits a crash left in the WAL can
+    be taken under this sync point.  ``pinned(seq)`` is called once the sync point is taken.
+    The sync point is released before any upload: it pins the WAL.
+    """
+    fetch = None
+    with capture.SyncPoint(path) as sp:
+        if fetch_head is not None:
+            fetch = fetch_head()
+        taken_ns = time.time_ns()
+        page_size, db_size, pages = sp.pages()
+        pinned(sp.seq)
+        checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
+        if fetch is not None:
+            with contextlib.suppress(TimeoutError):  # a slow store: the engine reads it later
+                stored = fetch.result(HEAD_WAIT)
+        survivors = recovery.survivors(path, sp, stored, checksum, page_size, cap) if stored else []
+        return Pinned(
+            path,
+            sp.seq,
+            page_size,
+            db_size,
+            checksum,
+            sp.nframe,
+            taken_ns,
+            stored,
+            fetch,
+            survivors,
+        )
+
+
+def write(
+    client: storage.ReplicaClient,
+    name: str,
+    head: Head,
+    decision: Decision,
+    pinned: Pinned,
+    raw: BinaryIO,
+    max_segment_bytes: int,
+) -> None:
+    """Upload the commits recovered from the WAL, then the snapshot if the decision (taken
+    against the replica's ``head``) takes one."""
+    if not decision.continues and head.generation is not None:
+        log.debug(
+            "walsync: %s differs from its replica (%s) at seq %d: checksum %x, %d pages of %d",
+            pinned.path,
+            head,
+            pinned.seq,
+            pinned.checksum.value,
+            pinned.db_size,
+            pinned.page_size,
+        )
+    for batch in batches(decision.survivors, pinned.page_size, max_segment_bytes):
+        client.put(
+            format.segment_key(name, decision.generation, batch[0].txid, batch[-1].txid),
+            format.encode_segment(pinned.page_size, batch),
+        )
+    if decision.snapshot:
+        raw.seek(0)
+        client.put(
+            format.snapshot_key(name, decision.generation, decision.txid),
+            _snapshot(raw, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size),
+        )
+
+
+def _snapshot(raw: BinaryIO, page_size: int, txid: int, time_ns: int, db_size: int) -> bytes:
+    """Encode the raw pages spooled at a sync point as a snapshot object."""
+    with tempfile.TemporaryFile() as out:
+        writer = format.SnapshotWriter(out, page_size, txid, time_ns, db_size)
+        for _ in range(db_size):
+            writer.add_page(raw.read(page_size))
+        writer.finish()
+        out.seek(0)
+        return out.read()

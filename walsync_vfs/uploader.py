@@ -1,0 +1,497 @@
+"""Shipping commits: when each database's pending commits are due, how they are batched and
+encoded into segments, and the put threads that upload them.
+
+A per-database token bucket ships the first commit after an idle spell at once and
+coalesces commits under sustained writes, one segment per interval on a clock shared by
+every database, so the due segments are encoded in bursts and a small pool of put threads
+sends each burst's PUTs together.  Failures are retried with backoff; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from walsync_vfs import format, storage
+from walsync_vfs.backoff import Backoff
+from walsync_vfs.spool import Outgoing, Spool
+from walsync_vfs.workers import Workers
+
+if TYPE_CHECKING:
+    from walsync_vfs.config import DbConfig, Settings
+    from walsync_vfs.database import Database
+
+log = logging.getLogger("walsync_vfs")
+
+# Uploads one put thread sends at once (storage.put_all); also the ships queued or running
+# per put thread (see ShipSlots).
+PUT_BATCH = 16
+# Between retries of a failing store (uploads and syncs): recovery is noticed quickly.
+RETRY = Backoff(first=0.1, cap=5.0)
+
+# (seq, generation, commit): a commit stays in the lineage it was made in
+Pending = tuple[int, str, format.Commit]
+_E = TypeVar("_E", bound=tuple[Any, ...])  # an entry whose first item is a Database
+
+
+def is_small(raw_bytes: int, max_segment_bytes: int) -> bool:
+    """Whether a segment of ``raw_bytes`` page bytes is one compaction merges."""
+    return raw_bytes < max_segment_bytes // 4
+
+
+def per_client(entries: list[_E]) -> Iterable[list[_E]]:
+    """Entries that start with a database, grouped by the client of its replica root (one
+    batch of requests per store), in their order."""
+    groups: dict[int, list[_E]] = {}
+    for entry in entries:
+        groups.setdefault(id(entry[0].client), []).append(entry)
+    return groups.values()
+
+
+@dataclass(slots=True)
+class UploadState:
+    """A database's commits on their way to the store, and its token bucket."""
+
+    pending: list[Pending] = field(default_factory=list)
+    pending_bytes: int = 0
+    outbox: list[Outgoing] = field(default_factory=list)  # encoded, oldest first
+    uploading: bool = False  # a PUT of this database is under way (outbox[0])
+    spilling: bool = False
+    seen_seq: int = 0  # last COMMIT seq received
+    durable_seq: int = 0  # every commit up to this seq is in the replica
+    durable_txid: int = 0
+    tokens: float = 0.0
+    token_time: float = 0.0
+    quiet: bool = True  # the oldest pending commit came after a quiet spell
+    arrived_at: float = 0.0  # monotonic time the latest commit reached the engine
+    shipped_at: float = 0.0  # monotonic time the latest upload was started
+    due_at: float = math.inf  # earliest time the uploader has been asked to look at it
+    next_attempt: float = 0.0  # no upload before this (backoff after a failure)
+    bytes_uploaded: int = 0
+
+    def queue(self, item: Pending, grown: int, now: float, cfg: DbConfig) -> bool:
+        """Add a pending commit that brings the pending bytes to ``grown`` (the caller sets
+        them); True when the uploader should look at the database again: a first pending
+        commit, or a segment's worth.  Commits that join a batch already waiting for its turn
+        cost the uploader nothing."""
+        first = not self.pending
+        if first:
+            self.quiet = now - self.arrived_at >= cfg.upload_interval / 4
+        self.arrived_at = now
+        self.pending.append(item)
+        return first or (grown >= cfg.max_segment_bytes > self.pending_bytes)
+
+    @property
+    def memory(self) -> int:
+        """Bytes of commits held in memory (pending, or encoded and not spilled)."""
+        return self.pending_bytes + sum(i.memory for i in self.outbox)
+
+
+class UploadClock:
+    """The process's upload clock and the agenda of when each database is due.
+
+    Where this process's upload ticks fall within an interval (``phase``, a fraction) is
+    random, so processes sharing a store do not all upload at the same instant.
+    """
+
+    def __init__(self, phase: float) -> None:
+        self.phase = phase
+        self.flushers = 0  # flush() calls waiting: every upload is urgent meanwhile
+        # (time, tie-breaker, db): when to look at a database next, so the uploader never
+        # scans every database per wake-up (see schedule).
+        self._agenda: list[tuple[float, int, Database]] = []
+        self._ticket = itertools.count()
+
+    def ship_time(self, db: Database, now: float) -> float:
+        """When the database's pending commits should ship (inf: nothing to do for now)."""
+        up, s = db.upload, db.cfg
+        if not (up.pending or up.outbox) or up.uploading or db.sync.syncing:
+            return math.inf  # an upload's or sync's end schedules it again
+        # Refill the token bucket.
+        if s.upload_interval > 0:
+            up.tokens = min(s.upload_burst, up.tokens + (now - up.token_time) / s.upload_interval)
+        else:
+            up.tokens = s.upload_burst
+        up.token_time = now
+        at = up.next_attempt
+        # A full segment waits for nothing, nor does a backlog of encoded segments (left by
+        # an outage or read back from the spool): catching up must not take one interval
+        # per segment.
+        urgent = self.flushers or up.pending_bytes >= s.max_segment_bytes or len(up.outbox) > 1
+        # Burst tokens are for a commit that follows a quiet spell (the first after idle
+        # ships at once); a steady stream ships one segment per upload_interval, on the
+        # ticks of this process's upload clock.  On a shared clock the busy databases fall
+        # due together and ship in one burst (encoded in one go, see Uploader.start) instead
+        # of one at a time all through the interval: fewer wake-ups, and the code runs warm.
+        # A database off the clock (its stream began with a burst upload) drifts onto it by
+        # at most a tenth of an interval per upload: never two uploads within an interval,
+        # and a commit waits at most 1.1 intervals.
+        interval = s.upload_interval
+        if interval > 0 and not urgent and not (up.quiet and up.tokens >= 1):
+            target = up.shipped_at + interval
+            phase = self.phase * interval
+            tick = math.ceil((target - phase) / interval - 1e-9) * interval + phase
+            at = max(at, min(tick, target + interval / 10))
+        return at
+
+    def schedule(self, db: Database, now: float) -> float | None:
+        """Put ``db`` on the agenda for when its next upload is due; that time if it moved
+        earlier (the uploader may have to wake up for it), else None.
+
+        Called wherever that time can move earlier: a first pending commit, a segment's worth
+        of pending bytes, the end of an upload or a sync, a flush.  The uploader pops what is
+        due instead of scanning every database per wake-up -- that scan, at every commit
+        batch, was the biggest per-commit cost with 100 databases.
+        """
+        at = self.ship_time(db, now)
+        if at >= db.upload.due_at:
+            return None
+        db.upload.due_at = at
+        heapq.heappush(self._agenda, (at, next(self._ticket), db))
+        return at
+
+    def due(self, now: float, room: int) -> list[Database]:
+        """Up to ``room`` databases whose pending commits should ship now, each charged a
+        token.  The others stay due on the agenda, their commits pending."""
+        ready: list[Database] = []
+        agenda = self._agenda
+        while agenda and agenda[0][0] <= now and len(ready) < room:
+            at, _, db = heapq.heappop(agenda)
+            up = db.upload
+            if at != up.due_at:
+                continue  # superseded by an earlier entry
+            up.due_at = math.inf
+            due = self.ship_time(db, now)
+            if due <= now:
+                up.tokens = max(up.tokens - 1, 0)
+                # A paced upload counts from its tick, however late it starts, so a slow
+                # burst does not push the database off the clock (see ship_time).
+                up.shipped_at = due if now - due < db.cfg.upload_interval else now
+                up.quiet = False
+                ready.append(db)
+            else:
+                self.schedule(db, now)
+        return ready
+
+    def next_due(self) -> float:
+        """The earliest time on the agenda (inf: nothing scheduled)."""
+        return self._agenda[0][0] if self._agenda else math.inf
+
+
+class ShipSlots:
+    """Ships handed to the put threads and not finished, at most ``capacity``.
+
+    A database whose turn comes later keeps its commits pending, where memory_cap counts
+    them and its next batch takes them all.  Unbounded, every due database's batch sat in the
+    queue behind a slow store or a saturated machine: two thirds of the page copies held at
+    1,000 databases.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self.throttled = False  # the uploader waits for slots to free up
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.in_use
+
+    def check_full(self) -> bool:
+        """Whether every slot is taken; the uploader then waits for give_back to wake it."""
+        self.throttled = self.in_use >= self.capacity
+        return self.throttled
+
+    def give_back(self, n: int) -> bool:
+        """Free ``n`` slots; True when a throttled uploader should wake up: once half of them
+        are free, not at each ship's end (databases fall due in bursts, and a wake-up per
+        ship doubled its CPU)."""
+        self.in_use -= n
+        if self.throttled and self.in_use <= self.capacity // 2:
+            self.throttled = False
+            return True
+        return False
+
+
+def take_batch(up: UploadState, page_size: int, max_bytes: int) -> list[Pending]:
+    """Take the oldest pending commits of one generation, up to ``max_bytes`` of pages."""
+    pending = up.pending
+    gen = pending[0][1]
+    end, size = 0, 0
+    while end < len(pending) and pending[end][1] == gen and (not end or size < max_bytes):
+        size += len(pending[end][2].pages) * page_size
+        end += 1
+    batch, up.pending = pending[:end], pending[end:]
+    up.pending_bytes -= size
+    return batch
+
+
+def batches(
+    commits: list[format.Commit], page_size: int, max_bytes: int
+) -> Iterator[list[format.Commit]]:
+    """Consecutive commits in segments of about ``max_bytes`` of pages (at least one each)."""
+    batch: list[format.Commit] = []
+    size = 0
+    for commit in commits:
+        if batch and size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(commit)
+        size += len(commit.pages) * page_size
+    if batch:
+        yield batch
+
+
+def encode(name: str, page_size: int, max_segment_bytes: int, batch: list[Pending]) -> Outgoing:
+    """One segment of a batch of pending commits (of one generation)."""
+    commits = [c for _, _, c in batch]
+    gen = batch[0][1]
+    page_size = next((len(p) for c in commits for _, p in c.pages), page_size)
+    raw_bytes = sum(len(c.pages) for c in commits) * page_size
+    small = is_small(raw_bytes, max_segment_bytes)
+    level = format.SMALL_SEGMENT_LEVEL if small else format.SEGMENT_LEVEL
+    return Outgoing(
+        format.segment_key(name, gen, commits[0].txid, commits[-1].txid),
+        gen,
+        batch[-1][0],
+        commits[0].txid,
+        commits[-1].txid,
+        raw_bytes,
+        format.encode_segment(page_size, commits, level),
+    )
+
+
+class UploadHost(Protocol):
+    """What the uploader asks of the engine that owns the databases (lock held)."""
+
+    def break_lineage(self, db: Database) -> None: ...
+    def give_up(self, db: Database) -> None: ...
+    def forget_if_done(self, db: Database) -> None: ...
+
+
+class LocalCopies(Protocol):
+    """Where uploaded segments go for compaction (see compactor.Compactor)."""
+
+    def kept(self, db: Database, item: Outgoing, data: bytes) -> None: ...
+    def drop_copies(self, db: Database) -> None: ...
+
+
+class Uploader:
+    """Hands due databases' segments to the put threads and settles each upload.
+
+    ``lock`` guards every database; of ``conditions`` (on that lock), the first is notified
+    when a database's state changes (flushers wait on it), the second wakes the thread that
+    calls :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        lock: threading.Lock,
+        conditions: tuple[threading.Condition, threading.Condition],
+        spool: Spool,
+        host: UploadHost,
+        copies: LocalCopies,
+    ) -> None:
+        self.settings = settings
+        self._lock = lock
+        self._changed, self._wake = conditions
+        self._spool = spool
+        self._host = host
+        self._copies = copies
+        self.clock = UploadClock(random.random())
+        self.slots = ShipSlots(PUT_BATCH * settings.upload_workers)
+        self.pool = Workers(settings.upload_workers, "walsync-put")
+        self.wake_at = -math.inf  # when the waiting uploader will wake up by itself
+        self.freed = False  # uploads freed page copies since the last heap.release()
+
+    def schedule(self, db: Database, now: float) -> None:
+        """Put ``db`` on the agenda (lock held); wake the uploader only if the new time comes
+        before the one it is already waiting for."""
+        at = self.clock.schedule(db, now)
+        if at is not None and at < self.wake_at:
+            self._wake.notify()
+
+    def start(self, now: float) -> None:
+        """Hand the due databases' oldest segments to the put threads (lock held).
+
+        New segments are encoded here, all of them in one go with the lock released, rather
+        than one per put thread: a burst of encodes runs on warm caches without a GIL
+        hand-off between them, and the put threads are left with the requests alone.
+        """
+        due = self.clock.due(now, self.slots.free)
+        if not due:
+            return
+        fresh = []
+        for db in due:
+            db.upload.uploading = True
+            self.slots.in_use += 1
+            if not db.upload.outbox:
+                fresh.append((db, self._take(db)))
+        self._lock.release()
+        try:
+            encoded = [(db, self._encode_or_none(db, batch)) for db, batch in fresh]
+        finally:
+            self._lock.acquire()
+        for db, item in encoded:
+            if item is None:
+                self.slots.in_use -= 1
+                db.upload.uploading = False
+                self._host.break_lineage(db)
+            else:
+                db.upload.outbox.insert(0, item)
+        ready = [(db, db.upload.outbox[0]) for db in due if db.upload.uploading]
+        for ships in per_client(ready):
+            for i in range(0, len(ships), PUT_BATCH):
+                self.pool.spawn(self._ship_all, ships[i][0].client, ships[i : i + PUT_BATCH])
+
+    def _take(self, db: Database) -> list[Pending]:
+        return take_batch(db.upload, db.lineage.page_size, db.cfg.max_segment_bytes)
+
+    def _encode(self, db: Database, batch: list[Pending]) -> Outgoing:
+        return encode(db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch)
+
+    def _encode_or_none(self, db: Database, batch: list[Pending]) -> Outgoing | None:
+        """The segment, or None (logged) if the commits cannot be encoded: they are then lost
+        to the lineage, which has to start again from a snapshot that holds them."""
+        try:
+            return self._encode(db, batch)
+        except ValueError as exc:
+            log.error("walsync: cannot encode commits of %s (%s); resyncing", db.path, exc)
+            with self._lock:
+                db.errors += 1
+                db.last_error = f"encode: {exc}"
+            return None
+
+    def _ship_all(
+        self, client: storage.ReplicaClient, ships: list[tuple[Database, Outgoing]]
+    ) -> None:
+        """Upload the oldest outgoing segment of each of these databases (one store) in one
+        go (:func:`storage.put_all`), settle each, then give their slots back."""
+        settled = 0
+        try:
+            objects, sending = [], []
+            for db, item in ships:
+                try:
+                    objects.append((item.key, item.payload()))
+                    sending.append((db, item))
+                except OSError as unreadable:  # a spooled segment that cannot be read back
+                    self._failed(db, unreadable)
+                    settled += 1
+            results = storage.put_all(client, objects)
+            for (db, item), (_, data), error in zip(sending, objects, results, strict=True):
+                if error is None:
+                    self._uploaded(db, item, data)
+                else:
+                    self._failed(db, error)
+                settled += 1
+        except Exception as exc:  # a bug: never leave a database marked as uploading
+            log.exception("walsync: uploads failed")
+            for db, _ in ships[settled:]:
+                self._failed(db, exc)
+        finally:
+            with self._lock:
+                if self.slots.give_back(len(ships)):
+                    self._wake.notify()
+
+    def _failed(self, db: Database, exc: Exception) -> None:
+        """Retry later with backoff; nothing is dropped (but a closed database's store that
+        keeps failing is given up on: see Engine.give_up)."""
+        with self._lock:
+            db.upload.uploading = False
+            db.fail(exc)
+            db.upload.next_attempt = time.monotonic() + RETRY.delay(db.failures)
+            self._changed.notify_all()
+            if db.given_up():
+                self._host.give_up(db)
+                return
+            self.schedule(db, time.monotonic())
+        log.warning(
+            "walsync: upload for %s failed (attempt %d): %s", db.name, db.failures, db.last_error
+        )
+
+    def _uploaded(self, db: Database, item: Outgoing, data: bytes) -> None:
+        """A segment is in the store: mark it durable."""
+        self._spool.discard(item)
+        self._copies.kept(db, item, data)
+        with self._lock:
+            up = db.upload
+            up.outbox.remove(item)
+            up.uploading = False
+            db.failures = 0
+            db.last_error = ""
+            up.durable_seq = max(up.durable_seq, item.last_seq)
+            up.durable_txid = item.last_txid
+            up.bytes_uploaded += len(data)
+            self.freed = True
+            db.upkeep.uploaded_since_retention = True
+            self.schedule(db, time.monotonic())
+            self._host.forget_if_done(db)
+            self._changed.notify_all()
+
+    def discard(self, db: Database) -> None:
+        """Drop everything the database has not uploaded (lock held)."""
+        up = db.upload
+        for item in up.outbox:
+            self._spool.discard(item)
+        up.outbox = []
+        up.pending, up.pending_bytes = [], 0
+
+    def spill_if_over_cap(self, dbs: Iterable[Database]) -> None:
+        """Past the memory cap, move the biggest backlog to the local spool (lock held)."""
+        dbs = list(dbs)
+        if sum(db.upload.memory for db in dbs) <= self.settings.memory_cap:
+            return
+        candidates = [
+            db
+            for db in dbs
+            if not db.upload.spilling
+            and (db.upload.pending or any(i.data is not None for i in db.upload.outbox))
+        ]
+        if candidates:
+            db = max(candidates, key=lambda d: d.upload.memory)
+            db.upload.spilling = True
+            taken = []
+            while db.upload.pending:
+                taken.append(self._take(db))
+            self.pool.spawn(self._spill, db, taken)
+
+    def _spill(self, db: Database, taken: list[list[Pending]]) -> None:
+        up = db.upload
+        try:
+            items = [self._encode(db, b) for b in taken]
+            with self._lock:
+                up.outbox.extend(items)
+                in_flight = up.outbox[0] if up.uploading else None
+                backlog = [i for i in up.outbox if i.data is not None and i is not in_flight]
+            for item in backlog:
+                self._spool.spill(item)
+        except OSError as exc:  # spool full or disk full: see spool.py for the policy
+            log.error(
+                "walsync: cannot spool %s (%s); its unsent commits will be in a new "
+                "snapshot once the store is back",
+                db.name,
+                exc,
+            )
+            with self._lock:
+                in_flight = up.outbox[0] if up.uploading else None
+                for item in up.outbox:
+                    if item is not in_flight:
+                        self._spool.discard(item)
+                up.outbox[:] = [in_flight] if in_flight else []
+                up.pending.clear()
+                up.pending_bytes = 0
+                self._copies.drop_copies(db)
+                db.errors += 1
+                db.last_error = f"spool: {exc}"
+                self._host.break_lineage(db)  # the lineage has a hole now
+        with self._lock:
+            up.spilling = False
+            self._changed.notify_all()
