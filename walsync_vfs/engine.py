@@ -286,7 +286,7 @@ class Engine:
 
     def _append(self, db: DbState, rec: Record) -> None:
         """Give a commit its txid and whole-db checksum and queue it for upload."""
-        if rec.seq <= db.sync_seq or db.checksum is None:
+        if rec.seq <= db.sync_seq or db.checksum is None or db.generation is None:
             return  # inside the snapshot this lineage starts from
         if rec.page_size != db.page_size:
             # VACUUM changed the page size: the next sync point comes after this commit, so
@@ -463,7 +463,7 @@ class Engine:
                 db.held = keep
                 db.held_bytes = sum(len(r.pages) * r.page_size for r in keep)
                 if db.checksum is not None:
-                    head = Head(
+                    head: Head | None = Head(
                         db.generation,
                         db.next_txid - 1,
                         db.page_size,
@@ -502,12 +502,14 @@ class Engine:
                     page_size,
                 )
             for batch in _batches(survivors, page_size, db.cfg.max_segment_bytes):
+                assert head.generation is not None  # survivors continue the replica's lineage
                 db.client.put(
                     format.segment_key(db.name, head.generation, batch[0].txid, batch[-1].txid),
                     format.encode_segment(page_size, batch),
                 )
             txid = head.txid + len(survivors) if same else head.txid + 1
             generation = head.generation if same else format.new_generation_id(txid)
+            assert generation is not None  # same: the replica's lineage (_holds or survivors)
             periodic = same and db.force_snapshot and txid > db.snapshot_txid
             if not same or periodic:
                 raw.seek(0)
@@ -708,11 +710,11 @@ class Engine:
                     self._upload_failed(db, exc)
                     settled += 1
             results = storage.put_all(client, objects)
-            for (db, item), (_, data), exc in zip(sending, objects, results, strict=True):
-                if exc is None:
+            for (db, item), (_, data), error in zip(sending, objects, results, strict=True):
+                if error is None:
                     self._uploaded(db, item, data)
                 else:
-                    self._upload_failed(db, exc)
+                    self._upload_failed(db, error)
                 settled += 1
         except Exception as exc:  # a bug: never leave a database marked as uploading
             log.exception("walsync: uploads failed")
@@ -896,6 +898,7 @@ class Engine:
     ) -> tuple[list[tuple[str, bytes]], list[str]] | None:
         """Apply retention (if due) and plan the merge of ``segs`` (whose local copies ``run``
         holds), from at most one LIST; None when there is nothing to merge."""
+        assert db.client is not None  # resolved by its first sync, before any upload
         if retain or run is None or db.pruned_at >= run.started:
             # The LIST (every object of the database: it grows with the retention window) is
             # for retention, and for telling which of segs still exist -- unless all of them
@@ -918,6 +921,7 @@ class Engine:
         whose merged segments are all in the store (per client: one put_all, one delete)."""
         for entries in _per_client(group):
             client = entries[0][0].client
+            assert client is not None  # resolved by its first sync, before any upload
             done = entries  # until the PUTs are settled, a failure is everyone's
             try:
                 objects = [obj for _, puts, _ in entries for obj in puts]
@@ -1064,10 +1068,10 @@ class Engine:
             try:
                 while True:
                     waiting = [
-                        db
+                        state
                         for i, m in marks.items()
-                        if (db := self._dbs.get(i)) is not None
-                        and (db.syncing or db.durable_seq < m)
+                        if (state := self._dbs.get(i)) is not None
+                        and (state.syncing or state.durable_seq < m)
                     ]
                     if not waiting:
                         return
@@ -1135,7 +1139,7 @@ def _wal_survivors(
         raise Unrecoverable("the WAL is empty or has another page size")
     pos = head.wal
     same_wal = pos is not None and (pos.salt1, pos.salt2) == sp.salts
-    start = pos.end if same_wal else 0
+    start = pos.end if pos is not None and same_wal else 0
     where = f"WAL frames {start}..{sp.nframe} ({'same WAL' if same_wal else 'from the start'})"
     if not start < sp.nframe:
         raise Unrecoverable(f"no {where}")

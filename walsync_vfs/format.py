@@ -16,7 +16,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, cast
 
 import xxhash
 import zstandard
@@ -61,7 +61,7 @@ _decompressors = threading.local()
 
 
 def _compress(data: bytes, level: int) -> bytes:
-    per_level = _compressors.__dict__
+    per_level = cast(dict[int, zstandard.ZstdCompressor], _compressors.__dict__)
     compressor = per_level.get(level)
     if compressor is None:
         compressor = per_level[level] = zstandard.ZstdCompressor(level=level)
@@ -895,7 +895,8 @@ def read_snapshot(src: bytes | BinaryIO, key: str) -> tuple[SnapshotHeader, Iter
 def _snapshot_pages(
     header: SnapshotHeader, body: memoryview | _HashingBody, footer: bytes, key: str
 ) -> Iterator[Page]:
-    reader = zstandard.ZstdDecompressor().stream_reader(body)
+    # zstandard reads any object with read(); its stub asks for IO[bytes]
+    reader = zstandard.ZstdDecompressor().stream_reader(body)  # type: ignore[arg-type]
     size = header.page_size
     checksum = 0
     held: Page | None = None  # the latest page, released only once everything checks out

@@ -371,6 +371,7 @@ def _replay(
                 data = fetch.result()
             except storage.ObjectNotFound:
                 raise Vanished(snap_key) from None
+        assert data is not None  # the plan's or the download's
         image = Image.from_snapshot(f, p.generation, snap_key, data)
         with _progress(len(keys) + 1, p.name, progress) as tick:
             for key, header, commits in segments:
