@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from walsync_vfs.config import Settings, load_toml
+from walsync_vfs.config import ConfigError, Settings, load_toml
 
 GOOD = """
 upload_workers = 8
@@ -65,7 +65,10 @@ def test_defaults_and_overrides_by_glob_and_path():
             "[[databases]]\nupload_interval = 1\n",
             'walsync.toml [[databases]] #1: needs match = "<glob>"',
         ),
-        ('[[databases]]\nmatch = "a"\nname = "../up"\n', "invalid database name '../up'"),
+        (
+            '[[databases]]\nmatch = "a"\nname = "../up"\n',
+            "walsync.toml [[databases]] #1: invalid database name '../up'",
+        ),
         (
             '[[databases]]\nmatch = "a"\nretension = 5\n',
             "walsync.toml [[databases]] #1: unknown key 'retension'",
@@ -77,7 +80,7 @@ def test_defaults_and_overrides_by_glob_and_path():
     ],
 )
 def test_bad_config_names_the_key(text, message):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:
         load_toml(text, "walsync.toml")
     assert str(info.value).startswith(message)
 

@@ -1,28 +1,34 @@
 """walsync_vfs: continuous replication of SQLite databases, captured at the source.
 
-``import walsync_vfs`` registers the ``walsync`` VFS in apsw's SQLite and starts the
-replication engine.  Every database opened with ``apsw.Connection(path, vfs="walsync")`` is
-switched to WAL mode and replicated to the configured replica root.
+``import walsync_vfs`` registers the ``walsync`` VFS in apsw's SQLite, and nothing more: no
+thread, no file read.  Replication starts on the first ``apsw.Connection(path,
+vfs="walsync")`` (or ``configure()``, ``flush()``, ``stats()``): the settings are loaded
+then (``$WALSYNC_CONFIG`` or ``./walsync.toml``) and the engine starts.  Every database
+opened through the VFS is switched to WAL mode and replicated to the configured replica root.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+from typing import Any
 
 import apsw
 
 from walsync_vfs import capture, metrics, storage
 from walsync_vfs.capture import CaptureError
-from walsync_vfs.config import Settings, check_knob, initial_settings, load_file
+from walsync_vfs.config import ConfigError, Settings, check_knob, initial_settings, load_file
 from walsync_vfs.engine import Engine, ReplicationError
 
-__all__ = ["CaptureError", "ReplicationError", "configure", "flush", "stats"]
+__all__ = ["CaptureError", "ConfigError", "ReplicationError", "configure", "flush", "stats"]
 
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 SYNC_POINT_WAIT_S = 10.0
-_settings = initial_settings()
+# The engine keeps this object: configure() and the start update it in place.
+_settings = Settings()
 _engine: Engine | None = None
+_start_lock = threading.Lock()
 
 
 _PROCESS_OPTIONS = (
@@ -48,8 +54,9 @@ def configure(
     ``retention``, ``compact_segments``) or process-wide options (``name``: a function from
     database path to replica name, ``upload_workers``, ``metrics_port``, ``client_options``).
     """
+    engine = _engine_instance()  # the file's settings first: what follows overrides them
     new = load_file(config) if config is not None else dataclasses.replace(_settings)
-    knobs = {}
+    knobs: dict[str, Any] = {}
     for key, value in options.items():
         if key in _PROCESS_OPTIONS:
             setattr(new, key, value)
@@ -63,10 +70,8 @@ def configure(
             storage.open_replica(replica, **new.client_options)  # malformed URLs fail here
         knobs["replica"] = replica
     new.defaults = dataclasses.replace(new.defaults, **knobs)
-    for f in dataclasses.fields(Settings):
-        setattr(_settings, f.name, getattr(new, f.name))
-    if _settings.metrics_port is not None:
-        metrics.serve(_settings.metrics_port, _engine_instance())
+    _adopt(new)
+    _serve_metrics(engine)
 
 
 def flush(timeout: float | None = None) -> None:
@@ -82,34 +87,52 @@ def stats() -> list[dict]:
 
 
 def _engine_instance() -> Engine:
+    """The process's engine, started on first use with the settings of the config file
+    (a :class:`ConfigError` then leaves nothing started: the next call tries again)."""
     global _engine
     if _engine is None:
-        _engine = Engine(_settings)
-        capture.dispatcher().default = _engine.on_records
+        with _start_lock:
+            if _engine is None:
+                _adopt(initial_settings())
+                engine = Engine(_settings)
+                # The dispatcher starts with the engine as its default sink: an OPEN queued
+                # by the connection being opened reaches the engine, not nowhere.
+                capture.dispatcher(default=engine.on_records)
+                _serve_metrics(engine)
+                _engine = engine
     return _engine
+
+
+def _adopt(new: Settings) -> None:
+    """Make ``new`` the settings, in place: the engine holds the object."""
+    for f in dataclasses.fields(Settings):
+        setattr(_settings, f.name, getattr(new, f.name))
+
+
+def _serve_metrics(engine: Engine) -> None:
+    if _settings.metrics_port is not None:
+        metrics.serve(_settings.metrics_port, engine)
 
 
 def _ensure_wal(con: apsw.Connection) -> None:
     """apsw connection hook: a walsync database must be in WAL mode, or capture sees nothing."""
     if con.open_vfs != capture.VFS_NAME or capture.opening_internally():
         return
+    engine = _engine_instance()  # before anything changes the database: a ConfigError stops it
     # Sync points hold the write lock for microseconds; without a busy timeout a writer that
     # collides with one would fail at once.  The application may set its own afterwards.
     con.set_busy_timeout(DEFAULT_BUSY_TIMEOUT_MS)
-    mode = con.execute("PRAGMA journal_mode").fetchone()[0]
+    mode = con.pragma("journal_mode")
     if mode != "wal":
-        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = con.pragma("journal_mode", "WAL")
     if mode != "wal":
         raise CaptureError(
             f"{con.filename or ':memory:'}: walsync needs journal_mode=WAL but SQLite kept "
             f"{mode!r}; open an on-disk database file"
         )
-    _engine_instance().await_sync_point(capture.db_id_of(con), SYNC_POINT_WAIT_S)
+    engine.await_sync_point(capture.db_id_of(con), SYNC_POINT_WAIT_S)
 
 
 capture.load()
-_engine_instance()  # before any database opens, so no OPEN record finds no sink
-if _settings.metrics_port is not None:
-    metrics.serve(_settings.metrics_port, _engine_instance())
 if _ensure_wal not in apsw.connection_hooks:
     apsw.connection_hooks.append(_ensure_wal)

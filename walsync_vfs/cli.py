@@ -13,9 +13,10 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from walsync_vfs import report, storage
 from walsync_vfs.format import CorruptObject
@@ -144,6 +145,10 @@ def run_verify(url: str) -> int:
     return 0
 
 
+# What signal.signal() returns and takes: a function, SIG_DFL or SIG_IGN, or None.
+Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
 class StopRequest:
     """SIGINT and SIGTERM ask a follower to stop, which it does between polls: never half-way
     through an update, so its last line says where OUTPUT really is.  A second signal
@@ -151,7 +156,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self._saved: dict[int, object] = {}
+        self._saved: dict[int, Handler] = {}
 
     def __enter__(self) -> StopRequest:
         self._saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -13,7 +13,7 @@ base name or full path) applies per-database overrides; later tables win::
     match = "tenant-*.db"
     retention = 604800
 
-Unknown keys and bad values are errors that name the key.
+Unknown keys and bad values raise :class:`ConfigError`, naming the file, table and key.
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from walsync_vfs.format import check_name
 
 ENV_REPLICA = "WALSYNC_REPLICA"
 ENV_CONFIG = "WALSYNC_CONFIG"
 DEFAULT_CONFIG_FILE = "walsync.toml"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names where it came from (file, table) and the key."""
 
 
 def default_replica() -> str:
@@ -74,27 +79,31 @@ _KNOBS: dict[str, tuple[type, float | None]] = {
 }
 
 
-def check_knob(where: str, key: str, value: object) -> object:
-    """Validate one knob; errors name where it came from and the key."""
+def check_knob(where: str, key: str, value: object) -> Any:
+    """Validate one knob and return its value as the knob's type (an int given for a float
+    becomes a float); errors name where it came from and the key."""
     if key not in _KNOBS:
-        raise ValueError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(_KNOBS))}")
+        raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(_KNOBS))}")
     kind, low = _KNOBS[key]
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise ValueError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
-    if low is not None and value < low:  # type: ignore[operator]
-        raise ValueError(f"{where}: {key} must be >= {low}, got {value!r}")
-    if key == "name":
-        check_name(value)  # type: ignore[arg-type]
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    if isinstance(value, int | float):
+        value = float(value) if kind is float else value
+        if low is not None and value < low:
+            raise ConfigError(f"{where}: {key} must be >= {low}, got {value!r}")
+    elif isinstance(value, str) and key == "name":
+        try:
+            check_name(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return value
 
 
 @dataclass(frozen=True)
 class Override:
     match: str  # glob on the database file's base name or full path
-    values: dict
+    values: dict[str, Any]  # knob -> value, as check_knob returns them
 
 
 @dataclass
@@ -111,7 +120,7 @@ class Settings:
     memory_cap: int = 64 << 20
     spool_dir: str | None = None
     spool_cap: int = 1 << 30
-    client_options: dict = field(default_factory=dict)  # passed to storage.open_replica
+    client_options: dict[str, Any] = field(default_factory=dict)  # to storage.open_replica
 
     def for_db(self, path: str) -> DbConfig:
         """The effective knobs for the database at ``path``."""
@@ -130,13 +139,13 @@ def load_toml(text: str, where: str) -> Settings:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{where}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     settings = Settings()
     for key, value in doc.items():
         if key == "defaults" and isinstance(value, dict):
             knobs = {k: check_knob(f"{where} [defaults]", k, v) for k, v in value.items()}
             if "name" in knobs:
-                raise ValueError(
+                raise ConfigError(
                     f"{where} [defaults]: name is per database; set it in a [[databases]] table"
                 )
             settings.defaults = dataclasses.replace(settings.defaults, **knobs)
@@ -144,7 +153,7 @@ def load_toml(text: str, where: str) -> Settings:
             for i, table in enumerate(value):
                 here = f"{where} [[databases]] #{i + 1}"
                 if not isinstance(table, dict) or not isinstance(table.get("match"), str):
-                    raise ValueError(f'{here}: needs match = "<glob>"')
+                    raise ConfigError(f'{here}: needs match = "<glob>"')
                 knobs = {k: check_knob(here, k, v) for k, v in table.items() if k != "match"}
                 settings.overrides.append(Override(table["match"], knobs))
         elif key == "upload_workers":
@@ -152,7 +161,7 @@ def load_toml(text: str, where: str) -> Settings:
         elif key == "metrics_port":
             settings.metrics_port = _positive_int(where, key, value)
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: unknown key {key!r}; known: defaults, databases, metrics_port, "
                 "upload_workers"
             )
@@ -161,23 +170,27 @@ def load_toml(text: str, where: str) -> Settings:
 
 def _positive_int(where: str, key: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
     return value
 
 
-def load_file(path: str | os.PathLike) -> Settings:
+def load_file(path: str | os.PathLike[str]) -> Settings:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     return load_toml(text, str(path))
 
 
 def initial_settings() -> Settings:
-    """Settings at import: ``$WALSYNC_CONFIG``, else ``./walsync.toml`` if present."""
-    path = os.environ.get(ENV_CONFIG)
-    if path:
+    """Settings when replication starts: ``$WALSYNC_CONFIG``, else ``./walsync.toml`` if
+    present.  Errors say which file to fix: the application may not know it reads one."""
+    path = os.environ.get(ENV_CONFIG) or (
+        os.path.abspath(DEFAULT_CONFIG_FILE) if os.path.exists(DEFAULT_CONFIG_FILE) else None
+    )
+    if path is None:
+        return Settings()
+    try:
         return load_file(path)
-    if os.path.exists(DEFAULT_CONFIG_FILE):
-        return load_file(DEFAULT_CONFIG_FILE)
-    return Settings()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; fix that file, or set ${ENV_CONFIG} to another one") from None

@@ -410,10 +410,10 @@ class Engine:
             try:
                 while True:
                     waiting = [
-                        db
+                        state
                         for i, m in marks.items()
-                        if (db := self._dbs.get(i)) is not None
-                        and (db.sync.syncing or db.upload.durable_seq < m)
+                        if (state := self._dbs.get(i)) is not None
+                        and (state.sync.syncing or state.upload.durable_seq < m)
                     ]
                     if not waiting:
                         return

@@ -27,8 +27,8 @@ from urllib.parse import quote
 import apsw
 
 from walsync_vfs import catalog, format, storage
-from walsync_vfs.config import check_name
 from walsync_vfs.dbfile import apply_pages, tee
+from walsync_vfs.format import check_name
 
 PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied
 WRITE_BUFFER = 1 << 20  # snapshot pages arrive in order: write them a MiB at a time
@@ -371,6 +371,7 @@ def _replay(
                 data = fetch.result()
             except storage.ObjectNotFound:
                 raise Vanished(snap_key) from None
+        assert data is not None  # the plan's or the download's
         image = Image.from_snapshot(f, p.generation, snap_key, data)
         with _progress(len(keys) + 1, p.name, progress) as tick:
             for key, header, commits in segments:

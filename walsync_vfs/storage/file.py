@@ -7,6 +7,7 @@ goes through a temp file, fsync and rename, like SQLite's own journal handling.
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 import threading
@@ -112,7 +113,9 @@ class FileReplicaClient:
                 _makedirs(tmp.parent)
         return os.open(tmp, flags, 0o666)
 
-    def _walk(self, directory: Path, rel: str, prefix: str, found: list[ObjectInfo]) -> None:
+    def _walk(
+        self, directory: Path, rel: str, prefix: str, found: builtins.list[ObjectInfo]
+    ) -> None:
         try:
             entries = os.scandir(directory)
         except (FileNotFoundError, NotADirectoryError):

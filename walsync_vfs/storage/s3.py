@@ -532,9 +532,9 @@ class S3ReplicaClient:
         errors = self.service.put_many(
             self.bucket, [(self._root + objects[i][0], objects[i][1]) for i in valid]
         )
-        for i, exc in zip(valid, errors, strict=True):
-            if exc is not None:
-                results[i] = self._error("put", f"{self.url}/{objects[i][0]}", exc)
+        for i, error in zip(valid, errors, strict=True):
+            if error is not None:
+                results[i] = self._error("put", f"{self.url}/{objects[i][0]}", error)
         return results
 
     def get(self, key: str) -> bytes:

@@ -188,7 +188,7 @@ class Connection:
         return data
 
     def _chunked(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             size_line = self._chunk_line().split(b";", 1)[0].strip()
             try:
