@@ -53,6 +53,7 @@ SQLITE_EXTENSION_INIT1
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -168,6 +169,8 @@ struct WsFile {
   WsFile *pMain;       /* WAL: the main-db file of the same connection */
   WsFile *pWal;        /* MAIN: this connection's open WAL, if any */
   int bInCkpt;         /* MAIN: between CKPT_START and CKPT_DONE */
+  int bRestart;        /* MAIN: holds the lock SQLite restarts the WAL under */
+  uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
   /* WAL: mirror of the bytes written since the last publish. */
   unsigned char *aBuf;
   sqlite3_int64 iStart, nBuf, nAlloc;
@@ -299,10 +302,15 @@ static void publishEvent(WsDb *pDb, int kind, const char *zText) {
 }
 
 /* Forget the chain position and tell the consumer the stream broke. */
-static void reportGap(WsDb *pDb) {
+static void readAnything(WsDb *pDb);
+#define reportGap(p) reportGapAt(p, __LINE__)
+
+static void reportGapAt(WsDb *pDb, int line) {
+  if (getenv("WS_DEBUG")) fprintf(stderr, "GAP pid %d line %d\n", getpid(), line);
   pthread_mutex_lock(&pDb->mu);
   pDb->c.bKnown = 0;
   pthread_mutex_unlock(&pDb->mu);
+  readAnything(pDb);
   publishEvent(pDb, WS_GAP, 0);
 }
 
@@ -335,14 +343,17 @@ static void reportGap(WsDb *pDb) {
 #define WS_ROLE_NONE 0   /* not decided: behaves as a single process did */
 #define WS_ROLE_LEAD 1
 #define WS_ROLE_FOLLOW 2
+#define WS_READ_ANY 0xFFFFFFFFu /* aRead while the leader has no place in the chain */
 
 /* Three u32 values written by one writer at a time and read by anyone:
 ** a seqlock.  A writer that died half-way leaves an odd sequence, which the
 ** next write repairs; a reader gives up after a while and reports failure. */
-typedef struct WsSeq3 WsSeq3;
-struct WsSeq3 {
+#define WS_LINKS 8 /* restarts remembered */
+
+typedef struct WsSeq WsSeq;
+struct WsSeq {
   uint32_t seq;
-  uint32_t v[3];
+  uint32_t v[1 + 5 * WS_LINKS];
 };
 
 typedef struct WsShared WsShared;
@@ -353,33 +364,39 @@ struct WsShared {
   uint32_t pad;
   int64_t leaderDbId;      /* the leader's id for this database */
   char addr[WS_ADDR_MAX];  /* the leader's socket (abstract name, NUL-padded) */
-  WsSeq3 read;             /* salt1, salt2, frames the leader has in memory */
-  WsSeq3 permit;           /* salt1, salt2, frames of the last WAL a restart ended */
+  WsSeq read;              /* salt1, salt2, frames the leader has in memory */
+  /* The last restarts shims allowed, as links from salt1, salt2, frame
+  ** count of the WAL that ended to the salts of the next (v[0]: the newest
+  ** link's index).  Salts change when the WAL restarts, and again when a
+  ** connection that did not restart it writes its first header. */
+  WsSeq links;
 };
 
-static void seqWrite(WsSeq3 *s, uint32_t a, uint32_t b, uint32_t c) {
+static void seqWrite(WsSeq *s, const uint32_t *v, int n) {
   uint32_t q = __atomic_load_n(&s->seq, __ATOMIC_RELAXED) | 1;
+  int i;
   __atomic_store_n(&s->seq, q, __ATOMIC_RELAXED);
   __atomic_thread_fence(__ATOMIC_RELEASE);
-  __atomic_store_n(&s->v[0], a, __ATOMIC_RELAXED);
-  __atomic_store_n(&s->v[1], b, __ATOMIC_RELAXED);
-  __atomic_store_n(&s->v[2], c, __ATOMIC_RELAXED);
+  for (i = 0; i < n; i++) __atomic_store_n(&s->v[i], v[i], __ATOMIC_RELAXED);
   __atomic_store_n(&s->seq, q + 1, __ATOMIC_RELEASE);
 }
 
-static int seqRead(const WsSeq3 *s, uint32_t out[3]) {
-  int i;
+static int seqRead(const WsSeq *s, uint32_t *out, int n) {
+  int i, k;
   for (i = 0; i < 10000; i++) {
     uint32_t q = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE), q2;
     if (q & 1) continue;
-    out[0] = __atomic_load_n(&s->v[0], __ATOMIC_RELAXED);
-    out[1] = __atomic_load_n(&s->v[1], __ATOMIC_RELAXED);
-    out[2] = __atomic_load_n(&s->v[2], __ATOMIC_RELAXED);
+    for (k = 0; k < n; k++) out[k] = __atomic_load_n(&s->v[k], __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     q2 = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
     if (q == q2) return 1;
   }
   return 0;
+}
+
+static void setRead(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t n) {
+  uint32_t v[3] = {s1, s2, n};
+  seqWrite(&pDb->pShared->read, v, 3);
 }
 
 /* Map <db>-walsync (created with the database file's permissions); NULL if
@@ -483,18 +500,87 @@ static int restartAllowed(WsDb *pDb) {
   uint32_t s1, s2, mx, rd[3];
   if (!pDb->pShared || !pDb->pShm || !shmHeader(pDb, &s1, &s2, &mx) || mx == 0) return 1;
   if (!leaderOf(pDb->pShared, 0, 0)) return 1; /* nobody replicates: the next leader resyncs */
-  if (seqRead(&pDb->pShared->read, rd) && rd[0] == s1 && rd[1] == s2 && rd[2] >= mx) return 1;
+  if (seqRead(&pDb->pShared->read, rd, 3) &&
+      (rd[2] == WS_READ_ANY || (rd[0] == s1 && rd[1] == s2 && rd[2] >= mx))) {
+    return 1;
+  }
   pDb->lastNotify = 0;
   notifyLeader(pDb);
   return 0;
 }
 
-/* The restart was allowed and the lock taken: leave the permit. */
-static void restartPermitted(WsDb *pDb) {
+/* Record that the WAL (f1, f2) ended with fn frames and (t1, t2) follows it.
+** Callers hold the WAL write lock, so links are written one at a time. */
+static void addLink(WsDb *pDb, uint32_t f1, uint32_t f2, uint32_t fn, uint32_t t1, uint32_t t2) {
+  uint32_t v[1 + 5 * WS_LINKS], *l;
+  if (!pDb->pShared || !seqRead(&pDb->pShared->links, v, 1 + 5 * WS_LINKS)) return;
+  v[0] = (v[0] + 1) % WS_LINKS;
+  l = v + 1 + 5 * v[0];
+  l[0] = f1;
+  l[1] = f2;
+  l[2] = fn;
+  l[3] = t1;
+  l[4] = t2;
+  seqWrite(&pDb->pShared->links, v, 1 + 5 * WS_LINKS);
+}
+
+/* The exclusive lock SQLite restarts the WAL under is taken: note the WAL it
+** may end.  walRestartHdr() writes the new salts into the wal-index before
+** the lock is released (restartDone()). */
+static void restartBegin(WsFile *pMain) {
+  WsDb *pDb = pMain->pDb;
+  pMain->bRestart = pDb->pShared && pDb->pShm &&
+                    shmHeader(pDb, &pMain->aRestart[0], &pMain->aRestart[1], &pMain->aRestart[2]);
+}
+
+static void restartDone(WsFile *pMain) {
+  WsDb *pDb = pMain->pDb;
   uint32_t s1, s2, mx;
-  if (pDb->pShared && pDb->pShm && shmHeader(pDb, &s1, &s2, &mx) && mx > 0) {
-    seqWrite(&pDb->pShared->permit, s1, s2, mx);
+  const uint32_t *a = pMain->aRestart;
+  if (!pMain->bRestart) return;
+  pMain->bRestart = 0;
+  if (shmHeader(pDb, &s1, &s2, &mx) && (s1 != a[0] || s2 != a[1])) {
+    addLink(pDb, a[0], a[1], a[2], s1, s2);
   }
+}
+
+/* A WAL header is being written: a connection that did not restart the WAL
+** itself gives it new random salts (wal.c, walFrames()). */
+static void headerWritten(WsDb *pDb, const unsigned char *h) {
+  uint32_t s1, s2, mx;
+  if (pDb->pShared && pDb->pShm && shmHeader(pDb, &s1, &s2, &mx) && mx == 0 &&
+      (get32(h + 16) != s1 || get32(h + 20) != s2)) {
+    addLink(pDb, s1, s2, 0, get32(h + 16), get32(h + 20));
+  }
+}
+
+/* The leader lost its place in the chain (a gap, a new lead): it will take a
+** snapshot at its next sync point, so no frame needs protecting until then.
+** Needed, not just harmless: the sync point takes the WAL write lock, which a
+** checkpoint waiting for the leader to read would hold. */
+static void readAnything(WsDb *pDb) {
+  if (pDb->eRole == WS_ROLE_LEAD && pDb->pShared) setRead(pDb, 0, 0, WS_READ_ANY);
+}
+
+/* Did shims allow every restart from where pDb's chain ends to the WAL with
+** salts (s1, s2), each WAL on the way but the first ending empty? */
+static int permitted(WsDb *pDb, uint32_t s1, uint32_t s2) {
+  uint32_t v[1 + 5 * WS_LINKS], cur[3] = {pDb->c.salt1, pDb->c.salt2, pDb->c.nFrame};
+  int step, k;
+  if (!pDb->pShared || !seqRead(&pDb->pShared->links, v, 1 + 5 * WS_LINKS)) return 0;
+  for (step = 0; step < WS_LINKS; step++) {
+    const uint32_t *l = 0;
+    for (k = 0; k < WS_LINKS && !l; k++) { /* newest first */
+      const uint32_t *c = v + 1 + 5 * ((v[0] + WS_LINKS - k) % WS_LINKS);
+      if (c[0] == cur[0] && c[1] == cur[1] && c[2] == cur[2] && (c[3] || c[4])) l = c;
+    }
+    if (!l) return 0;
+    if (l[3] == s1 && l[4] == s2) return 1;
+    cur[0] = l[3];
+    cur[1] = l[4];
+    cur[2] = 0;
+  }
+  return 0;
 }
 
 static int preadFull(int fd, unsigned char *a, sqlite3_int64 n, sqlite3_int64 off);
@@ -547,33 +633,27 @@ static ws_rec *commitRecord(WsDb *pDb, const WsChain *c, uint32_t f0, uint32_t f
 static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
   WsChain c = pDb->c;
   unsigned char h[WAL_HDR];
-  uint32_t f, start, szFrame, pm[3];
+  uint32_t f, start, szFrame;
   ws_rec *prev = 0; /* queued once the next frame is known not to pad it */
-  int fd;
+  int fd, why = 0;
   char *zWal;
   if (!c.bKnown) return 0;
   if (c.bHdr && c.salt1 == s1 && c.salt2 == s2 && nEnd <= c.nFrame) return 0;
   zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
   fd = zWal ? open(zWal, O_RDONLY | O_CLOEXEC) : -1;
   sqlite3_free(zWal);
-  if (fd < 0) goto gap;
+  if (fd < 0) { why = __LINE__; goto gap; }
   if (!c.bHdr || c.salt1 != s1 || c.salt2 != s2) {
-    /* Another process restarted the WAL. */
-    if (c.bHdr && (s1 != c.salt1 + 1 || !pDb->pShared || !seqRead(&pDb->pShared->permit, pm) ||
-                   pm[0] != c.salt1 || pm[1] != c.salt2 || pm[2] != c.nFrame)) {
-      goto gap;
-    }
-    /* A WAL first seen now must not come from restarting one never seen. */
-    if (!c.bHdr && pDb->pShared && seqRead(&pDb->pShared->permit, pm) && pm[2] && pm[0] + 1 == s1) {
-      goto gap;
-    }
+    /* A WAL whose header we have not read: the one expected at the sync
+    ** point, or one that permitted restarts lead to from our position. */
+    if ((c.salt1 != s1 || c.salt2 != s2) && !permitted(pDb, s1, s2)) { why = __LINE__; goto gap; }
     if (nEnd == 0) goto done; /* its header is not written yet */
     if (pread(fd, h, WAL_HDR, 0) != WAL_HDR || !parseWalHeader(&c, h) || c.salt1 != s1 ||
         c.salt2 != s2) {
-      goto gap;
+      { why = __LINE__; goto gap; }
     }
   }
-  if (nEnd < c.nFrame) goto gap;
+  if (nEnd < c.nFrame) { why = __LINE__; goto gap; }
   szFrame = FRAME_HDR + c.szPage;
   start = c.nFrame;
   for (f = c.nFrame; f < nEnd; f++) {
@@ -581,7 +661,7 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
     uint32_t endCk[2];
     if (pread(fd, fh, FRAME_HDR, WAL_HDR + (off_t)f * szFrame) != FRAME_HDR ||
         get32(fh + 8) != c.salt1 || get32(fh + 12) != c.salt2) {
-      goto gap;
+      { why = __LINE__; goto gap; }
     }
     if (!get32(fh + 4)) continue;
     /* A commit frame. */
@@ -596,7 +676,7 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
     } else {
       if (prev) enqueue(pDb, prev);
       prev = commitRecord(pDb, &c, start, f + 1, get32(fh + 4), endCk);
-      if (!prev) goto gap;
+      if (!prev) { why = __LINE__; goto gap; }
     }
     c.nFrame = f + 1;
     c.cksum[0] = endCk[0];
@@ -611,6 +691,7 @@ done:
 gap:
   if (prev) enqueue(pDb, prev);
   if (fd >= 0) close(fd);
+  if (getenv("WS_DEBUG")) fprintf(stderr, "catchUp gap at %d: c %x/%x/%u hdr %d -> %x/%x/%u\n", why, c.salt1, c.salt2, c.nFrame, c.bHdr, s1, s2, nEnd);
   reportGap(pDb);
   return 1;
 }
@@ -683,7 +764,8 @@ static void publishLocked(WsFile *pWal, const unsigned char *a, sqlite3_int64 nB
     ** restarted it, erasing frames we never saw. */
     if (nBuf < WAL_HDR || !parseWalHeader(&c, a)) return;
     if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1) &&
-        !(pDb->c.nFrame == 0 && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2)) {
+        !(pDb->c.nFrame == 0 && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2) &&
+        !permitted(pDb, c.salt1, c.salt2)) {
       reportGap(pDb);
       return;
     }
@@ -852,6 +934,7 @@ gap: /* every jump here comes after the read above */
   free(r->aFrames);
   r->aFrames = 0;
   r->kind = WS_GAP;
+  if (getenv("WS_DEBUG")) fprintf(stderr, "GAP pid %d prepare %u..%u\n", getpid(), r->frame_start, r->frame_end);
 }
 
 /*
@@ -917,7 +1000,13 @@ static void checkRestart(WsFile *pWal) {
   if (!pDb || !pDb->c.bKnown) return;
   if (r->pMethods->xFileSize(r, &size) != SQLITE_OK) size = 0;
   if (size < WAL_HDR || r->pMethods->xRead(r, h, WAL_HDR, 0) != SQLITE_OK || !parseWalHeader(&old, h)) {
-    if (pDb->c.bHdr && !pDb->c.nTrunc) reportGap(pDb);
+    /* Emptied by a TRUNCATE checkpoint: ours, or another process's once the
+    ** leader had read every frame. */
+    uint32_t s1, s2, mx;
+    if (pDb->c.bHdr && !pDb->c.nTrunc &&
+        !(shmHeader(pDb, &s1, &s2, &mx) && permitted(pDb, s1, s2))) {
+      reportGap(pDb);
+    }
     return;
   }
   if (!pDb->c.bHdr || old.salt1 != pDb->c.salt1 || old.salt2 != pDb->c.salt2) {
@@ -1046,9 +1135,12 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
   int rc;
   if (p->eType == WSF_WAL && o == 0) {
     waitConsumed(p->pDb, p->pReal);
-    if (p->pDb) pthread_mutex_lock(&p->pDb->mu);
-    checkRestart(p);
-    if (p->pDb) pthread_mutex_unlock(&p->pDb->mu);
+    if (p->pDb) {
+      pthread_mutex_lock(&p->pDb->mu);
+      checkRestart(p);
+      if (n >= WAL_HDR) headerWritten(p->pDb, z);
+      pthread_mutex_unlock(&p->pDb->mu);
+    }
   }
   rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
   if (rc != SQLITE_OK) return rc;
@@ -1162,8 +1254,10 @@ static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
         return SQLITE_BUSY;
       }
       rc = p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
-      if (rc == SQLITE_OK) restartPermitted(p->pDb);
+      if (rc == SQLITE_OK) restartBegin(p);
       return rc;
+    } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_UNLOCK) && p->pDb) {
+      restartDone(p);
     }
   }
   return p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
@@ -1372,7 +1466,7 @@ static ws_batch *takeBatches(void) {
     if (r->kind == WS_COMMIT) {
       prepareCommit(r);
       if (r->kind == WS_COMMIT && r->pDb->eRole == WS_ROLE_LEAD && r->pDb->pShared) {
-        seqWrite(&r->pDb->pShared->read, r->salt1, r->salt2, r->frame_end);
+        setRead(r->pDb, r->salt1, r->salt2, r->frame_end);
       }
     }
     if (!b) {
@@ -1482,6 +1576,11 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
     }
     close(fd);
   }
+  if (!c.bHdr) {
+    /* No WAL yet: its first header will carry the wal-index's salts. */
+    uint32_t mx;
+    if (!shmHeader(pDb, &c.salt1, &c.salt2, &mx)) c.salt1 = c.salt2 = 0;
+  }
   c.bKnown = 1;
   __atomic_store_n(&pDb->bReopen, 1, __ATOMIC_RELEASE); /* the WAL may be a new file */
   pthread_mutex_lock(&pDb->mu);
@@ -1491,7 +1590,7 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
   pthread_mutex_unlock(&gMutex);
   pthread_mutex_unlock(&pDb->mu);
   /* The sync point pins these frames for the engine: they count as read. */
-  if (pDb->eRole == WS_ROLE_LEAD && pDb->pShared) seqWrite(&pDb->pShared->read, c.salt1, c.salt2, c.nFrame);
+  if (pDb->eRole == WS_ROLE_LEAD && pDb->pShared) setRead(pDb, c.salt1, c.salt2, c.nFrame);
   pOut->page_size = c.bHdr ? c.szPage : 0;
   pOut->nframe = c.nFrame;
   pOut->salt1 = c.salt1;
@@ -1503,16 +1602,20 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
 ** Leader: publish the commits other processes added to the WAL since the
 ** last one published (see catchUp()).  Needs no lock: frames up to the
 ** wal-index's last commit stay put until this process has read them.
-** Returns 0, or 1 if the stream broke (a GAP was queued), -1 if the db id
-** is unknown or its chain position is not known yet.
+** Returns 1 if it published commits, 0 if there were none, -1 if the stream
+** broke (a GAP was queued) or the chain position is not known yet.
 */
 int ws_tail(int64_t db_id) {
   WsDb *pDb = dbById(db_id);
   uint32_t s1, s2, mx;
+  uint64_t seq;
   int rc = -1;
   if (!pDb) return -1;
   pthread_mutex_lock(&pDb->mu);
-  if (pDb->c.bKnown && shmHeader(pDb, &s1, &s2, &mx)) rc = catchUp(pDb, s1, s2, mx);
+  seq = __atomic_load_n(&pDb->seq, __ATOMIC_ACQUIRE);
+  if (pDb->c.bKnown && shmHeader(pDb, &s1, &s2, &mx) && catchUp(pDb, s1, s2, mx) == 0) {
+    rc = __atomic_load_n(&pDb->seq, __ATOMIC_ACQUIRE) != seq;
+  }
   pthread_mutex_unlock(&pDb->mu);
   return rc;
 }
@@ -1543,6 +1646,7 @@ int ws_role(int64_t db_id, int role, const char *zAddr) {
       if (zAddr) strncpy(s->addr, zAddr, WS_ADDR_MAX - 1);
       __atomic_store_n(&s->leaderDbId, db_id, __ATOMIC_RELAXED);
       __atomic_store_n(&s->leaderPid, (int32_t)getpid(), __ATOMIC_RELAXED);
+      if (!pDb->c.bKnown) readAnything(pDb);
     } else {
       __atomic_store_n(&s->leaderPid, 0, __ATOMIC_RELAXED);
     }
@@ -1609,6 +1713,38 @@ int ws_release_heap(void) {
 #endif
 }
 
+/* ------------------------------------------------------------- fork() */
+
+/* A child process starts with no connection of its own (SQLite forbids using
+** the parent's across fork), no queue and no consumer: forget the parent's
+** per-process state so its first open is an OPEN, and a role of its own. */
+static void forkPrepare(void) { pthread_mutex_lock(&gMutex); }
+static void forkParent(void) { pthread_mutex_unlock(&gMutex); }
+static void forkChild(void) {
+  int64_t i;
+  pthread_mutexattr_t ma;
+  pthread_mutex_init(&gMutex, 0);
+  pthread_cond_init(&gCond, 0);
+  pthread_cond_init(&gDone, 0);
+  gHead = gTail = 0; /* the parent's records stay the parent's */
+  gWaiting = gWake = 0;
+  pthread_mutexattr_init(&ma);
+  pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
+  for (i = 0; i < gnDb; i++) {
+    WsDb *p = gaDb[i];
+    pthread_mutex_init(&p->mu, &ma);
+    if (p->walFd >= 0) close(p->walFd);
+    p->walFd = -1;
+    p->nRef = p->nHold = p->nWaiter = p->nPending = 0;
+    p->eRole = WS_ROLE_NONE;
+    p->c.bKnown = 0;
+    p->pShm = 0;
+    p->pBatch = 0;
+    memset(p->own, 0, sizeof(p->own));
+  }
+  pthread_mutexattr_destroy(&ma);
+}
+
 /* ---------------------------------------------------------- entry point */
 
 #ifdef _WIN32
@@ -1628,5 +1764,6 @@ int sqlite3_walsync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routine
   ws_vfs.mxPathname = pOrig->mxPathname;
   ws_vfs.pAppData = pOrig;
   rc = sqlite3_vfs_register(&ws_vfs, 0);
+  if (rc == SQLITE_OK) pthread_atfork(forkPrepare, forkParent, forkChild);
   return rc == SQLITE_OK ? SQLITE_OK_LOAD_PERMANENTLY : rc;
 }

@@ -42,6 +42,7 @@ from walsync_vfs import capture, catalog, format, heap, maintenance, storage
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.config import DbConfig, Settings
 from walsync_vfs.dbfile import tee
+from walsync_vfs.leader import Host, LeaderError
 from walsync_vfs.recent import RecentCopies, Run
 from walsync_vfs.spool import Outgoing, Spool
 from walsync_vfs.workers import Workers
@@ -219,6 +220,7 @@ class Engine:
             target=self._upload_loop, name="walsync-upload", daemon=True
         )
         self._thread.start()
+        self._host = Host(self._promote, self._flush_for_follower)
 
     # ------------------------------------------------------------------ capture side
 
@@ -278,6 +280,8 @@ class Engine:
 
     def _request_sync(self, db: DbState) -> None:
         """Start a sync, or ask the running one to go round once more."""
+        if not self._host.leads(db.db_id):
+            return  # another process replicates it
         if db.syncing:
             db.resync = True
         else:
@@ -343,6 +347,7 @@ class Engine:
         ):
             return
         self._dbs.pop(db.db_id, None)
+        self._host.leave(db.db_id)
         self._drop_small_segments(db)
         if self._names.get(db.name) == db.db_id:
             del self._names[db.name]
@@ -405,6 +410,9 @@ class Engine:
                     db.resync = False
                     continue
                 db.syncing = False
+                # Other processes' commits since the sync point (their notifications came
+                # while the chain position was unknown).
+                capture.lib.ws_tail(db.db_id)
                 self._schedule(db, time.monotonic())  # commits held or left during the sync
                 self._forget_if_done(db)
                 self._cond.notify_all()
@@ -1040,6 +1048,9 @@ class Engine:
             db = self._dbs.get(db_id)
             if db is None:
                 return  # not ours (routed elsewhere) or already forgotten
+        if not self._host.join(db_id, db.path):
+            return  # another process of this host replicates it
+        with self._lock:
             if db.pinned_seq < db.open_seq:
                 # Only now: the hook has put the database in WAL mode.  A sync already running
                 # may have pinned before this open; it then goes round once more.
@@ -1052,11 +1063,45 @@ class Engine:
     # ---------------------------------------------------------------------- flush
 
     def flush(self, timeout: float | None = None) -> None:
-        """Block until every commit made before the call is in its replica."""
+        """Block until every commit made before the call is in its replica (those of
+        databases another process replicates: by asking that process)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        capture.dispatcher().barrier(timeout if timeout is not None else 60.0)
         with self._lock:
-            marks = {db.db_id: db.seen_seq for db in self._dbs.values()}
+            followed = [db for db in self._dbs.values() if not self._host.leads(db.db_id)]
+        for db in followed:
+            try:
+                if self._host.ask_flush(db.db_id, deadline):
+                    continue
+            except LeaderError as exc:
+                raise ReplicationError(f"replica of {db.path} is failing: {exc}") from None
+        self._flush(deadline)
+
+    def _flush_for_follower(self, db_id: int, timeout: float) -> str | None:
+        """A follower's flush: make every commit in the WAL durable (None, or why not)."""
+        capture.lib.ws_tail(db_id)
+        try:
+            self._flush(time.monotonic() + timeout, only=db_id)
+        except ReplicationError as exc:
+            return str(exc)
+        return None
+
+    def _promote(self, db_id: int) -> None:
+        """This process leads a database it followed: sync, which continues the lineage
+        from the WAL if the previous leader left commits unshipped."""
+        with self._lock:
+            db = self._dbs.get(db_id)
+            if db is not None:
+                self._request_sync(db)
+
+    def _flush(self, deadline: float | None, only: int | None = None) -> None:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        capture.dispatcher().barrier(left if left is not None else 60.0)
+        with self._lock:
+            marks = {
+                db.db_id: db.seen_seq
+                for db in self._dbs.values()
+                if (only is None or db.db_id == only) and self._host.leads(db.db_id)
+            }
             self._flushers += 1
             now = time.monotonic()
             for db in self._dbs.values():  # all urgent now
@@ -1087,13 +1132,22 @@ class Engine:
     def stats(self) -> list[dict]:
         now = time.time_ns()
         with self._lock:
-            return [stats_of(db, now) for db in self._dbs.values()]
+            return [
+                dict(stats_of(db, now), leader=self._host.leads(db.db_id))
+                for db in self._dbs.values()
+            ]
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: this engine's threads stayed in the parent; let go of what
+        the child inherited from it (the parent keeps its locks and socket)."""
+        self._host.after_fork_in_child()
 
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
             self._cond.notify_all()
             self._uploader.notify()
+        self._host.stop()
         self._thread.join()
         self._put_pool.shutdown(wait=True)
         self._maintenance_pool.shutdown(wait=True)
