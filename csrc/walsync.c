@@ -53,7 +53,6 @@ SQLITE_EXTENSION_INIT1
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -303,10 +302,8 @@ static void publishEvent(WsDb *pDb, int kind, const char *zText) {
 
 /* Forget the chain position and tell the consumer the stream broke. */
 static void readAnything(WsDb *pDb);
-#define reportGap(p) reportGapAt(p, __LINE__)
 
-static void reportGapAt(WsDb *pDb, int line) {
-  if (getenv("WS_DEBUG")) fprintf(stderr, "GAP pid %d line %d\n", getpid(), line);
+static void reportGap(WsDb *pDb) {
   pthread_mutex_lock(&pDb->mu);
   pDb->c.bKnown = 0;
   pthread_mutex_unlock(&pDb->mu);
@@ -331,10 +328,13 @@ static void reportGapAt(WsDb *pDb, int line) {
 **     walRestartLog, RESTART and TRUNCATE checkpoints), while the WAL holds
 **     committed frames the leader has not read.  SQLite then appends
 **     instead of restarting, or a checkpoint reports SQLITE_BUSY after its
-**     busy handler; nothing waits on the leader.  A restart that was allowed
-**     leaves a permit naming the WAL and frame count it ended, so the leader
-**     can tell a restart it may continue across from one made by a process
-**     without the shim, which is a gap.
+**     busy handler; the restarting process notifies the leader, which reads
+**     without any lock, so the wait is short.  While the leader has no place
+**     in the chain (it is about to take a snapshot) nothing is refused.
+**   - every restart a shim allows, and every new header a shim writes, leaves
+**     a link from the WAL that ended (salts, frames) to the next one's salts,
+**     so the leader can tell a restart it may continue across from one made
+**     by a process without the shim, which is a gap.
 */
 #define WS_SHARED_MAGIC 0x57534831u /* "WSH1" */
 #define WS_SHARED_SIZE 4096
@@ -635,25 +635,25 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
   unsigned char h[WAL_HDR];
   uint32_t f, start, szFrame;
   ws_rec *prev = 0; /* queued once the next frame is known not to pad it */
-  int fd, why = 0;
+  int fd;
   char *zWal;
   if (!c.bKnown) return 0;
   if (c.bHdr && c.salt1 == s1 && c.salt2 == s2 && nEnd <= c.nFrame) return 0;
   zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
   fd = zWal ? open(zWal, O_RDONLY | O_CLOEXEC) : -1;
   sqlite3_free(zWal);
-  if (fd < 0) { why = __LINE__; goto gap; }
+  if (fd < 0) goto gap;
   if (!c.bHdr || c.salt1 != s1 || c.salt2 != s2) {
     /* A WAL whose header we have not read: the one expected at the sync
     ** point, or one that permitted restarts lead to from our position. */
-    if ((c.salt1 != s1 || c.salt2 != s2) && !permitted(pDb, s1, s2)) { why = __LINE__; goto gap; }
+    if ((c.salt1 != s1 || c.salt2 != s2) && !permitted(pDb, s1, s2)) goto gap;
     if (nEnd == 0) goto done; /* its header is not written yet */
     if (pread(fd, h, WAL_HDR, 0) != WAL_HDR || !parseWalHeader(&c, h) || c.salt1 != s1 ||
         c.salt2 != s2) {
-      { why = __LINE__; goto gap; }
+      goto gap;
     }
   }
-  if (nEnd < c.nFrame) { why = __LINE__; goto gap; }
+  if (nEnd < c.nFrame) goto gap;
   szFrame = FRAME_HDR + c.szPage;
   start = c.nFrame;
   for (f = c.nFrame; f < nEnd; f++) {
@@ -661,7 +661,7 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
     uint32_t endCk[2];
     if (pread(fd, fh, FRAME_HDR, WAL_HDR + (off_t)f * szFrame) != FRAME_HDR ||
         get32(fh + 8) != c.salt1 || get32(fh + 12) != c.salt2) {
-      { why = __LINE__; goto gap; }
+      goto gap;
     }
     if (!get32(fh + 4)) continue;
     /* A commit frame. */
@@ -676,7 +676,7 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
     } else {
       if (prev) enqueue(pDb, prev);
       prev = commitRecord(pDb, &c, start, f + 1, get32(fh + 4), endCk);
-      if (!prev) { why = __LINE__; goto gap; }
+      if (!prev) goto gap;
     }
     c.nFrame = f + 1;
     c.cksum[0] = endCk[0];
@@ -691,7 +691,6 @@ done:
 gap:
   if (prev) enqueue(pDb, prev);
   if (fd >= 0) close(fd);
-  if (getenv("WS_DEBUG")) fprintf(stderr, "catchUp gap at %d: c %x/%x/%u hdr %d -> %x/%x/%u\n", why, c.salt1, c.salt2, c.nFrame, c.bHdr, s1, s2, nEnd);
   reportGap(pDb);
   return 1;
 }
@@ -934,7 +933,6 @@ gap: /* every jump here comes after the read above */
   free(r->aFrames);
   r->aFrames = 0;
   r->kind = WS_GAP;
-  if (getenv("WS_DEBUG")) fprintf(stderr, "GAP pid %d prepare %u..%u\n", getpid(), r->frame_start, r->frame_end);
 }
 
 /*
