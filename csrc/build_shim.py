@@ -49,6 +49,10 @@ int ws_read(void *file, void *buf, int n, int64_t off);
 int64_t ws_file_size(void *file);
 const char *ws_db_path(int64_t db_id);
 int ws_release_heap(void);
+int ws_tail(int64_t db_id);
+int ws_role(int64_t db_id, int role, const char *addr);
+int ws_own_pos(int64_t db_id, ws_pos *out);
+int ws_leader(int64_t db_id, int64_t *leader_db_id, char *addr);
 """
 
 ffibuilder = FFI()

@@ -44,8 +44,14 @@
 SQLITE_EXTENSION_INIT1
 
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,6 +141,13 @@ struct WsDb {
   int walFd;    /* the consumer's descriptor for the WAL, or -1 */
   int bReopen;  /* the WAL may be another file now: reopen walFd (atomic) */
   ws_batch *pBatch; /* ws_drain() scratch: this db's batch being built */
+  /* Several processes: see "Host-wide coordination" below. */
+  pthread_mutex_t mu;        /* guards c (recursive): ws_tail() runs without the WAL lock */
+  volatile unsigned char *pShm; /* this process's wal-index region 0, or NULL */
+  struct WsShared *pShared;  /* the host-wide page in <db>-walsync, or NULL */
+  int eRole;                 /* WS_ROLE_*: whether this process replicates the db */
+  uint32_t own[3];           /* follower: salt1, salt2, frame end of its last commit */
+  int64_t lastNotify;        /* follower: CLOCK_MONOTONIC ns of its last notification */
 };
 
 /* What ws_sync() reports: the last seq, and the WAL holding the state at it. */
@@ -155,6 +168,8 @@ struct WsFile {
   WsFile *pMain;       /* WAL: the main-db file of the same connection */
   WsFile *pWal;        /* MAIN: this connection's open WAL, if any */
   int bInCkpt;         /* MAIN: between CKPT_START and CKPT_DONE */
+  int bRestart;        /* MAIN: holds the lock SQLite restarts the WAL under */
+  uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
   /* WAL: mirror of the bytes written since the last publish. */
   unsigned char *aBuf;
   sqlite3_int64 iStart, nBuf, nAlloc;
@@ -286,9 +301,398 @@ static void publishEvent(WsDb *pDb, int kind, const char *zText) {
 }
 
 /* Forget the chain position and tell the consumer the stream broke. */
+static void readAnything(WsDb *pDb);
+
 static void reportGap(WsDb *pDb) {
+  pthread_mutex_lock(&pDb->mu);
   pDb->c.bKnown = 0;
+  pthread_mutex_unlock(&pDb->mu);
+  readAnything(pDb);
   publishEvent(pDb, WS_GAP, 0);
+}
+
+/* ------------------------------------------------- host-wide coordination
+**
+** Several processes may open one database.  Exactly one of them, the
+** leader (chosen in Python by flock() on <db>-walsync), replicates it: it
+** publishes every commit in the WAL, its own as they happen and the other
+** processes' by reading their frames (catchUp()).  Every process that runs
+** the shim maps one page of <db>-walsync, WsShared, through which:
+**
+**   - the leader says who it is and where to send notifications (a unix
+**     datagram socket); a follower sends one after its commits, so the
+**     leader reads them at once instead of polling;
+**   - the leader's consumer publishes how far it has read the WAL into
+**     memory (aRead); every process refuses the exclusive lock on read
+**     locks 1..4, which SQLite needs to restart the WAL (a writer's
+**     walRestartLog, RESTART and TRUNCATE checkpoints), while the WAL holds
+**     committed frames the leader has not read.  SQLite then appends
+**     instead of restarting, or a checkpoint reports SQLITE_BUSY after its
+**     busy handler; the restarting process notifies the leader, which reads
+**     without any lock, so the wait is short.  While the leader has no place
+**     in the chain (it is about to take a snapshot) nothing is refused.
+**   - every restart a shim allows, and every new header a shim writes, leaves
+**     a link from the WAL that ended (salts, frames) to the next one's salts,
+**     so the leader can tell a restart it may continue across from one made
+**     by a process without the shim, which is a gap.
+*/
+#define WS_SHARED_MAGIC 0x57534831u /* "WSH1" */
+#define WS_SHARED_SIZE 4096
+#define WS_ADDR_MAX 64
+
+#define WS_ROLE_NONE 0   /* not decided: behaves as a single process did */
+#define WS_ROLE_LEAD 1
+#define WS_ROLE_FOLLOW 2
+#define WS_READ_ANY 0xFFFFFFFFu /* aRead while the leader has no place in the chain */
+
+/* Three u32 values written by one writer at a time and read by anyone:
+** a seqlock.  A writer that died half-way leaves an odd sequence, which the
+** next write repairs; a reader gives up after a while and reports failure. */
+#define WS_LINKS 8 /* restarts remembered */
+
+typedef struct WsSeq WsSeq;
+struct WsSeq {
+  uint32_t seq;
+  uint32_t v[1 + 5 * WS_LINKS];
+};
+
+typedef struct WsShared WsShared;
+struct WsShared {
+  uint32_t magic;
+  uint32_t leadSeq;        /* seqlock over the leader fields */
+  int32_t leaderPid;       /* 0: no leader */
+  uint32_t pad;
+  int64_t leaderDbId;      /* the leader's id for this database */
+  char addr[WS_ADDR_MAX];  /* the leader's socket (abstract name, NUL-padded) */
+  WsSeq read;              /* salt1, salt2, frames the leader has in memory */
+  /* The last restarts shims allowed, as links from salt1, salt2, frame
+  ** count of the WAL that ended to the salts of the next (v[0]: the newest
+  ** link's index).  Salts change when the WAL restarts, and again when a
+  ** connection that did not restart it writes its first header. */
+  WsSeq links;
+};
+
+static void seqWrite(WsSeq *s, const uint32_t *v, int n) {
+  uint32_t q = __atomic_load_n(&s->seq, __ATOMIC_RELAXED) | 1;
+  int i;
+  __atomic_store_n(&s->seq, q, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+  for (i = 0; i < n; i++) __atomic_store_n(&s->v[i], v[i], __ATOMIC_RELAXED);
+  __atomic_store_n(&s->seq, q + 1, __ATOMIC_RELEASE);
+}
+
+static int seqRead(const WsSeq *s, uint32_t *out, int n) {
+  int i, k;
+  for (i = 0; i < 10000; i++) {
+    uint32_t q = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE), q2;
+    if (q & 1) continue;
+    for (k = 0; k < n; k++) out[k] = __atomic_load_n(&s->v[k], __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    q2 = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+    if (q == q2) return 1;
+  }
+  return 0;
+}
+
+static void setRead(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t n) {
+  uint32_t v[3] = {s1, s2, n};
+  seqWrite(&pDb->pShared->read, v, 3);
+}
+
+/* Map <db>-walsync (created with the database file's permissions); NULL if
+** that is impossible (a read-only directory): the process then behaves as
+** the only one. */
+static WsShared *sharedMap(const char *zPath) {
+  char *zSide = sqlite3_mprintf("%s-walsync", zPath);
+  struct stat st;
+  mode_t mode = 0644;
+  int fd;
+  void *p;
+  WsShared *s;
+  uint32_t zero = 0;
+  if (!zSide) return 0;
+  if (stat(zPath, &st) == 0) mode = st.st_mode & 0666;
+  fd = open(zSide, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, mode);
+  sqlite3_free(zSide);
+  if (fd < 0) return 0;
+  if (fstat(fd, &st) != 0 || (st.st_size < WS_SHARED_SIZE && ftruncate(fd, WS_SHARED_SIZE) != 0)) {
+    close(fd);
+    return 0;
+  }
+  p = mmap(0, WS_SHARED_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd); /* the mapping stays; nobody holds POSIX locks on this file */
+  if (p == MAP_FAILED) return 0;
+  s = p;
+  __atomic_compare_exchange_n(&s->magic, &zero, WS_SHARED_MAGIC, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+  if (__atomic_load_n(&s->magic, __ATOMIC_ACQUIRE) != WS_SHARED_MAGIC) {
+    munmap(p, WS_SHARED_SIZE);
+    return 0;
+  }
+  return s;
+}
+
+/* The leader's pid, id and socket, if a live process leads the database. */
+static int leaderOf(const WsShared *s, int64_t *pDbId, char *zAddr) {
+  int i;
+  for (i = 0; s && i < 10000; i++) {
+    uint32_t q = __atomic_load_n(&s->leadSeq, __ATOMIC_ACQUIRE);
+    int32_t pid;
+    if (q & 1) continue;
+    pid = __atomic_load_n(&s->leaderPid, __ATOMIC_RELAXED);
+    if (pDbId) *pDbId = __atomic_load_n(&s->leaderDbId, __ATOMIC_RELAXED);
+    if (zAddr) memcpy(zAddr, s->addr, WS_ADDR_MAX);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&s->leadSeq, __ATOMIC_RELAXED) != q) continue;
+    if (pid <= 0 || (kill(pid, 0) != 0 && errno != EPERM)) return 0;
+    return pid;
+  }
+  return 0;
+}
+
+/* The wal-index header as the writer that holds the WAL lock (or any reader,
+** given two equal copies) sees it: salts and the last committed frame. */
+static int shmHeader(WsDb *pDb, uint32_t *pSalt1, uint32_t *pSalt2, uint32_t *pMax) {
+  volatile unsigned char *h = pDb->pShm;
+  unsigned char a[48], b[48];
+  int i;
+  if (!h) return 0;
+  for (i = 0; i < 100; i++) {
+    memcpy(a, (const void *)h, 48);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    memcpy(b, (const void *)(h + 48), 48);
+    if (memcmp(a, b, 48) == 0 && a[12]) { /* isInit */
+      memcpy(pMax, a + 16, 4);
+      *pSalt1 = get32(a + 32);
+      *pSalt2 = get32(a + 36);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static int gNotifyFd = -1;
+
+/* Tell the leader that the WAL grew (a datagram naming its id for the db);
+** at most one per millisecond per database: the leader reads again after
+** every read that found commits, so none is missed. */
+static void notifyLeader(WsDb *pDb) {
+  struct sockaddr_un sa;
+  struct timespec ts;
+  int64_t id, now;
+  char zAddr[WS_ADDR_MAX];
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  now = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+  if (now - pDb->lastNotify < 1000000) return;
+  if (!leaderOf(pDb->pShared, &id, zAddr) || !zAddr[0]) return;
+  pDb->lastNotify = now;
+  if (gNotifyFd < 0) gNotifyFd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (gNotifyFd < 0) return;
+  memset(&sa, 0, sizeof(sa));
+  sa.sun_family = AF_UNIX;
+  memcpy(sa.sun_path + 1, zAddr, strnlen(zAddr, WS_ADDR_MAX));
+  sendto(gNotifyFd, &id, sizeof(id), MSG_DONTWAIT, (struct sockaddr *)&sa,
+         (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + strnlen(zAddr, WS_ADDR_MAX)));
+}
+
+/* Before SQLite restarts the WAL (or a checkpoint truncates it): may it?
+** Not while the WAL holds committed frames a live leader has not read. */
+static int restartAllowed(WsDb *pDb) {
+  uint32_t s1, s2, mx, rd[3];
+  if (!pDb->pShared || !pDb->pShm || !shmHeader(pDb, &s1, &s2, &mx) || mx == 0) return 1;
+  if (!leaderOf(pDb->pShared, 0, 0)) return 1; /* nobody replicates: the next leader resyncs */
+  if (seqRead(&pDb->pShared->read, rd, 3) &&
+      (rd[2] == WS_READ_ANY || (rd[0] == s1 && rd[1] == s2 && rd[2] >= mx))) {
+    return 1;
+  }
+  pDb->lastNotify = 0;
+  notifyLeader(pDb);
+  return 0;
+}
+
+/* Record that the WAL (f1, f2) ended with fn frames and (t1, t2) follows it.
+** Callers hold the WAL write lock, so links are written one at a time. */
+static void addLink(WsDb *pDb, uint32_t f1, uint32_t f2, uint32_t fn, uint32_t t1, uint32_t t2) {
+  uint32_t v[1 + 5 * WS_LINKS], *l;
+  if (!pDb->pShared || !seqRead(&pDb->pShared->links, v, 1 + 5 * WS_LINKS)) return;
+  v[0] = (v[0] + 1) % WS_LINKS;
+  l = v + 1 + 5 * v[0];
+  l[0] = f1;
+  l[1] = f2;
+  l[2] = fn;
+  l[3] = t1;
+  l[4] = t2;
+  seqWrite(&pDb->pShared->links, v, 1 + 5 * WS_LINKS);
+}
+
+/* The exclusive lock SQLite restarts the WAL under is taken: note the WAL it
+** may end.  walRestartHdr() writes the new salts into the wal-index before
+** the lock is released (restartDone()). */
+static void restartBegin(WsFile *pMain) {
+  WsDb *pDb = pMain->pDb;
+  pMain->bRestart = pDb->pShared && pDb->pShm &&
+                    shmHeader(pDb, &pMain->aRestart[0], &pMain->aRestart[1], &pMain->aRestart[2]);
+}
+
+static void restartDone(WsFile *pMain) {
+  WsDb *pDb = pMain->pDb;
+  uint32_t s1, s2, mx;
+  const uint32_t *a = pMain->aRestart;
+  if (!pMain->bRestart) return;
+  pMain->bRestart = 0;
+  if (shmHeader(pDb, &s1, &s2, &mx) && (s1 != a[0] || s2 != a[1])) {
+    addLink(pDb, a[0], a[1], a[2], s1, s2);
+  }
+}
+
+/* A WAL header is being written: a connection that did not restart the WAL
+** itself gives it new random salts (wal.c, walFrames()). */
+static void headerWritten(WsDb *pDb, const unsigned char *h) {
+  uint32_t s1, s2, mx;
+  if (pDb->pShared && pDb->pShm && shmHeader(pDb, &s1, &s2, &mx) && mx == 0 &&
+      (get32(h + 16) != s1 || get32(h + 20) != s2)) {
+    addLink(pDb, s1, s2, 0, get32(h + 16), get32(h + 20));
+  }
+}
+
+/* The leader lost its place in the chain (a gap, a new lead): it will take a
+** snapshot at its next sync point, so no frame needs protecting until then.
+** Needed, not just harmless: the sync point takes the WAL write lock, which a
+** checkpoint waiting for the leader to read would hold. */
+static void readAnything(WsDb *pDb) {
+  if (pDb->eRole == WS_ROLE_LEAD && pDb->pShared) setRead(pDb, 0, 0, WS_READ_ANY);
+}
+
+/* Did shims allow every restart from where pDb's chain ends to the WAL with
+** salts (s1, s2), each WAL on the way but the first ending empty? */
+static int permitted(WsDb *pDb, uint32_t s1, uint32_t s2) {
+  uint32_t v[1 + 5 * WS_LINKS], cur[3] = {pDb->c.salt1, pDb->c.salt2, pDb->c.nFrame};
+  int step, k;
+  if (!pDb->pShared || !seqRead(&pDb->pShared->links, v, 1 + 5 * WS_LINKS)) return 0;
+  for (step = 0; step < WS_LINKS; step++) {
+    const uint32_t *l = 0;
+    for (k = 0; k < WS_LINKS && !l; k++) { /* newest first */
+      const uint32_t *c = v + 1 + 5 * ((v[0] + WS_LINKS - k) % WS_LINKS);
+      if (c[0] == cur[0] && c[1] == cur[1] && c[2] == cur[2] && (c[3] || c[4])) l = c;
+    }
+    if (!l) return 0;
+    if (l[3] == s1 && l[4] == s2) return 1;
+    cur[0] = l[3];
+    cur[1] = l[4];
+    cur[2] = 0;
+  }
+  return 0;
+}
+
+static int preadFull(int fd, unsigned char *a, sqlite3_int64 n, sqlite3_int64 off);
+
+/* Is frame f an exact copy (page number, size, page) of commit frame f-1? */
+static int isPadding(int fd, const WsChain *c, uint32_t f) {
+  sqlite3_int64 szFrame = FRAME_HDR + c->szPage;
+  unsigned char *a = malloc((size_t)szFrame * 2);
+  int same = 0;
+  if (a && preadFull(fd, a, szFrame * 2, WAL_HDR + (sqlite3_int64)(f - 1) * szFrame) == 0) {
+    same = get32(a + 4) != 0 && memcmp(a, a + szFrame, 8) == 0 &&
+           memcmp(a + FRAME_HDR, a + szFrame + FRAME_HDR, c->szPage) == 0;
+  }
+  free(a);
+  return same;
+}
+
+/* A COMMIT record for frames [f0, f1) of the chain state c ends with the
+** checksum endCk and leaves the database at dbSize pages. */
+static ws_rec *commitRecord(WsDb *pDb, const WsChain *c, uint32_t f0, uint32_t f1, uint32_t dbSize,
+                            const uint32_t *endCk) {
+  ws_rec *r = calloc(1, sizeof(*r));
+  if (!r) return 0;
+  r->pDb = pDb;
+  r->db_id = pDb->id;
+  r->kind = WS_COMMIT;
+  r->page_size = c->szPage;
+  r->time_ns = now_ns();
+  r->db_size = dbSize;
+  r->salt1 = c->salt1;
+  r->salt2 = c->salt2;
+  r->frame_start = f0;
+  r->frame_end = f1;
+  r->chain = *c;
+  r->endCk[0] = endCk[0];
+  r->endCk[1] = endCk[1];
+  return r;
+}
+
+/*
+** Bring pDb's chain up to frame nEnd of the WAL whose salts are (s1, s2),
+** publishing the commits other processes made in between, one record each
+** (the consumer verifies their frames like any other).  Frames below nEnd
+** are committed, and stay put: no restart is allowed before the leader has
+** read them.  If the WAL was restarted since the chain's position, the new
+** one continues the stream only if a shim permitted the restart at exactly
+** that position.  Returns 0 if the chain now ends at nEnd (or nothing can be
+** read yet), 1 after reporting a gap.  Caller holds pDb->mu.
+*/
+static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
+  WsChain c = pDb->c;
+  unsigned char h[WAL_HDR];
+  uint32_t f, start, szFrame;
+  ws_rec *prev = 0; /* queued once the next frame is known not to pad it */
+  int fd;
+  char *zWal;
+  if (!c.bKnown) return 0;
+  if (c.bHdr && c.salt1 == s1 && c.salt2 == s2 && nEnd <= c.nFrame) return 0;
+  zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
+  fd = zWal ? open(zWal, O_RDONLY | O_CLOEXEC) : -1;
+  sqlite3_free(zWal);
+  if (fd < 0) goto gap;
+  if (!c.bHdr || c.salt1 != s1 || c.salt2 != s2) {
+    /* A WAL whose header we have not read: the one expected at the sync
+    ** point, or one that permitted restarts lead to from our position. */
+    if ((c.salt1 != s1 || c.salt2 != s2) && !permitted(pDb, s1, s2)) goto gap;
+    if (nEnd == 0) goto done; /* its header is not written yet */
+    if (pread(fd, h, WAL_HDR, 0) != WAL_HDR || !parseWalHeader(&c, h) || c.salt1 != s1 ||
+        c.salt2 != s2) {
+      goto gap;
+    }
+  }
+  if (nEnd < c.nFrame) goto gap;
+  szFrame = FRAME_HDR + c.szPage;
+  start = c.nFrame;
+  for (f = c.nFrame; f < nEnd; f++) {
+    unsigned char fh[FRAME_HDR];
+    uint32_t endCk[2];
+    if (pread(fd, fh, FRAME_HDR, WAL_HDR + (off_t)f * szFrame) != FRAME_HDR ||
+        get32(fh + 8) != c.salt1 || get32(fh + 12) != c.salt2) {
+      goto gap;
+    }
+    if (!get32(fh + 4)) continue;
+    /* A commit frame. */
+    endCk[0] = get32(fh + 16);
+    endCk[1] = get32(fh + 20);
+    if (prev && start == f && isPadding(fd, &c, f)) {
+      /* synchronous=FULL without powersafe overwrite pads a commit with
+      ** copies of its commit frame: they belong to that commit. */
+      prev->frame_end = f + 1;
+      prev->endCk[0] = endCk[0];
+      prev->endCk[1] = endCk[1];
+    } else {
+      if (prev) enqueue(pDb, prev);
+      prev = commitRecord(pDb, &c, start, f + 1, get32(fh + 4), endCk);
+      if (!prev) goto gap;
+    }
+    c.nFrame = f + 1;
+    c.cksum[0] = endCk[0];
+    c.cksum[1] = endCk[1];
+    start = f + 1;
+  }
+done:
+  if (prev) enqueue(pDb, prev);
+  pDb->c = c;
+  close(fd);
+  return 0;
+gap:
+  if (prev) enqueue(pDb, prev);
+  if (fd >= 0) close(fd);
+  reportGap(pDb);
+  return 1;
 }
 
 /*
@@ -306,16 +710,49 @@ static void reportGap(WsDb *pDb) {
 ** over every frame and turns the record into a GAP unless it ends exactly at
 ** that checksum, so nothing unverified is ever handed to Python.
 */
+static void publishLocked(WsFile *pWal, const unsigned char *a, sqlite3_int64 nBuf);
+
 static void publishPending(WsFile *pWal) {
   WsDb *pDb = pWal->pDb;
   const unsigned char *a = pWal->aBuf;
-  sqlite3_int64 nBuf = pWal->nBuf, off = 0, f0Off;
+  sqlite3_int64 nBuf = pWal->nBuf;
+
+  pWal->nBuf = 0;
+  if (nBuf == 0 || !pDb) return;
+  if (pDb->eRole == WS_ROLE_FOLLOW) {
+    uint32_t s1, s2, mx;
+    if (shmHeader(pDb, &s1, &s2, &mx) && (mx != pDb->own[2] || s1 != pDb->own[0] || s2 != pDb->own[1])) {
+      pDb->own[0] = s1;
+      pDb->own[1] = s2;
+      pDb->own[2] = mx;
+      notifyLeader(pDb);
+    }
+    return;
+  }
+  pthread_mutex_lock(&pDb->mu);
+  publishLocked(pWal, a, nBuf);
+  pthread_mutex_unlock(&pDb->mu);
+}
+
+static void publishLocked(WsFile *pWal, const unsigned char *a, sqlite3_int64 nBuf) {
+  WsDb *pDb = pWal->pDb;
+  sqlite3_int64 off = 0, f0Off;
   uint32_t endCk[2] = {0, 0}, f0, i, nCommit = 0, dbSize = 0, szFrame;
   WsChain c;
   ws_rec *r;
-
-  pWal->nBuf = 0;
-  if (nBuf == 0 || !pDb || !pDb->c.bKnown) return;
+  if (!pDb->c.bKnown) return;
+  if (pWal->iStart != 0 && pDb->pShm) {
+    /* Frames other processes committed since our last publish come first. */
+    uint32_t s1, s2, mx;
+    WsChain k = pDb->c;
+    if (k.bHdr && shmHeader(pDb, &s1, &s2, &mx)) {
+      szFrame = FRAME_HDR + k.szPage;
+      if ((pWal->iStart - WAL_HDR) % szFrame == 0 &&
+          catchUp(pDb, s1, s2, (uint32_t)((pWal->iStart - WAL_HDR) / szFrame))) {
+        return;
+      }
+    }
+  }
 
   c = pDb->c;
   if (pWal->iStart == 0) {
@@ -326,7 +763,8 @@ static void publishPending(WsFile *pWal) {
     ** restarted it, erasing frames we never saw. */
     if (nBuf < WAL_HDR || !parseWalHeader(&c, a)) return;
     if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1) &&
-        !(pDb->c.nFrame == 0 && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2)) {
+        !(pDb->c.nFrame == 0 && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2) &&
+        !permitted(pDb, c.salt1, c.salt2)) {
       reportGap(pDb);
       return;
     }
@@ -367,24 +805,11 @@ static void publishPending(WsFile *pWal) {
   }
   if (nCommit == 0) return; /* rolled back */
 
-  r = calloc(1, sizeof(*r));
+  r = commitRecord(pDb, &c, f0, f0 + nCommit, dbSize, endCk);
   if (!r) {
     reportGap(pDb);
     return;
   }
-  r->pDb = pDb;
-  r->db_id = pDb->id;
-  r->kind = WS_COMMIT;
-  r->page_size = c.szPage;
-  r->time_ns = now_ns();
-  r->db_size = dbSize;
-  r->salt1 = c.salt1;
-  r->salt2 = c.salt2;
-  r->frame_start = f0;
-  r->frame_end = f0 + nCommit;
-  r->chain = c; /* the state the first frame continues */
-  r->endCk[0] = endCk[0];
-  r->endCk[1] = endCk[1];
   c.nFrame = f0 + nCommit;
   c.cksum[0] = endCk[0];
   c.cksum[1] = endCk[1];
@@ -573,7 +998,13 @@ static void checkRestart(WsFile *pWal) {
   if (!pDb || !pDb->c.bKnown) return;
   if (r->pMethods->xFileSize(r, &size) != SQLITE_OK) size = 0;
   if (size < WAL_HDR || r->pMethods->xRead(r, h, WAL_HDR, 0) != SQLITE_OK || !parseWalHeader(&old, h)) {
-    if (pDb->c.bHdr && !pDb->c.nTrunc) reportGap(pDb);
+    /* Emptied by a TRUNCATE checkpoint: ours, or another process's once the
+    ** leader had read every frame. */
+    uint32_t s1, s2, mx;
+    if (pDb->c.bHdr && !pDb->c.nTrunc &&
+        !(shmHeader(pDb, &s1, &s2, &mx) && permitted(pDb, s1, s2))) {
+      reportGap(pDb);
+    }
     return;
   }
   if (!pDb->c.bHdr || old.salt1 != pDb->c.salt1 || old.salt2 != pDb->c.salt2) {
@@ -680,7 +1111,10 @@ static int wsClose(sqlite3_file *pFile) {
     if (bLast) {
       /* Nobody holds the db now; another process may change it before the
       ** next open, which therefore starts from a fresh sync point. */
+      pthread_mutex_lock(&p->pDb->mu);
       p->pDb->c.bKnown = 0;
+      p->pDb->pShm = 0;
+      pthread_mutex_unlock(&p->pDb->mu);
       releaseWal(p->pDb);
       publishEvent(p->pDb, WS_CLOSE, 0);
     }
@@ -699,7 +1133,12 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
   int rc;
   if (p->eType == WSF_WAL && o == 0) {
     waitConsumed(p->pDb, p->pReal);
-    checkRestart(p);
+    if (p->pDb) {
+      pthread_mutex_lock(&p->pDb->mu);
+      checkRestart(p);
+      if (n >= WAL_HDR) headerWritten(p->pDb, z);
+      pthread_mutex_unlock(&p->pDb->mu);
+    }
   }
   rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
   if (rc != SQLITE_OK) return rc;
@@ -715,7 +1154,11 @@ static int wsTruncate(sqlite3_file *f, sqlite3_int64 size) {
   rc = p->pReal->pMethods->xTruncate(p->pReal, size);
   /* A TRUNCATE checkpoint: it stepped salt-1 and the next header lands in an
   ** empty file legitimately. */
-  if (rc == SQLITE_OK && size == 0 && p->eType == WSF_WAL && p->pDb) p->pDb->c.nTrunc++;
+  if (rc == SQLITE_OK && size == 0 && p->eType == WSF_WAL && p->pDb) {
+    pthread_mutex_lock(&p->pDb->mu);
+    p->pDb->c.nTrunc++;
+    pthread_mutex_unlock(&p->pDb->mu);
+  }
   return rc;
 }
 
@@ -782,8 +1225,11 @@ static int wsDeviceCharacteristics(sqlite3_file *f) {
 }
 
 static int wsShmMap(sqlite3_file *f, int i, int sz, int bExtend, void volatile **pp) {
-  sqlite3_file *r = ((WsFile *)f)->pReal;
-  return r->pMethods->xShmMap(r, i, sz, bExtend, pp);
+  WsFile *p = (WsFile *)f;
+  int rc = p->pReal->pMethods->xShmMap(p->pReal, i, sz, bExtend, pp);
+  /* The wal-index header, for ws_tail() and the restart check. */
+  if (rc == SQLITE_OK && i == 0 && *pp && p->eType == WSF_MAIN && p->pDb) p->pDb->pShm = *pp;
+  return rc;
 }
 
 /* Lock offsets in the wal-index (see wal.c): 0 = write lock, 3+i = read lock i. */
@@ -800,9 +1246,16 @@ static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
   if (p->eType == WSF_MAIN && (flags & SQLITE_SHM_EXCLUSIVE)) {
     if (ofst == WAL_WRITE_LOCK && (flags & SQLITE_SHM_UNLOCK)) {
       publishFromMain(p);
-    } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_LOCK) &&
-               p->pDb && __atomic_load_n(&p->pDb->nHold, __ATOMIC_ACQUIRE) > 0) {
-      return SQLITE_BUSY;
+    } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_LOCK) && p->pDb) {
+      int rc;
+      if (__atomic_load_n(&p->pDb->nHold, __ATOMIC_ACQUIRE) > 0 || !restartAllowed(p->pDb)) {
+        return SQLITE_BUSY;
+      }
+      rc = p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
+      if (rc == SQLITE_OK) restartBegin(p);
+      return rc;
+    } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_UNLOCK) && p->pDb) {
+      restartDone(p);
     }
   }
   return p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
@@ -863,6 +1316,14 @@ static WsDb *dbAcquire(const char *zPath) {
     strcpy(pDb->zPath, zPath);
     pDb->id = gnDb + 1;
     pDb->walFd = -1;
+    {
+      pthread_mutexattr_t ma;
+      pthread_mutexattr_init(&ma);
+      pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
+      pthread_mutex_init(&pDb->mu, &ma);
+      pthread_mutexattr_destroy(&ma);
+    }
+    pDb->pShared = sharedMap(zPath);
     gaDb[gnDb++] = pDb;
   }
   bOpened = (pDb->nRef++ == 0);
@@ -1000,7 +1461,12 @@ static ws_batch *takeBatches(void) {
     ws_batch *b = r->pDb->pBatch; /* only this thread touches pBatch */
     next = r->next;
     r->next = 0;
-    if (r->kind == WS_COMMIT) prepareCommit(r);
+    if (r->kind == WS_COMMIT) {
+      prepareCommit(r);
+      if (r->kind == WS_COMMIT && r->pDb->eRole == WS_ROLE_LEAD && r->pDb->pShared) {
+        setRead(r->pDb, r->salt1, r->salt2, r->frame_end);
+      }
+    }
     if (!b) {
       b = calloc(1, sizeof(*b));
       if (!b) { /* out of memory: drop it; the consumer sees a seq hole */
@@ -1108,17 +1574,101 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
     }
     close(fd);
   }
+  if (!c.bHdr) {
+    /* No WAL yet: its first header will carry the wal-index's salts. */
+    uint32_t mx;
+    if (!shmHeader(pDb, &c.salt1, &c.salt2, &mx)) c.salt1 = c.salt2 = 0;
+  }
   c.bKnown = 1;
   __atomic_store_n(&pDb->bReopen, 1, __ATOMIC_RELEASE); /* the WAL may be a new file */
+  pthread_mutex_lock(&pDb->mu);
   pthread_mutex_lock(&gMutex);
   pDb->c = c;
   pOut->seq = pDb->seq;
   pthread_mutex_unlock(&gMutex);
+  pthread_mutex_unlock(&pDb->mu);
+  /* The sync point pins these frames for the engine: they count as read. */
+  if (pDb->eRole == WS_ROLE_LEAD && pDb->pShared) setRead(pDb, c.salt1, c.salt2, c.nFrame);
   pOut->page_size = c.bHdr ? c.szPage : 0;
   pOut->nframe = c.nFrame;
   pOut->salt1 = c.salt1;
   pOut->salt2 = c.salt2;
   return 1;
+}
+
+/*
+** Leader: publish the commits other processes added to the WAL since the
+** last one published (see catchUp()).  Needs no lock: frames up to the
+** wal-index's last commit stay put until this process has read them.
+** Returns 1 if it published commits, 0 if there were none, -1 if the stream
+** broke (a GAP was queued) or the chain position is not known yet.
+*/
+int ws_tail(int64_t db_id) {
+  WsDb *pDb = dbById(db_id);
+  uint32_t s1, s2, mx;
+  uint64_t seq;
+  int rc = -1;
+  if (!pDb) return -1;
+  pthread_mutex_lock(&pDb->mu);
+  seq = __atomic_load_n(&pDb->seq, __ATOMIC_ACQUIRE);
+  if (pDb->c.bKnown && shmHeader(pDb, &s1, &s2, &mx) && catchUp(pDb, s1, s2, mx) == 0) {
+    rc = __atomic_load_n(&pDb->seq, __ATOMIC_ACQUIRE) != seq;
+  }
+  pthread_mutex_unlock(&pDb->mu);
+  return rc;
+}
+
+/*
+** Set this process's role for a db (WS_ROLE_*).  The leader records its pid,
+** its id for the db and its socket's abstract name in the shared page;
+** leaving the lead clears them if they are still ours.
+*/
+int ws_role(int64_t db_id, int role, const char *zAddr) {
+  WsDb *pDb = dbById(db_id);
+  WsShared *s;
+  if (!pDb) return 0;
+  s = pDb->pShared;
+  if (role == WS_ROLE_FOLLOW) {
+    pthread_mutex_lock(&pDb->mu);
+    pDb->c.bKnown = 0; /* a leader again resyncs first */
+    pthread_mutex_unlock(&pDb->mu);
+  }
+  pDb->eRole = role;
+  if (!s) return role != WS_ROLE_FOLLOW; /* no shared page: this process is alone */
+  if (role == WS_ROLE_LEAD || __atomic_load_n(&s->leaderPid, __ATOMIC_ACQUIRE) == (int32_t)getpid()) {
+    uint32_t q = __atomic_load_n(&s->leadSeq, __ATOMIC_RELAXED) | 1;
+    __atomic_store_n(&s->leadSeq, q, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    if (role == WS_ROLE_LEAD) {
+      memset(s->addr, 0, WS_ADDR_MAX);
+      if (zAddr) strncpy(s->addr, zAddr, WS_ADDR_MAX - 1);
+      __atomic_store_n(&s->leaderDbId, db_id, __ATOMIC_RELAXED);
+      __atomic_store_n(&s->leaderPid, (int32_t)getpid(), __ATOMIC_RELAXED);
+      if (!pDb->c.bKnown) readAnything(pDb);
+    } else {
+      __atomic_store_n(&s->leaderPid, 0, __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&s->leadSeq, q + 1, __ATOMIC_RELEASE);
+  }
+  return 1;
+}
+
+/* Follower: where this process's last commit to the db ended in the WAL. */
+int ws_own_pos(int64_t db_id, ws_pos *pOut) {
+  WsDb *pDb = dbById(db_id);
+  if (!pDb) return 0;
+  memset(pOut, 0, sizeof(*pOut));
+  pOut->salt1 = pDb->own[0];
+  pOut->salt2 = pDb->own[1];
+  pOut->nframe = pDb->own[2];
+  return 1;
+}
+
+/* The live leader of a db: its pid (0 if none), its id for the db and its
+** socket's abstract name (zAddr: WS_ADDR_MAX bytes). */
+int ws_leader(int64_t db_id, int64_t *pLeaderDbId, char *zAddr) {
+  WsDb *pDb = dbById(db_id);
+  return pDb ? leaderOf(pDb->pShared, pLeaderDbId, zAddr) : 0;
 }
 
 /* Refuse (delta > 0) or allow again (delta < 0) WAL restarts for a db. */
@@ -1161,6 +1711,38 @@ int ws_release_heap(void) {
 #endif
 }
 
+/* ------------------------------------------------------------- fork() */
+
+/* A child process starts with no connection of its own (SQLite forbids using
+** the parent's across fork), no queue and no consumer: forget the parent's
+** per-process state so its first open is an OPEN, and a role of its own. */
+static void forkPrepare(void) { pthread_mutex_lock(&gMutex); }
+static void forkParent(void) { pthread_mutex_unlock(&gMutex); }
+static void forkChild(void) {
+  int64_t i;
+  pthread_mutexattr_t ma;
+  pthread_mutex_init(&gMutex, 0);
+  pthread_cond_init(&gCond, 0);
+  pthread_cond_init(&gDone, 0);
+  gHead = gTail = 0; /* the parent's records stay the parent's */
+  gWaiting = gWake = 0;
+  pthread_mutexattr_init(&ma);
+  pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
+  for (i = 0; i < gnDb; i++) {
+    WsDb *p = gaDb[i];
+    pthread_mutex_init(&p->mu, &ma);
+    if (p->walFd >= 0) close(p->walFd);
+    p->walFd = -1;
+    p->nRef = p->nHold = p->nWaiter = p->nPending = 0;
+    p->eRole = WS_ROLE_NONE;
+    p->c.bKnown = 0;
+    p->pShm = 0;
+    p->pBatch = 0;
+    memset(p->own, 0, sizeof(p->own));
+  }
+  pthread_mutexattr_destroy(&ma);
+}
+
 /* ---------------------------------------------------------- entry point */
 
 #ifdef _WIN32
@@ -1180,5 +1762,6 @@ int sqlite3_walsync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routine
   ws_vfs.mxPathname = pOrig->mxPathname;
   ws_vfs.pAppData = pOrig;
   rc = sqlite3_vfs_register(&ws_vfs, 0);
+  if (rc == SQLITE_OK) pthread_atfork(forkPrepare, forkParent, forkChild);
   return rc == SQLITE_OK ? SQLITE_OK_LOAD_PERMANENTLY : rc;
 }

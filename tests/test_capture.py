@@ -304,21 +304,54 @@ c.close()
 """
 
 
-def test_foreign_process_write_is_reported_as_gap(db):
+def test_another_process_commits_are_published_in_order(db):
     con, f = db
     fill(con, 5)
     f.catch_up()
     subprocess.run([sys.executable, "-c", FOREIGN_WRITER, str(f.path)], check=True)
-    fill(con, 1)
+    fill(con, 1)  # the next own commit publishes the one before it first
+    commits = f.catch_up()
+    assert len(commits) == 2
+    assert any(b"foreign" in page for _, page in commits[0].pages)
+    f.assert_identical(con)
+    assert con.execute("SELECT count(*) FROM t WHERE v = 'foreign'").fetchone()[0] == 1
+
+
+def test_tail_publishes_commits_of_other_processes(db):
+    con, f = db
+    f.catch_up()
+    for _ in range(3):
+        subprocess.run([sys.executable, "-c", FOREIGN_WRITER, str(f.path)], check=True)
+    assert capture.lib.ws_tail(capture.db_id_of(con)) == 1
+    assert len(f.catch_up()) == 3
+    assert capture.lib.ws_tail(capture.db_id_of(con)) == 0  # nothing new: nothing published
+    assert f.catch_up() == []
+    f.assert_identical(con)
+
+
+FOREIGN_TRUNCATE = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("INSERT INTO t(v) VALUES('foreign')")
+assert c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+c.execute("INSERT INTO t(v) VALUES('after')")
+c.close()
+"""
+
+
+def test_restart_by_a_process_without_the_shim_is_a_gap(db):
+    con, f = db
+    fill(con, 5)
+    f.catch_up()
+    subprocess.run([sys.executable, "-c", FOREIGN_TRUNCATE, str(f.path)], check=True)
+    capture.lib.ws_tail(capture.db_id_of(con))
     capture.dispatcher().barrier()
-    kinds = [r.kind for r in f.records]
-    assert kinds[0] is Kind.GAP
+    assert [r.kind for r in f.records] == [Kind.GAP]
     # After a new sync point the stream is trustworthy again.
     f.records.clear()
     f.start()
     fill(con, 3)
     f.assert_identical(con)
-    assert con.execute("SELECT count(*) FROM t WHERE v = 'foreign'").fetchone()[0] == 1
 
 
 def test_write_without_wal_is_reported_as_gap(db):

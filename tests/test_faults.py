@@ -40,8 +40,9 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def restored(url: str, out: Path) -> apsw.Connection:
-    proc = cli("restore", url, "-o", str(out), "--force")
+def restored(url: str, out: Path, txid: int | None = None) -> apsw.Connection:
+    at = [] if txid is None else ["--txid", str(txid)]
+    proc = cli("restore", url, "-o", str(out), "--force", *at)
     assert proc.returncode == 0, proc.stderr
     con = apsw.Connection(str(out))
     assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -217,7 +218,9 @@ def test_spool_keeps_no_file_of_a_segment_shipped_while_it_was_spilled(tmp_path)
     assert item.data == b"x" * 4096 and item.path is None
 
 
-def test_in_process_writer_without_the_vfs_starts_a_new_generation(file_url, tmp_path):
+def test_in_process_writer_without_the_vfs_is_replicated_in_the_same_generation(
+    file_url, tmp_path
+):
     walsync_vfs.configure(replica=file_url)
     path = tmp_path / "mixed.db"
     con = apsw.Connection(str(path), vfs="walsync")
@@ -230,7 +233,11 @@ def test_in_process_writer_without_the_vfs_starts_a_new_generation(file_url, tmp
     walsync_vfs.flush(timeout=30)
     out = restored(f"{file_url}/mixed.db", tmp_path / "r.db")
     assert rows(out) == [(1,), (2,), (3,)]
-    assert len(catalog.generations(storage.open_replica(file_url), "mixed.db")) == 2
+    gens = catalog.generations(storage.open_replica(file_url), "mixed.db")
+    assert len(gens) == 1 and len(gens[0].snapshots) == 1
+    # The foreign commit is a restore point of its own.
+    before = restored(f"{file_url}/mixed.db", tmp_path / "r2.db", txid=gens[0].last_txid - 1)
+    assert rows(before) == [(1,), (2,)]
     plain.close()
     con.close()
     walsync_vfs.configure(replica="")

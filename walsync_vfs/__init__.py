@@ -114,6 +114,19 @@ def _serve_metrics(engine: Engine) -> None:
         metrics.serve(_settings.metrics_port, engine)
 
 
+def _forget_engine_in_child() -> None:
+    """A forked child (a pre-fork server's worker) starts its own engine at its first
+    open: the parent's threads did not come along."""
+    global _engine, _start_lock
+    if _engine is not None:
+        _engine.forget_after_fork()
+    _engine = None
+    _start_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_engine_in_child)
+
+
 def _ensure_wal(con: apsw.Connection) -> None:
     """apsw connection hook: a walsync database must be in WAL mode, or capture sees nothing."""
     if con.open_vfs != capture.VFS_NAME or capture.opening_internally():

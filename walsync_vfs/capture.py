@@ -440,6 +440,16 @@ class Dispatcher:
 _dispatcher: Dispatcher | None = None
 
 
+def _forget_dispatcher_in_child() -> None:
+    """A forked child has no consumer thread (the shim forgot the parent's queue too)."""
+    global _dispatcher, _load_lock
+    _dispatcher = None
+    _load_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_dispatcher_in_child)
+
+
 def dispatcher(default: Sink | None = None) -> Dispatcher:
     """The process-wide :class:`Dispatcher`, started on first use.  A ``default`` sink given
     here receives every database whose OPEN the dispatcher routes from now on, including

@@ -35,6 +35,7 @@ from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
 from walsync_vfs.errors import ReplicationError
+from walsync_vfs.leader import Host, LeaderError
 from walsync_vfs.lineage import Head, decide, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
@@ -81,6 +82,7 @@ class Engine:
         )
         self._thread = threading.Thread(target=self._loop, name="walsync-upload", daemon=True)
         self._thread.start()
+        self._host = Host(self._promote, self._flush_for_follower)
 
     def database(self, path: str) -> Database | None:
         """The state kept for the database at ``path``, if any."""
@@ -143,6 +145,8 @@ class Engine:
 
     def _request_sync(self, db: Database) -> None:
         """Start a sync, or ask the running one to go round once more."""
+        if not self._host.leads(db.db_id):
+            return  # another process replicates it
         if db.sync.syncing:
             db.sync.resync = True
         else:
@@ -190,6 +194,7 @@ class Engine:
         if db.open or db.busy():
             return
         self._dbs.pop(db.db_id, None)
+        self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
         if self._names.get(db.name) == db.db_id:
             del self._names[db.name]
@@ -251,6 +256,9 @@ class Engine:
                     state.resync = False
                     continue
                 state.syncing = False
+                # Other processes' commits since the sync point (their notifications came
+                # while the chain position was unknown).
+                capture.lib.ws_tail(db.db_id)
                 self.uploads.schedule(db, time.monotonic())  # commits held during the sync
                 self.forget_if_done(db)
                 self._cond.notify_all()
@@ -343,6 +351,9 @@ class Engine:
             db = self._dbs.get(db_id)
             if db is None:
                 return  # not ours (routed elsewhere) or already forgotten
+        if not self._host.join(db_id, db.path):
+            return  # another process of this host replicates it
+        with self._lock:
             state = db.sync
             if state.pinned_seq < state.open_seq:
                 # Only now: the hook has put the database in WAL mode.  A sync already running
@@ -398,11 +409,45 @@ class Engine:
     # ---------------------------------------------------------------------- flush
 
     def flush(self, timeout: float | None = None) -> None:
-        """Block until every commit made before the call is in its replica."""
+        """Block until every commit made before the call is in its replica (those of
+        databases another process replicates: by asking that process)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        capture.dispatcher().barrier(timeout if timeout is not None else 60.0)
         with self._lock:
-            marks = {db.db_id: db.upload.seen_seq for db in self._dbs.values()}
+            followed = [db for db in self._dbs.values() if not self._host.leads(db.db_id)]
+        for db in followed:
+            try:
+                if self._host.ask_flush(db.db_id, deadline):
+                    continue
+            except LeaderError as exc:
+                raise ReplicationError(f"replica of {db.path} is failing: {exc}") from None
+        self._flush(deadline)
+
+    def _flush_for_follower(self, db_id: int, timeout: float) -> str | None:
+        """A follower's flush: make every commit in the WAL durable (None, or why not)."""
+        capture.lib.ws_tail(db_id)
+        try:
+            self._flush(time.monotonic() + timeout, only=db_id)
+        except ReplicationError as exc:
+            return str(exc)
+        return None
+
+    def _promote(self, db_id: int) -> None:
+        """This process leads a database it followed: sync, which continues the lineage
+        from the WAL if the previous leader left commits unshipped."""
+        with self._lock:
+            db = self._dbs.get(db_id)
+            if db is not None:
+                self._request_sync(db)
+
+    def _flush(self, deadline: float | None, only: int | None = None) -> None:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        capture.dispatcher().barrier(left if left is not None else 60.0)
+        with self._lock:
+            marks = {
+                db.db_id: db.upload.seen_seq
+                for db in self._dbs.values()
+                if (only is None or db.db_id == only) and self._host.leads(db.db_id)
+            }
             self.uploads.clock.flushers += 1
             now = time.monotonic()
             for db in self._dbs.values():  # all urgent now
@@ -433,13 +478,22 @@ class Engine:
     def stats(self) -> list[dict[str, Any]]:
         now = time.time_ns()
         with self._lock:
-            return [stats_of(db, now) for db in self._dbs.values()]
+            return [
+                dict(stats_of(db, now), leader=self._host.leads(db.db_id))
+                for db in self._dbs.values()
+            ]
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: this engine's threads stayed in the parent; let go of what
+        the child inherited from it (the parent keeps its locks and socket)."""
+        self._host.after_fork_in_child()
 
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
             self._cond.notify_all()
             self._wake.notify()
+        self._host.stop()
         self._thread.join()
         self.uploads.pool.shutdown(wait=True)
         self.compactor.pool.shutdown(wait=True)

@@ -1,0 +1,190 @@
+"""Many processes, one database: one lineage whoever writes it.
+
+Worker processes (tests/mp_worker.py, each with its own engine, as gunicorn workers have)
+write one database at once; one of them leads and replicates every commit in the WAL.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import apsw
+
+from walsync_vfs import catalog, storage
+from walsync_vfs.restore import restore
+
+WORKER = str(Path(__file__).with_name("mp_worker.py"))
+
+
+def create(path: Path) -> None:
+    con = apsw.Connection(str(path))
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t(w INTEGER, k INTEGER, r INTEGER, v BLOB)")
+    con.close()
+
+
+def start(path: Path, url: str, wid: int, commits: int, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, WORKER, str(path), url, str(wid), str(commits), *flags],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def lines(proc: subprocess.Popen) -> list[dict]:
+    out, _ = proc.communicate(timeout=180)
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def groups(db: Path) -> dict[tuple[int, int], int]:
+    """(worker, transaction) -> rows, as the database holds them."""
+    con = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return dict(con.execute("SELECT w, k, count(*) FROM t GROUP BY w, k").fetchall())
+    finally:
+        con.close()
+
+
+def content(db: Path) -> list[tuple]:
+    con = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return con.execute("SELECT w, k, r, v FROM t ORDER BY w, k, r").fetchall()
+    finally:
+        con.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def leader_pid(path: Path) -> int:
+    """The pid the shared page names as leader (see WsShared in csrc/walsync.c)."""
+    with open(f"{path}-walsync", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        return struct.unpack_from("=i", m, 8)[0]
+
+
+def check_one_lineage(url: str, db: Path, tmp: Path) -> None:
+    """One generation, one snapshot; every commit after the snapshot is one restore point
+    holding exactly one more whole transaction; the latest restore equals the database."""
+    client = storage.open_replica(url)
+    gens = catalog.generations(client, db.name)
+    assert len(gens) == 1, [g.id for g in gens]
+    (gen,) = gens
+    assert len(gen.snapshots) == 1
+    first = gen.snapshots[0].last_txid
+    restore(f"{url}/{db.name}", str(tmp / "at-snapshot.db"), txid=first)
+    base = groups(tmp / "at-snapshot.db")
+    final = groups(db)
+    assert gen.last_txid - first == len(final) - len(base)  # one txid per transaction
+    step = max(1, (gen.last_txid - first) // 8)
+    for t in range(first + 1, gen.last_txid + 1, step):
+        restore(f"{url}/{db.name}", str(tmp / "a.db"), txid=t - 1, force=True)
+        restore(f"{url}/{db.name}", str(tmp / "b.db"), txid=t, force=True)
+        a, b = groups(tmp / "a.db"), groups(tmp / "b.db")
+        added = {g: n for g, n in b.items() if g not in a}
+        assert len(added) == 1 and set(a) <= set(b), (t, added)
+        assert added == {g: final[g] for g in added}  # the whole transaction
+    restore(f"{url}/{db.name}", str(tmp / "latest.db"))
+    assert content(tmp / "latest.db") == content(db)
+    proc = cli("verify", f"{url}/{db.name}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_workers_a_foreign_writer_and_a_truncate_make_one_lineage(replica_url, tmp_path):
+    db = tmp_path / "app.db"
+    create(db)
+    workers = [start(db, replica_url, w, 40, "--truncate") for w in range(4)]
+    foreign = start(db, replica_url, 99, 15, "--foreign")
+    outs = [lines(p) for p in [*workers, foreign]]
+    assert all(p.returncode == 0 for p in [*workers, foreign])
+    roles = [o[0]["role"] for o in outs[:4]]
+    assert roles.count("leader") == 1, roles
+    assert any(line.get("truncated") for o in outs[:4] for line in o)
+    check_one_lineage(replica_url, db, tmp_path)
+
+
+def test_leader_killed_another_takes_over_and_nothing_acknowledged_is_lost(
+    replica_url, tmp_path
+):
+    db = tmp_path / "app.db"
+    create(db)
+    workers = [start(db, replica_url, w, 150) for w in range(3)]
+    first = [json.loads(p.stdout.readline()) for p in workers]  # type: ignore[union-attr]
+    (victim,) = [p for p, line in zip(workers, first, strict=True) if line["role"] == "leader"]
+    for _ in range(3):  # a few acknowledged flushes under this leader first
+        assert "ack" in json.loads(victim.stdout.readline())  # type: ignore[union-attr]
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    victim.wait()
+    while leader_pid(db) in (victim.pid, 0) or not os.path.exists(f"/proc/{leader_pid(db)}"):
+        assert time.monotonic() - killed_at < 2.0, "no takeover within 2 s"
+        time.sleep(0.01)
+    acked = {}
+    for p, line in zip(workers, first, strict=True):
+        out, _ = p.communicate(timeout=180)
+        rest = [json.loads(x) for x in out.splitlines()]
+        acked[line["pid"]] = max([x["ack"] for x in rest if "ack" in x], default=-1)
+    survivors = [p for p in workers if p is not victim]
+    assert all(p.returncode == 0 for p in survivors)
+    restore(f"{replica_url}/{db.name}", str(tmp_path / "latest.db"))
+    assert content(tmp_path / "latest.db") == content(db)
+    got = groups(tmp_path / "latest.db")
+    for wid, p in enumerate(workers):
+        assert all((wid, k) in got for k in range(acked[p.pid] + 1))
+    gens = catalog.generations(storage.open_replica(replica_url), db.name)
+    assert len(gens) == 1  # the WAL still held what the dead leader had not shipped
+    assert cli("verify", f"{replica_url}/{db.name}").returncode == 0
+
+
+PREFORK_MASTER = textwrap.dedent(
+    """
+    import os, sys
+    import apsw, walsync_vfs
+    path, url = sys.argv[1], sys.argv[2]
+    walsync_vfs.configure(replica=url)
+    con = apsw.Connection(path, vfs="walsync")  # opened before the fork, kept open
+    con.execute("INSERT INTO t(w, k, r, v) VALUES (-1, 0, 0, 'master')")
+    children = []
+    for wid in range(3):
+        pid = os.fork()
+        if pid == 0:
+            c = apsw.Connection(path, vfs="walsync")
+            c.set_busy_timeout(20000)
+            for k in range(20):
+                c.execute("INSERT INTO t(w, k, r, v) VALUES (?, ?, 0, randomblob(50))", (wid, k))
+            walsync_vfs.flush(timeout=60)
+            c.close()
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+    walsync_vfs.flush(timeout=60)
+    con.close()
+    """
+)
+
+
+def test_prefork_master_that_opened_the_database_first(replica_url, tmp_path):
+    db = tmp_path / "app.db"
+    create(db)
+    proc = subprocess.run(
+        [sys.executable, "-c", PREFORK_MASTER, str(db), replica_url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(groups(db)) == 61
+    check_one_lineage(replica_url, db, tmp_path)

@@ -1,0 +1,278 @@
+"""One replicator per database per host, chosen among the processes that open it.
+
+Every process that opens a database through walsync takes part.  The one holding an exclusive
+``flock`` on ``<db>-walsync`` is the database's *leader*: it replicates every commit in the WAL,
+whoever made it (the shim reads other processes' frames, see ``ws_tail`` in csrc/walsync.c).
+The others are *followers*: they upload nothing, and their shim sends the leader a datagram
+after their commits so it reads them at once.  The kernel drops the lock when the leader
+exits or dies, and a follower that finds it free takes over.
+
+Each process has one unix datagram socket (an abstract name, so nothing is left on disk).  It
+receives the shim's notifications (an 8-byte database id) when the process leads, and flush
+requests and replies: a follower's ``flush()`` asks the leader to make everything in the WAL
+durable and waits for the answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from walsync_vfs.capture import ffi, lib
+
+log = logging.getLogger("walsync_vfs")
+
+ROLE_NONE, ROLE_LEAD, ROLE_FOLLOW = 0, 1, 2
+TAKEOVER_CHECK = 0.25  # s between a follower's attempts at the lock: takeover well within 2 s
+RETAIL_AFTER = 0.02  # s: after a read that found commits, read again (notifications coalesce)
+FOREIGN_POLL = 1.0  # s between looks at the WAL for writers without the shim (no notifications)
+REPLY_WAIT = 1.0  # s a follower waits for the leader's answer before asking again
+
+_NOTIFY = struct.Struct("=q")  # the shim's datagram: the leader's id for the database
+_REQUEST = struct.Struct("=cQqd")  # b"F", request id, leader's db id, seconds it may take
+_REPLY = struct.Struct("=cQB")  # b"R", request id, status; then the error text
+_OK, _TIMEOUT, _FAILED = 0, 1, 2
+
+
+class LeaderError(RuntimeError):
+    """The leader answered a flush request with an error (its text says why)."""
+
+
+@dataclass
+class _Db:
+    path: str
+    lock_fd: int = -1  # the side file, flock'ed while this process leads
+    role: int = ROLE_NONE
+    wal_seen: tuple[int, int] = (0, 0)  # (size, mtime) of the WAL at the last look
+    retail_at: float = 0.0  # when to read the WAL again (0: not scheduled)
+
+
+@dataclass
+class _Waiter:
+    done: threading.Event = field(default_factory=threading.Event)
+    status: int = _TIMEOUT
+    text: str = ""
+
+
+class Host:
+    """This process's part in choosing leaders and talking to them.
+
+    ``on_commits(db_id)`` is called (on the host thread) after the shim published other
+    processes' commits or a gap for a database this process leads; ``on_promote(db_id)``
+    when this process took the lead of a database it followed; ``on_flush(db_id, timeout)``
+    (on a thread of its own) when a follower asks for everything in the WAL to be made
+    durable: it returns None or an error text.
+    """
+
+    def __init__(
+        self,
+        on_promote: Callable[[int], None],
+        on_flush: Callable[[int, float], str | None],
+    ) -> None:
+        self._on_promote = on_promote
+        self._on_flush = on_flush
+        self._lock = threading.Lock()
+        self._dbs: dict[int, _Db] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._ids = itertools.count(1)
+        self.addr = f"walsync-{os.getpid()}-{os.urandom(4).hex()}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind("\0" + self.addr)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="walsync-host", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ roles
+
+    def join(self, db_id: int, path: str) -> bool:
+        """Take part for a newly opened database; True if this process leads it."""
+        with self._lock:
+            db = self._dbs.setdefault(db_id, _Db(path))
+        return db.role == ROLE_LEAD or self._try_lead(db_id, db)
+
+    def leads(self, db_id: int) -> bool:
+        db = self._dbs.get(db_id)
+        return db is None or db.role != ROLE_FOLLOW
+
+    def leave(self, db_id: int) -> None:
+        """The database is closed here and everything it committed is replicated: give up
+        the lead (a follower takes over) and forget it."""
+        with self._lock:
+            db = self._dbs.pop(db_id, None)
+        if db is not None:
+            lib.ws_role(db_id, ROLE_NONE, ffi.NULL)
+            if db.lock_fd >= 0:
+                os.close(db.lock_fd)  # releases the flock
+
+    def _try_lead(self, db_id: int, db: _Db) -> bool:
+        side = db.path + "-walsync"
+        try:
+            fd = os.open(side, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # no coordination possible: behave as the only process
+            log.warning("walsync: %s: cannot open %s (%s); replicating alone", db.path, side, exc)
+            db.role = ROLE_LEAD
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if db.role != ROLE_FOLLOW:
+                db.role = ROLE_FOLLOW
+                lib.ws_role(db_id, ROLE_FOLLOW, ffi.NULL)
+                log.info("walsync: %s is replicated by another process; following", db.path)
+            return False
+        db.lock_fd, db.role = fd, ROLE_LEAD
+        lib.ws_role(db_id, ROLE_LEAD, self.addr.encode())
+        return True
+
+    def after_fork_in_child(self) -> None:
+        """The parent's locks stay the parent's: drop this copy of their descriptors."""
+        for db in self._dbs.values():
+            if db.lock_fd >= 0:
+                os.close(db.lock_fd)
+        self._dbs.clear()
+        self._sock.close()
+
+    # ------------------------------------------------------------------ flush
+
+    def ask_flush(self, db_id: int, deadline: float | None) -> bool:
+        """Follower: ask the leader to make every commit in the WAL durable and wait for its
+        answer.  Returns False if this process leads the database now (flush it locally);
+        raises TimeoutError or :class:`LeaderError`."""
+        while True:
+            if self.leads(db_id):
+                return False
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("flush timed out waiting for the leader")
+            leader_db = ffi.new("int64_t *")
+            addr = ffi.new("char[64]")
+            if not lib.ws_leader(db_id, leader_db, addr):
+                time.sleep(min(TAKEOVER_CHECK, left or TAKEOVER_CHECK))  # between leaders
+                continue
+            waiter = _Waiter()
+            req = next(self._ids)
+            with self._lock:
+                self._waiters[req] = waiter
+            try:
+                msg = _REQUEST.pack(b"F", req, leader_db[0], left if left is not None else 3600.0)
+                try:
+                    self._sock.sendto(msg, b"\0" + ffi.string(addr))
+                except OSError:
+                    continue  # the leader just went away
+                waiter.done.wait(REPLY_WAIT if left is None else min(left, REPLY_WAIT))
+            finally:
+                with self._lock:
+                    self._waiters.pop(req, None)
+            if not waiter.done.is_set():
+                continue  # no answer: ask again (perhaps another leader)
+            if waiter.status == _OK:
+                return True
+            if waiter.status == _TIMEOUT:
+                raise TimeoutError(waiter.text)
+            raise LeaderError(waiter.text)
+
+    def _answer(self, req: int, db_id: int, timeout: float, sender: bytes) -> None:
+        try:
+            error = self._on_flush(db_id, timeout)
+            status = _OK if error is None else _FAILED
+        except TimeoutError as exc:
+            status, error = _TIMEOUT, str(exc)
+        except Exception as exc:  # noqa: BLE001 - the asker gets the text
+            status, error = _FAILED, str(exc)
+        with contextlib.suppress(OSError):  # the asker is gone
+            self._sock.sendto(_REPLY.pack(b"R", req, status) + (error or "").encode(), sender)
+
+    # ------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        next_takeover = next_poll = 0.0
+        while not self._stopped:
+            now = time.monotonic()
+            if now >= next_takeover:
+                next_takeover = now + TAKEOVER_CHECK
+                self._take_over()
+            if now >= next_poll:
+                next_poll = now + FOREIGN_POLL
+                self._poll_wal()
+            self._retail(now)
+            wake = min([next_takeover, next_poll] + [d.retail_at for d in self._leading()])
+            self._sock.settimeout(max(wake - time.monotonic(), 0.0005))
+            try:
+                msg, sender = self._sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            self._receive(msg, sender)
+
+    def _leading(self) -> list[_Db]:
+        return [d for d in list(self._dbs.values()) if d.role == ROLE_LEAD and d.retail_at]
+
+    def _receive(self, msg: bytes, sender: bytes) -> None:
+        if len(msg) == _NOTIFY.size:
+            (db_id,) = _NOTIFY.unpack(msg)
+            self._tail(db_id)
+        elif msg[:1] == b"F" and len(msg) == _REQUEST.size:
+            _, req, db_id, timeout = _REQUEST.unpack(msg)
+            threading.Thread(
+                target=self._answer,
+                args=(req, db_id, timeout, sender),
+                name="walsync-flush",
+                daemon=True,
+            ).start()
+        elif msg[:1] == b"R" and len(msg) >= _REPLY.size:
+            _, req, status = _REPLY.unpack_from(msg)
+            with self._lock:
+                waiter = self._waiters.get(req)
+            if waiter is not None:
+                waiter.status, waiter.text = status, msg[_REPLY.size :].decode(errors="replace")
+                waiter.done.set()
+
+    def _tail(self, db_id: int) -> None:
+        """Publish what other processes committed; look again shortly if there was some
+        (the shim notifies at most once a millisecond, so the last commits of a burst may
+        come without a notification)."""
+        db = self._dbs.get(db_id)
+        if db is None or db.role != ROLE_LEAD:
+            return
+        found = lib.ws_tail(db_id)
+        db.retail_at = time.monotonic() + RETAIL_AFTER if found == 1 else 0.0
+
+    def _retail(self, now: float) -> None:
+        for db_id, db in list(self._dbs.items()):
+            if db.role == ROLE_LEAD and db.retail_at and now >= db.retail_at:
+                self._tail(db_id)
+
+    def _poll_wal(self) -> None:
+        """Writers without the shim send no notification: look at the WAL's size and time."""
+        for db_id, db in list(self._dbs.items()):
+            if db.role != ROLE_LEAD:
+                continue
+            try:
+                st = os.stat(db.path + "-wal")  # stat opens no descriptor
+            except OSError:
+                continue
+            seen = (st.st_size, st.st_mtime_ns)
+            if seen != db.wal_seen:
+                db.wal_seen = seen
+                self._tail(db_id)
+
+    def _take_over(self) -> None:
+        for db_id, db in list(self._dbs.items()):
+            if db.role == ROLE_FOLLOW and self._try_lead(db_id, db):
+                log.info("walsync: %s: the previous leader went away; leading now", db.path)
+                self._on_promote(db_id)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._sock.close()
