@@ -53,6 +53,7 @@ int ws_tail(int64_t db_id);
 int ws_role(int64_t db_id, int role, const char *addr);
 int ws_own_pos(int64_t db_id, ws_pos *out);
 int ws_leader(int64_t db_id, int64_t *leader_db_id, char *addr);
+void ws_beat(int64_t db_id);
 """
 
 ffibuilder = FFI()

@@ -144,6 +144,7 @@ struct WsDb {
   /* Several processes: see "Host-wide coordination" below. */
   pthread_mutex_t mu;        /* guards c (recursive): ws_tail() runs without the WAL lock */
   volatile unsigned char *pShm; /* this process's wal-index region 0, or NULL */
+  int nShm;                  /* connections that have it mapped (mu) */
   struct WsShared *pShared;  /* the host-wide page in <db>-walsync, or NULL */
   int eRole;                 /* WS_ROLE_*: whether this process replicates the db */
   uint32_t own[3];           /* follower: salt1, salt2, frame end of its last commit */
@@ -169,6 +170,7 @@ struct WsFile {
   WsFile *pWal;        /* MAIN: this connection's open WAL, if any */
   int bInCkpt;         /* MAIN: between CKPT_START and CKPT_DONE */
   int bRestart;        /* MAIN: holds the lock SQLite restarts the WAL under */
+  int bShm;            /* MAIN: has the wal-index mapped (counted in nShm) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
   /* WAL: mirror of the bytes written since the last publish. */
   unsigned char *aBuf;
@@ -343,6 +345,7 @@ static void reportGap(WsDb *pDb) {
 #define WS_ROLE_NONE 0   /* not decided: behaves as a single process did */
 #define WS_ROLE_LEAD 1
 #define WS_ROLE_FOLLOW 2
+#define WS_TAKEOVER_NS 2000000000LL /* frames stay protected this long without a leader */
 #define WS_READ_ANY 0xFFFFFFFFu /* aRead while the leader has no place in the chain */
 
 /* Three u32 values written by one writer at a time and read by anyone:
@@ -363,6 +366,7 @@ struct WsShared {
   int32_t leaderPid;       /* 0: no leader */
   uint32_t pad;
   int64_t leaderDbId;      /* the leader's id for this database */
+  int64_t beat;            /* CLOCK_MONOTONIC ns: the leader was last seen (or left) */
   char addr[WS_ADDR_MAX];  /* the leader's socket (abstract name, NUL-padded) */
   WsSeq read;              /* salt1, salt2, frames the leader has in memory */
   /* The last restarts shims allowed, as links from salt1, salt2, frame
@@ -494,18 +498,33 @@ static void notifyLeader(WsDb *pDb) {
          (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + strnlen(zAddr, WS_ADDR_MAX)));
 }
 
+static int64_t monotonicNs(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 /* Before SQLite restarts the WAL (or a checkpoint truncates it): may it?
-** Not while the WAL holds committed frames a live leader has not read. */
+** Not while the WAL holds committed frames the leader has not read, nor for
+** a while after the leader went away: the next one takes the commits its
+** predecessor left from the WAL, once it has synced.  Not longer: that sync
+** needs the WAL write lock, which a checkpoint waiting here holds. */
 static int restartAllowed(WsDb *pDb) {
   uint32_t s1, s2, mx, rd[3];
+  int bLeader;
   if (!pDb->pShared || !pDb->pShm || !shmHeader(pDb, &s1, &s2, &mx) || mx == 0) return 1;
-  if (!leaderOf(pDb->pShared, 0, 0)) return 1; /* nobody replicates: the next leader resyncs */
+  bLeader = leaderOf(pDb->pShared, 0, 0) != 0;
+  if (!bLeader && monotonicNs() - __atomic_load_n(&pDb->pShared->beat, __ATOMIC_ACQUIRE) > WS_TAKEOVER_NS) {
+    return 1; /* nobody replicates it: the next leader starts from a snapshot */
+  }
   if (seqRead(&pDb->pShared->read, rd, 3) &&
       (rd[2] == WS_READ_ANY || (rd[0] == s1 && rd[1] == s2 && rd[2] >= mx))) {
     return 1;
   }
-  pDb->lastNotify = 0;
-  notifyLeader(pDb);
+  if (bLeader) {
+    pDb->lastNotify = 0;
+    notifyLeader(pDb);
+  }
   return 0;
 }
 
@@ -621,6 +640,33 @@ static ws_rec *commitRecord(WsDb *pDb, const WsChain *c, uint32_t f0, uint32_t f
 }
 
 /*
+** Did the WAL that chain c is in end at c->nFrame?  Asked when a process
+** without the shim restarted it (salt-1 stepped by one, no link): the frames
+** the new WAL has not overwritten yet still hold the old one's bytes, so what
+** follows our position shows whether it held commits we never read.  A frame
+** already overwritten, or the file's end (a truncated WAL), proves nothing.
+*/
+static int endedAt(int fd, const WsChain *c, uint32_t s1, uint32_t s2) {
+  sqlite3_int64 szFrame = FRAME_HDR + c->szPage, off;
+  uint32_t ck[2] = {c->cksum[0], c->cksum[1]}, f;
+  unsigned char *a = malloc((size_t)szFrame), again[FRAME_HDR];
+  int ended = 0;
+  for (f = c->nFrame; a; f++) {
+    off = WAL_HDR + (sqlite3_int64)f * szFrame;
+    if (preadFull(fd, a, szFrame, off) || (get32(a + 8) == s1 && get32(a + 12) == s2)) break;
+    if (!frameValid(c, a, ck)) {
+      /* Not the old chain, unless the new WAL's frame was being written as we
+      ** read (its header is written first): read the header again. */
+      ended = pread(fd, again, FRAME_HDR, off) == FRAME_HDR && memcmp(again, a, FRAME_HDR) == 0;
+      break;
+    }
+    if (get32(a + 4)) break; /* a commit we never read */
+  }
+  free(a);
+  return ended;
+}
+
+/*
 ** Bring pDb's chain up to frame nEnd of the WAL whose salts are (s1, s2),
 ** publishing the commits other processes made in between, one record each
 ** (the consumer verifies their frames like any other).  Frames below nEnd
@@ -646,7 +692,10 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
   if (!c.bHdr || c.salt1 != s1 || c.salt2 != s2) {
     /* A WAL whose header we have not read: the one expected at the sync
     ** point, or one that permitted restarts lead to from our position. */
-    if ((c.salt1 != s1 || c.salt2 != s2) && !permitted(pDb, s1, s2)) goto gap;
+    if ((c.salt1 != s1 || c.salt2 != s2) && !permitted(pDb, s1, s2) &&
+        !(c.bHdr && s1 == c.salt1 + 1 && endedAt(fd, &c, s1, s2))) {
+      goto gap;
+    }
     if (nEnd == 0) goto done; /* its header is not written yet */
     if (pread(fd, h, WAL_HDR, 0) != WAL_HDR || !parseWalHeader(&c, h) || c.salt1 != s1 ||
         c.salt2 != s2) {
@@ -1113,7 +1162,6 @@ static int wsClose(sqlite3_file *pFile) {
       ** next open, which therefore starts from a fresh sync point. */
       pthread_mutex_lock(&p->pDb->mu);
       p->pDb->c.bKnown = 0;
-      p->pDb->pShm = 0;
       pthread_mutex_unlock(&p->pDb->mu);
       releaseWal(p->pDb);
       publishEvent(p->pDb, WS_CLOSE, 0);
@@ -1227,8 +1275,15 @@ static int wsDeviceCharacteristics(sqlite3_file *f) {
 static int wsShmMap(sqlite3_file *f, int i, int sz, int bExtend, void volatile **pp) {
   WsFile *p = (WsFile *)f;
   int rc = p->pReal->pMethods->xShmMap(p->pReal, i, sz, bExtend, pp);
-  /* The wal-index header, for ws_tail() and the restart check. */
-  if (rc == SQLITE_OK && i == 0 && *pp && p->eType == WSF_MAIN && p->pDb) p->pDb->pShm = *pp;
+  /* The wal-index header, for ws_tail() and the restart check: valid while
+  ** any connection of this process has it mapped. */
+  if (rc == SQLITE_OK && i == 0 && *pp && p->eType == WSF_MAIN && p->pDb && !p->bShm) {
+    pthread_mutex_lock(&p->pDb->mu);
+    p->bShm = 1;
+    p->pDb->nShm++;
+    p->pDb->pShm = *pp;
+    pthread_mutex_unlock(&p->pDb->mu);
+  }
   return rc;
 }
 
@@ -1267,8 +1322,14 @@ static void wsShmBarrier(sqlite3_file *f) {
 }
 
 static int wsShmUnmap(sqlite3_file *f, int deleteFlag) {
-  sqlite3_file *r = ((WsFile *)f)->pReal;
-  return r->pMethods->xShmUnmap(r, deleteFlag);
+  WsFile *p = (WsFile *)f;
+  if (p->bShm) { /* forget the mapping before it goes: ws_tail() reads it under mu */
+    pthread_mutex_lock(&p->pDb->mu);
+    p->bShm = 0;
+    if (p->pDb->nShm > 0 && --p->pDb->nShm == 0) p->pDb->pShm = 0;
+    pthread_mutex_unlock(&p->pDb->mu);
+  }
+  return p->pReal->pMethods->xShmUnmap(p->pReal, deleteFlag);
 }
 
 static int wsFetch(sqlite3_file *f, sqlite3_int64 o, int n, void **pp) {
@@ -1648,9 +1709,18 @@ int ws_role(int64_t db_id, int role, const char *zAddr) {
     } else {
       __atomic_store_n(&s->leaderPid, 0, __ATOMIC_RELAXED);
     }
+    __atomic_store_n(&s->beat, monotonicNs(), __ATOMIC_RELEASE);
     __atomic_store_n(&s->leadSeq, q + 1, __ATOMIC_RELEASE);
   }
   return 1;
+}
+
+/* Leader: still here (called every fraction of WS_TAKEOVER_NS). */
+void ws_beat(int64_t db_id) {
+  WsDb *pDb = dbById(db_id);
+  if (pDb && pDb->pShared && pDb->eRole == WS_ROLE_LEAD) {
+    __atomic_store_n(&pDb->pShared->beat, monotonicNs(), __ATOMIC_RELEASE);
+  }
 }
 
 /* Follower: where this process's last commit to the db ended in the WAL. */
@@ -1737,6 +1807,7 @@ static void forkChild(void) {
     p->eRole = WS_ROLE_NONE;
     p->c.bKnown = 0;
     p->pShm = 0;
+    p->nShm = 0;
     p->pBatch = 0;
     memset(p->own, 0, sizeof(p->own));
   }

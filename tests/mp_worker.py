@@ -1,13 +1,14 @@
 """A gunicorn-style worker for the multi-process tests: its own engine, one shared database.
 
-Usage: mp_worker.py DB REPLICA WORKER_ID COMMITS [--truncate] [--foreign]
+Usage: mp_worker.py DB REPLICA WORKER_ID COMMITS [--truncate] [--foreign] [--hold]
 
 Each transaction inserts 1-3 rows tagged (worker, transaction number, row); every fifth is
 followed by ``flush()``, and the transactions acknowledged so far are printed as JSON lines
 ``{"ack": k}``, so a test can check that nothing acknowledged was lost.  ``--truncate``: a
 ``wal_checkpoint(TRUNCATE)`` half-way, while following.  ``--foreign``: write without the VFS
 (plain apsw, no replication of its own), as the sqlite3 shell would.  Prints ``{"role": ...}``
-when it starts and ``{"done": n}`` at the end.
+when it starts and ``{"done": n}`` at the end; with ``--hold`` it then keeps the database
+open until a line arrives on stdin (so the leader stays the same while the others write).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main() -> None:
     if not foreign:
         walsync_vfs.flush(timeout=60)
     say(done=commits)
+    if "--hold" in sys.argv:
+        sys.stdin.readline()
     con.close()
 
 

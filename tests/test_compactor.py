@@ -114,7 +114,9 @@ def compactor(tmp_path: Any) -> tuple[Compactor, Recorder]:
 
 def synced_database(**knobs: Any) -> Database:
     db = Database(1, "/a.db", name="a.db", cfg=DbConfig(**knobs))
-    db.lineage.restart(Decision(GEN, 1, False, [], False), 512, format.DbChecksum(), seq=1)
+    db.lineage.restart(
+        Decision(GEN, 1, False, [], False), 512, format.DbChecksum(), 1, format.WalPos(1, 2, 0), 0
+    )
     return db
 
 

@@ -199,7 +199,8 @@ def test_follow_starts_over_from_a_new_generation(replica, tmp_path, followers):
     follower = followers(url, out)
     follower.wait_same(con)
     foreign = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DELETE FROM t')"
-    subprocess.run([sys.executable, "-c", foreign + "; c.commit()", str(path)], check=True)
+    restart = "; c.commit(); c.execute('PRAGMA wal_checkpoint(TRUNCATE)')"
+    subprocess.run([sys.executable, "-c", foreign + restart, str(path)], check=True)
     con.execute("INSERT INTO t(v) VALUES(x'01')")  # the engine notices the foreign write here
     walsync_vfs.flush(timeout=30)
     txid, second = head(replica, "shared.db")

@@ -77,9 +77,9 @@ def test_a_due_periodic_snapshot_needs_commits_since_the_last() -> None:
     assert skipped.continues and not skipped.snapshot
 
 
-def commit_record(seq: int, *fills: int, page_size: int = PAGE) -> Record:
+def commit_record(seq: int, *fills: int, page_size: int = PAGE, time_ns: int = 123) -> Record:
     data = tuple((pgno, bytes([f]) * page_size) for pgno, f in enumerate(fills, 1))
-    return Record(Kind.COMMIT, 1, seq, 123, page_size, len(fills), data, (5, 6), (0, seq))
+    return Record(Kind.COMMIT, 1, seq, time_ns, page_size, len(fills), data, (5, 6), (0, seq))
 
 
 def test_a_lineage_extends_commit_by_commit_from_its_sync_point() -> None:
@@ -88,7 +88,7 @@ def test_a_lineage_extends_commit_by_commit_from_its_sync_point() -> None:
     stored = Head("gen-s", 3)
     assert lineage.head(stored) is stored
     decision = decide(Head(), checksum(1, 2), PAGE, [], new_generation=new_id)
-    lineage.restart(decision, PAGE, checksum(1, 2), seq=10)
+    lineage.restart(decision, PAGE, checksum(1, 2), 10, format.WalPos(1, 2, 3), 0)
     assert not lineage.follows(commit_record(10, 1, 2))  # inside the snapshot
     rec = commit_record(11, 3, 2)
     assert lineage.follows(rec)
@@ -98,13 +98,28 @@ def test_a_lineage_extends_commit_by_commit_from_its_sync_point() -> None:
         checksum(3, 2).value,
         format.WalPos(5, 6, 11),
     )
-    assert lineage.head(None) == Head("new-1", 2, PAGE, 2, checksum(3, 2).value)
+    assert lineage.head(None) == Head(
+        "new-1", 2, PAGE, 2, checksum(3, 2).value, 123, format.WalPos(5, 6, 11)
+    )
+
+
+def test_commit_times_never_go_backwards_when_the_clock_is_stepped_back() -> None:
+    lineage = Lineage()
+    decision = decide(Head(), checksum(1), PAGE, [], new_generation=new_id)
+    lineage.restart(decision, PAGE, checksum(1), 1, format.WalPos(1, 2, 3), time_ns=1_000)
+    times = [
+        lineage.extend(commit_record(seq, seq, time_ns=t)).time_ns
+        for seq, t in [(2, 5_000), (3, 2_000), (4, 6_000)]
+    ]  # the clock stepped back once
+    assert times == [5_000, 5_000, 6_000]
+    early = lineage.extend(commit_record(5, 5, time_ns=500))  # before the sync point's time
+    assert early.time_ns == 6_000
 
 
 def test_a_broken_lineage_takes_no_commit_and_compares_with_nothing() -> None:
     lineage = Lineage()
     decision = decide(Head(), checksum(1), PAGE, [], new_generation=new_id)
-    lineage.restart(decision, PAGE, checksum(1), seq=1)
+    lineage.restart(decision, PAGE, checksum(1), 1, format.WalPos(1, 2, 3), 0)
     lineage.break_at(5)  # e.g. VACUUM changed the page size at seq 5
     assert not lineage.follows(commit_record(6, 1))
     assert lineage.head(Head("gen-s", 3)) == Head(None, 1)  # a new generation follows

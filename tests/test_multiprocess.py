@@ -35,21 +35,35 @@ def create(path: Path) -> None:
 def start(path: Path, url: str, wid: int, commits: int, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, WORKER, str(path), url, str(wid), str(commits), *flags],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
 
 
-def lines(proc: subprocess.Popen) -> list[dict]:
-    out, _ = proc.communicate(timeout=180)
-    return [json.loads(line) for line in out.splitlines()]
+def until_done(proc: subprocess.Popen) -> list[dict]:
+    """A worker's lines up to its ``done``."""
+    assert proc.stdout is not None
+    out: list[dict] = []
+    while not out or "done" not in out[-1]:
+        line = proc.stdout.readline()
+        assert line, f"worker exited early ({proc.wait()})"
+        out.append(json.loads(line))
+    return out
+
+
+def release(proc: subprocess.Popen) -> None:
+    """Let a ``--hold`` worker close its database and exit."""
+    proc.communicate("\n", timeout=180)
+    assert proc.returncode == 0
 
 
 def groups(db: Path) -> dict[tuple[int, int], int]:
     """(worker, transaction) -> rows, as the database holds them."""
     con = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        return dict(con.execute("SELECT w, k, count(*) FROM t GROUP BY w, k").fetchall())
+        rows = con.execute("SELECT w, k, count(*) FROM t GROUP BY w, k").fetchall()
+        return {(w, k): n for w, k, n in rows}
     finally:
         con.close()
 
@@ -105,10 +119,13 @@ def check_one_lineage(url: str, db: Path, tmp: Path) -> None:
 def test_workers_a_foreign_writer_and_a_truncate_make_one_lineage(replica_url, tmp_path):
     db = tmp_path / "app.db"
     create(db)
-    workers = [start(db, replica_url, w, 40, "--truncate") for w in range(4)]
+    # Every worker holds the database open until all are done: one leader throughout (the
+    # leader-kill test below covers a change of leader).
+    workers = [start(db, replica_url, w, 40, "--truncate", "--hold") for w in range(4)]
     foreign = start(db, replica_url, 99, 15, "--foreign")
-    outs = [lines(p) for p in [*workers, foreign]]
-    assert all(p.returncode == 0 for p in [*workers, foreign])
+    outs = [until_done(p) for p in [*workers, foreign]]
+    for p in [*workers, foreign]:
+        release(p)
     roles = [o[0]["role"] for o in outs[:4]]
     assert roles.count("leader") == 1, roles
     assert any(line.get("truncated") for o in outs[:4] for line in o)

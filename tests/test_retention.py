@@ -45,8 +45,8 @@ def digest(con: apsw.Connection) -> str:
 
 
 def test_restore_points_inside_the_window_survive_maintenance(replica, tmp_path):
-    """Writes for 6 s, a foreign writer starting a new generation 1 s before the end, so the
-    last retention passes (one a second) run with a window reaching back into the old
+    """Writes for 6 s, a foreign writer restarting the WAL (a new generation) 1 s before the
+    end, so the last retention passes (one a second) run with a window reaching back into the old
     generation: what they keep must restore every point of the window on both sides of the
     boundary (compare Litestream #1084, PITR failing once retention was enforced)."""
     path = tmp_path / "kept.db"
@@ -68,7 +68,8 @@ def test_restore_points_inside_the_window_survive_maintenance(replica, tmp_path)
                     sys.executable,
                     "-c",
                     "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None)"
-                    "; c.execute('INSERT INTO t VALUES(0)')",
+                    "; c.execute('INSERT INTO t VALUES(0)')"
+                    "; c.execute('PRAGMA wal_checkpoint(TRUNCATE)')",
                     str(path),
                 ],
                 check=True,

@@ -78,7 +78,8 @@ def replica(replica_url, tmp_path):
         con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (500 + 1000 * i,))
         walsync_vfs.flush(timeout=30)
     foreign = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DELETE FROM t')"
-    subprocess.run([sys.executable, "-c", foreign + "; c.commit()", str(path)], check=True)
+    restart = "; c.commit(); c.execute('PRAGMA wal_checkpoint(TRUNCATE)')"  # a new generation
+    subprocess.run([sys.executable, "-c", foreign + restart, str(path)], check=True)
     for _ in range(4):  # the first is where the engine notices: it is in the new snapshot
         con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
         walsync_vfs.flush(timeout=30)

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any
 
-from walsync_vfs import capture, heap, storage, sync
+from walsync_vfs import capture, format, heap, storage, sync
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import Settings
@@ -170,11 +170,14 @@ class Engine:
             lineage.break_at(rec.seq)
             self._request_sync(db)
             return
-        commit = lineage.extend(rec)
         assert lineage.generation is not None
+        self._queue(db, rec.seq, lineage.generation, lineage.extend(rec))
+
+    def _queue(self, db: Database, seq: int, generation: str, commit: format.Commit) -> None:
+        """Queue a commit for upload (lock held)."""
         now = time.monotonic()
-        grown = db.upload.pending_bytes + len(rec.pages) * rec.page_size
-        if db.upload.queue((rec.seq, lineage.generation, commit), grown, now, db.cfg):
+        grown = db.upload.pending_bytes + len(commit.pages) * db.lineage.page_size
+        if db.upload.queue((seq, generation, commit), grown, now, db.cfg):
             self.uploads.schedule(db, now)
         db.upload.pending_bytes = grown
 
@@ -284,6 +287,15 @@ class Engine:
             db.sync.pinned_seq = seq
             self._cond.notify_all()
 
+    def _head_at(self, db: Database, seq: int, stored: Head | None) -> Head | None:
+        """The head a sync point at ``seq`` compares with: the lineage's end once the commits
+        up to the sync point, which still belong to it, are applied (see sync.pin)."""
+        capture.dispatcher().barrier()
+        with self._lock:
+            for rec in db.sync.take_held(seq):
+                self._append(db, rec)
+            return db.lineage.head(stored)
+
     def _sync(self, db: Database) -> None:
         """Line the lineage up with the database's current bytes (see sync.py)."""
         if not db.name:
@@ -299,14 +311,16 @@ class Engine:
 
         with tempfile.TemporaryFile() as raw:
             fetch = fetch_head if lineage.generation is None and stored is None else None
-            pinned = sync.pin(db.path, raw, stored, fetch, lambda seq: self._pinned(db, seq), cap)
-            # Commits up to the sync point still belong to the old lineage: apply them first,
-            # so what we compare is everything that lineage holds.
-            capture.dispatcher().barrier()
-            with self._lock:
-                for rec in state.take_held(pinned.seq):
-                    self._append(db, rec)
-                head = lineage.head(pinned.stored)
+            pinned = sync.pin(
+                db.path,
+                raw,
+                stored,
+                fetch,
+                lambda seq: self._pinned(db, seq),
+                lambda seq, stored: self._head_at(db, seq, stored),
+                cap,
+            )
+            head = pinned.head
             if head is None:  # the store was too slow to keep the WAL pinned for it
                 assert pinned.fetch is not None
                 head = pinned.fetch.result()
@@ -319,12 +333,19 @@ class Engine:
             upkeep = db.upkeep
             snapshot = (upkeep.force_snapshot, upkeep.snapshot_txid)
             decision = decide(head, pinned.checksum, pinned.page_size, pinned.survivors, *snapshot)
-            sync.write(client, db.name, head, decision, pinned, raw, db.cfg.max_segment_bytes)
+            sync.write(client, db.name, head, decision, pinned, raw)
         with self._lock:
             state.stored_head = None
-            lineage.restart(decision, pinned.page_size, pinned.checksum, pinned.seq)
-            db.upload.durable_seq = max(db.upload.durable_seq, pinned.seq)
-            db.upload.durable_txid = max(db.upload.durable_txid, decision.txid)
+            lineage.restart(
+                decision, pinned.page_size, pinned.checksum, pinned.seq, pinned.wal, pinned.taken_ns
+            )
+            # Commits recovered from the WAL ship after those still pending, in txid order.
+            for commit in decision.survivors:
+                self._queue(db, pinned.seq, decision.generation, commit)
+            up = db.upload
+            if decision.snapshot or not (up.pending or up.outbox or up.uploading):
+                up.durable_seq = max(up.durable_seq, pinned.seq)
+                up.durable_txid = max(up.durable_txid, decision.txid)
             db.failures = 0
             db.last_error = ""
             self.compactor.synced(db, decision, time.monotonic())

@@ -268,8 +268,12 @@ class Host:
                 self._tail(db_id)
 
     def _take_over(self) -> None:
+        """Followers try the lock; leaders say they are still here (the shim protects the
+        WAL's unread frames for a while after the last sign, see restartAllowed)."""
         for db_id, db in list(self._dbs.items()):
-            if db.role == ROLE_FOLLOW and self._try_lead(db_id, db):
+            if db.role == ROLE_LEAD:
+                lib.ws_beat(db_id)
+            elif db.role == ROLE_FOLLOW and self._try_lead(db_id, db):
                 log.info("walsync: %s: the previous leader went away; leading now", db.path)
                 self._on_promote(db_id)
 

@@ -122,6 +122,8 @@ class Lineage:
     page_size: int = 0
     checksum: format.DbChecksum | None = None  # None: broken, the next sync starts afresh
     sync_seq: int = 0  # commits up to this seq are in the state the lineage started from
+    time_ns: int = 0  # when its last state was committed (or pinned)
+    wal: format.WalPos | None = None  # where its last state ended in the source's WAL
 
     def head(self, stored: Head | None) -> Head | None:
         """The head a sync point compares the database with: this lineage's end, or on the
@@ -133,6 +135,8 @@ class Lineage:
                 self.page_size,
                 self.checksum.db_size,
                 self.checksum.value,
+                self.time_ns,
+                self.wal,
             )
         if self.generation is not None:  # broken (page size changed, commits dropped)
             return Head(None, self.next_txid - 1)
@@ -147,9 +151,12 @@ class Lineage:
         """The commit ``rec`` as the lineage's next txid, with its whole-db checksum."""
         assert self.checksum is not None
         self.checksum.apply(rec.db_size, rec.pages)
-        wal = format.WalPos(*rec.wal_salts, rec.wal_frames[1])
+        self.wal = format.WalPos(*rec.wal_salts, rec.wal_frames[1])
+        # A clock stepped back must not order a commit before the one it follows: a restore
+        # to a timestamp would then include commits made after it (FORMAT.md).
+        self.time_ns = max(rec.time_ns, self.time_ns)
         commit = format.Commit(
-            self.next_txid, rec.time_ns, rec.db_size, self.checksum.value, rec.pages, wal
+            self.next_txid, self.time_ns, rec.db_size, self.checksum.value, rec.pages, self.wal
         )
         self.next_txid += 1
         return commit
@@ -160,11 +167,21 @@ class Lineage:
         self.checksum = None
 
     def restart(
-        self, decision: Decision, page_size: int, checksum: format.DbChecksum, seq: int
+        self,
+        decision: Decision,
+        page_size: int,
+        checksum: format.DbChecksum,
+        seq: int,
+        wal: format.WalPos,
+        time_ns: int,
     ) -> None:
-        """Go on from the state pinned at sync point ``seq``, as ``decision`` says."""
+        """Go on from the state pinned at sync point ``seq`` (the WAL up to ``wal``), as
+        ``decision`` says."""
         self.generation = decision.generation
         self.next_txid = decision.txid + 1
         self.page_size = page_size
         self.checksum = checksum
         self.sync_seq = seq
+        self.wal = wal
+        last = decision.survivors[-1].time_ns if decision.survivors else 0
+        self.time_ns = max(self.time_ns, time_ns, last)

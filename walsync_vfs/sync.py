@@ -21,7 +21,6 @@ from walsync_vfs import capture, format, recovery, storage
 from walsync_vfs.capture import Record
 from walsync_vfs.dbfile import tee
 from walsync_vfs.lineage import Decision, Head, holds
-from walsync_vfs.uploader import batches
 
 log = logging.getLogger("walsync_vfs")
 
@@ -67,9 +66,10 @@ class Pinned:
     db_size: int
     checksum: format.DbChecksum
     wal_frames: int
+    wal: format.WalPos  # where the pinned state ends in the WAL
     taken_ns: int
-    stored: Head | None  # the replica's head, if this sync needed and got it in time
-    fetch: Future[Head] | None  # the head's read, if this sync started one
+    head: Head | None  # what the lineage continues from (None: the replica's, not read in time)
+    fetch: Future[Head] | None  # the replica head's read, if this sync started one
     survivors: list[format.Commit]  # commits recovered from the WAL (see recovery.py)
 
     def ahead_of(self, head: Head) -> bool:
@@ -88,14 +88,18 @@ def pin(
     stored: Head | None,
     fetch_head: Callable[[], Future[Head]] | None,
     pinned: Callable[[int], None],
+    head_at: Callable[[int, Head | None], Head | None],
     cap: int,
 ) -> Pinned:
     """Take a sync point of ``path`` and copy its pages to ``raw``.
 
     ``fetch_head`` starts reading the replica's head (a first sync in this process): it is
     awaited for HEAD_WAIT while the WAL is pinned, so that commits a crash left in the WAL can
-    be taken under this sync point.  ``pinned(seq)`` is called once the sync point is taken.
-    The sync point is released before any upload: it pins the WAL.
+    be taken under this sync point.  ``pinned(seq)`` is called once the sync point is taken,
+    ``head_at(seq, stored)`` once the pages are read: it gives the head the lineage continues
+    from, with every commit up to the sync point in it (the replica's head on a first sync;
+    on a resync the lineage's own end, whose commits a gap hid from the stream the WAL may
+    still hold).  The sync point is released before any upload: it pins the WAL.
     """
     fetch = None
     with capture.SyncPoint(path) as sp:
@@ -108,7 +112,8 @@ def pin(
         if fetch is not None:
             with contextlib.suppress(TimeoutError):  # a slow store: the engine reads it later
                 stored = fetch.result(HEAD_WAIT)
-        survivors = recovery.survivors(path, sp, stored, checksum, page_size, cap) if stored else []
+        head = head_at(sp.seq, stored)
+        survivors = recovery.survivors(path, sp, head, checksum, page_size, cap) if head else []
         return Pinned(
             path,
             sp.seq,
@@ -116,8 +121,9 @@ def pin(
             db_size,
             checksum,
             sp.nframe,
+            format.WalPos(*sp.salts, sp.nframe),
             taken_ns,
-            stored,
+            head,
             fetch,
             survivors,
         )
@@ -130,10 +136,9 @@ def write(
     decision: Decision,
     pinned: Pinned,
     raw: BinaryIO,
-    max_segment_bytes: int,
 ) -> None:
-    """Upload the commits recovered from the WAL, then the snapshot if the decision (taken
-    against the replica's ``head``) takes one."""
+    """Upload the snapshot if the decision (taken against the replica's ``head``) takes one;
+    the commits recovered from the WAL ship through the uploader, after any still pending."""
     if not decision.continues and head.generation is not None:
         log.debug(
             "walsync: %s differs from its replica (%s) at seq %d: checksum %x, %d pages of %d",
@@ -143,11 +148,6 @@ def write(
             pinned.checksum.value,
             pinned.db_size,
             pinned.page_size,
-        )
-    for batch in batches(decision.survivors, pinned.page_size, max_segment_bytes):
-        client.put(
-            format.segment_key(name, decision.generation, batch[0].txid, batch[-1].txid),
-            format.encode_segment(pinned.page_size, batch),
         )
     if decision.snapshot:
         raw.seek(0)
