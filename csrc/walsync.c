@@ -1772,7 +1772,7 @@ const char *ws_db_path(int64_t db_id) {
 
 /* Give free heap memory back to the OS where the C library can (glibc); 0 if
 ** nothing was released or there is no such call.  Here rather than through a
-** runtime cffi declaration, whose parser alone costs the process ~4 MiB. */
+** runtime cffi declaration, whose parser alone takes megabytes of memory. */
 int ws_release_heap(void) {
 #ifdef __GLIBC__
   return malloc_trim(0);

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv)
     finally:
         # What is alive now lives until exit: spare the interpreter's shutdown collections
-        # the traversal of it (with botocore's service model loaded they cost ~0.1-0.2 s).
+        # the traversal of it (slow with botocore's service model loaded).
         gc.freeze()
 
 

@@ -4,7 +4,7 @@ Compaction merges every run of ``compact_segments`` small segments of a generati
 them back from the store cost a GET each -- with many databases in one process, more CPU than
 the merge itself -- although this process uploaded those very bytes moments before.  So each
 upload of a small segment also appends its bytes to one file per database and run, on disk
-rather than in memory (a thousand databases hold up to 32 segments each), and compaction
+rather than in memory (each of many databases holds a run of segments), and compaction
 reads them from there.
 
 Best effort, never a reason for an upload to fail: a copy that cannot be written (disk full,
@@ -12,10 +12,10 @@ directory gone) is simply not kept, and compaction GETs that segment.  Compactio
 copy like any object read from the store and GETs the segment if it is damaged.
 
 Up to ``max_open`` run files stay open between copies (least recently used closed first):
-opening and closing a file per copy cost three system calls, each of which hands the GIL to
-the application's threads and waits to get it back -- 53 us per copy inside a busy app for
-7.5 us of work.  The cap is a small share of the descriptor limit, so a thousand databases
-never hold a thousand descriptors the application may need.
+opening and closing a file per copy costs three system calls, each of which hands the GIL to
+the application's threads and waits to get it back: in a busy application, far more than the
+copy itself.  The cap is a small share of the descriptor limit, so many databases never hold
+the descriptors the application may need.
 """
 
 from __future__ import annotations

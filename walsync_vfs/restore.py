@@ -277,7 +277,7 @@ def _decoded(
 
 @contextmanager
 def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[], object]]:
-    """A tick per object on a terminal's progress bar; tqdm is imported only then (~20 ms)."""
+    """A tick per object on a terminal's progress bar; tqdm is imported only then."""
     if not enabled:
         yield lambda: None
         return

@@ -148,8 +148,8 @@ class UploadClock:
 
         Called wherever that time can move earlier: a first pending commit, a segment's worth
         of pending bytes, the end of an upload or a sync, a flush.  The uploader pops what is
-        due instead of scanning every database per wake-up -- that scan, at every commit
-        batch, was the biggest per-commit cost with 100 databases.
+        due instead of scanning every database per wake-up, a cost that grows with the
+        number of databases at every commit batch.
         """
         at = self.ship_time(db, now)
         if at >= db.upload.due_at:
@@ -190,9 +190,8 @@ class ShipSlots:
     """Ships handed to the put threads and not finished, at most ``capacity``.
 
     A database whose turn comes later keeps its commits pending, where memory_cap counts
-    them and its next batch takes them all.  Unbounded, every due database's batch sat in the
-    queue behind a slow store or a saturated machine: two thirds of the page copies held at
-    1,000 databases.
+    them and its next batch takes them all.  Unbounded, every due database's batch would sit
+    in the queue behind a slow store or a saturated machine, holding its page copies.
     """
 
     def __init__(self, capacity: int) -> None:

@@ -77,8 +77,8 @@ def _segment_reader(body: memoryview) -> zstandard.ZstdDecompressionReader:
 
 # --- data model ---------------------------------------------------------------------------
 # WalPos, Commit and IndexEntry are made once per commit replicated, compacted or restored:
-# they are read-only by convention, not frozen, because a frozen dataclass costs about 1 us
-# more to create (its __init__ goes through object.__setattr__ per field).
+# they are read-only by convention, not frozen, because a frozen dataclass is slower to create
+# (its __init__ goes through object.__setattr__ per field).
 
 
 @dataclass(slots=True)
@@ -217,8 +217,8 @@ def _seal_segment(
     """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4).
 
     Shared by encoding commits and merging segments, so both produce the same bytes.  One
-    shot over the joined records: streaming them into the compressor saved a merge ~1.4 ms
-    but kept ~4 MiB more resident (zstd's streaming window buffer).
+    shot over the joined records: streaming them into the compressor would keep zstd's
+    streaming window buffer resident.
     """
     raw_body = b"".join(records)
     body = _compress(raw_body, level)

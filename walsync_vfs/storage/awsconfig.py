@@ -1,8 +1,8 @@
 """Region, endpoint, retries, CA bundle and credentials for S3, by the AWS conventions.
 
 botocore resolves them (profiles, config and credentials files, SSO, instance roles, ...),
-but importing it costs ~11 MiB of RSS in every process that replicates: a third of walsync's
-memory with 100 databases.  When the environment alone decides every answer -- keys in
+but importing it makes up a large share of the memory of every process that replicates.
+When the environment alone decides every answer -- keys in
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, no profile named, no config file -- botocore
 would read exactly these variables (its environment provider comes first), so they are read
 here and botocore is never imported.  Anything else goes to a botocore session.

@@ -6,7 +6,7 @@ credentials files, instance roles, ...), resolved by :mod:`~walsync_vfs.storage.
 The requests themselves -- PUT, GET, ListObjectsV2, DeleteObjects -- are four fixed REST
 calls, so they are made here (:mod:`~walsync_vfs.storage.wire`,
 :mod:`~walsync_vfs.storage.sigv4`) instead of a botocore client: that client loads S3's
-service model (~14 MiB) and spends most of a commit's replication CPU on its per-request
+large service model and spends most of a commit's replication CPU on its per-request
 machinery, while walsync PUTs about once per database per second.
 """
 
@@ -162,7 +162,7 @@ class S3Service:
         backs off first, and counts toward the attempts allowed.
 
         Payloads are always SHA-256 signed (never UNSIGNED-PAYLOAD): the store then refuses a
-        body damaged in transit even without TLS, for about 2 µs per KiB.
+        body damaged in transit even without TLS, for the price of hashing it.
         """
         host, path = self._address(bucket, key)
         qs = canonical_query(query) if query else ""
@@ -190,9 +190,8 @@ class S3Service:
 
     def put_many(self, bucket: str, objects: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
         """PUT several objects at once, one connection each: every request is sent before
-        any reply is read, so the thread sleeps about once per batch instead of once per
-        object (to SeaweedFS, 3 KB objects: 51 us of CPU per PUT in batches of 16 against
-        187 us one at a time -- waking up for each reply was most of the cost).
+        any reply is read, so the thread wakes up once per batch instead of once per object
+        (waking up for each reply is most of the CPU cost of a small PUT).
 
         Per object: None, or what :meth:`request` would raise.  A failure of one object or
         connection (a kept-alive connection the server had closed, a 503) sends that object
@@ -416,7 +415,7 @@ def _error_fields(status: int, body: bytes) -> tuple[str, str]:
 
 def _xml_text(text: str) -> str:
     """``text`` as XML character data (xml.sax.saxutils.escape would import urllib.request,
-    http.client and ssl: ~6 MiB)."""
+    http.client and ssl)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 

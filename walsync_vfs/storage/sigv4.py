@@ -2,7 +2,7 @@
 lines of plain Python.
 
 Signing through botocore means building its request objects and firing its event hooks for
-every PUT; at one PUT per database per second that was most of walsync's replication CPU.
+every PUT: at one PUT per database per second, most of walsync's replication CPU.
 The algorithm itself is small and fixed (AWS "Signature Version 4 signing process"):
 
 * canonical request = method, URI path (each key byte URI-encoded once; S3 does not normalise

@@ -1,17 +1,17 @@
 """One keep-alive HTTP/1.1 connection, as much of the protocol as S3's REST calls use.
 
 walsync PUTs a small segment per database per second, so the per-request cost of the HTTP
-layer is replication CPU the application pays.  ``http.client`` spent about 85 µs of Python
-per small PUT here (a header-by-header request builder with its checks, two ``sendall``
-calls and so two packets under ``TCP_NODELAY``, a new buffered reader per response); this
-module builds the request as one string, sends head and body with one ``sendall``, and keeps
-one buffered reader with the socket: 211 -> 126 µs of CPU per 1 KiB PUT to SeaweedFS.
+layer is replication CPU the application pays.  ``http.client`` builds a request header by
+header with its checks, sends it with two ``sendall`` calls (two packets under
+``TCP_NODELAY``) and makes a new buffered reader per response; this module builds the request
+as one string, sends head and body with one ``sendall``, and keeps one buffered reader with
+the socket.
 
 Replies: status line, header block (http.client's limits), body framed by Content-Length or
 chunked transfer coding, or by the end of the connection.  Errors are :class:`ProtocolError`,
 :class:`Disconnected` or OSError, so callers can tell a dropped keep-alive connection from a
-refused one.  Not importing http.client at all keeps ~6 MiB out of the process: it imports
-``ssl`` (OpenSSL's tables) and ``email``, which an http:// endpoint never needs.
+refused one.  Not importing http.client at all keeps ``ssl`` (OpenSSL's tables) and
+``email`` out of the process, which an http:// endpoint never needs.
 """
 
 from __future__ import annotations
