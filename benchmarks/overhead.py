@@ -14,9 +14,10 @@ walsync slice ends only once the dispatcher has handed every record of the slice
 
 ``--capture`` selects what A does with the stream, to split the cost when a target is missed:
 
-* ``consumed`` (default, the real thing): ``import walsync_vfs`` as an application would; its
-  dispatcher thread drains the queue (checksum verification and page index in C) and hands
-  each batch to the null sink, which reads only the batch's commit count;
+* ``consumed`` (default, the real thing): ``import walsync_vfs`` as an application would; the
+  first ``vfs="walsync"`` open starts the engine and the dispatcher, whose thread drains the
+  queue (checksum verification and page index in C) and hands each batch to the null sink,
+  which reads only the batch's commit count;
 * ``converted``: the same, but the sink turns every record into a Python ``Record`` (the
   least any Python consumer of the pages pays, e.g. the replication engine);
 * ``queued``: records pile up in the C queue, freed between slices (untimed): shim cost only;
@@ -25,8 +26,8 @@ walsync slice ends only once the dispatcher has handed every record of the slice
 * ``plain``: A is plain apsw too: an A/A run that shows the harness's own bias and noise.
 
 The modes without a consumer import ``walsync_vfs.capture`` without running the package's
-``__init__``: that would start the replication engine and its dispatcher, a second consumer
-of the queue.
+``__init__``: its connection hook would start the replication engine and its dispatcher at
+the first ``vfs="walsync"`` open, a second consumer of the queue.
 
 Usage: ``python benchmarks/overhead.py [--quick] [--rounds N] [--slice S] [--dir DIR]
 [--capture MODE] [--case SUBSTRING] [--check]``
@@ -57,9 +58,10 @@ capture: types.ModuleType  # walsync_vfs.capture, bound by load_capture()
 def load_capture(mode: str) -> None:
     """Import the capture layer: the whole package for ``consumed``, the bare module otherwise.
 
-    The package's ``__init__`` starts the replication engine and the capture dispatcher; in the
-    modes without a consumer (``queued``, ``off``, ``plain``) that thread would steal the records
-    the benchmark leaves queued, so there the package is stubbed and only the shim is loaded.
+    The package's connection hook starts the replication engine and the capture dispatcher at
+    the first ``vfs="walsync"`` open; in the modes without a consumer (``queued``, ``off``,
+    ``plain``) that thread would steal the records the benchmark leaves queued, so there the
+    package is stubbed and only the shim is loaded.
     """
     global capture
     if mode in ("consumed", "converted"):

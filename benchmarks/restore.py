@@ -197,7 +197,7 @@ def write_phase(setup: Setup, target_bytes: int, index: bool, pace: float) -> No
     ``pace`` transactions per second (0: flat out): at full speed the whole database lands
     in one or two sync intervals, which is a bulk load, not the stream a replica usually sees.
     """
-    import walsync_vfs  # starts the replication engine: only the write phase needs it
+    import walsync_vfs  # only the write phase needs it (its first open starts the engine)
 
     src = setup.work / "src"
     for tool in TOOLS:
