@@ -66,7 +66,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -273,7 +273,7 @@ class WalsyncTrace:
         self.puts: list[tuple[str, float, float, bool]] = []  # key, start, end, succeeded
 
     def install(self) -> None:
-        """Wrap the dispatcher's sink, the segment encoder and the S3 put; call before open."""
+        """Wrap the dispatcher's sink, the segment encoder and the S3 puts; call before open."""
         from walsync_vfs import capture
         from walsync_vfs import format as wformat
         from walsync_vfs.storage.s3 import S3ReplicaClient
@@ -309,6 +309,19 @@ class WalsyncTrace:
                 self.puts.append((key, t0, time.monotonic(), ok))
 
         S3ReplicaClient.put = traced_put  # type: ignore[method-assign]
+        put_many = S3ReplicaClient.put_many
+
+        def traced_put_many(
+            client: S3ReplicaClient, objects: Sequence[tuple[str, bytes]]
+        ) -> list[Exception | None]:
+            t0 = time.monotonic()
+            results = put_many(client, objects)
+            t1 = time.monotonic()
+            done = zip(objects, results, strict=True)
+            self.puts.extend((k, t0, t1, r is None) for (k, _), r in done)
+            return results
+
+        S3ReplicaClient.put_many = traced_put_many  # type: ignore[method-assign]
 
     def reset(self) -> None:
         self.dispatch.clear()
