@@ -17,8 +17,16 @@ every transaction appends rows with consecutive ``seq`` numbers to ``log``, and 
 says what the transaction did to ``kv`` and ``bulk``.  A restore is sound when ``log`` holds
 exactly seqs 1..k and replaying the log reproduces ``kv`` and ``bulk`` exactly.
 
+With ``--processes N`` (N >= 2), N writers work on the database at once, as gunicorn workers
+would: one of them leads and replicates every commit in the WAL (docs/MULTIPROCESS.md).  Each
+cycle SIGKILLs one of them at random, leader or follower, restores while the others go on
+writing, checks that the restore is a sound state holding every commit any writer had
+acknowledged, and starts a replacement.  Each transaction reads the state it builds on inside
+its write transaction.  A final unkilled writer's restore must equal the source row for row.
+
     python benchmarks/crash_torture.py                  # 100 cycles
     python benchmarks/crash_torture.py --cycles 8 --json summary.json
+    python benchmarks/crash_torture.py --processes 4 --cycles 40
 
 Exit status 0 only if every check of every cycle passed.
 """
@@ -95,14 +103,19 @@ CHECKPOINT_MODES = ("PASSIVE", "RESTART", "TRUNCATE")
 class Writer:
     """One writer process's connection and what it knows of the database's state."""
 
-    def __init__(self, con: apsw.Connection, rng: random.Random) -> None:
+    def __init__(self, con: apsw.Connection, rng: random.Random, shared: bool = False) -> None:
         self.con = con
         self.rng = rng
+        self.shared = shared  # other processes write too: read the state in each transaction
         con.execute(SCHEMA)
+        self.refresh()
+        self.txns = 0  # transactions this process committed
+
+    def refresh(self) -> None:
+        con = self.con
         self.seq = con.execute("SELECT coalesce(max(seq), 0) FROM log").fetchone()[0]
         self.keys = [k for (k,) in con.execute("SELECT k FROM kv ORDER BY k")]
         self.tags = [t for (t,) in con.execute("SELECT DISTINCT tag FROM bulk ORDER BY tag")]
-        self.txns = 0  # transactions this process committed
 
     def _log(
         self, op: str, k: int, v: str | None = None, n: int | None = None, m: int | None = None
@@ -155,6 +168,9 @@ class Writer:
             con.execute("PRAGMA cache_size=5")  # the transaction spills dirty pages to the WAL
         try:
             con.execute("BEGIN IMMEDIATE")
+            if self.shared:
+                self.refresh()
+                kind = self.feasible(kind)
             if kind == "rollback":
                 self._bulk_fill(ROLLBACK_TAG, rng.randint(2000, 5000))
                 con.execute("UPDATE kv SET v = 'rolled back' WHERE k % 7 = 0")
@@ -194,6 +210,10 @@ class Writer:
         kind = self.rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
         if kind == "checkpoint":
             return f"checkpoint-{self.rng.choice(CHECKPOINT_MODES)}"
+        return self.feasible(kind)
+
+    def feasible(self, kind: str) -> str:
+        """``kind``, or the bulk step the live tags allow instead."""
         if kind == "bulk" and len(self.tags) >= MAX_BULK_TAGS:
             return "bulkdel"
         if kind in ("bulkupd", "bulkdel") and not self.tags:
@@ -208,11 +228,12 @@ def emit(line: str) -> None:
 
 
 def generation() -> str:
-    """The generation this process's commits are going to."""
-    return next(s["generation"] for s in walsync_vfs.stats() if s["name"] == NAME)
+    """The generation this process's commits are going to ("-" in a follower: the leader
+    knows)."""
+    return next((s["generation"] for s in walsync_vfs.stats() if s["name"] == NAME), "-")
 
 
-def child_main(db: str, replica: str, seed: int, txns: int | None) -> int:
+def child_main(db: str, replica: str, seed: int, txns: int | None, shared: bool = False) -> int:
     """The writer: random transactions until killed, or ``txns`` of them, then a clean exit.
 
     Protocol lines: READY (imported), START <max seq> (opened), B <kind> (a step begins),
@@ -228,7 +249,8 @@ def child_main(db: str, replica: str, seed: int, txns: int | None) -> int:
     emit("READY")
     con = apsw.Connection(db, vfs="walsync")
     con.execute(f"PRAGMA synchronous={rng.choice(('NORMAL', 'FULL'))}")
-    w = Writer(con, rng)
+    con.set_busy_timeout(60_000)
+    w = Writer(con, rng, shared)
     emit(f"START {w.seq}")
     until_flush = rng.randint(1, 6)
     steps = 0
@@ -768,6 +790,92 @@ class Torture:
         return s
 
 
+def leader_pid(db: str) -> int:
+    """The pid the shim's shared page names as the database's leader (csrc/walsync.c,
+    WsShared: magic, seqlock, pid)."""
+    try:
+        with open(db + "-walsync", "rb") as f:
+            return int.from_bytes(f.read(12)[8:12], sys.byteorder, signed=True)
+    except OSError:
+        return 0
+
+
+class ManyWriters(Torture):
+    """``--processes N``: N writers at once; each cycle kills one, leader or follower."""
+
+    def spawn(self, child_seed: int, txns: int | None, err_path: Path) -> tuple:
+        cmd = [sys.executable, __file__, "--child", self.db, self.replica, str(child_seed)]
+        cmd += ["--shared"] + (["--txns", str(txns)] if txns is not None else [])
+        err = err_path.open("w")
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
+        )
+        run = Run()
+        reader = threading.Thread(target=lambda: run.lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        return proc, run, reader, err
+
+    def acked(self, runs: list[Run]) -> int:
+        """The highest seq any writer acknowledged: every commit up to it is in the store
+        (a writer's flush covers everything in the WAL before its own commits)."""
+        for run in runs:
+            run.parse()
+        return max((run.acked_seq for run in runs), default=0)
+
+    def run(self) -> Summary:
+        t0 = time.monotonic()
+        s, n = self.summary, self.args.processes
+        live: dict[int, tuple] = {}
+        finished: list[Run] = []
+        kinds: Counter = Counter()
+
+        def start(slot: int) -> None:
+            seed = self.rng.randrange(1 << 31)
+            live[slot] = (*self.spawn(seed, None, self.dir / f"writer-{slot}-{seed}.err"), seed)
+
+        for slot in range(n):
+            start(slot)
+        for cycle in range(1, self.args.cycles + 1):
+            time.sleep(self.rng.uniform(self.args.kill_min, self.args.kill_max))
+            slot = self.rng.randrange(n)
+            proc, run, reader, err, seed = live.pop(slot)
+            role = "leader" if leader_pid(self.db) == proc.pid else "follower"
+            kinds[role] += 1
+            proc.kill()
+            proc.wait()
+            reader.join()
+            err.close()
+            finished.append(run)
+            acked = self.acked(finished + [r for _, r, *_ in live.values()])
+            s.cycles = s.kills = cycle
+            if os.path.exists(self.replica_dir / NAME):
+                out = str(self.dir / "restored.db")
+                try:
+                    self.restore(out)
+                    k = read_state(out)["k"]
+                    s.restores += 1
+                    if k < acked:
+                        self.fail(cycle, f"restore holds seqs 1..{k}, {acked} acknowledged", seed)
+                except Unsound as exc:
+                    self.fail(cycle, f"restore is not a state the database was in: {exc}", seed)
+                except Exception as exc:  # noqa: BLE001 - any failure to restore is a finding
+                    self.fail(cycle, f"restore failed: {type(exc).__name__}: {exc}", seed)
+            if self.args.verbose:
+                print(f"cycle {cycle}: killed a {role}; acked {acked}")
+            start(slot)
+        for proc, run, reader, err, _ in live.values():
+            proc.kill()
+            proc.wait()
+            reader.join()
+            err.close()
+            finished.append(run)
+        s.acked_seq = self.acked(finished)
+        self.final()
+        s.kill_phases = dict(kinds)
+        s.wall_seconds = round(time.monotonic() - t0, 1)
+        return s
+
+
 def print_summary(s: Summary) -> None:
     reopened = s.reopen_same_generation + s.reopen_new_generation
     print("\ncrash torture summary")
@@ -816,14 +924,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--child", nargs=3, metavar=("DB", "REPLICA", "SEED"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--processes", type=int, default=1, help="writers at once (see above)")
     parser.add_argument("--txns", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         db, replica, seed = args.child
-        return child_main(db, replica, int(seed), args.txns)
+        return child_main(db, replica, int(seed), args.txns, args.shared)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 31)
-    torture = Torture(args)
+    torture = ManyWriters(args) if args.processes > 1 else Torture(args)
     print(f"crash torture: {args.cycles} cycles, seed {args.seed}, work dir {torture.dir}")
     summary = torture.run()
     print_summary(summary)

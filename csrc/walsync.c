@@ -1248,6 +1248,19 @@ static int wsFileControl(sqlite3_file *f, int op, void *pArg) {
         break;
       case SQLITE_FCNTL_CKPT_DONE: p->bInCkpt = 0; break;
       case SQLITE_FCNTL_COMMIT_PHASETWO: publishFromMain(p); break;
+      case SQLITE_FCNTL_PRAGMA: {
+        /* Exclusive locking hides the database from every other connection: the
+        ** engine's sync points and the other processes' replicator among them. */
+        char **az = (char **)pArg;
+        if (p->pDb && az[1] && az[2] && sqlite3_stricmp(az[1], "locking_mode") == 0 &&
+            sqlite3_stricmp(az[2], "exclusive") == 0) {
+          az[0] = sqlite3_mprintf(
+              "walsync: locking_mode=EXCLUSIVE would stop replication (the replicator reads "
+              "through connections of its own); keep locking_mode=NORMAL");
+          return SQLITE_ERROR;
+        }
+        break;
+      }
       case WS_FCNTL_DB_ID:
         *(int64_t *)pArg = p->pDb ? p->pDb->id : 0;
         return SQLITE_OK;

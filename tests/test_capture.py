@@ -184,17 +184,22 @@ def test_mmap_stays_on(db):
     f.assert_identical(con)
 
 
-def test_locking_mode_exclusive(db):
+EXCLUSIVE_REFUSED = (
+    "walsync: locking_mode=EXCLUSIVE would stop replication (the replicator reads through "
+    "connections of its own); keep locking_mode=NORMAL"
+)
+
+
+@pytest.mark.parametrize("pragma", ["locking_mode=EXCLUSIVE", "main.locking_mode = 'exclusive'"])
+def test_locking_mode_exclusive_is_refused_and_capture_goes_on(db, pragma):
     con, f = db
-    con.execute("PRAGMA locking_mode=EXCLUSIVE")
+    with pytest.raises(apsw.SQLError) as exc:
+        con.execute(f"PRAGMA {pragma}")
+    assert str(exc.value) == EXCLUSIVE_REFUSED
+    assert con.execute("PRAGMA locking_mode").fetchone() == ("normal",)
     for i in range(10):
         fill(con, i + 1, 700)
-    con.execute("BEGIN")
-    fill(con, 500)
-    con.execute("ROLLBACK")
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    fill(con, 5)
-    assert len(f.catch_up()) == 11
+    assert len(f.catch_up()) == 10
     f.assert_identical(con)
 
 

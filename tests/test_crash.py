@@ -321,3 +321,28 @@ def test_commits_a_checkpoint_moved_into_the_db_file_start_a_new_generation(
     assert restored_digest(url, tmp_path / "latest.db") == digest_of(con)
     assert restored_digest(url, tmp_path / "acked.db", "--txid", str(old["last_txid"])) == acked
     con.close()
+
+
+def test_short_multiprocess_crash_torture_loses_nothing(tmp_path: Path) -> None:
+    """Three writers at once; leaders and followers SIGKILLed at random (the long run is
+    ``benchmarks/crash_torture.py --processes 4``)."""
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(SCRIPT), "--processes", "3", "--cycles", "8"),
+            *("--final-txns", "30", "--seed", "7"),
+            *("--json", str(out), "--dir", str(tmp_path / "work")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["failures"] == 0, proc.stdout[-5000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert summary["kills"] == 8 and summary["restores"] >= 7
+    assert summary["acked_seq"] > 0
+    assert summary["final_rows"]["log"] >= summary["acked_seq"]
+    assert summary["verify_exit"] == 0
+

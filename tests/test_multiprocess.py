@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import apsw
+import pytest
 
 from walsync_vfs import catalog, storage
 from walsync_vfs.restore import restore
@@ -205,3 +206,28 @@ def test_prefork_master_that_opened_the_database_first(replica_url, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(groups(db)) == 61
     check_one_lineage(replica_url, db, tmp_path)
+
+
+def test_exclusive_locking_is_refused_and_replication_goes_on(replica_url, tmp_path):
+    import walsync_vfs
+
+    walsync_vfs.configure(replica=replica_url)
+    try:
+        db = tmp_path / "excl.db"
+        con = apsw.Connection(str(db), vfs="walsync")
+        con.execute("CREATE TABLE t(w INTEGER, k INTEGER, r INTEGER, v BLOB)")
+        con.execute("INSERT INTO t VALUES (1, 1, 0, 'before')")
+        with pytest.raises(apsw.SQLError) as exc:
+            con.execute("PRAGMA locking_mode=EXCLUSIVE")
+        assert str(exc.value) == (
+            "walsync: locking_mode=EXCLUSIVE would stop replication (the replicator reads "
+            "through connections of its own); keep locking_mode=NORMAL"
+        )
+        con.execute("INSERT INTO t VALUES (1, 2, 0, 'after')")
+        walsync_vfs.flush(timeout=30)
+        restore(f"{replica_url}/{db.name}", str(tmp_path / "r.db"))
+        assert content(tmp_path / "r.db") == content(db)
+        con.close()
+    finally:
+        walsync_vfs.flush(timeout=30)
+        walsync_vfs.configure(replica="")

@@ -96,7 +96,10 @@ class Host:
     def join(self, db_id: int, path: str) -> bool:
         """Take part for a newly opened database; True if this process leads it."""
         with self._lock:
+            idle = not self._dbs
             db = self._dbs.setdefault(db_id, _Db(path))
+        if idle:  # the host thread may be waiting without a timeout: start its clock
+            self._sock.sendto(b"W", "\0" + self.addr)
         return db.role == ROLE_LEAD or self._try_lead(db_id, db)
 
     def leads(self, db_id: int) -> bool:
@@ -205,8 +208,11 @@ class Host:
                 next_poll = now + FOREIGN_POLL
                 self._poll_wal()
             self._retail(now)
-            wake = min([next_takeover, next_poll] + [d.retail_at for d in self._leading()])
-            self._sock.settimeout(max(wake - time.monotonic(), 0.0005))
+            if self._dbs:
+                wake = min([next_takeover, next_poll] + [d.retail_at for d in self._leading()])
+                self._sock.settimeout(max(wake - time.monotonic(), 0.0005))
+            else:  # nothing open here: wait for a message (join() is followed by one)
+                self._sock.settimeout(None)
             try:
                 msg, sender = self._sock.recvfrom(4096)
             except TimeoutError:
