@@ -12,7 +12,7 @@ from walsync_vfs import format
 from walsync_vfs.config import DbConfig
 from walsync_vfs.database import Database
 from walsync_vfs.spool import Outgoing
-from walsync_vfs.uploader import ShipSlots, UploadClock, encode, take_batch
+from walsync_vfs.uploader import ShipSlots, UploadClock, batches, encode, take_batch
 
 PAGE = 512
 PHASE = 0.25  # this process's ticks fall a quarter into each interval
@@ -189,3 +189,9 @@ def test_a_batch_stops_at_max_segment_bytes_and_at_a_generation_change() -> None
         g1,
         5,
     )
+
+
+def test_batches_split_at_max_bytes_with_at_least_one_commit_each() -> None:
+    commits = [commit(1, 3), commit(2), commit(3), commit(4, 5)]
+    split = list(batches(commits, PAGE, 2 * PAGE))
+    assert [[c.txid for c in b] for b in split] == [[1], [2, 3], [4]]

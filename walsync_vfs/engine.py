@@ -333,16 +333,19 @@ class Engine:
             upkeep = db.upkeep
             snapshot = (upkeep.force_snapshot, upkeep.snapshot_txid)
             decision = decide(head, pinned.checksum, pinned.page_size, pinned.survivors, *snapshot)
-            sync.write(client, db.name, head, decision, pinned, raw)
+            with self._lock:  # commits arriving meanwhile are held, not pending
+                up = db.upload
+                queue = bool(up.pending or up.outbox or up.uploading)
+            now = [] if queue else decision.survivors
+            sync.write(client, db.name, head, decision, pinned, raw, now, db.cfg.max_segment_bytes)
         with self._lock:
             state.stored_head = None
             lineage.restart(
                 decision, pinned.page_size, pinned.checksum, pinned.seq, pinned.wal, pinned.taken_ns
             )
-            # Commits recovered from the WAL ship after those still pending, in txid order.
-            for commit in decision.survivors:
+            # Commits recovered from the WAL behind others still pending ship after them.
+            for commit in decision.survivors if queue else []:
                 self._queue(db, pinned.seq, decision.generation, commit)
-            up = db.upload
             if decision.snapshot or not (up.pending or up.outbox or up.uploading):
                 up.durable_seq = max(up.durable_seq, pinned.seq)
                 up.durable_txid = max(up.durable_txid, decision.txid)

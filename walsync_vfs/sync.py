@@ -21,6 +21,7 @@ from walsync_vfs import capture, format, recovery, storage
 from walsync_vfs.capture import Record
 from walsync_vfs.dbfile import tee
 from walsync_vfs.lineage import Decision, Head, holds
+from walsync_vfs.uploader import batches
 
 log = logging.getLogger("walsync_vfs")
 
@@ -136,9 +137,12 @@ def write(
     decision: Decision,
     pinned: Pinned,
     raw: BinaryIO,
+    survivors: list[format.Commit],
+    max_segment_bytes: int,
 ) -> None:
-    """Upload the snapshot if the decision (taken against the replica's ``head``) takes one;
-    the commits recovered from the WAL ship through the uploader, after any still pending."""
+    """Upload ``survivors`` (commits recovered from the WAL that nothing pending precedes:
+    shipped before the sync ends, so a process killed again soon after still finds them in
+    the store), then the snapshot if the decision (taken against ``head``) takes one."""
     if not decision.continues and head.generation is not None:
         log.debug(
             "walsync: %s differs from its replica (%s) at seq %d: checksum %x, %d pages of %d",
@@ -148,6 +152,11 @@ def write(
             pinned.checksum.value,
             pinned.db_size,
             pinned.page_size,
+        )
+    for batch in batches(survivors, pinned.page_size, max_segment_bytes):
+        client.put(
+            format.segment_key(name, decision.generation, batch[0].txid, batch[-1].txid),
+            format.encode_segment(pinned.page_size, batch),
         )
     if decision.snapshot:
         raw.seek(0)

@@ -16,7 +16,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -230,6 +230,22 @@ def take_batch(up: UploadState, page_size: int, max_bytes: int) -> list[Pending]
     batch, up.pending = pending[:end], pending[end:]
     up.pending_bytes -= size
     return batch
+
+
+def batches(
+    commits: list[format.Commit], page_size: int, max_bytes: int
+) -> Iterator[list[format.Commit]]:
+    """Consecutive commits in segments of about ``max_bytes`` of pages (at least one each)."""
+    batch: list[format.Commit] = []
+    size = 0
+    for commit in commits:
+        if batch and size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(commit)
+        size += len(commit.pages) * page_size
+    if batch:
+        yield batch
 
 
 def encode(name: str, page_size: int, max_segment_bytes: int, batch: list[Pending]) -> Outgoing:
