@@ -50,7 +50,7 @@ class LeaderError(RuntimeError):
 @dataclass
 class _Db:
     path: str
-    lock_fd: int = -1  # the side file, flock'ed while this process leads
+    lock_fd: int = -1  # the side file (flock'ed while this process leads)
     role: int = ROLE_NONE
     wal_seen: tuple[int, int] = (0, 0)  # (size, mtime) of the WAL at the last look
     retail_at: float = 0.0  # when to read the WAL again (0: not scheduled)
@@ -117,23 +117,27 @@ class Host:
                 os.close(db.lock_fd)  # releases the flock
 
     def _try_lead(self, db_id: int, db: _Db) -> bool:
-        side = db.path + "-walsync"
+        """Try the side file's lock (its descriptor stays open while this process has the
+        database: a follower tries again on it, and closing it releases a lead)."""
+        if db.lock_fd < 0:
+            side = db.path + "-walsync"
+            try:
+                db.lock_fd = os.open(side, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:  # no coordination possible: behave as the only process
+                log.warning(
+                    "walsync: %s: cannot open %s (%s); replicating alone", db.path, side, exc
+                )
+                db.role = ROLE_LEAD
+                return True
         try:
-            fd = os.open(side, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:  # no coordination possible: behave as the only process
-            log.warning("walsync: %s: cannot open %s (%s); replicating alone", db.path, side, exc)
-            db.role = ROLE_LEAD
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(db.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
             if db.role != ROLE_FOLLOW:
                 db.role = ROLE_FOLLOW
                 lib.ws_role(db_id, ROLE_FOLLOW, ffi.NULL)
                 log.info("walsync: %s is replicated by another process; following", db.path)
             return False
-        db.lock_fd, db.role = fd, ROLE_LEAD
+        db.role = ROLE_LEAD
         lib.ws_role(db_id, ROLE_LEAD, self.addr.encode())
         return True
 
