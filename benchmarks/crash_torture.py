@@ -504,8 +504,11 @@ class Torture:
                     shutil.copyfile(self.db + suffix, keep / (NAME + suffix))
             print(f"  kept the replica and source as they were in {keep}")
 
+    child_flags: tuple[str, ...] = ()  # ManyWriters: the writers share the database
+
     def spawn(self, child_seed: int, txns: int | None, err_path: Path) -> tuple:
         cmd = [sys.executable, __file__, "--child", self.db, self.replica, str(child_seed)]
+        cmd += self.child_flags
         if txns is not None:
             cmd += ["--txns", str(txns)]
         err = err_path.open("w")
@@ -808,18 +811,7 @@ class ManyWriters(Torture):
     """``--processes N``: N writers at once; each cycle kills one, leader or follower."""
 
     live_restore_races = 0
-
-    def spawn(self, child_seed: int, txns: int | None, err_path: Path) -> tuple:
-        cmd = [sys.executable, __file__, "--child", self.db, self.replica, str(child_seed)]
-        cmd += ["--shared"] + (["--txns", str(txns)] if txns is not None else [])
-        err = err_path.open("w")
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
-        )
-        run = Run()
-        reader = threading.Thread(target=lambda: run.lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        return proc, run, reader, err
+    child_flags = ("--shared",)
 
     def restore_live(self, out: str) -> None:
         """Restore while the other writers go on: a restore that keeps losing the race with
