@@ -36,7 +36,9 @@ def main() -> None:
     walsync_vfs.configure(replica=replica)
     con = apsw.Connection(path) if foreign else apsw.Connection(path, vfs="walsync")
     con.set_busy_timeout(20_000)
-    leads = any(s["leader"] for s in walsync_vfs.stats() if not foreign)
+    stats = [] if foreign else walsync_vfs.stats()
+    assert all(s["name"] == os.path.basename(path) for s in stats), stats
+    leads = any(s["leader"] for s in stats)
     say(role="leader" if leads else "follower", pid=os.getpid())
     rng = random.Random(wid)
     for k in range(commits):

@@ -298,7 +298,7 @@ class Engine:
 
     def _sync(self, db: Database) -> None:
         """Line the lineage up with the database's current bytes (see sync.py)."""
-        if not db.name:
+        if db.client is None:  # a first sync (a follower has its name, not its client)
             self._resolve(db)
         client = db.client
         assert client is not None
@@ -376,7 +376,11 @@ class Engine:
             if db is None:
                 return  # not ours (routed elsewhere) or already forgotten
         if not self._host.join(db_id, db.path):
-            return  # another process of this host replicates it
+            # Another process of this host replicates it; stats() still names it.
+            cfg = self.settings.for_db(db.path)
+            with self._lock:
+                db.cfg, db.name = cfg, db.name or cfg.name
+            return
         with self._lock:
             state = db.sync
             if state.pinned_seq < state.open_seq:
