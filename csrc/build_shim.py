@@ -47,7 +47,6 @@ int ws_sync(int64_t db_id, ws_pos *out);
 void ws_hold(int64_t db_id, int delta);
 int ws_read(void *file, void *buf, int n, int64_t off);
 int64_t ws_file_size(void *file);
-const char *ws_db_path(int64_t db_id);
 int ws_release_heap(void);
 int ws_tail(int64_t db_id);
 int ws_role(int64_t db_id, int role, const char *addr);

@@ -1777,12 +1777,6 @@ int64_t ws_file_size(void *pFile) {
   return f->pMethods->xFileSize(f, &sz) == SQLITE_OK ? sz : -1;
 }
 
-/* The database path for an id (valid for the life of the process). */
-const char *ws_db_path(int64_t db_id) {
-  WsDb *p = dbById(db_id);
-  return p ? p->zPath : 0;
-}
-
 /* Give free heap memory back to the OS where the C library can (glibc); 0 if
 ** nothing was released or there is no such call.  Here rather than through a
 ** runtime cffi declaration, whose parser alone takes megabytes of memory. */
