@@ -128,8 +128,14 @@ os.register_at_fork(after_in_child=_forget_engine_in_child)
 
 
 def _ensure_wal(con: apsw.Connection) -> None:
-    """apsw connection hook: a walsync database must be in WAL mode, or capture sees nothing."""
-    if con.open_vfs != capture.VFS_NAME or capture.opening_internally():
+    """apsw connection hook: a walsync database must be in WAL mode, or capture sees nothing.
+
+    Replication does not depend on it (an application may clear ``apsw.connection_hooks``:
+    the shim starts the engine, whose first sync point switches the database to WAL); it
+    raises errors where the application opens the database and holds the opener until the
+    sync point is pinned.  In-memory and temporary databases pass through unreplicated.
+    """
+    if con.open_vfs != capture.VFS_NAME or not capture.db_id_of(con):
         return
     engine = _engine_instance()  # before anything changes the database: a ConfigError stops it
     # Sync points hold the write lock for microseconds; without a busy timeout a writer that
@@ -146,6 +152,19 @@ def _ensure_wal(con: apsw.Connection) -> None:
     engine.await_sync_point(capture.db_id_of(con), SYNC_POINT_WAIT_S)
 
 
+@capture.ffi.callback("void(void)")
+def _on_first_open() -> None:
+    """Called by the shim after a database's first open: start the engine (if the connection
+    hook was cleared, nothing else would).  A bad config file is logged here and raised by
+    the hook, or by the next flush(), stats() or configure()."""
+    if _engine is None:
+        try:
+            _engine_instance()
+        except Exception as exc:  # noqa: BLE001 - C cannot take it: say it loudly
+            capture.log.error("walsync: replication not started: %s", exc)
+
+
 capture.load()
+capture.lib.ws_on_open(_on_first_open)
 if _ensure_wal not in apsw.connection_hooks:
     apsw.connection_hooks.append(_ensure_wal)

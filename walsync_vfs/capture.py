@@ -40,8 +40,8 @@ _FCNTL_DB_ID = 0x57530001
 ffi, lib = _shim.ffi, _shim.lib
 log = logging.getLogger("walsync_vfs")
 _load_lock = threading.Lock()
-_internal = threading.local()
 _loaded = False
+_ERR_LEN = 512
 
 
 class Kind(IntEnum):
@@ -74,6 +74,10 @@ class CaptureError(RuntimeError):
     """The shim cannot be loaded or a database cannot be captured."""
 
 
+class JournalModeError(CaptureError):
+    """A replicated database left WAL mode: its commits can no longer be captured."""
+
+
 def load() -> None:
     """Load the shim into apsw's SQLite once per process (idempotent, thread-safe).
 
@@ -101,7 +105,8 @@ def load() -> None:
 
 
 def db_id_of(con: apsw.Connection, schema: str = "main") -> int:
-    """The shim's id for the database ``con`` has open (0 if not opened through walsync)."""
+    """The shim's id for the database ``con`` has open as ``schema`` (0 if that database
+    is not replicated: another VFS, a temporary or an in-memory database)."""
     out = ffi.new("int64_t *")
     try:
         con.file_control(schema, _FCNTL_DB_ID, int(ffi.cast("intptr_t", out)))
@@ -110,9 +115,37 @@ def db_id_of(con: apsw.Connection, schema: str = "main") -> int:
     return int(out[0])
 
 
-def opening_internally() -> bool:
-    """True while a :class:`SyncPoint` opens its own connections in this thread."""
-    return getattr(_internal, "active", False)
+class InternalConnection:
+    """A connection of the engine's own, opened through the shim on SQLite's C API: apsw
+    neither lists it in ``apsw.connections()`` nor runs ``apsw.connection_hooks`` on it, so
+    an application never sees it.  Errors are :class:`CaptureError`."""
+
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
+        self.path = path
+        err = ffi.new("char[]", _ERR_LEN)
+        self._db = lib.ws_conn_open(os.fsencode(path), busy_timeout_ms, err, _ERR_LEN)
+        if self._db == ffi.NULL:
+            raise CaptureError(f"{path}: cannot open: {ffi.string(err).decode()}")
+
+    def query(self, sql: str) -> str:
+        """Run one statement; the first column of its first row, as text ('' if none)."""
+        out = ffi.new("char[]", _ERR_LEN)
+        if lib.ws_conn_query(self._db, sql.encode(), out, _ERR_LEN) != 0:
+            raise CaptureError(f"{self.path}: {sql}: {ffi.string(out).decode()}")
+        return str(ffi.string(out).decode())
+
+    def file_control(self, op: int, arg: object) -> None:
+        """``sqlite3_file_control`` on the main database (a missing answer leaves ``arg``)."""
+        lib.ws_conn_fcntl(self._db, op, arg)
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(lib.ws_conn_in_txn(self._db))
+
+    def close(self) -> None:
+        if self._db != ffi.NULL:
+            lib.ws_conn_close(self._db)
+            self._db = ffi.NULL
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -212,34 +245,42 @@ class SyncPoint:
     on top of these bytes.
     """
 
-    def __init__(self, path: str, busy_timeout_ms: int = 60_000) -> None:
+    def __init__(self, path: str, busy_timeout_ms: int = 60_000, *, enable_wal: bool = False) -> None:
+        """``enable_wal``: switch a database in another journal mode to WAL (its first sync
+        in this process: an attached database, or one opened without the connection hook);
+        otherwise such a database raises :class:`JournalModeError`."""
         load()
         self.path = path
         self._held = False
-        _internal.active = True  # our own connections: the open hook must not wait on us
+        self.reader = InternalConnection(path, busy_timeout_ms)
         try:
-            self.reader = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
-            writer = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
-        finally:
-            _internal.active = False
+            writer = InternalConnection(path, busy_timeout_ms)
+        except BaseException:
+            self.reader.close()
+            raise
         try:
-            for con in (self.reader, writer):
-                con.set_busy_timeout(busy_timeout_ms)
-            self.db_id = db_id_of(writer)
-            mode = writer.pragma("journal_mode")
+            out = ffi.new("int64_t *")
+            writer.file_control(_FCNTL_DB_ID, out)
+            self.db_id = int(out[0])
+            mode = writer.query("PRAGMA journal_mode")
+            if mode != "wal" and enable_wal:
+                mode = writer.query("PRAGMA journal_mode=WAL")
             if mode != "wal":
-                raise CaptureError(f"{path}: journal_mode is {mode!r}, not WAL")
+                raise JournalModeError(
+                    f"{path}: journal_mode is {mode!r}, not WAL: replication of it has "
+                    "stopped; run PRAGMA journal_mode=WAL on it to resume"
+                )
             pos = ffi.new("ws_pos *")
-            writer.execute("BEGIN IMMEDIATE")
+            writer.query("BEGIN IMMEDIATE")
             try:
                 if not lib.ws_sync(self.db_id, pos):
                     raise CaptureError(f"{path}: not opened through the walsync VFS")
                 lib.ws_hold(self.db_id, 1)
                 self._held = True
-                self.reader.execute("BEGIN")
-                self.reader.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+                self.reader.query("BEGIN")
+                self.reader.query("SELECT 1 FROM sqlite_schema LIMIT 1")
             finally:
-                writer.execute("ROLLBACK")
+                writer.query("ROLLBACK")
         except BaseException:
             self.close()
             raise
@@ -253,7 +294,7 @@ class SyncPoint:
     def _file(self, op: int) -> object:
         """The reader's own open sqlite3_file for the db (or its WAL): see ws_read()."""
         out = ffi.new("void **")
-        self.reader.file_control("main", op, int(ffi.cast("intptr_t", out)))
+        self.reader.file_control(op, out)
         if out[0] == ffi.NULL:
             raise CaptureError(f"{self.path}: file handle unavailable")
         return out[0]
@@ -337,7 +378,7 @@ class SyncPoint:
             lib.ws_hold(self.db_id, -1)
             self._held = False
         if self.reader.in_transaction:
-            self.reader.execute("COMMIT")
+            self.reader.query("COMMIT")
         self.reader.close()
 
     def __enter__(self) -> SyncPoint:

@@ -74,6 +74,9 @@ class Engine:
         self._next_release = 0.0
         self._stopped = False
         self._sync_pool = Workers(2, "walsync-sync")
+        # The OPEN's worker and the opener's hook both join: one flock attempt at a time, or
+        # the second would find the first's lock and take this process for a follower.
+        self._join_lock = threading.Lock()
         self.compactor = Compactor(
             self._lock, self._cond, RecentCopies(self._spool), self.forget_if_done
         )
@@ -112,7 +115,8 @@ class Engine:
                         db = self._dbs[rec.db_id] = Database(rec.db_id, rec.path)
                     log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
                     db.open = True
-                    db.sync.open_seq = rec.seq  # its opener starts the sync: see await_sync_point
+                    db.sync.open_seq = rec.seq
+                    self._sync_pool.spawn(self._join, db)
                 elif db is None:
                     continue
                 elif rec.kind is Kind.GAP:
@@ -225,6 +229,9 @@ class Engine:
         while not self._stopped:
             try:
                 self._sync(db)
+            except capture.JournalModeError as exc:
+                self._stop(db, exc)
+                return
             except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
                 with self._lock:
                     db.fail(exc)
@@ -233,12 +240,7 @@ class Engine:
                         state.syncing = False
                         self.give_up(db)
                         return
-                    state.retries += 1
-                    delay = RETRY.delay(state.retries)
-                    at = time.monotonic() + delay
-                    heapq.heappush(self._sync_retries, (at, next(self._ticket), db))
-                    if at < self.uploads.wake_at:
-                        self._wake.notify()
+                    delay = self._retry_later(db)
                 log.warning(
                     "walsync: sync of %s failed (retrying in %.1fs): %s",
                     db.path,
@@ -255,7 +257,7 @@ class Engine:
                     state.resync = True
                 for rec in state.take_held():
                     self._append(db, rec)
-                if state.resync:
+                if state.resync or state.pinned_seq < state.open_seq:
                     state.resync = False
                     continue
                 state.syncing = False
@@ -266,6 +268,33 @@ class Engine:
                 self.forget_if_done(db)
                 self._cond.notify_all()
                 return
+
+    def _retry_later(self, db: Database) -> float:
+        """Have the uploader thread start the sync again after a backoff (lock held)."""
+        db.sync.retries += 1
+        delay = RETRY.delay(db.sync.retries)
+        at = time.monotonic() + delay
+        heapq.heappush(self._sync_retries, (at, next(self._ticket), db))
+        if at < self.uploads.wake_at:
+            self._wake.notify()
+        return delay
+
+    def _stop(self, db: Database, exc: capture.JournalModeError) -> None:
+        """A replicated database left WAL mode: say so once (ERROR), make flush() fail at
+        once, and look again with backoff: back in WAL, it resumes in a new generation."""
+        with self._lock:
+            first = not db.stopped
+            db.stopped = True
+            db.fail(exc)
+            db.failures = max(db.failures, FAILING_AFTER)
+            self._cond.notify_all()
+            if db.given_up():
+                db.sync.syncing = False
+                self.give_up(db)
+                return
+            self._retry_later(db)
+        if first:
+            log.error("walsync: %s", db.last_error)
 
     def _resolve(self, db: Database) -> None:
         """Settle the database's knobs, name and client, once."""
@@ -319,6 +348,7 @@ class Engine:
                 lambda seq: self._pinned(db, seq),
                 lambda seq, stored: self._head_at(db, seq, stored),
                 cap,
+                enable_wal=lineage.generation is None,
             )
             head = pinned.head
             if head is None:  # the store was too slow to keep the WAL pinned for it
@@ -348,6 +378,7 @@ class Engine:
                 up.durable_txid = max(up.durable_txid, decision.txid)
             db.failures = 0
             db.last_error = ""
+            db.stopped = False
             self.compactor.synced(db, decision, time.monotonic())
         log.info(
             "walsync: %s -> %s/%s at txid %d (%s)",
@@ -357,6 +388,18 @@ class Engine:
             decision.txid,
             decision.how,
         )
+
+    def _join(self, db: Database) -> bool:
+        """Take part for a newly opened database and start its sync if this process leads it
+        (a worker does it for every OPEN: replication does not wait for a connection hook)."""
+        with self._join_lock:
+            leads = self._host.join(db.db_id, db.path)
+        if not leads:
+            return False  # another process of this host replicates it
+        with self._lock:
+            if db.sync.pinned_seq < db.sync.open_seq and not db.sync.syncing:
+                self._request_sync(db)
+        return True
 
     def await_sync_point(self, db_id: int, timeout: float) -> None:
         """Start the sync of a newly opened database and block its opener until the engine
@@ -372,14 +415,10 @@ class Engine:
             db = self._dbs.get(db_id)
             if db is None:
                 return  # not ours (routed elsewhere) or already forgotten
-        if not self._host.join(db_id, db.path):
-            return  # another process of this host replicates it
+        if not self._join(db):
+            return
         with self._lock:
             state = db.sync
-            if state.pinned_seq < state.open_seq:
-                # Only now: the hook has put the database in WAL mode.  A sync already running
-                # may have pinned before this open; it then goes round once more.
-                self._request_sync(db)
             self._cond.wait_for(
                 lambda: self._stopped or state.pinned_seq >= state.open_seq or db.failures,
                 timeout,

@@ -90,6 +90,7 @@ def pin(
     pinned: Callable[[int], None],
     head_at: Callable[[int, Head | None], Head | None],
     cap: int,
+    enable_wal: bool = False,
 ) -> Pinned:
     """Take a sync point of ``path`` and copy its pages to ``raw``.
 
@@ -100,9 +101,10 @@ def pin(
     from, with every commit up to the sync point in it (the replica's head on a first sync;
     on a resync the lineage's own end, whose commits a gap hid from the stream the WAL may
     still hold).  The sync point is released before any upload: it pins the WAL.
+    ``enable_wal``: see :class:`capture.SyncPoint`.
     """
     fetch = None
-    with capture.SyncPoint(path) as sp:
+    with capture.SyncPoint(path, enable_wal=enable_wal) as sp:
         if fetch_head is not None:
             fetch = fetch_head()
         taken_ns = time.time_ns()

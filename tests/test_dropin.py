@@ -1,0 +1,330 @@
+"""Drop-in semantics: every database a walsync connection writes is replicated, the rest
+(in-memory and temporary databases) passes through, and nothing of walsync's own shows."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+
+import walsync_vfs
+
+
+@pytest.fixture
+def replica(replica_url: str) -> Iterator[str]:
+    walsync_vfs.configure(replica=replica_url, upload_interval=0.0)
+    yield replica_url
+    walsync_vfs.flush(timeout=60)
+    walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
+def dump(con: apsw.Connection, schema: str = "main") -> list[tuple]:
+    tables = [
+        r[0]
+        for r in con.execute(
+            f"SELECT name FROM {schema}.sqlite_schema WHERE type='table' ORDER BY name"
+        )
+    ]
+    return [(t, con.execute(f"SELECT * FROM {schema}.{t} ORDER BY rowid").fetchall()) for t in tables]
+
+
+def restore(url: str, out: Path) -> apsw.Connection:
+    proc = subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out), "--force"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    con = apsw.Connection(str(out))
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    return con
+
+
+def assert_restores(replica: str, path: Path, tmp_path: Path) -> None:
+    walsync_vfs.flush(timeout=60)
+    source = apsw.Connection(str(path))
+    try:
+        expected = dump(source)
+    finally:
+        source.close()
+    out = restore(f"{replica}/{path.name}", tmp_path / f"restored-{path.name}")
+    assert dump(out) == expected
+    out.close()
+
+
+def test_attached_database_is_replicated_under_its_own_name(replica, tmp_path):
+    main, other = tmp_path / "main.db", tmp_path / "other.db"
+    con = apsw.Connection(str(main), vfs="walsync")
+    con.execute(f"ATTACH '{other}' AS o")
+    con.execute("CREATE TABLE t(x); CREATE TABLE o.t(x)")
+    for i in range(5):  # spans both: each restores to its own last commit
+        con.execute(f"BEGIN; INSERT INTO t VALUES({i}); INSERT INTO o.t VALUES({i}); COMMIT")
+    assert con.execute("PRAGMA o.journal_mode").fetchone() == ("wal",)
+    assert {s["name"] for s in walsync_vfs.stats()} >= {"main.db", "other.db"}
+    assert_restores(replica, other, tmp_path)
+    assert_restores(replica, main, tmp_path)
+    con.execute("DETACH o")
+    con.close()
+
+
+def test_memory_and_temporary_databases_pass_through(replica, tmp_path):
+    for name in (":memory:", ""):
+        con = apsw.Connection(name, vfs="walsync")
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+        assert con.execute("SELECT x FROM t").fetchall() == [(1,)]
+        con.close()
+    con = apsw.Connection(str(tmp_path / "temps.db"), vfs="walsync")
+    con.execute("CREATE TEMP TABLE tt(x); INSERT INTO tt VALUES(1); CREATE TABLE t(x)")
+    con.execute("INSERT INTO t SELECT x FROM tt")
+    names = {s["name"] or s["path"] for s in walsync_vfs.stats()}
+    assert "" not in names and ":memory:" not in names
+    assert [s["path"] for s in walsync_vfs.stats() if not s["path"]] == []
+    assert_restores(replica, tmp_path / "temps.db", tmp_path)
+    con.close()
+
+
+def test_leaving_wal_stops_replication_loudly_and_wal_resumes_it(replica, tmp_path, caplog):
+    path = tmp_path / "mode.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    with caplog.at_level(logging.ERROR, logger="walsync_vfs"):
+        assert con.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+        con.execute("INSERT INTO t VALUES(2)")
+        with pytest.raises(walsync_vfs.ReplicationError) as info:
+            walsync_vfs.flush(timeout=30)
+    text = (
+        f"{path}: journal_mode is 'delete', not WAL: replication of it has stopped; "
+        "run PRAGMA journal_mode=WAL on it to resume"
+    )
+    assert str(info.value) == f"replica of {path} is failing: {text}"
+    (state,) = [s for s in walsync_vfs.stats() if s["name"] == "mode.db"]
+    assert state["stopped"] and state["last_error"] == text
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"walsync: {text}"
+    ]
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    con.execute("INSERT INTO t VALUES(3)")
+    assert_restores(replica, path, tmp_path)
+    (state,) = [s for s in walsync_vfs.stats() if s["name"] == "mode.db"]
+    assert not state["stopped"]
+    con.close()
+
+
+class StackedVFS(apsw.VFS):
+    """The usual way to add logging or encryption in apsw: a Python VFS over another."""
+
+    def __init__(self, name: str, base: str) -> None:
+        super().__init__(name, base)
+
+
+def workload(con: apsw.Connection) -> None:
+    con.execute("CREATE TABLE IF NOT EXISTS t(x)")
+    for i in range(20):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    for name in (":memory:", ""):
+        side = apsw.Connection(name)
+        side.execute("CREATE TABLE s(x); INSERT INTO s VALUES(1)")
+        side.close()
+    con.execute("CREATE TEMP TABLE tt(x); INSERT INTO t SELECT 99")
+
+
+def test_python_vfs_stacked_on_walsync(replica, tmp_path):
+    vfs = StackedVFS("stacked", "walsync")
+    path = tmp_path / "stacked.db"
+    con = apsw.Connection(str(path), vfs="stacked")
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    workload(con)
+    assert_restores(replica, path, tmp_path)
+    con.close()
+    vfs.unregister()
+
+
+def test_walsync_as_default_vfs_under_a_python_vfs(replica, tmp_path):
+    apsw.set_default_vfs("walsync")
+    try:
+        vfs = StackedVFS("libvfs", "")  # a library's own VFS, over the default
+        path, other = tmp_path / "default.db", tmp_path / "lib.db"
+        con = apsw.Connection(str(path))
+        workload(con)
+        lib = apsw.Connection(str(other), vfs="libvfs")
+        lib.execute("PRAGMA journal_mode=WAL")
+        workload(lib)
+        assert_restores(replica, path, tmp_path)
+        assert_restores(replica, other, tmp_path)
+        lib.close()
+        con.close()
+        vfs.unregister()
+    finally:
+        apsw.set_default_vfs("unix")
+
+
+def test_cleared_connection_hooks_still_replicate(replica, tmp_path, monkeypatch):
+    monkeypatch.setattr(apsw, "connection_hooks", [])
+    path = tmp_path / "nohook.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    for i in range(10):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    assert_restores(replica, path, tmp_path)
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    con.close()
+
+
+def test_internal_connections_are_invisible(replica, tmp_path):
+    before = set(map(id, apsw.connections()))
+    con = apsw.Connection(str(tmp_path / "mine.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    assert [c for c in apsw.connections() if id(c) not in before] == [con]
+    con.close()
+
+
+# ---------------------------------------------------------------- connection options sweep
+
+
+def _uri(path: Path) -> None:
+    con = apsw.Connection(f"file:{path}?cache=private", flags=_URI_RW, vfs="walsync")
+    con.execute("INSERT INTO t VALUES('uri')")
+    con.close()
+
+
+_URI_RW = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+
+
+def _read_only(path: Path) -> None:
+    for name, flags in (
+        (str(path), apsw.SQLITE_OPEN_READONLY),
+        (f"file:{path}?mode=ro", apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY),
+    ):
+        ro = apsw.Connection(name, flags=flags, vfs="walsync")
+        assert ro.execute("SELECT count(*) FROM t").fetchone()[0] >= 1
+        with pytest.raises(apsw.ReadOnlyError):
+            ro.execute("INSERT INTO t VALUES('no')")
+        ro.close()
+    with apsw.Connection(str(path), vfs="walsync") as con:
+        con.execute("INSERT INTO t VALUES('after ro')")
+
+
+def _immutable(path: Path) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    im = apsw.Connection(
+        f"file:{path}?immutable=1", flags=apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY,
+        vfs="walsync",
+    )  # fmt: skip
+    assert im.execute("SELECT count(*) FROM t").fetchone()[0] >= 1
+    im.close()
+    con.execute("INSERT INTO t VALUES('after immutable')")
+    con.close()
+
+
+def _shared_cache(path: Path) -> None:
+    flags = _URI_RW | apsw.SQLITE_OPEN_SHAREDCACHE
+    a = apsw.Connection(str(path), flags=flags, vfs="walsync")
+    b = apsw.Connection(str(path), flags=flags, vfs="walsync")
+    a.execute("INSERT INTO t VALUES('shared a')")
+    b.execute("INSERT INTO t VALUES('shared b')")
+    b.close()
+    a.close()
+
+
+def _attach_detach(path: Path) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute(f"ATTACH '{path.with_name('side.db')}' AS s; CREATE TABLE s.x(v)")
+    con.execute("INSERT INTO s.x VALUES(1); INSERT INTO t VALUES('attached')")
+    con.execute("DETACH s")
+    con.close()
+
+
+def _temp_tables(path: Path) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TEMP TABLE tt(v); INSERT INTO tt VALUES('temp')")
+    con.execute("INSERT INTO t SELECT v FROM tt")
+    con.close()
+
+
+def _vacuum(path: Path) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("DELETE FROM t WHERE rowid % 2; VACUUM")
+    con.execute("INSERT INTO t VALUES('after vacuum')")
+    con.close()
+
+
+def _vacuum_into(path: Path) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    copy = path.with_name("copy.db")
+    con.execute(f"VACUUM INTO '{copy}'")
+    con.execute("INSERT INTO t VALUES('after vacuum into')")
+    con.close()
+    with apsw.Connection(str(copy)) as c:
+        assert c.execute("SELECT count(*) FROM t").fetchone()[0] >= 1
+
+
+def _backup(path: Path) -> None:
+    source = apsw.Connection(":memory:")
+    source.execute("CREATE TABLE t(v); INSERT INTO t VALUES('from backup')")
+    con = apsw.Connection(str(path), vfs="walsync")
+    with con.backup("main", source, "main") as b:  # into the walsync database
+        b.step()
+    out = apsw.Connection(str(path.with_name("backup-out.db")))
+    with out.backup("main", con, "main") as b:  # and out of it
+        b.step()
+    assert dump(out) == dump(con)
+    con.execute("INSERT INTO t VALUES('after backup')")
+    for c in (out, con, source):
+        c.close()
+
+
+def _page_size(path: Path) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("PRAGMA journal_mode=DELETE; PRAGMA page_size=8192; VACUUM")
+    con.execute("PRAGMA journal_mode=WAL")
+    assert con.execute("PRAGMA page_size").fetchone() == (8192,)
+    con.execute("INSERT INTO t VALUES('after page size')")
+    con.close()
+
+
+def _checkpoints(path: Path) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+        con.execute(f"INSERT INTO t VALUES('{mode}')")
+        con.execute(f"PRAGMA wal_checkpoint({mode})")
+        con.execute(f"INSERT INTO t VALUES('after {mode}')")
+    con.close()
+
+
+def _incremental_vacuum(path: Path) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("PRAGMA auto_vacuum=INCREMENTAL; VACUUM")
+    con.execute("INSERT INTO t SELECT randomblob(5000) FROM t; DELETE FROM t WHERE rowid > 2")
+    con.execute("PRAGMA incremental_vacuum")
+    con.execute("INSERT INTO t VALUES('after incremental vacuum')")
+    con.close()
+
+
+SWEEP: dict[str, Callable[[Path], None]] = {
+    f.__name__.lstrip("_"): f
+    for f in (
+        _uri, _read_only, _immutable, _shared_cache, _attach_detach, _temp_tables, _vacuum,
+        _vacuum_into, _backup, _page_size, _checkpoints, _incremental_vacuum,
+    )
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("op", sorted(SWEEP))
+def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
+    path = tmp_path / f"{op}.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(v); INSERT INTO t VALUES('first'), ('second'), ('third')")
+    walsync_vfs.flush(timeout=30)
+    SWEEP[op](path)
+    con.execute("INSERT INTO t VALUES('last')")
+    assert_restores(replica, path, tmp_path)
+    con.close()
