@@ -245,7 +245,9 @@ class SyncPoint:
     on top of these bytes.
     """
 
-    def __init__(self, path: str, busy_timeout_ms: int = 60_000, *, enable_wal: bool = False) -> None:
+    def __init__(
+        self, path: str, busy_timeout_ms: int = 60_000, *, enable_wal: bool = False
+    ) -> None:
         """``enable_wal``: switch a database in another journal mode to WAL (its first sync
         in this process: an attached database, or one opened without the connection hook);
         otherwise such a database raises :class:`JournalModeError`."""

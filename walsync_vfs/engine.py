@@ -283,9 +283,11 @@ class Engine:
         """A replicated database left WAL mode: say so once (ERROR), make flush() fail at
         once, and look again with backoff: back in WAL, it resumes in a new generation."""
         with self._lock:
-            first = not db.stopped
+            if not db.stopped:  # logged before flush() can raise
+                log.error("walsync: %s", exc)
             db.stopped = True
             db.fail(exc)
+            db.last_error = str(exc)  # already one line saying what to do
             db.failures = max(db.failures, FAILING_AFTER)
             self._cond.notify_all()
             if db.given_up():
@@ -293,8 +295,6 @@ class Engine:
                 self.give_up(db)
                 return
             self._retry_later(db)
-        if first:
-            log.error("walsync: %s", db.last_error)
 
     def _resolve(self, db: Database) -> None:
         """Settle the database's knobs, name and client, once."""
