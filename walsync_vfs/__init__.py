@@ -134,8 +134,11 @@ def _ensure_wal(con: apsw.Connection) -> None:
     the shim starts the engine, whose first sync point switches the database to WAL); it
     raises errors where the application opens the database and holds the opener until the
     sync point is pinned.  In-memory and temporary databases pass through unreplicated.
+    The test is the shim's answer, not ``con.open_vfs``: a VFS stacked on walsync has a
+    name of its own.
     """
-    if con.open_vfs != capture.VFS_NAME or not capture.db_id_of(con):
+    db_id = capture.db_id_of(con)
+    if not db_id:
         return
     engine = _engine_instance()  # before anything changes the database: a ConfigError stops it
     # Sync points hold the write lock for microseconds; without a busy timeout a writer that
@@ -149,7 +152,7 @@ def _ensure_wal(con: apsw.Connection) -> None:
             f"{con.filename or ':memory:'}: walsync needs journal_mode=WAL but SQLite kept "
             f"{mode!r}; open an on-disk database file"
         )
-    engine.await_sync_point(capture.db_id_of(con), SYNC_POINT_WAIT_S)
+    engine.await_sync_point(db_id, SYNC_POINT_WAIT_S)
 
 
 @capture.ffi.callback("void(void)")

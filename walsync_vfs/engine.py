@@ -74,9 +74,6 @@ class Engine:
         self._next_release = 0.0
         self._stopped = False
         self._sync_pool = Workers(2, "walsync-sync")
-        # The OPEN's worker and the opener's hook both join: one flock attempt at a time, or
-        # the second would find the first's lock and take this process for a follower.
-        self._join_lock = threading.Lock()
         self.compactor = Compactor(
             self._lock, self._cond, RecentCopies(self._spool), self.forget_if_done
         )
@@ -198,9 +195,9 @@ class Engine:
 
     def forget_if_done(self, db: Database) -> None:
         """Drop a closed database's state once everything it committed is uploaded."""
-        if db.open or db.busy():
+        if db.open or db.busy() or self._dbs.get(db.db_id) is not db:
             return
-        self._dbs.pop(db.db_id, None)
+        del self._dbs[db.db_id]
         self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
         if self._names.get(db.name) == db.db_id:
@@ -392,11 +389,11 @@ class Engine:
     def _join(self, db: Database) -> bool:
         """Take part for a newly opened database and start its sync if this process leads it
         (a worker does it for every OPEN: replication does not wait for a connection hook)."""
-        with self._join_lock:
-            leads = self._host.join(db.db_id, db.path)
-        if not leads:
-            return False  # another process of this host replicates it
         with self._lock:
+            if self._dbs.get(db.db_id) is not db or not db.open:
+                return False  # closed (and forgotten) before this worker ran
+            if not self._host.join(db.db_id, db.path):
+                return False  # another process of this host replicates it
             if db.sync.pinned_seq < db.sync.open_seq and not db.sync.syncing:
                 self._request_sync(db)
         return True
