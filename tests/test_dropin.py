@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -112,10 +111,9 @@ def test_leaving_wal_stops_replication_loudly_and_wal_resumes_it(replica, tmp_pa
     ]
     assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
     con.execute("INSERT INTO t VALUES(3)")
-    deadline = time.monotonic() + 30  # the stopped sync is retried with backoff (<= 5 s)
-    while any(s["stopped"] for s in walsync_vfs.stats()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert_restores(replica, path, tmp_path)
+    assert_restores(replica, path, tmp_path)  # flush() looks again at once and waits
+    (state,) = [s for s in walsync_vfs.stats() if s["name"] == "mode.db"]
+    assert not state["stopped"] and state["last_error"] == ""
     con.close()
 
 
@@ -176,10 +174,25 @@ def test_internal_connections_are_invisible(replica, tmp_path):
     con.close()
 
 
+def test_replication_without_the_connection_hook(replica, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(apsw, "connection_hooks", [])  # the application's own choice
+    path = tmp_path / "hookless.db"
+    with caplog.at_level(logging.WARNING, logger="walsync_vfs"):
+        con = apsw.Connection(str(path), vfs="walsync")
+        con.set_busy_timeout(10_000)  # the engine switches it to WAL under it
+        workload(con)
+        assert_restores(replica, path, tmp_path)
+        con.execute("INSERT INTO t VALUES('after')")
+        assert_restores(replica, path, tmp_path)
+    assert [r.getMessage() for r in caplog.records] == []
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    con.close()
+
+
 # ---------------------------------------------------------------- connection options sweep
 
 
-def _uri(path: Path) -> None:
+def _uri(path: Path, _open: apsw.Connection) -> None:
     con = apsw.Connection(f"file:{path}?cache=private", flags=_URI_RW, vfs="walsync")
     con.execute("INSERT INTO t VALUES('uri')")
     con.close()
@@ -188,7 +201,7 @@ def _uri(path: Path) -> None:
 _URI_RW = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
 
 
-def _read_only(path: Path) -> None:
+def _read_only(path: Path, _open: apsw.Connection) -> None:
     for name, flags in (
         (str(path), apsw.SQLITE_OPEN_READONLY),
         (f"file:{path}?mode=ro", apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY),
@@ -202,7 +215,7 @@ def _read_only(path: Path) -> None:
         con.execute("INSERT INTO t VALUES('after ro')")
 
 
-def _shared_cache(path: Path) -> None:
+def _shared_cache(path: Path, _open: apsw.Connection) -> None:
     flags = _URI_RW | apsw.SQLITE_OPEN_SHAREDCACHE
     a = apsw.Connection(str(path), flags=flags, vfs="walsync")
     b = apsw.Connection(str(path), flags=flags, vfs="walsync")
@@ -212,7 +225,7 @@ def _shared_cache(path: Path) -> None:
     a.close()
 
 
-def _attach_detach(path: Path) -> None:
+def _attach_detach(path: Path, _open: apsw.Connection) -> None:
     con = apsw.Connection(str(path), vfs="walsync")
     con.execute(f"ATTACH '{path.with_name('side.db')}' AS s; CREATE TABLE s.x(v)")
     con.execute("INSERT INTO s.x VALUES(1); INSERT INTO t VALUES('attached')")
@@ -220,21 +233,48 @@ def _attach_detach(path: Path) -> None:
     con.close()
 
 
-def _temp_tables(path: Path) -> None:
+def _temp_tables(path: Path, _open: apsw.Connection) -> None:
     con = apsw.Connection(str(path), vfs="walsync")
     con.execute("CREATE TEMP TABLE tt(v); INSERT INTO tt VALUES('temp')")
     con.execute("INSERT INTO t SELECT v FROM tt")
     con.close()
 
 
-def _vacuum(path: Path) -> None:
+def _vacuum(path: Path, _open: apsw.Connection) -> None:
     con = apsw.Connection(str(path), vfs="walsync")
     con.execute("DELETE FROM t WHERE rowid % 2; VACUUM")
     con.execute("INSERT INTO t VALUES('after vacuum')")
     con.close()
 
 
-def _backup(path: Path) -> None:
+def _immutable(path: Path, con: apsw.Connection) -> None:
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # immutable=1 reads the file, not the WAL
+    flags = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY
+    ro = apsw.Connection(f"file:{path}?immutable=1", flags=flags, vfs="walsync")
+    assert ro.execute("SELECT count(*) FROM sqlite_schema").fetchone() == (1,)
+    ro.close()
+
+
+def _page_size_vacuum(path: Path, con: apsw.Connection) -> None:
+    """SQLite changes a WAL database's page size only out of WAL, on its only connection:
+    replication stops meanwhile and resumes in a new generation."""
+    assert con.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    con.execute("PRAGMA page_size=8192")
+    con.execute("VACUUM")
+    assert con.execute("PRAGMA page_size").fetchone() == (8192,)
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+
+
+def _vacuum_into(path: Path, _open: apsw.Connection) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    copy = path.with_name("copy.db")
+    con.execute(f"VACUUM INTO '{copy}'")
+    con.close()
+    with apsw.Connection(str(copy)) as out, apsw.Connection(str(path)) as source:
+        assert dump(out) == dump(source)
+
+
+def _backup(path: Path, _open: apsw.Connection) -> None:
     source = apsw.Connection(":memory:")
     source.execute("CREATE TABLE t(v); INSERT INTO t VALUES('from backup')")
     con = apsw.Connection(str(path), vfs="walsync")
@@ -249,7 +289,7 @@ def _backup(path: Path) -> None:
         c.close()
 
 
-def _checkpoints(path: Path) -> None:
+def _checkpoints(path: Path, _open: apsw.Connection) -> None:
     con = apsw.Connection(str(path), vfs="walsync")
     for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
         con.execute(f"INSERT INTO t VALUES('{mode}')")
@@ -258,7 +298,7 @@ def _checkpoints(path: Path) -> None:
     con.close()
 
 
-def _incremental_vacuum(path: Path) -> None:
+def _incremental_vacuum(path: Path, _open: apsw.Connection) -> None:
     con = apsw.Connection(str(path), vfs="walsync")
     con.execute("PRAGMA auto_vacuum=INCREMENTAL; VACUUM")
     con.execute("INSERT INTO t SELECT randomblob(5000) FROM t; DELETE FROM t WHERE rowid > 2")
@@ -267,11 +307,11 @@ def _incremental_vacuum(path: Path) -> None:
     con.close()
 
 
-SWEEP: dict[str, Callable[[Path], None]] = {
+SWEEP: dict[str, Callable[[Path, apsw.Connection], None]] = {
     f.__name__.lstrip("_"): f
     for f in (
-        _uri, _read_only, _shared_cache, _attach_detach, _temp_tables, _vacuum, _backup,
-        _checkpoints, _incremental_vacuum,
+        _uri, _read_only, _immutable, _shared_cache, _attach_detach, _temp_tables, _vacuum,
+        _page_size_vacuum, _vacuum_into, _backup, _checkpoints, _incremental_vacuum,
     )
 }  # fmt: skip
 
@@ -282,7 +322,7 @@ def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
     con = apsw.Connection(str(path), vfs="walsync")
     con.execute("CREATE TABLE t(v); INSERT INTO t VALUES('first'), ('second'), ('third')")
     walsync_vfs.flush(timeout=30)
-    SWEEP[op](path)
+    SWEEP[op](path, con)
     con.execute("INSERT INTO t VALUES('last')")
     assert_restores(replica, path, tmp_path)
     con.close()

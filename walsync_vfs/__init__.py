@@ -138,15 +138,19 @@ def _ensure_wal(con: apsw.Connection) -> None:
     name of its own.
     """
     db_id = capture.db_id_of(con)
-    if not db_id:
-        return
+    if not db_id or con.readonly("main"):
+        return  # a read-only connection (immutable=1 too) commits nothing: nothing to wait for
     engine = _engine_instance()  # before anything changes the database: a ConfigError stops it
     # Sync points hold the write lock for microseconds; without a busy timeout a writer that
     # collides with one would fail at once.  The application may set its own afterwards.
     con.set_busy_timeout(DEFAULT_BUSY_TIMEOUT_MS)
     mode = con.pragma("journal_mode")
     if mode != "wal":
-        mode = con.pragma("journal_mode", "WAL")
+        mode = capture.switch_to_wal(
+            lambda: str(con.pragma("journal_mode", "WAL")),
+            DEFAULT_BUSY_TIMEOUT_MS / 1000,
+            apsw.BusyError,
+        )
     if mode != "wal":
         raise CaptureError(
             f"{con.filename or ':memory:'}: walsync needs journal_mode=WAL but SQLite kept "

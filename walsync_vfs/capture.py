@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -115,6 +116,32 @@ def db_id_of(con: apsw.Connection, schema: str = "main") -> int:
     return int(out[0])
 
 
+class EmptyFileError(CaptureError):
+    """A database file with nothing in it yet: not switched to WAL (its opener may be a
+    ``VACUUM INTO``, which refuses an output file that is not empty)."""
+
+
+class DatabaseLockedError(CaptureError):
+    """Another connection holds the lock an internal connection's statement needs."""
+
+
+def switch_to_wal(switch: Callable[[], str], timeout_s: float, locked: type[Exception]) -> str:
+    """Run ``switch`` (a ``PRAGMA journal_mode=WAL``) again while it raises ``locked``, for
+    up to ``timeout_s``: the pragma upgrades its own read transaction, for which SQLite never
+    calls the busy handler, and the opener and the engine may switch at the same time.
+    Returns the journal mode SQLite kept."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while True:
+        try:
+            return switch()
+        except locked:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(delay)  # no event to wait on: the lock is another connection's
+        delay = min(delay * 2, 0.05)
+
+
 class InternalConnection:
     """A connection of the engine's own, opened through the shim on SQLite's C API: apsw
     neither lists it in ``apsw.connections()`` nor runs ``apsw.connection_hooks`` on it, so
@@ -122,6 +149,7 @@ class InternalConnection:
 
     def __init__(self, path: str, busy_timeout_ms: int) -> None:
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
         err = ffi.new("char[]", _ERR_LEN)
         self._db = lib.ws_conn_open(os.fsencode(path), busy_timeout_ms, err, _ERR_LEN)
         if self._db == ffi.NULL:
@@ -130,9 +158,21 @@ class InternalConnection:
     def query(self, sql: str) -> str:
         """Run one statement; the first column of its first row, as text ('' if none)."""
         out = ffi.new("char[]", _ERR_LEN)
-        if lib.ws_conn_query(self._db, sql.encode(), out, _ERR_LEN) != 0:
-            raise CaptureError(f"{self.path}: {sql}: {ffi.string(out).decode()}")
-        return str(ffi.string(out).decode())
+        rc = lib.ws_conn_query(self._db, sql.encode(), out, _ERR_LEN)
+        text = str(ffi.string(out).decode())
+        if rc & 0xFF == apsw.SQLITE_BUSY:
+            raise DatabaseLockedError(f"{self.path}: {sql}: {text}")
+        if rc != apsw.SQLITE_OK:
+            raise CaptureError(f"{self.path}: {sql}: {text}")
+        return text
+
+    def switch_to_wal(self) -> str:
+        """``PRAGMA journal_mode=WAL`` (see :func:`switch_to_wal`)."""
+        return switch_to_wal(
+            lambda: self.query("PRAGMA journal_mode=WAL"),
+            self.busy_timeout_ms / 1000,
+            DatabaseLockedError,
+        )
 
     def file_control(self, op: int, arg: object) -> None:
         """``sqlite3_file_control`` on the main database (a missing answer leaves ``arg``)."""
@@ -254,6 +294,8 @@ class SyncPoint:
         load()
         self.path = path
         self._held = False
+        if enable_wal and os.path.getsize(path) == 0:
+            raise EmptyFileError(f"{path}: empty")
         self.reader = InternalConnection(path, busy_timeout_ms)
         try:
             writer = InternalConnection(path, busy_timeout_ms)
@@ -266,7 +308,7 @@ class SyncPoint:
             self.db_id = int(out[0])
             mode = writer.query("PRAGMA journal_mode")
             if mode != "wal" and enable_wal:
-                mode = writer.query("PRAGMA journal_mode=WAL")
+                mode = writer.switch_to_wal()
             if mode != "wal":
                 raise JournalModeError(
                     f"{path}: journal_mode is {mode!r}, not WAL: replication of it has "

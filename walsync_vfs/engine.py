@@ -224,10 +224,22 @@ class Engine:
         """
         state = db.sync
         while not self._stopped:
+            with self._lock:
+                if not db.open and db.lineage.generation is None:
+                    # Closed before it ever held a database (a VACUUM INTO output): nothing
+                    # of it to replicate.
+                    state.syncing = False
+                    self.forget_if_done(db)
+                    self._cond.notify_all()
+                    return
             try:
                 self._sync(db)
             except capture.JournalModeError as exc:
                 self._stop(db, exc)
+                return
+            except capture.EmptyFileError:
+                with self._lock:  # look again once its opener has written to it
+                    self._retry_later(db)
                 return
             except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
                 with self._lock:
@@ -292,6 +304,16 @@ class Engine:
                 self.give_up(db)
                 return
             self._retry_later(db)
+
+    def _retry_now(self, db: Database) -> None:
+        """Move the database's sync retry, if one is waiting out its backoff, to now."""
+        waiting = [entry for entry in self._sync_retries if entry[2] is not db]
+        if len(waiting) == len(self._sync_retries):
+            return  # none waiting: its sync is running, or done
+        waiting.append((time.monotonic(), next(self._ticket), db))
+        heapq.heapify(waiting)
+        self._sync_retries[:] = waiting
+        self._wake.notify()
 
     def _resolve(self, db: Database) -> None:
         """Settle the database's knobs, name and client, once."""
@@ -394,8 +416,11 @@ class Engine:
                 return False  # closed (and forgotten) before this worker ran
             if not self._host.join(db.db_id, db.path):
                 return False  # another process of this host replicates it
-            if db.sync.pinned_seq < db.sync.open_seq and not db.sync.syncing:
-                self._request_sync(db)
+            if db.sync.pinned_seq < db.sync.open_seq:
+                if db.sync.syncing:
+                    self._retry_now(db)  # its opener has written to it since an empty look
+                else:
+                    self._request_sync(db)
         return True
 
     def await_sync_point(self, db_id: int, timeout: float) -> None:
@@ -505,6 +530,12 @@ class Engine:
                 for db in self._dbs.values()
                 if (only is None or db.db_id == only) and self._host.leads(db.db_id)
             }
+            for db in self._dbs.values():
+                if db.stopped and db.db_id in marks:
+                    # The shim publishes nothing of a database out of WAL, so no record says
+                    # it is back: look now, and wait for that look rather than fail at once.
+                    db.failures = 0
+                    self._retry_now(db)
             self.uploads.clock.flushers += 1
             now = time.monotonic()
             for db in self._dbs.values():  # all urgent now
