@@ -125,17 +125,31 @@ class Engine:
                     self.forget_if_done(db)
 
     def _hold(self, db: Database, rec: Record) -> None:
-        """Keep a commit that arrived during a sync; past the memory cap, let the next sync
-        point (which comes after it) take it into its snapshot instead."""
-        db.sync.hold(rec)
-        if db.sync.held_bytes > self.settings.memory_cap // 4:
-            log.warning(
-                "walsync: %s: commits held during a sync exceed the memory cap; "
-                "they will be in the next snapshot",
-                db.path,
-            )
-            db.sync.drop_held()
-            self.break_lineage(db)
+        """Keep a commit that arrived during a sync: in memory up to a quarter of the memory
+        cap, then in the spool.  Past the spool's cap the held commits' restore points are
+        given up (and counted): the next sync point, which comes after them, takes them into
+        its snapshot."""
+        state = db.sync
+        if state.held_bytes + len(rec.pages) * rec.page_size <= self.settings.memory_cap // 4:
+            state.hold(rec)
+            return
+        try:
+            state.hold_spooled(rec, self._spool)
+            return
+        except OSError as exc:  # spool full or disk full
+            lost = state.drop_held(self._spool) + 1
+            reason = exc
+        db.lost_restore_points += lost
+        db.errors += 1
+        db.last_error = f"spool: {reason}"
+        log.warning(
+            "walsync: %s: commits held during a sync passed the spool cap (%s); %d restore "
+            "points lost, their commits will be in the next snapshot",
+            db.path,
+            reason,
+            lost,
+        )
+        self.break_lineage(db)
 
     def break_lineage(self, db: Database) -> None:
         """Commits were dropped: nothing may be appended to the lineage any more, and the
@@ -190,7 +204,7 @@ class Engine:
         """
         log.error("walsync: giving up on %s after it closed: %s", db.path, db.last_error)
         self.uploads.discard(db)
-        db.sync.drop_held()
+        db.sync.drop_held(self._spool)
         self.forget_if_done(db)
 
     def forget_if_done(self, db: Database) -> None:
@@ -262,9 +276,9 @@ class Engine:
                 if state.broken:  # commits dropped while this round ran: go round afresh
                     state.broken = False
                     db.lineage.checksum = None
-                    state.drop_held()
+                    state.drop_held(self._spool)
                     state.resync = True
-                for rec in state.take_held():
+                for rec in state.take_held(self._spool):
                     self._append(db, rec)
                 if state.resync or state.pinned_seq < state.open_seq:
                     state.resync = False
@@ -340,7 +354,7 @@ class Engine:
         up to the sync point, which still belong to it, are applied (see sync.pin)."""
         capture.dispatcher().barrier()
         with self._lock:
-            for rec in db.sync.take_held(seq):
+            for rec in db.sync.take_held(self._spool, seq):
                 self._append(db, rec)
             return db.lineage.head(stored)
 
