@@ -326,3 +326,59 @@ def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
     con.execute("INSERT INTO t VALUES('last')")
     assert_restores(replica, path, tmp_path)
     con.close()
+
+
+# ---------------------------------------------------------------- errors a user can hit
+
+
+@pytest.mark.parametrize(
+    ("options", "kind", "text"),
+    [
+        (
+            {"upload_intervall": 1.0},
+            walsync_vfs.config.UnknownKeyError,
+            "configure(): unknown key 'upload_intervall'; known: compact_segments, "
+            "max_segment_bytes, name, replica, retention, snapshot_interval, upload_burst, "
+            "upload_interval",
+        ),
+        (
+            {"upload_interval": "fast"},
+            walsync_vfs.ConfigError,
+            "configure(): upload_interval must be a float, got 'fast'",
+        ),
+        (
+            {"memory_cap": "big"},
+            walsync_vfs.ConfigError,
+            "configure(): memory_cap must be a positive integer, got 'big'",
+        ),
+        (
+            {"spool_dir": 3},
+            walsync_vfs.ConfigError,
+            "configure(): spool_dir must be a directory path, got 3",
+        ),
+        (
+            {"replica": "ftp://host/x"},
+            walsync_vfs.StorageError,
+            "invalid replica URL 'ftp://host/x': unsupported scheme 'ftp'; use "
+            "file:///absolute/dir, a directory path, or s3://bucket/optional/prefix",
+        ),
+    ],
+)
+def test_configure_errors_are_walsync_errors_saying_what_to_do(replica, options, kind, text):
+    with pytest.raises(kind) as info:
+        walsync_vfs.configure(**options)
+    assert type(info.value) is kind and str(info.value) == text
+    walsync_vfs.flush(timeout=30)  # the settings before the call still apply
+
+
+def test_a_flush_out_of_time_is_a_walsync_timeout_saying_what_to_do(replica, tmp_path):
+    con = apsw.Connection(str(tmp_path / "late.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    with pytest.raises(walsync_vfs.FlushTimeoutError) as info:
+        walsync_vfs.flush(timeout=-1)
+    assert str(info.value) == (
+        "flush timed out before the capture thread handed over every commit; give "
+        "flush() more time"
+    )
+    assert isinstance(info.value, TimeoutError)
+    con.close()

@@ -18,10 +18,28 @@ import apsw
 
 from walsync_vfs import capture, metrics, storage
 from walsync_vfs.capture import CaptureError
-from walsync_vfs.config import ConfigError, Settings, check_knob, initial_settings, load_file
+from walsync_vfs.config import (
+    ConfigError,
+    Settings,
+    check_knob,
+    check_process_option,
+    initial_settings,
+    load_file,
+)
 from walsync_vfs.engine import Engine, ReplicationError
+from walsync_vfs.errors import FlushTimeoutError
+from walsync_vfs.storage import StorageError
 
-__all__ = ["CaptureError", "ConfigError", "ReplicationError", "configure", "flush", "stats"]
+__all__ = [
+    "CaptureError",
+    "ConfigError",
+    "FlushTimeoutError",
+    "ReplicationError",
+    "StorageError",
+    "configure",
+    "flush",
+    "stats",
+]
 
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 SYNC_POINT_WAIT_S = 10.0
@@ -59,12 +77,9 @@ def configure(
     knobs: dict[str, Any] = {}
     for key, value in options.items():
         if key in _PROCESS_OPTIONS:
-            setattr(new, key, value)
+            setattr(new, key, check_process_option("configure()", key, value))
         else:
-            try:
-                knobs[key] = check_knob("configure()", key, value)
-            except ValueError as exc:
-                raise (TypeError if "unknown key" in str(exc) else ValueError)(str(exc)) from None
+            knobs[key] = check_knob("configure()", key, value)
     if replica is not None:
         if replica:  # "" goes back to $WALSYNC_REPLICA or the default
             storage.open_replica(replica, **new.client_options)  # malformed URLs fail here

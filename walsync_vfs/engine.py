@@ -34,7 +34,7 @@ from walsync_vfs.capture import Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
-from walsync_vfs.errors import ReplicationError
+from walsync_vfs.errors import FlushTimeoutError, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
 from walsync_vfs.lineage import Head, decide, read_head
 from walsync_vfs.recent import RecentCopies
@@ -537,7 +537,13 @@ class Engine:
 
     def _flush(self, deadline: float | None, only: int | None = None) -> None:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        capture.dispatcher().barrier(left if left is not None else 60.0)
+        try:
+            capture.dispatcher().barrier(left if left is not None else 60.0)
+        except TimeoutError:
+            raise FlushTimeoutError(
+                "flush timed out before the capture thread handed over every commit; give "
+                "flush() more time"
+            ) from None
         with self._lock:
             marks = {
                 db.db_id: db.upload.seen_seq
@@ -572,7 +578,11 @@ class Engine:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         names = ", ".join(db.path for db in waiting)
-                        raise TimeoutError(f"flush timed out; not yet replicated: {names}")
+                        raise FlushTimeoutError(
+                            f"flush timed out; not yet replicated: {names}; see "
+                            "walsync_vfs.stats() for their lag and last_error, or give "
+                            "flush() more time"
+                        )
                     self._cond.wait(left if left is not None else 1.0)
             finally:
                 self.uploads.clock.flushers -= 1

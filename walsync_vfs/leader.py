@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from walsync_vfs.capture import ffi, lib
+from walsync_vfs.errors import FlushTimeoutError
 
 log = logging.getLogger("walsync_vfs")
 
@@ -153,7 +154,10 @@ class Host:
                 return False
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError("flush timed out waiting for the leader")
+                raise FlushTimeoutError(
+                    "flush timed out waiting for the process that replicates the database; "
+                    "give flush() more time"
+                )
             leader_db = ffi.new("int64_t *")
             addr = ffi.new("char[64]")
             if not lib.ws_leader(db_id, leader_db, addr):
@@ -178,7 +182,7 @@ class Host:
             if waiter.status == _OK:
                 return True
             if waiter.status == _TIMEOUT:
-                raise TimeoutError(waiter.text)
+                raise FlushTimeoutError(waiter.text)
             raise LeaderError(waiter.text)
 
     def _answer(self, req: int, db_id: int, timeout: float, sender: bytes) -> None:
