@@ -1518,6 +1518,17 @@ void ws_wake(void) {
   pthread_mutex_unlock(&gMutex);
 }
 
+/* How many databases this process has open through the VFS: with none, the
+** consumer may end (the next first open starts one again, see ws_on_open). */
+int ws_open_count(void) {
+  int64_t i;
+  int n = 0;
+  pthread_mutex_lock(&gMutex);
+  for (i = 0; i < gnDb; i++) n += gaDb[i]->nRef > 0;
+  pthread_mutex_unlock(&gMutex);
+  return n;
+}
+
 static void freeRecord(ws_rec *r) {
   free(r->aFrames);
   free(r->pIndex);

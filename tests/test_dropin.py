@@ -382,3 +382,36 @@ def test_a_flush_out_of_time_is_a_walsync_timeout_saying_what_to_do(replica, tmp
     )
     assert isinstance(info.value, TimeoutError)
     con.close()
+
+
+LAST_CLOSE = """
+import sys, threading
+import apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], upload_interval=0.0)
+for round in range(2):  # the second open starts what the first close ended
+    con = apsw.Connection(sys.argv[1], vfs="walsync")
+    con.execute("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=60)
+    con.close()
+    walsync_vfs.flush(timeout=60)
+    for t in threading.enumerate():
+        if t.name.startswith("walsync"):
+            t.join(timeout=30)
+    print(sorted(t.name for t in threading.enumerate() if t is not threading.main_thread()))
+print(walsync_vfs.stats())
+"""
+
+
+def test_no_thread_outlives_the_last_close(replica_url, tmp_path):
+    path = tmp_path / "last.db"
+    proc = subprocess.run(
+        [sys.executable, "-c", LAST_CLOSE, str(path), replica_url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]", "[]", "[]"]
+    out = restore(f"{replica_url}/last.db", tmp_path / "restored.db")
+    assert dump(out) == [("t", [(1,), (1,)])]
+    out.close()

@@ -177,13 +177,15 @@ def _ensure_wal(con: apsw.Connection) -> None:
 @capture.ffi.callback("void(void)")
 def _on_first_open() -> None:
     """Called by the shim after a database's first open: start the engine (if the connection
-    hook was cleared, nothing else would).  A bad config file is logged here and raised by
-    the hook, or by the next flush(), stats() or configure()."""
-    if _engine is None:
-        try:
-            _engine_instance()
-        except Exception as exc:  # noqa: BLE001 - C cannot take it: say it loudly
-            capture.log.error("walsync: replication not started: %s", exc)
+    hook was cleared, nothing else would) and the consumer, which ends while no database is
+    open.  A bad config file is logged here and raised by the hook, or by the next flush(),
+    stats() or configure()."""
+    try:
+        _engine_instance()
+    except Exception as exc:  # noqa: BLE001 - C cannot take it: say it loudly
+        capture.log.error("walsync: replication not started: %s", exc)
+        return
+    capture.dispatcher()
 
 
 capture.load()

@@ -448,6 +448,9 @@ class Dispatcher:
     one :class:`Batch` with its databases' records, each database's in commit order.  A
     database's sink is chosen when its OPEN record arrives: a sink routed to its path, else
     :attr:`default` (the replication engine), else the records are dropped.
+
+    With no database open in the process (and no route or barrier waiting) the thread ends:
+    the next first open starts another (see :func:`dispatcher`).
     """
 
     def __init__(self, default: Sink | None = None) -> None:
@@ -457,6 +460,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._requested = self._served = 0  # barrier bookkeeping
+        self._retired = False  # its thread ended: barriers go to the next dispatcher
         self._thread = threading.Thread(target=self._run, name="walsync-capture", daemon=True)
         self._thread.start()
 
@@ -478,11 +482,14 @@ class Dispatcher:
     def barrier(self, timeout: float = 10.0) -> None:
         """Return once every record queued before the call has been handed to its sink."""
         with self._cond:
-            self._requested += 1
-            target = self._requested
-            wake()
-            if not self._cond.wait_for(lambda: self._served >= target, timeout):
-                raise TimeoutError("capture dispatcher did not drain in time")
+            if not self._retired:
+                self._requested += 1
+                target = self._requested
+                wake()
+                if not self._cond.wait_for(lambda: self._served >= target, timeout):
+                    raise TimeoutError("capture dispatcher did not drain in time")
+                return
+        dispatcher().barrier(timeout)
 
     def _route(self, groups: list) -> dict[Sink, Batch]:
         """Each database's records to its sink; an OPEN in the drain (re)chooses it."""
@@ -509,26 +516,49 @@ class Dispatcher:
             # waking this thread, so a busy writer pays one wake-up per LINGER, not per
             # commit.  Idle, the thread blocks in C and costs nothing.
             idle = requested == self._served
-            groups = drain(None if idle else 0, LINGER if idle else 0)
-            for sink, batch in self._route(groups).items():
-                try:
-                    sink(batch)
-                except Exception:  # a sink's bug must not stop capture for every database
-                    log.exception("walsync: capture sink failed")
-                finally:
-                    batch.release()
+            if idle and lib.ws_open_count() == 0 and self._retire():
+                return
+            self._hand_over(drain(None if idle else 0, LINGER if idle else 0))
             with self._cond:
                 self._served = requested
                 self._cond.notify_all()
 
+    def _hand_over(self, groups: list) -> None:
+        for sink, batch in self._route(groups).items():
+            try:
+                sink(batch)
+            except Exception:  # a sink's bug must not stop capture for every database
+                log.exception("walsync: capture sink failed")
+            finally:
+                batch.release()
+
+    def _retire(self) -> bool:
+        """End this consumer if nothing can need it: records published before this look are
+        handed over first (then it stays), later ones go to the dispatcher the first open
+        that published them starts."""
+        global _dispatcher
+        with _load_lock:
+            groups = drain(0)
+            if not groups:
+                with self._lock:
+                    if self._by_path or self._requested != self._served:
+                        return False
+                    self._retired = True
+                if _dispatcher is self:
+                    _dispatcher = None
+                return True
+        self._hand_over(groups)
+        return False
+
 
 _dispatcher: Dispatcher | None = None
+_default_sink: Sink | None = None  # outlives a retired dispatcher
 
 
 def _forget_dispatcher_in_child() -> None:
     """A forked child has no consumer thread (the shim forgot the parent's queue too)."""
-    global _dispatcher, _load_lock
-    _dispatcher = None
+    global _dispatcher, _default_sink, _load_lock
+    _dispatcher = _default_sink = None
     _load_lock = threading.Lock()
 
 
@@ -539,10 +569,12 @@ def dispatcher(default: Sink | None = None) -> Dispatcher:
     """The process-wide :class:`Dispatcher`, started on first use.  A ``default`` sink given
     here receives every database whose OPEN the dispatcher routes from now on, including
     OPENs queued before it started."""
-    global _dispatcher
+    global _dispatcher, _default_sink
     with _load_lock:
+        if default is not None:
+            _default_sink = default
         if _dispatcher is None:
-            _dispatcher = Dispatcher(default)
+            _dispatcher = Dispatcher(_default_sink)
         elif default is not None:
             _dispatcher.set_default(default)
         return _dispatcher

@@ -80,8 +80,7 @@ class Engine:
         self.uploads = Uploader(
             settings, self._lock, (self._cond, self._wake), self._spool, self, self.compactor
         )
-        self._thread = threading.Thread(target=self._loop, name="walsync-upload", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # runs while a database is kept
         self._host = Host(self._promote, self._flush_for_follower)
 
     def database(self, path: str) -> Database | None:
@@ -110,6 +109,7 @@ class Engine:
                 elif rec.kind is Kind.OPEN:
                     if db is None:
                         db = self._dbs[rec.db_id] = Database(rec.db_id, rec.path)
+                        self._ensure_thread()
                     log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
                     db.open = True
                     db.sync.open_seq = rec.seq
@@ -123,6 +123,12 @@ class Engine:
                     log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)
                     db.open = False
                     self.forget_if_done(db)
+
+    def _ensure_thread(self) -> None:
+        """Start the uploader thread if it ended (lock held)."""
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._loop, name="walsync-upload", daemon=True)
+            self._thread.start()
 
     def _hold(self, db: Database, rec: Record) -> None:
         """Keep a commit that arrived during a sync: in memory up to a quarter of the memory
@@ -217,6 +223,8 @@ class Engine:
         if self._names.get(db.name) == db.db_id:
             del self._names[db.name]
         self._cond.notify_all()
+        if not self._dbs:
+            self._wake.notify()  # the uploader thread ends
 
     # ------------------------------------------------------------------- sync side
 
@@ -471,6 +479,9 @@ class Engine:
             with self._lock:
                 if self._stopped:
                     return
+                if not self._dbs and not self._sync_retries and not uploads.freed:
+                    self._thread = None  # nothing kept: the next OPEN starts another
+                    return
                 now = time.monotonic()
                 if uploads.freed and now >= self._next_release:
                     uploads.freed = False
@@ -606,7 +617,8 @@ class Engine:
             self._cond.notify_all()
             self._wake.notify()
         self._host.stop()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self.uploads.pool.shutdown(wait=True)
         self.compactor.pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel=True)

@@ -89,8 +89,13 @@ class Host:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind("\0" + self.addr)
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="walsync-host", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # runs while a database is joined
+
+    def _ensure_thread(self) -> None:
+        """Start the thread if it ended (lock held)."""
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._run, name="walsync-host", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------------ roles
 
@@ -98,6 +103,7 @@ class Host:
         """Take part for a newly opened database; True if this process leads it."""
         with self._lock:
             db = self._dbs.setdefault(db_id, _Db(path))
+            self._ensure_thread()
         return db.role == ROLE_LEAD or self._try_lead(db_id, db)
 
     def leads(self, db_id: int) -> bool:
@@ -201,6 +207,10 @@ class Host:
     def _run(self) -> None:
         next_takeover = next_poll = 0.0
         while not self._stopped:
+            with self._lock:
+                if not self._dbs and not self._waiters:
+                    self._thread = None  # nothing joined: the next join starts another
+                    return
             now = time.monotonic()
             if now >= next_takeover:
                 next_takeover = now + TAKEOVER_CHECK
