@@ -34,14 +34,15 @@ def dump(con: apsw.Connection, schema: str = "main") -> list[tuple]:
     return [(t, con.execute(rows.format(schema, t)).fetchall()) for t in tables]
 
 
-def restore(url: str, out: Path) -> apsw.Connection:
-    proc = subprocess.run(
-        [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out), "--force"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def python(*args: str) -> subprocess.CompletedProcess[str]:
+    """This Python in a fresh process; it must succeed."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def restore(url: str, out: Path) -> apsw.Connection:
+    python("-m", "walsync_vfs", "restore", url, "-o", str(out), "--force")
     con = apsw.Connection(str(out))
     assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     return con
@@ -407,13 +408,7 @@ print(walsync_vfs.stats())
 
 def test_no_thread_outlives_the_last_close(replica_url, tmp_path):
     path = tmp_path / "last.db"
-    proc = subprocess.run(
-        [sys.executable, "-c", LAST_CLOSE, str(path), replica_url],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = python("-c", LAST_CLOSE, str(path), replica_url)
     assert proc.stdout.splitlines() == ["[]", "[]", "[]"]
     out = restore(f"{replica_url}/last.db", tmp_path / "restored.db")
     assert dump(out) == [("t", [(1,), (1,)])]
