@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import apsw
 import pytest
 
 import walsync_vfs
+from walsync_vfs import capture, catalog, storage
 
 
 @pytest.fixture
@@ -41,8 +43,9 @@ def python(*args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def restore(url: str, out: Path) -> apsw.Connection:
-    python("-m", "walsync_vfs", "restore", url, "-o", str(out), "--force")
+def restore(url: str, out: Path, txid: int | None = None) -> apsw.Connection:
+    at = ["--txid", str(txid)] if txid is not None else []
+    python("-m", "walsync_vfs", "restore", url, "-o", str(out), "--force", *at)
     con = apsw.Connection(str(out))
     assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     return con
@@ -413,3 +416,92 @@ def test_no_thread_outlives_the_last_close(replica_url, tmp_path):
     out = restore(f"{replica_url}/last.db", tmp_path / "restored.db")
     assert dump(out) == [("t", [(1,), (1,)])]
     out.close()
+
+
+# ---------------------------------------------------------------- commits held during a sync
+
+
+class GatedStore:
+    """The replica's client, each call waiting for ``gate``: a sync started while it is shut
+    cannot finish, so every commit made meanwhile is held."""
+
+    def __init__(self, client: object) -> None:
+        self._client = client
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str) -> object:
+        call = getattr(self._client, name)
+
+        def gated(*args: object, **kwargs: object) -> object:
+            self.gate.wait(60)
+            return call(*args, **kwargs)
+
+        return gated
+
+
+@pytest.fixture
+def gated(replica_url: str) -> Iterator[GatedStore]:
+    walsync_vfs.configure(replica=replica_url, upload_interval=0.0, memory_cap=64 << 10)
+    engine = walsync_vfs._engine_instance()
+    store = GatedStore(storage.open_replica(replica_url))
+    engine._clients[replica_url] = store  # the engine's client for that root from now on
+    yield store
+    store.gate.set()
+    walsync_vfs.flush(timeout=60)
+    engine._clients.pop(replica_url)
+    walsync_vfs.configure(replica="", upload_interval=1.0, memory_cap=64 << 20, spool_cap=1 << 30)
+
+
+def reopen_behind_a_shut_gate(path: Path, store: GatedStore) -> apsw.Connection:
+    """A reopened database syncs again; behind the shut gate that sync cannot finish."""
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    store.gate.clear()
+    return apsw.Connection(str(path), vfs="walsync")
+
+
+def state_of(name: str) -> dict:
+    (state,) = [s for s in walsync_vfs.stats() if s["name"] == name]
+    return state
+
+
+def test_commits_held_during_a_sync_keep_their_restore_points_in_the_spool(gated, tmp_path):
+    con = reopen_behind_a_shut_gate(tmp_path / "held.db", gated)
+    for _ in range(40):  # 40 x 3000 bytes: past a quarter of the 64 KiB memory cap
+        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
+    capture.dispatcher().barrier(10)  # the engine has seen every commit
+    engine = walsync_vfs._engine_instance()
+    assert state_of("held.db")["syncing"] and engine._spool.used > 0
+    gated.gate.set()
+    walsync_vfs.flush(timeout=120)
+    assert engine._spool.used == 0 and state_of("held.db")["lost_restore_points"] == 0
+    url = walsync_vfs._settings.defaults.replica
+    (gen,) = catalog.generations(storage.open_replica(url), "held.db")
+    for back in (0, 1, 20):  # every held commit is a restore point of its own
+        out = restore(f"{url}/held.db", tmp_path / f"r{back}.db", gen.last_txid - back)
+        assert dump(out) == [("t", dump(con)[0][1][: 40 - back])]
+        out.close()
+    con.close()
+
+
+def test_held_commits_past_the_spool_cap_are_counted_as_lost_restore_points(gated, tmp_path):
+    walsync_vfs.configure(spool_cap=40_000)  # room for a few held commits, not for 40
+    con = reopen_behind_a_shut_gate(tmp_path / "lost.db", gated)
+    for _ in range(40):
+        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
+    capture.dispatcher().barrier(10)
+    state = state_of("lost.db")
+    assert state["lost_restore_points"] > 0
+    assert state["last_error"] == "spool: spool cap of 40000 bytes reached"
+    gated.gate.set()
+    walsync_vfs.flush(timeout=120)
+    assert state_of("lost.db")["lost_restore_points"] == state["lost_restore_points"]
+    url = walsync_vfs._settings.defaults.replica
+    out = restore(f"{url}/lost.db", tmp_path / "r.db")
+    assert dump(out) == dump(con)
+    assert len(catalog.generations(storage.open_replica(url), "lost.db")) == 2
+    out.close()
+    con.close()

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import walsync_vfs
-from walsync_vfs import capture, catalog, format, storage
+from walsync_vfs import catalog, format, storage
 from walsync_vfs.config import Settings
 from walsync_vfs.restore import RestoreError, plan
 from walsync_vfs.spool import Outgoing, Spool
@@ -429,59 +429,3 @@ def test_planner_gives_a_chain_or_a_clean_error(entries, target):
         expected = seg.last_txid + 1
     if target is not None:
         assert p.snapshot.last_txid <= target < expected
-
-
-def reopen_during_an_outage(path: Path, stopped_store) -> apsw.Connection:
-    """A reopened database syncs again: with the store stopped, that sync cannot finish, and
-    every commit made meanwhile is held."""
-    con = apsw.Connection(str(path), vfs="walsync")
-    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-    walsync_vfs.flush(timeout=30)
-    con.close()
-    stopped_store.stop()
-    return apsw.Connection(str(path), vfs="walsync")
-
-
-def state_of(name: str) -> dict:
-    (state,) = [s for s in walsync_vfs.stats() if s["name"] == name]
-    return state
-
-
-def test_commits_held_during_a_sync_keep_their_restore_points_in_the_spool(
-    s3_replica, stopped_store, tmp_path
-):
-    con = reopen_during_an_outage(tmp_path / "held.db", stopped_store)
-    for _ in range(40):  # 40 x 3000 bytes: past a quarter of the 64 KiB memory cap
-        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
-    capture.dispatcher().barrier(10)  # the engine has seen every commit
-    engine = walsync_vfs._engine_instance()
-    assert state_of("held.db")["syncing"] and engine._spool.used > 0
-    stopped_store.resume()
-    walsync_vfs.flush(timeout=120)
-    assert engine._spool.used == 0 and state_of("held.db")["lost_restore_points"] == 0
-    (gen,) = catalog.generations(storage.open_replica(s3_replica), "held.db")
-    for back in (0, 1, 20):  # every held commit is a restore point of its own
-        out = restored(f"{s3_replica}/held.db", tmp_path / f"r{back}.db", gen.last_txid - back)
-        assert rows(out) == rows(con)[: 40 - back]
-        out.close()
-    con.close()
-
-
-def test_held_commits_past_the_spool_cap_are_counted_as_lost_restore_points(
-    s3_replica, stopped_store, tmp_path
-):
-    walsync_vfs.configure(spool_cap=40_000)  # room for a few held commits, not for 40
-    con = reopen_during_an_outage(tmp_path / "lost.db", stopped_store)
-    for _ in range(40):
-        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
-    capture.dispatcher().barrier(10)
-    state = state_of("lost.db")
-    assert state["lost_restore_points"] > 0
-    assert state["last_error"] == "spool: spool cap of 40000 bytes reached"
-    stopped_store.resume()
-    walsync_vfs.flush(timeout=120)
-    assert state_of("lost.db")["lost_restore_points"] == state["lost_restore_points"]
-    out = restored(f"{s3_replica}/lost.db", tmp_path / "r.db")
-    assert rows(out) == rows(con)
-    assert len(catalog.generations(storage.open_replica(s3_replica), "lost.db")) == 2
-    con.close()
