@@ -53,6 +53,13 @@ int ws_role(int64_t db_id, int role, const char *addr);
 int ws_own_pos(int64_t db_id, ws_pos *out);
 int ws_leader(int64_t db_id, int64_t *leader_db_id, char *addr);
 void ws_beat(int64_t db_id);
+void ws_on_open(void (*cb)(void));
+int ws_open_count(void);
+void *ws_conn_open(const char *path, int busy_ms, char *err, int nerr);
+int ws_conn_query(void *db, const char *sql, char *out, int nout);
+int ws_conn_fcntl(void *db, int op, void *arg);
+int ws_conn_in_txn(void *db);
+void ws_conn_close(void *db);
 """
 
 ffibuilder = FFI()

@@ -149,6 +149,12 @@ struct WsDb {
   int eRole;                 /* WS_ROLE_*: whether this process replicates the db */
   uint32_t own[3];           /* follower: salt1, salt2, frame end of its last commit */
   int64_t lastNotify;        /* follower: CLOCK_MONOTONIC ns of its last notification */
+  /* Mirror of the WAL bytes written since the last publish.  One per database,
+  ** not per WAL handle: only the holder of the WAL write lock writes the WAL,
+  ** and a WAL handle opened through a VFS stacked on this one is not linked to
+  ** its main-db handle by anything but its name. */
+  unsigned char *aBuf;
+  sqlite3_int64 iStart, nBuf, nAlloc;
 };
 
 /* What ws_sync() reports: the last seq, and the WAL holding the state at it. */
@@ -166,15 +172,10 @@ struct WsFile {
   sqlite3_file *pReal; /* the lower file, allocated right after this struct */
   int eType;           /* WSF_MAIN, WSF_WAL or WSF_OTHER */
   WsDb *pDb;           /* MAIN and WAL: the database */
-  WsFile *pMain;       /* WAL: the main-db file of the same connection */
-  WsFile *pWal;        /* MAIN: this connection's open WAL, if any */
   int bInCkpt;         /* MAIN: between CKPT_START and CKPT_DONE */
   int bRestart;        /* MAIN: holds the lock SQLite restarts the WAL under */
   int bShm;            /* MAIN: has the wal-index mapped (counted in nShm) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
-  /* WAL: mirror of the bytes written since the last publish. */
-  unsigned char *aBuf;
-  sqlite3_int64 iStart, nBuf, nAlloc;
 };
 #define WSF_OTHER 0
 #define WSF_MAIN 1
@@ -745,7 +746,7 @@ gap:
 }
 
 /*
-** Publish the committed transaction held in pWal's mirror, if any, and reset
+** Publish the committed transaction held in pDb's mirror, if any, and reset
 ** the mirror.  Called with the WAL write lock still held (or, in EXCLUSIVE
 ** locking mode, by the only connection), so pDb's chain state is ours alone.
 **
@@ -759,15 +760,14 @@ gap:
 ** over every frame and turns the record into a GAP unless it ends exactly at
 ** that checksum, so nothing unverified is ever handed to Python.
 */
-static void publishLocked(WsFile *pWal, const unsigned char *a, sqlite3_int64 nBuf);
+static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf);
 
-static void publishPending(WsFile *pWal) {
-  WsDb *pDb = pWal->pDb;
-  const unsigned char *a = pWal->aBuf;
-  sqlite3_int64 nBuf = pWal->nBuf;
+static void publishPending(WsDb *pDb) {
+  const unsigned char *a = pDb->aBuf;
+  sqlite3_int64 nBuf = pDb->nBuf;
 
-  pWal->nBuf = 0;
-  if (nBuf == 0 || !pDb) return;
+  pDb->nBuf = 0;
+  if (nBuf == 0) return;
   if (pDb->eRole == WS_ROLE_FOLLOW) {
     uint32_t s1, s2, mx;
     if (shmHeader(pDb, &s1, &s2, &mx) && (mx != pDb->own[2] || s1 != pDb->own[0] || s2 != pDb->own[1])) {
@@ -779,32 +779,31 @@ static void publishPending(WsFile *pWal) {
     return;
   }
   pthread_mutex_lock(&pDb->mu);
-  publishLocked(pWal, a, nBuf);
+  publishLocked(pDb, a, nBuf);
   pthread_mutex_unlock(&pDb->mu);
 }
 
-static void publishLocked(WsFile *pWal, const unsigned char *a, sqlite3_int64 nBuf) {
-  WsDb *pDb = pWal->pDb;
+static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf) {
   sqlite3_int64 off = 0, f0Off;
   uint32_t endCk[2] = {0, 0}, f0, i, nCommit = 0, dbSize = 0, szFrame;
   WsChain c;
   ws_rec *r;
   if (!pDb->c.bKnown) return;
-  if (pWal->iStart != 0 && pDb->pShm) {
+  if (pDb->iStart != 0 && pDb->pShm) {
     /* Frames other processes committed since our last publish come first. */
     uint32_t s1, s2, mx;
     WsChain k = pDb->c;
     if (k.bHdr && shmHeader(pDb, &s1, &s2, &mx)) {
       szFrame = FRAME_HDR + k.szPage;
-      if ((pWal->iStart - WAL_HDR) % szFrame == 0 &&
-          catchUp(pDb, s1, s2, (uint32_t)((pWal->iStart - WAL_HDR) / szFrame))) {
+      if ((pDb->iStart - WAL_HDR) % szFrame == 0 &&
+          catchUp(pDb, s1, s2, (uint32_t)((pDb->iStart - WAL_HDR) / szFrame))) {
         return;
       }
     }
   }
 
   c = pDb->c;
-  if (pWal->iStart == 0) {
+  if (pDb->iStart == 0) {
     /* WAL restart: a new header.  SQLite steps salt-1 by one per restart:
     ** once here, or once per TRUNCATE checkpoint of ours.  Rewriting the
     ** header of a WAL without frames (after recovery of a crashed first
@@ -822,7 +821,7 @@ static void publishLocked(WsFile *pWal, const unsigned char *a, sqlite3_int64 nB
     reportGap(pDb);
     return;
   }
-  f0Off = pWal->iStart + off;
+  f0Off = pDb->iStart + off;
   szFrame = FRAME_HDR + c.szPage;
   if ((f0Off - WAL_HDR) % szFrame) {
     reportGap(pDb);
@@ -1080,13 +1079,13 @@ static void checkRestart(WsFile *pWal) {
 
 /* The page size of the frames being mirrored: from the header in the mirror
 ** if the WAL restarts in it, else from the chain; 0 if not known. */
-static uint32_t mirrorPageSize(const WsFile *p) {
+static uint32_t mirrorPageSize(const WsDb *p) {
   if (p->iStart == 0 && p->nBuf >= WAL_HDR) {
     uint32_t sz = get32(p->aBuf + 8);
     sz = sz == 1 ? 65536 : sz;
     return sz >= 512 && sz <= 65536 && !(sz & (sz - 1)) ? sz : 0;
   }
-  return p->pDb && p->pDb->c.bHdr ? p->pDb->c.szPage : 0;
+  return p->c.bHdr ? p->c.szPage : 0;
 }
 
 /* Copy a WAL write into the mirror, growing it as needed.  Only the WAL header
@@ -1094,7 +1093,7 @@ static uint32_t mirrorPageSize(const WsFile *p) {
 ** images back from the WAL), so a write of exactly one page image at its place
 ** in a frame only extends the mirror; its bytes there stay stale.  Any other
 ** write is copied. */
-static int mirrorWrite(WsFile *p, const void *z, int iAmt, sqlite3_int64 iOfst) {
+static int mirrorWrite(WsDb *p, const void *z, int iAmt, sqlite3_int64 iOfst) {
   sqlite3_int64 end;
   uint32_t sz;
   if (p->nBuf == 0 || iOfst == 0) {
@@ -1127,7 +1126,7 @@ static int mirrorWrite(WsFile *p, const void *z, int iAmt, sqlite3_int64 iOfst) 
 }
 
 /* After a publish, give back a mirror grown by a big transaction. */
-static void mirrorTrim(WsFile *p) {
+static void mirrorTrim(WsDb *p) {
   if (p->nAlloc > (1 << 22)) {
     free(p->aBuf);
     p->aBuf = 0;
@@ -1136,9 +1135,10 @@ static void mirrorTrim(WsFile *p) {
 }
 
 static void publishFromMain(WsFile *pMain) {
-  if (pMain->pWal && pMain->pWal->nBuf) {
-    publishPending(pMain->pWal);
-    mirrorTrim(pMain->pWal);
+  WsDb *pDb = pMain->pDb;
+  if (pDb && pDb->nBuf) {
+    publishPending(pDb);
+    mirrorTrim(pDb);
   }
 }
 
@@ -1149,19 +1149,20 @@ static int wsClose(sqlite3_file *pFile) {
   int rc;
   if (p->eType == WSF_WAL) {
     waitConsumed(p->pDb, p->pReal); /* SQLite may delete the WAL next */
-    if (p->pMain && p->pMain->pWal == p) p->pMain->pWal = 0;
-    free(p->aBuf);
   } else if (p->eType == WSF_MAIN && p->pDb) {
     int bLast;
     pthread_mutex_lock(&gMutex);
     bLast = (--p->pDb->nRef == 0);
     pthread_mutex_unlock(&gMutex);
-    if (p->pWal) p->pWal->pMain = 0;
     if (bLast) {
       /* Nobody holds the db now; another process may change it before the
       ** next open, which therefore starts from a fresh sync point. */
       pthread_mutex_lock(&p->pDb->mu);
       p->pDb->c.bKnown = 0;
+      p->pDb->nBuf = 0;
+      p->pDb->nAlloc = 0;
+      free(p->pDb->aBuf);
+      p->pDb->aBuf = 0;
       pthread_mutex_unlock(&p->pDb->mu);
       releaseWal(p->pDb);
       publishEvent(p->pDb, WS_CLOSE, 0);
@@ -1190,7 +1191,7 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
   }
   rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
   if (rc != SQLITE_OK) return rc;
-  if (p->eType == WSF_WAL) return mirrorWrite(p, z, n, o);
+  if (p->eType == WSF_WAL) return p->pDb ? mirrorWrite(p->pDb, z, n, o) : rc;
   if (p->eType == WSF_MAIN && !p->bInCkpt && p->pDb && p->pDb->c.bKnown) reportGap(p->pDb);
   return rc;
 }
@@ -1364,6 +1365,13 @@ static const sqlite3_io_methods ws_io_methods = {
 
 /* ----------------------------------------------------------- vfs methods */
 
+/* Called after a database's first open in this process publishes its OPEN:
+** Python starts its consumer then, whether or not an apsw connection hook
+** ran (an application may clear apsw.connection_hooks). */
+static void (*gOnOpen)(void) = 0;
+
+void ws_on_open(void (*cb)(void)) { __atomic_store_n(&gOnOpen, cb, __ATOMIC_RELEASE); }
+
 /* Find or create the WsDb for a main-db path and take a reference. */
 static WsDb *dbAcquire(const char *zPath) {
   WsDb *pDb = 0;
@@ -1403,10 +1411,21 @@ static WsDb *dbAcquire(const char *zPath) {
   bOpened = (pDb->nRef++ == 0);
 out:
   pthread_mutex_unlock(&gMutex);
-  if (bOpened) publishEvent(pDb, WS_OPEN, zPath);
+  if (bOpened) {
+    void (*cb)(void) = __atomic_load_n(&gOnOpen, __ATOMIC_ACQUIRE);
+    publishEvent(pDb, WS_OPEN, zPath);
+    if (cb) cb();
+  }
   return pDb;
 }
 
+static WsDb *dbByWal(const char *zWal);
+
+/* Main databases and their WALs are tracked by name only: a VFS stacked on this
+** one hands xOpen names that are not the pager's, so nothing may be derived
+** from the name pointer itself (sqlite3_database_file_object() reads the
+** memory before it).  Nameless files (temporary and in-memory databases) and
+** delete-on-close files pass straight through. */
 static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile, int flags, int *pOutFlags) {
   WsFile *p = (WsFile *)pFile;
   sqlite3_vfs *pOrig = ORIGVFS(pVfs);
@@ -1419,17 +1438,13 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
     return rc;
   }
   p->base.pMethods = &ws_io_methods;
-  if ((flags & SQLITE_OPEN_MAIN_DB) && zName) {
+  if (!zName || !zName[0] || (flags & SQLITE_OPEN_DELETEONCLOSE)) return SQLITE_OK;
+  if (flags & SQLITE_OPEN_MAIN_DB) {
     p->eType = WSF_MAIN;
     p->pDb = dbAcquire(zName);
-  } else if ((flags & SQLITE_OPEN_WAL) && zName) {
-    sqlite3_file *pMainFile = sqlite3_database_file_object(zName);
+  } else if (flags & SQLITE_OPEN_WAL) {
     p->eType = WSF_WAL;
-    if (pMainFile && pMainFile->pMethods == &ws_io_methods) {
-      p->pMain = (WsFile *)pMainFile;
-      p->pDb = p->pMain->pDb;
-      p->pMain->pWal = p;
-    }
+    p->pDb = dbByWal(zName);
   }
   return SQLITE_OK;
 }
@@ -1514,6 +1529,17 @@ void ws_wake(void) {
   gWake = 1;
   pthread_cond_broadcast(&gCond);
   pthread_mutex_unlock(&gMutex);
+}
+
+/* How many databases this process has open through the VFS: with none, the
+** consumer may end (the next first open starts one again, see ws_on_open). */
+int ws_open_count(void) {
+  int64_t i;
+  int n = 0;
+  pthread_mutex_lock(&gMutex);
+  for (i = 0; i < gnDb; i++) n += gaDb[i]->nRef > 0;
+  pthread_mutex_unlock(&gMutex);
+  return n;
 }
 
 static void freeRecord(ws_rec *r) {
@@ -1789,6 +1815,55 @@ int ws_release_heap(void) {
 }
 
 /* ------------------------------------------------------------- fork() */
+
+/* ------------------------------------------------- internal connections
+**
+** The engine's own connections (sync points) are opened here, on SQLite's C
+** API, rather than as apsw.Connection objects: apsw lists every Connection
+** in apsw.connections() and runs apsw.connection_hooks on it, and an
+** application that walks that list must not find (and close, from another
+** thread) connections that are not its own.
+*/
+
+/* Open zPath read-write through this VFS; NULL with the reason in zErr. */
+void *ws_conn_open(const char *zPath, int busyMs, char *zErr, int nErr) {
+  sqlite3 *db = 0;
+  int rc = sqlite3_open_v2(zPath, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, WS_VFS_NAME);
+  if (rc != SQLITE_OK) {
+    sqlite3_snprintf(nErr, zErr, "%s", db ? sqlite3_errmsg(db) : "out of memory");
+    sqlite3_close_v2(db);
+    return 0;
+  }
+  sqlite3_busy_timeout(db, busyMs);
+  return db;
+}
+
+/* Run one statement to completion; zOut gets the first column of its first
+** row (or the error message).  Returns SQLite's result code. */
+int ws_conn_query(void *pDb, const char *zSql, char *zOut, int nOut) {
+  sqlite3 *db = pDb;
+  sqlite3_stmt *st = 0;
+  int rc = sqlite3_prepare_v2(db, zSql, -1, &st, 0), bFirst = 1;
+  zOut[0] = 0;
+  while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+    if (bFirst && sqlite3_column_count(st) > 0) {
+      const unsigned char *z = sqlite3_column_text(st, 0);
+      sqlite3_snprintf(nOut, zOut, "%s", z ? (const char *)z : "");
+    }
+    bFirst = 0;
+    rc = SQLITE_OK;
+  }
+  if (rc == SQLITE_DONE) rc = SQLITE_OK;
+  if (rc != SQLITE_OK) sqlite3_snprintf(nOut, zOut, "%s", sqlite3_errmsg(db));
+  sqlite3_finalize(st);
+  return rc;
+}
+
+int ws_conn_fcntl(void *pDb, int op, void *pArg) { return sqlite3_file_control(pDb, "main", op, pArg); }
+
+int ws_conn_in_txn(void *pDb) { return !sqlite3_get_autocommit(pDb); }
+
+void ws_conn_close(void *pDb) { sqlite3_close_v2(pDb); }
 
 /* A child process starts with no connection of its own (SQLite forbids using
 ** the parent's across fork), no queue and no consumer: forget the parent's

@@ -296,11 +296,6 @@ def test_non_wal_database_is_switched_to_wal(tmp_path):
     con.close()
 
 
-def test_in_memory_database_is_refused():
-    with pytest.raises(capture.CaptureError, match="walsync needs journal_mode=WAL"):
-        apsw.Connection(":memory:", vfs="walsync")
-
-
 FOREIGN_WRITER = """
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1], isolation_level=None)

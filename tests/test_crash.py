@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,9 @@ import apsw
 import pytest
 
 import walsync_vfs
-from walsync_vfs import catalog, format, storage, sync
+from walsync_vfs import capture, catalog, format, storage, sync
+from walsync_vfs import engine as engine_module
+from walsync_vfs.lineage import read_head
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "crash_torture.py"
@@ -290,6 +293,21 @@ def test_commits_left_in_the_wal_are_found_when_the_head_comes_late(
     """A store slower than HEAD_WAIT: the sync point is released without waiting for the
     replica's head, and the commits are looked for under a second one."""
     monkeypatch.setattr(sync, "HEAD_WAIT", 0.0)
+    # The head arrives only once the first sync point is released: the store is slower
+    # than the copy of the pages, whatever the machine's load.
+    released = threading.Event()
+    close = capture.SyncPoint.close
+
+    def close_and_say(self: capture.SyncPoint) -> None:
+        close(self)
+        released.set()
+
+    def late_head(*args: object) -> object:
+        released.wait(30)
+        return read_head(*args)
+
+    monkeypatch.setattr(capture.SyncPoint, "close", close_and_say)
+    monkeypatch.setattr(engine_module, "read_head", late_head)
     caplog.set_level(logging.DEBUG, logger="walsync_vfs")
     walsync_vfs.configure(replica=s3_url)
     try:

@@ -18,10 +18,28 @@ import apsw
 
 from walsync_vfs import capture, metrics, storage
 from walsync_vfs.capture import CaptureError
-from walsync_vfs.config import ConfigError, Settings, check_knob, initial_settings, load_file
+from walsync_vfs.config import (
+    ConfigError,
+    Settings,
+    check_knob,
+    check_process_option,
+    initial_settings,
+    load_file,
+)
 from walsync_vfs.engine import Engine, ReplicationError
+from walsync_vfs.errors import FlushTimeoutError
+from walsync_vfs.storage import StorageError
 
-__all__ = ["CaptureError", "ConfigError", "ReplicationError", "configure", "flush", "stats"]
+__all__ = [
+    "CaptureError",
+    "ConfigError",
+    "FlushTimeoutError",
+    "ReplicationError",
+    "StorageError",
+    "configure",
+    "flush",
+    "stats",
+]
 
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 SYNC_POINT_WAIT_S = 10.0
@@ -59,12 +77,9 @@ def configure(
     knobs: dict[str, Any] = {}
     for key, value in options.items():
         if key in _PROCESS_OPTIONS:
-            setattr(new, key, value)
+            setattr(new, key, check_process_option("configure()", key, value))
         else:
-            try:
-                knobs[key] = check_knob("configure()", key, value)
-            except ValueError as exc:
-                raise (TypeError if "unknown key" in str(exc) else ValueError)(str(exc)) from None
+            knobs[key] = check_knob("configure()", key, value)
     if replica is not None:
         if replica:  # "" goes back to $WALSYNC_REPLICA or the default
             storage.open_replica(replica, **new.client_options)  # malformed URLs fail here
@@ -128,24 +143,52 @@ os.register_at_fork(after_in_child=_forget_engine_in_child)
 
 
 def _ensure_wal(con: apsw.Connection) -> None:
-    """apsw connection hook: a walsync database must be in WAL mode, or capture sees nothing."""
-    if con.open_vfs != capture.VFS_NAME or capture.opening_internally():
-        return
+    """apsw connection hook: a walsync database must be in WAL mode, or capture sees nothing.
+
+    Replication does not depend on it (an application may clear ``apsw.connection_hooks``:
+    the shim starts the engine, whose first sync point switches the database to WAL); it
+    raises errors where the application opens the database and holds the opener until the
+    sync point is pinned.  In-memory and temporary databases pass through unreplicated.
+    The test is the shim's answer, not ``con.open_vfs``: a VFS stacked on walsync has a
+    name of its own.
+    """
+    db_id = capture.db_id_of(con)
+    if not db_id or con.readonly("main"):
+        return  # a read-only connection (immutable=1 too) commits nothing: nothing to wait for
     engine = _engine_instance()  # before anything changes the database: a ConfigError stops it
     # Sync points hold the write lock for microseconds; without a busy timeout a writer that
     # collides with one would fail at once.  The application may set its own afterwards.
     con.set_busy_timeout(DEFAULT_BUSY_TIMEOUT_MS)
     mode = con.pragma("journal_mode")
     if mode != "wal":
-        mode = con.pragma("journal_mode", "WAL")
+        mode = capture.switch_to_wal(
+            lambda: str(con.pragma("journal_mode", "WAL")),
+            DEFAULT_BUSY_TIMEOUT_MS / 1000,
+            apsw.BusyError,
+        )
     if mode != "wal":
         raise CaptureError(
             f"{con.filename or ':memory:'}: walsync needs journal_mode=WAL but SQLite kept "
             f"{mode!r}; open an on-disk database file"
         )
-    engine.await_sync_point(capture.db_id_of(con), SYNC_POINT_WAIT_S)
+    engine.await_sync_point(db_id, SYNC_POINT_WAIT_S)
+
+
+@capture.ffi.callback("void(void)")
+def _on_first_open() -> None:
+    """Called by the shim after a database's first open: start the engine (if the connection
+    hook was cleared, nothing else would) and the consumer, which ends while no database is
+    open.  A bad config file is logged here and raised by the hook, or by the next flush(),
+    stats() or configure()."""
+    try:
+        _engine_instance()
+    except Exception as exc:  # noqa: BLE001 - C cannot take it: say it loudly
+        capture.log.error("walsync: replication not started: %s", exc)
+        return
+    capture.dispatcher()
 
 
 capture.load()
+capture.lib.ws_on_open(_on_first_open)
 if _ensure_wal not in apsw.connection_hooks:
     apsw.connection_hooks.append(_ensure_wal)

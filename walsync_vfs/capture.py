@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -39,8 +40,8 @@ _FCNTL_DB_ID = 0x57530001
 ffi, lib = _shim.ffi, _shim.lib
 log = logging.getLogger("walsync_vfs")
 _load_lock = threading.Lock()
-_internal = threading.local()
 _loaded = False
+_ERR_LEN = 512
 
 
 class Kind(IntEnum):
@@ -73,6 +74,10 @@ class CaptureError(RuntimeError):
     """The shim cannot be loaded or a database cannot be captured."""
 
 
+class JournalModeError(CaptureError):
+    """A replicated database left WAL mode: its commits can no longer be captured."""
+
+
 def load() -> None:
     """Load the shim into apsw's SQLite once per process (idempotent, thread-safe).
 
@@ -100,7 +105,8 @@ def load() -> None:
 
 
 def db_id_of(con: apsw.Connection, schema: str = "main") -> int:
-    """The shim's id for the database ``con`` has open (0 if not opened through walsync)."""
+    """The shim's id for the database ``con`` has open as ``schema`` (0 if that database
+    is not replicated: another VFS, a temporary or an in-memory database)."""
     out = ffi.new("int64_t *")
     try:
         con.file_control(schema, _FCNTL_DB_ID, int(ffi.cast("intptr_t", out)))
@@ -109,9 +115,76 @@ def db_id_of(con: apsw.Connection, schema: str = "main") -> int:
     return int(out[0])
 
 
-def opening_internally() -> bool:
-    """True while a :class:`SyncPoint` opens its own connections in this thread."""
-    return getattr(_internal, "active", False)
+class EmptyFileError(CaptureError):
+    """A database file with nothing in it yet: not switched to WAL (its opener may be a
+    ``VACUUM INTO``, which refuses an output file that is not empty)."""
+
+
+class DatabaseLockedError(CaptureError):
+    """Another connection holds the lock an internal connection's statement needs."""
+
+
+def switch_to_wal(switch: Callable[[], str], timeout_s: float, locked: type[Exception]) -> str:
+    """Run ``switch`` (a ``PRAGMA journal_mode=WAL``) again while it raises ``locked``, for
+    up to ``timeout_s``: the pragma upgrades its own read transaction, for which SQLite never
+    calls the busy handler, and the opener and the engine may switch at the same time.
+    Returns the journal mode SQLite kept."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while True:
+        try:
+            return switch()
+        except locked:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(delay)  # no event to wait on: the lock is another connection's
+        delay = min(delay * 2, 0.05)
+
+
+class InternalConnection:
+    """A connection of the engine's own, opened through the shim on SQLite's C API: apsw
+    neither lists it in ``apsw.connections()`` nor runs ``apsw.connection_hooks`` on it, so
+    an application never sees it.  Errors are :class:`CaptureError`."""
+
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        err = ffi.new("char[]", _ERR_LEN)
+        self._db = lib.ws_conn_open(os.fsencode(path), busy_timeout_ms, err, _ERR_LEN)
+        if self._db == ffi.NULL:
+            raise CaptureError(f"{path}: cannot open: {ffi.string(err).decode()}")
+
+    def query(self, sql: str) -> str:
+        """Run one statement; the first column of its first row, as text ('' if none)."""
+        out = ffi.new("char[]", _ERR_LEN)
+        rc = lib.ws_conn_query(self._db, sql.encode(), out, _ERR_LEN)
+        text = str(ffi.string(out).decode())
+        if rc & 0xFF == apsw.SQLITE_BUSY:
+            raise DatabaseLockedError(f"{self.path}: {sql}: {text}")
+        if rc != apsw.SQLITE_OK:
+            raise CaptureError(f"{self.path}: {sql}: {text}")
+        return text
+
+    def switch_to_wal(self) -> str:
+        """``PRAGMA journal_mode=WAL`` (see :func:`switch_to_wal`)."""
+        return switch_to_wal(
+            lambda: self.query("PRAGMA journal_mode=WAL"),
+            self.busy_timeout_ms / 1000,
+            DatabaseLockedError,
+        )
+
+    def file_control(self, op: int, arg: object) -> None:
+        """``sqlite3_file_control`` on the main database (a missing answer leaves ``arg``)."""
+        lib.ws_conn_fcntl(self._db, op, arg)
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(lib.ws_conn_in_txn(self._db))
+
+    def close(self) -> None:
+        if self._db != ffi.NULL:
+            lib.ws_conn_close(self._db)
+            self._db = ffi.NULL
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -211,34 +284,46 @@ class SyncPoint:
     on top of these bytes.
     """
 
-    def __init__(self, path: str, busy_timeout_ms: int = 60_000) -> None:
+    def __init__(
+        self, path: str, busy_timeout_ms: int = 60_000, *, enable_wal: bool = False
+    ) -> None:
+        """``enable_wal``: switch a database in another journal mode to WAL (its first sync
+        in this process: an attached database, or one opened without the connection hook);
+        otherwise such a database raises :class:`JournalModeError`."""
         load()
         self.path = path
         self._held = False
-        _internal.active = True  # our own connections: the open hook must not wait on us
+        if enable_wal and os.path.getsize(path) == 0:
+            raise EmptyFileError(f"{path}: empty")
+        self.reader = InternalConnection(path, busy_timeout_ms)
         try:
-            self.reader = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
-            writer = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE, vfs=VFS_NAME)
-        finally:
-            _internal.active = False
+            writer = InternalConnection(path, busy_timeout_ms)
+        except BaseException:
+            self.reader.close()
+            raise
         try:
-            for con in (self.reader, writer):
-                con.set_busy_timeout(busy_timeout_ms)
-            self.db_id = db_id_of(writer)
-            mode = writer.pragma("journal_mode")
+            out = ffi.new("int64_t *")
+            writer.file_control(_FCNTL_DB_ID, out)
+            self.db_id = int(out[0])
+            mode = writer.query("PRAGMA journal_mode")
+            if mode != "wal" and enable_wal:
+                mode = writer.switch_to_wal()
             if mode != "wal":
-                raise CaptureError(f"{path}: journal_mode is {mode!r}, not WAL")
+                raise JournalModeError(
+                    f"{path}: journal_mode is {mode!r}, not WAL: replication of it has "
+                    "stopped; run PRAGMA journal_mode=WAL on it to resume"
+                )
             pos = ffi.new("ws_pos *")
-            writer.execute("BEGIN IMMEDIATE")
+            writer.query("BEGIN IMMEDIATE")
             try:
                 if not lib.ws_sync(self.db_id, pos):
                     raise CaptureError(f"{path}: not opened through the walsync VFS")
                 lib.ws_hold(self.db_id, 1)
                 self._held = True
-                self.reader.execute("BEGIN")
-                self.reader.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+                self.reader.query("BEGIN")
+                self.reader.query("SELECT 1 FROM sqlite_schema LIMIT 1")
             finally:
-                writer.execute("ROLLBACK")
+                writer.query("ROLLBACK")
         except BaseException:
             self.close()
             raise
@@ -252,7 +337,7 @@ class SyncPoint:
     def _file(self, op: int) -> object:
         """The reader's own open sqlite3_file for the db (or its WAL): see ws_read()."""
         out = ffi.new("void **")
-        self.reader.file_control("main", op, int(ffi.cast("intptr_t", out)))
+        self.reader.file_control(op, out)
         if out[0] == ffi.NULL:
             raise CaptureError(f"{self.path}: file handle unavailable")
         return out[0]
@@ -336,7 +421,7 @@ class SyncPoint:
             lib.ws_hold(self.db_id, -1)
             self._held = False
         if self.reader.in_transaction:
-            self.reader.execute("COMMIT")
+            self.reader.query("COMMIT")
         self.reader.close()
 
     def __enter__(self) -> SyncPoint:
@@ -362,6 +447,9 @@ class Dispatcher:
     one :class:`Batch` with its databases' records, each database's in commit order.  A
     database's sink is chosen when its OPEN record arrives: a sink routed to its path, else
     :attr:`default` (the replication engine), else the records are dropped.
+
+    With no database open in the process (and no route or barrier waiting) the thread ends:
+    the next first open starts another (see :func:`dispatcher`).
     """
 
     def __init__(self, default: Sink | None = None) -> None:
@@ -371,6 +459,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._requested = self._served = 0  # barrier bookkeeping
+        self._retired = False  # its thread ended: barriers go to the next dispatcher
         self._thread = threading.Thread(target=self._run, name="walsync-capture", daemon=True)
         self._thread.start()
 
@@ -392,11 +481,14 @@ class Dispatcher:
     def barrier(self, timeout: float = 10.0) -> None:
         """Return once every record queued before the call has been handed to its sink."""
         with self._cond:
-            self._requested += 1
-            target = self._requested
-            wake()
-            if not self._cond.wait_for(lambda: self._served >= target, timeout):
-                raise TimeoutError("capture dispatcher did not drain in time")
+            if not self._retired:
+                self._requested += 1
+                target = self._requested
+                wake()
+                if not self._cond.wait_for(lambda: self._served >= target, timeout):
+                    raise TimeoutError("capture dispatcher did not drain in time")
+                return
+        dispatcher().barrier(timeout)
 
     def _route(self, groups: list) -> dict[Sink, Batch]:
         """Each database's records to its sink; an OPEN in the drain (re)chooses it."""
@@ -423,26 +515,49 @@ class Dispatcher:
             # waking this thread, so a busy writer pays one wake-up per LINGER, not per
             # commit.  Idle, the thread blocks in C and costs nothing.
             idle = requested == self._served
-            groups = drain(None if idle else 0, LINGER if idle else 0)
-            for sink, batch in self._route(groups).items():
-                try:
-                    sink(batch)
-                except Exception:  # a sink's bug must not stop capture for every database
-                    log.exception("walsync: capture sink failed")
-                finally:
-                    batch.release()
+            if idle and lib.ws_open_count() == 0 and self._retire():
+                return
+            self._hand_over(drain(None if idle else 0, LINGER if idle else 0))
             with self._cond:
                 self._served = requested
                 self._cond.notify_all()
 
+    def _hand_over(self, groups: list) -> None:
+        for sink, batch in self._route(groups).items():
+            try:
+                sink(batch)
+            except Exception:  # a sink's bug must not stop capture for every database
+                log.exception("walsync: capture sink failed")
+            finally:
+                batch.release()
+
+    def _retire(self) -> bool:
+        """End this consumer if nothing can need it: records published before this look are
+        handed over first (then it stays), later ones go to the dispatcher the first open
+        that published them starts."""
+        global _dispatcher
+        with _load_lock:
+            groups = drain(0)
+            if not groups:
+                with self._lock:
+                    if self._by_path or self._requested != self._served:
+                        return False
+                    self._retired = True
+                if _dispatcher is self:
+                    _dispatcher = None
+                return True
+        self._hand_over(groups)
+        return False
+
 
 _dispatcher: Dispatcher | None = None
+_default_sink: Sink | None = None  # outlives a retired dispatcher
 
 
 def _forget_dispatcher_in_child() -> None:
     """A forked child has no consumer thread (the shim forgot the parent's queue too)."""
-    global _dispatcher, _load_lock
-    _dispatcher = None
+    global _dispatcher, _default_sink, _load_lock
+    _dispatcher = _default_sink = None
     _load_lock = threading.Lock()
 
 
@@ -453,10 +568,12 @@ def dispatcher(default: Sink | None = None) -> Dispatcher:
     """The process-wide :class:`Dispatcher`, started on first use.  A ``default`` sink given
     here receives every database whose OPEN the dispatcher routes from now on, including
     OPENs queued before it started."""
-    global _dispatcher
+    global _dispatcher, _default_sink
     with _load_lock:
+        if default is not None:
+            _default_sink = default
         if _dispatcher is None:
-            _dispatcher = Dispatcher(default)
+            _dispatcher = Dispatcher(_default_sink)
         elif default is not None:
             _dispatcher.set_default(default)
         return _dispatcher

@@ -38,6 +38,10 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names where it came from (file, table) and the key."""
 
 
+class UnknownKeyError(ConfigError, TypeError):
+    """A key no setting has (a ``TypeError`` too, as for an unknown keyword argument)."""
+
+
 def default_replica() -> str:
     """The embedded default: a local directory, so replication works with no setup at all.
 
@@ -83,7 +87,9 @@ def check_knob(where: str, key: str, value: object) -> Any:
     """Validate one knob and return its value as the knob's type (an int given for a float
     becomes a float); errors name where it came from and the key."""
     if key not in _KNOBS:
-        raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(_KNOBS))}")
+        raise UnknownKeyError(
+            f"{where}: unknown key {key!r}; known: {', '.join(sorted(_KNOBS))}"
+        )
     kind, low = _KNOBS[key]
     accepted = (int, float) if kind is float else (kind,)
     if isinstance(value, bool) or not isinstance(value, accepted):
@@ -166,6 +172,28 @@ def load_toml(text: str, where: str) -> Settings:
                 "upload_workers"
             )
     return settings
+
+
+def check_process_option(where: str, key: str, value: object) -> Any:
+    """Validate one of ``configure()``'s process-wide options; errors name the key."""
+    if key in ("upload_workers", "memory_cap", "spool_cap"):
+        return _positive_int(where, key, value)
+    if value is None and key in ("metrics_port", "spool_dir", "name"):
+        return None
+    if key == "metrics_port":
+        return _positive_int(where, key, value)
+    if key == "spool_dir" and isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    if key == "name" and callable(value):
+        return value
+    if key == "client_options" and isinstance(value, dict):
+        return value
+    wanted = {
+        "spool_dir": "a directory path",
+        "name": "a function of the database path",
+        "client_options": "a dict",
+    }[key]
+    raise ConfigError(f"{where}: {key} must be {wanted}, got {value!r}")
 
 
 def _positive_int(where: str, key: str, value: object) -> int:

@@ -31,6 +31,8 @@ class Database:
     failures: int = 0  # consecutive failed syncs and uploads
     last_error: str = ""
     errors: int = 0  # failed attempts, ever
+    stopped: bool = False  # it left WAL mode: nothing of it is captured until it is back
+    lost_restore_points: int = 0  # commits dropped past the spool cap (in a later snapshot)
     sync: SyncState = field(default_factory=SyncState)
     lineage: Lineage = field(default_factory=Lineage)
     upload: UploadState = field(default_factory=UploadState)
@@ -77,4 +79,6 @@ def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
         "failures": db.failures,
         "errors": db.errors,
         "last_error": db.last_error,
+        "stopped": db.stopped,
+        "lost_restore_points": db.lost_restore_points,
     }

@@ -34,7 +34,7 @@ from walsync_vfs.capture import Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
-from walsync_vfs.errors import ReplicationError
+from walsync_vfs.errors import FlushTimeoutError, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
 from walsync_vfs.lineage import Head, decide, read_head
 from walsync_vfs.recent import RecentCopies
@@ -80,8 +80,7 @@ class Engine:
         self.uploads = Uploader(
             settings, self._lock, (self._cond, self._wake), self._spool, self, self.compactor
         )
-        self._thread = threading.Thread(target=self._loop, name="walsync-upload", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # runs while a database is kept
         self._host = Host(self._promote, self._flush_for_follower)
 
     def database(self, path: str) -> Database | None:
@@ -110,9 +109,11 @@ class Engine:
                 elif rec.kind is Kind.OPEN:
                     if db is None:
                         db = self._dbs[rec.db_id] = Database(rec.db_id, rec.path)
+                        self._ensure_thread()
                     log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
                     db.open = True
-                    db.sync.open_seq = rec.seq  # its opener starts the sync: see await_sync_point
+                    db.sync.open_seq = rec.seq
+                    self._sync_pool.spawn(self._join, db)
                 elif db is None:
                     continue
                 elif rec.kind is Kind.GAP:
@@ -123,18 +124,38 @@ class Engine:
                     db.open = False
                     self.forget_if_done(db)
 
+    def _ensure_thread(self) -> None:
+        """Start the uploader thread if it ended (lock held)."""
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._loop, name="walsync-upload", daemon=True)
+            self._thread.start()
+
     def _hold(self, db: Database, rec: Record) -> None:
-        """Keep a commit that arrived during a sync; past the memory cap, let the next sync
-        point (which comes after it) take it into its snapshot instead."""
-        db.sync.hold(rec)
-        if db.sync.held_bytes > self.settings.memory_cap // 4:
-            log.warning(
-                "walsync: %s: commits held during a sync exceed the memory cap; "
-                "they will be in the next snapshot",
-                db.path,
-            )
-            db.sync.drop_held()
-            self.break_lineage(db)
+        """Keep a commit that arrived during a sync: in memory up to a quarter of the memory
+        cap, then in the spool.  Past the spool's cap the held commits' restore points are
+        given up (and counted): the next sync point, which comes after them, takes them into
+        its snapshot."""
+        state = db.sync
+        if state.held_bytes + len(rec.pages) * rec.page_size <= self.settings.memory_cap // 4:
+            state.hold(rec)
+            return
+        try:
+            state.hold_spooled(rec, self._spool)
+            return
+        except OSError as exc:  # spool full or disk full
+            lost = state.drop_held(self._spool) + 1
+            reason = exc
+        db.lost_restore_points += lost
+        db.errors += 1
+        db.last_error = f"spool: {reason}"
+        log.warning(
+            "walsync: %s: commits held during a sync passed the spool cap (%s); %d restore "
+            "points lost, their commits will be in the next snapshot",
+            db.path,
+            reason,
+            lost,
+        )
+        self.break_lineage(db)
 
     def break_lineage(self, db: Database) -> None:
         """Commits were dropped: nothing may be appended to the lineage any more, and the
@@ -189,19 +210,21 @@ class Engine:
         """
         log.error("walsync: giving up on %s after it closed: %s", db.path, db.last_error)
         self.uploads.discard(db)
-        db.sync.drop_held()
+        db.sync.drop_held(self._spool)
         self.forget_if_done(db)
 
     def forget_if_done(self, db: Database) -> None:
         """Drop a closed database's state once everything it committed is uploaded."""
-        if db.open or db.busy():
+        if db.open or db.busy() or self._dbs.get(db.db_id) is not db:
             return
-        self._dbs.pop(db.db_id, None)
+        del self._dbs[db.db_id]
         self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
         if self._names.get(db.name) == db.db_id:
             del self._names[db.name]
         self._cond.notify_all()
+        if not self._dbs:
+            self._wake.notify()  # the uploader thread ends
 
     # ------------------------------------------------------------------- sync side
 
@@ -223,8 +246,23 @@ class Engine:
         """
         state = db.sync
         while not self._stopped:
+            with self._lock:
+                if not db.open and db.lineage.generation is None:
+                    # Closed before it ever held a database (a VACUUM INTO output): nothing
+                    # of it to replicate.
+                    state.syncing = False
+                    self.forget_if_done(db)
+                    self._cond.notify_all()
+                    return
             try:
                 self._sync(db)
+            except capture.JournalModeError as exc:
+                self._stop(db, exc)
+                return
+            except capture.EmptyFileError:
+                with self._lock:  # look again once its opener has written to it
+                    self._retry_later(db)
+                return
             except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
                 with self._lock:
                     db.fail(exc)
@@ -233,12 +271,7 @@ class Engine:
                         state.syncing = False
                         self.give_up(db)
                         return
-                    state.retries += 1
-                    delay = RETRY.delay(state.retries)
-                    at = time.monotonic() + delay
-                    heapq.heappush(self._sync_retries, (at, next(self._ticket), db))
-                    if at < self.uploads.wake_at:
-                        self._wake.notify()
+                    delay = self._retry_later(db)
                 log.warning(
                     "walsync: sync of %s failed (retrying in %.1fs): %s",
                     db.path,
@@ -251,11 +284,11 @@ class Engine:
                 if state.broken:  # commits dropped while this round ran: go round afresh
                     state.broken = False
                     db.lineage.checksum = None
-                    state.drop_held()
+                    state.drop_held(self._spool)
                     state.resync = True
-                for rec in state.take_held():
+                for rec in state.take_held(self._spool):
                     self._append(db, rec)
-                if state.resync:
+                if state.resync or state.pinned_seq < state.open_seq:
                     state.resync = False
                     continue
                 state.syncing = False
@@ -266,6 +299,43 @@ class Engine:
                 self.forget_if_done(db)
                 self._cond.notify_all()
                 return
+
+    def _retry_later(self, db: Database) -> float:
+        """Have the uploader thread start the sync again after a backoff (lock held)."""
+        db.sync.retries += 1
+        delay = RETRY.delay(db.sync.retries)
+        at = time.monotonic() + delay
+        heapq.heappush(self._sync_retries, (at, next(self._ticket), db))
+        if at < self.uploads.wake_at:
+            self._wake.notify()
+        return delay
+
+    def _stop(self, db: Database, exc: capture.JournalModeError) -> None:
+        """A replicated database left WAL mode: say so once (ERROR), make flush() fail at
+        once, and look again with backoff: back in WAL, it resumes in a new generation."""
+        with self._lock:
+            if not db.stopped:  # logged before flush() can raise
+                log.error("walsync: %s", exc)
+            db.stopped = True
+            db.fail(exc)
+            db.last_error = str(exc)  # already one line saying what to do
+            db.failures = max(db.failures, FAILING_AFTER)
+            self._cond.notify_all()
+            if db.given_up():
+                db.sync.syncing = False
+                self.give_up(db)
+                return
+            self._retry_later(db)
+
+    def _retry_now(self, db: Database) -> None:
+        """Move the database's sync retry, if one is waiting out its backoff, to now."""
+        waiting = [entry for entry in self._sync_retries if entry[2] is not db]
+        if len(waiting) == len(self._sync_retries):
+            return  # none waiting: its sync is running, or done
+        waiting.append((time.monotonic(), next(self._ticket), db))
+        heapq.heapify(waiting)
+        self._sync_retries[:] = waiting
+        self._wake.notify()
 
     def _resolve(self, db: Database) -> None:
         """Settle the database's knobs, name and client, once."""
@@ -292,7 +362,7 @@ class Engine:
         up to the sync point, which still belong to it, are applied (see sync.pin)."""
         capture.dispatcher().barrier()
         with self._lock:
-            for rec in db.sync.take_held(seq):
+            for rec in db.sync.take_held(self._spool, seq):
                 self._append(db, rec)
             return db.lineage.head(stored)
 
@@ -319,6 +389,7 @@ class Engine:
                 lambda seq: self._pinned(db, seq),
                 lambda seq, stored: self._head_at(db, seq, stored),
                 cap,
+                enable_wal=lineage.generation is None,
             )
             head = pinned.head
             if head is None:  # the store was too slow to keep the WAL pinned for it
@@ -351,6 +422,7 @@ class Engine:
                 up.durable_txid = max(up.durable_txid, decision.txid)
             db.failures = 0
             db.last_error = ""
+            db.stopped = False
             self.compactor.synced(db, decision, time.monotonic())
         log.info(
             "walsync: %s -> %s/%s at txid %d (%s)",
@@ -360,6 +432,24 @@ class Engine:
             decision.txid,
             decision.how,
         )
+
+    def _join(self, db: Database) -> bool:
+        """Take part for a newly opened database and start its sync if this process leads it
+        (a worker does it for every OPEN: replication does not wait for a connection hook)."""
+        with self._lock:
+            if self._dbs.get(db.db_id) is not db or not db.open:
+                return False  # closed (and forgotten) before this worker ran
+            if not self._host.join(db.db_id, db.path):
+                # Another process of this host replicates it; stats() still names it.
+                db.cfg = self.settings.for_db(db.path)
+                db.name = db.name or db.cfg.name
+                return False
+            if db.sync.pinned_seq < db.sync.open_seq:
+                if db.sync.syncing:
+                    self._retry_now(db)  # its opener has written to it since an empty look
+                else:
+                    self._request_sync(db)
+        return True
 
     def await_sync_point(self, db_id: int, timeout: float) -> None:
         """Start the sync of a newly opened database and block its opener until the engine
@@ -375,18 +465,10 @@ class Engine:
             db = self._dbs.get(db_id)
             if db is None:
                 return  # not ours (routed elsewhere) or already forgotten
-        if not self._host.join(db_id, db.path):
-            # Another process of this host replicates it; stats() still names it.
-            cfg = self.settings.for_db(db.path)
-            with self._lock:
-                db.cfg, db.name = cfg, db.name or cfg.name
+        if not self._join(db):
             return
         with self._lock:
             state = db.sync
-            if state.pinned_seq < state.open_seq:
-                # Only now: the hook has put the database in WAL mode.  A sync already running
-                # may have pinned before this open; it then goes round once more.
-                self._request_sync(db)
             self._cond.wait_for(
                 lambda: self._stopped or state.pinned_seq >= state.open_seq or db.failures,
                 timeout,
@@ -402,6 +484,9 @@ class Engine:
         while True:
             with self._lock:
                 if self._stopped:
+                    return
+                if not self._dbs and not self._sync_retries and not uploads.freed:
+                    self._thread = None  # nothing kept: the next OPEN starts another
                     return
                 now = time.monotonic()
                 if uploads.freed and now >= self._next_release:
@@ -469,13 +554,25 @@ class Engine:
 
     def _flush(self, deadline: float | None, only: int | None = None) -> None:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        capture.dispatcher().barrier(left if left is not None else 60.0)
+        try:
+            capture.dispatcher().barrier(left if left is not None else 60.0)
+        except TimeoutError:
+            raise FlushTimeoutError(
+                "flush timed out before the capture thread handed over every commit; give "
+                "flush() more time"
+            ) from None
         with self._lock:
             marks = {
                 db.db_id: db.upload.seen_seq
                 for db in self._dbs.values()
                 if (only is None or db.db_id == only) and self._host.leads(db.db_id)
             }
+            for db in self._dbs.values():
+                if db.stopped and db.db_id in marks:
+                    # The shim publishes nothing of a database out of WAL, so no record says
+                    # it is back: look now, and wait for that look rather than fail at once.
+                    db.failures = 0
+                    self._retry_now(db)
             self.uploads.clock.flushers += 1
             now = time.monotonic()
             for db in self._dbs.values():  # all urgent now
@@ -498,7 +595,11 @@ class Engine:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         names = ", ".join(db.path for db in waiting)
-                        raise TimeoutError(f"flush timed out; not yet replicated: {names}")
+                        raise FlushTimeoutError(
+                            f"flush timed out; not yet replicated: {names}; see "
+                            "walsync_vfs.stats() for their lag and last_error, or give "
+                            "flush() more time"
+                        )
                     self._cond.wait(left if left is not None else 1.0)
             finally:
                 self.uploads.clock.flushers -= 1
@@ -522,7 +623,8 @@ class Engine:
             self._cond.notify_all()
             self._wake.notify()
         self._host.stop()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self.uploads.pool.shutdown(wait=True)
         self.compactor.pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel=True)

@@ -9,6 +9,10 @@ class ReplicationError(RuntimeError):
     """A database's replica cannot be written (the message says why and what to do)."""
 
 
+class FlushTimeoutError(TimeoutError):
+    """``flush()`` ran out of time (a ``TimeoutError``); the message says what to look at."""
+
+
 def describe(exc: BaseException) -> str:
     """One line for logs and errors; storage errors already are one clear line."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

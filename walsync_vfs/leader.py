@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from walsync_vfs.capture import ffi, lib
+from walsync_vfs.errors import FlushTimeoutError
 
 log = logging.getLogger("walsync_vfs")
 
@@ -88,18 +89,21 @@ class Host:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind("\0" + self.addr)
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="walsync-host", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # runs while a database is joined
+
+    def _ensure_thread(self) -> None:
+        """Start the thread if it ended (lock held)."""
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._run, name="walsync-host", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------------ roles
 
     def join(self, db_id: int, path: str) -> bool:
         """Take part for a newly opened database; True if this process leads it."""
         with self._lock:
-            idle = not self._dbs
             db = self._dbs.setdefault(db_id, _Db(path))
-        if idle:  # the host thread may be waiting without a timeout: start its clock
-            self._sock.sendto(b"W", "\0" + self.addr)
+            self._ensure_thread()
         return db.role == ROLE_LEAD or self._try_lead(db_id, db)
 
     def leads(self, db_id: int) -> bool:
@@ -160,7 +164,10 @@ class Host:
                 return False
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError("flush timed out waiting for the leader")
+                raise FlushTimeoutError(
+                    "flush timed out waiting for the process that replicates the database; "
+                    "give flush() more time"
+                )
             leader_db = ffi.new("int64_t *")
             addr = ffi.new("char[64]")
             if not lib.ws_leader(db_id, leader_db, addr):
@@ -185,7 +192,7 @@ class Host:
             if waiter.status == _OK:
                 return True
             if waiter.status == _TIMEOUT:
-                raise TimeoutError(waiter.text)
+                raise FlushTimeoutError(waiter.text)
             raise LeaderError(waiter.text)
 
     def _answer(self, req: int, db_id: int, timeout: float, sender: bytes) -> None:
@@ -204,6 +211,10 @@ class Host:
     def _run(self) -> None:
         next_takeover = next_poll = 0.0
         while not self._stopped:
+            with self._lock:
+                if not self._dbs and not self._waiters:
+                    self._thread = None  # nothing joined: the next join starts another
+                    return
             now = time.monotonic()
             if now >= next_takeover:
                 next_takeover = now + TAKEOVER_CHECK
@@ -215,7 +226,7 @@ class Host:
             if self._dbs:
                 wake = min([next_takeover, next_poll] + [d.retail_at for d in self._leading()])
                 self._sock.settimeout(max(wake - time.monotonic(), 0.0005))
-            else:  # nothing open here: wait for a message (join() is followed by one)
+            else:  # nothing open here, only flush replies to wait for
                 self._sock.settimeout(None)
             try:
                 msg, sender = self._sock.recvfrom(4096)

@@ -19,6 +19,8 @@ _GAUGES = {
     "pending_bytes": "Page bytes waiting for upload",
     "bytes_uploaded": "Segment bytes uploaded since the database was opened",
     "errors": "Failed store requests since the database was opened",
+    "stopped": "1 while the database is out of WAL mode and not replicated",
+    "lost_restore_points": "Commits whose restore points were given up past the spool cap",
 }
 _started: set[int] = set()
 _lock = threading.Lock()

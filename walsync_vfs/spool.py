@@ -69,7 +69,17 @@ class Spool:
         """Move ``item``'s bytes to disk; raises :class:`SpoolFull` or the OSError of the write."""
         if item.data is None:
             return
-        size = len(item.data)
+        path = self.store(item.data, ".wseg")
+        with self._lock:
+            if not item.discarded:
+                item.path, item.data = path, None
+                return
+        self.remove(path)  # it shipped from memory while being written
+
+    def store(self, data: bytes, suffix: str) -> str:
+        """Write ``data`` to a new spool file, counted against the cap until :meth:`remove`;
+        raises :class:`SpoolFull` or the OSError of the write."""
+        size = len(data)
         directory = self.directory()
         with self._lock:
             cap = self.settings.spool_cap
@@ -78,19 +88,23 @@ class Spool:
             self.used += size
         path = None
         try:
-            fd, path = tempfile.mkstemp(dir=directory, suffix=".wseg")
+            fd, path = tempfile.mkstemp(dir=directory, suffix=suffix)
             with os.fdopen(fd, "wb") as f:
-                f.write(item.data)
+                f.write(data)
         except OSError:
             # A write that fails (ENOSPC) leaves a half-written file: never keep it, or it
             # would hold the very space the next spill needs.
             self._remove(path, size)
             raise
-        with self._lock:
-            if not item.discarded:
-                item.path, item.data = path, None
-                return
-        self._remove(path, size)  # it shipped from memory while being written
+        return path
+
+    def remove(self, path: str) -> None:
+        """Delete a file of :meth:`store` and give its bytes back to the cap."""
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return  # removed already: nothing of it is counted any more
+        self._remove(path, size)
 
     def directory(self) -> str:
         """``settings.spool_dir``, or a private temporary directory made on first use."""
@@ -109,11 +123,7 @@ class Spool:
             item.discarded = True
             path, item.path = item.path, None
         if path is not None:
-            try:
-                size = os.path.getsize(path)
-            except OSError:
-                return  # removed already: nothing of it is counted any more
-            self._remove(path, size)
+            self.remove(path)
 
     def _remove(self, path: str | None, size: int) -> None:
         if path is not None:

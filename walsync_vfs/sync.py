@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from walsync_vfs import capture, format, recovery, storage
 from walsync_vfs.capture import Record
 from walsync_vfs.dbfile import tee
 from walsync_vfs.lineage import Decision, Head, holds
+from walsync_vfs.spool import Spool
 from walsync_vfs.uploader import batches
 
 log = logging.getLogger("walsync_vfs")
@@ -36,8 +38,10 @@ class SyncState:
     retries: int = 0  # consecutive failed syncs (their backoff)
     resync: bool = False  # a GAP or reopen arrived while a sync was running
     broken: bool = False  # commits were dropped during a sync: its lineage cannot go on
-    held: list[Record] = field(default_factory=list)  # commits that arrived during a sync
-    held_bytes: int = 0
+    # Commits that arrived during a sync, in order; past a share of the memory cap, in the
+    # spool (they keep their restore points up to its cap).
+    held: list[Record | SpooledCommit] = field(default_factory=list)
+    held_bytes: int = 0  # page bytes of the held commits in memory
     open_seq: int = 0  # seq of the latest OPEN
     pinned_seq: int = 0  # seq of the latest sync point taken
     stored_head: Head | None = None  # the replica's head, read by a first sync's first pass
@@ -46,15 +50,43 @@ class SyncState:
         self.held.append(rec)
         self.held_bytes += len(rec.pages) * rec.page_size
 
-    def drop_held(self) -> None:
-        self.held, self.held_bytes = [], 0
+    def hold_spooled(self, rec: Record, spool: Spool) -> None:
+        """Hold ``rec`` in the spool; raises :class:`SpoolFull` or the OSError of the write."""
+        path = spool.store(pickle.dumps(rec, pickle.HIGHEST_PROTOCOL), ".wheld")
+        self.held.append(SpooledCommit(rec.seq, rec.time_ns, path))
 
-    def take_held(self, upto: float = float("inf")) -> list[Record]:
+    def drop_held(self, spool: Spool) -> int:
+        """Give up the held commits; how many there were (restore points lost)."""
+        for item in self.held:
+            if isinstance(item, SpooledCommit):
+                spool.remove(item.path)
+        dropped = len(self.held)
+        self.held, self.held_bytes = [], 0
+        return dropped
+
+    def take_held(self, spool: Spool, upto: float = float("inf")) -> list[Record]:
         """Take the held commits up to seq ``upto``, keeping the later ones."""
-        taken = [rec for rec in self.held if rec.seq <= upto]
-        self.held = [rec for rec in self.held if rec.seq > upto]
-        self.held_bytes = sum(len(r.pages) * r.page_size for r in self.held)
-        return taken
+        taken = [item for item in self.held if item.seq <= upto]
+        self.held = [item for item in self.held if item.seq > upto]
+        self.held_bytes = sum(
+            len(r.pages) * r.page_size for r in self.held if isinstance(r, Record)
+        )
+        return [item if isinstance(item, Record) else item.load(spool) for item in taken]
+
+
+@dataclass(slots=True)
+class SpooledCommit:
+    """A held commit whose record waits in a spool file."""
+
+    seq: int
+    time_ns: int
+    path: str
+
+    def load(self, spool: Spool) -> Record:
+        with open(self.path, "rb") as f:
+            rec: Record = pickle.load(f)
+        spool.remove(self.path)
+        return rec
 
 
 @dataclass
@@ -91,6 +123,7 @@ def pin(
     pinned: Callable[[int], None],
     head_at: Callable[[int, Head | None], Head | None],
     cap: int,
+    enable_wal: bool = False,
 ) -> Pinned:
     """Take a sync point of ``path`` and copy its pages to ``raw``.
 
@@ -101,9 +134,10 @@ def pin(
     from, with every commit up to the sync point in it (the replica's head on a first sync;
     on a resync the lineage's own end, whose commits a gap hid from the stream the WAL may
     still hold).  The sync point is released before any upload: it pins the WAL.
+    ``enable_wal``: see :class:`capture.SyncPoint`.
     """
     fetch = None
-    with capture.SyncPoint(path) as sp:
+    with capture.SyncPoint(path, enable_wal=enable_wal) as sp:
         if fetch_head is not None:
             fetch = fetch_head()
         taken_ns = time.time_ns()

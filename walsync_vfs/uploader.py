@@ -484,6 +484,8 @@ class Uploader:
                 for item in up.outbox:
                     if item is not in_flight:
                         self._spool.discard(item)
+                        db.lost_restore_points += item.last_txid - item.first_txid + 1
+                db.lost_restore_points += len(up.pending)
                 up.outbox[:] = [in_flight] if in_flight else []
                 up.pending.clear()
                 up.pending_bytes = 0

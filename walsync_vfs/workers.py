@@ -6,10 +6,14 @@ queued upload takes its 3 attempts of 15 s, one queued per database: an applicat
 could wait for many minutes.  Replication work is never a reason for a process to stay
 alive: what is not uploaded yet is in the database file, the next open ships it, and
 ``flush()`` is how an application waits for it.  So these threads are daemons.
+
+Nor does an idle pool keep threads: each ends after ``IDLE_EXIT`` seconds without work, so
+none outlives the last database's work, and the next call starts one again.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -18,6 +22,8 @@ from concurrent.futures import Future
 from typing import Any
 
 log = logging.getLogger("walsync_vfs")
+
+IDLE_EXIT = 2.0  # seconds a worker waits for work before it ends
 
 
 class Workers:
@@ -33,8 +39,9 @@ class Workers:
         self._name = name
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0  # started threads waiting for work
+        self._threads: list[threading.Thread] = []  # running now
+        self._started = itertools.count()
+        self._idle = 0  # running threads waiting for work
         self._stopped = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
@@ -58,7 +65,7 @@ class Workers:
                 and len(self._threads) < self._max
             ):
                 thread = threading.Thread(
-                    target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True
+                    target=self._run, name=f"{self._name}_{next(self._started)}", daemon=True
                 )
                 self._threads.append(thread)
                 self._idle += 1  # counted before it runs: the next submit must not start one
@@ -66,7 +73,7 @@ class Workers:
 
     @property
     def started(self) -> int:
-        """Threads started so far."""
+        """Threads running now."""
         return len(self._threads)
 
     def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
@@ -88,8 +95,22 @@ class Workers:
             for thread in threads:
                 thread.join()
 
+    def _next(self) -> tuple | None:
+        """The next call to run; None to end this thread (shut down, or idle too long)."""
+        while True:
+            try:
+                return self._queue.get(timeout=IDLE_EXIT)  # type: ignore[no-any-return]
+            except queue.Empty:
+                with self._lock:
+                    # Under the lock _put() counts idle threads: a call queued before this
+                    # check keeps the thread, one queued after it starts a new one.
+                    if self._queue.empty():
+                        self._idle -= 1
+                        self._threads.remove(threading.current_thread())
+                        return None
+
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._next()) is not None:
             with self._lock:
                 self._idle -= 1
             future, fn, args = item

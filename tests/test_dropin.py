@@ -1,0 +1,507 @@
+"""Drop-in semantics: every database a walsync connection writes is replicated, the rest
+(in-memory and temporary databases) passes through, and nothing of walsync's own shows."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+
+import walsync_vfs
+from walsync_vfs import capture, catalog, storage
+
+
+@pytest.fixture
+def replica(replica_url: str) -> Iterator[str]:
+    walsync_vfs.configure(replica=replica_url, upload_interval=0.0)
+    yield replica_url
+    walsync_vfs.flush(timeout=60)
+    walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
+def dump(con: apsw.Connection, schema: str = "main") -> list[tuple]:
+    tables = [
+        r[0]
+        for r in con.execute(
+            f"SELECT name FROM {schema}.sqlite_schema WHERE type='table' ORDER BY name"
+        )
+    ]
+    rows = "SELECT * FROM {}.{} ORDER BY rowid"
+    return [(t, con.execute(rows.format(schema, t)).fetchall()) for t in tables]
+
+
+def python(*args: str) -> subprocess.CompletedProcess[str]:
+    """This Python in a fresh process; it must succeed."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def restore(url: str, out: Path, txid: int | None = None) -> apsw.Connection:
+    at = ["--txid", str(txid)] if txid is not None else []
+    python("-m", "walsync_vfs", "restore", url, "-o", str(out), "--force", *at)
+    con = apsw.Connection(str(out))
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    return con
+
+
+def assert_restores(replica: str, path: Path, tmp_path: Path) -> None:
+    walsync_vfs.flush(timeout=60)
+    source = apsw.Connection(str(path))
+    try:
+        expected = dump(source)
+    finally:
+        source.close()
+    out = restore(f"{replica}/{path.name}", tmp_path / f"restored-{path.name}")
+    assert dump(out) == expected
+    out.close()
+
+
+def test_attached_database_is_replicated_under_its_own_name(replica, tmp_path):
+    main, other = tmp_path / "main.db", tmp_path / "other.db"
+    con = apsw.Connection(str(main), vfs="walsync")
+    con.execute(f"ATTACH '{other}' AS o")
+    con.execute("CREATE TABLE t(x); CREATE TABLE o.t(x)")
+    for i in range(5):  # spans both: each restores to its own last commit
+        con.execute(f"BEGIN; INSERT INTO t VALUES({i}); INSERT INTO o.t VALUES({i}); COMMIT")
+    assert_restores(replica, other, tmp_path)
+    assert {s["name"] for s in walsync_vfs.stats()} >= {"main.db", "other.db"}
+    assert_restores(replica, main, tmp_path)
+    con.execute("DETACH o")
+    con.close()
+
+
+def test_memory_and_temporary_databases_pass_through(replica, tmp_path):
+    for name in (":memory:", ""):
+        con = apsw.Connection(name, vfs="walsync")
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+        assert con.execute("SELECT x FROM t").fetchall() == [(1,)]
+        con.close()
+    con = apsw.Connection(str(tmp_path / "temps.db"), vfs="walsync")
+    con.execute("CREATE TEMP TABLE tt(x); INSERT INTO tt VALUES(1); CREATE TABLE t(x)")
+    con.execute("INSERT INTO t SELECT x FROM tt")
+    names = {s["name"] or s["path"] for s in walsync_vfs.stats()}
+    assert "" not in names and ":memory:" not in names
+    assert [s["path"] for s in walsync_vfs.stats() if not s["path"]] == []
+    assert_restores(replica, tmp_path / "temps.db", tmp_path)
+    con.close()
+
+
+def test_leaving_wal_stops_replication_loudly_and_wal_resumes_it(replica, tmp_path, caplog):
+    path = tmp_path / "mode.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    with caplog.at_level(logging.ERROR, logger="walsync_vfs"):
+        assert con.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+        con.execute("INSERT INTO t VALUES(2)")
+        with pytest.raises(walsync_vfs.ReplicationError) as info:
+            walsync_vfs.flush(timeout=30)
+    text = (
+        f"{path}: journal_mode is 'delete', not WAL: replication of it has stopped; "
+        "run PRAGMA journal_mode=WAL on it to resume"
+    )
+    assert str(info.value) == f"replica of {path} is failing: {text}"
+    (state,) = [s for s in walsync_vfs.stats() if s["name"] == "mode.db"]
+    assert state["stopped"] and state["last_error"] == text
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"walsync: {text}"
+    ]
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    con.execute("INSERT INTO t VALUES(3)")
+    assert_restores(replica, path, tmp_path)  # flush() looks again at once and waits
+    (state,) = [s for s in walsync_vfs.stats() if s["name"] == "mode.db"]
+    assert not state["stopped"] and state["last_error"] == ""
+    con.close()
+
+
+class StackedVFS(apsw.VFS):
+    """The usual way to add logging or encryption in apsw: a Python VFS over another."""
+
+    def __init__(self, name: str, base: str) -> None:
+        super().__init__(name, base)
+
+
+def workload(con: apsw.Connection) -> None:
+    con.execute("CREATE TABLE IF NOT EXISTS t(x)")
+    for i in range(20):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    for name in (":memory:", ""):
+        side = apsw.Connection(name)
+        side.execute("CREATE TABLE s(x); INSERT INTO s VALUES(1)")
+        side.close()
+    con.execute("CREATE TEMP TABLE tt(x); INSERT INTO t SELECT 99")
+
+
+def test_python_vfs_stacked_on_walsync(replica, tmp_path):
+    vfs = StackedVFS("stacked", "walsync")
+    path = tmp_path / "stacked.db"
+    con = apsw.Connection(str(path), vfs="stacked")
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    workload(con)
+    assert_restores(replica, path, tmp_path)
+    con.close()
+    vfs.unregister()
+
+
+def test_walsync_as_default_vfs_under_a_python_vfs(replica, tmp_path):
+    apsw.set_default_vfs("walsync")
+    try:
+        vfs = StackedVFS("libvfs", "")  # a library's own VFS, over the default
+        path, other = tmp_path / "default.db", tmp_path / "lib.db"
+        con = apsw.Connection(str(path))
+        workload(con)
+        lib = apsw.Connection(str(other), vfs="libvfs")
+        lib.execute("PRAGMA journal_mode=WAL")
+        workload(lib)
+        assert_restores(replica, path, tmp_path)
+        assert_restores(replica, other, tmp_path)
+        lib.close()
+        con.close()
+        vfs.unregister()
+    finally:
+        apsw.set_default_vfs("unix")
+
+
+def test_internal_connections_are_invisible(replica, tmp_path):
+    before = set(map(id, apsw.connections()))
+    con = apsw.Connection(str(tmp_path / "mine.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    assert [c for c in apsw.connections() if id(c) not in before] == [con]
+    con.close()
+
+
+def test_replication_without_the_connection_hook(replica, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(apsw, "connection_hooks", [])  # the application's own choice
+    path = tmp_path / "hookless.db"
+    with caplog.at_level(logging.WARNING, logger="walsync_vfs"):
+        con = apsw.Connection(str(path), vfs="walsync")
+        con.set_busy_timeout(10_000)  # the engine switches it to WAL under it
+        workload(con)
+        assert_restores(replica, path, tmp_path)
+        con.execute("INSERT INTO t VALUES('after')")
+        assert_restores(replica, path, tmp_path)
+    assert [r.getMessage() for r in caplog.records] == []
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    con.close()
+
+
+# ---------------------------------------------------------------- connection options sweep
+
+
+def _uri(path: Path, _open: apsw.Connection) -> None:
+    con = apsw.Connection(f"file:{path}?cache=private", flags=_URI_RW, vfs="walsync")
+    con.execute("INSERT INTO t VALUES('uri')")
+    con.close()
+
+
+_URI_RW = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+
+
+def _read_only(path: Path, _open: apsw.Connection) -> None:
+    for name, flags in (
+        (str(path), apsw.SQLITE_OPEN_READONLY),
+        (f"file:{path}?mode=ro", apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY),
+    ):
+        ro = apsw.Connection(name, flags=flags, vfs="walsync")
+        assert ro.execute("SELECT count(*) FROM t").fetchone()[0] >= 1
+        with pytest.raises(apsw.ReadOnlyError):
+            ro.execute("INSERT INTO t VALUES('no')")
+        ro.close()
+    with apsw.Connection(str(path), vfs="walsync") as con:
+        con.execute("INSERT INTO t VALUES('after ro')")
+
+
+def _shared_cache(path: Path, _open: apsw.Connection) -> None:
+    flags = _URI_RW | apsw.SQLITE_OPEN_SHAREDCACHE
+    a = apsw.Connection(str(path), flags=flags, vfs="walsync")
+    b = apsw.Connection(str(path), flags=flags, vfs="walsync")
+    a.execute("INSERT INTO t VALUES('shared a')")
+    b.execute("INSERT INTO t VALUES('shared b')")
+    b.close()
+    a.close()
+
+
+def _attach_detach(path: Path, _open: apsw.Connection) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute(f"ATTACH '{path.with_name('side.db')}' AS s; CREATE TABLE s.x(v)")
+    con.execute("INSERT INTO s.x VALUES(1); INSERT INTO t VALUES('attached')")
+    con.execute("DETACH s")
+    con.close()
+
+
+def _temp_tables(path: Path, _open: apsw.Connection) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TEMP TABLE tt(v); INSERT INTO tt VALUES('temp')")
+    con.execute("INSERT INTO t SELECT v FROM tt")
+    con.close()
+
+
+def _vacuum(path: Path, _open: apsw.Connection) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("DELETE FROM t WHERE rowid % 2; VACUUM")
+    con.execute("INSERT INTO t VALUES('after vacuum')")
+    con.close()
+
+
+def _immutable(path: Path, con: apsw.Connection) -> None:
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # immutable=1 reads the file, not the WAL
+    flags = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY
+    ro = apsw.Connection(f"file:{path}?immutable=1", flags=flags, vfs="walsync")
+    assert ro.execute("SELECT count(*) FROM sqlite_schema").fetchone() == (1,)
+    ro.close()
+
+
+def _page_size_vacuum(path: Path, con: apsw.Connection) -> None:
+    """SQLite changes a WAL database's page size only out of WAL, on its only connection:
+    replication stops meanwhile and resumes in a new generation."""
+    assert con.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    con.execute("PRAGMA page_size=8192")
+    con.execute("VACUUM")
+    assert con.execute("PRAGMA page_size").fetchone() == (8192,)
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+
+
+def _vacuum_into(path: Path, _open: apsw.Connection) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    copy = path.with_name("copy.db")
+    con.execute(f"VACUUM INTO '{copy}'")
+    con.close()
+    with apsw.Connection(str(copy)) as out, apsw.Connection(str(path)) as source:
+        assert dump(out) == dump(source)
+
+
+def _backup(path: Path, _open: apsw.Connection) -> None:
+    source = apsw.Connection(":memory:")
+    source.execute("CREATE TABLE t(v); INSERT INTO t VALUES('from backup')")
+    con = apsw.Connection(str(path), vfs="walsync")
+    with con.backup("main", source, "main") as b:  # into the walsync database
+        b.step()
+    out = apsw.Connection(str(path.with_name("backup-out.db")))
+    with out.backup("main", con, "main") as b:  # and out of it
+        b.step()
+    assert dump(out) == dump(con)
+    con.execute("INSERT INTO t VALUES('after backup')")
+    for c in (out, con, source):
+        c.close()
+
+
+def _checkpoints(path: Path, _open: apsw.Connection) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+        con.execute(f"INSERT INTO t VALUES('{mode}')")
+        con.execute(f"PRAGMA wal_checkpoint({mode})")
+        con.execute(f"INSERT INTO t VALUES('after {mode}')")
+    con.close()
+
+
+def _incremental_vacuum(path: Path, _open: apsw.Connection) -> None:
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("PRAGMA auto_vacuum=INCREMENTAL; VACUUM")
+    con.execute("INSERT INTO t SELECT randomblob(5000) FROM t; DELETE FROM t WHERE rowid > 2")
+    con.execute("PRAGMA incremental_vacuum")
+    con.execute("INSERT INTO t VALUES('after incremental vacuum')")
+    con.close()
+
+
+SWEEP: dict[str, Callable[[Path, apsw.Connection], None]] = {
+    f.__name__.lstrip("_"): f
+    for f in (
+        _uri, _read_only, _immutable, _shared_cache, _attach_detach, _temp_tables, _vacuum,
+        _page_size_vacuum, _vacuum_into, _backup, _checkpoints, _incremental_vacuum,
+    )
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("op", sorted(SWEEP))
+def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
+    path = tmp_path / f"{op}.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(v); INSERT INTO t VALUES('first'), ('second'), ('third')")
+    walsync_vfs.flush(timeout=30)
+    SWEEP[op](path, con)
+    con.execute("INSERT INTO t VALUES('last')")
+    assert_restores(replica, path, tmp_path)
+    con.close()
+
+
+# ---------------------------------------------------------------- errors a user can hit
+
+
+@pytest.mark.parametrize(
+    ("options", "kind", "text"),
+    [
+        (
+            {"upload_intervall": 1.0},
+            walsync_vfs.config.UnknownKeyError,
+            "configure(): unknown key 'upload_intervall'; known: compact_segments, "
+            "max_segment_bytes, name, replica, retention, snapshot_interval, upload_burst, "
+            "upload_interval",
+        ),
+        (
+            {"upload_interval": "fast"},
+            walsync_vfs.ConfigError,
+            "configure(): upload_interval must be a float, got 'fast'",
+        ),
+        (
+            {"memory_cap": "big"},
+            walsync_vfs.ConfigError,
+            "configure(): memory_cap must be a positive integer, got 'big'",
+        ),
+        (
+            {"spool_dir": 3},
+            walsync_vfs.ConfigError,
+            "configure(): spool_dir must be a directory path, got 3",
+        ),
+        (
+            {"replica": "ftp://host/x"},
+            walsync_vfs.StorageError,
+            "invalid replica URL 'ftp://host/x': unsupported scheme 'ftp'; use "
+            "file:///absolute/dir, a directory path, or s3://bucket/optional/prefix",
+        ),
+    ],
+)
+def test_configure_errors_are_walsync_errors_saying_what_to_do(replica, options, kind, text):
+    with pytest.raises(kind) as info:
+        walsync_vfs.configure(**options)
+    assert type(info.value) is kind and str(info.value) == text
+    walsync_vfs.flush(timeout=30)  # the settings before the call still apply
+
+
+def test_a_flush_out_of_time_is_a_walsync_timeout_saying_what_to_do(replica, tmp_path):
+    path = tmp_path / "late.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    with pytest.raises(walsync_vfs.FlushTimeoutError) as info:
+        walsync_vfs.flush(timeout=-1)
+    assert str(info.value) in (  # out of time before or after the commit reached the engine
+        "flush timed out before the capture thread handed over every commit; give "
+        "flush() more time",
+        f"flush timed out; not yet replicated: {path}; see walsync_vfs.stats() for their "
+        "lag and last_error, or give flush() more time",
+    )
+    assert isinstance(info.value, TimeoutError)
+    con.close()
+
+
+LAST_CLOSE = """
+import sys, threading
+import apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], upload_interval=0.0)
+for round in range(2):  # the second open starts what the first close ended
+    con = apsw.Connection(sys.argv[1], vfs="walsync")
+    con.execute("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=60)
+    con.close()
+    walsync_vfs.flush(timeout=60)
+    for t in threading.enumerate():
+        if t.name.startswith("walsync"):
+            t.join(timeout=30)
+    print(sorted(t.name for t in threading.enumerate() if t is not threading.main_thread()))
+print(walsync_vfs.stats())
+"""
+
+
+def test_no_thread_outlives_the_last_close(replica_url, tmp_path):
+    path = tmp_path / "last.db"
+    proc = python("-c", LAST_CLOSE, str(path), replica_url)
+    assert proc.stdout.splitlines() == ["[]", "[]", "[]"]
+    out = restore(f"{replica_url}/last.db", tmp_path / "restored.db")
+    assert dump(out) == [("t", [(1,), (1,)])]
+    out.close()
+
+
+# ---------------------------------------------------------------- commits held during a sync
+
+
+class GatedStore:
+    """The replica's client, each call waiting for ``gate``: a sync started while it is shut
+    cannot finish, so every commit made meanwhile is held."""
+
+    def __init__(self, client: object) -> None:
+        self._client = client
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str) -> object:
+        call = getattr(self._client, name)
+
+        def gated(*args: object, **kwargs: object) -> object:
+            self.gate.wait(60)
+            return call(*args, **kwargs)
+
+        return gated
+
+
+@pytest.fixture
+def gated(replica_url: str) -> Iterator[GatedStore]:
+    walsync_vfs.configure(replica=replica_url, upload_interval=0.0, memory_cap=64 << 10)
+    engine = walsync_vfs._engine_instance()
+    store = GatedStore(storage.open_replica(replica_url))
+    engine._clients[replica_url] = store  # the engine's client for that root from now on
+    yield store
+    store.gate.set()
+    walsync_vfs.flush(timeout=60)
+    engine._clients.pop(replica_url)
+    walsync_vfs.configure(replica="", upload_interval=1.0, memory_cap=64 << 20, spool_cap=1 << 30)
+
+
+def reopen_behind_a_shut_gate(path: Path, store: GatedStore) -> apsw.Connection:
+    """A reopened database syncs again; behind the shut gate that sync cannot finish."""
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    store.gate.clear()
+    return apsw.Connection(str(path), vfs="walsync")
+
+
+def state_of(name: str) -> dict:
+    (state,) = [s for s in walsync_vfs.stats() if s["name"] == name]
+    return state
+
+
+def test_commits_held_during_a_sync_keep_their_restore_points_in_the_spool(gated, tmp_path):
+    con = reopen_behind_a_shut_gate(tmp_path / "held.db", gated)
+    for _ in range(40):  # 40 x 3000 bytes: past a quarter of the 64 KiB memory cap
+        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
+    capture.dispatcher().barrier(10)  # the engine has seen every commit
+    engine = walsync_vfs._engine_instance()
+    assert state_of("held.db")["syncing"] and engine._spool.used > 0
+    gated.gate.set()
+    walsync_vfs.flush(timeout=120)
+    assert engine._spool.used == 0 and state_of("held.db")["lost_restore_points"] == 0
+    url = walsync_vfs._settings.defaults.replica
+    (gen,) = catalog.generations(storage.open_replica(url), "held.db")
+    for back in (0, 1, 20):  # every held commit is a restore point of its own
+        out = restore(f"{url}/held.db", tmp_path / f"r{back}.db", gen.last_txid - back)
+        assert dump(out) == [("t", dump(con)[0][1][: 40 - back])]
+        out.close()
+    con.close()
+
+
+def test_held_commits_past_the_spool_cap_are_counted_as_lost_restore_points(gated, tmp_path):
+    walsync_vfs.configure(spool_cap=40_000)  # room for a few held commits, not for 40
+    con = reopen_behind_a_shut_gate(tmp_path / "lost.db", gated)
+    for _ in range(40):
+        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
+    capture.dispatcher().barrier(10)
+    state = state_of("lost.db")
+    assert state["lost_restore_points"] > 0
+    assert state["last_error"] == "spool: spool cap of 40000 bytes reached"
+    gated.gate.set()
+    walsync_vfs.flush(timeout=120)
+    assert state_of("lost.db")["lost_restore_points"] == state["lost_restore_points"]
+    url = walsync_vfs._settings.defaults.replica
+    out = restore(f"{url}/lost.db", tmp_path / "r.db")
+    assert dump(out) == dump(con)
+    assert len(catalog.generations(storage.open_replica(url), "lost.db")) == 2
+    out.close()
+    con.close()
