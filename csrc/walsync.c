@@ -325,15 +325,16 @@ static void reportGap(WsDb *pDb) {
 **   - the leader says who it is and where to send notifications (a unix
 **     datagram socket); a follower sends one after its commits, so the
 **     leader reads them at once instead of polling;
-**   - the leader's consumer publishes how far it has read the WAL into
-**     memory (aRead); every process refuses the exclusive lock on read
-**     locks 1..4, which SQLite needs to restart the WAL (a writer's
+**   - the leader publishes how far the WAL's commits are in the store
+**     (`read`, ws_durable()); every process refuses the exclusive lock on
+**     read locks 1..4, which SQLite needs to restart the WAL (a writer's
 **     walRestartLog, RESTART and TRUNCATE checkpoints), while the WAL holds
-**     committed frames the leader has not read.  SQLite then appends
-**     instead of restarting, or a checkpoint reports SQLITE_BUSY after its
-**     busy handler; the restarting process notifies the leader, which reads
-**     without any lock, so the wait is short.  While the leader has no place
-**     in the chain (it is about to take a snapshot) nothing is refused.
+**     committed frames the store does not have yet, so a leader that dies
+**     leaves its successor every commit it had not shipped.  SQLite then
+**     appends instead of restarting, or a checkpoint retries in its busy
+**     handler; the restarting process asks the leader to hurry, which ships
+**     at once, so the wait is one upload.  While the leader has no place in
+**     the chain (it is about to take a snapshot) nothing is refused.
 **   - every restart a shim allows, and every new header a shim writes, leaves
 **     a link from the WAL that ended (salts, frames) to the next one's salts,
 **     so the leader can tell a restart it may continue across from one made
@@ -347,7 +348,7 @@ static void reportGap(WsDb *pDb) {
 #define WS_ROLE_LEAD 1
 #define WS_ROLE_FOLLOW 2
 #define WS_TAKEOVER_NS 2000000000LL /* frames stay protected this long without a leader */
-#define WS_READ_ANY 0xFFFFFFFFu /* aRead while the leader has no place in the chain */
+#define WS_READ_ANY 0xFFFFFFFFu /* `read` while the leader has no place in the chain */
 
 /* Three u32 values written by one writer at a time and read by anyone:
 ** a seqlock.  A writer that died half-way leaves an odd sequence, which the
@@ -369,7 +370,7 @@ struct WsShared {
   int64_t leaderDbId;      /* the leader's id for this database */
   int64_t beat;            /* CLOCK_MONOTONIC ns: the leader was last seen (or left) */
   char addr[WS_ADDR_MAX];  /* the leader's socket (abstract name, NUL-padded) */
-  WsSeq read;              /* salt1, salt2, frames the leader has in memory */
+  WsSeq read;              /* salt1, salt2, frames whose commits are in the store */
   /* The last restarts shims allowed, as links from salt1, salt2, frame
   ** count of the WAL that ended to the salts of the next (v[0]: the newest
   ** link's index).  Salts change when the WAL restarts, and again when a
@@ -479,8 +480,9 @@ static int gNotifyFd = -1;
 
 /* Tell the leader that the WAL grew (a datagram naming its id for the db);
 ** at most one per millisecond per database: the leader reads again after
-** every read that found commits, so none is missed. */
-static void notifyLeader(WsDb *pDb) {
+** every read that found commits, so none is missed.  bHurry: a restart of
+** the WAL waits for the leader to have its frames in the store. */
+static void notifyLeader(WsDb *pDb, int bHurry) {
   struct sockaddr_un sa;
   struct timespec ts;
   int64_t id, now;
@@ -495,6 +497,7 @@ static void notifyLeader(WsDb *pDb) {
   memset(&sa, 0, sizeof(sa));
   sa.sun_family = AF_UNIX;
   memcpy(sa.sun_path + 1, zAddr, strnlen(zAddr, WS_ADDR_MAX));
+  if (bHurry) id = -id; /* ids are positive */
   sendto(gNotifyFd, &id, sizeof(id), MSG_DONTWAIT, (struct sockaddr *)&sa,
          (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + strnlen(zAddr, WS_ADDR_MAX)));
 }
@@ -506,7 +509,7 @@ static int64_t monotonicNs(void) {
 }
 
 /* Before SQLite restarts the WAL (or a checkpoint truncates it): may it?
-** Not while the WAL holds committed frames the leader has not read, nor for
+** Not while the WAL holds committed frames not yet in the store, nor for
 ** a while after the leader went away: the next one takes the commits its
 ** predecessor left from the WAL, once it has synced.  Not longer: that sync
 ** needs the WAL write lock, which a checkpoint waiting here holds. */
@@ -524,7 +527,7 @@ static int restartAllowed(WsDb *pDb) {
   }
   if (bLeader) {
     pDb->lastNotify = 0;
-    notifyLeader(pDb);
+    notifyLeader(pDb, 1);
   }
   return 0;
 }
@@ -774,7 +777,7 @@ static void publishPending(WsDb *pDb) {
       pDb->own[0] = s1;
       pDb->own[1] = s2;
       pDb->own[2] = mx;
-      notifyLeader(pDb);
+      notifyLeader(pDb, 0);
     }
     return;
   }
@@ -1561,12 +1564,7 @@ static ws_batch *takeBatches(void) {
     ws_batch *b = r->pDb->pBatch; /* only this thread touches pBatch */
     next = r->next;
     r->next = 0;
-    if (r->kind == WS_COMMIT) {
-      prepareCommit(r);
-      if (r->kind == WS_COMMIT && r->pDb->eRole == WS_ROLE_LEAD && r->pDb->pShared) {
-        setRead(r->pDb, r->salt1, r->salt2, r->frame_end);
-      }
-    }
+    if (r->kind == WS_COMMIT) prepareCommit(r);
     if (!b) {
       b = calloc(1, sizeof(*b));
       if (!b) { /* out of memory: drop it; the consumer sees a seq hole */
@@ -1752,6 +1750,13 @@ int ws_role(int64_t db_id, int role, const char *zAddr) {
     __atomic_store_n(&s->leadSeq, q + 1, __ATOMIC_RELEASE);
   }
   return 1;
+}
+
+/* Leader: every commit up to frame nframe of the WAL (salt1, salt2) is in
+** the store; the WAL may be restarted past it. */
+void ws_durable(int64_t db_id, uint32_t salt1, uint32_t salt2, uint32_t nframe) {
+  WsDb *pDb = dbById(db_id);
+  if (pDb && pDb->pShared && pDb->eRole == WS_ROLE_LEAD) setRead(pDb, salt1, salt2, nframe);
 }
 
 /* Leader: still here (called every fraction of WS_TAKEOVER_NS). */

@@ -46,6 +46,7 @@ __all__ = ["Engine", "ReplicationError", "stats_of"]
 
 log = logging.getLogger("walsync_vfs")
 
+READ_ANY = 0xFFFFFFFF  # ws_durable(): nothing to protect (WS_READ_ANY in csrc/walsync.c)
 COALESCE = 0.01  # s: uploads falling due this close together start in one uploader wake-up
 # s between looks at the memory cap (a sum over every database), made whenever the uploader
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
@@ -81,7 +82,7 @@ class Engine:
             settings, self._lock, (self._cond, self._wake), self._spool, self, self.compactor
         )
         self._thread: threading.Thread | None = None  # runs while a database is kept
-        self._host = Host(self._promote, self._flush_for_follower)
+        self._host = Host(self._promote, self._flush_for_follower, self._hurry)
 
     def database(self, path: str) -> Database | None:
         """The state kept for the database at ``path``, if any."""
@@ -368,6 +369,9 @@ class Engine:
 
     def _sync(self, db: Database) -> None:
         """Line the lineage up with the database's current bytes (see sync.py)."""
+        # Until it is done the WAL may restart: the sync point takes the write lock, which a
+        # checkpoint waiting for its frames to be stored would hold (csrc/walsync.c).
+        capture.lib.ws_durable(db.db_id, 0, 0, READ_ANY)
         if db.client is None:  # a first sync (a follower has its name, not its client)
             self._resolve(db)
         client = db.client
@@ -420,6 +424,8 @@ class Engine:
             if decision.snapshot or not (up.pending or up.outbox or up.uploading):
                 up.durable_seq = max(up.durable_seq, pinned.seq)
                 up.durable_txid = max(up.durable_txid, decision.txid)
+                wal = pinned.wal
+                capture.lib.ws_durable(db.db_id, wal.salt1, wal.salt2, wal.end)
             db.failures = 0
             db.last_error = ""
             db.stopped = False
@@ -543,6 +549,15 @@ class Engine:
         except ReplicationError as exc:
             return str(exc)
         return None
+
+    def _hurry(self, db_id: int) -> None:
+        """A process waits to restart the WAL until its commits are in the store: ship them
+        now rather than on the upload clock."""
+        with self._lock:
+            db = self._dbs.get(db_id)
+            if db is not None:
+                db.upload.hurry = True
+                self.uploads.schedule(db, time.monotonic())
 
     def _promote(self, db_id: int) -> None:
         """This process leads a database it followed: sync, which continues the lineage

@@ -38,7 +38,8 @@ RETAIL_AFTER = 0.02  # s: after a read that found commits, read again (notificat
 FOREIGN_POLL = 1.0  # s between looks at the WAL for writers without the shim (no notifications)
 REPLY_WAIT = 1.0  # s a follower waits for the leader's answer before asking again
 
-_NOTIFY = struct.Struct("=q")  # the shim's datagram: the leader's id for the database
+# The shim's datagram: the leader's id for the database, negative when a restart waits.
+_NOTIFY = struct.Struct("=q")
 _REQUEST = struct.Struct("=cQqd")  # b"F", request id, leader's db id, seconds it may take
 _REPLY = struct.Struct("=cQB")  # b"R", request id, status; then the error text
 _OK, _TIMEOUT, _FAILED = 0, 1, 2
@@ -67,10 +68,10 @@ class _Waiter:
 class Host:
     """This process's part in choosing leaders and talking to them.
 
-    ``on_commits(db_id)`` is called (on the host thread) after the shim published other
-    processes' commits or a gap for a database this process leads; ``on_promote(db_id)``
-    when this process took the lead of a database it followed; ``on_flush(db_id, timeout)``
-    (on a thread of its own) when a follower asks for everything in the WAL to be made
+    Called on the host thread: ``on_promote(db_id)`` when this process took the lead of a
+    database it followed, ``on_hurry(db_id)`` when a process waits to restart the WAL of a
+    database this process leads until its commits are stored.  ``on_flush(db_id, timeout)``
+    runs on a thread of its own when a follower asks for everything in the WAL to be made
     durable: it returns None or an error text.
     """
 
@@ -78,9 +79,11 @@ class Host:
         self,
         on_promote: Callable[[int], None],
         on_flush: Callable[[int, float], str | None],
+        on_hurry: Callable[[int], None],
     ) -> None:
         self._on_promote = on_promote
         self._on_flush = on_flush
+        self._on_hurry = on_hurry
         self._lock = threading.Lock()
         self._dbs: dict[int, _Db] = {}
         self._waiters: dict[int, _Waiter] = {}
@@ -242,7 +245,9 @@ class Host:
     def _receive(self, msg: bytes, sender: bytes) -> None:
         if len(msg) == _NOTIFY.size:
             (db_id,) = _NOTIFY.unpack(msg)
-            self._tail(db_id)
+            self._tail(abs(db_id))
+            if db_id < 0:  # a restart of the WAL waits for the commits to be stored
+                self._on_hurry(-db_id)
         elif msg[:1] == b"F" and len(msg) == _REQUEST.size:
             _, req, db_id, timeout = _REQUEST.unpack(msg)
             threading.Thread(
