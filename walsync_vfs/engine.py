@@ -14,10 +14,14 @@ engine holds the lock and the threads, and wires the roles together:
   in order.  Failures are retried with backoff; nothing is dropped.
 * **Maintenance** (compactor.py).  Periodic snapshots, compaction and retention, one pass at
   a time beside the uploads.
+* **Lease** (lease.py).  A sync first holds the database name's writer lease in the store;
+  the uploader thread has it renewed, and a writer refused or fenced out by another stops
+  uploading, says so once, and tries again on the sync's backoff.
 """
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import logging
@@ -36,6 +40,7 @@ from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
 from walsync_vfs.errors import ReplicationError
 from walsync_vfs.leader import Host, LeaderError
+from walsync_vfs.lease import Lease, Refused, Unfenceable
 from walsync_vfs.lineage import Head, decide, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
@@ -83,6 +88,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="walsync-upload", daemon=True)
         self._thread.start()
         self._host = Host(self._promote, self._flush_for_follower)
+        self._leases: set[Lease] = set()  # held or being released: released at exit too
+        atexit.register(self._release_leases)
 
     def database(self, path: str) -> Database | None:
         """The state kept for the database at ``path``, if any."""
@@ -197,6 +204,8 @@ class Engine:
         if db.open or db.busy():
             return
         self._dbs.pop(db.db_id, None)
+        if db.lease is not None and db.lease.held:
+            self.uploads.pool.spawn(db.lease.release)  # the next writer may start at once
         self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
         if self._names.get(db.name) == db.db_id:
@@ -227,6 +236,7 @@ class Engine:
                 self._sync(db)
             except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
                 with self._lock:
+                    fenced = self._fenced(db, exc)
                     db.fail(exc)
                     self._cond.notify_all()
                     if db.given_up():
@@ -239,6 +249,8 @@ class Engine:
                     heapq.heappush(self._sync_retries, (at, next(self._ticket), db))
                     if at < self.uploads.wake_at:
                         self._wake.notify()
+                if fenced:
+                    return
                 log.warning(
                     "walsync: sync of %s failed (retrying in %.1fs): %s",
                     db.path,
@@ -281,6 +293,74 @@ class Engine:
         db.cfg = cfg
         db.name = name
         db.client = self._client(cfg.replica_root())
+        if cfg.fencing:
+            db.client.create_only = True
+            db.lease = Lease(db.client, name, db.path, cfg.lease_time)
+            with self._lock:
+                self._leases.add(db.lease)
+
+    def _claim(self, db: Database) -> None:
+        """Hold the database name's writer lease (renewed if held); raises Refused or
+        Unfenceable, which _fenced reports."""
+        if db.lease is None:
+            return
+        db.lease.acquire()
+        with self._lock:
+            if db.fenced:
+                log.warning("walsync: %s: the other writer let go; replicating again", db.path)
+                db.fenced = ""
+
+    def _fenced(self, db: Database, exc: Exception) -> bool:
+        """If ``exc`` says another writer holds the lease (or the store cannot fence): say so
+        once, stop shipping and let the next sync start afresh (lock held)."""
+        if not isinstance(exc, Refused | Unfenceable):
+            return False
+        if db.fenced != str(exc):
+            log.error("walsync: %s", exc)
+            db.fenced = str(exc)
+        db.sync.drop_held()  # the database holds them: they will be in the next snapshot
+        db.lineage.checksum = None
+        up = db.upload
+        for item in up.outbox[1:] if up.uploading else up.outbox:
+            self._spool.discard(item)
+        up.outbox[:] = up.outbox[:1] if up.uploading else []
+        up.pending, up.pending_bytes = [], 0
+        self.compactor.drop_copies(db)
+        self._cond.notify_all()
+        return True
+
+    def _renew_leases(self, now: float) -> None:
+        """Have due lease renewals made by the put threads (lock held)."""
+        for db in self._dbs.values():
+            lease = db.lease
+            if lease is not None and lease.renew_due(now) and not lease.renewing:
+                lease.renewing = True
+                self.uploads.pool.spawn(self._renew, db, lease)
+
+    def _renew(self, db: Database, lease: Lease) -> None:
+        error = None
+        try:
+            lease.renew()
+        except Exception as exc:  # noqa: BLE001 - the lease lapses; uploads wait for it
+            error = exc
+        with self._lock:
+            lease.renewing = False
+            if error is None:
+                self.uploads.schedule(db, time.monotonic())
+            elif self._fenced(db, error):
+                self._request_sync(db)
+        if error is not None and not isinstance(error, Refused):
+            log.warning("walsync: renewing the lease of %s failed: %s", db.path, error)
+
+    def _release_leases(self) -> None:
+        """At exit: let the next writer take over at once rather than after the lease time,
+        waiting at most a second or two for the store."""
+        with self._lock:
+            leases = list(self._leases)
+        if leases:
+            t = threading.Thread(target=_release_all, args=(leases,), daemon=True)
+            t.start()
+            t.join(2.0)
 
     def _pinned(self, db: Database, seq: int) -> None:
         with self._lock:
@@ -302,6 +382,7 @@ class Engine:
             self._resolve(db)
         client = db.client
         assert client is not None
+        self._claim(db)
         lineage, state = db.lineage, db.sync
         stored = state.stored_head if lineage.generation is None else None
         cap = self.settings.memory_cap
@@ -333,7 +414,7 @@ class Engine:
             upkeep = db.upkeep
             snapshot = (upkeep.force_snapshot, upkeep.snapshot_txid)
             decision = decide(head, pinned.checksum, pinned.page_size, pinned.survivors, *snapshot)
-            sync.write(client, db.name, head, decision, pinned, raw)
+            sync.write(client, db.name, head, decision, pinned, raw, db.epoch())
         with self._lock:
             state.stored_head = None
             lineage.restart(
@@ -415,6 +496,7 @@ class Engine:
                 if now >= self._next_maintenance:
                     self._next_maintenance = now + MAINTENANCE_TICK
                     self.compactor.schedule(self._dbs.values(), now, self._request_sync)
+                    self._renew_leases(now)
                 wait = MAINTENANCE_TICK
                 # Every slot taken: only the end of ships wakes it (see ShipSlots.give_back).
                 full = uploads.slots.check_full()
@@ -484,6 +566,8 @@ class Engine:
                     if not waiting:
                         return
                     for db in waiting:
+                        if db.fenced:
+                            raise ReplicationError(db.fenced)
                         if db.failures >= FAILING_AFTER:
                             raise ReplicationError(
                                 f"replica of {db.path} is failing: {db.last_error}"
@@ -520,3 +604,8 @@ class Engine:
         self.compactor.pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel=True)
         self.compactor.recent.close()
+
+
+def _release_all(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()

@@ -136,9 +136,11 @@ def write(
     decision: Decision,
     pinned: Pinned,
     raw: BinaryIO,
+    epoch: int = 0,
 ) -> None:
-    """Upload the snapshot if the decision (taken against the replica's ``head``) takes one;
-    the commits recovered from the WAL ship through the uploader, after any still pending."""
+    """Upload the snapshot if the decision (taken against the replica's ``head``) takes one,
+    keyed with the writer's lease ``epoch``; the commits recovered from the WAL ship through
+    the uploader, after any still pending."""
     if not decision.continues and head.generation is not None:
         log.debug(
             "walsync: %s differs from its replica (%s) at seq %d: checksum %x, %d pages of %d",
@@ -151,10 +153,10 @@ def write(
         )
     if decision.snapshot:
         raw.seek(0)
-        client.put(
-            format.snapshot_key(name, decision.generation, decision.txid),
-            _snapshot(raw, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size),
-        )
+        snapshot = _snapshot(raw, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size)
+        key = format.snapshot_key(name, decision.generation, decision.txid, epoch)
+        with contextlib.suppress(storage.Conflict):  # this writer's own (see stored_before)
+            client.put(key, snapshot)
 
 
 def _snapshot(raw: BinaryIO, page_size: int, txid: int, time_ns: int, db_size: int) -> bytes:

@@ -47,6 +47,12 @@ def is_small(raw_bytes: int, max_segment_bytes: int) -> bool:
     return raw_bytes < max_segment_bytes // 4
 
 
+def stored_before(error: Exception) -> bool:
+    """A create-only PUT found its key taken: keys carry this writer's lease epoch, so it was
+    this writer's own earlier attempt (its reply lost), never another writer's object."""
+    return isinstance(error, storage.Conflict)
+
+
 def per_client(entries: list[_E]) -> Iterable[list[_E]]:
     """Entries that start with a database, grouped by the client of its replica root (one
     batch of requests per store), in their order."""
@@ -115,6 +121,8 @@ class UploadClock:
         up, s = db.upload, db.cfg
         if not (up.pending or up.outbox) or up.uploading or db.sync.syncing:
             return math.inf  # an upload's or sync's end schedules it again
+        if not db.may_write(now):
+            return math.inf  # the lease's renewal schedules it again
         # Refill the token bucket.
         if s.upload_interval > 0:
             up.tokens = min(s.upload_burst, up.tokens + (now - up.token_time) / s.upload_interval)
@@ -233,8 +241,11 @@ def take_batch(up: UploadState, page_size: int, max_bytes: int) -> list[Pending]
     return batch
 
 
-def encode(name: str, page_size: int, max_segment_bytes: int, batch: list[Pending]) -> Outgoing:
-    """One segment of a batch of pending commits (of one generation)."""
+def encode(
+    name: str, page_size: int, max_segment_bytes: int, batch: list[Pending], epoch: int = 0
+) -> Outgoing:
+    """One segment of a batch of pending commits (of one generation), keyed with the lease
+    ``epoch`` of its writer."""
     commits = [c for _, _, c in batch]
     gen = batch[0][1]
     page_size = next((len(p) for c in commits for _, p in c.pages), page_size)
@@ -242,7 +253,7 @@ def encode(name: str, page_size: int, max_segment_bytes: int, batch: list[Pendin
     small = is_small(raw_bytes, max_segment_bytes)
     level = format.SMALL_SEGMENT_LEVEL if small else format.SEGMENT_LEVEL
     return Outgoing(
-        format.segment_key(name, gen, commits[0].txid, commits[-1].txid),
+        format.segment_key(name, gen, commits[0].txid, commits[-1].txid, epoch),
         gen,
         batch[-1][0],
         commits[0].txid,
@@ -340,7 +351,9 @@ class Uploader:
         return take_batch(db.upload, db.lineage.page_size, db.cfg.max_segment_bytes)
 
     def _encode(self, db: Database, batch: list[Pending]) -> Outgoing:
-        return encode(db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch)
+        return encode(
+            db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch, db.epoch()
+        )
 
     def _encode_or_none(self, db: Database, batch: list[Pending]) -> Outgoing | None:
         """The segment, or None (logged) if the commits cannot be encoded: they are then lost
@@ -371,7 +384,7 @@ class Uploader:
                     settled += 1
             results = storage.put_all(client, objects)
             for (db, item), (_, data), error in zip(sending, objects, results, strict=True):
-                if error is None:
+                if error is None or stored_before(error):
                     self._uploaded(db, item, data)
                 else:
                     self._failed(db, error)

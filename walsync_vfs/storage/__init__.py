@@ -16,6 +16,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
+    "Conflict",
     "ObjectInfo",
     "ObjectNotFound",
     "ReplicaClient",
@@ -41,6 +42,11 @@ class ObjectNotFound(StorageError):
     """The key does not exist; restore and head reads treat this as a normal outcome."""
 
 
+class Conflict(StorageError):
+    """A conditional write lost: the key already exists (create-only), or the object is no
+    longer the version named (compare-and-swap)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str  # relative to the client's root, '/'-separated
@@ -55,6 +61,9 @@ class ReplicaClient(Protocol):
 
     url: str  # the root URL it was opened with, without credentials
     requests: int  # calls/pages sent to the store, so tests can prove idle databases cost 0
+    # Every put creates its key or fails with Conflict (never overwrites): set by a writer
+    # that fences (lease.py), so an old writer can never replace another's object.
+    create_only: bool
 
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` atomically: readers see all of it or the previous state."""
@@ -70,6 +79,19 @@ class ReplicaClient(Protocol):
 
     def delete(self, keys: Iterable[str]) -> None:
         """Remove the objects; keys that do not exist are not an error."""
+        ...
+
+
+class Swapping(Protocol):
+    """Compare-and-swap on one object, for the writer lease (lease.py): both backends."""
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and a tag naming this version of it."""
+        ...
+
+    def swap(self, key: str, data: bytes, tag: str | None) -> str:
+        """Write ``data`` if the object is still version ``tag`` (None: if it does not
+        exist), else raise :class:`Conflict`; returns the new version's tag."""
         ...
 
 
