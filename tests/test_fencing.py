@@ -1,0 +1,291 @@
+"""Two replicators of one replica name (a rolling deploy, two hosts): the writer lease in the
+store lets one write at a time, and no object of one is ever replaced by the other's.
+
+Each writer is a process (tests/fence_worker.py) with its own host id and database copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import apsw
+import pytest
+
+from walsync_vfs import catalog, lease, report, storage
+from walsync_vfs.restore import restore
+
+WORKER = str(Path(__file__).with_name("fence_worker.py"))
+LEASE_TIME = 3.0
+NAME = "app.db"
+
+
+class Writer:
+    """A fence_worker process, driven one command at a time."""
+
+    def __init__(self, path: Path, url: str, host: str) -> None:
+        self.path, self.host = path, host
+        env = dict(os.environ, WALSYNC_HOST_ID=host)
+        self.proc = subprocess.Popen(
+            [sys.executable, WORKER, str(path), url, str(LEASE_TIME)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.pid = self.ask_nothing()["pid"]
+
+    def ask_nothing(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"writer {self.host} exited ({self.proc.wait()})"
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.ask_nothing()
+
+    def flush(self) -> dict:
+        return self.ask("flush")
+
+    def exit(self) -> None:
+        assert self.ask("exit") == {"bye": True}
+        assert self.proc.wait(timeout=30) == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def create(path: Path) -> None:
+    con = apsw.Connection(str(path))
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, host TEXT, v BLOB)")
+    con.close()
+
+
+def rows(path: Path | str) -> list[tuple]:
+    con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return con.execute("SELECT id, host, v FROM t ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def refused_text(waiting: Path, url: str, holder: Writer) -> str:
+    return (
+        f"{waiting}: replica {url}/{NAME} is written by another writer "
+        f"(host {holder.host}, pid {holder.pid}, database {holder.path}); "
+        "not replicating until its lease ends"
+    )
+
+
+def versions(url: str) -> dict[str, object]:
+    """Every object's version (file: inode and mtime; S3: ETag), the lease aside: a key whose
+    version changes between two looks was overwritten."""
+    if url.startswith("file:"):
+        root = Path(urlsplit(url).path)
+        found = {}
+        for p in root.rglob("*"):
+            if p.is_file() and not p.name.endswith(".walsync-tmp"):
+                st = p.stat()
+                found[str(p.relative_to(root))] = (st.st_ino, st.st_mtime_ns)
+    else:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+        bucket = urlsplit(url).netloc
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        found = {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+    return {k: v for k, v in found.items() if not k.endswith("/" + format_lease())}
+
+
+def format_lease() -> str:
+    return "lease"
+
+
+def overwritten(before: dict[str, object], after: dict[str, object]) -> list[str]:
+    return [k for k, v in before.items() if k in after and after[k] != v]
+
+
+def until_replicating(w: Writer, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (answer := w.flush()) != {"flush": "ok"}:
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.2)
+
+
+def check_history(url: str, holder_rows: list[tuple], old_rows: list[tuple]) -> None:
+    """verify passes, the latest restore is the lease holder's database, and the history
+    holds the old writer's final database as one of its restore points."""
+    client = storage.open_replica(url)
+    assert report.verify(client, NAME) == []
+    gens = catalog.generations(client, NAME)
+    out = str(Path(urlsplit(url).path if url.startswith("file:") else "/tmp").parent)
+    latest = os.path.join(out, f"latest-{os.getpid()}.db")
+    restore(f"{url}/{NAME}", latest, force=True)
+    assert rows(latest) == holder_rows
+    before = os.path.join(out, f"before-{os.getpid()}.db")
+    restore(f"{url}/{NAME}", before, txid=gens[-1].first_txid - 1, force=True)
+    assert rows(before) == old_rows
+    for f in (latest, before):
+        os.unlink(f)
+
+
+@pytest.fixture
+def two_copies(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a" / NAME, tmp_path / "b" / NAME
+    a.parent.mkdir()
+    b.parent.mkdir()
+    return a, b
+
+
+def test_rolling_deploy(replica_url: str, two_copies: tuple[Path, Path]) -> None:
+    """A writes; B restores the replica and writes under the same name; A exits; B takes
+    over in a new generation; nothing was overwritten and every restore point is one
+    writer's history."""
+    a_path, b_path = two_copies
+    create(a_path)
+    a = Writer(a_path, replica_url, "host-a")
+    b = None
+    try:
+        a.ask("write 20")
+        assert a.flush() == {"flush": "ok"}
+        restore(f"{replica_url}/{NAME}", str(b_path))
+        seen = versions(replica_url)
+        b = Writer(b_path, replica_url, "host-b")
+        for _ in range(3):
+            a.ask("write 10")
+            b.ask("write 10")
+            assert a.flush() == {"flush": "ok"}
+            answer = b.flush()
+            assert answer == {"flush": "error", "text": refused_text(b_path, replica_url, a)}
+        assert b.ask("stats")["fenced"] == answer["text"]
+        a_final = rows(a_path)
+        a.exit()
+        until_replicating(b)
+        assert b.ask("stats")["fenced"] == ""
+        b.ask("write 5")
+        assert b.flush() == {"flush": "ok"}
+        now = versions(replica_url)
+        assert overwritten(seen, now) == []
+        b.exit()
+        check_history(replica_url, rows(b_path), a_final)
+        assert overwritten(now, versions(replica_url)) == []
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+
+
+def test_paused_holder_is_fenced(replica_url: str, two_copies: tuple[Path, Path]) -> None:
+    """A frozen past its lease (SIGSTOP) loses it to B; resumed, A's flush raises, and what
+    it may still write is ignored: verify passes and the latest restore is B's database."""
+    a_path, b_path = two_copies
+    create(a_path)
+    a = Writer(a_path, replica_url, "host-a")
+    b = None
+    try:
+        a.ask("write 20")
+        assert a.flush() == {"flush": "ok"}
+        restore(f"{replica_url}/{NAME}", str(b_path))
+        seen = versions(replica_url)
+        b = Writer(b_path, replica_url, "host-b")
+        b.ask("write 10")
+        a.ask("write 10")
+        assert a.flush() == {"flush": "ok"}
+        a_rows = rows(a_path)
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            until_replicating(b, timeout=LEASE_TIME * 6)
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        a.ask("write 10")  # after the takeover: never part of the history
+        answer = a.flush()
+        assert answer == {"flush": "error", "text": refused_text(a_path, replica_url, b)}
+        b.ask("write 5")
+        assert b.flush() == {"flush": "ok"}
+        a.exit()
+        b.exit()
+        assert overwritten(seen, versions(replica_url)) == []
+        check_history(replica_url, rows(b_path), a_rows)
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+
+
+def test_two_hosts_start_at_once(replica_url: str, two_copies: tuple[Path, Path]) -> None:
+    """Two hosts with equal copies start together: exactly one wins; the other waits and,
+    once the winner has closed, continues the same generation (its database equals the
+    replica's head)."""
+    a_path, b_path = two_copies
+    create(a_path)
+    b_path.write_bytes(a_path.read_bytes())
+    writers = [Writer(a_path, replica_url, "host-a"), Writer(b_path, replica_url, "host-b")]
+    try:
+        stats = [w.ask("stats") for w in writers]
+        winners = [w for w, s in zip(writers, stats, strict=True) if not s["fenced"]]
+        assert len(winners) == 1, stats
+        (winner,) = winners
+        (loser,) = [w for w in writers if w is not winner]
+        assert loser.flush() == {
+            "flush": "error",
+            "text": refused_text(loser.path, replica_url, winner),
+        }
+        generation = winner.ask("stats")["generation"]
+        epoch = winner.ask("stats")["epoch"]
+        winner.exit()
+        until_replicating(loser)
+        after = loser.ask("stats")
+        assert after["generation"] == generation and after["epoch"] > epoch
+        loser.exit()
+    finally:
+        for w in writers:
+            w.kill()
+
+
+def test_lease_refuses_a_live_holder_and_takes_an_expired_one(file_url: str) -> None:
+    """The lease itself: a second claimant is refused while the lease is live, takes it with
+    a higher epoch once it expired, and the first one's renewal is then refused."""
+    client = storage.open_replica(file_url)
+    first = lease.Lease(client, NAME, "/x/app.db", ttl=1.0)
+    first.acquire()
+    os.environ[lease.ENV_HOST_ID] = "other-host"
+    try:
+        second = lease.Lease(client, NAME, "/y/app.db", ttl=1.0)
+        with pytest.raises(lease.Refused):
+            second.acquire()
+        time.sleep(1.1)
+        second.acquire()
+        assert second.epoch == first.epoch + 1
+        with pytest.raises(lease.Refused):
+            first.renew()
+    finally:
+        del os.environ[lease.ENV_HOST_ID]
+
+
+def test_leftovers_after_a_takeover() -> None:
+    """Objects a lower epoch wrote at or after the txid where a higher one took over are
+    leftovers; what it wrote before stays history."""
+    from walsync_vfs import format
+
+    g = "0000000000000001-00000001"
+    keys = [
+        format.parse_key(format.snapshot_key(NAME, g, 1, 1)),
+        format.parse_key(format.segment_key(NAME, g, 2, 5, 1)),
+        format.parse_key(format.segment_key(NAME, g, 6, 7, 1)),  # after B took over at 6
+        format.parse_key(format.segment_key(NAME, g, 6, 9, 2)),
+    ]
+    assert all(keys)
+    assert catalog.leftovers(keys) == {keys[2]}  # type: ignore[arg-type]
