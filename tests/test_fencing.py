@@ -107,11 +107,7 @@ def versions(url: str) -> dict[str, object]:
         bucket = urlsplit(url).netloc
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
         found = {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
-    return {k: v for k, v in found.items() if not k.endswith("/" + format_lease())}
-
-
-def format_lease() -> str:
-    return "lease"
+    return {k: v for k, v in found.items() if ".walsync-lease" not in k}
 
 
 def overwritten(before: dict[str, object], after: dict[str, object]) -> list[str]:

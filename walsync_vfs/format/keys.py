@@ -24,7 +24,9 @@ _KEY_RE = re.compile(
     rf"(?:snapshot/({_HEX16}){_EPOCH}\.wsnap|seg/({_HEX16})-({_HEX16}){_EPOCH}\.wseg)"
 )
 EPOCH_MAX = 0xFFFFFFFF
-LEASE = "lease"  # <name>/lease: the writer lease (lease.py); not a data object
+# The writer leases (lease.py) live outside the databases' prefixes, so a database's listing
+# holds its data objects only; not a key of the grammar, so never taken for data.
+LEASES = ".walsync-lease"
 
 
 def _valid_name(name: object) -> bool:
@@ -98,7 +100,7 @@ def segment_key(
 
 
 def lease_key(name: str) -> str:
-    return f"{check_name(name)}/{LEASE}"
+    return f"{LEASES}/{check_name(name)}"
 
 
 def parse_key(key: str) -> ParsedKey | None:
