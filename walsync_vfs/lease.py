@@ -1,16 +1,15 @@
 """The writer lease: at most one replicator per database name in a store, fenced by epochs.
 
-A lease object ``.walsync-lease/<name>`` names its holder (epoch, host, pid, database path)
-and when it expires; it changes only by compare-and-swap (create-only when absent, else
-``If-Match`` its version), so two writers can never both think they acquired it.  Every
-acquisition takes a higher epoch, and every data object's key carries its writer's epoch and
-is written create-only, so a holder that was paused past its lease and wakes up cannot
-overwrite the new holder's objects; readers ignore what it writes after the takeover (catalog.leftovers).
+A lease object ``.walsync-lease/<name>`` names its holder (epoch, host, pid, database path) and
+when it expires; it changes only by compare-and-swap (create-only when absent, else ``If-Match``
+its version), so two writers can never both think they acquired it. Every acquisition takes a
+higher epoch, and every data object's key carries its writer's epoch and is written create-only,
+so a holder that was paused past its lease and wakes up cannot overwrite the new holder's
+objects; readers ignore what it writes after the takeover (catalog.leftovers).
 
 Clocks: a lease is expired once the wall clock passes its ``expires``; the holder stops
 uploading well before that by its own monotonic clock (:meth:`Lease.valid`), so hosts' clocks
-need only agree to within a fraction of the lease time.
-"""
+need only agree to within a fraction of the lease time."""
 
 from __future__ import annotations
 
