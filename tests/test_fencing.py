@@ -230,9 +230,9 @@ def test_two_hosts_start_at_once(replica_url: str, two_copies: tuple[Path, Path]
     b_path.write_bytes(a_path.read_bytes())
     writers = [Writer(a_path, replica_url, "host-a"), Writer(b_path, replica_url, "host-b")]
     try:
-        stats = [w.ask("stats") for w in writers]
-        winners = [w for w, s in zip(writers, stats, strict=True) if not s["fenced"]]
-        assert len(winners) == 1, stats
+        answers = [w.flush() for w in writers]
+        winners = [w for w, a in zip(writers, answers, strict=True) if a == {"flush": "ok"}]
+        assert len(winners) == 1, answers
         (winner,) = winners
         (loser,) = [w for w in writers if w is not winner]
         assert loser.flush() == {

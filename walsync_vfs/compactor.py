@@ -324,6 +324,7 @@ class Compactor:
             doomed = expired(objects, db.cfg.retention) if retain else []
             if doomed and not confirmed(db):
                 doomed = []  # only the lease holder deletes
+            if doomed:
                 db.client.delete(doomed)
                 db.upkeep.pruned_at = time.monotonic()
                 log.info("walsync: %s retention removed %d objects", db.name, len(doomed))

@@ -204,8 +204,10 @@ class Engine:
         if db.open or db.busy():
             return
         self._dbs.pop(db.db_id, None)
-        if db.lease is not None and db.lease.held:
-            self.uploads.pool.spawn(db.lease.release)  # the next writer may start at once
+        if db.lease is not None:
+            self._leases.discard(db.lease)
+            if db.lease.held:
+                self.uploads.pool.spawn(db.lease.release)  # the next writer may start at once
         self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
         if self._names.get(db.name) == db.db_id:
@@ -299,16 +301,23 @@ class Engine:
             with self._lock:
                 self._leases.add(db.lease)
 
-    def _claim(self, db: Database) -> None:
-        """Hold the database name's writer lease (renewed if held); raises Refused or
-        Unfenceable, which _fenced reports."""
-        if db.lease is None:
-            return
-        db.lease.acquire()
-        with self._lock:
-            if db.fenced:
-                log.warning("walsync: %s: the other writer let go; replicating again", db.path)
-                db.fenced = ""
+    def _claim(self, db: Database, read: bool) -> tuple[bool, Head | None]:
+        """Hold the database name's writer lease (renewed if held), then read the replica's
+        head if ``read``: a new holder must continue from what the last one wrote.  Whether
+        the holding is new (another writer may have extended the replica since this lineage
+        started), and the head; raises Refused or Unfenceable, which _fenced reports."""
+        lease = db.lease
+        fresh = False
+        if lease is not None:
+            before = lease.epoch
+            lease.acquire()
+            fresh = lease.epoch != before
+            with self._lock:
+                if db.fenced:
+                    log.warning("walsync: %s: the other writer let go; replicating again", db.path)
+                    db.fenced = ""
+        assert db.client is not None
+        return fresh, read_head(db.client, db.name) if read else None
 
     def _fenced(self, db: Database, exc: Exception) -> bool:
         """If ``exc`` says another writer holds the lease (or the store cannot fence): say so
@@ -318,8 +327,16 @@ class Engine:
         if db.fenced != str(exc):
             log.error("walsync: %s", exc)
             db.fenced = str(exc)
-        db.sync.drop_held()  # the database holds them: they will be in the next snapshot
-        db.lineage.checksum = None
+        self._start_afresh(db)
+        return True
+
+    def _start_afresh(self, db: Database) -> None:
+        """Drop what the database has not shipped and forget its lineage, so that its next
+        sync continues from the replica's head (lock held): another writer may have
+        extended it meanwhile.  The database holds the dropped commits, so they are in the
+        snapshot that sync takes."""
+        db.sync.drop_held()
+        db.lineage.generation, db.lineage.checksum = None, None  # a sync may hold it: in place
         up = db.upload
         for item in up.outbox[1:] if up.uploading else up.outbox:
             self._spool.discard(item)
@@ -327,7 +344,6 @@ class Engine:
         up.pending, up.pending_bytes = [], 0
         self.compactor.drop_copies(db)
         self._cond.notify_all()
-        return True
 
     def _renew_leases(self, now: float) -> None:
         """Have due lease renewals made by the put threads (lock held)."""
@@ -382,16 +398,20 @@ class Engine:
             self._resolve(db)
         client = db.client
         assert client is not None
-        self._claim(db)
         lineage, state = db.lineage, db.sync
         stored = state.stored_head if lineage.generation is None else None
         cap = self.settings.memory_cap
+        read = lineage.generation is None and stored is None
+        # Beside the sync point, which must not wait for the store (its opener waits).
+        claim: Future[tuple[bool, Head | None]] = self.uploads.pool.submit(self._claim, db, read)
 
         def fetch_head() -> Future[Head]:
-            return self.uploads.pool.submit(read_head, client, db.name)
+            head: Future[Head] = Future()
+            claim.add_done_callback(lambda done: _chain(done, head))
+            return head
 
         with tempfile.TemporaryFile() as raw:
-            fetch = fetch_head if lineage.generation is None and stored is None else None
+            fetch = fetch_head if read else None
             pinned = sync.pin(
                 db.path,
                 raw,
@@ -411,10 +431,19 @@ class Engine:
                         state.stored_head = head
                         state.resync = True
                     return
+            if claim.result()[0] and not read:
+                with self._lock:  # the lineage was built under an earlier holding
+                    self._start_afresh(db)
+                    state.resync = True
+                return
             upkeep = db.upkeep
             snapshot = (upkeep.force_snapshot, upkeep.snapshot_txid)
             decision = decide(head, pinned.checksum, pinned.page_size, pinned.survivors, *snapshot)
             sync.write(client, db.name, head, decision, pinned, raw, db.epoch())
+            if not db.may_write(time.monotonic()):
+                with self._lock:  # it may have landed after a takeover: claim and look again
+                    state.resync = True
+                return
         with self._lock:
             state.stored_head = None
             lineage.restart(
@@ -604,6 +633,17 @@ class Engine:
         self.compactor.pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel=True)
         self.compactor.recent.close()
+
+
+def _chain(claim: Future[tuple[bool, Head | None]], head: Future[Head]) -> None:
+    """Settle ``head`` with the head a claim read, or its error."""
+    error = claim.exception()
+    if error is not None:
+        head.set_exception(error)
+    else:
+        found = claim.result()[1]
+        assert found is not None
+        head.set_result(found)
 
 
 def _release_all(leases: list[Lease]) -> None:

@@ -29,6 +29,7 @@ ENV_HOST_ID = "WALSYNC_HOST_ID"
 LEASE_TIME = 15.0  # default seconds a lease lasts without renewal
 VALID_FRACTION = 0.7  # the holder uploads only within this part of the lease after a renewal
 RENEW_FRACTION = 1 / 3  # renew when this part of the lease has passed
+SWAP_ATTEMPTS = 3  # reads and swaps of the lease object before a busy lease counts as refused
 PROBE_KEY = ".walsync-conditional-probe"  # not a key of ours: foreign files are ignored
 
 
@@ -148,23 +149,37 @@ class Lease:
 
     def _acquire(self) -> None:
         check_conditional(self.client)
-        current, tag = self._read()
-        if current is not None and self._mine is not None and current.token == self._mine.token:
-            self._write(current, tag, current.epoch)
-            return
-        if current is not None and current.expires > time.time() and not self._stale(current):
-            self.held = False
-            raise Refused(self.path, self.name, self.client.url, current)
-        epoch = (current.epoch if current is not None else self._highest_epoch()) + 1
-        mine = Holder(epoch, host_id(), os.getpid(), self.path, 0.0, secrets.token_hex(8))
-        self._write(mine, tag, epoch)
+        for _ in range(SWAP_ATTEMPTS):
+            current, tag = self._read()
+            if current is not None and self._mine is not None and current.token == self._mine.token:
+                holder, epoch = current, current.epoch
+            elif current is not None and current.expires > time.time() and not self._stale(current):
+                self.held = False
+                raise Refused(self.path, self.name, self.client.url, current)
+            else:
+                epoch = (current.epoch if current is not None else self._highest_epoch()) + 1
+                holder = Holder(epoch, host_id(), os.getpid(), self.path, 0.0, secrets.token_hex(8))
+            try:
+                self._write(holder, tag, epoch)
+                return
+            except storage.Conflict:
+                continue  # changed since the read (released, say): decide again
+        self.held = False
+        raise Refused(self.path, self.name, self.client.url, current or holder)
 
     def renew(self) -> None:
         """Extend the lease; :class:`Refused` if another writer took it meanwhile."""
         with self._lock:
             if not self.held or self._mine is None:
                 return  # released or lost meanwhile: the next sync acquires again
-            self._write(self._mine, self._tag, self.epoch)
+            try:
+                self._write(self._mine, self._tag, self.epoch)
+            except storage.Conflict:
+                current, _ = self._read()
+                self.held = False
+                raise Refused(
+                    self.path, self.name, self.client.url, current or self._mine
+                ) from None
 
     def confirm(self) -> bool:
         """Whether the lease object still names this holding."""
@@ -182,17 +197,17 @@ class Lease:
                 self.swapping.swap(self.key, replace(self._mine, expires=0.0).encode(), self._tag)
 
     def _write(self, holder: Holder, tag: str | None, epoch: int) -> None:
+        """Swap ``holder`` in over version ``tag``; :class:`storage.Conflict` if the object
+        changed meanwhile (unless the change was this very write, retried)."""
         start, wall = time.monotonic(), time.time()
         holder = replace(holder, expires=wall + self.ttl)
         try:
             self._tag = self.swapping.swap(self.key, holder.encode(), tag)
         except storage.Conflict:
-            current, self._tag = self._read()
-            if current is None or current.token != holder.token:  # another writer's, not
-                self.held = False  # a retry of our own write that had gone through
-                raise Refused(
-                    self.path, self.name, self.client.url, current or holder
-                ) from None
+            current, current_tag = self._read()
+            if current is None or current != holder:
+                raise
+            self._tag = current_tag  # a retry of our own write that had gone through
         self._mine, self.epoch, self.held = holder, epoch, True
         self._valid_until = start + self.ttl * VALID_FRACTION
         self._renew_at = start + self.ttl * RENEW_FRACTION
@@ -205,9 +220,13 @@ class Lease:
         return Holder.decode(data), tag
 
     def _stale(self, holder: Holder) -> bool:
-        """A lease of this host and database left by a process that is gone: the host-local
-        leader lock (leader.py) makes this process the only one replicating it here."""
-        return holder.host == host_id() and holder.path == self.path and holder.pid != os.getpid()
+        """A lease no live writer uses: left by this very process (a database of this name
+        it no longer replicates: the engine replicates one database per name at a time), or
+        by a process of this host that is gone (the host-local leader lock, leader.py, makes
+        this process the only one replicating this database here)."""
+        if holder.host != host_id():
+            return False
+        return holder.pid == os.getpid() or holder.path == self.path
 
     def _highest_epoch(self) -> int:
         """Without a lease object (a replica written before fencing, or one that lost it),

@@ -351,9 +351,7 @@ class Uploader:
         return take_batch(db.upload, db.lineage.page_size, db.cfg.max_segment_bytes)
 
     def _encode(self, db: Database, batch: list[Pending]) -> Outgoing:
-        return encode(
-            db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch, db.epoch()
-        )
+        return encode(db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch, db.epoch())
 
     def _encode_or_none(self, db: Database, batch: list[Pending]) -> Outgoing | None:
         """The segment, or None (logged) if the commits cannot be encoded: they are then lost
@@ -384,10 +382,12 @@ class Uploader:
                     settled += 1
             results = storage.put_all(client, objects)
             for (db, item), (_, data), error in zip(sending, objects, results, strict=True):
-                if error is None or stored_before(error):
+                if error is not None and not stored_before(error):
+                    self._failed(db, error)
+                elif db.may_write(time.monotonic()):
                     self._uploaded(db, item, data)
                 else:
-                    self._failed(db, error)
+                    self._unconfirmed(db)
                 settled += 1
         except Exception as exc:  # a bug: never leave a database marked as uploading
             log.exception("walsync: uploads failed")
@@ -413,6 +413,16 @@ class Uploader:
         log.warning(
             "walsync: upload for %s failed (attempt %d): %s", db.name, db.failures, db.last_error
         )
+
+    def _unconfirmed(self, db: Database) -> None:
+        """A segment landed after the lease may have passed to another writer, which then
+        ignores it: not durable yet.  Once the lease is renewed (nobody took it meanwhile, so
+        the segment is history) it is sent again and settled by its Conflict; if the lease
+        was taken, the engine drops it (Engine._start_afresh)."""
+        with self._lock:
+            db.upload.uploading = False
+            self.schedule(db, time.monotonic())
+            self._changed.notify_all()
 
     def _uploaded(self, db: Database, item: Outgoing, data: bytes) -> None:
         """A segment is in the store: mark it durable."""
