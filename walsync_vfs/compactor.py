@@ -22,7 +22,7 @@ from walsync_vfs import catalog, format, storage
 from walsync_vfs.errors import describe
 from walsync_vfs.recent import RecentCopies, Run
 from walsync_vfs.spool import Outgoing
-from walsync_vfs.uploader import PUT_BATCH, is_small, per_client, stored_before
+from walsync_vfs.uploader import PUT_BATCH, is_small, per_client
 from walsync_vfs.workers import Workers
 
 if TYPE_CHECKING:
@@ -347,10 +347,11 @@ class Compactor:
                 results = iter(storage.put_all(client, objects))
                 done = []
                 for db, puts, doomed in entries:
+                    sent = zip(puts, itertools.islice(results, len(puts)), strict=True)
                     failed = [
                         exc
-                        for exc in itertools.islice(results, len(puts))
-                        if exc and not stored_before(exc)
+                        for (key, data), exc in sent
+                        if exc and not storage.stored_before(client, key, data, exc)
                     ]
                     if failed:
                         self._failed(db, failed[0])

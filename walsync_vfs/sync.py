@@ -155,8 +155,11 @@ def write(
         raw.seek(0)
         snapshot = _snapshot(raw, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size)
         key = format.snapshot_key(name, decision.generation, decision.txid, epoch)
-        with contextlib.suppress(storage.Conflict):  # this writer's own (see stored_before)
+        try:
             client.put(key, snapshot)
+        except storage.Conflict as exc:
+            if not storage.stored_before(client, key, snapshot, exc):
+                raise
 
 
 def _snapshot(raw: BinaryIO, page_size: int, txid: int, time_ns: int, db_size: int) -> bytes:

@@ -47,12 +47,6 @@ def is_small(raw_bytes: int, max_segment_bytes: int) -> bool:
     return raw_bytes < max_segment_bytes // 4
 
 
-def stored_before(error: Exception) -> bool:
-    """A create-only PUT found its key taken: keys carry this writer's lease epoch, so it was
-    this writer's own earlier attempt (its reply lost), never another writer's object."""
-    return isinstance(error, storage.Conflict)
-
-
 def per_client(entries: list[_E]) -> Iterable[list[_E]]:
     """Entries that start with a database, grouped by the client of its replica root (one
     batch of requests per store), in their order."""
@@ -381,8 +375,8 @@ class Uploader:
                     self._failed(db, unreadable)
                     settled += 1
             results = storage.put_all(client, objects)
-            for (db, item), (_, data), error in zip(sending, objects, results, strict=True):
-                if error is not None and not stored_before(error):
+            for (db, item), (key, data), error in zip(sending, objects, results, strict=True):
+                if error is not None and not storage.stored_before(client, key, data, error):
                     self._failed(db, error)
                 elif db.may_write(time.monotonic()):
                     self._uploaded(db, item, data)

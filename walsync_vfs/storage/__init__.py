@@ -116,6 +116,23 @@ def put_all(client: ReplicaClient, objects: Sequence[tuple[str, bytes]]) -> list
     return results
 
 
+def stored_before(client: ReplicaClient, key: str, data: bytes, error: Exception | None) -> bool:
+    """Whether a create-only PUT of ``data`` that raised ``error`` finds it stored: its key
+    taken by that very object, an earlier attempt whose reply was lost (a fencing writer's
+    keys are its own: no other writer's object is ever there).  An object of other bytes
+    there is damaged (or planted): it is removed and the PUT counts as failed, to be sent
+    again."""
+    if not isinstance(error, Conflict):
+        return False
+    try:
+        if client.get(key) == data:
+            return True
+        client.delete([key])
+    except StorageError:
+        pass  # the PUT is retried, and this looked at again
+    return False
+
+
 def check_key(key: str) -> str:
     """Reject keys that could escape the root or mean different objects on different backends.
 
