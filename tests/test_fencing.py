@@ -6,12 +6,14 @@ Each writer is a process (tests/fence_worker.py) with its own host id and databa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -146,28 +148,43 @@ def two_copies(tmp_path: Path) -> tuple[Path, Path]:
     return a, b
 
 
+@contextlib.contextmanager
+def old_and_new(
+    url: str, copies: tuple[Path, Path]
+) -> Iterator[tuple[Writer, Writer, dict[str, object]]]:
+    """A replicating 20 commits, then B started on a copy restored from the replica, as in a
+    rolling deploy: (A, B, every object's version when B started); both killed at the end."""
+    a_path, b_path = copies
+    create(a_path)
+    writers: list[Writer] = []
+    try:
+        a = Writer(a_path, url, "host-a")
+        writers.append(a)
+        a.ask("write 20")
+        assert a.flush() == {"flush": "ok"}
+        restore(f"{url}/{NAME}", str(b_path))
+        seen = versions(url)
+        b = Writer(b_path, url, "host-b")
+        writers.append(b)
+        yield a, b, seen
+    finally:
+        for w in writers:
+            w.kill()
+
+
 def test_rolling_deploy(replica_url: str, two_copies: tuple[Path, Path]) -> None:
     """A writes; B restores the replica and writes under the same name; A exits; B takes
     over in a new generation; nothing was overwritten and every restore point is one
     writer's history."""
-    a_path, b_path = two_copies
-    create(a_path)
-    a = Writer(a_path, replica_url, "host-a")
-    b = None
-    try:
-        a.ask("write 20")
-        assert a.flush() == {"flush": "ok"}
-        restore(f"{replica_url}/{NAME}", str(b_path))
-        seen = versions(replica_url)
-        b = Writer(b_path, replica_url, "host-b")
+    with old_and_new(replica_url, two_copies) as (a, b, seen):
         for _ in range(3):
             a.ask("write 10")
             b.ask("write 10")
             assert a.flush() == {"flush": "ok"}
             answer = b.flush()
-            assert answer == {"flush": "error", "text": refused_text(b_path, replica_url, a)}
+            assert answer == {"flush": "error", "text": refused_text(b.path, replica_url, a)}
         assert b.ask("stats")["fenced"] == answer["text"]
-        a_final = rows(a_path)
+        a_final = rows(a.path)
         a.exit()
         until_replicating(b)
         assert b.ask("stats")["fenced"] == ""
@@ -176,31 +193,18 @@ def test_rolling_deploy(replica_url: str, two_copies: tuple[Path, Path]) -> None
         now = versions(replica_url)
         assert overwritten(seen, now) == []
         b.exit()
-        check_history(replica_url, rows(b_path), a_final)
+        check_history(replica_url, rows(b.path), a_final)
         assert overwritten(now, versions(replica_url)) == []
-    finally:
-        a.kill()
-        if b is not None:
-            b.kill()
 
 
 def test_paused_holder_is_fenced(replica_url: str, two_copies: tuple[Path, Path]) -> None:
     """A frozen past its lease (SIGSTOP) loses it to B; resumed, A's flush raises, and what
     it may still write is ignored: verify passes and the latest restore is B's database."""
-    a_path, b_path = two_copies
-    create(a_path)
-    a = Writer(a_path, replica_url, "host-a")
-    b = None
-    try:
-        a.ask("write 20")
-        assert a.flush() == {"flush": "ok"}
-        restore(f"{replica_url}/{NAME}", str(b_path))
-        seen = versions(replica_url)
-        b = Writer(b_path, replica_url, "host-b")
+    with old_and_new(replica_url, two_copies) as (a, b, seen):
         b.ask("write 10")
         a.ask("write 10")
         assert a.flush() == {"flush": "ok"}
-        a_rows = rows(a_path)
+        a_rows = rows(a.path)
         os.kill(a.pid, signal.SIGSTOP)
         try:
             until_replicating(b, timeout=LEASE_TIME * 6)
@@ -208,17 +212,13 @@ def test_paused_holder_is_fenced(replica_url: str, two_copies: tuple[Path, Path]
             os.kill(a.pid, signal.SIGCONT)
         a.ask("write 10")  # after the takeover: never part of the history
         answer = a.flush()
-        assert answer == {"flush": "error", "text": refused_text(a_path, replica_url, b)}
+        assert answer == {"flush": "error", "text": refused_text(a.path, replica_url, b)}
         b.ask("write 5")
         assert b.flush() == {"flush": "ok"}
         a.exit()
         b.exit()
         assert overwritten(seen, versions(replica_url)) == []
-        check_history(replica_url, rows(b_path), a_rows)
-    finally:
-        a.kill()
-        if b is not None:
-            b.kill()
+        check_history(replica_url, rows(b.path), a_rows)
 
 
 def test_two_hosts_start_at_once(replica_url: str, two_copies: tuple[Path, Path]) -> None:

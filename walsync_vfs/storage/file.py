@@ -4,7 +4,7 @@ Useful on its own (a replica on another disk or a network mount) and as the refe
 backend is tested against.  Objects must be all-or-nothing even across a crash, so every put
 goes through a temp file, fsync and rename, like SQLite's own journal handling.  A create-only
 put links the temp file to its name instead of renaming it, which fails if the name exists;
-compare-and-swap (the writer lease) holds an ``flock`` on a side file while it compares.
+compare-and-swap (the writer lease) holds a POSIX record lock on a side file while it compares.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class FileReplicaClient:
         self.requests = 0
         self.create_only = False
         self._lock = threading.Lock()
+        # Swaps lock the object's lock file with a POSIX record lock, which a child forked
+        # meanwhile does not inherit (a flock() it would hold until it exits).
+        self._swapping = threading.Lock()
 
     def put(self, key: str, data: bytes) -> None:
         self._write(key, data, self.create_only)
@@ -51,23 +54,25 @@ class FileReplicaClient:
     def swap(self, key: str, data: bytes, tag: str | None) -> str:
         path = self._path(key)
         lock = path.with_name(f".{path.name}.lock{TMP_SUFFIX}")
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except FileNotFoundError:
-            _makedirs(path.parent)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if tag is not None:
-                try:
-                    current = _tag(path.read_bytes())
-                except FileNotFoundError:
-                    current = None
-                if current != tag:
-                    raise Conflict(f"{self.url}/{key} changed since it was read")
-            self._write(key, data, create_only=tag is None)
-        finally:
-            os.close(fd)
+        # Closing any descriptor of the file drops this process's record lock: one at a time.
+        with self._swapping:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:
+                _makedirs(path.parent)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                if tag is not None:
+                    try:
+                        current = _tag(path.read_bytes())
+                    except FileNotFoundError:
+                        current = None
+                    if current != tag:
+                        raise Conflict(f"{self.url}/{key} changed since it was read")
+                self._write(key, data, create_only=tag is None)
+            finally:
+                os.close(fd)
         return _tag(data)
 
     def _write(self, key: str, data: bytes, create_only: bool) -> None:
