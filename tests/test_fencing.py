@@ -285,3 +285,69 @@ def test_leftovers_after_a_takeover() -> None:
     ]
     assert all(keys)
     assert catalog.leftovers(keys) == {keys[2]}  # type: ignore[arg-type]
+
+
+class Unconditional:
+    """A store that ignores conditional writes (as an old MinIO does): every swap writes."""
+
+    def __init__(self, client: storage.ReplicaClient) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.client, name)
+
+    def swap(self, key: str, data: bytes, tag: str | None) -> str:
+        self.client.put(key, data)
+        return "any"
+
+
+class Failing(Unconditional):
+    """A store whose swaps fail with ``error``."""
+
+    def __init__(self, client: storage.ReplicaClient, error: storage.StorageError) -> None:
+        super().__init__(client)
+        self.error = error
+
+    def swap(self, key: str, data: bytes, tag: str | None) -> str:
+        raise self.error
+
+
+def test_a_store_without_conditional_writes_is_refused_at_start_up(
+    file_url: str, tmp_path: Path
+) -> None:
+    """The first sync says the store cannot fence, in flush() and stats(); nothing of the
+    database is written.  A store that rejects the header is refused the same way, while an
+    ordinary failure of the store is only that (retried)."""
+    import walsync_vfs
+
+    url = file_url + "-unconditional"
+    plain = storage.open_replica(url)
+    walsync_vfs._engine_instance()._clients[url] = Unconditional(plain)
+    walsync_vfs.configure(replica=url)
+    path = tmp_path / "plain.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    try:
+        con.execute("CREATE TABLE t(x)")
+        with pytest.raises(walsync_vfs.ReplicationError) as raised:
+            walsync_vfs.flush(timeout=30)
+        expected = (
+            f"{url} does not support conditional writes (a create-only PUT overwrote an "
+            "existing object), so two writers of one replica name could overwrite each "
+            "other's history; use a store that supports If-None-Match/If-Match, or set "
+            "fencing=False to replicate unfenced"
+        )
+        assert str(raised.value) == expected
+        (s,) = [s for s in walsync_vfs.stats() if s["path"] == str(path)]
+        assert s["fenced"] == expected
+        assert [o.key for o in plain.list("")] == []
+    finally:
+        con.close()
+        walsync_vfs.configure(replica="")
+
+    rejecting = Failing(plain, storage.Unsupported("S3 put: not implemented (NotImplemented)"))
+    with pytest.raises(lease.Unfenceable, match="does not support conditional writes"):
+        lease.check_conditional(rejecting)  # type: ignore[arg-type]
+    down = Failing(plain, storage.StorageError("cannot reach the store"))
+    with pytest.raises(storage.StorageError, match="cannot reach the store") as failed:
+        lease.check_conditional(down)  # type: ignore[arg-type]
+    assert not isinstance(failed.value, lease.Unfenceable)

@@ -95,7 +95,7 @@ def check_conditional(client: storage.ReplicaClient) -> None:
             return
     except storage.Conflict:  # pragma: no cover - a fresh random key cannot exist
         return
-    except storage.StorageError as exc:
+    except storage.Unsupported as exc:  # other errors are the store's, and retried
         raise Unfenceable(_unfenceable(client, str(exc))) from None
     finally:
         client.delete([key])

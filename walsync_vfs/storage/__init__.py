@@ -21,6 +21,7 @@ __all__ = [
     "ObjectNotFound",
     "ReplicaClient",
     "StorageError",
+    "Unsupported",
     "check_key",
     "check_prefix",
     "open_replica",
@@ -45,6 +46,10 @@ class ObjectNotFound(StorageError):
 class Conflict(StorageError):
     """A conditional write lost: the key already exists (create-only), or the object is no
     longer the version named (compare-and-swap)."""
+
+
+class Unsupported(StorageError):
+    """The store does not implement what the request asked for (a conditional write)."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from walsync_vfs.storage import (
     ObjectInfo,
     ObjectNotFound,
     StorageError,
+    Unsupported,
     awsconfig,
     bad_url,
     check_key,
@@ -716,6 +717,8 @@ class S3ReplicaClient:
             return ObjectNotFound(f"object {target} does not exist")
         if exc.status == 412 or exc.code == "PreconditionFailed":
             return Conflict(f"S3 {op} {target}: the object exists or changed (412)")
+        if exc.status == 501 or exc.code == "NotImplemented":
+            return Unsupported(f"S3 {op} {target}: not implemented by {endpoint} ({exc.code})")
         if exc.code in _DENIED or exc.status == 403:
             return StorageError(self._denied())
         message = exc.message.splitlines()[0] if exc.message else ""
