@@ -343,6 +343,11 @@ def test_a_store_without_conditional_writes_is_refused_at_start_up(
     finally:
         con.close()
         walsync_vfs.configure(replica="")
+    engine = walsync_vfs._engine_instance()
+    deadline = time.monotonic() + 30
+    while engine.database(str(path)) is not None:  # given up once its retry is refused
+        assert time.monotonic() < deadline, "a closed, fenced database is still retried"
+        time.sleep(0.05)
 
     rejecting = Failing(plain, storage.Unsupported("S3 put: not implemented (NotImplemented)"))
     with pytest.raises(lease.Unfenceable, match="does not support conditional writes"):

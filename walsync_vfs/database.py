@@ -46,8 +46,9 @@ class Database:
         self.last_error = describe(exc)
 
     def given_up(self) -> bool:
-        """Whether to stop retrying: the database closed and its store keeps failing."""
-        return not self.open and self.failures >= FAILING_AFTER
+        """Whether to stop retrying: the database closed and its store keeps failing, or
+        another writer holds its name (then nothing of it would ever be uploaded)."""
+        return not self.open and (self.failures >= FAILING_AFTER or bool(self.fenced))
 
     def epoch(self) -> int:
         """The lease epoch its objects' keys carry (0: unfenced)."""

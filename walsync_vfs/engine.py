@@ -128,7 +128,20 @@ class Engine:
                 elif rec.kind is Kind.CLOSE:
                     log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)
                     db.open = False
-                    self.forget_if_done(db)
+                    if db.given_up() and self._cancel_retry(db):
+                        db.sync.syncing = False
+                        self.give_up(db)  # rather than after one more refused attempt
+                    else:
+                        self.forget_if_done(db)
+
+    def _cancel_retry(self, db: Database) -> bool:
+        """Drop the database's pending sync retry, if it has one (lock held)."""
+        kept = [entry for entry in self._sync_retries if entry[2] is not db]
+        if len(kept) == len(self._sync_retries):
+            return False
+        self._sync_retries[:] = kept
+        heapq.heapify(self._sync_retries)
+        return True
 
     def _hold(self, db: Database, rec: Record) -> None:
         """Keep a commit that arrived during a sync; past the memory cap, let the next sync
@@ -237,6 +250,9 @@ class Engine:
             try:
                 self._sync(db)
             except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
+                # The sync point's own connections open and close the database: whether its
+                # application still has it open is known once their records are in.
+                capture.dispatcher().barrier()
                 with self._lock:
                     fenced = self._fenced(db, exc)
                     db.fail(exc)
