@@ -123,21 +123,23 @@ def until_replicating(w: Writer, timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def check_history(url: str, holder_rows: list[tuple], old_rows: list[tuple]) -> None:
-    """verify passes, the latest restore is the lease holder's database, and the history
-    holds the old writer's final database as one of its restore points."""
+def check_history(url: str, tmp: Path, holder_rows: list[tuple], old_rows: list[tuple]) -> None:
+    """verify passes; every restore point is a state of one writer's database (a prefix of
+    the old writer's final rows or of the lease holder's), the old writer's final database is
+    one of them, and the latest restore is the lease holder's database."""
     client = storage.open_replica(url)
     assert report.verify(client, NAME) == []
-    gens = catalog.generations(client, NAME)
-    out = str(Path(urlsplit(url).path if url.startswith("file:") else "/tmp").parent)
-    latest = os.path.join(out, f"latest-{os.getpid()}.db")
-    restore(f"{url}/{NAME}", latest, force=True)
-    assert rows(latest) == holder_rows
-    before = os.path.join(out, f"before-{os.getpid()}.db")
-    restore(f"{url}/{NAME}", before, txid=gens[-1].first_txid - 1, force=True)
-    assert rows(before) == old_rows
-    for f in (latest, before):
-        os.unlink(f)
+    out = str(tmp / "restored.db")
+    states = []
+    for g in catalog.generations(client, NAME):
+        for txid in range(g.first_txid, g.last_txid + 1):
+            restore(f"{url}/{NAME}", out, txid=txid, force=True)
+            got = rows(out)
+            assert got in (old_rows[: len(got)], holder_rows[: len(got)]), f"txid {txid}"
+            states.append(got)
+    assert old_rows in states
+    restore(f"{url}/{NAME}", out, force=True)
+    assert rows(out) == holder_rows == states[-1]
 
 
 @pytest.fixture
@@ -193,7 +195,7 @@ def test_rolling_deploy(replica_url: str, two_copies: tuple[Path, Path]) -> None
         now = versions(replica_url)
         assert overwritten(seen, now) == []
         b.exit()
-        check_history(replica_url, rows(b.path), a_final)
+        check_history(replica_url, b.path.parent.parent, rows(b.path), a_final)
         assert overwritten(now, versions(replica_url)) == []
 
 
@@ -218,7 +220,7 @@ def test_paused_holder_is_fenced(replica_url: str, two_copies: tuple[Path, Path]
         a.exit()
         b.exit()
         assert overwritten(seen, versions(replica_url)) == []
-        check_history(replica_url, rows(b.path), a_rows)
+        check_history(replica_url, b.path.parent.parent, rows(b.path), a_rows)
 
 
 def test_two_hosts_start_at_once(replica_url: str, two_copies: tuple[Path, Path]) -> None:
