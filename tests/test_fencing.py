@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import apsw
 import pytest
 
-from walsync_vfs import catalog, lease, report, storage
+from walsync_vfs import catalog, format, lease, report, storage
 from walsync_vfs.restore import restore
 
 WORKER = str(Path(__file__).with_name("fence_worker.py"))
@@ -276,8 +277,6 @@ def test_lease_refuses_a_live_holder_and_takes_an_expired_one(file_url: str) -> 
 def test_leftovers_after_a_takeover() -> None:
     """Objects a lower epoch wrote at or after the txid where a higher one took over are
     leftovers; what it wrote before stays history."""
-    from walsync_vfs import format
-
     g = "0000000000000001-00000001"
     keys = [
         format.parse_key(format.snapshot_key(NAME, g, 1, 1)),
@@ -358,3 +357,68 @@ def test_a_store_without_conditional_writes_is_refused_at_start_up(
     with pytest.raises(storage.StorageError, match="cannot reach the store") as failed:
         lease.check_conditional(down)  # type: ignore[arg-type]
     assert not isinstance(failed.value, lease.Unfenceable)
+
+
+class Gated(Unconditional):
+    """The real store, whose segment PUTs wait while the gate is shut."""
+
+    put_many = None  # put_all then goes through put
+
+    def __init__(self, client: storage.ReplicaClient) -> None:
+        super().__init__(client)
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()
+
+    def swap(self, key: str, data: bytes, tag: str | None) -> str:
+        return self.client.swap(key, data, tag)  # type: ignore[attr-defined]
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.endswith(".wseg") and not self.open.is_set():
+            self.entered.set()
+            assert self.open.wait(30)
+        self.client.put(key, data)
+
+
+def test_a_segment_landing_after_a_takeover_is_not_durable(file_url: str, tmp_path: Path) -> None:
+    """A segment whose PUT was under way when the lease passed to another writer lands, but
+    its commits are not acknowledged: flush() raises naming the new holder."""
+    import walsync_vfs
+
+    url = file_url + "-gated"
+    gated = Gated(storage.open_replica(url))
+    engine = walsync_vfs._engine_instance()
+    engine._clients[url] = gated
+    walsync_vfs.configure(replica=url, upload_interval=0.0)
+    path = tmp_path / "late.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    try:
+        con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        db = engine.database(str(path))
+        assert db is not None and db.lease is not None
+        acknowledged = db.upload.durable_txid
+        gated.open.clear()
+        con.execute("INSERT INTO t VALUES (1)")
+        assert gated.entered.wait(30)
+        # Meanwhile the holder's clock passed its lease and another host took it over.
+        data, tag = gated.get_tagged(db.lease.key)  # type: ignore[attr-defined]
+        holder = lease.Holder.decode(data)
+        taker = lease.Holder(holder.epoch + 1, "host-b", 1, "/b/late.db", time.time() + 60, "b")
+        gated.swap(db.lease.key, taker.encode(), tag)
+        with engine._lock:
+            db.lease._valid_until = db.lease._renew_at = 0.0
+        gated.open.set()
+        with pytest.raises(walsync_vfs.ReplicationError, match="host host-b, pid 1"):
+            walsync_vfs.flush(timeout=30)
+        assert db.upload.durable_txid == acknowledged  # the INSERT's segment landed, unconfirmed
+        stored = [format.parse_key(o.key) for o in gated.list("late.db/")]  # type: ignore[attr-defined]
+        assert any(k and k.first_txid == acknowledged + 1 for k in stored)
+    finally:
+        gated.open.set()
+        con.close()
+        walsync_vfs.configure(replica="", upload_interval=1.0)
+    deadline = time.monotonic() + 30
+    while engine.database(str(path)) is not None:  # fenced and closed: given up
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -218,9 +218,7 @@ class Engine:
             return
         self._dbs.pop(db.db_id, None)
         if db.lease is not None:
-            self._leases.discard(db.lease)
-            if db.lease.held:
-                self.uploads.pool.spawn(db.lease.release)  # the next writer may start at once
+            self.uploads.pool.spawn(self._release, db.lease)  # the next writer may start at once
         self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
         if self._names.get(db.name) == db.db_id:
@@ -383,6 +381,12 @@ class Engine:
                 self._request_sync(db)
         if error is not None and not isinstance(error, Refused):
             log.warning("walsync: renewing the lease of %s failed: %s", db.path, error)
+
+    def _release(self, lease: Lease) -> None:
+        """Release a forgotten database's lease; until done, exit releases it too."""
+        lease.release()
+        with self._lock:
+            self._leases.discard(lease)
 
     def _release_leases(self) -> None:
         """At exit: let the next writer take over at once rather than after the lease time,
