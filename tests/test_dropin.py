@@ -341,9 +341,9 @@ def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
         (
             {"upload_intervall": 1.0},
             walsync_vfs.config.UnknownKeyError,
-            "configure(): unknown key 'upload_intervall'; known: compact_segments, "
-            "max_segment_bytes, name, replica, retention, snapshot_interval, upload_burst, "
-            "upload_interval",
+            "configure(): unknown key 'upload_intervall'; known: compact_segments, fencing, "
+            "lease_time, max_segment_bytes, name, replica, retention, snapshot_interval, "
+            "upload_burst, upload_interval",
         ),
         (
             {"upload_interval": "fast"},

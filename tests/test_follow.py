@@ -224,7 +224,9 @@ def test_a_bad_object_is_reported_once_and_what_precedes_it_goes_out(replica, tm
     follower = followers(url, out)
     follower.wait_same(con)
     txid, generation = head(replica, "bad.db")
-    bogus = format.segment_key("bad.db", generation, txid + 2, txid + 2)
+    writer = walsync_vfs._engine_instance().database(str(tmp_path / "bad.db"))
+    assert writer is not None
+    bogus = format.segment_key("bad.db", generation, txid + 2, txid + 2, writer.epoch())
     storage.open_replica(replica).put(bogus, b"not a segment")
     con.execute("INSERT INTO t(v) VALUES(x'02')")  # txid + 1: one good segment before it
     walsync_vfs.flush(timeout=30)

@@ -37,6 +37,10 @@ class Replica:
     def segments(self, gen: int) -> list[str]:
         return [catalog.object_key(k) for k in self.gens[gen].segments]
 
+    def epoch(self, gen: int) -> int:
+        """The lease epoch its writer keyed the generation's objects with."""
+        return self.gens[gen].segments[-1].epoch
+
     def snapshot(self, gen: int) -> str:
         return catalog.object_key(self.gens[gen].snapshots[0])
 
@@ -101,7 +105,9 @@ def test_a_sound_replica_verifies_with_overlaps_and_later_snapshots(replica):
     # a later snapshot: both must agree with the replayed history, and they do.
     a, b = replica.segments(0)[2:4]
     (ha, ca), (_, cb) = replica.decoded(a), replica.decoded(b)
-    merged = format.segment_key("v.db", replica.gens[0].id, ca[0].txid, cb[-1].txid)
+    merged = format.segment_key(
+        "v.db", replica.gens[0].id, ca[0].txid, cb[-1].txid, replica.epoch(0)
+    )
     replica.client.put(merged, format.encode_segment(ha.page_size, ca + cb))
     txid = cb[-1].txid
     replica.client.put(*snapshot_at(replica, txid, replica.restored_pages(txid)))
@@ -120,7 +126,8 @@ def snapshot_at(replica: Replica, txid: int, pages: list[bytes]) -> tuple[str, b
     for page in pages:
         writer.add_page(page)
     writer.finish()
-    return format.snapshot_key("v.db", replica.gens[0].id, txid), out.getvalue()
+    key = format.snapshot_key("v.db", replica.gens[0].id, txid, replica.epoch(0))
+    return key, out.getvalue()
 
 
 def test_every_broken_object_is_named(replica):
@@ -193,7 +200,9 @@ def test_objects_that_contradict_the_replayed_history_are_named(replica):
     segs = replica.segments(0)
     (ha, ca), (_, cb) = replica.decoded(segs[2]), replica.decoded(segs[3])
     liar = [dataclasses.replace(ca[0], checksum=ca[0].checksum ^ 1), *cb]
-    merged = format.segment_key("v.db", replica.gens[0].id, ca[0].txid, cb[-1].txid)
+    merged = format.segment_key(
+        "v.db", replica.gens[0].id, ca[0].txid, cb[-1].txid, replica.epoch(0)
+    )
     replica.client.put(merged, format.encode_segment(ha.page_size, liar))
     txid = cb[-1].txid
     pages = replica.restored_pages(txid)

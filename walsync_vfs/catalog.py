@@ -6,6 +6,7 @@ whole catalog; object contents are only fetched to show commit times or to verif
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -17,8 +18,8 @@ FETCH_WORKERS = 8
 def object_key(k: format.ParsedKey) -> str:
     """The store key a parsed key came from."""
     if k.kind == "snapshot":
-        return format.snapshot_key(k.name, k.generation, k.last_txid)
-    return format.segment_key(k.name, k.generation, k.first_txid, k.last_txid)
+        return format.snapshot_key(k.name, k.generation, k.last_txid, k.epoch)
+    return format.segment_key(k.name, k.generation, k.first_txid, k.last_txid, k.epoch)
 
 
 @dataclass
@@ -40,19 +41,63 @@ class Generation:
 
 
 def generations(client: storage.ReplicaClient, name: str) -> list[Generation]:
-    """Every generation of database ``name``, oldest first, from one LIST."""
+    """Every generation of database ``name``, oldest first, from one LIST; objects a fenced
+    writer left (see :func:`leftovers`) are not part of any."""
+    return scan(client.list(name + "/"), name)[0]
+
+
+def scan(
+    objects: list[storage.ObjectInfo], name: str
+) -> tuple[list[Generation], list[format.ParsedKey]]:
+    """The generations of ``name`` in a listing, and the leftovers of fenced writers."""
+    ours = [(k, obj) for obj in objects if (k := format.parse_key(obj.key)) and k.name == name]
+    fenced = leftovers([k for k, _ in ours])
     gens: dict[str, Generation] = {}
-    for obj in client.list(name + "/"):
-        k = format.parse_key(obj.key)
-        if k is None or k.name != name:
-            continue  # foreign files are ignored
+    for k, obj in ours:
+        if k in fenced:
+            continue
         g = gens.setdefault(k.generation, Generation(k.generation))
         (g.snapshots if k.kind == "snapshot" else g.segments).append(k)
         g.sizes[obj.key] = obj.size
     for g in gens.values():
         g.snapshots.sort(key=lambda k: k.last_txid)
         g.segments.sort(key=lambda k: (k.first_txid, k.last_txid))
-    return [gens[i] for i in sorted(gens)]
+    return [gens[i] for i in sorted(gens)], sorted(fenced, key=object_key)
+
+
+def leftovers(keys: list[format.ParsedKey]) -> set[format.ParsedKey]:
+    """Objects no history uses: written under a lease epoch at or after the txid where a
+    writer of a higher epoch took over (FORMAT.md §2.1).
+
+    Txids are one line across generations, and each new lease holder continues from the
+    head it read, so every epoch owns the txids from where it took over up to where the next
+    one did; what a paused old holder wrote past that point is garbage, never history.
+    """
+    by_epoch: dict[int, list[format.ParsedKey]] = defaultdict(list)
+    for k in keys:
+        by_epoch[k.epoch].append(k)
+    fenced: set[format.ParsedKey] = set()
+    cutoff = math.inf
+    for epoch in sorted(by_epoch, reverse=True):
+        kept = []
+        for k in by_epoch[epoch]:
+            if k.last_txid >= cutoff:
+                fenced.add(k)
+            else:
+                kept.append(k)
+        if kept:
+            cutoff = min(cutoff, *(_takes_over_at(k) for k in kept))
+    return fenced
+
+
+def _takes_over_at(k: format.ParsedKey) -> int:
+    """The first txid whose history this object states: a segment's first commit; a
+    generation's first snapshot stands for everything up to its txid (FORMAT.md §1), a later
+    snapshot restates its generation's history and only follows it."""
+    if k.kind == "segment":
+        return k.first_txid
+    starts = int(k.generation[:16], 16) == k.last_txid
+    return k.last_txid if starts else k.last_txid + 1
 
 
 def databases(client: storage.ReplicaClient) -> dict[str, int]:

@@ -135,7 +135,10 @@ def run_list(url: str, as_json: bool) -> int:
 
 def run_verify(url: str) -> int:
     root, name = split_url(url)
-    problems = report.verify(storage.open_replica(root), name)
+    client = storage.open_replica(root)
+    problems = report.verify(client, name)
+    for line in report.ignored(client, name):
+        print(f"walsync: ignored: {line}", file=sys.stderr)
     for line in problems:
         print(f"walsync: problem: {line}", file=sys.stderr)
     if problems:

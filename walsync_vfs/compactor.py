@@ -88,11 +88,14 @@ def snapshot_due(state: MaintenanceState, cfg: DbConfig, now: float, last_txid: 
     )
 
 
-def small_keys(name: str, generation: str, state: MaintenanceState) -> list[format.ParsedKey]:
-    """The keys of the database's small segments (all of its current generation)."""
+def small_keys(
+    name: str, generation: str, state: MaintenanceState, epoch: int = 0
+) -> list[format.ParsedKey]:
+    """The keys of the database's small segments (all of its current generation and lease
+    epoch)."""
     pairs = state.small_segments
     return [
-        format.ParsedKey(name, generation, "segment", first, last)
+        format.ParsedKey(name, generation, "segment", first, last, epoch)
         for first, last in zip(pairs[::2], pairs[1::2], strict=True)
     ]
 
@@ -119,7 +122,7 @@ def merge_plan(
     first = segments[0]
     merged, puts = [], []
     for first_txid, last_txid, data in format.merge_segments(raws, max_bytes):
-        key = format.segment_key(first.name, first.generation, first_txid, last_txid)
+        key = format.segment_key(first.name, first.generation, first_txid, last_txid, first.epoch)
         merged.append(key)
         if key not in keys:  # a lone segment too big to merge stays as it is
             puts.append((key, data))
@@ -147,19 +150,39 @@ def expired(
     (object write times are never earlier than the snapshot's own time, so this errs on the
     side of keeping).  Everything older than that snapshot -- earlier snapshots, segments it
     covers, whole earlier generations -- can go.
+
+    The leftovers of fenced writers (catalog.leftovers) go too, and never anchor anything:
+    the anchor is a snapshot of the one history that lease holders extend.
     """
     cutoff = (time.time() if now is None else now) - retention
     parsed = [(k, o) for o in objects if (k := format.parse_key(o.key)) is not None]
+    fenced = catalog.leftovers([k for k, _ in parsed])
+    parsed = [(k, o) for k, o in parsed if k not in fenced]
+    doomed = sorted(catalog.object_key(k) for k in fenced)
     anchors = [k for k, o in parsed if k.kind == "snapshot" and o.modified <= cutoff]
     if not anchors:
-        return []
+        return doomed
     anchor = max(anchors, key=lambda k: k.last_txid)
-    return [
+    return doomed + [
         o.key
         for k, o in parsed
         if k.last_txid < anchor.last_txid
         or (k.kind == "segment" and k.last_txid <= anchor.last_txid)
     ]
+
+
+def confirmed(db: Database) -> bool:
+    """Whether the database may delete objects now: unfenced, or its lease is still its own
+    in the store (one GET), so a holder paused past its lease never deletes."""
+    lease = db.lease
+    if lease is None:
+        return True
+    if not lease.valid():
+        return False
+    try:
+        return lease.confirm()
+    except storage.StorageError:
+        return False
 
 
 class Compactor:
@@ -200,7 +223,8 @@ class Compactor:
                 run = None
                 if compact:
                     assert db.lineage.generation is not None
-                    segs, run = small_keys(db.name, db.lineage.generation, state), state.recent
+                    gen = db.lineage.generation
+                    segs, run = small_keys(db.name, gen, state, db.epoch()), state.recent
                     state.small_segments, state.recent = _pairs(), None
                 if retain:
                     state.uploaded_since_retention = False
@@ -238,7 +262,12 @@ class Compactor:
                 and item.generation == db.lineage.generation
             ):
                 key = format.ParsedKey(
-                    db.name, item.generation, "segment", item.first_txid, item.last_txid
+                    db.name,
+                    item.generation,
+                    "segment",
+                    item.first_txid,
+                    item.last_txid,
+                    db.epoch(),
                 )
                 state.small_segments.extend((key.first_txid, key.last_txid))
                 run = state.recent = state.recent or self.recent.new_run(key)
@@ -293,6 +322,8 @@ class Compactor:
             # were uploaded after retention last deleted anything and have local copies.
             objects = db.client.list(db.name + "/")
             doomed = expired(objects, db.cfg.retention) if retain else []
+            if doomed and not confirmed(db):
+                doomed = []  # only the lease holder deletes
             if doomed:
                 db.client.delete(doomed)
                 db.upkeep.pruned_at = time.monotonic()
@@ -316,12 +347,17 @@ class Compactor:
                 results = iter(storage.put_all(client, objects))
                 done = []
                 for db, puts, doomed in entries:
-                    failed = [exc for exc in itertools.islice(results, len(puts)) if exc]
+                    sent = zip(puts, itertools.islice(results, len(puts)), strict=True)
+                    failed = [
+                        exc
+                        for (key, data), exc in sent
+                        if exc and not storage.stored_before(client, key, data, exc)
+                    ]
                     if failed:
                         self._failed(db, failed[0])
                     else:
                         done.append((db, puts, doomed))
-                client.delete([key for _, _, doomed in done for key in doomed])
+                client.delete([key for db, _, doomed in done if confirmed(db) for key in doomed])
                 for db, puts, doomed in done:
                     log.info(
                         "walsync: %s compacted %d segments into %s",

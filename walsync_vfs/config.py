@@ -65,6 +65,11 @@ class DbConfig:
     snapshot_interval: float = 86400.0  # new snapshot after this many seconds (0 = never)
     retention: float = 86400.0  # keep every restore point this many seconds back (0 = all)
     compact_segments: int = 32  # merge a generation's segments once this many are small
+    # One writer per replica name (lease.py): a writer that stops renewing loses the lease
+    # after lease_time seconds.  fencing=False replicates unfenced, for stores without
+    # conditional writes.
+    lease_time: float = 15.0
+    fencing: bool = True
 
     def replica_root(self) -> str:
         return self.replica or os.environ.get(ENV_REPLICA) or default_replica()
@@ -80,7 +85,10 @@ _KNOBS: dict[str, tuple[type, float | None]] = {
     "snapshot_interval": (float, 0.0),
     "retention": (float, 0.0),
     "compact_segments": (int, 2),
+    "lease_time": (float, 1.0),
+    "fencing": (bool, None),
 }
+MAX_LEASE_TIME = 30.0
 
 
 def check_knob(where: str, key: str, value: object) -> Any:
@@ -92,9 +100,11 @@ def check_knob(where: str, key: str, value: object) -> Any:
         )
     kind, low = _KNOBS[key]
     accepted = (int, float) if kind is float else (kind,)
-    if isinstance(value, bool) or not isinstance(value, accepted):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepted):
         raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
-    if isinstance(value, int | float):
+    if key == "lease_time" and isinstance(value, int | float) and value > MAX_LEASE_TIME:
+        raise ConfigError(f"{where}: lease_time must be <= {MAX_LEASE_TIME}, got {value!r}")
+    if isinstance(value, int | float) and kind is not bool:
         value = float(value) if kind is float else value
         if low is not None and value < low:
             raise ConfigError(f"{where}: {key} must be >= {low}, got {value!r}")

@@ -11,6 +11,7 @@ from walsync_vfs import storage
 from walsync_vfs.compactor import MaintenanceState
 from walsync_vfs.config import DbConfig
 from walsync_vfs.errors import describe
+from walsync_vfs.lease import Lease
 from walsync_vfs.lineage import Lineage
 from walsync_vfs.sync import SyncState
 from walsync_vfs.uploader import UploadState
@@ -37,6 +38,8 @@ class Database:
     lineage: Lineage = field(default_factory=Lineage)
     upload: UploadState = field(default_factory=UploadState)
     upkeep: MaintenanceState = field(default_factory=MaintenanceState)
+    lease: Lease | None = None  # None: fencing is off (or the first sync has not run)
+    fenced: str = ""  # why another writer keeps this one from replicating ("" = it does not)
 
     def fail(self, exc: BaseException) -> None:
         """Count a failed sync or upload."""
@@ -45,8 +48,17 @@ class Database:
         self.last_error = describe(exc)
 
     def given_up(self) -> bool:
-        """Whether to stop retrying: the database closed and its store keeps failing."""
-        return not self.open and self.failures >= FAILING_AFTER
+        """Whether to stop retrying: the database closed and its store keeps failing, or
+        another writer holds its name (then nothing of it would ever be uploaded)."""
+        return not self.open and (self.failures >= FAILING_AFTER or bool(self.fenced))
+
+    def epoch(self) -> int:
+        """The lease epoch its objects' keys carry (0: unfenced)."""
+        return self.lease.epoch if self.lease is not None else 0
+
+    def may_write(self, now: float) -> bool:
+        """Whether it may upload now: unfenced, or within its renewed lease."""
+        return self.lease is None or self.lease.valid(now)
 
     def busy(self) -> bool:
         """Whether anything of the database is still under way or not yet uploaded."""
@@ -79,6 +91,8 @@ def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
         "failures": db.failures,
         "errors": db.errors,
         "last_error": db.last_error,
+        "fenced": db.fenced,
+        "lease_epoch": db.lease.epoch if db.lease is not None and db.lease.held else 0,
         "stopped": db.stopped,
         "lost_restore_points": db.lost_restore_points,
     }

@@ -14,10 +14,14 @@ engine holds the lock and the threads, and wires the roles together:
   in order.  Failures are retried with backoff; nothing is dropped.
 * **Maintenance** (compactor.py).  Periodic snapshots, compaction and retention, one pass at
   a time beside the uploads.
+* **Lease** (lease.py).  A sync first holds the database name's writer lease in the store;
+  the uploader thread has it renewed, and a writer refused or fenced out by another stops
+  uploading, says so once, and tries again on the sync's backoff.
 """
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import logging
@@ -36,6 +40,7 @@ from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
 from walsync_vfs.errors import FlushTimeoutError, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
+from walsync_vfs.lease import Lease, Refused, Unfenceable
 from walsync_vfs.lineage import Head, decide, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
@@ -83,6 +88,8 @@ class Engine:
         )
         self._thread: threading.Thread | None = None  # runs while a database is kept
         self._host = Host(self._promote, self._flush_for_follower, self._hurry)
+        self._leases: set[Lease] = set()  # held or being released: released at exit too
+        atexit.register(self._release_leases)
 
     def database(self, path: str) -> Database | None:
         """The state kept for the database at ``path``, if any."""
@@ -123,7 +130,20 @@ class Engine:
                 elif rec.kind is Kind.CLOSE:
                     log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)
                     db.open = False
-                    self.forget_if_done(db)
+                    if db.given_up() and self._cancel_retry(db):
+                        db.sync.syncing = False
+                        self.give_up(db)  # rather than after one more refused attempt
+                    else:
+                        self.forget_if_done(db)
+
+    def _cancel_retry(self, db: Database) -> bool:
+        """Drop the database's pending sync retry, if it has one (lock held)."""
+        kept = [entry for entry in self._sync_retries if entry[2] is not db]
+        if len(kept) == len(self._sync_retries):
+            return False
+        self._sync_retries[:] = kept
+        heapq.heapify(self._sync_retries)
+        return True
 
     def _ensure_thread(self) -> None:
         """Start the uploader thread if it ended (lock held)."""
@@ -219,6 +239,8 @@ class Engine:
         if db.open or db.busy() or self._dbs.get(db.db_id) is not db:
             return
         del self._dbs[db.db_id]
+        if db.lease is not None:
+            self.uploads.pool.spawn(self._release, db.lease)  # the next writer may start at once
         self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
         if self._names.get(db.name) == db.db_id:
@@ -265,7 +287,11 @@ class Engine:
                     self._retry_later(db)
                 return
             except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
+                # The sync point's own connections open and close the database: whether its
+                # application still has it open is known once their records are in.
+                capture.dispatcher().barrier()
                 with self._lock:
+                    fenced = self._fenced(db, exc)
                     db.fail(exc)
                     self._cond.notify_all()
                     if db.given_up():
@@ -273,6 +299,8 @@ class Engine:
                         self.give_up(db)
                         return
                     delay = self._retry_later(db)
+                if fenced:
+                    return
                 log.warning(
                     "walsync: sync of %s failed (retrying in %.1fs): %s",
                     db.path,
@@ -352,6 +380,94 @@ class Engine:
         db.cfg = cfg
         db.name = name
         db.client = self._client(cfg.replica_root())
+        if cfg.fencing:
+            db.client.create_only = True
+            db.lease = Lease(db.client, name, db.path, cfg.lease_time)
+            with self._lock:
+                self._leases.add(db.lease)
+
+    def _claim(self, db: Database, read: bool) -> tuple[bool, Head | None]:
+        """Hold the database name's writer lease (renewed if held), then read the replica's
+        head if ``read``: a new holder must continue from what the last one wrote.  Whether
+        the holding is new (another writer may have extended the replica since this lineage
+        started), and the head; raises Refused or Unfenceable, which _fenced reports."""
+        lease = db.lease
+        fresh = False
+        if lease is not None:
+            before = lease.epoch
+            lease.acquire()
+            fresh = lease.epoch != before
+            with self._lock:
+                if db.fenced:
+                    log.warning("walsync: %s: the other writer let go; replicating again", db.path)
+                    db.fenced = ""
+        assert db.client is not None
+        return fresh, read_head(db.client, db.name) if read else None
+
+    def _fenced(self, db: Database, exc: Exception) -> bool:
+        """If ``exc`` says another writer holds the lease (or the store cannot fence): say so
+        once, stop shipping and let the next sync start afresh (lock held)."""
+        if not isinstance(exc, Refused | Unfenceable):
+            return False
+        if db.fenced != str(exc):
+            log.error("walsync: %s", exc)
+            db.fenced = str(exc)
+        self._start_afresh(db)
+        return True
+
+    def _start_afresh(self, db: Database) -> None:
+        """Drop what the database has not shipped and forget its lineage, so that its next
+        sync continues from the replica's head (lock held): another writer may have
+        extended it meanwhile.  The database holds the dropped commits, so they are in the
+        snapshot that sync takes; their restore points are counted as lost."""
+        up = db.upload
+        db.lost_restore_points += db.sync.drop_held(self._spool) + len(up.pending)
+        db.lineage.generation, db.lineage.checksum = None, None  # a sync may hold it: in place
+        for item in up.outbox[1:] if up.uploading else up.outbox:
+            self._spool.discard(item)
+        up.outbox[:] = up.outbox[:1] if up.uploading else []
+        up.pending, up.pending_bytes = [], 0
+        self.compactor.drop_copies(db)
+        self._cond.notify_all()
+
+    def _renew_leases(self, now: float) -> None:
+        """Have due lease renewals made by the put threads (lock held)."""
+        for db in self._dbs.values():
+            lease = db.lease
+            if lease is not None and lease.renew_due(now) and not lease.renewing:
+                lease.renewing = True
+                self.uploads.pool.spawn(self._renew, db, lease)
+
+    def _renew(self, db: Database, lease: Lease) -> None:
+        error = None
+        try:
+            lease.renew()
+        except Exception as exc:  # noqa: BLE001 - the lease lapses; uploads wait for it
+            error = exc
+        with self._lock:
+            lease.renewing = False
+            if error is None:
+                self.uploads.schedule(db, time.monotonic())
+            elif self._fenced(db, error):
+                self._request_sync(db)
+        if error is not None and not isinstance(error, Refused):
+            log.warning("walsync: renewing the lease of %s failed: %s", db.path, error)
+
+    def _release(self, lease: Lease) -> None:
+        """Release a forgotten database's lease; until done, exit releases it too."""
+        lease.release()
+        with self._lock:
+            self._leases.discard(lease)
+
+    def _release_leases(self) -> None:
+        """At exit: let the next writer take over at once rather than after the lease time,
+        waiting at most a second or two for the store."""
+        with self._lock:
+            leases = list(self._leases)
+        if leases:
+            t = threading.Thread(target=_release_all, args=(leases,), daemon=True)
+            t.start()
+            t.join(2.0)
 
     def _pinned(self, db: Database, seq: int) -> None:
         with self._lock:
@@ -379,12 +495,17 @@ class Engine:
         lineage, state = db.lineage, db.sync
         stored = state.stored_head if lineage.generation is None else None
         cap = self.settings.memory_cap
+        read = lineage.generation is None and stored is None
+        # Beside the sync point, which must not wait for the store (its opener waits).
+        claim: Future[tuple[bool, Head | None]] = self.uploads.pool.submit(self._claim, db, read)
 
         def fetch_head() -> Future[Head]:
-            return self.uploads.pool.submit(read_head, client, db.name)
+            head: Future[Head] = Future()
+            claim.add_done_callback(lambda done: _chain(done, head))
+            return head
 
         with tempfile.TemporaryFile() as raw:
-            fetch = fetch_head if lineage.generation is None and stored is None else None
+            fetch = fetch_head if read else None
             pinned = sync.pin(
                 db.path,
                 raw,
@@ -405,6 +526,11 @@ class Engine:
                         state.stored_head = head
                         state.resync = True
                     return
+            if claim.result()[0] and not read:
+                with self._lock:  # the lineage was built under an earlier holding
+                    self._start_afresh(db)
+                    state.resync = True
+                return
             upkeep = db.upkeep
             snapshot = (upkeep.force_snapshot, upkeep.snapshot_txid)
             decision = decide(head, pinned.checksum, pinned.page_size, pinned.survivors, *snapshot)
@@ -412,7 +538,12 @@ class Engine:
                 up = db.upload
                 queue = bool(up.pending or up.outbox or up.uploading)
             now = [] if queue else decision.survivors
-            sync.write(client, db.name, head, decision, pinned, raw, now, db.cfg.max_segment_bytes)
+            max_bytes = db.cfg.max_segment_bytes
+            sync.write(client, db.name, head, decision, pinned, raw, now, max_bytes, db.epoch())
+            if not db.may_write(time.monotonic()):
+                with self._lock:  # it may have landed after a takeover: claim and look again
+                    state.resync = True
+                return
         with self._lock:
             state.stored_head = None
             lineage.restart(
@@ -513,6 +644,7 @@ class Engine:
                 if now >= self._next_maintenance:
                     self._next_maintenance = now + MAINTENANCE_TICK
                     self.compactor.schedule(self._dbs.values(), now, self._request_sync)
+                    self._renew_leases(now)
                 wait = MAINTENANCE_TICK
                 # Every slot taken: only the end of ships wakes it (see ShipSlots.give_back).
                 full = uploads.slots.check_full()
@@ -603,6 +735,8 @@ class Engine:
                     if not waiting:
                         return
                     for db in waiting:
+                        if db.fenced:
+                            raise ReplicationError(db.fenced)
                         if db.failures >= FAILING_AFTER:
                             raise ReplicationError(
                                 f"replica of {db.path} is failing: {db.last_error}"
@@ -644,3 +778,19 @@ class Engine:
         self.compactor.pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=False, cancel=True)
         self.compactor.recent.close()
+
+
+def _chain(claim: Future[tuple[bool, Head | None]], head: Future[Head]) -> None:
+    """Settle ``head`` with the head a claim read, or its error."""
+    error = claim.exception()
+    if error is not None:
+        head.set_exception(error)
+    else:
+        found = claim.result()[1]
+        assert found is not None
+        head.set_result(found)
+
+
+def _release_all(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()

@@ -19,6 +19,7 @@ _GAUGES = {
     "pending_bytes": "Page bytes waiting for upload",
     "bytes_uploaded": "Segment bytes uploaded since the database was opened",
     "errors": "Failed store requests since the database was opened",
+    "fenced": "1 while another writer holds the database's lease (see the ERROR log)",
     "stopped": "1 while the database is out of WAL mode and not replicated",
     "lost_restore_points": "Commits whose restore points were given up past the spool cap",
 }
@@ -37,7 +38,8 @@ class _Collector:
         for key, text in _GAUGES.items():
             family = GaugeMetricFamily(f"walsync_{key}", text, labels=["database"])
             for s in stats:
-                family.add_metric([s["name"] or s["path"]], float(s[key]))
+                value = bool(s[key]) if key == "fenced" else s[key]  # fenced: the reason
+                family.add_metric([s["name"] or s["path"]], float(value))
             yield family
 
 

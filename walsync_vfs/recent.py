@@ -49,15 +49,17 @@ def _max_open() -> int:
 
 
 class Run:
-    """Copies of one database's consecutive small segments of one generation: one file,
-    written in upload order and dropped as a whole.  Small: one per replicating database."""
+    """Copies of one database's consecutive small segments of one generation and lease
+    epoch: one file, written in upload order and dropped as a whole.  Small: one per
+    replicating database."""
 
-    __slots__ = ("copies", "dropped", "file", "generation", "name", "started")
+    __slots__ = ("copies", "dropped", "epoch", "file", "generation", "name", "started")
 
-    def __init__(self, file: str, name: str, generation: str) -> None:
+    def __init__(self, file: str, name: str, generation: str, epoch: int = 0) -> None:
         self.file = file  # name inside the copies directory
         self.name = name
         self.generation = generation
+        self.epoch = epoch
         self.started = time.monotonic()  # before any of its segments could have been deleted
         self.copies = array("Q")  # first_txid, last_txid, offset, length per copy kept
         self.dropped = False
@@ -77,11 +79,11 @@ class RecentCopies:
 
     def new_run(self, key: format.ParsedKey) -> Run:
         """A run for segments of ``key``'s database and generation (no file until a copy)."""
-        return Run(str(next(self._names)), key.name, key.generation)
+        return Run(str(next(self._names)), key.name, key.generation, key.epoch)
 
     def keep(self, run: Run, key: format.ParsedKey, data: bytes) -> None:
         """Append a copy of an uploaded segment to its run's file, if the disk allows."""
-        if (key.name, key.generation) != (run.name, run.generation):
+        if (key.name, key.generation, key.epoch) != (run.name, run.generation, run.epoch):
             return  # read() files copies under the run's own name and generation
         with self._lock:
             if run.dropped or self._closed:
@@ -118,7 +120,9 @@ class RecentCopies:
                 return {}
             quads = run.copies[:]  # a late keep() may still append to it
         return {
-            format.segment_key(run.name, run.generation, first, last): data[at : at + size]
+            format.segment_key(run.name, run.generation, first, last, run.epoch): data[
+                at : at + size
+            ]
             for first, last, at, size in zip(*(quads[i::4] for i in range(4)), strict=True)
         }
 

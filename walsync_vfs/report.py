@@ -131,7 +131,30 @@ def verify(client: storage.ReplicaClient, name: str) -> list[str]:
     gens = catalog.generations(client, name)
     if not gens:
         return [f"{client.url}/{name}: no replica found"]
-    return [line for g in gens for line in _verify_generation(client, name, g)]
+    problems = [f"{name}/{line}" for line in _overlaps(gens)]
+    return problems + [line for g in gens for line in _verify_generation(client, name, g)]
+
+
+def ignored(client: storage.ReplicaClient, name: str) -> list[str]:
+    """The objects fenced writers left, which no history uses (FORMAT.md §2.1), one line each."""
+    _, fenced = catalog.scan(client.list(name + "/"), name)
+    return [
+        f"{catalog.object_key(k)}: written under lease epoch {k.epoch} after a writer of a "
+        "higher epoch took over; not part of the history"
+        for k in fenced
+    ]
+
+
+def _overlaps(gens: list[catalog.Generation]) -> list[str]:
+    """Generations whose txid ranges overlap: two writers' histories mixed (a replica written
+    unfenced by two writers); one history never does that."""
+    ordered = sorted(gens, key=lambda g: g.first_txid)
+    return [
+        f"{g.id}: txids {g.first_txid}..{g.last_txid} overlap generation {prev.id} "
+        f"(txids {prev.first_txid}..{prev.last_txid})"
+        for prev, g in zip(ordered, ordered[1:], strict=False)
+        if g.first_txid <= prev.last_txid
+    ]
 
 
 def _problem(key: str, exc: Exception) -> str:

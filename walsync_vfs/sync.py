@@ -173,10 +173,12 @@ def write(
     raw: BinaryIO,
     survivors: list[format.Commit],
     max_segment_bytes: int,
+    epoch: int = 0,
 ) -> None:
     """Upload ``survivors`` (commits recovered from the WAL that nothing pending precedes:
     shipped before the sync ends, so a process killed again soon after still finds them in
-    the store), then the snapshot if the decision (taken against ``head``) takes one."""
+    the store), then the snapshot if the decision (taken against ``head``) takes one; every
+    key carries the writer's lease ``epoch``."""
     if not decision.continues and head.generation is not None:
         log.debug(
             "walsync: %s differs from its replica (%s) at seq %d: checksum %x, %d pages of %d",
@@ -187,17 +189,24 @@ def write(
             pinned.db_size,
             pinned.page_size,
         )
-    for batch in batches(survivors, pinned.page_size, max_segment_bytes):
-        client.put(
-            format.segment_key(name, decision.generation, batch[0].txid, batch[-1].txid),
-            format.encode_segment(pinned.page_size, batch),
+    objects = [
+        (
+            format.segment_key(name, decision.generation, b[0].txid, b[-1].txid, epoch),
+            format.encode_segment(pinned.page_size, b),
         )
+        for b in batches(survivors, pinned.page_size, max_segment_bytes)
+    ]
     if decision.snapshot:
         raw.seek(0)
-        client.put(
-            format.snapshot_key(name, decision.generation, decision.txid),
-            _snapshot(raw, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size),
-        )
+        snapshot = _snapshot(raw, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size)
+        key = format.snapshot_key(name, decision.generation, decision.txid, epoch)
+        objects.append((key, snapshot))
+    for key, data in objects:
+        try:
+            client.put(key, data)
+        except storage.Conflict as exc:
+            if not storage.stored_before(client, key, data, exc):
+                raise
 
 
 def _snapshot(raw: BinaryIO, page_size: int, txid: int, time_ns: int, db_size: int) -> bytes:

@@ -116,6 +116,8 @@ class UploadClock:
         up, s = db.upload, db.cfg
         if not (up.pending or up.outbox) or up.uploading or db.sync.syncing:
             return math.inf  # an upload's or sync's end schedules it again
+        if not db.may_write(now):
+            return math.inf  # the lease's renewal schedules it again
         # Refill the token bucket.
         if s.upload_interval > 0:
             up.tokens = min(s.upload_burst, up.tokens + (now - up.token_time) / s.upload_interval)
@@ -254,8 +256,11 @@ def batches(
         yield batch
 
 
-def encode(name: str, page_size: int, max_segment_bytes: int, batch: list[Pending]) -> Outgoing:
-    """One segment of a batch of pending commits (of one generation)."""
+def encode(
+    name: str, page_size: int, max_segment_bytes: int, batch: list[Pending], epoch: int = 0
+) -> Outgoing:
+    """One segment of a batch of pending commits (of one generation), keyed with the lease
+    ``epoch`` of its writer."""
     commits = [c for _, _, c in batch]
     gen = batch[0][1]
     page_size = next((len(p) for c in commits for _, p in c.pages), page_size)
@@ -263,7 +268,7 @@ def encode(name: str, page_size: int, max_segment_bytes: int, batch: list[Pendin
     small = is_small(raw_bytes, max_segment_bytes)
     level = format.SMALL_SEGMENT_LEVEL if small else format.SEGMENT_LEVEL
     return Outgoing(
-        format.segment_key(name, gen, commits[0].txid, commits[-1].txid),
+        format.segment_key(name, gen, commits[0].txid, commits[-1].txid, epoch),
         gen,
         batch[-1][0],
         commits[0].txid,
@@ -362,7 +367,7 @@ class Uploader:
         return take_batch(db.upload, db.lineage.page_size, db.cfg.max_segment_bytes)
 
     def _encode(self, db: Database, batch: list[Pending]) -> Outgoing:
-        return encode(db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch)
+        return encode(db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch, db.epoch())
 
     def _encode_or_none(self, db: Database, batch: list[Pending]) -> Outgoing | None:
         """The segment, or None (logged) if the commits cannot be encoded: they are then lost
@@ -392,11 +397,13 @@ class Uploader:
                     self._failed(db, unreadable)
                     settled += 1
             results = storage.put_all(client, objects)
-            for (db, item), (_, data), error in zip(sending, objects, results, strict=True):
-                if error is None:
+            for (db, item), (key, data), error in zip(sending, objects, results, strict=True):
+                if error is not None and not storage.stored_before(client, key, data, error):
+                    self._failed(db, error)
+                elif db.may_write(time.monotonic()):
                     self._uploaded(db, item, data)
                 else:
-                    self._failed(db, error)
+                    self._unconfirmed(db)
                 settled += 1
         except Exception as exc:  # a bug: never leave a database marked as uploading
             log.exception("walsync: uploads failed")
@@ -422,6 +429,16 @@ class Uploader:
         log.warning(
             "walsync: upload for %s failed (attempt %d): %s", db.name, db.failures, db.last_error
         )
+
+    def _unconfirmed(self, db: Database) -> None:
+        """A segment landed after the lease may have passed to another writer, which then
+        ignores it: not durable yet.  Once the lease is renewed (nobody took it meanwhile, so
+        the segment is history) it is sent again and settled by its Conflict; if the lease
+        was taken, the engine drops it (Engine._start_afresh)."""
+        with self._lock:
+            db.upload.uploading = False
+            self.schedule(db, time.monotonic())
+            self._changed.notify_all()
 
     def _uploaded(self, db: Database, item: Outgoing, data: bytes) -> None:
         """A segment is in the store: mark it durable."""

@@ -9,6 +9,7 @@ from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.keys import (
     ParsedKey,
     check_name,
+    lease_key,
     new_generation_id,
     parse_key,
     segment_key,
@@ -57,6 +58,7 @@ __all__ = [
     "SnapshotWriter",
     "WalPos",
     "check_name",
+    "lease_key",
     "decode_segment",
     "encode_segment",
     "merge_segments",

@@ -17,11 +17,16 @@ _BAD_NAME_CHAR = re.compile(r"[/\\\x00-\x1f\x7f]")
 _HEX16 = r"[0-9a-f]{16}"
 _GENERATION = _HEX16 + r"-[0-9a-f]{8}"
 _GENERATION_RE = re.compile(_GENERATION)
+_EPOCH = r"(?:\.e([0-9a-f]{8}))?"  # the writer's lease epoch; absent = 0 (unfenced writers)
 # The name is any first component here; _valid_name() then decides, so names have one rule.
 _KEY_RE = re.compile(
     rf"([^/]+)/({_GENERATION})/"
-    rf"(?:snapshot/({_HEX16})\.wsnap|seg/({_HEX16})-({_HEX16})\.wseg)"
+    rf"(?:snapshot/({_HEX16}){_EPOCH}\.wsnap|seg/({_HEX16})-({_HEX16}){_EPOCH}\.wseg)"
 )
+EPOCH_MAX = 0xFFFFFFFF
+# The writer leases (lease.py) live outside the databases' prefixes, so a database's listing
+# holds its data objects only; not a key of the grammar, so never taken for data.
+LEASES = ".walsync-lease"
 
 
 def _valid_name(name: object) -> bool:
@@ -52,6 +57,7 @@ class ParsedKey:
     kind: Literal["snapshot", "segment"]
     first_txid: int
     last_txid: int
+    epoch: int = 0  # the lease epoch of the writer that wrote it (0: written unfenced)
 
 
 def _checked_prefix(name: str, generation: str) -> str:
@@ -72,26 +78,44 @@ def new_generation_id(txid: int) -> str:
     return f"{_hex_txid(txid)}-{secrets.token_hex(4)}"
 
 
-def snapshot_key(name: str, generation: str, txid: int) -> str:
-    return f"{_checked_prefix(name, generation)}/snapshot/{_hex_txid(txid)}.wsnap"
+def _epoch_tag(epoch: int) -> str:
+    """The key's epoch part: none for 0, so unfenced writers keep the original key names."""
+    if not 0 <= epoch <= EPOCH_MAX:
+        raise ValueError(f"epoch {epoch} out of u32 range")
+    return f".e{epoch:08x}" if epoch else ""
 
 
-def segment_key(name: str, generation: str, first_txid: int, last_txid: int) -> str:
+def snapshot_key(name: str, generation: str, txid: int, epoch: int = 0) -> str:
+    prefix = _checked_prefix(name, generation)
+    return f"{prefix}/snapshot/{_hex_txid(txid)}{_epoch_tag(epoch)}.wsnap"
+
+
+def segment_key(
+    name: str, generation: str, first_txid: int, last_txid: int, epoch: int = 0
+) -> str:
     if first_txid > last_txid:
         raise ValueError(f"segment range {first_txid}..{last_txid} is empty")
     prefix = _checked_prefix(name, generation)
-    return f"{prefix}/seg/{_hex_txid(first_txid)}-{_hex_txid(last_txid)}.wseg"
+    return f"{prefix}/seg/{_hex_txid(first_txid)}-{_hex_txid(last_txid)}{_epoch_tag(epoch)}.wseg"
+
+
+def lease_key(name: str) -> str:
+    return f"{LEASES}/{check_name(name)}"
 
 
 def parse_key(key: str) -> ParsedKey | None:
     """Decompose one of our keys; None for anything else, since foreign files are ignored."""
     m = _KEY_RE.fullmatch(key)
-    if m is None or not _valid_name(m[1]):
-        return None
+    if m is None or not _valid_name(m[1]) or "00000000" in (m[4], m[7]):
+        return None  # epoch 0 is written without its part: one object, one key
     if m[3] is not None:
         txid = int(m[3], 16)
-        return ParsedKey(m[1], m[2], "snapshot", txid, txid)
-    first, last = int(m[4], 16), int(m[5], 16)
+        return ParsedKey(m[1], m[2], "snapshot", txid, txid, _epoch(m[4]))
+    first, last = int(m[5], 16), int(m[6], 16)
     if first > last:
         return None
-    return ParsedKey(m[1], m[2], "segment", first, last)
+    return ParsedKey(m[1], m[2], "segment", first, last, _epoch(m[7]))
+
+
+def _epoch(tag: str | None) -> int:
+    return int(tag, 16) if tag else 0

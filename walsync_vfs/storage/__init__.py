@@ -16,10 +16,12 @@ from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
+    "Conflict",
     "ObjectInfo",
     "ObjectNotFound",
     "ReplicaClient",
     "StorageError",
+    "Unsupported",
     "check_key",
     "check_prefix",
     "open_replica",
@@ -41,6 +43,15 @@ class ObjectNotFound(StorageError):
     """The key does not exist; restore and head reads treat this as a normal outcome."""
 
 
+class Conflict(StorageError):
+    """A conditional write lost: the key already exists (create-only), or the object is no
+    longer the version named (compare-and-swap)."""
+
+
+class Unsupported(StorageError):
+    """The store does not implement what the request asked for (a conditional write)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str  # relative to the client's root, '/'-separated
@@ -55,6 +66,9 @@ class ReplicaClient(Protocol):
 
     url: str  # the root URL it was opened with, without credentials
     requests: int  # calls/pages sent to the store, so tests can prove idle databases cost 0
+    # Every put creates its key or fails with Conflict (never overwrites): set by a writer
+    # that fences (lease.py), so an old writer can never replace another's object.
+    create_only: bool
 
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` atomically: readers see all of it or the previous state."""
@@ -70,6 +84,19 @@ class ReplicaClient(Protocol):
 
     def delete(self, keys: Iterable[str]) -> None:
         """Remove the objects; keys that do not exist are not an error."""
+        ...
+
+
+class Swapping(Protocol):
+    """Compare-and-swap on one object, for the writer lease (lease.py): both backends."""
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and a tag naming this version of it."""
+        ...
+
+    def swap(self, key: str, data: bytes, tag: str | None) -> str:
+        """Write ``data`` if the object is still version ``tag`` (None: if it does not
+        exist), else raise :class:`Conflict`; returns the new version's tag."""
         ...
 
 
@@ -92,6 +119,23 @@ def put_all(client: ReplicaClient, objects: Sequence[tuple[str, bytes]]) -> list
         else:
             results.append(None)
     return results
+
+
+def stored_before(client: ReplicaClient, key: str, data: bytes, error: Exception | None) -> bool:
+    """Whether a create-only PUT of ``data`` that raised ``error`` finds it stored: its key
+    taken by that very object, an earlier attempt whose reply was lost (a fencing writer's
+    keys are its own: no other writer's object is ever there).  An object of other bytes
+    there is damaged (or planted): it is removed and the PUT counts as failed, to be sent
+    again."""
+    if not isinstance(error, Conflict):
+        return False
+    try:
+        if client.get(key) == data:
+            return True
+        client.delete([key])
+    except StorageError:
+        pass  # the PUT is retried, and this looked at again
+    return False
 
 
 def check_key(key: str) -> str:

@@ -2,12 +2,16 @@
 
 Useful on its own (a replica on another disk or a network mount) and as the reference the S3
 backend is tested against.  Objects must be all-or-nothing even across a crash, so every put
-goes through a temp file, fsync and rename, like SQLite's own journal handling.
+goes through a temp file, fsync and rename, like SQLite's own journal handling.  A create-only
+put links the temp file to its name instead of renaming it, which fails if the name exists;
+compare-and-swap (the writer lease) holds a POSIX record lock on a side file while it compares.
 """
 
 from __future__ import annotations
 
 import builtins
+import fcntl
+import hashlib
 import os
 import secrets
 import threading
@@ -15,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from walsync_vfs.storage import (
+    Conflict,
     ObjectInfo,
     ObjectNotFound,
     StorageError,
@@ -33,9 +38,44 @@ class FileReplicaClient:
         self.root = Path(root)
         self.url = self.root.as_uri()
         self.requests = 0
+        self.create_only = False
         self._lock = threading.Lock()
+        # Swaps lock the object's lock file with a POSIX record lock, which a child forked
+        # meanwhile does not inherit (a flock() it would hold until it exits).
+        self._swapping = threading.Lock()
 
     def put(self, key: str, data: bytes) -> None:
+        self._write(key, data, self.create_only)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, _tag(data)
+
+    def swap(self, key: str, data: bytes, tag: str | None) -> str:
+        path = self._path(key)
+        lock = path.with_name(f".{path.name}.lock{TMP_SUFFIX}")
+        # Closing any descriptor of the file drops this process's record lock: one at a time.
+        with self._swapping:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:
+                _makedirs(path.parent)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                if tag is not None:
+                    try:
+                        current = _tag(path.read_bytes())
+                    except FileNotFoundError:
+                        current = None
+                    if current != tag:
+                        raise Conflict(f"{self.url}/{key} changed since it was read")
+                self._write(key, data, create_only=tag is None)
+            finally:
+                os.close(fd)
+        return _tag(data)
+
+    def _write(self, key: str, data: bytes, create_only: bool) -> None:
         path = self._path(key)
         self._count()
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
@@ -46,11 +86,17 @@ class FileReplicaClient:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, path)
+                if create_only:
+                    os.link(tmp, path)
+                    tmp.unlink()
+                else:
+                    os.replace(tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             _fsync_dir(path.parent)  # the rename itself must survive a crash too
+        except FileExistsError:
+            raise Conflict(f"cannot create {self.url}/{key}: it already exists") from None
         except OSError as exc:
             raise StorageError(f"cannot write {self.url}/{key}: {_why(exc)}") from exc
 
@@ -165,6 +211,11 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _tag(data: bytes) -> str:
+    """A version tag: the content's hash (a lease's content is never written twice)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _why(exc: OSError) -> str:

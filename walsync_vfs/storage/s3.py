@@ -28,9 +28,11 @@ from xml.etree import ElementTree
 
 from walsync_vfs.backoff import Backoff
 from walsync_vfs.storage import (
+    Conflict,
     ObjectInfo,
     ObjectNotFound,
     StorageError,
+    Unsupported,
     awsconfig,
     bad_url,
     check_key,
@@ -64,7 +66,9 @@ _RETRY_CODES = {
     "ThrottlingException", "ThrottledException", "RequestThrottledException", "SlowDown",
     "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
     "RequestThrottled", "InternalError", "ServiceUnavailable",
+    "ConditionalRequestConflict",  # a concurrent conditional write: the retry decides
 }  # fmt: skip
+CREATE_ONLY = {"if-none-match": "*"}
 _CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,500})</Message>")
 
@@ -155,11 +159,14 @@ class S3Service:
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
         attempt: int = 1,
+        reply: dict[str, str] | None = None,
     ) -> bytes:
         """Sign and send one request, retrying transient failures with jittered backoff;
         returns the body of a 2xx response.  Raises _Unreachable, _Failed or _NoCredentials.
         ``attempt`` > 1 goes on from a failed attempt made elsewhere (see put_many): it
         backs off first, and counts toward the attempts allowed.
+
+        ``reply``, if given, receives the response's headers.
 
         Payloads are always SHA-256 signed (never UNSIGNED-PAYLOAD): the store then refuses a
         body damaged in transit even without TLS, for the price of hashing it.
@@ -175,12 +182,15 @@ class S3Service:
             signed = {"host": host, **(headers or {})}
             self.signer.sign(method, path, qs, signed, payload, self._credentials(), _amz_date())
             try:
-                status, data, region = pool.exchange(method, target, body, signed)
+                status, data, replied = pool.exchange(method, target, body, signed)
             except _Unreachable as exc:
                 failure: Exception = exc
             else:
                 if status < 300:
+                    if reply is not None:
+                        reply.update(replied)
                     return data
+                region = replied.get("x-amz-bucket-region", "")
                 failure = _Failed(status, *_error_fields(status, data), region)
                 if not failure.retryable:
                     raise failure
@@ -188,7 +198,12 @@ class S3Service:
                 raise failure
             attempt += 1
 
-    def put_many(self, bucket: str, objects: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
+    def put_many(
+        self,
+        bucket: str,
+        objects: Sequence[tuple[str, bytes]],
+        headers: Mapping[str, str] | None = None,
+    ) -> list[Exception | None]:
         """PUT several objects at once, one connection each: every request is sent before
         any reply is read, so the thread wakes up once per batch instead of once per object
         (waking up for each reply is most of the CPU cost of a small PUT).
@@ -226,9 +241,9 @@ class S3Service:
                 results[i] = down
                 continue
             host, path = self._address(bucket, key)
-            headers = {"host": host}
+            signed = {"host": host, **(headers or {})}
             self.signer.sign(
-                "PUT", path, "", headers, hashlib.sha256(body).hexdigest(), creds, amz_date
+                "PUT", path, "", signed, hashlib.sha256(body).hexdigest(), creds, amz_date
             )
             pool = self._pool(host)
             try:
@@ -237,7 +252,7 @@ class S3Service:
                 results[i] = down = exc
                 continue
             try:
-                conn.send("PUT", path, headers, body, _left(deadline))
+                conn.send("PUT", path, signed, body, _left(deadline))
             except (ProtocolError, OSError) as exc:
                 down = failed(i, conn, reused, exc) or down
                 continue
@@ -265,7 +280,7 @@ class S3Service:
                 continue  # its failure stands
             key, body = objects[i]
             try:
-                self.request("PUT", bucket, key, body=body, attempt=attempt)
+                self.request("PUT", bucket, key, body=body, headers=headers, attempt=attempt)
                 results[i] = None
             except (_Unreachable, _Failed, _NoCredentials) as exc:
                 results[i] = exc
@@ -312,8 +327,8 @@ class _Pool:
 
     def exchange(
         self, method: str, target: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, bytes, str]:
-        """One request: status, whole body and the ``x-amz-bucket-region`` header, if any.
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """One request: status, whole body and the reply's headers.
 
         A kept-alive connection the server has closed meanwhile fails on first use; the request
         then goes once more on a new one (every request here is idempotent)."""
@@ -331,7 +346,7 @@ class _Pool:
                 raise _lost(exc) from None
             if conn.open:
                 self.give(conn)
-            return status, data, reply.get("x-amz-bucket-region", "")
+            return status, data, reply
         raise AssertionError("unreachable")  # the fresh connection's attempt always returns
 
     def take(self, fresh: bool) -> tuple[Connection, bool]:
@@ -492,6 +507,7 @@ class S3ReplicaClient:
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.service = shared_service(endpoint_url, region, path_style)
         self.requests = 0
+        self.create_only = False
         self._root = prefix + "/" if prefix else ""
         self._lock = threading.Lock()
 
@@ -513,7 +529,21 @@ class S3ReplicaClient:
 
     def put(self, key: str, data: bytes) -> None:
         full = self._root + check_key(key)
-        self._call("put", f"{self.url}/{key}", "PUT", full, body=data)
+        headers = CREATE_ONLY if self.create_only else None
+        self._call("put", f"{self.url}/{key}", "PUT", full, body=data, headers=headers)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        full = self._root + check_key(key)
+        reply: dict[str, str] = {}
+        data = self._call("get", f"{self.url}/{key}", "GET", full, reply=reply)
+        return data, reply.get("etag", "")
+
+    def swap(self, key: str, data: bytes, tag: str | None) -> str:
+        full = self._root + check_key(key)
+        headers = CREATE_ONLY if tag is None else {"if-match": tag}
+        reply: dict[str, str] = {}
+        self._call("put", f"{self.url}/{key}", "PUT", full, body=data, headers=headers, reply=reply)
+        return reply.get("etag") or self.get_tagged(key)[1]
 
     def put_many(self, objects: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
         """Several PUTs at once (see :func:`storage.put_all`); per object None or the
@@ -529,7 +559,9 @@ class S3ReplicaClient:
         with self._lock:
             self.requests += len(valid)
         errors = self.service.put_many(
-            self.bucket, [(self._root + objects[i][0], objects[i][1]) for i in valid]
+            self.bucket,
+            [(self._root + objects[i][0], objects[i][1]) for i in valid],
+            CREATE_ONLY if self.create_only else None,
         )
         for i, error in zip(valid, errors, strict=True):
             if error is not None:
@@ -645,12 +677,15 @@ class S3ReplicaClient:
         query: Mapping[str, str] | None = None,
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
+        reply: dict[str, str] | None = None,
     ) -> bytes:
         """One counted request, with failures turned into one-line messages."""
         with self._lock:
             self.requests += 1
         try:
-            return self.service.request(method, self.bucket, key, query, body, headers)
+            return self.service.request(
+                method, self.bucket, key, query, body, headers, reply=reply
+            )
         except (_Unreachable, _Failed, _NoCredentials) as exc:
             raise self._error(op, target, exc) from None
 
@@ -679,6 +714,10 @@ class S3ReplicaClient:
             )
         if exc.code == "NoSuchKey" or (op == "get" and exc.status == 404):
             return ObjectNotFound(f"object {target} does not exist")
+        if exc.status == 412 or exc.code == "PreconditionFailed":
+            return Conflict(f"S3 {op} {target}: the object exists or changed (412)")
+        if exc.status == 501 or exc.code == "NotImplemented":
+            return Unsupported(f"S3 {op} {target}: not implemented by {endpoint} ({exc.code})")
         if exc.code in _DENIED or exc.status == 403:
             return StorageError(self._denied())
         message = exc.message.splitlines()[0] if exc.message else ""
