@@ -1840,6 +1840,9 @@ void *ws_conn_open(const char *zPath, int busyMs, char *zErr, int nErr) {
     return 0;
   }
   sqlite3_busy_timeout(db, busyMs);
+  /* Closing the last connection checkpoints and deletes the WAL; ours must
+  ** never be that one: the WAL may hold commits a sync is about to take. */
+  sqlite3_db_config(db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, (int *)0);
   return db;
 }
 
