@@ -454,7 +454,6 @@ class Dispatcher:
 
     def __init__(self, default: Sink | None = None) -> None:
         self.default = default  # set before the thread starts: its first drain may hold OPENs
-        self._by_path: dict[str, Sink] = {}
         self._by_id: dict[int, Sink | None] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -464,13 +463,15 @@ class Dispatcher:
         self._thread.start()
 
     def route_path(self, path: str, sink: Sink | None) -> None:
-        """Send the records of the database at ``path`` to ``sink`` from its next OPEN on."""
-        with self._lock:
-            key = os.path.realpath(path)
+        """Send the records of the database at ``path`` to ``sink`` from its next OPEN on.
+        Routes belong to the process, not to this consumer: one that retires while a route
+        is being added leaves it to the next."""
+        key = os.path.realpath(path)
+        with _load_lock:
             if sink is None:
-                self._by_path.pop(key, None)
+                _routes.pop(key, None)
             else:
-                self._by_path[key] = sink
+                _routes[key] = sink
 
     def set_default(self, sink: Sink) -> None:
         """Route databases whose OPEN arrives from now on, and no other sink claims, to
@@ -497,7 +498,7 @@ class Dispatcher:
             for b in groups:
                 if b.open_path != ffi.NULL:
                     path = os.path.realpath(ffi.string(b.open_path).decode())
-                    sink = self._by_id[b.db_id] = self._by_path.get(path, self.default)
+                    sink = self._by_id[b.db_id] = _routes.get(path, self.default)
                 else:
                     sink = self._by_id.get(b.db_id, self.default)
                 if sink is not None:
@@ -540,7 +541,7 @@ class Dispatcher:
             groups = drain(0)
             if not groups:
                 with self._lock:
-                    if self._by_path or self._requested != self._served:
+                    if _routes or self._requested != self._served:
                         return False
                     self._retired = True
                 if _dispatcher is self:
@@ -552,6 +553,7 @@ class Dispatcher:
 
 _dispatcher: Dispatcher | None = None
 _default_sink: Sink | None = None  # outlives a retired dispatcher
+_routes: dict[str, Sink] = {}  # realpath -> sink (Dispatcher.route_path), under _load_lock
 
 
 def _forget_dispatcher_in_child() -> None:
