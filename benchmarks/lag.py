@@ -89,8 +89,8 @@ TARGET_MEDIAN_MS = 30.0
 TARGET_P99_MS = 150.0
 STEADY_AFTER = 5.0  # s into the constant window before the steady-state PUT rate
 
-WSEG_KEY = re.compile(r"/seg/([0-9a-f]{16})-([0-9a-f]{16})\.wseg$")
-WSNAP_KEY = re.compile(r"/snapshot/([0-9a-f]{16})\.wsnap$")
+WSEG_KEY = re.compile(r"/seg/([0-9a-f]{16})-([0-9a-f]{16})(?:\.e[0-9a-f]+)?\.wseg$")
+WSNAP_KEY = re.compile(r"/snapshot/([0-9a-f]{16})(?:\.e[0-9a-f]+)?\.wsnap$")
 WALSYNC_KEY = re.compile(r"\.ws(?:eg|nap)$")
 LTX_KEY = re.compile(r"/([0-9a-f]{4})/([0-9a-f]{16})-([0-9a-f]{16})\.ltx$")
 LS_PUT_LOG = re.compile(r'^time=(\S+) .*s3\.method=PUT s3\.url="[^"]*?/' + BUCKET + r'/([^"?]+)')
