@@ -88,26 +88,32 @@ def test_checker_accepts_workload_states_and_rejects_impossible_ones(
             pytest.fail(f"the checker accepted a state with a {what}")
 
 
-def test_short_crash_torture_loses_nothing(tmp_path: Path) -> None:
+def run_torture(tmp_path: Path, *args: str, timeout: float) -> dict:
+    """Run the crash torture with ``args``; its summary, once it reported no failure."""
     out = tmp_path / "summary.json"
     proc = subprocess.run(
         [
-            *(sys.executable, str(SCRIPT), "--cycles", "8", "--final-txns", "30"),
+            *(sys.executable, str(SCRIPT), *args, "--final-txns", "30"),
             *("--json", str(out), "--dir", str(tmp_path / "work")),  # kept by pytest on failure
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["failures"] == 0, proc.stdout[-5000:]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert summary["verify_exit"] == 0
+    return summary
+
+
+def test_short_crash_torture_loses_nothing(tmp_path: Path) -> None:
+    summary = run_torture(tmp_path, "--cycles", "8", timeout=120)
     assert summary["cycles"] == summary["kills"] == 8
     assert summary["restores"] >= 1  # after each kill once a replica exists, and at the end
     assert summary["acked_txns"] > 0
     assert summary["final_rows"]["log"] == summary["acked_seq"]  # the final flush acked all
-    assert summary["verify_exit"] == 0
     assert summary["generations"] >= 1
 
 
@@ -344,23 +350,8 @@ def test_commits_a_checkpoint_moved_into_the_db_file_start_a_new_generation(
 def test_short_multiprocess_crash_torture_loses_nothing(tmp_path: Path) -> None:
     """Three writers at once; leaders and followers SIGKILLed at random (the long run is
     ``benchmarks/crash_torture.py --processes 4``)."""
-    out = tmp_path / "summary.json"
-    proc = subprocess.run(
-        [
-            *(sys.executable, str(SCRIPT), "--processes", "3", "--cycles", "8"),
-            *("--final-txns", "30", "--seed", "7"),
-            *("--json", str(out), "--dir", str(tmp_path / "work")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())
-    assert summary["failures"] == 0, proc.stdout[-5000:]
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ("--processes", "3", "--cycles", "8", "--seed", "7")
+    summary = run_torture(tmp_path, *args, timeout=180)
     assert summary["kills"] == 8 and summary["restores"] >= 7
     assert summary["acked_seq"] > 0
     assert summary["final_rows"]["log"] >= summary["acked_seq"]
-    assert summary["verify_exit"] == 0
-
