@@ -20,8 +20,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import apsw
+
+if TYPE_CHECKING:
+    from walsync_vfs.format import WalPos
 
 try:
     from walsync_vfs import _shim
@@ -36,6 +40,7 @@ VFS_NAME = "walsync"
 # instead of per commit, for at most this much lag on a busy stream (none on a sparse one).
 LINGER = 0.05
 _FCNTL_DB_ID = 0x57530001
+_READ_ANY = 0xFFFFFFFF  # ws_durable(): nothing to protect (WS_READ_ANY in csrc/walsync.c)
 
 ffi, lib = _shim.ffi, _shim.lib
 log = logging.getLogger("walsync_vfs")
@@ -262,6 +267,15 @@ def drain(timeout: float | None = 0.0, linger: float = 0.0) -> list:
         groups.append(b)
         b = b.next
     return groups
+
+
+def durable(db_id: int, wal: WalPos | None) -> None:
+    """Leader: every commit up to ``wal`` is in the store, so the WAL may restart past it;
+    None: protect nothing (a sync is under way).  See ws_durable in csrc/walsync.c."""
+    if wal is None:
+        lib.ws_durable(db_id, 0, 0, _READ_ANY)
+    else:
+        lib.ws_durable(db_id, wal.salt1, wal.salt2, wal.end)
 
 
 def wake() -> None:

@@ -51,7 +51,6 @@ __all__ = ["Engine", "ReplicationError", "stats_of"]
 
 log = logging.getLogger("walsync_vfs")
 
-READ_ANY = 0xFFFFFFFF  # ws_durable(): nothing to protect (WS_READ_ANY in csrc/walsync.c)
 COALESCE = 0.01  # s: uploads falling due this close together start in one uploader wake-up
 # s between looks at the memory cap (a sum over every database), made whenever the uploader
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
@@ -358,12 +357,9 @@ class Engine:
 
     def _retry_now(self, db: Database) -> None:
         """Move the database's sync retry, if one is waiting out its backoff, to now."""
-        waiting = [entry for entry in self._sync_retries if entry[2] is not db]
-        if len(waiting) == len(self._sync_retries):
+        if not self._cancel_retry(db):
             return  # none waiting: its sync is running, or done
-        waiting.append((time.monotonic(), next(self._ticket), db))
-        heapq.heapify(waiting)
-        self._sync_retries[:] = waiting
+        heapq.heappush(self._sync_retries, (time.monotonic(), next(self._ticket), db))
         self._wake.notify()
 
     def _resolve(self, db: Database) -> None:
@@ -487,7 +483,7 @@ class Engine:
         """Line the lineage up with the database's current bytes (see sync.py)."""
         # Until it is done the WAL may restart: the sync point takes the write lock, which a
         # checkpoint waiting for its frames to be stored would hold (csrc/walsync.c).
-        capture.lib.ws_durable(db.db_id, 0, 0, READ_ANY)
+        capture.durable(db.db_id, None)
         if db.client is None:  # a first sync (a follower has its name, not its client)
             self._resolve(db)
         client = db.client
@@ -555,8 +551,7 @@ class Engine:
             if decision.snapshot or not (up.pending or up.outbox or up.uploading):
                 up.durable_seq = max(up.durable_seq, pinned.seq)
                 up.durable_txid = max(up.durable_txid, decision.txid)
-                wal = pinned.wal
-                capture.lib.ws_durable(db.db_id, wal.salt1, wal.salt2, wal.end)
+                capture.durable(db.db_id, pinned.wal)
             db.failures = 0
             db.last_error = ""
             db.stopped = False

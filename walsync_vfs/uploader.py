@@ -453,9 +453,7 @@ class Uploader:
             up.durable_seq = max(up.durable_seq, item.last_seq)
             up.durable_txid = item.last_txid
             if item.wal is not None and not db.sync.syncing:
-                # The WAL may now be restarted past these commits (csrc/walsync.c, ws_durable).
-                wal = item.wal
-                capture.lib.ws_durable(db.db_id, wal.salt1, wal.salt2, wal.end)
+                capture.durable(db.db_id, item.wal)  # the WAL may restart past them
             up.bytes_uploaded += len(data)
             self.freed = True
             db.upkeep.uploaded_since_retention = True
