@@ -50,7 +50,6 @@ int64_t ws_file_size(void *file);
 int ws_release_heap(void);
 int ws_tail(int64_t db_id);
 int ws_role(int64_t db_id, int role, const char *addr);
-int ws_own_pos(int64_t db_id, ws_pos *out);
 int ws_leader(int64_t db_id, int64_t *leader_db_id, char *addr);
 void ws_beat(int64_t db_id);
 void ws_durable(int64_t db_id, uint32_t salt1, uint32_t salt2, uint32_t nframe);

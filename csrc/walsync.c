@@ -147,7 +147,7 @@ struct WsDb {
   int nShm;                  /* connections that have it mapped (mu) */
   struct WsShared *pShared;  /* the host-wide page in <db>-walsync, or NULL */
   int eRole;                 /* WS_ROLE_*: whether this process replicates the db */
-  uint32_t own[3];           /* follower: salt1, salt2, frame end of its last commit */
+  uint32_t own[3];           /* follower: the WAL (salts, end) its last commit left */
   int64_t lastNotify;        /* follower: CLOCK_MONOTONIC ns of its last notification */
   /* Mirror of the WAL bytes written since the last publish.  One per database,
   ** not per WAL handle: only the holder of the WAL write lock writes the WAL,
@@ -1765,17 +1765,6 @@ void ws_beat(int64_t db_id) {
   if (pDb && pDb->pShared && pDb->eRole == WS_ROLE_LEAD) {
     __atomic_store_n(&pDb->pShared->beat, monotonicNs(), __ATOMIC_RELEASE);
   }
-}
-
-/* Follower: where this process's last commit to the db ended in the WAL. */
-int ws_own_pos(int64_t db_id, ws_pos *pOut) {
-  WsDb *pDb = dbById(db_id);
-  if (!pDb) return 0;
-  memset(pOut, 0, sizeof(*pOut));
-  pOut->salt1 = pDb->own[0];
-  pOut->salt2 = pDb->own[1];
-  pOut->nframe = pDb->own[2];
-  return 1;
 }
 
 /* The live leader of a db: its pid (0 if none), its id for the db and its
