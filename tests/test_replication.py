@@ -202,3 +202,42 @@ def test_configure_rejects_unknown_options_and_bad_urls():
         walsync_vfs.configure(upload_intervall=1)
     with pytest.raises(storage.StorageError):
         walsync_vfs.configure(replica="ftp://example/x")
+
+
+def test_two_open_databases_cannot_share_a_name_on_one_root(replica, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "app.db", tmp_path / "b" / "app.db"
+    a = open_db(first)
+    a.execute("CREATE TABLE t(x); INSERT INTO t VALUES('a')")
+    walsync_vfs.flush(timeout=30)
+    b = open_db(second)
+    b.execute("CREATE TABLE t(x); INSERT INTO t VALUES('b')")
+    with pytest.raises(walsync_vfs.ReplicationError) as refused:
+        walsync_vfs.flush(timeout=30)  # at once: a setting to fix, not an outage to wait out
+    assert str(refused.value) == (
+        f"replica of {second} is failing: {second}: replica name 'app.db' is already used by "
+        f"{first}; give one of them another name"
+    )
+    b.close()  # gives up: its name was never its own
+    assert rows(restore(f"{replica}/app.db", tmp_path / "r.db")) == [("a",)]
+    a.close()
+
+
+def test_one_name_on_two_roots(replica, tmp_path):
+    """A name is claimed within its replica root: the same base name under another root is
+    another replica."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = open_db(tmp_path / "a" / "app.db")
+    a.execute("CREATE TABLE t(x); INSERT INTO t VALUES('a')")
+    walsync_vfs.flush(timeout=30)
+    other = (tmp_path / "other").as_uri()
+    walsync_vfs.configure(replica=other)  # for databases opened from now on
+    b = open_db(tmp_path / "b" / "app.db")
+    b.execute("CREATE TABLE t(x); INSERT INTO t VALUES('b')")
+    walsync_vfs.flush(timeout=30)
+    assert rows(restore(f"{replica}/app.db", tmp_path / "ra.db")) == [("a",)]
+    assert rows(restore(f"{other}/app.db", tmp_path / "rb.db")) == [("b",)]
+    a.close()
+    b.close()

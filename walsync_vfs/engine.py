@@ -38,7 +38,7 @@ from walsync_vfs.capture import Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
-from walsync_vfs.errors import FlushTimeoutError, ReplicationError
+from walsync_vfs.errors import FlushTimeoutError, NameTaken, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
 from walsync_vfs.lease import Lease, Refused, Unfenceable
 from walsync_vfs.lineage import Head, decide, read_head
@@ -69,7 +69,8 @@ class Engine:
         # flushers) does not wake it too; Uploader.schedule wakes it when it has to.
         self._wake = threading.Condition(self._lock)
         self._dbs: dict[int, Database] = {}
-        self._names: dict[str, int] = {}  # name -> db_id, to refuse two dbs on one prefix
+        # (replica root, name) -> db_id: two databases must not share one prefix
+        self._names: dict[tuple[str, str], int] = {}
         self._clients: dict[str, storage.ReplicaClient] = {}
         self._sync_retries: list[tuple[float, int, Database]] = []  # (time, tie-breaker, db)
         self._ticket = itertools.count()
@@ -242,8 +243,9 @@ class Engine:
             self.uploads.pool.spawn(self._release, db.lease)  # the next writer may start at once
         self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
-        if self._names.get(db.name) == db.db_id:
-            del self._names[db.name]
+        claim = (db.cfg.replica_root(), db.name)
+        if self._names.get(claim) == db.db_id:
+            del self._names[claim]
         self._cond.notify_all()
         if not self._dbs:
             self._wake.notify()  # the uploader thread ends
@@ -292,6 +294,8 @@ class Engine:
                 with self._lock:
                     fenced = self._fenced(db, exc)
                     db.fail(exc)
+                    if isinstance(exc, NameTaken):
+                        db.failures = max(db.failures, FAILING_AFTER)
                     self._cond.notify_all()
                     if db.given_up():
                         state.syncing = False
@@ -367,9 +371,9 @@ class Engine:
         cfg = self.settings.for_db(db.path)
         name = cfg.name
         with self._lock:
-            owner = self._names.setdefault(name, db.db_id)
+            owner = self._names.setdefault((cfg.replica_root(), name), db.db_id)
         if owner != db.db_id:
-            raise ReplicationError(
+            raise NameTaken(
                 f"{db.path}: replica name {name!r} is already used by "
                 f"{self._dbs[owner].path}; give one of them another name"
             )

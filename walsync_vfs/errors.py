@@ -9,6 +9,11 @@ class ReplicationError(RuntimeError):
     """A database's replica cannot be written (the message says why and what to do)."""
 
 
+class NameTaken(ReplicationError):
+    """Another open database replicates under the same name and root: a setting to fix,
+    not a store outage, so flush() reports it at once."""
+
+
 class FlushTimeoutError(TimeoutError):
     """``flush()`` ran out of time (a ``TimeoutError``); the message says what to look at."""
 
