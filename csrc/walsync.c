@@ -813,7 +813,9 @@ static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf)
     ** transaction) keeps the salts.  Anything else means somebody else
     ** restarted it, erasing frames we never saw. */
     if (nBuf < WAL_HDR || !parseWalHeader(&c, a)) return;
-    if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1) &&
+    if (pDb->c.bHdr && pDb->c.nFrame && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2) {
+      c = pDb->c; /* a tail scan read this header, and maybe our commit (below) */
+    } else if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1) &&
         !(pDb->c.nFrame == 0 && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2) &&
         !permitted(pDb, c.salt1, c.salt2)) {
       reportGap(pDb);
@@ -831,7 +833,7 @@ static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf)
     return;
   }
   f0 = (uint32_t)((f0Off - WAL_HDR) / szFrame);
-  if (f0 != c.nFrame) { /* SQLite appended after frames we never saw */
+  if (f0 > c.nFrame) { /* SQLite appended after frames we never saw */
     reportGap(pDb);
     return;
   }
@@ -855,6 +857,14 @@ static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf)
     }
   }
   if (nCommit == 0) return; /* rolled back */
+  if (f0 < c.nFrame) {
+    /* A tail scan (ws_tail) read the WAL between SQLite's commit and this
+    ** publish: it queued this very commit if the chain ends exactly here. */
+    if (f0 + nCommit != c.nFrame || endCk[0] != c.cksum[0] || endCk[1] != c.cksum[1]) {
+      reportGap(pDb);
+    }
+    return;
+  }
 
   r = commitRecord(pDb, &c, f0, f0 + nCommit, dbSize, endCk);
   if (!r) {

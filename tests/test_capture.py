@@ -329,6 +329,36 @@ def test_tail_publishes_commits_of_other_processes(db):
     f.assert_identical(con)
 
 
+def test_a_tail_racing_the_writers_own_commits_breaks_nothing(db):
+    """The leader tails the WAL (for writers without the shim) while its own process
+    commits: a commit the tail read before the writer published it is published once, and
+    the stream goes on without a gap, across WAL restarts too."""
+    con, f = db
+    con.execute("PRAGMA wal_autocheckpoint=20")
+    db_id = capture.db_id_of(con)
+    stop = threading.Event()
+    tails = 0
+
+    def tail() -> None:
+        nonlocal tails
+        while not stop.is_set():
+            capture.lib.ws_tail(db_id)
+            tails += 1
+
+    tailer = threading.Thread(target=tail)
+    tailer.start()
+    try:
+        for _ in range(3000):
+            con.execute("INSERT INTO t(v) VALUES(randomblob(100))")
+    finally:
+        stop.set()
+        tailer.join()
+    assert tails > 100
+    commits = f.catch_up()  # asserts consecutive records and no GAP
+    assert len(commits) == 3000
+    f.assert_identical(con)
+
+
 FOREIGN_TRUNCATE = """
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1], isolation_level=None)
