@@ -429,3 +429,31 @@ def test_planner_gives_a_chain_or_a_clean_error(entries, target):
         expected = seg.last_txid + 1
     if target is not None:
         assert p.snapshot.last_txid <= target < expected
+
+
+def test_a_closed_database_still_uploading_keeps_its_name_until_done(
+    s3_replica, stopped_store, tmp_path
+):
+    """Another database of the same name, opened while the first (closed) still waits for
+    the store, waits for it rather than failing, then continues the replica."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    second = str(tmp_path / "b" / "app.db")
+    a = apsw.Connection(str(tmp_path / "a" / "app.db"), vfs="walsync")
+    a.execute("CREATE TABLE t(x); INSERT INTO t VALUES('a')")
+    walsync_vfs.flush(timeout=30)
+    stopped_store.stop()
+    a.execute("INSERT INTO t VALUES('a2')")  # its upload waits for the store
+    a.close()
+    opened: list[apsw.Connection] = []
+    opener = threading.Thread(target=lambda: opened.append(apsw.Connection(second, vfs="walsync")))
+    opener.start()  # its sync point waits for the name
+    while not any(s["path"] == second for s in walsync_vfs.stats()):
+        time.sleep(0.01)
+    stopped_store.resume()
+    opener.join()
+    (b,) = opened
+    b.execute("CREATE TABLE t(x); INSERT INTO t VALUES('b')")
+    walsync_vfs.flush(timeout=60)
+    assert rows(restored(f"{s3_replica}/app.db", tmp_path / "r.db")) == [("b",)]
+    b.close()

@@ -58,6 +58,10 @@ SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
 
 
+class NameInUse(Exception):
+    """The replica name belongs to a closed database still finishing its uploads."""
+
+
 class Engine:
     """See the module docstring."""
 
@@ -246,6 +250,9 @@ class Engine:
         claim = (db.cfg.replica_root(), db.name)
         if self._names.get(claim) == db.db_id:
             del self._names[claim]
+            for waiting in self._dbs.values():
+                if waiting.client is None:  # one may be waiting for this name
+                    self._retry_now(waiting)
         self._cond.notify_all()
         if not self._dbs:
             self._wake.notify()  # the uploader thread ends
@@ -285,6 +292,11 @@ class Engine:
                 return
             except capture.EmptyFileError:
                 with self._lock:  # look again once its opener has written to it
+                    self._retry_later(db)
+                return
+            except NameInUse as exc:
+                log.debug("walsync: %s", exc)
+                with self._lock:  # retried at once when the other one is forgotten
                     self._retry_later(db)
                 return
             except Exception as exc:  # noqa: BLE001 - reported, retried, never dropped
@@ -372,10 +384,13 @@ class Engine:
         name = cfg.name
         with self._lock:
             owner = self._names.setdefault((cfg.replica_root(), name), db.db_id)
-        if owner != db.db_id:
+            other = self._dbs[owner]
+        if other is not db and not other.open:
+            raise NameInUse(f"{db.path}: waiting for {other.path}, closed, to finish its uploads")
+        if other is not db:
             raise NameTaken(
                 f"{db.path}: replica name {name!r} is already used by "
-                f"{self._dbs[owner].path}; give one of them another name"
+                f"{other.path}; give one of them another name"
             )
         db.cfg = cfg
         db.name = name
