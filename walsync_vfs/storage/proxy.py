@@ -42,15 +42,15 @@ def proxy_for(
     """The proxy for requests to ``scheme://host:port``, None to go direct."""
     env = os.environ if env is None else env
     name = f"{scheme}_proxy"
-    value = env.get(name)
-    if value is None and not (scheme == "http" and "REQUEST_METHOD" in env):
-        value = env.get(name.upper())
-    if not value or not value.strip():
+    if name not in env and not (scheme == "http" and "REQUEST_METHOD" in env):
+        name = name.upper()
+    value = env.get(name, "").strip()
+    if not value:
         return None
     no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
     if bypassed(host, port, no_proxy):
         return None
-    return parse(value.strip(), name)
+    return parse(value, name)
 
 
 def bypassed(host: str, port: int, no_proxy: str) -> bool:

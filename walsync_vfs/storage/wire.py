@@ -24,7 +24,11 @@ refused one.  Not importing http.client at all keeps ``ssl`` (OpenSSL's tables) 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import select
 import socket
+import struct
+import termios
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -126,6 +130,7 @@ class Connection:
         self.read_timeout = read_timeout
         self.reader = sock.makefile("rb")
         self.open = True
+        self._draining = False  # a large body may still be leaving the send buffer
 
     def close(self) -> None:
         self.open = False
@@ -177,7 +182,8 @@ class Connection:
             raise ProtocolError("line break inside the request head")
         data = (text + "\r\n\r\n").encode("latin-1")
         chunks = [body] if isinstance(body, bytes) else body
-        if length <= BIG_BODY:
+        self._draining = length > BIG_BODY
+        if not self._draining:
             self._send_all(data + b"".join(chunks), progress)
             return
         self._send_all(data, progress)
@@ -206,7 +212,23 @@ class Connection:
         """The reply half of :meth:`exchange` (``timeout``: seconds for this reply instead
         of the connection's read timeout)."""
         with self._timeout(timeout):
+            if self._draining:
+                self._await_reply(self.sock.gettimeout() or self.read_timeout)
             return self._reply(method)
+
+    def _await_reply(self, stall: float) -> None:
+        """Wait for the reply to begin.  The last send returns once the body is in the
+        kernel's send buffer, which on a slow link takes long to empty: while it keeps
+        emptying, bytes still move and the wait goes on."""
+        self._draining = False
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        queued = _unsent(self.sock)
+        while not poller.poll(stall * 1000) and not _pending(self.sock):
+            now = _unsent(self.sock)
+            if now is None or queued is None or now >= queued:
+                raise TimeoutError("no reply")
+            queued = now
 
     @contextlib.contextmanager
     def _timeout(self, timeout: float | None) -> Iterator[None]:
@@ -321,3 +343,19 @@ def _tunnel(sock: socket.socket, authority: str, proxy: Proxy) -> None:
         raise ProtocolError(f"bad status line from the proxy {status_line!r}")
     if not 200 <= int(rest[:3]) < 300:
         raise ProxyRefused(f"the proxy refused the tunnel to {authority}: {rest.strip()}")
+
+
+def _unsent(sock: socket.socket) -> int | None:
+    """Bytes in the socket's send queue the peer has not acknowledged (Linux; None where
+    the system cannot say)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (AttributeError, OSError):
+        return None
+    return int(struct.unpack("i", raw)[0])
+
+
+def _pending(sock: socket.socket) -> bool:
+    """Whether TLS holds decrypted bytes a poll of the socket cannot see."""
+    pending = getattr(sock, "pending", None)
+    return bool(pending and pending())
