@@ -4,8 +4,10 @@ parallel reads, and abandoned uploads swept away."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +206,19 @@ def test_own_uploads_in_progress_are_not_stale(
     assert swept == [0] and client.get("mine") == blob
 
 
+def test_file_own_puts_in_progress_are_not_stale(file_url: str) -> None:
+    client = open_replica(file_url)
+    swept: list[int] = []
+
+    def sweeping_meanwhile() -> Iterator[bytes]:
+        yield b"first half "
+        swept.append(client.abort_stale_uploads("", 0))
+        yield b"second half"
+
+    client.put_stream("db/snap", sweeping_meanwhile())
+    assert swept == [0] and client.get("db/snap") == b"first half second half"
+
+
 def test_file_stale_temp_files_are_removed(file_url: str) -> None:
     client = open_replica(file_url)
     client.put("db/seg", b"1")
@@ -241,3 +256,73 @@ def test_skewed_clock_is_reported_as_a_clock_problem(
         )
     monkeypatch.setattr(s3_backend, "_clock", lambda: time.time() + 60)
     assert client.get("k") == b"v"  # within the store's allowance
+
+
+def plant_orphan(client, s3_server, key: str) -> None:
+    """An upload a crash abandoned: a multipart upload with one part (S3), a put's temp file
+    (directory)."""
+    if isinstance(client, S3ReplicaClient):
+        full = f"{client.prefix}/{key}"
+        upload = s3_server.admin.create_multipart_upload(Bucket=client.bucket, Key=full)
+        s3_server.admin.upload_part(
+            Bucket=client.bucket, Key=full, UploadId=upload["UploadId"], PartNumber=1, Body=b"p"
+        )
+    else:
+        path = Path(client.url.removeprefix("file://"), key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_name(f".{path.name}.0123456789ab.walsync-tmp").write_bytes(b"partial")
+
+
+def orphans(client, s3_server) -> list[str]:
+    if isinstance(client, S3ReplicaClient):
+        return [k.removeprefix(f"{client.prefix}/") for k in open_uploads(s3_server, client)]
+    root = Path(client.url.removeprefix("file://"))
+    return sorted(
+        str(p.relative_to(root)).replace(".0123456789ab.walsync-tmp", "").replace("/.", "/")
+        for p in root.rglob("*.walsync-tmp")
+        if ".lock." not in p.name
+    )
+
+
+def test_maintenance_aborts_abandoned_uploads(
+    replica_url: str,
+    s3_server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import apsw
+
+    import walsync_vfs
+    from walsync_vfs import compactor
+
+    monkeypatch.setattr(compactor, "STALE_UPLOAD_AGE", 0.0)
+    client = open_replica(replica_url)
+    plant_orphan(client, s3_server, "app.db/snapshot-of-a-crash")
+    plant_orphan(client, s3_server, "other.db/snapshot-of-a-crash")
+    swept = threading.Event()
+
+    class Sweeps(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "app.db aborted 1 abandoned uploads" in record.getMessage():
+                swept.set()
+
+    handler = Sweeps()
+    caplog.set_level(logging.INFO, logger="walsync_vfs")
+    logging.getLogger("walsync_vfs").addHandler(handler)
+    walsync_vfs.configure(replica=replica_url, upload_interval=0.0, retention=2.0)
+    try:
+        con = apsw.Connection(str(tmp_path / "app.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x)")
+        for _ in range(60):  # retention passes fall due after uploads
+            con.execute("INSERT INTO t VALUES (1)")
+            walsync_vfs.flush(timeout=10)
+            if swept.wait(0.5):
+                break
+        assert swept.is_set(), "no maintenance pass aborted the upload"
+        assert orphans(client, s3_server) == ["other.db/snapshot-of-a-crash"]  # not its own
+        con.close()
+    finally:
+        logging.getLogger("walsync_vfs").removeHandler(handler)
+        walsync_vfs.flush(timeout=30)
+        walsync_vfs.configure(replica="", upload_interval=1.0, retention=86400.0)

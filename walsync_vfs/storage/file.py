@@ -35,6 +35,9 @@ from walsync_vfs.storage.transfer import Source, chunks
 TMP_SUFFIX = ".walsync-tmp"  # in-flight puts; never listed, never a valid key
 # An in-flight put's temp file (not a swap's lock file, which must never be removed).
 _PUT_TMP = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX) + "$")
+# Temp files of this process's puts in progress: never stale, whatever their age.
+_writing: set[Path] = set()
+_writing_lock = threading.Lock()
 _PUT_ATTEMPTS = 3  # a concurrent delete may prune the directory between mkdir and create
 
 
@@ -94,7 +97,7 @@ class FileReplicaClient:
 
     def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
         """Remove temp files of puts under ``prefix`` that a crash left, once older than
-        ``older_than`` seconds (a put in progress keeps writing, so its file stays young)."""
+        ``older_than`` seconds (not this process's puts in progress)."""
         check_prefix(prefix)
         self._count()
         cutoff = time.time() - older_than
@@ -107,6 +110,9 @@ class FileReplicaClient:
                 if not _PUT_TMP.match(name) or not (rel + name[1:]).startswith(prefix):
                     continue
                 path = Path(directory, name)
+                with _writing_lock:
+                    if path in _writing:
+                        continue
                 try:
                     if path.stat().st_mtime < cutoff:
                         path.unlink()
@@ -148,29 +154,38 @@ class FileReplicaClient:
         path = self._path(key)
         self._count()
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
-        size = 0
+        with _writing_lock:
+            _writing.add(tmp)
         try:
-            fd = self._create(tmp)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    for chunk in data:
-                        f.write(chunk)
-                        size += len(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if create_only:
-                    os.link(tmp, path)
-                    tmp.unlink()
-                else:
-                    os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            _fsync_dir(path.parent)  # the rename itself must survive a crash too
+            return self._install(tmp, path, data, create_only)
         except FileExistsError:
             raise Conflict(f"cannot create {self.url}/{key}: it already exists") from None
         except OSError as exc:
             raise StorageError(f"cannot write {self.url}/{key}: {_why(exc)}") from exc
+        finally:
+            with _writing_lock:
+                _writing.discard(tmp)
+
+    def _install(self, tmp: Path, path: Path, data: Iterable[bytes], create_only: bool) -> int:
+        """Fill and fsync ``tmp``, then link (create-only) or rename it to ``path``."""
+        size = 0
+        fd = self._create(tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in data:
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if create_only:
+                os.link(tmp, path)
+                tmp.unlink()
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)  # the rename itself must survive a crash too
         return size
 
     def get(self, key: str) -> bytes:
