@@ -815,9 +815,13 @@ class S3ReplicaClient:
             )  # fmt: skip
         except ObjectNotFound:
             # NoSuchUpload: a retry after a reply that got lost finds it completed.
-            if self.head(key).size != total:
-                raise
-            return
+            with contextlib.suppress(ObjectNotFound):
+                if self.head(key).size == total:
+                    return
+            raise StorageError(
+                f"S3 put {target} failed at {self.service.endpoint_url}: the multipart "
+                "upload was gone before it completed (aborted by another process?)"
+            ) from None
         if b"<Error>" in reply:  # S3 may report a failed completion in a 200 reply
             raise self._error("put", target, _Failed(200, *_error_fields(200, reply)))
 
