@@ -1,8 +1,9 @@
 """The S3 client's HTTP/1.1 layer: reply framing against a scripted server, TLS against a real
-TLS front for SeaweedFS."""
+TLS front for SeaweedFS, stall timeouts and proxies through loopback proxies of our own."""
 
 from __future__ import annotations
 
+import base64
 import os
 import select
 import shutil
@@ -19,6 +20,7 @@ import pytest
 
 from walsync_vfs.storage import StorageError, open_replica
 from walsync_vfs.storage import s3 as s3_backend
+from walsync_vfs.storage.proxy import bypassed, proxy_for
 from walsync_vfs.storage.wire import Connection, Disconnected, ProtocolError, address
 
 
@@ -428,6 +430,13 @@ def no_reply(seconds: float) -> str:
     return f"no response within {seconds}s; the server is up but not answering"
 
 
+def stalled(seconds: float) -> str:
+    return (
+        f"sending stalled (no byte accepted for {seconds}s); "
+        "the server, or a proxy on the way, stopped reading"
+    )
+
+
 def test_put_many_to_a_hung_store_costs_one_read_timeout(
     fake_s3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -469,7 +478,7 @@ def test_put_many_to_a_store_that_stopped_reading_costs_one_timeout(
     started = time.monotonic()
     results = client.put_many(big)
     elapsed = time.monotonic() - started
-    assert [str(r) for r in results] == [f"cannot reach {server.endpoint}: {no_reply(0.5)}"] * 3
+    assert [str(r) for r in results] == [f"cannot reach {server.endpoint}: {stalled(0.5)}"] * 3
     assert elapsed < 1.5
 
 
@@ -508,3 +517,265 @@ def test_put_many_to_a_closed_port_fails_fast(monkeypatch: pytest.MonkeyPatch) -
         f"cannot reach {endpoint}: connection refused; "
         "check the endpoint URL and that the server is running"
     ] * 3
+
+
+# ------------------------------------------------- stalls, not totals; proxies on loopback
+
+
+class LoopbackProxy:
+    """A forward proxy on loopback: CONNECT tunnels and absolute-form requests, each piped
+    to the host it names; with ``upstream``, a plain TCP relay to that address instead.
+
+    ``rate``: bytes per second it passes on from the client; ``stall_after``: it stops
+    reading from the client after that many bytes; ``auth``: the Proxy-Authorization value
+    it requires (407 otherwise).  ``heads`` holds each connection's first request line and
+    its Proxy-Authorization."""
+
+    PIECE = 64 << 10
+
+    def __init__(
+        self,
+        upstream: str | None = None,
+        rate: float | None = None,
+        stall_after: int | None = None,
+        auth: str | None = None,
+    ) -> None:
+        self.upstream, self.rate, self.stall_after, self.auth = upstream, rate, stall_after, auth
+        self.heads: list[tuple[str, str]] = []
+        self.stalled = threading.Event()
+        self._stop = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        # Small buffers, so a throttled or stalled relay soon holds the sender back.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.PIECE)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            if self.upstream is not None:
+                upstream = socket.create_connection(address(self.upstream, False))
+                preface = b""
+            else:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    byte = client.recv(1)
+                    if not byte:
+                        return
+                    head += byte
+                lines = head.decode("latin-1").split("\r\n")
+                fields = {
+                    name.lower(): value
+                    for name, _, value in (line.partition(": ") for line in lines[1:] if line)
+                }
+                self.heads.append((lines[0], fields.get("proxy-authorization", "")))
+                if self.auth is not None and fields.get("proxy-authorization") != self.auth:
+                    client.sendall(
+                        b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    client.close()
+                    return
+                method, target, _ = lines[0].split(" ")
+                if method == "CONNECT":
+                    upstream = socket.create_connection(address(target, False))
+                    client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    preface = b""
+                else:
+                    host = target.removeprefix("http://").split("/", 1)[0]
+                    upstream = socket.create_connection(address(host, False))
+                    preface = head
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        self._forward(client, upstream, preface)
+
+    def _forward(self, client: socket.socket, upstream: socket.socket, preface: bytes) -> None:
+        moved = 0
+        try:
+            upstream.sendall(preface)
+            while not self._stop.is_set():
+                if self.stall_after is not None and moved >= self.stall_after:
+                    self.stalled.set()
+                    self._stop.wait()  # holds the connection open, reads nothing more
+                    return
+                data = client.recv(self.PIECE)
+                if not data:
+                    return
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
+                upstream.sendall(data)
+                moved += len(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+
+@pytest.fixture
+def proxies() -> Iterator:
+    made: list[LoopbackProxy] = []
+
+    def make(**options) -> LoopbackProxy:
+        made.append(LoopbackProxy(**options))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.stop()
+
+
+@pytest.fixture
+def direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy variable of the machine's; services made afresh; one attempt per call."""
+    for name in ("http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setattr(s3_backend, "_services", {})
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+
+
+STALL = 0.4  # seconds: the stall timeout in these tests
+BIG = 16 << 20  # more than loopback socket buffers hold, so the relay's pace shows
+
+
+def test_a_slow_put_that_moves_is_not_timed_out(
+    s3_server, proxies, direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_backend, "READ_TIMEOUT", STALL)
+    relay = proxies(upstream=s3_server.endpoint.removeprefix("http://"), rate=8 << 20)
+    client = open_replica(f"s3://{s3_server.new_bucket()}/slow", endpoint_url=relay.url)
+    blob = os.urandom(BIG)
+    started = time.monotonic()
+    client.put("one", blob)
+    assert time.monotonic() - started > 2 * STALL  # a total timeout would have failed it
+    started = time.monotonic()
+    assert client.put_many([("a", blob[: BIG // 2]), ("b", blob[BIG // 2 :])]) == [None, None]
+    assert time.monotonic() - started > 2 * STALL  # so would the batch's old deadline
+    assert client.get("one") == blob and client.get("a") + client.get("b") == blob
+
+
+def test_a_stalled_put_fails_after_the_stall_timeout(
+    s3_server, proxies, direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_backend, "READ_TIMEOUT", STALL)
+    relay = proxies(upstream=s3_server.endpoint.removeprefix("http://"), stall_after=1 << 20)
+    client = open_replica(f"s3://{s3_server.new_bucket()}/stall", endpoint_url=relay.url)
+    expected = f"cannot reach {relay.url}: {stalled(STALL)}"
+    started = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        client.put("one", bytes(BIG))
+    assert str(info.value) == expected
+    assert relay.stalled.is_set() and time.monotonic() - started < STALL + 2
+    assert [str(r) for r in client.put_many([("a", bytes(BIG)), ("b", b"x")])] == [expected] * 2
+
+
+def test_https_endpoint_through_a_connect_proxy(
+    tls_front, s3_server, proxies, direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint, ca = tls_front
+    front = endpoint.removeprefix("https://")
+    credentials = "Basic " + base64.b64encode(b"walsync:p@ss word").decode()
+    proxy = proxies(auth=credentials)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca))
+    monkeypatch.setenv("HTTPS_PROXY", f"http://walsync:p%40ss%20word@127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")  # for http only: never used here
+    client = open_replica(f"s3://{s3_server.new_bucket()}/tunnel", endpoint_url=endpoint)
+    client.put("k", b"through the tunnel" * 10_000)
+    assert client.get("k") == b"through the tunnel" * 10_000
+    assert proxy.heads == [(f"CONNECT {front} HTTP/1.1", credentials)]  # one kept-alive tunnel
+
+    monkeypatch.setenv("HTTPS_PROXY", f"http://walsync:wrong@127.0.0.1:{proxy.port}")
+    monkeypatch.setattr(s3_backend, "_services", {})
+    client = open_replica(client.url, endpoint_url=endpoint)
+    with pytest.raises(StorageError) as info:
+        client.get("k")
+    assert str(info.value) == (
+        f"cannot reach {endpoint}: the proxy refused the tunnel to {front}: 407 Proxy "
+        f"Authentication Required via proxy http://***@127.0.0.1:{proxy.port}; check the "
+        "proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)"
+    )
+
+
+def test_http_endpoint_through_a_proxy_unless_no_proxy_says_so(
+    s3_server, proxies, direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = proxies()
+    host = s3_server.endpoint.removeprefix("http://")
+    bucket = s3_server.new_bucket()
+    monkeypatch.setenv("http_proxy", proxy.url)
+    monkeypatch.setenv("no_proxy", "example.com,.internal")
+    client = open_replica(f"s3://{bucket}/via")
+    client.put("k", b"v")
+    assert client.get("k") == b"v"
+    assert [line for line, _ in proxy.heads] == [f"PUT http://{host}/{bucket}/via/k HTTP/1.1"]
+
+    for no_proxy in ("127.0.0.1", f"localhost, 127.0.0.0/8:{host.split(':')[1]}", "*"):
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.setattr(s3_backend, "_services", {})
+        assert open_replica(f"s3://{bucket}/via").get("k") == b"v"
+    assert len(proxy.heads) == 1  # bypassed every time
+
+
+@pytest.mark.parametrize(
+    ("env", "scheme", "expected"),
+    [
+        ({"https_proxy": "http://p:1"}, "https", ("p", 1)),
+        ({"HTTPS_PROXY": "p:8080"}, "https", ("p", 8080)),
+        ({"HTTPS_PROXY": "http://p"}, "https", ("p", 3128)),
+        ({"https_proxy": "http://a:1", "HTTPS_PROXY": "http://b:2"}, "https", ("a", 1)),
+        ({"https_proxy": "http://p:1"}, "http", None),
+        ({"HTTP_PROXY": "http://p:1"}, "http", ("p", 1)),
+        ({"HTTP_PROXY": "http://p:1", "REQUEST_METHOD": "GET"}, "http", None),  # CGI
+        ({"http_proxy": "http://p:1", "no_proxy": "s3.example.com"}, "http", None),
+        ({"http_proxy": "http://p:1", "no_proxy": ".example.com"}, "http", None),
+        ({"http_proxy": "http://p:1", "no_proxy": "example.com:9000"}, "http", None),
+        ({"http_proxy": "http://p:1", "no_proxy": "example.com:80"}, "http", ("p", 1)),
+        ({"http_proxy": "http://p:1", "no_proxy": "ample.com"}, "http", ("p", 1)),
+        ({"http_proxy": "http://p:1", "NO_PROXY": "*"}, "http", None),
+        ({"http_proxy": "http://p:1", "no_proxy": "", "NO_PROXY": "*"}, "http", ("p", 1)),
+    ],
+)
+def test_proxy_variables(env: dict[str, str], scheme: str, expected) -> None:
+    proxy = proxy_for(scheme, "s3.example.com", 9000, env)
+    assert (proxy.address if proxy else None) == expected
+
+
+def test_proxy_ip_rules_and_bad_urls() -> None:
+    assert bypassed("10.1.2.3", 80, "10.0.0.0/8")
+    assert bypassed("::1", 80, "::1") and bypassed("::1", 80, "[::1]:80")
+    assert not bypassed("11.1.2.3", 80, "10.0.0.0/8, localhost")
+    with pytest.raises(StorageError) as info:
+        proxy_for("https", "h", 443, {"HTTPS_PROXY": "socks5://user:secret@p:1080"})
+    assert str(info.value) == (
+        "unsupported proxy URL 'socks5://***@p:1080' in $HTTPS_PROXY: "
+        "use http://[user:password@]host:port"
+    )
+    proxy = proxy_for("http", "h", 80, {"http_proxy": "http://u:secret@p:1"})
+    assert proxy is not None and "secret" not in repr(proxy) and proxy.url == "http://***@p:1"

@@ -4,7 +4,8 @@ Compaction merges runs of small segments this process uploaded (read back from l
 see recent.py); retention deletes what no restore point inside the window needs.  Both only
 ever remove objects whose every commit is available elsewhere (a merged segment, a newer
 snapshot), so no restore point inside the retention window is lost.  Each kind of work needs
-new commits or uploads since it last ran, so idle databases never cause a request.
+new commits or uploads since it last ran, so idle databases never cause a request.  Now and
+then a retention pass also aborts uploads a crash abandoned (S3 keeps their parts).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ log = logging.getLogger("walsync_vfs")
 
 MAINTENANCE_TICK = 1.0  # seconds between looks for due snapshots, compactions, retention
 MERGED_BYTES = 4 << 20  # merged segments held at once for one batch of compaction PUTs
+UPLOAD_SWEEP_INTERVAL = 3600.0  # seconds between a database's looks for abandoned uploads
+STALE_UPLOAD_AGE = 3600.0  # an unfinished upload this old, not this process's, was abandoned
 
 # (database, retention due, small segments to merge, their local copies)
 Job = tuple["Database", bool, list[format.ParsedKey], Run | None]
@@ -63,6 +66,7 @@ class MaintenanceState:
     pruned_at: float = 0.0  # monotonic time retention last deleted objects of this database
     uploaded_since_retention: bool = False
     retained_at: float = 0.0
+    swept_at: float = float("-inf")  # monotonic time of the last look for abandoned uploads
 
 
 def retention_due(state: MaintenanceState, cfg: DbConfig, now: float) -> bool:
@@ -330,10 +334,24 @@ class Compactor:
                 log.info("walsync: %s retention removed %d objects", db.name, len(doomed))
             alive = {o.key for o in objects} - set(doomed)
             segs = [k for k in segs if catalog.object_key(k) in alive]
+            if retain:
+                self._sweep_uploads(db)
         if len(segs) < 2:
             return None
         copies = self.recent.read(run)
         return merge_plan(db.client, segs, db.cfg.max_segment_bytes, copies.get)
+
+    def _sweep_uploads(self, db: Database) -> None:
+        """Abort the database's abandoned uploads, at most every UPLOAD_SWEEP_INTERVAL (one
+        LIST; only the lease holder, whose own uploads are the only live ones)."""
+        assert db.client is not None
+        now = time.monotonic()
+        if now - db.upkeep.swept_at < UPLOAD_SWEEP_INTERVAL or not confirmed(db):
+            return
+        db.upkeep.swept_at = now
+        aborted = db.client.abort_stale_uploads(db.name + "/", STALE_UPLOAD_AGE)
+        if aborted:
+            log.info("walsync: %s aborted %d abandoned uploads", db.name, aborted)
 
     def _compact_group(self, group: list[Compaction]) -> None:
         """Write the planned merged segments, then delete the originals of every database

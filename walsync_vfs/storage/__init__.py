@@ -1,8 +1,10 @@
 """Replica storage: a small object-store protocol with one module per backend.
 
-Modelled on Litestream's ReplicaClient: the replication engine only ever needs whole-object
-put/get, a sorted listing and batch delete, so every backend (a local directory, S3) fits
-behind the same four calls and the engine never branches on where replicas live.
+Modelled on Litestream's ReplicaClient: the replication engine needs whole-object put/get,
+a sorted listing and batch delete, and for big objects a streaming put, ranged reads and a
+sweep of abandoned uploads, so every backend (a local directory, S3) fits behind the same
+calls and the engine never branches on where replicas live.  :mod:`.transfer` holds what
+both backends share for big objects (:func:`.transfer.read_ranges`: a parallel download).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from walsync_vfs.storage.transfer import Source
 
 __all__ = [
     "Conflict",
@@ -84,6 +89,29 @@ class ReplicaClient(Protocol):
 
     def delete(self, keys: Iterable[str]) -> None:
         """Remove the objects; keys that do not exist are not an error."""
+        ...
+
+    def put_stream(self, key: str, source: Source, size_hint: int | None = None) -> int:
+        """Store what ``source`` yields (byte chunks, or a binary file read to its end)
+        without holding it in memory; returns the bytes stored.  Atomic and create-only
+        like :meth:`put`.  ``size_hint``: the expected size, if known, so S3 picks parts
+        big enough for its 10,000-part limit.  A failed upload leaves nothing behind but,
+        after a crash, what :meth:`abort_stale_uploads` removes."""
+        ...
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from offset ``start``: fewer only at the object's end, b""
+        from its end on; :class:`ObjectNotFound` if it does not exist."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo:
+        """The object's size and write time without its bytes; :class:`ObjectNotFound`."""
+        ...
+
+    def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
+        """Discard unfinished uploads under ``prefix`` started more than ``older_than``
+        seconds ago (a crash mid-upload leaves them: S3 keeps and bills their parts), except
+        this process's own; returns how many.  One listing request when there are none."""
         ...
 
 

@@ -5,6 +5,8 @@ backend is tested against.  Objects must be all-or-nothing even across a crash, 
 goes through a temp file, fsync and rename, like SQLite's own journal handling.  A create-only
 put links the temp file to its name instead of renaming it, which fails if the name exists;
 compare-and-swap (the writer lease) holds a POSIX record lock on a side file while it compares.
+A streaming put writes its temp file as the data comes; a crash leaves the temp file, which
+:meth:`FileReplicaClient.abort_stale_uploads` removes once it is old.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import builtins
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,8 +30,14 @@ from walsync_vfs.storage import (
     check_key,
     check_prefix,
 )
+from walsync_vfs.storage.transfer import Source, chunks
 
 TMP_SUFFIX = ".walsync-tmp"  # in-flight puts; never listed, never a valid key
+# An in-flight put's temp file (not a swap's lock file, which must never be removed).
+_PUT_TMP = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX) + "$")
+# Temp files of this process's puts in progress: never stale, whatever their age.
+_writing: set[Path] = set()
+_writing_lock = threading.Lock()
 _PUT_ATTEMPTS = 3  # a concurrent delete may prune the directory between mkdir and create
 
 
@@ -45,7 +55,71 @@ class FileReplicaClient:
         self._swapping = threading.Lock()
 
     def put(self, key: str, data: bytes) -> None:
-        self._write(key, data, self.create_only)
+        self._write(key, [data], self.create_only)
+
+    def put_stream(self, key: str, source: Source, size_hint: int | None = None) -> int:
+        """See :meth:`ReplicaClient.put_stream`: the temp file is written chunk by chunk."""
+        return self._write(key, chunks(source), self.create_only)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        path = self._path(key)
+        self._count()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFound(f"object {self.url}/{key} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
+        try:
+            parts = []
+            while length > 0 and (data := os.pread(fd, length, start)):
+                parts.append(data)
+                start += len(data)
+                length -= len(data)
+            return b"".join(parts)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
+        finally:
+            os.close(fd)
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        self._count()
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(f"object {self.url}/{key} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
+        if not path.is_file():
+            raise ObjectNotFound(f"object {self.url}/{key} does not exist")
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
+        """Remove temp files of puts under ``prefix`` that a crash left, once older than
+        ``older_than`` seconds (not this process's puts in progress)."""
+        check_prefix(prefix)
+        self._count()
+        cutoff = time.time() - older_than
+        top = self.root.joinpath(*prefix.split("/")[:-1])
+        removed = 0
+        for directory, _, files in os.walk(top):
+            rel = Path(directory).relative_to(self.root).as_posix()
+            rel = "" if rel == "." else rel + "/"
+            for name in files:
+                if not _PUT_TMP.match(name) or not (rel + name[1:]).startswith(prefix):
+                    continue
+                path = Path(directory, name)
+                with _writing_lock:
+                    if path in _writing:
+                        continue
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # its put just finished
+        return removed
 
     def get_tagged(self, key: str) -> tuple[bytes, str]:
         data = self.get(key)
@@ -70,35 +144,49 @@ class FileReplicaClient:
                         current = None
                     if current != tag:
                         raise Conflict(f"{self.url}/{key} changed since it was read")
-                self._write(key, data, create_only=tag is None)
+                self._write(key, [data], create_only=tag is None)
             finally:
                 os.close(fd)
         return _tag(data)
 
-    def _write(self, key: str, data: bytes, create_only: bool) -> None:
+    def _write(self, key: str, data: Iterable[bytes], create_only: bool) -> int:
+        """Write ``data`` to a temp file, then give it its name; returns its size."""
         path = self._path(key)
         self._count()
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+        with _writing_lock:
+            _writing.add(tmp)
         try:
-            fd = self._create(tmp)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if create_only:
-                    os.link(tmp, path)
-                    tmp.unlink()
-                else:
-                    os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            _fsync_dir(path.parent)  # the rename itself must survive a crash too
+            return self._install(tmp, path, data, create_only)
         except FileExistsError:
             raise Conflict(f"cannot create {self.url}/{key}: it already exists") from None
         except OSError as exc:
             raise StorageError(f"cannot write {self.url}/{key}: {_why(exc)}") from exc
+        finally:
+            with _writing_lock:
+                _writing.discard(tmp)
+
+    def _install(self, tmp: Path, path: Path, data: Iterable[bytes], create_only: bool) -> int:
+        """Fill and fsync ``tmp``, then link (create-only) or rename it to ``path``."""
+        size = 0
+        fd = self._create(tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in data:
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if create_only:
+                os.link(tmp, path)
+                tmp.unlink()
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)  # the rename itself must survive a crash too
+        return size
 
     def get(self, key: str) -> bytes:
         path = self._path(key)

@@ -3,23 +3,27 @@
 Endpoint, region and credentials come from the AWS conventions every other tool on the
 machine follows (``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles, config and
 credentials files, instance roles, ...), resolved by :mod:`~walsync_vfs.storage.awsconfig`.
-The requests themselves -- PUT, GET, ListObjectsV2, DeleteObjects -- are four fixed REST
-calls, so they are made here (:mod:`~walsync_vfs.storage.wire`,
-:mod:`~walsync_vfs.storage.sigv4`) instead of a botocore client: that client loads S3's
-large service model and spends most of a commit's replication CPU on its per-request
-machinery, while walsync PUTs about once per database per second.
+The requests themselves -- PUT, GET (whole or a range), HEAD, ListObjectsV2, DeleteObjects
+and the multipart upload calls -- are a few fixed REST calls, so they are made here
+(:mod:`~walsync_vfs.storage.wire`, :mod:`~walsync_vfs.storage.sigv4`) instead of a botocore
+client: that client loads S3's large service model and spends most of a commit's
+replication CPU on its per-request machinery, while walsync PUTs about once per database per
+second.  Proxies come from the environment (:mod:`~walsync_vfs.storage.proxy`).
 """
 
 from __future__ import annotations
 
 import base64
+import calendar
+import contextlib
 import hashlib
 import ipaddress
+import itertools
 import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
@@ -37,7 +41,9 @@ from walsync_vfs.storage import (
     bad_url,
     check_key,
     check_prefix,
+    transfer,
 )
+from walsync_vfs.storage.proxy import Proxy, proxy_for
 from walsync_vfs.storage.sigv4 import (
     EMPTY_SHA256,
     Credentials,
@@ -45,10 +51,21 @@ from walsync_vfs.storage.sigv4 import (
     canonical_query,
     uri_path,
 )
-from walsync_vfs.storage.wire import Connection, Disconnected, ProtocolError
+from walsync_vfs.storage.wire import (
+    Body,
+    Connection,
+    Disconnected,
+    Progress,
+    ProtocolError,
+    ProxyRefused,
+    Stalled,
+    address,
+)
 
 CONNECT_TIMEOUT = 5
-READ_TIMEOUT = 15  # seconds; a frozen store must surface as an error, not a hang
+# Seconds without a byte moving (not a total: a big body takes what it takes); a frozen
+# store must surface as an error, not a hang.
+READ_TIMEOUT = 15
 DELETE_BATCH = 1000  # the DeleteObjects limit
 ENV_PATH_STYLE = "WALSYNC_S3_PATH_STYLE"
 DEFAULT_REGION = "us-east-1"  # botocore's too, when nothing names one
@@ -71,6 +88,15 @@ _RETRY_CODES = {
 CREATE_ONLY = {"if-none-match": "*"}
 _CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,500})</Message>")
+_UPLOAD_ID = re.compile(rb"<UploadId>([^<]{1,1024})</UploadId>")
+# A 403 from a store whose clock differs this much from ours is blamed on the clock (AWS
+# refuses requests signed more than 15 minutes off; some stores say SignatureDoesNotMatch).
+SKEW_SUSPECT = 300.0
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+
+# Multipart uploads this process is running (upload ids): never stale, whatever their age.
+_uploading: set[str] = set()
+_uploading_lock = threading.Lock()
 
 # One service per process and endpoint options: it owns the connection pools and resolves
 # credentials once, so sharing it across databases keeps sockets and lookups flat.
@@ -85,10 +111,18 @@ class _Unreachable(Exception):
 class _Failed(Exception):
     """An HTTP error response from the store."""
 
-    def __init__(self, status: int, code: str, message: str, bucket_region: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        bucket_region: str = "",
+        skew: float | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.status, self.code, self.message = status, code, message
         self.bucket_region = bucket_region  # S3 names it when we sign for the wrong one
+        self.skew = skew  # seconds this machine's clock is behind the store's (Date header)
 
     @property
     def retryable(self) -> bool:
@@ -156,7 +190,7 @@ class S3Service:
         bucket: str,
         key: str,
         query: Mapping[str, str] | None = None,
-        body: bytes = b"",
+        body: Body = b"",
         headers: Mapping[str, str] | None = None,
         attempt: int = 1,
         reply: dict[str, str] | None = None,
@@ -174,7 +208,7 @@ class S3Service:
         host, path = self._address(bucket, key)
         qs = canonical_query(query) if query else ""
         target = f"{path}?{qs}" if qs else path
-        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        payload = _sha256(body)
         pool = self._pool(host)
         while True:
             if attempt > 1:
@@ -190,8 +224,7 @@ class S3Service:
                     if reply is not None:
                         reply.update(replied)
                     return data
-                region = replied.get("x-amz-bucket-region", "")
-                failure = _Failed(status, *_error_fields(status, data), region)
+                failure = _failure(status, data, replied)
                 if not failure.retryable:
                     raise failure
             if attempt >= self.max_attempts:
@@ -212,8 +245,9 @@ class S3Service:
         connection (a kept-alive connection the server had closed, a 503) sends that object
         again through :meth:`request`, as the rest of its attempts.  A store that cannot be
         reached or stopped answering fails what is left of the batch at once: sends and
-        replies share one deadline, so that costs one read timeout, and the caller retries
-        later (the engine with its own backoff).
+        replies share one stall deadline (pushed on by every byte moved on any of them), so
+        that costs one read timeout, and the caller retries later (the engine with its own
+        backoff).
         """
         results: list[Exception | None] = [None] * len(objects)
         retry: list[tuple[int, int]] = []  # (object, attempt it goes on with)
@@ -223,13 +257,13 @@ class S3Service:
         except _NoCredentials as exc:
             return [exc] * len(objects)
         amz_date = _amz_date()
-        deadline = time.monotonic() + READ_TIMEOUT
+        progress = Progress(READ_TIMEOUT)
 
         def failed(i: int, conn: Connection, reused: bool, exc: Exception) -> Exception | None:
             """Settle a send or reply that failed; the error if the store stopped answering."""
             conn.close()
             if isinstance(exc, TimeoutError):
-                results[i] = _no_reply()
+                results[i] = _no_reply(exc)
                 return results[i]
             results[i] = _lost(exc)
             retry.append((i, 1 if reused and _closed(exc) else 2))
@@ -252,23 +286,22 @@ class S3Service:
                 results[i] = down = exc
                 continue
             try:
-                conn.send("PUT", path, signed, body, _left(deadline))
+                conn.send("PUT", path, signed, body, progress)
             except (ProtocolError, OSError) as exc:
                 down = failed(i, conn, reused, exc) or down
                 continue
             sent.append((i, pool, conn, reused))
         for i, pool, conn, reused in sent:  # past the deadline, only replies already here
             try:
-                status, reply, data = conn.receive("PUT", _left(deadline))
+                status, reply, data = conn.receive("PUT", progress.left())
             except (ProtocolError, OSError) as exc:
                 down = failed(i, conn, reused, exc) or down
                 continue
+            progress.moved()
             if conn.open:
                 pool.give(conn)
             if status >= 300:
-                failure = _Failed(
-                    status, *_error_fields(status, data), reply.get("x-amz-bucket-region", "")
-                )
+                failure = _failure(status, data, reply)
                 results[i] = failure
                 if failure.retryable:
                     retry.append((i, 2))
@@ -298,7 +331,15 @@ class S3Service:
         pool = self._pools.get(host)
         if pool is None:
             with self._lock:
-                pool = self._pools.setdefault(host, _Pool(host, self._https, self._ca_bundle))
+                pool = self._pools.get(host)
+                if pool is None:
+                    scheme = "https" if self._https else "http"
+                    name, port = address(host, self._https)
+                    try:
+                        proxy = proxy_for(scheme, name, port)
+                    except StorageError as exc:  # a malformed proxy variable
+                        raise _Unreachable(str(exc)) from None
+                    pool = self._pools[host] = _Pool(host, self._https, self._ca_bundle, proxy)
         return pool
 
     def _credentials(self) -> Credentials:
@@ -313,10 +354,14 @@ class S3Service:
 
 
 class _Pool:
-    """Idle keep-alive connections to one host, shared by all threads."""
+    """Idle keep-alive connections to one host (through ``proxy`` if set), shared by all
+    threads."""
 
-    def __init__(self, host: str, https: bool, ca_bundle: str | None) -> None:
+    def __init__(
+        self, host: str, https: bool, ca_bundle: str | None, proxy: Proxy | None = None
+    ) -> None:
         self.host = host
+        self.proxy = proxy
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._context: Any = None
@@ -326,7 +371,7 @@ class _Pool:
             self._context = ssl.create_default_context(cafile=ca_bundle)
 
     def exchange(
-        self, method: str, target: str, body: bytes, headers: dict[str, str]
+        self, method: str, target: str, body: Body, headers: dict[str, str]
     ) -> tuple[int, bytes, dict[str, str]]:
         """One request: status, whole body and the reply's headers.
 
@@ -336,9 +381,9 @@ class _Pool:
             conn, reused = self.take(fresh)
             try:
                 status, reply, data = conn.exchange(method, target, headers, body)
-            except TimeoutError:
+            except TimeoutError as exc:
                 conn.close()
-                raise _no_reply() from None
+                raise _no_reply(exc) from None
             except (ProtocolError, OSError) as exc:
                 conn.close()
                 if reused and _closed(exc):
@@ -369,30 +414,87 @@ class _Pool:
         conn.close()
 
     def _connect(self) -> Connection:
+        via = f" via proxy {self.proxy.url}" if self.proxy else ""
+        check = "the proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)" if via else "the endpoint URL"
         try:
-            return Connection(self.host, self._context, CONNECT_TIMEOUT, READ_TIMEOUT)
+            return Connection(self.host, self._context, CONNECT_TIMEOUT, READ_TIMEOUT, self.proxy)
         except TimeoutError:
             raise _Unreachable(
-                f"no connection within {CONNECT_TIMEOUT}s; check the endpoint URL and network"
+                f"no connection{via} within {CONNECT_TIMEOUT}s; check {check} and network"
             ) from None
-        except OSError as exc:
+        except ProxyRefused as exc:
+            raise _Unreachable(f"{exc}{via}; check {check}") from None
+        except (ProtocolError, OSError) as exc:
             if self._context is not None and type(exc).__module__ == "ssl":
                 raise _Unreachable(
                     f"TLS handshake failed ({_reason(exc)}); check the endpoint URL, "
                     "or point AWS_CA_BUNDLE at the CA that signed its certificate"
                 ) from None
+            if self.proxy is not None:
+                raise _Unreachable(f"{_reason(exc)}{via}; check {check}") from None
             raise _Unreachable(
                 f"{_reason(exc)}; check the endpoint URL and that the server is running"
             ) from None
 
 
-def _left(deadline: float) -> float:
-    """Seconds to a deadline, for a socket timeout (which must be positive)."""
-    return max(deadline - time.monotonic(), 0.001)
-
-
-def _no_reply() -> _Unreachable:
+def _no_reply(exc: TimeoutError) -> _Unreachable:
+    if isinstance(exc, Stalled):
+        return _Unreachable(
+            f"sending stalled ({exc}); the server, or a proxy on the way, stopped reading"
+        )
     return _Unreachable(f"no response within {READ_TIMEOUT}s; the server is up but not answering")
+
+
+def _sha256(body: Body) -> str:
+    if isinstance(body, bytes):
+        return hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+    digest = hashlib.sha256()
+    for chunk in body:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _failure(status: int, body: bytes, reply: Mapping[str, str]) -> _Failed:
+    """The error a reply describes; its Date header tells how far off our clock is."""
+    server_time = _http_date(reply.get("date", ""))
+    return _Failed(
+        status,
+        *_error_fields(status, body),
+        reply.get("x-amz-bucket-region", ""),
+        None if server_time is None else server_time - _clock(),
+    )
+
+
+def _http_date(text: str) -> float | None:
+    """Unix time of an HTTP date (``Sun, 06 Nov 1994 08:49:37 GMT``), None if it is not one
+    (parsed here: ``email.utils`` would import the email package)."""
+    try:
+        _, day, month, year, clock, _ = text.split()
+        hour, minute, second = (int(n) for n in clock.split(":"))
+        fields = (int(year), _MONTHS.index(month.lower()) + 1, int(day), hour, minute, second)
+    except ValueError:
+        return None
+    return float(calendar.timegm((*fields, 0, 0, 0)))
+
+
+def _skewed(exc: _Failed) -> str:
+    if exc.skew is None:
+        off = "off by more than the store allows"
+    else:
+        side = "behind" if exc.skew > 0 else "ahead of"
+        off = f"off by {_duration(exc.skew)} ({side} the store's)"
+    return (
+        f"S3 refused the request ({exc.code}): this machine's clock is {off}; fix the clock (NTP)"
+    )
+
+
+def _duration(seconds: float) -> str:
+    """'2 h 5 min', '20 min', '45 s' (a Date header has whole seconds)."""
+    whole = round(abs(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    hours, minutes = divmod(round(whole / 60), 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
 
 
 def _lost(exc: BaseException) -> _Unreachable:
@@ -442,8 +544,13 @@ def _phrase(status: int) -> str:
         return "error"
 
 
+def _clock() -> float:
+    """This machine's time, which requests are signed with (tests shift it)."""
+    return time.time()
+
+
 def _amz_date() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(_clock()))
 
 
 def _aws_endpoint(region: str) -> str:
@@ -490,8 +597,18 @@ def _local(tag: str) -> str:
     return tag.rpartition("}")[2]  # S3 replies are namespaced, some compatible servers' not
 
 
+class _RangeNotSatisfiable(StorageError):
+    """A ranged GET starting at or past the object's end (416)."""
+
+
 class S3ReplicaClient:
-    """Objects live at ``s3://bucket/prefix/<key>``; the prefix never shows in keys."""
+    """Objects live at ``s3://bucket/prefix/<key>``; the prefix never shows in keys.
+
+    Streams (:meth:`put_stream`) of ``multipart_threshold`` bytes or more go up as multipart
+    uploads of ``part_size`` parts, ``transfer_workers`` parts at once; smaller ones in one
+    PUT.  A stream holds at most about ``max(multipart_threshold, (transfer_workers + 1) *
+    part_size)`` bytes in memory.
+    """
 
     def __init__(
         self,
@@ -501,13 +618,24 @@ class S3ReplicaClient:
         endpoint_url: str | None = None,
         region: str | None = None,
         path_style: bool | None = None,
+        part_size: int = transfer.PART_SIZE,
+        multipart_threshold: int = transfer.MULTIPART_THRESHOLD,
+        transfer_workers: int = transfer.TRANSFER_WORKERS,
     ) -> None:
+        if part_size < transfer.MIN_PART_SIZE:
+            raise StorageError(
+                f"part_size {part_size} is below S3's minimum part size: "
+                f"use at least {transfer.MIN_PART_SIZE} (5 MiB)"
+            )
         self.bucket = bucket
         self.prefix = prefix
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.service = shared_service(endpoint_url, region, path_style)
         self.requests = 0
         self.create_only = False
+        self.part_size = part_size
+        self.multipart_threshold = multipart_threshold
+        self.transfer_workers = max(1, transfer_workers)
         self._root = prefix + "/" if prefix else ""
         self._lock = threading.Lock()
 
@@ -571,6 +699,179 @@ class S3ReplicaClient:
     def get(self, key: str) -> bytes:
         full = self._root + check_key(key)
         return self._call("get", f"{self.url}/{key}", "GET", full)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        full = self._root + check_key(key)
+        if start < 0 or length < 0:
+            raise ValueError(f"invalid range: start {start}, length {length}")
+        if length == 0:
+            return b""
+        reply: dict[str, str] = {}
+        try:
+            data = self._call(
+                "get",
+                f"{self.url}/{key}",
+                "GET",
+                full,
+                headers={"range": f"bytes={start}-{start + length - 1}"},
+                reply=reply,
+            )
+        except _RangeNotSatisfiable:
+            return b""
+        if "content-range" not in reply:  # a store that ignores Range sends it all
+            return data[start : start + length]
+        return data
+
+    def head(self, key: str) -> ObjectInfo:
+        full = self._root + check_key(key)
+        reply: dict[str, str] = {}
+        self._call("get", f"{self.url}/{key}", "HEAD", full, reply=reply)
+        try:
+            size = int(reply["content-length"])
+        except (KeyError, ValueError):
+            raise StorageError(
+                f"S3 head {self.url}/{key} failed at {self.service.endpoint_url}: "
+                "reply without a Content-Length"
+            ) from None
+        return ObjectInfo(key, size, _http_date(reply.get("last-modified", "")) or 0.0)
+
+    def put_stream(self, key: str, source: transfer.Source, size_hint: int | None = None) -> int:
+        """See :meth:`ReplicaClient.put_stream`.  Create-only (``If-None-Match: *``) applies
+        to the PUT or to CompleteMultipartUpload, which AWS and SeaweedFS both check; a
+        failed multipart upload is aborted, so none of its parts stays billed."""
+        full = self._root + check_key(key)
+        parts = transfer.pieces(source, transfer.part_size_for(self.part_size, size_hint))
+        held: list[bytes] = []
+        total = 0
+        for part in parts:
+            held.append(part)
+            total += len(part)
+            if total >= self.multipart_threshold:
+                break
+        else:
+            headers = CREATE_ONLY if self.create_only else None
+            self._call("put", f"{self.url}/{key}", "PUT", full, body=held, headers=headers)
+            return total
+        return self._multipart(key, full, itertools.chain(held, parts))
+
+    def _multipart(self, key: str, full: str, parts: Iterator[bytes]) -> int:
+        """CreateMultipartUpload, the parts (a few at once), CompleteMultipartUpload; abort
+        on any failure."""
+        target = f"{self.url}/{key}"
+        created = self._call("put", target, "POST", full, query={"uploads": ""})
+        found = _UPLOAD_ID.search(created)
+        if not found:
+            raise StorageError(
+                f"S3 put {target} failed at {self.service.endpoint_url}: "
+                "CreateMultipartUpload reply without an UploadId"
+            )
+        upload_id = found[1].decode()
+        with _uploading_lock:
+            _uploading.add(upload_id)
+        sizes: list[int] = []
+
+        def upload(numbered: tuple[int, bytes]) -> str:
+            number, data = numbered
+            if number > transfer.MAX_PARTS:
+                raise StorageError(
+                    f"S3 put {target}: more than {transfer.MAX_PARTS} parts of "
+                    f"{len(data)} bytes; pass size_hint (or a larger part_size)"
+                )
+            reply: dict[str, str] = {}
+            query = {"partNumber": str(number), "uploadId": upload_id}
+            self._call("put", target, "PUT", full, query=query, body=data, reply=reply)
+            sizes.append(len(data))
+            return reply.get("etag", "")
+
+        try:
+            etags = list(transfer.ordered_map(upload, enumerate(parts, 1), self.transfer_workers))
+            total = sum(sizes)
+            self._complete(key, full, upload_id, etags, total)
+            return total
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+        finally:
+            with _uploading_lock:
+                _uploading.discard(upload_id)
+
+    def _complete(self, key: str, full: str, upload_id: str, etags: list[str], total: int) -> None:
+        target = f"{self.url}/{key}"
+        body = (
+            "<CompleteMultipartUpload>"
+            + "".join(
+                f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_text(tag)}</ETag></Part>"
+                for n, tag in enumerate(etags, 1)
+            )
+            + "</CompleteMultipartUpload>"
+        ).encode()
+        headers = {"content-type": "application/xml"}
+        if self.create_only:
+            headers.update(CREATE_ONLY)
+        try:
+            reply = self._call(
+                "put", target, "POST", full, query={"uploadId": upload_id}, body=body,
+                headers=headers,
+            )  # fmt: skip
+        except ObjectNotFound:
+            # NoSuchUpload: a retry after a reply that got lost finds it completed.
+            with contextlib.suppress(ObjectNotFound):
+                if self.head(key).size == total:
+                    return
+            raise StorageError(
+                f"S3 put {target} failed at {self.service.endpoint_url}: the multipart "
+                "upload was gone before it completed (aborted by another process?)"
+            ) from None
+        if b"<Error>" in reply:  # S3 may report a failed completion in a 200 reply
+            raise self._error("put", target, _Failed(200, *_error_fields(200, reply)))
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        """AbortMultipartUpload, as a best effort: an upload this misses stays until an
+        :meth:`abort_stale_uploads` pass."""
+        with contextlib.suppress(StorageError):
+            self._call("put", full, "DELETE", full, query={"uploadId": upload_id})
+
+    def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        stale = [
+            (key, upload_id)
+            for key, upload_id, started in self._uploads(prefix)
+            if started < cutoff
+        ]
+        with _uploading_lock:
+            stale = [(key, upload_id) for key, upload_id in stale if upload_id not in _uploading]
+        for key, upload_id in stale:
+            self._abort(self._root + key, upload_id)
+        return len(stale)
+
+    def _uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """ListMultipartUploads: (key, upload id, start time) of the unfinished uploads."""
+        query = {"uploads": "", "prefix": self._root + check_prefix(prefix)}
+        query["encoding-type"] = "url"
+        target = f"{self.url}/{prefix}"
+        strip = len(self._root)
+        while True:
+            page = self._call("list", target, "GET", "", query=query)
+            try:
+                root = ElementTree.fromstring(page)
+                fields = {_local(node.tag): node.text or "" for node in root}
+                encoded = fields.get("EncodingType") == "url"
+                for node in root:
+                    if _local(node.tag) == "Upload":
+                        upload = {_local(f.tag): f.text or "" for f in node}
+                        key = upload["Key"]
+                        key = unquote_plus(key) if encoded else key
+                        started = datetime.fromisoformat(upload["Initiated"]).timestamp()
+                        yield key[strip:], upload["UploadId"], started
+            except (ElementTree.ParseError, KeyError, ValueError) as exc:
+                raise StorageError(
+                    f"S3 list {target} failed at {self.service.endpoint_url}: "
+                    f"malformed ListMultipartUploads reply ({exc})"
+                ) from None
+            if fields.get("IsTruncated") != "true":
+                return
+            query["key-marker"] = fields.get("NextKeyMarker", "")
+            query["upload-id-marker"] = fields.get("NextUploadIdMarker", "")
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         # encoding-type=url, as botocore sends it: keys come back percent-encoded, so any
@@ -675,7 +976,7 @@ class S3ReplicaClient:
         key: str,
         *,
         query: Mapping[str, str] | None = None,
-        body: bytes = b"",
+        body: Body = b"",
         headers: Mapping[str, str] | None = None,
         reply: dict[str, str] | None = None,
     ) -> bytes:
@@ -683,9 +984,7 @@ class S3ReplicaClient:
         with self._lock:
             self.requests += 1
         try:
-            return self.service.request(
-                method, self.bucket, key, query, body, headers, reply=reply
-            )
+            return self.service.request(method, self.bucket, key, query, body, headers, reply=reply)
         except (_Unreachable, _Failed, _NoCredentials) as exc:
             raise self._error(op, target, exc) from None
 
@@ -712,14 +1011,25 @@ class S3ReplicaClient:
                 f"bucket '{self.bucket}' does not exist at {endpoint}: "
                 "create it or fix the replica URL"
             )
-        if exc.code == "NoSuchKey" or (op == "get" and exc.status == 404):
+        if exc.code in ("NoSuchKey", "NoSuchUpload") or (op == "get" and exc.status == 404):
             return ObjectNotFound(f"object {target} does not exist")
+        if exc.status == 416 or exc.code == "InvalidRange":
+            return _RangeNotSatisfiable(f"S3 get {target}: range past the object's end")
         if exc.status == 412 or exc.code == "PreconditionFailed":
             return Conflict(f"S3 {op} {target}: the object exists or changed (412)")
         if exc.status == 501 or exc.code == "NotImplemented":
             return Unsupported(f"S3 {op} {target}: not implemented by {endpoint} ({exc.code})")
+        if exc.code == "RequestTimeTooSkewed" or (
+            exc.status == 403 and exc.skew is not None and abs(exc.skew) >= SKEW_SUSPECT
+        ):
+            return StorageError(_skewed(exc))
         if exc.code in _DENIED or exc.status == 403:
             return StorageError(self._denied())
+        if exc.status == 407:
+            return StorageError(
+                f"S3 {op} {target}: the proxy wants credentials (407); put them in the proxy "
+                "URL: HTTPS_PROXY/HTTP_PROXY=http://user:password@host:port"
+            )
         message = exc.message.splitlines()[0] if exc.message else ""
         return StorageError(f"S3 {op} {target} failed at {endpoint}: {exc.code}: {message}")
 
