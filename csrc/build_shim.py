@@ -52,7 +52,7 @@ int ws_tail(int64_t db_id);
 int ws_role(int64_t db_id, int role, const char *addr);
 int ws_leader(int64_t db_id, int64_t *leader_db_id, char *addr);
 void ws_beat(int64_t db_id);
-void ws_durable(int64_t db_id, uint32_t salt1, uint32_t salt2, uint32_t nframe);
+void ws_read_any(int64_t db_id);
 void ws_on_open(void (*cb)(void));
 int ws_open_count(void);
 void *ws_conn_open(const char *path, int busy_ms, char *err, int nerr);

@@ -137,6 +137,7 @@ struct WsDb {
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
   int nPending; /* COMMITs queued whose frames nobody has read yet (atomic) */
+  uint32_t aQueued[3]; /* salts and end frame of the last COMMIT queued (gMutex) */
   int nWaiter;  /* writers in waitConsumed() (gMutex) */
   int walFd;    /* the consumer's descriptor for the WAL, or -1 */
   int bReopen;  /* the WAL may be another file now: reopen walFd (atomic) */
@@ -277,7 +278,12 @@ static int frameValid(const WsChain *pC, const unsigned char *h, uint32_t *ck) {
 /* Append r to the queue, numbering it in its database's sequence. */
 static void enqueue(WsDb *pDb, ws_rec *r) {
   pthread_mutex_lock(&gMutex);
-  if (r->kind == WS_COMMIT) __atomic_add_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
+  if (r->kind == WS_COMMIT) {
+    __atomic_add_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
+    pDb->aQueued[0] = r->salt1;
+    pDb->aQueued[1] = r->salt2;
+    pDb->aQueued[2] = r->frame_end;
+  }
   r->seq = ++pDb->seq;
   r->next = 0;
   if (gTail) gTail->next = r;
@@ -325,16 +331,18 @@ static void reportGap(WsDb *pDb) {
 **   - the leader says who it is and where to send notifications (a unix
 **     datagram socket); a follower sends one after its commits, so the
 **     leader reads them at once instead of polling;
-**   - the leader publishes how far the WAL's commits are in the store
-**     (`read`, ws_durable()); every process refuses the exclusive lock on
-**     read locks 1..4, which SQLite needs to restart the WAL (a writer's
-**     walRestartLog, RESTART and TRUNCATE checkpoints), while the WAL holds
-**     committed frames the store does not have yet, so a leader that dies
-**     leaves its successor every commit it had not shipped.  SQLite then
-**     appends instead of restarting, or a checkpoint retries in its busy
-**     handler; the restarting process asks the leader to hurry, which ships
-**     at once, so the wait is one upload.  While the leader has no place in
-**     the chain (it is about to take a snapshot) nothing is refused.
+**   - the leader publishes how far it has read the WAL (`read`: its chain
+**     position); every process refuses the exclusive lock on read locks
+**     1..4, which SQLite needs to restart the WAL (a writer's walRestartLog,
+**     RESTART and TRUNCATE checkpoints), until the leader has read every
+**     committed frame, so no commit is lost to a restart.  The leader's own
+**     process reads them there and then; another asks the leader to read
+**     (a datagram) and waits a little, holding the write lock, so nothing
+**     is appended meanwhile.  Reading, not storing: a refused restart makes
+**     SQLite append and checkpoint at every commit until it is allowed, and
+**     under steady writes the store would never catch up.  While the leader
+**     has no place in the chain (it is about to take a snapshot) nothing is
+**     refused.
 **   - every restart a shim allows, and every new header a shim writes, leaves
 **     a link from the WAL that ended (salts, frames) to the next one's salts,
 **     so the leader can tell a restart it may continue across from one made
@@ -348,6 +356,7 @@ static void reportGap(WsDb *pDb) {
 #define WS_ROLE_LEAD 1
 #define WS_ROLE_FOLLOW 2
 #define WS_TAKEOVER_NS 2000000000LL /* frames stay protected this long without a leader */
+#define WS_READ_WAIT_NS 20000000LL  /* a restart waits this long for the leader to read */
 #define WS_READ_ANY 0xFFFFFFFFu /* `read` while the leader has no place in the chain */
 
 /* Three u32 values written by one writer at a time and read by anyone:
@@ -370,7 +379,7 @@ struct WsShared {
   int64_t leaderDbId;      /* the leader's id for this database */
   int64_t beat;            /* CLOCK_MONOTONIC ns: the leader was last seen (or left) */
   char addr[WS_ADDR_MAX];  /* the leader's socket (abstract name, NUL-padded) */
-  WsSeq read;              /* salt1, salt2, frames whose commits are in the store */
+  WsSeq read;              /* salt1, salt2, frames the leader has read */
   /* The last restarts shims allowed, as links from salt1, salt2, frame
   ** count of the WAL that ended to the salts of the next (v[0]: the newest
   ** link's index).  Salts change when the WAL restarts, and again when a
@@ -403,6 +412,14 @@ static int seqRead(const WsSeq *s, uint32_t *out, int n) {
 static void setRead(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t n) {
   uint32_t v[3] = {s1, s2, n};
   seqWrite(&pDb->pShared->read, v, 3);
+}
+
+/* Leader: the frames of every commit queued so far are in memory (gMutex
+** held, nPending is 0), so the WAL may restart up to the last one. */
+static void readTo(WsDb *pDb) {
+  if (pDb->eRole == WS_ROLE_LEAD && pDb->pShared && pDb->aQueued[2]) {
+    setRead(pDb, pDb->aQueued[0], pDb->aQueued[1], pDb->aQueued[2]);
+  }
 }
 
 /* Map <db>-walsync (created with the database file's permissions); NULL if
@@ -479,10 +496,10 @@ static int shmHeader(WsDb *pDb, uint32_t *pSalt1, uint32_t *pSalt2, uint32_t *pM
 static int gNotifyFd = -1;
 
 /* Tell the leader that the WAL grew (a datagram naming its id for the db);
-** at most one per millisecond per database: the leader reads again after
-** every read that found commits, so none is missed.  bHurry: a restart of
-** the WAL waits for the leader to have its frames in the store. */
-static void notifyLeader(WsDb *pDb, int bHurry) {
+** at most one per millisecond per database (unless lastNotify is cleared: a
+** restart waits for the read): the leader reads again after every read that
+** found commits, so none is missed. */
+static void notifyLeader(WsDb *pDb) {
   struct sockaddr_un sa;
   struct timespec ts;
   int64_t id, now;
@@ -497,7 +514,6 @@ static void notifyLeader(WsDb *pDb, int bHurry) {
   memset(&sa, 0, sizeof(sa));
   sa.sun_family = AF_UNIX;
   memcpy(sa.sun_path + 1, zAddr, strnlen(zAddr, WS_ADDR_MAX));
-  if (bHurry) id = -id; /* ids are positive */
   sendto(gNotifyFd, &id, sizeof(id), MSG_DONTWAIT, (struct sockaddr *)&sa,
          (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + strnlen(zAddr, WS_ADDR_MAX)));
 }
@@ -508,28 +524,48 @@ static int64_t monotonicNs(void) {
   return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Has the leader read every committed frame of the WAL (s1, s2, mx)? */
+static int readUpTo(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t mx) {
+  uint32_t rd[3];
+  return seqRead(&pDb->pShared->read, rd, 3) &&
+         (rd[2] == WS_READ_ANY || (rd[0] == s1 && rd[1] == s2 && rd[2] >= mx));
+}
+
+static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd);
+
 /* Before SQLite restarts the WAL (or a checkpoint truncates it): may it?
-** Not while the WAL holds committed frames not yet in the store, nor for
-** a while after the leader went away: the next one takes the commits its
-** predecessor left from the WAL, once it has synced.  Not longer: that sync
-** needs the WAL write lock, which a checkpoint waiting here holds. */
+** Only once the leader has read every committed frame in it (the caller
+** holds the lock that keeps others from appending), or a while after the
+** leader went away: the next one takes what its predecessor left from the
+** WAL, once it has synced. */
 static int restartAllowed(WsDb *pDb) {
-  uint32_t s1, s2, mx, rd[3];
-  int bLeader;
+  uint32_t s1, s2, mx;
+  int64_t until = 0;
   if (!pDb->pShared || !pDb->pShm || !shmHeader(pDb, &s1, &s2, &mx) || mx == 0) return 1;
-  bLeader = leaderOf(pDb->pShared, 0, 0) != 0;
-  if (!bLeader && monotonicNs() - __atomic_load_n(&pDb->pShared->beat, __ATOMIC_ACQUIRE) > WS_TAKEOVER_NS) {
-    return 1; /* nobody replicates it: the next leader starts from a snapshot */
-  }
-  if (seqRead(&pDb->pShared->read, rd, 3) &&
-      (rd[2] == WS_READ_ANY || (rd[0] == s1 && rd[1] == s2 && rd[2] >= mx))) {
+  if (pDb->eRole == WS_ROLE_LEAD) {
+    /* Queued, its frames are read before SQLite overwrites them (see
+    ** waitConsumed()); a gap lets go of every frame. */
+    pthread_mutex_lock(&pDb->mu);
+    if (pDb->c.bKnown) catchUp(pDb, s1, s2, mx);
+    pthread_mutex_unlock(&pDb->mu);
     return 1;
   }
-  if (bLeader) {
-    pDb->lastNotify = 0;
-    notifyLeader(pDb, 1);
+  for (;;) {
+    struct timespec pause = {0, 100000};
+    if (readUpTo(pDb, s1, s2, mx)) return 1;
+    if (!leaderOf(pDb->pShared, 0, 0)) {
+      /* nobody replicates it: the next leader starts from a snapshot */
+      return monotonicNs() - __atomic_load_n(&pDb->pShared->beat, __ATOMIC_ACQUIRE) > WS_TAKEOVER_NS;
+    }
+    if (!until) {
+      until = monotonicNs() + WS_READ_WAIT_NS;
+      pDb->lastNotify = 0;
+      notifyLeader(pDb);
+    } else if (monotonicNs() > until) {
+      return 0;
+    }
+    nanosleep(&pause, 0);
   }
-  return 0;
 }
 
 /* Record that the WAL (f1, f2) ended with fn frames and (t1, t2) follows it.
@@ -777,7 +813,7 @@ static void publishPending(WsDb *pDb) {
       pDb->own[0] = s1;
       pDb->own[1] = s2;
       pDb->own[2] = mx;
-      notifyLeader(pDb, 0);
+      notifyLeader(pDb);
     }
     return;
   }
@@ -920,9 +956,24 @@ static unsigned char *readFrames(const ws_rec *r, sqlite3_file *pFile, int fd) {
 static void commitRead(WsDb *pDb) {
   if (__atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL) == 0) {
     pthread_mutex_lock(&gMutex);
+    if (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) readTo(pDb);
     if (pDb->nWaiter) pthread_cond_broadcast(&gDone);
     pthread_mutex_unlock(&gMutex);
   }
+}
+
+/* Read the frames of pDb's queued commits nobody has read yet, through pWal
+** or fd (gMutex held). */
+static void readQueued(WsDb *pDb, sqlite3_file *pWal, int fd) {
+  ws_rec *r;
+  for (r = gHead; r; r = r->next) {
+    if (r->pDb == pDb && r->kind == WS_COMMIT && !r->bRead) {
+      r->aFrames = readFrames(r, pWal, fd);
+      r->bRead = 1;
+      __atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
+    }
+  }
+  if (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) readTo(pDb);
 }
 
 /* Consumer side of a COMMIT: read its frames from the WAL file, verify that
@@ -1008,16 +1059,9 @@ gap: /* every jump here comes after the read above */
 */
 static void waitConsumed(WsDb *pDb, sqlite3_file *pWal) {
   struct timespec ts;
-  ws_rec *r;
   if (!pDb || __atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) return;
   pthread_mutex_lock(&gMutex);
-  for (r = gHead; r && pWal; r = r->next) {
-    if (r->pDb == pDb && r->kind == WS_COMMIT && !r->bRead) {
-      r->aFrames = readFrames(r, pWal, -1);
-      r->bRead = 1;
-      __atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
-    }
-  }
+  if (pWal) readQueued(pDb, pWal, -1);
   ts = deadlineIn(2000000000);
   pDb->nWaiter++;
   gWake = 1; /* a lingering consumer goes on at once */
@@ -1314,8 +1358,10 @@ static int wsShmMap(sqlite3_file *f, int i, int sz, int bExtend, void volatile *
   return rc;
 }
 
-/* Lock offsets in the wal-index (see wal.c): 0 = write lock, 3+i = read lock i. */
+/* Lock offsets in the wal-index (see wal.c): 0 = write lock, 1 = checkpoint
+** lock, 3+i = read lock i. */
 #define WAL_WRITE_LOCK 0
+#define WAL_CKPT_LOCK 1
 #define WAL_READ_LOCK1 4
 #define WAL_NREADER_1 4
 
@@ -1328,6 +1374,10 @@ static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
   if (p->eType == WSF_MAIN && (flags & SQLITE_SHM_EXCLUSIVE)) {
     if (ofst == WAL_WRITE_LOCK && (flags & SQLITE_SHM_UNLOCK)) {
       publishFromMain(p);
+    } else if (ofst == WAL_CKPT_LOCK && (flags & SQLITE_SHM_LOCK) && p->pDb) {
+      /* A restart follows a complete checkpoint: have the leader ship the
+      ** WAL's commits while this one backfills, so that it need not wait. */
+      restartAllowed(p->pDb);
     } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_LOCK) && p->pDb) {
       int rc;
       if (__atomic_load_n(&p->pDb->nHold, __ATOMIC_ACQUIRE) > 0 || !restartAllowed(p->pDb)) {
@@ -1693,6 +1743,9 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
   pthread_mutex_lock(&gMutex);
   pDb->c = c;
   pOut->seq = pDb->seq;
+  pDb->aQueued[0] = c.salt1;
+  pDb->aQueued[1] = c.salt2;
+  pDb->aQueued[2] = c.nFrame;
   pthread_mutex_unlock(&gMutex);
   pthread_mutex_unlock(&pDb->mu);
   /* The sync point pins these frames for the engine: they count as read. */
@@ -1723,6 +1776,19 @@ int ws_tail(int64_t db_id) {
     rc = __atomic_load_n(&pDb->seq, __ATOMIC_ACQUIRE) != seq;
   }
   pthread_mutex_unlock(&pDb->mu);
+  if (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) > 0) {
+    /* Read them now rather than when the consumer gets to them: another
+    ** process may be waiting to restart the WAL (restartAllowed()). */
+    char *zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
+    int fd = zWal ? open(zWal, O_RDONLY | O_CLOEXEC) : -1;
+    sqlite3_free(zWal);
+    if (fd >= 0) {
+      pthread_mutex_lock(&gMutex);
+      readQueued(pDb, 0, fd);
+      pthread_mutex_unlock(&gMutex);
+      close(fd);
+    }
+  }
   return rc;
 }
 
@@ -1762,11 +1828,11 @@ int ws_role(int64_t db_id, int role, const char *zAddr) {
   return 1;
 }
 
-/* Leader: every commit up to frame nframe of the WAL (salt1, salt2) is in
-** the store; the WAL may be restarted past it. */
-void ws_durable(int64_t db_id, uint32_t salt1, uint32_t salt2, uint32_t nframe) {
+/* Leader: a sync is under way, so no frame needs protecting until its sync
+** point (see readAnything()). */
+void ws_read_any(int64_t db_id) {
   WsDb *pDb = dbById(db_id);
-  if (pDb && pDb->pShared && pDb->eRole == WS_ROLE_LEAD) setRead(pDb, salt1, salt2, nframe);
+  if (pDb) readAnything(pDb);
 }
 
 /* Leader: still here (called every fraction of WS_TAKEOVER_NS). */

@@ -20,12 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
 
 import apsw
-
-if TYPE_CHECKING:
-    from walsync_vfs.format import WalPos
 
 try:
     from walsync_vfs import _shim
@@ -40,7 +36,6 @@ VFS_NAME = "walsync"
 # instead of per commit, for at most this much lag on a busy stream (none on a sparse one).
 LINGER = 0.05
 _FCNTL_DB_ID = 0x57530001
-_READ_ANY = 0xFFFFFFFF  # ws_durable(): nothing to protect (WS_READ_ANY in csrc/walsync.c)
 
 ffi, lib = _shim.ffi, _shim.lib
 log = logging.getLogger("walsync_vfs")
@@ -269,13 +264,10 @@ def drain(timeout: float | None = 0.0, linger: float = 0.0) -> list:
     return groups
 
 
-def durable(db_id: int, wal: WalPos | None) -> None:
-    """Leader: every commit up to ``wal`` is in the store, so the WAL may restart past it;
-    None: protect nothing (a sync is under way).  See ws_durable in csrc/walsync.c."""
-    if wal is None:
-        lib.ws_durable(db_id, 0, 0, _READ_ANY)
-    else:
-        lib.ws_durable(db_id, wal.salt1, wal.salt2, wal.end)
+def read_any(db_id: int) -> None:
+    """Leader: a sync is under way, so the WAL may restart past frames not yet read (the
+    sync point's snapshot holds them).  See ws_read_any in csrc/walsync.c."""
+    lib.ws_read_any(db_id)
 
 
 def wake() -> None:

@@ -91,7 +91,7 @@ class Engine:
             settings, self._lock, (self._cond, self._wake), self._spool, self, self.compactor
         )
         self._thread: threading.Thread | None = None  # runs while a database is kept
-        self._host = Host(self._promote, self._flush_for_follower, self._hurry)
+        self._host = Host(self._promote, self._flush_for_follower)
         self._leases: set[Lease] = set()  # held or being released: released at exit too
         atexit.register(self._release_leases)
 
@@ -501,8 +501,8 @@ class Engine:
     def _sync(self, db: Database) -> None:
         """Line the lineage up with the database's current bytes (see sync.py)."""
         # Until it is done the WAL may restart: the sync point takes the write lock, which a
-        # checkpoint waiting for its frames to be stored would hold (csrc/walsync.c).
-        capture.durable(db.db_id, None)
+        # checkpoint waiting for the leader to read its frames would hold (csrc/walsync.c).
+        capture.read_any(db.db_id)
         if db.client is None:  # a first sync (a follower has its name, not its client)
             self._resolve(db)
         client = db.client
@@ -570,7 +570,6 @@ class Engine:
             if decision.snapshot or not (up.pending or up.outbox or up.uploading):
                 up.durable_seq = max(up.durable_seq, pinned.seq)
                 up.durable_txid = max(up.durable_txid, decision.txid)
-                capture.durable(db.db_id, pinned.wal)
             db.failures = 0
             db.last_error = ""
             db.stopped = False
@@ -695,15 +694,6 @@ class Engine:
         except ReplicationError as exc:
             return str(exc)
         return None
-
-    def _hurry(self, db_id: int) -> None:
-        """A process waits to restart the WAL until its commits are in the store: ship them
-        now rather than on the upload clock."""
-        with self._lock:
-            db = self._dbs.get(db_id)
-            if db is not None:
-                db.upload.hurry = True
-                self.uploads.schedule(db, time.monotonic())
 
     def _promote(self, db_id: int) -> None:
         """This process leads a database it followed: sync, which continues the lineage

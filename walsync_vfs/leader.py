@@ -69,8 +69,7 @@ class Host:
     """This process's part in choosing leaders and talking to them.
 
     Called on the host thread: ``on_promote(db_id)`` when this process took the lead of a
-    database it followed, ``on_hurry(db_id)`` when a process waits to restart the WAL of a
-    database this process leads until its commits are stored.  ``on_flush(db_id, timeout)``
+    database it followed.  ``on_flush(db_id, timeout)``
     runs on a thread of its own when a follower asks for everything in the WAL to be made
     durable: it returns None or an error text.
     """
@@ -79,11 +78,9 @@ class Host:
         self,
         on_promote: Callable[[int], None],
         on_flush: Callable[[int, float], str | None],
-        on_hurry: Callable[[int], None],
     ) -> None:
         self._on_promote = on_promote
         self._on_flush = on_flush
-        self._on_hurry = on_hurry
         self._lock = threading.Lock()
         self._dbs: dict[int, _Db] = {}
         self._waiters: dict[int, _Waiter] = {}
@@ -245,9 +242,7 @@ class Host:
     def _receive(self, msg: bytes, sender: bytes) -> None:
         if len(msg) == _NOTIFY.size:
             (db_id,) = _NOTIFY.unpack(msg)
-            self._tail(abs(db_id))
-            if db_id < 0:  # a restart of the WAL waits for the commits to be stored
-                self._on_hurry(-db_id)
+            self._tail(db_id)  # a follower committed, or waits to restart the WAL
         elif msg[:1] == b"F" and len(msg) == _REQUEST.size:
             _, req, db_id, timeout = _REQUEST.unpack(msg)
             threading.Thread(

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from walsync_vfs.config import Settings
-    from walsync_vfs.format import WalPos
 
 
 class SpoolFull(OSError):
@@ -41,7 +40,6 @@ class Outgoing:
     data: bytes | None  # None once spilled
     path: str | None = None
     discarded: bool = False  # shipped or dropped: a spill still under way must not keep it
-    wal: WalPos | None = None  # where its last commit ended in the source's WAL
 
     def payload(self) -> bytes:
         if self.data is not None:

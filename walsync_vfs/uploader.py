@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from walsync_vfs import capture, format, storage
+from walsync_vfs import format, storage
 from walsync_vfs.backoff import Backoff
 from walsync_vfs.spool import Outgoing, Spool
 from walsync_vfs.workers import Workers
@@ -75,7 +75,6 @@ class UploadState:
     shipped_at: float = 0.0  # monotonic time the latest upload was started
     due_at: float = math.inf  # earliest time the uploader has been asked to look at it
     next_attempt: float = 0.0  # no upload before this (backoff after a failure)
-    hurry: bool = False  # ship at once: a WAL restart waits for these commits to be stored
     bytes_uploaded: int = 0
 
     def queue(self, item: Pending, grown: int, now: float, cfg: DbConfig) -> bool:
@@ -130,7 +129,6 @@ class UploadClock:
         # per segment.
         urgent = (
             self.flushers
-            or up.hurry
             or up.pending_bytes >= s.max_segment_bytes
             or len(up.outbox) > 1
         )
@@ -183,7 +181,7 @@ class UploadClock:
                 # A paced upload counts from its tick, however late it starts, so a slow
                 # burst does not push the database off the clock (see ship_time).
                 up.shipped_at = due if now - due < db.cfg.upload_interval else now
-                up.quiet = up.hurry = False
+                up.quiet = False
                 ready.append(db)
             else:
                 self.schedule(db, now)
@@ -275,7 +273,6 @@ def encode(
         commits[-1].txid,
         raw_bytes,
         format.encode_segment(page_size, commits, level),
-        wal=commits[-1].wal,
     )
 
 
@@ -452,8 +449,6 @@ class Uploader:
             db.last_error = ""
             up.durable_seq = max(up.durable_seq, item.last_seq)
             up.durable_txid = item.last_txid
-            if item.wal is not None and not db.sync.syncing:
-                capture.durable(db.db_id, item.wal)  # the WAL may restart past them
             up.bytes_uploaded += len(data)
             self.freed = True
             db.upkeep.uploaded_since_retention = True
