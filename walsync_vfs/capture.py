@@ -17,10 +17,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import apsw
 
@@ -69,10 +71,46 @@ class Record:
     time_ns: int
     page_size: int = 0
     db_size: int = 0
-    pages: tuple[tuple[int, bytes], ...] = ()  # (pgno, page), ascending, unique
+    # (pgno, page), ascending, unique: a tuple, or SpooledPages for a commit too big for memory
+    pages: Sequence[tuple[int, bytes]] = ()
     wal_salts: tuple[int, int] = (0, 0)
     wal_frames: tuple[int, int] = (0, 0)  # [start, end) frame indices in the WAL
     path: str = ""  # OPEN only
+
+
+class SpooledPages(Sequence[tuple[int, bytes]]):
+    """The pages of a commit too big to hold in memory: (pgno, page) in pgno order, read on
+    demand from the shim's copy of its WAL frames (a file of its own, closed once this object
+    is gone), so a giant transaction never has all its pages in memory at once."""
+
+    __slots__ = ("_fd", "_page_size", "_frame_size", "_pgnos", "_frames", "__weakref__")
+
+    def __init__(self, fd: int, page_size: int, pgnos: array[int], frames: array[int]) -> None:
+        self._fd = fd  # owned: closed with this object
+        self._page_size = page_size
+        self._frame_size = 24 + page_size
+        self._pgnos = pgnos
+        self._frames = frames  # the frame holding each page's newest version, in the file
+        weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return len(self._pgnos)
+
+    def _page(self, i: int) -> tuple[int, bytes]:
+        at = self._frames[i] * self._frame_size + 24
+        data = os.pread(self._fd, self._page_size, at)
+        if len(data) != self._page_size:
+            raise OSError(f"short read of a spooled page at offset {at}")
+        return self._pgnos[i], data
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, bytes]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[int, bytes]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[int, bytes] | list[tuple[int, bytes]]:
+        if isinstance(i, slice):
+            return [self._page(k) for k in range(*i.indices(len(self)))]
+        return self._page(range(len(self))[i])
 
 
 class CaptureError(RuntimeError):

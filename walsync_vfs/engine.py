@@ -417,12 +417,11 @@ class Engine:
         extended it meanwhile.  The database holds the dropped commits, so they are in the
         snapshot that sync takes; their restore points are counted as lost."""
         up = db.upload
-        db.lost_restore_points += db.sync.drop_held(self._spool) + len(up.pending)
+        db.lost_restore_points += db.sync.drop_held(self._spool) + up.drop_pending()
         db.lineage.generation, db.lineage.checksum = None, None  # a sync may hold it: in place
         for item in up.outbox[1:] if up.uploading else up.outbox:
             self._spool.discard(item)
         up.outbox[:] = up.outbox[:1] if up.uploading else []
-        up.pending, up.pending_bytes = [], 0
         self.compactor.drop_copies(db)
         self._cond.notify_all()
 
