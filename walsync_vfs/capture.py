@@ -238,8 +238,14 @@ def _convert(rec) -> Record:
     kind = _KINDS[rec.kind]
     if kind is _COMMIT:  # the hot path: once per replicated transaction
         n, ps, buffer = rec.npages, rec.page_size, ffi.buffer
-        pages: tuple[tuple[int, bytes], ...]
-        if n == 1:  # most small transactions: cheaper than the general way
+        pages: Sequence[tuple[int, bytes]]
+        if rec.spool_fd >= 0:  # too big for memory: its frames are in a file, now ours
+            fd, rec.spool_fd = rec.spool_fd, -1
+            pgnos, frames = array("I"), array("I")
+            pgnos.frombytes(buffer(rec.pgnos, 4 * n))
+            frames.frombytes(buffer(rec.frames, 4 * n))
+            pages = SpooledPages(fd, ps, pgnos, frames)
+        elif n == 1:  # most small transactions: cheaper than the general way
             pages = ((rec.pgnos[0], buffer(rec.pages[0], ps)[:]),)
         else:
             pgnos = ffi.unpack(rec.pgnos, n)

@@ -26,6 +26,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
@@ -156,6 +157,9 @@ class Engine:
         given up (and counted): the next sync point, which comes after them, takes them into
         its snapshot."""
         state = db.sync
+        if isinstance(rec.pages, capture.SpooledPages):
+            state.hold(rec)  # its pages are in a file already
+            return
         if state.held_bytes + len(rec.pages) * rec.page_size <= self.settings.memory_cap // 4:
             state.hold(rec)
             return
@@ -217,10 +221,13 @@ class Engine:
     def _queue(self, db: Database, seq: int, generation: str, commit: format.Commit) -> None:
         """Queue a commit for upload (lock held)."""
         now = time.monotonic()
-        grown = db.upload.pending_bytes + len(commit.pages) * db.lineage.page_size
+        size = len(commit.pages) * db.lineage.page_size
+        grown = db.upload.pending_bytes + size
         if db.upload.queue((seq, generation, commit), grown, now, db.cfg):
             self.uploads.schedule(db, now)
         db.upload.pending_bytes = grown
+        if isinstance(commit.pages, capture.SpooledPages):
+            db.upload.disk_bytes += size
 
     def give_up(self, db: Database) -> None:
         """A closed database whose store keeps failing: stop retrying (lock held).
@@ -375,6 +382,9 @@ class Engine:
             )
         db.cfg = cfg
         db.name = name
+        # Its commits bigger than a segment reach Python as files in the spool directory.
+        spool_dir = os.fsencode(self._spool.directory())
+        capture.lib.ws_spool_big(db.db_id, cfg.max_segment_bytes, spool_dir)
         db.client = self._client(cfg.replica_root())
         if cfg.fencing:
             db.client.create_only = True

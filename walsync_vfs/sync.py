@@ -49,7 +49,8 @@ class SyncState:
 
     def hold(self, rec: Record) -> None:
         self.held.append(rec)
-        self.held_bytes += len(rec.pages) * rec.page_size
+        if not isinstance(rec.pages, capture.SpooledPages):  # those are in a file
+            self.held_bytes += len(rec.pages) * rec.page_size
 
     def hold_spooled(self, rec: Record, spool: Spool) -> None:
         """Hold ``rec`` in the spool; raises :class:`SpoolFull` or the OSError of the write."""
@@ -70,7 +71,9 @@ class SyncState:
         taken = [item for item in self.held if item.seq <= upto]
         self.held = [item for item in self.held if item.seq > upto]
         self.held_bytes = sum(
-            len(r.pages) * r.page_size for r in self.held if isinstance(r, Record)
+            len(r.pages) * r.page_size
+            for r in self.held
+            if isinstance(r, Record) and not isinstance(r.pages, capture.SpooledPages)
         )
         return [item if isinstance(item, Record) else item.load(spool) for item in taken]
 
