@@ -28,6 +28,8 @@ struct ws_rec {
   uint32_t frame_start, frame_end;
   uint32_t *pgnos;
   unsigned char **pages;
+  int32_t spool_fd;
+  uint32_t *frames;
   char *path;
   ...;
 };
@@ -48,6 +50,7 @@ void ws_hold(int64_t db_id, int delta);
 int ws_read(void *file, void *buf, int n, int64_t off);
 int64_t ws_file_size(void *file);
 int ws_release_heap(void);
+void ws_spool_big(int64_t db_id, int64_t nbytes, const char *dir);
 int ws_tail(int64_t db_id);
 int ws_role(int64_t db_id, int role, const char *addr);
 int ws_leader(int64_t db_id, int64_t *leader_db_id, char *addr);

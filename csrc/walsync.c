@@ -104,14 +104,16 @@ struct ws_rec {
   uint32_t salt1, salt2;
   uint32_t frame_start, frame_end; /* WAL frames [start, end) of the commit */
   uint32_t *pgnos;    /* npages, ascending */
-  unsigned char **pages; /* npages pointers to page_size bytes each */
+  unsigned char **pages; /* npages pointers to page_size bytes each, or NULL: */
+  int32_t spool_fd;   /* a commit too big for memory: a file holding a copy of its frames, */
+  uint32_t *frames;   /* and the frame there holding each page (else -1 and NULL) */
   char *path;         /* WS_OPEN: the database path */
   /* Below: private to the shim (cffi sees "..."). */
   struct WsDb *pDb;
   WsChain chain;          /* COMMIT: chain state the frames must continue */
   uint32_t endCk[2];      /* COMMIT: checksum stored in its commit frame */
   unsigned char *aFrames; /* COMMIT: its frames (NULL if they could not be read) */
-  int bRead;              /* COMMIT: the read of aFrames was done (by either side) */
+  int bRead;              /* COMMIT: the read of its frames was done (by either side) */
   void *pIndex;           /* COMMIT: block holding pgnos and pages */
 };
 
@@ -141,7 +143,8 @@ struct WsDb {
   int nWaiter;  /* writers in waitConsumed() (gMutex) */
   int walFd;    /* the consumer's descriptor for the WAL, or -1 */
   int bReopen;  /* the WAL may be another file now: reopen walFd (atomic) */
-  ws_batch *pBatch; /* ws_drain() scratch: this db's batch being built */
+  ws_batch *pBatch; /* ws_drain() scratch: this db's batch being built (in `batch`) */
+  ws_batch batch;   /* its storage: a drain makes one batch per database, never allocated */
   /* Several processes: see "Host-wide coordination" below. */
   pthread_mutex_t mu;        /* guards c (recursive): ws_tail() runs without the WAL lock */
   volatile unsigned char *pShm; /* this process's wal-index region 0, or NULL */
@@ -150,12 +153,21 @@ struct WsDb {
   int eRole;                 /* WS_ROLE_*: whether this process replicates the db */
   uint32_t own[3];           /* follower: the WAL (salts, end) its last commit left */
   int64_t lastNotify;        /* follower: CLOCK_MONOTONIC ns of its last notification */
-  /* Mirror of the WAL bytes written since the last publish.  One per database,
-  ** not per WAL handle: only the holder of the WAL write lock writes the WAL,
-  ** and a WAL handle opened through a VFS stacked on this one is not linked to
-  ** its main-db handle by anything but its name. */
-  unsigned char *aBuf;
-  sqlite3_int64 iStart, nBuf, nAlloc;
+  /* Mirror of the WAL region written since the last publish: its extent, the
+  ** WAL header if the region starts at 0, and the header of every frame in it
+  ** (24 bytes a frame, so a giant transaction costs 0.6% of its size here); page
+  ** images are never kept, the consumer reads them back from the WAL.  One per
+  ** database, not per WAL handle: only the holder of the WAL write lock writes
+  ** the WAL, and a WAL handle opened through a VFS stacked on this one is not
+  ** linked to its main-db handle by anything but its name. */
+  sqlite3_int64 iStart, nBuf; /* bytes [iStart, iStart+nBuf) of the WAL were written */
+  unsigned char aWalHdr[WAL_HDR];
+  uint32_t szMirror;  /* page size the frames are indexed by; 0: not known yet */
+  uint32_t fBase;     /* frame number of aFh's first entry */
+  unsigned char *aFh; /* frame headers from fBase on */
+  uint32_t nFh, nFhAlloc; /* entries in use and allocated */
+  int bLost;          /* a frame header could not be kept: the publish reports a gap */
+  sqlite3_int64 nBig; /* its commits over this many bytes go to a file (0: WS_BIG_DEFAULT) */
 };
 
 /* What ws_sync() reports: the last seq, and the WAL holding the state at it. */
@@ -301,6 +313,7 @@ static void publishEvent(WsDb *pDb, int kind, const char *zText) {
   r->pDb = pDb;
   r->db_id = pDb->id;
   r->kind = kind;
+  r->spool_fd = -1;
   r->time_ns = now_ns();
   if (n) {
     r->path = (char *)(r + 1);
@@ -666,6 +679,7 @@ static ws_rec *commitRecord(WsDb *pDb, const WsChain *c, uint32_t f0, uint32_t f
   r->pDb = pDb;
   r->db_id = pDb->id;
   r->kind = WS_COMMIT;
+  r->spool_fd = -1;
   r->page_size = c->szPage;
   r->time_ns = now_ns();
   r->db_size = dbSize;
@@ -799,10 +813,9 @@ gap:
 ** over every frame and turns the record into a GAP unless it ends exactly at
 ** that checksum, so nothing unverified is ever handed to Python.
 */
-static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf);
+static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf);
 
 static void publishPending(WsDb *pDb) {
-  const unsigned char *a = pDb->aBuf;
   sqlite3_int64 nBuf = pDb->nBuf;
 
   pDb->nBuf = 0;
@@ -818,11 +831,18 @@ static void publishPending(WsDb *pDb) {
     return;
   }
   pthread_mutex_lock(&pDb->mu);
-  publishLocked(pDb, a, nBuf);
+  publishLocked(pDb, nBuf);
   pthread_mutex_unlock(&pDb->mu);
 }
 
-static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf) {
+/* The mirrored header of frame f (zeros if none was written: no valid frame). */
+static const unsigned char *mirrorFrame(const WsDb *p, uint32_t f) {
+  static const unsigned char zero[FRAME_HDR];
+  if (f < p->fBase || f - p->fBase >= p->nFh) return zero;
+  return p->aFh + (size_t)(f - p->fBase) * FRAME_HDR;
+}
+
+static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf) {
   sqlite3_int64 off = 0, f0Off;
   uint32_t endCk[2] = {0, 0}, f0, i, nCommit = 0, dbSize = 0, szFrame;
   WsChain c;
@@ -841,6 +861,10 @@ static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf)
     }
   }
 
+  if (pDb->bLost) { /* frames we cannot vouch for: the stream breaks here */
+    reportGap(pDb);
+    return;
+  }
   c = pDb->c;
   if (pDb->iStart == 0) {
     /* WAL restart: a new header.  SQLite steps salt-1 by one per restart:
@@ -848,7 +872,7 @@ static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf)
     ** header of a WAL without frames (after recovery of a crashed first
     ** transaction) keeps the salts.  Anything else means somebody else
     ** restarted it, erasing frames we never saw. */
-    if (nBuf < WAL_HDR || !parseWalHeader(&c, a)) return;
+    if (nBuf < WAL_HDR || !parseWalHeader(&c, pDb->aWalHdr)) return;
     if (pDb->c.bHdr && pDb->c.nFrame && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2) {
       c = pDb->c; /* a tail scan read this header, and maybe our commit (below) */
     } else if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1) &&
@@ -869,12 +893,12 @@ static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf)
     return;
   }
   f0 = (uint32_t)((f0Off - WAL_HDR) / szFrame);
-  if (f0 > c.nFrame) { /* SQLite appended after frames we never saw */
-    reportGap(pDb);
+  if (f0 > c.nFrame || (pDb->szMirror && pDb->szMirror != c.szPage)) {
+    reportGap(pDb); /* SQLite appended after frames we never saw */
     return;
   }
   for (i = 0; off + szFrame <= nBuf; i++, off += szFrame) {
-    const unsigned char *h = a + off;
+    const unsigned char *h = mirrorFrame(pDb, f0 + i);
     if (get32(h) == 0 || get32(h + 8) != c.salt1 || get32(h + 12) != c.salt2) break;
     if (get32(h + 4)) {
       nCommit = i + 1;
@@ -885,8 +909,8 @@ static void publishLocked(WsDb *pDb, const unsigned char *a, sqlite3_int64 nBuf)
   }
   /* A commit marker with our salts past a broken run means a committed
   ** transaction we cannot verify: never drop it silently. */
-  for (; off + szFrame <= nBuf; off += szFrame) {
-    const unsigned char *h = a + off;
+  for (; off + szFrame <= nBuf; i++, off += szFrame) {
+    const unsigned char *h = mirrorFrame(pDb, f0 + i);
     if (get32(h + 4) && get32(h + 8) == c.salt1 && get32(h + 12) == c.salt2) {
       reportGap(pDb);
       return;
@@ -937,18 +961,102 @@ static int preadFull(int fd, unsigned char *a, sqlite3_int64 n, sqlite3_int64 of
   return 0;
 }
 
-/* A commit's frames, read through pFile (the writer's WAL handle) if given,
-** else from fd; NULL if they could not be read. */
-static unsigned char *readFrames(const ws_rec *r, sqlite3_file *pFile, int fd) {
-  sqlite3_int64 szFrame = FRAME_HDR + r->chain.szPage;
+/* Commits whose frames take more bytes than this are copied into a file of
+** their own instead of memory (ws_spool_big()); at most WS_BIG_MAX, so a read
+** of a commit held in memory fits SQLite's int amount. */
+#define WS_BIG_MAX ((sqlite3_int64)1 << 30)
+#define WS_BIG_DEFAULT ((sqlite3_int64)16 << 20)
+#define WS_CHUNK ((sqlite3_int64)1 << 20) /* bytes copied or verified at a time */
+/* Its own mutex: waitConsumed() reads frames holding gMutex. */
+static pthread_mutex_t gSpoolMutex = PTHREAD_MUTEX_INITIALIZER;
+static char *gSpoolDir = 0; /* gSpoolMutex */
+
+static WsDb *dbById(int64_t id);
+
+/* Where, and past what size, a database's commits go to files (Python: the
+** spool directory and its max_segment_bytes). */
+void ws_spool_big(int64_t db_id, int64_t nBytes, const char *zDir) {
+  WsDb *pDb = dbById(db_id);
+  char *z = zDir ? strdup(zDir) : 0;
+  sqlite3_int64 n = nBytes < WS_CHUNK ? WS_CHUNK : nBytes > WS_BIG_MAX ? WS_BIG_MAX : nBytes;
+  if (pDb) __atomic_store_n(&pDb->nBig, n, __ATOMIC_RELAXED);
+  pthread_mutex_lock(&gSpoolMutex);
+  if (z) {
+    free(gSpoolDir);
+    gSpoolDir = z;
+  }
+  pthread_mutex_unlock(&gSpoolMutex);
+}
+
+/* A new file without a name (removed when closed) in the spool directory. */
+static int spoolOpen(void) {
+  char *zDir, *zName;
+  int fd = -1;
+  pthread_mutex_lock(&gSpoolMutex);
+  zDir = strdup(gSpoolDir ? gSpoolDir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+  pthread_mutex_unlock(&gSpoolMutex);
+  if (!zDir) return -1;
+#ifdef O_TMPFILE
+  fd = open(zDir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+#endif
+  if (fd < 0 && (zName = sqlite3_mprintf("%s/walsync-commit-XXXXXX", zDir)) != 0) {
+    fd = mkostemp(zName, O_CLOEXEC);
+    if (fd >= 0) unlink(zName);
+    sqlite3_free(zName);
+  }
+  free(zDir);
+  return fd;
+}
+
+/* n bytes at off, through pFile (n fits an int) if given, else from fd; 0 on success. */
+static int readAt(sqlite3_file *pFile, int fd, unsigned char *a, sqlite3_int64 n, sqlite3_int64 off) {
+  return pFile ? pFile->pMethods->xRead(pFile, a, (int)n, off) != SQLITE_OK : preadFull(fd, a, n, off);
+}
+
+static int writeFull(int fd, const unsigned char *a, sqlite3_int64 n, sqlite3_int64 off) {
+  while (n > 0) {
+    ssize_t put = pwrite(fd, a, (size_t)n, (off_t)off);
+    if (put <= 0) {
+      if (put < 0 && errno == EINTR) continue;
+      return 1;
+    }
+    a += put;
+    n -= put;
+    off += put;
+  }
+  return 0;
+}
+
+/* Read a commit's frames, through pFile (the writer's WAL handle) if given,
+** else from fd: into r->aFrames, or for a commit bigger than gBigBytes, a
+** chunk at a time into a spool file (r->spool_fd), so no commit is ever held
+** in memory whole.  Neither is set if that failed (then a GAP follows). */
+static void readFrames(ws_rec *r, sqlite3_file *pFile, int fd) {
+  sqlite3_int64 szFrame = FRAME_HDR + r->chain.szPage, done, m, big;
   sqlite3_int64 n = (sqlite3_int64)(r->frame_end - r->frame_start) * szFrame;
   sqlite3_int64 off = WAL_HDR + (sqlite3_int64)r->frame_start * szFrame;
-  unsigned char *a = malloc((size_t)n);
-  if (a && (pFile ? pFile->pMethods->xRead(pFile, a, (int)n, off) != SQLITE_OK : preadFull(fd, a, n, off))) {
-    free(a);
-    a = 0;
+  unsigned char *a;
+  big = __atomic_load_n(&r->pDb->nBig, __ATOMIC_RELAXED);
+  big = big ? big : WS_BIG_DEFAULT;
+  if (n <= big) {
+    a = malloc((size_t)n);
+    if (a && readAt(pFile, fd, a, n, off)) {
+      free(a);
+      a = 0;
+    }
+    r->aFrames = a;
+    return;
   }
-  return a;
+  a = malloc((size_t)WS_CHUNK);
+  r->spool_fd = a ? spoolOpen() : -1;
+  for (done = 0; r->spool_fd >= 0 && done < n; done += m) {
+    m = n - done < WS_CHUNK ? n - done : WS_CHUNK;
+    if (readAt(pFile, fd, a, m, off + done) || writeFull(r->spool_fd, a, m, done)) {
+      close(r->spool_fd);
+      r->spool_fd = -1;
+    }
+  }
+  free(a);
 }
 
 /* One of pDb's queued commits has its frames in memory now: wake writers in
@@ -968,7 +1076,7 @@ static void readQueued(WsDb *pDb, sqlite3_file *pWal, int fd) {
   ws_rec *r;
   for (r = gHead; r; r = r->next) {
     if (r->pDb == pDb && r->kind == WS_COMMIT && !r->bRead) {
-      r->aFrames = readFrames(r, pWal, fd);
+      readFrames(r, pWal, fd);
       r->bRead = 1;
       __atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
     }
@@ -985,9 +1093,10 @@ static void prepareCommit(ws_rec *r) {
   WsDb *pDb = r->pDb;
   const WsChain *c = &r->chain;
   uint32_t n = r->frame_end - r->frame_start, szFrame = FRAME_HDR + c->szPage;
-  uint32_t ck[2], k, nRef = 0, nPage = 0;
+  uint32_t ck[2], k, j, m, nChunk, nRef = 0, nPage = 0, lastSize = 0;
   const unsigned char *aF;
-  PageRef *aRef;
+  unsigned char *aBuf = 0;
+  PageRef *aRef = 0;
   if (__atomic_exchange_n(&pDb->bReopen, 0, __ATOMIC_ACQ_REL) && pDb->walFd >= 0) {
     close(pDb->walFd);
     pDb->walFd = -1;
@@ -1001,49 +1110,72 @@ static void prepareCommit(ws_rec *r) {
     sqlite3_free(zWal);
   }
   if (!r->bRead) {
-    r->aFrames = readFrames(r, 0, pDb->walFd);
+    readFrames(r, 0, pDb->walFd);
     r->bRead = 1;
     commitRead(pDb);
   }
-  if (!r->aFrames) goto gap;
+  if (!r->aFrames && r->spool_fd < 0) goto gap;
   aF = r->aFrames;
+  /* PageRefs, then pointers to the pages (in memory) or their frames (spooled),
+  ** then the page numbers: one block. */
+  aRef = malloc((sizeof(PageRef) + sizeof(uint32_t) + (aF ? sizeof(unsigned char *) : sizeof(uint32_t))) * n);
+  if (!aRef) goto gap;
+  /* Spooled frames are verified a chunk at a time. */
+  nChunk = aF ? n : (uint32_t)(WS_CHUNK / szFrame > 0 ? WS_CHUNK / szFrame : 1);
+  aBuf = aF ? 0 : malloc((size_t)nChunk * szFrame);
+  if (!aF && !aBuf) goto gap;
   ck[0] = c->cksum[0];
   ck[1] = c->cksum[1];
-  for (k = 0; k < n; k++) {
-    if (!frameValid(c, aF + (sqlite3_int64)k * szFrame, ck)) goto gap;
-  }
-  if (ck[0] != r->endCk[0] || ck[1] != r->endCk[1] ||
-      get32(aF + (sqlite3_int64)(n - 1) * szFrame + 4) != r->db_size) {
-    goto gap;
-  }
-  aRef = malloc(sizeof(PageRef) * n + (sizeof(uint32_t) + sizeof(unsigned char *)) * n);
-  if (!aRef) goto gap;
-  for (k = 0; k < n; k++) {
-    uint32_t pg = get32(aF + (sqlite3_int64)k * szFrame);
-    if (pg <= r->db_size) {
-      aRef[nRef].pgno = pg;
-      aRef[nRef].iFrame = k;
-      nRef++;
+  for (k = 0; k < n; k += m) {
+    const unsigned char *aChunk = aF ? aF + (sqlite3_int64)k * szFrame : aBuf;
+    m = n - k < nChunk ? n - k : nChunk;
+    if (!aF && preadFull(r->spool_fd, aBuf, (sqlite3_int64)m * szFrame, (sqlite3_int64)k * szFrame)) {
+      goto gap;
+    }
+    for (j = 0; j < m; j++) {
+      const unsigned char *h = aChunk + (sqlite3_int64)j * szFrame;
+      uint32_t pg = get32(h);
+      if (!frameValid(c, h, ck)) goto gap;
+      lastSize = get32(h + 4);
+      if (pg <= r->db_size) {
+        aRef[nRef].pgno = pg;
+        aRef[nRef].iFrame = k + j;
+        nRef++;
+      }
     }
   }
+  free(aBuf);
+  aBuf = 0;
+  if (ck[0] != r->endCk[0] || ck[1] != r->endCk[1] || lastSize != r->db_size) goto gap;
   qsort(aRef, nRef, sizeof(PageRef), cmpPageRef);
   for (k = 0; k < nRef; k++) {
     if (k + 1 < nRef && aRef[k + 1].pgno == aRef[k].pgno) continue;
     aRef[nPage++] = aRef[k];
   }
-  /* The index arrays live in the same block, after the PageRefs. */
-  r->pages = (unsigned char **)(aRef + n);
-  r->pgnos = (uint32_t *)(r->pages + n);
+  if (aF) {
+    r->pages = (unsigned char **)(aRef + n);
+    r->pgnos = (uint32_t *)(r->pages + n);
+  } else {
+    r->frames = (uint32_t *)(aRef + n);
+    r->pgnos = r->frames + n;
+  }
   for (k = 0; k < nPage; k++) {
     r->pgnos[k] = aRef[k].pgno;
-    r->pages[k] = (unsigned char *)aF + (sqlite3_int64)aRef[k].iFrame * szFrame + FRAME_HDR;
+    if (aF) r->pages[k] = (unsigned char *)aF + (sqlite3_int64)aRef[k].iFrame * szFrame + FRAME_HDR;
+    else r->frames[k] = aRef[k].iFrame;
   }
   r->npages = nPage;
   r->pIndex = aRef;
   return;
 gap: /* every jump here comes after the read above */
+  free(aBuf);
+  free(aRef);
+  r->pages = 0;
+  r->frames = 0;
   free(r->aFrames);
   r->aFrames = 0;
+  if (r->spool_fd >= 0) close(r->spool_fd);
+  r->spool_fd = -1;
   r->kind = WS_GAP;
 }
 
@@ -1138,56 +1270,86 @@ static void checkRestart(WsFile *pWal) {
 ** if the WAL restarts in it, else from the chain; 0 if not known. */
 static uint32_t mirrorPageSize(const WsDb *p) {
   if (p->iStart == 0 && p->nBuf >= WAL_HDR) {
-    uint32_t sz = get32(p->aBuf + 8);
+    uint32_t sz = get32(p->aWalHdr + 8);
     sz = sz == 1 ? 65536 : sz;
     return sz >= 512 && sz <= 65536 && !(sz & (sz - 1)) ? sz : 0;
   }
   return p->c.bHdr ? p->c.szPage : 0;
 }
 
-/* Copy a WAL write into the mirror, growing it as needed.  Only the WAL header
-** and the frame headers are ever read from the mirror (the consumer reads page
-** images back from the WAL), so a write of exactly one page image at its place
-** in a frame only extends the mirror; its bytes there stay stale.  Any other
-** write is copied. */
-static int mirrorWrite(WsDb *p, const void *z, int iAmt, sqlite3_int64 iOfst) {
-  sqlite3_int64 end;
-  uint32_t sz;
-  if (p->nBuf == 0 || iOfst == 0) {
-    p->iStart = iOfst;
-    p->nBuf = 0;
-  } else if (iOfst < p->iStart) {
+/* Start the mirror afresh at WAL offset iOfst. */
+static void mirrorReset(WsDb *p, sqlite3_int64 iOfst) {
+  if (p->nFh) memset(p->aFh, 0, (size_t)p->nFh * FRAME_HDR);
+  p->iStart = iOfst;
+  p->nBuf = 0;
+  p->nFh = 0;
+  p->szMirror = 0;
+  p->bLost = 0;
+}
+
+/* Room for n frame headers; 0 if the memory cannot be had. */
+static int mirrorRoom(WsDb *p, uint32_t n) {
+  uint32_t m = p->nFhAlloc ? p->nFhAlloc : 256;
+  unsigned char *a;
+  if (n <= p->nFhAlloc) return 1;
+  while (m < n) {
+    if (m > UINT32_MAX / 2) return 0;
+    m *= 2;
+  }
+  a = realloc(p->aFh, (size_t)m * FRAME_HDR);
+  if (!a) return 0;
+  memset(a + (size_t)p->nFhAlloc * FRAME_HDR, 0, (size_t)(m - p->nFhAlloc) * FRAME_HDR);
+  p->aFh = a;
+  p->nFhAlloc = m;
+  return 1;
+}
+
+/* Note a WAL write in the mirror: the bytes that fall on the WAL header or on
+** a frame header are kept, page bytes only extend the mirror.  Writes may cut
+** anywhere (SQLite splits them at sector boundaries under synchronous=FULL).
+** What cannot be kept (no memory, an unknown page size) makes the next publish
+** a gap: the write itself has succeeded and the application never sees an
+** error from here. */
+static void mirrorWrite(WsDb *p, const void *z, int iAmt, sqlite3_int64 iOfst) {
+  const unsigned char *a = z;
+  sqlite3_int64 end = iOfst + iAmt, szFrame, k, h;
+  if (p->nBuf == 0 || iOfst == 0 || iOfst < p->iStart) {
     /* Writes below the mirror start are not produced by SQLite's WAL writer;
     ** restart the mirror so the chain check reports the inconsistency. */
-    p->iStart = iOfst;
-    p->nBuf = 0;
+    mirrorReset(p, iOfst);
   }
-  end = iOfst - p->iStart + iAmt;
-  if (end > p->nAlloc) {
-    sqlite3_int64 n = p->nAlloc ? p->nAlloc * 2 : 65536;
-    unsigned char *aNew;
-    while (n < end) n *= 2;
-    aNew = realloc(p->aBuf, (size_t)n);
-    if (!aNew) return SQLITE_IOERR_NOMEM;
-    p->aBuf = aNew;
-    p->nAlloc = n;
+  if (p->iStart == 0 && iOfst < WAL_HDR) {
+    memcpy(p->aWalHdr + iOfst, a, (size_t)((end < WAL_HDR ? end : WAL_HDR) - iOfst));
   }
-  if (iOfst - p->iStart > p->nBuf) memset(p->aBuf + p->nBuf, 0, (size_t)(iOfst - p->iStart - p->nBuf));
-  sz = mirrorPageSize(p);
-  if (!(sz && (uint32_t)iAmt == sz && iOfst >= WAL_HDR + FRAME_HDR &&
-        (iOfst - WAL_HDR) % (FRAME_HDR + sz) == FRAME_HDR)) {
-    memcpy(p->aBuf + (iOfst - p->iStart), z, (size_t)iAmt);
+  if (end - p->iStart > p->nBuf) p->nBuf = end - p->iStart;
+  if (end <= WAL_HDR || p->bLost) return;
+  if (!p->szMirror) {
+    p->szMirror = mirrorPageSize(p);
+    if (!p->szMirror) {
+      p->bLost = 1;
+      return;
+    }
+    p->fBase = p->iStart <= WAL_HDR ? 0 : (uint32_t)((p->iStart - WAL_HDR) / (FRAME_HDR + p->szMirror));
   }
-  if (end > p->nBuf) p->nBuf = end;
-  return SQLITE_OK;
+  szFrame = FRAME_HDR + p->szMirror;
+  for (k = iOfst <= WAL_HDR ? 0 : (iOfst - WAL_HDR) / szFrame; (h = WAL_HDR + k * szFrame) < end; k++) {
+    sqlite3_int64 lo = h > iOfst ? h : iOfst, hi = h + FRAME_HDR < end ? h + FRAME_HDR : end;
+    if (lo >= hi) continue; /* only page bytes of frame k */
+    if (k < p->fBase || k - p->fBase >= UINT32_MAX || !mirrorRoom(p, (uint32_t)(k - p->fBase) + 1)) {
+      p->bLost = 1;
+      return;
+    }
+    memcpy(p->aFh + (size_t)(k - p->fBase) * FRAME_HDR + (lo - h), a + (lo - iOfst), (size_t)(hi - lo));
+    if ((uint32_t)(k - p->fBase) + 1 > p->nFh) p->nFh = (uint32_t)(k - p->fBase) + 1;
+  }
 }
 
 /* After a publish, give back a mirror grown by a big transaction. */
 static void mirrorTrim(WsDb *p) {
-  if (p->nAlloc > (1 << 22)) {
-    free(p->aBuf);
-    p->aBuf = 0;
-    p->nAlloc = 0;
+  if ((size_t)p->nFhAlloc * FRAME_HDR > (1 << 20)) {
+    free(p->aFh);
+    p->aFh = 0;
+    p->nFhAlloc = p->nFh = 0;
   }
 }
 
@@ -1217,9 +1379,9 @@ static int wsClose(sqlite3_file *pFile) {
       pthread_mutex_lock(&p->pDb->mu);
       p->pDb->c.bKnown = 0;
       p->pDb->nBuf = 0;
-      p->pDb->nAlloc = 0;
-      free(p->pDb->aBuf);
-      p->pDb->aBuf = 0;
+      p->pDb->nFhAlloc = p->pDb->nFh = 0;
+      free(p->pDb->aFh);
+      p->pDb->aFh = 0;
       pthread_mutex_unlock(&p->pDb->mu);
       releaseWal(p->pDb);
       publishEvent(p->pDb, WS_CLOSE, 0);
@@ -1248,7 +1410,10 @@ static int wsWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) {
   }
   rc = p->pReal->pMethods->xWrite(p->pReal, z, n, o);
   if (rc != SQLITE_OK) return rc;
-  if (p->eType == WSF_WAL) return p->pDb ? mirrorWrite(p->pDb, z, n, o) : rc;
+  if (p->eType == WSF_WAL) {
+    if (p->pDb) mirrorWrite(p->pDb, z, n, o);
+    return rc;
+  }
   if (p->eType == WSF_MAIN && !p->bInCkpt && p->pDb && p->pDb->c.bKnown) reportGap(p->pDb);
   return rc;
 }
@@ -1606,6 +1771,7 @@ int ws_open_count(void) {
 }
 
 static void freeRecord(ws_rec *r) {
+  if (r->spool_fd >= 0) close(r->spool_fd); /* unless Python took it */
   free(r->aFrames);
   free(r->pIndex);
   free(r);
@@ -1626,11 +1792,8 @@ static ws_batch *takeBatches(void) {
     r->next = 0;
     if (r->kind == WS_COMMIT) prepareCommit(r);
     if (!b) {
-      b = calloc(1, sizeof(*b));
-      if (!b) { /* out of memory: drop it; the consumer sees a seq hole */
-        freeRecord(r);
-        continue;
-      }
+      b = &r->pDb->batch;
+      memset(b, 0, sizeof(*b));
       b->db_id = r->db_id;
       b->first = r;
       r->pDb->pBatch = b;
@@ -1658,8 +1821,7 @@ static void freeBatches(ws_batch *b) {
       freeRecord(r);
       r = n;
     }
-    free(b);
-    b = nb;
+    b = nb; /* the batch itself lives in its WsDb */
   }
 }
 

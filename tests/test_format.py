@@ -438,9 +438,9 @@ def test_segment_truncation_and_extension_detected():
 
 
 def test_newer_version_message():
-    data = forge_segment(512, [(1, 0, 1, 0, 0)], b"", version=3)
+    data = forge_segment(512, [(1, 0, 1, 0, 0)], b"", version=4)
     err = assert_corrupt(SEG_KEY, read_segment_header, data, SEG_KEY)
-    assert str(err) == f"{SEG_KEY}: written by a newer format version 3; upgrade walsync_vfs"
+    assert str(err) == f"{SEG_KEY}: written by a newer format version 4; upgrade walsync_vfs"
     # Snapshots are still version 1: a version 2 snapshot is from the future too.
     err = assert_corrupt(SNAP_KEY, read_snapshot, SNAPSHOT_MAGIC + b"\x00\x02", SNAP_KEY)
     assert err.reason == "written by a newer format version 2; upgrade walsync_vfs"

@@ -69,7 +69,7 @@ def test_steady_stream_ships_once_per_interval_on_the_clock_ticks() -> None:
             add(clock, db, k, now)
             continue
         for due in clock.due(now, room=8):
-            batch = take_batch(due.upload, PAGE, due.cfg.max_segment_bytes)
+            batch, _ = take_batch(due.upload, PAGE, due.cfg.max_segment_bytes)
             waits += [now - arrived[txid] for txid, _, _ in batch]
             ships.append(now)
             clock.schedule(due, now)  # the upload's end: nothing pending, nothing scheduled
@@ -177,11 +177,11 @@ def test_a_batch_stops_at_max_segment_bytes_and_at_a_generation_change() -> None
     g1, g2 = format.new_generation_id(1), format.new_generation_id(6)
     up.pending = [(i, g1 if i <= 5 else g2, commit(i)) for i in range(1, 8)]
     up.pending_bytes = 7 * PAGE
-    first = take_batch(up, PAGE, 3 * PAGE)
+    first, _ = take_batch(up, PAGE, 3 * PAGE)
     assert [seq for seq, _, _ in first] == [1, 2, 3]
     second = take_batch(up, PAGE, 3 * PAGE)
-    assert [seq for seq, _, _ in second] == [4, 5]  # g2 starts a batch of its own
-    assert [seq for seq, _, _ in take_batch(up, PAGE, 3 * PAGE)] == [6, 7]
+    assert [seq for seq, _, _ in second[0]] == [4, 5]  # g2 starts a batch of its own
+    assert [seq for seq, _, _ in take_batch(up, PAGE, 3 * PAGE)[0]] == [6, 7]
     assert (up.pending, up.pending_bytes) == ([], 0)
     segment = encode("t.db", PAGE, 3 * PAGE, second)
     assert (segment.key, segment.generation, segment.last_seq) == (

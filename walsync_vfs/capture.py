@@ -17,9 +17,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import overload
 
 import apsw
 
@@ -64,10 +67,46 @@ class Record:
     time_ns: int
     page_size: int = 0
     db_size: int = 0
-    pages: tuple[tuple[int, bytes], ...] = ()  # (pgno, page), ascending, unique
+    # (pgno, page), ascending, unique: a tuple, or SpooledPages for a commit too big for memory
+    pages: Sequence[tuple[int, bytes]] = ()
     wal_salts: tuple[int, int] = (0, 0)
     wal_frames: tuple[int, int] = (0, 0)  # [start, end) frame indices in the WAL
     path: str = ""  # OPEN only
+
+
+class SpooledPages(Sequence[tuple[int, bytes]]):
+    """The pages of a commit too big to hold in memory: (pgno, page) in pgno order, read on
+    demand from the shim's copy of its WAL frames (a file of its own, closed once this object
+    is gone), so a giant transaction never has all its pages in memory at once."""
+
+    __slots__ = ("_fd", "_page_size", "_frame_size", "_pgnos", "_frames", "__weakref__")
+
+    def __init__(self, fd: int, page_size: int, pgnos: array[int], frames: array[int]) -> None:
+        self._fd = fd  # owned: closed with this object
+        self._page_size = page_size
+        self._frame_size = 24 + page_size
+        self._pgnos = pgnos
+        self._frames = frames  # the frame holding each page's newest version, in the file
+        weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return len(self._pgnos)
+
+    def _page(self, i: int) -> tuple[int, bytes]:
+        at = self._frames[i] * self._frame_size + 24
+        data = os.pread(self._fd, self._page_size, at)
+        if len(data) != self._page_size:
+            raise OSError(f"short read of a spooled page at offset {at}")
+        return self._pgnos[i], data
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, bytes]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[int, bytes]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[int, bytes] | list[tuple[int, bytes]]:
+        if isinstance(i, slice):
+            return [self._page(k) for k in range(*i.indices(len(self)))]
+        return self._page(range(len(self))[i])
 
 
 class CaptureError(RuntimeError):
@@ -195,8 +234,14 @@ def _convert(rec) -> Record:
     kind = _KINDS[rec.kind]
     if kind is _COMMIT:  # the hot path: once per replicated transaction
         n, ps, buffer = rec.npages, rec.page_size, ffi.buffer
-        pages: tuple[tuple[int, bytes], ...]
-        if n == 1:  # most small transactions: cheaper than the general way
+        pages: Sequence[tuple[int, bytes]]
+        if rec.spool_fd >= 0:  # too big for memory: its frames are in a file, now ours
+            fd, rec.spool_fd = rec.spool_fd, -1
+            pgnos, frames = array("I"), array("I")
+            pgnos.frombytes(buffer(rec.pgnos, 4 * n))
+            frames.frombytes(buffer(rec.frames, 4 * n))
+            pages = SpooledPages(fd, ps, pgnos, frames)
+        elif n == 1:  # most small transactions: cheaper than the general way
             pages = ((rec.pgnos[0], buffer(rec.pages[0], ps)[:]),)
         else:
             pgnos = ffi.unpack(rec.pgnos, n)

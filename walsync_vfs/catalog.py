@@ -19,7 +19,8 @@ def object_key(k: format.ParsedKey) -> str:
     """The store key a parsed key came from."""
     if k.kind == "snapshot":
         return format.snapshot_key(k.name, k.generation, k.last_txid, k.epoch)
-    return format.segment_key(k.name, k.generation, k.first_txid, k.last_txid, k.epoch)
+    part = (k.part, k.parts) if k.parts else None
+    return format.segment_key(k.name, k.generation, k.first_txid, k.last_txid, k.epoch, part)
 
 
 @dataclass
@@ -28,16 +29,21 @@ class Generation:
 
     id: str
     snapshots: list[format.ParsedKey] = field(default_factory=list)
+    # Whole segments, and the parts of every commit whose parts are all there, in order.
     segments: list[format.ParsedKey] = field(default_factory=list)
+    # Parts of commits that lack a part (an upload cut short): never restored.
+    partial: list[format.ParsedKey] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # object key -> bytes
 
     @property
     def first_txid(self) -> int:
-        return min(k.first_txid for k in self.snapshots + self.segments)
+        return min(k.first_txid for k in self.snapshots + self.segments + self.partial)
 
     @property
     def last_txid(self) -> int:
-        return max(k.last_txid for k in self.snapshots + self.segments)
+        """Its last complete commit (a commit missing parts is not one)."""
+        whole = self.snapshots + self.segments
+        return max((k.last_txid for k in whole), default=self.first_txid - 1)
 
 
 def generations(client: storage.ReplicaClient, name: str) -> list[Generation]:
@@ -61,8 +67,45 @@ def scan(
         g.sizes[obj.key] = obj.size
     for g in gens.values():
         g.snapshots.sort(key=lambda k: k.last_txid)
-        g.segments.sort(key=lambda k: (k.first_txid, k.last_txid))
+        g.segments, g.partial = _complete(g.segments)
     return [gens[i] for i in sorted(gens)], sorted(fenced, key=object_key)
+
+
+def _complete(
+    segments: list[format.ParsedKey],
+) -> tuple[list[format.ParsedKey], list[format.ParsedKey]]:
+    """Whole segments and complete part sets in txid order, and the parts of incomplete ones
+    (a commit is only ever restored with all its parts; FORMAT.md §4.5).  Of several complete
+    sets of one commit (written again after a restart), the first in key order is taken."""
+    sets: dict[tuple[int, int, int], list[format.ParsedKey]] = defaultdict(list)
+    kept, partial = [], []
+    for k in segments:
+        if k.parts:
+            sets[(k.first_txid, k.epoch, k.parts)].append(k)
+        else:
+            kept.append(k)
+    taken: set[int] = set()
+    for (txid, _, count), parts in sorted(sets.items()):
+        parts.sort(key=lambda k: k.part)
+        if txid not in taken and [k.part for k in parts] == list(range(count)):
+            taken.add(txid)
+            kept += parts
+        else:
+            partial += parts
+    kept.sort(key=lambda k: (k.first_txid, k.last_txid, k.part))
+    return kept, partial
+
+
+def units(segments: list[format.ParsedKey]) -> list[list[format.ParsedKey]]:
+    """Segments grouped into what is applied as one: a whole segment, or all parts of one
+    commit (``segments`` as :class:`Generation` holds them)."""
+    out: list[list[format.ParsedKey]] = []
+    for k in segments:
+        if k.part and out and out[-1][-1].parts and out[-1][-1].first_txid == k.first_txid:
+            out[-1].append(k)
+        else:
+            out.append([k])
+    return out
 
 
 def leftovers(keys: list[format.ParsedKey]) -> set[format.ParsedKey]:
@@ -108,4 +151,3 @@ def databases(client: storage.ReplicaClient) -> dict[str, int]:
         if k is not None:
             names[k.name] += 1
     return dict(sorted(names.items()))
-

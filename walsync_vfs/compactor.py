@@ -262,7 +262,8 @@ class Compactor:
         with self._lock:
             state = db.upkeep
             if (
-                is_small(item.raw_bytes, db.cfg.max_segment_bytes)
+                item.part is None  # a commit's parts are never merged (FORMAT.md §4.5)
+                and is_small(item.raw_bytes, db.cfg.max_segment_bytes)
                 and item.generation == db.lineage.generation
             ):
                 key = format.ParsedKey(

@@ -26,6 +26,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
@@ -161,6 +162,9 @@ class Engine:
         given up (and counted): the next sync point, which comes after them, takes them into
         its snapshot."""
         state = db.sync
+        if isinstance(rec.pages, capture.SpooledPages):
+            state.hold(rec)  # its pages are in a file already
+            return
         if state.held_bytes + len(rec.pages) * rec.page_size <= self.settings.memory_cap // 4:
             state.hold(rec)
             return
@@ -222,10 +226,13 @@ class Engine:
     def _queue(self, db: Database, seq: int, generation: str, commit: format.Commit) -> None:
         """Queue a commit for upload (lock held)."""
         now = time.monotonic()
-        grown = db.upload.pending_bytes + len(commit.pages) * db.lineage.page_size
+        size = len(commit.pages) * db.lineage.page_size
+        grown = db.upload.pending_bytes + size
         if db.upload.queue((seq, generation, commit), grown, now, db.cfg):
             self.uploads.schedule(db, now)
         db.upload.pending_bytes = grown
+        if isinstance(commit.pages, capture.SpooledPages):
+            db.upload.disk_bytes += size
 
     def give_up(self, db: Database) -> None:
         """A closed database whose store keeps failing: stop retrying (lock held).
@@ -394,6 +401,9 @@ class Engine:
             )
         db.cfg = cfg
         db.name = name
+        # Its commits bigger than a segment reach Python as files in the spool directory.
+        spool_dir = os.fsencode(self._spool.directory())
+        capture.lib.ws_spool_big(db.db_id, cfg.max_segment_bytes, spool_dir)
         db.client = self._client(cfg.replica_root())
         if cfg.fencing:
             db.client.create_only = True
@@ -436,12 +446,11 @@ class Engine:
         extended it meanwhile.  The database holds the dropped commits, so they are in the
         snapshot that sync takes; their restore points are counted as lost."""
         up = db.upload
-        db.lost_restore_points += db.sync.drop_held(self._spool) + len(up.pending)
+        db.lost_restore_points += db.sync.drop_held(self._spool) + up.drop_pending()
         db.lineage.generation, db.lineage.checksum = None, None  # a sync may hold it: in place
         for item in up.outbox[1:] if up.uploading else up.outbox:
             self._spool.discard(item)
         up.outbox[:] = up.outbox[:1] if up.uploading else []
-        up.pending, up.pending_bytes = [], 0
         self.compactor.drop_copies(db)
         self._cond.notify_all()
 

@@ -137,11 +137,16 @@ def verify(client: storage.ReplicaClient, name: str) -> list[str]:
 
 def ignored(client: storage.ReplicaClient, name: str) -> list[str]:
     """The objects fenced writers left, which no history uses (FORMAT.md §2.1), one line each."""
-    _, fenced = catalog.scan(client.list(name + "/"), name)
+    gens, fenced = catalog.scan(client.list(name + "/"), name)
     return [
         f"{catalog.object_key(k)}: written under lease epoch {k.epoch} after a writer of a "
         "higher epoch took over; not part of the history"
         for k in fenced
+    ] + [
+        f"{catalog.object_key(k)}: part {k.part} of a commit whose {k.parts} parts are not "
+        "all stored (an upload cut short); never restored"
+        for g in gens
+        for k in g.partial
     ]
 
 

@@ -199,8 +199,10 @@ def _chain(
 ) -> list[format.ParsedKey]:
     """The segments of ``g`` that continue a database at txid ``after``, up to ``txid``
     (default: the generation's end).  A hole before the target is an error."""
-    chain, expected = [], after + 1
-    for seg in g.segments:
+    chain: list[format.ParsedKey] = []
+    expected = after + 1
+    for unit in catalog.units(g.segments):  # a whole segment, or every part of one commit
+        seg = unit[0]
         if txid is not None and expected > txid:
             break
         if seg.last_txid < expected:
@@ -210,7 +212,7 @@ def _chain(
                 f"{name}: segments for txids {expected}..{seg.first_txid - 1} are missing "
                 f"in generation {g.id}"
             )
-        chain.append(seg)
+        chain += unit
         expected = seg.last_txid + 1
     return chain
 
@@ -287,6 +289,26 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[], obj
         yield lambda: bar.update(1)
 
 
+@dataclass
+class _Assembly:
+    """A commit whose parts (FORMAT.md §4.5) are being applied: what its next part must be."""
+
+    commit: format.Commit  # as its first part states it (pages aside)
+    count: int
+    commit_pages: int
+    old_size: int  # the database's size before the commit
+    next: int = 0  # the part expected next
+    last_pgno: int = 0
+    pages: int = 0  # pages applied so far
+    new_pages: int = 0  # of them, pages past old_size
+
+    def same(self, c: format.Commit) -> bool:
+        a = self.commit
+        return (c.txid, c.time_ns, c.db_size, c.checksum, c.wal) == (
+            a.txid, a.time_ns, a.db_size, a.checksum, a.wal
+        )  # fmt: skip
+
+
 class Image:
     """A database file being rebuilt, with its whole-database checksum and last commit."""
 
@@ -297,6 +319,9 @@ class Image:
         self.generation = generation
         self.checksum = checksum
         self.result = result
+        # A commit applied in parts, some of them written already: until its last part has
+        # checked out, the file is no commit's image.
+        self.assembly: _Assembly | None = None
 
     @classmethod
     def from_snapshot(cls, f: BinaryIO, generation: str, key: str, data: bytes) -> Image:
@@ -324,6 +349,10 @@ class Image:
         page_size = self.result.page_size
         if header.page_size != page_size:
             raise RestoreError(f"{key}: page size {header.page_size}, snapshot has {page_size}")
+        if header.part is not None:
+            return not commits or self._apply_part(key, header.part, commits[0], timestamp_ns)
+        if self.assembly is not None:
+            raise RestoreError(f"{key}: txid {self.assembly.commit.txid} lacks parts")
         pages: dict[int, format.Page] = {}  # a page rewritten by several commits is written once
         result, reached = self.result, False
         for commit in commits:
@@ -349,6 +378,51 @@ class Image:
             apply_pages(self.file, page_size, result.db_size, kept)
             self.result = result
         return not reached
+
+    def _apply_part(
+        self, key: str, part: format.Part, commit: format.Commit, timestamp_ns: int | None
+    ) -> bool:
+        """Check one part of a commit against the parts before it and write its pages; the
+        last part checks the whole commit.  False if the commit is later than
+        ``timestamp_ns``, which ends the replay."""
+        a, result = self.assembly, self.result
+        if a is None and commit.txid <= result.txid:
+            return True  # already in the image
+        if part.index == 0 and a is None:
+            if commit.txid != result.txid + 1:
+                raise RestoreError(f"{key}: expected txid {result.txid + 1}, got {commit.txid}")
+            if timestamp_ns is not None and commit.time_ns > timestamp_ns:
+                return False
+            old_size = self.checksum.resize(commit.db_size)
+            a = self.assembly = _Assembly(commit, part.count, part.commit_pages, old_size)
+        if (
+            a is None
+            or (part.index, part.count, part.commit_pages) != (a.next, a.count, a.commit_pages)
+            or not a.same(commit)
+        ):
+            wanted = f"part {a.next} of txid {a.commit.txid}" if a else "a first part"
+            raise RestoreError(f"{key}: part {part.index} of txid {commit.txid}, expected {wanted}")
+        pgnos = [pgno for pgno, _ in commit.pages]
+        if pgnos and pgnos[0] <= a.last_pgno:
+            raise RestoreError(f"{key}: page {pgnos[0]} after page {a.last_pgno} of the commit")
+        try:
+            self.checksum.update(commit.pages)
+        except ValueError as exc:
+            raise RestoreError(f"{key}: txid {commit.txid}: {exc}") from None
+        apply_pages(self.file, self.result.page_size, commit.db_size, commit.pages)
+        a.next += 1
+        a.pages += len(pgnos)
+        a.new_pages += sum(1 for pgno in pgnos if pgno > a.old_size)
+        a.last_pgno = pgnos[-1] if pgnos else a.last_pgno
+        if not part.last:
+            return True
+        self.assembly = None
+        if a.pages != a.commit_pages or a.new_pages != max(0, commit.db_size - a.old_size):
+            raise RestoreError(f"{key}: the parts of txid {commit.txid} lack pages")
+        if self.checksum.value != commit.checksum:
+            raise RestoreError(f"{key}: whole-database checksum mismatch after txid {commit.txid}")
+        self.result = Result(commit.txid, commit.time_ns, commit.db_size, result.page_size)
+        return True
 
 
 def _replay(
@@ -571,6 +645,9 @@ class Follower:
                 try:
                     image.apply_segment(key, header, commits)
                 except RestoreError:
+                    if image.assembly is not None or header.part is not None:
+                        self._drop()  # parts before it are written: start over next poll
+                        raise
                     image.checksum = saved  # raised before any write: the copy is still good
                     raise
                 except BaseException:
@@ -598,6 +675,8 @@ class Follower:
         image = self._image
         if image is None or (image.result, image.generation) == (self.published, self.generation):
             return False
+        if image.assembly is not None:
+            return False  # in the middle of a commit's parts: not an image of any commit
         with _staged(self.out) as tmp:
             shutil.copyfile(self.work, tmp)
             with open(tmp, "r+b") as f:

@@ -40,6 +40,12 @@ class Outgoing:
     data: bytes | None  # None once spilled
     path: str | None = None
     discarded: bool = False  # shipped or dropped: a spill still under way must not keep it
+    part: tuple[int, int] | None = None  # (index, count): one part of a commit (FORMAT.md §4.5)
+
+    @property
+    def complete(self) -> bool:
+        """Whether storing it completes its last commit (not an earlier part of it)."""
+        return self.part is None or self.part[0] + 1 == self.part[1]
 
     def payload(self) -> bytes:
         if self.data is not None:

@@ -9,6 +9,7 @@ and reads the database's pages into a temporary file, computing their whole-db c
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import pickle
 import tempfile
@@ -23,7 +24,7 @@ from walsync_vfs.capture import Record
 from walsync_vfs.dbfile import tee
 from walsync_vfs.lineage import Decision, Head, holds
 from walsync_vfs.spool import Spool
-from walsync_vfs.uploader import batches
+from walsync_vfs.uploader import encode_commits
 
 log = logging.getLogger("walsync_vfs")
 
@@ -48,7 +49,8 @@ class SyncState:
 
     def hold(self, rec: Record) -> None:
         self.held.append(rec)
-        self.held_bytes += len(rec.pages) * rec.page_size
+        if not isinstance(rec.pages, capture.SpooledPages):  # those are in a file
+            self.held_bytes += len(rec.pages) * rec.page_size
 
     def hold_spooled(self, rec: Record, spool: Spool) -> None:
         """Hold ``rec`` in the spool; raises :class:`SpoolFull` or the OSError of the write."""
@@ -69,7 +71,9 @@ class SyncState:
         taken = [item for item in self.held if item.seq <= upto]
         self.held = [item for item in self.held if item.seq > upto]
         self.held_bytes = sum(
-            len(r.pages) * r.page_size for r in self.held if isinstance(r, Record)
+            len(r.pages) * r.page_size
+            for r in self.held
+            if isinstance(r, Record) and not isinstance(r.pages, capture.SpooledPages)
         )
         return [item if isinstance(item, Record) else item.load(spool) for item in taken]
 
@@ -189,19 +193,15 @@ def write(
             pinned.db_size,
             pinned.page_size,
         )
-    objects = [
-        (
-            format.segment_key(name, decision.generation, b[0].txid, b[-1].txid, epoch),
-            format.encode_segment(pinned.page_size, b),
-        )
-        for b in batches(survivors, pinned.page_size, max_segment_bytes)
-    ]
+    objects = encode_commits(
+        name, decision.generation, pinned.page_size, max_segment_bytes, survivors, epoch
+    )
     if decision.snapshot:
         raw.seek(0)
         snapshot = _snapshot(raw, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size)
         key = format.snapshot_key(name, decision.generation, decision.txid, epoch)
-        objects.append((key, snapshot))
-    for key, data in objects:
+        objects = itertools.chain(objects, [(key, snapshot)])
+    for key, data in objects:  # encoded one at a time
         try:
             client.put(key, data)
         except storage.Conflict as exc:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from walsync_vfs import format, storage
+from walsync_vfs import capture, format, storage
 from walsync_vfs.backoff import Backoff
 from walsync_vfs.spool import Outgoing, Spool
 from walsync_vfs.workers import Workers
@@ -45,6 +45,52 @@ _E = TypeVar("_E", bound=tuple[Any, ...])  # an entry whose first item is a Data
 def is_small(raw_bytes: int, max_segment_bytes: int) -> bool:
     """Whether a segment of ``raw_bytes`` page bytes is one compaction merges."""
     return raw_bytes < max_segment_bytes // 4
+
+
+def part_pages(page_size: int, max_bytes: int) -> int:
+    """Pages in each part of a commit bigger than a segment (FORMAT.md §4.5)."""
+    return max(1, max_bytes // page_size)
+
+
+def part_count(commit: format.Commit, page_size: int, max_bytes: int) -> int:
+    """How many segment objects a commit goes in: 1, or its parts."""
+    per_part = part_pages(page_size, max_bytes)
+    return max(1, -(-len(commit.pages) // per_part))
+
+
+def part_of(
+    commit: format.Commit, index: int, page_size: int, max_bytes: int
+) -> tuple[format.Commit, format.Part]:
+    """Part ``index`` of a commit bigger than a segment: the commit with only that part's
+    pages (read now, if they are on disk), and its part descriptor."""
+    per_part = part_pages(page_size, max_bytes)
+    pages = tuple(commit.pages[index * per_part : (index + 1) * per_part])
+    part = format.Part(index, part_count(commit, page_size, max_bytes), len(commit.pages))
+    c = commit
+    return format.Commit(c.txid, c.time_ns, c.db_size, c.checksum, pages, c.wal), part
+
+
+def encode_commits(
+    name: str,
+    generation: str,
+    page_size: int,
+    max_bytes: int,
+    commits: list[format.Commit],
+    epoch: int = 0,
+) -> Iterator[tuple[str, bytes]]:
+    """(key, object) of each segment the commits go in, made one at a time: consecutive
+    commits about ``max_bytes`` of pages per segment, and a bigger commit in parts."""
+    for batch in batches(commits, page_size, max_bytes):
+        c = batch[0]
+        count = part_count(c, page_size, max_bytes) if len(batch) == 1 else 1
+        if count == 1:
+            key = format.segment_key(name, generation, c.txid, batch[-1].txid, epoch)
+            yield key, format.encode_segment(page_size, batch)
+            continue
+        for i in range(count):
+            piece, part = part_of(c, i, page_size, max_bytes)
+            key = format.segment_key(name, generation, c.txid, c.txid, epoch, (i, count))
+            yield key, format.encode_segment(page_size, [piece], format.SEGMENT_LEVEL, part)
 
 
 def per_client(entries: list[_E]) -> Iterable[list[_E]]:
@@ -76,6 +122,8 @@ class UploadState:
     due_at: float = math.inf  # earliest time the uploader has been asked to look at it
     next_attempt: float = 0.0  # no upload before this (backoff after a failure)
     bytes_uploaded: int = 0
+    next_part: int = 0  # pending[0] is bigger than a segment: its part to encode next
+    disk_bytes: int = 0  # of pending_bytes, pages read from a file when encoded, not memory
 
     def queue(self, item: Pending, grown: int, now: float, cfg: DbConfig) -> bool:
         """Add a pending commit that brings the pending bytes to ``grown`` (the caller sets
@@ -92,7 +140,13 @@ class UploadState:
     @property
     def memory(self) -> int:
         """Bytes of commits held in memory (pending, or encoded and not spilled)."""
-        return self.pending_bytes + sum(i.memory for i in self.outbox)
+        return self.pending_bytes - self.disk_bytes + sum(i.memory for i in self.outbox)
+
+    def drop_pending(self) -> int:
+        """Forget every pending commit; returns how many there were."""
+        n = len(self.pending)
+        self.pending, self.pending_bytes, self.next_part, self.disk_bytes = [], 0, 0, 0
+        return n
 
 
 class UploadClock:
@@ -113,8 +167,8 @@ class UploadClock:
     def ship_time(self, db: Database, now: float) -> float:
         """When the database's pending commits should ship (inf: nothing to do for now)."""
         up, s = db.upload, db.cfg
-        if not (up.pending or up.outbox) or up.uploading or db.sync.syncing:
-            return math.inf  # an upload's or sync's end schedules it again
+        if not (up.pending or up.outbox) or up.uploading or up.spilling or db.sync.syncing:
+            return math.inf  # an upload's, spill's or sync's end schedules it again
         if not db.may_write(now):
             return math.inf  # the lease's renewal schedules it again
         # Refill the token bucket.
@@ -225,27 +279,54 @@ class ShipSlots:
         return False
 
 
-def take_batch(up: UploadState, page_size: int, max_bytes: int) -> list[Pending]:
-    """Take the oldest pending commits of one generation, up to ``max_bytes`` of pages."""
+# A batch of pending commits for one segment; or one commit bigger than a segment and which
+# of its parts to encode, (index, count).
+Shipment = tuple[list[Pending], tuple[int, int] | None]
+
+
+def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
+    """Take the oldest pending commits of one generation, up to ``max_bytes`` of pages; a
+    commit bigger than that goes alone, one part per call (it stays pending until its last
+    part is taken)."""
     pending = up.pending
-    gen = pending[0][1]
+    seq, gen, first = pending[0]
+    count = part_count(first, page_size, max_bytes)
+    if count > 1:
+        index = up.next_part
+        per_part = part_pages(page_size, max_bytes)
+        size = min(per_part, len(first.pages) - index * per_part) * page_size
+        up.pending_bytes -= size
+        if isinstance(first.pages, capture.SpooledPages):
+            up.disk_bytes -= size
+        if index + 1 == count:
+            up.pending, up.next_part = pending[1:], 0
+        else:
+            up.next_part = index + 1
+        return [pending[0]], (index, count)
     end, size = 0, 0
-    while end < len(pending) and pending[end][1] == gen and (not end or size < max_bytes):
+    while (
+        end < len(pending)
+        and pending[end][1] == gen
+        and (not end or size < max_bytes)
+        and (not end or part_count(pending[end][2], page_size, max_bytes) == 1)
+    ):
         size += len(pending[end][2].pages) * page_size
         end += 1
     batch, up.pending = pending[:end], pending[end:]
     up.pending_bytes -= size
-    return batch
+    return batch, None
 
 
 def batches(
     commits: list[format.Commit], page_size: int, max_bytes: int
 ) -> Iterator[list[format.Commit]]:
-    """Consecutive commits in segments of about ``max_bytes`` of pages (at least one each)."""
+    """Consecutive commits in segments of about ``max_bytes`` of pages (at least one each); a
+    commit bigger than that is a batch of its own."""
     batch: list[format.Commit] = []
     size = 0
     for commit in commits:
-        if batch and size >= max_bytes:
+        big = len(commit.pages) * page_size > max_bytes
+        if batch and (size >= max_bytes or big):
             yield batch
             batch, size = [], 0
         batch.append(commit)
@@ -255,12 +336,30 @@ def batches(
 
 
 def encode(
-    name: str, page_size: int, max_segment_bytes: int, batch: list[Pending], epoch: int = 0
+    name: str,
+    page_size: int,
+    max_segment_bytes: int,
+    shipment: Shipment,
+    epoch: int = 0,
 ) -> Outgoing:
-    """One segment of a batch of pending commits (of one generation), keyed with the lease
-    ``epoch`` of its writer."""
-    commits = [c for _, _, c in batch]
+    """One segment of a batch of pending commits (of one generation), or one part of a commit,
+    keyed with the lease ``epoch`` of its writer."""
+    batch, part = shipment
     gen = batch[0][1]
+    if part is not None:
+        seq, _, whole = batch[0]
+        piece, header = part_of(whole, part[0], page_size, max_segment_bytes)
+        return Outgoing(
+            format.segment_key(name, gen, whole.txid, whole.txid, epoch, part),
+            gen,
+            seq,
+            whole.txid,
+            whole.txid,
+            len(piece.pages) * page_size,
+            format.encode_segment(page_size, [piece], format.SEGMENT_LEVEL, header),
+            part=part,
+        )
+    commits = [c for _, _, c in batch]
     page_size = next((len(p) for c in commits for _, p in c.pages), page_size)
     raw_bytes = sum(len(c.pages) for c in commits) * page_size
     small = is_small(raw_bytes, max_segment_bytes)
@@ -360,18 +459,18 @@ class Uploader:
             for i in range(0, len(ships), PUT_BATCH):
                 self.pool.spawn(self._ship_all, ships[i][0].client, ships[i : i + PUT_BATCH])
 
-    def _take(self, db: Database) -> list[Pending]:
+    def _take(self, db: Database) -> Shipment:
         return take_batch(db.upload, db.lineage.page_size, db.cfg.max_segment_bytes)
 
-    def _encode(self, db: Database, batch: list[Pending]) -> Outgoing:
+    def _encode(self, db: Database, batch: Shipment) -> Outgoing:
         return encode(db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch, db.epoch())
 
-    def _encode_or_none(self, db: Database, batch: list[Pending]) -> Outgoing | None:
+    def _encode_or_none(self, db: Database, batch: Shipment) -> Outgoing | None:
         """The segment, or None (logged) if the commits cannot be encoded: they are then lost
         to the lineage, which has to start again from a snapshot that holds them."""
         try:
             return self._encode(db, batch)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # OSError: pages on disk could not be read
             log.error("walsync: cannot encode commits of %s (%s); resyncing", db.path, exc)
             with self._lock:
                 db.errors += 1
@@ -447,8 +546,9 @@ class Uploader:
             up.uploading = False
             db.failures = 0
             db.last_error = ""
-            up.durable_seq = max(up.durable_seq, item.last_seq)
-            up.durable_txid = item.last_txid
+            if item.complete:  # a commit's earlier parts make nothing durable yet
+                up.durable_seq = max(up.durable_seq, item.last_seq)
+                up.durable_txid = item.last_txid
             up.bytes_uploaded += len(data)
             self.freed = True
             db.upkeep.uploaded_since_retention = True
@@ -462,7 +562,7 @@ class Uploader:
         for item in up.outbox:
             self._spool.discard(item)
         up.outbox = []
-        up.pending, up.pending_bytes = [], 0
+        up.drop_pending()
 
     def spill_if_over_cap(self, dbs: Iterable[Database]) -> None:
         """Past the memory cap, move the biggest backlog to the local spool (lock held)."""
@@ -483,15 +583,21 @@ class Uploader:
                 taken.append(self._take(db))
             self.pool.spawn(self._spill, db, taken)
 
-    def _spill(self, db: Database, taken: list[list[Pending]]) -> None:
+    def _spill(self, db: Database, taken: list[Shipment]) -> None:
+        """Encode and spill the taken commits one segment at a time (after the encoded ones
+        already waiting), so spilling never holds more than one more segment in memory."""
         up = db.upload
         try:
-            items = [self._encode(db, b) for b in taken]
             with self._lock:
-                up.outbox.extend(items)
                 in_flight = up.outbox[0] if up.uploading else None
                 backlog = [i for i in up.outbox if i.data is not None and i is not in_flight]
             for item in backlog:
+                self._spool.spill(item)
+            taken.reverse()
+            while taken:
+                item = self._encode(db, taken.pop())  # its pages go with the shipment
+                with self._lock:
+                    up.outbox.append(item)
                 self._spool.spill(item)
         except OSError as exc:  # spool full or disk full: see spool.py for the policy
             log.error(
@@ -505,15 +611,17 @@ class Uploader:
                 for item in up.outbox:
                     if item is not in_flight:
                         self._spool.discard(item)
-                        db.lost_restore_points += item.last_txid - item.first_txid + 1
-                db.lost_restore_points += len(up.pending)
+                        if item.complete:
+                            db.lost_restore_points += item.last_txid - item.first_txid + 1
+                # A commit in parts is lost once, with its last part.
+                unsent = [batch for batch, part in taken if part is None or part[0] + 1 == part[1]]
+                db.lost_restore_points += up.drop_pending() + sum(map(len, unsent))
                 up.outbox[:] = [in_flight] if in_flight else []
-                up.pending.clear()
-                up.pending_bytes = 0
                 self._copies.drop_copies(db)
                 db.errors += 1
                 db.last_error = f"spool: {exc}"
                 self._host.break_lineage(db)  # the lineage has a hole now
         with self._lock:
             up.spilling = False
+            self.schedule(db, time.monotonic())
             self._changed.notify_all()

@@ -102,3 +102,29 @@ class DbChecksum:
             hashes[pgno - 1] = h
         self._value = value
 
+    def resize(self, db_size: int) -> int:
+        """Start a commit applied in parts (§4.5): cut the database to ``db_size`` pages, or
+        grow it with pages that count for nothing until :meth:`update` gives them.  Returns
+        the old size, so the caller can check that every new page was given."""
+        if not 0 <= db_size <= U32_MAX:
+            raise ValueError(f"db_size {db_size} out of range")
+        hashes = self._hashes
+        old_size = len(hashes)
+        if db_size > old_size:
+            hashes.frombytes(bytes(8 * (db_size - old_size)))
+        else:
+            for h in hashes[db_size:]:
+                self._value ^= h
+            del hashes[db_size:]
+        return old_size
+
+    def update(self, pages: Iterable[tuple[int, Page]]) -> None:
+        """Set pages inside the current size (a part of a commit after :meth:`resize`)."""
+        hashes, value, size = self._hashes, self._value, len(self._hashes)
+        for pgno, data in pages:
+            if not 1 <= pgno <= size:
+                raise ValueError(f"page {pgno} outside a database of {size} pages")
+            h = _xxh3(data, seed=pgno)
+            value ^= hashes[pgno - 1] ^ h
+            hashes[pgno - 1] = h
+        self._value = value

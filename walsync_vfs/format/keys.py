@@ -19,9 +19,10 @@ _GENERATION = _HEX16 + r"-[0-9a-f]{8}"
 _GENERATION_RE = re.compile(_GENERATION)
 _EPOCH = r"(?:\.e([0-9a-f]{8}))?"  # the writer's lease epoch; absent = 0 (unfenced writers)
 # The name is any first component here; _valid_name() then decides, so names have one rule.
+_PART = r"(?:\.p([0-9a-f]{8})of([0-9a-f]{8}))?"  # part <index> of <count> of one commit (§4.5)
 _KEY_RE = re.compile(
     rf"([^/]+)/({_GENERATION})/"
-    rf"(?:snapshot/({_HEX16}){_EPOCH}\.wsnap|seg/({_HEX16})-({_HEX16}){_EPOCH}\.wseg)"
+    rf"(?:snapshot/({_HEX16}){_EPOCH}\.wsnap|seg/({_HEX16})-({_HEX16}){_PART}{_EPOCH}\.wseg)"
 )
 EPOCH_MAX = 0xFFFFFFFF
 # The writer leases (lease.py) live outside the databases' prefixes, so a database's listing
@@ -58,6 +59,8 @@ class ParsedKey:
     first_txid: int
     last_txid: int
     epoch: int = 0  # the lease epoch of the writer that wrote it (0: written unfenced)
+    part: int = 0  # a part of one commit (§4.5): its index ...
+    parts: int = 0  # ... and the commit's number of parts; 0: the segment holds whole commits
 
 
 def _checked_prefix(name: str, generation: str) -> str:
@@ -91,12 +94,25 @@ def snapshot_key(name: str, generation: str, txid: int, epoch: int = 0) -> str:
 
 
 def segment_key(
-    name: str, generation: str, first_txid: int, last_txid: int, epoch: int = 0
+    name: str,
+    generation: str,
+    first_txid: int,
+    last_txid: int,
+    epoch: int = 0,
+    part: tuple[int, int] | None = None,
 ) -> str:
+    """A segment's key; ``part`` = (index, count) for one part of the commit ``first_txid``."""
     if first_txid > last_txid:
         raise ValueError(f"segment range {first_txid}..{last_txid} is empty")
     prefix = _checked_prefix(name, generation)
-    return f"{prefix}/seg/{_hex_txid(first_txid)}-{_hex_txid(last_txid)}{_epoch_tag(epoch)}.wseg"
+    tag = ""
+    if part is not None:
+        index, count = part
+        if first_txid != last_txid or not 0 <= index < count or not 2 <= count <= EPOCH_MAX:
+            raise ValueError(f"invalid part {index} of {count} of txids {first_txid}..{last_txid}")
+        tag = f".p{index:08x}of{count:08x}"
+    txids = f"{_hex_txid(first_txid)}-{_hex_txid(last_txid)}"
+    return f"{prefix}/seg/{txids}{tag}{_epoch_tag(epoch)}.wseg"
 
 
 def lease_key(name: str) -> str:
@@ -106,7 +122,7 @@ def lease_key(name: str) -> str:
 def parse_key(key: str) -> ParsedKey | None:
     """Decompose one of our keys; None for anything else, since foreign files are ignored."""
     m = _KEY_RE.fullmatch(key)
-    if m is None or not _valid_name(m[1]) or "00000000" in (m[4], m[7]):
+    if m is None or not _valid_name(m[1]) or "00000000" in (m[4], m[9]):
         return None  # epoch 0 is written without its part: one object, one key
     if m[3] is not None:
         txid = int(m[3], 16)
@@ -114,7 +130,12 @@ def parse_key(key: str) -> ParsedKey | None:
     first, last = int(m[5], 16), int(m[6], 16)
     if first > last:
         return None
-    return ParsedKey(m[1], m[2], "segment", first, last, _epoch(m[7]))
+    if m[7] is None:
+        return ParsedKey(m[1], m[2], "segment", first, last, _epoch(m[9]))
+    part, parts = int(m[7], 16), int(m[8], 16)
+    if first != last or not part < parts or parts < 2:
+        return None
+    return ParsedKey(m[1], m[2], "segment", first, last, _epoch(m[9]), part, parts)
 
 
 def _epoch(tag: str | None) -> int:

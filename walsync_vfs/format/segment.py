@@ -27,9 +27,12 @@ from walsync_vfs.format.container import (
 from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.fields import I64_MAX, I64_MIN, U32_MAX, U64_MAX, valid_page_size
 
-# Segments are version 2 (index entries carry the commit's WAL position); version 1 segments
-# are still read.
-SEGMENT_VERSION = 2
+# Whole segments are written as version 2 (index entries carry the commit's WAL position),
+# so replicas without giant commits stay readable by version 2 readers; parts of a commit
+# spread over several objects are version 3 (§4.5).  Every version is read.
+SEGMENT_VERSION = 3
+WHOLE_SEGMENT_VERSION = 2
+PART_FLAG = 1  # header flags bit 0 (version 3): the object is one part of a commit (§4.5)
 SEGMENT_MAGIC = b"\x89WSSEG\r\n"
 # Segments are small and short-lived (compacted, then expired), so compression speed matters
 # more than the last few percent of size; merged segments use the same level, so a merge is
@@ -43,6 +46,7 @@ SMALL_SEGMENT_LEVEL = -1
 _SEG_HEADER = struct.Struct(">8sHHIQQIQQ")
 _SEG_ENTRY_V1 = struct.Struct(">QqIIQ")  # txid time_ns db_size page_count checksum
 _SEG_ENTRY = struct.Struct(">QqIIQIII")  # ... wal_salt1 wal_salt2 wal_end (version 2)
+_PART_BLOCK = struct.Struct(">IIQ")  # part_index part_count commit_pages (version 3 parts)
 
 
 class _ThreadCodecs(threading.local):
@@ -99,7 +103,9 @@ class Commit:
     time_ns: int  # commit time, unix epoch nanoseconds
     db_size: int  # database size in pages after the commit
     checksum: int  # whole-db checksum after the commit (u64)
-    pages: tuple[tuple[int, Page], ...]  # (pgno, page bytes), sorted by pgno, unique
+    # (pgno, page bytes), sorted by pgno, unique; a commit too big for memory reads them from
+    # a file on demand (capture.SpooledPages)
+    pages: Sequence[tuple[int, Page]]
     wal: WalPos | None = None  # None: unknown (version 1 segments)
 
 
@@ -116,11 +122,25 @@ class IndexEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Part:
+    """Which part of its commit a part object is (§4.5)."""
+
+    index: int  # 0-based
+    count: int  # parts the commit has, >= 2
+    commit_pages: int  # pages of the whole commit (the parts' page counts add up to it)
+
+    @property
+    def last(self) -> bool:
+        return self.index + 1 == self.count
+
+
+@dataclass(frozen=True, slots=True)
 class SegmentHeader:
     page_size: int
     first_txid: int
     last_txid: int
     index: tuple[IndexEntry, ...]
+    part: Part | None = None  # None: the object holds its commits whole
 
 
 _NO_WAL = WalPos(0, 0, 0)  # how an unknown WAL position is stored
@@ -161,8 +181,11 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
     return f"txid {c.txid}: invalid WAL position {c.wal or _NO_WAL}"
 
 
-def encode_segment(page_size: int, commits: Sequence[Commit], level: int = SEGMENT_LEVEL) -> bytes:
-    """Encode consecutive commits as one segment object.
+def encode_segment(
+    page_size: int, commits: Sequence[Commit], level: int = SEGMENT_LEVEL, part: Part | None = None
+) -> bytes:
+    """Encode consecutive commits as one segment object; with ``part``, the one commit given
+    is that part of a commit: its ``pages`` are the part's pages only (§4.5).
 
     Raises ValueError for input the format cannot represent, so nothing is uploaded
     that a reader would later reject.
@@ -171,6 +194,13 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = SEGME
         raise ValueError(f"invalid page size {page_size}")
     if not commits:
         raise ValueError("a segment needs at least one commit")
+    if part is not None and (
+        len(commits) != 1
+        or not 0 <= part.index < part.count
+        or part.count < 2
+        or not len(commits[0].pages) <= part.commit_pages <= commits[0].db_size
+    ):
+        raise ValueError(f"invalid part {part} of {len(commits)} commits")
     first = commits[0].txid
     index: list[bytes] = []
     raw: list[bytes | memoryview] = []
@@ -193,7 +223,7 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = SEGME
             raise ValueError(_commit_problem(c, txid, page_size)) from None
         raw.append(struct.pack(f">{len(pgnos)}I", *pgnos))
         raw += pages
-    return _seal_segment(page_size, first, commits[-1].txid, index, raw, level)
+    return _seal_segment(page_size, first, commits[-1].txid, index, raw, level, part)
 
 
 def _pack_entry(
@@ -213,30 +243,66 @@ def _seal_segment(
     index: Sequence[bytes | memoryview],
     records: Sequence[bytes | memoryview],
     level: int,
+    part: Part | None = None,
 ) -> bytes:
-    """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4).
+    """Header, part block of a part, index, the records compressed as one frame, and the
+    SHA-256 trailer (§4).
 
     Shared by encoding commits and merging segments, so both produce the same bytes.  One
     shot over the joined records: streaming them into the compressor would keep zstd's
     streaming window buffer resident.
     """
     raw_body = b"".join(records)
+    raw_length = len(raw_body)
     body = _compress(raw_body, level)
+    del raw_body  # a part is up to max_segment_bytes: hold one copy of it at a time
+    version, flags, block = WHOLE_SEGMENT_VERSION, 0, b""
+    if part is not None:
+        version, flags = SEGMENT_VERSION, PART_FLAG
+        block = _PART_BLOCK.pack(part.index, part.count, part.commit_pages)
     header = _SEG_HEADER.pack(
-        SEGMENT_MAGIC, SEGMENT_VERSION, 0, page_size, first, last,
-        last - first + 1, len(body), len(raw_body),
+        SEGMENT_MAGIC, version, flags, page_size, first, last,
+        last - first + 1, len(body), raw_length,
     )  # fmt: skip
-    obj = b"".join((header, *index, body))
-    return obj + hashlib.sha256(obj).digest()
+    digest = hashlib.sha256(header)
+    digest.update(block)
+    for entry in index:
+        digest.update(entry)
+    digest.update(body)
+    return b"".join((header, block, *index, body, digest.digest()))
 
 
 _Row = tuple[int, int, int, int, int, int, int, int]  # one index entry, version 2 fields
 
 
-def _check_segment(data: bytes, key: str) -> tuple[int, int, int, list[_Row], memoryview, int]:
-    """Reading rules 1-6 of §4.4.  Returns the version, page size, first txid, the index
-    entries as rows of version 2 fields (version 1 rows get an unknown WAL position), the
-    validated compressed body and its raw length."""
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A segment that passed reading rules 1-6 of §4.4."""
+
+    version: int
+    page_size: int
+    first: int
+    rows: list[_Row]  # index entries as version 2 fields (version 1: WAL position unknown)
+    body: memoryview  # the validated compressed body
+    raw_length: int
+    index_at: int  # offset of the index in the object
+    part: Part | None
+
+
+def _check_part(view: memoryview, flags: int, count: int, key: str) -> Part | None:
+    """The part block of a version 3 part (§4.5), checked on its own; None for a whole one."""
+    if not flags & PART_FLAG:
+        return None
+    if len(view) < _SEG_HEADER.size + _PART_BLOCK.size:
+        raise CorruptObject(key, f"truncated: {len(view)} bytes")
+    part = Part(*_PART_BLOCK.unpack_from(view, _SEG_HEADER.size))
+    if count != 1 or part.count < 2 or part.index >= part.count:
+        raise CorruptObject(key, f"part {part.index} of {part.count} parts of {count} commits")
+    return part
+
+
+def _check_segment(data: bytes, key: str) -> _Checked:
+    """Reading rules 1-6 of §4.4 (and §4.5 for a part)."""
     view = memoryview(data)
     version = check_magic_version(view, SEGMENT_MAGIC, "segment", SEGMENT_VERSION, key)
     entry_format = _SEG_ENTRY_V1 if version == 1 else _SEG_ENTRY
@@ -245,18 +311,21 @@ def _check_segment(data: bytes, key: str) -> tuple[int, int, int, list[_Row], me
     _, _, flags, page_size, first, last, count, body_length, raw_length = _SEG_HEADER.unpack_from(
         view
     )
-    check_flags_page_size(flags, page_size, key)
+    part_flag = flags & PART_FLAG if version >= 3 else 0
+    check_flags_page_size(flags & ~part_flag, page_size, key)
     if last < first:
         raise CorruptObject(key, f"last_txid {last} < first_txid {first}")
     if count != last - first + 1:
         raise CorruptObject(key, f"commit_count {count} does not match txids {first}..{last}")
-    index_end = _SEG_HEADER.size + count * entry_format.size
+    part = _check_part(view, part_flag, count, key)
+    index_at = _SEG_HEADER.size + (_PART_BLOCK.size if part else 0)
+    index_end = index_at + count * entry_format.size
     expected = index_end + body_length + SHA_LEN
     if len(view) != expected:
         raise CorruptObject(key, f"object is {len(view)} bytes, header implies {expected}")
     if hashlib.sha256(view[:-SHA_LEN]).digest() != view[-SHA_LEN:]:
         raise CorruptObject(key, "sha256 mismatch")
-    rows = list(entry_format.iter_unpack(view[_SEG_HEADER.size : index_end]))
+    rows = list(entry_format.iter_unpack(view[index_at:index_end]))
     if version == 1:
         rows = [row + (0, 0, 0) for row in rows]
     # Runs for every segment restored or compacted: the entries' rules checked column by
@@ -273,9 +342,15 @@ def _check_segment(data: bytes, key: str) -> tuple[int, int, int, list[_Row], me
         problem = _index_problem(rows, first, page_size, raw_length)
         if problem:
             raise CorruptObject(key, problem)
+    if part and not rows[0][3] <= part.commit_pages <= rows[0][2]:
+        raise CorruptObject(
+            key,
+            f"part of {rows[0][3]} pages of a {part.commit_pages}-page commit"
+            f" in a {rows[0][2]}-page db",
+        )
     body = view[index_end : index_end + body_length]
     check_frame(lambda pos, n: body[pos : pos + n].tobytes(), body_length, raw_length, key)
-    return version, page_size, first, rows, body, raw_length
+    return _Checked(version, page_size, first, rows, body, raw_length, index_at, part)
 
 
 def _index_problem(rows: list[_Row], first: int, page_size: int, raw_length: int) -> str | None:
@@ -298,14 +373,16 @@ def _index_problem(rows: list[_Row], first: int, page_size: int, raw_length: int
 
 def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
     """Reading rules 1-6 of §4.4; returns the header and the (validated) compressed body."""
-    _, page_size, first, rows, body, _ = _check_segment(data, key)
+    checked = _check_segment(data, key)
     index = tuple(
         IndexEntry(
             txid, time_ns, db_size, page_count, checksum, WalPos(s1, s2, end) if end else None
         )
-        for txid, time_ns, db_size, page_count, checksum, s1, s2, end in rows
+        for txid, time_ns, db_size, page_count, checksum, s1, s2, end in checked.rows
     )
-    return SegmentHeader(page_size, first, first + len(rows) - 1, index), body
+    first, last = checked.first, checked.first + len(index) - 1
+    header = SegmentHeader(checked.page_size, first, last, index, checked.part)
+    return header, checked.body
 
 
 def read_segment_header(data: bytes, key: str) -> SegmentHeader:
@@ -368,7 +445,12 @@ class RawSegment:
 def read_segment_raw(data: bytes, key: str) -> RawSegment:
     """Validate a whole segment (every rule of §4.4) and return it taken apart, without an
     object per page or commit: compaction merges segments at this level."""
-    version, page_size, first, rows, body, raw_length = _check_segment(data, key)
+    checked = _check_segment(data, key)
+    if checked.part is not None:  # merging would make the part a commit of its own
+        raise CorruptObject(key, "a part of a commit cannot be merged")
+    version, page_size, first = checked.version, checked.page_size, checked.first
+    rows = checked.rows
+    body, raw_length = checked.body, checked.raw_length
     reader = _segment_reader(body)
     raw = read_exact(reader, raw_length, key)
     expect_end(reader, key)
@@ -378,8 +460,8 @@ def read_segment_raw(data: bytes, key: str) -> RawSegment:
         if problem:
             raise CorruptObject(key, f"txid {txid}: {problem}")
         pos += page_count * width
-    if version == SEGMENT_VERSION:
-        index = data[_SEG_HEADER.size : _SEG_HEADER.size + len(rows) * _SEG_ENTRY.size]
+    if version >= 2:
+        index = data[checked.index_at : checked.index_at + len(rows) * _SEG_ENTRY.size]
     else:
         index = b"".join(_SEG_ENTRY.pack(*row) for row in rows)
     counts = tuple(row[3] for row in rows)

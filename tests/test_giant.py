@@ -1,0 +1,111 @@
+"""Issue 14: a transaction much bigger than memory_cap and max_segment_bytes replicates in
+parts (FORMAT.md §4.5) with the application's memory bounded, and restores as one commit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import apsw
+import pytest
+
+from walsync_vfs import catalog, format, report, storage
+from walsync_vfs.restore import RestoreError, restore_from, split_url
+
+WRITER = Path(__file__).with_name("giant_writer.py")
+MIB = 1 << 20
+# What a process replicating through walsync holds beyond plain apsw whatever the size of
+# its transactions: the package and its imports, threads' stacks, zstd contexts, the S3
+# client, the shim's copy and verify buffers (1 MiB each), and the allocator's slack.
+FIXED_ALLOWANCE = 24 * MIB
+
+
+def run_writer(db: Path, mib: int, *replica: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(WRITER), str(db), str(mib), *replica],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def digest_of(path: Path) -> tuple[str, int]:
+    sys.path.insert(0, str(WRITER.parent))
+    from giant_writer import digest
+
+    con = apsw.Connection(str(path))
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return digest(con)
+    finally:
+        con.close()
+
+
+def giant_parts(url: str) -> list[format.ParsedKey]:
+    root, name = split_url(url)
+    (g,) = catalog.generations(storage.open_replica(root), name)
+    return [k for k in g.segments if k.parts]
+
+
+def check_giant(replica_url: str, tmp_path: Path, mib: int, max_segment: int, cap: int) -> None:
+    """Write ``mib`` MiB in one transaction with plain apsw and through walsync (child
+    processes), compare their peak RSS, and restore the replica at and before the commit."""
+    plain = run_writer(tmp_path / "plain.db", mib)
+    url = f"{replica_url}/app.db"
+    replicated = run_writer(tmp_path / "app.db", mib, replica_url, str(max_segment), str(cap))
+
+    parts = giant_parts(url)
+    assert len(parts) == parts[0].parts >= mib * MIB // max_segment
+    assert {k.first_txid for k in parts} == {parts[0].first_txid}
+    giant = parts[0].first_txid
+
+    root, name = split_url(url)
+    client = storage.open_replica(root)
+    restore_from(client, name, str(tmp_path / "latest.db"))
+    assert digest_of(tmp_path / "latest.db") == (replicated["digest"], replicated["rows"])
+    assert replicated["rows"] == plain["rows"]
+    restore_from(client, name, str(tmp_path / "before.db"), txid=giant - 1)
+    assert digest_of(tmp_path / "before.db")[1] == 1  # the row committed before it, only
+
+    # Encoding a part holds its pages, the joined body and the compressed body (then the
+    # object): 3 parts' worth; the one before it may still be held by the put thread that
+    # sent it while the next is encoded: one more.  Nothing of it grows with the transaction
+    # but the shim's index of its frames (40 bytes per page, inside the allowance).
+    extra = replicated["maxrss"] * 1024 - plain["maxrss"] * 1024
+    bound = 4 * max_segment + FIXED_ALLOWANCE
+    assert extra <= bound, f"walsync added {extra / MIB:.1f} MiB, bound {bound / MIB:.1f} MiB"
+    print(f"peak RSS: plain {plain['maxrss'] / 1024:.1f} MiB, walsync +{extra / MIB:.1f} MiB")
+
+
+def test_transaction_far_bigger_than_memory_cap(replica_url, tmp_path):
+    check_giant(replica_url, tmp_path, 64, 4 * MIB, 8 * MIB)
+
+
+def test_a_commit_missing_a_part_is_never_restored(file_url, tmp_path):
+    """A part lost (a writer that died between parts) makes its commit absent: the commit
+    after it cannot be reached across the hole, and nothing before it changes."""
+    url = f"{file_url}/app.db"
+    run_writer(tmp_path / "app.db", 12, file_url, str(4 * MIB), str(8 * MIB))
+    parts = giant_parts(url)
+    assert len(parts) >= 3
+    root, name = split_url(url)
+    client = storage.open_replica(root)
+    client.delete([catalog.object_key(parts[1])])
+
+    (g,) = catalog.generations(client, name)
+    assert [k.part for k in g.partial] == [k.part for k in parts if k.part != 1]
+    assert not any(k.parts for k in g.segments)
+    with pytest.raises(RestoreError, match=f"txids {parts[0].first_txid}..{parts[0].first_txid}"):
+        restore_from(client, name, str(tmp_path / "latest.db"))
+    restore_from(client, name, str(tmp_path / "before.db"), txid=parts[0].first_txid - 1)
+    assert digest_of(tmp_path / "before.db")[1] == 1
+    assert any("never restored" in line for line in report.ignored(client, name))
+
+
+@pytest.mark.slow
+def test_256_mib_transaction_with_default_settings(replica_url, tmp_path):
+    check_giant(replica_url, tmp_path, 256, 16 * MIB, 64 * MIB)
