@@ -127,6 +127,18 @@ def test_host_header_to_address(host: str, tls: bool, expected: tuple[str, int])
 # ------------------------------------------------------------------------------------- TLS
 
 
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copy bytes from src to dst until either side closes; then close both."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            s.close()
+
+
 def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (and its key), made by the openssl CLI."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
@@ -149,16 +161,6 @@ def tls_front(s3_server, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     context.load_cert_chain(cert, key)
     listener = socket.create_server(("127.0.0.1", 0))
     backend = s3_server.endpoint.removeprefix("http://").split(":")
-
-    def pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                s.close()
 
     def serve() -> None:
         while True:
@@ -600,7 +602,7 @@ class LoopbackProxy:
         except OSError:
             client.close()
             return
-        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
         self._forward(client, upstream, preface)
 
     def _forward(self, client: socket.socket, upstream: socket.socket, preface: bytes) -> None:
@@ -625,16 +627,6 @@ class LoopbackProxy:
             client.close()
             upstream.close()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                s.close()
 
 
 @pytest.fixture
