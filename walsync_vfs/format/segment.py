@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import zstandard
@@ -43,6 +43,7 @@ SMALL_SEGMENT_LEVEL = -1
 _SEG_HEADER = struct.Struct(">8sHHIQQIQQ")
 _SEG_ENTRY_V1 = struct.Struct(">QqIIQ")  # txid time_ns db_size page_count checksum
 _SEG_ENTRY = struct.Struct(">QqIIQIII")  # ... wal_salt1 wal_salt2 wal_end (version 2)
+SEGMENT_HEAD_SIZE = _SEG_HEADER.size  # the index follows
 
 
 class _ThreadCodecs(threading.local):
@@ -238,12 +239,30 @@ def _check_segment(data: bytes, key: str) -> tuple[int, int, int, list[_Row], me
     entries as rows of version 2 fields (version 1 rows get an unknown WAL position), the
     validated compressed body and its raw length."""
     view = memoryview(data)
-    version = check_magic_version(view, SEGMENT_MAGIC, "segment", SEGMENT_VERSION, key)
+    version, page_size, first, last, body_length, raw_length, index_end = _check_head(
+        view, len(view), key
+    )
+    if hashlib.sha256(view[:-SHA_LEN]).digest() != view[-SHA_LEN:]:
+        raise CorruptObject(key, "sha256 mismatch")
+    index = view[_SEG_HEADER.size : index_end]
+    rows = _check_index(index, version, first, last, page_size, raw_length, key)
+    body = view[index_end : index_end + body_length]
+    check_frame(body, raw_length, key)
+    return version, page_size, first, rows, body, raw_length
+
+
+def _check_head(
+    head: memoryview, size: int, key: str
+) -> tuple[int, int, int, int, int, int, int]:
+    """Reading rules 1-3 of §4.4 on the object's first bytes and its ``size``.  Returns the
+    version, page size, first and last txid, body length, raw body length and where the
+    index ends."""
+    version = check_magic_version(head, SEGMENT_MAGIC, "segment", SEGMENT_VERSION, key)
     entry_format = _SEG_ENTRY_V1 if version == 1 else _SEG_ENTRY
-    if len(view) < _SEG_HEADER.size:
-        raise CorruptObject(key, f"truncated: {len(view)} bytes")
+    if len(head) < _SEG_HEADER.size:
+        raise CorruptObject(key, f"truncated: {len(head)} bytes")
     _, _, flags, page_size, first, last, count, body_length, raw_length = _SEG_HEADER.unpack_from(
-        view
+        head
     )
     check_flags_page_size(flags, page_size, key)
     if last < first:
@@ -252,11 +271,18 @@ def _check_segment(data: bytes, key: str) -> tuple[int, int, int, list[_Row], me
         raise CorruptObject(key, f"commit_count {count} does not match txids {first}..{last}")
     index_end = _SEG_HEADER.size + count * entry_format.size
     expected = index_end + body_length + SHA_LEN
-    if len(view) != expected:
-        raise CorruptObject(key, f"object is {len(view)} bytes, header implies {expected}")
-    if hashlib.sha256(view[:-SHA_LEN]).digest() != view[-SHA_LEN:]:
-        raise CorruptObject(key, "sha256 mismatch")
-    rows = list(entry_format.iter_unpack(view[_SEG_HEADER.size : index_end]))
+    if size != expected:
+        raise CorruptObject(key, f"object is {size} bytes, header implies {expected}")
+    return version, page_size, first, last, body_length, raw_length, index_end
+
+
+def _check_index(
+    index: memoryview, version: int, first: int, last: int, page_size: int, raw_length: int,
+    key: str,
+) -> list[_Row]:  # fmt: skip
+    """Reading rule 5 of §4.4: the index entries, as rows of version 2 fields."""
+    entry_format = _SEG_ENTRY_V1 if version == 1 else _SEG_ENTRY
+    rows = list(entry_format.iter_unpack(index))
     if version == 1:
         rows = [row + (0, 0, 0) for row in rows]
     # Runs for every segment restored or compacted: the entries' rules checked column by
@@ -273,9 +299,7 @@ def _check_segment(data: bytes, key: str) -> tuple[int, int, int, list[_Row], me
         problem = _index_problem(rows, first, page_size, raw_length)
         if problem:
             raise CorruptObject(key, problem)
-    body = view[index_end : index_end + body_length]
-    check_frame(lambda pos, n: body[pos : pos + n].tobytes(), body_length, raw_length, key)
-    return version, page_size, first, rows, body, raw_length
+    return rows
 
 
 def _index_problem(rows: list[_Row], first: int, page_size: int, raw_length: int) -> str | None:
@@ -299,18 +323,38 @@ def _index_problem(rows: list[_Row], first: int, page_size: int, raw_length: int
 def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
     """Reading rules 1-6 of §4.4; returns the header and the (validated) compressed body."""
     _, page_size, first, rows, body, _ = _check_segment(data, key)
+    return _header(page_size, first, rows), body
+
+
+def _header(page_size: int, first: int, rows: list[_Row]) -> SegmentHeader:
     index = tuple(
         IndexEntry(
             txid, time_ns, db_size, page_count, checksum, WalPos(s1, s2, end) if end else None
         )
         for txid, time_ns, db_size, page_count, checksum, s1, s2, end in rows
     )
-    return SegmentHeader(page_size, first, first + len(rows) - 1, index), body
+    return SegmentHeader(page_size, first, first + len(rows) - 1, index)
 
 
 def read_segment_header(data: bytes, key: str) -> SegmentHeader:
     """Validate a whole segment (SHA-256 included) and return its header and index."""
     return _parse_segment(data, key)[0]
+
+
+def read_segment_index(read_at: Callable[[int, int], bytes], size: int, key: str) -> SegmentHeader:
+    """The header and index of a segment of ``size`` bytes read through ``read_at(offset,
+    length)``: only the bytes before its body, which listing and restore planning need.
+    Reading rules 1-3 and 5 of §4.4; the body and the SHA-256 are not read, so the object is
+    only vouched for by whoever reads it whole."""
+    head = read_at(0, SEGMENT_HEAD_SIZE)
+    version, page_size, first, last, _, raw_length, index_end = _check_head(
+        memoryview(head), size, key
+    )
+    index = read_at(SEGMENT_HEAD_SIZE, index_end - SEGMENT_HEAD_SIZE)
+    if len(index) != index_end - SEGMENT_HEAD_SIZE:
+        raise CorruptObject(key, f"index truncated: {len(index)} bytes")
+    rows = _check_index(memoryview(index), version, first, last, page_size, raw_length, key)
+    return _header(page_size, first, rows)
 
 
 def decode_segment(
