@@ -20,6 +20,9 @@ from walsync_vfs.storage.transfer import read_ranges
 # Bytes of a segment asked for first: its header and the first ~90 index entries, so most
 # segments' index comes in one request.
 SEGMENT_PREFIX = 4096
+# Ranged GETs of a snapshot being restored: a few of them are held at once (in flight, being
+# decompressed), which is most of a restore's memory.
+DOWNLOAD_PART = 4 << 20
 
 
 def put_snapshot(
@@ -105,7 +108,8 @@ def open_snapshot(
     they stream (:func:`format.stream_snapshot`): memory is a few download parts."""
     size = _size(client, key, size)
     footer = _footer(client, key, size)
-    return format.stream_snapshot(read_ranges(client, key, size=size), size, footer, key)
+    pieces = read_ranges(client, key, size=size, part_size=DOWNLOAD_PART)
+    return format.stream_snapshot(pieces, size, footer, key)
 
 
 def segment_header(

@@ -34,6 +34,7 @@ from walsync_vfs.format import check_name
 
 PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied
 WRITE_BUFFER = 1 << 20  # snapshot pages arrive in order: write them a MiB at a time
+INTEGRITY_MMAP = 16 << 20  # bytes of a restored file its integrity check maps (see below)
 # Database header bytes 18-19, the file format versions: 1 = rollback journal, 2 = WAL.
 _FILE_FORMAT_OFFSET = 18
 _ROLLBACK_JOURNAL = b"\x01\x01"
@@ -416,7 +417,8 @@ def _staged(out: str) -> Iterator[str]:
 def first_integrity_problem(path: str, mmap: bool = True) -> str | None:
     """SQLite's first ``PRAGMA integrity_check`` complaint about the database at ``path``, or
     None if it is sound.  Opened immutable: no ``-wal``/``-shm`` is created.  Reading through
-    mmap is faster, but maps the whole file into the process (its RSS grows by the file)."""
+    mmap is faster, but what is mapped counts in the process's RSS: only the first
+    INTEGRITY_MMAP bytes are, the rest is read."""
     check = apsw.Connection(
         f"file:{quote(path)}?immutable=1",
         flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
@@ -424,7 +426,7 @@ def first_integrity_problem(path: str, mmap: bool = True) -> str | None:
     )
     try:
         if mmap:
-            check.execute(f"PRAGMA mmap_size={os.path.getsize(path)}")
+            check.execute(f"PRAGMA mmap_size={min(os.path.getsize(path), INTEGRITY_MMAP)}")
         problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
     except apsw.Error as exc:  # too broken to check at all ("database disk image is malformed")
         return str(exc)
