@@ -1,7 +1,9 @@
-"""Child process of test_stream: one replication or one restore, then its peak RSS.
+"""Child process of test_stream and benchmarks/bigdata.py: one replication or one restore,
+then its peak RSS.
 
 ``replicate DB URL``: open the existing database ``DB`` through the VFS (its first sync point
-takes a snapshot of it) and flush to ``URL``.  ``restore URL OUT``: ``restore`` it.  Either
+takes a snapshot of it) and flush to ``URL``; ``plain DB``: the same write without walsync.
+``restore URL OUT``: ``restore`` it.  Either
 prints ``{"peak_rss": bytes}``; a fresh process per run, so the peak is that run's alone.
 """
 
@@ -23,6 +25,13 @@ def main() -> None:
         con = apsw.Connection(path, vfs="walsync")
         con.execute("INSERT INTO t(v) VALUES (1)")
         walsync_vfs.flush(timeout=300)
+        con.close()
+    elif mode == "plain":  # the same write without walsync: the app's own footprint
+        import apsw
+
+        (path,) = args
+        con = apsw.Connection(path)
+        con.execute("INSERT INTO t(v) VALUES (1)")
         con.close()
     elif mode == "restore":
         from walsync_vfs.restore import restore
