@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from walsync_vfs import catalog, format, storage
+from walsync_vfs import catalog, format, objects, storage
 from walsync_vfs.capture import Record
 
 
@@ -30,7 +30,8 @@ class Head:
 
 
 def read_head(client: storage.ReplicaClient, name: str) -> Head:
-    """Find the newest generation's last state with one LIST and one GET."""
+    """Find the newest generation's last state with one LIST and the header of its newest
+    object (ranged GETs: a few hundred bytes, whatever the object's size)."""
     gens = catalog.generations(client, name)
     if not gens:
         return Head()
@@ -38,7 +39,7 @@ def read_head(client: storage.ReplicaClient, name: str) -> Head:
     top = max(gen.snapshots + gen.segments, key=lambda k: (k.last_txid, k.kind == "segment"))
     key = catalog.object_key(top)
     if top.kind == "segment":
-        hdr = format.read_segment_header(client.get(key), key)
+        hdr = objects.segment_header(client, key, gen.sizes[key])
         last = hdr.index[-1]
         return Head(
             gen.id,
@@ -49,7 +50,7 @@ def read_head(client: storage.ReplicaClient, name: str) -> Head:
             last.time_ns,
             last.wal,
         )
-    snap, _ = format.read_snapshot(client.get(key), key)
+    snap = objects.snapshot_header(client, key, gen.sizes[key])
     return Head(gen.id, gen.last_txid, snap.page_size, snap.db_size, snap.checksum, snap.time_ns)
 
 

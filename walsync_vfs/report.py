@@ -8,7 +8,7 @@ from array import array
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from walsync_vfs import catalog, format, storage
+from walsync_vfs import catalog, format, objects, storage
 from walsync_vfs.restore import (
     WRITE_BUFFER,
     Image,
@@ -79,19 +79,22 @@ def _time_range(
     """ISO times of the first commit of the first readable segment and the last commit of the
     last (None if none reads: ``verify`` says why)."""
     keys = [catalog.object_key(k) for k in g.segments]
-    first = next((h.index[0] for h in _headers(client, keys)), None)
-    last = next((h.index[-1] for h in _headers(client, keys[::-1])), None)
+    first = next((h.index[0] for h in _headers(client, g, keys)), None)
+    last = next((h.index[-1] for h in _headers(client, g, keys[::-1])), None)
     return (
         iso_time(first.time_ns) if first else None,
         iso_time(last.time_ns) if last else None,
     )
 
 
-def _headers(client: storage.ReplicaClient, keys: list[str]) -> Iterator[format.SegmentHeader]:
-    """The headers of those of ``keys`` that download and check out, lazily, in order."""
+def _headers(
+    client: storage.ReplicaClient, g: catalog.Generation, keys: list[str]
+) -> Iterator[format.SegmentHeader]:
+    """The headers (and indexes) of those of ``keys`` that read and check out, lazily, in
+    order: only the bytes before each body, by ranged GETs."""
     for key in keys:
         try:
-            yield format.read_segment_header(client.get(key), key)
+            yield objects.segment_header(client, key, g.sizes[key])
         except (format.CorruptObject, storage.StorageError):
             continue
 
@@ -207,17 +210,17 @@ def _verify_generation(
         open(os.path.join(tmp, "replay.db"), "w+b", buffering=WRITE_BUFFER) as f,
         prefetch_pool() as pool,
     ):
-        first = pool.submit(client.get, snap_keys[0]) if snap_keys else None
         segments = prefetched(
             pool, seg_keys, lambda key: decode_object(client, key), VERIFY_PREFETCH
         )
         image, history = None, _History(g.snapshots[0].last_txid if snap_keys else 0)
-        if first is not None:
+        if snap_keys:
+            first = snap_keys[0]
             try:
-                image = Image.from_snapshot(f, g.id, snap_keys[0], first.result())
+                snapshot = objects.open_snapshot(client, first, g.sizes[first])
+                image = Image.from_snapshot(f, g.id, snapshot)
             except (format.CorruptObject, storage.StorageError) as exc:
-                problems.append(_problem(snap_keys[0], exc))
-            del first  # the snapshot's bytes go as soon as its pages are written
+                problems.append(_problem(first, exc))
         for key, future in segments:
             if key in holes:
                 problems.append(holes[key])
@@ -247,7 +250,7 @@ def _verify_generation(
             )
         for key in snap_keys[1:]:  # one at a time: a snapshot is as large as the database
             try:
-                snap = _read_snapshot(client, key)
+                snap = _read_snapshot(client, key, g.sizes[key])
             except (format.CorruptObject, storage.StorageError) as exc:
                 problems.append(_problem(key, exc))
                 continue
@@ -269,9 +272,9 @@ def _holes(g: catalog.Generation) -> dict[str, str]:
     return holes
 
 
-def _read_snapshot(client: storage.ReplicaClient, key: str) -> format.SnapshotHeader:
-    """Download a snapshot and read it through (SHA-256, frame, checksum), keeping no page."""
-    header, pages = format.read_snapshot(client.get(key), key)
+def _read_snapshot(client: storage.ReplicaClient, key: str, size: int) -> format.SnapshotHeader:
+    """Stream a snapshot through its checks (SHA-256, frame, checksum), keeping no page."""
+    header, pages = objects.open_snapshot(client, key, size)
     for _ in pages:
         pass
     return header

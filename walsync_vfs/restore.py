@@ -2,7 +2,9 @@
 
 A restore picks the generation holding the target, downloads its snapshot and the segments
 after it, checks every object's SHA-256 and the whole-database checksum after every commit,
-runs ``PRAGMA integrity_check`` and only then moves the result to its final name.
+runs ``PRAGMA integrity_check`` and only then moves the result to its final name.  The
+snapshot streams (parallel ranged GETs, zstd, pages written as they come), so memory does not
+grow with the database; planning reads snapshot and segment headers only.
 
 Prefetch threads download and decode a few segments ahead (GET, SHA-256 and zstd all release
 the GIL); the calling thread applies them strictly in txid order, each segment checked in full
@@ -26,12 +28,13 @@ from urllib.parse import quote
 
 import apsw
 
-from walsync_vfs import catalog, format, storage
+from walsync_vfs import catalog, format, objects, storage
 from walsync_vfs.dbfile import apply_pages, tee
 from walsync_vfs.format import check_name
 
 PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied
 WRITE_BUFFER = 1 << 20  # snapshot pages arrive in order: write them a MiB at a time
+INTEGRITY_MMAP = 16 << 20  # bytes of a restored file its integrity check maps (see below)
 # Database header bytes 18-19, the file format versions: 1 = rollback journal, 2 = WAL.
 _FILE_FORMAT_OFFSET = 18
 _ROLLBACK_JOURNAL = b"\x01\x01"
@@ -61,7 +64,7 @@ class Plan:
     snapshot: format.ParsedKey
     segments: list[format.ParsedKey]
     target_txid: int | None  # None: replay to the end (or to the timestamp)
-    snapshot_data: bytes | None = None  # already downloaded while planning
+    snapshot_size: int | None = None  # bytes, from the listing
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def _outside(
     timestamp_ns: int | None,
 ) -> RestoreError:
     """The error for a target the replica cannot restore, saying what it can: a txid range,
-    and for a timestamp the earliest restorable time (one more GET, on this path only)."""
+    and for a timestamp the earliest restorable time (a snapshot header, on this path only)."""
     restorable = [g for g in gens if g.snapshots]
     if not restorable:
         return RestoreError(f"{name}: no generation has a snapshot, nothing can be restored")
@@ -107,7 +110,7 @@ def _outside(
             f"{name}: txid {txid} is not in the retained history (available: {available})"
         )
     key = catalog.object_key(first)
-    since = iso_time(format.read_snapshot(client.get(key), key)[0].time_ns)
+    since = iso_time(objects.snapshot_header(client, key, restorable[0].sizes[key]).time_ns)
     return RestoreError(
         f"{name}: timestamp {iso_time(timestamp_ns)} is before the retained history "
         f"(available: {since} onwards, {available})"
@@ -128,7 +131,8 @@ def _lacks_snapshot(
         reached = txid >= start
     elif timestamp_ns is not None:
         key = catalog.object_key(g.segments[0])
-        reached = format.read_segment_header(client.get(key), key).index[0].time_ns <= timestamp_ns
+        header = objects.segment_header(client, key, g.sizes[key])
+        reached = header.index[0].time_ns <= timestamp_ns
     else:
         reached = True
     if not reached:
@@ -140,14 +144,14 @@ def _lacks_snapshot(
 
 
 def _snapshot_at(
-    client: storage.ReplicaClient, snaps: list[format.ParsedKey], timestamp_ns: int
-) -> tuple[format.ParsedKey, bytes] | None:
-    """The newest snapshot taken at or before the timestamp, with its bytes (reused later)."""
+    client: storage.ReplicaClient, g: catalog.Generation, snaps: list[format.ParsedKey],
+    timestamp_ns: int,
+) -> format.ParsedKey | None:  # fmt: skip
+    """The newest snapshot taken at or before the timestamp (read from headers alone)."""
     for snap in reversed(snaps):
         key = catalog.object_key(snap)
-        data = client.get(key)
-        if format.read_snapshot(data, key)[0].time_ns <= timestamp_ns:
-            return snap, data
+        if objects.snapshot_header(client, key, g.sizes[key]).time_ns <= timestamp_ns:
+            return snap
     return None
 
 
@@ -179,18 +183,16 @@ def _choose(
                 raise error
             continue
         snaps = [s for s in g.snapshots if txid is None or s.last_txid <= txid]
-        data = None
         if timestamp_ns is not None:
-            found = _snapshot_at(client, snaps, timestamp_ns)
-            snaps = [found[0]] if found else []
-            data = found[1] if found else None
+            found = _snapshot_at(client, g, snaps, timestamp_ns)
+            snaps = [found] if found else []
         if not snaps:
             continue
         snap = snaps[-1]
         chain = _chain(name, g, snap.last_txid, txid)
         if txid is not None and (chain[-1] if chain else snap).last_txid < txid:
             raise _outside(client, name, gens, txid, timestamp_ns)
-        return Plan(name, g.id, snap, chain, txid, data)
+        return Plan(name, g.id, snap, chain, txid, g.sizes[catalog.object_key(snap)])
     raise _outside(client, name, gens, txid, timestamp_ns)
 
 
@@ -324,10 +326,15 @@ class Image:
         self.assembly: _Assembly | None = None
 
     @classmethod
-    def from_snapshot(cls, f: BinaryIO, generation: str, key: str, data: bytes) -> Image:
-        """Write the snapshot into the empty file ``f``; read_snapshot verifies SHA-256 and
-        checksum as it goes."""
-        header, pages = format.read_snapshot(data, key)
+    def from_snapshot(
+        cls,
+        f: BinaryIO,
+        generation: str,
+        snapshot: tuple[format.SnapshotHeader, Iterator[format.Page]],
+    ) -> Image:
+        """Write a snapshot's pages, as they stream in, into the empty file ``f``; the reader
+        (``objects.open_snapshot``) checks SHA-256 and checksum before the last page."""
+        header, pages = snapshot
         checksum = format.DbChecksum.from_pages(tee(pages, f.write))
         f.flush()
         result = Result(header.txid, header.time_ns, header.db_size, header.page_size)
@@ -432,21 +439,17 @@ def _replay(
     timestamp_ns: int | None = None,
     progress: bool = False,
 ) -> Image:
-    """Write the planned state into ``f``: the snapshot downloads alongside the first
-    segments, then each segment is applied as soon as it is decoded."""
+    """Write the planned state into ``f``: the snapshot streams in while the first segments
+    download, then each segment is applied as soon as it is decoded."""
     snap_key = catalog.object_key(p.snapshot)
     keys = [catalog.object_key(s) for s in p.segments]
     with prefetch_pool() as pool:
-        data = p.snapshot_data
-        fetch = pool.submit(client.get, snap_key) if data is None else None
         segments = _decoded(pool, client, keys, p.target_txid)
-        if fetch is not None:
-            try:
-                data = fetch.result()
-            except storage.ObjectNotFound:
-                raise Vanished(snap_key) from None
-        assert data is not None  # the plan's or the download's
-        image = Image.from_snapshot(f, p.generation, snap_key, data)
+        try:
+            snapshot = objects.open_snapshot(client, snap_key, p.snapshot_size)
+            image = Image.from_snapshot(f, p.generation, snapshot)
+        except storage.ObjectNotFound:
+            raise Vanished(snap_key) from None
         with _progress(len(keys) + 1, p.name, progress) as tick:
             for key, header, commits in segments:
                 tick()
@@ -488,7 +491,8 @@ def _staged(out: str) -> Iterator[str]:
 def first_integrity_problem(path: str, mmap: bool = True) -> str | None:
     """SQLite's first ``PRAGMA integrity_check`` complaint about the database at ``path``, or
     None if it is sound.  Opened immutable: no ``-wal``/``-shm`` is created.  Reading through
-    mmap is faster, but maps the whole file into the process (its RSS grows by the file)."""
+    mmap is faster, but what is mapped counts in the process's RSS: only the first
+    INTEGRITY_MMAP bytes are, the rest is read."""
     check = apsw.Connection(
         f"file:{quote(path)}?immutable=1",
         flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
@@ -496,7 +500,7 @@ def first_integrity_problem(path: str, mmap: bool = True) -> str | None:
     )
     try:
         if mmap:
-            check.execute(f"PRAGMA mmap_size={os.path.getsize(path)}")
+            check.execute(f"PRAGMA mmap_size={min(os.path.getsize(path), INTEGRITY_MMAP)}")
         problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
     except apsw.Error as exc:  # too broken to check at all ("database disk image is malformed")
         return str(exc)

@@ -3,18 +3,18 @@ pinned, and writing what the lineage decision needs -- recovered commits, a snap
 
 On the first OPEN, after a GAP and on reopen, the engine takes a :class:`capture.SyncPoint`
 and reads the database's pages into a temporary file, computing their whole-db checksum;
-:func:`lineage.decide` then says whether the lineage continues.
+:func:`lineage.decide` then says whether the lineage continues.  A snapshot streams from that
+file to the store after the sync point is released (:func:`objects.put_snapshot`), so writers
+go on while it uploads and memory stays a few MiB at any database size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import pickle
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -23,10 +23,13 @@ from walsync_vfs import capture, format, recovery, storage
 from walsync_vfs.capture import Record
 from walsync_vfs.dbfile import tee
 from walsync_vfs.lineage import Decision, Head, holds
+from walsync_vfs.objects import put_snapshot
 from walsync_vfs.spool import Spool
 from walsync_vfs.uploader import encode_commits
 
 log = logging.getLogger("walsync_vfs")
+
+READ_SIZE = 1 << 20  # bytes of spooled pages read at a time while a snapshot streams up
 
 HEAD_WAIT = 1.0  # seconds a first sync keeps the WAL pinned waiting for the replica's head
 
@@ -196,25 +199,28 @@ def write(
     objects = encode_commits(
         name, decision.generation, pinned.page_size, max_segment_bytes, survivors, epoch
     )
-    if decision.snapshot:
-        raw.seek(0)
-        snapshot = _snapshot(raw, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size)
-        key = format.snapshot_key(name, decision.generation, decision.txid, epoch)
-        objects = itertools.chain(objects, [(key, snapshot)])
     for key, data in objects:  # encoded one at a time
         try:
             client.put(key, data)
         except storage.Conflict as exc:
             if not storage.stored_before(client, key, data, exc):
                 raise
+    if decision.snapshot:
+        raw.seek(0)
+        key = format.snapshot_key(name, decision.generation, decision.txid, epoch)
+        pages = _pages(raw, pinned.page_size, pinned.db_size)
+        put_snapshot(
+            client, key, pages, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size
+        )
 
 
-def _snapshot(raw: BinaryIO, page_size: int, txid: int, time_ns: int, db_size: int) -> bytes:
-    """Encode the raw pages spooled at a sync point as a snapshot object."""
-    with tempfile.TemporaryFile() as out:
-        writer = format.SnapshotWriter(out, page_size, txid, time_ns, db_size)
-        for _ in range(db_size):
-            writer.add_page(raw.read(page_size))
-        writer.finish()
-        out.seek(0)
-        return out.read()
+def _pages(raw: BinaryIO, page_size: int, db_size: int) -> Iterator[memoryview]:
+    """The ``db_size`` pages spooled at a sync point, read a MiB at a time."""
+    per_read = max(1, READ_SIZE // page_size)
+    for start in range(0, db_size, per_read):
+        count = min(per_read, db_size - start)
+        block = memoryview(raw.read(count * page_size))
+        if len(block) != count * page_size:
+            raise OSError(f"the sync point's spool ended at page {start + len(block) // page_size}")
+        for i in range(count):
+            yield block[i * page_size : (i + 1) * page_size]

@@ -16,6 +16,7 @@ from walsync_vfs.format.keys import (
     snapshot_key,
 )
 from walsync_vfs.format.segment import (
+    SEGMENT_HEAD_SIZE,
     SEGMENT_LEVEL,
     SEGMENT_MAGIC,
     SEGMENT_VERSION,
@@ -30,21 +31,30 @@ from walsync_vfs.format.segment import (
     encode_segment,
     merge_segments,
     read_segment_header,
+    read_segment_index,
     read_segment_raw,
 )
 from walsync_vfs.format.snapshot import (
+    SNAPSHOT_FOOTER_SIZE,
+    SNAPSHOT_HEADER_SIZE,
     SNAPSHOT_MAGIC,
     SNAPSHOT_VERSION,
     SnapshotHeader,
     SnapshotWriter,
+    encode_snapshot,
     read_snapshot,
+    snapshot_header,
+    stream_snapshot,
 )
 
 __all__ = [
+    "SEGMENT_HEAD_SIZE",
     "SEGMENT_LEVEL",
     "SEGMENT_MAGIC",
     "SEGMENT_VERSION",
     "SMALL_SEGMENT_LEVEL",
+    "SNAPSHOT_FOOTER_SIZE",
+    "SNAPSHOT_HEADER_SIZE",
     "SNAPSHOT_MAGIC",
     "SNAPSHOT_VERSION",
     "Commit",
@@ -62,14 +72,18 @@ __all__ = [
     "check_name",
     "lease_key",
     "decode_segment",
+    "encode_snapshot",
     "encode_segment",
     "merge_segments",
     "new_generation_id",
     "page_hash",
     "parse_key",
     "read_segment_header",
+    "read_segment_index",
     "read_segment_raw",
     "read_snapshot",
     "segment_key",
+    "snapshot_header",
     "snapshot_key",
+    "stream_snapshot",
 ]

@@ -4,8 +4,6 @@ and page size, the proof that a body is exactly one zstd frame, and bounded deco
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import zstandard
 
 from walsync_vfs.format.errors import CorruptObject
@@ -46,42 +44,98 @@ def check_flags_page_size(flags: int, page_size: int, key: str) -> None:
         raise CorruptObject(key, f"invalid page size {page_size}")
 
 
-def check_frame(
-    body_at: Callable[[int, int], bytes], length: int, raw_length: int, key: str
-) -> None:
-    """Prove the body is exactly one zstd frame of `raw_length` content (§4.3).
+def check_frame(body: bytes | memoryview, raw_length: int, key: str) -> None:
+    """Prove the whole ``body`` is exactly one zstd frame of ``raw_length`` content (§4.3)."""
+    walker = FrameWalker(len(body), raw_length, key)
+    walker.feed(body)
+    walker.end()
 
-    Walks block headers only, so trailing bytes or a short frame are caught without
-    decompressing. `body_at(pos, n)` returns at most n bytes, none past the body's end.
-    """
-    head = body_at(0, _ZSTD_MAX_FRAME_HEADER)
-    if head[:4] != _ZSTD_MAGIC:
-        raise CorruptObject(key, "body is not a zstd frame")
-    try:
-        params = zstandard.get_frame_parameters(head)
-        pos = zstandard.frame_header_size(head)
-    except zstandard.ZstdError as e:
-        raise CorruptObject(key, f"bad zstd frame header: {e}") from None
-    if params.content_size != raw_length or params.content_size == U64_MAX:
-        raise CorruptObject(
-            key, f"zstd frame content size {params.content_size}, expected {raw_length}"
-        )
-    if params.dict_id:
-        raise CorruptObject(key, "zstd frame needs a dictionary")
-    last = 0
-    while not last:
-        block = body_at(pos, 3)
-        if len(block) < 3:
-            raise CorruptObject(key, "zstd frame truncated")
-        bits = int.from_bytes(block, "little")
+
+class FrameWalker:
+    """Proves a body of ``length`` bytes is exactly one zstd frame of ``raw_length`` content
+    (§4.3) as its bytes go by, in order, in pieces of any size: block headers are read and
+    block contents skipped, so trailing bytes or a short frame are caught without
+    decompressing, and the frame header before a decompressor sees any of it."""
+
+    def __init__(self, length: int, raw_length: int, key: str) -> None:
+        self._length = length
+        self._raw_length = raw_length
+        self._key = key
+        self._gathered = bytearray()  # the frame header or a block header, being collected
+        self._in_header = True
+        self._frame_pos = 0  # where the structure being collected starts in the frame
+        self._skip = 0  # block content (and checksum) bytes still to pass over
+        self._ended = False  # the last block has been seen
+        self._has_checksum = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+                continue
+            if self._ended:  # unreachable when the frame ends where the body does
+                raise CorruptObject(self._key, "bytes after the zstd frame")
+            need = min(_ZSTD_MAX_FRAME_HEADER, self._length) if self._in_header else 3
+            n = need - len(self._gathered)
+            self._gathered += view[:n]
+            view = view[n:]
+            if len(self._gathered) == need:
+                rest = self._parse()
+                if rest:
+                    self.feed(rest)
+
+    def end(self) -> None:
+        """The body is over: the frame must have ended exactly there."""
+        if self._in_header:
+            self._parse()  # a body shorter than a frame header: says what is wrong with it
+        if not self._ended or self._skip:
+            raise CorruptObject(self._key, "zstd frame truncated")
+
+    def _parse(self) -> bytes:
+        """Parse what was gathered; returns the bytes gathered past it (after a frame header
+        shorter than the longest one)."""
+        data, self._gathered = bytes(self._gathered), bytearray()
+        if self._in_header:
+            self._in_header = False
+            return data[self._frame_header(data) :]
+        bits = int.from_bytes(data, "little")
         last, block_type, block_size = bits & 1, bits >> 1 & 3, bits >> 3
         if block_type == 3:
-            raise CorruptObject(key, "zstd frame has a reserved block type")
-        pos += 3 + (1 if block_type == 1 else block_size)  # RLE blocks store one byte
-    if params.has_checksum:
-        pos += 4
-    if pos != length:
-        raise CorruptObject(key, f"zstd frame is {pos} bytes, body_length is {length}")
+            raise CorruptObject(self._key, "zstd frame has a reserved block type")
+        self._skip = 1 if block_type == 1 else block_size  # RLE blocks store one byte
+        if last:
+            self._ended = True
+            self._skip += 4 if self._has_checksum else 0
+            end = self._frame_pos + 3 + self._skip
+            if end != self._length:
+                raise CorruptObject(
+                    self._key, f"zstd frame is {end} bytes, body_length is {self._length}"
+                )
+        self._frame_pos += 3 + self._skip
+        return b""
+
+    def _frame_header(self, head: bytes) -> int:
+        """Check the frame header at the start of ``head``; returns its size."""
+        key = self._key
+        if head[:4] != _ZSTD_MAGIC:
+            raise CorruptObject(key, "body is not a zstd frame")
+        try:
+            params = zstandard.get_frame_parameters(head)
+            size = int(zstandard.frame_header_size(head))
+        except zstandard.ZstdError as e:
+            raise CorruptObject(key, f"bad zstd frame header: {e}") from None
+        if params.content_size != self._raw_length or params.content_size == U64_MAX:
+            raise CorruptObject(
+                key, f"zstd frame content size {params.content_size}, expected {self._raw_length}"
+            )
+        if params.dict_id:
+            raise CorruptObject(key, "zstd frame needs a dictionary")
+        self._has_checksum = bool(params.has_checksum)
+        self._frame_pos = size
+        return size
 
 
 def read_exact(reader: zstandard.ZstdDecompressionReader, n: int, key: str) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import zstandard
@@ -47,6 +47,8 @@ _SEG_HEADER = struct.Struct(">8sHHIQQIQQ")
 _SEG_ENTRY_V1 = struct.Struct(">QqIIQ")  # txid time_ns db_size page_count checksum
 _SEG_ENTRY = struct.Struct(">QqIIQIII")  # ... wal_salt1 wal_salt2 wal_end (version 2)
 _PART_BLOCK = struct.Struct(">IIQ")  # part_index part_count commit_pages (version 3 parts)
+# The bytes before the index: the header, and a part's part block (§4.5).
+SEGMENT_HEAD_SIZE = _SEG_HEADER.size + _PART_BLOCK.size
 
 
 class _ThreadCodecs(threading.local):
@@ -304,12 +306,42 @@ def _check_part(view: memoryview, flags: int, count: int, key: str) -> Part | No
 def _check_segment(data: bytes, key: str) -> _Checked:
     """Reading rules 1-6 of §4.4 (and §4.5 for a part)."""
     view = memoryview(data)
-    version = check_magic_version(view, SEGMENT_MAGIC, "segment", SEGMENT_VERSION, key)
+    head = _check_head(view, len(view), key)
+    if hashlib.sha256(view[:-SHA_LEN]).digest() != view[-SHA_LEN:]:
+        raise CorruptObject(key, "sha256 mismatch")
+    rows = _check_index(view[head.index_at : head.index_end], head, key)
+    body = view[head.index_end : head.index_end + head.body_length]
+    check_frame(body, head.raw_length, key)
+    return _Checked(
+        head.version, head.page_size, head.first, rows, body, head.raw_length, head.index_at,
+        head.part,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """What the bytes before a segment's index say (reading rules 1-3 of §4.4)."""
+
+    version: int
+    page_size: int
+    first: int
+    last: int
+    body_length: int
+    raw_length: int
+    index_at: int
+    index_end: int
+    part: Part | None
+
+
+def _check_head(head: memoryview, size: int, key: str) -> _Head:
+    """Reading rules 1-3 of §4.4 (and the part block of §4.5) on the object's first bytes
+    and its ``size``."""
+    version = check_magic_version(head, SEGMENT_MAGIC, "segment", SEGMENT_VERSION, key)
     entry_format = _SEG_ENTRY_V1 if version == 1 else _SEG_ENTRY
-    if len(view) < _SEG_HEADER.size:
-        raise CorruptObject(key, f"truncated: {len(view)} bytes")
+    if len(head) < _SEG_HEADER.size:
+        raise CorruptObject(key, f"truncated: {len(head)} bytes")
     _, _, flags, page_size, first, last, count, body_length, raw_length = _SEG_HEADER.unpack_from(
-        view
+        head
     )
     part_flag = flags & PART_FLAG if version >= 3 else 0
     check_flags_page_size(flags & ~part_flag, page_size, key)
@@ -317,40 +349,47 @@ def _check_segment(data: bytes, key: str) -> _Checked:
         raise CorruptObject(key, f"last_txid {last} < first_txid {first}")
     if count != last - first + 1:
         raise CorruptObject(key, f"commit_count {count} does not match txids {first}..{last}")
-    part = _check_part(view, part_flag, count, key)
+    part = _check_part(head, part_flag, count, key)
     index_at = _SEG_HEADER.size + (_PART_BLOCK.size if part else 0)
     index_end = index_at + count * entry_format.size
     expected = index_end + body_length + SHA_LEN
-    if len(view) != expected:
-        raise CorruptObject(key, f"object is {len(view)} bytes, header implies {expected}")
-    if hashlib.sha256(view[:-SHA_LEN]).digest() != view[-SHA_LEN:]:
-        raise CorruptObject(key, "sha256 mismatch")
-    rows = list(entry_format.iter_unpack(view[index_at:index_end]))
-    if version == 1:
+    if size != expected:
+        raise CorruptObject(key, f"object is {size} bytes, header implies {expected}")
+    return _Head(
+        version, page_size, first, last, body_length, raw_length, index_at, index_end, part
+    )
+
+
+def _check_index(index: memoryview, head: _Head, key: str) -> list[_Row]:
+    """Reading rule 5 of §4.4 (and a part's page count, §4.5): the index entries, as rows
+    of version 2 fields."""
+    first, page_size = head.first, head.page_size
+    entry_format = _SEG_ENTRY_V1 if head.version == 1 else _SEG_ENTRY
+    rows = list(entry_format.iter_unpack(index))
+    if head.version == 1:
         rows = [row + (0, 0, 0) for row in rows]
     # Runs for every segment restored or compacted: the entries' rules checked column by
     # column in C; _index_problem words the first one broken (or clears a valid mix of
     # known and unknown WAL positions, which this fast check leaves to it).
     txids, _, db_sizes, page_counts, _, salts1, salts2, wal_ends = zip(*rows, strict=True)
     if not (
-        txids == tuple(range(first, last + 1))
+        txids == tuple(range(first, head.last + 1))
         and min(db_sizes) >= 1
         and all(map(int.__le__, page_counts, db_sizes))
         and (0 not in wal_ends or not (any(salts1) or any(salts2)))
-        and sum(page_counts) * (4 + page_size) == raw_length
+        and sum(page_counts) * (4 + page_size) == head.raw_length
     ):
-        problem = _index_problem(rows, first, page_size, raw_length)
+        problem = _index_problem(rows, first, page_size, head.raw_length)
         if problem:
             raise CorruptObject(key, problem)
+    part = head.part
     if part and not rows[0][3] <= part.commit_pages <= rows[0][2]:
         raise CorruptObject(
             key,
             f"part of {rows[0][3]} pages of a {part.commit_pages}-page commit"
             f" in a {rows[0][2]}-page db",
         )
-    body = view[index_end : index_end + body_length]
-    check_frame(lambda pos, n: body[pos : pos + n].tobytes(), body_length, raw_length, key)
-    return _Checked(version, page_size, first, rows, body, raw_length, index_at, part)
+    return rows
 
 
 def _index_problem(rows: list[_Row], first: int, page_size: int, raw_length: int) -> str | None:
@@ -374,20 +413,35 @@ def _index_problem(rows: list[_Row], first: int, page_size: int, raw_length: int
 def _parse_segment(data: bytes, key: str) -> tuple[SegmentHeader, memoryview]:
     """Reading rules 1-6 of §4.4; returns the header and the (validated) compressed body."""
     checked = _check_segment(data, key)
+    return _header(checked.page_size, checked.first, checked.rows, checked.part), checked.body
+
+
+def _header(page_size: int, first: int, rows: list[_Row], part: Part | None) -> SegmentHeader:
     index = tuple(
         IndexEntry(
             txid, time_ns, db_size, page_count, checksum, WalPos(s1, s2, end) if end else None
         )
-        for txid, time_ns, db_size, page_count, checksum, s1, s2, end in checked.rows
+        for txid, time_ns, db_size, page_count, checksum, s1, s2, end in rows
     )
-    first, last = checked.first, checked.first + len(index) - 1
-    header = SegmentHeader(checked.page_size, first, last, index, checked.part)
-    return header, checked.body
+    return SegmentHeader(page_size, first, first + len(rows) - 1, index, part)
 
 
 def read_segment_header(data: bytes, key: str) -> SegmentHeader:
     """Validate a whole segment (SHA-256 included) and return its header and index."""
     return _parse_segment(data, key)[0]
+
+
+def read_segment_index(read_at: Callable[[int, int], bytes], size: int, key: str) -> SegmentHeader:
+    """The header and index of a segment of ``size`` bytes read through ``read_at(offset,
+    length)``: only the bytes before its body, which listing and restore planning need.
+    Reading rules 1-3 and 5 of §4.4; the body and the SHA-256 are not read, so the object is
+    only vouched for by whoever reads it whole."""
+    head = _check_head(memoryview(read_at(0, min(SEGMENT_HEAD_SIZE, size))), size, key)
+    index = read_at(head.index_at, head.index_end - head.index_at)
+    if len(index) != head.index_end - head.index_at:
+        raise CorruptObject(key, f"index truncated: {len(index)} bytes")
+    rows = _check_index(memoryview(index), head, key)
+    return _header(head.page_size, head.first, rows, head.part)
 
 
 def decode_segment(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
@@ -26,6 +26,8 @@ SNAPSHOT_VERSION = 1
 SNAPSHOT_MAGIC = b"\x89WSSNP\r\n"
 _SNAP_HEADER = struct.Struct(">8sHHIQqI")  # magic version flags page_size txid time_ns db_size
 _SNAP_FOOTER = struct.Struct(">QQ32s")  # checksum body_length sha256
+SNAPSHOT_HEADER_SIZE = _SNAP_HEADER.size
+SNAPSHOT_FOOTER_SIZE = _SNAP_FOOTER.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ class SnapshotWriter:
         self._written += len(data)
         self._out.write(data)
 
-    def add_page(self, data: bytes) -> None:
+    def add_page(self, data: Page) -> None:
         if self._pgno == self._header.db_size:
             raise ValueError(f"more than db_size={self._header.db_size} pages added")
         if len(data) != self._header.page_size:
@@ -103,33 +105,56 @@ class SnapshotWriter:
         return SnapshotHeader(h.page_size, h.txid, h.time_ns, h.db_size, self._checksum)
 
 
-class _HashingBody:
-    """The body of a snapshot in a file, hashing whatever the decompressor reads from it.
+def encode_snapshot(
+    pages: Iterable[Page], page_size: int, txid: int, time_ns: int, db_size: int
+) -> Iterator[bytes]:
+    """The snapshot of ``pages`` (1..db_size, in order) as the object's bytes in chunks of
+    about a MiB, encoded as they are asked for: a streaming upload holds a chunk or two, not
+    the object.  The last chunk ends with the whole footer."""
+    out = _Chunks()
+    writer = SnapshotWriter(cast(BinaryIO, out), page_size, txid, time_ns, db_size)
+    for page in pages:
+        writer.add_page(page)
+        if out.size >= CHUNK:
+            yield out.take()
+    writer.finish()
+    yield out.take()
 
-    One pass over the file then both decompresses and verifies the SHA-256.
-    """
 
-    def __init__(self, f: BinaryIO, start: int, length: int, sha: hashlib._Hash) -> None:
-        self._f = f
-        self._pos = start
-        self._left = length
-        self._sha = sha
+class _Chunks:
+    """What a SnapshotWriter wrote since the last take()."""
 
-    def read(self, n: int = -1) -> bytes:
-        n = self._left if n < 0 else min(n, self._left)
-        self._f.seek(self._pos)
-        data = self._f.read(n)
-        self._pos += len(data)
-        self._left -= len(data)
-        self._sha.update(data)
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+        self.size += len(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts, self.size = [], 0
         return data
 
-    def digest(self, tail: bytes) -> bytes:
-        """SHA-256 of the object once the unread rest of the body and `tail` are included."""
-        while self.read(CHUNK):
-            pass
-        self._sha.update(tail)
-        return self._sha.digest()
+
+def snapshot_header(head: bytes, footer: bytes, size: int, key: str) -> SnapshotHeader:
+    """The header of a snapshot of ``size`` bytes from its first SNAPSHOT_HEADER_SIZE and last
+    SNAPSHOT_FOOTER_SIZE bytes, checked as far as they go (§5.4: magic, version, fields,
+    object size); the body and the SHA-256 are not read, so the object is only vouched for
+    by whoever reads it whole."""
+    container.check_magic_version(head, SNAPSHOT_MAGIC, "snapshot", SNAPSHOT_VERSION, key)
+    if len(head) < _SNAP_HEADER.size or size < _SNAP_HEADER.size + _SNAP_FOOTER.size:
+        raise CorruptObject(key, f"truncated: {size} bytes")
+    _, _, flags, page_size, txid, time_ns, db_size = _SNAP_HEADER.unpack(head)
+    container.check_flags_page_size(flags, page_size, key)
+    if len(footer) != _SNAP_FOOTER.size:
+        raise CorruptObject(key, f"truncated: {size} bytes")
+    checksum, body_length, _ = _SNAP_FOOTER.unpack(footer)
+    expected = _SNAP_HEADER.size + body_length + _SNAP_FOOTER.size
+    if size != expected:
+        raise CorruptObject(key, f"object is {size} bytes, footer implies {expected}")
+    return SnapshotHeader(page_size, txid, time_ns, db_size, checksum)
 
 
 def read_snapshot(src: bytes | BinaryIO, key: str) -> tuple[SnapshotHeader, Iterator[Page]]:
@@ -137,60 +162,161 @@ def read_snapshot(src: bytes | BinaryIO, key: str) -> tuple[SnapshotHeader, Iter
 
     `src` is the whole object as bytes, or a seekable file holding the object from its
     current position to its end. For bytes the SHA-256 is checked before any page is
-    returned; for files it is checked while streaming. Either way the iterator raises
-    before yielding the last page if the SHA-256 or the database checksum is wrong, so
-    the image is good only once the iterator is exhausted without error.
+    returned; for files it is checked while streaming (see :func:`stream_snapshot`).
+    Either way the iterator raises before yielding the last page if the SHA-256 or the
+    database checksum is wrong, so the image is good only once the iterator is exhausted
+    without error.
     """
-    if isinstance(src, bytes | bytearray | memoryview):
-        view = memoryview(src)
-        size = len(view)
-
-        def read_at(pos: int, n: int) -> bytes:
-            return view[pos : pos + n].tobytes()
-
-    else:
+    if not isinstance(src, bytes | bytearray | memoryview):
         f = src
         base = f.tell()
         size = f.seek(0, io.SEEK_END) - base
-
-        def read_at(pos: int, n: int) -> bytes:
-            f.seek(base + pos)
-            return f.read(n)
-
-    head = read_at(0, _SNAP_HEADER.size)
-    container.check_magic_version(head, SNAPSHOT_MAGIC, "snapshot", SNAPSHOT_VERSION, key)
-    if len(head) < _SNAP_HEADER.size or size < _SNAP_HEADER.size + _SNAP_FOOTER.size:
-        raise CorruptObject(key, f"truncated: {size} bytes")
-    _, _, flags, page_size, txid, time_ns, db_size = _SNAP_HEADER.unpack(head)
-    container.check_flags_page_size(flags, page_size, key)
-    footer = read_at(size - _SNAP_FOOTER.size, _SNAP_FOOTER.size)
-    checksum, body_length, sha = _SNAP_FOOTER.unpack(footer)
-    expected = _SNAP_HEADER.size + body_length + _SNAP_FOOTER.size
-    if size != expected:
-        raise CorruptObject(key, f"object is {size} bytes, footer implies {expected}")
-    start = _SNAP_HEADER.size
-    if isinstance(src, bytes | bytearray | memoryview):
-        if hashlib.sha256(view[:-SHA_LEN]).digest() != sha:
-            raise CorruptObject(key, "sha256 mismatch")
-        body: memoryview | _HashingBody = view[start : start + body_length]
-    else:
-        body = _HashingBody(src, base + start, body_length, hashlib.sha256(head))
-    container.check_frame(
-        lambda pos, n: read_at(start + pos, max(0, min(n, body_length - pos))),
-        body_length,
-        db_size * page_size,
-        key,
+        f.seek(max(base, base + size - _SNAP_FOOTER.size))
+        footer = f.read(_SNAP_FOOTER.size)
+        f.seek(base)
+        return stream_snapshot(iter(lambda: f.read(CHUNK), b""), size, footer, key)
+    view = memoryview(src)
+    size = len(view)
+    header = snapshot_header(
+        view[: _SNAP_HEADER.size].tobytes(), view[-_SNAP_FOOTER.size :].tobytes(), size, key
     )
-    header = SnapshotHeader(page_size, txid, time_ns, db_size, checksum)
-    return header, _snapshot_pages(header, body, footer, key)
+    if hashlib.sha256(view[:-SHA_LEN]).digest() != view[-SHA_LEN:]:
+        raise CorruptObject(key, "sha256 mismatch")
+    body = view[_SNAP_HEADER.size : -_SNAP_FOOTER.size]
+    container.check_frame(body, header.db_size * header.page_size, key)
+    return header, _snapshot_pages(header, body, lambda: None, key)
+
+
+def stream_snapshot(
+    chunks: Iterable[bytes], size: int, footer: bytes, key: str
+) -> tuple[SnapshotHeader, Iterator[Page]]:
+    """Read a snapshot of ``size`` bytes in one pass over ``chunks`` (the object's bytes in
+    order, in pieces of any size: a download, a file), given its ``footer`` (its last
+    SNAPSHOT_FOOTER_SIZE bytes, read beforehand so the header carries the checksum).
+
+    The header is read at once; the frame structure, the SHA-256, that the footer read
+    beforehand is the object's, and the database checksum are checked as the pages stream,
+    and the iterator raises before yielding the last page if any is wrong.  Memory is a
+    chunk or two, whatever the size."""
+    src = _Sequential(chunks)
+    head = src.read(_SNAP_HEADER.size)
+    header = snapshot_header(head, footer, size, key)
+    src.hash(head)
+    body_length = size - _SNAP_HEADER.size - _SNAP_FOOTER.size
+    walker = container.FrameWalker(body_length, header.db_size * header.page_size, key)
+    body = _StreamedBody(src, body_length, walker, key)
+
+    hashed = False  # the whole object (but the SHA-256 field) went through the hash
+
+    def hash_to_end() -> bytes:
+        nonlocal hashed
+        fields = src.read(_SNAP_FOOTER.size - SHA_LEN)
+        src.hash(fields)
+        hashed = True
+        return fields
+
+    def finish() -> None:
+        body.drain()
+        walker.end()
+        fields = hash_to_end()
+        digest = src.digest()
+        stored = fields + src.read(SHA_LEN)
+        if src.read(1) or len(stored) != _SNAP_FOOTER.size:
+            raise CorruptObject(key, f"object is not {size} bytes")
+        if stored != footer:
+            raise CorruptObject(key, "footer changed while the object was read")
+        if digest != footer[-SHA_LEN:]:
+            raise CorruptObject(key, "sha256 mismatch")
+
+    def pages() -> Iterator[Page]:
+        try:
+            # zstandard only calls read() on a file-like source, and _StreamedBody provides it.
+            yield from _snapshot_pages(header, cast(BinaryIO, body), finish, key)
+        except CorruptObject:
+            # A damaged object is named as such, not by the first symptom the stream met.
+            if not hashed:
+                body.skip()
+                hash_to_end()
+                if src.digest() != footer[-SHA_LEN:]:
+                    raise CorruptObject(key, "sha256 mismatch") from None
+            raise
+
+    return header, pages()
+
+
+class _Sequential:
+    """An object's bytes from an iterator of chunks, read in order; hashed on request."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._left = memoryview(b"")
+        self._sha = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end."""
+        parts = []
+        while n > 0:
+            if not self._left:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._left = memoryview(chunk).cast("B")
+            part = self._left[:n]
+            self._left = self._left[n:]
+            n -= len(part)
+            parts.append(part)
+        return b"".join(parts)
+
+    def hash(self, data: bytes) -> None:
+        self._sha.update(data)
+
+    def digest(self) -> bytes:
+        return self._sha.digest()
+
+
+class _StreamedBody:
+    """A snapshot's body as a file for the decompressor: each byte hashed and walked
+    (:class:`container.FrameWalker`) before the decompressor sees it."""
+
+    def __init__(
+        self, src: _Sequential, length: int, walker: container.FrameWalker, key: str
+    ) -> None:
+        self._src = src
+        self._left = length
+        self._walker = walker
+        self._key = key
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._src.read(n)
+        if len(data) < n:
+            raise CorruptObject(self._key, "object ended early")
+        self._left -= n
+        self._src.hash(data)
+        self._walker.feed(data)
+        return data
+
+    def drain(self) -> None:
+        """Pass over what the decompressor left unread (a frame checksum)."""
+        while self.read(CHUNK):
+            pass
+
+    def skip(self) -> None:
+        """Hash the rest of the body without walking it (a defect was found already)."""
+        while self._left:
+            data = self._src.read(min(CHUNK, self._left))
+            if not data:
+                return
+            self._left -= len(data)
+            self._src.hash(data)
 
 
 def _snapshot_pages(
-    header: SnapshotHeader, body: memoryview | _HashingBody, footer: bytes, key: str
+    header: SnapshotHeader, body: memoryview | BinaryIO, finish: Callable[[], None], key: str
 ) -> Iterator[Page]:
-    # zstandard only calls read() on a file-like source, and _HashingBody provides it.
-    source = body if isinstance(body, memoryview) else cast(BinaryIO, body)
-    reader = zstandard.ZstdDecompressor().stream_reader(source)
+    """The pages decompressed from ``body``; ``finish()`` checks what a streaming reader
+    checks at the end.  The last page is held back until everything checks out."""
+    reader = zstandard.ZstdDecompressor().stream_reader(body)
     size = header.page_size
     checksum = 0
     held: Page | None = None  # the latest page, released only once everything checks out
@@ -204,8 +330,7 @@ def _snapshot_pages(
                 yield held
             held = page
     container.expect_end(reader, key)
-    if isinstance(body, _HashingBody) and body.digest(footer[:-SHA_LEN]) != footer[-SHA_LEN:]:
-        raise CorruptObject(key, "sha256 mismatch")
+    finish()
     if checksum != header.checksum:
         raise CorruptObject(
             key, f"database checksum {checksum:#018x}, footer says {header.checksum:#018x}"

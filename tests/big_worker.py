@@ -1,0 +1,57 @@
+"""Child process of test_stream and benchmarks/bigdata.py: one replication or one restore,
+then its peak RSS.
+
+``replicate DB URL``: open the existing database ``DB`` through the VFS (its first sync point
+takes a snapshot of it) and flush to ``URL``; ``plain DB``: the same write without walsync.
+``restore URL OUT``: ``restore`` it.  Either
+prints ``{"peak_rss": bytes}``; a fresh process per run, so the peak is that run's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    mode, *args = sys.argv[1:]
+    if mode == "replicate":
+        import apsw
+
+        import walsync_vfs
+
+        path, url = args
+        walsync_vfs.configure(replica=url)
+        con = apsw.Connection(path, vfs="walsync")
+        con.execute("INSERT INTO t(v) VALUES (1)")
+        walsync_vfs.flush(timeout=300)
+        con.close()
+    elif mode == "plain":  # the same write without walsync: the app's own footprint
+        import apsw
+
+        (path,) = args
+        con = apsw.Connection(path)
+        con.execute("INSERT INTO t(v) VALUES (1)")
+        con.close()
+    elif mode == "restore":
+        from walsync_vfs.restore import restore
+
+        url, out = args
+        restore(url, out)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    print(json.dumps({"peak_rss": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, which belongs to the program image (not
+    ru_maxrss, which Linux carries over exec from the parent that forked this process)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) << 10
+    raise SystemExit("no VmHWM in /proc/self/status")
+
+
+if __name__ == "__main__":
+    main()

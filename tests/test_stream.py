@@ -1,0 +1,178 @@
+"""Issue 14: snapshots stream up and restores stream down in memory that does not grow with
+the database, and what needs only a header (``list``, the engine's start-up, restore
+planning) downloads only header bytes, counted on the wire."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+from loopback import LoopbackProxy
+from test_transfer import listed_parts  # noqa: F401 (a fixture)
+
+import walsync_vfs
+from walsync_vfs import catalog, format, objects, storage
+from walsync_vfs.lineage import read_head
+from walsync_vfs.report import describe_database
+from walsync_vfs.restore import plan, restore
+from walsync_vfs.storage.s3 import S3ReplicaClient
+
+MIB = 1 << 20
+WORKER = str(Path(__file__).with_name("big_worker.py"))
+ROW = 3000  # bytes of random blob per row: the database does not compress
+
+
+def build(path: Path, size: int) -> Path:
+    """A WAL database of about ``size`` bytes of random rows, checkpointed."""
+    con = apsw.Connection(str(path))
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t(v)")
+    with con:
+        con.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+            "INSERT INTO t SELECT randomblob(?) FROM n",
+            (size // ROW, ROW),
+        )
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    return path
+
+
+def digest(path: Path) -> str:
+    """What the database holds, row by row."""
+    con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    sha = hashlib.sha256()
+    for rowid, v in con.execute("SELECT rowid, v FROM t ORDER BY rowid"):
+        sha.update(rowid.to_bytes(8, "big") + (v if isinstance(v, bytes) else str(v).encode()))
+    con.close()
+    return sha.hexdigest()
+
+
+def peak_rss(*args: str) -> int:
+    """Peak RSS of a fresh child process doing one replication or restore."""
+    proc = subprocess.run(
+        [sys.executable, WORKER, *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return int(json.loads(proc.stdout.splitlines()[-1])["peak_rss"])
+
+
+# A database several times the bound: memory that grew with it could not stay under.
+BIG = 200 * MIB
+RSS_BOUND = 64 * MIB
+
+
+def test_snapshot_and_restore_memory_does_not_grow_with_the_database(
+    tmp_path: Path, file_url: str
+) -> None:
+    small, big = build(tmp_path / "small.db", MIB), build(tmp_path / "big.db", BIG)
+    assert os.path.getsize(big) >= 3 * RSS_BOUND
+    # The same run on a 1 MiB database is the baseline: interpreter, imports, threads.
+    replicate = {p.name: peak_rss("replicate", str(p), file_url) for p in (small, big)}
+    restored = {p.name: tmp_path / f"restored-{p.name}" for p in (small, big)}
+    restores = {
+        name: peak_rss("restore", f"{file_url}/{name}", str(out)) for name, out in restored.items()
+    }
+    assert digest(restored["big.db"]) == digest(big)
+    extra_replicate = replicate["big.db"] - replicate["small.db"]
+    extra_restore = restores["big.db"] - restores["small.db"]
+    assert extra_replicate < RSS_BOUND, f"snapshot upload took {extra_replicate / MIB:.0f} MiB more"
+    assert extra_restore < RSS_BOUND, f"restore took {extra_restore / MIB:.0f} MiB more"
+
+
+def test_headers_alone_go_over_the_wire(
+    s3_server, s3_url: str, tmp_path: Path, listed_parts: list[list[int]]  # noqa: F811
+) -> None:
+    """A snapshot above the multipart threshold goes up in parts (SeaweedFS lists them) and
+    restores; ``list``, the head a writer reads at start-up and timestamp planning then fetch
+    a few KiB through a counting relay, a restore the whole snapshot."""
+    path = build(tmp_path / "app.db", 24 * MIB)
+    walsync_vfs.configure(replica=s3_url)
+    try:
+        con = apsw.Connection(str(path), vfs="walsync")
+        for i in range(3):
+            con.execute("INSERT INTO t(v) VALUES (?)", (i,))
+            walsync_vfs.flush(timeout=60)
+        con.close()
+    finally:
+        walsync_vfs.configure(replica="")
+    assert len(listed_parts) == 1 and len(listed_parts[0]) >= 3, listed_parts
+    assert set(listed_parts[0][:-1]) == {8 * MIB}
+
+    relay = LoopbackProxy(upstream=s3_server.endpoint.removeprefix("http://"))
+    try:
+        client = storage.open_replica(s3_url, endpoint_url=relay.url)
+        (g,) = catalog.generations(client, "app.db")
+        snap_key = catalog.object_key(g.snapshots[0])
+        snap_size = g.sizes[snap_key]
+        assert snap_size > 20 * MIB and len(g.segments) >= 3
+        listed = relay.received
+
+        head = read_head(client, "app.db")
+        info = describe_database(client, "app.db")
+        now = time.time_ns()
+        by_time = plan(client, "app.db", timestamp_ns=now)
+        headers_only = relay.received - listed
+        assert headers_only < 64 << 10, f"{headers_only} bytes fetched for headers"
+
+        out = tmp_path / "restored.db"
+        restore(s3_url + "/app.db", str(out), client_options={"endpoint_url": relay.url})
+        assert relay.received - listed - headers_only > snap_size  # the counter sees real GETs
+    finally:
+        relay.stop()
+    last = g.segments[-1]
+    assert head.txid == last.last_txid and head.generation == g.id
+    snapshots = info["generations"][0]["snapshots"]
+    assert snapshots == [{"txid": g.snapshots[0].last_txid, "bytes": snap_size}]
+    assert info["generations"][0]["segments"]["last_time"] is not None
+    assert by_time.snapshot == g.snapshots[0] and by_time.segments[-1] == last
+    assert digest(out) == digest(path)
+
+
+def snapshot_pages(n: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(4096) for _ in range(n)]
+
+
+def test_a_conflicting_snapshot_is_ours_only_if_its_bytes_are(replica_url: str) -> None:
+    """A create-only upload finding its key taken (its reply was lost) counts as stored only
+    when the object there is, byte for byte by its SHA-256, the same snapshot; otherwise the
+    object is removed and the Conflict raised for a retry.  Over S3's multipart threshold."""
+    client = storage.open_replica(replica_url)
+    client.create_only = True
+    if isinstance(client, S3ReplicaClient):
+        client.part_size = client.multipart_threshold = 5 * MIB
+    pages = snapshot_pages(1600, seed=1)  # 6.25 MiB, above the threshold
+    key = format.snapshot_key("db", format.new_generation_id(1), 1)
+
+    def put(time_ns: int) -> int:
+        return objects.put_snapshot(client, key, iter(pages), 4096, 1, time_ns, len(pages))
+
+    size = put(100)
+    assert put(100) == size  # the same snapshot again: an earlier attempt stored it
+    header, got = objects.open_snapshot(client, key)
+    assert (header.txid, header.time_ns) == (1, 100) and list(map(bytes, got)) == pages
+
+    with pytest.raises(storage.Conflict):
+        put(200)  # same key, other bytes (same size, another footer)
+    with pytest.raises(storage.ObjectNotFound):
+        client.head(key)
+    assert put(200) == size
+
+    # Same size and same footer, one body byte changed: damaged, not ours.
+    client.delete([key])
+    whole = bytearray(b"".join(format.encode_snapshot(iter(pages), 4096, 1, 300, len(pages))))
+    whole[len(whole) // 2] ^= 1
+    client.put(key, bytes(whole))
+    with pytest.raises(storage.Conflict):
+        put(300)
+    with pytest.raises(storage.ObjectNotFound):
+        client.head(key)
