@@ -509,19 +509,19 @@ static int shmHeader(WsDb *pDb, uint32_t *pSalt1, uint32_t *pSalt2, uint32_t *pM
 static int gNotifyFd = -1;
 
 /* Tell the leader that the WAL grew (a datagram naming its id for the db);
-** at most one per millisecond per database (unless lastNotify is cleared: a
-** restart waits for the read): the leader reads again after every read that
-** found commits, so none is missed. */
-static void notifyLeader(WsDb *pDb) {
+** at most one per millisecond per database: the leader reads again after
+** every read that found commits, so none is missed.  bNow (a restart waits
+** for the read) is sent regardless and leaves the next commit's own. */
+static void notifyLeader(WsDb *pDb, int bNow) {
   struct sockaddr_un sa;
   struct timespec ts;
   int64_t id, now;
   char zAddr[WS_ADDR_MAX];
   clock_gettime(CLOCK_MONOTONIC, &ts);
   now = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-  if (now - pDb->lastNotify < 1000000) return;
+  if (!bNow && now - pDb->lastNotify < 1000000) return;
   if (!leaderOf(pDb->pShared, &id, zAddr) || !zAddr[0]) return;
-  pDb->lastNotify = now;
+  if (!bNow) pDb->lastNotify = now;
   if (gNotifyFd < 0) gNotifyFd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (gNotifyFd < 0) return;
   memset(&sa, 0, sizeof(sa));
@@ -572,8 +572,7 @@ static int restartAllowed(WsDb *pDb) {
     }
     if (!until) {
       until = monotonicNs() + WS_READ_WAIT_NS;
-      pDb->lastNotify = 0;
-      notifyLeader(pDb);
+      notifyLeader(pDb, 1);
     } else if (monotonicNs() > until) {
       return 0;
     }
@@ -826,7 +825,7 @@ static void publishPending(WsDb *pDb) {
       pDb->own[0] = s1;
       pDb->own[1] = s2;
       pDb->own[2] = mx;
-      notifyLeader(pDb);
+      notifyLeader(pDb, 0);
     }
     return;
   }
