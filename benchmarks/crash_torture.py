@@ -850,6 +850,10 @@ class ManyWriters(Torture):
 
         for slot in range(n):
             start(slot)
+        # Every kill is followed by a restore of the live replica: the first waits for one.
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.replica_dir / NAME) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for cycle in range(1, self.args.cycles + 1):
             time.sleep(self.rng.uniform(self.args.kill_min, self.args.kill_max))
             slot = self.rng.randrange(n)
