@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from pathlib import Path
 
 import apsw
@@ -499,3 +500,29 @@ def test_header_rewritten_after_a_crashed_first_transaction_is_no_gap(tmp_path):
     f.assert_identical(con)  # catch_up asserts that no GAP was reported
     con.close()
     f.stop()
+
+
+def test_spooled_pages_read_in_runs_and_slices(tmp_path):
+    """SpooledPages over a file of frames in WAL order: pages come back in pgno order,
+    page by page or in chunks (a run of consecutive frames is one read, other frames'
+    bytes never leak in), and a slice reads from the same file, open until both are gone."""
+    ps = 512
+    order = [7, 3, 9, 4, 5, 1, 8, 2, 6]  # pgno of each frame, in the file
+    with open(tmp_path / "frames", "wb") as f:
+        for frame, pgno in enumerate(order):
+            f.write(bytes([0xEE]) * 24 + bytes([pgno]) * (ps - 1) + bytes([frame]))
+    frames = array("I", sorted(range(len(order)), key=lambda frame: order[frame]))
+    pages = capture.SpooledPages(
+        os.open(tmp_path / "frames", os.O_RDONLY), ps, array("I", range(1, 10)), frames
+    )
+    expected = [bytes([pgno]) * (ps - 1) + bytes([order.index(pgno)]) for pgno in range(1, 10)]
+    assert list(pages) == list(enumerate(expected, 1))
+    for size in (ps, 2 * ps, 4 * ps, 1 << 20):
+        chunks = [bytes(c) for c in pages.chunks(size)]
+        assert all(len(c) <= max(size, ps) for c in chunks)
+        assert b"".join(chunks) == b"".join(expected)
+    part = pages[3:7]
+    assert isinstance(part, capture.SpooledPages) and list(part.pgnos) == [4, 5, 6, 7]
+    del pages
+    assert b"".join(bytes(c) for c in part.chunks(3 * ps)) == b"".join(expected[3:7])
+    assert part[-1] == (7, expected[6])

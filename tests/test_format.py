@@ -27,10 +27,12 @@ from walsync_vfs.format import (
     DbChecksum,
     IndexEntry,
     ParsedKey,
+    Part,
     SnapshotHeader,
     SnapshotWriter,
     WalPos,
     decode_segment,
+    encode_part,
     encode_segment,
     merge_segments,
     new_generation_id,
@@ -304,6 +306,46 @@ def test_segment_round_trip_single():
     assert (header.page_size, header.first_txid, header.last_txid) == (4096, 1, 1)
     c = commit[0]
     assert header.index == (IndexEntry(1, c.time_ns, 1, 1, c.checksum),)
+
+
+def test_part_round_trip_from_chunks_of_pages():
+    """A part made from chunks of several pages decodes to the part's own pages, with the
+    part descriptor and the whole commit's fields."""
+    (whole,) = make_commits(1024, 9, [(40, list(range(1, 41)))])
+    first, second = whole.pages[:25], whole.pages[25:]
+    parts = []
+    for i, pages in enumerate((first, second)):
+        joined = b"".join(data for _, data in pages)
+        chunks = [joined[k : k + 3 * 1024] for k in range(0, len(joined), 3 * 1024)]
+        part = Part(i, 2, 40)
+        obj = encode_part(1024, whole, part, [pgno for pgno, _ in pages], chunks)
+        assert obj.readonly
+        header, (commit,) = decode_segment(bytes(obj), SEG_KEY)
+        assert header.part == part and (header.first_txid, header.last_txid) == (9, 9)
+        assert (commit.txid, commit.db_size, commit.checksum) == (9, 40, whole.checksum)
+        assert commit.pages == pages
+        parts.append(obj)
+    # Page by page, as an in-memory commit gives them: the same object.
+    by_page = [data for _, data in second]
+    assert encode_part(1024, whole, Part(1, 2, 40), [p for p, _ in second], by_page) == parts[1]
+
+
+@pytest.mark.parametrize(
+    "pgnos, chunks, match",
+    [
+        ([1, 2], [bytes(1024), bytes(1000)], "whole 1024-byte pages"),
+        ([1, 2], [bytes(3 * 1024)], "whole 1024-byte pages"),
+        ([1, 2], [bytes(1024)], "1024 bytes of pages missing"),
+        ([2, 1], [bytes(2048)], "must strictly increase"),
+        ([1, 41], [bytes(2048)], "must strictly increase within 1..40"),
+    ],
+)
+def test_encode_part_rejects(pgnos, chunks, match):
+    (whole,) = make_commits(1024, 9, [(40, list(range(1, 41)))])
+    with pytest.raises(ValueError, match=match):
+        encode_part(1024, whole, Part(0, 2, 40), pgnos, chunks)
+    with pytest.raises(ValueError, match="invalid part"):
+        encode_part(1024, whole, Part(2, 2, 40), [1], [bytes(1024)])
 
 
 @pytest.mark.parametrize("page_size", [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])

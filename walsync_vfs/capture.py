@@ -45,6 +45,11 @@ log = logging.getLogger("walsync_vfs")
 _load_lock = threading.Lock()
 _loaded = False
 _ERR_LEN = 512
+# A giant commit's pages are read back this many bytes at a time (SpooledPages.chunks) ...
+READ_CHUNK = 1 << 20
+# ... and at most this many pages in one read: with the frame headers between them, the
+# iovecs of one preadv stay within Linux's IOV_MAX of 1024.
+READ_RUN = 512
 
 
 class Kind(IntEnum):
@@ -77,20 +82,34 @@ class Record:
 class SpooledPages(Sequence[tuple[int, bytes]]):
     """The pages of a commit too big to hold in memory: (pgno, page) in pgno order, read on
     demand from the shim's copy of its WAL frames (a file of its own, closed once this object
-    is gone), so a giant transaction never has all its pages in memory at once."""
+    and every slice of it are gone), so a giant transaction never has all its pages in memory
+    at once.  A slice is another SpooledPages over the same file, read nothing yet."""
 
-    __slots__ = ("_fd", "_page_size", "_frame_size", "_pgnos", "_frames", "__weakref__")
+    __slots__ = ("_fd", "_owner", "_page_size", "_frame_size", "_pgnos", "_frames", "__weakref__")
 
-    def __init__(self, fd: int, page_size: int, pgnos: array[int], frames: array[int]) -> None:
-        self._fd = fd  # owned: closed with this object
+    def __init__(
+        self,
+        fd: int,
+        page_size: int,
+        pgnos: array[int],
+        frames: array[int],
+        owner: SpooledPages | None = None,
+    ) -> None:
+        self._fd = fd  # owned (closed with this object), or ``owner``'s
+        self._owner = owner
         self._page_size = page_size
         self._frame_size = 24 + page_size
         self._pgnos = pgnos
         self._frames = frames  # the frame holding each page's newest version, in the file
-        weakref.finalize(self, os.close, fd)
+        if owner is None:
+            weakref.finalize(self, os.close, fd)
 
     def __len__(self) -> int:
         return len(self._pgnos)
+
+    @property
+    def pgnos(self) -> array[int]:
+        return self._pgnos
 
     def _page(self, i: int) -> tuple[int, bytes]:
         at = self._frames[i] * self._frame_size + 24
@@ -102,11 +121,39 @@ class SpooledPages(Sequence[tuple[int, bytes]]):
     @overload
     def __getitem__(self, i: int) -> tuple[int, bytes]: ...
     @overload
-    def __getitem__(self, i: slice) -> list[tuple[int, bytes]]: ...
-    def __getitem__(self, i: int | slice) -> tuple[int, bytes] | list[tuple[int, bytes]]:
+    def __getitem__(self, i: slice) -> SpooledPages: ...
+    def __getitem__(self, i: int | slice) -> tuple[int, bytes] | SpooledPages:
         if isinstance(i, slice):
-            return [self._page(k) for k in range(*i.indices(len(self)))]
+            owner = self._owner or self
+            return SpooledPages(self._fd, self._page_size, self._pgnos[i], self._frames[i], owner)
         return self._page(range(len(self))[i])
+
+    def chunks(self, size: int = READ_CHUNK) -> Iterator[memoryview]:
+        """The pages' bytes back to back, about ``size`` bytes (whole pages) at a time, in
+        one buffer reused for every chunk: each is valid until the next is asked for.
+
+        A run of pages in consecutive frames is one read, their frame headers scattered into
+        a scratch buffer, so a part costs a few system calls per MiB, not one per page."""
+        ps, frames = self._page_size, self._frames
+        per_chunk = max(1, min(size // ps, READ_RUN))
+        buf = memoryview(bytearray(per_chunk * ps))
+        scratch = bytearray(24)
+        for start in range(0, len(frames), per_chunk):
+            stop = min(start + per_chunk, len(frames))
+            i = start
+            while i < stop:
+                run = i + 1  # pages i..run-1 are in consecutive frames
+                while run < stop and frames[run] == frames[run - 1] + 1:
+                    run += 1
+                pieces: list[memoryview | bytearray] = []
+                for k in range(i - start, run - start):
+                    pieces += (buf[k * ps : (k + 1) * ps], scratch)
+                at = frames[i] * self._frame_size + 24
+                want = (run - i) * self._frame_size - 24
+                if os.preadv(self._fd, pieces[:-1], at) != want:
+                    raise OSError(f"short read of spooled pages at offset {at}")
+                i = run
+            yield buf[: (stop - start) * ps]
 
 
 class CaptureError(RuntimeError):

@@ -255,7 +255,7 @@ class Compactor:
         if not decision.continues:
             self.drop_copies(db)
 
-    def kept(self, db: Database, item: Outgoing, data: bytes) -> None:
+    def kept(self, db: Database, item: Outgoing, data: bytes | memoryview) -> None:
         """A segment is in the store: remember it (and keep a local copy) if compaction will
         merge it -- a small segment of the current generation."""
         run = None

@@ -81,7 +81,7 @@ class RecentCopies:
         """A run for segments of ``key``'s database and generation (no file until a copy)."""
         return Run(str(next(self._names)), key.name, key.generation, key.epoch)
 
-    def keep(self, run: Run, key: format.ParsedKey, data: bytes) -> None:
+    def keep(self, run: Run, key: format.ParsedKey, data: bytes | memoryview) -> None:
         """Append a copy of an uploaded segment to its run's file, if the disk allows."""
         if (key.name, key.generation, key.epoch) != (run.name, run.generation, run.epoch):
             return  # read() files copies under the run's own name and generation

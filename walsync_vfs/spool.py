@@ -37,7 +37,7 @@ class Outgoing:
     first_txid: int
     last_txid: int
     raw_bytes: int  # page bytes it carries (compaction only merges small segments)
-    data: bytes | None  # None once spilled
+    data: bytes | memoryview | None  # None once spilled or uploaded
     path: str | None = None
     discarded: bool = False  # shipped or dropped: a spill still under way must not keep it
     part: tuple[int, int] | None = None  # (index, count): one part of a commit (FORMAT.md §4.5)
@@ -47,7 +47,7 @@ class Outgoing:
         """Whether storing it completes its last commit (not an earlier part of it)."""
         return self.part is None or self.part[0] + 1 == self.part[1]
 
-    def payload(self) -> bytes:
+    def payload(self) -> bytes | memoryview:
         if self.data is not None:
             return self.data
         with open(self.path, "rb") as f:  # type: ignore[arg-type]
@@ -73,16 +73,18 @@ class Spool:
 
     def spill(self, item: Outgoing) -> None:
         """Move ``item``'s bytes to disk; raises :class:`SpoolFull` or the OSError of the write."""
-        if item.data is None:
+        data = item.data  # once: a put thread may let go of it meanwhile
+        if data is None:
             return
-        path = self.store(item.data, ".wseg")
+        path = self.store(data, ".wseg")
+        del data
         with self._lock:
             if not item.discarded:
                 item.path, item.data = path, None
                 return
         self.remove(path)  # it shipped from memory while being written
 
-    def store(self, data: bytes, suffix: str) -> str:
+    def store(self, data: bytes | memoryview, suffix: str) -> str:
         """Write ``data`` to a new spool file, counted against the cap until :meth:`remove`;
         raises :class:`SpoolFull` or the OSError of the write."""
         size = len(data)

@@ -16,7 +16,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -58,16 +58,25 @@ def part_count(commit: format.Commit, page_size: int, max_bytes: int) -> int:
     return max(1, -(-len(commit.pages) // per_part))
 
 
-def part_of(
-    commit: format.Commit, index: int, page_size: int, max_bytes: int
-) -> tuple[format.Commit, format.Part]:
-    """Part ``index`` of a commit bigger than a segment: the commit with only that part's
-    pages (read now, if they are on disk), and its part descriptor."""
+def part_bytes(commit: format.Commit, index: int, page_size: int, max_bytes: int) -> int:
+    """Page bytes of part ``index`` of a commit bigger than a segment."""
     per_part = part_pages(page_size, max_bytes)
-    pages = tuple(commit.pages[index * per_part : (index + 1) * per_part])
+    return min(per_part, len(commit.pages) - index * per_part) * page_size
+
+
+def encode_part(commit: format.Commit, index: int, page_size: int, max_bytes: int) -> memoryview:
+    """The object of part ``index`` of a commit bigger than a segment (FORMAT.md §4.5).
+    Pages in a spool file are read a chunk at a time into the compressor, never a Python
+    object per page."""
+    per_part = part_pages(page_size, max_bytes)
+    pages = commit.pages[index * per_part : (index + 1) * per_part]
     part = format.Part(index, part_count(commit, page_size, max_bytes), len(commit.pages))
-    c = commit
-    return format.Commit(c.txid, c.time_ns, c.db_size, c.checksum, pages, c.wal), part
+    if isinstance(pages, capture.SpooledPages):
+        pgnos: Sequence[int] = pages.pgnos
+        data: Iterable[format.Page] = pages.chunks()
+    else:
+        pgnos, data = [pgno for pgno, _ in pages], (page for _, page in pages)
+    return format.encode_part(page_size, commit, part, pgnos, data)
 
 
 def encode_commits(
@@ -77,7 +86,7 @@ def encode_commits(
     max_bytes: int,
     commits: list[format.Commit],
     epoch: int = 0,
-) -> Iterator[tuple[str, bytes]]:
+) -> Iterator[tuple[str, bytes | memoryview]]:
     """(key, object) of each segment the commits go in, made one at a time: consecutive
     commits about ``max_bytes`` of pages per segment, and a bigger commit in parts."""
     for batch in batches(commits, page_size, max_bytes):
@@ -88,9 +97,8 @@ def encode_commits(
             yield key, format.encode_segment(page_size, batch)
             continue
         for i in range(count):
-            piece, part = part_of(c, i, page_size, max_bytes)
             key = format.segment_key(name, generation, c.txid, c.txid, epoch, (i, count))
-            yield key, format.encode_segment(page_size, [piece], format.SEGMENT_LEVEL, part)
+            yield key, encode_part(c, i, page_size, max_bytes)
 
 
 def per_client(entries: list[_E]) -> Iterable[list[_E]]:
@@ -293,8 +301,7 @@ def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
     count = part_count(first, page_size, max_bytes)
     if count > 1:
         index = up.next_part
-        per_part = part_pages(page_size, max_bytes)
-        size = min(per_part, len(first.pages) - index * per_part) * page_size
+        size = part_bytes(first, index, page_size, max_bytes)
         up.pending_bytes -= size
         if isinstance(first.pages, capture.SpooledPages):
             up.disk_bytes -= size
@@ -348,15 +355,14 @@ def encode(
     gen = batch[0][1]
     if part is not None:
         seq, _, whole = batch[0]
-        piece, header = part_of(whole, part[0], page_size, max_segment_bytes)
         return Outgoing(
             format.segment_key(name, gen, whole.txid, whole.txid, epoch, part),
             gen,
             seq,
             whole.txid,
             whole.txid,
-            len(piece.pages) * page_size,
-            format.encode_segment(page_size, [piece], format.SEGMENT_LEVEL, header),
+            part_bytes(whole, part[0], page_size, max_segment_bytes),
+            encode_part(whole, part[0], page_size, max_segment_bytes),
             part=part,
         )
     commits = [c for _, _, c in batch]
@@ -386,7 +392,7 @@ class UploadHost(Protocol):
 class LocalCopies(Protocol):
     """Where uploaded segments go for compaction (see compactor.Compactor)."""
 
-    def kept(self, db: Database, item: Outgoing, data: bytes) -> None: ...
+    def kept(self, db: Database, item: Outgoing, data: bytes | memoryview) -> None: ...
     def drop_copies(self, db: Database) -> None: ...
 
 
@@ -484,7 +490,8 @@ class Uploader:
         go (:func:`storage.put_all`), settle each, then give their slots back."""
         settled = 0
         try:
-            objects, sending = [], []
+            objects: list[tuple[str, bytes | memoryview]] = []
+            sending = []
             for db, item in ships:
                 try:
                     objects.append((item.key, item.payload()))
@@ -493,11 +500,18 @@ class Uploader:
                     self._failed(db, unreadable)
                     settled += 1
             results = storage.put_all(client, objects)
-            for (db, item), (key, data), error in zip(sending, objects, results, strict=True):
+            for i, ((db, item), error) in enumerate(zip(sending, results, strict=True)):
+                # Settling a part lets the next part of its commit be encoded at once: by
+                # then, nothing here may hold this one's bytes any more.
+                key, data = objects[i]
+                objects[i] = (key, b"")
                 if error is not None and not storage.stored_before(client, key, data, error):
                     self._failed(db, error)
                 elif db.may_write(time.monotonic()):
-                    self._uploaded(db, item, data)
+                    self._copies.kept(db, item, data)
+                    stored = len(data)
+                    del data
+                    self._uploaded(db, item, stored)
                 else:
                     self._unconfirmed(db)
                 settled += 1
@@ -536,20 +550,20 @@ class Uploader:
             self.schedule(db, time.monotonic())
             self._changed.notify_all()
 
-    def _uploaded(self, db: Database, item: Outgoing, data: bytes) -> None:
-        """A segment is in the store: mark it durable."""
+    def _uploaded(self, db: Database, item: Outgoing, stored: int) -> None:
+        """A segment of ``stored`` bytes is in the store: mark it durable and let go of it."""
         self._spool.discard(item)
-        self._copies.kept(db, item, data)
         with self._lock:
             up = db.upload
             up.outbox.remove(item)
+            item.data = None
             up.uploading = False
             db.failures = 0
             db.last_error = ""
             if item.complete:  # a commit's earlier parts make nothing durable yet
                 up.durable_seq = max(up.durable_seq, item.last_seq)
                 up.durable_txid = item.last_txid
-            up.bytes_uploaded += len(data)
+            up.bytes_uploaded += stored
             self.freed = True
             db.upkeep.uploaded_since_retention = True
             self.schedule(db, time.monotonic())

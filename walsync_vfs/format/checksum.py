@@ -66,7 +66,8 @@ class DbChecksum:
         allocates, so a missing one means the caller lost a page.
         """
         hashes = self._hashes
-        if db_size == len(hashes):  # the usual commit: no page added or cut off
+        if db_size == len(hashes) and isinstance(pages, tuple):
+            # The usual commit: its pages in memory, no page added or cut off.
             same = [(pgno, _xxh3(data, seed=pgno)) for pgno, data in pages]
             for pgno, _ in same:  # all checked before anything changes
                 if not 1 <= pgno <= db_size:
@@ -79,25 +80,38 @@ class DbChecksum:
             return
         if not 0 <= db_size <= U32_MAX:
             raise ValueError(f"db_size {db_size} out of range")
-        # Runs once per replicated commit: page_hash inlined, range checks done in C.
-        new = {pgno: _xxh3(data, seed=pgno) for pgno, data in pages}
-        if new and (min(new) < 1 or max(new) > db_size):
-            outside = next(p for p in new if not 1 <= p <= db_size)
+        # Page numbers and hashes in arrays, 16 bytes a page: a giant commit's pages are
+        # read from a file one at a time, and an object per page would cost over a hundred
+        # bytes each.  All hashed before anything changes.
+        pgnos, new = array("Q"), array("Q")
+        try:
+            for pgno, data in pages:
+                pgnos.append(pgno)
+                new.append(_xxh3(data, seed=pgno))
+        except OverflowError:  # a negative page number
+            raise ValueError(f"page {pgno} outside a database of {db_size} pages") from None
+        if pgnos and (min(pgnos) < 1 or max(pgnos) > db_size):
+            outside = next(p for p in pgnos if not 1 <= p <= db_size)
             raise ValueError(f"page {outside} outside a database of {db_size} pages")
         value = self._value
         old_size = len(hashes)
         if db_size > old_size:
-            missing = next((p for p in range(old_size + 1, db_size + 1) if p not in new), None)
-            if missing is not None:
+            given = bytearray(db_size - old_size)
+            for pgno in pgnos:
+                if pgno > old_size:
+                    given[pgno - old_size - 1] = 1
+            missing = given.find(0)
+            if missing >= 0:
                 raise ValueError(
-                    f"database grew to {db_size} pages but page {missing} was not given"
+                    f"database grew to {db_size} pages but page {old_size + missing + 1} "
+                    "was not given"
                 )
             hashes.frombytes(bytes(8 * (db_size - old_size)))  # all overwritten below
         elif db_size < old_size:
             for h in hashes[db_size:]:
                 value ^= h
             del hashes[db_size:]
-        for pgno, h in new.items():
+        for pgno, h in zip(pgnos, new, strict=True):
             value ^= hashes[pgno - 1] ^ h
             hashes[pgno - 1] = h
         self._value = value

@@ -8,9 +8,12 @@ length is trusted for an allocation before the object's real size vouches for it
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
+import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import zstandard
@@ -183,11 +186,8 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
     return f"txid {c.txid}: invalid WAL position {c.wal or _NO_WAL}"
 
 
-def encode_segment(
-    page_size: int, commits: Sequence[Commit], level: int = SEGMENT_LEVEL, part: Part | None = None
-) -> bytes:
-    """Encode consecutive commits as one segment object; with ``part``, the one commit given
-    is that part of a commit: its ``pages`` are the part's pages only (§4.5).
+def encode_segment(page_size: int, commits: Sequence[Commit], level: int = SEGMENT_LEVEL) -> bytes:
+    """Encode consecutive commits as one segment object.
 
     Raises ValueError for input the format cannot represent, so nothing is uploaded
     that a reader would later reject.
@@ -196,13 +196,6 @@ def encode_segment(
         raise ValueError(f"invalid page size {page_size}")
     if not commits:
         raise ValueError("a segment needs at least one commit")
-    if part is not None and (
-        len(commits) != 1
-        or not 0 <= part.index < part.count
-        or part.count < 2
-        or not len(commits[0].pages) <= part.commit_pages <= commits[0].db_size
-    ):
-        raise ValueError(f"invalid part {part} of {len(commits)} commits")
     first = commits[0].txid
     index: list[bytes] = []
     raw: list[bytes | memoryview] = []
@@ -225,7 +218,76 @@ def encode_segment(
             raise ValueError(_commit_problem(c, txid, page_size)) from None
         raw.append(struct.pack(f">{len(pgnos)}I", *pgnos))
         raw += pages
-    return _seal_segment(page_size, first, commits[-1].txid, index, raw, level, part)
+    return _seal_segment(page_size, first, commits[-1].txid, index, raw, level)
+
+
+def encode_part(
+    page_size: int,
+    commit: Commit,
+    part: Part,
+    pgnos: Sequence[int],
+    pages: Iterable[Page],
+    level: int = SEGMENT_LEVEL,
+) -> memoryview:
+    """Encode one part of a commit bigger than a segment (§4.5): ``commit`` gives the
+    commit's fields (not its pages), ``pgnos`` the part's page numbers and ``pages`` their
+    bytes in that order, in chunks of whole pages (a chunk may be reused once the next is
+    asked for).
+
+    The pages go through the compressor as they come, straight into the one buffer the
+    object is made in: a part costs about its compressed size in memory, however it is
+    read.  That buffer is a private mapping of its own, returned to the system as soon as
+    the object (a read-only view of it) is dropped, not kept by the allocator.
+
+    Raises ValueError for input the format cannot represent, as :func:`encode_segment`.
+    """
+    if not valid_page_size(page_size):
+        raise ValueError(f"invalid page size {page_size}")
+    if not (0 <= part.index < part.count and part.count >= 2) or not (
+        len(pgnos) <= part.commit_pages <= commit.db_size
+    ):
+        raise ValueError(f"invalid part {part} of a commit of {len(pgnos)} pages")
+    wal = commit.wal or _NO_WAL
+    problem = _pgno_problem(pgnos, commit.db_size) if commit.db_size >= 1 else "db_size 0"
+    if problem or not (wal.end > 0 or wal == _NO_WAL):
+        raise ValueError(f"txid {commit.txid}: {problem or f'invalid WAL position {wal}'}")
+    try:
+        entry = _pack_entry(
+            commit.txid, commit.time_ns, commit.db_size, len(pgnos), commit.checksum, wal
+        )
+    except struct.error:
+        raise ValueError(f"txid {commit.txid}: a field is out of range") from None
+    raw_length = len(pgnos) * (4 + page_size)
+    body_at = _SEG_HEADER.size + _PART_BLOCK.size + len(entry)
+    # Incompressible pages grow by a 3-byte header per 128 KiB block; what is never written
+    # to is never mapped in.
+    out = mmap.mmap(-1, body_at + raw_length + raw_length // 256 + (64 << 10) + SHA_LEN,
+                    flags=mmap.MAP_PRIVATE)  # fmt: skip
+    out.seek(body_at)
+    compressor = zstandard.ZstdCompressor(level=level).compressobj(size=raw_length)
+    numbers = array("I", pgnos)
+    if sys.byteorder == "little":
+        numbers.byteswap()
+    out.write(compressor.compress(memoryview(numbers)))
+    left = len(pgnos) * page_size
+    for chunk in pages:
+        if len(chunk) % page_size or len(chunk) > left:
+            raise ValueError(
+                f"txid {commit.txid}: {len(chunk)} bytes of pages where {left} of whole"
+                f" {page_size}-byte pages remain"
+            )
+        out.write(compressor.compress(chunk))
+        left -= len(chunk)
+    if left:
+        raise ValueError(f"txid {commit.txid}: {left} bytes of pages missing")
+    out.write(compressor.flush())
+    end = out.tell()
+    out.seek(0)
+    out.write(_segment_head(page_size, commit.txid, commit.txid, end - body_at, raw_length, part))
+    out.write(entry)
+    view = memoryview(out)
+    view[end : end + SHA_LEN] = hashlib.sha256(view[:end]).digest()
+    return view[: end + SHA_LEN].toreadonly()
 
 
 def _pack_entry(
@@ -238,6 +300,21 @@ def _pack_entry(
     )
 
 
+def _segment_head(
+    page_size: int, first: int, last: int, body_length: int, raw_length: int, part: Part | None
+) -> bytes:
+    """The header, and the part block of a part (§4, §4.5)."""
+    version, flags, block = WHOLE_SEGMENT_VERSION, 0, b""
+    if part is not None:
+        version, flags = SEGMENT_VERSION, PART_FLAG
+        block = _PART_BLOCK.pack(part.index, part.count, part.commit_pages)
+    header = _SEG_HEADER.pack(
+        SEGMENT_MAGIC, version, flags, page_size, first, last,
+        last - first + 1, body_length, raw_length,
+    )  # fmt: skip
+    return header + block
+
+
 def _seal_segment(
     page_size: int,
     first: int,
@@ -245,10 +322,8 @@ def _seal_segment(
     index: Sequence[bytes | memoryview],
     records: Sequence[bytes | memoryview],
     level: int,
-    part: Part | None = None,
 ) -> bytes:
-    """Header, part block of a part, index, the records compressed as one frame, and the
-    SHA-256 trailer (§4).
+    """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4).
 
     Shared by encoding commits and merging segments, so both produce the same bytes.  One
     shot over the joined records: streaming them into the compressor would keep zstd's
@@ -257,21 +332,13 @@ def _seal_segment(
     raw_body = b"".join(records)
     raw_length = len(raw_body)
     body = _compress(raw_body, level)
-    del raw_body  # a part is up to max_segment_bytes: hold one copy of it at a time
-    version, flags, block = WHOLE_SEGMENT_VERSION, 0, b""
-    if part is not None:
-        version, flags = SEGMENT_VERSION, PART_FLAG
-        block = _PART_BLOCK.pack(part.index, part.count, part.commit_pages)
-    header = _SEG_HEADER.pack(
-        SEGMENT_MAGIC, version, flags, page_size, first, last,
-        last - first + 1, len(body), raw_length,
-    )  # fmt: skip
-    digest = hashlib.sha256(header)
-    digest.update(block)
+    del raw_body  # hold one copy of the records at a time
+    head = _segment_head(page_size, first, last, len(body), raw_length, None)
+    digest = hashlib.sha256(head)
     for entry in index:
         digest.update(entry)
     digest.update(body)
-    return b"".join((header, block, *index, body, digest.digest()))
+    return b"".join((head, *index, body, digest.digest()))
 
 
 _Row = tuple[int, int, int, int, int, int, int, int]  # one index entry, version 2 fields

@@ -75,7 +75,7 @@ class ReplicaClient(Protocol):
     # that fences (lease.py), so an old writer can never replace another's object.
     create_only: bool
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         """Store ``data`` atomically: readers see all of it or the previous state."""
         ...
 
@@ -128,7 +128,9 @@ class Swapping(Protocol):
         ...
 
 
-def put_all(client: ReplicaClient, objects: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
+def put_all(
+    client: ReplicaClient, objects: Sequence[tuple[str, bytes | memoryview]]
+) -> list[Exception | None]:
     """PUT several objects; per object, None or the exception its put raised.
 
     A backend whose requests can overlap offers ``put_many`` with this contract (S3: every
@@ -149,7 +151,9 @@ def put_all(client: ReplicaClient, objects: Sequence[tuple[str, bytes]]) -> list
     return results
 
 
-def stored_before(client: ReplicaClient, key: str, data: bytes, error: Exception | None) -> bool:
+def stored_before(
+    client: ReplicaClient, key: str, data: bytes | memoryview, error: Exception | None
+) -> bool:
     """Whether a create-only PUT of ``data`` that raised ``error`` finds it stored: its key
     taken by that very object, an earlier attempt whose reply was lost (a fencing writer's
     keys are its own: no other writer's object is ever there).  An object of other bytes

@@ -54,7 +54,7 @@ class FileReplicaClient:
         # meanwhile does not inherit (a flock() it would hold until it exits).
         self._swapping = threading.Lock()
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         self._write(key, [data], self.create_only)
 
     def put_stream(self, key: str, source: Source, size_hint: int | None = None) -> int:
@@ -149,7 +149,7 @@ class FileReplicaClient:
                 os.close(fd)
         return _tag(data)
 
-    def _write(self, key: str, data: Iterable[bytes], create_only: bool) -> int:
+    def _write(self, key: str, data: Iterable[bytes | memoryview], create_only: bool) -> int:
         """Write ``data`` to a temp file, then give it its name; returns its size."""
         path = self._path(key)
         self._count()
@@ -166,7 +166,9 @@ class FileReplicaClient:
             with _writing_lock:
                 _writing.discard(tmp)
 
-    def _install(self, tmp: Path, path: Path, data: Iterable[bytes], create_only: bool) -> int:
+    def _install(
+        self, tmp: Path, path: Path, data: Iterable[bytes | memoryview], create_only: bool
+    ) -> int:
         """Fill and fsync ``tmp``, then link (create-only) or rename it to ``path``."""
         size = 0
         fd = self._create(tmp)

@@ -234,7 +234,7 @@ class S3Service:
     def put_many(
         self,
         bucket: str,
-        objects: Sequence[tuple[str, bytes]],
+        objects: Sequence[tuple[str, bytes | memoryview]],
         headers: Mapping[str, str] | None = None,
     ) -> list[Exception | None]:
         """PUT several objects at once, one connection each: every request is sent before
@@ -446,7 +446,7 @@ def _no_reply(exc: TimeoutError) -> _Unreachable:
 
 
 def _sha256(body: Body) -> str:
-    if isinstance(body, bytes):
+    if isinstance(body, (bytes, memoryview)):
         return hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
     digest = hashlib.sha256()
     for chunk in body:
@@ -655,7 +655,7 @@ class S3ReplicaClient:
                 raise bad_url(url, f"invalid key prefix '{prefix}'") from None
         return cls(bucket, prefix, **options)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         full = self._root + check_key(key)
         headers = CREATE_ONLY if self.create_only else None
         self._call("put", f"{self.url}/{key}", "PUT", full, body=data, headers=headers)
@@ -673,7 +673,7 @@ class S3ReplicaClient:
         self._call("put", f"{self.url}/{key}", "PUT", full, body=data, headers=headers, reply=reply)
         return reply.get("etag") or self.get_tagged(key)[1]
 
-    def put_many(self, objects: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
+    def put_many(self, objects: Sequence[tuple[str, bytes | memoryview]]) -> list[Exception | None]:
         """Several PUTs at once (see :func:`storage.put_all`); per object None or the
         StorageError its put would raise."""
         results: list[Exception | None] = [None] * len(objects)

@@ -44,7 +44,7 @@ BIG_BODY = 1 << 16  # larger bodies are sent after the head, not copied into one
 SEND_PIECE = 1 << 20  # bytes handed to one send(): each may wait the stall timeout
 
 # A request body: one buffer, or several sent back to back (a multipart part never joined).
-Body = bytes | list[bytes]
+Body = bytes | memoryview | list[bytes]
 
 
 class ProtocolError(Exception):
@@ -81,7 +81,7 @@ class Progress:
 
 
 def body_length(body: Body) -> int:
-    return len(body) if isinstance(body, bytes) else sum(map(len, body))
+    return len(body) if isinstance(body, (bytes, memoryview)) else sum(map(len, body))
 
 
 def address(host: str, tls: bool) -> tuple[str, int]:
@@ -181,7 +181,7 @@ class Connection:
         if text.count("\r") != breaks or text.count("\n") != breaks:
             raise ProtocolError("line break inside the request head")
         data = (text + "\r\n\r\n").encode("latin-1")
-        chunks = [body] if isinstance(body, bytes) else body
+        chunks = [body] if isinstance(body, (bytes, memoryview)) else body
         self._draining = length > BIG_BODY
         if not self._draining:
             self._send_all(data + b"".join(chunks), progress)
@@ -190,7 +190,7 @@ class Connection:
         for chunk in chunks:
             self._send_all(chunk, progress)
 
-    def _send_all(self, data: bytes, progress: Progress | None) -> None:
+    def _send_all(self, data: bytes | memoryview, progress: Progress | None) -> None:
         """``sendall`` with a stall timeout: ``socket.sendall``'s timeout bounds the whole
         buffer, so a large body over a slow link would fail however well it moves."""
         with memoryview(data) as view:
