@@ -34,8 +34,10 @@ from walsync_vfs.format import (
     decode_segment,
     encode_part,
     encode_segment,
+    lock_page,
     merge_segments,
     new_generation_id,
+    new_pages,
     page_hash,
     parse_key,
     read_segment_header,
@@ -275,6 +277,26 @@ def test_checksum_apply_rejects_and_stays_unchanged():
     with pytest.raises(ValueError):
         ck.apply(-1, [])
     assert (ck.value, ck.db_size) == before
+
+
+def test_a_database_growing_past_the_lock_page_has_zeros_there():
+    """SQLite never writes the page holding its pending byte (offset 2^30): a commit that
+    grows the database past it does not give it, and it counts as zeros, as the file reads."""
+    size = 65536
+    lock = lock_page(size)
+    assert lock == 16385
+    one = bytes(range(256)) * 256
+    grown = [(p, one) for p in range(lock - 1, lock + 3) if p != lock]
+    model = [one] * (lock + 2)
+    model[lock - 1] = bytes(size)
+    whole = DbChecksum.from_pages([one] * (lock - 2))
+    whole.apply(lock + 2, grown)
+    assert whole.value == DbChecksum.from_pages(model).value
+    in_parts = DbChecksum.from_pages([one] * (lock - 2))
+    old = in_parts.resize(lock + 2, size)
+    assert new_pages(old, lock + 2, size) == len(grown) == 3
+    in_parts.update(grown)
+    assert in_parts.value == whole.value
 
 
 @FUZZ

@@ -400,7 +400,7 @@ class Image:
                 raise RestoreError(f"{key}: expected txid {result.txid + 1}, got {commit.txid}")
             if timestamp_ns is not None and commit.time_ns > timestamp_ns:
                 return False
-            old_size = self.checksum.resize(commit.db_size)
+            old_size = self.checksum.resize(commit.db_size, result.page_size)
             a = self.assembly = _Assembly(commit, part.count, part.commit_pages, old_size)
         if (
             a is None
@@ -424,7 +424,8 @@ class Image:
         if not part.last:
             return True
         self.assembly = None
-        if a.pages != a.commit_pages or a.new_pages != max(0, commit.db_size - a.old_size):
+        given = format.new_pages(a.old_size, commit.db_size, result.page_size)
+        if a.pages != a.commit_pages or a.new_pages != given:
             raise RestoreError(f"{key}: the parts of txid {commit.txid} lack pages")
         if self.checksum.value != commit.checksum:
             raise RestoreError(f"{key}: whole-database checksum mismatch after txid {commit.txid}")

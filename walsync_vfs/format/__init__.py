@@ -4,7 +4,7 @@ docs/FORMAT.md is the specification; section numbers in these modules refer to i
 of walsync_vfs uses the names below as ``format.X``; each lives in the module of its concept.
 """
 
-from walsync_vfs.format.checksum import DbChecksum, Page, page_hash
+from walsync_vfs.format.checksum import DbChecksum, Page, lock_page, new_pages, page_hash
 from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.keys import (
     ParsedKey,
@@ -78,6 +78,8 @@ __all__ = [
     "encode_segment",
     "merge_segments",
     "new_generation_id",
+    "lock_page",
+    "new_pages",
     "page_hash",
     "parse_key",
     "read_segment_header",

@@ -14,6 +14,20 @@ Page = bytes | memoryview
 
 
 _xxh3 = xxhash.xxh3_64_intdigest
+PENDING_BYTE = 1 << 30  # SQLite's lock byte: the page holding it is never written
+
+
+def lock_page(page_size: int) -> int:
+    """The page holding SQLite's pending byte (offset 2^30).  SQLite never writes it, so a
+    commit that grows the database past it does not give it: it is a page of zeros."""
+    return PENDING_BYTE // page_size + 1
+
+
+def new_pages(old_size: int, db_size: int, page_size: int) -> int:
+    """How many pages a commit growing the database from ``old_size`` to ``db_size`` must
+    give: every new one but the lock page."""
+    grown = max(0, db_size - old_size)
+    return grown - (old_size < lock_page(page_size) <= db_size)
 
 
 def page_hash(pgno: int, data: Page) -> int:
@@ -84,10 +98,12 @@ class DbChecksum:
         # read from a file one at a time, and an object per page would cost over a hundred
         # bytes each.  All hashed before anything changes.
         pgnos, new = array("Q"), array("Q")
+        page_size = 0
         try:
             for pgno, data in pages:
                 pgnos.append(pgno)
                 new.append(_xxh3(data, seed=pgno))
+                page_size = len(data)
         except OverflowError:  # a negative page number
             raise ValueError(f"page {pgno} outside a database of {db_size} pages") from None
         if pgnos and (min(pgnos) < 1 or max(pgnos) > db_size):
@@ -100,6 +116,11 @@ class DbChecksum:
             for pgno in pgnos:
                 if pgno > old_size:
                     given[pgno - old_size - 1] = 1
+            lock = lock_page(page_size) if page_size else 0
+            if old_size < lock <= db_size and not given[lock - old_size - 1]:
+                given[lock - old_size - 1] = 1
+                pgnos.append(lock)
+                new.append(_xxh3(bytes(page_size), seed=lock))
             missing = given.find(0)
             if missing >= 0:
                 raise ValueError(
@@ -116,16 +137,20 @@ class DbChecksum:
             hashes[pgno - 1] = h
         self._value = value
 
-    def resize(self, db_size: int) -> int:
+    def resize(self, db_size: int, page_size: int) -> int:
         """Start a commit applied in parts (§4.5): cut the database to ``db_size`` pages, or
-        grow it with pages that count for nothing until :meth:`update` gives them.  Returns
-        the old size, so the caller can check that every new page was given."""
+        grow it with pages that count for nothing until :meth:`update` gives them (but the
+        lock page, zeros).  Returns the old size, so the caller can check that every new
+        page was given (:func:`new_pages`)."""
         if not 0 <= db_size <= U32_MAX:
             raise ValueError(f"db_size {db_size} out of range")
         hashes = self._hashes
         old_size = len(hashes)
         if db_size > old_size:
             hashes.frombytes(bytes(8 * (db_size - old_size)))
+            lock = lock_page(page_size)
+            if old_size < lock <= db_size:
+                self.update([(lock, bytes(page_size))])
         else:
             for h in hashes[db_size:]:
                 self._value ^= h
