@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,10 +68,34 @@ def open_uploads(s3_server, client: S3ReplicaClient) -> list[str]:
 
 def test_pieces_are_exact_whatever_the_chunks() -> None:
     blob = data(3 * MIB + 5)
-    cut = list(pieces(odd_chunks(blob), MIB))
+    cut = [b"".join(part) for part in pieces(odd_chunks(blob), MIB)]
     assert [len(p) for p in cut] == [MIB, MIB, MIB, 5] and b"".join(cut) == blob
-    assert list(pieces(io.BytesIO(blob), 2 * MIB)) == [blob[: 2 * MIB], blob[2 * MIB :]]
+    whole = [b"".join(part) for part in pieces(io.BytesIO(blob), 2 * MIB)]
+    assert whole == [blob[: 2 * MIB], blob[2 * MIB :]]
     assert list(pieces([], MIB)) == [] and list(pieces(io.BytesIO(b""), MIB)) == []
+
+
+def test_pieces_copy_nothing_and_keep_nothing_handed_out() -> None:
+    """A part is views of the source's own chunks, and the generator keeps none of a part
+    it handed out: cutting 32 MiB into 4 MiB parts, each dropped once seen, never has more
+    than one part and the chunk being cut alive."""
+    source = [data(MIB, seed=i) for i in range(3)]
+    first = next(pieces(iter(source), 2 * MIB + 3))
+    assert [view.obj for view in first] == source  # the very chunks, the last one cut
+
+    def fresh_chunks() -> Iterator[bytes]:
+        for i in range(32):
+            yield os.urandom(MIB - 1 + i % 3)
+
+    tracemalloc.start()
+    try:
+        for part in pieces(fresh_chunks(), 4 * MIB):
+            assert sum(map(len, part)) <= 4 * MIB
+            del part
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MIB + 2 * MIB + (256 << 10), f"{peak / MIB:.1f} MiB at once"
 
 
 def test_multipart_upload_goes_up_in_parts(s3_url: str, s3_server, listed_parts) -> None:

@@ -110,21 +110,30 @@ class Workers:
                         return None
 
     def _run(self) -> None:
-        while (item := self._next()) is not None:
+        # Each call runs in _execute's frame, which ends with it: a thread waiting for work
+        # keeps nothing of its last call alive (a multipart upload's part, say).
+        while self._execute(self._next()):
+            pass
+
+    def _execute(self, item: tuple | None) -> bool:
+        """Run one queued call; False for the end of this thread."""
+        if item is None:
+            return False
+        with self._lock:
+            self._idle -= 1
+        future, fn, args = item
+        try:
+            if future is None:
+                try:
+                    fn(*args)
+                except Exception:  # a bug in the work must not end the thread unseen
+                    log.exception("walsync: %s failed", getattr(fn, "__name__", fn))
+            elif future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to the future's holder
+                    future.set_exception(exc)
+        finally:
             with self._lock:
-                self._idle -= 1
-            future, fn, args = item
-            try:
-                if future is None:
-                    try:
-                        fn(*args)
-                    except Exception:  # a bug in the work must not end the thread unseen
-                        log.exception("walsync: %s failed", getattr(fn, "__name__", fn))
-                elif future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args))
-                    except BaseException as exc:  # noqa: BLE001 - handed to the future's holder
-                        future.set_exception(exc)
-            finally:
-                with self._lock:
-                    self._idle += 1
+                self._idle += 1
+        return True

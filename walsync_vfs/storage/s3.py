@@ -60,6 +60,7 @@ from walsync_vfs.storage.wire import (
     ProxyRefused,
     Stalled,
     address,
+    body_length,
 )
 
 CONNECT_TIMEOUT = 5
@@ -597,6 +598,27 @@ def _local(tag: str) -> str:
     return tag.rpartition("}")[2]  # S3 replies are namespaced, some compatible servers' not
 
 
+def _first_parts(
+    parts: Iterator[transfer.Part], threshold: int
+) -> tuple[list[transfer.Part], int]:
+    """Parts from the start of a stream until they reach ``threshold`` bytes or the stream
+    ends, and how many bytes they hold (under ``threshold``: the whole stream)."""
+    held: list[transfer.Part] = []
+    total = 0
+    while total < threshold and (part := next(parts, None)) is not None:
+        held.append(part)
+        total += body_length(part)
+    return held, total
+
+
+def _handed_on(held: list[transfer.Part]) -> Iterator[transfer.Part]:
+    """``held``'s parts in order, each dropped from the list as it is handed on: a part
+    sent is freed, not kept by the list until the whole upload ends."""
+    held.reverse()
+    while held:
+        yield held.pop()
+
+
 class _RangeNotSatisfiable(StorageError):
     """A ranged GET starting at or past the object's end (416)."""
 
@@ -741,20 +763,15 @@ class S3ReplicaClient:
         failed multipart upload is aborted, so none of its parts stays billed."""
         full = self._root + check_key(key)
         parts = transfer.pieces(source, transfer.part_size_for(self.part_size, size_hint))
-        held: list[bytes] = []
-        total = 0
-        for part in parts:
-            held.append(part)
-            total += len(part)
-            if total >= self.multipart_threshold:
-                break
-        else:
+        held, total = _first_parts(parts, self.multipart_threshold)
+        if total < self.multipart_threshold:
             headers = CREATE_ONLY if self.create_only else None
-            self._call("put", f"{self.url}/{key}", "PUT", full, body=held, headers=headers)
+            body = [piece for part in held for piece in part]
+            self._call("put", f"{self.url}/{key}", "PUT", full, body=body, headers=headers)
             return total
-        return self._multipart(key, full, itertools.chain(held, parts))
+        return self._multipart(key, full, itertools.chain(_handed_on(held), parts))
 
-    def _multipart(self, key: str, full: str, parts: Iterator[bytes]) -> int:
+    def _multipart(self, key: str, full: str, parts: Iterator[transfer.Part]) -> int:
         """CreateMultipartUpload, the parts (a few at once), CompleteMultipartUpload; abort
         on any failure."""
         target = f"{self.url}/{key}"
@@ -770,17 +787,18 @@ class S3ReplicaClient:
             _uploading.add(upload_id)
         sizes: list[int] = []
 
-        def upload(numbered: tuple[int, bytes]) -> str:
+        def upload(numbered: tuple[int, transfer.Part]) -> str:
             number, data = numbered
+            size = body_length(data)
             if number > transfer.MAX_PARTS:
                 raise StorageError(
                     f"S3 put {target}: more than {transfer.MAX_PARTS} parts of "
-                    f"{len(data)} bytes; pass size_hint (or a larger part_size)"
+                    f"{size} bytes; pass size_hint (or a larger part_size)"
                 )
             reply: dict[str, str] = {}
             query = {"partNumber": str(number), "uploadId": upload_id}
             self._call("put", target, "PUT", full, query=query, body=data, reply=reply)
-            sizes.append(len(data))
+            sizes.append(size)
             return reply.get("etag", "")
 
         try:

@@ -29,6 +29,8 @@ READ_SIZE = 1 << 20  # bytes asked of a file source at a time
 # What put_stream uploads: an iterable of byte chunks (any sizes), or a binary file open for
 # reading (read from its current position to its end).
 Source = Iterable[bytes] | BinaryIO
+# A part of a stream as :func:`pieces` cuts it: buffers to send back to back.
+Part = list[memoryview]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,20 +48,34 @@ def chunks(source: Source) -> Iterator[bytes]:
                 yield bytes(data)
 
 
-def pieces(source: Source, size: int) -> Iterator[bytes]:
-    """The source cut into pieces of exactly ``size`` bytes, the last one shorter (none at
-    all for an empty source)."""
-    buffer = bytearray()
+def pieces(source: Source, size: int) -> Iterator[Part]:
+    """The source cut into parts of exactly ``size`` bytes, the last one shorter (none at
+    all for an empty source).  A part is the source's own chunks (or views of them, where a
+    boundary cuts one), never joined: no byte is copied, and no part-sized buffer is
+    allocated, so memory is the parts alive and nothing more."""
+    part: Part = []
+    filled = 0
     for data in chunks(source):
-        if not buffer and len(data) == size:
-            yield data
-            continue
-        buffer += data
-        while len(buffer) >= size:
-            yield bytes(buffer[:size])
-            del buffer[:size]
-    if buffer:
-        yield bytes(buffer)
+        view = memoryview(data)
+        while filled + len(view) >= size:
+            cut = size - filled
+            part.append(view[:cut])
+            view = view[cut:]
+            filled = 0
+            yield _taken(part)
+        if view:
+            part.append(view)
+            filled += len(view)
+    if part:
+        yield _taken(part)
+
+
+def _taken(part: Part) -> Part:
+    """``part``'s pieces in a new list, ``part`` emptied: a suspended generator that yields
+    this holds nothing of what it handed out."""
+    whole = part[:]
+    part.clear()
+    return whole
 
 
 def part_size_for(part_size: int, size_hint: int | None) -> int:

@@ -30,7 +30,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ BIG_BODY = 1 << 16  # larger bodies are sent after the head, not copied into one
 SEND_PIECE = 1 << 20  # bytes handed to one send(): each may wait the stall timeout
 
 # A request body: one buffer, or several sent back to back (a multipart part never joined).
-Body = bytes | memoryview | list[bytes]
+Body = bytes | memoryview | Sequence[bytes | memoryview]
 
 
 class ProtocolError(Exception):
