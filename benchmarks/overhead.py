@@ -107,8 +107,8 @@ class Case:
 CASES = (
     Case(1, "NORMAL", 0.95),
     Case(1, "FULL", 0.95),
-    Case(1000, "NORMAL", 0.97),
-    Case(1000, "FULL", 0.97),
+    Case(1000, "NORMAL", 0.95),
+    Case(1000, "FULL", 0.95),
 )
 
 
