@@ -556,7 +556,7 @@ class Torture:
         elif run.acked_seq or run.done or run.recovered:  # the reopen's sync had finished
             s.reopen_same_generation += 1
             if run.recovered and not self.behind:
-                self.fail(cycle, "the reopen recovered commits the replica already had")
+                self.check_only_new_recovered(cycle, run, child_seed)
             elif run.recovered:
                 s.reopen_recovered += 1
                 s.recovered_commits += run.recovered
@@ -570,6 +570,23 @@ class Torture:
                 self.fail(cycle, "the reopen continued the lineage although commits were lost")
         else:
             s.reopen_undecided += 1
+
+    def check_only_new_recovered(self, cycle: int | str, run: Run, child_seed: int) -> None:
+        """The kill lost nothing, yet the reopen shipped commits from the WAL: they can only
+        be the new writer's first ones (see check_recovered), so the txid before them must
+        restore to exactly what the kill left."""
+        if self.left is None:
+            return
+        out = str(self.dir / "recovered.db")
+        before = run.recovered_txid - run.recovered
+        try:
+            self.restore(out, before)
+            state = read_state(out)
+        except Exception as exc:  # noqa: BLE001 - any failure to restore is a finding
+            self.fail(cycle, f"restore --txid {before}: {type(exc).__name__}: {exc}", child_seed)
+            return
+        if state["rows"] != self.left["rows"]:
+            self.fail(cycle, "the reopen recovered commits the replica already had", child_seed)
 
     def check_recovered(self, cycle: int | str, run: Run, child_seed: int) -> None:
         """One of the commits recovered from the WAL must restore to exactly the source the
