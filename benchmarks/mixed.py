@@ -48,6 +48,7 @@ from walsync_vfs.restore import restore_from, split_url  # noqa: E402
 
 TARGET = 0.95
 SEED = 20261206
+SELECT_ROUNDS = 60
 WORDS = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
@@ -115,7 +116,7 @@ class Workload:
         bound = [small_write() for _ in range(n_small)]
         unbound = [inline(*small_write()) for _ in range(n_small)]
         selects: list[tuple[str, tuple[int | str, ...]]] = []
-        for _ in range(max(10, round(200 * scale))):
+        for _ in range(SELECT_ROUNDS):  # each scans tables that grow with scale
             lo = rng.randint(0, 10**9)
             selects.append(("SELECT count(*), avg(b) FROM t1 WHERE b BETWEEN ? AND ?",
                             (lo, lo + 10**7)))  # fmt: skip
