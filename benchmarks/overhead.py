@@ -325,15 +325,20 @@ def replica_root(store: str, workdir: str) -> Iterator[str]:
             yield root
 
 
-def print_environment(workdir: str, mode: str, rounds: int, slice_s: float) -> None:
-    """What the numbers were measured on: the ratio is only comparable with this context."""
-    fs = os.statvfs(workdir)
+def print_machine(workdir: str) -> str:
+    """Print the software and machine the numbers were measured on; returns a description of
+    ``workdir`` for the caller's own settings line."""
     print(f"python {platform.python_version()} ({sys.implementation.name}), "
           f"apsw {apsw.apsw_version()}, SQLite {apsw.sqlite_lib_version()}")  # fmt: skip
     print(f"{platform.platform()}; cpus: {os.cpu_count()} "
           f"(usable: {len(os.sched_getaffinity(0))})")  # fmt: skip
-    print(f"dir: {workdir} (block size {fs.f_bsize}); capture: {mode}; "
-          f"rounds: {rounds}; slice ~{slice_s:.2f} s")  # fmt: skip
+    return f"dir: {workdir} (block size {os.statvfs(workdir).f_bsize})"
+
+
+def print_environment(workdir: str, mode: str, rounds: int, slice_s: float) -> None:
+    """What the numbers were measured on: the ratio is only comparable with this context."""
+    where = print_machine(workdir)
+    print(f"{where}; capture: {mode}; rounds: {rounds}; slice ~{slice_s:.2f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
