@@ -1522,10 +1522,8 @@ static int wsShmMap(sqlite3_file *f, int i, int sz, int bExtend, void volatile *
   return rc;
 }
 
-/* Lock offsets in the wal-index (see wal.c): 0 = write lock, 1 = checkpoint
-** lock, 3+i = read lock i. */
+/* Lock offsets in the wal-index (see wal.c): 0 = write lock, 3+i = read lock i. */
 #define WAL_WRITE_LOCK 0
-#define WAL_CKPT_LOCK 1
 #define WAL_READ_LOCK1 4
 #define WAL_NREADER_1 4
 
@@ -1538,10 +1536,6 @@ static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
   if (p->eType == WSF_MAIN && (flags & SQLITE_SHM_EXCLUSIVE)) {
     if (ofst == WAL_WRITE_LOCK && (flags & SQLITE_SHM_UNLOCK)) {
       publishFromMain(p);
-    } else if (ofst == WAL_CKPT_LOCK && (flags & SQLITE_SHM_LOCK) && p->pDb) {
-      /* A restart follows a complete checkpoint: have the leader ship the
-      ** WAL's commits while this one backfills, so that it need not wait. */
-      restartAllowed(p->pDb);
     } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_LOCK) && p->pDb) {
       int rc;
       if (__atomic_load_n(&p->pDb->nHold, __ATOMIC_ACQUIRE) > 0 || !restartAllowed(p->pDb)) {
