@@ -78,6 +78,11 @@ class Record:
     wal_frames: tuple[int, int] = (0, 0)  # [start, end) frame indices in the WAL
     path: str = ""  # OPEN only
 
+    @property
+    def memory(self) -> int:
+        """Bytes of page images it holds in memory (none when they are in a spool file)."""
+        return 0 if isinstance(self.pages, SpooledPages) else len(self.pages) * self.page_size
+
 
 class SpooledPages(Sequence[tuple[int, bytes]]):
     """The pages of a commit too big to hold in memory: (pgno, page) in pgno order, read on

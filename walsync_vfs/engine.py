@@ -162,10 +162,7 @@ class Engine:
         given up (and counted): the next sync point, which comes after them, takes them into
         its snapshot."""
         state = db.sync
-        if isinstance(rec.pages, capture.SpooledPages):
-            state.hold(rec)  # its pages are in a file already
-            return
-        if state.held_bytes + len(rec.pages) * rec.page_size <= self.settings.memory_cap // 4:
+        if state.held_bytes + rec.memory <= self.settings.memory_cap // 4:
             state.hold(rec)
             return
         try:
@@ -392,9 +389,11 @@ class Engine:
         with self._lock:
             owner = self._names.setdefault((cfg.replica_root(), name), db.db_id)
             other = self._dbs[owner]
-        if other is not db and not other.open:
-            raise NameInUse(f"{db.path}: waiting for {other.path}, closed, to finish its uploads")
         if other is not db:
+            if not other.open:
+                raise NameInUse(
+                    f"{db.path}: waiting for {other.path}, closed, to finish its uploads"
+                )
             raise NameTaken(
                 f"{db.path}: replica name {name!r} is already used by "
                 f"{other.path}; give one of them another name"

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from walsync_vfs.config import Settings
 
 
+def completes(part: tuple[int, int] | None) -> bool:
+    """Whether storing a segment, whole (None) or part (index, count) of a commit, completes
+    its last commit (FORMAT.md §4.5)."""
+    return part is None or part[0] + 1 == part[1]
+
+
 class SpoolFull(OSError):
     """The spool would exceed its cap."""
 
@@ -45,7 +51,7 @@ class Outgoing:
     @property
     def complete(self) -> bool:
         """Whether storing it completes its last commit (not an earlier part of it)."""
-        return self.part is None or self.part[0] + 1 == self.part[1]
+        return completes(self.part)
 
     def payload(self) -> bytes | memoryview:
         if self.data is not None:

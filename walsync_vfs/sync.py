@@ -52,8 +52,7 @@ class SyncState:
 
     def hold(self, rec: Record) -> None:
         self.held.append(rec)
-        if not isinstance(rec.pages, capture.SpooledPages):  # those are in a file
-            self.held_bytes += len(rec.pages) * rec.page_size
+        self.held_bytes += rec.memory
 
     def hold_spooled(self, rec: Record, spool: Spool) -> None:
         """Hold ``rec`` in the spool; raises :class:`SpoolFull` or the OSError of the write."""
@@ -73,11 +72,7 @@ class SyncState:
         """Take the held commits up to seq ``upto``, keeping the later ones."""
         taken = [item for item in self.held if item.seq <= upto]
         self.held = [item for item in self.held if item.seq > upto]
-        self.held_bytes = sum(
-            len(r.pages) * r.page_size
-            for r in self.held
-            if isinstance(r, Record) and not isinstance(r.pages, capture.SpooledPages)
-        )
+        self.held_bytes = sum(r.memory for r in self.held if isinstance(r, Record))
         return [item if isinstance(item, Record) else item.load(spool) for item in taken]
 
 

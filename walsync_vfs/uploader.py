@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from walsync_vfs import capture, format, storage
 from walsync_vfs.backoff import Backoff
-from walsync_vfs.spool import Outgoing, Spool
+from walsync_vfs.spool import Outgoing, Spool, completes
 from walsync_vfs.workers import Workers
 
 if TYPE_CHECKING:
@@ -628,7 +628,7 @@ class Uploader:
                         if item.complete:
                             db.lost_restore_points += item.last_txid - item.first_txid + 1
                 # A commit in parts is lost once, with its last part.
-                unsent = [batch for batch, part in taken if part is None or part[0] + 1 == part[1]]
+                unsent = [batch for batch, part in taken if completes(part)]
                 db.lost_restore_points += up.drop_pending() + sum(map(len, unsent))
                 up.outbox[:] = [in_flight] if in_flight else []
                 self._copies.drop_copies(db)
