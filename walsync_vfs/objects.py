@@ -66,8 +66,7 @@ def snapshot_stored(client: storage.ReplicaClient, key: str, size: int, footer: 
     so never held whole).  Anything else there is damaged: it is removed (False)."""
     try:
         info = client.head(key)
-        tail = client.get_range(key, size - len(footer), len(footer))
-        if info.size == size and tail == footer:
+        if info.size == size and _footer(client, key, size) == footer:
             sha = hashlib.sha256()
             left = size - SHA_LEN
             for piece in read_ranges(client, key, size=size):

@@ -12,6 +12,7 @@ A streaming put writes its temp file as the data comes; a crash leaves the temp 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -19,7 +20,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from walsync_vfs.storage import (
@@ -62,38 +63,36 @@ class FileReplicaClient:
         return self._write(key, chunks(source), self.create_only)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
+        with self._reading(key) as path:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                parts = []
+                while length > 0 and (data := os.pread(fd, length, start)):
+                    parts.append(data)
+                    start += len(data)
+                    length -= len(data)
+                return b"".join(parts)
+            finally:
+                os.close(fd)
+
+    def head(self, key: str) -> ObjectInfo:
+        with self._reading(key) as path:
+            st = path.stat()
+            if not path.is_file():
+                raise IsADirectoryError(key)
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    @contextlib.contextmanager
+    def _reading(self, key: str) -> Iterator[Path]:
+        """The object's path, with what reading it raises as ObjectNotFound/StorageError."""
         path = self._path(key)
         self._count()
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            yield path
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFound(f"object {self.url}/{key} does not exist") from None
         except OSError as exc:
             raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
-        try:
-            parts = []
-            while length > 0 and (data := os.pread(fd, length, start)):
-                parts.append(data)
-                start += len(data)
-                length -= len(data)
-            return b"".join(parts)
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
-        finally:
-            os.close(fd)
-
-    def head(self, key: str) -> ObjectInfo:
-        path = self._path(key)
-        self._count()
-        try:
-            st = path.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            raise ObjectNotFound(f"object {self.url}/{key} does not exist") from None
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
-        if not path.is_file():
-            raise ObjectNotFound(f"object {self.url}/{key} does not exist")
-        return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
         """Remove temp files of puts under ``prefix`` that a crash left, once older than
@@ -191,14 +190,8 @@ class FileReplicaClient:
         return size
 
     def get(self, key: str) -> bytes:
-        path = self._path(key)
-        self._count()
-        try:
+        with self._reading(key) as path:
             return path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise ObjectNotFound(f"object {self.url}/{key} does not exist") from None
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         check_prefix(prefix)

@@ -23,10 +23,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote_plus, urlsplit
 from xml.etree import ElementTree
 
@@ -63,6 +63,7 @@ from walsync_vfs.storage.wire import (
     body_length,
 )
 
+T = TypeVar("T")
 CONNECT_TIMEOUT = 5
 # Seconds without a byte moving (not a total: a big body takes what it takes); a frozen
 # store must surface as an error, not a hang.
@@ -865,81 +866,78 @@ class S3ReplicaClient:
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
         """ListMultipartUploads: (key, upload id, start time) of the unfinished uploads."""
         query = {"uploads": "", "prefix": self._root + check_prefix(prefix)}
-        query["encoding-type"] = "url"
-        target = f"{self.url}/{prefix}"
-        strip = len(self._root)
-        while True:
-            page = self._call("list", target, "GET", "", query=query)
-            try:
-                root = ElementTree.fromstring(page)
-                fields = {_local(node.tag): node.text or "" for node in root}
-                encoded = fields.get("EncodingType") == "url"
-                for node in root:
-                    if _local(node.tag) == "Upload":
-                        upload = {_local(f.tag): f.text or "" for f in node}
-                        key = upload["Key"]
-                        key = unquote_plus(key) if encoded else key
-                        started = datetime.fromisoformat(upload["Initiated"]).timestamp()
-                        yield key[strip:], upload["UploadId"], started
-            except (ElementTree.ParseError, KeyError, ValueError) as exc:
-                raise StorageError(
-                    f"S3 list {target} failed at {self.service.endpoint_url}: "
-                    f"malformed ListMultipartUploads reply ({exc})"
-                ) from None
-            if fields.get("IsTruncated") != "true":
-                return
-            query["key-marker"] = fields.get("NextKeyMarker", "")
-            query["upload-id-marker"] = fields.get("NextUploadIdMarker", "")
+        yield from self._listing(
+            prefix,
+            query,
+            "ListMultipartUploads",
+            "Upload",
+            lambda f: (f["Key"], f["UploadId"], datetime.fromisoformat(f["Initiated"]).timestamp()),
+            {"NextKeyMarker": "key-marker", "NextUploadIdMarker": "upload-id-marker"},
+        )
 
     def list(self, prefix: str) -> list[ObjectInfo]:
-        # encoding-type=url, as botocore sends it: keys come back percent-encoded, so any
-        # key survives XML (which cannot carry some characters a key may hold).
         query = {"list-type": "2", "prefix": self._root + check_prefix(prefix)}
-        query["encoding-type"] = "url"
-        found: list[ObjectInfo] = []
-        strip = len(self._root)
+        found = list(
+            self._listing(
+                prefix,
+                query,
+                "ListObjectsV2",
+                "Contents",
+                lambda f: ObjectInfo(
+                    f["Key"], int(f["Size"]), datetime.fromisoformat(f["LastModified"]).timestamp()
+                ),
+                {"NextContinuationToken": "continuation-token"},
+            )
+        )
+        found.sort(key=lambda info: info.key)
+        return found
+
+    def _listing(
+        self,
+        prefix: str,
+        query: dict[str, str],
+        what: str,
+        entry: str,
+        make: Callable[[dict[str, str]], T],
+        markers: Mapping[str, str],
+    ) -> Iterator[T]:
+        """``make`` of each ``entry`` element (a dict of its fields, its Key decoded and
+        relative to the replica root) of a paged listing; ``markers`` maps the reply fields
+        that say where the next page starts to the query parameters that ask for it.
+
+        encoding-type=url, as botocore sends it: keys come back percent-encoded, so any key
+        survives XML (which cannot carry some characters a key may hold)."""
+        query = {**query, "encoding-type": "url"}
         target = f"{self.url}/{prefix}"
+        strip = len(self._root)
         while True:
             page = self._call("list", target, "GET", "", query=query)
             try:
                 root = ElementTree.fromstring(page)
-                token, encoded = None, False
-                truncated = False
+                top = {_local(node.tag): node.text or "" for node in root}
+                items = []
                 for node in root:
-                    tag = _local(node.tag)
-                    if tag == "Contents":
+                    if _local(node.tag) == entry:
                         fields = {_local(f.tag): f.text or "" for f in node}
-                        found.append(
-                            ObjectInfo(
-                                fields["Key"],
-                                int(fields["Size"]),
-                                datetime.fromisoformat(fields["LastModified"]).timestamp(),
-                            )
-                        )
-                    elif tag == "IsTruncated":
-                        truncated = node.text == "true"
-                    elif tag == "NextContinuationToken":
-                        token = node.text
-                    elif tag == "EncodingType":
-                        encoded = node.text == "url"
+                        key = fields["Key"]
+                        key = unquote_plus(key) if top.get("EncodingType") == "url" else key
+                        fields["Key"] = key[strip:]
+                        items.append(make(fields))
             except (ElementTree.ParseError, KeyError, ValueError) as exc:
                 raise StorageError(
                     f"S3 list {target} failed at {self.service.endpoint_url}: "
-                    f"malformed ListObjectsV2 reply ({exc})"
+                    f"malformed {what} reply ({exc})"
                 ) from None
-            if not truncated:
-                break
-            if not token:
-                raise StorageError(
-                    f"S3 list {target} failed at {self.service.endpoint_url}: "
-                    "truncated listing without a continuation token"
-                )
-            query["continuation-token"] = token
-        if encoded:
-            found = [ObjectInfo(unquote_plus(o.key), o.size, o.modified) for o in found]
-        found = [ObjectInfo(o.key[strip:], o.size, o.modified) for o in found]
-        found.sort(key=lambda info: info.key)
-        return found
+            yield from items
+            if top.get("IsTruncated") != "true":
+                return
+            for field, parameter in markers.items():
+                if not top.get(field):
+                    raise StorageError(
+                        f"S3 list {target} failed at {self.service.endpoint_url}: "
+                        "truncated listing without a continuation token"
+                    )
+                query[parameter] = top[field]
 
     def delete(self, keys: Iterable[str]) -> None:
         full = [self._root + check_key(key) for key in keys]  # validate all before deleting any
