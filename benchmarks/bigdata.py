@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,7 +41,7 @@ import apsw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import seaweedfs  # the SeaweedFS launcher the tests use
-from restore import litestream_ltx, litestream_version, local_litestream_txid, wait_litestream
+from restore import litestream_ltx, local_litestream_txid, machine_line, wait_litestream
 from seaweedfs import tool_path
 
 WORKER = str(Path(__file__).resolve().parent.parent / "tests" / "big_worker.py")
@@ -138,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="walsync-bigdata-", dir=args.dir))
-    print(
-        f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
-        f"litestream {litestream_version()}; work dir {work}"
-    )
+    print(machine_line(work))
     try:
         with seaweedfs.running(work / "seaweedfs") as server:
             env = server.env()  # without AWS_CA_BUNDLE: both tools talk plain http to it

@@ -513,10 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if runs < 1:
         ap.error("--runs must be >= 1")
     work = Path(tempfile.mkdtemp(prefix="walsync-restore-bench-", dir=args.dir))
-    print(
-        f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
-        f"litestream {litestream_version()}; work dir {work}"
-    )
+    print(machine_line(work))
     try:
         with seaweedfs.running(work / "seaweedfs") as server:
             env = server.env()
@@ -545,6 +542,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if met else 1
+
+
+def machine_line(work: Path) -> str:
+    """What a Litestream comparison ran on: Python, CPUs, Litestream's version, work dir."""
+    return (
+        f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"litestream {litestream_version()}; work dir {work}"
+    )
 
 
 def litestream_version() -> str:
