@@ -1,4 +1,5 @@
-"""cffi build script: compiles csrc/walsync.c into ``walsync_vfs._shim``.
+"""cffi build script: compiles csrc/walsync.c (the VFS) with xxh3.c and
+commits.c (the consumer's per-batch work) into ``walsync_vfs._shim``.
 
 The result is one shared object that is both a CPython extension (so Python calls the
 consumer API directly) and a SQLite loadable extension (entry ``sqlite3_walsync_init``),
@@ -40,6 +41,7 @@ struct ws_batch {
   uint32_t nrec, ncommit, ngap;
   ws_rec *first;
   const char *open_path;
+  uint32_t max_db_size;
   ...;
 };
 ws_batch *ws_drain(int timeout_ms, int linger_us);
@@ -63,15 +65,40 @@ int ws_conn_query(void *db, const char *sql, char *out, int nout);
 int ws_conn_fcntl(void *db, int op, void *arg);
 int ws_conn_in_txn(void *db);
 void ws_conn_close(void *db);
+typedef struct ws_lineage {
+  uint64_t *hashes;
+  uint32_t capacity;
+  uint32_t db_size;
+  uint64_t value;
+  uint64_t next_txid;
+  int64_t time_ns;
+  uint64_t sync_seq;
+  uint32_t page_size;
+  uint64_t max_bytes;
+} ws_lineage;
+typedef struct ws_run {
+  ws_rec *next;
+  uint64_t last_seq;
+  uint32_t ncommit;
+  unsigned char *block;
+  uint64_t block_len;
+  unsigned char *entries;
+  uint64_t *seqs;
+  uint64_t *offsets;
+  unsigned char *body;
+} ws_run;
+int ws_extend(ws_rec *r, ws_lineage *l, ws_run *out);
+uint64_t ws_page_hash(const unsigned char *page, uint32_t n, uint64_t pgno);
+void free(void *p);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "walsync_vfs._shim",
-    '#include "walsync.c"',
+    '#include "walsync.c"\n#include "xxh3.c"\n#include "commits.c"',
     include_dirs=[str(HERE)],
-    depends=[str(HERE / "walsync.c")],
+    depends=[str(HERE / name) for name in ("walsync.c", "xxh3.c", "commits.c")],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
     libraries=["pthread"],
 )

@@ -125,6 +125,7 @@ struct ws_batch {
   uint32_t nrec, ncommit, ngap;
   ws_rec *first;
   const char *open_path; /* path of an OPEN record in the batch, else NULL */
+  uint32_t max_db_size;  /* the largest db_size of its COMMITs */
   ws_rec *last;
 };
 
@@ -1797,7 +1798,10 @@ static ws_batch *takeBatches(void) {
     }
     b->last = r;
     b->nrec++;
-    if (r->kind == WS_COMMIT) b->ncommit++;
+    if (r->kind == WS_COMMIT) {
+      b->ncommit++;
+      if (r->db_size > b->max_db_size) b->max_db_size = r->db_size;
+    }
     if (r->kind == WS_GAP) b->ngap++;
     if (r->kind == WS_OPEN && !b->open_path) b->open_path = r->path;
   }

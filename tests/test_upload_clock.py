@@ -34,7 +34,7 @@ def add(clock: UploadClock, db: Database, txid: int, now: float, gen: str = "g")
     """A commit reaches the engine, as Engine._append queues it."""
     up = db.upload
     grown = up.pending_bytes + PAGE
-    if up.queue((txid, gen, commit(txid)), grown, now, db.cfg):
+    if up.queue([(txid, gen, commit(txid))], grown, now, db.cfg):
         clock.schedule(db, now)
     up.pending_bytes = grown
 

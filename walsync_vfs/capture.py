@@ -26,6 +26,8 @@ from typing import overload
 
 import apsw
 
+from walsync_vfs import format
+
 try:
     from walsync_vfs import _shim
 except ImportError as exc:  # a source tree without the compiled shim shadows the installed one
@@ -50,6 +52,7 @@ READ_CHUNK = 1 << 20
 # ... and at most this many pages in one read: with the frame headers between them, the
 # iovecs of one preadv stay within Linux's IOV_MAX of 1024.
 READ_RUN = 512
+ENTRY_SIZE = format.SEGMENT_ENTRY.size  # csrc/commits.c packs index entries of this size
 
 
 class Kind(IntEnum):
@@ -282,7 +285,8 @@ _KINDS = {int(k): k for k in Kind}
 _COMMIT = Kind.COMMIT
 
 
-def _convert(rec) -> Record:
+def convert(rec) -> Record:
+    """A published record (``ws_rec *``) as a Python :class:`Record`."""
     kind = _KINDS[rec.kind]
     if kind is _COMMIT:  # the hot path: once per replicated transaction
         n, ps, buffer = rec.npages, rec.page_size, ffi.buffer
@@ -308,6 +312,67 @@ def _convert(rec) -> Record:
     return Record(kind, rec.db_id, rec.seq, rec.time_ns, path=path)
 
 
+@dataclass(slots=True)
+class Run:
+    """What :func:`extend_run` took from a database's records."""
+
+    next: object  # the first record not taken (ws_rec *; NULL, which is false, if none)
+    last_seq: int  # of the last record taken (0: none)
+    commits: list[tuple[int, format.Commit]]  # (seq, commit) made, in order
+    next_txid: int
+    time_ns: int
+
+
+def extend_run(
+    rec: object,
+    extent: int,
+    checksum: format.DbChecksum,
+    page_size: int,
+    next_txid: int,
+    time_ns: int,
+    sync_seq: int,
+    max_bytes: int,
+) -> Run:
+    """Extend a lineage's end, ``checksum`` included, by the records from ``rec`` (of a
+    database whose commits in the batch reach at most ``extent`` pages) on that it can take
+    as they are (csrc/commits.c): one C call with the GIL released, then one Python
+    object per commit, none per page.  Records up to ``sync_seq`` are taken and skipped (they
+    are in the state the lineage started from).  A record it cannot take, the caller handles
+    as a :class:`Record`; none is taken when memory runs out."""
+    lin = ffi.new("ws_lineage *")
+    lin.db_size, lin.value = checksum.db_size, checksum.value
+    hashes = checksum.reserve(extent)
+    run = ffi.new("ws_run *")
+    try:
+        with ffi.from_buffer("uint64_t[]", hashes) as view:
+            lin.hashes, lin.capacity = view, len(hashes)
+            lin.next_txid, lin.time_ns, lin.sync_seq = next_txid, time_ns, sync_seq
+            lin.page_size, lin.max_bytes = page_size, max_bytes
+            lib.ws_extend(rec, lin, run)
+    finally:
+        checksum.settle(lin.db_size, lin.value)
+    n = run.ncommit
+    commits: list[tuple[int, format.Commit]] = []
+    if n:
+        block = ffi.buffer(ffi.gc(run.block, lib.free), run.block_len)
+        view = memoryview(block)  # type: ignore[arg-type]
+        at = ffi.cast("char *", run.entries) - ffi.cast("char *", run.block)
+        entries = view[at : at + n * ENTRY_SIZE]
+        body = view[at + n * ENTRY_SIZE :]
+        offsets = ffi.unpack(run.offsets, n + 1)
+        new, wal_pos, packed = format.Commit, format.WalPos, format.PackedPages
+        for i, (seq, fields) in enumerate(
+            zip(ffi.unpack(run.seqs, n), format.SEGMENT_ENTRY.iter_unpack(entries), strict=True)
+        ):
+            txid, t, size, count, value, salt1, salt2, end = fields
+            record = body[offsets[i] : offsets[i + 1]]
+            entry = entries[i * ENTRY_SIZE : (i + 1) * ENTRY_SIZE]
+            pages = packed(record, count, page_size)
+            commit = new(txid, t, size, value, pages, wal_pos(salt1, salt2, end), (entry, record))
+            commits.append((seq, commit))
+    return Run(run.next, run.last_seq, commits, lin.next_txid, lin.time_ns)
+
+
 class Batch:
     """What one drain of the queue holds for one sink: the records of one or more databases,
     each database's in commit order.
@@ -323,19 +388,26 @@ class Batch:
     def __init__(self) -> None:
         self.commits = 0  # COMMIT records in the batch
         self.gaps = 0
-        self._heads: list = []  # each database's first record (ws_rec *)
+        self._heads: list = []  # each database's records (ws_batch *)
 
     def add(self, b) -> None:
         """Add one database's records (a ``ws_batch *`` from :func:`drain`)."""
         self.commits += b.ncommit
         self.gaps += b.ngap
-        self._heads.append(b.first)
+        self._heads.append(b)
 
     def __iter__(self) -> Iterator[Record]:
-        for rec in self._heads:
+        for b in self._heads:
+            rec = b.first
             while rec:  # a NULL pointer is false
-                yield _convert(rec)
+                yield convert(rec)
                 rec = rec.next
+
+    def chains(self) -> list:
+        """Each database's records as a ``ws_batch *`` (``first`` record, linked by ``next``;
+        ``max_db_size``): for a sink that takes runs of commits in C (see
+        :func:`extend_run`) rather than iterating."""
+        return self._heads
 
     def release(self) -> None:
         """Forget the C memory (called once the sink has returned)."""

@@ -30,7 +30,6 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -103,43 +102,65 @@ class Engine:
 
     # ------------------------------------------------------------------ capture side
 
-    def on_records(self, records: Iterable[Record]) -> None:
+    def on_records(self, batch: capture.Batch) -> None:
         """Dispatcher sink: called with each batch of records, in commit order.
 
+        A run of commits that extends a database's lineage as it is goes through in one C
+        call (capture.extend_run); any other record is converted and handled on its own.
         Wakes the uploader only when a database gets something to ship sooner than it was
         going to look (see Uploader.schedule): a steady stream of commits costs no wake-ups.
         """
-        dbs, commit = self._dbs, Kind.COMMIT
+        dbs = self._dbs
         with self._lock:
-            for rec in records:
-                db = dbs.get(rec.db_id)
-                if rec.kind is commit and db is not None:  # the hot case first
-                    db.upload.seen_seq = rec.seq
-                    if db.sync.syncing:
-                        self._hold(db, rec)
-                    else:
-                        self._append(db, rec)
-                elif rec.kind is Kind.OPEN:
-                    if db is None:
-                        db = self._dbs[rec.db_id] = Database(rec.db_id, rec.path)
-                        self._ensure_thread()
-                    log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
-                    db.open = True
-                    db.sync.open_seq = rec.seq
-                    self._sync_pool.spawn(self._join, db)
-                elif db is None:
-                    continue
-                elif rec.kind is Kind.GAP:
-                    log.info("walsync: %s changed outside the stream; resyncing", db.path)
-                    self._request_sync(db)
-                elif rec.kind is Kind.CLOSE:
-                    log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)
-                    db.open = False
-                    if db.given_up() and self._cancel_retry(db):
-                        db.sync.syncing = False
-                        self.give_up(db)  # rather than after one more refused attempt
-                    else:
-                        self.forget_if_done(db)
+            for chain in batch.chains():
+                rec, db = chain.first, dbs.get(chain.db_id)
+                while rec:  # a NULL pointer is false
+                    if db is not None and rec.kind == Kind.COMMIT and self._runs(db):
+                        extent, max_bytes = chain.max_db_size, db.cfg.max_segment_bytes
+                        run = db.lineage.extend_run(rec, extent, max_bytes)
+                        if run.last_seq:
+                            db.upload.seen_seq = run.last_seq
+                            if run.commits:
+                                self._queue(db, db.lineage.generation, run.commits)
+                            rec = run.next
+                            continue
+                    self._on_record(capture.convert(rec))
+                    rec, db = rec.next, dbs.get(chain.db_id)  # an OPEN adds it
+
+    def _runs(self, db: Database) -> bool:
+        """Whether the database's commits may extend its lineage straight away (lock held)."""
+        return not db.sync.syncing and db.lineage.checksum is not None
+
+    def _on_record(self, rec: Record) -> None:
+        """Handle one record (lock held)."""
+        db = self._dbs.get(rec.db_id)
+        if rec.kind is Kind.COMMIT and db is not None:
+            db.upload.seen_seq = rec.seq
+            if db.sync.syncing:
+                self._hold(db, rec)
+            else:
+                self._append(db, rec)
+        elif rec.kind is Kind.OPEN:
+            if db is None:
+                db = self._dbs[rec.db_id] = Database(rec.db_id, rec.path)
+                self._ensure_thread()
+            log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
+            db.open = True
+            db.sync.open_seq = rec.seq
+            self._sync_pool.spawn(self._join, db)
+        elif db is None:
+            return
+        elif rec.kind is Kind.GAP:
+            log.info("walsync: %s changed outside the stream; resyncing", db.path)
+            self._request_sync(db)
+        elif rec.kind is Kind.CLOSE:
+            log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)
+            db.open = False
+            if db.given_up() and self._cancel_retry(db):
+                db.sync.syncing = False
+                self.give_up(db)  # rather than after one more refused attempt
+            else:
+                self.forget_if_done(db)
 
     def _cancel_retry(self, db: Database) -> bool:
         """Drop the database's pending sync retry, if it has one (lock held)."""
@@ -217,19 +238,24 @@ class Engine:
             lineage.break_at(rec.seq)
             self._request_sync(db)
             return
-        assert lineage.generation is not None
-        self._queue(db, rec.seq, lineage.generation, lineage.extend(rec))
+        self._queue(db, lineage.generation, [(rec.seq, lineage.extend(rec))])
 
-    def _queue(self, db: Database, seq: int, generation: str, commit: format.Commit) -> None:
-        """Queue a commit for upload (lock held)."""
+    def _queue(
+        self, db: Database, generation: str | None, commits: list[tuple[int, format.Commit]]
+    ) -> None:
+        """Queue (seq, commit)s of the lineage's generation for upload (lock held)."""
+        assert generation is not None
         now = time.monotonic()
-        size = len(commit.pages) * db.lineage.page_size
+        page_size, spooled = db.lineage.page_size, capture.SpooledPages
+        size = sum([len(c.pages) for _, c in commits]) * page_size
+        # An exact type test: isinstance against an abstract Sequence is slow, per commit.
+        disk = sum([len(c.pages) for _, c in commits if type(c.pages) is spooled]) * page_size
         grown = db.upload.pending_bytes + size
-        if db.upload.queue((seq, generation, commit), grown, now, db.cfg):
+        pending = [(seq, generation, commit) for seq, commit in commits]
+        if db.upload.queue(pending, grown, now, db.cfg):
             self.uploads.schedule(db, now)
         db.upload.pending_bytes = grown
-        if isinstance(commit.pages, capture.SpooledPages):
-            db.upload.disk_bytes += size
+        db.upload.disk_bytes += disk
 
     def give_up(self, db: Database) -> None:
         """A closed database whose store keeps failing: stop retrying (lock held).
@@ -573,8 +599,9 @@ class Engine:
                 decision, pinned.page_size, pinned.checksum, pinned.seq, pinned.wal, pinned.taken_ns
             )
             # Commits recovered from the WAL behind others still pending ship after them.
-            for commit in decision.survivors if queue else []:
-                self._queue(db, pinned.seq, decision.generation, commit)
+            if queue and decision.survivors:
+                survivors = [(pinned.seq, commit) for commit in decision.survivors]
+                self._queue(db, decision.generation, survivors)
             if decision.snapshot or not (up.pending or up.outbox or up.uploading):
                 up.durable_seq = max(up.durable_seq, pinned.seq)
                 up.durable_txid = max(up.durable_txid, decision.txid)

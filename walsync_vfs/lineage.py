@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from walsync_vfs import catalog, format, objects, storage
+from walsync_vfs import capture, catalog, format, objects, storage
 from walsync_vfs.capture import Record
 
 
@@ -161,6 +161,19 @@ class Lineage:
         )
         self.next_txid += 1
         return commit
+
+    def extend_run(self, rec: object, extent: int, max_bytes: int) -> capture.Run:
+        """The commits from ``rec`` (a ``ws_rec *``) on that extend the lineage as they are,
+        each with its txid and whole-db checksum (see capture.extend_run)."""
+        assert self.checksum is not None
+        run = capture.extend_run(
+            rec, extent, self.checksum, self.page_size, self.next_txid, self.time_ns,
+            self.sync_seq, max_bytes,
+        )  # fmt: skip
+        self.next_txid, self.time_ns = run.next_txid, run.time_ns
+        if run.commits:
+            self.wal = run.commits[-1][1].wal
+        return run
 
     def break_at(self, seq: int) -> None:
         """The lineage cannot go on; the sync point after ``seq`` starts it again."""

@@ -133,8 +133,8 @@ class UploadState:
     next_part: int = 0  # pending[0] is bigger than a segment: its part to encode next
     disk_bytes: int = 0  # of pending_bytes, pages read from a file when encoded, not memory
 
-    def queue(self, item: Pending, grown: int, now: float, cfg: DbConfig) -> bool:
-        """Add a pending commit that brings the pending bytes to ``grown`` (the caller sets
+    def queue(self, items: list[Pending], grown: int, now: float, cfg: DbConfig) -> bool:
+        """Add pending commits that bring the pending bytes to ``grown`` (the caller sets
         them); True when the uploader should look at the database again: a first pending
         commit, or a segment's worth.  Commits that join a batch already waiting for its turn
         cost the uploader nothing."""
@@ -142,7 +142,7 @@ class UploadState:
         if first:
             self.quiet = now - self.arrived_at >= cfg.upload_interval / 4
         self.arrived_at = now
-        self.pending.append(item)
+        self.pending += items
         return first or (grown >= cfg.max_segment_bytes > self.pending_bytes)
 
     @property
@@ -310,14 +310,12 @@ def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
         else:
             up.next_part = index + 1
         return [pending[0]], (index, count)
-    end, size = 0, 0
-    while (
-        end < len(pending)
-        and pending[end][1] == gen
-        and (not end or size < max_bytes)
-        and (not end or part_count(pending[end][2], page_size, max_bytes) == 1)
-    ):
-        size += len(pending[end][2].pages) * page_size
+    end, size, per_part = 0, 0, part_pages(page_size, max_bytes)
+    while end < len(pending) and pending[end][1] == gen and (not end or size < max_bytes):
+        pages = len(pending[end][2].pages)
+        if end and pages > per_part:  # bigger than a segment: in parts, on its own
+            break
+        size += pages * page_size
         end += 1
     batch, up.pending = pending[:end], pending[end:]
     up.pending_bytes -= size

@@ -16,6 +16,7 @@ from walsync_vfs.format.keys import (
     snapshot_key,
 )
 from walsync_vfs.format.segment import (
+    SEGMENT_ENTRY,
     SEGMENT_HEAD_SIZE,
     SEGMENT_LEVEL,
     SEGMENT_MAGIC,
@@ -23,6 +24,7 @@ from walsync_vfs.format.segment import (
     SMALL_SEGMENT_LEVEL,
     Commit,
     IndexEntry,
+    PackedPages,
     Part,
     RawSegment,
     SegmentHeader,
@@ -49,6 +51,7 @@ from walsync_vfs.format.snapshot import (
 )
 
 __all__ = [
+    "SEGMENT_ENTRY",
     "SEGMENT_HEAD_SIZE",
     "SEGMENT_LEVEL",
     "SEGMENT_MAGIC",
@@ -64,6 +67,7 @@ __all__ = [
     "IndexEntry",
     "Page",
     "ParsedKey",
+    "PackedPages",
     "Part",
     "RawSegment",
     "SegmentHeader",

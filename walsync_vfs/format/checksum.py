@@ -66,6 +66,19 @@ class DbChecksum:
     def db_size(self) -> int:
         return len(self._hashes)
 
+    def reserve(self, capacity: int) -> array[int]:
+        """The per-page hashes, grown to at least ``capacity`` entries, for code that applies
+        commits itself (capture.extend_run); it must :meth:`settle` before anything else
+        uses this checksum."""
+        if capacity > len(self._hashes):
+            self._hashes.frombytes(bytes(8 * (capacity - len(self._hashes))))
+        return self._hashes
+
+    def settle(self, db_size: int, value: int) -> None:
+        """End what :meth:`reserve` began: the database has ``db_size`` pages, sum ``value``."""
+        del self._hashes[db_size:]
+        self._value = value
+
     def copy(self) -> DbChecksum:
         """An independent copy: verify a batch on it, keep it only if the whole batch checks out."""
         ck = DbChecksum()

@@ -15,6 +15,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import zstandard
 
@@ -48,7 +49,7 @@ SMALL_SEGMENT_LEVEL = -1
 # magic version flags page_size first_txid last_txid commit_count body_length body_raw_length
 _SEG_HEADER = struct.Struct(">8sHHIQQIQQ")
 _SEG_ENTRY_V1 = struct.Struct(">QqIIQ")  # txid time_ns db_size page_count checksum
-_SEG_ENTRY = struct.Struct(">QqIIQIII")  # ... wal_salt1 wal_salt2 wal_end (version 2)
+SEGMENT_ENTRY = struct.Struct(">QqIIQIII")  # ... wal_salt1 wal_salt2 wal_end (version 2)
 _PART_BLOCK = struct.Struct(">IIQ")  # part_index part_count commit_pages (version 3 parts)
 # The bytes before the index: the header, and a part's part block (§4.5).
 SEGMENT_HEAD_SIZE = _SEG_HEADER.size + _PART_BLOCK.size
@@ -112,6 +113,38 @@ class Commit:
     # a file on demand (capture.SpooledPages)
     pages: Sequence[tuple[int, Page]]
     wal: WalPos | None = None  # None: unknown (version 1 segments)
+    # Its index entry (§4.2) and record bytes (§4.3), already checked, when the capture made
+    # them (csrc/commits.c): the encoder then copies them as they are.
+    packed: tuple[memoryview, memoryview] | None = None
+
+
+class PackedPages(Sequence[tuple[int, Page]]):
+    """A commit's pages as (pgno, page), read from its record bytes (§4.3: the page numbers,
+    big-endian, then the pages), without a Python object per page until one is asked for."""
+
+    __slots__ = ("_record", "_count", "_page_size")
+
+    def __init__(self, record: memoryview, count: int, page_size: int) -> None:
+        self._record = record
+        self._count = count
+        self._page_size = page_size
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _page(self, i: int) -> tuple[int, Page]:
+        pgno = int.from_bytes(self._record[4 * i : 4 * i + 4], "big")
+        at = 4 * self._count + i * self._page_size
+        return pgno, self._record[at : at + self._page_size]
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, Page]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[int, Page]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[int, Page] | list[tuple[int, Page]]:
+        if isinstance(i, slice):
+            return [self._page(k) for k in range(self._count)[i]]
+        return self._page(range(self._count)[i])
 
 
 @dataclass(slots=True)
@@ -197,8 +230,14 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = SEGME
     if not commits:
         raise ValueError("a segment needs at least one commit")
     first = commits[0].txid
-    index: list[bytes] = []
+    index: list[bytes | memoryview] = []
     raw: list[bytes | memoryview] = []
+    if all(c.packed is not None and c.txid == txid for txid, c in enumerate(commits, first)):
+        for c in commits:
+            entry, record = c.packed  # type: ignore[misc]
+            index.append(entry)
+            raw.append(record)
+        return _seal_segment(page_size, first, commits[-1].txid, index, raw, level)
     sizes = {page_size}
     # Runs once per replicated commit: cheap checks (range checks by struct, in C) first; any
     # failure goes to _commit_problem, which words the first rule broken.
@@ -295,7 +334,7 @@ def _pack_entry(
 ) -> bytes:
     """One version 2 index entry (§4.2); an unknown WAL position is stored as zeros."""
     wal = wal or _NO_WAL
-    return _SEG_ENTRY.pack(
+    return SEGMENT_ENTRY.pack(
         txid, time_ns, db_size, page_count, checksum, wal.salt1, wal.salt2, wal.end
     )
 
@@ -404,7 +443,7 @@ def _check_head(head: memoryview, size: int, key: str) -> _Head:
     """Reading rules 1-3 of §4.4 (and the part block of §4.5) on the object's first bytes
     and its ``size``."""
     version = check_magic_version(head, SEGMENT_MAGIC, "segment", SEGMENT_VERSION, key)
-    entry_format = _SEG_ENTRY_V1 if version == 1 else _SEG_ENTRY
+    entry_format = _SEG_ENTRY_V1 if version == 1 else SEGMENT_ENTRY
     if len(head) < _SEG_HEADER.size:
         raise CorruptObject(key, f"truncated: {len(head)} bytes")
     _, _, flags, page_size, first, last, count, body_length, raw_length = _SEG_HEADER.unpack_from(
@@ -431,7 +470,7 @@ def _check_index(index: memoryview, head: _Head, key: str) -> list[_Row]:
     """Reading rule 5 of §4.4 (and a part's page count, §4.5): the index entries, as rows
     of version 2 fields."""
     first, page_size = head.first, head.page_size
-    entry_format = _SEG_ENTRY_V1 if head.version == 1 else _SEG_ENTRY
+    entry_format = _SEG_ENTRY_V1 if head.version == 1 else SEGMENT_ENTRY
     rows = list(entry_format.iter_unpack(index))
     if head.version == 1:
         rows = [row + (0, 0, 0) for row in rows]
@@ -582,9 +621,9 @@ def read_segment_raw(data: bytes, key: str) -> RawSegment:
             raise CorruptObject(key, f"txid {txid}: {problem}")
         pos += page_count * width
     if version >= 2:
-        index = data[checked.index_at : checked.index_at + len(rows) * _SEG_ENTRY.size]
+        index = data[checked.index_at : checked.index_at + len(rows) * SEGMENT_ENTRY.size]
     else:
-        index = b"".join(_SEG_ENTRY.pack(*row) for row in rows)
+        index = b"".join(SEGMENT_ENTRY.pack(*row) for row in rows)
     counts = tuple(row[3] for row in rows)
     return RawSegment(key, data, page_size, first, first + len(rows) - 1, counts, index, raw)
 
@@ -605,7 +644,7 @@ def merge_segments(
     if not segments:
         raise ValueError("nothing to merge")
     page_size = segments[0].page_size
-    width = _SEG_ENTRY.size
+    width = SEGMENT_ENTRY.size
     # Per group: its first txid, and runs of index entries and of records cut from the inputs.
     firsts: list[int] = []
     indexes: list[list[memoryview]] = []
