@@ -67,14 +67,22 @@ def one_by_one(
     return [lineage.extend(r) for r in records if lineage.follows(r)]
 
 
-def same_commits(packed: list[format.Commit], plain: list[format.Commit], page_size: int) -> None:
+def same_commits(runs: list[format.PackedRun], plain: list[format.Commit], page_size: int) -> None:
+    """The runs hold the commits ``plain`` holds, and encode to the same segment bytes (as
+    they are, or mixed with an unpacked commit)."""
+    packed = [c for r in runs for c in r.commits()]
     assert [(c.txid, c.time_ns, c.db_size, c.checksum, c.wal) for c in packed] == [
         (c.txid, c.time_ns, c.db_size, c.checksum, c.wal) for c in plain
     ]
     for a, b in zip(packed, plain, strict=True):
         assert [(p, bytes(d)) for p, d in a.pages] == [(p, bytes(d)) for p, d in b.pages]
     if packed:
-        assert format.encode_segment(page_size, packed) == format.encode_segment(page_size, plain)
+        segment = format.encode_segment(page_size, plain)
+        assert format.encode_segment(page_size, runs) == segment
+        assert format.encode_segment(page_size, [*runs[:-1], *runs[-1].commits()]) == segment
+        assert sum(r.page_count for r in runs) == sum(len(c.pages) for c in plain)
+        assert (runs[0].txid, runs[-1].last_txid) == (plain[0].txid, plain[-1].txid)
+        assert runs[0].time_ns == plain[0].time_ns and runs[-1].wal == plain[-1].wal
 
 
 def run_both(chain: Chain, size: int, sync_seq: int = 0, max_bytes: int = MAX_BYTES):
@@ -88,7 +96,7 @@ def run_both(chain: Chain, size: int, sync_seq: int = 0, max_bytes: int = MAX_BY
     run = capture.extend_run(chain.recs[0], extent, ck, chain.page_size, 10, 0, sync_seq, max_bytes)
     taken = [r for r in chain.records() if r.seq <= run.last_seq]
     plain = one_by_one(ref, taken, 10, sync_seq)
-    same_commits([c for _, c in run.commits], plain, chain.page_size)
+    same_commits([r for _, r in run.runs], plain, chain.page_size)
     assert (ck.value, ck.db_size) == (ref.value, ref.db_size)
     return run, ck, plain
 
@@ -106,9 +114,10 @@ def test_a_run_rewrites_grows_and_shrinks_as_the_lineage_does():
     chain.commit(2, {1: page()}, time_ns=300)  # cut to 2 pages
     chain.commit(3, {3: page(), 2: page()}, time_ns=400)
     run, _, plain = run_both(chain, 4)
-    assert [c.txid for _, c in run.commits] == [10, 11, 12, 13, 14]
+    assert len(run.runs) == 1
+    assert [c.txid for c in plain] == [10, 11, 12, 13, 14]
     assert [c.time_ns for c in plain] == [100, 200, 200, 300, 400]
-    assert [seq for seq, _ in run.commits] == [1, 2, 3, 4, 5]
+    assert [s for _, r in run.runs for s in r.seqs] == [1, 2, 3, 4, 5]
     assert (run.next_txid, run.time_ns, run.last_seq, run.next) == (15, 400, 5, ffi.NULL)
 
 
@@ -119,7 +128,7 @@ def test_growth_past_the_lock_page_counts_it_as_zeros():
     pages = {p: os.urandom(ps) for p in (lock - 1, lock + 1, lock + 2)}
     chain.commit(lock + 2, pages)
     run, ck, _ = run_both(chain, lock - 2)
-    assert len(run.commits) == 1 and ck.db_size == lock + 2
+    assert len(run.runs) == 1 and ck.db_size == lock + 2
 
 
 def test_records_inside_the_sync_state_are_taken_and_skipped():
@@ -127,8 +136,8 @@ def test_records_inside_the_sync_state_are_taken_and_skipped():
     for i in range(4):
         chain.commit(1, {1: bytes([i]) * 512})
     run, _, _ = run_both(chain, 1, sync_seq=2)
-    assert [seq for seq, _ in run.commits] == [3, 4]
-    assert [c.txid for _, c in run.commits] == [10, 11]
+    assert [s for _, r in run.runs for s in r.seqs] == [3, 4]
+    assert [c.txid for _, r in run.runs for c in r.commits()] == [10, 11]
 
 
 @pytest.mark.parametrize(
@@ -149,7 +158,7 @@ def test_a_record_the_run_cannot_take_ends_it_untouched(bad):
     chain.commit(1, {1: b"c" * 512})
     run, ck, _ = run_both(chain, 1, max_bytes=511 if bad.get("big") else MAX_BYTES)
     taken = 0 if bad.get("big") else 1
-    assert len(run.commits) == taken and run.last_seq == taken
+    assert sum(r.commit_count for _, r in run.runs) == taken and run.last_seq == taken
     assert run.next == chain.recs[taken]
     assert ck.db_size == 1
 
@@ -158,7 +167,7 @@ def test_captured_commits_packed_in_c_encode_to_the_same_segments(tmp_path: Path
     """Real commits through the VFS (small, multi-page, growing, shrinking by VACUUM), each
     drained batch made into commits both ways."""
     path = tmp_path / "db.sqlite"
-    seen: list[tuple[list[format.Commit], list[format.Commit]]] = []
+    seen: list[tuple[list[format.PackedRun], list[format.Commit]]] = []
     state: dict = {}
 
     def sink(batch: capture.Batch) -> None:
@@ -170,7 +179,7 @@ def test_captured_commits_packed_in_c_encode_to_the_same_segments(tmp_path: Path
             extent = chain.max_db_size
             run = capture.extend_run(chain.first, extent, ck, state["ps"], txid, 0, seq, MAX_BYTES)
             taken = [r for r in records if r.kind is Kind.COMMIT and r.seq <= run.last_seq]
-            seen.append(([c for _, c in run.commits], one_by_one(ref, taken, txid, seq)))
+            seen.append(([r for _, r in run.runs], one_by_one(ref, taken, txid, seq)))
             state["txid"] = run.next_txid
 
     capture.dispatcher().route_path(str(path), sink)
@@ -193,7 +202,15 @@ def test_captured_commits_packed_in_c_encode_to_the_same_segments(tmp_path: Path
         con.close()
     finally:
         capture.dispatcher().route_path(str(path), None)
-    made = [c for packed, _ in seen for c in packed]
-    assert len(made) == 204
+    assert sum(r.commit_count for runs, _ in seen for r in runs) == 204
     for packed, plain in seen:
         same_commits(packed, plain, ps)
+
+
+def test_a_run_is_cut_into_pieces_of_about_a_segment():
+    chain = Chain(1024)
+    for i in range(10):
+        chain.commit(3, {1: bytes([i]) * 1024, 2: bytes([i]) * 1024})
+    run, _, _ = run_both(chain, 3, max_bytes=3 * 2 * 1028)
+    assert [r.commit_count for _, r in run.runs] == [3, 3, 3, 1]
+    assert [seq for seq, _ in run.runs] == [3, 6, 9, 10]

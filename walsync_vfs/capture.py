@@ -13,6 +13,7 @@ consumer lines a full copy up with the deltas that follow it.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
@@ -318,7 +319,8 @@ class Run:
 
     next: object  # the first record not taken (ws_rec *; NULL, which is false, if none)
     last_seq: int  # of the last record taken (0: none)
-    commits: list[tuple[int, format.Commit]]  # (seq, commit) made, in order
+    # (seq of its last commit, the commits) in order, each at most about max_bytes of pages
+    runs: list[tuple[int, format.PackedRun]]
     next_txid: int
     time_ns: int
 
@@ -335,10 +337,10 @@ def extend_run(
 ) -> Run:
     """Extend a lineage's end, ``checksum`` included, by the records from ``rec`` (of a
     database whose commits in the batch reach at most ``extent`` pages) on that it can take
-    as they are (csrc/commits.c): one C call with the GIL released, then one Python
-    object per commit, none per page.  Records up to ``sync_seq`` are taken and skipped (they
-    are in the state the lineage started from).  A record it cannot take, the caller handles
-    as a :class:`Record`; none is taken when memory runs out."""
+    as they are (csrc/commits.c): one C call with the GIL released, and a Python object per
+    segment's worth of commits, none per commit or page.  Records up to ``sync_seq`` are
+    taken and skipped (they are in the state the lineage started from).  A record it cannot
+    take, the caller handles as a :class:`Record`; none is taken when memory runs out."""
     lin = ffi.new("ws_lineage *")
     lin.db_size, lin.value = checksum.db_size, checksum.value
     hashes = checksum.reserve(extent)
@@ -352,25 +354,25 @@ def extend_run(
     finally:
         checksum.settle(lin.db_size, lin.value)
     n = run.ncommit
-    commits: list[tuple[int, format.Commit]] = []
+    runs: list[tuple[int, format.PackedRun]] = []
     if n:
-        block = ffi.buffer(ffi.gc(run.block, lib.free), run.block_len)
-        view = memoryview(block)  # type: ignore[arg-type]
-        at = ffi.cast("char *", run.entries) - ffi.cast("char *", run.block)
-        entries = view[at : at + n * ENTRY_SIZE]
-        body = view[at + n * ENTRY_SIZE :]
-        offsets = ffi.unpack(run.offsets, n + 1)
-        new, wal_pos, packed = format.Commit, format.WalPos, format.PackedPages
-        for i, (seq, fields) in enumerate(
-            zip(ffi.unpack(run.seqs, n), format.SEGMENT_ENTRY.iter_unpack(entries), strict=True)
-        ):
-            txid, t, size, count, value, salt1, salt2, end = fields
-            record = body[offsets[i] : offsets[i + 1]]
-            entry = entries[i * ENTRY_SIZE : (i + 1) * ENTRY_SIZE]
-            pages = packed(record, count, page_size)
-            commit = new(txid, t, size, value, pages, wal_pos(salt1, salt2, end), (entry, record))
-            commits.append((seq, commit))
-    return Run(run.next, run.last_seq, commits, lin.next_txid, lin.time_ns)
+        block = memoryview(ffi.buffer(ffi.gc(run.block, lib.free), run.block_len))  # type: ignore[arg-type]
+        at = int(ffi.cast("uintptr_t", run.entries)) - int(ffi.cast("uintptr_t", run.block))
+        entries, body = block[at : at + n * ENTRY_SIZE], block[at + n * ENTRY_SIZE :]
+        offsets, seqs = ffi.unpack(run.offsets, n + 1), ffi.unpack(run.seqs, n)
+        start = 0
+        while start < n:  # cut where the records pass max_bytes, but one commit at least
+            stop = max(start + 1, bisect.bisect_right(offsets, offsets[start] + max_bytes) - 1)
+            piece = format.PackedRun(
+                page_size,
+                entries[start * ENTRY_SIZE : stop * ENTRY_SIZE],
+                body,
+                offsets[start : stop + 1],
+                seqs[start:stop],
+            )
+            runs.append((seqs[stop - 1], piece))
+            start = stop
+    return Run(run.next, run.last_seq, runs, lin.next_txid, lin.time_ns)
 
 
 class Batch:

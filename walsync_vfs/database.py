@@ -84,7 +84,7 @@ def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
         "last_txid": db.lineage.next_txid - 1,
         "replicated_txid": up.durable_txid,
         "lag_seconds": max(0.0, (now_ns - oldest) / 1e9),
-        "pending_commits": len(up.pending) + len(held),
+        "pending_commits": up.pending_commits + len(held),
         "pending_bytes": up.pending_bytes,
         "bytes_uploaded": up.bytes_uploaded,
         "syncing": db.sync.syncing,

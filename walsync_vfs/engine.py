@@ -30,6 +30,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -44,7 +45,7 @@ from walsync_vfs.lease import Lease, Refused, Unfenceable
 from walsync_vfs.lineage import Head, decide, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
-from walsync_vfs.uploader import RETRY, Uploader
+from walsync_vfs.uploader import RETRY, Queued, Uploader
 from walsync_vfs.workers import Workers
 
 __all__ = ["Engine", "ReplicationError", "stats_of"]
@@ -120,8 +121,8 @@ class Engine:
                         run = db.lineage.extend_run(rec, extent, max_bytes)
                         if run.last_seq:
                             db.upload.seen_seq = run.last_seq
-                            if run.commits:
-                                self._queue(db, db.lineage.generation, run.commits)
+                            if run.runs:
+                                self._queue(db, db.lineage.generation, run.runs)
                             rec = run.next
                             continue
                     self._on_record(capture.convert(rec))
@@ -240,16 +241,18 @@ class Engine:
             return
         self._queue(db, lineage.generation, [(rec.seq, lineage.extend(rec))])
 
-    def _queue(
-        self, db: Database, generation: str | None, commits: list[tuple[int, format.Commit]]
-    ) -> None:
-        """Queue (seq, commit)s of the lineage's generation for upload (lock held)."""
+    def _queue(self, db: Database, generation: str | None, commits: Sequence[Queued]) -> None:
+        """Queue (seq, commit or run of commits)s of the lineage's generation for upload
+        (lock held)."""
         assert generation is not None
         now = time.monotonic()
-        page_size, spooled = db.lineage.page_size, capture.SpooledPages
-        size = sum([len(c.pages) for _, c in commits]) * page_size
-        # An exact type test: isinstance against an abstract Sequence is slow, per commit.
-        disk = sum([len(c.pages) for _, c in commits if type(c.pages) is spooled]) * page_size
+        page_size = db.lineage.page_size
+        size = sum([c.page_count for _, c in commits]) * page_size
+        disk = sum(
+            c.page_count
+            for _, c in commits
+            if isinstance(c, format.Commit) and isinstance(c.pages, capture.SpooledPages)
+        ) * page_size
         grown = db.upload.pending_bytes + size
         pending = [(seq, generation, commit) for seq, commit in commits]
         if db.upload.queue(pending, grown, now, db.cfg):

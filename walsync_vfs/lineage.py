@@ -171,8 +171,8 @@ class Lineage:
             self.sync_seq, max_bytes,
         )  # fmt: skip
         self.next_txid, self.time_ns = run.next_txid, run.time_ns
-        if run.commits:
-            self.wal = run.commits[-1][1].wal
+        if run.runs:
+            self.wal = run.runs[-1][1].wal
         return run
 
     def break_at(self, seq: int) -> None:

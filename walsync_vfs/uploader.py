@@ -37,8 +37,11 @@ PUT_BATCH = 16
 # Between retries of a failing store (uploads and syncs): recovery is noticed quickly.
 RETRY = Backoff(first=0.1, cap=5.0)
 
-# (seq, generation, commit): a commit stays in the lineage it was made in
-Pending = tuple[int, str, format.Commit]
+# A commit, or a run of commits the capture packed (never bigger than a segment)
+Shippable = format.Commit | format.PackedRun
+# (seq of its last commit, generation, commits): a commit stays in the lineage it was made in
+Pending = tuple[int, str, Shippable]
+Queued = tuple[int, Shippable]  # as the engine queues them: (seq, commits)
 _E = TypeVar("_E", bound=tuple[Any, ...])  # an entry whose first item is a Database
 
 
@@ -52,10 +55,10 @@ def part_pages(page_size: int, max_bytes: int) -> int:
     return max(1, max_bytes // page_size)
 
 
-def part_count(commit: format.Commit, page_size: int, max_bytes: int) -> int:
+def part_count(commit: Shippable, page_size: int, max_bytes: int) -> int:
     """How many segment objects a commit goes in: 1, or its parts."""
     per_part = part_pages(page_size, max_bytes)
-    return max(1, -(-len(commit.pages) // per_part))
+    return max(1, -(-commit.page_count // per_part))
 
 
 def part_bytes(commit: format.Commit, index: int, page_size: int, max_bytes: int) -> int:
@@ -150,9 +153,13 @@ class UploadState:
         """Bytes of commits held in memory (pending, or encoded and not spilled)."""
         return self.pending_bytes - self.disk_bytes + sum(i.memory for i in self.outbox)
 
+    @property
+    def pending_commits(self) -> int:
+        return sum(c.commit_count for _, _, c in self.pending)
+
     def drop_pending(self) -> int:
         """Forget every pending commit; returns how many there were."""
-        n = len(self.pending)
+        n = self.pending_commits
         self.pending, self.pending_bytes, self.next_part, self.disk_bytes = [], 0, 0, 0
         return n
 
@@ -300,6 +307,7 @@ def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
     seq, gen, first = pending[0]
     count = part_count(first, page_size, max_bytes)
     if count > 1:
+        assert isinstance(first, format.Commit)  # a packed run is never bigger than a segment
         index = up.next_part
         size = part_bytes(first, index, page_size, max_bytes)
         up.pending_bytes -= size
@@ -312,7 +320,7 @@ def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
         return [pending[0]], (index, count)
     end, size, per_part = 0, 0, part_pages(page_size, max_bytes)
     while end < len(pending) and pending[end][1] == gen and (not end or size < max_bytes):
-        pages = len(pending[end][2].pages)
+        pages = pending[end][2].page_count
         if end and pages > per_part:  # bigger than a segment: in parts, on its own
             break
         size += pages * page_size
@@ -353,6 +361,7 @@ def encode(
     gen = batch[0][1]
     if part is not None:
         seq, _, whole = batch[0]
+        assert isinstance(whole, format.Commit)
         return Outgoing(
             format.segment_key(name, gen, whole.txid, whole.txid, epoch, part),
             gen,
@@ -364,19 +373,27 @@ def encode(
             part=part,
         )
     commits = [c for _, _, c in batch]
-    page_size = next((len(p) for c in commits for _, p in c.pages), page_size)
-    raw_bytes = sum(len(c.pages) for c in commits) * page_size
+    page_size = _page_size(commits[0], page_size)
+    raw_bytes = sum(c.page_count for c in commits) * page_size
     small = is_small(raw_bytes, max_segment_bytes)
     level = format.SMALL_SEGMENT_LEVEL if small else format.SEGMENT_LEVEL
+    first, last = commits[0].txid, commits[-1].last_txid
     return Outgoing(
-        format.segment_key(name, gen, commits[0].txid, commits[-1].txid, epoch),
+        format.segment_key(name, gen, first, last, epoch),
         gen,
         batch[-1][0],
-        commits[0].txid,
-        commits[-1].txid,
+        first,
+        last,
         raw_bytes,
         format.encode_segment(page_size, commits, level),
     )
+
+
+def _page_size(commit: Shippable, page_size: int) -> int:
+    """The page size the commit was made with (the lineage's may have changed since)."""
+    if isinstance(commit, format.PackedRun):
+        return commit.page_size
+    return next((len(p) for _, p in commit.pages), page_size)
 
 
 class UploadHost(Protocol):
@@ -626,8 +643,9 @@ class Uploader:
                         if item.complete:
                             db.lost_restore_points += item.last_txid - item.first_txid + 1
                 # A commit in parts is lost once, with its last part.
-                unsent = [batch for batch, part in taken if completes(part)]
-                db.lost_restore_points += up.drop_pending() + sum(map(len, unsent))
+                unsent = [c for batch, part in taken if completes(part) for _, _, c in batch]
+                lost = sum(c.commit_count for c in unsent)
+                db.lost_restore_points += up.drop_pending() + lost
                 up.outbox[:] = [in_flight] if in_flight else []
                 self._copies.drop_copies(db)
                 db.errors += 1

@@ -113,9 +113,89 @@ class Commit:
     # a file on demand (capture.SpooledPages)
     pages: Sequence[tuple[int, Page]]
     wal: WalPos | None = None  # None: unknown (version 1 segments)
-    # Its index entry (§4.2) and record bytes (§4.3), already checked, when the capture made
-    # them (csrc/commits.c): the encoder then copies them as they are.
-    packed: tuple[memoryview, memoryview] | None = None
+
+    # A commit is a run of one: what the uploader asks of a PackedRun as well.
+    @property
+    def last_txid(self) -> int:
+        return self.txid
+
+    @property
+    def commit_count(self) -> int:
+        return 1
+
+    @property
+    def page_count(self) -> int:
+        return len(self.pages)
+
+
+class PackedRun:
+    """Consecutive commits whose index entries (§4.2) and record bytes (§4.3) are already
+    made and checked (csrc/commits.c, capture.extend_run): what the capture queues, one
+    object for many commits, so the encoder copies them without a Python step per commit."""
+
+    __slots__ = ("page_size", "_entries", "_body", "_offsets", "seqs")
+
+    def __init__(
+        self,
+        page_size: int,
+        entries: memoryview,
+        body: memoryview,
+        offsets: Sequence[int],
+        seqs: Sequence[int],
+    ) -> None:
+        self.page_size = page_size
+        self._entries = entries  # one index entry per commit
+        self._body = body
+        self._offsets = offsets  # commit i's record is body[offsets[i]:offsets[i + 1]]
+        self.seqs = seqs  # each commit's capture record seq
+
+    @property
+    def txid(self) -> int:
+        return int.from_bytes(self._entries[:8], "big")
+
+    @property
+    def last_txid(self) -> int:
+        return int.from_bytes(self._entries[-SEGMENT_ENTRY.size :][:8], "big")
+
+    @property
+    def time_ns(self) -> int:
+        """The first commit's time."""
+        return int.from_bytes(self._entries[8:16], "big", signed=True)
+
+    @property
+    def wal(self) -> WalPos:
+        """Where the last commit ended in the source's WAL."""
+        *_, salt1, salt2, end = SEGMENT_ENTRY.unpack(self._entries[-SEGMENT_ENTRY.size :])
+        return WalPos(salt1, salt2, end)
+
+    @property
+    def commit_count(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def page_count(self) -> int:
+        return (self._offsets[-1] - self._offsets[0]) // (4 + self.page_size)
+
+    @property
+    def index(self) -> memoryview:
+        """The commits' index entries, back to back."""
+        return self._entries
+
+    @property
+    def records(self) -> memoryview:
+        """The commits' record bytes, back to back."""
+        return self._body[self._offsets[0] : self._offsets[-1]]
+
+    def commits(self) -> list[Commit]:
+        """The commits one by one (the general path: an encoder given unpacked commits too)."""
+        out = []
+        for i, (txid, t, db_size, count, checksum, salt1, salt2, end) in enumerate(
+            SEGMENT_ENTRY.iter_unpack(self._entries)
+        ):
+            record = self._body[self._offsets[i] : self._offsets[i + 1]]
+            pages = PackedPages(record, count, self.page_size)
+            out.append(Commit(txid, t, db_size, checksum, pages, WalPos(salt1, salt2, end)))
+        return out
 
 
 class PackedPages(Sequence[tuple[int, Page]]):
@@ -219,8 +299,10 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
     return f"txid {c.txid}: invalid WAL position {c.wal or _NO_WAL}"
 
 
-def encode_segment(page_size: int, commits: Sequence[Commit], level: int = SEGMENT_LEVEL) -> bytes:
-    """Encode consecutive commits as one segment object.
+def encode_segment(
+    page_size: int, commits: Sequence[Commit | PackedRun], level: int = SEGMENT_LEVEL
+) -> bytes:
+    """Encode consecutive commits (or runs of them) as one segment object.
 
     Raises ValueError for input the format cannot represent, so nothing is uploaded
     that a reader would later reject.
@@ -229,15 +311,32 @@ def encode_segment(page_size: int, commits: Sequence[Commit], level: int = SEGME
         raise ValueError(f"invalid page size {page_size}")
     if not commits:
         raise ValueError("a segment needs at least one commit")
+    if all(isinstance(c, PackedRun) for c in commits):
+        return _encode_runs(page_size, commits, level)  # type: ignore[arg-type]
+    if any(isinstance(c, PackedRun) for c in commits):
+        commits = [
+            one for c in commits for one in (c.commits() if isinstance(c, PackedRun) else [c])
+        ]
+    return _encode_commits(page_size, commits, level)  # type: ignore[arg-type]
+
+
+def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes:
+    """Runs of packed commits: their entries and records as they are, checked already."""
+    for a, b in zip(runs, runs[1:], strict=False):
+        if b.txid != a.last_txid + 1:
+            raise ValueError(f"txid {b.txid} follows {a.last_txid}: not consecutive")
+    if any(r.page_size != page_size for r in runs):
+        raise ValueError(f"a run's page size differs from page size {page_size}")
+    index = [r.index for r in runs]
+    records = [r.records for r in runs]
+    return _seal_segment(page_size, runs[0].txid, runs[-1].last_txid, index, records, level)
+
+
+def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> bytes:
+    """Commits one by one, each checked."""
     first = commits[0].txid
     index: list[bytes | memoryview] = []
     raw: list[bytes | memoryview] = []
-    if all(c.packed is not None and c.txid == txid for txid, c in enumerate(commits, first)):
-        for c in commits:
-            entry, record = c.packed  # type: ignore[misc]
-            index.append(entry)
-            raw.append(record)
-        return _seal_segment(page_size, first, commits[-1].txid, index, raw, level)
     sizes = {page_size}
     # Runs once per replicated commit: cheap checks (range checks by struct, in C) first; any
     # failure goes to _commit_problem, which words the first rule broken.
