@@ -23,8 +23,8 @@ paid inside the slice that produced it.
 * ``consumed``: the engine is bypassed; the dispatcher's thread drains the queue (checksum
   verification and page index in C) and hands each batch to the null sink, which reads
   only the batch's commit count;
-* ``converted``: the same, but the sink turns every record into a Python ``Record`` (the
-  least any Python consumer of the pages pays, e.g. the replication engine);
+* ``converted``: the same, but the sink turns every record into a Python ``Record`` (what a
+  sink that iterates records pays; the engine takes runs of commits in C instead);
 * ``queued``: records pile up in the C queue, freed between slices (untimed): shim cost only;
 * ``off``: the walsync VFS without a sync point, so nothing is parsed or published (the pass-
   through and the WAL mirror copy remain);

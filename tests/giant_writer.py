@@ -1,11 +1,12 @@
 """Child process for tests/test_giant.py and benchmarks/bigdata.py: one giant transaction, then
 its peak RSS.
 
-    python giant_writer.py DB MIB [REPLICA MAX_SEGMENT_BYTES MEMORY_CAP]
+    python giant_writer.py DB MIB [REPLICA MAX_SEGMENT_BYTES MEMORY_CAP [SPOOL_CAP]]
 
 Without REPLICA the database is written with plain apsw (the baseline); with it, through
 ``vfs="walsync"`` and replicated there.  Prints one JSON line: ``maxrss`` (peak RSS in KiB,
-taken before anything is read back), ``digest`` (SHA-256 of every row) and ``rows``.
+taken before anything is read back), ``digest`` (SHA-256 of every row) and ``rows``, and when
+replicated ``lost`` (the restore points replication gave up).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ def main() -> None:
     if len(sys.argv) > 3:
         import walsync_vfs
 
+        knobs = {"spool_cap": int(sys.argv[6])} if len(sys.argv) > 6 else {}
         walsync_vfs.configure(
             replica=sys.argv[3],
             max_segment_bytes=int(sys.argv[4]),
             memory_cap=int(sys.argv[5]),
+            **knobs,
         )
         vfs = "walsync"
     con = apsw.Connection(path, vfs=vfs) if vfs else apsw.Connection(path)
@@ -64,7 +67,12 @@ def main() -> None:
         walsync_vfs.flush(timeout=600)
     maxrss = peak_rss_kib()
     rows_digest, rows = digest(con)
-    print(json.dumps({"maxrss": maxrss, "digest": rows_digest, "rows": rows}), flush=True)
+    out = {"maxrss": maxrss, "digest": rows_digest, "rows": rows}
+    if vfs:
+        import walsync_vfs
+
+        out["lost"] = sum(s["lost_restore_points"] for s in walsync_vfs.stats())
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,20 @@ def test_a_commit_missing_a_part_is_never_restored(file_url, tmp_path):
     assert any("never restored" in line for line in report.ignored(client, name))
 
 
+def test_a_giant_commit_past_the_spool_cap_goes_into_a_snapshot(file_url, tmp_path):
+    """The shim's copy of a giant commit's frames counts against spool_cap: one bigger than
+    the cap loses its restore point, and the next generation's snapshot holds it."""
+    url = f"{file_url}/app.db"
+    out = run_writer(tmp_path / "app.db", 24, file_url, str(4 * MIB), str(8 * MIB), str(8 * MIB))
+    assert out["lost"] == 1
+    root, name = split_url(url)
+    client = storage.open_replica(root)
+    gens = catalog.generations(client, name)
+    assert len(gens) == 2 and not any(k.parts for g in gens for k in g.segments)
+    restore_from(client, name, str(tmp_path / "latest.db"))
+    assert digest_of(tmp_path / "latest.db") == (out["digest"], out["rows"])
+
+
 @pytest.mark.slow
 def test_256_mib_transaction_with_default_settings(replica_url, tmp_path):
     assert check_giant(replica_url, tmp_path, 256, 16 * MIB, 64 * MIB) <= 64 * MIB  # issue 14

@@ -120,6 +120,11 @@ class SpooledPages(Sequence[tuple[int, bytes]]):
     def pgnos(self) -> array[int]:
         return self._pgnos
 
+    @property
+    def file_bytes(self) -> int:
+        """The size of the file holding the commit's frames."""
+        return os.fstat(self._fd).st_size
+
     def _page(self, i: int) -> tuple[int, bytes]:
         at = self._frames[i] * self._frame_size + 24
         data = os.pread(self._fd, self._page_size, at)

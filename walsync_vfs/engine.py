@@ -137,6 +137,8 @@ class Engine:
         db = self._dbs.get(rec.db_id)
         if rec.kind is Kind.COMMIT and db is not None:
             db.upload.seen_seq = rec.seq
+            if isinstance(rec.pages, capture.SpooledPages) and not self._spooled(db, rec):
+                return
             if db.sync.syncing:
                 self._hold(db, rec)
             else:
@@ -162,6 +164,29 @@ class Engine:
                 self.give_up(db)  # rather than after one more refused attempt
             else:
                 self.forget_if_done(db)
+
+    def _spooled(self, db: Database, rec: Record) -> bool:
+        """Count a giant commit's frames, in a file of the spool directory, against the spool
+        cap (lock held).  Past the cap its restore point is given up, as for held commits:
+        the file goes, and the next sync point's snapshot holds the commit."""
+        assert isinstance(rec.pages, capture.SpooledPages)
+        try:
+            self._spool.count(rec.pages.file_bytes, rec.pages)
+            return True
+        except OSError as exc:
+            reason = exc
+        db.lost_restore_points += 1
+        db.errors += 1
+        db.last_error = f"spool: {reason}"
+        log.warning(
+            "walsync: %s: a commit of %d pages passed the spool cap (%s); its restore point "
+            "is lost, its changes will be in the next snapshot",
+            db.path,
+            len(rec.pages),
+            reason,
+        )
+        self.break_lineage(db)
+        return False
 
     def _cancel_retry(self, db: Database) -> bool:
         """Drop the database's pending sync retry, if it has one (lock held)."""

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,21 @@ class Spool:
             self._remove(path, size)
             raise
         return path
+
+    def count(self, size: int, owner: object) -> None:
+        """Count ``size`` bytes of a file the spool directory holds for ``owner`` (a giant
+        commit's frames, copied there by the shim) against the cap until ``owner`` is gone;
+        raises :class:`SpoolFull`, and then the caller lets go of ``owner`` and its file."""
+        with self._lock:
+            cap = self.settings.spool_cap
+            if self.used + size > cap:
+                raise SpoolFull(f"spool cap of {cap} bytes reached")
+            self.used += size
+        weakref.finalize(owner, self._uncount, size)
+
+    def _uncount(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
 
     def remove(self, path: str) -> None:
         """Delete a file of :meth:`store` and give its bytes back to the cap."""
