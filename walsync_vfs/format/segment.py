@@ -68,7 +68,7 @@ class _ThreadCodecs(threading.local):
 _codecs = _ThreadCodecs()
 
 
-def _compress(data: bytes, level: int) -> bytes:
+def _compress(data: bytes | memoryview, level: int) -> bytes:
     compressors = _codecs.compressors
     compressor = compressors.get(level)
     if compressor is None:
@@ -467,7 +467,8 @@ def _seal_segment(
     shot over the joined records: streaming them into the compressor would keep zstd's
     streaming window buffer resident.
     """
-    raw_body = b"".join(records)
+    # One piece (a run of packed commits) is compressed where it is, without a copy.
+    raw_body = records[0] if len(records) == 1 else b"".join(records)
     raw_length = len(raw_body)
     body = _compress(raw_body, level)
     del raw_body  # hold one copy of the records at a time
