@@ -31,17 +31,20 @@ typedef struct ws_lineage {
   uint64_t max_bytes; /* a commit with more page bytes goes in parts: not taken */
 } ws_lineage;
 
-/* What one ws_extend() took. */
+/* What one ws_extend() took, and the lineage's end after it. */
 typedef struct ws_run {
   ws_rec *next;          /* the first record not taken (NULL: none left) */
   uint64_t last_seq;     /* of the last record taken (0: none) */
   uint32_t ncommit;      /* commits made (records inside the sync state are taken, not made) */
-  unsigned char *block;  /* malloc'd, the caller frees it: ncommit entries, seqs, offsets, bodies */
+  unsigned char *block;  /* malloc'd, the caller frees it: seqs, offsets, entries, bodies */
   uint64_t block_len;
-  unsigned char *entries;  /* ncommit index entries of WS_ENTRY_SIZE bytes */
-  uint64_t *seqs;          /* each commit's record seq */
-  uint64_t *offsets;       /* ncommit + 1 offsets into body: commit i is [offsets[i], offsets[i+1]) */
-  unsigned char *body;
+  uint64_t entries_at;   /* where in block the ncommit index entries of WS_ENTRY_SIZE start */
+  uint64_t *seqs;        /* each commit's record seq */
+  uint64_t *offsets;     /* ncommit + 1 offsets into the bodies: commit i is [offsets[i], offsets[i+1]) */
+  uint32_t db_size;      /* the lineage's end after the run */
+  uint64_t value;
+  uint64_t next_txid;
+  int64_t time_ns;
 } ws_run;
 
 static void ws_put32(unsigned char *p, uint32_t v) {
@@ -123,9 +126,15 @@ static void ws_apply(const ws_rec *r, ws_lineage *l, unsigned char *entry, unsig
   ws_put32(entry + 40, r->frame_end);
 }
 
-/* Take the records from `r` on that the lineage can take as they are (see the top).
-   Returns 0, or -1 when memory ran out (nothing taken, the lineage unchanged). */
-int ws_extend(ws_rec *r, ws_lineage *l, ws_run *out) {
+/* Take the records from `r` on that the lineage can take as they are (see the top), the
+   lineage's end given by the arguments (its page hashes in `hashes`, `capacity` entries).
+   Returns 0, or -1 when memory ran out (nothing taken, `hashes` unchanged). */
+int ws_extend(ws_rec *r, uint64_t *hashes, uint32_t capacity, uint32_t db_size, uint64_t value,
+              uint64_t next_txid, int64_t time_ns, uint64_t sync_seq, uint32_t page_size,
+              uint64_t max_bytes, ws_run *out) {
+  ws_lineage lin = {hashes, capacity, db_size, value, next_txid, time_ns, sync_seq, page_size,
+                    max_bytes};
+  ws_lineage *l = &lin;
   memset(out, 0, sizeof(*out));
   uint64_t n = 0, bodyLen = 0;
   uint32_t size = l->db_size;
@@ -137,11 +146,15 @@ int ws_extend(ws_rec *r, ws_lineage *l, ws_run *out) {
     size = p->db_size;
   }
   out->next = p;
+  out->db_size = l->db_size;
+  out->value = l->value;
+  out->next_txid = l->next_txid;
+  out->time_ns = l->time_ns;
   if (!n) {
     for (; r != p; r = r->next) out->last_seq = r->seq;
     return 0;
   }
-  uint64_t len = n * (WS_ENTRY_SIZE + 8 + 8) + 8 + bodyLen;
+  uint64_t len = n * (8 + 8 + WS_ENTRY_SIZE) + 8 + bodyLen;
   unsigned char *block = malloc(len);
   if (!block) {
     out->next = r;
@@ -151,8 +164,8 @@ int ws_extend(ws_rec *r, ws_lineage *l, ws_run *out) {
   out->block_len = len;
   out->seqs = (uint64_t *)block;
   out->offsets = out->seqs + n;
-  out->entries = (unsigned char *)(out->offsets + n + 1);
-  out->body = out->entries + n * WS_ENTRY_SIZE;
+  out->entries_at = (n + n + 1) * 8;
+  unsigned char *entries = block + out->entries_at, *body = entries + n * WS_ENTRY_SIZE;
   uint64_t at = 0;
   for (; r != p; r = r->next) {
     out->last_seq = r->seq;
@@ -160,9 +173,13 @@ int ws_extend(ws_rec *r, ws_lineage *l, ws_run *out) {
     uint32_t i = out->ncommit++;
     out->seqs[i] = r->seq;
     out->offsets[i] = at;
-    ws_apply(r, l, out->entries + (size_t)i * WS_ENTRY_SIZE, out->body + at);
+    ws_apply(r, l, entries + (size_t)i * WS_ENTRY_SIZE, body + at);
     at += (uint64_t)r->npages * (4 + r->page_size);
   }
   out->offsets[out->ncommit] = at;
+  out->db_size = l->db_size;
+  out->value = l->value;
+  out->next_txid = l->next_txid;
+  out->time_ns = l->time_ns;
   return 0;
 }

@@ -346,23 +346,24 @@ def extend_run(
     segment's worth of commits, none per commit or page.  Records up to ``sync_seq`` are
     taken and skipped (they are in the state the lineage started from).  A record it cannot
     take, the caller handles as a :class:`Record`; none is taken when memory runs out."""
-    lin = ffi.new("ws_lineage *")
-    lin.db_size, lin.value = checksum.db_size, checksum.value
+    size, value = checksum.db_size, checksum.value
     hashes = checksum.reserve(extent)
     run = ffi.new("ws_run *")
+    called = False
     try:
         with ffi.from_buffer("uint64_t[]", hashes) as view:
-            lin.hashes, lin.capacity = view, len(hashes)
-            lin.next_txid, lin.time_ns, lin.sync_seq = next_txid, time_ns, sync_seq
-            lin.page_size, lin.max_bytes = page_size, max_bytes
-            lib.ws_extend(rec, lin, run)
+            lib.ws_extend(
+                rec, view, len(hashes), size, value, next_txid, time_ns, sync_seq, page_size,
+                max_bytes, run,
+            )  # fmt: skip
+            called = True
     finally:
-        checksum.settle(lin.db_size, lin.value)
+        checksum.settle(*((run.db_size, run.value) if called else (size, value)))
     n = run.ncommit
     runs: list[tuple[int, format.PackedRun]] = []
     if n:
         block = memoryview(ffi.buffer(ffi.gc(run.block, lib.free), run.block_len))  # type: ignore[arg-type]
-        at = int(ffi.cast("uintptr_t", run.entries)) - int(ffi.cast("uintptr_t", run.block))
+        at = run.entries_at
         entries, body = block[at : at + n * ENTRY_SIZE], block[at + n * ENTRY_SIZE :]
         offsets, seqs = ffi.unpack(run.offsets, n + 1), ffi.unpack(run.seqs, n)
         start = 0
@@ -377,7 +378,7 @@ def extend_run(
             )
             runs.append((seqs[stop - 1], piece))
             start = stop
-    return Run(run.next, run.last_seq, runs, lin.next_txid, lin.time_ns)
+    return Run(run.next, run.last_seq, runs, run.next_txid, run.time_ns)
 
 
 class Batch:
