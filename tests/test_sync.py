@@ -50,7 +50,7 @@ def test_a_commit_right_after_a_sync_point_keeps_its_own_time(tmp_path: Path) ->
 
         with tempfile.TemporaryFile() as raw:
             pinned = sync.pin(
-                str(path), raw, None, commit_meanwhile, lambda seq: None, lambda s, h: h, 1 << 20
+                str(path), raw, None, commit_meanwhile, lambda seq: None, lambda s, h: h
             )
         capture.dispatcher().barrier()
     finally:

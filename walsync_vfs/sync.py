@@ -124,7 +124,6 @@ def pin(
     fetch_head: Callable[[], Future[Head]] | None,
     pinned: Callable[[int], None],
     head_at: Callable[[int, Head | None], Head | None],
-    cap: int,
     enable_wal: bool = False,
 ) -> Pinned:
     """Take a sync point of ``path`` and copy its pages to ``raw``.
@@ -150,7 +149,7 @@ def pin(
             with contextlib.suppress(TimeoutError):  # a slow store: the engine reads it later
                 stored = fetch.result(HEAD_WAIT)
         head = head_at(sp.seq, stored)
-        survivors = recovery.survivors(path, sp, head, checksum, page_size, cap) if head else []
+        survivors = recovery.survivors(path, sp, head, checksum, page_size) if head else []
         return Pinned(
             path,
             sp.seq,
