@@ -11,7 +11,7 @@ import apsw
 import pytest
 
 import walsync_vfs  # noqa: F401  (registers the VFS and the WAL hook)
-from walsync_vfs import capture, sync
+from walsync_vfs import capture, format, sync
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.lineage import Head, Lineage, decide
 
@@ -69,3 +69,42 @@ def test_a_commit_right_after_a_sync_point_keeps_its_own_time(tmp_path: Path) ->
     )
     commit = lineage.extend(after[0])
     assert commit.time_ns == after[0].time_ns <= returned[0]
+
+
+def test_commits_recovered_from_the_wal_are_not_dated_after_the_sync_point(
+    tmp_path: Path,
+) -> None:
+    """Commits a crash left in the WAL get its modification time, but no later than the sync
+    point that pinned them: the application goes on writing while the pages are read, and a
+    later write must not date them -- and through them every commit after the sync point --
+    after commits made meanwhile."""
+    path = tmp_path / "db"
+    capture.dispatcher().route_path(str(path), lambda batch: None)
+    con = apsw.Connection(str(path), vfs="walsync")
+    try:
+        con.execute("PRAGMA journal_mode=WAL").fetchall()
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+        with capture.SyncPoint(str(path)) as sp:  # the replica's last state
+            page_size, _, pages = sp.pages()
+            stored = format.DbChecksum.from_pages(pages)
+            wal = format.WalPos(*sp.salts, sp.nframe)
+        head = Head("g", 2, page_size, stored.db_size, stored.value, 1, wal)
+        con.execute("INSERT INTO t VALUES(2)")  # never shipped: left in the WAL
+        con.execute("INSERT INTO t VALUES(3)")
+        wrote_after: list[int] = []
+
+        def head_at(seq: int, _: Head | None) -> Head:
+            # The WAL is written after the sync point, past the file system's timestamp
+            # granularity, before the recovered commits are dated.
+            time.sleep(0.02)
+            wrote_after.append(time.time_ns())
+            con.execute("INSERT INTO t VALUES(4)")
+            return head
+
+        with tempfile.TemporaryFile() as raw:
+            pinned = sync.pin(str(path), raw, None, None, lambda seq: None, head_at)
+    finally:
+        con.close()
+        capture.dispatcher().route_path(str(path), None)
+    assert [c.txid for c in pinned.survivors] == [3, 4]
+    assert all(c.time_ns <= pinned.taken_ns < wrote_after[0] for c in pinned.survivors)

@@ -41,17 +41,20 @@ def survivors(
     head: Head,
     now: format.DbChecksum,
     page_size: int,
+    taken_ns: int,
 ) -> list[format.Commit]:
     """After a restart, the commits the replica never got that are still in the WAL (see
     :func:`wal_survivors`); [] when the database matches the replica or they cannot be
     proven to continue it.  Their commit time is the WAL file's modification time (the last
-    write to it, so not before any of them), or the replica's last commit time if that is
-    later: a point-in-time restore never includes a commit made after its time."""
+    write to it, so not before any of them), or the sync point's time ``taken_ns`` if that is
+    earlier (they are in the state it pinned; writers went on meanwhile), or the replica's
+    last commit time if that is later: a point-in-time restore never includes a commit made
+    after its time, and the lineage never dates commits made after the sync point later."""
     if head.generation is None or holds(head, now, page_size):
         return []
     try:
         written = os.stat(path + "-wal").st_mtime_ns  # stat opens no descriptor
-        time_ns = max(head.time_ns, written)
+        time_ns = max(head.time_ns, min(written, taken_ns))
         return wal_survivors(sp, head, now, time_ns)
     except (Unrecoverable, OSError) as exc:
         log.info(

@@ -149,7 +149,9 @@ def pin(
             with contextlib.suppress(TimeoutError):  # a slow store: the engine reads it later
                 stored = fetch.result(HEAD_WAIT)
         head = head_at(sp.seq, stored)
-        survivors = recovery.survivors(path, sp, head, checksum, page_size) if head else []
+        survivors = (
+            recovery.survivors(path, sp, head, checksum, page_size, taken_ns) if head else []
+        )
         return Pinned(
             path,
             sp.seq,
