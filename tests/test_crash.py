@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +28,7 @@ import apsw
 import pytest
 
 import walsync_vfs
-from walsync_vfs import capture, catalog, format, storage, sync
+from walsync_vfs import capture, catalog, format, recovery, storage, sync
 from walsync_vfs import engine as engine_module
 from walsync_vfs.lineage import read_head
 
@@ -358,3 +359,12 @@ def test_short_multiprocess_crash_torture_loses_nothing(tmp_path: Path) -> None:
     assert summary["kills"] == 8 and summary["restores"] == 9  # after each kill, and at the end
     assert summary["acked_seq"] > 0
     assert summary["final_rows"]["log"] >= summary["acked_seq"]
+
+
+def test_a_recovered_commit_takes_each_page_from_its_last_frame() -> None:
+    """A transaction whose cache spilled wrote some pages more than once, out of order: each
+    page's last frame is its version; pages past the commit's database size are dropped."""
+    pgnos, frames = recovery._newest(array("I", [5, 2, 9, 2, 7, 5, 12]), 10, 9)
+    assert (list(pgnos), list(frames)) == ([2, 5, 7, 9], [13, 15, 14, 12])
+    pgnos, frames = recovery._newest(array("I", [1, 2, 3]), 4, 3)
+    assert (list(pgnos), list(frames)) == ([1, 2, 3], [4, 5, 6])

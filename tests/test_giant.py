@@ -4,6 +4,7 @@ parts (FORMAT.md §4.5) with the application's memory bounded, and restores as o
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from walsync_vfs import catalog, format, report, storage
 from walsync_vfs.restore import RestoreError, restore_from, split_url
 
 WRITER = Path(__file__).with_name("giant_writer.py")
+RECOVERY = Path(__file__).with_name("giant_recovery.py")
 MIB = 1 << 20
 # What a process replicating through walsync holds beyond plain apsw whatever the size of
 # its transactions: the package and its imports, threads' stacks, zstd contexts, the S3
@@ -121,6 +123,59 @@ def test_a_giant_commit_past_the_spool_cap_goes_into_a_snapshot(file_url, tmp_pa
     assert len(gens) == 2 and not any(k.parts for g in gens for k in g.segments)
     restore_from(client, name, str(tmp_path / "latest.db"))
     assert digest_of(tmp_path / "latest.db") == (out["digest"], out["rows"])
+
+
+def test_a_transaction_bigger_than_memory_cap_is_recovered_from_the_wal(file_url, tmp_path):
+    """A writer killed after committing a transaction it never uploaded: the next process
+    ships it from the WAL as the generation's next commit, in parts, reading its pages from
+    the WAL a part at a time rather than holding them."""
+    db, mib, max_segment, cap = tmp_path / "app.db", 48, 2 * MIB, 8 * MIB
+    writer = subprocess.Popen(
+        [sys.executable, str(RECOVERY), "write", str(db), file_url, str(mib)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        ready = writer.stdout.readline().split()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        err = writer.communicate(timeout=30)[1]
+    assert ready[:1] == ["READY"], err[-3000:]
+    url = f"{file_url}/app.db"
+    root, name = split_url(url)
+    client = storage.open_replica(root)
+    (g,) = catalog.generations(client, name)
+    acked = g.last_txid
+    assert not any(k.parts for k in g.segments)  # nothing of the transaction shipped
+
+    proc = subprocess.run(
+        [sys.executable, str(RECOVERY), "recover", str(db), file_url, str(max_segment), str(cap)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    recovered = json.loads(proc.stdout.splitlines()[-1])
+    assert (recovered["digest"], recovered["rows"]) == (ready[1], int(ready[2]))
+
+    (after,) = catalog.generations(client, name)
+    assert (after.id, after.last_txid, len(after.snapshots)) == (g.id, acked + 1, 1)
+    parts = giant_parts(url)
+    assert len(parts) == parts[0].parts >= mib * MIB // max_segment
+    assert {k.first_txid for k in parts} == {acked + 1}
+    restore_from(client, name, str(tmp_path / "latest.db"))
+    assert digest_of(tmp_path / "latest.db") == (ready[1], int(ready[2]))
+    restore_from(client, name, str(tmp_path / "before.db"), txid=acked)
+    assert digest_of(tmp_path / "before.db")[1] == 1
+
+    # What grows with the transaction is per page (its number and frame in arrays, the
+    # checksum's hashes); its pages are copied from the WAL to a file and read back a part
+    # at a time.
+    extra = (recovered["maxrss"] - recovered["base"]) * 1024
+    bound = max_segment + FIXED_ALLOWANCE + 48 * (mib * MIB // 4096)
+    assert extra <= bound, f"recovery added {extra / MIB:.1f} MiB, bound {bound / MIB:.1f} MiB"
 
 
 @pytest.mark.slow

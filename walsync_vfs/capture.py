@@ -501,6 +501,9 @@ class SyncPoint:
             try:
                 if not lib.ws_sync(self.db_id, pos):
                     raise CaptureError(f"{path}: not opened through the walsync VFS")
+                # Read under the write lock, which the shim stamps commits under: every commit
+                # in the pinned state is stamped before this time, every later one after it.
+                self.taken_ns = time.time_ns()
                 lib.ws_hold(self.db_id, 1)
                 self._held = True
                 self.reader.query("BEGIN")

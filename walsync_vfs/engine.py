@@ -571,7 +571,6 @@ class Engine:
         assert client is not None
         lineage, state = db.lineage, db.sync
         stored = state.stored_head if lineage.generation is None else None
-        cap = self.settings.memory_cap
         read = lineage.generation is None and stored is None
         # Beside the sync point, which must not wait for the store (its opener waits).
         claim: Future[tuple[bool, Head | None]] = self.uploads.pool.submit(self._claim, db, read)
@@ -590,7 +589,6 @@ class Engine:
                 fetch,
                 lambda seq: self._pinned(db, seq),
                 lambda seq, stored: self._head_at(db, seq, stored),
-                cap,
                 enable_wal=lineage.generation is None,
             )
             head = pinned.head

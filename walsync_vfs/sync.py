@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -124,7 +123,6 @@ def pin(
     fetch_head: Callable[[], Future[Head]] | None,
     pinned: Callable[[int], None],
     head_at: Callable[[int, Head | None], Head | None],
-    cap: int,
     enable_wal: bool = False,
 ) -> Pinned:
     """Take a sync point of ``path`` and copy its pages to ``raw``.
@@ -142,7 +140,7 @@ def pin(
     with capture.SyncPoint(path, enable_wal=enable_wal) as sp:
         if fetch_head is not None:
             fetch = fetch_head()
-        taken_ns = time.time_ns()
+        taken_ns = sp.taken_ns
         page_size, db_size, pages = sp.pages()
         pinned(sp.seq)
         checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
@@ -150,7 +148,9 @@ def pin(
             with contextlib.suppress(TimeoutError):  # a slow store: the engine reads it later
                 stored = fetch.result(HEAD_WAIT)
         head = head_at(sp.seq, stored)
-        survivors = recovery.survivors(path, sp, head, checksum, page_size, cap) if head else []
+        survivors = (
+            recovery.survivors(path, sp, head, checksum, page_size, taken_ns) if head else []
+        )
         return Pinned(
             path,
             sp.seq,

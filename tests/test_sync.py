@@ -1,0 +1,103 @@
+"""Sync points: the moment a sync point states is the one its pinned state had."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import apsw
+
+import walsync_vfs  # noqa: F401  (registers the VFS and the WAL hook)
+from walsync_vfs import capture, format, sync
+from walsync_vfs.capture import Kind, Record
+from walsync_vfs.lineage import Head, Lineage, decide
+
+
+def test_a_commit_right_after_a_sync_point_keeps_its_own_time(tmp_path: Path) -> None:
+    """A commit made as soon as a sync point lets writers go on is stamped after the sync
+    point's time, and a commit in the pinned state before it.  Otherwise the lineage, which
+    never lets a commit's time go below the state it continues, records the commit later than
+    it was made, and a restore to the moment the application saw it commit leaves it out."""
+    path = tmp_path / "db"
+    records: list[Record] = []
+    capture.dispatcher().route_path(str(path), lambda batch: records.extend(batch))
+    con = apsw.Connection(str(path), vfs="walsync")
+    try:
+        con.execute("PRAGMA journal_mode=WAL").fetchall()
+        con.execute("CREATE TABLE t(x)")
+        with capture.SyncPoint(str(path)):
+            pass  # the shim publishes commits once a sync point has found its WAL position
+        con.execute("INSERT INTO t VALUES(1)")
+        returned: list[int] = []
+
+        def commit_meanwhile() -> Future[Head]:
+            # Called once the sync point is taken and its write lock released, before the
+            # pages are read: a writer's commit can land right here.
+            con.execute("INSERT INTO t VALUES(2)")
+            returned.append(time.time_ns())
+            head: Future[Head] = Future()
+            head.set_result(Head())
+            return head
+
+        with tempfile.TemporaryFile() as raw:
+            pinned = sync.pin(
+                str(path), raw, None, commit_meanwhile, lambda seq: None, lambda s, h: h
+            )
+        capture.dispatcher().barrier()
+    finally:
+        con.close()
+        capture.dispatcher().route_path(str(path), None)
+    commits = [r for r in records if r.kind is Kind.COMMIT]
+    before = [r for r in commits if r.seq <= pinned.seq]
+    after = [r for r in commits if r.seq > pinned.seq]
+    assert before and len(after) == 1
+    assert all(r.time_ns <= pinned.taken_ns for r in before)
+
+    lineage = Lineage()
+    decision = decide(Head(), pinned.checksum, pinned.page_size, [])
+    lineage.restart(
+        decision, pinned.page_size, pinned.checksum, pinned.seq, pinned.wal, pinned.taken_ns
+    )
+    commit = lineage.extend(after[0])
+    assert commit.time_ns == after[0].time_ns <= returned[0]
+
+
+def test_commits_recovered_from_the_wal_are_not_dated_after_the_sync_point(
+    tmp_path: Path,
+) -> None:
+    """Commits a crash left in the WAL get its modification time, but no later than the sync
+    point that pinned them: the application goes on writing while the pages are read, and a
+    later write must not date them -- and through them every commit after the sync point --
+    after commits made meanwhile."""
+    path = tmp_path / "db"
+    capture.dispatcher().route_path(str(path), lambda batch: None)
+    con = apsw.Connection(str(path), vfs="walsync")
+    try:
+        con.execute("PRAGMA journal_mode=WAL").fetchall()
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+        with capture.SyncPoint(str(path)) as sp:  # the replica's last state
+            page_size, _, pages = sp.pages()
+            stored = format.DbChecksum.from_pages(pages)
+            wal = format.WalPos(*sp.salts, sp.nframe)
+        head = Head("g", 2, page_size, stored.db_size, stored.value, 1, wal)
+        con.execute("INSERT INTO t VALUES(2)")  # never shipped: left in the WAL
+        con.execute("INSERT INTO t VALUES(3)")
+        wrote_after: list[int] = []
+
+        def head_at(seq: int, _: Head | None) -> Head:
+            # The WAL is written after the sync point, past the file system's timestamp
+            # granularity, before the recovered commits are dated.
+            time.sleep(0.02)
+            wrote_after.append(time.time_ns())
+            con.execute("INSERT INTO t VALUES(4)")
+            return head
+
+        with tempfile.TemporaryFile() as raw:
+            pinned = sync.pin(str(path), raw, None, None, lambda seq: None, head_at)
+    finally:
+        con.close()
+        capture.dispatcher().route_path(str(path), None)
+    assert [c.txid for c in pinned.survivors] == [3, 4]
+    assert all(c.time_ns <= pinned.taken_ns < wrote_after[0] for c in pinned.survivors)
