@@ -231,3 +231,37 @@ def test_exclusive_locking_is_refused_and_replication_goes_on(replica_url, tmp_p
     finally:
         walsync_vfs.flush(timeout=30)
         walsync_vfs.configure(replica="")
+
+
+FOREIGN_COMMITS = """
+import apsw, sys
+con = apsw.Connection(sys.argv[1])  # the default VFS: not replicated by this process
+con.set_busy_timeout(20_000)
+for k in range(3):
+    con.execute("INSERT INTO t VALUES (99, ?, 0, 'foreign')", (k,))
+"""
+
+
+def test_flush_in_the_leader_covers_commits_another_process_just_made(replica_url, tmp_path):
+    """What flush() promises holds in the leader's process too: commits another process
+    made before it (here without the VFS, as the sqlite3 shell would) are in the replica
+    when it returns, not only after the leader's next look at the WAL."""
+    import walsync_vfs
+
+    walsync_vfs.configure(replica=replica_url)
+    db = tmp_path / "app.db"
+    create(db)
+    con = apsw.Connection(str(db), vfs="walsync")
+    try:
+        con.execute("INSERT INTO t VALUES (1, 1, 0, 'leader')")
+        walsync_vfs.flush(timeout=30)
+        for _ in range(5):
+            proc = subprocess.run([sys.executable, "-c", FOREIGN_COMMITS, str(db)], timeout=60)
+            assert proc.returncode == 0
+            walsync_vfs.flush(timeout=30)  # at once: well before the WAL poll's next look
+            restore(f"{replica_url}/{db.name}", str(tmp_path / "r.db"), force=True)
+            assert content(tmp_path / "r.db") == content(db)
+    finally:
+        con.close()
+        walsync_vfs.flush(timeout=30)
+        walsync_vfs.configure(replica="")

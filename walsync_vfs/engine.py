@@ -749,7 +749,6 @@ class Engine:
 
     def _flush_for_follower(self, db_id: int, timeout: float) -> str | None:
         """A follower's flush: make every commit in the WAL durable (None, or why not)."""
-        capture.lib.ws_tail(db_id)
         try:
             self._flush(time.monotonic() + timeout, only=db_id)
         except ReplicationError as exc:
@@ -765,6 +764,14 @@ class Engine:
                 self._request_sync(db)
 
     def _flush(self, deadline: float | None, only: int | None = None) -> None:
+        with self._lock:
+            led = [
+                db.db_id
+                for db in self._dbs.values()
+                if (only is None or db.db_id == only) and self._host.leads(db.db_id)
+            ]
+        for db_id in led:  # commits other processes made, not yet seen by the WAL poll
+            capture.lib.ws_tail(db_id)
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
             capture.dispatcher().barrier(left if left is not None else 60.0)
