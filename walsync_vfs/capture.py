@@ -319,7 +319,7 @@ def convert(rec) -> Record:
 
 
 @dataclass(slots=True)
-class Run:
+class Extension:
     """What :func:`extend_run` took from a database's records."""
 
     next: object  # the first record not taken (ws_rec *; NULL, which is false, if none)
@@ -339,7 +339,7 @@ def extend_run(
     time_ns: int,
     sync_seq: int,
     max_bytes: int,
-) -> Run:
+) -> Extension:
     """Extend a lineage's end, ``checksum`` included, by the records from ``rec`` (of a
     database whose commits in the batch reach at most ``extent`` pages) on that it can take
     as they are (csrc/commits.c): one C call with the GIL released, and a Python object per
@@ -378,7 +378,7 @@ def extend_run(
             )
             runs.append((seqs[stop - 1], piece))
             start = stop
-    return Run(run.next, run.last_seq, runs, run.next_txid, run.time_ns)
+    return Extension(run.next, run.last_seq, runs, run.next_txid, run.time_ns)
 
 
 class Batch:

@@ -162,7 +162,7 @@ class Lineage:
         self.next_txid += 1
         return commit
 
-    def extend_run(self, rec: object, extent: int, max_bytes: int) -> capture.Run:
+    def extend_run(self, rec: object, extent: int, max_bytes: int) -> capture.Extension:
         """The commits from ``rec`` (a ``ws_rec *``) on that extend the lineage as they are,
         each with its txid and whole-db checksum (see capture.extend_run)."""
         assert self.checksum is not None
