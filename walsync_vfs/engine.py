@@ -107,7 +107,8 @@ class Engine:
         """Dispatcher sink: called with each batch of records, in commit order.
 
         A run of commits that extends a database's lineage as it is goes through in one C
-        call (capture.extend_run); any other record is converted and handled on its own.
+        call (capture.extend_run); any other record, or a database's only commit in the
+        batch, is converted and handled on its own.
         Wakes the uploader only when a database gets something to ship sooner than it was
         going to look (see Uploader.schedule): a steady stream of commits costs no wake-ups.
         """
@@ -115,8 +116,11 @@ class Engine:
         with self._lock:
             for chain in batch.chains():
                 rec, db = chain.first, dbs.get(chain.db_id)
+                # A lone commit goes the general way: the C call releases the GIL, and handing
+                # it back and forth costs more than one commit's Python.
+                runs = chain.ncommit > 1
                 while rec:  # a NULL pointer is false
-                    if db is not None and rec.kind == Kind.COMMIT and self._runs(db):
+                    if runs and db is not None and rec.kind == Kind.COMMIT and self._runs(db):
                         extent, max_bytes = chain.max_db_size, db.cfg.max_segment_bytes
                         run = db.lineage.extend_run(rec, extent, max_bytes)
                         if run.last_seq:
@@ -137,7 +141,7 @@ class Engine:
         db = self._dbs.get(rec.db_id)
         if rec.kind is Kind.COMMIT and db is not None:
             db.upload.seen_seq = rec.seq
-            if isinstance(rec.pages, capture.SpooledPages) and not self._spooled(db, rec):
+            if type(rec.pages) is capture.SpooledPages and not self._spooled(db, rec):
                 return
             if db.sync.syncing:
                 self._hold(db, rec)
@@ -271,19 +275,18 @@ class Engine:
         (lock held)."""
         assert generation is not None
         now = time.monotonic()
-        page_size = db.lineage.page_size
-        size = sum([c.page_count for _, c in commits]) * page_size
-        disk = sum(
-            c.page_count
-            for _, c in commits
-            if isinstance(c, format.Commit) and isinstance(c.pages, capture.SpooledPages)
-        ) * page_size
-        grown = db.upload.pending_bytes + size
-        pending = [(seq, generation, commit) for seq, commit in commits]
-        if db.upload.queue(pending, grown, now, db.cfg):
+        page_size, up = db.lineage.page_size, db.upload
+        pending, size = [], 0
+        for seq, c in commits:
+            pending.append((seq, generation, c))
+            size += c.page_count * page_size
+            # An exact type test: isinstance against an abstract Sequence is slow.
+            if type(c) is format.Commit and type(c.pages) is capture.SpooledPages:
+                up.disk_bytes += c.page_count * page_size
+        grown = up.pending_bytes + size
+        if up.queue(pending, grown, now, db.cfg):
             self.uploads.schedule(db, now)
-        db.upload.pending_bytes = grown
-        db.upload.disk_bytes += disk
+        up.pending_bytes = grown
 
     def give_up(self, db: Database) -> None:
         """A closed database whose store keeps failing: stop retrying (lock held).

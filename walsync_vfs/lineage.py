@@ -124,7 +124,8 @@ class Lineage:
     checksum: format.DbChecksum | None = None  # None: broken, the next sync starts afresh
     sync_seq: int = 0  # commits up to this seq are in the state the lineage started from
     time_ns: int = 0  # when its last state was committed (or pinned)
-    wal: format.WalPos | None = None  # where its last state ended in the source's WAL
+    # Where its last state ended in the source's WAL; a run's is read from it when asked for.
+    wal: format.WalPos | format.PackedRun | None = None
 
     def head(self, stored: Head | None) -> Head | None:
         """The head a sync point compares the database with: this lineage's end, or on the
@@ -137,7 +138,7 @@ class Lineage:
                 self.checksum.db_size,
                 self.checksum.value,
                 self.time_ns,
-                self.wal,
+                self.wal.wal if isinstance(self.wal, format.PackedRun) else self.wal,
             )
         if self.generation is not None:  # broken (page size changed, commits dropped)
             return Head(None, self.next_txid - 1)
@@ -172,7 +173,7 @@ class Lineage:
         )  # fmt: skip
         self.next_txid, self.time_ns = run.next_txid, run.time_ns
         if run.runs:
-            self.wal = run.runs[-1][1].wal
+            self.wal = run.runs[-1][1]
         return run
 
     def break_at(self, seq: int) -> None:
