@@ -34,9 +34,10 @@ def add(clock: UploadClock, db: Database, txid: int, now: float, gen: str = "g")
     """A commit reaches the engine, as Engine._append queues it."""
     up = db.upload
     grown = up.pending_bytes + PAGE
-    if up.queue([(txid, gen, commit(txid))], grown, now, db.cfg):
-        clock.schedule(db, now)
+    due = up.queue([(txid, gen, commit(txid))], grown, now, db.cfg)
     up.pending_bytes = grown
+    if due:
+        clock.schedule(db, now)
 
 
 def outgoing(n: int) -> list[Outgoing]:

@@ -19,6 +19,10 @@ def segments(url: str, name: str) -> list[str]:
     return [key for gen in catalog.generations(client, name) for key in gen.segments]
 
 
+def replicated_txid(url: str, name: str) -> int:
+    return max(g.last_txid for g in catalog.generations(storage.open_replica(url), name))
+
+
 def test_first_commit_after_idle_ships_without_a_flush(file_replica, tmp_path):
     walsync_vfs.configure(upload_interval=5.0)
     try:
@@ -35,6 +39,27 @@ def test_first_commit_after_idle_ships_without_a_flush(file_replica, tmp_path):
         con.close()
     finally:
         walsync_vfs.configure(upload_interval=1.0)
+
+
+def test_a_segments_worth_ships_at_once_under_steady_writes(file_replica, tmp_path):
+    """Commits that reach max_segment_bytes while the stream waits for its tick ship at
+    once, not at the tick: a bulk load is uploaded while it runs, not all at flush()."""
+    walsync_vfs.configure(upload_interval=60.0, max_segment_bytes=1 << 20)
+    try:
+        con = apsw.Connection(str(tmp_path / "bulk.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        before = replicated_txid(file_replica, "bulk.db")
+        for _ in range(64):  # a segment's worth (26 of them) and more, well before the tick
+            con.execute("INSERT INTO t VALUES(randomblob(40000))")
+        # Far less than the interval, and than the uploader's next look of its own.
+        deadline = time.monotonic() + 3.0
+        while replicated_txid(file_replica, "bulk.db") < before + 26:
+            assert time.monotonic() < deadline, "a segment's worth waited for the tick"
+            time.sleep(0.02)
+        con.close()
+    finally:
+        walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)
 
 
 def test_steady_writes_ship_about_once_per_interval(file_replica, tmp_path):

@@ -284,9 +284,10 @@ class Engine:
             if type(c) is format.Commit and type(c.pages) is capture.SpooledPages:
                 up.disk_bytes += c.page_count * page_size
         grown = up.pending_bytes + size
-        if up.queue(pending, grown, now, db.cfg):
+        due = up.queue(pending, grown, now, db.cfg)
+        up.pending_bytes = grown  # before scheduling: a segment's worth is due at once
+        if due:
             self.uploads.schedule(db, now)
-        up.pending_bytes = grown
 
     def give_up(self, db: Database) -> None:
         """A closed database whose store keeps failing: stop retrying (lock held).
