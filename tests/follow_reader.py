@@ -1,13 +1,15 @@
 """Child process of test_follow and benchmarks/bigdata.py: reads a ``restore --follow`` output
 over and over, checking an invariant its source's writer keeps, until SIGTERM.
 
-``follow_reader.py OUT``: every read is ``SELECT max(rowid) FROM t`` and ``SELECT n FROM
-head`` in one read transaction, which must be equal (the writer sets ``head.n`` to the
-newest rowid in the transaction that inserts it) and never go back.  One connection is held
-open throughout (its page cache must notice every update); every 20th read also opens a
-fresh one.  Plain SQLite, read-only, rollback-journal mode, with a busy timeout.  On SIGTERM
-it prints one JSON line: reads, reads started while an update was open (``OUT-journal``
-present), violations (a count and the first few), distinct values seen.
+``follow_reader.py OUT [LOG [PAUSE]]``: every read is ``SELECT max(rowid) FROM t`` and
+``SELECT n FROM head`` in one read transaction, which must be equal (the writer sets
+``head.n`` to the newest rowid in the transaction that inserts it) and never go back.  One
+connection is held open throughout (its page cache must notice every update); every 20th
+read also opens a fresh one.  Plain SQLite, read-only, rollback-journal mode, with a busy
+timeout.  On SIGTERM it prints one JSON line: reads, reads started while an update was open
+(``OUT-journal`` present), violations (a count and the first few), distinct values seen.
+With LOG, each new value is logged as "value unix-time" when first seen; PAUSE seconds
+between reads (default none: as many reads as one core allows).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import apsw
 
@@ -30,7 +33,9 @@ def open_reader(path: str) -> apsw.Connection:
 
 
 def main() -> None:
-    (path,) = sys.argv[1:]
+    path, *options = sys.argv[1:]
+    log = open(options[0], "w", buffering=1) if options else None  # noqa: SIM115 (closed at the end)
+    pause = float(options[1]) if len(options) > 1 else 0.0
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     held = open_reader(path)
@@ -53,12 +58,17 @@ def main() -> None:
                 if len(violations) < 5:
                     violations.append(f"max(rowid) {rowid}, head {head}, after {last}")
             else:
+                if log is not None and rowid != last:
+                    log.write(f"{rowid} {time.time()}\n")
                 last = rowid
                 seen.add(rowid)
             reads += 1
             during += busy
         if con is not held:
             con.close()
+        time.sleep(pause)
+    if log is not None:
+        log.close()
     result = {"reads": reads, "during_apply": during, "violations": count,
               "first_violations": violations, "values": len(seen)}  # fmt: skip
     print(json.dumps(result), flush=True)
