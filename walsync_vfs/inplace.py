@@ -30,7 +30,6 @@ only while no lock is held.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -184,34 +183,40 @@ class _Batch:
 
     def __init__(self, db: LiveDatabase) -> None:
         self.db = db
-        ps = db.page_size
-        roll_back(db.path)  # a journal a killed writer left: SQLite plays it back first
-        db.lock_reserved()
-        try:
-            self.orig_size = os.fstat(db.fd).st_size // ps
-            self.page1 = os.pread(db.fd, ps, 0)
-            if db._change_counter(self.page1) != db._counter:
-                raise ForeignWriter(
-                    f"{db.path} was written by another process: the follower must be its "
-                    "only writer (it rebuilds the file)"
-                )
-            mode = os.fstat(db.fd).st_mode & 0o777
-            self.jfd = os.open(db.journal, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
-        except BaseException:
-            db.unlock()
-            raise
         self.nonce = secrets.randbits(32)
-        header = bytes(12) + struct.pack(">IIII", self.nonce, self.orig_size, SECTOR_SIZE, ps)
+        self.jfd = -1
         self.journal_end = SECTOR_SIZE
         self.records = 0
-        self._pwrite(self.jfd, header.ljust(SECTOR_SIZE, b"\0"), 0)
-        self.journaled = bytearray(self.orig_size // 8 + 1)
         self.new_page1: Page | None = None
         self.held: list[tuple[int, Page]] = []
         self.held_bytes = 0
         self.staged_pgnos = array("I")
         self.stage: BinaryIO | None = None
         self.writing = False
+        roll_back(db.path)  # a journal a killed writer left: SQLite plays it back first
+        try:
+            db.lock_reserved()
+            self._open_journal()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _open_journal(self) -> None:
+        """Under RESERVED: check nobody else wrote the file, start the journal with its
+        header (magic and record count zero until the records are durable) and page 1."""
+        db, ps = self.db, self.db.page_size
+        self.orig_size = os.fstat(db.fd).st_size // ps
+        self.page1 = os.pread(db.fd, ps, 0)
+        if db._change_counter(self.page1) != db._counter:
+            raise ForeignWriter(
+                f"{db.path} was written by another process: the follower must be its "
+                "only writer (it rebuilds the file)"
+            )
+        self.journaled = bytearray(self.orig_size // 8 + 1)
+        mode = os.fstat(db.fd).st_mode & 0o777
+        self.jfd = os.open(db.journal, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
+        header = bytes(12) + struct.pack(">IIII", self.nonce, self.orig_size, SECTOR_SIZE, ps)
+        self._pwrite(self.jfd, header.ljust(SECTOR_SIZE, b"\0"), 0)
         self._journal([(1, self.page1)])  # page 1 changes in every batch (its counter)
 
     def add(self, pages: Sequence[tuple[int, Page]]) -> None:
@@ -307,10 +312,10 @@ class _Batch:
         """Before the first database write: delete the journal.  After it: leave the journal
         hot and have SQLite roll it back, as it would after a crash."""
         self._release()
+        created = self.jfd >= 0
         self._close_journal()
-        if not self.writing:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.db.journal)
+        if created and not self.writing:
+            os.unlink(self.db.journal)
         self.db.unlock()
         if self.writing:
             roll_back(self.db.path)
