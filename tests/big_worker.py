@@ -3,7 +3,9 @@ then its peak RSS.
 
 ``replicate DB URL``: open the existing database ``DB`` through the VFS (its first sync point
 takes a snapshot of it) and flush to ``URL``; ``plain DB``: the same write without walsync.
-``restore URL OUT``: ``restore`` it.  Either
+``restore URL OUT``: ``restore`` it.  ``paced DB URL RATE SECONDS LOG``: RATE commits a
+second through the VFS for SECONDS, each one row of ``t`` and ``head.n`` set to its rowid,
+logging "rowid unix-time" after each commit.  Each
 prints ``{"peak_rss": bytes}``; a fresh process per run, so the peak is that run's alone.
 """
 
@@ -32,6 +34,29 @@ def main() -> None:
         (path,) = args
         con = apsw.Connection(path)
         con.execute("INSERT INTO t(v) VALUES (1)")
+        con.close()
+    elif mode == "paced":  # the source of a follow run: RATE commits a second for SECONDS
+        import time
+
+        import apsw
+
+        import walsync_vfs
+
+        path, url, rate, seconds, log = args
+        walsync_vfs.configure(replica=url)
+        con = apsw.Connection(path, vfs="walsync")
+        with con:  # head.n = max(rowid) of t in every commit (tests/follow_reader.py checks it)
+            con.execute("CREATE TABLE IF NOT EXISTS head(n)")
+            con.execute("DELETE FROM head; INSERT INTO head SELECT max(rowid) FROM t")
+        with open(log, "w") as f:
+            start = time.monotonic()
+            for i in range(int(float(rate) * float(seconds))):
+                time.sleep(max(0.0, start + i / float(rate) - time.monotonic()))
+                with con:
+                    con.execute("INSERT INTO t(v) VALUES (hex(randomblob(500)))")
+                    con.execute("UPDATE head SET n = last_insert_rowid()")
+                f.write(f"{con.last_insert_rowid()} {time.time()}\n")
+        walsync_vfs.flush(timeout=300)
         con.close()
     elif mode == "restore":
         from walsync_vfs.restore import restore

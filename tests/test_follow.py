@@ -1,8 +1,10 @@
-"""Issue 4: ``restore --follow`` keeps a read replica up to date while the source writes."""
+"""Issue 4: ``restore --follow`` keeps a read replica up to date while the source writes;
+issue 14: it does so in place, as SQLite transactions readers in other processes wait for."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import walsync_vfs
 from walsync_vfs import catalog, format, storage
 
 CATCH_UP = 20.0  # seconds a follower polling every 0.1 s may take to show a flushed commit
+BUSY_MS = 20_000  # readers wait this long for an update in progress, as SQLite readers do
+READER = str(Path(__file__).resolve().parent / "follow_reader.py")
 
 
 @pytest.fixture
@@ -30,13 +34,14 @@ def replica(replica_url):
 class FollowProcess:
     """``restore --follow`` in a child process, its output in files the test can poll."""
 
-    def __init__(self, url: str, out: Path) -> None:
+    def __init__(self, url: str, out: Path, force: bool = False) -> None:
         self.out = out
         self.stdout, self.stderr = out.with_suffix(".stdout"), out.with_suffix(".stderr")
         with self.stdout.open("w") as so, self.stderr.open("w") as se:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out)]
-                + ["--follow", "--interval", "0.1"],
+                + ["--follow", "--interval", "0.1"]
+                + (["--force"] if force else []),
                 stdout=so,
                 stderr=se,
             )
@@ -50,6 +55,10 @@ class FollowProcess:
             assert self.proc.poll() is None, f"follower exited: {self.errors()}"
             assert time.monotonic() < deadline, f"follower never got {what}: {self.errors()}"
             time.sleep(0.05)
+
+    def wait_started(self) -> None:
+        """Until it has installed its first file as OUT."""
+        self.wait_for(lambda: "following" in self.stdout.read_text(), "OUT installed")
 
     def wait_same(self, con: apsw.Connection) -> None:
         """Until OUT holds what the source holds (every read of OUT must be consistent)."""
@@ -72,8 +81,8 @@ class FollowProcess:
 def followers():
     started: list[FollowProcess] = []
 
-    def start(url: str, out: Path) -> FollowProcess:
-        started.append(FollowProcess(url, out))
+    def start(url: str, out: Path, force: bool = False) -> FollowProcess:
+        started.append(FollowProcess(url, out, force))
         return started[-1]
 
     yield start
@@ -92,6 +101,7 @@ def digest(con: apsw.Connection) -> str:
 def read(path: Path) -> tuple[int, str]:
     """(row count, digest) through a fresh connection, after checking the whole file."""
     con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    con.setbusytimeout(BUSY_MS)
     try:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         return con.execute("SELECT count(*) FROM t").fetchone()[0], digest(con)
@@ -114,9 +124,9 @@ def head(url: str, name: str) -> tuple[int, str]:
 
 
 class Reader(threading.Thread):
-    """Reads OUT over and over while the follower replaces it.  Every fresh open must see a
-    whole database whose row count never goes back; a connection held open all along must
-    keep seeing the one version it started with."""
+    """Reads OUT over and over while the follower updates it.  Every fresh open must see a
+    whole database whose row count never goes back; so must a connection held open all
+    along, whose page cache must notice each update."""
 
     def __init__(self, out: Path) -> None:
         super().__init__()
@@ -127,13 +137,13 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         held = apsw.Connection(str(self.out), flags=apsw.SQLITE_OPEN_READONLY)
+        held.setbusytimeout(BUSY_MS)
         try:
-            first = held.execute("SELECT count(*), max(id) FROM t").fetchone()
             while not self.halt.is_set():
                 count, _ = read(self.out)
-                assert count >= (self.counts[-1] if self.counts else first[0])
+                assert count >= (self.counts[-1] if self.counts else 0)
                 self.counts.append(count)
-                assert held.execute("SELECT count(*), max(id) FROM t").fetchone() == first
+                assert held.execute("SELECT count(*) FROM t").fetchone()[0] >= count
                 assert held.execute("PRAGMA quick_check").fetchall() == [("ok",)]
         except BaseException as exc:  # reported by the test thread
             self.failure = exc
@@ -148,6 +158,7 @@ def test_follow_applies_batches_while_readers_see_whole_databases(replica, tmp_p
     start, generation = head(replica, "src.db")
     follower = followers(url, out)
     follower.wait_same(con)
+    inode = out.stat().st_ino
     reader = Reader(out)
     reader.start()
     try:
@@ -177,17 +188,147 @@ def test_follow_applies_batches_while_readers_see_whole_databases(replica, tmp_p
     follower.wait_same(con)
     page_size = con.execute("PRAGMA page_size").fetchone()[0]
     assert out.stat().st_size == page_size * con.execute("PRAGMA page_count").fetchone()[0]
+    assert out.stat().st_ino == inode  # updated in place, never copied and renamed
 
     txid, same = head(replica, "src.db")
     assert same == generation
+    follower.proc.send_signal(signal.SIGUSR1)
+    checked = f"integrity_check of {out} at txid {txid}: ok"
+    follower.wait_for(lambda: checked in follower.stdout.read_text(), "an integrity_check line")
     lines = follower.stop()
     assert lines[0] == f"following {url}: {out} is at txid {start} (generation {generation})"
     stopped = f"stopped following {url}: {out} is at txid {txid}"
-    assert lines[-1] == f"{stopped} (generation {generation})"
+    assert lines[1:] == [checked, f"{stopped} (generation {generation})"]
     assert follower.errors() == []
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("replica.db")]
-    assert leftovers == ["replica.db"]  # no working copy, no temporary file
+    assert leftovers == ["replica.db"]  # no journal, no temporary file
     con.close()
+
+
+def ledger(path: Path) -> apsw.Connection:
+    """A source whose every transaction keeps ``head.n`` equal to ``max(rowid)`` of ``t``
+    (the invariant tests/follow_reader.py checks)."""
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB); CREATE TABLE head(n)")
+    con.execute("INSERT INTO t(v) VALUES(randomblob(100)); INSERT INTO head VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    return con
+
+
+def add_rows(con: apsw.Connection, rows: int, size: int) -> None:
+    with con:
+        con.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+            " INSERT INTO t(v) SELECT randomblob(?) FROM n",
+            (rows, size),
+        )
+        con.execute("UPDATE t SET v = randomblob(50) WHERE id % 7 = ?", (rows % 7,))
+        con.execute("UPDATE head SET n = (SELECT max(id) FROM t)")
+
+
+class ReaderProcess:
+    """tests/follow_reader.py on OUT until ``stop``, which returns its figures."""
+
+    def __init__(self, out: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, READER, str(out)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == "ready\n"
+
+    def stop(self) -> dict:
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0
+        return json.loads(out)
+
+
+def test_readers_in_another_process_see_every_update_whole(replica, tmp_path, followers):
+    walsync_vfs.configure(max_segment_bytes=64 << 10)  # big commits go in parts
+    try:
+        con = ledger(tmp_path / "ledger.db")
+        out = tmp_path / "replica.db"
+        follower = followers(f"{replica}/ledger.db", out)
+        follower.wait_same(con)
+        inode = out.stat().st_ino
+        reader = ReaderProcess(out)
+        try:
+            for batch in range(8):
+                for i in range(3):
+                    add_rows(con, 1 + i, 300)
+                if batch % 2:
+                    add_rows(con, 1500, 900)  # ~1.4 MB: a commit in parts, many pages
+                walsync_vfs.flush(timeout=30)
+                follower.wait_same(con)
+        finally:
+            figures = reader.stop()
+        assert out.stat().st_ino == inode
+        assert follower.errors() == []
+        follower.stop()
+    finally:
+        walsync_vfs.configure(max_segment_bytes=16 << 20)
+    (g,) = catalog.generations(storage.open_replica(replica), "ledger.db")
+    assert sum(1 for s in g.segments if s.parts) >= 8, "the big commits should be in parts"
+    assert figures["violations"] == 0, figures["first_violations"]
+    assert figures["values"] >= 8, figures  # it saw many versions ...
+    assert figures["during_apply"] > 0, figures  # ... and read while updates were open
+    con.close()
+
+
+def test_a_follower_killed_mid_update_leaves_the_last_commit(file_url, tmp_path, followers):
+    walsync_vfs.configure(replica=file_url, upload_interval=0.0)
+    try:
+        con = ledger(tmp_path / "ledger.db")
+        url = f"{file_url}/ledger.db"
+        out = tmp_path / "replica.db"
+        journal = Path(f"{out}-journal")
+        follower = followers(url, out)
+        follower.wait_same(con)
+        states = {digest(con)}
+        hot = torn = 0
+        for round_ in range(6):
+            before = out.read_bytes()  # (read before this process holds a lock on it)
+            written = out.stat().st_mtime_ns
+            stall = apsw.Connection(str(out), flags=apsw.SQLITE_OPEN_READONLY)
+            stall.execute("BEGIN")  # a read transaction the follower's update must wait for
+            stall.execute("SELECT count(*) FROM t").fetchall()
+            add_rows(con, 1500, 900)  # hundreds of pages
+            walsync_vfs.flush(timeout=30)
+            states.add(digest(con))
+            deadline = time.monotonic() + CATCH_UP
+            while not journal.exists() or journal.read_bytes()[:1] == b"\0":
+                assert time.monotonic() < deadline, follower.errors()  # journal not synced yet
+                time.sleep(0.001)
+            if round_ % 2:  # let it go on, and kill it as it starts writing the database
+                stall.execute("COMMIT")
+                while out.stat().st_mtime_ns == written:
+                    assert time.monotonic() < deadline, follower.errors()
+            follower.kill()
+            if stall.in_transaction:
+                stall.execute("COMMIT")
+            stall.close()
+            if journal.exists() and journal.read_bytes()[:1] != b"\0":
+                hot += 1  # read-only readers must refuse a hot journal, not read a torn file
+                torn += out.read_bytes() != before
+                with pytest.raises(apsw.ReadOnlyError):
+                    read(out)
+            if round_ % 4 < 2:  # a read-write opener rolls it back, as after a crashed writer
+                rw = apsw.Connection(str(out))
+                rw.setbusytimeout(BUSY_MS)
+                assert rw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+                assert digest(rw) in states
+                rw.close()
+                assert not journal.exists() or journal.read_bytes()[:1] == b"\0"  # not hot
+            follower = followers(url, out, force=True)  # or the next follower does
+            follower.wait_started()
+            assert not journal.exists()
+            follower.wait_same(con)
+        follower.stop()
+        assert hot >= 3 and torn >= 1, f"{hot} hot journals, {torn} with pages written"
+        con.close()
+    finally:
+        walsync_vfs.flush(timeout=30)
+        walsync_vfs.configure(replica="", upload_interval=1.0)
 
 
 def test_follow_starts_over_from_a_new_generation(replica, tmp_path, followers):

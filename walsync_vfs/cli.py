@@ -18,21 +18,27 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, NoReturn
 
-from walsync_vfs import report, storage
+from walsync_vfs import inplace, report, storage
 from walsync_vfs.format import CorruptObject
 from walsync_vfs.restore import Follower, RestoreError, iso_time, restore, split_url
 
-ERRORS = (RestoreError, storage.StorageError, CorruptObject, OSError)
+ERRORS = (RestoreError, storage.StorageError, CorruptObject, inplace.LiveDatabaseError, OSError)
 FOLLOW_HELP = """\
 --follow keeps OUTPUT up to date as new commits reach the replica, polling it every
 --interval seconds, until Ctrl-C or SIGTERM (exit status 0, after the update in progress;
-a second signal interrupts at once).  Each update replaces OUTPUT with a new, fully checked
-file in rollback-journal mode: open connections keep the version they opened, new ones
-get the newest.  A new generation (the source was rewritten outside walsync) is followed
-from its snapshot.  Errors before OUTPUT is first written end the command (exit status 1);
-later ones (store unreachable, an object missing or failing its checks) are reported on
-stderr, once while they repeat, and retried at every poll; OUTPUT keeps its last verified
-state.
+a second signal interrupts at once).  OUTPUT is a rollback-journal-mode database: read it
+with SQLite (read-only is fine) and a busy timeout.  The first state is built aside,
+checked with PRAGMA integrity_check and renamed to OUTPUT; after that each update is
+written in place as one SQLite transaction (locks, hot journal), so readers see whole
+commits only and wait a moment while one is written.  A follower killed mid-update leaves
+OUTPUT-journal, which the next read-write opener of OUTPUT (or the next follower) rolls
+back; until then read-only openers get "attempt to write a readonly database".  A new
+generation (the source was rewritten outside walsync) is followed from its snapshot, as a
+new file: connections opened before it keep the old one.  SIGUSR1 runs PRAGMA
+integrity_check on OUTPUT and prints one line with the result.  Errors before OUTPUT is
+first written end the command (exit status 1); later ones (store unreachable, an object
+missing or failing its checks) are reported on stderr, once while they repeat, and retried
+at every poll; OUTPUT keeps its last verified state.
 """
 
 
@@ -155,14 +161,16 @@ Handler = Callable[[int, FrameType | None], Any] | int | None
 class StopRequest:
     """SIGINT and SIGTERM ask a follower to stop, which it does between polls: never half-way
     through an update, so its last line says where OUTPUT really is.  A second signal
-    interrupts at once."""
+    interrupts at once.  SIGUSR1 asks for an integrity check, also between polls."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.check_requested = False
         self._saved: dict[int, Handler] = {}
 
     def __enter__(self) -> StopRequest:
         self._saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._saved[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._check)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -174,10 +182,15 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
+    def _check(self, signum: int, frame: FrameType | None) -> None:
+        self.check_requested = True
+
     def sleep(self, seconds: float) -> None:
-        """Sleep, but wake within 0.1 s of a stop request."""
+        """Sleep, but wake within 0.1 s of a request."""
         deadline = time.monotonic() + seconds
-        while not self.requested and (left := deadline - time.monotonic()) > 0:
+        while not (self.requested or self.check_requested):
+            if (left := deadline - time.monotonic()) <= 0:
+                break
             time.sleep(min(left, 0.1))
 
 
@@ -199,9 +212,27 @@ def run_follow(url: str, output: str, force: bool, interval: float) -> int:
                 last_error = None
                 if updated and follower.generation != generation:  # the first, or a new one
                     print(f"following {url}: {output} {_where(follower)}", flush=True)
-            stop.sleep(interval)
+            if stop.check_requested and follower.published is not None:
+                stop.check_requested = False
+                report_integrity(follower, output)
+            else:
+                stop.sleep(interval)
         print(f"stopped following {url}: {output} {_where(follower)}", flush=True)
     return 0
+
+
+def report_integrity(follower: Follower, output: str) -> None:
+    """One line: ``PRAGMA integrity_check`` of OUTPUT as readers see it now."""
+    assert follower.published is not None
+    at = f"{output} at txid {follower.published.txid}"
+    try:
+        problem = follower.integrity_problem()
+    except ERRORS as exc:
+        problem = str(exc)
+    if problem is None:
+        print(f"integrity_check of {at}: ok", flush=True)
+    else:
+        print(f"walsync: error: integrity_check of {at}: {problem}", file=sys.stderr, flush=True)
 
 
 def _where(follower: Follower) -> str:

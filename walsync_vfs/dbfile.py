@@ -23,7 +23,12 @@ def apply_pages(
     is what makes a shrinking commit (VACUUM, auto-vacuum) come out right.
     """
     f.flush()  # whatever f still buffers must land before the writes that bypass it
-    fd = f.fileno()
+    write_pages(f.fileno(), page_size, pages)
+    os.ftruncate(f.fileno(), db_size * page_size)
+
+
+def write_pages(fd: int, page_size: int, pages: Iterable[tuple[int, Page]]) -> None:
+    """Write each (pgno, page) in place, consecutive page numbers in one ``pwritev``."""
     run: list[Page] = []
     start = 0
     for pgno, data in pages:
@@ -35,7 +40,6 @@ def apply_pages(
         run.append(data)
     if run:
         _write_run(fd, run, (start - 1) * page_size)
-    os.ftruncate(fd, db_size * page_size)
 
 
 def _write_run(fd: int, run: list[Page], offset: int) -> None:

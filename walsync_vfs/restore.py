@@ -9,35 +9,31 @@ grow with the database; planning reads snapshot and segment headers only.
 Prefetch threads download and decode a few segments ahead (GET, SHA-256 and zstd all release
 the GIL); the calling thread applies them strictly in txid order, each segment checked in full
 before its pages are written in one batch.  :class:`Follower` keeps applying new segments as
-they arrive (``restore --follow``).
+they arrive (``restore --follow``), in place, as SQLite transactions (``inplace.py``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import quote
 
 import apsw
 
-from walsync_vfs import catalog, format, objects, storage
+from walsync_vfs import catalog, format, inplace, objects, storage
 from walsync_vfs.dbfile import apply_pages, tee
 from walsync_vfs.format import check_name
 
 PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied
 WRITE_BUFFER = 1 << 20  # snapshot pages arrive in order: write them a MiB at a time
 INTEGRITY_MMAP = 16 << 20  # bytes of a restored file its integrity check maps (see below)
-# Database header bytes 18-19, the file format versions: 1 = rollback journal, 2 = WAL.
-_FILE_FORMAT_OFFSET = 18
-_ROLLBACK_JOURNAL = b"\x01\x01"
 
 
 RESTORE_ATTEMPTS = 3  # plans tried when listed objects vanish (a live replica being compacted)
@@ -311,13 +307,42 @@ class _Assembly:
         )  # fmt: skip
 
 
+class PageSink(Protocol):
+    """Where an image's verified pages go.  ``write`` may be called several times for one
+    commit applied in parts; ``commit`` follows once the pages written since the last one
+    are a whole commit's (or segment's), ``abandon`` if they are not to be kept."""
+
+    def write(self, pages: Sequence[tuple[int, format.Page]], db_size: int) -> None: ...
+
+    def commit(self, db_size: int) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
+class FileSink:
+    """A file nobody reads until it is complete: pages go straight in."""
+
+    def __init__(self, f: BinaryIO, page_size: int) -> None:
+        self.file = f
+        self.page_size = page_size
+
+    def write(self, pages: Sequence[tuple[int, format.Page]], db_size: int) -> None:
+        apply_pages(self.file, self.page_size, db_size, pages)
+
+    def commit(self, db_size: int) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+
 class Image:
-    """A database file being rebuilt, with its whole-database checksum and last commit."""
+    """A database being rebuilt, with its whole-database checksum and last commit."""
 
     def __init__(
-        self, f: BinaryIO, generation: str, checksum: format.DbChecksum, result: Result
+        self, sink: PageSink, generation: str, checksum: format.DbChecksum, result: Result
     ) -> None:
-        self.file = f
+        self.sink = sink
         self.generation = generation
         self.checksum = checksum
         self.result = result
@@ -338,7 +363,7 @@ class Image:
         checksum = format.DbChecksum.from_pages(tee(pages, f.write))
         f.flush()
         result = Result(header.txid, header.time_ns, header.db_size, header.page_size)
-        return cls(f, generation, checksum, result)
+        return cls(FileSink(f, header.page_size), generation, checksum, result)
 
     def apply_segment(
         self,
@@ -382,7 +407,8 @@ class Image:
             result = Result(commit.txid, commit.time_ns, commit.db_size, page_size)
         if result is not self.result:
             kept = sorted(item for item in pages.items() if item[0] <= result.db_size)
-            apply_pages(self.file, page_size, result.db_size, kept)
+            self.sink.write(kept, result.db_size)
+            self.sink.commit(result.db_size)
             self.result = result
         return not reached
 
@@ -416,7 +442,7 @@ class Image:
             self.checksum.update(commit.pages)
         except ValueError as exc:
             raise RestoreError(f"{key}: txid {commit.txid}: {exc}") from None
-        apply_pages(self.file, self.result.page_size, commit.db_size, commit.pages)
+        self.sink.write(commit.pages, commit.db_size)
         a.next += 1
         a.pages += len(pgnos)
         a.new_pages += sum(1 for pgno in pgnos if pgno > a.old_size)
@@ -429,8 +455,16 @@ class Image:
             raise RestoreError(f"{key}: the parts of txid {commit.txid} lack pages")
         if self.checksum.value != commit.checksum:
             raise RestoreError(f"{key}: whole-database checksum mismatch after txid {commit.txid}")
+        self.sink.commit(commit.db_size)
         self.result = Result(commit.txid, commit.time_ns, commit.db_size, result.page_size)
         return True
+
+    def abandon(self, checksum: format.DbChecksum) -> None:
+        """Back to the last commit written in full, whose checksum was ``checksum``: what was
+        written since is dropped (a failed check, a failed write)."""
+        self.sink.abandon()
+        self.checksum = checksum
+        self.assembly = None
 
 
 def _replay(
@@ -489,17 +523,19 @@ def _staged(out: str) -> Iterator[str]:
             os.remove(tmp)
 
 
-def first_integrity_problem(path: str, mmap: bool = True) -> str | None:
+def first_integrity_problem(path: str, mmap: bool = True, live: bool = False) -> str | None:
     """SQLite's first ``PRAGMA integrity_check`` complaint about the database at ``path``, or
-    None if it is sound.  Opened immutable: no ``-wal``/``-shm`` is created.  Reading through
-    mmap is faster, but what is mapped counts in the process's RSS: only the first
-    INTEGRITY_MMAP bytes are, the rest is read."""
+    None if it is sound.  Opened immutable (no ``-wal``/``-shm`` is created), or for a
+    ``live`` rollback-mode file others write, as a plain reader that waits for the writer.
+    Reading through mmap is faster, but what is mapped counts in the process's RSS: only the
+    first INTEGRITY_MMAP bytes are, the rest is read."""
     check = apsw.Connection(
-        f"file:{quote(path)}?immutable=1",
+        f"file:{quote(path)}" + ("" if live else "?immutable=1"),
         flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
         vfs="unix",
     )
     try:
+        check.setbusytimeout(int(inplace.LOCK_TIMEOUT * 1000))
         if mmap:
             check.execute(f"PRAGMA mmap_size={min(os.path.getsize(path), INTEGRITY_MMAP)}")
         problems = [r[0] for r in check.execute("PRAGMA integrity_check")]
@@ -578,14 +614,16 @@ def restore_from(
 class Follower:
     """Keeps ``out`` a verified copy of a replicated database's newest state (a read replica).
 
-    New segments are applied to a private working copy, ``<out>.walsync-follow``, never to
-    ``out``: each segment is checked in full before any of its pages is written, so the
-    working copy is always some commit's exact image.  Publishing copies it, switches the
-    copy to rollback-journal mode, runs ``PRAGMA integrity_check`` and renames it over
-    ``out``.  A reader keeps the version it opened until it opens ``out`` again, and every
-    version it can open is complete.  Rollback-journal mode because readers of a WAL
-    database create ``-wal``/``-shm`` files, which connections to the old and the new file
-    would then share by name.
+    ``out`` is a rollback-journal-mode database that other processes read with plain SQLite.
+    The first image (snapshot and chain) is built under a temporary name, checked with
+    ``PRAGMA integrity_check`` and renamed over ``out``; so is the image of a new generation.
+    After that every new segment is checked in full (SHA-256, whole-database checksum)
+    before any of its pages is written, then applied in place as one SQLite write
+    transaction (``inplace.LiveDatabase``: SQLite's locks and hot journal), so a reader sees
+    each commit whole or not at all, and a follower killed half-way leaves a hot journal
+    that the next read-write opener of ``out`` (or the next follower) rolls back.  A commit
+    stored in parts is one transaction across its parts.  Rollback-journal mode because
+    readers of a WAL database would need the writer's ``-wal``/``-shm``.
     """
 
     def __init__(
@@ -593,11 +631,12 @@ class Follower:
     ) -> None:
         root, self.name = split_url(url)
         self.out = _output_path(out, force)
-        self.work = f"{self.out}.walsync-follow"
+        inplace.roll_back(self.out)  # left by a follower killed mid-update: undo it first
         self.client = storage.open_replica(root, **(client_options or {}))
         self.published: Result | None = None
         self.generation: str | None = None  # of the published file
         self._image: Image | None = None
+        self._live: inplace.LiveDatabase | None = None
 
     def __enter__(self) -> Follower:
         return self
@@ -606,35 +645,40 @@ class Follower:
         self.close()
 
     def close(self) -> None:
-        """Remove the working copy; ``out`` stays as last published."""
+        """Stop writing ``out``; it stays at its last commit."""
         self._drop()
-        if os.path.exists(self.work):
-            os.remove(self.work)
 
     def poll(self) -> bool:
-        """Bring ``out`` up to the replica's newest commit; True if ``out`` was replaced.
+        """Bring ``out`` up to the replica's newest commit; True if ``out`` changed.
 
-        On error ``out`` is left as it was and the working copy at its last verified commit,
-        so the next poll carries on from there.
+        On error ``out`` is left at the last commit applied in full, and the next poll
+        carries on from there.
         """
+        before = (self.published, self.generation)
         try:
-            return self._poll()
-        except (Vanished, storage.ObjectNotFound):
-            return self._poll()  # listed, then replaced by compaction or retention: list again
+            try:
+                self._poll()
+            except (Vanished, storage.ObjectNotFound):
+                self._poll()  # listed, then replaced by compaction or retention: list again
+        finally:  # after an error too: the segments applied before a bad one are out
+            if self._image is not None:
+                self.published, self.generation = self._image.result, self._image.generation
+        return (self.published, self.generation) != before
 
-    def _poll(self) -> bool:
+    def integrity_problem(self) -> str | None:
+        """``PRAGMA integrity_check`` of ``out`` as readers see it (None: ok).  Called
+        between polls, when this process holds no lock on it."""
+        return first_integrity_problem(self.out, mmap=False, live=True)
+
+    def _poll(self) -> None:
         gens = catalog.generations(self.client, self.name)
         p = _choose(self.client, self.name, gens)
-        try:
-            if not self._catch_up(p, gens):
-                self._rebuild(p)
-        finally:  # after an error too: the segments verified before a bad one go out
-            published = self._publish()
-        return published
+        if not self._catch_up(p, gens):
+            self._rebuild(p)
 
     def _catch_up(self, p: Plan, gens: list[catalog.Generation]) -> bool:
-        """Apply the new segments of the working copy's generation; False when it has to start
-        over from ``p``'s snapshot (a new generation, or retention removed segments it needs)."""
+        """Apply the new segments of ``out``'s generation; False when it has to start over
+        from ``p``'s snapshot (a new generation, or retention removed segments it needs)."""
         image = self._image
         if image is None or image.generation != p.generation:
             return False
@@ -644,49 +688,36 @@ class Follower:
         except RestoreError:
             return False
         keys = [catalog.object_key(s) for s in chain]
+        saved = image.checksum  # a copy of it is taken before each commit is applied
         with prefetch_pool() as pool:
             for key, header, commits in _decoded(pool, self.client, keys):
-                saved = image.checksum.copy()
+                if image.assembly is None:
+                    saved = image.checksum.copy()  # as of the last commit applied in full
                 try:
                     image.apply_segment(key, header, commits)
-                except RestoreError:
-                    if image.assembly is not None or header.part is not None:
-                        self._drop()  # parts before it are written: start over next poll
-                        raise
-                    image.checksum = saved  # raised before any write: the copy is still good
+                except inplace.ForeignWriter:
+                    self._drop()  # out no longer holds this image: rebuilt at the next poll
                     raise
                 except BaseException:
-                    self._drop()  # a write failed half-way: start over at the next poll
+                    image.abandon(saved)
                     raise
         return True
 
     def _rebuild(self, p: Plan) -> None:
-        """Start the working copy over from ``p``'s snapshot."""
+        """Build ``p``'s image under a temporary name and install it as ``out``."""
         self._drop()
-        f = open(self.work, "w+b", buffering=WRITE_BUFFER)  # noqa: SIM115 (owned by the image)
-        try:
-            self._image = _replay(self.client, p, f)
-        except BaseException:
-            f.close()
-            raise
+        inplace.roll_back(self.out)  # readers see the last commit while the new one builds
+        with _staged(self.out) as tmp:
+            with open(tmp, "w+b", buffering=WRITE_BUFFER) as f:
+                image = _replay(self.client, p, f)
+                inplace.set_rollback_mode(f)
+            _install(tmp, self.out)
+        self._live = inplace.LiveDatabase(self.out, image.result.page_size)
+        image.sink = self._live
+        self._image = image
 
     def _drop(self) -> None:
-        if self._image is not None:
-            self._image.file.close()
-            self._image = None
-
-    def _publish(self) -> bool:
-        """If the working copy moved on, copy it, check it and rename it over ``out``."""
-        image = self._image
-        if image is None or (image.result, image.generation) == (self.published, self.generation):
-            return False
-        if image.assembly is not None:
-            return False  # in the middle of a commit's parts: not an image of any commit
-        with _staged(self.out) as tmp:
-            shutil.copyfile(self.work, tmp)
-            with open(tmp, "r+b") as f:
-                f.seek(_FILE_FORMAT_OFFSET)
-                f.write(_ROLLBACK_JOURNAL)
-            _install(tmp, self.out)
-        self.published, self.generation = image.result, image.generation
-        return True
+        self._image = None
+        if self._live is not None:
+            self._live.close()
+            self._live = None
