@@ -45,8 +45,8 @@ import apsw
 
 from walsync_vfs.dbfile import write_pages
 from walsync_vfs.format import Page
+from walsync_vfs.format.checksum import PENDING_BYTE, lock_page
 
-PENDING_BYTE = 0x40000000
 RESERVED_BYTE = PENDING_BYTE + 1
 SHARED_FIRST = PENDING_BYTE + 2
 SHARED_SIZE = 510
@@ -110,7 +110,7 @@ class LiveDatabase:
         self.journal = path + "-journal"
         self.page_size = page_size
         self.fd = os.open(path, os.O_RDWR)
-        self._lock_page = PENDING_BYTE // page_size + 1  # SQLite never stores a page there
+        self._lock_page = lock_page(page_size)  # SQLite never stores a page there
         self._counter = self._change_counter(os.pread(self.fd, page_size, 0))
         self._batch: _Batch | None = None
 
