@@ -178,18 +178,7 @@ class Engine:
             self._spool.count(rec.pages.file_bytes, rec.pages)
             return True
         except OSError as exc:
-            reason = exc
-        db.lost_restore_points += 1
-        db.errors += 1
-        db.last_error = f"spool: {reason}"
-        log.warning(
-            "walsync: %s: a commit of %d pages passed the spool cap (%s); its restore point "
-            "is lost, its changes will be in the next snapshot",
-            db.path,
-            len(rec.pages),
-            reason,
-        )
-        self.break_lineage(db)
+            self._past_spool_cap(db, f"a commit of {len(rec.pages)} pages", exc, 1)
         return False
 
     def _cancel_retry(self, db: Database) -> bool:
@@ -222,13 +211,19 @@ class Engine:
         except OSError as exc:  # spool full or disk full
             lost = state.drop_held(self._spool) + 1
             reason = exc
+        self._past_spool_cap(db, "commits held during a sync", reason, lost)
+
+    def _past_spool_cap(self, db: Database, what: str, reason: OSError, lost: int) -> None:
+        """Commits the spool could not take: their restore points are given up (counted,
+        logged) and the next sync point's snapshot holds them (lock held)."""
         db.lost_restore_points += lost
         db.errors += 1
         db.last_error = f"spool: {reason}"
         log.warning(
-            "walsync: %s: commits held during a sync passed the spool cap (%s); %d restore "
-            "points lost, their commits will be in the next snapshot",
+            "walsync: %s: %s passed the spool cap (%s); restore points lost: %d, their "
+            "changes will be in the next snapshot",
             db.path,
+            what,
             reason,
             lost,
         )
@@ -767,13 +762,17 @@ class Engine:
             if db is not None:
                 self._request_sync(db)
 
+    def _led(self, only: int | None) -> list[Database]:
+        """The databases this process leads (``only`` that one, if given; lock held)."""
+        return [
+            db
+            for db in self._dbs.values()
+            if (only is None or db.db_id == only) and self._host.leads(db.db_id)
+        ]
+
     def _flush(self, deadline: float | None, only: int | None = None) -> None:
         with self._lock:
-            led = [
-                db.db_id
-                for db in self._dbs.values()
-                if (only is None or db.db_id == only) and self._host.leads(db.db_id)
-            ]
+            led = [db.db_id for db in self._led(only)]
         for db_id in led:  # commits other processes made, not yet seen by the WAL poll
             capture.lib.ws_tail(db_id)
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -785,11 +784,7 @@ class Engine:
                 "flush() more time"
             ) from None
         with self._lock:
-            marks = {
-                db.db_id: db.upload.seen_seq
-                for db in self._dbs.values()
-                if (only is None or db.db_id == only) and self._host.leads(db.db_id)
-            }
+            marks = {db.db_id: db.upload.seen_seq for db in self._led(only)}
             for db in self._dbs.values():
                 if db.stopped and db.db_id in marks:
                     # The shim publishes nothing of a database out of WAL, so no record says

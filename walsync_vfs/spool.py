@@ -96,11 +96,7 @@ class Spool:
         raises :class:`SpoolFull` or the OSError of the write."""
         size = len(data)
         directory = self.directory()
-        with self._lock:
-            cap = self.settings.spool_cap
-            if self.used + size > cap:
-                raise SpoolFull(f"spool cap of {cap} bytes reached")
-            self.used += size
+        self._charge(size)
         path = None
         try:
             fd, path = tempfile.mkstemp(dir=directory, suffix=suffix)
@@ -117,14 +113,18 @@ class Spool:
         """Count ``size`` bytes of a file the spool directory holds for ``owner`` (a giant
         commit's frames, copied there by the shim) against the cap until ``owner`` is gone;
         raises :class:`SpoolFull`, and then the caller lets go of ``owner`` and its file."""
+        self._charge(size)
+        weakref.finalize(owner, self._credit, size)
+
+    def _charge(self, size: int) -> None:
+        """Count ``size`` more bytes against the cap, or raise :class:`SpoolFull`."""
         with self._lock:
             cap = self.settings.spool_cap
             if self.used + size > cap:
                 raise SpoolFull(f"spool cap of {cap} bytes reached")
             self.used += size
-        weakref.finalize(owner, self._uncount, size)
 
-    def _uncount(self, size: int) -> None:
+    def _credit(self, size: int) -> None:
         with self._lock:
             self.used -= size
 
@@ -159,5 +159,4 @@ class Spool:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-        with self._lock:
-            self.used -= size
+        self._credit(size)
