@@ -1,16 +1,21 @@
 """Big databases (issue 14): snapshot and restore of one large database on SeaweedFS, walsync
 against Litestream in the same run, with the memory each takes.
 
-1. **Build**: a database of ``--mb`` 10^6 bytes (default 500; ``--mb 5000`` is the full 5 GB
-   run) written by plain apsw as a stream of 8 MB transactions (rows of hex text: zstd finds
-   about half to squeeze), checkpointed, then copied once per tool.
+1. **Build**: a database of ``--mb`` minus ``--tx-mb`` 10^6 bytes written by plain apsw as a
+   stream of 8 MB transactions (rows of hex text: zstd finds about half to squeeze),
+   checkpointed, then copied once per tool.
 2. **Snapshot**: walsync: a child process opens its copy through ``vfs="walsync"``, commits
    one row and flushes: its first sync point snapshots the whole database to S3.  Litestream:
    ``litestream replicate`` on its copy until its replica holds its local TXID (its first
    sync is a snapshot too).  MB/s = database size / wall time of that child.
-3. **Restore** from S3 as child processes, both checked: ``integrity_check`` and a SHA-256 over
-   all rows equal to the source's.
-4. **Follow** (walsync only): ``restore --follow --interval 0.5`` of the replica while the
+3. **One giant transaction** of ``--tx-mb`` (default a fifth of ``--mb``: 1 GB in the 5 GB
+   run) appends copies of the first rows (``tests/big_worker.py grow``), so every copy
+   stays byte-for-byte the same: through the VFS in a child that then flushes, and with
+   plain apsw while ``litestream replicate`` runs until its replica holds it.
+4. **Restore** of the whole database from S3 as child processes, both checked:
+   ``integrity_check`` and a SHA-256 over all rows equal to the source's.  MB/s = final
+   database size / wall time.
+5. **Follow** (walsync only): ``restore --follow --interval 0.5`` of the replica while the
    source takes 10 commits a second for ``--follow-seconds`` (``tests/big_worker.py paced``,
    each commit one row and ``head.n`` = its rowid), and a reader process
    (``tests/follow_reader.py``, plain SQLite, read-only) checks ``max(rowid) = head.n`` on
@@ -19,14 +24,14 @@ against Litestream in the same run, with the memory each takes.
    follower CPU = its user + system time over the writing period / wall time.
 
 Memory is each child's peak RSS (VmHWM, sampled from /proc every 20 ms until it exits).  The
-walsync application's *extra* peak is its replicate child's minus the same child's write
-through plain apsw (``tests/big_worker.py plain``).  Verdicts are ratios within the run:
+walsync application's *extra* peak is the larger of its snapshot child's and its giant
+transaction child's, each minus the same write through plain apsw (``tests/big_worker.py
+plain`` and ``grow`` without a replica).  Verdicts are ratios within the run:
 walsync MB/s / Litestream MB/s (goal >= 1.5), the app's extra peak and the restore's peak
 (goals <= 64 MiB), follower lag p99 <= 2 s, follower CPU <= 10 % of a core, 0 violations.
 
-Not covered here: the 1 GB transaction (benchmarks/giant_tx.py).
-
-Usage: ``python benchmarks/bigdata.py [--mb N] [--follow-seconds S] [--dir DIR] [--keep]``
+Usage: ``python benchmarks/bigdata.py [--mb N] [--tx-mb N] [--follow-seconds S] [--dir DIR]
+[--keep]``
 """
 
 from __future__ import annotations
@@ -97,9 +102,10 @@ def digest(path: Path) -> tuple[int, str]:
     problems = con.execute("PRAGMA integrity_check").fetchall()
     if problems != [("ok",)]:
         raise SystemExit(f"{path}: integrity_check: {problems[:3]}")
+    # The text rows in order, not their rowids: walsync's copy has one more (integer) row.
     sha, n = hashlib.sha256(), 0
-    for rowid, v in con.execute("SELECT rowid, v FROM t WHERE typeof(v) = 'text' ORDER BY rowid"):
-        sha.update(rowid.to_bytes(8, "big") + v.encode())
+    for (v,) in con.execute("SELECT v FROM t WHERE typeof(v) = 'text' ORDER BY rowid"):
+        sha.update(len(v).to_bytes(4, "big") + v.encode())
         n += 1
     con.close()
     return n, sha.hexdigest()
@@ -258,13 +264,58 @@ def litestream_config(db: Path, bucket: str, endpoint: str) -> str:
     return json.dumps({"dbs": [{"path": str(db), "replica": replica}]})
 
 
+def litestream_replicate(
+    config: Path, db: Path, rows: int, env: dict[str, str]
+) -> tuple[float, float, int]:
+    """``litestream replicate`` of ``db`` until its replica holds the snapshot, then while a
+    plain-apsw child writes the giant transaction until the replica holds that too: the two
+    wall times and Litestream's peak RSS."""
+    marks: list[float] = []
+    grower: subprocess.Popen | None = None
+    before = 0
+
+    def caught_up() -> bool:
+        local = local_litestream_txid(db)
+        files = litestream_ltx(config, str(db), env) if local else []
+        remote = max((int(f["max_txid"], 16) for f in files), default=0)
+        return bool(local) and remote >= local
+
+    def done() -> bool:
+        nonlocal grower, before
+        if grower is None:
+            if caught_up():
+                marks.append(time.perf_counter())
+                before = local_litestream_txid(db)
+                grower = subprocess.Popen(
+                    [sys.executable, WORKER, "grow", str(db), str(rows)], env=env,
+                    stdout=subprocess.DEVNULL,
+                )  # fmt: skip
+            return False
+        if grower.poll() is None:
+            return False
+        if grower.returncode != 0:
+            raise SystemExit("the plain-apsw giant transaction failed")
+        return local_litestream_txid(db) > before and caught_up()
+
+    t0 = time.perf_counter()
+    cmd = [tool_path("litestream"), "replicate", "-config", str(config)]
+    seconds, peak = measured(cmd, env, done)
+    return marks[0] - t0, t0 + seconds - marks[0], peak
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--mb", type=float, default=500.0, help="database size in 10^6 bytes")
+    ap.add_argument(
+        "--tx-mb", type=float, help="the giant transaction in 10^6 bytes (default: --mb / 5)"
+    )
     ap.add_argument("--follow-seconds", type=float, default=60.0, help="length of the follow phase")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the work dir goes")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     args = ap.parse_args(argv)
+    tx_mb = args.mb / 5 if args.tx_mb is None else args.tx_mb
+    if not 0 < tx_mb < args.mb:
+        ap.error(f"--tx-mb must be between 0 and --mb ({args.mb:g}), got {tx_mb:g}")
     work = Path(tempfile.mkdtemp(prefix="walsync-bigdata-", dir=args.dir))
     print(machine_line(work))
     try:
@@ -273,30 +324,31 @@ def main(argv: list[str] | None = None) -> int:
             bucket = server.new_bucket()
             base = work / "base.db"
             t0 = time.perf_counter()
-            size = build(base, int(args.mb * 1e6))
+            size = build(base, int((args.mb - tx_mb) * 1e6))
             print(f"built {size / 1e6:.0f} MB in {time.perf_counter() - t0:.0f} s")
             copies = {}
             for tool in ("plain", "walsync", "litestream"):
                 copies[tool] = work / f"{tool}.db"
                 shutil.copyfile(base, copies[tool])
+            rows = int(tx_mb * 1e6) // (2 * ROW_HEX)
             _, plain_peak = measured([sys.executable, WORKER, "plain", str(copies["plain"])], env)
+            _, plain_grow_peak = measured(
+                [sys.executable, WORKER, "grow", str(copies["plain"]), str(rows)], env
+            )
             root = f"s3://{bucket}/walsync"
             snap_s, app_peak = measured(
                 [sys.executable, WORKER, "replicate", str(copies["walsync"]), root], env
             )
+            grow_s, grow_peak = measured(
+                [sys.executable, WORKER, "grow", str(copies["walsync"]), str(rows), root], env
+            )
             expected = digest(copies["walsync"])
+            total = copies["walsync"].stat().st_size
 
             config = work / "litestream.yml"
             config.write_text(litestream_config(copies["litestream"], bucket, server.endpoint))
-
-            def caught_up() -> bool:
-                local = local_litestream_txid(copies["litestream"])
-                files = litestream_ltx(config, str(copies["litestream"]), env) if local else []
-                remote = max((int(f["max_txid"], 16) for f in files), default=0)
-                return bool(local) and remote >= local
-
-            ls_snap_s, ls_peak = measured(
-                [tool_path("litestream"), "replicate", "-config", str(config)], env, caught_up
+            ls_snap_s, ls_grow_s, ls_peak = litestream_replicate(
+                config, copies["litestream"], rows, env
             )
             wait_litestream(config, [copies["litestream"]], env, 60)
             restore_config = work / "litestream-restore.yml"
@@ -307,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             restore_s, restore_peak = measured(
                 [sys.executable, WORKER, "restore", f"{root}/walsync.db", str(out)], env
             )
-            if digest(out)[1] != expected[1]:
+            if digest(out) != expected:
                 raise SystemExit("walsync restore differs from the source")
             out.unlink()
             ls_out = work / "restored-litestream.db"
@@ -315,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 [tool_path("litestream"), "restore", "-config", str(restore_config), "-o",
                  str(ls_out), str(placeholder)], env,
             )  # fmt: skip
-            if digest(ls_out)[1] != expected[1]:
+            if digest(ls_out) != expected:
                 raise SystemExit("litestream restore differs from the source")
             ls_out.unlink()
             followed = follow(
@@ -326,22 +378,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    mb = size / 1e6
-    extra = app_peak - plain_peak
-    rows = [
-        ("snapshot", snap_s, ls_snap_s, app_peak, ls_peak),
-        ("restore", restore_s, ls_restore_s, restore_peak, ls_restore_peak),
+    extra = max(app_peak - plain_peak, grow_peak - plain_grow_peak)
+    phases = [
+        ("snapshot", size, snap_s, ls_snap_s, app_peak, ls_peak),
+        ("restore", total, restore_s, ls_restore_s, restore_peak, ls_restore_peak),
     ]
-    print(f"database {mb:.0f} MB, {expected[0]:,} rows; plain apsw app {plain_peak / MIB:.0f} MiB")
+    print(
+        f"database {size / 1e6:.0f} MB at the snapshot, {total / 1e6:.0f} MB after the giant "
+        f"transaction; {expected[0]:,} rows; plain apsw app {plain_peak / MIB:.0f} MiB"
+    )
     ok = True
-    for what, ws, ls, wpeak, lpeak in rows:
-        ratio = (mb / ws) / (mb / ls)
+    for what, nbytes, ws, ls, wpeak, lpeak in phases:
+        mb, ratio = nbytes / 1e6, ls / ws
         ok &= ratio >= GOAL_RATIO
         print(
             f"{what:8}: walsync {mb / ws:6.1f} MB/s (peak {wpeak / MIB:4.0f} MiB), "
             f"litestream {mb / ls:6.1f} MB/s (peak {lpeak / MIB:4.0f} MiB): "
             f"{ratio:.2f}x (goal >= {GOAL_RATIO}x)"
         )
+    print(
+        f"giant tx: {tx_mb:.0f} MB in one transaction, written and replicated: walsync "
+        f"{grow_s:.1f} s (peak {grow_peak / MIB:.0f} MiB, plain apsw {plain_grow_peak / MIB:.0f} "
+        f"MiB), litestream {ls_grow_s:.1f} s"
+    )
     print(f"walsync app extra peak RSS over plain apsw: {extra / MIB:.1f} MiB (goal <= 64 MiB)")
     print(f"walsync restore peak RSS: {restore_peak / MIB:.1f} MiB (goal <= 64 MiB)")
     ok &= extra <= GOAL_EXTRA and restore_peak <= GOAL_EXTRA

@@ -3,6 +3,9 @@ then its peak RSS.
 
 ``replicate DB URL``: open the existing database ``DB`` through the VFS (its first sync point
 takes a snapshot of it) and flush to ``URL``; ``plain DB``: the same write without walsync.
+``grow DB ROWS [URL]``: one transaction that appends copies of ``t``'s first ROWS rows (the
+same bytes on every copy of a database), through the VFS replicating to URL and flushed, or
+without URL through plain apsw.
 ``restore URL OUT``: ``restore`` it.  ``paced DB URL RATE SECONDS LOG``: RATE commits a
 second through the VFS for SECONDS, each one row of ``t`` and ``head.n`` set to its rowid,
 logging "rowid unix-time" after each commit.  Each
@@ -34,6 +37,20 @@ def main() -> None:
         (path,) = args
         con = apsw.Connection(path)
         con.execute("INSERT INTO t(v) VALUES (1)")
+        con.close()
+    elif mode == "grow":  # one giant transaction, the same on every copy of the database
+        import apsw
+
+        path, rows, *url = args
+        if url:
+            import walsync_vfs
+
+            walsync_vfs.configure(replica=url[0])
+        con = apsw.Connection(path, vfs="walsync" if url else None)
+        with con:
+            con.execute("INSERT INTO t(v) SELECT v FROM t WHERE rowid <= ?", (int(rows),))
+        if url:
+            walsync_vfs.flush(timeout=3600)
         con.close()
     elif mode == "paced":  # the source of a follow run: RATE commits a second for SECONDS
         import time

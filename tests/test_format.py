@@ -45,6 +45,7 @@ from walsync_vfs.format import (
     read_snapshot,
     segment_key,
     snapshot_key,
+    stream_part,
     stream_snapshot,
 )
 
@@ -350,6 +351,48 @@ def test_part_round_trip_from_chunks_of_pages():
     # Page by page, as an in-memory commit gives them: the same object.
     by_page = [data for _, data in second]
     assert encode_part(1024, whole, Part(1, 2, 40), [p for p, _ in second], by_page) == parts[1]
+
+
+def test_part_streamed_in_pieces_of_any_size():
+    """A part read as it downloads (restore of a giant commit): the same commit and pages in
+    batches whatever the pieces, none past ``upto_txid``, and every byte flipped in its body
+    caught as the damage it is, before the last batch is handed out."""
+    (whole,) = make_commits(1024, 9, [(2100, list(range(1, 2101)))])  # three 1 MiB batches
+    obj = bytes(encode_part(1024, whole, Part(0, 2, 2100), list(range(1, 2101)),
+                            [data for _, data in whole.pages]))  # fmt: skip
+    expected = decode_segment(obj, SEG_KEY)
+
+    def stream(data: bytes, n: int, upto: int | None = None):
+        pieces = (data[i : i + n] for i in range(0, len(data), n))
+        return stream_part(pieces, len(obj), SEG_KEY, upto)
+
+    for n in (1000, 4096 * 3 + 7, len(obj)):
+        header, (commit,) = stream(obj, n)
+        assert header == expected[0]
+        batches = list(commit.pages.batches())
+        assert len(batches) == 3 and len(commit.pages) == 2100
+        assert [(p, bytes(d)) for b in batches for p, d in b] == list(whole.pages)
+    assert stream(obj, 4096, upto=8) == (expected[0], [])
+
+    def read_all(data: bytes) -> list:
+        (commit,) = stream(data, 50_000)[1]
+        return [(p, bytes(d)) for p, d in commit.pages]
+
+    for pos in range(0, len(obj), 997):
+        bad = bytearray(obj)
+        bad[pos] ^= 0x01
+        assert_corrupt(SEG_KEY, read_all, bytes(bad))
+    body = bytearray(obj)
+    body[len(obj) // 2] ^= 0x01
+    (commit,) = stream(bytes(body), 4096)[1]
+    got = []
+    with pytest.raises(CorruptObject, match="sha256 mismatch"):
+        got.extend(commit.pages.batches())
+    assert len(got) < 3  # the last batch waits for the SHA-256
+    assert_corrupt(SEG_KEY, read_all, obj[:-1])
+    seg = encode_segment(512, SMALL)
+    with pytest.raises(CorruptObject, match="a whole segment where a part was listed"):
+        stream_part([seg], len(seg), SEG_KEY)
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,16 @@
 A restore picks the generation holding the target, downloads its snapshot and the segments
 after it, checks every object's SHA-256 and the whole-database checksum after every commit,
 runs ``PRAGMA integrity_check`` and only then moves the result to its final name.  The
-snapshot streams (parallel ranged GETs, zstd, pages written as they come), so memory does not
-grow with the database; planning reads snapshot and segment headers only.
+snapshot and the parts of a commit bigger than a segment stream (parallel ranged GETs, zstd,
+pages written as they come), so memory grows neither with the database nor with its
+transactions; planning reads snapshot and segment headers only.
 
-Prefetch threads download and decode a few segments ahead (GET, SHA-256 and zstd all release
-the GIL); the calling thread applies them strictly in txid order, each segment checked in full
-before its pages are written in one batch.  :class:`Follower` keeps applying new segments as
+Prefetch threads download and decode a few segments ahead, up to PREFETCH_BYTES (GET,
+SHA-256 and zstd all release the GIL); the calling thread applies them strictly in txid
+order, each whole segment checked in full before its pages are written in one batch.  A
+commit in parts is written part by part, batch by batch, and counts only once its last part
+has checked out: until then a failed check abandons it (the restore's file is discarded, a
+follower rolls its transaction back).  :class:`Follower` keeps applying new segments as
 they arrive (``restore --follow``), in place, as SQLite transactions (``inplace.py``).
 """
 
@@ -16,12 +20,11 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import islice
 from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import quote
 
@@ -30,8 +33,11 @@ import apsw
 from walsync_vfs import catalog, format, inplace, objects, storage
 from walsync_vfs.dbfile import apply_pages, tee
 from walsync_vfs.format import check_name
+from walsync_vfs.storage.transfer import read_ranges
 
-PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied
+PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied ...
+PREFETCH_BYTES = 8 << 20  # ... as long as they come to no more than this (but always one)
+STREAM_PIECE = 2 << 20  # the ranged GETs of a part of a commit, applied as it downloads
 WRITE_BUFFER = 1 << 20  # snapshot pages arrive in order: write them a MiB at a time
 INTEGRITY_MMAP = 16 << 20  # bytes of a restored file its integrity check maps (see below)
 
@@ -61,6 +67,7 @@ class Plan:
     segments: list[format.ParsedKey]
     target_txid: int | None  # None: replay to the end (or to the timestamp)
     snapshot_size: int | None = None  # bytes, from the listing
+    sizes: Mapping[str, int] = field(default_factory=dict)  # of the segments, by key
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,7 @@ def _choose(
         chain = _chain(name, g, snap.last_txid, txid)
         if txid is not None and (chain[-1] if chain else snap).last_txid < txid:
             raise _outside(client, name, gens, txid, timestamp_ns)
-        return Plan(name, g.id, snap, chain, txid, g.sizes[catalog.object_key(snap)])
+        return Plan(name, g.id, snap, chain, txid, g.sizes[catalog.object_key(snap)], g.sizes)
     raise _outside(client, name, gens, txid, timestamp_ns)
 
 
@@ -230,23 +237,42 @@ T = TypeVar("T")
 
 
 def prefetched(
-    pool: ThreadPoolExecutor, keys: list[str], fetch: Callable[[str], T], depth: int = PREFETCH
+    pool: ThreadPoolExecutor,
+    keys: list[str],
+    fetch: Callable[[str], T],
+    depth: int = PREFETCH,
+    cost: Callable[[str], int] = lambda key: 0,
 ) -> Iterator[tuple[str, Future[T]]]:
-    """``fetch(key)`` for each key in ``pool``, ``depth`` ahead, handed out in key order.
+    """``fetch(key)`` for each key in ``pool``, ``depth`` ahead (but no more than
+    PREFETCH_BYTES of ``cost``, and always one), handed out in key order.
 
-    The first ``depth`` start now rather than at the first ``next()``, so they overlap
-    whatever the caller does first.  At most ``depth`` + 1 results are held at once; a failed
-    fetch raises only from its own future, so a caller may carry on past it.
+    The first ones start now rather than at the first ``next()``, so they overlap whatever
+    the caller does first.  At most ``depth`` + 1 results are held at once; a failed fetch
+    raises only from its own future, so a caller may carry on past it.
     """
-    todo = iter(keys)
-    window = deque((key, pool.submit(fetch, key)) for key in islice(todo, depth))
+    todo = deque(keys)
+    window: deque[tuple[str, Future[T], int]] = deque()
+    held = 0
+
+    def fill() -> None:
+        nonlocal held
+        while todo and len(window) < depth:
+            c = cost(todo[0])
+            if window and held + c > PREFETCH_BYTES:
+                return
+            key = todo.popleft()
+            window.append((key, pool.submit(fetch, key), c))
+            held += c
 
     def in_order() -> Iterator[tuple[str, Future[T]]]:
+        nonlocal held
         while window:
-            done = window.popleft()
-            window.extend((key, pool.submit(fetch, key)) for key in islice(todo, 1))
-            yield done
+            key, future, c = window.popleft()
+            held -= c
+            fill()
+            yield key, future
 
+    fill()
     return in_order()
 
 
@@ -258,12 +284,30 @@ def decode_object(client: storage.ReplicaClient, key: str, upto_txid: int | None
 def _decoded(
     pool: ThreadPoolExecutor,
     client: storage.ReplicaClient,
-    keys: list[str],
+    segments: list[format.ParsedKey],
+    sizes: Mapping[str, int],
     upto_txid: int | None = None,
 ) -> Iterator[Decoded]:
     """Each segment downloaded and fully decoded in ``pool`` (see `prefetched`), in key order;
-    the first bad one raises.  The downloads start at once, not at the first ``next``."""
-    fetched = prefetched(pool, keys, lambda key: decode_object(client, key, upto_txid))
+    the first bad one raises.  A part of a commit (the commit bigger than a segment) is only
+    opened there: its pages come as it downloads (:func:`format.stream_part`).  The
+    downloads start at once, not at the first ``next``."""
+    streamed = {catalog.object_key(seg) for seg in segments if seg.parts}
+
+    def fetch(key: str) -> Decoded:
+        if key not in streamed:
+            return decode_object(client, key, upto_txid)
+        size = sizes[key]
+        pieces = read_ranges(client, key, size=size, part_size=STREAM_PIECE)
+        return key, *format.stream_part(pieces, size, key, upto_txid)
+
+    def cost(key: str) -> int:
+        # What one holds: a streamed part its pieces in flight, another its bytes twice over
+        # (the object and what it decompresses to).
+        return 3 * STREAM_PIECE if key in streamed else 2 * sizes.get(key, 0)
+
+    keys = [catalog.object_key(seg) for seg in segments]
+    fetched = prefetched(pool, keys, fetch, cost=cost)
 
     def results() -> Iterator[Decoded]:
         for key, future in fetched:
@@ -435,18 +479,22 @@ class Image:
         ):
             wanted = f"part {a.next} of txid {a.commit.txid}" if a else "a first part"
             raise RestoreError(f"{key}: part {part.index} of txid {commit.txid}, expected {wanted}")
-        pgnos = [pgno for pgno, _ in commit.pages]
-        if pgnos and pgnos[0] <= a.last_pgno:
-            raise RestoreError(f"{key}: page {pgnos[0]} after page {a.last_pgno} of the commit")
-        try:
-            self.checksum.update(commit.pages)
-        except ValueError as exc:
-            raise RestoreError(f"{key}: txid {commit.txid}: {exc}") from None
-        self.sink.write(commit.pages, commit.db_size)
+        pages = commit.pages
+        for batch in pages.batches() if isinstance(pages, format.StreamedPages) else (pages,):
+            pgnos = [pgno for pgno, _ in batch]
+            if pgnos and pgnos[0] <= a.last_pgno:
+                raise RestoreError(
+                    f"{key}: page {pgnos[0]} after page {a.last_pgno} of the commit"
+                )
+            try:
+                self.checksum.update(batch)
+            except ValueError as exc:
+                raise RestoreError(f"{key}: txid {commit.txid}: {exc}") from None
+            self.sink.write(batch, commit.db_size)
+            a.pages += len(pgnos)
+            a.new_pages += sum(1 for pgno in pgnos if pgno > a.old_size)
+            a.last_pgno = pgnos[-1] if pgnos else a.last_pgno
         a.next += 1
-        a.pages += len(pgnos)
-        a.new_pages += sum(1 for pgno in pgnos if pgno > a.old_size)
-        a.last_pgno = pgnos[-1] if pgnos else a.last_pgno
         if not part.last:
             return True
         self.assembly = None
@@ -477,15 +525,14 @@ def _replay(
     """Write the planned state into ``f``: the snapshot streams in while the first segments
     download, then each segment is applied as soon as it is decoded."""
     snap_key = catalog.object_key(p.snapshot)
-    keys = [catalog.object_key(s) for s in p.segments]
     with prefetch_pool() as pool:
-        segments = _decoded(pool, client, keys, p.target_txid)
+        segments = _decoded(pool, client, p.segments, p.sizes, p.target_txid)
         try:
             snapshot = objects.open_snapshot(client, snap_key, p.snapshot_size)
             image = Image.from_snapshot(f, p.generation, snapshot)
         except storage.ObjectNotFound:
             raise Vanished(snap_key) from None
-        with _progress(len(keys) + 1, p.name, progress) as tick:
+        with _progress(len(p.segments) + 1, p.name, progress) as tick:
             for key, header, commits in segments:
                 tick()
                 if not image.apply_segment(key, header, commits, timestamp_ns):
@@ -687,10 +734,9 @@ class Follower:
             chain = _chain(self.name, g, image.result.txid)
         except RestoreError:
             return False
-        keys = [catalog.object_key(s) for s in chain]
         saved = image.checksum  # a copy of it is taken before each commit is applied
         with prefetch_pool() as pool:
-            for key, header, commits in _decoded(pool, self.client, keys):
+            for key, header, commits in _decoded(pool, self.client, chain, g.sizes):
                 if image.assembly is None:
                     saved = image.checksum.copy()  # as of the last commit applied in full
                 try:

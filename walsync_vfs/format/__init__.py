@@ -29,6 +29,7 @@ from walsync_vfs.format.segment import (
     Part,
     RawSegment,
     SegmentHeader,
+    StreamedPages,
     WalPos,
     decode_segment,
     encode_part,
@@ -37,6 +38,7 @@ from walsync_vfs.format.segment import (
     read_segment_header,
     read_segment_index,
     read_segment_raw,
+    stream_part,
 )
 from walsync_vfs.format.snapshot import (
     SNAPSHOT_FOOTER_SIZE,
@@ -73,6 +75,7 @@ __all__ = [
     "Part",
     "RawSegment",
     "SegmentHeader",
+    "StreamedPages",
     "SnapshotHeader",
     "SnapshotWriter",
     "WalPos",
@@ -91,6 +94,7 @@ __all__ = [
     "read_segment_header",
     "read_segment_index",
     "read_segment_raw",
+    "stream_part",
     "read_snapshot",
     "segment_key",
     "snapshot_header",

@@ -4,6 +4,9 @@ and page size, the proof that a body is exactly one zstd frame, and bounded deco
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+
 import zstandard
 
 from walsync_vfs.format.errors import CorruptObject
@@ -159,3 +162,70 @@ def expect_end(reader: zstandard.ZstdDecompressionReader, key: str) -> None:
         raise CorruptObject(key, f"zstd: {e}") from None
     if extra:
         raise CorruptObject(key, "decompressed body longer than declared")
+
+
+class Sequential:
+    """An object's bytes from an iterator of chunks, read in order; hashed on request."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._left = memoryview(b"")
+        self._sha = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end."""
+        parts = []
+        while n > 0:
+            if not self._left:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._left = memoryview(chunk).cast("B")
+            part = self._left[:n]
+            self._left = self._left[n:]
+            n -= len(part)
+            parts.append(part)
+        return b"".join(parts)
+
+    def hash(self, data: bytes) -> None:
+        self._sha.update(data)
+
+    def digest(self) -> bytes:
+        return self._sha.digest()
+
+
+class StreamedBody:
+    """An object's body as a file for the decompressor: each byte hashed and walked
+    (:class:`container.FrameWalker`) before the decompressor sees it."""
+
+    def __init__(
+        self, src: Sequential, length: int, walker: FrameWalker, key: str
+    ) -> None:
+        self._src = src
+        self._left = length
+        self._walker = walker
+        self._key = key
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._src.read(n)
+        if len(data) < n:
+            raise CorruptObject(self._key, "object ended early")
+        self._left -= n
+        self._src.hash(data)
+        self._walker.feed(data)
+        return data
+
+    def drain(self) -> None:
+        """Pass over what the decompressor left unread (a frame checksum)."""
+        while self.read(CHUNK):
+            pass
+
+    def skip(self) -> None:
+        """Hash the rest of the body without walking it (a defect was found already)."""
+        while self._left:
+            data = self._src.read(min(CHUNK, self._left))
+            if not data:
+                return
+            self._left -= len(data)
+            self._src.hash(data)

@@ -15,13 +15,17 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import BinaryIO, cast, overload
 
 import zstandard
 
 from walsync_vfs.format.checksum import Page
 from walsync_vfs.format.container import (
+    CHUNK,
     SHA_LEN,
+    FrameWalker,
+    Sequential,
+    StreamedBody,
     check_flags_page_size,
     check_frame,
     check_magic_version,
@@ -660,6 +664,113 @@ def decode_segment(
     """
     header, body = _parse_segment(data, key)
     return header, list(_segment_commits(header, body, key, upto_txid))
+
+
+class StreamedPages(Sequence[tuple[int, Page]]):
+    """The pages of a part (§4.5) as its object downloads, in batches of about a MiB, read
+    once: a giant commit is restored in bounded memory.  The object's SHA-256 and frame are
+    checked before the last batch is handed out, so a damaged part raises before it ends."""
+
+    def __init__(self, count: int, batches: Iterator[list[tuple[int, Page]]]) -> None:
+        self._count = count
+        self._batches = batches
+
+    def __len__(self) -> int:
+        return self._count
+
+    def batches(self) -> Iterator[list[tuple[int, Page]]]:
+        return self._batches
+
+    def __iter__(self) -> Iterator[tuple[int, Page]]:
+        for batch in self._batches:
+            yield from batch
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, Page]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[int, Page]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[int, Page] | Sequence[tuple[int, Page]]:
+        raise TypeError("streamed pages are read in order, once")
+
+
+def stream_part(
+    chunks: Iterable[bytes], size: int, key: str, upto_txid: int | None = None
+) -> tuple[SegmentHeader, list[Commit]]:
+    """A part of ``size`` bytes read in one pass over ``chunks`` (the object's bytes in
+    order): its header and index at once (reading rules 1-3 and 5 of §4.4), its one commit
+    with :class:`StreamedPages` (none past ``upto_txid``).  Memory is a chunk or two."""
+    src = Sequential(chunks)
+    prefix = src.read(min(SEGMENT_HEAD_SIZE, size))
+    head = _check_head(memoryview(prefix), size, key)
+    if head.part is None:
+        raise CorruptObject(key, "a whole segment where a part was listed")
+    prefix += src.read(head.index_end - len(prefix))
+    rows = _check_index(memoryview(prefix)[head.index_at : head.index_end], head, key)
+    header = _header(head.page_size, head.first, rows, head.part)
+    entry = header.index[0]
+    if upto_txid is not None and entry.txid > upto_txid:
+        return header, []
+    src.hash(prefix)
+    walker = FrameWalker(head.body_length, head.raw_length, key)
+    body = StreamedBody(src, head.body_length, walker, key)
+
+    sha_read = False
+
+    def finish() -> None:
+        nonlocal sha_read
+        body.drain()
+        walker.end()
+        sha_read = True
+        digest, stored = src.digest(), src.read(SHA_LEN + 1)
+        if len(stored) != SHA_LEN:
+            raise CorruptObject(key, f"object is not {size} bytes")
+        if digest != stored:
+            raise CorruptObject(key, "sha256 mismatch")
+
+    def batches() -> Iterator[list[tuple[int, Page]]]:
+        try:
+            yield from _part_batches(header, body, finish, key)
+        except CorruptObject:
+            # A damaged object is named as such, not by the first symptom the stream met.
+            if sha_read:
+                raise
+            body.skip()
+            if src.digest() != src.read(SHA_LEN):
+                raise CorruptObject(key, "sha256 mismatch") from None
+            raise
+
+    pages = StreamedPages(entry.page_count, batches())
+    commit = Commit(entry.txid, entry.time_ns, entry.db_size, entry.checksum, pages, entry.wal)
+    return header, [commit]
+
+
+def _part_batches(
+    header: SegmentHeader, body: StreamedBody, finish: Callable[[], None], key: str
+) -> Iterator[list[tuple[int, Page]]]:
+    """A part's (pgno, page) pairs a MiB at a time; the last batch waits for ``finish()``."""
+    entry, page_size = header.index[0], header.page_size
+    # zstandard only calls read() on a file-like source, and StreamedBody provides it.
+    reader = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, body))
+    n = entry.page_count
+    pgnos = struct.unpack(f">{n}I", read_exact(reader, 4 * n, key))
+    problem = _pgno_problem(pgnos, entry.db_size)
+    if problem:
+        raise CorruptObject(key, f"txid {entry.txid}: {problem}")
+    per = CHUNK // page_size
+    held: list[tuple[int, Page]] | None = None
+    for start in range(0, n, per):
+        count = min(per, n - start)
+        chunk = memoryview(read_exact(reader, count * page_size, key))
+        batch: list[tuple[int, Page]] = [
+            (pgnos[start + i], chunk[i * page_size : (i + 1) * page_size]) for i in range(count)
+        ]
+        if held is not None:
+            yield held
+        held = batch
+    expect_end(reader, key)
+    finish()
+    if held is not None:
+        yield held
 
 
 def _segment_commits(

@@ -202,13 +202,13 @@ def stream_snapshot(
     beforehand is the object's, and the database checksum are checked as the pages stream,
     and the iterator raises before yielding the last page if any is wrong.  Memory is a
     chunk or two, whatever the size."""
-    src = _Sequential(chunks)
+    src = container.Sequential(chunks)
     head = src.read(_SNAP_HEADER.size)
     header = snapshot_header(head, footer, size, key)
     src.hash(head)
     body_length = size - _SNAP_HEADER.size - _SNAP_FOOTER.size
     walker = container.FrameWalker(body_length, header.db_size * header.page_size, key)
-    body = _StreamedBody(src, body_length, walker, key)
+    body = container.StreamedBody(src, body_length, walker, key)
 
     hashed = False  # the whole object (but the SHA-256 field) went through the hash
 
@@ -234,7 +234,7 @@ def stream_snapshot(
 
     def pages() -> Iterator[Page]:
         try:
-            # zstandard only calls read() on a file-like source, and _StreamedBody provides it.
+            # zstandard only calls read() on a file-like source, and StreamedBody provides it.
             yield from _snapshot_pages(header, cast(BinaryIO, body), finish, key)
         except CorruptObject:
             # A damaged object is named as such, not by the first symptom the stream met.
@@ -246,73 +246,6 @@ def stream_snapshot(
             raise
 
     return header, pages()
-
-
-class _Sequential:
-    """An object's bytes from an iterator of chunks, read in order; hashed on request."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = iter(chunks)
-        self._left = memoryview(b"")
-        self._sha = hashlib.sha256()
-
-    def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes; fewer only at the end."""
-        parts = []
-        while n > 0:
-            if not self._left:
-                chunk = next(self._chunks, None)
-                if chunk is None:
-                    break
-                self._left = memoryview(chunk).cast("B")
-            part = self._left[:n]
-            self._left = self._left[n:]
-            n -= len(part)
-            parts.append(part)
-        return b"".join(parts)
-
-    def hash(self, data: bytes) -> None:
-        self._sha.update(data)
-
-    def digest(self) -> bytes:
-        return self._sha.digest()
-
-
-class _StreamedBody:
-    """A snapshot's body as a file for the decompressor: each byte hashed and walked
-    (:class:`container.FrameWalker`) before the decompressor sees it."""
-
-    def __init__(
-        self, src: _Sequential, length: int, walker: container.FrameWalker, key: str
-    ) -> None:
-        self._src = src
-        self._left = length
-        self._walker = walker
-        self._key = key
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._left if n < 0 else min(n, self._left)
-        data = self._src.read(n)
-        if len(data) < n:
-            raise CorruptObject(self._key, "object ended early")
-        self._left -= n
-        self._src.hash(data)
-        self._walker.feed(data)
-        return data
-
-    def drain(self) -> None:
-        """Pass over what the decompressor left unread (a frame checksum)."""
-        while self.read(CHUNK):
-            pass
-
-    def skip(self) -> None:
-        """Hash the rest of the body without walking it (a defect was found already)."""
-        while self._left:
-            data = self._src.read(min(CHUNK, self._left))
-            if not data:
-                return
-            self._left -= len(data)
-            self._src.hash(data)
 
 
 def _snapshot_pages(
