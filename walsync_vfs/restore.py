@@ -294,17 +294,18 @@ def _decoded(
     downloads start at once, not at the first ``next``."""
     streamed = {catalog.object_key(seg) for seg in segments if seg.parts}
 
-    def fetch(key: str) -> Decoded:
-        if key not in streamed:
-            return decode_object(client, key, upto_txid)
+    def fetch(key: str) -> Decoded | None:
+        return None if key in streamed else decode_object(client, key, upto_txid)
+
+    def open_part(key: str) -> Decoded:
+        # Opened only when its turn comes: its pieces download while it is applied.
         size = sizes[key]
         pieces = read_ranges(client, key, size=size, part_size=STREAM_PIECE)
         return key, *format.stream_part(pieces, size, key, upto_txid)
 
     def cost(key: str) -> int:
-        # What one holds: a streamed part its pieces in flight, another its bytes twice over
-        # (the object and what it decompresses to).
-        return 3 * STREAM_PIECE if key in streamed else 2 * sizes.get(key, 0)
+        # What a decoded segment holds: its bytes twice over (the object, what it decompresses to).
+        return 0 if key in streamed else 2 * sizes.get(key, 0)
 
     keys = [catalog.object_key(seg) for seg in segments]
     fetched = prefetched(pool, keys, fetch, cost=cost)
@@ -312,7 +313,7 @@ def _decoded(
     def results() -> Iterator[Decoded]:
         for key, future in fetched:
             try:
-                yield future.result()
+                yield future.result() or open_part(key)
             except storage.ObjectNotFound:
                 raise Vanished(key) from None
 
