@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import zstandard
 
@@ -165,12 +166,15 @@ def expect_end(reader: zstandard.ZstdDecompressionReader, key: str) -> None:
 
 
 class Sequential:
-    """An object's bytes from an iterator of chunks, read in order; hashed on request."""
+    """An object's bytes from an iterator of chunks, read in order; hashed on request, on a
+    thread of its own (SHA-256 releases the GIL, so it runs beside decompression)."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks = iter(chunks)
         self._left = memoryview(b"")
         self._sha = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1, "walsync-sha")
+        self._hashed: Future[None] | None = None
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end."""
@@ -188,10 +192,16 @@ class Sequential:
         return b"".join(parts)
 
     def hash(self, data: bytes) -> None:
-        self._sha.update(data)
+        self._hashed = self._hasher.submit(self._sha.update, data)
 
     def digest(self) -> bytes:
+        """The SHA-256 of what was hashed so far."""
+        if self._hashed is not None:
+            self._hashed.result()
         return self._sha.digest()
+
+    def __del__(self) -> None:
+        self._hasher.shutdown(wait=False)
 
 
 class StreamedBody:
