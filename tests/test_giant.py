@@ -13,7 +13,7 @@ import apsw
 import pytest
 
 from walsync_vfs import catalog, format, report, storage
-from walsync_vfs.restore import RestoreError, restore_from, split_url
+from walsync_vfs.restore import RestoreError, Vanished, plan, replay, restore_from, split_url
 
 WRITER = Path(__file__).with_name("giant_writer.py")
 RECOVERY = Path(__file__).with_name("giant_recovery.py")
@@ -142,6 +142,28 @@ def test_a_commit_missing_a_part_is_never_restored(file_url, tmp_path):
     restore_from(client, name, str(tmp_path / "before.db"), txid=parts[0].first_txid - 1)
     assert digest_of(tmp_path / "before.db")[1] == 1
     assert any("never restored" in line for line in report.ignored(client, name))
+
+
+def test_a_part_removed_while_it_downloads_makes_the_restore_plan_again(file_url, tmp_path):
+    """A part that vanishes while it streams (retention of a live replica) is named as
+    vanished, so restore plans again from a fresh listing rather than failing."""
+    url = f"{file_url}/app.db"
+    run_writer(tmp_path / "app.db", 24, file_url, str(8 * MIB), str(8 * MIB))
+    parts = giant_parts(url)
+    gone = catalog.object_key(parts[1])
+    root, name = split_url(url)
+    client = storage.open_replica(root)
+    read_range = client.get_range
+
+    def get_range(key: str, start: int, length: int) -> bytes:
+        data = read_range(key, start, length)
+        if key == gone and start == 0:  # its first piece is out: the rest are not
+            client.delete([key])
+        return data
+
+    client.get_range = get_range  # type: ignore[method-assign]
+    with pytest.raises(Vanished, match=f"{gone}: object listed but missing"):
+        replay(client, plan(client, name), str(tmp_path / "out.db"))
 
 
 def test_a_giant_commit_past_the_spool_cap_goes_into_a_snapshot(file_url, tmp_path):

@@ -297,11 +297,15 @@ def _decoded(
     def fetch(key: str) -> Decoded | None:
         return None if key in streamed else decode_object(client, key, upto_txid)
 
+    def pieces(key: str) -> Iterator[bytes]:
+        try:
+            yield from read_ranges(client, key, size=sizes[key], part_size=STREAM_PIECE)
+        except storage.ObjectNotFound:
+            raise Vanished(key) from None
+
     def open_part(key: str) -> Decoded:
         # Opened only when its turn comes: its pieces download while it is applied.
-        size = sizes[key]
-        pieces = read_ranges(client, key, size=size, part_size=STREAM_PIECE)
-        return key, *format.stream_part(pieces, size, key, upto_txid)
+        return key, *format.stream_part(pieces(key), sizes[key], key, upto_txid)
 
     def cost(key: str) -> int:
         # What a decoded segment holds: its bytes twice over (the object, what it decompresses to).
