@@ -358,3 +358,16 @@ def test_restore_memory_does_not_grow_with_the_database():
     large, checksum = restore_peak(64 << 10)
     assert large - small < 128 << 10, f"{small >> 10} KiB, then {large >> 10} KiB"
     assert not hasattr(checksum, "__dict__")
+
+
+@pytest.mark.parametrize("count", [0, 1, format.checksum.RUN_IN_SHIM - 1, 40])
+@pytest.mark.parametrize("page_size", [512, 4096, 65536])
+def test_a_run_hashes_as_its_pages_do(count, page_size):
+    """Short runs are hashed here, long ones by the shim: the same sum either way."""
+    run = random.Random(count).randbytes(count * page_size)
+    pages = [run[i * page_size : (i + 1) * page_size] for i in range(count)]
+    expected = 0
+    for i, page in enumerate(pages):
+        expected ^= format.page_hash(1000 + i, page)
+    assert format.run_hash(1000, run, page_size) == expected
+    assert format.run_hash(1000, memoryview(run), page_size) == expected

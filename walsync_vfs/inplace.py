@@ -118,6 +118,7 @@ class LiveDatabase:
         # differs in the header fields a batch sets (counter, size, rollback mode).
         self._page1 = stored if page1 is None else page1
         self._batch: _Batch | None = None
+        self._checked = False  # the change counter, since the last batch ended
 
     def close(self) -> None:
         self.abandon()
@@ -131,14 +132,15 @@ class LiveDatabase:
     def read(self, first: int, count: int) -> bytes:
         """``count`` pages from ``first`` as the last batch left them (zeros past the end):
         an open batch holds its new pages apart until it commits."""
-        if self._batch is None:  # the batch checks this itself, under its lock
+        if self._batch is None and not self._checked:  # a batch checks under its lock
             self.check_writer(os.pread(self.fd, CHANGE_COUNTER.stop, 0))
+            self._checked = True
         pages = read_pages(self.fd, self.page_size, first, count)
         return self._page1 + pages[self.page_size :] if first == 1 and count else pages
 
     def commit(self, db_size: int) -> None:
         """Make the open batch visible to readers as one transaction of ``db_size`` pages."""
-        batch, self._batch = self._batch, None
+        batch, self._batch, self._checked = self._batch, None, False
         if batch is not None:
             self._counter = batch.commit(db_size, (self._counter + 1) & 0xFFFFFFFF)
             if batch.new_page1 is not None:
@@ -146,7 +148,7 @@ class LiveDatabase:
 
     def abandon(self) -> None:
         """Drop the open batch: readers keep seeing the database as it was."""
-        batch, self._batch = self._batch, None
+        batch, self._batch, self._checked = self._batch, None, False
         if batch is not None:
             batch.abandon()
 

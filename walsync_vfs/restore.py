@@ -330,7 +330,8 @@ class PageSink(Protocol):
 
 
 class FileSink:
-    """A file nobody reads until it is complete: pages go straight in."""
+    """A file nobody reads until it is complete: pages go straight in, past ``f``'s buffer
+    (``apply_pages`` flushes it first), so they read back straight too."""
 
     def __init__(self, f: BinaryIO, page_size: int) -> None:
         self.file = f
@@ -340,7 +341,6 @@ class FileSink:
         apply_pages(self.file, self.page_size, db_size, pages)
 
     def read(self, first: int, count: int) -> bytes:
-        self.file.flush()
         return read_pages(self.file.fileno(), self.page_size, first, count)
 
     def commit(self, db_size: int) -> None:

@@ -16,6 +16,9 @@ Page = bytes | memoryview
 
 
 _xxh3 = xxhash.xxh3_64_intdigest
+# Pages from which a run is hashed by the shim: for fewer, the call and the GIL handed to
+# another thread and back cost more than the hashing it takes off this one.
+RUN_IN_SHIM = 16
 PENDING_BYTE = 1 << 30  # SQLite's lock byte: the page holding it is never written
 
 
@@ -39,9 +42,15 @@ def page_hash(pgno: int, data: Page) -> int:
 
 def run_hash(first_pgno: int, run: Page, page_size: int) -> int:
     """The XOR of :func:`page_hash` over the consecutive pages ``run`` holds, the first
-    numbered ``first_pgno``: one call into the shim, made without the GIL."""
+    numbered ``first_pgno``: a long run in one call into the shim, made without the GIL."""
+    count = len(run) // page_size
+    if count < RUN_IN_SHIM:
+        view = memoryview(run)
+        return _hash_pages(
+            (first_pgno + i, view[i * page_size : (i + 1) * page_size]) for i in range(count)
+        )
     with _ffi.from_buffer("unsigned char[]", run) as pages:
-        return int(_lib.ws_run_hash(pages, page_size, len(run) // page_size, first_pgno))
+        return int(_lib.ws_run_hash(pages, page_size, count, first_pgno))
 
 
 class DbChecksum:
