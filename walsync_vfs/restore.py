@@ -7,9 +7,11 @@ snapshot streams (parallel ranged GETs, zstd, pages written as they come), so me
 grow with the database; planning reads snapshot and segment headers only.
 
 The checksum is kept as its value and the database's size (``format.ReadBackChecksum``), not
-a hash per page: the share of a page a commit rewrites or cuts off is hashed again from the
-old page, read back from where it is (:meth:`Image.old_hashes`): the same segment's pending
-pages, else the output file.
+a hash per page, so memory does not grow with the database there either: the share of a page
+a commit rewrites or cuts off is hashed again from the old page, read back from where it is
+(:meth:`Image.old_hashes`): the page an earlier commit of the same segment gave, not written
+yet, else the output (``PageSink.read``), a MiB at a time.  The parts of a commit never
+repeat a page, so theirs are all in the output as it was before the commit.
 
 Prefetch threads download and decode a few segments ahead (GET, SHA-256 and zstd all release
 the GIL); the calling thread applies them strictly in txid order, each segment checked in full
