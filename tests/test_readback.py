@@ -247,6 +247,24 @@ def test_a_failed_commit_in_parts_is_abandoned_and_applied_again(tmp_path):
         close(image)
 
 
+def test_a_foreign_write_to_the_followers_output_is_named_before_any_read_back(tmp_path):
+    """Old pages are read outside a transaction: a file another process wrote since the last
+    one is reported as such (the follower then rebuilds it), not as a checksum mismatch."""
+    model = Model(20)
+    path = tmp_path / "out.db"
+    image = start("live", path, model)
+    try:
+        apply(image, [model.commit(20, [1, 5])])
+        corrupt(path, 5)  # as another writer would: a page changed, and the counter
+        with open(path, "r+b") as f:
+            f.seek(inplace.CHANGE_COUNTER.start)
+            f.write(b"\xff\xff\xff\xff")
+        with pytest.raises(inplace.ForeignWriter, match="written by another process"):
+            apply(image, [model.commit(20, [5])])
+    finally:
+        close(image)
+
+
 @st.composite
 def histories(draw: st.DrawFn) -> list[list[tuple[int, list[int], bool]]]:
     """Segments of (db_size, pages written, in parts) commits; a commit in parts is alone
