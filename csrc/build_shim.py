@@ -83,6 +83,7 @@ int ws_extend(ws_rec *r, uint64_t *hashes, uint32_t capacity, uint32_t db_size, 
               uint64_t next_txid, int64_t time_ns, uint64_t sync_seq, uint32_t page_size,
               uint64_t max_bytes, ws_run *out);
 uint64_t ws_page_hash(const unsigned char *page, uint32_t n, uint64_t pgno);
+uint64_t ws_run_hash(const unsigned char *pages, uint32_t page_size, uint64_t n, uint64_t pgno);
 void free(void *p);
 """
 

@@ -1,4 +1,5 @@
-"""Writing pages into a plain database file: the one primitive replay and restore share."""
+"""Writing pages into a plain database file, and reading them back: the primitives replay and
+restore share."""
 
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ def _write_run(fd: int, run: list[Page], offset: int) -> None:
         rest = memoryview(b"".join(run))
         while done < total:
             done += os.pwrite(fd, rest[done:], offset + done)
+
+
+def read_pages(fd: int, page_size: int, first: int, count: int) -> bytes:
+    """Pages ``first`` .. ``first + count - 1`` of the file ``fd``, zeros past its end (as
+    SQLite reads a short file)."""
+    data = os.pread(fd, count * page_size, (first - 1) * page_size)
+    return data.ljust(count * page_size, b"\0")
 
 
 def tee(pages: Iterable[Page], sink: Callable[[Page], object]) -> Iterator[Page]:

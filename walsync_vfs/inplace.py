@@ -43,7 +43,7 @@ from typing import BinaryIO
 
 import apsw
 
-from walsync_vfs.dbfile import write_pages
+from walsync_vfs.dbfile import read_pages, write_pages
 from walsync_vfs.format import Page
 from walsync_vfs.format.checksum import PENDING_BYTE, lock_page
 
@@ -101,18 +101,24 @@ class LiveDatabase:
     """A rollback-mode database others read, written one batch at a time (module docstring).
 
     ``write`` adds pages to the open batch (beginning one if needed), ``commit`` makes the
-    batch visible at once, ``abandon`` drops it.  The file's change counter is expected to
-    be the one this writer last set: anything else means another process wrote the file.
+    batch visible at once, ``abandon`` drops it, ``read`` reads pages as the last batch left
+    them.  The file's change counter is expected to be the one this writer last set: anything
+    else means another process wrote the file.
     """
 
-    def __init__(self, path: str, page_size: int) -> None:
+    def __init__(self, path: str, page_size: int, page1: bytes | None = None) -> None:
         self.path = path
         self.journal = path + "-journal"
         self.page_size = page_size
         self.fd = os.open(path, os.O_RDWR)
         self._lock_page = lock_page(page_size)  # SQLite never stores a page there
-        self._counter = self._change_counter(os.pread(self.fd, page_size, 0))
+        stored = os.pread(self.fd, page_size, 0)
+        self._counter = self._change_counter(stored)
+        # Page 1 as it was given (default: as stored), which `read` returns: the file's
+        # differs in the header fields a batch sets (counter, size, rollback mode).
+        self._page1 = stored if page1 is None else page1
         self._batch: _Batch | None = None
+        self._checked = False  # the change counter, since the last batch ended
 
     def close(self) -> None:
         self.abandon()
@@ -123,21 +129,40 @@ class LiveDatabase:
             self._batch = _Batch(self)
         self._batch.add(pages)
 
+    def read(self, first: int, count: int) -> bytes:
+        """``count`` pages from ``first`` as the last batch left them (zeros past the end):
+        an open batch holds its new pages apart until it commits."""
+        if self._batch is None and not self._checked:  # a batch checks under its lock
+            self.check_writer(os.pread(self.fd, CHANGE_COUNTER.stop, 0))
+            self._checked = True
+        pages = read_pages(self.fd, self.page_size, first, count)
+        return self._page1 + pages[self.page_size :] if first == 1 and count else pages
+
     def commit(self, db_size: int) -> None:
         """Make the open batch visible to readers as one transaction of ``db_size`` pages."""
-        batch, self._batch = self._batch, None
+        batch, self._batch, self._checked = self._batch, None, False
         if batch is not None:
             self._counter = batch.commit(db_size, (self._counter + 1) & 0xFFFFFFFF)
+            if batch.new_page1 is not None:
+                self._page1 = bytes(batch.new_page1)
 
     def abandon(self) -> None:
         """Drop the open batch: readers keep seeing the database as it was."""
-        batch, self._batch = self._batch, None
+        batch, self._batch, self._checked = self._batch, None, False
         if batch is not None:
             batch.abandon()
 
     @staticmethod
     def _change_counter(page1: bytes) -> int:
         return int.from_bytes(page1[CHANGE_COUNTER], "big")
+
+    def check_writer(self, page1: bytes) -> None:
+        """Raise ForeignWriter unless page 1 has the change counter this writer last set."""
+        if self._change_counter(page1) != self._counter:
+            raise ForeignWriter(
+                f"{self.path} was written by another process: the follower must be its "
+                "only writer (it rebuilds the file)"
+            )
 
     # Locks, as SQLite's unix VFS takes them (os_unix.c, unixLock).
 
@@ -207,11 +232,7 @@ class _Batch:
         db, ps = self.db, self.db.page_size
         self.orig_size = os.fstat(db.fd).st_size // ps
         self.page1 = os.pread(db.fd, ps, 0)
-        if db._change_counter(self.page1) != db._counter:
-            raise ForeignWriter(
-                f"{db.path} was written by another process: the follower must be its "
-                "only writer (it rebuilds the file)"
-            )
+        db.check_writer(self.page1)
         self.journaled = bytearray(self.orig_size // 8 + 1)
         mode = os.fstat(db.fd).st_mode & 0o777
         self.jfd = os.open(db.journal, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)

@@ -7,6 +7,13 @@ snapshot and the parts of a commit bigger than a segment stream (parallel ranged
 pages written as they come), so memory grows neither with the database nor with its
 transactions; planning reads snapshot and segment headers only.
 
+The checksum is kept as its value and the database's size (``format.ReadBackChecksum``), not
+a hash per page, so memory does not grow with the database there either: the share of a page
+a commit rewrites or cuts off is hashed again from the old page, read back from where it is
+(:meth:`Image.old_hashes`): the page an earlier commit of the same segment gave, not written
+yet, else the output (``PageSink.read``), a MiB at a time.  The parts of a commit never
+repeat a page, so theirs are all in the output as it was before the commit.
+
 Prefetch threads download and decode a few segments ahead, up to PREFETCH_BYTES (GET,
 SHA-256 and zstd all release the GIL); the calling thread applies them strictly in txid
 order, each whole segment checked in full before its pages are written in one batch.  A
@@ -31,7 +38,7 @@ from urllib.parse import quote
 import apsw
 
 from walsync_vfs import catalog, format, inplace, objects, storage
-from walsync_vfs.dbfile import apply_pages, tee
+from walsync_vfs.dbfile import apply_pages, read_pages
 from walsync_vfs.format import check_name
 from walsync_vfs.storage.transfer import read_ranges
 
@@ -40,6 +47,7 @@ PREFETCH_BYTES = 8 << 20  # ... as long as they come to no more than this (but a
 STREAM_PIECE = 2 << 20  # the ranged GETs of a part of a commit, applied as it downloads
 WRITE_BUFFER = 1 << 20  # snapshot pages arrive in order: write them a MiB at a time
 INTEGRITY_MMAP = 16 << 20  # bytes of a restored file its integrity check maps (see below)
+READ_BACK = 1 << 20  # bytes of old pages read back at once for the checksum
 
 
 RESTORE_ATTEMPTS = 3  # plans tried when listed objects vanish (a live replica being compacted)
@@ -359,9 +367,13 @@ class _Assembly:
 class PageSink(Protocol):
     """Where an image's verified pages go.  ``write`` may be called several times for one
     commit applied in parts; ``commit`` follows once the pages written since the last one
-    are a whole commit's (or segment's), ``abandon`` if they are not to be kept."""
+    are a whole commit's (or segment's), ``abandon`` if they are not to be kept.  ``read``
+    gives ``count`` pages from ``first`` as the last commit left them, for any page the commit
+    in progress has not written (zeros past the end)."""
 
     def write(self, pages: Sequence[tuple[int, format.Page]], db_size: int) -> None: ...
+
+    def read(self, first: int, count: int) -> bytes: ...
 
     def commit(self, db_size: int) -> None: ...
 
@@ -369,7 +381,8 @@ class PageSink(Protocol):
 
 
 class FileSink:
-    """A file nobody reads until it is complete: pages go straight in."""
+    """A file nobody reads until it is complete: pages go straight in, past ``f``'s buffer
+    (``apply_pages`` flushes it first), so they read back straight too."""
 
     def __init__(self, f: BinaryIO, page_size: int) -> None:
         self.file = f
@@ -377,6 +390,9 @@ class FileSink:
 
     def write(self, pages: Sequence[tuple[int, format.Page]], db_size: int) -> None:
         apply_pages(self.file, self.page_size, db_size, pages)
+
+    def read(self, first: int, count: int) -> bytes:
+        return read_pages(self.file.fileno(), self.page_size, first, count)
 
     def commit(self, db_size: int) -> None:
         pass
@@ -389,7 +405,7 @@ class Image:
     """A database being rebuilt, with its whole-database checksum and last commit."""
 
     def __init__(
-        self, sink: PageSink, generation: str, checksum: format.DbChecksum, result: Result
+        self, sink: PageSink, generation: str, checksum: format.ReadBackChecksum, result: Result
     ) -> None:
         self.sink = sink
         self.generation = generation
@@ -407,10 +423,12 @@ class Image:
         snapshot: tuple[format.SnapshotHeader, Iterator[format.Page]],
     ) -> Image:
         """Write a snapshot's pages, as they stream in, into the empty file ``f``; the reader
-        (``objects.open_snapshot``) checks SHA-256 and checksum before the last page."""
+        (``objects.open_snapshot``) checks SHA-256 and checksum before the last page, so the
+        checksum its header states is the image's."""
         header, pages = snapshot
-        checksum = format.DbChecksum.from_pages(tee(pages, f.write))
+        f.writelines(pages)
         f.flush()
+        checksum = format.ReadBackChecksum(header.checksum, header.db_size)
         result = Result(header.txid, header.time_ns, header.db_size, header.page_size)
         return cls(FileSink(f, header.page_size), generation, checksum, result)
 
@@ -435,6 +453,7 @@ class Image:
         if self.assembly is not None:
             raise RestoreError(f"{key}: txid {self.assembly.commit.txid} lacks parts")
         pages: dict[int, format.Page] = {}  # a page rewritten by several commits is written once
+        old = self.old_hashes(pages)
         result, reached = self.result, False
         for commit in commits:
             if commit.txid <= result.txid:
@@ -445,7 +464,7 @@ class Image:
                 reached = True
                 break
             try:
-                self.checksum.apply(commit.db_size, commit.pages)
+                self.checksum.apply(commit.db_size, commit.pages, page_size, old)
             except ValueError as exc:
                 raise RestoreError(f"{key}: txid {commit.txid}: {exc}") from None
             if self.checksum.value != commit.checksum:
@@ -475,7 +494,7 @@ class Image:
                 raise RestoreError(f"{key}: expected txid {result.txid + 1}, got {commit.txid}")
             if timestamp_ns is not None and commit.time_ns > timestamp_ns:
                 return False
-            old_size = self.checksum.resize(commit.db_size, result.page_size)
+            old_size = self.checksum.resize(commit.db_size, result.page_size, self.stored_hashes)
             a = self.assembly = _Assembly(commit, part.count, part.commit_pages, old_size)
         if (
             a is None
@@ -491,8 +510,8 @@ class Image:
                 raise RestoreError(
                     f"{key}: page {pgnos[0]} after page {a.last_pgno} of the commit"
                 )
-            try:
-                self.checksum.update(batch)
+            try:  # the pages before this commit are in the sink: parts never repeat a page
+                self.checksum.update(batch, a.old_size, result.page_size, self.stored_hashes)
             except ValueError as exc:
                 raise RestoreError(f"{key}: txid {commit.txid}: {exc}") from None
             self.sink.write(batch, commit.db_size)
@@ -512,12 +531,40 @@ class Image:
         self.result = Result(commit.txid, commit.time_ns, commit.db_size, result.page_size)
         return True
 
-    def abandon(self, checksum: format.DbChecksum) -> None:
+    def abandon(self, checksum: format.ReadBackChecksum) -> None:
         """Back to the last commit written in full, whose checksum was ``checksum``: what was
         written since is dropped (a failed check, a failed write)."""
         self.sink.abandon()
         self.checksum = checksum
         self.assembly = None
+
+    def stored_hashes(self, first: int, count: int) -> int:
+        """The XOR of the page hashes of ``count`` pages from ``first`` as the sink holds
+        them, read a bounded run at a time (a shrink may cut off most of the database)."""
+        page_size = self.result.page_size
+        step = max(1, READ_BACK // page_size)
+        value = 0
+        for start in range(first, first + count, step):
+            n = min(step, first + count - start)
+            value ^= format.run_hash(start, self.sink.read(start, n), page_size)
+        return value
+
+    def old_hashes(self, pending: dict[int, format.Page]) -> format.OldHashes:
+        """Old pages for the checksum of a segment's next commit: the page an earlier commit
+        of the segment wrote (``pending``, not in the sink yet), else the sink's."""
+
+        def old(first: int, count: int) -> int:
+            if not pending:
+                return self.stored_hashes(first, count)
+            value, start = 0, first
+            for pgno in range(first, first + count):
+                data = pending.get(pgno)
+                if data is not None:
+                    value ^= format.page_hash(pgno, data) ^ self.stored_hashes(start, pgno - start)
+                    start = pgno + 1
+            return value ^ self.stored_hashes(start, first + count - start)
+
+        return old
 
 
 def _replay(
@@ -761,9 +808,10 @@ class Follower:
         with _staged(self.out) as tmp:
             with open(tmp, "w+b", buffering=WRITE_BUFFER) as f:
                 image = _replay(self.client, p, f)
+                page1 = image.sink.read(1, 1)  # as the replica has it, for the checksum
                 inplace.set_rollback_mode(f)
             _install(tmp, self.out)
-        self._live = inplace.LiveDatabase(self.out, image.result.page_size)
+        self._live = inplace.LiveDatabase(self.out, image.result.page_size, page1)
         image.sink = self._live
         self._image = image
 

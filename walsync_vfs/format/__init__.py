@@ -4,7 +4,16 @@ docs/FORMAT.md is the specification; section numbers in these modules refer to i
 of walsync_vfs uses the names below as ``format.X``; each lives in the module of its concept.
 """
 
-from walsync_vfs.format.checksum import DbChecksum, Page, lock_page, new_pages, page_hash
+from walsync_vfs.format.checksum import (
+    DbChecksum,
+    OldHashes,
+    Page,
+    ReadBackChecksum,
+    lock_page,
+    new_pages,
+    page_hash,
+    run_hash,
+)
 from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.keys import (
     ParsedKey,
@@ -68,12 +77,14 @@ __all__ = [
     "CorruptObject",
     "DbChecksum",
     "IndexEntry",
+    "OldHashes",
     "Page",
     "ParsedKey",
     "PackedPages",
     "PackedRun",
     "Part",
     "RawSegment",
+    "ReadBackChecksum",
     "SegmentHeader",
     "StreamedPages",
     "SnapshotHeader",
@@ -96,6 +107,7 @@ __all__ = [
     "read_segment_raw",
     "stream_part",
     "read_snapshot",
+    "run_hash",
     "segment_key",
     "snapshot_header",
     "snapshot_key",

@@ -17,7 +17,7 @@ from typing import BinaryIO, cast
 import zstandard
 
 from walsync_vfs.format import container
-from walsync_vfs.format.checksum import Page, page_hash
+from walsync_vfs.format.checksum import Page, page_hash, run_hash
 from walsync_vfs.format.container import CHUNK, SHA_LEN
 from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.fields import I64_MAX, I64_MIN, U32_MAX, U64_MAX, valid_page_size
@@ -264,9 +264,9 @@ def _snapshot_pages(
     for start in range(0, header.db_size, CHUNK // size):  # 1 MiB of pages per read
         count = min(CHUNK // size, header.db_size - start)
         chunk = memoryview(container.read_exact(reader, count * size, key))
+        checksum ^= run_hash(start + 1, chunk, size)
         for i in range(count):
             page = chunk[i * size : (i + 1) * size]
-            checksum ^= page_hash(start + i + 1, page)
             if held is not None:
                 yield held
             held = page
