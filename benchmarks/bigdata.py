@@ -12,7 +12,7 @@ against Litestream in the same run, with the memory each takes.
    run) appends copies of the first rows (``tests/big_worker.py grow``), so every copy
    stays byte-for-byte the same: through the VFS in a child that then flushes, and with
    plain apsw while ``litestream replicate`` runs until its replica holds it.
-4. **Restore** of the whole database from S3 as child processes, both checked:
+4. **Restore** of the whole database from S3 by each tool's command line, both checked:
    ``integrity_check`` and a SHA-256 over all rows equal to the source's.  MB/s = final
    database size / wall time.
 5. **Follow** (walsync only): ``restore --follow --interval 0.5`` of the replica while the
@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
 
             out = work / "restored-walsync.db"
             restore_s, restore_peak = measured(
-                [sys.executable, WORKER, "restore", f"{root}/walsync.db", str(out)], env
-            )
+                [sys.executable, "-m", "walsync_vfs", "restore", f"{root}/walsync.db", "-o",
+                 str(out)], env,
+            )  # fmt: skip
             if digest(out) != expected:
                 raise SystemExit("walsync restore differs from the source")
             out.unlink()

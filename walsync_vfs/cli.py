@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, NoReturn
 
-from walsync_vfs import inplace, report, storage
+from walsync_vfs import heap, inplace, report, storage
 from walsync_vfs.format import CorruptObject
 from walsync_vfs.restore import Follower, RestoreError, iso_time, restore, split_url
 
@@ -261,6 +261,7 @@ def run(argv: list[str] | None) -> int:
         )
     if args.command == "restore" and args.interval is not None and not args.follow:
         restore_parser.error("--interval only applies with --follow")
+    heap.map_big_blocks()  # a command's process reads objects: buffers come and go by the MiB
     try:
         if args.command == "list":
             return run_list(args.url, args.json)

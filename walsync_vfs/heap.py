@@ -11,9 +11,25 @@ after uploads.  The call is in the compiled shim (``ws_release_heap``); elsewher
 
 from __future__ import annotations
 
+import ctypes
+
 from walsync_vfs import _shim
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MAPPED_BLOCK = 1 << 20
 
 
 def release() -> None:
     """Return free heap memory to the OS, where the C library can."""
     _shim.lib.ws_release_heap()
+
+
+def map_big_blocks() -> None:
+    """Give every allocation of MAPPED_BLOCK or more a mapping of its own, unmapped when it
+    is freed, where the C library can (glibc).  For a command that streams big objects
+    (restore, follow): by default glibc keeps freed download buffers in its heap once one
+    has been freed, so the process holds them until it exits.  Process-wide, so not for a
+    library call inside someone else's application."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, MAPPED_BLOCK)
