@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import hashlib
 import json
 import os
@@ -126,21 +127,29 @@ def measured(
     cmd: list[str], env: dict[str, str], until: Callable[[], bool] | None = None
 ) -> tuple[float, int]:
     """Run ``cmd`` (until it exits, or until ``until()`` is true, then stop it): wall
-    seconds and peak RSS."""
+    seconds and peak RSS.  Its CPU seconds are printed, to tell waiting from working.
+
+    What earlier steps left dirty in the page cache is written out first, so that no tool
+    pays for another's writes."""
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = 0
+    peak, cpu = 0, 0.0
     while proc.poll() is None:
         peak = max(peak, vm_hwm(proc.pid) or 0)
+        with contextlib.suppress(OSError):
+            cpu = cpu_seconds(proc.pid)
         if until is not None and until():
             seconds = time.perf_counter() - t0
             seaweedfs.stop_process(proc, 30.0)
+            print(f"  {Path(cmd[0]).name} {cmd[1:3]}: {seconds:.1f} s, CPU {cpu:.1f} s")
             return seconds, peak
         time.sleep(SAMPLE)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         assert proc.stderr is not None
         raise SystemExit(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
+    print(f"  {Path(cmd[0]).name} {cmd[1:3]}: {seconds:.1f} s, CPU {cpu:.1f} s", flush=True)
     return seconds, peak
 
 
