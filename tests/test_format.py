@@ -264,14 +264,6 @@ def test_checksum_from_pages():
     assert ck.db_size == 5
     assert ck.value == reduce(xor, (page_hash(i, p) for i, p in enumerate(pages, 1)))
     assert DbChecksum.from_pages([]).value == 0
-    # The expected count only lays the hashes out: more or fewer pages come out the same.
-    for count in (0, 3, 5, 8):
-        other = DbChecksum.from_pages(pages, count)
-        assert (other.db_size, other.value) == (5, ck.value)
-        other.apply(5, ((2, page(512, 9)),))
-        ck2 = DbChecksum.from_pages(pages)
-        ck2.apply(5, ((2, page(512, 9)),))
-        assert other.value == ck2.value
 
 
 def test_checksum_apply_rejects_and_stays_unchanged():

@@ -143,7 +143,7 @@ def pin(
         taken_ns = sp.taken_ns
         page_size, db_size, pages = sp.pages()
         pinned(sp.seq)
-        checksum = format.DbChecksum.from_pages(tee(pages, raw.write), db_size)
+        checksum = format.DbChecksum.from_pages(tee(pages, raw.write))
         if fetch is not None:
             with contextlib.suppress(TimeoutError):  # a slow store: the engine reads it later
                 stored = fetch.result(HEAD_WAIT)

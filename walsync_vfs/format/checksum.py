@@ -67,22 +67,13 @@ class DbChecksum:
         self._value = 0
 
     @classmethod
-    def from_pages(cls, pages: Iterable[Page], count: int = 0) -> DbChecksum:
-        """Checksum of a full image: pages 1, 2, ... in order.  ``count``, the number of pages
-        expected, lays the hashes out at once: grown page by page, the array is copied as it
-        grows, twice its size for a moment."""
+    def from_pages(cls, pages: Iterable[Page]) -> DbChecksum:
+        """Checksum of a full image: pages 1, 2, ... in order."""
         ck = cls()
-        hashes = ck._hashes = array("Q", [0]) * count
-        value, seen = 0, 0
-        for seen, data in enumerate(pages, 1):
-            h = page_hash(seen, data)
-            if seen <= count:
-                hashes[seen - 1] = h
-            else:
-                hashes.append(h)
-            value ^= h
-        del hashes[seen:]
-        ck._value = value
+        for pgno, data in enumerate(pages, 1):
+            h = page_hash(pgno, data)
+            ck._hashes.append(h)
+            ck._value ^= h
         return ck
 
     @property
