@@ -65,23 +65,45 @@ int ws_conn_query(void *db, const char *sql, char *out, int nout);
 int ws_conn_fcntl(void *db, int op, void *arg);
 int ws_conn_in_txn(void *db);
 void ws_conn_close(void *db);
-typedef struct ws_run {
-  ws_rec *next;
-  uint64_t last_seq;
-  uint32_t ncommit;
-  unsigned char *block;
-  uint64_t block_len;
-  uint64_t entries_at;
-  uint64_t *seqs;
-  uint64_t *offsets;
+typedef struct ws_lineage {
+  uint64_t *hashes;
+  uint32_t capacity;
   uint32_t db_size;
   uint64_t value;
   uint64_t next_txid;
   int64_t time_ns;
-} ws_run;
-int ws_extend(ws_rec *r, uint64_t *hashes, uint32_t capacity, uint32_t db_size, uint64_t value,
-              uint64_t next_txid, int64_t time_ns, uint64_t sync_seq, uint32_t page_size,
-              uint64_t max_bytes, ws_run *out);
+  uint64_t sync_seq;
+  uint32_t page_size;
+  uint64_t max_bytes;
+} ws_lineage;
+typedef struct ws_run ws_run;
+struct ws_run {
+  ws_run *next;
+  int32_t sealed;
+  uint32_t page_size;
+  uint32_t ncommit;
+  uint64_t pages;
+  uint64_t first_txid, last_txid;
+  int64_t first_time_ns;
+  uint64_t last_seq;
+  uint32_t salt1, salt2, wal_end;
+  unsigned char *entries;
+  unsigned char *records;
+  uint64_t records_len;
+  ...;
+};
+typedef struct ws_extension {
+  ws_rec *first;
+  ws_run *open;
+  ws_lineage lineage;
+  ws_rec *next;
+  uint64_t last_seq;
+  uint32_t made;
+  uint64_t pages;
+  ws_run *began;
+} ws_extension;
+void ws_run_free(ws_run *run);
+void ws_extend_all(ws_extension *x, uint32_t n);
 uint64_t ws_page_hash(const unsigned char *page, uint32_t n, uint64_t pgno);
 void free(void *p);
 """

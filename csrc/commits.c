@@ -1,14 +1,19 @@
 /*
-** commits.c -- turns a database's drained COMMIT records into the commits its
-** lineage queues for upload, many at a time, with the GIL released.
+** commits.c -- turns drained COMMIT records into the commits each database's
+** lineage queues for upload, with the GIL released once per drain.
 **
 ** For each record it takes, ws_extend() does what the Python lineage would do
 ** per commit and per page: gives the commit the lineage's next txid and a
 ** time that never goes back, updates the whole-database checksum (FORMAT.md
 ** §3: XOR of XXH3-64 page hashes seeded with the page number, kept per page
 ** in the caller's array), packs the segment index entry (§4.2) and the
-** commit's record bytes (§4.3: page numbers, then pages).  Python then touches
-** a run of commits, not their pages.
+** commit's record bytes (§4.3: page numbers, then pages) at the end of a run.
+** A run is what one segment will hold: the caller keeps a database's newest
+** run open, so the commits of many drains go into it, until the uploader
+** takes it (or it reaches a segment's size: then another begins).  Python
+** then touches a run per segment, not a commit or a page, and per drain only
+** a few numbers per database.  ws_extend_all() does it for the chains of
+** every database in one call.
 **
 ** It stops at the first record it cannot take as it is (another kind, a page
 ** size other than the lineage's, pages in a spool file, a commit bigger than a
@@ -28,24 +33,40 @@ typedef struct ws_lineage {
   int64_t time_ns;    /* of the last commit */
   uint64_t sync_seq;  /* records up to this seq are in the state the lineage started from */
   uint32_t page_size;
-  uint64_t max_bytes; /* a commit with more page bytes goes in parts: not taken */
+  uint64_t max_bytes; /* a segment's page bytes: a run holds no more (unless one commit) */
 } ws_lineage;
 
-/* What one ws_extend() took, and the lineage's end after it. */
-typedef struct ws_run {
-  ws_rec *next;          /* the first record not taken (NULL: none left) */
-  uint64_t last_seq;     /* of the last record taken (0: none) */
-  uint32_t ncommit;      /* commits made (records inside the sync state are taken, not made) */
-  unsigned char *block;  /* malloc'd, the caller frees it: seqs, offsets, entries, bodies */
-  uint64_t block_len;
-  uint64_t entries_at;   /* where in block the ncommit index entries of WS_ENTRY_SIZE start */
-  uint64_t *seqs;        /* each commit's record seq */
-  uint64_t *offsets;     /* ncommit + 1 offsets into the bodies: commit i is [offsets[i], offsets[i+1]) */
-  uint32_t db_size;      /* the lineage's end after the run */
-  uint64_t value;
-  uint64_t next_txid;
-  int64_t time_ns;
-} ws_run;
+/* Consecutive commits of one lineage, packed for one segment.  ws_extend() adds
+   to it while the caller keeps it open; sealed, its buffers belong to whoever
+   took them (NULL here) and only the numbers stay. */
+typedef struct ws_run ws_run;
+struct ws_run {
+  ws_run *next;            /* the next run the same ws_extend() began */
+  int32_t sealed;          /* set by the caller: nothing is added any more */
+  uint32_t page_size;
+  uint32_t ncommit;
+  uint64_t pages;          /* of all its commits */
+  uint64_t first_txid, last_txid;
+  int64_t first_time_ns;
+  uint64_t last_seq;       /* record seq of its last commit */
+  uint32_t salt1, salt2, wal_end; /* where its last commit ended in the source's WAL */
+  unsigned char *entries;  /* ncommit index entries of WS_ENTRY_SIZE, malloc'd */
+  unsigned char *records;  /* their records, back to back, malloc'd */
+  uint64_t records_len;
+  uint64_t entries_cap, records_cap;
+};
+
+/* One database's part of a ws_extend_all() call. */
+typedef struct ws_extension {
+  ws_rec *first;           /* in: its first record */
+  ws_run *open;            /* in: the run its commits go on, NULL: none open */
+  ws_lineage lineage;      /* in: its lineage's end; out: advanced past the commits made */
+  ws_rec *next;            /* out: the first record not taken (NULL: none left) */
+  uint64_t last_seq;       /* out: of the last record taken (0: none) */
+  uint32_t made;           /* out: commits made (records inside the sync state are taken, not made) */
+  uint64_t pages;          /* out: of the commits made */
+  ws_run *began;           /* out: runs begun after `open`, linked by next; the caller frees them */
+} ws_extension;
 
 static void ws_put32(unsigned char *p, uint32_t v) {
   p[0] = (unsigned char)(v >> 24);
@@ -126,60 +147,88 @@ static void ws_apply(const ws_rec *r, ws_lineage *l, unsigned char *entry, unsig
   ws_put32(entry + 40, r->frame_end);
 }
 
-/* Take the records from `r` on that the lineage can take as they are (see the top), the
-   lineage's end given by the arguments (its page hashes in `hashes`, `capacity` entries).
-   Returns 0, or -1 when memory ran out (nothing taken, `hashes` unchanged). */
-int ws_extend(ws_rec *r, uint64_t *hashes, uint32_t capacity, uint32_t db_size, uint64_t value,
-              uint64_t next_txid, int64_t time_ns, uint64_t sync_seq, uint32_t page_size,
-              uint64_t max_bytes, ws_run *out) {
-  ws_lineage lin = {hashes, capacity, db_size, value, next_txid, time_ns, sync_seq, page_size,
-                    max_bytes};
-  ws_lineage *l = &lin;
-  memset(out, 0, sizeof(*out));
-  uint64_t n = 0, bodyLen = 0;
-  uint32_t size = l->db_size;
-  ws_rec *p;
-  for (p = r; p && ws_takes(p, l, size); p = p->next) {
-    if (p->seq <= l->sync_seq) continue;
-    n++;
-    bodyLen += (uint64_t)p->npages * (4 + p->page_size);
-    size = p->db_size;
+void ws_run_free(ws_run *run) {
+  if (!run) return;
+  free(run->entries);
+  free(run->records);
+  free(run);
+}
+
+/* Make `*buf` hold at least `need` bytes (doubling); 0 when memory ran out. */
+static int ws_room(unsigned char **buf, uint64_t *cap, uint64_t need) {
+  if (need <= *cap) return 1;
+  uint64_t n = *cap ? *cap : 65536;
+  while (n < need) n *= 2;
+  unsigned char *p = realloc(*buf, n);
+  if (!p) return 0;
+  *buf = p;
+  *cap = n;
+  return 1;
+}
+
+/* The run commit `r` goes on, beginning one after `run` if it is sealed, of another page
+   size or too full for it (NULL: memory ran out). */
+static ws_run *ws_run_for(ws_run *run, const ws_rec *r, const ws_lineage *l) {
+  uint64_t bytes = (uint64_t)r->npages * r->page_size;
+  if (run && !run->sealed && run->page_size == r->page_size &&
+      (!run->ncommit || (run->pages * run->page_size + bytes <= l->max_bytes))) {
+    return run;
   }
-  out->next = p;
-  out->db_size = l->db_size;
-  out->value = l->value;
-  out->next_txid = l->next_txid;
-  out->time_ns = l->time_ns;
-  if (!n) {
-    for (; r != p; r = r->next) out->last_seq = r->seq;
-    return 0;
+  ws_run *fresh = calloc(1, sizeof(*fresh));
+  if (fresh) fresh->page_size = r->page_size;
+  return fresh;
+}
+
+/* Take the records from x->first on that the lineage can take as they are (see the top),
+   adding their commits to x->open or to runs begun after it, and advancing the lineage.
+   When memory runs out it stops there: the record not taken goes the general way. */
+static void ws_extend(ws_extension *x) {
+  ws_lineage *l = &x->lineage;
+  ws_run *run = x->open, **began = &x->began;
+  ws_rec *r;
+  x->next = 0;
+  x->last_seq = x->pages = 0;
+  x->made = 0;
+  x->began = 0;
+  for (r = x->first; r && ws_takes(r, l, l->db_size); r = r->next) {
+    if (r->seq <= l->sync_seq) {
+      x->last_seq = r->seq;
+      continue;
+    }
+    ws_run *to = ws_run_for(run, r, l);
+    uint64_t len = (uint64_t)r->npages * (4 + r->page_size);
+    if (!to) break;
+    if (!ws_room(&to->entries, &to->entries_cap, (to->ncommit + 1) * (uint64_t)WS_ENTRY_SIZE) ||
+        !ws_room(&to->records, &to->records_cap, to->records_len + len)) {
+      if (to != run) ws_run_free(to);
+      break;
+    }
+    if (to != run) {
+      *began = to;
+      began = &to->next;
+      run = to;
+    }
+    unsigned char *entry = run->entries + (size_t)run->ncommit * WS_ENTRY_SIZE;
+    ws_apply(r, l, entry, run->records + run->records_len);
+    if (!run->ncommit++) {
+      run->first_txid = l->next_txid - 1;
+      run->first_time_ns = l->time_ns;
+    }
+    run->last_txid = l->next_txid - 1;
+    run->records_len += len;
+    run->pages += r->npages;
+    run->last_seq = r->seq;
+    run->salt1 = r->salt1;
+    run->salt2 = r->salt2;
+    run->wal_end = r->frame_end;
+    x->made++;
+    x->pages += r->npages;
+    x->last_seq = r->seq;
   }
-  uint64_t len = n * (8 + 8 + WS_ENTRY_SIZE) + 8 + bodyLen;
-  unsigned char *block = malloc(len);
-  if (!block) {
-    out->next = r;
-    return -1;
-  }
-  out->block = block;
-  out->block_len = len;
-  out->seqs = (uint64_t *)block;
-  out->offsets = out->seqs + n;
-  out->entries_at = (n + n + 1) * 8;
-  unsigned char *entries = block + out->entries_at, *body = entries + n * WS_ENTRY_SIZE;
-  uint64_t at = 0;
-  for (; r != p; r = r->next) {
-    out->last_seq = r->seq;
-    if (r->seq <= l->sync_seq) continue;
-    uint32_t i = out->ncommit++;
-    out->seqs[i] = r->seq;
-    out->offsets[i] = at;
-    ws_apply(r, l, entries + (size_t)i * WS_ENTRY_SIZE, body + at);
-    at += (uint64_t)r->npages * (4 + r->page_size);
-  }
-  out->offsets[out->ncommit] = at;
-  out->db_size = l->db_size;
-  out->value = l->value;
-  out->next_txid = l->next_txid;
-  out->time_ns = l->time_ns;
-  return 0;
+  x->next = r;
+}
+
+/* ws_extend() for each of `n` databases' chains; each keeps its own result. */
+void ws_extend_all(ws_extension *x, uint32_t n) {
+  for (uint32_t i = 0; i < n; i++) ws_extend(&x[i]);
 }

@@ -42,7 +42,7 @@ from walsync_vfs.database import FAILING_AFTER, Database, stats_of
 from walsync_vfs.errors import FlushTimeoutError, NameTaken, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
 from walsync_vfs.lease import Lease, Refused, Unfenceable
-from walsync_vfs.lineage import Head, decide, read_head
+from walsync_vfs.lineage import Head, decide, extend_runs, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
 from walsync_vfs.uploader import RETRY, Queued, Uploader
@@ -57,6 +57,7 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
+_COMMIT = int(Kind.COMMIT)  # a ws_rec's kind, compared on the capture path without the enum
 
 
 class NameInUse(Exception):
@@ -106,31 +107,58 @@ class Engine:
     def on_records(self, batch: capture.Batch) -> None:
         """Dispatcher sink: called with each batch of records, in commit order.
 
-        A run of commits that extends a database's lineage as it is goes through in one C
-        call (capture.extend_run); any other record, or a database's only commit in the
-        batch, is converted and handled on its own.
+        Every database's records are taken in rounds.  The commits at the front of each
+        database's records that extend its lineage as it is go through in one C call for all
+        of them (lineage.extend_runs), onto the run each database has open, so a drain
+        holding one commit for each of many databases releases the GIL once, not once per
+        database, and makes no Python object per commit; a record that cannot go that way
+        (another kind, a commit during a sync, one the C refused) is converted and handled
+        on its own, and the next round goes on after it.
         Wakes the uploader only when a database gets something to ship sooner than it was
         going to look (see Uploader.schedule): a steady stream of commits costs no wake-ups.
         """
         dbs = self._dbs
         with self._lock:
-            for chain in batch.chains():
-                rec, db = chain.first, dbs.get(chain.db_id)
-                # A lone commit goes the general way: the C call releases the GIL, and handing
-                # it back and forth costs more than one commit's Python.
-                runs = chain.ncommit > 1
-                while rec:  # a NULL pointer is false
-                    if runs and db is not None and rec.kind == Kind.COMMIT and self._runs(db):
+            # (a database's records, the next one to handle, whether it may go through C)
+            left = [(chain, chain.first, True) for chain in batch.chains()]
+            while left:
+                later, starts, ready = [], [], []
+                for chain, rec, in_c in left:
+                    db = dbs.get(chain.db_id)
+                    if in_c and db is not None and rec.kind == _COMMIT and self._runs(db):
+                        lineage = db.lineage
+                        run = db.upload.open_run(lineage.generation)
                         extent, max_bytes = chain.max_db_size, db.cfg.max_segment_bytes
-                        run = db.lineage.extend_run(rec, extent, max_bytes)
-                        if run.last_seq:
-                            db.upload.seen_seq = run.last_seq
-                            if run.runs:
-                                self._queue(db, db.lineage.generation, run.runs)
-                            rec = run.next
-                            continue
+                        starts.append((lineage, rec, run, extent, max_bytes))
+                        ready.append((chain, db))
+                        continue
                     self._on_record(capture.convert(rec))
-                    rec, db = rec.next, dbs.get(chain.db_id)  # an OPEN adds it
+                    if rec.next:  # a NULL pointer is false
+                        later.append((chain, rec.next, True))
+                made = extend_runs(starts) if starts else []
+                for (chain, db), ext in zip(ready, made, strict=True):
+                    if ext.last_seq:
+                        db.upload.seen_seq = ext.last_seq
+                        if ext.made:
+                            self._queue_runs(db, ext)
+                    if ext.next:  # the C stopped at it: it goes the general way
+                        later.append((chain, ext.next, False))
+                left = later
+
+    def _queue_runs(self, db: Database, ext: capture.Extension) -> None:
+        """Queue what extend_runs made: commits on the database's open run (its pending
+        item, which now ends at a later seq) and runs begun after it (lock held)."""
+        lineage, up = db.lineage, db.upload
+        gen = lineage.generation
+        assert gen is not None
+        if ext.open is not None:
+            up.pending[-1] = (ext.open.last_seq, gen, ext.open)
+        now = time.monotonic()
+        grown = up.pending_bytes + ext.pages * lineage.page_size
+        due = up.queue([(run.last_seq, gen, run) for run in ext.began], grown, now, db.cfg)
+        up.pending_bytes = grown
+        if due:
+            self.uploads.schedule(db, now)
 
     def _runs(self, db: Database) -> bool:
         """Whether the database's commits may extend its lineage straight away (lock held)."""
