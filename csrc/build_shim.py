@@ -65,17 +65,6 @@ int ws_conn_query(void *db, const char *sql, char *out, int nout);
 int ws_conn_fcntl(void *db, int op, void *arg);
 int ws_conn_in_txn(void *db);
 void ws_conn_close(void *db);
-typedef struct ws_lineage {
-  uint64_t *hashes;
-  uint32_t capacity;
-  uint32_t db_size;
-  uint64_t value;
-  uint64_t next_txid;
-  int64_t time_ns;
-  uint64_t sync_seq;
-  uint32_t page_size;
-  uint64_t max_bytes;
-} ws_lineage;
 typedef struct ws_run ws_run;
 struct ws_run {
   ws_run *next;
@@ -92,18 +81,12 @@ struct ws_run {
   uint64_t records_len;
   ...;
 };
-typedef struct ws_extension {
-  ws_rec *first;
-  ws_run *open;
-  ws_lineage lineage;
-  ws_rec *next;
-  uint64_t last_seq;
-  uint32_t made;
-  uint64_t pages;
-  ws_run *began;
-} ws_extension;
 void ws_run_free(ws_run *run);
-void ws_extend_all(ws_extension *x, uint32_t n);
+#define WS_IN_N ...
+#define WS_OUT_N ...
+void ws_extend_all(uint32_t n, ws_rec **first, ws_run **open, uint64_t **hashes,
+                   const uint64_t *in, int64_t *times, uint64_t *out, ws_rec **next,
+                   ws_run **began);
 uint64_t ws_page_hash(const unsigned char *page, uint32_t n, uint64_t pgno);
 void free(void *p);
 """

@@ -154,10 +154,10 @@ void ws_run_free(ws_run *run) {
   free(run);
 }
 
-/* Make `*buf` hold at least `need` bytes (doubling); 0 when memory ran out. */
-static int ws_room(unsigned char **buf, uint64_t *cap, uint64_t need) {
+/* Make `*buf` hold at least `need` bytes, doubling from `first`; 0 when memory ran out. */
+static int ws_room(unsigned char **buf, uint64_t *cap, uint64_t need, uint64_t first) {
   if (need <= *cap) return 1;
-  uint64_t n = *cap ? *cap : 65536;
+  uint64_t n = *cap ? *cap : first;
   while (n < need) n *= 2;
   unsigned char *p = realloc(*buf, n);
   if (!p) return 0;
@@ -198,8 +198,11 @@ static void ws_extend(ws_extension *x) {
     ws_run *to = ws_run_for(run, r, l);
     uint64_t len = (uint64_t)r->npages * (4 + r->page_size);
     if (!to) break;
-    if (!ws_room(&to->entries, &to->entries_cap, (to->ncommit + 1) * (uint64_t)WS_ENTRY_SIZE) ||
-        !ws_room(&to->records, &to->records_cap, to->records_len + len)) {
+    /* Room for many small commits at once: a run grown a commit at a time would copy
+       itself and fault in fresh pages again and again. */
+    if (!ws_room(&to->entries, &to->entries_cap, (to->ncommit + 1) * (uint64_t)WS_ENTRY_SIZE,
+                 64 * WS_ENTRY_SIZE) ||
+        !ws_room(&to->records, &to->records_cap, to->records_len + len, 1 << 16)) {
       if (to != run) ws_run_free(to);
       break;
     }
@@ -228,7 +231,33 @@ static void ws_extend(ws_extension *x) {
   x->next = r;
 }
 
-/* ws_extend() for each of `n` databases' chains; each keeps its own result. */
-void ws_extend_all(ws_extension *x, uint32_t n) {
-  for (uint32_t i = 0; i < n; i++) ws_extend(&x[i]);
+/* The numbers ws_extend_all() reads (`in`) and writes (`out`) per database, in this order:
+   flat arrays, so the caller passes and reads them for every database at once. */
+#define WS_IN_N 7  /* capacity, db_size, value, next_txid, sync_seq, page_size, max_bytes */
+#define WS_OUT_N 6 /* last_seq, made, pages, db_size, value, next_txid */
+
+/* ws_extend() for each of `n` databases: its records from first[i] on, the run open[i]
+   (or NULL), its lineage's page hashes hashes[i], the other numbers of its lineage's end
+   in in[] and times[i] (the time of its last commit, advanced in place); what it made in
+   out[], next[i] and began[i] (see ws_extension). */
+void ws_extend_all(uint32_t n, ws_rec **first, ws_run **open, uint64_t **hashes,
+                   const uint64_t *in, int64_t *times, uint64_t *out, ws_rec **next,
+                   ws_run **began) {
+  for (uint32_t i = 0; i < n; i++) {
+    const uint64_t *a = in + (size_t)i * WS_IN_N;
+    ws_extension x = {first[i], open[i],
+                      {hashes[i], (uint32_t)a[0], (uint32_t)a[1], a[2], a[3], times[i], a[4],
+                       (uint32_t)a[5], a[6]}};
+    ws_extend(&x);
+    uint64_t *o = out + (size_t)i * WS_OUT_N;
+    o[0] = x.last_seq;
+    o[1] = x.made;
+    o[2] = x.pages;
+    o[3] = x.lineage.db_size;
+    o[4] = x.lineage.value;
+    o[5] = x.lineage.next_txid;
+    times[i] = x.lineage.time_ns;
+    next[i] = x.next;
+    began[i] = x.began;
+  }
 }

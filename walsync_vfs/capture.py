@@ -403,37 +403,51 @@ def extend_runs(starts: Sequence[RunStart]) -> list[Extension]:
     Records up to a lineage's ``sync_seq`` are taken and skipped (they are in the state it
     started from).  A record it cannot take, the caller handles as a :class:`Record`; none
     of a database's is taken when memory runs out.  Each database must appear once."""
-    ends = [(ck.db_size, ck.value) for _, _, _, ck, *_ in starts]
-    views, inits = [], []
+    n = len(starts)
+    # Flat arrays, one slot (or WS_IN_N / WS_OUT_N numbers) per database: a few cffi calls a
+    # drain rather than a struct's fields per database.
+    ends, views, recs, runs, times = [], [], [], [], []
+    numbers: list[int] = []  # WS_IN_N of them per database, in csrc/commits.c's order
     try:
-        for start, (size, value) in zip(starts, ends, strict=True):
-            rec, run, extent, ck, page_size, txid, time_ns, sync_seq, max_bytes = start
+        for rec, run, extent, ck, page_size, txid, time_ns, sync_seq, max_bytes in starts:
+            size, value = ck.db_size, ck.value
+            ends.append((size, value))
             # Exported while C writes to it: the array cannot be resized meanwhile.
             view = ffi.from_buffer("uint64_t[]", ck.reserve(extent))
             views.append(view)
-            lineage = (view, len(view), size, value, txid, time_ns, sync_seq, page_size, max_bytes)
-            inits.append((rec, ffi.NULL if run is None else run._run, lineage))
-        # Initialised from tuples in one call: cheaper than setting fields one by one.
-        xs = ffi.new("ws_extension[]", inits)
-        lib.ws_extend_all(xs, len(inits))
+            recs.append(rec)
+            runs.append(ffi.NULL if run is None else run._run)
+            numbers += (len(view), size, value, txid, sync_seq, page_size, max_bytes)
+            times.append(time_ns)
+        c_times, c_out = ffi.new("int64_t[]", times), ffi.new("uint64_t[]", n * lib.WS_OUT_N)
+        c_next, c_began = ffi.new("ws_rec *[]", n), ffi.new("ws_run *[]", n)
+        lib.ws_extend_all(
+            n, ffi.new("ws_rec *[]", recs), ffi.new("ws_run *[]", runs),
+            ffi.new("uint64_t *[]", views), ffi.new("uint64_t[]", numbers), c_times, c_out,
+            c_next, c_began,
+        )  # fmt: skip
     except BaseException:
         for view in views:
             ffi.release(view)
-        for (_, _, _, ck, *_), (size, value) in zip(starts, ends, strict=True):
-            ck.settle(size, value)
+        for (_, _, _, ck, *_), (size, value) in zip(starts, ends, strict=False):
+            ck.settle(size, value)  # those reserved: the others are as they were
         raise
-    out = []
-    for x, view, (_, run, _, ck, *_) in zip(xs, views, starts, strict=True):
+    for view in views:
         ffi.release(view)
-        end = x.lineage
-        ck.settle(end.db_size, end.value)
-        began, fresh = [], x.began
+    stride = lib.WS_OUT_N
+    made = ffi.unpack(c_out, n * stride)
+    times, nexts, began = ffi.unpack(c_times, n), ffi.unpack(c_next, n), ffi.unpack(c_began, n)
+    result = []
+    for i, (_, run, _, ck, *_) in enumerate(starts):
+        last_seq, count, pages, db_size, value, next_txid = made[i * stride : (i + 1) * stride]
+        ck.settle(db_size, value)
+        runs_began, fresh = [], began[i]
         while fresh:  # a NULL pointer is false
-            began.append(OpenRun(fresh))
+            runs_began.append(OpenRun(fresh))
             fresh = fresh.next
-        made = (x.next, x.last_seq, x.made, x.pages, run, began, end.next_txid, end.time_ns)
-        out.append(Extension(*made))
-    return out
+        ext = (nexts[i], last_seq, count, pages, run, runs_began, next_txid, times[i])
+        result.append(Extension(*ext))
+    return result
 
 
 class Batch:

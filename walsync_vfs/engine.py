@@ -119,19 +119,22 @@ class Engine:
         """
         dbs = self._dbs
         with self._lock:
+            now = time.monotonic()
             # (a database's records, the next one to handle, whether it may go through C)
             left = [(chain, chain.first, True) for chain in batch.chains()]
             while left:
                 later, starts, ready = [], [], []
                 for chain, rec, in_c in left:
                     db = dbs.get(chain.db_id)
-                    if in_c and db is not None and rec.kind == _COMMIT and self._runs(db):
+                    # Not during a sync (it holds them), nor on a broken lineage.
+                    if in_c and db is not None and rec.kind == _COMMIT and not db.sync.syncing:
                         lineage = db.lineage
-                        run = db.upload.open_run(lineage.generation)
-                        extent, max_bytes = chain.max_db_size, db.cfg.max_segment_bytes
-                        starts.append((lineage, rec, run, extent, max_bytes))
-                        ready.append((chain, db))
-                        continue
+                        if lineage.checksum is not None:
+                            run = db.upload.open_run(lineage.generation)
+                            extent, max_bytes = chain.max_db_size, db.cfg.max_segment_bytes
+                            starts.append((lineage, rec, run, extent, max_bytes))
+                            ready.append((chain, db))
+                            continue
                     self._on_record(capture.convert(rec))
                     if rec.next:  # a NULL pointer is false
                         later.append((chain, rec.next, True))
@@ -140,29 +143,26 @@ class Engine:
                     if ext.last_seq:
                         db.upload.seen_seq = ext.last_seq
                         if ext.made:
-                            self._queue_runs(db, ext)
+                            self._queue_runs(db, ext, now)
                     if ext.next:  # the C stopped at it: it goes the general way
                         later.append((chain, ext.next, False))
                 left = later
 
-    def _queue_runs(self, db: Database, ext: capture.Extension) -> None:
+    def _queue_runs(self, db: Database, ext: capture.Extension, now: float) -> None:
         """Queue what extend_runs made: commits on the database's open run (its pending
         item, which now ends at a later seq) and runs begun after it (lock held)."""
         lineage, up = db.lineage, db.upload
         gen = lineage.generation
         assert gen is not None
+        began = [(run.last_seq, gen, run) for run in ext.began] if ext.began else []
         if ext.open is not None:
-            up.pending[-1] = (ext.open.last_seq, gen, ext.open)
-        now = time.monotonic()
+            seq = ext.open.last_seq if began else ext.last_seq
+            up.pending[-1] = (seq, gen, ext.open)
         grown = up.pending_bytes + ext.pages * lineage.page_size
-        due = up.queue([(run.last_seq, gen, run) for run in ext.began], grown, now, db.cfg)
+        due = up.queue(began, grown, now, db.cfg)
         up.pending_bytes = grown
         if due:
             self.uploads.schedule(db, now)
-
-    def _runs(self, db: Database) -> bool:
-        """Whether the database's commits may extend its lineage straight away (lock held)."""
-        return not db.sync.syncing and db.lineage.checksum is not None
 
     def _on_record(self, rec: Record) -> None:
         """Handle one record (lock held)."""

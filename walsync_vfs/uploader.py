@@ -150,7 +150,7 @@ class UploadState:
                 return last
         return None
 
-    def queue(self, items: list[Pending], grown: int, now: float, cfg: DbConfig) -> bool:
+    def queue(self, items: Sequence[Pending], grown: int, now: float, cfg: DbConfig) -> bool:
         """Add pending commits that bring the pending bytes to ``grown`` (the caller sets
         them; commits added to the open run count too); True when the uploader should look
         at the database again: a first pending commit, or a segment's worth.  Commits that
