@@ -65,6 +65,12 @@ int ws_conn_query(void *db, const char *sql, char *out, int nout);
 int ws_conn_fcntl(void *db, int op, void *arg);
 int ws_conn_in_txn(void *db);
 void ws_conn_close(void *db);
+typedef struct ws_block ws_block;
+struct ws_block {
+  ws_block *next;
+  uint64_t ncommit;
+  uint64_t records_len;
+};
 typedef struct ws_run ws_run;
 struct ws_run {
   ws_run *next;
@@ -76,10 +82,7 @@ struct ws_run {
   int64_t first_time_ns;
   uint64_t last_seq;
   uint32_t salt1, salt2, wal_end;
-  unsigned char *entries;
-  unsigned char *records;
-  uint64_t records_len;
-  ...;
+  ws_block *blocks, *last_block;
 };
 void ws_run_free(ws_run *run);
 #define WS_IN_N ...

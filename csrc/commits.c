@@ -36,9 +36,19 @@ typedef struct ws_lineage {
   uint64_t max_bytes; /* a segment's page bytes: a run holds no more (unless one commit) */
 } ws_lineage;
 
+/* Some of a run's commits, those one ws_extend() added: one allocation, this header, then
+   their index entries of WS_ENTRY_SIZE, then their records, back to back. */
+typedef struct ws_block ws_block;
+struct ws_block {
+  ws_block *next;
+  uint64_t ncommit;
+  uint64_t records_len;
+};
+
 /* Consecutive commits of one lineage, packed for one segment.  ws_extend() adds
-   to it while the caller keeps it open; sealed, its buffers belong to whoever
-   took them (NULL here) and only the numbers stay. */
+   to it while the caller keeps it open (a block per call: never moved or copied
+   once written); sealed, its blocks belong to the caller and only the numbers
+   stay. */
 typedef struct ws_run ws_run;
 struct ws_run {
   ws_run *next;            /* the next run the same ws_extend() began */
@@ -50,10 +60,7 @@ struct ws_run {
   int64_t first_time_ns;
   uint64_t last_seq;       /* record seq of its last commit */
   uint32_t salt1, salt2, wal_end; /* where its last commit ended in the source's WAL */
-  unsigned char *entries;  /* ncommit index entries of WS_ENTRY_SIZE, malloc'd */
-  unsigned char *records;  /* their records, back to back, malloc'd */
-  uint64_t records_len;
-  uint64_t entries_cap, records_cap;
+  ws_block *blocks, *last_block; /* its commits, oldest first */
 };
 
 /* One database's part of a ws_extend_all() call. */
@@ -149,34 +156,20 @@ static void ws_apply(const ws_rec *r, ws_lineage *l, unsigned char *entry, unsig
 
 void ws_run_free(ws_run *run) {
   if (!run) return;
-  free(run->entries);
-  free(run->records);
+  for (ws_block *b = run->blocks, *next; b; b = next) {
+    next = b->next;
+    free(b);
+  }
   free(run);
 }
 
-/* Make `*buf` hold at least `need` bytes, doubling from `first`; 0 when memory ran out. */
-static int ws_room(unsigned char **buf, uint64_t *cap, uint64_t need, uint64_t first) {
-  if (need <= *cap) return 1;
-  uint64_t n = *cap ? *cap : first;
-  while (n < need) n *= 2;
-  unsigned char *p = realloc(*buf, n);
-  if (!p) return 0;
-  *buf = p;
-  *cap = n;
-  return 1;
-}
-
-/* The run commit `r` goes on, beginning one after `run` if it is sealed, of another page
-   size or too full for it (NULL: memory ran out). */
-static ws_run *ws_run_for(ws_run *run, const ws_rec *r, const ws_lineage *l) {
-  uint64_t bytes = (uint64_t)r->npages * r->page_size;
-  if (run && !run->sealed && run->page_size == r->page_size &&
-      (!run->ncommit || (run->pages * run->page_size + bytes <= l->max_bytes))) {
-    return run;
-  }
-  ws_run *fresh = calloc(1, sizeof(*fresh));
-  if (fresh) fresh->page_size = r->page_size;
-  return fresh;
+/* Whether `run` may take commit `r` (with `more` commits of `pages` pages before it, not
+   added yet): open, of its page size, and within a segment's size unless it is the first. */
+static int ws_fits(const ws_run *run, uint64_t more, uint64_t pages, const ws_rec *r,
+                   const ws_lineage *l) {
+  return !run->sealed && run->page_size == r->page_size &&
+         (!(run->ncommit + more) ||
+          (run->pages + pages + r->npages) * (uint64_t)run->page_size <= l->max_bytes);
 }
 
 /* Take the records from x->first on that the lineage can take as they are (see the top),
@@ -185,48 +178,64 @@ static ws_run *ws_run_for(ws_run *run, const ws_rec *r, const ws_lineage *l) {
 static void ws_extend(ws_extension *x) {
   ws_lineage *l = &x->lineage;
   ws_run *run = x->open, **began = &x->began;
-  ws_rec *r;
-  x->next = 0;
+  ws_rec *r = x->first;
   x->last_seq = x->pages = 0;
   x->made = 0;
   x->began = 0;
-  for (r = x->first; r && ws_takes(r, l, l->db_size); r = r->next) {
-    if (r->seq <= l->sync_seq) {
-      x->last_seq = r->seq;
-      continue;
-    }
-    ws_run *to = ws_run_for(run, r, l);
-    uint64_t len = (uint64_t)r->npages * (4 + r->page_size);
+  /* Records inside the state the lineage started from: taken, nothing made. */
+  for (; r && r->seq <= l->sync_seq && ws_takes(r, l, l->db_size); r = r->next) {
+    x->last_seq = r->seq;
+  }
+  while (r && ws_takes(r, l, l->db_size)) {
+    ws_run *to = run && ws_fits(run, 0, 0, r, l) ? run : calloc(1, sizeof(ws_run));
     if (!to) break;
-    /* Room for many small commits at once: a run grown a commit at a time would copy
-       itself and fault in fresh pages again and again. */
-    if (!ws_room(&to->entries, &to->entries_cap, (to->ncommit + 1) * (uint64_t)WS_ENTRY_SIZE,
-                 64 * WS_ENTRY_SIZE) ||
-        !ws_room(&to->records, &to->records_cap, to->records_len + len, 1 << 16)) {
-      if (to != run) ws_run_free(to);
+    to->page_size = r->page_size;
+    /* The commits from r on that `to` takes, sized first: one block holds them all. */
+    uint64_t n = 0, pages = 0, len = 0;
+    uint32_t size = l->db_size;
+    for (ws_rec *q = r; q && ws_takes(q, l, size) && ws_fits(to, n, pages, q, l); q = q->next) {
+      n++;
+      pages += q->npages;
+      len += (uint64_t)q->npages * (4 + q->page_size);
+      size = q->db_size;
+    }
+    ws_block *b = malloc(sizeof(ws_block) + n * WS_ENTRY_SIZE + len);
+    if (!b) {
+      if (to != run) free(to);
       break;
     }
+    b->next = 0;
+    b->ncommit = n;
+    b->records_len = len;
+    if (to->last_block) {
+      to->last_block->next = b;
+    } else {
+      to->blocks = b;
+    }
+    to->last_block = b;
     if (to != run) {
       *began = to;
       began = &to->next;
       run = to;
     }
-    unsigned char *entry = run->entries + (size_t)run->ncommit * WS_ENTRY_SIZE;
-    ws_apply(r, l, entry, run->records + run->records_len);
-    if (!run->ncommit++) {
-      run->first_txid = l->next_txid - 1;
-      run->first_time_ns = l->time_ns;
+    unsigned char *entries = (unsigned char *)(b + 1), *records = entries + n * WS_ENTRY_SIZE;
+    for (uint64_t i = 0; i < n; i++, r = r->next) {
+      ws_apply(r, l, entries + i * WS_ENTRY_SIZE, records);
+      records += (uint64_t)r->npages * (4 + r->page_size);
+      if (!run->ncommit++) {
+        run->first_txid = l->next_txid - 1;
+        run->first_time_ns = l->time_ns;
+      }
+      run->last_txid = l->next_txid - 1;
+      run->pages += r->npages;
+      run->last_seq = r->seq;
+      run->salt1 = r->salt1;
+      run->salt2 = r->salt2;
+      run->wal_end = r->frame_end;
+      x->made++;
+      x->pages += r->npages;
+      x->last_seq = r->seq;
     }
-    run->last_txid = l->next_txid - 1;
-    run->records_len += len;
-    run->pages += r->npages;
-    run->last_seq = r->seq;
-    run->salt1 = r->salt1;
-    run->salt2 = r->salt2;
-    run->wal_end = r->frame_end;
-    x->made++;
-    x->pages += r->npages;
-    x->last_seq = r->seq;
   }
   x->next = r;
 }

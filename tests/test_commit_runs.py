@@ -377,7 +377,7 @@ def test_one_call_extends_each_database_from_its_own_lineage():
 
 
 def flip_a_page_byte(made: Made) -> None:
-    records = made.runs[0].records
+    records = made.runs[0].records[0]
     records[4] ^= 1  # the first page's first byte, after its page number
 
 

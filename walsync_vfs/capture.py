@@ -364,14 +364,22 @@ class OpenRun:
         return int(self._run.pages)
 
     def seal(self) -> format.PackedRun:
-        """Nothing more is added: its commits, their bytes in blocks of their own."""
+        """Nothing more is added: its commits, over the blocks the C wrote them in (now
+        owned by their memoryviews)."""
         run = self._run
         assert not run.sealed, "a run is sealed once"
         run.sealed = 1
-        index = ffi.buffer(ffi.gc(run.entries, lib.free), run.ncommit * ENTRY_SIZE)
-        records = ffi.buffer(ffi.gc(run.records, lib.free), run.records_len)
-        run.entries = run.records = ffi.NULL
-        return format.PackedRun(self.page_size, memoryview(index), memoryview(records))  # type: ignore[arg-type]
+        block, run.blocks, run.last_block = run.blocks, ffi.NULL, ffi.NULL
+        head = ffi.sizeof("ws_block")
+        index, records = [], []
+        while block:  # a NULL pointer is false
+            following, at = block.next, head + block.ncommit * ENTRY_SIZE
+            owned = ffi.gc(block, lib.free)
+            data = memoryview(ffi.buffer(owned, at + block.records_len))  # type: ignore[arg-type]
+            index.append(data[head:at])
+            records.append(data[at:])
+            block = following
+        return format.PackedRun(self.page_size, index, records)
 
 
 @dataclass(slots=True)
