@@ -68,8 +68,8 @@ void ws_conn_close(void *db);
 typedef struct ws_block ws_block;
 struct ws_block {
   ws_block *next;
-  uint64_t ncommit;
-  uint64_t records_len;
+  uint64_t capacity;
+  uint64_t used;
 };
 typedef struct ws_run ws_run;
 struct ws_run {
@@ -82,6 +82,8 @@ struct ws_run {
   int64_t first_time_ns;
   uint64_t last_seq;
   uint32_t salt1, salt2, wal_end;
+  unsigned char *entries;
+  uint64_t entries_cap;
   ws_block *blocks, *last_block;
 };
 void ws_run_free(ws_run *run);

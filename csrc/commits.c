@@ -36,19 +36,21 @@ typedef struct ws_lineage {
   uint64_t max_bytes; /* a segment's page bytes: a run holds no more (unless one commit) */
 } ws_lineage;
 
-/* Some of a run's commits, those one ws_extend() added: one allocation, this header, then
-   their index entries of WS_ENTRY_SIZE, then their records, back to back. */
+/* Record bytes of a run: one allocation, this header, then `capacity` bytes of which
+   `used` hold records, back to back.  A commit's record is never split between blocks. */
 typedef struct ws_block ws_block;
 struct ws_block {
   ws_block *next;
-  uint64_t ncommit;
-  uint64_t records_len;
+  uint64_t capacity;
+  uint64_t used;
 };
 
 /* Consecutive commits of one lineage, packed for one segment.  ws_extend() adds
-   to it while the caller keeps it open (a block per call: never moved or copied
-   once written); sealed, its blocks belong to the caller and only the numbers
-   stay. */
+   to it while the caller keeps it open: index entries at the end of one array,
+   records in the last block while it has room, else in a new one twice as big
+   (or as big as the call's records), so no record is moved or copied once
+   written; sealed, the caller owns the array and the blocks (NULL here) and only
+   the numbers stay. */
 typedef struct ws_run ws_run;
 struct ws_run {
   ws_run *next;            /* the next run the same ws_extend() began */
@@ -60,7 +62,9 @@ struct ws_run {
   int64_t first_time_ns;
   uint64_t last_seq;       /* record seq of its last commit */
   uint32_t salt1, salt2, wal_end; /* where its last commit ended in the source's WAL */
-  ws_block *blocks, *last_block; /* its commits, oldest first */
+  unsigned char *entries;  /* ncommit index entries of WS_ENTRY_SIZE, of entries_cap */
+  uint64_t entries_cap;
+  ws_block *blocks, *last_block; /* its records, oldest first */
 };
 
 /* One database's part of a ws_extend_all() call. */
@@ -160,7 +164,42 @@ void ws_run_free(ws_run *run) {
     next = b->next;
     free(b);
   }
+  free(run->entries);
   free(run);
+}
+
+/* Room in `run` for `n` more index entries and `len` more record bytes: where the records
+   go (NULL: memory ran out, nothing changed). */
+static unsigned char *ws_room(ws_run *run, uint64_t n, uint64_t len) {
+  uint64_t need = (run->ncommit + n) * (uint64_t)WS_ENTRY_SIZE;
+  if (need > run->entries_cap) {
+    uint64_t cap = run->entries_cap ? run->entries_cap : 64 * WS_ENTRY_SIZE;
+    while (cap < need) cap *= 2;
+    unsigned char *grown = realloc(run->entries, cap);
+    if (!grown) return 0;
+    run->entries = grown;
+    run->entries_cap = cap;
+  }
+  ws_block *b = run->last_block;
+  if (!b || b->capacity - b->used < len) {
+    uint64_t cap = b ? 2 * b->capacity : 16384;
+    if (cap > (1 << 20)) cap = 1 << 20;
+    if (cap < len) cap = len;
+    b = malloc(sizeof(ws_block) + cap);
+    if (!b) return 0;
+    b->next = 0;
+    b->capacity = cap;
+    b->used = 0;
+    if (run->last_block) {
+      run->last_block->next = b;
+    } else {
+      run->blocks = b;
+    }
+    run->last_block = b;
+  }
+  unsigned char *at = (unsigned char *)(b + 1) + b->used;
+  b->used += len;
+  return at;
 }
 
 /* Whether `run` may take commit `r` (with `more` commits of `pages` pages before it, not
@@ -190,7 +229,7 @@ static void ws_extend(ws_extension *x) {
     ws_run *to = run && ws_fits(run, 0, 0, r, l) ? run : calloc(1, sizeof(ws_run));
     if (!to) break;
     to->page_size = r->page_size;
-    /* The commits from r on that `to` takes, sized first: one block holds them all. */
+    /* The commits from r on that `to` takes, sized first: their records go in one block. */
     uint64_t n = 0, pages = 0, len = 0;
     uint32_t size = l->db_size;
     for (ws_rec *q = r; q && ws_takes(q, l, size) && ws_fits(to, n, pages, q, l); q = q->next) {
@@ -199,28 +238,18 @@ static void ws_extend(ws_extension *x) {
       len += (uint64_t)q->npages * (4 + q->page_size);
       size = q->db_size;
     }
-    ws_block *b = malloc(sizeof(ws_block) + n * WS_ENTRY_SIZE + len);
-    if (!b) {
-      if (to != run) free(to);
+    unsigned char *records = ws_room(to, n, len);
+    if (!records) {
+      if (to != run) ws_run_free(to);
       break;
     }
-    b->next = 0;
-    b->ncommit = n;
-    b->records_len = len;
-    if (to->last_block) {
-      to->last_block->next = b;
-    } else {
-      to->blocks = b;
-    }
-    to->last_block = b;
     if (to != run) {
       *began = to;
       began = &to->next;
       run = to;
     }
-    unsigned char *entries = (unsigned char *)(b + 1), *records = entries + n * WS_ENTRY_SIZE;
     for (uint64_t i = 0; i < n; i++, r = r->next) {
-      ws_apply(r, l, entries + i * WS_ENTRY_SIZE, records);
+      ws_apply(r, l, run->entries + (size_t)run->ncommit * WS_ENTRY_SIZE, records);
       records += (uint64_t)r->npages * (4 + r->page_size);
       if (!run->ncommit++) {
         run->first_txid = l->next_txid - 1;

@@ -277,6 +277,27 @@ def test_later_drains_add_to_the_open_run_until_it_is_full_or_sealed():
     same_commits(runs, one_by_one(base.copy(), records, 10), 1024)
 
 
+def test_a_run_grown_over_many_calls_keeps_its_records_whole():
+    """Records go in blocks that double as the run grows, a call's commits in one block:
+    the run reads back the same commits across the block boundaries."""
+    rng = random.Random(7)
+    base = random_db(rng, 4096, 8)
+    ck, txid, run = base.copy(), 10, None
+    chains: list[Chain] = []
+    for calls in range(12):
+        chain = Chain(4096, after=chains[-1] if chains else None)
+        for _ in range(1 + calls % 3):
+            chain.commit(8, {p: rng.randbytes(4096) for p in rng.sample(range(1, 9), 2)})
+        chains.append(chain)
+        (ext,) = capture.extend_runs([(chain.recs[0], run, 8, ck, 4096, txid, 0, 0, MAX_BYTES)])
+        txid, run = ext.next_txid, ext.began[0] if ext.began else run
+    assert run is not None
+    packed = run.seal()
+    assert len(packed.records) > 2 and packed.commit_count == 24
+    records = [r for chain in chains for r in chain.records()]
+    same_commits([packed], one_by_one(base.copy(), records, 10), 4096)
+
+
 def test_captured_commits_packed_in_c_encode_to_the_same_segments(tmp_path: Path):
     """Real commits through the VFS (small, multi-page, growing, shrinking by VACUUM), drain
     after drain onto the open run, which is sealed now and then as the uploader would."""

@@ -364,22 +364,22 @@ class OpenRun:
         return int(self._run.pages)
 
     def seal(self) -> format.PackedRun:
-        """Nothing more is added: its commits, over the blocks the C wrote them in (now
-        owned by their memoryviews)."""
+        """Nothing more is added: its commits, over the memory the C wrote them in (now
+        owned by the memoryviews)."""
         run = self._run
         assert not run.sealed, "a run is sealed once"
         run.sealed = 1
-        block, run.blocks, run.last_block = run.blocks, ffi.NULL, ffi.NULL
+        entries, block = run.entries, run.blocks
+        run.entries, run.blocks, run.last_block = ffi.NULL, ffi.NULL, ffi.NULL
+        index = ffi.buffer(ffi.gc(entries, lib.free), run.ncommit * ENTRY_SIZE)
         head = ffi.sizeof("ws_block")
-        index, records = [], []
+        records = []
         while block:  # a NULL pointer is false
-            following, at = block.next, head + block.ncommit * ENTRY_SIZE
-            owned = ffi.gc(block, lib.free)
-            data = memoryview(ffi.buffer(owned, at + block.records_len))  # type: ignore[arg-type]
-            index.append(data[head:at])
-            records.append(data[at:])
+            following, used = block.next, block.used
+            owned = ffi.buffer(ffi.gc(block, lib.free), head + used)  # type: ignore[arg-type]
+            records.append(memoryview(owned)[head:])
             block = following
-        return format.PackedRun(self.page_size, index, records)
+        return format.PackedRun(self.page_size, memoryview(index), records)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
