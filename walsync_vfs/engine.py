@@ -41,11 +41,11 @@ from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
 from walsync_vfs.errors import FlushTimeoutError, NameTaken, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
-from walsync_vfs.lease import Lease, Refused, Unfenceable
+from walsync_vfs.lease import Lease, Refused, Unfenceable, renew_all
 from walsync_vfs.lineage import Head, decide, extend_runs, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
-from walsync_vfs.uploader import RETRY, Queued, Uploader
+from walsync_vfs.uploader import PUT_BATCH, RETRY, Queued, Uploader
 from walsync_vfs.workers import Workers
 
 __all__ = ["Engine", "ReplicationError", "stats_of"]
@@ -535,27 +535,33 @@ class Engine:
         self._cond.notify_all()
 
     def _renew_leases(self, now: float) -> None:
-        """Have due lease renewals made by the put threads (lock held)."""
+        """Have due lease renewals made by the put threads, those of one store a batch at
+        a time (lease.renew_all: one wake-up for the batch's replies) (lock held)."""
+        due: dict[int, list[tuple[Database, Lease]]] = {}
         for db in self._dbs.values():
             lease = db.lease
             if lease is not None and lease.renew_due(now) and not lease.renewing:
                 lease.renewing = True
-                self.uploads.pool.spawn(self._renew, db, lease)
+                due.setdefault(id(lease.client), []).append((db, lease))
+        for group in due.values():
+            for i in range(0, len(group), PUT_BATCH):
+                self.uploads.pool.spawn(self._renew, group[i : i + PUT_BATCH])
 
-    def _renew(self, db: Database, lease: Lease) -> None:
-        error = None
+    def _renew(self, group: list[tuple[Database, Lease]]) -> None:
         try:
-            lease.renew()
-        except Exception as exc:  # noqa: BLE001 - the lease lapses; uploads wait for it
-            error = exc
+            errors = renew_all([lease for _, lease in group])
+        except Exception as exc:  # noqa: BLE001 - the leases lapse; uploads wait for them
+            errors = [exc] * len(group)
         with self._lock:
-            lease.renewing = False
-            if error is None:
-                self.uploads.schedule(db, time.monotonic())
-            elif self._fenced(db, error):
-                self._request_sync(db)
-        if error is not None and not isinstance(error, Refused):
-            log.warning("walsync: renewing the lease of %s failed: %s", db.path, error)
+            for (db, lease), error in zip(group, errors, strict=True):
+                lease.renewing = False
+                if error is None:
+                    self.uploads.schedule(db, time.monotonic())
+                elif self._fenced(db, error):
+                    self._request_sync(db)
+        for (db, _), error in zip(group, errors, strict=True):
+            if error is not None and not isinstance(error, Refused):
+                log.warning("walsync: renewing the lease of %s failed: %s", db.path, error)
 
     def _release(self, lease: Lease) -> None:
         """Release a forgotten database's lease; until done, exit releases it too."""
