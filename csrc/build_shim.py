@@ -65,23 +65,33 @@ int ws_conn_query(void *db, const char *sql, char *out, int nout);
 int ws_conn_fcntl(void *db, int op, void *arg);
 int ws_conn_in_txn(void *db);
 void ws_conn_close(void *db);
-typedef struct ws_run {
-  ws_rec *next;
-  uint64_t last_seq;
+typedef struct ws_block ws_block;
+struct ws_block {
+  ws_block *next;
+  uint64_t capacity;
+  uint64_t used;
+};
+typedef struct ws_run ws_run;
+struct ws_run {
+  ws_run *next;
+  int32_t sealed;
+  uint32_t page_size;
   uint32_t ncommit;
-  unsigned char *block;
-  uint64_t block_len;
-  uint64_t entries_at;
-  uint64_t *seqs;
-  uint64_t *offsets;
-  uint32_t db_size;
-  uint64_t value;
-  uint64_t next_txid;
-  int64_t time_ns;
-} ws_run;
-int ws_extend(ws_rec *r, uint64_t *hashes, uint32_t capacity, uint32_t db_size, uint64_t value,
-              uint64_t next_txid, int64_t time_ns, uint64_t sync_seq, uint32_t page_size,
-              uint64_t max_bytes, ws_run *out);
+  uint64_t pages;
+  uint64_t first_txid, last_txid;
+  int64_t first_time_ns;
+  uint64_t last_seq;
+  uint32_t salt1, salt2, wal_end;
+  unsigned char *entries;
+  uint64_t entries_cap;
+  ws_block *blocks, *last_block;
+};
+void ws_run_free(ws_run *run);
+#define WS_IN_N ...
+#define WS_OUT_N ...
+void ws_extend_all(uint32_t n, ws_rec **first, ws_run **open, uint64_t **hashes,
+                   const uint64_t *in, int64_t *times, uint64_t *out, ws_rec **next,
+                   ws_run **began);
 uint64_t ws_page_hash(const unsigned char *page, uint32_t n, uint64_t pgno);
 uint64_t ws_run_hash(const unsigned char *pages, uint32_t page_size, uint64_t n, uint64_t pgno);
 void free(void *p);

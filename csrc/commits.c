@@ -1,14 +1,19 @@
 /*
-** commits.c -- turns a database's drained COMMIT records into the commits its
-** lineage queues for upload, many at a time, with the GIL released.
+** commits.c -- turns drained COMMIT records into the commits each database's
+** lineage queues for upload, with the GIL released once per drain.
 **
 ** For each record it takes, ws_extend() does what the Python lineage would do
 ** per commit and per page: gives the commit the lineage's next txid and a
 ** time that never goes back, updates the whole-database checksum (FORMAT.md
 ** §3: XOR of XXH3-64 page hashes seeded with the page number, kept per page
 ** in the caller's array), packs the segment index entry (§4.2) and the
-** commit's record bytes (§4.3: page numbers, then pages).  Python then touches
-** a run of commits, not their pages.
+** commit's record bytes (§4.3: page numbers, then pages) at the end of a run.
+** A run is what one segment will hold: the caller keeps a database's newest
+** run open, so the commits of many drains go into it, until the uploader
+** takes it (or it reaches a segment's size: then another begins).  Python
+** then touches a run per segment, not a commit or a page, and per drain only
+** a few numbers per database.  ws_extend_all() does it for the chains of
+** every database in one call.
 **
 ** It stops at the first record it cannot take as it is (another kind, a page
 ** size other than the lineage's, pages in a spool file, a commit bigger than a
@@ -28,24 +33,51 @@ typedef struct ws_lineage {
   int64_t time_ns;    /* of the last commit */
   uint64_t sync_seq;  /* records up to this seq are in the state the lineage started from */
   uint32_t page_size;
-  uint64_t max_bytes; /* a commit with more page bytes goes in parts: not taken */
+  uint64_t max_bytes; /* a segment's page bytes: a run holds no more (unless one commit) */
 } ws_lineage;
 
-/* What one ws_extend() took, and the lineage's end after it. */
-typedef struct ws_run {
-  ws_rec *next;          /* the first record not taken (NULL: none left) */
-  uint64_t last_seq;     /* of the last record taken (0: none) */
-  uint32_t ncommit;      /* commits made (records inside the sync state are taken, not made) */
-  unsigned char *block;  /* malloc'd, the caller frees it: seqs, offsets, entries, bodies */
-  uint64_t block_len;
-  uint64_t entries_at;   /* where in block the ncommit index entries of WS_ENTRY_SIZE start */
-  uint64_t *seqs;        /* each commit's record seq */
-  uint64_t *offsets;     /* ncommit + 1 offsets into the bodies: commit i is [offsets[i], offsets[i+1]) */
-  uint32_t db_size;      /* the lineage's end after the run */
-  uint64_t value;
-  uint64_t next_txid;
-  int64_t time_ns;
-} ws_run;
+/* Record bytes of a run: one allocation, this header, then `capacity` bytes of which
+   `used` hold records, back to back.  A commit's record is never split between blocks. */
+typedef struct ws_block ws_block;
+struct ws_block {
+  ws_block *next;
+  uint64_t capacity;
+  uint64_t used;
+};
+
+/* Consecutive commits of one lineage, packed for one segment.  ws_extend() adds
+   to it while the caller keeps it open: index entries at the end of one array,
+   records in the last block while it has room, else in a new one twice as big
+   (or as big as the call's records), so no record is moved or copied once
+   written; sealed, the caller owns the array and the blocks (NULL here) and only
+   the numbers stay. */
+typedef struct ws_run ws_run;
+struct ws_run {
+  ws_run *next;            /* the next run the same ws_extend() began */
+  int32_t sealed;          /* set by the caller: nothing is added any more */
+  uint32_t page_size;
+  uint32_t ncommit;
+  uint64_t pages;          /* of all its commits */
+  uint64_t first_txid, last_txid;
+  int64_t first_time_ns;
+  uint64_t last_seq;       /* record seq of its last commit */
+  uint32_t salt1, salt2, wal_end; /* where its last commit ended in the source's WAL */
+  unsigned char *entries;  /* ncommit index entries of WS_ENTRY_SIZE, of entries_cap */
+  uint64_t entries_cap;
+  ws_block *blocks, *last_block; /* its records, oldest first */
+};
+
+/* One database's part of a ws_extend_all() call. */
+typedef struct ws_extension {
+  ws_rec *first;           /* in: its first record */
+  ws_run *open;            /* in: the run its commits go on, NULL: none open */
+  ws_lineage lineage;      /* in: its lineage's end; out: advanced past the commits made */
+  ws_rec *next;            /* out: the first record not taken (NULL: none left) */
+  uint64_t last_seq;       /* out: of the last record taken (0: none) */
+  uint32_t made;           /* out: commits made (records inside the sync state are taken, not made) */
+  uint64_t pages;          /* out: of the commits made */
+  ws_run *began;           /* out: runs begun after `open`, linked by next; the caller frees them */
+} ws_extension;
 
 static void ws_put32(unsigned char *p, uint32_t v) {
   p[0] = (unsigned char)(v >> 24);
@@ -126,60 +158,144 @@ static void ws_apply(const ws_rec *r, ws_lineage *l, unsigned char *entry, unsig
   ws_put32(entry + 40, r->frame_end);
 }
 
-/* Take the records from `r` on that the lineage can take as they are (see the top), the
-   lineage's end given by the arguments (its page hashes in `hashes`, `capacity` entries).
-   Returns 0, or -1 when memory ran out (nothing taken, `hashes` unchanged). */
-int ws_extend(ws_rec *r, uint64_t *hashes, uint32_t capacity, uint32_t db_size, uint64_t value,
-              uint64_t next_txid, int64_t time_ns, uint64_t sync_seq, uint32_t page_size,
-              uint64_t max_bytes, ws_run *out) {
-  ws_lineage lin = {hashes, capacity, db_size, value, next_txid, time_ns, sync_seq, page_size,
-                    max_bytes};
-  ws_lineage *l = &lin;
-  memset(out, 0, sizeof(*out));
-  uint64_t n = 0, bodyLen = 0;
-  uint32_t size = l->db_size;
-  ws_rec *p;
-  for (p = r; p && ws_takes(p, l, size); p = p->next) {
-    if (p->seq <= l->sync_seq) continue;
-    n++;
-    bodyLen += (uint64_t)p->npages * (4 + p->page_size);
-    size = p->db_size;
+void ws_run_free(ws_run *run) {
+  if (!run) return;
+  for (ws_block *b = run->blocks, *next; b; b = next) {
+    next = b->next;
+    free(b);
   }
-  out->next = p;
-  out->db_size = l->db_size;
-  out->value = l->value;
-  out->next_txid = l->next_txid;
-  out->time_ns = l->time_ns;
-  if (!n) {
-    for (; r != p; r = r->next) out->last_seq = r->seq;
-    return 0;
+  free(run->entries);
+  free(run);
+}
+
+/* Room in `run` for `n` more index entries and `len` more record bytes: where the records
+   go (NULL: memory ran out, nothing changed). */
+static unsigned char *ws_room(ws_run *run, uint64_t n, uint64_t len) {
+  uint64_t need = (run->ncommit + n) * (uint64_t)WS_ENTRY_SIZE;
+  if (need > run->entries_cap) {
+    uint64_t cap = run->entries_cap ? run->entries_cap : 64 * WS_ENTRY_SIZE;
+    while (cap < need) cap *= 2;
+    unsigned char *grown = realloc(run->entries, cap);
+    if (!grown) return 0;
+    run->entries = grown;
+    run->entries_cap = cap;
   }
-  uint64_t len = n * (8 + 8 + WS_ENTRY_SIZE) + 8 + bodyLen;
-  unsigned char *block = malloc(len);
-  if (!block) {
-    out->next = r;
-    return -1;
+  ws_block *b = run->last_block;
+  if (!b || b->capacity - b->used < len) {
+    uint64_t cap = b ? 2 * b->capacity : 16384;
+    if (cap > (1 << 20)) cap = 1 << 20;
+    if (cap < len) cap = len;
+    b = malloc(sizeof(ws_block) + cap);
+    if (!b) return 0;
+    b->next = 0;
+    b->capacity = cap;
+    b->used = 0;
+    if (run->last_block) {
+      run->last_block->next = b;
+    } else {
+      run->blocks = b;
+    }
+    run->last_block = b;
   }
-  out->block = block;
-  out->block_len = len;
-  out->seqs = (uint64_t *)block;
-  out->offsets = out->seqs + n;
-  out->entries_at = (n + n + 1) * 8;
-  unsigned char *entries = block + out->entries_at, *body = entries + n * WS_ENTRY_SIZE;
-  uint64_t at = 0;
-  for (; r != p; r = r->next) {
-    out->last_seq = r->seq;
-    if (r->seq <= l->sync_seq) continue;
-    uint32_t i = out->ncommit++;
-    out->seqs[i] = r->seq;
-    out->offsets[i] = at;
-    ws_apply(r, l, entries + (size_t)i * WS_ENTRY_SIZE, body + at);
-    at += (uint64_t)r->npages * (4 + r->page_size);
+  unsigned char *at = (unsigned char *)(b + 1) + b->used;
+  b->used += len;
+  return at;
+}
+
+/* Whether `run` may take commit `r` (with `more` commits of `pages` pages before it, not
+   added yet): open, of its page size, and within a segment's size unless it is the first. */
+static int ws_fits(const ws_run *run, uint64_t more, uint64_t pages, const ws_rec *r,
+                   const ws_lineage *l) {
+  return !run->sealed && run->page_size == r->page_size &&
+         (!(run->ncommit + more) ||
+          (run->pages + pages + r->npages) * (uint64_t)run->page_size <= l->max_bytes);
+}
+
+/* Take the records from x->first on that the lineage can take as they are (see the top),
+   adding their commits to x->open or to runs begun after it, and advancing the lineage.
+   When memory runs out it stops there: the record not taken goes the general way. */
+static void ws_extend(ws_extension *x) {
+  ws_lineage *l = &x->lineage;
+  ws_run *run = x->open, **began = &x->began;
+  ws_rec *r = x->first;
+  x->last_seq = x->pages = 0;
+  x->made = 0;
+  x->began = 0;
+  /* Records inside the state the lineage started from: taken, nothing made. */
+  for (; r && r->seq <= l->sync_seq && ws_takes(r, l, l->db_size); r = r->next) {
+    x->last_seq = r->seq;
   }
-  out->offsets[out->ncommit] = at;
-  out->db_size = l->db_size;
-  out->value = l->value;
-  out->next_txid = l->next_txid;
-  out->time_ns = l->time_ns;
-  return 0;
+  while (r && ws_takes(r, l, l->db_size)) {
+    ws_run *to = run && ws_fits(run, 0, 0, r, l) ? run : calloc(1, sizeof(ws_run));
+    if (!to) break;
+    to->page_size = r->page_size;
+    /* The commits from r on that `to` takes, sized first: their records go in one block. */
+    uint64_t n = 0, pages = 0, len = 0;
+    uint32_t size = l->db_size;
+    for (ws_rec *q = r; q && ws_takes(q, l, size) && ws_fits(to, n, pages, q, l); q = q->next) {
+      n++;
+      pages += q->npages;
+      len += (uint64_t)q->npages * (4 + q->page_size);
+      size = q->db_size;
+    }
+    unsigned char *records = ws_room(to, n, len);
+    if (!records) {
+      if (to != run) ws_run_free(to);
+      break;
+    }
+    if (to != run) {
+      *began = to;
+      began = &to->next;
+      run = to;
+    }
+    for (uint64_t i = 0; i < n; i++, r = r->next) {
+      ws_apply(r, l, run->entries + (size_t)run->ncommit * WS_ENTRY_SIZE, records);
+      records += (uint64_t)r->npages * (4 + r->page_size);
+      if (!run->ncommit++) {
+        run->first_txid = l->next_txid - 1;
+        run->first_time_ns = l->time_ns;
+      }
+      run->last_txid = l->next_txid - 1;
+      run->pages += r->npages;
+      run->last_seq = r->seq;
+      run->salt1 = r->salt1;
+      run->salt2 = r->salt2;
+      run->wal_end = r->frame_end;
+      x->made++;
+      x->pages += r->npages;
+      x->last_seq = r->seq;
+    }
+  }
+  x->next = r;
+}
+
+/* The numbers ws_extend_all() reads (`in`) and writes (`out`) per database, in this order:
+   flat arrays, so the caller passes and reads them for every database at once. */
+#define WS_IN_N 7  /* capacity, db_size, value, next_txid, sync_seq, page_size, max_bytes */
+#define WS_OUT_N 6 /* last_seq, made, pages, db_size, value, next_txid */
+
+/* ws_extend() for each of `n` databases: its records from first[i] on, the run open[i]
+   (or NULL), its lineage's page hashes hashes[i], the other numbers of its lineage's end
+   in in[] and times[i] (the time of its last commit, advanced in place); what it made in
+   out[], next[i] and began[i] (see ws_extension). */
+void ws_extend_all(uint32_t n, ws_rec **first, ws_run **open, uint64_t **hashes,
+                   const uint64_t *in, int64_t *times, uint64_t *out, ws_rec **next,
+                   ws_run **began) {
+  for (uint32_t i = 0; i < n; i++) {
+    const uint64_t *a = in + (size_t)i * WS_IN_N;
+    ws_extension x = {first[i], open[i],
+                      {hashes[i], (uint32_t)a[0], (uint32_t)a[1], a[2], a[3], times[i], a[4],
+                       (uint32_t)a[5], a[6]}};
+    ws_extend(&x);
+    uint64_t *o = out + (size_t)i * WS_OUT_N;
+    o[0] = x.last_seq;
+    o[1] = x.made;
+    o[2] = x.pages;
+    o[3] = x.lineage.db_size;
+    o[4] = x.lineage.value;
+    o[5] = x.lineage.next_txid;
+    times[i] = x.lineage.time_ns;
+    next[i] = x.next;
+    began[i] = x.began;
+  }
 }

@@ -274,6 +274,31 @@ def test_lease_refuses_a_live_holder_and_takes_an_expired_one(file_url: str) -> 
         del os.environ[lease.ENV_HOST_ID]
 
 
+def test_renewals_of_one_store_go_together_and_each_stands_alone(replica_url: str) -> None:
+    """lease.renew_all: every lease still held is renewed (a later expiry in its object),
+    one another writer took meanwhile is refused, and one released meanwhile is left be."""
+    client = storage.open_replica(replica_url)
+    leases = [lease.Lease(client, name, f"/x/{name}") for name in ("a.db", "b.db", "c.db", "d.db")]
+    for held in leases:
+        held.acquire()
+    before = [lease.Holder.decode(client.get(held.key)) for held in leases]
+    # Another writer's compare-and-swap on b's lease object; d is released.
+    _, tag = client.get_tagged(leases[1].key)
+    other = lease.Holder(before[1].epoch + 1, "other-host", 1, "/y/b.db", time.time() + 60, "t")
+    client.swap(leases[1].key, other.encode(), tag)
+    leases[3].release()
+    errors = lease.renew_all(leases)
+    assert errors[0] is None and errors[2] is None and errors[3] is None
+    assert isinstance(errors[1], lease.Refused) and "other-host" in str(errors[1])
+    assert [held.held for held in leases] == [True, False, True, False]
+    after = [lease.Holder.decode(client.get(held.key)) for held in leases]
+    assert after[0].expires > before[0].expires and after[2].expires > before[2].expires
+    assert after[1] == other and after[3].expires == 0.0
+    assert leases[0].valid() and leases[2].valid()
+    leases[0].renew()  # one alone goes the same way, over the version the batch left
+    assert lease.Holder.decode(client.get(leases[0].key)).expires >= after[0].expires
+
+
 def test_leftovers_after_a_takeover() -> None:
     """Objects a lower epoch wrote at or after the txid where a higher one took over are
     leftovers; what it wrote before stays history."""

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from walsync_vfs.storage import (
+    Conflict,
     ObjectInfo,
     ObjectNotFound,
     StorageError,
     open_replica,
     put_all,
     sigv4,
+    swap_all,
 )
 from walsync_vfs.storage import s3 as s3_backend
 from walsync_vfs.storage.file import TMP_SUFFIX
@@ -584,3 +586,24 @@ def test_put_all_invalid_key_fails_only_that_object(
     assert type(results[1]) is ValueError
     assert str(results[1]).startswith("invalid object key '../escape'")
     assert client.get("a") == b"1" and client.get("c") == b"3"
+
+
+def test_swap_all_swaps_each_object_on_its_own_condition(replica_url: str) -> None:
+    """Several compare-and-swaps at once (S3: their requests overlap): each object is
+    written only if it is still the version named, and gets its own outcome and new tag."""
+    client = open_replica(replica_url)
+    tags = [client.swap(key, b"v1", None) for key in ("a", "b", "c")]
+    results = swap_all(
+        client,
+        [
+            ("a", b"v2", tags[0]),  # still that version: swapped
+            ("b", b"v2", "not-its-version"),  # changed meanwhile: refused
+            ("c", b"v2", None),  # create-only, but it exists: refused
+            ("d", b"v1", None),  # create-only and absent: created
+        ],
+    )
+    assert isinstance(results[0], str) and isinstance(results[3], str)
+    assert [type(r) for r in results[1:3]] == [Conflict, Conflict]
+    assert [client.get(key) for key in "abcd"] == [b"v2", b"v1", b"v1", b"v1"]
+    assert results[0] == client.get_tagged("a")[1] and results[3] == client.get_tagged("d")[1]
+    assert isinstance(swap_all(client, [("a", b"v3", tags[0])])[0], Conflict)  # now stale

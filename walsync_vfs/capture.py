@@ -13,7 +13,6 @@ consumer lines a full copy up with the deltas that follow it.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import threading
@@ -318,67 +317,145 @@ def convert(rec) -> Record:
     return Record(kind, rec.db_id, rec.seq, rec.time_ns, path=path)
 
 
+class OpenRun:
+    """Commits of one lineage packed in C for one segment (csrc/commits.c, ``ws_run``), which
+    the capture may still add to while it is its database's newest pending item (see
+    :func:`extend_runs`).  Its numbers are read from C; its bytes only once :meth:`seal` has
+    handed them to a :class:`format.PackedRun` (the uploader does, under the engine lock, when
+    it takes the run): until then they move as the run grows."""
+
+    __slots__ = ("_run", "page_size")
+
+    def __init__(self, run: object) -> None:
+        """Take over a ``ws_run *`` that ws_extend_all began."""
+        self._run = ffi.gc(run, lib.ws_run_free)
+        self.page_size = int(self._run.page_size)
+
+    @property
+    def txid(self) -> int:
+        return int(self._run.first_txid)
+
+    @property
+    def last_txid(self) -> int:
+        return int(self._run.last_txid)
+
+    @property
+    def time_ns(self) -> int:
+        """The first commit's time."""
+        return int(self._run.first_time_ns)
+
+    @property
+    def wal(self) -> format.WalPos:
+        """Where the last commit ended in the source's WAL."""
+        run = self._run
+        return format.WalPos(run.salt1, run.salt2, run.wal_end)
+
+    @property
+    def last_seq(self) -> int:
+        """The capture record seq of its last commit."""
+        return int(self._run.last_seq)
+
+    @property
+    def commit_count(self) -> int:
+        return int(self._run.ncommit)
+
+    @property
+    def page_count(self) -> int:
+        return int(self._run.pages)
+
+    def seal(self) -> format.PackedRun:
+        """Nothing more is added: its commits, over the memory the C wrote them in (now
+        owned by the memoryviews)."""
+        run = self._run
+        assert not run.sealed, "a run is sealed once"
+        run.sealed = 1
+        entries, block = run.entries, run.blocks
+        run.entries, run.blocks, run.last_block = ffi.NULL, ffi.NULL, ffi.NULL
+        index = ffi.buffer(ffi.gc(entries, lib.free), run.ncommit * ENTRY_SIZE)
+        head = ffi.sizeof("ws_block")
+        records = []
+        while block:  # a NULL pointer is false
+            following, used = block.next, block.used
+            owned = ffi.buffer(ffi.gc(block, lib.free), head + used)  # type: ignore[arg-type]
+            records.append(memoryview(owned)[head:])
+            block = following
+        return format.PackedRun(self.page_size, memoryview(index), records)  # type: ignore[arg-type]
+
+
 @dataclass(slots=True)
 class Extension:
-    """What :func:`extend_run` took from a database's records."""
+    """What :func:`extend_runs` made of one database's records."""
 
     next: object  # the first record not taken (ws_rec *; NULL, which is false, if none)
     last_seq: int  # of the last record taken (0: none)
-    # (seq of its last commit, the commits) in order, each at most about max_bytes of pages
-    runs: list[tuple[int, format.PackedRun]]
+    made: int  # commits made (records inside the sync state are taken, not made)
+    pages: int  # of the commits made
+    open: OpenRun | None  # the run it was given, which its first commits went on
+    began: list[OpenRun]  # runs begun after it, in order: the last one is open
     next_txid: int
     time_ns: int
 
 
-def extend_run(
-    rec: object,
-    extent: int,
-    checksum: format.DbChecksum,
-    page_size: int,
-    next_txid: int,
-    time_ns: int,
-    sync_seq: int,
-    max_bytes: int,
-) -> Extension:
-    """Extend a lineage's end, ``checksum`` included, by the records from ``rec`` (of a
-    database whose commits in the batch reach at most ``extent`` pages) on that it can take
-    as they are (csrc/commits.c): one C call with the GIL released, and a Python object per
-    segment's worth of commits, none per commit or page.  Records up to ``sync_seq`` are
-    taken and skipped (they are in the state the lineage started from).  A record it cannot
-    take, the caller handles as a :class:`Record`; none is taken when memory runs out."""
-    size, value = checksum.db_size, checksum.value
-    hashes = checksum.reserve(extent)
-    run = ffi.new("ws_run *")
-    called = False
+# Where a lineage's end is, for extend_runs: (first record (ws_rec *), the run its commits go
+# on (None: begin one), extent: the most pages the database has in its commits from there,
+# checksum, page_size, next_txid, time_ns, sync_seq, max_bytes)
+RunStart = tuple[object, OpenRun | None, int, format.DbChecksum, int, int, int, int, int]
+
+
+def extend_runs(starts: Sequence[RunStart]) -> list[Extension]:
+    """Extend the lineages' ends, checksums included, by the records from each start on
+    that the lineage can take as they are (csrc/commits.c): one C call with the GIL released
+    for every database, packing their commits onto the run given (begun at once, for a first
+    commit) and runs begun after it, each at most about ``max_bytes`` of pages: no Python
+    object per commit or page, and per database only a few numbers unless a run begins.
+    Records up to a lineage's ``sync_seq`` are taken and skipped (they are in the state it
+    started from).  A record it cannot take, the caller handles as a :class:`Record`; none
+    of a database's is taken when memory runs out.  Each database must appear once."""
+    n = len(starts)
+    # Flat arrays, one slot (or WS_IN_N / WS_OUT_N numbers) per database: a few cffi calls a
+    # drain rather than a struct's fields per database.
+    ends, views, recs, runs, times = [], [], [], [], []
+    numbers: list[int] = []  # WS_IN_N of them per database, in csrc/commits.c's order
     try:
-        with ffi.from_buffer("uint64_t[]", hashes) as view:
-            lib.ws_extend(
-                rec, view, len(hashes), size, value, next_txid, time_ns, sync_seq, page_size,
-                max_bytes, run,
-            )  # fmt: skip
-            called = True
-    finally:
-        checksum.settle(*((run.db_size, run.value) if called else (size, value)))
-    n = run.ncommit
-    runs: list[tuple[int, format.PackedRun]] = []
-    if n:
-        block = memoryview(ffi.buffer(ffi.gc(run.block, lib.free), run.block_len))  # type: ignore[arg-type]
-        at = run.entries_at
-        entries, body = block[at : at + n * ENTRY_SIZE], block[at + n * ENTRY_SIZE :]
-        offsets, seqs = ffi.unpack(run.offsets, n + 1), ffi.unpack(run.seqs, n)
-        start = 0
-        while start < n:  # cut where the records pass max_bytes, but one commit at least
-            stop = max(start + 1, bisect.bisect_right(offsets, offsets[start] + max_bytes) - 1)
-            piece = format.PackedRun(
-                page_size,
-                entries[start * ENTRY_SIZE : stop * ENTRY_SIZE],
-                body,
-                offsets[start : stop + 1],
-                seqs[start:stop],
-            )
-            runs.append((seqs[stop - 1], piece))
-            start = stop
-    return Extension(run.next, run.last_seq, runs, run.next_txid, run.time_ns)
+        for rec, run, extent, ck, page_size, txid, time_ns, sync_seq, max_bytes in starts:
+            size, value = ck.db_size, ck.value
+            ends.append((size, value))
+            # Exported while C writes to it: the array cannot be resized meanwhile.
+            view = ffi.from_buffer("uint64_t[]", ck.reserve(extent))
+            views.append(view)
+            recs.append(rec)
+            runs.append(ffi.NULL if run is None else run._run)
+            numbers += (len(view), size, value, txid, sync_seq, page_size, max_bytes)
+            times.append(time_ns)
+        c_times, c_out = ffi.new("int64_t[]", times), ffi.new("uint64_t[]", n * lib.WS_OUT_N)
+        c_next, c_began = ffi.new("ws_rec *[]", n), ffi.new("ws_run *[]", n)
+        lib.ws_extend_all(
+            n, ffi.new("ws_rec *[]", recs), ffi.new("ws_run *[]", runs),
+            ffi.new("uint64_t *[]", views), ffi.new("uint64_t[]", numbers), c_times, c_out,
+            c_next, c_began,
+        )  # fmt: skip
+    except BaseException:
+        for view in views:
+            ffi.release(view)
+        for (_, _, _, ck, *_), (size, value) in zip(starts, ends, strict=False):
+            ck.settle(size, value)  # those reserved: the others are as they were
+        raise
+    for view in views:
+        ffi.release(view)
+    stride = lib.WS_OUT_N
+    made = ffi.unpack(c_out, n * stride)
+    times, nexts, began = ffi.unpack(c_times, n), ffi.unpack(c_next, n), ffi.unpack(c_began, n)
+    result = []
+    for i, (_, run, _, ck, *_) in enumerate(starts):
+        last_seq, count, pages, db_size, value, next_txid = made[i * stride : (i + 1) * stride]
+        ck.settle(db_size, value)
+        runs_began, fresh = [], began[i]
+        while fresh:  # a NULL pointer is false
+            runs_began.append(OpenRun(fresh))
+            fresh = fresh.next
+        ext = (nexts[i], last_seq, count, pages, run, runs_began, next_txid, times[i])
+        result.append(Extension(*ext))
+    return result
 
 
 class Batch:
@@ -414,7 +491,7 @@ class Batch:
     def chains(self) -> list:
         """Each database's records as a ``ws_batch *`` (``first`` record, linked by ``next``;
         ``max_db_size``): for a sink that takes runs of commits in C (see
-        :func:`extend_run`) rather than iterating."""
+        :func:`extend_runs`) rather than iterating."""
         return self._heads
 
     def release(self) -> None:

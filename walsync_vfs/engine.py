@@ -41,11 +41,11 @@ from walsync_vfs.config import Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
 from walsync_vfs.errors import FlushTimeoutError, NameTaken, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
-from walsync_vfs.lease import Lease, Refused, Unfenceable
-from walsync_vfs.lineage import Head, decide, read_head
+from walsync_vfs.lease import Lease, Refused, Unfenceable, renew_all
+from walsync_vfs.lineage import Head, decide, extend_runs, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
-from walsync_vfs.uploader import RETRY, Queued, Uploader
+from walsync_vfs.uploader import PUT_BATCH, RETRY, Queued, Uploader
 from walsync_vfs.workers import Workers
 
 __all__ = ["Engine", "ReplicationError", "stats_of"]
@@ -57,6 +57,7 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
+_COMMIT = int(Kind.COMMIT)  # a ws_rec's kind, compared on the capture path without the enum
 
 
 class NameInUse(Exception):
@@ -106,35 +107,62 @@ class Engine:
     def on_records(self, batch: capture.Batch) -> None:
         """Dispatcher sink: called with each batch of records, in commit order.
 
-        A run of commits that extends a database's lineage as it is goes through in one C
-        call (capture.extend_run); any other record, or a database's only commit in the
-        batch, is converted and handled on its own.
+        Every database's records are taken in rounds.  The commits at the front of each
+        database's records that extend its lineage as it is go through in one C call for all
+        of them (lineage.extend_runs), onto the run each database has open, so a drain
+        holding one commit for each of many databases releases the GIL once, not once per
+        database, and makes no Python object per commit; a record that cannot go that way
+        (another kind, a commit during a sync, one the C refused) is converted and handled
+        on its own, and the next round goes on after it.
         Wakes the uploader only when a database gets something to ship sooner than it was
         going to look (see Uploader.schedule): a steady stream of commits costs no wake-ups.
         """
         dbs = self._dbs
         with self._lock:
-            for chain in batch.chains():
-                rec, db = chain.first, dbs.get(chain.db_id)
-                # A lone commit goes the general way: the C call releases the GIL, and handing
-                # it back and forth costs more than one commit's Python.
-                runs = chain.ncommit > 1
-                while rec:  # a NULL pointer is false
-                    if runs and db is not None and rec.kind == Kind.COMMIT and self._runs(db):
-                        extent, max_bytes = chain.max_db_size, db.cfg.max_segment_bytes
-                        run = db.lineage.extend_run(rec, extent, max_bytes)
-                        if run.last_seq:
-                            db.upload.seen_seq = run.last_seq
-                            if run.runs:
-                                self._queue(db, db.lineage.generation, run.runs)
-                            rec = run.next
+            now = time.monotonic()
+            # (a database's records, the next one to handle, whether it may go through C)
+            left = [(chain, chain.first, True) for chain in batch.chains()]
+            while left:
+                later, starts, ready = [], [], []
+                for chain, rec, in_c in left:
+                    db = dbs.get(chain.db_id)
+                    # Not during a sync (it holds them), nor on a broken lineage.
+                    if in_c and db is not None and rec.kind == _COMMIT and not db.sync.syncing:
+                        lineage = db.lineage
+                        if lineage.checksum is not None:
+                            run = db.upload.open_run(lineage.generation)
+                            extent, max_bytes = chain.max_db_size, db.cfg.max_segment_bytes
+                            starts.append((lineage, rec, run, extent, max_bytes))
+                            ready.append((chain, db))
                             continue
                     self._on_record(capture.convert(rec))
-                    rec, db = rec.next, dbs.get(chain.db_id)  # an OPEN adds it
+                    if rec.next:  # a NULL pointer is false
+                        later.append((chain, rec.next, True))
+                made = extend_runs(starts) if starts else []
+                for (chain, db), ext in zip(ready, made, strict=True):
+                    if ext.last_seq:
+                        db.upload.seen_seq = ext.last_seq
+                        if ext.made:
+                            self._queue_runs(db, ext, now)
+                    if ext.next:  # the C stopped at it: it goes the general way
+                        later.append((chain, ext.next, False))
+                left = later
 
-    def _runs(self, db: Database) -> bool:
-        """Whether the database's commits may extend its lineage straight away (lock held)."""
-        return not db.sync.syncing and db.lineage.checksum is not None
+    def _queue_runs(self, db: Database, ext: capture.Extension, now: float) -> None:
+        """Queue what extend_runs made: commits on the database's open run (its pending
+        item, which now ends at a later seq) and runs begun after it (lock held)."""
+        lineage, up = db.lineage, db.upload
+        gen = lineage.generation
+        assert gen is not None
+        began = [(run.last_seq, gen, run) for run in ext.began] if ext.began else []
+        if ext.open is not None:
+            seq = ext.open.last_seq if began else ext.last_seq
+            up.pending[-1] = (seq, gen, ext.open)
+        grown = up.pending_bytes + ext.pages * lineage.page_size
+        due = up.queue(began, grown, now, db.cfg)
+        up.pending_bytes = grown
+        if due:
+            self.uploads.schedule(db, now)
 
     def _on_record(self, rec: Record) -> None:
         """Handle one record (lock held)."""
@@ -507,27 +535,33 @@ class Engine:
         self._cond.notify_all()
 
     def _renew_leases(self, now: float) -> None:
-        """Have due lease renewals made by the put threads (lock held)."""
+        """Have due lease renewals made by the put threads, those of one store a batch at
+        a time (lease.renew_all: one wake-up for the batch's replies) (lock held)."""
+        due: dict[int, list[tuple[Database, Lease]]] = {}
         for db in self._dbs.values():
             lease = db.lease
             if lease is not None and lease.renew_due(now) and not lease.renewing:
                 lease.renewing = True
-                self.uploads.pool.spawn(self._renew, db, lease)
+                due.setdefault(id(lease.client), []).append((db, lease))
+        for group in due.values():
+            for i in range(0, len(group), PUT_BATCH):
+                self.uploads.pool.spawn(self._renew, group[i : i + PUT_BATCH])
 
-    def _renew(self, db: Database, lease: Lease) -> None:
-        error = None
+    def _renew(self, group: list[tuple[Database, Lease]]) -> None:
         try:
-            lease.renew()
-        except Exception as exc:  # noqa: BLE001 - the lease lapses; uploads wait for it
-            error = exc
+            errors = renew_all([lease for _, lease in group])
+        except Exception as exc:  # noqa: BLE001 - the leases lapse; uploads wait for them
+            errors = [exc] * len(group)
         with self._lock:
-            lease.renewing = False
-            if error is None:
-                self.uploads.schedule(db, time.monotonic())
-            elif self._fenced(db, error):
-                self._request_sync(db)
-        if error is not None and not isinstance(error, Refused):
-            log.warning("walsync: renewing the lease of %s failed: %s", db.path, error)
+            for (db, lease), error in zip(group, errors, strict=True):
+                lease.renewing = False
+                if error is None:
+                    self.uploads.schedule(db, time.monotonic())
+                elif self._fenced(db, error):
+                    self._request_sync(db)
+        for (db, _), error in zip(group, errors, strict=True):
+            if error is not None and not isinstance(error, Refused):
+                log.warning("walsync: renewing the lease of %s failed: %s", db.path, error)
 
     def _release(self, lease: Lease) -> None:
         """Release a forgotten database's lease; until done, exit releases it too."""

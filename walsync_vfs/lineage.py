@@ -9,7 +9,7 @@ generation.  :func:`decide` makes that choice without any I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from walsync_vfs import capture, catalog, format, objects, storage
@@ -125,7 +125,7 @@ class Lineage:
     sync_seq: int = 0  # commits up to this seq are in the state the lineage started from
     time_ns: int = 0  # when its last state was committed (or pinned)
     # Where its last state ended in the source's WAL; a run's is read from it when asked for.
-    wal: format.WalPos | format.PackedRun | None = None
+    wal: format.WalPos | capture.OpenRun | None = None
 
     def head(self, stored: Head | None) -> Head | None:
         """The head a sync point compares the database with: this lineage's end, or on the
@@ -138,7 +138,7 @@ class Lineage:
                 self.checksum.db_size,
                 self.checksum.value,
                 self.time_ns,
-                self.wal.wal if isinstance(self.wal, format.PackedRun) else self.wal,
+                self.wal.wal if isinstance(self.wal, capture.OpenRun) else self.wal,
             )
         if self.generation is not None:  # broken (page size changed, commits dropped)
             return Head(None, self.next_txid - 1)
@@ -162,19 +162,6 @@ class Lineage:
         )
         self.next_txid += 1
         return commit
-
-    def extend_run(self, rec: object, extent: int, max_bytes: int) -> capture.Extension:
-        """The commits from ``rec`` (a ``ws_rec *``) on that extend the lineage as they are,
-        each with its txid and whole-db checksum (see capture.extend_run)."""
-        assert self.checksum is not None
-        run = capture.extend_run(
-            rec, extent, self.checksum, self.page_size, self.next_txid, self.time_ns,
-            self.sync_seq, max_bytes,
-        )  # fmt: skip
-        self.next_txid, self.time_ns = run.next_txid, run.time_ns
-        if run.runs:
-            self.wal = run.runs[-1][1]
-        return run
 
     def break_at(self, seq: int) -> None:
         """The lineage cannot go on; the sync point after ``seq`` starts it again."""
@@ -200,3 +187,25 @@ class Lineage:
         self.wal = wal
         last = decision.survivors[-1].time_ns if decision.survivors else 0
         self.time_ns = max(self.time_ns, time_ns, last)
+
+
+def extend_runs(
+    starts: Sequence[tuple[Lineage, object, capture.OpenRun | None, int, int]],
+) -> list[capture.Extension]:
+    """For each (lineage, first record (``ws_rec *``), the run its commits go on (None: begin
+    one), extent, max_bytes), the commits from that record on that extend the lineage as they
+    are, each with its txid and whole-db checksum: every database in one C call (see
+    capture.extend_runs).  Each lineage must have a checksum (not be broken) and appear
+    once."""
+    args = []
+    for lineage, rec, run, extent, max_bytes in starts:
+        ck = lineage.checksum
+        assert ck is not None
+        args.append((rec, run, extent, ck, lineage.page_size, lineage.next_txid,
+                     lineage.time_ns, lineage.sync_seq, max_bytes))  # fmt: skip
+    exts = capture.extend_runs(args)
+    for (lineage, *_), ext in zip(starts, exts, strict=True):
+        lineage.next_txid, lineage.time_ns = ext.next_txid, ext.time_ns
+        if ext.made:
+            lineage.wal = ext.began[-1] if ext.began else ext.open
+    return exts

@@ -37,10 +37,14 @@ PUT_BATCH = 16
 # Between retries of a failing store (uploads and syncs): recovery is noticed quickly.
 RETRY = Backoff(first=0.1, cap=5.0)
 
-# A commit, or a run of commits the capture packed (never bigger than a segment)
-Shippable = format.Commit | format.PackedRun
+# A commit, or a run of commits the capture packed (never bigger than a segment), which the
+# capture may still add to while it is the newest pending item ...
+Shippable = format.Commit | capture.OpenRun
+# ... and sealed once taken for a segment.
+Shipped = format.Commit | format.PackedRun
 # (seq of its last commit, generation, commits): a commit stays in the lineage it was made in
 Pending = tuple[int, str, Shippable]
+Taken = tuple[int, str, Shipped]
 Queued = tuple[int, Shippable]  # as the engine queues them: (seq, commits)
 _E = TypeVar("_E", bound=tuple[Any, ...])  # an entry whose first item is a Database
 
@@ -136,11 +140,21 @@ class UploadState:
     next_part: int = 0  # pending[0] is bigger than a segment: its part to encode next
     disk_bytes: int = 0  # of pending_bytes, pages read from a file when encoded, not memory
 
-    def queue(self, items: list[Pending], grown: int, now: float, cfg: DbConfig) -> bool:
+    def open_run(self, generation: str | None) -> capture.OpenRun | None:
+        """The run the capture adds its next commits of ``generation`` to: the newest
+        pending item, if it is a run of that generation (a run taken from pending is sealed,
+        and anything queued after it closes it)."""
+        if self.pending:
+            _, gen, last = self.pending[-1]
+            if type(last) is capture.OpenRun and gen == generation:
+                return last
+        return None
+
+    def queue(self, items: Sequence[Pending], grown: int, now: float, cfg: DbConfig) -> bool:
         """Add pending commits that bring the pending bytes to ``grown`` (the caller sets
-        them); True when the uploader should look at the database again: a first pending
-        commit, or a segment's worth.  Commits that join a batch already waiting for its turn
-        cost the uploader nothing."""
+        them; commits added to the open run count too); True when the uploader should look
+        at the database again: a first pending commit, or a segment's worth.  Commits that
+        join a batch already waiting for its turn cost the uploader nothing."""
         first = not self.pending
         if first:
             self.quiet = now - self.arrived_at >= cfg.upload_interval / 4
@@ -296,7 +310,7 @@ class ShipSlots:
 
 # A batch of pending commits for one segment; or one commit bigger than a segment and which
 # of its parts to encode, (index, count).
-Shipment = tuple[list[Pending], tuple[int, int] | None]
+Shipment = tuple[list[Taken], tuple[int, int] | None]
 
 
 def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
@@ -317,7 +331,7 @@ def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
             up.pending, up.next_part = pending[1:], 0
         else:
             up.next_part = index + 1
-        return [pending[0]], (index, count)
+        return [(seq, gen, first)], (index, count)
     end, size, per_part = 0, 0, part_pages(page_size, max_bytes)
     while end < len(pending) and pending[end][1] == gen and (not end or size < max_bytes):
         pages = pending[end][2].page_count
@@ -327,7 +341,13 @@ def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
         end += 1
     batch, up.pending = pending[:end], pending[end:]
     up.pending_bytes -= size
-    return batch, None
+    return [_sealed(item) for item in batch], None
+
+
+def _sealed(item: Pending) -> Taken:
+    """A pending item taken for a segment: a run is complete, its bytes stay put from now on."""
+    seq, gen, c = item
+    return (seq, gen, c.seal() if isinstance(c, capture.OpenRun) else c)
 
 
 def batches(
@@ -389,7 +409,7 @@ def encode(
     )
 
 
-def _page_size(commit: Shippable, page_size: int) -> int:
+def _page_size(commit: Shipped, page_size: int) -> int:
     """The page size the commit was made with (the lineage's may have changed since)."""
     if isinstance(commit, format.PackedRun):
         return commit.page_size

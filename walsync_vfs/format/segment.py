@@ -134,71 +134,65 @@ class Commit:
 
 class PackedRun:
     """Consecutive commits whose index entries (§4.2) and record bytes (§4.3) are already
-    made and checked (csrc/commits.c, capture.extend_run): what the capture queues, one
-    object for many commits, so the encoder copies them without a Python step per commit."""
+    made and checked (csrc/commits.c, capture.OpenRun): what the capture hands the
+    uploader, one object for many commits, so the encoder copies them without a Python step
+    per commit.  The records come in parts as the capture wrote them, each holding whole
+    records of consecutive commits."""
 
-    __slots__ = ("page_size", "_entries", "_body", "_offsets", "seqs")
+    __slots__ = ("page_size", "index", "records", "page_count")
 
-    def __init__(
-        self,
-        page_size: int,
-        entries: memoryview,
-        body: memoryview,
-        offsets: Sequence[int],
-        seqs: Sequence[int],
-    ) -> None:
+    def __init__(self, page_size: int, index: memoryview, records: Sequence[memoryview]) -> None:
         self.page_size = page_size
-        self._entries = entries  # one index entry per commit
-        self._body = body
-        self._offsets = offsets  # commit i's record is body[offsets[i]:offsets[i + 1]]
-        self.seqs = seqs  # each commit's capture record seq
+        self.index = index  # the commits' index entries, back to back
+        self.records = records
+        self.page_count = sum(len(part) for part in records) // (4 + page_size)
+
+    def _entry(self, i: int) -> memoryview:
+        return self.index[i * SEGMENT_ENTRY.size : (i + 1) * SEGMENT_ENTRY.size]
+
+    @property
+    def commit_count(self) -> int:
+        return len(self.index) // SEGMENT_ENTRY.size
 
     @property
     def txid(self) -> int:
-        return int.from_bytes(self._entries[:8], "big")
+        return int.from_bytes(self._entry(0)[:8], "big")
 
     @property
     def last_txid(self) -> int:
-        return int.from_bytes(self._entries[-SEGMENT_ENTRY.size :][:8], "big")
+        return int.from_bytes(self._entry(self.commit_count - 1)[:8], "big")
 
     @property
     def time_ns(self) -> int:
         """The first commit's time."""
-        return int.from_bytes(self._entries[8:16], "big", signed=True)
+        return int.from_bytes(self._entry(0)[8:16], "big", signed=True)
 
     @property
     def wal(self) -> WalPos:
         """Where the last commit ended in the source's WAL."""
-        *_, salt1, salt2, end = SEGMENT_ENTRY.unpack(self._entries[-SEGMENT_ENTRY.size :])
+        *_, salt1, salt2, end = SEGMENT_ENTRY.unpack(self._entry(self.commit_count - 1))
         return WalPos(salt1, salt2, end)
-
-    @property
-    def commit_count(self) -> int:
-        return len(self._offsets) - 1
-
-    @property
-    def page_count(self) -> int:
-        return (self._offsets[-1] - self._offsets[0]) // (4 + self.page_size)
-
-    @property
-    def index(self) -> memoryview:
-        """The commits' index entries, back to back."""
-        return self._entries
-
-    @property
-    def records(self) -> memoryview:
-        """The commits' record bytes, back to back."""
-        return self._body[self._offsets[0] : self._offsets[-1]]
 
     def commits(self) -> list[Commit]:
         """The commits one by one (the general path: an encoder given unpacked commits too)."""
         out = []
-        for i, (txid, t, db_size, count, checksum, salt1, salt2, end) in enumerate(
-            SEGMENT_ENTRY.iter_unpack(self._entries)
+        parts = iter(self.records)
+        part: bytes | memoryview = b""
+        at = 0
+        for txid, t, db_size, count, checksum, salt1, salt2, end in SEGMENT_ENTRY.iter_unpack(
+            self.index
         ):
-            record = self._body[self._offsets[i] : self._offsets[i + 1]]
-            pages = PackedPages(record, count, self.page_size)
-            out.append(Commit(txid, t, db_size, checksum, pages, WalPos(salt1, salt2, end)))
+            size = count * (4 + self.page_size)
+            while size and at == len(part):  # a record is never split between parts
+                part, at = next(parts), 0
+            record = memoryview(part)[at : at + size]
+            out.append(
+                Commit(
+                    txid, t, db_size, checksum, PackedPages(record, count, self.page_size),
+                    WalPos(salt1, salt2, end),
+                )
+            )  # fmt: skip
+            at += size
         return out
 
 
@@ -332,7 +326,7 @@ def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes
     if any(r.page_size != page_size for r in runs):
         raise ValueError(f"a run's page size differs from page size {page_size}")
     index = [r.index for r in runs]
-    records = [r.records for r in runs]
+    records = [part for r in runs for part in r.records]
     return _seal_segment(page_size, runs[0].txid, runs[-1].last_txid, index, records, level)
 
 

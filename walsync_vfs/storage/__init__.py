@@ -151,6 +151,25 @@ def put_all(
     return results
 
 
+def swap_all(
+    client: Swapping, items: Sequence[tuple[str, bytes, str | None]]
+) -> list[str | Exception]:
+    """Several compare-and-swaps (:meth:`Swapping.swap`) of different objects: per (key,
+    data, tag), the new version's tag or the exception its swap raised.  Like
+    :func:`put_all`: a backend whose requests can overlap offers ``swap_many``; the others
+    get one swap after another."""
+    many = getattr(client, "swap_many", None)
+    if many is not None:
+        return many(items)  # type: ignore[no-any-return]
+    results: list[str | Exception] = []
+    for key, data, tag in items:
+        try:
+            results.append(client.swap(key, data, tag))
+        except Exception as exc:  # noqa: BLE001 - handed back per object
+            results.append(exc)
+    return results
+
+
 def stored_before(
     client: ReplicaClient, key: str, data: bytes | memoryview, error: Exception | None
 ) -> bool:

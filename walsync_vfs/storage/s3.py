@@ -238,10 +238,15 @@ class S3Service:
         bucket: str,
         objects: Sequence[tuple[str, bytes | memoryview]],
         headers: Mapping[str, str] | None = None,
+        *,
+        each: Sequence[Mapping[str, str]] | None = None,
+        replies: Sequence[dict[str, str]] | None = None,
     ) -> list[Exception | None]:
         """PUT several objects at once, one connection each: every request is sent before
         any reply is read, so the thread wakes up once per batch instead of once per object
-        (waking up for each reply is most of the CPU cost of a small PUT).
+        (waking up for each reply is most of the CPU cost of a small PUT).  ``each[i]``: more
+        headers for object ``i`` (a condition, say); ``replies[i]`` receives the headers of
+        the reply that stored object ``i``.
 
         Per object: None, or what :meth:`request` would raise.  A failure of one object or
         connection (a kept-alive connection the server had closed, a 503) sends that object
@@ -277,7 +282,7 @@ class S3Service:
                 results[i] = down
                 continue
             host, path = self._address(bucket, key)
-            signed = {"host": host, **(headers or {})}
+            signed = {"host": host, **(headers or {}), **(each[i] if each else {})}
             self.signer.sign(
                 "PUT", path, "", signed, hashlib.sha256(body).hexdigest(), creds, amz_date
             )
@@ -307,6 +312,8 @@ class S3Service:
                 results[i] = failure
                 if failure.retryable:
                     retry.append((i, 2))
+            elif replies is not None:
+                replies[i].update(reply)
         for i, attempt in sorted(retry):
             if down is not None:
                 results[i] = down
@@ -314,8 +321,12 @@ class S3Service:
             if attempt > self.max_attempts:
                 continue  # its failure stands
             key, body = objects[i]
+            more = {**(headers or {}), **(each[i] if each else {})}
+            got = replies[i] if replies is not None else None
             try:
-                self.request("PUT", bucket, key, body=body, headers=headers, attempt=attempt)
+                self.request(
+                    "PUT", bucket, key, body=body, headers=more, attempt=attempt, reply=got
+                )
                 results[i] = None
             except (_Unreachable, _Failed, _NoCredentials) as exc:
                 results[i] = exc
@@ -695,6 +706,30 @@ class S3ReplicaClient:
         reply: dict[str, str] = {}
         self._call("put", f"{self.url}/{key}", "PUT", full, body=data, headers=headers, reply=reply)
         return reply.get("etag") or self.get_tagged(key)[1]
+
+    def swap_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[str | Exception]:
+        """Several swaps at once (see :func:`storage.swap_all`): per (key, data, tag), the
+        new version's tag, or the StorageError its swap would raise."""
+        for key, _, _ in items:
+            check_key(key)
+        with self._lock:
+            self.requests += len(items)
+        conditions = [CREATE_ONLY if tag is None else {"if-match": tag} for _, _, tag in items]
+        replies: list[dict[str, str]] = [{} for _ in items]
+        errors = self.service.put_many(
+            self.bucket, [(self._root + key, data) for key, data, _ in items], each=conditions,
+            replies=replies,
+        )  # fmt: skip
+        out: list[str | Exception] = []
+        for (key, _, _), error, reply in zip(items, errors, replies, strict=True):
+            if error is not None:
+                out.append(self._error("put", f"{self.url}/{key}", error))
+                continue
+            try:
+                out.append(reply.get("etag") or self.get_tagged(key)[1])
+            except StorageError as exc:
+                out.append(exc)
+        return out
 
     def put_many(self, objects: Sequence[tuple[str, bytes | memoryview]]) -> list[Exception | None]:
         """Several PUTs at once (see :func:`storage.put_all`); per object None or the
