@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import quote
@@ -74,8 +74,7 @@ class Plan:
     snapshot: format.ParsedKey
     segments: list[format.ParsedKey]
     target_txid: int | None  # None: replay to the end (or to the timestamp)
-    snapshot_size: int | None = None  # bytes, from the listing
-    sizes: Mapping[str, int] = field(default_factory=dict)  # of the segments, by key
+    sizes: Mapping[str, int]  # of the generation's objects, by key, from the listing
 
 
 @dataclass(frozen=True)
@@ -203,7 +202,7 @@ def _choose(
         chain = _chain(name, g, snap.last_txid, txid)
         if txid is not None and (chain[-1] if chain else snap).last_txid < txid:
             raise _outside(client, name, gens, txid, timestamp_ns)
-        return Plan(name, g.id, snap, chain, txid, g.sizes[catalog.object_key(snap)], g.sizes)
+        return Plan(name, g.id, snap, chain, txid, g.sizes)
     raise _outside(client, name, gens, txid, timestamp_ns)
 
 
@@ -580,7 +579,7 @@ def _replay(
     with prefetch_pool() as pool:
         segments = _decoded(pool, client, p.segments, p.sizes, p.target_txid)
         try:
-            snapshot = objects.open_snapshot(client, snap_key, p.snapshot_size)
+            snapshot = objects.open_snapshot(client, snap_key, p.sizes[snap_key])
             image = Image.from_snapshot(f, p.generation, snapshot)
         except storage.ObjectNotFound:
             raise Vanished(snap_key) from None
