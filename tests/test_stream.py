@@ -114,7 +114,7 @@ def test_headers_alone_go_over_the_wire(
     finally:
         walsync_vfs.configure(replica="")
     assert len(listed_parts) == 1 and len(listed_parts[0]) >= 3, listed_parts
-    assert set(listed_parts[0][:-1]) == {8 * MIB}
+    assert set(listed_parts[0][:-1]) == {PART_SIZE}
 
     relay = LoopbackProxy(upstream=s3_server.endpoint.removeprefix("http://"))
     try:

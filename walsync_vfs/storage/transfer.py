@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 MIN_PART_SIZE = 5 << 20  # S3's smallest part (every part but the last)
 MAX_PARTS = 10_000  # S3's most parts in one upload
-PART_SIZE = 8 << 20  # default part and range size
+PART_SIZE = 6 << 20  # default part and range size
 # put_stream holds up to this much to decide between one PUT and a multipart upload, so it
 # is also a bound on the memory a stream takes: two parts.
 MULTIPART_THRESHOLD = 2 * PART_SIZE
