@@ -1,17 +1,21 @@
 """What segments (§4) and snapshots (§5) share: the checks of their magic, version, flags
-and page size, the proof that a body is exactly one zstd frame, and bounded decompression.
+and page size, the proof that a body is exactly one zstd frame, bounded decompression, and
+reading an object in one pass as it downloads.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import zstandard
 
 from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.fields import U64_MAX, valid_page_size
+
+T = TypeVar("T")
 
 SHA_LEN = 32  # both kinds of object end with the SHA-256 of all that comes before it
 _VERSION_END = 10  # magic + version: all a reader needs to refuse an object it cannot parse
@@ -204,17 +208,43 @@ class Sequential:
         self._hasher.shutdown(wait=False)
 
 
+def held_back(items: Iterable[T]) -> Iterator[T]:
+    """``items``, each handed out once the next is made and the last once ``items`` has
+    ended: the checks an iterator makes after its last item come before that item is."""
+    held: T | None = None
+    for item in items:
+        if held is not None:
+            yield held
+        held = item
+    if held is not None:
+        yield held
+
+
 class StreamedBody:
     """An object's body as a file for the decompressor: each byte hashed and walked
-    (:class:`container.FrameWalker`) before the decompressor sees it."""
+    (:class:`FrameWalker`) before the decompressor sees it.  The object ends with a footer of
+    ``footer_length`` bytes: fields hashed with the rest, then the SHA-256 of all before it;
+    ``footer``, when given, is that footer as read beforehand."""
 
     def __init__(
-        self, src: Sequential, length: int, walker: FrameWalker, key: str
+        self,
+        src: Sequential,
+        length: int,
+        raw_length: int,
+        size: int,
+        key: str,
+        *,
+        footer_length: int = SHA_LEN,
+        footer: bytes | None = None,
     ) -> None:
         self._src = src
         self._left = length
-        self._walker = walker
+        self._walker = FrameWalker(length, raw_length, key)
+        self._size = size
         self._key = key
+        self._footer_length = footer_length
+        self._footer = footer
+        self._hashed = False  # the whole object (but its SHA-256) went through the hash
 
     def read(self, n: int = -1) -> bytes:
         n = self._left if n < 0 else min(n, self._left)
@@ -226,12 +256,47 @@ class StreamedBody:
         self._walker.feed(data)
         return data
 
-    def drain(self) -> None:
-        """Pass over what the decompressor left unread (a frame checksum)."""
-        while self.read(CHUNK):
+    def finish(self) -> None:
+        """The decompressor is done: check the frame ends with the body, the object's size,
+        the footer read beforehand, and the SHA-256."""
+        while self.read(CHUNK):  # what the decompressor left unread (a frame checksum)
             pass
+        self._walker.end()
+        fields = self._hash_fields()
+        digest = self._src.digest()
+        stored = fields + self._src.read(SHA_LEN + 1)
+        if len(stored) != self._footer_length:
+            raise CorruptObject(self._key, f"object is not {self._size} bytes")
+        if self._footer is not None and stored != self._footer:
+            raise CorruptObject(self._key, "footer changed while the object was read")
+        if digest != stored[-SHA_LEN:]:
+            raise CorruptObject(self._key, "sha256 mismatch")
 
-    def skip(self) -> None:
+    def checked(self, items: Iterable[T]) -> Iterator[T]:
+        """``items`` decoded from this body (an iterator that calls :meth:`finish` after its
+        last item), the last held back until they have ended.  A damaged object is named as
+        such (sha256 mismatch), not by the first symptom the stream met."""
+        try:
+            yield from held_back(items)
+        except CorruptObject:
+            if self._hashed:  # finish() read the SHA-256: its verdict stands
+                raise
+            self._skip()
+            self._hash_fields()
+            known = self._footer  # read beforehand: the object whose header was checked
+            stored = known[-SHA_LEN:] if known is not None else self._src.read(SHA_LEN)
+            if self._src.digest() != stored:
+                raise CorruptObject(self._key, "sha256 mismatch") from None
+            raise
+
+    def _hash_fields(self) -> bytes:
+        """Read and hash the footer's fields before its SHA-256."""
+        fields = self._src.read(self._footer_length - SHA_LEN)
+        self._src.hash(fields)
+        self._hashed = True
+        return fields
+
+    def _skip(self) -> None:
         """Hash the rest of the body without walking it (a defect was found already)."""
         while self._left:
             data = self._src.read(min(CHUNK, self._left))

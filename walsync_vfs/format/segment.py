@@ -23,7 +23,6 @@ from walsync_vfs.format.checksum import Page
 from walsync_vfs.format.container import (
     CHUNK,
     SHA_LEN,
-    FrameWalker,
     Sequential,
     StreamedBody,
     check_flags_page_size,
@@ -705,66 +704,39 @@ def stream_part(
     if upto_txid is not None and entry.txid > upto_txid:
         return header, []
     src.hash(prefix)
-    walker = FrameWalker(head.body_length, head.raw_length, key)
-    body = StreamedBody(src, head.body_length, walker, key)
-
-    sha_read = False
-
-    def finish() -> None:
-        nonlocal sha_read
-        body.drain()
-        walker.end()
-        sha_read = True
-        digest, stored = src.digest(), src.read(SHA_LEN + 1)
-        if len(stored) != SHA_LEN:
-            raise CorruptObject(key, f"object is not {size} bytes")
-        if digest != stored:
-            raise CorruptObject(key, "sha256 mismatch")
-
-    def batches() -> Iterator[list[tuple[int, Page]]]:
-        try:
-            yield from _part_batches(header, body, finish, key)
-        except CorruptObject:
-            # A damaged object is named as such, not by the first symptom the stream met.
-            if sha_read:
-                raise
-            body.skip()
-            if src.digest() != src.read(SHA_LEN):
-                raise CorruptObject(key, "sha256 mismatch") from None
-            raise
-
-    pages = StreamedPages(entry.page_count, batches())
+    body = StreamedBody(src, head.body_length, head.raw_length, size, key)
+    pages = StreamedPages(entry.page_count, body.checked(_part_batches(header, body, key)))
     commit = Commit(entry.txid, entry.time_ns, entry.db_size, entry.checksum, pages, entry.wal)
     return header, [commit]
 
 
 def _part_batches(
-    header: SegmentHeader, body: StreamedBody, finish: Callable[[], None], key: str
+    header: SegmentHeader, body: StreamedBody, key: str
 ) -> Iterator[list[tuple[int, Page]]]:
-    """A part's (pgno, page) pairs a MiB at a time; the last batch waits for ``finish()``."""
+    """A part's (pgno, page) pairs a MiB at a time, then ``body.finish()``."""
     entry, page_size = header.index[0], header.page_size
     # zstandard only calls read() on a file-like source, and StreamedBody provides it.
     reader = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, body))
     n = entry.page_count
-    pgnos = struct.unpack(f">{n}I", read_exact(reader, 4 * n, key))
-    problem = _pgno_problem(pgnos, entry.db_size)
-    if problem:
-        raise CorruptObject(key, f"txid {entry.txid}: {problem}")
+    pgnos = _record_pgnos(read_exact(reader, 4 * n, key), 0, entry, key)
     per = CHUNK // page_size
-    held: list[tuple[int, Page]] | None = None
     for start in range(0, n, per):
         count = min(per, n - start)
         chunk = memoryview(read_exact(reader, count * page_size, key))
-        batch: list[tuple[int, Page]] = [
-            (pgnos[start + i], chunk[i * page_size : (i + 1) * page_size]) for i in range(count)
-        ]
-        if held is not None:
-            yield held
-        held = batch
+        yield [(pgnos[start + i], chunk[i * page_size : (i + 1) * page_size]) for i in range(count)]
     expect_end(reader, key)
-    finish()
-    if held is not None:
-        yield held
+    body.finish()
+
+
+def _record_pgnos(
+    record: bytes | memoryview, at: int, entry: IndexEntry, key: str
+) -> tuple[int, ...]:
+    """The page numbers that open ``entry``'s commit record at ``at`` (§4.3), checked."""
+    pgnos = struct.unpack_from(f">{entry.page_count}I", record, at)
+    problem = _pgno_problem(pgnos, entry.db_size)
+    if problem:
+        raise CorruptObject(key, f"txid {entry.txid}: {problem}")
+    return pgnos
 
 
 def _segment_commits(
@@ -779,12 +751,8 @@ def _segment_commits(
         expect_end(reader, key)
     pos = 0
     for entry, size in zip(entries, record_size, strict=True):
-        n = entry.page_count
-        pgnos = struct.unpack_from(f">{n}I", raw, pos)
-        problem = _pgno_problem(pgnos, entry.db_size)
-        if problem:
-            raise CorruptObject(key, f"txid {entry.txid}: {problem}")
-        first = pos + 4 * n
+        pgnos = _record_pgnos(raw, pos, entry, key)
+        first = pos + 4 * entry.page_count
         pages = tuple(
             (pgno, raw[first + i * header.page_size : first + (i + 1) * header.page_size])
             for i, pgno in enumerate(pgnos)

@@ -192,7 +192,7 @@ def read_snapshot(src: bytes | BinaryIO, key: str) -> tuple[SnapshotHeader, Iter
         raise CorruptObject(key, "sha256 mismatch")
     body = view[_SNAP_HEADER.size : -_SNAP_FOOTER.size]
     container.check_frame(body, header.db_size * header.page_size, key)
-    return header, _snapshot_pages(header, body, lambda: None, key)
+    return header, container.held_back(_snapshot_pages(header, body, lambda: None, key))
 
 
 def stream_snapshot(
@@ -211,70 +211,32 @@ def stream_snapshot(
     header = snapshot_header(head, footer, size, key)
     src.hash(head)
     body_length = size - _SNAP_HEADER.size - _SNAP_FOOTER.size
-    walker = container.FrameWalker(body_length, header.db_size * header.page_size, key)
-    body = container.StreamedBody(src, body_length, walker, key)
-
-    hashed = False  # the whole object (but the SHA-256 field) went through the hash
-
-    def hash_to_end() -> bytes:
-        nonlocal hashed
-        fields = src.read(_SNAP_FOOTER.size - SHA_LEN)
-        src.hash(fields)
-        hashed = True
-        return fields
-
-    def finish() -> None:
-        body.drain()
-        walker.end()
-        fields = hash_to_end()
-        digest = src.digest()
-        stored = fields + src.read(SHA_LEN)
-        if src.read(1) or len(stored) != _SNAP_FOOTER.size:
-            raise CorruptObject(key, f"object is not {size} bytes")
-        if stored != footer:
-            raise CorruptObject(key, "footer changed while the object was read")
-        if digest != footer[-SHA_LEN:]:
-            raise CorruptObject(key, "sha256 mismatch")
-
-    def pages() -> Iterator[Page]:
-        try:
-            # zstandard only calls read() on a file-like source, and StreamedBody provides it.
-            yield from _snapshot_pages(header, cast(BinaryIO, body), finish, key)
-        except CorruptObject:
-            # A damaged object is named as such, not by the first symptom the stream met.
-            if not hashed:
-                body.skip()
-                hash_to_end()
-                if src.digest() != footer[-SHA_LEN:]:
-                    raise CorruptObject(key, "sha256 mismatch") from None
-            raise
-
-    return header, pages()
+    raw_length = header.db_size * header.page_size
+    body = container.StreamedBody(
+        src, body_length, raw_length, size, key, footer_length=_SNAP_FOOTER.size, footer=footer
+    )
+    # zstandard only calls read() on a file-like source, and StreamedBody provides it.
+    return header, body.checked(_snapshot_pages(header, cast(BinaryIO, body), body.finish, key))
 
 
 def _snapshot_pages(
     header: SnapshotHeader, body: memoryview | BinaryIO, finish: Callable[[], None], key: str
 ) -> Iterator[Page]:
-    """The pages decompressed from ``body``; ``finish()`` checks what a streaming reader
-    checks at the end.  The last page is held back until everything checks out."""
+    """The pages decompressed from ``body``, then ``finish()`` (what a streaming reader checks
+    at the end) and the database checksum: held back (:func:`container.held_back`), the last
+    page comes only once everything checks out."""
     reader = zstandard.ZstdDecompressor().stream_reader(body)
     size = header.page_size
     checksum = 0
-    held: Page | None = None  # the latest page, released only once everything checks out
     for start in range(0, header.db_size, CHUNK // size):  # 1 MiB of pages per read
         count = min(CHUNK // size, header.db_size - start)
         chunk = memoryview(container.read_exact(reader, count * size, key))
         checksum ^= run_hash(start + 1, chunk, size)
         for i in range(count):
-            page = chunk[i * size : (i + 1) * size]
-            if held is not None:
-                yield held
-            held = page
+            yield chunk[i * size : (i + 1) * size]
     container.expect_end(reader, key)
     finish()
     if checksum != header.checksum:
         raise CorruptObject(
             key, f"database checksum {checksum:#018x}, footer says {header.checksum:#018x}"
         )
-    if held is not None:
-        yield held
