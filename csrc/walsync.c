@@ -74,6 +74,9 @@ SQLITE_EXTENSION_INIT1
 #define WS_CLOSE 4  /* last connection closed the db */
 
 #define WAL_HDR 32
+/* A lingering consumer reads the frames of queued commits once this many bytes
+** of them wait, so a WAL restart rarely finds any left for the writer to read. */
+#define WS_READ_AHEAD ((sqlite3_int64)256 << 10)
 #define FRAME_HDR 24
 
 /* Position in the WAL checksum chain after the last published commit.  Only
@@ -112,7 +115,8 @@ struct ws_rec {
   struct WsDb *pDb;
   WsChain chain;          /* COMMIT: chain state the frames must continue */
   uint32_t endCk[2];      /* COMMIT: checksum stored in its commit frame */
-  unsigned char *aFrames; /* COMMIT: its frames (NULL if they could not be read) */
+  unsigned char *aFrames; /* COMMIT: its frames (NULL if they could not be read), */
+  union WsBlock *pBlock;  /* inside this block, shared with the commits read with it */
   int bRead;              /* COMMIT: the read of its frames was done (by either side) */
   void *pIndex;           /* COMMIT: block holding pgnos and pages */
 };
@@ -204,6 +208,10 @@ static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
 static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
 static int gWaiting = 0, gWake = 0;
+/* The consumer lingers (ws_drain); bytes of commits queued since it last read ahead. */
+static int gLinger = 0;
+static sqlite3_int64 gUnread = 0;
+static ws_rec *gSeen = 0; /* the last queued record readAhead() looked at */
 
 static pthread_cond_t gDone = PTHREAD_COND_INITIALIZER; /* some db's nPending hit 0 */
 
@@ -303,6 +311,10 @@ static void enqueue(WsDb *pDb, ws_rec *r) {
   else gHead = r;
   gTail = r;
   if (gWaiting) pthread_cond_signal(&gCond);
+  if (r->kind == WS_COMMIT) {
+    gUnread += (sqlite3_int64)(r->frame_end - r->frame_start) * (FRAME_HDR + r->page_size);
+    if (gLinger && gUnread >= WS_READ_AHEAD) pthread_cond_signal(&gCond);
+  }
   pthread_mutex_unlock(&gMutex);
 }
 
@@ -1027,27 +1039,37 @@ static int writeFull(int fd, const unsigned char *a, sqlite3_int64 n, sqlite3_in
   return 0;
 }
 
-/* Read a commit's frames, through pFile (the writer's WAL handle) if given,
-** else from fd: into r->aFrames, or for a commit bigger than gBigBytes, a
-** chunk at a time into a spool file (r->spool_fd), so no commit is ever held
-** in memory whole.  Neither is set if that failed (then a GAP follows). */
-static void readFrames(ws_rec *r, sqlite3_file *pFile, int fd) {
-  sqlite3_int64 szFrame = FRAME_HDR + r->chain.szPage, done, m, big;
-  sqlite3_int64 n = (sqlite3_int64)(r->frame_end - r->frame_start) * szFrame;
-  sqlite3_int64 off = WAL_HDR + (sqlite3_int64)r->frame_start * szFrame;
-  unsigned char *a;
-  big = __atomic_load_n(&r->pDb->nBig, __ATOMIC_RELAXED);
-  big = big ? big : WS_BIG_DEFAULT;
-  if (n <= big) {
-    a = malloc((size_t)n);
-    if (a && readAt(pFile, fd, a, n, off)) {
-      free(a);
-      a = 0;
-    }
-    r->aFrames = a;
-    return;
-  }
-  a = malloc((size_t)WS_CHUNK);
+/* Frames of consecutive commits read with one call: the bytes follow the
+** header, and the block is freed with the last commit pointing into it.  Only
+** the consumer thread frees records, so the count needs no atomics. */
+typedef union WsBlock WsBlock;
+union WsBlock {
+  uint32_t nRef;
+  int64_t align_; /* the bytes after it start 8-byte aligned */
+};
+
+static void releaseFrames(ws_rec *r) {
+  if (r->pBlock && --r->pBlock->nRef == 0) free(r->pBlock);
+  r->pBlock = 0;
+  r->aFrames = 0;
+}
+
+static sqlite3_int64 frameBytes(const ws_rec *r) {
+  return (sqlite3_int64)(r->frame_end - r->frame_start) * (FRAME_HDR + r->chain.szPage);
+}
+
+/* A commit over this many bytes is copied to a spool file, never held in memory. */
+static sqlite3_int64 bigBytes(WsDb *pDb) {
+  sqlite3_int64 big = __atomic_load_n(&pDb->nBig, __ATOMIC_RELAXED);
+  return big ? big : WS_BIG_DEFAULT;
+}
+
+/* Copy a big commit's frames, a chunk at a time, through pFile if given, else
+** from fd, into a spool file (r->spool_fd, -1 if that failed). */
+static void spoolFrames(ws_rec *r, sqlite3_file *pFile, int fd) {
+  sqlite3_int64 n = frameBytes(r), done, m;
+  sqlite3_int64 off = WAL_HDR + (sqlite3_int64)r->frame_start * (FRAME_HDR + r->chain.szPage);
+  unsigned char *a = malloc((size_t)WS_CHUNK);
   r->spool_fd = a ? spoolOpen() : -1;
   for (done = 0; r->spool_fd >= 0 && done < n; done += m) {
     m = n - done < WS_CHUNK ? n - done : WS_CHUNK;
@@ -1057,6 +1079,69 @@ static void readFrames(ws_rec *r, sqlite3_file *pFile, int fd) {
     }
   }
   free(a);
+}
+
+static int unreadCommit(const ws_rec *r, const WsDb *pDb) {
+  return r && r->pDb == pDb && r->kind == WS_COMMIT && !r->bRead;
+}
+
+/* Claim commit r and the unread commits of its database right after it in the
+** list that continue it in the same WAL, up to the big-commit bound in all (a
+** big commit alone): marks them read, sets *pBytes to their frames' size and
+** returns how many.  Called where the list cannot change (gMutex held, or a
+** detached list). */
+static uint32_t claimRun(ws_rec *r, sqlite3_int64 *pBytes) {
+  sqlite3_int64 big = bigBytes(r->pDb), n = frameBytes(r);
+  ws_rec *q = r, *p = r->next;
+  uint32_t nRec = 1;
+  r->bRead = 1;
+  for (; n <= big && unreadCommit(p, r->pDb) && p->frame_start == q->frame_end && p->salt1 == r->salt1 &&
+         p->salt2 == r->salt2 && n + frameBytes(p) <= big;
+       q = p, p = p->next) {
+    p->bRead = 1;
+    n += frameBytes(p);
+    nRec++;
+  }
+  *pBytes = n;
+  return nRec;
+}
+
+/* Read the frames of the nRec commits claimRun() claimed from r on, with one
+** read (through pFile, the writer's WAL handle, if given, else from fd) into
+** one block: one system call per run of small commits instead of one per
+** commit.  A big commit goes to a spool file instead.  Neither aFrames nor
+** spool_fd is set where the read failed (a GAP follows).  Walks nRec records,
+** never past them: the last may be the queue's tail, which a writer extends. */
+static void readClaimed(ws_rec *r, uint32_t nRec, sqlite3_int64 n, sqlite3_file *pFile, int fd) {
+  sqlite3_int64 at = 0;
+  WsBlock *pBlock;
+  uint32_t i;
+  if (n > bigBytes(r->pDb)) {
+    spoolFrames(r, pFile, fd);
+    return;
+  }
+  pBlock = malloc(sizeof(WsBlock) + (size_t)n);
+  if (pBlock && readAt(pFile, fd, (unsigned char *)(pBlock + 1), n,
+                       WAL_HDR + (sqlite3_int64)r->frame_start * (FRAME_HDR + r->chain.szPage))) {
+    free(pBlock);
+    pBlock = 0;
+  }
+  if (!pBlock) return;
+  pBlock->nRef = nRec;
+  for (i = 0; i < nRec; i++, r = r->next) {
+    r->pBlock = pBlock;
+    r->aFrames = (unsigned char *)(pBlock + 1) + at;
+    at += frameBytes(r);
+  }
+}
+
+/* claimRun() and readClaimed() in one, where nothing else touches the list;
+** returns how many commits were read. */
+static uint32_t readRun(ws_rec *r, sqlite3_file *pFile, int fd) {
+  sqlite3_int64 n;
+  uint32_t nRec = claimRun(r, &n);
+  readClaimed(r, nRec, n, pFile, fd);
+  return nRec;
 }
 
 /* One of pDb's queued commits has its frames in memory now: wake writers in
@@ -1073,15 +1158,36 @@ static void commitRead(WsDb *pDb) {
 /* Read the frames of pDb's queued commits nobody has read yet, through pWal
 ** or fd (gMutex held). */
 static void readQueued(WsDb *pDb, sqlite3_file *pWal, int fd) {
-  ws_rec *r;
-  for (r = gHead; r; r = r->next) {
-    if (r->pDb == pDb && r->kind == WS_COMMIT && !r->bRead) {
-      readFrames(r, pWal, fd);
-      r->bRead = 1;
+  ws_rec *r = gHead;
+  uint32_t n;
+  while (r) {
+    if (!unreadCommit(r, pDb)) {
+      r = r->next;
+      continue;
+    }
+    for (n = readRun(r, pWal, fd); n > 0; n--, r = r->next) {
       __atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
     }
   }
   if (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) readTo(pDb);
+}
+
+/* The consumer's descriptor for pDb's WAL (-1 if it cannot be opened): closed
+** when the WAL may be another file now, opened again if bOpen. */
+static int consumerWal(WsDb *pDb, int bOpen) {
+  if (__atomic_exchange_n(&pDb->bReopen, 0, __ATOMIC_ACQ_REL) && pDb->walFd >= 0) {
+    close(pDb->walFd);
+    pDb->walFd = -1;
+  }
+  if (pDb->walFd < 0 && bOpen) {
+    char *zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
+    /* No atime updates: the WAL changes all the time, so under relatime every read
+    ** would otherwise cost a journaled inode update.  O_NOATIME needs the file's owner. */
+    if (zWal) pDb->walFd = open(zWal, O_RDONLY | O_CLOEXEC | O_NOATIME);
+    if (zWal && pDb->walFd < 0 && errno == EPERM) pDb->walFd = open(zWal, O_RDONLY | O_CLOEXEC);
+    sqlite3_free(zWal);
+  }
+  return pDb->walFd;
 }
 
 /* Consumer side of a COMMIT: read its frames from the WAL file, verify that
@@ -1097,22 +1203,9 @@ static void prepareCommit(ws_rec *r) {
   const unsigned char *aF;
   unsigned char *aBuf = 0;
   PageRef *aRef = 0;
-  if (__atomic_exchange_n(&pDb->bReopen, 0, __ATOMIC_ACQ_REL) && pDb->walFd >= 0) {
-    close(pDb->walFd);
-    pDb->walFd = -1;
-  }
-  if (pDb->walFd < 0 && !r->bRead) {
-    char *zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
-    /* No atime updates: the WAL changes all the time, so under relatime every read
-    ** would otherwise cost a journaled inode update.  O_NOATIME needs the file's owner. */
-    if (zWal) pDb->walFd = open(zWal, O_RDONLY | O_CLOEXEC | O_NOATIME);
-    if (zWal && pDb->walFd < 0 && errno == EPERM) pDb->walFd = open(zWal, O_RDONLY | O_CLOEXEC);
-    sqlite3_free(zWal);
-  }
-  if (!r->bRead) {
-    readFrames(r, 0, pDb->walFd);
-    r->bRead = 1;
-    commitRead(pDb);
+  consumerWal(pDb, !r->bRead);
+  if (!r->bRead) { /* it and the unread commits after it: one read */
+    for (k = readRun(r, 0, pDb->walFd); k > 0; k--) commitRead(pDb);
   }
   if (!r->aFrames && r->spool_fd < 0) goto gap;
   aF = r->aFrames;
@@ -1172,8 +1265,7 @@ gap: /* every jump here comes after the read above */
   free(aRef);
   r->pages = 0;
   r->frames = 0;
-  free(r->aFrames);
-  r->aFrames = 0;
+  releaseFrames(r);
   if (r->spool_fd >= 0) close(r->spool_fd);
   r->spool_fd = -1;
   r->kind = WS_GAP;
@@ -1766,7 +1858,7 @@ int ws_open_count(void) {
 
 static void freeRecord(ws_rec *r) {
   if (r->spool_fd >= 0) close(r->spool_fd); /* unless Python took it */
-  free(r->aFrames);
+  releaseFrames(r);
   free(r->pIndex);
   free(r);
 }
@@ -1778,13 +1870,13 @@ static ws_batch *takeBatches(void) {
   ws_batch *head = 0, **pTail = &head;
   pthread_mutex_lock(&gMutex);
   r = gHead;
-  gHead = gTail = 0;
+  gHead = gTail = gSeen = 0;
   pthread_mutex_unlock(&gMutex);
   for (; r; r = next) {
     ws_batch *b = r->pDb->pBatch; /* only this thread touches pBatch */
     next = r->next;
+    if (r->kind == WS_COMMIT) prepareCommit(r); /* may read the commits after it too */
     r->next = 0;
-    if (r->kind == WS_COMMIT) prepareCommit(r);
     if (!b) {
       b = &r->pDb->batch;
       memset(b, 0, sizeof(*b));
@@ -1822,6 +1914,30 @@ static void freeBatches(ws_batch *b) {
   }
 }
 
+/* While the consumer lingers: read the frames of the queued commits nobody has
+** read yet, a run at a time, so that the writer finds them read when it
+** restarts the WAL (waitConsumed) instead of reading them itself.  gMutex is
+** held on entry and exit, and dropped while reading: the writer's commits go
+** on meanwhile, and a writer about to overwrite the WAL waits for the run in
+** hand (it is pending until commitRead). */
+static void readAhead(void) {
+  ws_rec *r = gSeen ? gSeen->next : gHead, *q;
+  sqlite3_int64 n;
+  uint32_t nRec, i;
+  gUnread = 0;
+  for (; r; gSeen = r, r = r->next) {
+    WsDb *pDb = r->pDb;
+    if (!unreadCommit(r, pDb)) continue;
+    nRec = claimRun(r, &n);
+    pthread_mutex_unlock(&gMutex);
+    readClaimed(r, nRec, n, 0, consumerWal(pDb, 1));
+    for (i = 0; i < nRec; i++) commitRead(pDb);
+    pthread_mutex_lock(&gMutex);
+    for (q = r, i = 1; i < nRec; i++) q = q->next;
+    r = q;
+  }
+}
+
 /* The consumer's whole cycle in one call, so the GIL is released once per
 ** drain rather than once per step: free the previous drain's batches, linger
 ** linger_us if it returned any (commits queue up meanwhile, so a busy writer
@@ -1836,8 +1952,12 @@ ws_batch *ws_drain(int timeout_ms, int linger_us) {
   if (bLinger) { /* a writer waiting in waitConsumed() cuts it short */
     struct timespec ts = deadlineIn((int64_t)linger_us * 1000);
     pthread_mutex_lock(&gMutex);
-    while (!gWake && pthread_cond_timedwait(&gCond, &gMutex, &ts) != ETIMEDOUT) {
+    gLinger = 1;
+    while (!gWake) {
+      if (gUnread >= WS_READ_AHEAD) readAhead();
+      else if (pthread_cond_timedwait(&gCond, &gMutex, &ts) == ETIMEDOUT) break;
     }
+    gLinger = 0;
     pthread_mutex_unlock(&gMutex);
   }
   if (timeout_ms != 0) waitForRecords(timeout_ms);
@@ -2109,7 +2229,9 @@ static void forkChild(void) {
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);
   gHead = gTail = 0; /* the parent's records stay the parent's */
-  gWaiting = gWake = 0;
+  gWaiting = gWake = gLinger = 0;
+  gUnread = 0;
+  gSeen = 0;
   pthread_mutexattr_init(&ma);
   pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
   for (i = 0; i < gnDb; i++) {

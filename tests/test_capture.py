@@ -255,6 +255,21 @@ def test_wal_truncate_with_queued_commits(db):
     f.assert_identical(con)
 
 
+
+def test_small_commits_queued_across_wal_restarts(db):
+    """Hundreds of small commits queued while the consumer is busy: each WAL restart reads
+    the frames of those still unread in runs, one read per run, and every commit replays
+    exactly, through restarts that reuse the frames they were read from."""
+    con, f = db
+    con.execute("PRAGMA wal_autocheckpoint=50")
+    stall_consumer(con, f, 1.5)
+    for i in range(400):
+        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (100 + i % 700,))
+        if i % 97 == 0:
+            con.execute("UPDATE t SET v = randomblob(3000) WHERE id % 7 = ?", (i % 7,))
+    assert len(f.catch_up()) == 400 + 5 + 5 + 1  # stall_consumer's 6 commits, the UPDATEs
+    f.assert_identical(con)
+
 def test_last_close_with_queued_commits(db):
     """Closing the last connection checkpoints and deletes the WAL: queued commits are read
     before that, and replay onto the copy gives the closed database."""
