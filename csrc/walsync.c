@@ -1286,6 +1286,10 @@ static void waitConsumed(WsDb *pDb, sqlite3_file *pWal) {
   if (!pDb || __atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) return;
   pthread_mutex_lock(&gMutex);
   if (pWal) readQueued(pDb, pWal, -1);
+  if (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) { /* the consumer lingers on */
+    pthread_mutex_unlock(&gMutex);
+    return;
+  }
   ts = deadlineIn(2000000000);
   pDb->nWaiter++;
   gWake = 1; /* a lingering consumer goes on at once */

@@ -71,12 +71,23 @@ class _ThreadCodecs(threading.local):
 _codecs = _ThreadCodecs()
 
 
-def _compress(data: bytes | memoryview, level: int) -> bytes:
+def _compressor(level: int) -> zstandard.ZstdCompressor:
     compressors = _codecs.compressors
     compressor = compressors.get(level)
     if compressor is None:
         compressor = compressors[level] = zstandard.ZstdCompressor(level=level)
-    return compressor.compress(data)
+    return compressor
+
+
+def _compress(pieces: Sequence[bytes | memoryview], raw_length: int, level: int) -> list[bytes]:
+    """``pieces`` compressed as one frame that declares ``raw_length`` (their total), in
+    chunks.  Never joined first: a join is a copy made holding the GIL, which stops the
+    application's threads, while the compressor releases it."""
+    compressor = _compressor(level)
+    if len(pieces) == 1:
+        return [compressor.compress(pieces[0])]
+    stream = compressor.compressobj(size=raw_length)
+    return [*(stream.compress(piece) for piece in pieces), stream.flush()]
 
 
 def _segment_reader(body: memoryview) -> zstandard.ZstdDecompressionReader:
@@ -460,21 +471,17 @@ def _seal_segment(
 ) -> bytes:
     """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4).
 
-    Shared by encoding commits and merging segments, so both produce the same bytes.  One
-    shot over the joined records: streaming them into the compressor would keep zstd's
-    streaming window buffer resident.
+    Shared by encoding commits and merging segments, so both produce the same bytes.  The
+    records are compressed where they are: the one copy made holding the GIL is the
+    object's own bytes.
     """
-    # One piece (a run of packed commits) is compressed where it is, without a copy.
-    raw_body = records[0] if len(records) == 1 else b"".join(records)
-    raw_length = len(raw_body)
-    body = _compress(raw_body, level)
-    del raw_body  # hold one copy of the records at a time
-    head = _segment_head(page_size, first, last, len(body), raw_length, None)
+    raw_length = sum(len(r) for r in records)
+    body = _compress(records, raw_length, level)
+    head = _segment_head(page_size, first, last, sum(len(b) for b in body), raw_length, None)
     digest = hashlib.sha256(head)
-    for entry in index:
-        digest.update(entry)
-    digest.update(body)
-    return b"".join((head, *index, body, digest.digest()))
+    for piece in (*index, *body):
+        digest.update(piece)
+    return b"".join((head, *index, *body, digest.digest()))
 
 
 _Row = tuple[int, int, int, int, int, int, int, int]  # one index entry, version 2 fields
