@@ -50,7 +50,10 @@ _E = TypeVar("_E", bound=tuple[Any, ...])  # an entry whose first item is a Data
 
 
 def is_small(raw_bytes: int, max_segment_bytes: int) -> bool:
-    """Whether a segment of ``raw_bytes`` page bytes is one compaction merges."""
+    """Whether a segment of ``raw_bytes`` page bytes is one compaction merges.  Pending
+    bytes past that ship at once, without waiting for the upload interval: such a segment
+    is never merged again, and a busy writer's uploads then overlap the writes that follow
+    instead of all falling on the next flush."""
     return raw_bytes < max_segment_bytes // 4
 
 
@@ -160,7 +163,8 @@ class UploadState:
             self.quiet = now - self.arrived_at >= cfg.upload_interval / 4
         self.arrived_at = now
         self.pending += items
-        return first or (grown >= cfg.max_segment_bytes > self.pending_bytes)
+        limit = cfg.max_segment_bytes
+        return first or (not is_small(grown, limit) and is_small(self.pending_bytes, limit))
 
     @property
     def memory(self) -> int:
@@ -207,12 +211,12 @@ class UploadClock:
             up.tokens = s.upload_burst
         up.token_time = now
         at = up.next_attempt
-        # A full segment waits for nothing, nor does a backlog of encoded segments (left by
-        # an outage or read back from the spool): catching up must not take one interval
-        # per segment.
+        # A segment compaction would not merge waits for nothing, nor does a backlog of
+        # encoded segments (left by an outage or read back from the spool): catching up
+        # must not take one interval per segment.
         urgent = (
             self.flushers
-            or up.pending_bytes >= s.max_segment_bytes
+            or not is_small(up.pending_bytes, s.max_segment_bytes)
             or len(up.outbox) > 1
         )
         # Burst tokens are for a commit that follows a quiet spell (the first after idle
