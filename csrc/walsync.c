@@ -1116,7 +1116,7 @@ static void readClaimed(ws_rec *r, uint32_t nRec, sqlite3_int64 n, sqlite3_file 
   sqlite3_int64 at = 0;
   WsBlock *pBlock;
   uint32_t i;
-  if (n > bigBytes(r->pDb)) {
+  if (nRec == 1 && n > bigBytes(r->pDb)) { /* a run of several always fits in memory */
     spoolFrames(r, pFile, fd);
     return;
   }

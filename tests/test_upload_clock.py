@@ -121,6 +121,20 @@ def test_a_full_segment_is_urgent() -> None:
     assert clock.ship_time(db, 10.2) == 0.0
 
 
+def test_a_segment_compaction_leaves_alone_ships_before_the_tick_not_before_a_tenth() -> None:
+    """A quarter of max_segment_bytes pending: no wait for the tick, but a tenth of an
+    interval after the last upload at the earliest; a commit that brings a database there
+    makes the uploader look at it."""
+    clock, db = paced(max_segment_bytes=8 * PAGE)
+    assert clock.ship_time(db, 10.05) == pytest.approx(11.1)  # one page: small, waits
+    db.upload.pending_bytes = 2 * PAGE
+    assert clock.ship_time(db, 10.05) == pytest.approx(10.1)
+    assert clock.ship_time(db, 10.5) == pytest.approx(10.1)  # due already
+    assert db.upload.queue([], 3 * PAGE, 10.5, db.cfg) is False  # past the mark before
+    db.upload.pending_bytes = PAGE
+    assert db.upload.queue([], 2 * PAGE, 10.5, db.cfg) is True  # reaches it
+
+
 def test_a_waiting_flush_makes_every_upload_urgent() -> None:
     clock, db = paced()
     clock.flushers = 1

@@ -51,9 +51,9 @@ _E = TypeVar("_E", bound=tuple[Any, ...])  # an entry whose first item is a Data
 
 def is_small(raw_bytes: int, max_segment_bytes: int) -> bool:
     """Whether a segment of ``raw_bytes`` page bytes is one compaction merges.  Pending
-    bytes past that ship at once, without waiting for the upload interval: such a segment
-    is never merged again, and a busy writer's uploads then overlap the writes that follow
-    instead of all falling on the next flush."""
+    bytes past that ship without waiting for the upload clock's tick (see ship_time): such
+    a segment is never merged again, and a busy writer's uploads then overlap the writes
+    that follow instead of all falling on the next flush."""
     return raw_bytes < max_segment_bytes // 4
 
 
@@ -211,12 +211,12 @@ class UploadClock:
             up.tokens = s.upload_burst
         up.token_time = now
         at = up.next_attempt
-        # A segment compaction would not merge waits for nothing, nor does a backlog of
-        # encoded segments (left by an outage or read back from the spool): catching up
-        # must not take one interval per segment.
+        # A full segment waits for nothing, nor does a backlog of encoded segments (left by
+        # an outage or read back from the spool): catching up must not take one interval
+        # per segment.
         urgent = (
             self.flushers
-            or not is_small(up.pending_bytes, s.max_segment_bytes)
+            or up.pending_bytes >= s.max_segment_bytes
             or len(up.outbox) > 1
         )
         # Burst tokens are for a commit that follows a quiet spell (the first after idle
@@ -228,7 +228,12 @@ class UploadClock:
         # at most a tenth of an interval per upload: never two uploads within an interval,
         # and a commit waits at most 1.1 intervals.
         interval = s.upload_interval
-        if interval > 0 and not urgent and not (up.quiet and up.tokens >= 1):
+        if interval > 0 and not urgent and not is_small(up.pending_bytes, s.max_segment_bytes):
+            # A segment compaction will not merge ships without waiting for the clock's
+            # tick, but at most ten times an interval: each upload costs the writer's
+            # threads a few GIL hand-offs, however few bytes it carries.
+            at = max(at, up.shipped_at + interval / 10)
+        elif interval > 0 and not urgent and not (up.quiet and up.tokens >= 1):
             target = up.shipped_at + interval
             phase = self.phase * interval
             tick = math.ceil((target - phase) / interval - 1e-9) * interval + phase
