@@ -270,6 +270,18 @@ def test_small_commits_queued_across_wal_restarts(db):
     assert len(f.catch_up()) == 400 + 5 + 5 + 1  # stall_consumer's 6 commits, the UPDATEs
     f.assert_identical(con)
 
+
+def test_commits_read_ahead_while_the_consumer_lingers(db):
+    """A busy writer: after each drain the consumer lingers, reading ahead the frames of the
+    commits queued meanwhile (a few hundred KiB at a time) while the WAL restarts under it;
+    every commit replays exactly."""
+    con, f = db
+    con.execute("PRAGMA wal_autocheckpoint=100")
+    for i in range(3000):
+        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (200 + i % 3000,))
+    assert len(f.catch_up()) == 3000
+    f.assert_identical(con)
+
 def test_last_close_with_queued_commits(db):
     """Closing the last connection checkpoints and deletes the WAL: queued commits are read
     before that, and replay onto the copy gives the closed database."""
