@@ -296,6 +296,15 @@ static int frameValid(const WsChain *pC, const unsigned char *h, uint32_t *ck) {
   return 1;
 }
 
+/* Where commit r's frames are in its WAL, and how many bytes they take. */
+static sqlite3_int64 frameOffset(const ws_rec *r) {
+  return WAL_HDR + (sqlite3_int64)r->frame_start * (FRAME_HDR + r->chain.szPage);
+}
+
+static sqlite3_int64 frameBytes(const ws_rec *r) {
+  return (sqlite3_int64)(r->frame_end - r->frame_start) * (FRAME_HDR + r->chain.szPage);
+}
+
 /* Append r to the queue, numbering it in its database's sequence. */
 static void enqueue(WsDb *pDb, ws_rec *r) {
   pthread_mutex_lock(&gMutex);
@@ -312,7 +321,7 @@ static void enqueue(WsDb *pDb, ws_rec *r) {
   gTail = r;
   if (gWaiting) pthread_cond_signal(&gCond);
   if (r->kind == WS_COMMIT) {
-    gUnread += (sqlite3_int64)(r->frame_end - r->frame_start) * (FRAME_HDR + r->page_size);
+    gUnread += frameBytes(r);
     if (gLinger && gUnread >= WS_READ_AHEAD) pthread_cond_signal(&gCond);
   }
   pthread_mutex_unlock(&gMutex);
@@ -1054,10 +1063,6 @@ static void releaseFrames(ws_rec *r) {
   r->aFrames = 0;
 }
 
-static sqlite3_int64 frameBytes(const ws_rec *r) {
-  return (sqlite3_int64)(r->frame_end - r->frame_start) * (FRAME_HDR + r->chain.szPage);
-}
-
 /* A commit over this many bytes is copied to a spool file, never held in memory. */
 static sqlite3_int64 bigBytes(WsDb *pDb) {
   sqlite3_int64 big = __atomic_load_n(&pDb->nBig, __ATOMIC_RELAXED);
@@ -1067,8 +1072,7 @@ static sqlite3_int64 bigBytes(WsDb *pDb) {
 /* Copy a big commit's frames, a chunk at a time, through pFile if given, else
 ** from fd, into a spool file (r->spool_fd, -1 if that failed). */
 static void spoolFrames(ws_rec *r, sqlite3_file *pFile, int fd) {
-  sqlite3_int64 n = frameBytes(r), done, m;
-  sqlite3_int64 off = WAL_HDR + (sqlite3_int64)r->frame_start * (FRAME_HDR + r->chain.szPage);
+  sqlite3_int64 n = frameBytes(r), off = frameOffset(r), done, m;
   unsigned char *a = malloc((size_t)WS_CHUNK);
   r->spool_fd = a ? spoolOpen() : -1;
   for (done = 0; r->spool_fd >= 0 && done < n; done += m) {
@@ -1095,7 +1099,7 @@ static uint32_t claimRun(ws_rec *r, sqlite3_int64 *pBytes) {
   ws_rec *q = r, *p = r->next;
   uint32_t nRec = 1;
   r->bRead = 1;
-  for (; n <= big && unreadCommit(p, r->pDb) && p->frame_start == q->frame_end && p->salt1 == r->salt1 &&
+  for (; unreadCommit(p, r->pDb) && p->frame_start == q->frame_end && p->salt1 == r->salt1 &&
          p->salt2 == r->salt2 && n + frameBytes(p) <= big;
        q = p, p = p->next) {
     p->bRead = 1;
@@ -1121,8 +1125,7 @@ static void readClaimed(ws_rec *r, uint32_t nRec, sqlite3_int64 n, sqlite3_file 
     return;
   }
   pBlock = malloc(sizeof(WsBlock) + (size_t)n);
-  if (pBlock && readAt(pFile, fd, (unsigned char *)(pBlock + 1), n,
-                       WAL_HDR + (sqlite3_int64)r->frame_start * (FRAME_HDR + r->chain.szPage))) {
+  if (pBlock && readAt(pFile, fd, (unsigned char *)(pBlock + 1), n, frameOffset(r))) {
     free(pBlock);
     pBlock = 0;
   }

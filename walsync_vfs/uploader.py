@@ -228,12 +228,14 @@ class UploadClock:
         # at most a tenth of an interval per upload: never two uploads within an interval,
         # and a commit waits at most 1.1 intervals.
         interval = s.upload_interval
-        if interval > 0 and not urgent and not is_small(up.pending_bytes, s.max_segment_bytes):
+        if interval <= 0 or urgent:
+            return at
+        if not is_small(up.pending_bytes, s.max_segment_bytes):
             # A segment compaction will not merge ships without waiting for the clock's
             # tick, but at most ten times an interval: each upload costs the writer's
             # threads a few GIL hand-offs, however few bytes it carries.
-            at = max(at, up.shipped_at + interval / 10)
-        elif interval > 0 and not urgent and not (up.quiet and up.tokens >= 1):
+            return max(at, up.shipped_at + interval / 10)
+        if not (up.quiet and up.tokens >= 1):
             target = up.shipped_at + interval
             phase = self.phase * interval
             tick = math.ceil((target - phase) / interval - 1e-9) * interval + phase
