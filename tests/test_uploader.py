@@ -11,7 +11,7 @@ import time
 import apsw
 
 import walsync_vfs
-from walsync_vfs import catalog, storage, uploader
+from walsync_vfs import catalog, format, storage, uploader
 
 
 def segments(url: str, name: str) -> list[str]:
@@ -147,3 +147,41 @@ def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
     for i, con in enumerate(cons):
         assert len(segments(file_replica, f"q{i}.db")) >= 2  # the CREATE's and the INSERT's
         con.close()
+
+
+def test_data_that_does_not_compress_is_encoded_at_the_fast_level(file_replica, tmp_path):
+    """Random blobs: after one segment at level 1 saves under a tenth, the next ones use the
+    fast level (level 1 would spend three times the CPU to save nothing); text: after one
+    fast segment saves over a fifth, level 1 again.  Each segment's level is read off its
+    bytes: they equal what encode_segment makes of its records, as the capture hands them
+    over (one block), at that level and only at it."""
+    walsync_vfs.configure(upload_interval=60.0, max_segment_bytes=1 << 20)
+    try:
+        con = apsw.Connection(str(tmp_path / "mixed.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        before = len(segments(file_replica, "mixed.db"))
+        rows = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {})"
+        random_rows = rows.format(400) + " INSERT INTO t SELECT randomblob(1000) FROM n"
+        text_rows = rows.format(8000) + (
+            " INSERT INTO t SELECT printf('user %d signed up from the web app', i) FROM n"
+        )
+        for sql in (random_rows, random_rows, text_rows, text_rows):
+            con.execute(sql)  # over a quarter segment: shipped as it is, never merged
+            walsync_vfs.flush(timeout=30)
+        con.close()
+        client = storage.open_replica(file_replica)
+        levels = []
+        for key in segments(file_replica, "mixed.db")[before:]:
+            seg = format.read_segment_raw(client.get(catalog.object_key(key)), key.name)
+            run = format.PackedRun(seg.page_size, memoryview(seg.index), [memoryview(seg.raw)])
+            levels.append(
+                [
+                    level
+                    for level in (format.FAST_SEGMENT_LEVEL, 1)
+                    if format.encode_segment(seg.page_size, [run], level) == seg.data
+                ]
+            )
+        assert levels == [[1], [format.FAST_SEGMENT_LEVEL], [format.FAST_SEGMENT_LEVEL], [1]]
+    finally:
+        walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)

@@ -74,10 +74,12 @@ def part_bytes(commit: format.Commit, index: int, page_size: int, max_bytes: int
     return min(per_part, len(commit.pages) - index * per_part) * page_size
 
 
-def encode_part(commit: format.Commit, index: int, page_size: int, max_bytes: int) -> memoryview:
-    """The object of part ``index`` of a commit bigger than a segment (FORMAT.md §4.5).
-    Pages in a spool file are read a chunk at a time into the compressor, never a Python
-    object per page."""
+def encode_part(
+    commit: format.Commit, index: int, page_size: int, max_bytes: int, fast: bool = False
+) -> memoryview:
+    """The object of part ``index`` of a commit bigger than a segment (FORMAT.md §4.5), at
+    the fast level if ``fast``.  Pages in a spool file are read a chunk at a time into the
+    compressor, never a Python object per page."""
     per_part = part_pages(page_size, max_bytes)
     pages = commit.pages[index * per_part : (index + 1) * per_part]
     part = format.Part(index, part_count(commit, page_size, max_bytes), len(commit.pages))
@@ -86,7 +88,8 @@ def encode_part(commit: format.Commit, index: int, page_size: int, max_bytes: in
         data: Iterable[format.Page] = pages.chunks()
     else:
         pgnos, data = [pgno for pgno, _ in pages], (page for _, page in pages)
-    return format.encode_part(page_size, commit, part, pgnos, data)
+    level = format.segment_level(small=False, fast=fast)
+    return format.encode_part(page_size, commit, part, pgnos, data, level)
 
 
 def encode_commits(
@@ -142,6 +145,7 @@ class UploadState:
     bytes_uploaded: int = 0
     next_part: int = 0  # pending[0] is bigger than a segment: its part to encode next
     disk_bytes: int = 0  # of pending_bytes, pages read from a file when encoded, not memory
+    incompressible: bool = False  # the next segment takes the fast level (format.incompressible)
 
     def open_run(self, generation: str | None) -> capture.OpenRun | None:
         """The run the capture adds its next commits of ``generation`` to: the newest
@@ -385,9 +389,11 @@ def encode(
     max_segment_bytes: int,
     shipment: Shipment,
     epoch: int = 0,
+    fast: bool = False,
 ) -> Outgoing:
     """One segment of a batch of pending commits (of one generation), or one part of a commit,
-    keyed with the lease ``epoch`` of its writer."""
+    keyed with the lease ``epoch`` of its writer; at the fast level if ``fast`` (see
+    format.incompressible)."""
     batch, part = shipment
     gen = batch[0][1]
     if part is not None:
@@ -400,14 +406,13 @@ def encode(
             whole.txid,
             whole.txid,
             part_bytes(whole, part[0], page_size, max_segment_bytes),
-            encode_part(whole, part[0], page_size, max_segment_bytes),
+            encode_part(whole, part[0], page_size, max_segment_bytes, fast),
             part=part,
         )
     commits = [c for _, _, c in batch]
     page_size = _page_size(commits[0], page_size)
     raw_bytes = sum(c.page_count for c in commits) * page_size
-    small = is_small(raw_bytes, max_segment_bytes)
-    level = format.SMALL_SEGMENT_LEVEL if small else format.SEGMENT_LEVEL
+    level = format.segment_level(is_small(raw_bytes, max_segment_bytes), fast)
     first, last = commits[0].txid, commits[-1].last_txid
     return Outgoing(
         format.segment_key(name, gen, first, last, epoch),
@@ -515,7 +520,15 @@ class Uploader:
         return take_batch(db.upload, db.lineage.page_size, db.cfg.max_segment_bytes)
 
     def _encode(self, db: Database, batch: Shipment) -> Outgoing:
-        return encode(db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch, db.epoch())
+        """Encode at the level the database's latest segment called for, and note what this
+        one calls for (a hint: a spill racing an upload's encode only picks a level)."""
+        up = db.upload
+        item = encode(
+            db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch, db.epoch(),
+            up.incompressible,
+        )  # fmt: skip
+        up.incompressible = format.incompressible(item.memory, item.raw_bytes, up.incompressible)
+        return item
 
     def _encode_or_none(self, db: Database, batch: Shipment) -> Outgoing | None:
         """The segment, or None (logged) if the commits cannot be encoded: they are then lost

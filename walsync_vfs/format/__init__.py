@@ -25,12 +25,11 @@ from walsync_vfs.format.keys import (
     snapshot_key,
 )
 from walsync_vfs.format.segment import (
+    FAST_SEGMENT_LEVEL,
     SEGMENT_ENTRY,
     SEGMENT_HEAD_SIZE,
-    SEGMENT_LEVEL,
     SEGMENT_MAGIC,
     SEGMENT_VERSION,
-    SMALL_SEGMENT_LEVEL,
     Commit,
     IndexEntry,
     PackedPages,
@@ -43,10 +42,12 @@ from walsync_vfs.format.segment import (
     decode_segment,
     encode_part,
     encode_segment,
+    incompressible,
     merge_segments,
     read_segment_header,
     read_segment_index,
     read_segment_raw,
+    segment_level,
     stream_part,
 )
 from walsync_vfs.format.snapshot import (
@@ -63,12 +64,11 @@ from walsync_vfs.format.snapshot import (
 )
 
 __all__ = [
+    "FAST_SEGMENT_LEVEL",
     "SEGMENT_ENTRY",
     "SEGMENT_HEAD_SIZE",
-    "SEGMENT_LEVEL",
     "SEGMENT_MAGIC",
     "SEGMENT_VERSION",
-    "SMALL_SEGMENT_LEVEL",
     "SNAPSHOT_FOOTER_SIZE",
     "SNAPSHOT_HEADER_SIZE",
     "SNAPSHOT_MAGIC",
@@ -96,6 +96,7 @@ __all__ = [
     "encode_snapshot",
     "encode_part",
     "encode_segment",
+    "incompressible",
     "merge_segments",
     "new_generation_id",
     "lock_page",
@@ -105,6 +106,7 @@ __all__ = [
     "read_segment_header",
     "read_segment_index",
     "read_segment_raw",
+    "segment_level",
     "stream_part",
     "read_snapshot",
     "run_hash",

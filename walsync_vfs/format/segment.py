@@ -48,6 +48,25 @@ SEGMENT_LEVEL = 1
 # Small segments are merged, so recompressed, within about a minute: they get zstd's fastest
 # standard level, half the CPU of level 1 at about the same size on page data.
 SMALL_SEGMENT_LEVEL = -1
+# Pages that zstd cannot shrink by a tenth (random or already compressed blobs, encrypted
+# columns) cost level 1 three times the CPU of this level for the same size.  The fast level
+# still finds what matches there are, so data that compresses again shows it.
+FAST_SEGMENT_LEVEL = -7
+
+
+def incompressible(stored: int, raw: int, was: bool) -> bool:
+    """Whether the next segments of a stream should use FAST_SEGMENT_LEVEL, given that its
+    latest came to ``stored`` bytes from ``raw`` and whether it used that level (``was``).
+    Back to the usual levels only once the fast level saves a fifth: the gap between the two
+    thresholds keeps data on the edge from switching at every segment."""
+    return stored > raw * (0.8 if was else 0.9)
+
+
+def segment_level(small: bool, fast: bool) -> int:
+    """The zstd level of a new segment: see the levels above."""
+    if fast:
+        return FAST_SEGMENT_LEVEL
+    return SMALL_SEGMENT_LEVEL if small else SEGMENT_LEVEL
 
 # magic version flags page_size first_txid last_txid commit_count body_length body_raw_length
 _SEG_HEADER = struct.Struct(">8sHHIQQIQQ")
