@@ -150,9 +150,9 @@ def test_a_slow_store_keeps_waiting_commits_pending(file_replica, tmp_path):
 
 
 def test_data_that_does_not_compress_is_encoded_at_the_fast_level(file_replica, tmp_path):
-    """Random blobs: after one segment at level 1 saves under a tenth, the next ones use the
-    fast level (level 1 would spend three times the CPU to save nothing); text: after one
-    fast segment saves over a fifth, level 1 again.  Each segment's level is read off its
+    """Random blobs: after one segment at level 1 saves under a fifth, the next ones use the
+    fast level (level 1 would spend four times the CPU to save little more); text: after
+    one fast segment saves over a third, level 1 again.  Each segment's level is read off its
     bytes: they equal what encode_segment makes of its records, as the capture hands them
     over (one block), at that level and only at it."""
     walsync_vfs.configure(upload_interval=60.0, max_segment_bytes=1 << 20)
