@@ -125,10 +125,7 @@ def merge_plan(
     raws = [_read(client, key, local(key)) for key in keys]
     first = segments[0]
     merged, puts = [], []
-    # Inputs that barely compressed merge at the fast level too (see format.incompressible).
-    stored, raw = sum(len(r.data) for r in raws), sum(len(r.raw) for r in raws)
-    level = format.segment_level(small=False, fast=format.incompressible(stored, raw, False))
-    for first_txid, last_txid, data in format.merge_segments(raws, max_bytes, level):
+    for first_txid, last_txid, data in format.merge_segments(raws, max_bytes):
         key = format.segment_key(first.name, first.generation, first_txid, last_txid, first.epoch)
         merged.append(key)
         if key not in keys:  # a lone segment too big to merge stays as it is

@@ -34,6 +34,9 @@ log = logging.getLogger("walsync_vfs")
 # Uploads one put thread sends at once (storage.put_all); also the ships queued or running
 # per put thread (see ShipSlots).
 PUT_BATCH = 16
+# Segments past a quarter of max_segment_bytes encoded between two measurements of which zstd
+# level suits a database's stream (see Uploader._encode).
+LEVEL_PROBE_EVERY = 16
 # Between retries of a failing store (uploads and syncs): recovery is noticed quickly.
 RETRY = Backoff(first=0.1, cap=5.0)
 
@@ -145,7 +148,8 @@ class UploadState:
     bytes_uploaded: int = 0
     next_part: int = 0  # pending[0] is bigger than a segment: its part to encode next
     disk_bytes: int = 0  # of pending_bytes, pages read from a file when encoded, not memory
-    incompressible: bool = False  # the next segment takes the fast level (format.incompressible)
+    fast_level: bool = False  # segments take format.FAST_SEGMENT_LEVEL (Uploader._encode)
+    level_probe: int = 0  # segments to encode before measuring the levels again
 
     def open_run(self, generation: str | None) -> capture.OpenRun | None:
         """The run the capture adds its next commits of ``generation`` to: the newest
@@ -161,14 +165,16 @@ class UploadState:
         """Add pending commits that bring the pending bytes to ``grown`` (the caller sets
         them; commits added to the open run count too); True when the uploader should look
         at the database again: a first pending commit, or a segment's worth.  Commits that
-        join a batch already waiting for its turn cost the uploader nothing."""
+        join a batch already waiting for its turn cost the uploader nothing; but a
+        segment's worth crossed is: it ships at once, not at the time the quarter crossed
+        before it set (see UploadClock.ship_time)."""
         first = not self.pending
         if first:
             self.quiet = now - self.arrived_at >= cfg.upload_interval / 4
         self.arrived_at = now
         self.pending += items
-        limit = cfg.max_segment_bytes
-        return first or (not is_small(grown, limit) and is_small(self.pending_bytes, limit))
+        before, limit = self.pending_bytes, cfg.max_segment_bytes
+        return first or any(before < mark <= grown for mark in (limit // 4, limit))
 
     @property
     def memory(self) -> int:
@@ -392,8 +398,7 @@ def encode(
     fast: bool = False,
 ) -> Outgoing:
     """One segment of a batch of pending commits (of one generation), or one part of a commit,
-    keyed with the lease ``epoch`` of its writer; at the fast level if ``fast`` (see
-    format.incompressible)."""
+    keyed with the lease ``epoch`` of its writer; at the fast level if ``fast``."""
     batch, part = shipment
     gen = batch[0][1]
     if part is not None:
@@ -520,15 +525,29 @@ class Uploader:
         return take_batch(db.upload, db.lineage.page_size, db.cfg.max_segment_bytes)
 
     def _encode(self, db: Database, batch: Shipment) -> Outgoing:
-        """Encode at the level the database's latest segment called for, and note what this
-        one calls for (a hint: a spill racing an upload's encode only picks a level)."""
-        up = db.upload
-        item = encode(
-            db.name, db.lineage.page_size, db.cfg.max_segment_bytes, batch, db.epoch(),
-            up.incompressible,
-        )  # fmt: skip
-        up.incompressible = format.incompressible(item.memory, item.raw_bytes, up.incompressible)
-        return item
+        """Encode at the level the database's stream was last measured to suit.
+
+        Every LEVEL_PROBE_EVERY-th segment past a quarter of max_segment_bytes (the first
+        included) is encoded at both levels, and the fast level is kept unless level 1
+        saves a tenth over it: that one measurement costs an encode, where level 1 on data
+        it cannot shrink further costs twice to four times the fast level's CPU on every
+        segment.  Parts and small segments (a new table's few pages say too little about
+        the stream) are not measured.  A spill racing an upload's encode of the same
+        database only moves when the next measurement falls.
+        """
+        up, limit = db.upload, db.cfg.max_segment_bytes
+        args = (db.name, db.lineage.page_size, limit, batch, db.epoch())
+        item = encode(*args, up.fast_level)
+        if batch[1] is not None or is_small(item.raw_bytes, limit):
+            return item
+        if up.level_probe > 0:
+            up.level_probe -= 1
+            return item
+        up.level_probe = LEVEL_PROBE_EVERY - 1
+        other = encode(*args, not up.fast_level)
+        fast, usual = (item, other) if up.fast_level else (other, item)
+        up.fast_level = fast.memory * 10 <= usual.memory * 11
+        return fast if up.fast_level else usual
 
     def _encode_or_none(self, db: Database, batch: Shipment) -> Outgoing | None:
         """The segment, or None (logged) if the commits cannot be encoded: they are then lost

@@ -48,19 +48,12 @@ SEGMENT_LEVEL = 1
 # Small segments are merged, so recompressed, within about a minute: they get zstd's fastest
 # standard level, half the CPU of level 1 at about the same size on page data.
 SMALL_SEGMENT_LEVEL = -1
-# Pages that zstd shrinks by less than a fifth (random or already compressed blobs in
-# their cells, encrypted columns) cost level 1 four times the CPU of this level, which
-# comes within a few percent of the same size on them.  The fast level still finds what
-# matches there are, so data that compresses well again shows it.
+# zstd's effort does not pay on every stream: pages it can barely shrink (random or
+# compressed blobs in their cells, encrypted columns) and pages made of long repeats (the
+# same page rewritten commit after commit) come out within a few percent of level 1's size
+# at this level, for a half to a quarter of the CPU.  The uploader measures which case a
+# stream is (see uploader.Uploader._encode).
 FAST_SEGMENT_LEVEL = -7
-
-
-def incompressible(stored: int, raw: int, was: bool) -> bool:
-    """Whether the next segments of a stream should use FAST_SEGMENT_LEVEL, given that its
-    latest came to ``stored`` bytes from ``raw`` and whether it used that level (``was``).
-    Back to the usual levels only once the fast level saves almost a third: the gap between
-    the two thresholds keeps data on the edge from switching at every segment."""
-    return stored > raw * (0.7 if was else 0.8)
 
 
 def segment_level(small: bool, fast: bool) -> int:
@@ -68,6 +61,7 @@ def segment_level(small: bool, fast: bool) -> int:
     if fast:
         return FAST_SEGMENT_LEVEL
     return SMALL_SEGMENT_LEVEL if small else SEGMENT_LEVEL
+
 
 # magic version flags page_size first_txid last_txid commit_count body_length body_raw_length
 _SEG_HEADER = struct.Struct(">8sHHIQQIQQ")
