@@ -1193,7 +1193,7 @@ static int consumerWal(WsDb *pDb, int bOpen) {
   return pDb->walFd;
 }
 
-/* Consumer side of a COMMIT: read its frames from the WAL file, verify that
+/* Consumer side of a COMMIT whose frames are read (readDetached): verify that
 ** they continue the chain and end at the checksum the writer saw, and index
 ** the newest version of every page still inside the database.  Anything
 ** else (the WAL was rewritten by someone else, a read failed) turns the
@@ -1206,11 +1206,8 @@ static void prepareCommit(ws_rec *r) {
   const unsigned char *aF;
   unsigned char *aBuf = 0;
   PageRef *aRef = 0;
-  consumerWal(pDb, !r->bRead);
-  if (!r->bRead) { /* it and the unread commits after it: one read */
-    for (k = readRun(r, 0, pDb->walFd); k > 0; k--) commitRead(pDb);
-  }
-  if (!r->aFrames && r->spool_fd < 0) goto gap;
+  consumerWal(pDb, 0); /* lets go of a WAL that was replaced */
+  if (!r->aFrames && r->spool_fd < 0) goto gap; /* its read failed (readDetached) */
   aF = r->aFrames;
   /* PageRefs, then pointers to the pages (in memory) or their frames (spooled),
   ** then the page numbers: one block. */
@@ -1870,6 +1867,20 @@ static void freeRecord(ws_rec *r) {
   free(r);
 }
 
+/* Read the frames of the detached commits the read-ahead left unread, a run at
+** a time, before anything else: a writer about to restart its WAL waits for
+** exactly these (waitConsumed), not for the checks that follow. */
+static void readDetached(ws_rec *r) {
+  while (r) {
+    uint32_t k = 1, i;
+    if (r->kind == WS_COMMIT && !r->bRead) {
+      k = readRun(r, 0, consumerWal(r->pDb, 1));
+      for (i = 0; i < k; i++) commitRead(r->pDb);
+    }
+    for (; k > 0; k--) r = r->next;
+  }
+}
+
 /* Detach every queued record, prepare its commits (checksum chain, page
 ** index) and group the records per database, each group in publish order. */
 static ws_batch *takeBatches(void) {
@@ -1879,10 +1890,11 @@ static ws_batch *takeBatches(void) {
   r = gHead;
   gHead = gTail = gSeen = 0;
   pthread_mutex_unlock(&gMutex);
+  readDetached(r);
   for (; r; r = next) {
     ws_batch *b = r->pDb->pBatch; /* only this thread touches pBatch */
     next = r->next;
-    if (r->kind == WS_COMMIT) prepareCommit(r); /* may read the commits after it too */
+    if (r->kind == WS_COMMIT) prepareCommit(r);
     r->next = 0;
     if (!b) {
       b = &r->pDb->batch;
