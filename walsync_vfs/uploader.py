@@ -528,26 +528,27 @@ class Uploader:
         """Encode at the level the database's stream was last measured to suit.
 
         Every LEVEL_PROBE_EVERY-th segment past a quarter of max_segment_bytes (the first
-        included) is encoded at both levels, and the fast level is kept unless level 1
-        saves a tenth over it: that one measurement costs an encode, where level 1 on data
-        it cannot shrink further costs twice to four times the fast level's CPU on every
-        segment.  Parts and small segments (a new table's few pages say too little about
-        the stream) are not measured.  A spill racing an upload's encode of the same
-        database only moves when the next measurement falls.
+        included) is measured at both levels (compressed, the output dropped as it comes),
+        and the next ones take the fast level unless level 1 saves a tenth over it: that
+        costs two compressions a measurement, where level 1 on data it cannot shrink further
+        costs twice to four times the fast level's CPU on every segment.  Parts and small
+        segments (a new table's few pages say too little about the stream) are not
+        measured.  A spill racing an upload's encode of the same database only moves when
+        the next measurement falls.
         """
         up, limit = db.upload, db.cfg.max_segment_bytes
-        args = (db.name, db.lineage.page_size, limit, batch, db.epoch())
-        item = encode(*args, up.fast_level)
+        item = encode(db.name, db.lineage.page_size, limit, batch, db.epoch(), up.fast_level)
         if batch[1] is not None or is_small(item.raw_bytes, limit):
             return item
         if up.level_probe > 0:
             up.level_probe -= 1
             return item
         up.level_probe = LEVEL_PROBE_EVERY - 1
-        other = encode(*args, not up.fast_level)
-        fast, usual = (item, other) if up.fast_level else (other, item)
-        up.fast_level = fast.memory * 10 <= usual.memory * 11
-        return fast if up.fast_level else usual
+        commits = [c for _, _, c in batch[0]]
+        fast = format.compressed_size(commits, format.FAST_SEGMENT_LEVEL)
+        usual = format.compressed_size(commits, format.SEGMENT_LEVEL)
+        up.fast_level = fast * 10 <= usual * 11
+        return item
 
     def _encode_or_none(self, db: Database, batch: Shipment) -> Outgoing | None:
         """The segment, or None (logged) if the commits cannot be encoded: they are then lost

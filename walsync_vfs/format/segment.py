@@ -376,9 +376,28 @@ def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> by
             index.append(_pack_entry(c.txid, c.time_ns, c.db_size, len(pgnos), c.checksum, wal))
         except struct.error:
             raise ValueError(_commit_problem(c, txid, page_size)) from None
-        raw.append(struct.pack(f">{len(pgnos)}I", *pgnos))
-        raw += pages
+        raw += _record(pgnos, pages)
     return _seal_segment(page_size, first, commits[-1].txid, index, raw, level)
+
+
+def _record(pgnos: Sequence[int], pages: Sequence[Page]) -> list[bytes | memoryview]:
+    """A commit's record (§4.3) in pieces: its page numbers, then its pages."""
+    return [struct.pack(f">{len(pgnos)}I", *pgnos), *pages]
+
+
+def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
+    """The size the commits' records come to compressed at ``level``, each piece of output
+    dropped as it comes: what a segment body of them would take, measured without the
+    memory of holding one."""
+    stream = _compressor(level).compressobj()
+    size = 0
+    for c in commits:
+        if isinstance(c, PackedRun):
+            pieces: Sequence[bytes | memoryview] = c.records
+        else:
+            pieces = _record([pgno for pgno, _ in c.pages], [data for _, data in c.pages])
+        size += sum(len(stream.compress(piece)) for piece in pieces)
+    return size + len(stream.flush())
 
 
 def encode_part(
