@@ -7,6 +7,7 @@ the uploader works from an agenda of due times instead of scanning every databas
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import apsw
 
@@ -46,17 +47,10 @@ def test_a_segments_worth_ships_at_once_under_steady_writes(file_replica, tmp_pa
     once, not at the tick: a bulk load is uploaded while it runs, not all at flush()."""
     walsync_vfs.configure(upload_interval=60.0, max_segment_bytes=1 << 20)
     try:
-        con = apsw.Connection(str(tmp_path / "bulk.db"), vfs="walsync")
-        con.execute("CREATE TABLE t(x)")
-        walsync_vfs.flush(timeout=30)
-        before = replicated_txid(file_replica, "bulk.db")
+        con, before = replicated_table(file_replica, tmp_path / "bulk.db")
         for _ in range(64):  # a segment's worth (26 of them) and more, well before the tick
             con.execute("INSERT INTO t VALUES(randomblob(40000))")
-        # Far less than the interval, and than the uploader's next look of its own.
-        deadline = time.monotonic() + 3.0
-        while replicated_txid(file_replica, "bulk.db") < before + 26:
-            assert time.monotonic() < deadline, "a segment's worth waited for the tick"
-            time.sleep(0.02)
+        wait_for_txid(file_replica, "bulk.db", before + 26, "a segment's worth waited")
         con.close()
     finally:
         walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)
@@ -68,10 +62,7 @@ def test_a_segments_worth_ships_at_once_after_a_quarter_shipped(file_replica, tm
     per tenth of an interval keeps its backlog, and the flush that ends it, to a segment."""
     walsync_vfs.configure(upload_interval=60.0, max_segment_bytes=1 << 20)
     try:
-        con = apsw.Connection(str(tmp_path / "fast.db"), vfs="walsync")
-        con.execute("CREATE TABLE t(x)")
-        walsync_vfs.flush(timeout=30)
-        before = replicated_txid(file_replica, "fast.db")
+        con, before = replicated_table(file_replica, tmp_path / "fast.db")
         for _ in range(8):  # a quarter, within a tenth of an interval (6 s) of that upload
             con.execute("INSERT INTO t VALUES(randomblob(40000))")
         deadline = time.monotonic() + 3.0
@@ -86,6 +77,14 @@ def test_a_segments_worth_ships_at_once_after_a_quarter_shipped(file_replica, tm
         walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)
 
 
+def replicated_table(url: str, path: Path) -> tuple[apsw.Connection, int]:
+    """A connection to a new database with a table t(x), replicated so far; and its txid."""
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    walsync_vfs.flush(timeout=30)
+    return con, replicated_txid(url, path.name)
+
+
 def pending_bytes(name: str) -> int:
     (state,) = [s for s in walsync_vfs.stats() if s["name"] == name]
     return int(state["pending_bytes"])
@@ -93,7 +92,7 @@ def pending_bytes(name: str) -> int:
 
 def wait_for_txid(url: str, name: str, txid: int, problem: str) -> None:
     """Poll the replica until it holds ``txid``, failing with ``problem`` after 3 s (far
-    less than the uploader's own next look in these tests)."""
+    less than the upload interval, and than the uploader's own next look, in these tests)."""
     deadline = time.monotonic() + 3.0
     while replicated_txid(url, name) < txid:
         assert time.monotonic() < deadline, problem
@@ -201,9 +200,7 @@ def test_segments_take_the_fast_level_where_zstd_effort_does_not_pay(
     monkeypatch.setattr(uploader, "LEVEL_PROBE_EVERY", 2)
     walsync_vfs.configure(upload_interval=60.0, max_segment_bytes=1 << 20)
     try:
-        con = apsw.Connection(str(tmp_path / "mixed.db"), vfs="walsync")
-        con.execute("CREATE TABLE t(x)")
-        walsync_vfs.flush(timeout=30)
+        con, _ = replicated_table(file_replica, tmp_path / "mixed.db")
         before = len(segments(file_replica, "mixed.db"))
         rows = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {})"
         random_rows = [rows.format(400) + " INSERT INTO t SELECT randomblob(1000) FROM n"]
