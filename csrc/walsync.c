@@ -140,6 +140,7 @@ struct WsDb {
   char *zPath;
   int64_t id;
   int nRef;     /* open main-db handles (gMutex) */
+  int nApp;     /* of them, the application's: not ws_conn_open()'s (gMutex) */
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
@@ -193,6 +194,7 @@ struct WsFile {
   int bInCkpt;         /* MAIN: between CKPT_START and CKPT_DONE */
   int bRestart;        /* MAIN: holds the lock SQLite restarts the WAL under */
   int bShm;            /* MAIN: has the wal-index mapped (counted in nShm) */
+  int bApp;            /* MAIN: opened by the application (counted in nApp) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
 };
 #define WSF_OTHER 0
@@ -204,6 +206,7 @@ struct WsFile {
 /* Global registry and record queue, guarded by one mutex. */
 static pthread_mutex_t gMutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gCond = PTHREAD_COND_INITIALIZER;
+static __thread int tEngineOpen = 0; /* ws_conn_open() is opening: not the application */
 static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
 static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
@@ -1468,6 +1471,7 @@ static int wsClose(sqlite3_file *pFile) {
     int bLast;
     pthread_mutex_lock(&gMutex);
     bLast = (--p->pDb->nRef == 0);
+    p->pDb->nApp -= p->bApp;
     pthread_mutex_unlock(&gMutex);
     if (bLast) {
       /* Nobody holds the db now; another process may change it before the
@@ -1760,6 +1764,12 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
   if (flags & SQLITE_OPEN_MAIN_DB) {
     p->eType = WSF_MAIN;
     p->pDb = dbAcquire(zName);
+    if (p->pDb && !tEngineOpen) {
+      p->bApp = 1;
+      pthread_mutex_lock(&gMutex);
+      p->pDb->nApp++;
+      pthread_mutex_unlock(&gMutex);
+    }
   } else if (flags & SQLITE_OPEN_WAL) {
     p->eType = WSF_WAL;
     p->pDb = dbByWal(zName);
@@ -1847,6 +1857,16 @@ void ws_wake(void) {
   gWake = 1;
   pthread_cond_broadcast(&gCond);
   pthread_mutex_unlock(&gMutex);
+}
+
+/* Whether the application (not the engine's own connections) has database id
+** open in this process. */
+int ws_app_open(int64_t id) {
+  int n = 0;
+  pthread_mutex_lock(&gMutex);
+  if (id >= 1 && id <= gnDb) n = gaDb[id - 1]->nApp > 0;
+  pthread_mutex_unlock(&gMutex);
+  return n;
 }
 
 /* How many databases this process has open through the VFS: with none, the
@@ -2196,7 +2216,10 @@ int ws_release_heap(void) {
 /* Open zPath read-write through this VFS; NULL with the reason in zErr. */
 void *ws_conn_open(const char *zPath, int busyMs, char *zErr, int nErr) {
   sqlite3 *db = 0;
-  int rc = sqlite3_open_v2(zPath, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, WS_VFS_NAME);
+  int rc;
+  tEngineOpen = 1;
+  rc = sqlite3_open_v2(zPath, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, WS_VFS_NAME);
+  tEngineOpen = 0;
   if (rc != SQLITE_OK) {
     sqlite3_snprintf(nErr, zErr, "%s", db ? sqlite3_errmsg(db) : "out of memory");
     sqlite3_close_v2(db);
@@ -2258,7 +2281,7 @@ static void forkChild(void) {
     pthread_mutex_init(&p->mu, &ma);
     if (p->walFd >= 0) close(p->walFd);
     p->walFd = -1;
-    p->nRef = p->nHold = p->nWaiter = p->nPending = 0;
+    p->nRef = p->nApp = p->nHold = p->nWaiter = p->nPending = 0;
     p->eRole = WS_ROLE_NONE;
     p->c.bKnown = 0;
     p->pShm = 0;

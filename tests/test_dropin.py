@@ -77,6 +77,34 @@ def test_attached_database_is_replicated_under_its_own_name(replica, tmp_path):
     con.close()
 
 
+def test_vacuum_into_outputs_are_left_as_they_are(replica, tmp_path):
+    """A VACUUM INTO output opens through walsync like an attached database, but is written
+    in one transaction and closed: the engine leaves it in its journal mode, unreplicated,
+    and never holds a lock on it that a plain reader right after would meet.  Twenty
+    databases each vacuumed into an output as soon as it is replicated, so that the engine's
+    look at an output falls before, during and after its write."""
+    for i in range(20):
+        path, copy = tmp_path / f"src{i}.db", tmp_path / f"copy{i}.db"
+        con = apsw.Connection(str(path), vfs="walsync")
+        con.execute("CREATE TABLE t(v); INSERT INTO t VALUES('first'), ('second')")
+        walsync_vfs.flush(timeout=30)
+        vacuuming = apsw.Connection(str(path), vfs="walsync")
+        vacuuming.execute(f"VACUUM INTO '{copy}'")
+        vacuuming.close()
+        out = apsw.Connection(str(copy))  # no busy timeout: any lock fails it
+        assert out.execute("SELECT v FROM t").fetchall() == [("first",), ("second",)]
+        out.close()
+        con.close()
+    walsync_vfs.flush(timeout=30)
+    for i in range(20):
+        out = apsw.Connection(str(tmp_path / f"copy{i}.db"))
+        out.setbusytimeout(5000)
+        assert out.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        out.close()
+    names = catalog.databases(storage.open_replica(replica))
+    assert list(names) == [f"src{i}.db" for i in sorted(range(20), key=str)]
+
+
 def test_memory_and_temporary_databases_pass_through(replica, tmp_path):
     for name in (":memory:", ""):
         con = apsw.Connection(name, vfs="walsync")

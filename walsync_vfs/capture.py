@@ -177,6 +177,11 @@ class JournalModeError(CaptureError):
     """A replicated database left WAL mode: its commits can no longer be captured."""
 
 
+class ClosedError(CaptureError):
+    """A database not in WAL mode that the application closed before the engine could
+    switch it (a ``VACUUM INTO`` output): nothing of it to replicate."""
+
+
 def load() -> None:
     """Load the shim into apsw's SQLite once per process (idempotent, thread-safe).
 
@@ -567,6 +572,7 @@ class SyncPoint:
             self.db_id = int(out[0])
             mode = writer.query("PRAGMA journal_mode")
             if mode != "wal" and enable_wal:
+                self._check_in_use(writer)
                 mode = writer.switch_to_wal()
             if mode != "wal":
                 raise JournalModeError(
@@ -596,6 +602,19 @@ class SyncPoint:
         self.wal_page_size = int(pos.page_size)
         self.nframe = int(pos.nframe)  # the pinned state is WAL frames [0, nframe) + the db file
         self.salts = (int(pos.salt1), int(pos.salt2))
+
+    def _check_in_use(self, writer: InternalConnection) -> None:
+        """Raise :class:`ClosedError` unless the application still has the database open
+        once no write transaction is under way on it: a ``VACUUM INTO`` writes its output
+        in one transaction and closes it right after, so an output found complete is one
+        to leave as it is, in its journal mode."""
+        writer.query("BEGIN IMMEDIATE")
+        try:
+            in_use = lib.ws_app_open(self.db_id)
+        finally:
+            writer.query("ROLLBACK")
+        if not in_use:
+            raise ClosedError(f"{self.path}: closed before it could be switched to WAL")
 
     def _file(self, op: int) -> object:
         """The reader's own open sqlite3_file for the db (or its WAL): see ws_read()."""

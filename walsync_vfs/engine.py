@@ -364,14 +364,14 @@ class Engine:
         while not self._stopped:
             with self._lock:
                 if not db.open and db.lineage.generation is None:
-                    # Closed before it ever held a database (a VACUUM INTO output): nothing
-                    # of it to replicate.
-                    state.syncing = False
-                    self.forget_if_done(db)
-                    self._cond.notify_all()
+                    self._never_held(db)
                     return
             try:
                 self._sync(db)
+            except capture.ClosedError:
+                with self._lock:
+                    self._never_held(db)
+                return
             except capture.JournalModeError as exc:
                 self._stop(db, exc)
                 return
@@ -592,6 +592,13 @@ class Engine:
             for rec in db.sync.take_held(self._spool, seq):
                 self._append(db, rec)
             return db.lineage.head(stored)
+
+    def _never_held(self, db: Database) -> None:
+        """A database closed before it ever held one to replicate (a ``VACUUM INTO``
+        output): forget it (lock held)."""
+        db.sync.syncing = False
+        self.forget_if_done(db)
+        self._cond.notify_all()
 
     def _sync(self, db: Database) -> None:
         """Line the lineage up with the database's current bytes (see sync.py)."""
