@@ -380,9 +380,11 @@ def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> by
     return _seal_segment(page_size, first, commits[-1].txid, index, raw, level)
 
 
-def _record(pgnos: Sequence[int], pages: Sequence[Page]) -> list[bytes | memoryview]:
-    """A commit's record (§4.3) in pieces: its page numbers, then its pages."""
-    return [struct.pack(f">{len(pgnos)}I", *pgnos), *pages]
+def _record(pgnos: Sequence[int], pages: Iterable[Page]) -> Iterator[bytes | memoryview]:
+    """A commit's record (§4.3) in pieces: its page numbers, then its pages as they come
+    (pages in a spool file are read one at a time, never all held)."""
+    yield struct.pack(f">{len(pgnos)}I", *pgnos)
+    yield from pages
 
 
 def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
@@ -393,9 +395,9 @@ def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
     size = 0
     for c in commits:
         if isinstance(c, PackedRun):
-            pieces: Sequence[bytes | memoryview] = c.records
+            pieces: Iterable[bytes | memoryview] = c.records
         else:
-            pieces = _record([pgno for pgno, _ in c.pages], [data for _, data in c.pages])
+            pieces = _record([pgno for pgno, _ in c.pages], (data for _, data in c.pages))
         size += sum(len(stream.compress(piece)) for piece in pieces)
     return size + len(stream.flush())
 
