@@ -335,9 +335,11 @@ Shipment = tuple[list[Taken], tuple[int, int] | None]
 
 
 def take_batch(up: UploadState, page_size: int, max_bytes: int) -> Shipment:
-    """Take the oldest pending commits of one generation, up to ``max_bytes`` of pages; a
-    commit bigger than that goes alone, one part per call (it stays pending until its last
-    part is taken)."""
+    """Take the oldest pending commits of one generation while they come to less than
+    ``max_bytes`` of pages (the last item taken, a run of up to a segment, may bring them
+    to twice that: what crossed a segment's worth ships together); a commit bigger than a
+    segment goes alone, one part per call (it stays pending until its last part is
+    taken)."""
     pending = up.pending
     seq, gen, first = pending[0]
     count = part_count(first, page_size, max_bytes)
