@@ -1117,43 +1117,45 @@ static uint32_t claimRun(ws_rec *r, sqlite3_int64 *pBytes) {
 ** read (through pFile, the writer's WAL handle, if given, else from fd) into
 ** one block: one system call per run of small commits instead of one per
 ** commit.  A big commit goes to a spool file instead.  Neither aFrames nor
-** spool_fd is set where the read failed (a GAP follows).  Walks nRec records,
-** never past them: the last may be the queue's tail, which a writer extends. */
-static void readClaimed(ws_rec *r, uint32_t nRec, sqlite3_int64 n, sqlite3_file *pFile, int fd) {
+** spool_fd is set where the read failed (a GAP follows).  Returns the last of
+** the nRec records, walking to it and never past it: it may be the queue's
+** tail, whose next pointer a writer sets. */
+static ws_rec *readClaimed(ws_rec *r, uint32_t nRec, sqlite3_int64 n, sqlite3_file *pFile, int fd) {
   sqlite3_int64 at = 0;
   WsBlock *pBlock;
   uint32_t i;
   if (nRec == 1 && n > bigBytes(r->pDb)) { /* a run of several always fits in memory */
     spoolFrames(r, pFile, fd);
-    return;
+    return r;
   }
   pBlock = malloc(sizeof(WsBlock) + (size_t)n);
   if (pBlock && readAt(pFile, fd, (unsigned char *)(pBlock + 1), n, frameOffset(r))) {
     free(pBlock);
     pBlock = 0;
   }
-  if (!pBlock) return;
-  pBlock->nRef = nRec;
-  for (i = 0; i < nRec; i++, r = r->next) {
-    r->pBlock = pBlock;
-    r->aFrames = (unsigned char *)(pBlock + 1) + at;
-    at += frameBytes(r);
+  if (pBlock) pBlock->nRef = nRec;
+  for (i = 1;; i++, r = r->next) {
+    if (pBlock) {
+      r->pBlock = pBlock;
+      r->aFrames = (unsigned char *)(pBlock + 1) + at;
+      at += frameBytes(r);
+    }
+    if (i == nRec) return r;
   }
 }
 
-/* claimRun() and readClaimed() in one, where nothing else touches the list;
-** returns how many commits were read. */
-static uint32_t readRun(ws_rec *r, sqlite3_file *pFile, int fd) {
+/* claimRun() and readClaimed() in one, where nothing else touches the list:
+** sets *pnRec to how many commits were read and returns the last of them. */
+static ws_rec *readRun(ws_rec *r, sqlite3_file *pFile, int fd, uint32_t *pnRec) {
   sqlite3_int64 n;
-  uint32_t nRec = claimRun(r, &n);
-  readClaimed(r, nRec, n, pFile, fd);
-  return nRec;
+  *pnRec = claimRun(r, &n);
+  return readClaimed(r, *pnRec, n, pFile, fd);
 }
 
-/* One of pDb's queued commits has its frames in memory now: wake writers in
-** waitConsumed() when it was the last. */
-static void commitRead(WsDb *pDb) {
-  if (__atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL) == 0) {
+/* n of pDb's queued commits have their frames in memory now: wake writers in
+** waitConsumed() when they were the last. */
+static void commitsRead(WsDb *pDb, uint32_t n) {
+  if (__atomic_sub_fetch(&pDb->nPending, (int)n, __ATOMIC_ACQ_REL) == 0) {
     pthread_mutex_lock(&gMutex);
     if (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) readTo(pDb);
     if (pDb->nWaiter) pthread_cond_broadcast(&gDone);
@@ -1164,15 +1166,12 @@ static void commitRead(WsDb *pDb) {
 /* Read the frames of pDb's queued commits nobody has read yet, through pWal
 ** or fd (gMutex held). */
 static void readQueued(WsDb *pDb, sqlite3_file *pWal, int fd) {
-  ws_rec *r = gHead;
+  ws_rec *r;
   uint32_t n;
-  while (r) {
-    if (!unreadCommit(r, pDb)) {
-      r = r->next;
-      continue;
-    }
-    for (n = readRun(r, pWal, fd); n > 0; n--, r = r->next) {
-      __atomic_sub_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
+  for (r = gHead; r; r = r->next) {
+    if (unreadCommit(r, pDb)) {
+      r = readRun(r, pWal, fd, &n);
+      __atomic_sub_fetch(&pDb->nPending, (int)n, __ATOMIC_ACQ_REL);
     }
   }
   if (__atomic_load_n(&pDb->nPending, __ATOMIC_ACQUIRE) == 0) readTo(pDb);
@@ -1891,13 +1890,13 @@ static void freeRecord(ws_rec *r) {
 ** a time, before anything else: a writer about to restart its WAL waits for
 ** exactly these (waitConsumed), not for the checks that follow. */
 static void readDetached(ws_rec *r) {
-  while (r) {
-    uint32_t k = 1, i;
-    if (r->kind == WS_COMMIT && !r->bRead) {
-      k = readRun(r, 0, consumerWal(r->pDb, 1));
-      for (i = 0; i < k; i++) commitRead(r->pDb);
+  uint32_t n;
+  for (; r; r = r->next) {
+    if (unreadCommit(r, r->pDb)) {
+      WsDb *pDb = r->pDb;
+      r = readRun(r, 0, consumerWal(pDb, 1), &n);
+      commitsRead(pDb, n);
     }
-    for (; k > 0; k--) r = r->next;
   }
 }
 
@@ -1958,22 +1957,20 @@ static void freeBatches(ws_batch *b) {
 ** restarts the WAL (waitConsumed) instead of reading them itself.  gMutex is
 ** held on entry and exit, and dropped while reading: the writer's commits go
 ** on meanwhile, and a writer about to overwrite the WAL waits for the run in
-** hand (it is pending until commitRead). */
+** hand (it is pending until commitsRead). */
 static void readAhead(void) {
-  ws_rec *r = gSeen ? gSeen->next : gHead, *q;
+  ws_rec *r = gSeen ? gSeen->next : gHead;
   sqlite3_int64 n;
-  uint32_t nRec, i;
+  uint32_t nRec;
   gUnread = 0;
   for (; r; gSeen = r, r = r->next) {
     WsDb *pDb = r->pDb;
     if (!unreadCommit(r, pDb)) continue;
     nRec = claimRun(r, &n);
     pthread_mutex_unlock(&gMutex);
-    readClaimed(r, nRec, n, 0, consumerWal(pDb, 1));
-    for (i = 0; i < nRec; i++) commitRead(pDb);
+    r = readClaimed(r, nRec, n, 0, consumerWal(pDb, 1));
+    commitsRead(pDb, nRec);
     pthread_mutex_lock(&gMutex);
-    for (q = r, i = 1; i < nRec; i++) q = q->next;
-    r = q;
   }
 }
 
