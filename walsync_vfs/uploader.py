@@ -530,10 +530,10 @@ class Uploader:
         """Encode at the level the database's stream was last measured to suit.
 
         Every LEVEL_PROBE_EVERY-th segment past a quarter of max_segment_bytes (the first
-        included) is measured at both levels (compressed, the output dropped as it comes),
-        and the next ones take the fast level unless level 1 saves a tenth over it: that
-        costs two compressions a measurement, where level 1 on data it cannot shrink further
-        costs twice to four times the fast level's CPU on every segment.  Parts and small
+        included) is measured at the other level too (compressed, the output dropped as it
+        comes), and the next ones take the fast level unless level 1 saves a tenth over it:
+        that costs one compression a measurement, where level 1 on data it cannot shrink
+        further costs twice to four times the fast level's CPU on every segment.  Parts and small
         segments (a new table's few pages say too little about the stream) are not
         measured.  A spill racing an upload's encode of the same database only moves when
         the next measurement falls.
@@ -546,9 +546,10 @@ class Uploader:
             up.level_probe -= 1
             return item
         up.level_probe = LEVEL_PROBE_EVERY - 1
-        commits = [c for _, _, c in batch[0]]
-        fast = format.compressed_size(commits, format.FAST_SEGMENT_LEVEL)
-        usual = format.compressed_size(commits, format.SEGMENT_LEVEL)
+        mine = format.encoded_body_length(item.payload())
+        other_level = format.segment_level(small=False, fast=not up.fast_level)
+        other = format.compressed_size([c for _, _, c in batch[0]], other_level)
+        fast, usual = (mine, other) if up.fast_level else (other, mine)
         up.fast_level = fast * 10 <= usual * 11
         return item
 

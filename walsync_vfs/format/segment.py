@@ -387,6 +387,12 @@ def _record(pgnos: Sequence[int], pages: Iterable[Page]) -> Iterator[bytes | mem
     yield from pages
 
 
+def encoded_body_length(segment: bytes | memoryview) -> int:
+    """The compressed body's length in a segment this process has just encoded (read off
+    its header, unchecked)."""
+    return int(_SEG_HEADER.unpack_from(segment)[7])
+
+
 def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
     """The size the commits' records come to compressed at ``level``, each piece of output
     dropped as it comes: what a segment body of them would take, measured without the
