@@ -94,6 +94,7 @@ void ws_extend_all(uint32_t n, ws_rec **first, ws_run **open, uint64_t **hashes,
                    const uint64_t *in, int64_t *times, uint64_t *out, ws_rec **next,
                    ws_run **began);
 uint64_t ws_page_hash(const unsigned char *page, uint32_t n, uint64_t pgno);
+void ws_wal_checksum(int big_end, const unsigned char *a, int n, uint32_t *ck);
 uint64_t ws_run_hash(const unsigned char *pages, uint32_t page_size, uint64_t n, uint64_t pgno);
 void free(void *p);
 """

@@ -47,6 +47,9 @@ SQLITE_EXTENSION_INIT1
 #include <stddef.h>
 #include <fcntl.h>
 #include <pthread.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -118,6 +121,7 @@ struct ws_rec {
   unsigned char *aFrames; /* COMMIT: its frames (NULL if they could not be read), */
   union WsBlock *pBlock;  /* inside this block, shared with the commits read with it */
   int bRead;              /* COMMIT: the read of its frames was done (by either side) */
+  int eChecked;           /* COMMIT: its frames were checked at the read: 1 valid, -1 not */
   void *pIndex;           /* COMMIT: block holding pgnos and pages */
 };
 
@@ -203,8 +207,18 @@ struct WsFile {
 
 #define ORIGVFS(p) ((sqlite3_vfs *)((p)->pAppData))
 
-/* Global registry and record queue, guarded by one mutex. */
-static pthread_mutex_t gMutex = PTHREAD_MUTEX_INITIALIZER;
+/* Global registry and record queue, guarded by one mutex.  Every commit takes
+** it for a moment, and so does the consumer: where the platform has them, a
+** spinning mutex keeps a writer that meets the consumer's hold on the CPU
+** instead of putting it to sleep and waking it (each a scheduler round trip). */
+#ifdef PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
+#define WS_MUTEX_INITIALIZER PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
+#define WS_MUTEX_KIND PTHREAD_MUTEX_ADAPTIVE_NP
+#else
+#define WS_MUTEX_INITIALIZER PTHREAD_MUTEX_INITIALIZER
+#define WS_MUTEX_KIND PTHREAD_MUTEX_DEFAULT
+#endif
+static pthread_mutex_t gMutex = WS_MUTEX_INITIALIZER;
 static pthread_cond_t gCond = PTHREAD_COND_INITIALIZER;
 static __thread int tEngineOpen = 0; /* ws_conn_open() is opening: not the application */
 static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
@@ -242,12 +256,17 @@ static int64_t now_ns(void) {
   return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* The WAL checksum: pairs of u32 words, native or big-endian as the magic says.
-** Two loops rather than a test per word: this runs over every published byte. */
-static void walCksum(int bigEnd, const unsigned char *a, int n, const uint32_t *in, uint32_t *out) {
-  uint32_t s1 = in[0], s2 = in[1], x0, x1;
+/* The WAL checksum over pairs of u32 words, native or big-endian as the magic
+** says.  One step maps the state (s1, s2) to M(s1, s2) + (x0, x0 + x1), with
+** M = [[1, 1], [1, 2]] mod 2^32: a run of k steps from any state is M^k times
+** that state plus the same run taken from (0, 0).  This runs over every
+** published byte, and one chain of dependent additions is slow, so where SSE2
+** is there (every x86-64) a page in host order is summed as eight runs side by
+** side, then the runs are joined with M^k. */
+static void ckSerial(const unsigned char *a, int n, int swap, uint32_t *s) {
+  uint32_t s1 = s[0], s2 = s[1], x0, x1;
   const unsigned char *end = a + n;
-  if (bigEnd == (*(const unsigned char *)&(uint16_t){1} == 0)) { /* words in host order */
+  if (!swap) { /* two loops rather than a test per word */
     for (; a < end; a += 8) {
       memcpy(&x0, a, 4);
       memcpy(&x1, a + 4, 4);
@@ -262,8 +281,90 @@ static void walCksum(int bigEnd, const unsigned char *a, int n, const uint32_t *
       s2 += __builtin_bswap32(x1) + s1;
     }
   }
-  out[0] = s1;
-  out[1] = s2;
+  s[0] = s1;
+  s[1] = s2;
+}
+
+#ifdef __SSE2__
+typedef struct { uint32_t a, b, c, d; } CkMat; /* [[a, b], [c, d]] */
+
+static CkMat ckMatMul(CkMat x, CkMat y) {
+  CkMat r = {x.a * y.a + x.b * y.c, x.a * y.b + x.b * y.d, x.c * y.a + x.d * y.c, x.c * y.b + x.d * y.d};
+  return r;
+}
+
+static CkMat ckMatPow(uint32_t k) {
+  CkMat r = {1, 0, 0, 1}, m = {1, 1, 1, 2};
+  for (; k; k >>= 1, m = ckMatMul(m, m)) {
+    if (k & 1) r = ckMatMul(r, m);
+  }
+  return r;
+}
+
+/* Two steps of four runs lane bytes apart, from p: the first words of the
+** runs' two steps in w[0] and w[2], the second words in w[1] and w[3]. */
+static inline void ckTranspose(const unsigned char *p, int lane, __m128i w[4]) {
+  __m128i r0 = _mm_loadu_si128((const __m128i *)p);
+  __m128i r1 = _mm_loadu_si128((const __m128i *)(p + lane));
+  __m128i r2 = _mm_loadu_si128((const __m128i *)(p + 2 * lane));
+  __m128i r3 = _mm_loadu_si128((const __m128i *)(p + 3 * lane));
+  __m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpacklo_epi32(r2, r3);
+  __m128i t2 = _mm_unpackhi_epi32(r0, r1), t3 = _mm_unpackhi_epi32(r2, r3);
+  w[0] = _mm_unpacklo_epi64(t0, t1);
+  w[1] = _mm_unpackhi_epi64(t0, t1);
+  w[2] = _mm_unpacklo_epi64(t2, t3);
+  w[3] = _mm_unpackhi_epi64(t2, t3);
+}
+
+/* n bytes in host order, n a multiple of 128: eight runs of n / 8 bytes, two
+** groups of four (one per 32-bit lane), each group's chains independent. */
+static void ckLanes(const unsigned char *a, int n, uint32_t *s) {
+  int lane = n / 8, off, k;
+  __m128i p1 = _mm_setzero_si128(), p2 = p1, q1 = p1, q2 = p1, w[4], v[4];
+  uint32_t x1[8], x2[8], s1 = s[0], s2 = s[1];
+  CkMat m;
+  for (off = 0; off < lane; off += 16) {
+    ckTranspose(a + off, lane, w);
+    ckTranspose(a + 4 * lane + off, lane, v);
+    p1 = _mm_add_epi32(p1, _mm_add_epi32(w[0], p2));
+    q1 = _mm_add_epi32(q1, _mm_add_epi32(v[0], q2));
+    p2 = _mm_add_epi32(p2, _mm_add_epi32(w[1], p1));
+    q2 = _mm_add_epi32(q2, _mm_add_epi32(v[1], q1));
+    p1 = _mm_add_epi32(p1, _mm_add_epi32(w[2], p2));
+    q1 = _mm_add_epi32(q1, _mm_add_epi32(v[2], q2));
+    p2 = _mm_add_epi32(p2, _mm_add_epi32(w[3], p1));
+    q2 = _mm_add_epi32(q2, _mm_add_epi32(v[3], q1));
+  }
+  _mm_storeu_si128((__m128i *)x1, p1);
+  _mm_storeu_si128((__m128i *)(x1 + 4), q1);
+  _mm_storeu_si128((__m128i *)x2, p2);
+  _mm_storeu_si128((__m128i *)(x2 + 4), q2);
+  m = ckMatPow((uint32_t)lane / 8);
+  for (k = 0; k < 8; k++) {
+    uint32_t t1 = m.a * s1 + m.b * s2 + x1[k];
+    s2 = m.c * s1 + m.d * s2 + x2[k];
+    s1 = t1;
+  }
+  s[0] = s1;
+  s[1] = s2;
+}
+#endif
+
+static void walCksum(int bigEnd, const unsigned char *a, int n, const uint32_t *in, uint32_t *out) {
+  uint32_t s[2] = {in[0], in[1]};
+  int swap = bigEnd != (*(const unsigned char *)&(uint16_t){1} == 0);
+#ifdef __SSE2__
+  if (!swap && n % 128 == 0) ckLanes(a, n, s);
+  else
+#endif
+    ckSerial(a, n, swap, s);
+  out[0] = s[0];
+  out[1] = s[1];
+}
+
+/* For tests: the checksum of n bytes (a multiple of 8) continuing from ck. */
+void ws_wal_checksum(int big_end, const unsigned char *a, int n, uint32_t *ck) {
+  walCksum(big_end, a, n, ck, ck);
 }
 
 /* Parse a 32-byte WAL header into the chain-start state of pDb. */
@@ -297,6 +398,29 @@ static int frameValid(const WsChain *pC, const unsigned char *h, uint32_t *ck) {
   ck[0] = c[0];
   ck[1] = c[1];
   return 1;
+}
+
+/* Do the n frames at aF continue the chain in ck?  On success ck is advanced
+** past them and *pSize holds the last one's database size field. */
+static int framesValid(const WsChain *pC, const unsigned char *aF, uint32_t n, uint32_t *ck, uint32_t *pSize) {
+  uint32_t j, szFrame = FRAME_HDR + pC->szPage;
+  for (j = 0; j < n; j++) {
+    if (!frameValid(pC, aF + (sqlite3_int64)j * szFrame, ck)) return 0;
+  }
+  if (n) *pSize = get32(aF + (sqlite3_int64)(n - 1) * szFrame + 4);
+  return 1;
+}
+
+/* Did commit r's frames end the chain at the checksum and size its writer saw? */
+static int commitEnds(const ws_rec *r, const uint32_t *ck, uint32_t size) {
+  return ck[0] == r->endCk[0] && ck[1] == r->endCk[1] && size == r->db_size;
+}
+
+/* Are commit r's frames (all at aF) the ones its writer committed: the chain
+** continued from where the commit began, to where it ended? */
+static int commitValid(const ws_rec *r, const unsigned char *aF) {
+  uint32_t ck[2] = {r->chain.cksum[0], r->chain.cksum[1]}, size = 0;
+  return framesValid(&r->chain, aF, r->frame_end - r->frame_start, ck, &size) && commitEnds(r, ck, size);
 }
 
 /* Where commit r's frames are in its WAL, and how many bytes they take. */
@@ -1139,6 +1263,10 @@ static ws_rec *readClaimed(ws_rec *r, uint32_t nRec, sqlite3_int64 n, sqlite3_fi
       r->pBlock = pBlock;
       r->aFrames = (unsigned char *)(pBlock + 1) + at;
       at += frameBytes(r);
+      /* A replication thread checks the frames while the read left them in
+      ** the cache, not once a whole drain has gone through it; the writer's
+      ** own reads leave the check to the consumer. */
+      if (!pFile) r->eChecked = commitValid(r, r->aFrames) ? 1 : -1;
     }
     if (i == nRec) return r;
   }
@@ -1211,6 +1339,7 @@ static void prepareCommit(ws_rec *r) {
   consumerWal(pDb, 0); /* lets go of a WAL that was replaced */
   if (!r->aFrames && r->spool_fd < 0) goto gap; /* its read failed (readDetached) */
   aF = r->aFrames;
+  if (r->eChecked < 0 || (aF && !r->eChecked && !commitValid(r, aF))) goto gap;
   /* PageRefs, then pointers to the pages (in memory) or their frames (spooled),
   ** then the page numbers: one block. */
   aRef = malloc((sizeof(PageRef) + sizeof(uint32_t) + (aF ? sizeof(unsigned char *) : sizeof(uint32_t))) * n);
@@ -1224,14 +1353,12 @@ static void prepareCommit(ws_rec *r) {
   for (k = 0; k < n; k += m) {
     const unsigned char *aChunk = aF ? aF + (sqlite3_int64)k * szFrame : aBuf;
     m = n - k < nChunk ? n - k : nChunk;
-    if (!aF && preadFull(r->spool_fd, aBuf, (sqlite3_int64)m * szFrame, (sqlite3_int64)k * szFrame)) {
+    if (!aF && (preadFull(r->spool_fd, aBuf, (sqlite3_int64)m * szFrame, (sqlite3_int64)k * szFrame) ||
+                !framesValid(c, aBuf, m, ck, &lastSize))) {
       goto gap;
     }
     for (j = 0; j < m; j++) {
-      const unsigned char *h = aChunk + (sqlite3_int64)j * szFrame;
-      uint32_t pg = get32(h);
-      if (!frameValid(c, h, ck)) goto gap;
-      lastSize = get32(h + 4);
+      uint32_t pg = get32(aChunk + (sqlite3_int64)j * szFrame);
       if (pg <= r->db_size) {
         aRef[nRef].pgno = pg;
         aRef[nRef].iFrame = k + j;
@@ -1241,7 +1368,7 @@ static void prepareCommit(ws_rec *r) {
   }
   free(aBuf);
   aBuf = 0;
-  if (ck[0] != r->endCk[0] || ck[1] != r->endCk[1] || lastSize != r->db_size) goto gap;
+  if (!aF && !commitEnds(r, ck, lastSize)) goto gap;
   qsort(aRef, nRef, sizeof(PageRef), cmpPageRef);
   for (k = 0; k < nRef; k++) {
     if (k + 1 < nRef && aRef[k + 1].pgno == aRef[k].pgno) continue;
@@ -2264,7 +2391,10 @@ static void forkParent(void) { pthread_mutex_unlock(&gMutex); }
 static void forkChild(void) {
   int64_t i;
   pthread_mutexattr_t ma;
-  pthread_mutex_init(&gMutex, 0);
+  pthread_mutexattr_init(&ma);
+  pthread_mutexattr_settype(&ma, WS_MUTEX_KIND);
+  pthread_mutex_init(&gMutex, &ma);
+  pthread_mutexattr_destroy(&ma);
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);
   gHead = gTail = 0; /* the parent's records stay the parent's */

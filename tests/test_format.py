@@ -31,6 +31,7 @@ from walsync_vfs.format import (
     SnapshotHeader,
     SnapshotWriter,
     WalPos,
+    compression_threads,
     decode_segment,
     encode_part,
     encode_segment,
@@ -430,6 +431,16 @@ def test_segment_round_trip_many_and_big():
     big = make_commits(65536, 7, [(40, list(range(1, 41))), (40, list(range(1, 41, 2)))])
     data = encode_segment(65536, big, level=1)
     assert decode_segment_fully(data) == big
+
+
+def test_a_segment_compressed_on_worker_threads_reads_the_same():
+    commits = make_commits(4096, 1, [(i + 1, [i + 1]) for i in range(2000)])  # 8 MiB of pages
+    alone = encode_segment(4096, commits)
+    with compression_threads(2):
+        threaded = encode_segment(4096, commits)
+    assert encode_segment(4096, commits) == alone  # the threads end with the block
+    assert threaded != alone  # zstd cut the frame into jobs: the workers did compress it
+    assert decode_segment_fully(threaded) == commits
 
 
 def with_wal(commits: list[Commit]) -> list[Commit]:

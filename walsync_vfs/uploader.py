@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -37,6 +38,8 @@ PUT_BATCH = 16
 # Segments past a quarter of max_segment_bytes encoded between two measurements of which zstd
 # level suits a database's stream (see Uploader._encode).
 LEVEL_PROBE_EVERY = 16
+# zstd workers for the segments a flush() waits on: one per core, as the flushing threads sleep.
+FLUSH_COMPRESSION_THREADS = os.cpu_count() or 1
 # Between retries of a failing store (uploads and syncs): recovery is noticed quickly.
 RETRY = Backoff(first=0.1, cap=5.0)
 
@@ -506,9 +509,12 @@ class Uploader:
             self.slots.in_use += 1
             if not db.upload.outbox:
                 fresh.append((db, self._take(db)))
+        # A flush() waits on these: its threads leave their cores to the compression.
+        threads = FLUSH_COMPRESSION_THREADS if self.clock.flushers else 0
         self._lock.release()
         try:
-            encoded = [(db, self._encode_or_none(db, batch)) for db, batch in fresh]
+            with format.compression_threads(threads):
+                encoded = [(db, self._encode_or_none(db, batch)) for db, batch in fresh]
         finally:
             self._lock.acquire()
         for db, item in encoded:

@@ -7,6 +7,7 @@ length is trusted for an allocation before the object's real size vouches for it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import struct
@@ -78,18 +79,32 @@ class _ThreadCodecs(threading.local):
     compressing or decompressing a small segment."""
 
     def __init__(self) -> None:
-        self.compressors: dict[int, zstandard.ZstdCompressor] = {}  # by level
+        self.compressors: dict[tuple[int, int], zstandard.ZstdCompressor] = {}
+        self.threads = 0  # zstd worker threads for this thread's compressions (0: none)
         self.decompressor: zstandard.ZstdDecompressor | None = None
 
 
 _codecs = _ThreadCodecs()
 
 
+@contextlib.contextmanager
+def compression_threads(threads: int) -> Iterator[None]:
+    """Within the block, this thread's segment compressions run on ``threads`` zstd workers
+    (0: on this thread alone), for an encode someone is waiting on: the output is the same
+    format, made sooner, with the CPU of cores the waiting application leaves idle."""
+    before, _codecs.threads = _codecs.threads, threads
+    try:
+        yield
+    finally:
+        _codecs.threads = before
+
+
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    compressors = _codecs.compressors
-    compressor = compressors.get(level)
+    key = (level, _codecs.threads)
+    compressor = _codecs.compressors.get(key)
     if compressor is None:
-        compressor = compressors[level] = zstandard.ZstdCompressor(level=level)
+        compressor = zstandard.ZstdCompressor(level=level, threads=key[1])
+        _codecs.compressors[key] = compressor
     return compressor
 
 
