@@ -225,14 +225,16 @@ static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
 static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
 static int gWaiting = 0, gWake = 0;
-/* The consumer lingers (ws_drain); bytes of commits queued since it last read ahead. */
-static int gLinger = 0;
+/* The consumer lingers (ws_drain); bytes of commits queued since it last read ahead;
+** a checkpoint began, so it should read what is queued now (askReadAhead). */
+static int gLinger = 0, gReadNow = 0;
 static sqlite3_int64 gUnread = 0;
 static ws_rec *gSeen = 0; /* the last queued record readAhead() looked at */
 
 static pthread_cond_t gDone = PTHREAD_COND_INITIALIZER; /* some db's nPending hit 0 */
 
 void ws_wake(void);
+static void askReadAhead(void);
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -1690,10 +1692,8 @@ static int wsFileControl(sqlite3_file *f, int op, void *pArg) {
   if (p->eType == WSF_MAIN) {
     switch (op) {
       case SQLITE_FCNTL_CKPT_START:
-        /* A WAL restart may follow: have the consumer read queued frames now,
-        ** while the checkpoint runs, rather than the writer at the restart. */
         p->bInCkpt = 1;
-        if (p->pDb && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE)) ws_wake();
+        if (p->pDb && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE)) askReadAhead();
         break;
       case SQLITE_FCNTL_CKPT_DONE: p->bInCkpt = 0; break;
       case SQLITE_FCNTL_COMMIT_PHASETWO: publishFromMain(p); break;
@@ -2101,6 +2101,19 @@ static void readAhead(void) {
   }
 }
 
+/* A checkpoint began and a WAL restart may follow: have a lingering consumer
+** read the queued frames now, while the checkpoint runs, rather than the writer
+** at the restart.  The linger goes on: ending it would hand a drain to Python
+** at every checkpoint, each a round of GIL hand-offs with the writer. */
+static void askReadAhead(void) {
+  pthread_mutex_lock(&gMutex);
+  if (gLinger) {
+    gReadNow = 1;
+    pthread_cond_signal(&gCond);
+  }
+  pthread_mutex_unlock(&gMutex);
+}
+
 /* The consumer's whole cycle in one call, so the GIL is released once per
 ** drain rather than once per step: free the previous drain's batches, linger
 ** linger_us if it returned any (commits queue up meanwhile, so a busy writer
@@ -2117,10 +2130,14 @@ ws_batch *ws_drain(int timeout_ms, int linger_us) {
     pthread_mutex_lock(&gMutex);
     gLinger = 1;
     while (!gWake) {
-      if (gUnread >= WS_READ_AHEAD) readAhead();
-      else if (pthread_cond_timedwait(&gCond, &gMutex, &ts) == ETIMEDOUT) break;
+      if (gUnread >= WS_READ_AHEAD || (gReadNow && gUnread)) {
+        gReadNow = 0;
+        readAhead();
+      } else if (pthread_cond_timedwait(&gCond, &gMutex, &ts) == ETIMEDOUT) {
+        break;
+      }
     }
-    gLinger = 0;
+    gLinger = gReadNow = 0;
     pthread_mutex_unlock(&gMutex);
   }
   if (timeout_ms != 0) waitForRecords(timeout_ms);
@@ -2398,7 +2415,7 @@ static void forkChild(void) {
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);
   gHead = gTail = 0; /* the parent's records stay the parent's */
-  gWaiting = gWake = gLinger = 0;
+  gWaiting = gWake = gLinger = gReadNow = 0;
   gUnread = 0;
   gSeen = 0;
   pthread_mutexattr_init(&ma);
