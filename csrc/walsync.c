@@ -121,7 +121,6 @@ struct ws_rec {
   unsigned char *aFrames; /* COMMIT: its frames (NULL if they could not be read), */
   union WsBlock *pBlock;  /* inside this block, shared with the commits read with it */
   int bRead;              /* COMMIT: the read of its frames was done (by either side) */
-  int eChecked;           /* COMMIT: its frames were checked at the read: 1 valid, -1 not */
   void *pIndex;           /* COMMIT: block holding pgnos and pages */
 };
 
@@ -207,34 +206,22 @@ struct WsFile {
 
 #define ORIGVFS(p) ((sqlite3_vfs *)((p)->pAppData))
 
-/* Global registry and record queue, guarded by one mutex.  Every commit takes
-** it for a moment, and so does the consumer: where the platform has them, a
-** spinning mutex keeps a writer that meets the consumer's hold on the CPU
-** instead of putting it to sleep and waking it (each a scheduler round trip). */
-#ifdef PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
-#define WS_MUTEX_INITIALIZER PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
-#define WS_MUTEX_KIND PTHREAD_MUTEX_ADAPTIVE_NP
-#else
-#define WS_MUTEX_INITIALIZER PTHREAD_MUTEX_INITIALIZER
-#define WS_MUTEX_KIND PTHREAD_MUTEX_DEFAULT
-#endif
-static pthread_mutex_t gMutex = WS_MUTEX_INITIALIZER;
+/* Global registry and record queue, guarded by one mutex. */
+static pthread_mutex_t gMutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gCond = PTHREAD_COND_INITIALIZER;
 static __thread int tEngineOpen = 0; /* ws_conn_open() is opening: not the application */
 static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
 static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
 static int gWaiting = 0, gWake = 0;
-/* The consumer lingers (ws_drain); bytes of commits queued since it last read ahead;
-** a checkpoint began, so it should read what is queued now (askReadAhead). */
-static int gLinger = 0, gReadNow = 0;
+/* The consumer lingers (ws_drain); bytes of commits queued since it last read ahead. */
+static int gLinger = 0;
 static sqlite3_int64 gUnread = 0;
 static ws_rec *gSeen = 0; /* the last queued record readAhead() looked at */
 
 static pthread_cond_t gDone = PTHREAD_COND_INITIALIZER; /* some db's nPending hit 0 */
 
 void ws_wake(void);
-static void askReadAhead(void);
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -400,29 +387,6 @@ static int frameValid(const WsChain *pC, const unsigned char *h, uint32_t *ck) {
   ck[0] = c[0];
   ck[1] = c[1];
   return 1;
-}
-
-/* Do the n frames at aF continue the chain in ck?  On success ck is advanced
-** past them and *pSize holds the last one's database size field. */
-static int framesValid(const WsChain *pC, const unsigned char *aF, uint32_t n, uint32_t *ck, uint32_t *pSize) {
-  uint32_t j, szFrame = FRAME_HDR + pC->szPage;
-  for (j = 0; j < n; j++) {
-    if (!frameValid(pC, aF + (sqlite3_int64)j * szFrame, ck)) return 0;
-  }
-  if (n) *pSize = get32(aF + (sqlite3_int64)(n - 1) * szFrame + 4);
-  return 1;
-}
-
-/* Did commit r's frames end the chain at the checksum and size its writer saw? */
-static int commitEnds(const ws_rec *r, const uint32_t *ck, uint32_t size) {
-  return ck[0] == r->endCk[0] && ck[1] == r->endCk[1] && size == r->db_size;
-}
-
-/* Are commit r's frames (all at aF) the ones its writer committed: the chain
-** continued from where the commit began, to where it ended? */
-static int commitValid(const ws_rec *r, const unsigned char *aF) {
-  uint32_t ck[2] = {r->chain.cksum[0], r->chain.cksum[1]}, size = 0;
-  return framesValid(&r->chain, aF, r->frame_end - r->frame_start, ck, &size) && commitEnds(r, ck, size);
 }
 
 /* Where commit r's frames are in its WAL, and how many bytes they take. */
@@ -1265,10 +1229,6 @@ static ws_rec *readClaimed(ws_rec *r, uint32_t nRec, sqlite3_int64 n, sqlite3_fi
       r->pBlock = pBlock;
       r->aFrames = (unsigned char *)(pBlock + 1) + at;
       at += frameBytes(r);
-      /* A replication thread checks the frames while the read left them in
-      ** the cache, not once a whole drain has gone through it; the writer's
-      ** own reads leave the check to the consumer. */
-      if (!pFile) r->eChecked = commitValid(r, r->aFrames) ? 1 : -1;
     }
     if (i == nRec) return r;
   }
@@ -1341,7 +1301,6 @@ static void prepareCommit(ws_rec *r) {
   consumerWal(pDb, 0); /* lets go of a WAL that was replaced */
   if (!r->aFrames && r->spool_fd < 0) goto gap; /* its read failed (readDetached) */
   aF = r->aFrames;
-  if (r->eChecked < 0 || (aF && !r->eChecked && !commitValid(r, aF))) goto gap;
   /* PageRefs, then pointers to the pages (in memory) or their frames (spooled),
   ** then the page numbers: one block. */
   aRef = malloc((sizeof(PageRef) + sizeof(uint32_t) + (aF ? sizeof(unsigned char *) : sizeof(uint32_t))) * n);
@@ -1355,12 +1314,14 @@ static void prepareCommit(ws_rec *r) {
   for (k = 0; k < n; k += m) {
     const unsigned char *aChunk = aF ? aF + (sqlite3_int64)k * szFrame : aBuf;
     m = n - k < nChunk ? n - k : nChunk;
-    if (!aF && (preadFull(r->spool_fd, aBuf, (sqlite3_int64)m * szFrame, (sqlite3_int64)k * szFrame) ||
-                !framesValid(c, aBuf, m, ck, &lastSize))) {
+    if (!aF && preadFull(r->spool_fd, aBuf, (sqlite3_int64)m * szFrame, (sqlite3_int64)k * szFrame)) {
       goto gap;
     }
     for (j = 0; j < m; j++) {
-      uint32_t pg = get32(aChunk + (sqlite3_int64)j * szFrame);
+      const unsigned char *h = aChunk + (sqlite3_int64)j * szFrame;
+      uint32_t pg = get32(h);
+      if (!frameValid(c, h, ck)) goto gap;
+      lastSize = get32(h + 4);
       if (pg <= r->db_size) {
         aRef[nRef].pgno = pg;
         aRef[nRef].iFrame = k + j;
@@ -1370,7 +1331,7 @@ static void prepareCommit(ws_rec *r) {
   }
   free(aBuf);
   aBuf = 0;
-  if (!aF && !commitEnds(r, ck, lastSize)) goto gap;
+  if (ck[0] != r->endCk[0] || ck[1] != r->endCk[1] || lastSize != r->db_size) goto gap;
   qsort(aRef, nRef, sizeof(PageRef), cmpPageRef);
   for (k = 0; k < nRef; k++) {
     if (k + 1 < nRef && aRef[k + 1].pgno == aRef[k].pgno) continue;
@@ -1692,8 +1653,10 @@ static int wsFileControl(sqlite3_file *f, int op, void *pArg) {
   if (p->eType == WSF_MAIN) {
     switch (op) {
       case SQLITE_FCNTL_CKPT_START:
+        /* A WAL restart may follow: have the consumer read queued frames now,
+        ** while the checkpoint runs, rather than the writer at the restart. */
         p->bInCkpt = 1;
-        if (p->pDb && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE)) askReadAhead();
+        if (p->pDb && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE)) ws_wake();
         break;
       case SQLITE_FCNTL_CKPT_DONE: p->bInCkpt = 0; break;
       case SQLITE_FCNTL_COMMIT_PHASETWO: publishFromMain(p); break;
@@ -2101,19 +2064,6 @@ static void readAhead(void) {
   }
 }
 
-/* A checkpoint began and a WAL restart may follow: have a lingering consumer
-** read the queued frames now, while the checkpoint runs, rather than the writer
-** at the restart.  The linger goes on: ending it would hand a drain to Python
-** at every checkpoint, each a round of GIL hand-offs with the writer. */
-static void askReadAhead(void) {
-  pthread_mutex_lock(&gMutex);
-  if (gLinger) {
-    gReadNow = 1;
-    pthread_cond_signal(&gCond);
-  }
-  pthread_mutex_unlock(&gMutex);
-}
-
 /* The consumer's whole cycle in one call, so the GIL is released once per
 ** drain rather than once per step: free the previous drain's batches, linger
 ** linger_us if it returned any (commits queue up meanwhile, so a busy writer
@@ -2130,14 +2080,10 @@ ws_batch *ws_drain(int timeout_ms, int linger_us) {
     pthread_mutex_lock(&gMutex);
     gLinger = 1;
     while (!gWake) {
-      if (gUnread >= WS_READ_AHEAD || (gReadNow && gUnread)) {
-        gReadNow = 0;
-        readAhead();
-      } else if (pthread_cond_timedwait(&gCond, &gMutex, &ts) == ETIMEDOUT) {
-        break;
-      }
+      if (gUnread >= WS_READ_AHEAD) readAhead();
+      else if (pthread_cond_timedwait(&gCond, &gMutex, &ts) == ETIMEDOUT) break;
     }
-    gLinger = gReadNow = 0;
+    gLinger = 0;
     pthread_mutex_unlock(&gMutex);
   }
   if (timeout_ms != 0) waitForRecords(timeout_ms);
@@ -2408,14 +2354,11 @@ static void forkParent(void) { pthread_mutex_unlock(&gMutex); }
 static void forkChild(void) {
   int64_t i;
   pthread_mutexattr_t ma;
-  pthread_mutexattr_init(&ma);
-  pthread_mutexattr_settype(&ma, WS_MUTEX_KIND);
-  pthread_mutex_init(&gMutex, &ma);
-  pthread_mutexattr_destroy(&ma);
+  pthread_mutex_init(&gMutex, 0);
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);
   gHead = gTail = 0; /* the parent's records stay the parent's */
-  gWaiting = gWake = gLinger = gReadNow = 0;
+  gWaiting = gWake = gLinger = 0;
   gUnread = 0;
   gSeen = 0;
   pthread_mutexattr_init(&ma);
