@@ -21,7 +21,14 @@ import pytest
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
-from walsync_vfs.restore import iso_time, plan
+from walsync_vfs.restore import (
+    RESTORE_ATTEMPTS,
+    RestoreError,
+    iso_time,
+    plan,
+    restore_from,
+)
+from walsync_vfs.storage.file import FileReplicaClient
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -76,6 +83,47 @@ def test_every_sampled_txid_restores_exactly(history, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert f"at txid {txid} " in proc.stdout
         assert restored_hash(out) == want
+
+
+class ListingRace(FileReplicaClient):
+    """A local replica whose next ``misses`` listings miss one segment, as a LIST taken while
+    compaction swaps segments can (the originals deleted, the merged one not seen yet)."""
+
+    def __init__(self, root: str, hidden: str, misses: int) -> None:
+        super().__init__(root)
+        self.hidden, self.misses, self.listings = hidden, misses, 0
+
+    def list(self, prefix: str) -> list[storage.ObjectInfo]:
+        self.listings += 1
+        found = super().list(prefix)
+        if self.misses:
+            self.misses -= 1
+            found = [o for o in found if o.key != self.hidden]
+        return found
+
+
+@pytest.mark.parametrize("misses", [1, RESTORE_ATTEMPTS])
+def test_a_listing_with_a_hole_is_taken_again(file_replica, tmp_path, misses):
+    con = apsw.Connection(str(tmp_path / "hole.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    for n in range(5):  # a segment per commit, in one generation
+        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (100 + n,))
+        walsync_vfs.flush(timeout=30)
+    want = content_hash(con)
+    con.close()
+    root = file_replica.removeprefix("file://")
+    segs = sorted(o.key for o in FileReplicaClient(root).list("hole.db/") if "/seg/" in o.key)
+    assert len(segs) >= 3
+    client = ListingRace(root, segs[len(segs) // 2], misses)
+    out = tmp_path / "raced.db"
+    if misses < RESTORE_ATTEMPTS:
+        restore_from(client, "hole.db", str(out))
+        assert restored_hash(out) == want
+    else:  # a hole in every listing is one in the replica
+        with pytest.raises(RestoreError, match=r"segments for txids \d+\.\.\d+ are missing"):
+            restore_from(client, "hole.db", str(out))
+        assert not out.exists()
+    assert client.listings == misses + (misses < RESTORE_ATTEMPTS)
 
 
 def test_timestamps_restore_the_last_commit_at_or_before(history, tmp_path):

@@ -50,11 +50,17 @@ INTEGRITY_MMAP = 16 << 20  # bytes of a restored file its integrity check maps (
 READ_BACK = 1 << 20  # bytes of old pages read back at once for the checksum
 
 
-RESTORE_ATTEMPTS = 3  # plans tried when listed objects vanish (a live replica being compacted)
+RESTORE_ATTEMPTS = 3  # plans tried when listed objects vanish or a listing has a hole (compaction)
 
 
 class RestoreError(Exception):
     """A restore cannot produce a correct database; the message is one line saying why."""
+
+
+class Hole(RestoreError):
+    """A listing has no segment for some txids of a generation's chain.  On a live replica a
+    LIST is no snapshot: taken while compaction replaced those segments, it can miss both the
+    originals and the merged one.  Planning again from a fresh listing decides."""
 
 
 class Vanished(RestoreError):
@@ -220,7 +226,7 @@ def _chain(
         if seg.last_txid < expected:
             continue  # already covered (a compacted segment overlaps smaller ones)
         if seg.first_txid > expected:
-            raise RestoreError(
+            raise Hole(
                 f"{name}: segments for txids {expected}..{seg.first_txid - 1} are missing "
                 f"in generation {g.id}"
             )
@@ -693,19 +699,19 @@ def restore_from(
     """:func:`restore` through an open client, into a checked output path."""
     attempt = 1
     while True:
-        p = plan(client, name, txid, timestamp_ns)
-        with _staged(out) as tmp:
-            try:
+        try:
+            p = plan(client, name, txid, timestamp_ns)
+            with _staged(out) as tmp:
                 result = replay(client, p, tmp, timestamp_ns, progress)
                 if txid is not None and result.txid != txid:
                     raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
                 _install(tmp, out)
                 return result
-            except Vanished:
-                if attempt == RESTORE_ATTEMPTS:
-                    raise
-            except format.CorruptObject as exc:
-                raise RestoreError(str(exc)) from exc
+        except (Vanished, Hole):
+            if attempt == RESTORE_ATTEMPTS:
+                raise
+        except format.CorruptObject as exc:
+            raise RestoreError(str(exc)) from exc
         attempt += 1  # the replica changed under us: plan again from a fresh listing
 
 
@@ -756,7 +762,7 @@ class Follower:
         try:
             try:
                 self._poll()
-            except (Vanished, storage.ObjectNotFound):
+            except (Vanished, Hole, storage.ObjectNotFound):
                 self._poll()  # listed, then replaced by compaction or retention: list again
         finally:  # after an error too: the segments applied before a bad one are out
             if self._image is not None:
