@@ -7,6 +7,7 @@ the uploader works from an agenda of due times instead of scanning every databas
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import apsw
@@ -33,10 +34,11 @@ def test_first_commit_after_idle_ships_without_a_flush(file_replica, tmp_path):
         before = len(segments(file_replica, "idle.db"))
         time.sleep(1.5)  # a quiet spell (> interval/4 would be 1.25 s)
         con.execute("INSERT INTO t VALUES(1)")
-        deadline = time.monotonic() + 1.0  # far less than the 5 s interval
-        while len(segments(file_replica, "idle.db")) == before:
-            assert time.monotonic() < deadline, "the first commit after idle waited"
-            time.sleep(0.02)
+        wait_until(  # within far less than the 5 s interval
+            lambda: len(segments(file_replica, "idle.db")) > before,
+            "the first commit after idle waited",
+            seconds=1.0,
+        )
         con.close()
     finally:
         walsync_vfs.configure(upload_interval=1.0)
@@ -65,10 +67,9 @@ def test_a_segments_worth_ships_at_once_after_a_quarter_shipped(file_replica, tm
         con, before = replicated_table(file_replica, tmp_path / "fast.db")
         for _ in range(8):  # a quarter, within a tenth of an interval (6 s) of that upload
             con.execute("INSERT INTO t VALUES(randomblob(40000))")
-        deadline = time.monotonic() + 3.0
-        while pending_bytes("fast.db") < 8 * 40000:  # the quarter is seen, to ship in 6 s
-            assert time.monotonic() < deadline, "the commits did not reach the uploader"
-            time.sleep(0.01)
+        wait_until(  # the quarter is seen, to ship in 6 s
+            lambda: pending_bytes("fast.db") >= 8 * 40000, "the commits did not reach the uploader"
+        )
         for _ in range(22):  # then a segment's worth
             con.execute("INSERT INTO t VALUES(randomblob(40000))")
         wait_for_txid(file_replica, "fast.db", before + 26, "a segment's worth waited")
@@ -93,10 +94,15 @@ def pending_bytes(name: str) -> int:
 def wait_for_txid(url: str, name: str, txid: int, problem: str) -> None:
     """Poll the replica until it holds ``txid``, failing with ``problem`` after 3 s (far
     less than the upload interval, and than the uploader's own next look, in these tests)."""
-    deadline = time.monotonic() + 3.0
-    while replicated_txid(url, name) < txid:
+    wait_until(lambda: replicated_txid(url, name) >= txid, problem)
+
+
+def wait_until(done: Callable[[], bool], problem: str, seconds: float = 3.0) -> None:
+    """Poll ``done`` until it holds, failing with ``problem`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not done():
         assert time.monotonic() < deadline, problem
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
 def test_steady_writes_ship_about_once_per_interval(file_replica, tmp_path):
