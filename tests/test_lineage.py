@@ -124,3 +124,30 @@ def test_a_broken_lineage_takes_no_commit_and_compares_with_nothing() -> None:
     assert not lineage.follows(commit_record(6, 1))
     assert lineage.head(Head("gen-s", 3)) == Head(None, 1)  # a new generation follows
     assert lineage.sync_seq == 5
+
+
+def test_after_a_lost_commit_the_lineage_ends_before_it_until_a_sync_point_past_it() -> None:
+    lineage = Lineage()
+    decision = decide(Head(), checksum(1), PAGE, [], new_generation=new_id)
+    lineage.restart(decision, PAGE, checksum(1), 1, format.WalPos(1, 2, 3), 0)
+    lineage.extend(commit_record(2, 2))
+    held = commit_record(3, 3)  # published before the commit the stream lost
+    lineage.lost(4)
+    assert lineage.follows(held)
+    lineage.extend(held)
+    assert not lineage.follows(commit_record(5, 5))  # built on a state without seq 4
+    head = lineage.head(None)
+    assert head is not None and (head.txid, head.checksum) == (3, checksum(3).value)
+    # A sync point taken before the loss does not end it; one after it does.
+    continued = decide(head, checksum(3), PAGE, [])
+    lineage.restart(continued, PAGE, checksum(3), 3, format.WalPos(1, 2, 4), 0)
+    assert not lineage.follows(commit_record(5, 5))
+    lineage.restart(
+        decide(head, checksum(5), PAGE, [], new_generation=new_id),
+        PAGE,
+        checksum(5),
+        6,
+        format.WalPos(1, 2, 6),
+        0,
+    )
+    assert lineage.follows(commit_record(7, 7))

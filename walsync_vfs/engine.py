@@ -126,10 +126,11 @@ class Engine:
                 later, starts, ready = [], [], []
                 for chain, rec, in_c in left:
                     db = dbs.get(chain.db_id)
-                    # Not during a sync (it holds them), nor on a broken lineage.
+                    # Not during a sync (it holds them), nor on a broken lineage or one
+                    # that lost a commit.
                     if in_c and db is not None and rec.kind == _COMMIT and not db.sync.syncing:
                         lineage = db.lineage
-                        if lineage.checksum is not None:
+                        if lineage.checksum is not None and lineage.whole:
                             run = db.upload.open_run(lineage.generation)
                             extent, max_bytes = chain.max_db_size, db.cfg.max_segment_bytes
                             starts.append((lineage, rec, run, extent, max_bytes))
@@ -187,6 +188,7 @@ class Engine:
             return
         elif rec.kind is Kind.GAP:
             log.info("walsync: %s changed outside the stream; resyncing", db.path)
+            db.lineage.lost(rec.seq)
             self._request_sync(db)
         elif rec.kind is Kind.CLOSE:
             log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)

@@ -123,6 +123,9 @@ class Lineage:
     page_size: int = 0
     checksum: format.DbChecksum | None = None  # None: broken, the next sync starts afresh
     sync_seq: int = 0  # commits up to this seq are in the state the lineage started from
+    # The stream lost the commit at this seq (a GAP): none after it extends the lineage
+    # until a sync point past it, whose state holds them all.
+    gap_seq: int = 0
     time_ns: int = 0  # when its last state was committed (or pinned)
     # Where its last state ended in the source's WAL; a run's is read from it when asked for.
     wal: format.WalPos | capture.OpenRun | None = None
@@ -144,10 +147,24 @@ class Lineage:
             return Head(None, self.next_txid - 1)
         return stored
 
+    @property
+    def whole(self) -> bool:
+        """Whether every commit since the lineage's sync point reached the stream."""
+        return self.gap_seq <= self.sync_seq
+
     def follows(self, rec: Record) -> bool:
         """Whether the commit ``rec`` extends the lineage (not inside the state it started
-        from, and the lineage is not broken)."""
-        return rec.seq > self.sync_seq and self.checksum is not None
+        from, not after a commit the stream lost, and the lineage is not broken)."""
+        return (
+            self.sync_seq < rec.seq
+            and (self.whole or rec.seq < self.gap_seq)
+            and self.checksum is not None
+        )
+
+    def lost(self, seq: int) -> None:
+        """The stream lost the commit at ``seq``: a later one would be built on a state
+        without it, so the lineage ends before it until the next sync point."""
+        self.gap_seq = max(self.gap_seq, seq)
 
     def extend(self, rec: Record) -> format.Commit:
         """The commit ``rec`` as the lineage's next txid, with its whole-db checksum."""
