@@ -2233,11 +2233,16 @@ int ws_role(int64_t db_id, int role, const char *zAddr) {
   return 1;
 }
 
-/* Leader: a sync is under way, so no frame needs protecting until its sync
-** point (see readAnything()). */
+/* Leader: a sync is under way.  Without a place in the chain no frame needs
+** protecting until its sync point (see readAnything()).  With one, commits
+** queued and not yet read still do: a restart would erase their frames and
+** every later commit would have to wait for a new snapshot. */
 void ws_read_any(int64_t db_id) {
   WsDb *pDb = dbById(db_id);
-  if (pDb) readAnything(pDb);
+  if (!pDb) return;
+  pthread_mutex_lock(&pDb->mu);
+  if (!pDb->c.bKnown) readAnything(pDb);
+  pthread_mutex_unlock(&pDb->mu);
 }
 
 /* Leader: still here (called every fraction of WS_TAKEOVER_NS). */

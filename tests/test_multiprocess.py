@@ -310,12 +310,13 @@ def tables_and_values(path: Path) -> dict[str, list[str]]:
         con.close()
 
 
-def test_a_commit_lost_to_a_restart_is_never_built_on(file_replica, tmp_path):
-    """While a sync is under way the leader stops protecting the WAL's frames (its snapshot
-    will hold them).  Its consumer is busy in a batch when it commits T; another process
-    truncates the WAL, taking T's unread frames with it, and commits N.  N must never be
-    replicated on top of a state without T: every restore point is a sound database, and
-    the latest equals the source."""
+def test_a_sync_starting_keeps_unread_frames_from_a_restart(file_replica, tmp_path):
+    """A sync starts while the leader's consumer is busy in a batch and the leader commits T;
+    another process truncates the WAL and commits N.  The restart waits until T's frames
+    are read (or SQLite appends instead), so one lineage holds T then N.  Had the restart
+    taken T's frames, N must still never be replicated on top of a state without T (see
+    Lineage.lost): every restore point is a state the source had, and the latest equals
+    it."""
     import walsync_vfs
 
     db = tmp_path / "app.db"
@@ -356,7 +357,9 @@ def test_a_commit_lost_to_a_restart_is_never_built_on(file_replica, tmp_path):
         con.close()
         capture.dispatcher().route_path(str(db), None)
     client = storage.open_replica(file_replica)
-    for gen in catalog.generations(client, db.name):
+    gens = catalog.generations(client, db.name)
+    assert len(gens) == 1, [g.id for g in gens]  # no snapshot needed to go on
+    for gen in gens:
         for txid in range(gen.snapshots[0].last_txid, gen.last_txid + 1):
             out = tmp_path / f"at-{txid}.db"
             restore(f"{file_replica}/{db.name}", str(out), txid=txid)

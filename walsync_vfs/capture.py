@@ -524,8 +524,9 @@ def drain(timeout: float | None = 0.0, linger: float = 0.0) -> list:
 
 
 def read_any(db_id: int) -> None:
-    """Leader: a sync is under way, so the WAL may restart past frames not yet read (the
-    sync point's snapshot holds them).  See ws_read_any in csrc/walsync.c."""
+    """Leader: a sync is under way; if the shim has no place in the WAL's chain, the WAL may
+    restart past frames not yet read (the sync point's snapshot holds them).  See
+    ws_read_any in csrc/walsync.c."""
     lib.ws_read_any(db_id)
 
 

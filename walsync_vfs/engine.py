@@ -604,8 +604,9 @@ class Engine:
 
     def _sync(self, db: Database) -> None:
         """Line the lineage up with the database's current bytes (see sync.py)."""
-        # Until it is done the WAL may restart: the sync point takes the write lock, which a
-        # checkpoint waiting for the leader to read its frames would hold (csrc/walsync.c).
+        # Without a place in the WAL's chain (a first sync, a gap) the leader reads nothing
+        # until its sync point, so the WAL may restart meanwhile: a checkpoint waiting for it
+        # would hold the write lock the sync point takes (csrc/walsync.c).
         capture.read_any(db.db_id)
         if db.client is None:  # a first sync (a follower has its name, not its client)
             self._resolve(db)
