@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import apsw
@@ -14,6 +15,7 @@ import pytest
 
 from walsync_vfs import catalog, format, report, storage
 from walsync_vfs.restore import RestoreError, Vanished, plan, replay, restore_from, split_url
+from walsync_vfs.storage.file import FileReplicaClient
 
 WRITER = Path(__file__).with_name("giant_writer.py")
 RECOVERY = Path(__file__).with_name("giant_recovery.py")
@@ -164,6 +166,50 @@ def test_a_part_removed_while_it_downloads_makes_the_restore_plan_again(file_url
     client.get_range = get_range  # type: ignore[method-assign]
     with pytest.raises(Vanished, match=f"{gone}: object listed but missing"):
         replay(client, plan(client, name), str(tmp_path / "out.db"))
+
+
+class PartGoneForAWhile(FileReplicaClient):
+    """A local replica where one part of a commit is deleted the moment a restore first reads
+    it and put back by the restore's next listing (a store whose reads and listings briefly
+    disagree); counts the first-piece reads of every object."""
+
+    def __init__(self, root: str, key: str) -> None:
+        super().__init__(root)
+        self.key = key
+        self.taken: bytes | None = None  # the part while it is gone
+        self.reads: Counter[str] = Counter()
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start == 0:
+            self.reads[key] += 1
+            if key == self.key and self.reads[key] == 1:
+                self.taken = self.get(key)
+                self.delete([key])
+        return super().get_range(key, start, length)
+
+    def list(self, prefix: str) -> list[storage.ObjectInfo]:
+        if self.taken is not None:
+            self.put(self.key, self.taken)
+            self.taken = None
+        return super().list(prefix)
+
+
+def test_a_commit_half_applied_when_its_next_part_vanishes_is_applied_again(file_url, tmp_path):
+    """The restore drops the parts it has applied of the commit (the file gets back the pages
+    they overwrote), keeps the image as of the commit before, and applies the commit again
+    from its first part: the snapshot is read once, the first part twice."""
+    url = f"{file_url}/app.db"
+    written = run_writer(tmp_path / "app.db", 2, file_url, str(256 << 10), str(8 * MIB))
+    parts = giant_parts(url)
+    assert len(parts) >= 4
+    root, name = split_url(url)
+    gone = catalog.object_key(parts[len(parts) // 2])
+    client = PartGoneForAWhile(root.removeprefix("file://"), gone)
+    restore_from(client, name, str(tmp_path / "latest.db"))
+    assert digest_of(tmp_path / "latest.db") == (written["digest"], written["rows"])
+    assert client.reads[gone] == 2
+    assert client.reads[catalog.object_key(parts[0])] == 2
+    assert [n for key, n in client.reads.items() if "/snapshot/" in key] == [1]
 
 
 def test_a_giant_commit_past_the_spool_cap_goes_into_a_snapshot(file_url, tmp_path):

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -20,7 +21,7 @@ import apsw
 import pytest
 
 import walsync_vfs
-from walsync_vfs import catalog, format, storage
+from walsync_vfs import catalog, compactor, format, storage
 from walsync_vfs.restore import (
     RESTORE_ATTEMPTS,
     RestoreError,
@@ -124,6 +125,123 @@ def test_a_listing_with_a_hole_is_taken_again(file_replica, tmp_path, misses):
             restore_from(client, "hole.db", str(out))
         assert not out.exists()
     assert client.listings == misses + (misses < RESTORE_ATTEMPTS)
+
+
+class CompactedAhead(FileReplicaClient):
+    """A local replica where each listing arms one real compaction (the merged segment put,
+    then the originals deleted, by a client of its own, as the engine's compactor does), run
+    the moment a restore first GETs the first segment of the earliest of ``groups`` still
+    there: whatever a restore has listed, segments it has not read yet are merged away
+    under it, the newest ones last, as on a busy replica.  With ``unlisted_once``, the
+    listing right after a compaction misses the merged segment as well as the originals, as
+    a LIST taken while compaction swaps them can."""
+
+    def __init__(self, root: str, groups: list[list[str]], unlisted_once: bool = False) -> None:
+        super().__init__(root)
+        self.compactor = FileReplicaClient(root)
+        self.groups = groups
+        self.unlisted_once = unlisted_once
+        self.unlisted: set[str] = set()  # merged segments the next listing misses
+        self.lock = threading.Lock()  # prefetch threads GET at once
+        self.armed = False
+        self.listings = self.compactions = self.snapshot_downloads = 0
+
+    def list(self, prefix: str) -> list[storage.ObjectInfo]:
+        with self.lock:
+            self.listings += 1
+            self.armed = True
+            unlisted, self.unlisted = self.unlisted, set()
+        return [o for o in super().list(prefix) if o.key not in unlisted]
+
+    def get(self, key: str) -> bytes:
+        with self.lock:
+            if self.armed and self.groups and key == self.groups[0][0]:
+                self.armed = False
+                merged = [format.parse_key(k) for k in self.groups.pop(0)]
+                puts, doomed = compactor.merge_plan(self.compactor, merged, 1 << 30)
+                for merged_key, data in puts:  # the merged segment first, as the engine does
+                    self.compactor.put(merged_key, data)
+                    if self.unlisted_once:
+                        self.unlisted.add(merged_key)
+                self.compactor.delete(doomed)
+                self.compactions += 1
+        return super().get(key)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        # A download's first piece (planning by timestamp reads a snapshot's header alone).
+        if "/snapshot/" in key and start == 0 and length > format.SNAPSHOT_HEADER_SIZE:
+            with self.lock:
+                self.snapshot_downloads += 1
+        return super().get_range(key, start, length)
+
+
+@pytest.mark.parametrize("target", ["newest", "txid", "timestamp"])
+def test_a_restore_carries_on_from_its_image_when_what_it_has_not_read_is_compacted(
+    file_replica, tmp_path, target
+):
+    """Every listing is followed by a compaction of segments the restore listed and has not
+    read yet: the restore keeps the image it has built and plans only the rest, so it reads
+    the snapshot once and gets further each time, past RESTORE_ATTEMPTS tries.  A txid or
+    timestamp inside the last merged segment is still where the replay ends."""
+    source = tmp_path / "busy.db"
+    con = apsw.Connection(str(source), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    log = []  # per commit: a time between it and the next, and the content then
+    for n in range(12):  # a segment per commit, in one generation
+        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (300 + n,))
+        log.append((time.time_ns(), content_hash(con)))
+        walsync_vfs.flush(timeout=30)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    root = file_replica.removeprefix("file://")
+    segs = sorted(o.key for o in FileReplicaClient(root).list("busy.db/") if "/seg/" in o.key)
+    late = segs[-2 * RESTORE_ATTEMPTS :]
+    last = format.parse_key(segs[-1]).last_txid
+    assert [format.parse_key(k).last_txid for k in late] == list(
+        range(last - len(late) + 1, last + 1)
+    )
+    # The target: the first commit of the last group to be compacted, or the newest.
+    txid = format.parse_key(late[-2]).last_txid if target != "newest" else last
+    when, want = log[len(log) - 1 - (last - txid)]
+    client = CompactedAhead(root, [late[i : i + 2] for i in range(0, len(late), 2)])
+    out = tmp_path / "restored.db"
+    result = restore_from(
+        client,
+        "busy.db",
+        str(out),
+        txid=txid if target == "txid" else None,
+        timestamp_ns=when if target == "timestamp" else None,
+    )
+    assert result.txid == txid
+    assert restored_hash(out) == want
+    if target == "newest":
+        assert out.read_bytes() == source.read_bytes()
+    assert client.compactions == RESTORE_ATTEMPTS  # each try met one, and got past it
+    assert client.listings == RESTORE_ATTEMPTS + 1
+    assert client.snapshot_downloads == 1  # never started over
+    assert not set(late) & {o.key for o in FileReplicaClient(root).list("busy.db/")}
+
+
+def test_a_listing_that_misses_the_newest_segments_does_not_end_the_restore_early(
+    file_replica, tmp_path
+):
+    """The listing taken to carry on misses the last segments (compacted, merged one not
+    seen yet): the restore lists again rather than end older than it planned."""
+    con = apsw.Connection(str(tmp_path / "tail.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    for n in range(6):  # a segment per commit, in one generation
+        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (300 + n,))
+        walsync_vfs.flush(timeout=30)
+    want = content_hash(con)
+    con.close()
+    root = file_replica.removeprefix("file://")
+    segs = sorted(o.key for o in FileReplicaClient(root).list("tail.db/") if "/seg/" in o.key)
+    client = CompactedAhead(root, [segs[-3:]], unlisted_once=True)
+    out = tmp_path / "restored.db"
+    result = restore_from(client, "tail.db", str(out))
+    assert result.txid == format.parse_key(segs[-1]).last_txid
+    assert restored_hash(out) == want
+    assert (client.compactions, client.listings, client.snapshot_downloads) == (1, 3, 1)
 
 
 def test_timestamps_restore_the_last_commit_at_or_before(history, tmp_path):

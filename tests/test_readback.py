@@ -71,11 +71,12 @@ def apply(image: Image, commits: list[Commit]) -> str:
     return key
 
 
-def apply_parts(image: Image, commit: Commit, cuts: list[int]) -> str:
-    """Apply ``commit`` as parts cut before the page indexes ``cuts``; returns the last key."""
+def apply_parts(image: Image, commit: Commit, cuts: list[int], upto: int | None = None) -> str:
+    """Apply ``commit`` as parts cut before the page indexes ``cuts`` (only the first
+    ``upto`` of them if given); returns the last key."""
     bounds = [0, *cuts, len(commit.pages)]
     count = len(bounds) - 1
-    for i in range(count):
+    for i in range(count if upto is None else upto):
         pages = commit.pages[bounds[i] : bounds[i + 1]]
         part = Part(i, count, len(commit.pages))
         obj = format.encode_part(PS, commit, part, [p for p, _ in pages], [d for _, d in pages])
@@ -173,6 +174,32 @@ def test_commits_in_parts_that_rewrite_grow_and_shrink(restored, sink):
     apply_parts(image, model.commit(10, [1, 2, 3, 9, 10]), [1, 4])  # a shrink
     assert_equal(image, model, path, sink)
     apply(image, [model.commit(10, [9, 10]), model.commit(10, [9])])
+    assert_equal(image, model, path, sink)
+
+
+@pytest.mark.parametrize(
+    ("size", "written", "cuts", "upto"),
+    [
+        (26, [1, 4, 5, 9, 17], [3, 5, 6, 8], 4),  # rewrites, and growth written already
+        (10, [1, 2, 3, 9, 10], [1, 4], 2),  # a shrink
+    ],
+)
+def test_a_commit_in_parts_abandoned_half_way_leaves_the_last_commit(
+    restored, sink, size, written, cuts, upto
+):
+    """A restore carrying on after a part vanished, as a follower does: the parts applied so
+    far are dropped (the plain file gets back the pages they overwrote, and its size), and
+    the commit, fetched again, applies from its first part."""
+    model, image, path = restored
+    apply(image, [model.commit(20, [4, 9])])
+    saved, before = image.checksum.copy(), stored(path, sink)
+    commit = model.commit(size, written)
+    apply_parts(image, commit, cuts, upto)
+    if sink == "file":  # its earlier parts are in the file already
+        assert stored(path, sink) != before
+    image.abandon(saved)
+    assert stored(path, sink) == before
+    apply_parts(image, commit, cuts)
     assert_equal(image, model, path, sink)
 
 

@@ -4,7 +4,7 @@ restore share."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 from walsync_vfs.format import Page
@@ -51,6 +51,18 @@ def _write_run(fd: int, run: list[Page], offset: int) -> None:
         rest = memoryview(b"".join(run))
         while done < total:
             done += os.pwrite(fd, rest[done:], offset + done)
+
+
+def page_runs(pgnos: Sequence[int], longest: int) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in the sorted ``pgnos``, cut into
+    runs of at most ``longest``."""
+    i = 0
+    while i < len(pgnos):
+        j = i + 1
+        while j < len(pgnos) and pgnos[j] == pgnos[j - 1] + 1 and j - i < longest:
+            j += 1
+        yield pgnos[i], j - i
+        i = j
 
 
 def read_pages(fd: int, page_size: int, first: int, count: int) -> bytes:

@@ -18,14 +18,19 @@ Prefetch threads download and decode a few segments ahead, up to PREFETCH_BYTES 
 SHA-256 and zstd all release the GIL); the calling thread applies them strictly in txid
 order, each whole segment checked in full before its pages are written in one batch.  A
 commit in parts is written part by part, batch by batch, and counts only once its last part
-has checked out: until then a failed check abandons it (the restore's file is discarded, a
-follower rolls its transaction back).  :class:`Follower` keeps applying new segments as
-they arrive (``restore --follow``), in place, as SQLite transactions (``inplace.py``).
+has checked out: until then a failed check or download abandons it (a restore's file gets
+back the pages its parts overwrote, a follower rolls its transaction back).  A restore that
+meets an object compaction or retention of a live replica replaced keeps the image it has
+built and plans only the rest (:func:`_restore_into`).  :class:`Follower` keeps applying new
+segments as they arrive (``restore --follow``), in place, as SQLite transactions
+(``inplace.py``).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +43,7 @@ from urllib.parse import quote
 import apsw
 
 from walsync_vfs import catalog, format, inplace, objects, storage
-from walsync_vfs.dbfile import apply_pages, read_pages
+from walsync_vfs.dbfile import apply_pages, page_runs, read_pages, write_pages
 from walsync_vfs.format import check_name
 from walsync_vfs.storage.transfer import read_ranges
 
@@ -50,7 +55,9 @@ INTEGRITY_MMAP = 16 << 20  # bytes of a restored file its integrity check maps (
 READ_BACK = 1 << 20  # bytes of old pages read back at once for the checksum
 
 
-RESTORE_ATTEMPTS = 3  # plans tried when listed objects vanish or a listing has a hole (compaction)
+# Tries in a row that get a restore no further, when listed objects vanish or a listing has
+# a hole (compaction or retention of a live replica), before the last error is final.
+RESTORE_ATTEMPTS = 3
 
 
 class RestoreError(Exception):
@@ -387,23 +394,86 @@ class PageSink(Protocol):
 
 class FileSink:
     """A file nobody reads until it is complete: pages go straight in, past ``f``'s buffer
-    (``apply_pages`` flushes it first), so they read back straight too."""
+    (``apply_pages`` flushes it first), so they read back straight too.
 
-    def __init__(self, f: BinaryIO, page_size: int) -> None:
+    A commit in parts abandoned half-way (a restore that carries on after a part vanished)
+    leaves the file as the last commit left it: the pages its parts overwrite are saved
+    first, in an unnamed file next to ``f``, and put back, and the size is set back.  A write
+    that ``commit`` follows at once (a whole segment, a commit's last batch) needs no saving,
+    so each write waits for the next call to tell which it is: memory holds one batch.
+    """
+
+    def __init__(self, f: BinaryIO, page_size: int, db_size: int) -> None:
         self.file = f
         self.page_size = page_size
+        self.db_size = db_size  # as the last commit left it
+        self._held: Sequence[tuple[int, format.Page]] = ()
+        self._written = False  # pages of the commit in progress are in the file
+        self._originals: BinaryIO | None = None  # of the pages they overwrote, in order
+        self._original_pgnos = array("I")
 
     def write(self, pages: Sequence[tuple[int, format.Page]], db_size: int) -> None:
-        apply_pages(self.file, self.page_size, db_size, pages)
+        if self._held:
+            self._write_undoably(self._held)
+        self._held = pages
 
     def read(self, first: int, count: int) -> bytes:
         return read_pages(self.file.fileno(), self.page_size, first, count)
 
     def commit(self, db_size: int) -> None:
-        pass
+        apply_pages(self.file, self.page_size, db_size, self._held)
+        self.db_size = db_size
+        self._forget()
 
     def abandon(self) -> None:
-        pass
+        if self._written:
+            fd = self.file.fileno()
+            if self._originals is not None:
+                write_pages(fd, self.page_size, self._saved())
+            os.ftruncate(fd, self.db_size * self.page_size)
+        self._forget()
+
+    def _write_undoably(self, pages: Sequence[tuple[int, format.Page]]) -> None:
+        """Write pages of a commit still in progress, saving those they overwrite first (the
+        pages past the last commit's size need no saving: ``abandon`` cuts them off, and only
+        ``commit`` sets the size).  The parts of a commit never repeat a page, so each page
+        is saved once, before the commit's first write to it."""
+        fd, page_size = self.file.fileno(), self.page_size
+        self.file.flush()
+        overwritten = [pgno for pgno, _ in pages if pgno <= self.db_size]
+        if overwritten:
+            originals = self._originals or self._new_originals()
+            for first, count in page_runs(overwritten, max(1, READ_BACK // page_size)):
+                originals.write(read_pages(fd, page_size, first, count))
+            self._original_pgnos.extend(overwritten)
+        self._written = True
+        write_pages(fd, page_size, pages)
+
+    def _new_originals(self) -> BinaryIO:
+        """The unnamed file for saved pages, next to the output (it has room for them)."""
+        name = self.file.name  # an int for a file opened from a descriptor
+        folder = os.path.dirname(os.path.abspath(name)) if isinstance(name, str) else None
+        self._originals = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (see _forget)
+        return self._originals
+
+    def _saved(self) -> Iterator[tuple[int, format.Page]]:
+        """The saved originals, read back a run at a time."""
+        assert self._originals is not None
+        self._originals.seek(0)
+        size = self.page_size
+        step = max(1, READ_BACK // size)
+        for i in range(0, len(self._original_pgnos), step):
+            pgnos = self._original_pgnos[i : i + step]
+            run = memoryview(self._originals.read(len(pgnos) * size))
+            yield from ((pgno, run[k * size : (k + 1) * size]) for k, pgno in enumerate(pgnos))
+
+    def _forget(self) -> None:
+        """Nothing of a commit in progress any more: drop what was held or saved for it."""
+        self._held, self._written = (), False
+        if self._originals is not None:
+            self._originals.close()
+            self._originals = None
+        self._original_pgnos = array("I")
 
 
 class Image:
@@ -435,7 +505,8 @@ class Image:
         f.flush()
         checksum = format.ReadBackChecksum(header.checksum, header.db_size)
         result = Result(header.txid, header.time_ns, header.db_size, header.page_size)
-        return cls(FileSink(f, header.page_size), generation, checksum, result)
+        sink = FileSink(f, header.page_size, header.db_size)
+        return cls(sink, generation, checksum, result)
 
     def apply_segment(
         self,
@@ -512,9 +583,7 @@ class Image:
         for batch in pages.batches() if isinstance(pages, format.StreamedPages) else (pages,):
             pgnos = [pgno for pgno, _ in batch]
             if pgnos and pgnos[0] <= a.last_pgno:
-                raise RestoreError(
-                    f"{key}: page {pgnos[0]} after page {a.last_pgno} of the commit"
-                )
+                raise RestoreError(f"{key}: page {pgnos[0]} after page {a.last_pgno} of the commit")
             try:  # the pages before this commit are in the sink: parts never repeat a page
                 self.checksum.update(batch, a.old_size, result.page_size, self.stored_hashes)
             except ValueError as exc:
@@ -572,15 +641,60 @@ class Image:
         return old
 
 
+def _apply(
+    image: Image,
+    segments: Iterator[Decoded],
+    timestamp_ns: int | None = None,
+    tick: Callable[[], object] = lambda: None,
+) -> None:
+    """Apply decoded segments to ``image`` in order, until one holds a commit later than
+    ``timestamp_ns``.  On any error, from a segment or from its download, the image is back
+    at the last commit applied in full (a commit in parts half applied is abandoned), so
+    whoever carries on starts from there."""
+    saved = image.checksum.copy()  # as of the last commit applied in full
+    try:
+        for key, header, commits in segments:
+            tick()
+            more = image.apply_segment(key, header, commits, timestamp_ns)
+            if image.assembly is None:
+                saved = image.checksum.copy()
+            if not more:
+                break
+    except BaseException:
+        image.abandon(saved)
+        raise
+
+
+def _carry_on(
+    client: storage.ReplicaClient,
+    name: str,
+    image: Image,
+    g: catalog.Generation,
+    upto_txid: int | None = None,
+    timestamp_ns: int | None = None,
+    progress: bool = False,
+) -> None:
+    """Continue ``image`` along ``g``'s chain from its txid, up to ``upto_txid`` (default:
+    the generation's end) or ``timestamp_ns``; see `_apply` for errors.  A hole in the
+    chain raises Hole before anything is applied.  The progress bar counts the image so far
+    as one object, as it counts a snapshot."""
+    chain = _chain(name, g, image.result.txid, upto_txid)
+    with prefetch_pool() as pool, _progress(len(chain) + 1, name, progress) as tick:
+        _apply(image, _decoded(pool, client, chain, g.sizes, upto_txid), timestamp_ns, tick)
+
+
 def _replay(
     client: storage.ReplicaClient,
     p: Plan,
     f: BinaryIO,
     timestamp_ns: int | None = None,
     progress: bool = False,
+    started: Callable[[Image], object] = lambda image: None,
 ) -> Image:
     """Write the planned state into ``f``: the snapshot streams in while the first segments
-    download, then each segment is applied as soon as it is decoded."""
+    download, then each segment is applied as soon as it is decoded.  ``started`` gets the
+    image once the snapshot is in: if a segment fails, the image is at the last commit
+    applied in full, and a caller can carry on from there."""
     snap_key = catalog.object_key(p.snapshot)
     with prefetch_pool() as pool:
         segments = _decoded(pool, client, p.segments, p.sizes, p.target_txid)
@@ -589,11 +703,9 @@ def _replay(
             image = Image.from_snapshot(f, p.generation, snapshot)
         except storage.ObjectNotFound:
             raise Vanished(snap_key) from None
+        started(image)
         with _progress(len(p.segments) + 1, p.name, progress) as tick:
-            for key, header, commits in segments:
-                tick()
-                if not image.apply_segment(key, header, commits, timestamp_ns):
-                    break
+            _apply(image, segments, timestamp_ns, tick)
     return image
 
 
@@ -607,6 +719,75 @@ def replay(
     """Write the planned state into ``out_path`` (created or truncated), verifying as it goes."""
     with open(out_path, "w+b", buffering=WRITE_BUFFER) as f:
         return _replay(client, p, f, timestamp_ns, progress).result
+
+
+def _planned_end(p: Plan) -> int:
+    """The last txid ``p`` replays (a timestamp may end it sooner)."""
+    end = (p.segments[-1] if p.segments else p.snapshot).last_txid
+    return end if p.target_txid is None else min(end, p.target_txid)
+
+
+def _continuable(client: storage.ReplicaClient, p: Plan, image: Image) -> catalog.Generation | None:
+    """``p``'s generation in a fresh listing, for ``image`` (built from ``p``) to continue
+    in; None if the generation or ``p``'s snapshot is gone: retention may have removed
+    segments after the image too, and only a new plan can tell.  Raises Hole if the
+    generation now ends before ``p``'s chain did: a LIST taken while compaction replaced the
+    last segments can miss them, and the restore must not come out older than planned."""
+    gens = catalog.generations(client, p.name)
+    g = next((g for g in gens if g.id == p.generation), None)
+    if g is None or catalog.object_key(p.snapshot) not in g.sizes:
+        return None
+    listed, planned = max(g.last_txid, image.result.txid), _planned_end(p)
+    if listed < planned:
+        raise Hole(
+            f"{p.name}: segments for txids {listed + 1}..{planned} are missing in generation {g.id}"
+        )
+    return g
+
+
+def _restore_into(
+    client: storage.ReplicaClient,
+    name: str,
+    f: BinaryIO,
+    txid: int | None = None,
+    timestamp_ns: int | None = None,
+    progress: bool = False,
+) -> Result:
+    """Write ``name`` as of ``txid`` or ``timestamp_ns`` (default: its newest commit) into
+    the empty file ``f``.
+
+    A live replica can change under a restore (Vanished, Hole: compaction or retention
+    replaced objects it listed), mostly the newest segments, which it reads last.  The image
+    built so far is kept, and the rest of the plan, up to the txid it ends at, is found in a
+    fresh listing: from scratch only when that rest cannot follow the image (see
+    `_continuable`).  RESTORE_ATTEMPTS tries in a row that take the image no further make
+    the last error final (one that does is not counted: the image cannot go past the end of
+    its plan).
+    """
+    p: Plan | None = None
+    image: Image | None = None
+
+    def started(built: Image) -> None:
+        nonlocal image
+        image = built
+
+    stalled = 0
+    while True:
+        reached = image.result.txid if image is not None else None
+        try:
+            if p is None or image is None or (g := _continuable(client, p, image)) is None:
+                p, image = plan(client, name, txid, timestamp_ns), None
+                f.seek(0)
+                f.truncate()
+                image = _replay(client, p, f, timestamp_ns, progress, started)
+            else:
+                _carry_on(client, name, image, g, _planned_end(p), timestamp_ns, progress)
+            return image.result
+        except (Vanished, Hole):
+            progressed = image is not None and (reached is None or image.result.txid > reached)
+            stalled = 0 if progressed else stalled + 1
+            if stalled == RESTORE_ATTEMPTS:
+                raise
 
 
 def _output_path(out: str, force: bool) -> str:
@@ -697,22 +878,16 @@ def restore_from(
     progress: bool = False,
 ) -> Result:
     """:func:`restore` through an open client, into a checked output path."""
-    attempt = 1
-    while True:
-        try:
-            p = plan(client, name, txid, timestamp_ns)
-            with _staged(out) as tmp:
-                result = replay(client, p, tmp, timestamp_ns, progress)
-                if txid is not None and result.txid != txid:
-                    raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
-                _install(tmp, out)
-                return result
-        except (Vanished, Hole):
-            if attempt == RESTORE_ATTEMPTS:
-                raise
-        except format.CorruptObject as exc:
-            raise RestoreError(str(exc)) from exc
-        attempt += 1  # the replica changed under us: plan again from a fresh listing
+    try:
+        with _staged(out) as tmp:
+            with open(tmp, "w+b", buffering=WRITE_BUFFER) as f:
+                result = _restore_into(client, name, f, txid, timestamp_ns, progress)
+            if txid is not None and result.txid != txid:
+                raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
+            _install(tmp, out)
+            return result
+    except format.CorruptObject as exc:
+        raise RestoreError(str(exc)) from exc
 
 
 class Follower:
@@ -788,22 +963,12 @@ class Follower:
             return False
         (g,) = [g for g in gens if g.id == p.generation]
         try:
-            chain = _chain(self.name, g, image.result.txid)
-        except RestoreError:
+            _carry_on(self.client, self.name, image, g)
+        except Hole:
             return False
-        saved = image.checksum  # a copy of it is taken before each commit is applied
-        with prefetch_pool() as pool:
-            for key, header, commits in _decoded(pool, self.client, chain, g.sizes):
-                if image.assembly is None:
-                    saved = image.checksum.copy()  # as of the last commit applied in full
-                try:
-                    image.apply_segment(key, header, commits)
-                except inplace.ForeignWriter:
-                    self._drop()  # out no longer holds this image: rebuilt at the next poll
-                    raise
-                except BaseException:
-                    image.abandon(saved)
-                    raise
+        except inplace.ForeignWriter:
+            self._drop()  # out no longer holds this image: rebuilt at the next poll
+            raise
         return True
 
     def _rebuild(self, p: Plan) -> None:
