@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.scale or (0.3 if args.quick else 1.0)
     workload = Workload.generate(scale)
     phases = workload.phases(args.synchronous)
-    with replica_root(args.store, args.dir) as root, tempfile.TemporaryDirectory(
+    with replica_root(args.store, args.dir) as (root, _), tempfile.TemporaryDirectory(
         prefix="mixed-", dir=args.dir
     ) as d:
         print(f"replica: {root}")

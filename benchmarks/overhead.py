@@ -189,6 +189,14 @@ def user_seconds() -> tuple[float, float] | None:
     return sum(ticks) / os.sysconf("SC_CLK_TCK"), os.times().user
 
 
+def process_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU-seconds process ``pid`` has used so far; Linux only."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def open_db(path: str, synchronous: str, vfs: str | None) -> apsw.Connection:
     """Open with the pragmas both sides share (autocheckpoint stays at SQLite's default)."""
     con = apsw.Connection(path, vfs=vfs) if vfs else apsw.Connection(path)
@@ -210,6 +218,7 @@ class Result:
     per_slice: int
     captured: int
     others: float | None  # share of the CPUs other processes used (user time) during the case
+    store: float | None  # cores the store's server (SeaweedFS, on this machine) kept busy
 
     @property
     def median(self) -> float:
@@ -220,8 +229,11 @@ class Result:
         return self.median >= self.case.target
 
 
-def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -> Result:
-    """Warm up, calibrate the slice length, then alternate A/B for ``rounds`` rounds."""
+def run_case(
+    case: Case, workdir: str, mode: str, rounds: int, slice_s: float, store_pid: int | None
+) -> Result:
+    """Warm up, calibrate the slice length, then alternate A/B for ``rounds`` rounds.
+    ``store_pid``: the store's server, whose CPU is reported apart from other processes'."""
     d = tempfile.mkdtemp(prefix=f"overhead-{case.rows}-{case.synchronous}-", dir=workdir)
     path_a, path_b = os.path.join(d, "walsync.db"), os.path.join(d, "plain.db")
     stmt = ONE_ROW if case.rows == 1 else BULK
@@ -242,6 +254,7 @@ def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -
     b = Side(con_b, stmt)
     queued = [0, 0]
     cpu0, t0 = user_seconds(), time.monotonic()
+    store0 = process_seconds(store_pid) if store_pid else (0.0, 0.0)
 
     def between() -> None:
         """Untimed, after each slice: empty the C queue when no consumer thread runs."""
@@ -270,9 +283,12 @@ def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -
         else:
             captured, gaps = queued
         cpu1, elapsed = user_seconds(), time.monotonic() - t0
+        store1 = process_seconds(store_pid) if store_pid else (0.0, 0.0)
+        store_user = store1[0] - store0[0]
+        store = (store_user + store1[1] - store0[1]) / elapsed if store_pid else None
         others = None
         if cpu0 and cpu1:
-            foreign = (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])
+            foreign = (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]) - store_user
             others = max(0.0, foreign / (elapsed * (os.cpu_count() or 1)))
         if gaps:
             raise SystemExit(f"{case.name}: the capture stream reported {gaps} gap(s)")
@@ -287,7 +303,7 @@ def run_case(case: Case, workdir: str, mode: str, rounds: int, slice_s: float) -
         for name in os.listdir(d):
             os.unlink(os.path.join(d, name))
         os.rmdir(d)
-    return Result(case, ratios, a.rates, b.rates, per_slice, captured, others)
+    return Result(case, ratios, a.rates, b.rates, per_slice, captured, others, store)
 
 
 def replicated_settle() -> None:
@@ -306,8 +322,9 @@ def replicated_txids(path: str) -> int:
 
 
 @contextlib.contextmanager
-def replica_root(store: str, workdir: str) -> Iterator[str]:
-    """Configure replication to a fresh root: a local directory, or a SeaweedFS of its own."""
+def replica_root(store: str, workdir: str) -> Iterator[tuple[str, int | None]]:
+    """Configure replication to a fresh root: a local directory, or a SeaweedFS of its own;
+    yields the root and the store server's pid (None for a directory)."""
     import walsync_vfs
 
     with tempfile.TemporaryDirectory(
@@ -316,7 +333,7 @@ def replica_root(store: str, workdir: str) -> Iterator[str]:
         if store == "file":
             root = Path(d).as_uri()
             walsync_vfs.configure(replica=root)
-            yield root
+            yield root, None
             return
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import seaweedfs  # the SeaweedFS launcher the tests use
@@ -325,7 +342,7 @@ def replica_root(store: str, workdir: str) -> Iterator[str]:
             os.environ.update(server.env())
             root = f"s3://{server.new_bucket()}/overhead"
             walsync_vfs.configure(replica=root)
-            yield root
+            yield root, server.pid
 
 
 def print_machine(workdir: str) -> str:
@@ -371,38 +388,45 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in CASES if not args.case or any(s in c.name for s in args.case)]
     load_capture(args.capture)
     with contextlib.ExitStack() as stack:
+        store_pid = None
         if args.capture == "replicated":
-            root = stack.enter_context(replica_root(args.store, args.dir))
+            root, store_pid = stack.enter_context(replica_root(args.store, args.dir))
             print(f"replica: {root}")
-        return report(args, cases, rounds, slice_s)
+        return report(args, cases, rounds, slice_s, store_pid)
 
 
-def report(args: argparse.Namespace, cases: list[Case], rounds: int, slice_s: float) -> int:
+def report(
+    args: argparse.Namespace, cases: list[Case], rounds: int, slice_s: float, store_pid: int | None
+) -> int:
     """Run the cases and print the table."""
     print_environment(args.dir, args.capture, rounds, slice_s)
     print()
     head = (
         f"{'case':<16} {'ratio med':>9} {'min':>6} {'max':>6}  {'target':>7}  {'met':<4}"
         f" {'walsync c/s':>12} {'plain c/s':>10} {'commits/slice':>13} {'others':>6}"
+        f" {'store':>5}"
     )
     print(head)
     print("-" * len(head))
     results = []
     for case in cases:
-        res = run_case(case, args.dir, args.capture, rounds, slice_s)
+        res = run_case(case, args.dir, args.capture, rounds, slice_s, store_pid)
         results.append(res)
         others = "?" if res.others is None else f"{res.others:.0%}"
+        store = "-" if res.store is None else f"{res.store:.2f}"
         print(
             f"{case.name:<16} {res.median:>9.3f} {min(res.ratios):>6.3f} {max(res.ratios):>6.3f}"
             f"  >={case.target:<5.2f}  {'yes' if res.met else 'NO':<4}"
             f" {statistics.median(res.rate_a):>12,.0f} {statistics.median(res.rate_b):>10,.0f}"
-            f" {res.per_slice:>13,} {others:>6}",
+            f" {res.per_slice:>13,} {others:>6} {store:>5}",
             flush=True,
         )
     print()
     print("ratio = walsync commits/s / plain commits/s per round (median over rounds);")
     print("absolute commits/s are medians, for context only; others = user CPU share taken by")
-    print("other processes during the case (high: the machine was busy, the ratio is noisier).")
+    print("other processes during the case (high: the machine was busy, the ratio is noisier);")
+    print("store = cores the store's server (SeaweedFS) kept busy on this machine during the")
+    print("case: CPU a remote store would not take from the writer.")
     return 1 if args.check and not all(r.met for r in results) else 0
 
 

@@ -2120,12 +2120,16 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
   sqlite3_free(zWal);
   if (fd >= 0) {
     if (pread(fd, hdr, WAL_HDR, 0) == WAL_HDR && parseWalHeader(&c, hdr)) {
-      uint32_t szFrame = FRAME_HDR + c.szPage, ck[2], n = 0;
+      uint32_t szFrame = FRAME_HDR + c.szPage, ck[2], n = 0, s1, s2, mx = UINT32_MAX;
       unsigned char *aFrame = malloc(szFrame);
       off_t off;
+      /* Under the write lock the wal-index says exactly which frames SQLite
+      ** committed: valid frames past them are a commit whose writer died
+      ** before publishing it, which the next commit overwrites. */
+      if (!shmHeader(pDb, &s1, &s2, &mx) || s1 != c.salt1 || s2 != c.salt2) mx = UINT32_MAX;
       ck[0] = c.cksum[0];
       ck[1] = c.cksum[1];
-      for (off = WAL_HDR; aFrame; off += szFrame, n++) {
+      for (off = WAL_HDR; aFrame && n < mx; off += szFrame, n++) {
         if (pread(fd, aFrame, szFrame, off) != (ssize_t)szFrame || !frameValid(&c, aFrame, ck)) break;
         if (get32(aFrame + 4)) {
           c.nFrame = n + 1;

@@ -455,6 +455,34 @@ def test_restart_by_a_process_without_the_shim_is_a_gap(db):
     f.assert_identical(con)
 
 
+
+def test_a_commit_frame_past_the_wal_index_is_not_in_a_sync_point(db):
+    """A writer killed after writing its commit's frames but before the wal-index names
+    them leaves a valid commit SQLite has not made: the next writer overwrites it.  A sync
+    point is SQLite's state (up to the wal-index's last frame), so that commit is neither in
+    its pages nor in its chain, and the commit that overwrites it goes on the stream."""
+    con, f = db
+    assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    fill(con, 20)
+    f.catch_up()
+    wal_path = f.path.with_name(f.path.name + "-wal")
+    wal = wal_path.read_bytes()
+    big_end = struct.unpack(">I", wal[:4])[0] & 1
+    page_size = struct.unpack(">I", wal[8:12])[0]
+    frame = 24 + page_size
+    frames = (len(wal) - 32) // frame
+    last = wal[32 + (frames - 1) * frame : 32 + frames * frame]
+    page = last[24:-1] + bytes([last[-1] ^ 0xFF])  # a commit nobody made
+    head = last[:8]  # the same page, and the same database size
+    ck = capture.ffi.new("uint32_t[2]", struct.unpack(">II", last[16:24]))
+    capture.lib.ws_wal_checksum(big_end, head, 8, ck)
+    capture.lib.ws_wal_checksum(big_end, page, page_size, ck)
+    with open(wal_path, "ab") as out:
+        out.write(head + wal[16:24] + struct.pack(">II", *ck) + page)
+    f.start()
+    fill(con, 3)  # overwrites it
+    f.assert_identical(con)
+
 def test_write_without_wal_is_reported_as_gap(db):
     con, f = db
     con.execute("PRAGMA journal_mode=DELETE")
