@@ -15,7 +15,9 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import apsw
 import pytest
@@ -86,6 +88,28 @@ def test_every_sampled_txid_restores_exactly(history, tmp_path):
         assert restored_hash(out) == want
 
 
+def segment_per_commit(
+    path: Path, root: str, sizes: Sequence[int], after: Callable[[apsw.Connection], None]
+) -> list[str]:
+    """A table of one row per size at ``path``, each commit flushed in a segment of its own
+    (one generation); ``after(con)`` runs after each commit.  The segments' keys, sorted."""
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    for size in sizes:
+        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (size,))
+        after(con)
+        walsync_vfs.flush(timeout=30)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    prefix = f"{path.name}/"
+    return sorted(o.key for o in FileReplicaClient(root).list(prefix) if "/seg/" in o.key)
+
+
+def record(hashes: list[str]) -> Callable[[apsw.Connection], None]:
+    """An ``after`` for segment_per_commit that keeps each commit's content hash."""
+    return lambda con: hashes.append(content_hash(con))
+
+
 class ListingRace(FileReplicaClient):
     """A local replica whose next ``misses`` listings miss one segment, as a LIST taken while
     compaction swaps segments can (the originals deleted, the merged one not seen yet)."""
@@ -105,15 +129,10 @@ class ListingRace(FileReplicaClient):
 
 @pytest.mark.parametrize("misses", [1, RESTORE_ATTEMPTS])
 def test_a_listing_with_a_hole_is_taken_again(file_replica, tmp_path, misses):
-    con = apsw.Connection(str(tmp_path / "hole.db"), vfs="walsync")
-    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-    for n in range(5):  # a segment per commit, in one generation
-        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (100 + n,))
-        walsync_vfs.flush(timeout=30)
-    want = content_hash(con)
-    con.close()
     root = file_replica.removeprefix("file://")
-    segs = sorted(o.key for o in FileReplicaClient(root).list("hole.db/") if "/seg/" in o.key)
+    hashes: list[str] = []
+    segs = segment_per_commit(tmp_path / "hole.db", root, range(100, 105), record(hashes))
+    want = hashes[-1]
     assert len(segs) >= 3
     client = ListingRace(root, segs[len(segs) // 2], misses)
     out = tmp_path / "raced.db"
@@ -184,17 +203,11 @@ def test_a_restore_carries_on_from_its_image_when_what_it_has_not_read_is_compac
     the snapshot once and gets further each time, past RESTORE_ATTEMPTS tries.  A txid or
     timestamp inside the last merged segment is still where the replay ends."""
     source = tmp_path / "busy.db"
-    con = apsw.Connection(str(source), vfs="walsync")
-    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-    log = []  # per commit: a time between it and the next, and the content then
-    for n in range(12):  # a segment per commit, in one generation
-        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (300 + n,))
-        log.append((time.time_ns(), content_hash(con)))
-        walsync_vfs.flush(timeout=30)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
     root = file_replica.removeprefix("file://")
-    segs = sorted(o.key for o in FileReplicaClient(root).list("busy.db/") if "/seg/" in o.key)
+    log: list[tuple[int, str]] = []  # per commit: a time between it and the next, and the content
+    segs = segment_per_commit(
+        source, root, range(300, 312), lambda con: log.append((time.time_ns(), content_hash(con)))
+    )
     late = segs[-2 * RESTORE_ATTEMPTS :]
     last = format.parse_key(segs[-1]).last_txid
     assert [format.parse_key(k).last_txid for k in late] == list(
@@ -227,15 +240,10 @@ def test_a_listing_that_misses_the_newest_segments_does_not_end_the_restore_earl
 ):
     """The listing taken to carry on misses the last segments (compacted, merged one not
     seen yet): the restore lists again rather than end older than it planned."""
-    con = apsw.Connection(str(tmp_path / "tail.db"), vfs="walsync")
-    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-    for n in range(6):  # a segment per commit, in one generation
-        con.execute("INSERT INTO t(v) VALUES(randomblob(?))", (300 + n,))
-        walsync_vfs.flush(timeout=30)
-    want = content_hash(con)
-    con.close()
     root = file_replica.removeprefix("file://")
-    segs = sorted(o.key for o in FileReplicaClient(root).list("tail.db/") if "/seg/" in o.key)
+    hashes: list[str] = []
+    segs = segment_per_commit(tmp_path / "tail.db", root, range(300, 306), record(hashes))
+    want = hashes[-1]
     client = CompactedAhead(root, [segs[-3:]], unlisted_once=True)
     out = tmp_path / "restored.db"
     result = restore_from(client, "tail.db", str(out))
