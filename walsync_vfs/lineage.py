@@ -163,7 +163,7 @@ class Lineage:
 
     def lost(self, seq: int) -> None:
         """The stream lost the commit at ``seq``: a later one would be built on a state
-        without it, so the lineage ends before it until the next sync point."""
+        without it, so the lineage ends before it until a sync point past it."""
         self.gap_seq = max(self.gap_seq, seq)
 
     def extend(self, rec: Record) -> format.Commit:
