@@ -4,9 +4,10 @@
 ** The whole-database checksum (docs/FORMAT.md §3) is the XOR of every page's
 ** XXH3-64 seeded with its page number.  Python computes it with the xxhash
 ** package; the consumer computes it here, per batch with the GIL released,
-** so it must give the same numbers (tests/test_capture_run.py compares them
+** so it must give the same numbers (tests/test_commit_runs.py compares them
 ** for every page size).  Written from the algorithm's specification: only the
-** long-input path, scalar, since a page is never 240 bytes or fewer.
+** long-input path, since a page is never 240 bytes or fewer; SSE2 on x86-64,
+** scalar elsewhere.
 */
 #include <stdint.h>
 #include <string.h>
