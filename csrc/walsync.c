@@ -699,7 +699,11 @@ static int restartAllowed(WsDb *pDb) {
 ** Callers hold the WAL write lock, so links are written one at a time. */
 static void addLink(WsDb *pDb, uint32_t f1, uint32_t f2, uint32_t fn, uint32_t t1, uint32_t t2) {
   uint32_t v[1 + 5 * WS_LINKS], *l;
-  if (!pDb->pShared || !seqRead(&pDb->pShared->links, v, 1 + 5 * WS_LINKS)) return;
+  if (!pDb->pShared) return;
+  /* Under the write lock nobody else writes links: an unreadable table was left
+  ** by a writer that died half-way.  Start it afresh (a link lost costs a resync)
+  ** rather than never record a restart again. */
+  if (!seqRead(&pDb->pShared->links, v, 1 + 5 * WS_LINKS)) memset(v, 0, sizeof(v));
   v[0] = (v[0] + 1) % WS_LINKS;
   l = v + 1 + 5 * v[0];
   l[0] = f1;

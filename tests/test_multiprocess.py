@@ -7,6 +7,7 @@ write one database at once; one of them leads and replicates every commit in the
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import signal
@@ -366,3 +367,38 @@ def test_a_sync_starting_keeps_unread_frames_from_a_restart(file_replica, tmp_pa
             assert tables_and_values(out) in states, txid
     restore(f"{file_replica}/{db.name}", str(tmp_path / "latest.db"))
     assert tables_and_values(tmp_path / "latest.db") == states[-1]
+
+
+LINKS_SEQ = 264  # WsShared.links.seq in <db>-walsync (csrc/walsync.c)
+
+
+def test_restarts_are_followed_after_a_process_died_writing_a_link(
+    file_replica, tmp_path, caplog
+):
+    """A process killed half-way through recording a WAL restart in the shared page leaves
+    that record's sequence odd.  The next restart still records its link, so the leader
+    follows another process's restart without a gap, as before."""
+    import walsync_vfs
+
+    caplog.set_level(logging.INFO, logger="walsync_vfs")
+    db = tmp_path / "app.db"
+    create(db)
+    con = apsw.Connection(str(db), vfs="walsync")
+    try:
+        con.execute("CREATE TABLE u(v TEXT)")
+        walsync_vfs.flush(timeout=30)
+        with open(f"{db}-walsync", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            (seq,) = struct.unpack_from("=I", m, LINKS_SEQ)
+            struct.pack_into("=I", m, LINKS_SEQ, seq | 1)
+        subprocess.run(
+            [sys.executable, "-c", TRUNCATE_THEN_COMMIT, str(db), file_replica],
+            check=True,
+            timeout=60,
+        )
+        con.execute("INSERT INTO u VALUES ('after')")
+        walsync_vfs.flush(timeout=30)
+    finally:
+        con.close()
+    assert "changed outside the stream" not in caplog.text
+    restore(f"{file_replica}/{db.name}", str(tmp_path / "latest.db"))
+    assert tables_and_values(tmp_path / "latest.db") == tables_and_values(db)
