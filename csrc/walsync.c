@@ -2362,11 +2362,57 @@ void ws_conn_close(void *pDb) { sqlite3_close_v2(pDb); }
 /* A child process starts with no connection of its own (SQLite forbids using
 ** the parent's across fork), no queue and no consumer: forget the parent's
 ** per-process state so its first open is an OPEN, and a role of its own. */
-static void forkPrepare(void) { pthread_mutex_lock(&gMutex); }
-static void forkParent(void) { pthread_mutex_unlock(&gMutex); }
+/* SQLite's static mutexes (allocator, page cache, VFS, PRNG ...) are held for
+** the fork, as gMutex is: a child forked while another thread was inside
+** sqlite3_malloc() would otherwise wait forever at its first allocation, and
+** the engine's threads use SQLite while a pre-fork server forks its workers.
+** Each is only tried, all released and tried again if one is busy, so no lock
+** order is assumed; past a second the fork goes ahead as it did before. */
+static const int aForkMutex[] = {
+  SQLITE_MUTEX_STATIC_MAIN, SQLITE_MUTEX_STATIC_APP1, SQLITE_MUTEX_STATIC_APP2,
+  SQLITE_MUTEX_STATIC_APP3, SQLITE_MUTEX_STATIC_OPEN, SQLITE_MUTEX_STATIC_PRNG,
+  SQLITE_MUTEX_STATIC_VFS1, SQLITE_MUTEX_STATIC_VFS2, SQLITE_MUTEX_STATIC_VFS3,
+  SQLITE_MUTEX_STATIC_LRU, SQLITE_MUTEX_STATIC_PMEM, SQLITE_MUTEX_STATIC_MEM,
+};
+#define WS_FORK_MUTEXES ((int)(sizeof(aForkMutex) / sizeof(aForkMutex[0])))
+static sqlite3_mutex *gForkHeld[WS_FORK_MUTEXES];
+static int gnForkHeld = 0;
+
+static void forkLeaveSqlite(void) {
+  while (gnForkHeld > 0) sqlite3_mutex_leave(gForkHeld[--gnForkHeld]);
+}
+
+static void forkEnterSqlite(void) {
+  struct timespec pause = {0, 50000};
+  int tries;
+  for (tries = 0; tries < 20000; tries++) {
+    int i;
+    for (i = 0; i < WS_FORK_MUTEXES; i++) {
+      sqlite3_mutex *m = sqlite3_mutex_alloc(aForkMutex[i]);
+      if (!m) continue;
+      if (sqlite3_mutex_try(m) != SQLITE_OK) break;
+      gForkHeld[gnForkHeld++] = m;
+    }
+    if (i == WS_FORK_MUTEXES) return;
+    forkLeaveSqlite();
+    nanosleep(&pause, 0);
+  }
+}
+
+/* gMutex first: code under it may allocate through SQLite (a spool file's
+** name), while nothing holding a SQLite mutex takes gMutex. */
+static void forkPrepare(void) {
+  pthread_mutex_lock(&gMutex);
+  forkEnterSqlite();
+}
+static void forkParent(void) {
+  forkLeaveSqlite();
+  pthread_mutex_unlock(&gMutex);
+}
 static void forkChild(void) {
   int64_t i;
   pthread_mutexattr_t ma;
+  forkLeaveSqlite();
   pthread_mutex_init(&gMutex, 0);
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);

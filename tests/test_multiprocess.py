@@ -211,6 +211,42 @@ def test_prefork_master_that_opened_the_database_first(replica_url, tmp_path):
     check_one_lineage(replica_url, db, tmp_path)
 
 
+def test_a_child_forked_while_other_threads_use_sqlite_can_use_it(tmp_path):
+    """The engine's threads use SQLite while a pre-fork server forks its workers.  A child
+    forked while another thread held one of SQLite's own mutexes (its allocator's, say)
+    would wait forever at its first allocation: the shim holds them across fork()."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        con = apsw.Connection(":memory:")
+        while not stop.is_set():
+            con.execute("SELECT randomblob(2000), randomblob(3000)").fetchall()
+
+    threads = [threading.Thread(target=churn) for _ in range(2)]
+    for t in threads:
+        t.start()
+    hung = 0
+    try:
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:
+                child = apsw.Connection(str(tmp_path / "child.db"), vfs="walsync")
+                child.execute("SELECT randomblob(100)").fetchall()
+                os._exit(0)
+            waiter = threading.Thread(target=os.waitpid, args=(pid, 0))
+            waiter.start()
+            waiter.join(10)
+            if waiter.is_alive():
+                hung += 1
+                os.kill(pid, signal.SIGKILL)
+                waiter.join()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert hung == 0
+
+
 def test_exclusive_locking_is_refused_and_replication_goes_on(replica_url, tmp_path):
     import walsync_vfs
 
