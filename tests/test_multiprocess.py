@@ -72,6 +72,13 @@ def groups(db: Path) -> dict[tuple[int, int], int]:
         con.close()
 
 
+def opened(tmp: Path) -> tuple[Path, apsw.Connection]:
+    """A new database (see create) and this process's connection to it through the VFS."""
+    db = tmp / "app.db"
+    create(db)
+    return db, apsw.Connection(str(db), vfs="walsync")
+
+
 def content(db: Path) -> list[tuple]:
     con = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
     try:
@@ -288,9 +295,7 @@ def test_flush_in_the_leader_covers_commits_another_process_just_made(replica_ur
     import walsync_vfs
 
     walsync_vfs.configure(replica=replica_url)
-    db = tmp_path / "app.db"
-    create(db)
-    con = apsw.Connection(str(db), vfs="walsync")
+    db, con = opened(tmp_path)
     try:
         con.execute("INSERT INTO t VALUES (1, 1, 0, 'leader')")
         walsync_vfs.flush(timeout=30)
@@ -417,9 +422,7 @@ def test_restarts_are_followed_after_a_process_died_writing_a_link(
     import walsync_vfs
 
     caplog.set_level(logging.INFO, logger="walsync_vfs")
-    db = tmp_path / "app.db"
-    create(db)
-    con = apsw.Connection(str(db), vfs="walsync")
+    db, con = opened(tmp_path)
     try:
         con.execute("CREATE TABLE u(v TEXT)")
         walsync_vfs.flush(timeout=30)
