@@ -4,14 +4,16 @@ restore share."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, TypeVar
 
 from walsync_vfs.format import Page
 
 # Pages per pwritev call: IOV_MAX is 1024 on Linux and the BSDs (POSIX guarantees only 16,
 # but every platform the shim builds on allows 1024).
 _MAX_RUN = 1024
+
+T = TypeVar("T")
 
 
 def apply_pages(
@@ -28,18 +30,25 @@ def apply_pages(
     os.ftruncate(f.fileno(), db_size * page_size)
 
 
-def write_pages(fd: int, page_size: int, pages: Iterable[tuple[int, Page]]) -> None:
-    """Write each (pgno, page) in place, consecutive page numbers in one ``pwritev``."""
-    run: list[Page] = []
+def page_runs(pages: Iterable[tuple[int, T]], longest: int) -> Iterator[tuple[int, list[T]]]:
+    """(first page number, items) of each run of consecutive page numbers among the
+    (pgno, item) pairs, in order, cut into runs of at most ``longest`` items."""
+    run: list[T] = []
     start = 0
-    for pgno, data in pages:
-        if run and (pgno != start + len(run) or len(run) == _MAX_RUN):
-            _write_run(fd, run, (start - 1) * page_size)
+    for pgno, item in pages:
+        if run and (pgno != start + len(run) or len(run) == longest):
+            yield start, run
             run = []
         if not run:
             start = pgno
-        run.append(data)
+        run.append(item)
     if run:
+        yield start, run
+
+
+def write_pages(fd: int, page_size: int, pages: Iterable[tuple[int, Page]]) -> None:
+    """Write each (pgno, page) in place, consecutive page numbers in one ``pwritev``."""
+    for start, run in page_runs(pages, _MAX_RUN):
         _write_run(fd, run, (start - 1) * page_size)
 
 
@@ -51,18 +60,6 @@ def _write_run(fd: int, run: list[Page], offset: int) -> None:
         rest = memoryview(b"".join(run))
         while done < total:
             done += os.pwrite(fd, rest[done:], offset + done)
-
-
-def page_runs(pgnos: Sequence[int], longest: int) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of consecutive numbers in the sorted ``pgnos``, cut into
-    runs of at most ``longest``."""
-    i = 0
-    while i < len(pgnos):
-        j = i + 1
-        while j < len(pgnos) and pgnos[j] == pgnos[j - 1] + 1 and j - i < longest:
-            j += 1
-        yield pgnos[i], j - i
-        i = j
 
 
 def read_pages(fd: int, page_size: int, first: int, count: int) -> bytes:

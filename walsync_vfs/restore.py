@@ -443,8 +443,9 @@ class FileSink:
         overwritten = [pgno for pgno, _ in pages if pgno <= self.db_size]
         if overwritten:
             originals = self._originals or self._new_originals()
-            for first, count in page_runs(overwritten, max(1, READ_BACK // page_size)):
-                originals.write(read_pages(fd, page_size, first, count))
+            runs = page_runs(((pgno, pgno) for pgno in overwritten), max(1, READ_BACK // page_size))
+            for first, run in runs:
+                originals.write(read_pages(fd, page_size, first, len(run)))
             self._original_pgnos.extend(overwritten)
         self._written = True
         write_pages(fd, page_size, pages)
