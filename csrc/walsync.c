@@ -177,6 +177,10 @@ struct WsDb {
   uint32_t nFh, nFhAlloc; /* entries in use and allocated */
   int bLost;          /* a frame header could not be kept: the publish reports a gap */
   sqlite3_int64 nBig; /* its commits over this many bytes go to a file (0: WS_BIG_DEFAULT) */
+  sqlite3_file *pPin; /* a handle of our own on the db, for the read lock below (gMutex) */
+  char *zPinName;     /* its name, as SQLite builds filenames */
+  int iPin;           /* the read lock (2..4) it holds while frames are unread, or 0 (gMutex) */
+  int iLastPin;       /* the one it held last (gMutex) */
 };
 
 /* What ws_sync() reports: the last seq, and the WAL holding the state at it. */
@@ -398,11 +402,15 @@ static sqlite3_int64 frameBytes(const ws_rec *r) {
   return (sqlite3_int64)(r->frame_end - r->frame_start) * (FRAME_HDR + r->chain.szPage);
 }
 
-/* Append r to the queue, numbering it in its database's sequence. */
+static void pinFrames(WsDb *pDb);
+
+/* Append r to the queue, numbering it in its database's sequence.  A COMMIT
+** is queued with pDb->mu held. */
 static void enqueue(WsDb *pDb, ws_rec *r) {
   pthread_mutex_lock(&gMutex);
   if (r->kind == WS_COMMIT) {
     __atomic_add_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
+    pinFrames(pDb);
     pDb->aQueued[0] = r->salt1;
     pDb->aQueued[1] = r->salt2;
     pDb->aQueued[2] = r->frame_end;
@@ -542,9 +550,107 @@ static void setRead(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t n) {
   seqWrite(&pDb->pShared->read, v, 3);
 }
 
-/* Leader: the frames of every commit queued so far are in memory (gMutex
-** held, nPending is 0), so the WAL may restart up to the last one. */
+/* ------------------------------------------------------------ frame pin
+**
+** Shims refuse to restart the WAL over frames the leader has not read
+** (restartAllowed()); a process without the shim (the sqlite3 shell, a cron
+** job) restarts or truncates it whenever SQLite lets it.  SQLite lets nobody
+** do that while a reader holds one of read locks 1..4, so while this process
+** has queued commits whose frames are unread it holds one, through a handle
+** of its own on the database: SQLite counts locks per handle, and sharing a
+** connection's would let that connection's next unlock drop it.  The slot's
+** read mark says "unused", as SQLite's own checkpoints leave idle slots: no
+** reader shares it and no checkpoint stops at it, so only restarts wait, and
+** only until the consumer has read the frames.  All under gMutex.
+*/
+#define WS_READ_MARKS 100          /* aReadMark[] in the wal-index: native u32s */
+#define WS_MARK_UNUSED 0xffffffffu /* READMARK_NOT_USED */
+
+static sqlite3_vfs ws_vfs; /* defined with the VFS methods */
+
+/* The pin handle's mapping of the wal-index, opening the handle if need be;
+** NULL if that cannot be done (the lock is then simply not held). */
+static volatile unsigned char *pinShm(WsDb *pDb) {
+  sqlite3_vfs *pOrig = ORIGVFS(&ws_vfs);
+  void volatile *pShm = 0;
+  int flags;
+  if (!pDb->pPin) {
+    sqlite3_file *f = sqlite3_malloc(pOrig->szOsFile);
+    char *zName = (char *)sqlite3_create_filename(pDb->zPath, "", "", 0, 0);
+    if (f) memset(f, 0, (size_t)pOrig->szOsFile);
+    if (!f || !zName || pOrig->xOpen(pOrig, zName, f, SQLITE_OPEN_READWRITE | SQLITE_OPEN_MAIN_DB, &flags) ||
+        f->pMethods->iVersion < 2) {
+      if (f && f->pMethods) f->pMethods->xClose(f);
+      sqlite3_free(f);
+      sqlite3_free_filename(zName);
+      return 0;
+    }
+    pDb->pPin = f;
+    pDb->zPinName = zName;
+  }
+  if (pDb->pPin->pMethods->xShmMap(pDb->pPin, 0, 32768, 0, &pShm) != SQLITE_OK) return 0;
+  return (volatile unsigned char *)pShm;
+}
+
+/* Hold read lock i if its mark is still unused; 1 if it is held. */
+static int pinSlot(sqlite3_file *f, volatile unsigned char *h, int i) {
+  volatile uint32_t *pMark = (volatile uint32_t *)(h + WS_READ_MARKS + 4 * i);
+  if (f->pMethods->xShmLock(f, 3 + i, 1, SQLITE_SHM_LOCK | SQLITE_SHM_SHARED) != SQLITE_OK) return 0;
+  if (__atomic_load_n(pMark, __ATOMIC_ACQUIRE) == WS_MARK_UNUSED) return 1;
+  f->pMethods->xShmLock(f, 3 + i, 1, SQLITE_SHM_UNLOCK | SQLITE_SHM_SHARED);
+  return 0; /* a reader took the slot for its own mark meanwhile */
+}
+
+/* Hold a read lock, unless one is held already: the last slot used if it is
+** still free, else the first of 4..2 nobody holds (slot 1 is left to readers:
+** SQLite always keeps a usable mark there). */
+static void pinFrames(WsDb *pDb) {
+  volatile unsigned char *h;
+  sqlite3_file *f;
+  int i;
+  if (pDb->iPin || !pDb->pShm || !(h = pinShm(pDb))) return;
+  f = pDb->pPin;
+  if (pDb->iLastPin && pinSlot(f, h, pDb->iLastPin)) {
+    pDb->iPin = pDb->iLastPin;
+    return;
+  }
+  for (i = 4; i >= 2; i--) {
+    if (f->pMethods->xShmLock(f, 3 + i, 1, SQLITE_SHM_LOCK | SQLITE_SHM_EXCLUSIVE) != SQLITE_OK) continue;
+    __atomic_store_n((volatile uint32_t *)(h + WS_READ_MARKS + 4 * i), WS_MARK_UNUSED, __ATOMIC_RELEASE);
+    f->pMethods->xShmLock(f, 3 + i, 1, SQLITE_SHM_UNLOCK | SQLITE_SHM_EXCLUSIVE);
+    if (pinSlot(f, h, i)) {
+      pDb->iPin = pDb->iLastPin = i;
+      return;
+    }
+  }
+}
+
+static void pinDrop(WsDb *pDb) {
+  if (pDb->iPin) {
+    pDb->pPin->pMethods->xShmLock(pDb->pPin, 3 + pDb->iPin, 1, SQLITE_SHM_UNLOCK | SQLITE_SHM_SHARED);
+    pDb->iPin = 0;
+  }
+}
+
+/* Before this process's last mapping of the wal-index goes: SQLite deletes it
+** with the last one. */
+static void pinClose(WsDb *pDb) {
+  pinDrop(pDb);
+  if (pDb->pPin) {
+    pDb->pPin->pMethods->xShmUnmap(pDb->pPin, 0);
+    pDb->pPin->pMethods->xClose(pDb->pPin);
+    sqlite3_free(pDb->pPin);
+    sqlite3_free_filename(pDb->zPinName);
+    pDb->pPin = 0;
+    pDb->zPinName = 0;
+  }
+}
+
+/* The frames of every commit queued so far are in memory (gMutex held,
+** nPending is 0): let go of them, and if leading, let the WAL restart up to
+** the last one. */
 static void readTo(WsDb *pDb) {
+  pinDrop(pDb);
   if (pDb->eRole == WS_ROLE_LEAD && pDb->pShared && pDb->aQueued[2]) {
     setRead(pDb, pDb->aQueued[0], pDb->aQueued[1], pDb->aQueued[2]);
   }
@@ -1735,7 +1841,15 @@ static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
       if (__atomic_load_n(&p->pDb->nHold, __ATOMIC_ACQUIRE) > 0 || !restartAllowed(p->pDb)) {
         return SQLITE_BUSY;
       }
+      /* Our own pin would refuse it; the restart reads unread frames first
+      ** (waitConsumed()), and holding this lock keeps everyone else out. */
+      pthread_mutex_lock(&gMutex);
+      pinDrop(p->pDb);
       rc = p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
+      if (rc != SQLITE_OK && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE) > 0) {
+        pinFrames(p->pDb);
+      }
+      pthread_mutex_unlock(&gMutex);
       if (rc == SQLITE_OK) restartBegin(p);
       return rc;
     } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_UNLOCK) && p->pDb) {
@@ -1755,7 +1869,12 @@ static int wsShmUnmap(sqlite3_file *f, int deleteFlag) {
   if (p->bShm) { /* forget the mapping before it goes: ws_tail() reads it under mu */
     pthread_mutex_lock(&p->pDb->mu);
     p->bShm = 0;
-    if (p->pDb->nShm > 0 && --p->pDb->nShm == 0) p->pDb->pShm = 0;
+    if (p->pDb->nShm > 0 && --p->pDb->nShm == 0) {
+      p->pDb->pShm = 0;
+      pthread_mutex_lock(&gMutex);
+      pinClose(p->pDb);
+      pthread_mutex_unlock(&gMutex);
+    }
     pthread_mutex_unlock(&p->pDb->mu);
   }
   return p->pReal->pMethods->xShmUnmap(p->pReal, deleteFlag);
@@ -2432,6 +2551,9 @@ static void forkChild(void) {
     p->c.bKnown = 0;
     p->pShm = 0;
     p->nShm = 0;
+    p->pPin = 0; /* the parent's handle and lock: SQLite objects do not cross fork() */
+    p->zPinName = 0;
+    p->iPin = p->iLastPin = 0;
     p->pBatch = 0;
     memset(p->own, 0, sizeof(p->own));
   }

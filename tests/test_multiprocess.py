@@ -410,6 +410,67 @@ def test_a_sync_starting_keeps_unread_frames_from_a_restart(file_replica, tmp_pa
     assert tables_and_values(tmp_path / "latest.db") == states[-1]
 
 
+FOREIGN_TRUNCATE = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0.2)  # the sqlite3 shell's way
+if sys.argv[2:] == ["write"]:
+    c.execute("INSERT INTO t VALUES (99, 0, 0, 'foreign')")
+    print(*c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+print(*c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+"""
+
+
+def foreign(db: Path, *args: str) -> list[list[str]]:
+    """Run FOREIGN_TRUNCATE: each checkpoint's (busy, log, checkpointed) as printed."""
+    out = subprocess.run(
+        [sys.executable, "-c", FOREIGN_TRUNCATE, str(db), *args],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout
+    return [line.split() for line in out.splitlines()]
+
+
+def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path):
+    """A process without the VFS commits and runs ``wal_checkpoint(TRUNCATE)`` while the
+    leader's consumer is busy and the leader's last commit T is still unread.  SQLite's own
+    read locks keep T's frames: the checkpoint reports busy instead of truncating, and one
+    lineage holds T then the foreign commit, each restorable by txid and by time.  The lock
+    stops nothing else: a checkpoint copies every frame, and once T is read the same
+    truncate goes through."""
+    import walsync_vfs
+
+    db = tmp_path / "app.db"
+    create(db)
+    gate = Gate(walsync_vfs._engine_instance().on_records)
+    capture.dispatcher().route_path(str(db), gate)
+    con = apsw.Connection(str(db), vfs="walsync")
+    try:
+        con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
+        walsync_vfs.flush(timeout=30)
+        gate.holding = True
+        con.execute("INSERT INTO t VALUES (1, 2, 0, 'its batch waits')")
+        assert gate.entered.wait(10)
+        con.execute("INSERT INTO t VALUES (1, 3, 0, 'T')")
+        after_t, t_time = content(db), time.time_ns()
+        passive, truncate = foreign(db, "write")
+        assert passive[0] == "0" and passive[1] == passive[2], passive
+        assert truncate[0] == "1", f"the WAL was truncated over unread commits: {truncate}"
+        after_foreign = content(db)
+        gate.opened.set()
+        walsync_vfs.flush(timeout=30)
+        assert foreign(db) == [["0", "0", "0"]]
+    finally:
+        gate.opened.set()
+        con.close()
+        capture.dispatcher().route_path(str(db), None)
+    client = storage.open_replica(file_replica)
+    assert len(catalog.generations(client, db.name)) == 1
+    url = f"{file_replica}/{db.name}"
+    restore(url, str(tmp_path / "at-t.db"), timestamp_ns=t_time)
+    assert content(tmp_path / "at-t.db") == after_t
+    restore(url, str(tmp_path / "latest.db"))
+    assert content(tmp_path / "latest.db") == after_foreign
+
+
 LINKS_SEQ = 264  # WsShared.links.seq in <db>-walsync (csrc/walsync.c)
 
 
