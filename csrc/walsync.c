@@ -2522,10 +2522,12 @@ static void forkEnterSqlite(void) {
 ** name), while nothing holding a SQLite mutex takes gMutex. */
 static void forkPrepare(void) {
   pthread_mutex_lock(&gMutex);
+  pthread_mutex_lock(&gSpoolMutex); /* taken under gMutex (readQueued, spoolOpen) */
   forkEnterSqlite();
 }
 static void forkParent(void) {
   forkLeaveSqlite();
+  pthread_mutex_unlock(&gSpoolMutex);
   pthread_mutex_unlock(&gMutex);
 }
 static void forkChild(void) {
@@ -2533,6 +2535,7 @@ static void forkChild(void) {
   pthread_mutexattr_t ma;
   forkLeaveSqlite();
   pthread_mutex_init(&gMutex, 0);
+  pthread_mutex_init(&gSpoolMutex, 0);
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);
   gHead = gTail = 0; /* the parent's records stay the parent's */

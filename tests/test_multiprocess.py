@@ -219,17 +219,24 @@ def test_prefork_master_that_opened_the_database_first(replica_url, tmp_path):
 
 
 def test_a_child_forked_while_other_threads_use_sqlite_can_use_it(tmp_path):
-    """The engine's threads use SQLite while a pre-fork server forks its workers.  A child
-    forked while another thread held one of SQLite's own mutexes (its allocator's, say)
-    would wait forever at its first allocation: the shim holds them across fork()."""
+    """The engine's threads use SQLite and the shim while a pre-fork server forks its
+    workers.  A child forked while another thread held one of SQLite's own mutexes (its
+    allocator's, say) or the shim's spool-directory lock would wait forever at its first
+    use of it: the shim holds them across fork()."""
     stop = threading.Event()
+    spool = str(tmp_path).encode()
 
     def churn() -> None:
         con = apsw.Connection(":memory:")
         while not stop.is_set():
             con.execute("SELECT randomblob(2000), randomblob(3000)").fetchall()
 
+    def configure() -> None:  # as the engine does for each database it opens
+        while not stop.is_set():
+            capture.lib.ws_spool_big(0, 1 << 20, spool)
+
     threads = [threading.Thread(target=churn) for _ in range(2)]
+    threads.append(threading.Thread(target=configure))
     for t in threads:
         t.start()
     hung = 0
@@ -239,6 +246,7 @@ def test_a_child_forked_while_other_threads_use_sqlite_can_use_it(tmp_path):
             if pid == 0:
                 child = apsw.Connection(str(tmp_path / "child.db"), vfs="walsync")
                 child.execute("SELECT randomblob(100)").fetchall()
+                capture.lib.ws_spool_big(0, 1 << 20, spool)
                 os._exit(0)
             waiter = threading.Thread(target=os.waitpid, args=(pid, 0))
             waiter.start()
