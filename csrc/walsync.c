@@ -78,8 +78,12 @@ SQLITE_EXTENSION_INIT1
 
 #define WAL_HDR 32
 /* A lingering consumer reads the frames of queued commits once this many bytes
-** of them wait, so a WAL restart rarely finds any left for the writer to read. */
+** of them wait, so a WAL restart rarely finds any left for the writer to read.
+** It wakes when that is due at the rate bytes came in, rather than being woken:
+** a wake-up from the writer costs the writer a system call, and often its CPU
+** to the thread it woke. */
 #define WS_READ_AHEAD ((sqlite3_int64)256 << 10)
+#define WS_READ_AHEAD_TICK_NS 2000000LL /* the shortest wait, and the first */
 #define FRAME_HDR 24
 
 /* Position in the WAL checksum chain after the last published commit.  Only
@@ -219,7 +223,6 @@ static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
 static int gWaiting = 0, gWake = 0;
 /* The consumer lingers (ws_drain); bytes of commits queued since it last read ahead. */
-static int gLinger = 0;
 static sqlite3_int64 gUnread = 0;
 static ws_rec *gSeen = 0; /* the last queued record readAhead() looked at */
 
@@ -421,10 +424,7 @@ static void enqueue(WsDb *pDb, ws_rec *r) {
   else gHead = r;
   gTail = r;
   if (gWaiting) pthread_cond_signal(&gCond);
-  if (r->kind == WS_COMMIT) {
-    gUnread += frameBytes(r);
-    if (gLinger && gUnread >= WS_READ_AHEAD) pthread_cond_signal(&gCond);
-  }
+  if (r->kind == WS_COMMIT) gUnread += frameBytes(r);
   pthread_mutex_unlock(&gMutex);
 }
 
@@ -2199,14 +2199,23 @@ ws_batch *ws_drain(int timeout_ms, int linger_us) {
   freeBatches(pPrev);
   pPrev = 0;
   if (bLinger) { /* a writer waiting in waitConsumed() cuts it short */
-    struct timespec ts = deadlineIn((int64_t)linger_us * 1000);
+    int64_t left = (int64_t)linger_us * 1000, tick = WS_READ_AHEAD_TICK_NS, t0;
+    sqlite3_int64 n0;
     pthread_mutex_lock(&gMutex);
-    gLinger = 1;
-    while (!gWake) {
+    while (!gWake && left > 0) {
+      struct timespec ts;
       if (gUnread >= WS_READ_AHEAD) readAhead();
-      else if (pthread_cond_timedwait(&gCond, &gMutex, &ts) == ETIMEDOUT) break;
+      if (tick > left) tick = left;
+      ts = deadlineIn(tick);
+      t0 = monotonicNs();
+      n0 = gUnread;
+      pthread_cond_timedwait(&gCond, &gMutex, &ts);
+      t0 = monotonicNs() - t0;
+      left -= t0;
+      /* next: when the read-ahead is due if bytes keep coming at this rate */
+      tick = gUnread > n0 ? (int64_t)((double)(WS_READ_AHEAD - gUnread) * (double)t0 / (double)(gUnread - n0)) : left;
+      if (tick < WS_READ_AHEAD_TICK_NS) tick = WS_READ_AHEAD_TICK_NS;
     }
-    gLinger = 0;
     pthread_mutex_unlock(&gMutex);
   }
   if (timeout_ms != 0) waitForRecords(timeout_ms);
@@ -2539,7 +2548,7 @@ static void forkChild(void) {
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);
   gHead = gTail = 0; /* the parent's records stay the parent's */
-  gWaiting = gWake = gLinger = 0;
+  gWaiting = gWake = 0;
   gUnread = 0;
   gSeen = 0;
   pthread_mutexattr_init(&ma);
