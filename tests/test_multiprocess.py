@@ -6,6 +6,7 @@ write one database at once; one of them leads and replicates every commit in the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -17,7 +18,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import apsw
@@ -349,6 +350,24 @@ class Gate:
         self.sink(batch)
 
 
+@contextlib.contextmanager
+def gated(tmp: Path) -> Iterator[tuple[Path, Gate, apsw.Connection]]:
+    """A new database (see create) opened through the VFS, its records passing a Gate."""
+    import walsync_vfs
+
+    db = tmp / "app.db"
+    create(db)
+    gate = Gate(walsync_vfs._engine_instance().on_records)
+    capture.dispatcher().route_path(str(db), gate)
+    con = apsw.Connection(str(db), vfs="walsync")
+    try:
+        yield db, gate, con
+    finally:
+        gate.opened.set()
+        con.close()
+        capture.dispatcher().route_path(str(db), None)
+
+
 def tables_and_values(path: Path) -> dict[str, list[str]]:
     """Each table of the database at ``path`` with its column ``v``, in rowid order."""
     con = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
@@ -369,12 +388,7 @@ def test_a_sync_starting_keeps_unread_frames_from_a_restart(file_replica, tmp_pa
     it."""
     import walsync_vfs
 
-    db = tmp_path / "app.db"
-    create(db)
-    gate = Gate(walsync_vfs._engine_instance().on_records)
-    capture.dispatcher().route_path(str(db), gate)
-    con = apsw.Connection(str(db), vfs="walsync")
-    try:
+    with gated(tmp_path) as (db, gate, con):
         states = [tables_and_values(db)]
         con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
         walsync_vfs.flush(timeout=30)
@@ -402,10 +416,6 @@ def test_a_sync_starting_keeps_unread_frames_from_a_restart(file_replica, tmp_pa
         while any(s["pending_commits"] for s in walsync_vfs.stats()):
             assert time.monotonic() < deadline, walsync_vfs.stats()
             time.sleep(0.01)
-    finally:
-        gate.opened.set()
-        con.close()
-        capture.dispatcher().route_path(str(db), None)
     client = storage.open_replica(file_replica)
     gens = catalog.generations(client, db.name)
     assert len(gens) == 1, [g.id for g in gens]  # no snapshot needed to go on
@@ -446,12 +456,7 @@ def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path):
     truncate goes through."""
     import walsync_vfs
 
-    db = tmp_path / "app.db"
-    create(db)
-    gate = Gate(walsync_vfs._engine_instance().on_records)
-    capture.dispatcher().route_path(str(db), gate)
-    con = apsw.Connection(str(db), vfs="walsync")
-    try:
+    with gated(tmp_path) as (db, gate, con):
         con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
         walsync_vfs.flush(timeout=30)
         gate.holding = True
@@ -466,10 +471,6 @@ def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path):
         gate.opened.set()
         walsync_vfs.flush(timeout=30)
         assert foreign(db) == [["0", "0", "0"]]
-    finally:
-        gate.opened.set()
-        con.close()
-        capture.dispatcher().route_path(str(db), None)
     client = storage.open_replica(file_replica)
     assert len(catalog.generations(client, db.name)) == 1
     url = f"{file_replica}/{db.name}"
