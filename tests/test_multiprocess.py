@@ -480,6 +480,24 @@ def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path):
     assert content(tmp_path / "latest.db") == after_foreign
 
 
+def test_the_last_close_still_removes_the_wal_and_its_index(file_replica, tmp_path):
+    """The read lock for unread frames is held through a handle of the shim's own, which
+    goes before the last connection's wal-index: SQLite still removes ``-wal`` and ``-shm``
+    at the last close, as without the VFS."""
+    import walsync_vfs
+
+    db, con = opened(tmp_path)
+    for k in range(20):
+        con.execute("INSERT INTO t VALUES (1, ?, 0, 'x')", (k,))
+    con.close()
+    walsync_vfs.flush(timeout=30)
+    deadline = time.monotonic() + 30
+    while walsync_vfs._engine_instance().database(str(db)) is not None:
+        assert time.monotonic() < deadline, "still replicating after its close"
+        time.sleep(0.01)
+    assert not os.path.exists(f"{db}-wal") and not os.path.exists(f"{db}-shm")
+
+
 LINKS_SEQ = 264  # WsShared.links.seq in <db>-walsync (csrc/walsync.c)
 
 
