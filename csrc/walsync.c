@@ -568,35 +568,41 @@ static void setRead(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t n) {
 
 static sqlite3_vfs ws_vfs; /* defined with the VFS methods */
 
-/* The pin handle's mapping of the wal-index, opening the handle if need be;
-** NULL if that cannot be done (the lock is then simply not held). */
-static volatile unsigned char *pinShm(WsDb *pDb) {
+/* The pin handle, opened and attached to the wal-index on first use (its
+** mapping is the process's one, pDb->pShm); NULL if that cannot be done: the
+** lock is then simply not held. */
+static sqlite3_file *pinHandle(WsDb *pDb) {
   sqlite3_vfs *pOrig = ORIGVFS(&ws_vfs);
   void volatile *pShm = 0;
+  sqlite3_file *f;
+  char *zName;
   int flags;
-  if (!pDb->pPin) {
-    sqlite3_file *f = sqlite3_malloc(pOrig->szOsFile);
-    char *zName = (char *)sqlite3_create_filename(pDb->zPath, "", "", 0, 0);
-    if (f) memset(f, 0, (size_t)pOrig->szOsFile);
-    if (!f || !zName || pOrig->xOpen(pOrig, zName, f, SQLITE_OPEN_READWRITE | SQLITE_OPEN_MAIN_DB, &flags) ||
-        f->pMethods->iVersion < 2) {
-      if (f && f->pMethods) f->pMethods->xClose(f);
-      sqlite3_free(f);
-      sqlite3_free_filename(zName);
-      return 0;
+  if (pDb->pPin) return pDb->pPin;
+  f = sqlite3_malloc(pOrig->szOsFile);
+  zName = (char *)sqlite3_create_filename(pDb->zPath, "", "", 0, 0);
+  if (f) memset(f, 0, (size_t)pOrig->szOsFile);
+  if (!f || !zName || pOrig->xOpen(pOrig, zName, f, SQLITE_OPEN_READWRITE | SQLITE_OPEN_MAIN_DB, &flags) ||
+      f->pMethods->iVersion < 2 || f->pMethods->xShmMap(f, 0, 32768, 0, &pShm) != SQLITE_OK || !pShm) {
+    if (f && f->pMethods) {
+      if (f->pMethods->iVersion >= 2) f->pMethods->xShmUnmap(f, 0);
+      f->pMethods->xClose(f);
     }
-    pDb->pPin = f;
-    pDb->zPinName = zName;
+    sqlite3_free(f);
+    sqlite3_free_filename(zName);
+    return 0;
   }
-  if (pDb->pPin->pMethods->xShmMap(pDb->pPin, 0, 32768, 0, &pShm) != SQLITE_OK) return 0;
-  return (volatile unsigned char *)pShm;
+  pDb->zPinName = zName;
+  return pDb->pPin = f;
+}
+
+static volatile uint32_t *readMark(WsDb *pDb, int i) {
+  return (volatile uint32_t *)(pDb->pShm + WS_READ_MARKS + 4 * i);
 }
 
 /* Hold read lock i if its mark is still unused; 1 if it is held. */
-static int pinSlot(sqlite3_file *f, volatile unsigned char *h, int i) {
-  volatile uint32_t *pMark = (volatile uint32_t *)(h + WS_READ_MARKS + 4 * i);
+static int pinSlot(WsDb *pDb, sqlite3_file *f, int i) {
   if (f->pMethods->xShmLock(f, 3 + i, 1, SQLITE_SHM_LOCK | SQLITE_SHM_SHARED) != SQLITE_OK) return 0;
-  if (__atomic_load_n(pMark, __ATOMIC_ACQUIRE) == WS_MARK_UNUSED) return 1;
+  if (__atomic_load_n(readMark(pDb, i), __ATOMIC_ACQUIRE) == WS_MARK_UNUSED) return 1;
   f->pMethods->xShmLock(f, 3 + i, 1, SQLITE_SHM_UNLOCK | SQLITE_SHM_SHARED);
   return 0; /* a reader took the slot for its own mark meanwhile */
 }
@@ -605,20 +611,18 @@ static int pinSlot(sqlite3_file *f, volatile unsigned char *h, int i) {
 ** still free, else the first of 4..2 nobody holds (slot 1 is left to readers:
 ** SQLite always keeps a usable mark there). */
 static void pinFrames(WsDb *pDb) {
-  volatile unsigned char *h;
   sqlite3_file *f;
   int i;
-  if (pDb->iPin || !pDb->pShm || !(h = pinShm(pDb))) return;
-  f = pDb->pPin;
-  if (pDb->iLastPin && pinSlot(f, h, pDb->iLastPin)) {
+  if (pDb->iPin || !pDb->pShm || !(f = pinHandle(pDb))) return;
+  if (pDb->iLastPin && pinSlot(pDb, f, pDb->iLastPin)) {
     pDb->iPin = pDb->iLastPin;
     return;
   }
   for (i = 4; i >= 2; i--) {
     if (f->pMethods->xShmLock(f, 3 + i, 1, SQLITE_SHM_LOCK | SQLITE_SHM_EXCLUSIVE) != SQLITE_OK) continue;
-    __atomic_store_n((volatile uint32_t *)(h + WS_READ_MARKS + 4 * i), WS_MARK_UNUSED, __ATOMIC_RELEASE);
+    __atomic_store_n(readMark(pDb, i), WS_MARK_UNUSED, __ATOMIC_RELEASE);
     f->pMethods->xShmLock(f, 3 + i, 1, SQLITE_SHM_UNLOCK | SQLITE_SHM_EXCLUSIVE);
-    if (pinSlot(f, h, i)) {
+    if (pinSlot(pDb, f, i)) {
       pDb->iPin = pDb->iLastPin = i;
       return;
     }
@@ -2199,7 +2203,7 @@ ws_batch *ws_drain(int timeout_ms, int linger_us) {
   freeBatches(pPrev);
   pPrev = 0;
   if (bLinger) { /* a writer waiting in waitConsumed() cuts it short */
-    int64_t left = (int64_t)linger_us * 1000, tick = WS_READ_AHEAD_TICK_NS, t0;
+    int64_t left = (int64_t)linger_us * 1000, tick = WS_READ_AHEAD_TICK_NS, waited;
     sqlite3_int64 n0;
     pthread_mutex_lock(&gMutex);
     while (!gWake && left > 0) {
@@ -2207,13 +2211,14 @@ ws_batch *ws_drain(int timeout_ms, int linger_us) {
       if (gUnread >= WS_READ_AHEAD) readAhead();
       if (tick > left) tick = left;
       ts = deadlineIn(tick);
-      t0 = monotonicNs();
+      waited = monotonicNs();
       n0 = gUnread;
       pthread_cond_timedwait(&gCond, &gMutex, &ts);
-      t0 = monotonicNs() - t0;
-      left -= t0;
+      waited = monotonicNs() - waited;
+      left -= waited;
       /* next: when the read-ahead is due if bytes keep coming at this rate */
-      tick = gUnread > n0 ? (int64_t)((double)(WS_READ_AHEAD - gUnread) * (double)t0 / (double)(gUnread - n0)) : left;
+      tick = gUnread > n0 ? (int64_t)((double)(WS_READ_AHEAD - gUnread) * (double)waited / (double)(gUnread - n0))
+                          : left;
       if (tick < WS_READ_AHEAD_TICK_NS) tick = WS_READ_AHEAD_TICK_NS;
     }
     pthread_mutex_unlock(&gMutex);
@@ -2487,9 +2492,6 @@ int ws_conn_in_txn(void *pDb) { return !sqlite3_get_autocommit(pDb); }
 
 void ws_conn_close(void *pDb) { sqlite3_close_v2(pDb); }
 
-/* A child process starts with no connection of its own (SQLite forbids using
-** the parent's across fork), no queue and no consumer: forget the parent's
-** per-process state so its first open is an OPEN, and a role of its own. */
 /* SQLite's static mutexes (allocator, page cache, VFS, PRNG ...) are held for
 ** the fork, as gMutex is: a child forked while another thread was inside
 ** sqlite3_malloc() would otherwise wait forever at its first allocation, and
@@ -2539,6 +2541,9 @@ static void forkParent(void) {
   pthread_mutex_unlock(&gSpoolMutex);
   pthread_mutex_unlock(&gMutex);
 }
+/* A child process starts with no connection of its own (SQLite forbids using
+** the parent's across fork), no queue and no consumer: forget the parent's
+** per-process state so its first open is an OPEN, and a role of its own. */
 static void forkChild(void) {
   int64_t i;
   pthread_mutexattr_t ma;
