@@ -98,6 +98,11 @@ struct WsChain {
   uint32_t nFrame;  /* frames up to and including the last commit */
   uint32_t cksum[2];
   uint32_t nTrunc;  /* TRUNCATE checkpoints by our connections since the header */
+  /* The wal-index's iChange after the chain's last commit: SQLite steps it at
+  ** every commit and keeps it across restarts, so it proves that a WAL nobody
+  ** linked to the chain holds every commit since (see catchUp()). */
+  int bChange;      /* iChange is known */
+  uint32_t iChange;
 };
 
 /* One published record; its public part is declared to cffi in build_shim.py. */
@@ -711,8 +716,9 @@ static int leaderOf(const WsShared *s, int64_t *pDbId, char *zAddr) {
 }
 
 /* The wal-index header as the writer that holds the WAL lock (or any reader,
-** given two equal copies) sees it: salts and the last committed frame. */
-static int shmHeader(WsDb *pDb, uint32_t *pSalt1, uint32_t *pSalt2, uint32_t *pMax) {
+** given two equal copies) sees it: salts, the last committed frame and, if
+** pChange is not NULL, the commit counter iChange. */
+static int shmHeader(WsDb *pDb, uint32_t *pSalt1, uint32_t *pSalt2, uint32_t *pMax, uint32_t *pChange) {
   volatile unsigned char *h = pDb->pShm;
   unsigned char a[48], b[48];
   int i;
@@ -723,6 +729,7 @@ static int shmHeader(WsDb *pDb, uint32_t *pSalt1, uint32_t *pSalt2, uint32_t *pM
     memcpy(b, (const void *)(h + 48), 48);
     if (memcmp(a, b, 48) == 0 && a[12]) { /* isInit */
       memcpy(pMax, a + 16, 4);
+      if (pChange) memcpy(pChange, a + 8, 4);
       *pSalt1 = get32(a + 32);
       *pSalt2 = get32(a + 36);
       return 1;
@@ -769,7 +776,8 @@ static int readUpTo(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t mx) {
          (rd[2] == WS_READ_ANY || (rd[0] == s1 && rd[1] == s2 && rd[2] >= mx));
 }
 
-static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd);
+static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd, const uint32_t *pChange);
+static void freeRecord(ws_rec *r);
 
 /* Before SQLite restarts the WAL (or a checkpoint truncates it): may it?
 ** Only once the leader has read every committed frame in it (the caller
@@ -777,14 +785,14 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd);
 ** leader went away: the next one takes what its predecessor left from the
 ** WAL, once it has synced. */
 static int restartAllowed(WsDb *pDb) {
-  uint32_t s1, s2, mx;
+  uint32_t s1, s2, mx, ic;
   int64_t until = 0;
-  if (!pDb->pShared || !pDb->pShm || !shmHeader(pDb, &s1, &s2, &mx) || mx == 0) return 1;
+  if (!pDb->pShared || !pDb->pShm || !shmHeader(pDb, &s1, &s2, &mx, &ic) || mx == 0) return 1;
   if (pDb->eRole == WS_ROLE_LEAD) {
     /* Queued, its frames are read before SQLite overwrites them (see
     ** waitConsumed()); a gap lets go of every frame. */
     pthread_mutex_lock(&pDb->mu);
-    if (pDb->c.bKnown) catchUp(pDb, s1, s2, mx);
+    if (pDb->c.bKnown) catchUp(pDb, s1, s2, mx, &ic);
     pthread_mutex_unlock(&pDb->mu);
     return 1;
   }
@@ -830,7 +838,7 @@ static void addLink(WsDb *pDb, uint32_t f1, uint32_t f2, uint32_t fn, uint32_t t
 static void restartBegin(WsFile *pMain) {
   WsDb *pDb = pMain->pDb;
   pMain->bRestart = pDb->pShared && pDb->pShm &&
-                    shmHeader(pDb, &pMain->aRestart[0], &pMain->aRestart[1], &pMain->aRestart[2]);
+                    shmHeader(pDb, &pMain->aRestart[0], &pMain->aRestart[1], &pMain->aRestart[2], 0);
 }
 
 static void restartDone(WsFile *pMain) {
@@ -839,7 +847,7 @@ static void restartDone(WsFile *pMain) {
   const uint32_t *a = pMain->aRestart;
   if (!pMain->bRestart) return;
   pMain->bRestart = 0;
-  if (shmHeader(pDb, &s1, &s2, &mx) && (s1 != a[0] || s2 != a[1])) {
+  if (shmHeader(pDb, &s1, &s2, &mx, 0) && (s1 != a[0] || s2 != a[1])) {
     addLink(pDb, a[0], a[1], a[2], s1, s2);
   }
 }
@@ -848,7 +856,7 @@ static void restartDone(WsFile *pMain) {
 ** itself gives it new random salts (wal.c, walFrames()). */
 static void headerWritten(WsDb *pDb, const unsigned char *h) {
   uint32_t s1, s2, mx;
-  if (pDb->pShared && pDb->pShm && shmHeader(pDb, &s1, &s2, &mx) && mx == 0 &&
+  if (pDb->pShared && pDb->pShm && shmHeader(pDb, &s1, &s2, &mx, 0) && mx == 0 &&
       (get32(h + 16) != s1 || get32(h + 20) != s2)) {
     addLink(pDb, s1, s2, 0, get32(h + 16), get32(h + 20));
   }
@@ -954,19 +962,28 @@ static int endedAt(int fd, const WsChain *c, uint32_t s1, uint32_t s2) {
 ** (the consumer verifies their frames like any other).  Frames below nEnd
 ** are committed, and stay put: no restart is allowed before the leader has
 ** read them.  If the WAL was restarted since the chain's position, the new
-** one continues the stream only if a shim permitted the restart at exactly
-** that position.  Returns 0 if the chain now ends at nEnd (or nothing can be
-** read yet), 1 after reporting a gap.  Caller holds pDb->mu.
+** one continues the stream if a shim permitted the restart at exactly that
+** position, or if the wal-index's commit counter, *pChange when frame nEnd
+** was its last (NULL: not known), counts no commit but the chain's and the
+** new WAL's: a process without the shim wrote the new WAL's first header.
+** Returns 0 if the chain now ends at nEnd (or nothing can be read yet), 1
+** after reporting a gap.  Caller holds pDb->mu.
 */
-static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
+static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd, const uint32_t *pChange) {
   WsChain c = pDb->c;
   unsigned char h[WAL_HDR];
   uint32_t f, start, szFrame;
-  ws_rec *prev = 0; /* queued once the next frame is known not to pad it */
-  int fd;
+  ws_rec *first = 0, *prev = 0; /* records made, queued once they are known to continue */
+  int fd, bCounted = 0;
   char *zWal;
   if (!c.bKnown) return 0;
-  if (c.bHdr && c.salt1 == s1 && c.salt2 == s2 && nEnd <= c.nFrame) return 0;
+  if (c.bHdr && c.salt1 == s1 && c.salt2 == s2 && nEnd <= c.nFrame) {
+    if (pChange && nEnd == c.nFrame) {
+      pDb->c.iChange = *pChange;
+      pDb->c.bChange = 1;
+    }
+    return 0;
+  }
   zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
   fd = zWal ? open(zWal, O_RDONLY | O_CLOEXEC) : -1;
   sqlite3_free(zWal);
@@ -976,7 +993,8 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
     ** point, or one that permitted restarts lead to from our position. */
     if ((c.salt1 != s1 || c.salt2 != s2) && !permitted(pDb, s1, s2) &&
         !(c.bHdr && s1 == c.salt1 + 1 && endedAt(fd, &c, s1, s2))) {
-      goto gap;
+      if (!pChange || !c.bChange) goto gap;
+      bCounted = 1;
     }
     if (nEnd == 0) goto done; /* its header is not written yet */
     if (pread(fd, h, WAL_HDR, 0) != WAL_HDR || !parseWalHeader(&c, h) || c.salt1 != s1 ||
@@ -990,6 +1008,7 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
   for (f = c.nFrame; f < nEnd; f++) {
     unsigned char fh[FRAME_HDR];
     uint32_t endCk[2];
+    ws_rec *r;
     if (pread(fd, fh, FRAME_HDR, WAL_HDR + (off_t)f * szFrame) != FRAME_HDR ||
         get32(fh + 8) != c.salt1 || get32(fh + 12) != c.salt2) {
       goto gap;
@@ -1005,9 +1024,12 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
       prev->endCk[0] = endCk[0];
       prev->endCk[1] = endCk[1];
     } else {
-      if (prev) enqueue(pDb, prev);
-      prev = commitRecord(pDb, &c, start, f + 1, get32(fh + 4), endCk);
-      if (!prev) goto gap;
+      r = commitRecord(pDb, &c, start, f + 1, get32(fh + 4), endCk);
+      if (!r) goto gap;
+      if (prev) prev->next = r;
+      else first = r;
+      prev = r;
+      c.iChange++;
     }
     c.nFrame = f + 1;
     c.cksum[0] = endCk[0];
@@ -1015,12 +1037,26 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd) {
     start = f + 1;
   }
 done:
-  if (prev) enqueue(pDb, prev);
+  if (pChange) {
+    if (bCounted && c.iChange != *pChange) goto gap;
+    c.iChange = *pChange;
+    c.bChange = 1;
+  }
   pDb->c = c;
   close(fd);
+  for (; first; first = prev) {
+    prev = first->next;
+    enqueue(pDb, first);
+  }
   return 0;
 gap:
-  if (prev) enqueue(pDb, prev);
+  /* The commits read before the break continue the chain, unless only the
+  ** counter could have said so. */
+  for (; first; first = prev) {
+    prev = first->next;
+    if (bCounted) freeRecord(first);
+    else enqueue(pDb, first);
+  }
   if (fd >= 0) close(fd);
   reportGap(pDb);
   return 1;
@@ -1043,6 +1079,14 @@ gap:
 */
 static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf);
 
+/* Is the transaction being published in a new WAL the only commit since the
+** chain's end?  The write lock is still held, so the counter moved past the
+** chain's value by that commit alone, if it did not roll back. */
+static int onlyOurs(WsDb *pDb) {
+  uint32_t s1, s2, mx, ic;
+  return pDb->c.bChange && shmHeader(pDb, &s1, &s2, &mx, &ic) && ic - (mx > 0) == pDb->c.iChange;
+}
+
 static void publishPending(WsDb *pDb) {
   sqlite3_int64 nBuf = pDb->nBuf;
 
@@ -1050,7 +1094,7 @@ static void publishPending(WsDb *pDb) {
   if (nBuf == 0) return;
   if (pDb->eRole == WS_ROLE_FOLLOW) {
     uint32_t s1, s2, mx;
-    if (shmHeader(pDb, &s1, &s2, &mx) && (mx != pDb->own[2] || s1 != pDb->own[0] || s2 != pDb->own[1])) {
+    if (shmHeader(pDb, &s1, &s2, &mx, 0) && (mx != pDb->own[2] || s1 != pDb->own[0] || s2 != pDb->own[1])) {
       pDb->own[0] = s1;
       pDb->own[1] = s2;
       pDb->own[2] = mx;
@@ -1078,14 +1122,14 @@ static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf) {
   if (!pDb->c.bKnown) return;
   if (pDb->iStart != 0 && pDb->pShm) {
     /* Frames other processes committed since our last publish come first. */
-    uint32_t s1, s2, mx;
+    uint32_t s1, s2, mx, ic, fStart;
     WsChain k = pDb->c;
-    if (k.bHdr && shmHeader(pDb, &s1, &s2, &mx)) {
+    if (k.bHdr && shmHeader(pDb, &s1, &s2, &mx, &ic)) {
       szFrame = FRAME_HDR + k.szPage;
-      if ((pDb->iStart - WAL_HDR) % szFrame == 0 &&
-          catchUp(pDb, s1, s2, (uint32_t)((pDb->iStart - WAL_HDR) / szFrame))) {
-        return;
-      }
+      fStart = (uint32_t)((pDb->iStart - WAL_HDR) / szFrame);
+      /* Under the write lock the counter has moved past fStart only by our commit. */
+      if (mx > fStart) ic--;
+      if ((pDb->iStart - WAL_HDR) % szFrame == 0 && catchUp(pDb, s1, s2, fStart, &ic)) return;
     }
   }
 
@@ -1105,7 +1149,7 @@ static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf) {
       c = pDb->c; /* a tail scan read this header, and maybe our commit (below) */
     } else if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1) &&
         !(pDb->c.nFrame == 0 && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2) &&
-        !permitted(pDb, c.salt1, c.salt2)) {
+        !permitted(pDb, c.salt1, c.salt2) && !onlyOurs(pDb)) {
       reportGap(pDb);
       return;
     }
@@ -1162,6 +1206,7 @@ static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf) {
   c.nFrame = f0 + nCommit;
   c.cksum[0] = endCk[0];
   c.cksum[1] = endCk[1];
+  c.iChange++;
   pDb->c = c;
   enqueue(pDb, r);
 }
@@ -1539,9 +1584,9 @@ static void checkRestart(WsFile *pWal) {
   if (size < WAL_HDR || r->pMethods->xRead(r, h, WAL_HDR, 0) != SQLITE_OK || !parseWalHeader(&old, h)) {
     /* Emptied by a TRUNCATE checkpoint: ours, or another process's once the
     ** leader had read every frame. */
-    uint32_t s1, s2, mx;
-    if (pDb->c.bHdr && !pDb->c.nTrunc &&
-        !(shmHeader(pDb, &s1, &s2, &mx) && permitted(pDb, s1, s2))) {
+    uint32_t s1, s2, mx, ic;
+    if (pDb->c.bHdr && !pDb->c.nTrunc && !(shmHeader(pDb, &s1, &s2, &mx, &ic) &&
+        (permitted(pDb, s1, s2) || (pDb->c.bChange && ic == pDb->c.iChange)))) {
       reportGap(pDb);
     }
     return;
@@ -2249,6 +2294,7 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
   char *zWal;
   int fd;
   unsigned char hdr[WAL_HDR];
+  uint32_t s1, s2, mx = UINT32_MAX, ic = 0;
   if (!pDb) return 0;
   memset(&c, 0, sizeof(c));
   zWal = sqlite3_mprintf("%s-wal", pDb->zPath);
@@ -2257,13 +2303,13 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
   sqlite3_free(zWal);
   if (fd >= 0) {
     if (pread(fd, hdr, WAL_HDR, 0) == WAL_HDR && parseWalHeader(&c, hdr)) {
-      uint32_t szFrame = FRAME_HDR + c.szPage, ck[2], n = 0, s1, s2, mx = UINT32_MAX;
+      uint32_t szFrame = FRAME_HDR + c.szPage, ck[2], n = 0;
       unsigned char *aFrame = malloc(szFrame);
       off_t off;
       /* Under the write lock the wal-index says exactly which frames SQLite
       ** committed: valid frames past them are a commit whose writer died
       ** before publishing it, which the next commit overwrites. */
-      if (!shmHeader(pDb, &s1, &s2, &mx) || s1 != c.salt1 || s2 != c.salt2) mx = UINT32_MAX;
+      if (!shmHeader(pDb, &s1, &s2, &mx, &ic) || s1 != c.salt1 || s2 != c.salt2) mx = UINT32_MAX;
       ck[0] = c.cksum[0];
       ck[1] = c.cksum[1];
       for (off = WAL_HDR; aFrame && n < mx; off += szFrame, n++) {
@@ -2280,9 +2326,11 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
   }
   if (!c.bHdr) {
     /* No WAL yet: its first header will carry the wal-index's salts. */
-    uint32_t mx;
-    if (!shmHeader(pDb, &c.salt1, &c.salt2, &mx)) c.salt1 = c.salt2 = 0;
+    if (!shmHeader(pDb, &c.salt1, &c.salt2, &mx, &ic)) c.salt1 = c.salt2 = 0;
   }
+  /* The counter belongs to the chain's end if the wal-index's last commit is it. */
+  c.bChange = mx == c.nFrame;
+  c.iChange = c.bChange ? ic : 0;
   c.bKnown = 1;
   __atomic_store_n(&pDb->bReopen, 1, __ATOMIC_RELEASE); /* the WAL may be a new file */
   pthread_mutex_lock(&pDb->mu);
@@ -2312,13 +2360,13 @@ int ws_sync(int64_t db_id, ws_pos *pOut) {
 */
 int ws_tail(int64_t db_id) {
   WsDb *pDb = dbById(db_id);
-  uint32_t s1, s2, mx;
+  uint32_t s1, s2, mx, ic;
   uint64_t seq;
   int rc = -1;
   if (!pDb) return -1;
   pthread_mutex_lock(&pDb->mu);
   seq = __atomic_load_n(&pDb->seq, __ATOMIC_ACQUIRE);
-  if (pDb->c.bKnown && shmHeader(pDb, &s1, &s2, &mx) && catchUp(pDb, s1, s2, mx) == 0) {
+  if (pDb->c.bKnown && shmHeader(pDb, &s1, &s2, &mx, &ic) && catchUp(pDb, s1, s2, mx, &ic) == 0) {
     rc = __atomic_load_n(&pDb->seq, __ATOMIC_ACQUIRE) != seq;
   }
   pthread_mutex_unlock(&pDb->mu);

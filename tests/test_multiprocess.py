@@ -431,10 +431,12 @@ def test_a_sync_starting_keeps_unread_frames_from_a_restart(file_replica, tmp_pa
 FOREIGN_TRUNCATE = """
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0.2)  # the sqlite3 shell's way
-if sys.argv[2:] == ["write"]:
+if "write" in sys.argv[2:]:
     c.execute("INSERT INTO t VALUES (99, 0, 0, 'foreign')")
-    print(*c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
-print(*c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+if "--no-checkpoint" not in sys.argv[2:]:
+    if "write" in sys.argv[2:]:
+        print(*c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+    print(*c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
 """
 
 
@@ -478,6 +480,94 @@ def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path):
     assert content(tmp_path / "at-t.db") == after_t
     restore(url, str(tmp_path / "latest.db"))
     assert content(tmp_path / "latest.db") == after_foreign
+
+
+FOLLOWER_TRUNCATE = """
+import apsw, sys, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2])
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.set_busy_timeout(20_000)
+assert not any(s["leader"] for s in walsync_vfs.stats())
+assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+for v in sys.argv[3:]:
+    con.execute("INSERT INTO t VALUES (2, ?, 0, 'follower')", (int(v),))
+con.close()
+"""
+
+
+def follower(db: Path, url: str, *commits: int) -> None:
+    """Truncate the WAL from a second process running the VFS, then commit ``commits``."""
+    subprocess.run(
+        [sys.executable, "-c", FOLLOWER_TRUNCATE, str(db), url, *map(str, commits)],
+        check=True,
+        timeout=60,
+    )
+
+
+def test_a_foreign_first_header_after_a_restart_continues_the_stream(
+    file_replica, tmp_path, caplog
+):
+    """A process running the VFS truncates the WAL, and a process without it writes the new
+    WAL's first frame: SQLite gives that header fresh random salts, which no shim recorded.
+    The wal-index's change counter, which every commit steps and no restart resets, shows
+    that the new WAL holds every commit since the leader's place: the leader reads on
+    without a resync.  Another truncate before the leader's engine gets to those commits
+    then costs nothing either: one generation, every restore point a state the source
+    had."""
+    import walsync_vfs
+
+    caplog.set_level(logging.INFO, logger="walsync_vfs")
+    with gated(tmp_path) as (db, gate, con):
+        con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
+        walsync_vfs.flush(timeout=30)
+        states = [content(db)]
+        follower(db, file_replica)
+        foreign(db, "write", "--no-checkpoint")
+        states.append(content(db))
+        gate.holding = True
+        con.execute("INSERT INTO t VALUES (1, 2, 0, 'after the foreign header')")
+        assert gate.entered.wait(10)
+        states.append(content(db))
+        follower(db, file_replica, 1)
+        states.append(content(db))
+        gate.opened.set()
+        con.execute("INSERT INTO t VALUES (1, 3, 0, 'last')")
+        walsync_vfs.flush(timeout=30)
+        states.append(content(db))
+    assert "changed outside the stream" not in caplog.text
+    client = storage.open_replica(file_replica)
+    (gen,) = catalog.generations(client, db.name)
+    url = f"{file_replica}/{db.name}"
+    seen = []
+    for txid in range(gen.snapshots[0].last_txid, gen.last_txid + 1):
+        restore(url, str(tmp_path / f"at-{txid}.db"), txid=txid)
+        seen.append(content(tmp_path / f"at-{txid}.db"))
+    assert seen[-len(states) :] == states
+
+
+def test_a_foreign_truncate_after_every_commit_was_read_continues_the_stream(
+    file_replica, tmp_path, caplog
+):
+    """A process without the VFS truncates the WAL once the leader has read every commit:
+    nothing to lose, and the change counter proves it, so the leader's next commit goes on
+    in the same generation without a resync."""
+    import walsync_vfs
+
+    caplog.set_level(logging.INFO, logger="walsync_vfs")
+    db, con = opened(tmp_path)
+    try:
+        con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
+        walsync_vfs.flush(timeout=30)
+        assert foreign(db) == [["0", "0", "0"]]
+        con.execute("INSERT INTO t VALUES (1, 2, 0, 'after the truncate')")
+        walsync_vfs.flush(timeout=30)
+    finally:
+        con.close()
+    assert "changed outside the stream" not in caplog.text
+    client = storage.open_replica(file_replica)
+    assert len(catalog.generations(client, db.name)) == 1
+    restore(f"{file_replica}/{db.name}", str(tmp_path / "latest.db"))
+    assert content(tmp_path / "latest.db") == content(db)
 
 
 def test_the_last_close_still_removes_the_wal_and_its_index(file_replica, tmp_path):
