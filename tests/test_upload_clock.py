@@ -163,32 +163,6 @@ def test_nothing_is_due_while_idle_uploading_or_syncing() -> None:
     assert clock.ship_time(database(), 10.2) == math.inf
 
 
-def test_while_a_segment_is_sent_only_what_ships_next_anyway_is_encoded_ahead() -> None:
-    """Uploading: a quarter pending is encoded ahead once a tenth of an interval has passed
-    since the upload started, a flush's commits at once; a small one waits, and nothing goes
-    ahead of a segment already encoded ahead, nor a commit's parts.  Encoded, it ships the
-    moment the upload is in, whatever the clock."""
-    clock, db = paced(max_segment_bytes=8 * PAGE)
-    up = db.upload
-    up.uploading, up.outbox = True, outgoing(1)
-    assert clock.ship_time(db, 10.05) == math.inf  # one page: small
-    up.pending_bytes = 2 * PAGE
-    assert clock.ship_time(db, 10.05) == pytest.approx(10.1)
-    up.pending_bytes = PAGE
-    clock.flushers = 1
-    assert clock.ship_time(db, 10.05) == 0.0
-    up.outbox = outgoing(2)
-    assert clock.ship_time(db, 10.05) == math.inf
-    up.outbox = [dataclasses.replace(outgoing(1)[0], part=(0, 2))]  # a commit's first part
-    assert clock.ship_time(db, 10.05) == math.inf
-    up.outbox, up.pending = outgoing(1), [(2, "g", commit(2, n_pages=9))]  # one in parts
-    assert clock.ship_time(db, 10.05) == math.inf
-    clock.flushers = 0
-    up.uploading, up.pending, up.pending_bytes = False, [], 0
-    up.outbox = outgoing(1)
-    assert clock.ship_time(db, 10.05) == 0.0
-
-
 def test_the_agenda_keeps_the_earliest_time_and_gives_out_at_most_room() -> None:
     clock = UploadClock(PHASE)
     dbs = [paced()[1] for _ in range(3)]

@@ -14,7 +14,6 @@ import apsw
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage, uploader
-from walsync_vfs.restore import restore
 
 
 def segments(url: str, name: str) -> list[str]:
@@ -81,62 +80,6 @@ def test_a_segments_worth_ships_at_once_after_a_quarter_shipped(file_replica, tm
         con.close()
     finally:
         walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)
-
-
-def test_the_next_segment_is_encoded_while_one_is_sent(file_replica, tmp_path):
-    """Behind a slow store, a writer's next segment past a quarter is encoded while the
-    previous one is still being sent, and goes the moment that one is in: the encode does
-    not add to the wait, nor to a flush's.  Segments still land in commit order, and the
-    replica restores to the source."""
-    import threading
-
-    walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=1 << 20)
-    engine = walsync_vfs._engine_instance()
-    client = storage.open_replica(file_replica)
-    sent: list[str] = []
-    hold, held = threading.Event(), threading.Event()
-
-    class SlowStore:
-        def put(self, key: str, data: bytes) -> None:
-            if key.endswith(".wseg"):
-                sent.append(key)
-                if len(sent) == 1:
-                    held.set()
-                    assert hold.wait(30)
-            client.put(key, data)
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(client, name)
-
-    path = tmp_path / "ahead.db"
-    con, before = replicated_table(file_replica, path)
-    db = engine.database(str(path))
-    assert db is not None
-    db.client = SlowStore()
-    try:
-        for _ in range(8):  # a quarter, the first commits after idle: shipped at once
-            con.execute("INSERT INTO t VALUES(randomblob(40000))")
-        assert held.wait(10)
-        for _ in range(8):  # another quarter while that one is being sent
-            con.execute("INSERT INTO t VALUES(randomblob(40000))")
-        wait_until(lambda: len(db.upload.outbox) == 2, "the next segment waited to be encoded")
-        assert not db.upload.pending
-        hold.set()
-        walsync_vfs.flush(timeout=30)
-    finally:
-        hold.set()
-        db.client = client
-        walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)
-    parsed = [format.parse_key(key) for key in sent]
-    firsts = [p.first_txid for p in parsed if p is not None]
-    assert len(firsts) == len(sent) >= 2 and firsts == sorted(firsts), sent
-    assert replicated_txid(file_replica, "ahead.db") == before + 16
-    restore(f"{file_replica}/ahead.db", str(tmp_path / "restored.db"))
-    restored = apsw.Connection(str(tmp_path / "restored.db"))
-    rows = "SELECT x FROM t ORDER BY rowid"
-    assert restored.execute(rows).fetchall() == con.execute(rows).fetchall()
-    restored.close()
-    con.close()
 
 
 def replicated_table(url: str, path: Path) -> tuple[apsw.Connection, int]:

@@ -213,14 +213,10 @@ class UploadClock:
     def ship_time(self, db: Database, now: float) -> float:
         """When the database's pending commits should ship (inf: nothing to do for now)."""
         up, s = db.upload, db.cfg
-        if up.spilling or db.sync.syncing:
-            return math.inf  # a spill's or sync's end schedules it again
+        if not (up.pending or up.outbox) or up.uploading or up.spilling or db.sync.syncing:
+            return math.inf  # an upload's, spill's or sync's end schedules it again
         if not db.may_write(now):
             return math.inf  # the lease's renewal schedules it again
-        if up.uploading:
-            return self._encode_ahead_time(db)
-        if not (up.pending or up.outbox):
-            return math.inf
         # Refill the token bucket.
         if s.upload_interval > 0:
             up.tokens = min(s.upload_burst, up.tokens + (now - up.token_time) / s.upload_interval)
@@ -228,10 +224,14 @@ class UploadClock:
             up.tokens = s.upload_burst
         up.token_time = now
         at = up.next_attempt
-        # A full segment waits for nothing, nor does an encoded one (encoded ahead, left by
+        # A full segment waits for nothing, nor does a backlog of encoded segments (left by
         # an outage or read back from the spool): catching up must not take one interval
         # per segment.
-        urgent = self.flushers or up.pending_bytes >= s.max_segment_bytes or up.outbox
+        urgent = (
+            self.flushers
+            or up.pending_bytes >= s.max_segment_bytes
+            or len(up.outbox) > 1
+        )
         # Burst tokens are for a commit that follows a quiet spell (the first after idle
         # ships at once); a steady stream ships one segment per upload_interval, on the
         # ticks of this process's upload clock.  On a shared clock the busy databases fall
@@ -254,25 +254,6 @@ class UploadClock:
             tick = math.ceil((target - phase) / interval - 1e-9) * interval + phase
             at = max(at, min(tick, target + interval / 10))
         return at
-
-    def _encode_ahead_time(self, db: Database) -> float:
-        """While a segment is sent: when to encode the next one, to be sent the moment this
-        one is in (inf: not now).  Only what would ship then anyway is encoded ahead: what
-        a flush() waits on, or pending bytes past what compaction merges.  The encode then
-        overlaps the upload instead of adding to it; a fast writer keeps its backlog, and
-        what a flush waits for, to about one upload's worth.  Never a commit's parts: each
-        is encoded only once the one before it is stored, so one part at a time is in
-        memory at any transaction size."""
-        up, s = db.upload, db.cfg
-        if len(up.outbox) != 1 or not up.pending or up.outbox[0].part is not None:
-            return math.inf
-        if part_count(up.pending[0][2], db.lineage.page_size, s.max_segment_bytes) > 1:
-            return math.inf
-        if self.flushers:
-            return up.next_attempt
-        if is_small(up.pending_bytes, s.max_segment_bytes):
-            return math.inf
-        return max(up.next_attempt, up.shipped_at + s.upload_interval / 10)
 
     def schedule(self, db: Database, now: float) -> float | None:
         """Put ``db`` on the agenda for when its next upload is due; that time if it moved
@@ -522,43 +503,28 @@ class Uploader:
         due = self.clock.due(now, self.slots.free)
         if not due:
             return
-        # (database, its batch, the segment in flight if the batch is encoded ahead of it)
-        fresh: list[tuple[Database, Shipment, Outgoing | None]] = []
+        fresh = []
         for db in due:
-            up = db.upload
-            if up.uploading:
-                fresh.append((db, self._take(db), up.outbox[0]))
-                continue
-            up.uploading = True
+            db.upload.uploading = True
             self.slots.in_use += 1
-            if not up.outbox:
-                fresh.append((db, self._take(db), None))
+            if not db.upload.outbox:
+                fresh.append((db, self._take(db)))
         # A flush() waits on these: its threads leave their cores to the compression.
         threads = FLUSH_COMPRESSION_THREADS if self.clock.flushers else 0
         self._lock.release()
         try:
             with format.compression_threads(threads):
-                encoded = [(db, self._encode_or_none(db, b), ahead) for db, b, ahead in fresh]
+                encoded = [(db, self._encode_or_none(db, batch)) for db, batch in fresh]
         finally:
             self._lock.acquire()
-        for db, item, in_flight in encoded:
-            out = db.upload.outbox
+        for db, item in encoded:
             if item is None:
-                if in_flight is None:
-                    self.slots.in_use -= 1
-                    db.upload.uploading = False
+                self.slots.in_use -= 1
+                db.upload.uploading = False
                 self._host.break_lineage(db)
-            elif in_flight is not None:
-                # Right behind the segment in flight if it is still there (sent or not), and
-                # before anything a spill queued meanwhile: the outbox stays in commit order.
-                out.insert(1 if out and out[0] is in_flight else 0, item)
-                self.schedule(db, time.monotonic())  # the segment in flight may be in already
             else:
-                out.insert(0, item)
-        ahead = {id(db) for db, _, in_flight in fresh if in_flight is not None}
-        ready = [
-            (db, db.upload.outbox[0]) for db in due if db.upload.uploading and id(db) not in ahead
-        ]
+                db.upload.outbox.insert(0, item)
+        ready = [(db, db.upload.outbox[0]) for db in due if db.upload.uploading]
         for ships in per_client(ready):
             for i in range(0, len(ships), PUT_BATCH):
                 self.pool.spawn(self._ship_all, ships[i][0].client, ships[i : i + PUT_BATCH])
