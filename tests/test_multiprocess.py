@@ -437,6 +437,8 @@ if "--no-checkpoint" not in sys.argv[2:]:
     if "write" in sys.argv[2:]:
         print(*c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
     print(*c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+if "again" in sys.argv[2:]:  # a page the first write did not touch
+    c.execute("INSERT INTO u VALUES ('foreign, after its truncate')")
 """
 
 
@@ -568,6 +570,43 @@ def test_a_foreign_truncate_after_every_commit_was_read_continues_the_stream(
     assert len(catalog.generations(client, db.name)) == 1
     restore(f"{file_replica}/{db.name}", str(tmp_path / "latest.db"))
     assert content(tmp_path / "latest.db") == content(db)
+
+
+def test_a_foreign_restart_over_a_commit_the_leader_never_read_is_a_gap(
+    file_replica, tmp_path, caplog
+):
+    """A process without the VFS commits, truncates the WAL and commits again, all before
+    the leader looks: its first commit is gone from the WAL, and the new WAL holds only the
+    second, which wrote other pages.  The commit counter counts two commits where the leader
+    can read one, so the stream has a gap: the leader resyncs, and no restore point is ever
+    the second commit without the first."""
+    import walsync_vfs
+
+    caplog.set_level(logging.INFO, logger="walsync_vfs")
+    db, con = opened(tmp_path)
+    try:
+        states = [tables_and_values(db)]
+        con.execute("CREATE TABLE u(v TEXT)")
+        states.append(tables_and_values(db))
+        con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
+        walsync_vfs.flush(timeout=30)
+        states.append(tables_and_values(db))
+        assert foreign(db, "write", "again")[-1] == ["0", "0", "0"]
+        states.append(tables_and_values(db))
+        con.execute("INSERT INTO t VALUES (1, 2, 0, 'last')")
+        walsync_vfs.flush(timeout=30)
+        states.append(tables_and_values(db))
+    finally:
+        con.close()
+    client = storage.open_replica(file_replica)
+    url = f"{file_replica}/{db.name}"
+    for gen in catalog.generations(client, db.name):
+        for txid in range(gen.snapshots[0].last_txid, gen.last_txid + 1):
+            restore(url, str(tmp_path / "at.db"), txid=txid, force=True)
+            assert tables_and_values(tmp_path / "at.db") in states, txid
+    restore(url, str(tmp_path / "latest.db"))
+    assert tables_and_values(tmp_path / "latest.db") == states[-1]
+    assert "changed outside the stream" in caplog.text
 
 
 def test_the_last_close_still_removes_the_wal_and_its_index(file_replica, tmp_path):
