@@ -2507,8 +2507,9 @@ void *ws_conn_open(const char *zPath, int busyMs, char *zErr, int nErr) {
     return 0;
   }
   sqlite3_busy_timeout(db, busyMs);
-  /* Closing the last connection checkpoints and deletes the WAL; ours must
-  ** never be that one: the WAL may hold commits a sync is about to take. */
+  /* Closing the last connection checkpoints and deletes the WAL; while the
+  ** application has the db open ours must never be that one: the WAL may hold
+  ** commits a sync is about to take (see ws_conn_close()). */
   sqlite3_db_config(db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, (int *)0);
   return db;
 }
@@ -2538,7 +2539,24 @@ int ws_conn_fcntl(void *pDb, int op, void *pArg) { return sqlite3_file_control(p
 
 int ws_conn_in_txn(void *pDb) { return !sqlite3_get_autocommit(pDb); }
 
-void ws_conn_close(void *pDb) { sqlite3_close_v2(pDb); }
+/* Once the application has closed the db, ours may be the last connection,
+** kept open by a sync past the application's own close, which then left the
+** WAL in place: close it as the application's would have, checkpointing and
+** deleting the WAL and its index, as SQLite does without this VFS.  What the
+** sync needed from the WAL it has taken by now. */
+void ws_conn_close(void *pDb) {
+  sqlite3_file *f = 0;
+  if (sqlite3_file_control(pDb, "main", SQLITE_FCNTL_FILE_POINTER, &f) == SQLITE_OK && f &&
+      f->pMethods == &ws_io_methods && ((WsFile *)f)->pDb) {
+    WsDb *p = ((WsFile *)f)->pDb;
+    int nApp;
+    pthread_mutex_lock(&gMutex);
+    nApp = p->nApp;
+    pthread_mutex_unlock(&gMutex);
+    if (nApp == 0) sqlite3_db_config(pDb, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 0, (int *)0);
+  }
+  sqlite3_close_v2(pDb);
+}
 
 /* SQLite's static mutexes (allocator, page cache, VFS, PRNG ...) are held for
 ** the fork, as gMutex is: a child forked while another thread was inside

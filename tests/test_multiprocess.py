@@ -627,6 +627,26 @@ def test_the_last_close_still_removes_the_wal_and_its_index(file_replica, tmp_pa
     assert not os.path.exists(f"{db}-wal") and not os.path.exists(f"{db}-shm")
 
 
+def test_an_engine_connection_closing_after_the_application_removes_the_wal(
+    file_replica, tmp_path
+):
+    """A sync point's connection that outlives the application's last connection (a short
+    script closing while its first sync runs) is then the last connection: its close
+    checkpoints and removes ``-wal`` and ``-shm``, as the application's own close would have
+    had it been the last."""
+    db, con = opened(tmp_path)
+    for k in range(20):
+        con.execute("INSERT INTO t VALUES (1, ?, 0, 'x')", (k,))
+    engine_side = capture.InternalConnection(str(db), 1000)  # as a sync point's reader
+    assert engine_side.query("SELECT count(*) FROM t") == "20"
+    rows = content(db)
+    con.close()
+    assert os.path.exists(f"{db}-wal")  # the application's close was not the last
+    engine_side.close()
+    assert not os.path.exists(f"{db}-wal") and not os.path.exists(f"{db}-shm")
+    assert content(db) == rows
+
+
 LINKS_SEQ = 264  # WsShared.links.seq in <db>-walsync (csrc/walsync.c)
 
 
