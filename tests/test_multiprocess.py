@@ -634,9 +634,12 @@ def test_an_engine_connection_closing_after_the_application_removes_the_wal(
     script closing while its first sync runs) is then the last connection: its close
     checkpoints and removes ``-wal`` and ``-shm``, as the application's own close would have
     had it been the last."""
+    import walsync_vfs
+
     db, con = opened(tmp_path)
     for k in range(20):
         con.execute("INSERT INTO t VALUES (1, ?, 0, 'x')", (k,))
+    walsync_vfs.flush(timeout=30)  # the engine's own first sync is over: no other connection
     engine_side = capture.InternalConnection(str(db), 1000)  # as a sync point's reader
     assert engine_side.query("SELECT count(*) FROM t") == "20"
     rows = content(db)
