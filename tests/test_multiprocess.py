@@ -57,6 +57,16 @@ def until_done(proc: subprocess.Popen) -> list[dict]:
     return out
 
 
+def rest_of(proc: subprocess.Popen) -> str:
+    """What a worker prints from here to its exit, read through the buffered pipe its first
+    lines came through: ``communicate()`` reads the descriptor itself when stdin is a pipe
+    too, and would miss (or cut in two) what that buffer already holds."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    proc.wait(timeout=180)  # a few lines: they fit in the pipe meanwhile
+    return proc.stdout.read()
+
+
 def release(proc: subprocess.Popen) -> None:
     """Let a ``--hold`` worker close its database and exit."""
     proc.communicate("\n", timeout=180)
@@ -162,8 +172,7 @@ def test_leader_killed_another_takes_over_and_nothing_acknowledged_is_lost(
         time.sleep(0.01)
     acked = {}
     for p, line in zip(workers, first, strict=True):
-        out, _ = p.communicate(timeout=180)
-        rest = [json.loads(x) for x in out.splitlines()]
+        rest = [json.loads(x) for x in rest_of(p).splitlines()]
         acked[line["pid"]] = max([x["ack"] for x in rest if "ack" in x], default=-1)
     survivors = [p for p in workers if p is not victim]
     assert all(p.returncode == 0 for p in survivors)
