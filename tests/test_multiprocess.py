@@ -460,15 +460,21 @@ def foreign(db: Path, *args: str) -> list[list[str]]:
     return [line.split() for line in out.splitlines()]
 
 
-def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path):
+def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path, monkeypatch):
     """A process without the VFS commits and runs ``wal_checkpoint(TRUNCATE)`` while the
     leader's consumer is busy and the leader's last commit T is still unread.  SQLite's own
     read locks keep T's frames: the checkpoint reports busy instead of truncating, and one
     lineage holds T then the foreign commit, each restorable by txid and by time.  The lock
     stops nothing else: a checkpoint copies every frame, and once T is read the same
-    truncate goes through."""
-    import walsync_vfs
+    truncate goes through.
 
+    The leader's once-a-second look at the WAL for writers without the VFS would read T
+    itself (and rightly let the truncate go) if it fell in the foreign process's run: it is
+    held back meanwhile, so T stays unread."""
+    import walsync_vfs
+    from walsync_vfs import leader
+
+    monkeypatch.setattr(leader.Host, "_poll_wal", lambda self: None)
     with gated(tmp_path) as (db, gate, con):
         con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
         walsync_vfs.flush(timeout=30)
@@ -481,6 +487,7 @@ def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path):
         assert passive[0] == "0" and passive[1] == passive[2], passive
         assert truncate[0] == "1", f"the WAL was truncated over unread commits: {truncate}"
         after_foreign = content(db)
+        monkeypatch.undo()
         gate.opened.set()
         walsync_vfs.flush(timeout=30)
         assert foreign(db) == [["0", "0", "0"]]
