@@ -969,6 +969,16 @@ static int endedAt(int fd, const WsChain *c, uint32_t s1, uint32_t s2) {
 ** Returns 0 if the chain now ends at nEnd (or nothing can be read yet), 1
 ** after reporting a gap.  Caller holds pDb->mu.
 */
+/* Queue (bQueue) or drop the records of a list built by catchUp(). */
+static void settleRecords(WsDb *pDb, ws_rec *r, int bQueue) {
+  ws_rec *next;
+  for (; r; r = next) {
+    next = r->next;
+    if (bQueue) enqueue(pDb, r);
+    else freeRecord(r);
+  }
+}
+
 static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd, const uint32_t *pChange) {
   WsChain c = pDb->c;
   unsigned char h[WAL_HDR];
@@ -1044,19 +1054,12 @@ done:
   }
   pDb->c = c;
   close(fd);
-  for (; first; first = prev) {
-    prev = first->next;
-    enqueue(pDb, first);
-  }
+  settleRecords(pDb, first, 1);
   return 0;
 gap:
   /* The commits read before the break continue the chain, unless only the
   ** counter could have said so. */
-  for (; first; first = prev) {
-    prev = first->next;
-    if (bCounted) freeRecord(first);
-    else enqueue(pDb, first);
-  }
+  settleRecords(pDb, first, !bCounted);
   if (fd >= 0) close(fd);
   reportGap(pDb);
   return 1;
@@ -1079,12 +1082,22 @@ gap:
 */
 static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf);
 
+/* The wal-index header while the transaction being published (its frames
+** from fStart on) still holds the write lock, with the commit counter as it
+** was before that transaction: the transaction stepped it once, unless it
+** rolled back. */
+static int headerBefore(WsDb *pDb, uint32_t fStart, uint32_t *pSalt1, uint32_t *pSalt2, uint32_t *pChange) {
+  uint32_t mx;
+  if (!shmHeader(pDb, pSalt1, pSalt2, &mx, pChange)) return 0;
+  if (mx > fStart) (*pChange)--;
+  return 1;
+}
+
 /* Is the transaction being published in a new WAL the only commit since the
-** chain's end?  The write lock is still held, so the counter moved past the
-** chain's value by that commit alone, if it did not roll back. */
+** chain's end? */
 static int onlyOurs(WsDb *pDb) {
-  uint32_t s1, s2, mx, ic;
-  return pDb->c.bChange && shmHeader(pDb, &s1, &s2, &mx, &ic) && ic - (mx > 0) == pDb->c.iChange;
+  uint32_t s1, s2, ic;
+  return pDb->c.bChange && headerBefore(pDb, 0, &s1, &s2, &ic) && ic == pDb->c.iChange;
 }
 
 static void publishPending(WsDb *pDb) {
@@ -1122,14 +1135,13 @@ static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf) {
   if (!pDb->c.bKnown) return;
   if (pDb->iStart != 0 && pDb->pShm) {
     /* Frames other processes committed since our last publish come first. */
-    uint32_t s1, s2, mx, ic, fStart;
+    uint32_t s1, s2, ic, fStart;
     WsChain k = pDb->c;
-    if (k.bHdr && shmHeader(pDb, &s1, &s2, &mx, &ic)) {
-      szFrame = FRAME_HDR + k.szPage;
-      fStart = (uint32_t)((pDb->iStart - WAL_HDR) / szFrame);
-      /* Under the write lock the counter has moved past fStart only by our commit. */
-      if (mx > fStart) ic--;
-      if ((pDb->iStart - WAL_HDR) % szFrame == 0 && catchUp(pDb, s1, s2, fStart, &ic)) return;
+    szFrame = FRAME_HDR + k.szPage;
+    fStart = (uint32_t)((pDb->iStart - WAL_HDR) / szFrame);
+    if (k.bHdr && headerBefore(pDb, fStart, &s1, &s2, &ic) && (pDb->iStart - WAL_HDR) % szFrame == 0 &&
+        catchUp(pDb, s1, s2, fStart, &ic)) {
+      return;
     }
   }
 
@@ -2545,10 +2557,10 @@ int ws_conn_in_txn(void *pDb) { return !sqlite3_get_autocommit(pDb); }
 ** deleting the WAL and its index, as SQLite does without this VFS.  What the
 ** sync needed from the WAL it has taken by now. */
 void ws_conn_close(void *pDb) {
-  sqlite3_file *f = 0;
-  if (sqlite3_file_control(pDb, "main", SQLITE_FCNTL_FILE_POINTER, &f) == SQLITE_OK && f &&
-      f->pMethods == &ws_io_methods && ((WsFile *)f)->pDb) {
-    WsDb *p = ((WsFile *)f)->pDb;
+  int64_t id = 0;
+  WsDb *p;
+  sqlite3_file_control(pDb, "main", WS_FCNTL_DB_ID, &id);
+  if ((p = dbById(id)) != 0) {
     int nApp;
     pthread_mutex_lock(&gMutex);
     nApp = p->nApp;

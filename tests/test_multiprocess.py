@@ -329,16 +329,30 @@ def test_flush_in_the_leader_covers_commits_another_process_just_made(replica_ur
         walsync_vfs.configure(replica="")
 
 
-TRUNCATE_THEN_COMMIT = """
+FOLLOWER = """
 import apsw, sys, walsync_vfs
 walsync_vfs.configure(replica=sys.argv[2])
 con = apsw.Connection(sys.argv[1], vfs="walsync")
 con.set_busy_timeout(20_000)
 assert not any(s["leader"] for s in walsync_vfs.stats())
-con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-con.execute("INSERT INTO u VALUES ('after the restart')")
+print(con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
+for sql in sys.argv[3:]:
+    con.execute(sql)
 con.close()
 """
+
+
+def follower(db: Path, url: str, *statements: str) -> int:
+    """From a second process running the VFS: ``wal_checkpoint(TRUNCATE)``, then each of
+    ``statements``; the checkpoint's busy flag."""
+    out = subprocess.run(
+        [sys.executable, "-c", FOLLOWER, str(db), url, *statements],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    ).stdout
+    return int(out)
 
 
 class Gate:
@@ -409,11 +423,7 @@ def test_a_sync_starting_keeps_unread_frames_from_a_restart(file_replica, tmp_pa
         capture.read_any(capture.db_id_of(con))  # as a sync starting now does
         con.execute("CREATE TABLE u(v TEXT)")  # T
         states.append(tables_and_values(db))
-        subprocess.run(
-            [sys.executable, "-c", TRUNCATE_THEN_COMMIT, str(db), file_replica],
-            check=True,
-            timeout=60,
-        )
+        follower(db, file_replica, "INSERT INTO u VALUES ('after the restart')")
         states.append(tables_and_values(db))
         gate.opened.set()
         con.execute("INSERT INTO t VALUES (1, 3, 0, 'last')")
@@ -500,28 +510,6 @@ def test_a_foreign_truncate_waits_for_unread_commits(file_replica, tmp_path, mon
     assert content(tmp_path / "latest.db") == after_foreign
 
 
-FOLLOWER_TRUNCATE = """
-import apsw, sys, walsync_vfs
-walsync_vfs.configure(replica=sys.argv[2])
-con = apsw.Connection(sys.argv[1], vfs="walsync")
-con.set_busy_timeout(20_000)
-assert not any(s["leader"] for s in walsync_vfs.stats())
-assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-for v in sys.argv[3:]:
-    con.execute("INSERT INTO t VALUES (2, ?, 0, 'follower')", (int(v),))
-con.close()
-"""
-
-
-def follower(db: Path, url: str, *commits: int) -> None:
-    """Truncate the WAL from a second process running the VFS, then commit ``commits``."""
-    subprocess.run(
-        [sys.executable, "-c", FOLLOWER_TRUNCATE, str(db), url, *map(str, commits)],
-        check=True,
-        timeout=60,
-    )
-
-
 def test_a_foreign_first_header_after_a_restart_continues_the_stream(
     file_replica, tmp_path, caplog
 ):
@@ -539,14 +527,14 @@ def test_a_foreign_first_header_after_a_restart_continues_the_stream(
         con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
         walsync_vfs.flush(timeout=30)
         states = [content(db)]
-        follower(db, file_replica)
+        assert follower(db, file_replica) == 0
         foreign(db, "write", "--no-checkpoint")
         states.append(content(db))
         gate.holding = True
         con.execute("INSERT INTO t VALUES (1, 2, 0, 'after the foreign header')")
         assert gate.entered.wait(10)
         states.append(content(db))
-        follower(db, file_replica, 1)
+        assert follower(db, file_replica, "INSERT INTO t VALUES (2, 1, 0, 'follower')") == 0
         states.append(content(db))
         gate.opened.set()
         con.execute("INSERT INTO t VALUES (1, 3, 0, 'last')")
@@ -685,11 +673,7 @@ def test_restarts_are_followed_after_a_process_died_writing_a_link(
         with open(f"{db}-walsync", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
             (seq,) = struct.unpack_from("=I", m, LINKS_SEQ)
             struct.pack_into("=I", m, LINKS_SEQ, seq | 1)
-        subprocess.run(
-            [sys.executable, "-c", TRUNCATE_THEN_COMMIT, str(db), file_replica],
-            check=True,
-            timeout=60,
-        )
+        follower(db, file_replica, "INSERT INTO u VALUES ('after the restart')")
         con.execute("INSERT INTO u VALUES ('after')")
         walsync_vfs.flush(timeout=30)
     finally:
