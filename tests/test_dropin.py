@@ -105,6 +105,60 @@ def test_vacuum_into_outputs_are_left_as_they_are(replica, tmp_path):
     assert list(names) == [f"src{i}.db" for i in sorted(range(20), key=str)]
 
 
+def test_a_vacuum_into_output_still_open_after_its_write_is_left_as_it_is(
+    replica, tmp_path, monkeypatch
+):
+    """SQLite closes a VACUUM INTO output right after committing it, but a thread preempted
+    in between leaves it open when the engine first looks.  A VFS over walsync holds the
+    output's close until that look is done: the output must still come out as written."""
+    looked = threading.Event()
+    check = capture.SyncPoint._check_in_use
+
+    def check_and_tell(self: capture.SyncPoint, *args: object) -> None:
+        try:
+            check(self, *args)
+        finally:
+            looked.set()
+
+    monkeypatch.setattr(capture.SyncPoint, "_check_in_use", check_and_tell)
+    copy = tmp_path / "copy.db"
+
+    class HeldClose(apsw.VFSFile):
+        def __init__(self, name: apsw.URIFilename | str | None, flags: list[int]) -> None:
+            self.output = isinstance(name, apsw.URIFilename) and name.filename() == str(copy)
+            super().__init__("walsync", name, flags)
+
+        def xClose(self) -> None:
+            if self.output:
+                assert looked.wait(30), "the engine never looked at the output"
+            super().xClose()
+
+    class HoldingVFS(apsw.VFS):
+        def __init__(self) -> None:
+            super().__init__("held-close", "walsync")
+
+        def xOpen(self, name: apsw.URIFilename | str | None, flags: list[int]) -> HeldClose:
+            return HeldClose(name, flags)
+
+    vfs = HoldingVFS()
+    path = tmp_path / "src.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(v); INSERT INTO t VALUES('first'), ('second')")
+    walsync_vfs.flush(timeout=30)
+    vacuuming = apsw.Connection(str(path), vfs="held-close")
+    vacuuming.execute(f"VACUUM INTO '{copy}'")
+    vacuuming.close()
+    out = apsw.Connection(str(copy))  # no busy timeout: any lock fails it
+    assert out.execute("SELECT v FROM t").fetchall() == [("first",), ("second",)]
+    assert out.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    out.close()
+    con.close()
+    walsync_vfs.flush(timeout=30)
+    assert list(catalog.databases(storage.open_replica(replica))) == ["src.db"]
+    assert not Path(f"{copy}-wal").exists()
+    vfs.unregister()
+
+
 def test_memory_and_temporary_databases_pass_through(replica, tmp_path):
     for name in (":memory:", ""):
         con = apsw.Connection(name, vfs="walsync")

@@ -219,6 +219,12 @@ def db_id_of(con: apsw.Connection, schema: str = "main") -> int:
     return int(out[0])
 
 
+class StillOpenError(CaptureError):
+    """A database not in WAL mode, written and still open at the engine's first look: a
+    ``VACUUM INTO`` closes its output right after committing it, but a thread preempted in
+    between still has it open.  The engine looks again after a while before switching it."""
+
+
 class EmptyFileError(CaptureError):
     """A database file with nothing in it yet: not switched to WAL (its opener may be a
     ``VACUUM INTO``, which refuses an output file that is not empty)."""
@@ -551,11 +557,17 @@ class SyncPoint:
     """
 
     def __init__(
-        self, path: str, busy_timeout_ms: int = 60_000, *, enable_wal: bool = False
+        self,
+        path: str,
+        busy_timeout_ms: int = 60_000,
+        *,
+        enable_wal: bool = False,
+        seen_open: bool = False,
     ) -> None:
         """``enable_wal``: switch a database in another journal mode to WAL (its first sync
         in this process: an attached database, or one opened without the connection hook);
-        otherwise such a database raises :class:`JournalModeError`."""
+        otherwise such a database raises :class:`JournalModeError`.  ``seen_open``: an
+        earlier look found the application still had it open (see :meth:`_check_in_use`)."""
         load()
         self.path = path
         self._held = False
@@ -573,7 +585,7 @@ class SyncPoint:
             self.db_id = int(out[0])
             mode = writer.query("PRAGMA journal_mode")
             if mode != "wal" and enable_wal:
-                self._check_in_use(writer)
+                self._check_in_use(writer, seen_open)
                 mode = writer.switch_to_wal()
             if mode != "wal":
                 raise JournalModeError(
@@ -604,11 +616,13 @@ class SyncPoint:
         self.nframe = int(pos.nframe)  # the pinned state is WAL frames [0, nframe) + the db file
         self.salts = (int(pos.salt1), int(pos.salt2))
 
-    def _check_in_use(self, writer: InternalConnection) -> None:
+    def _check_in_use(self, writer: InternalConnection, seen_open: bool) -> None:
         """Raise :class:`ClosedError` unless the application still has the database open
         once no write transaction is under way on it: a ``VACUUM INTO`` writes its output
         in one transaction and closes it right after, so an output found complete is one
-        to leave as it is, in its journal mode."""
+        to leave as it is, in its journal mode.  Found open at a first look, raise
+        :class:`StillOpenError`: the close may be a moment away, and a switch would turn
+        the output into a WAL database the engine replicates."""
         writer.query("BEGIN IMMEDIATE")
         try:
             in_use = lib.ws_app_open(self.db_id)
@@ -616,6 +630,8 @@ class SyncPoint:
             writer.query("ROLLBACK")
         if not in_use:
             raise ClosedError(f"{self.path}: closed before it could be switched to WAL")
+        if not seen_open:
+            raise StillOpenError(f"{self.path}: written and still open; looking again")
 
     def _file(self, op: int) -> object:
         """The reader's own open sqlite3_file for the db (or its WAL): see ws_read()."""

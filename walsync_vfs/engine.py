@@ -381,6 +381,11 @@ class Engine:
                 with self._lock:  # look again once its opener has written to it
                     self._retry_later(db)
                 return
+            except capture.StillOpenError:
+                with self._lock:  # look again once a VACUUM INTO would have closed it
+                    state.seen_open = True
+                    self._retry_later(db)
+                return
             except NameInUse as exc:
                 log.debug("walsync: %s", exc)
                 with self._lock:  # retried at once when the other one is forgotten
@@ -633,6 +638,7 @@ class Engine:
                 lambda seq: self._pinned(db, seq),
                 lambda seq, stored: self._head_at(db, seq, stored),
                 enable_wal=lineage.generation is None,
+                seen_open=state.seen_open,
             )
             head = pinned.head
             if head is None:  # the store was too slow to keep the WAL pinned for it

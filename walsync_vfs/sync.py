@@ -48,6 +48,7 @@ class SyncState:
     open_seq: int = 0  # seq of the latest OPEN
     pinned_seq: int = 0  # seq of the latest sync point taken
     stored_head: Head | None = None  # the replica's head, read by a first sync's first pass
+    seen_open: bool = False  # not in WAL, written and still open at a look (StillOpenError)
 
     def hold(self, rec: Record) -> None:
         self.held.append(rec)
@@ -124,6 +125,7 @@ def pin(
     pinned: Callable[[int], None],
     head_at: Callable[[int, Head | None], Head | None],
     enable_wal: bool = False,
+    seen_open: bool = False,
 ) -> Pinned:
     """Take a sync point of ``path`` and copy its pages to ``raw``.
 
@@ -134,10 +136,10 @@ def pin(
     from, with every commit up to the sync point in it (the replica's head on a first sync;
     on a resync the lineage's own end, whose commits a gap hid from the stream the WAL may
     still hold).  The sync point is released before any upload: it pins the WAL.
-    ``enable_wal``: see :class:`capture.SyncPoint`.
+    ``enable_wal``, ``seen_open``: see :class:`capture.SyncPoint`.
     """
     fetch = None
-    with capture.SyncPoint(path, enable_wal=enable_wal) as sp:
+    with capture.SyncPoint(path, enable_wal=enable_wal, seen_open=seen_open) as sp:
         if fetch_head is not None:
             fetch = fetch_head()
         taken_ns = sp.taken_ns
