@@ -77,6 +77,21 @@ def test_attached_database_is_replicated_under_its_own_name(replica, tmp_path):
     con.close()
 
 
+def vacuum_replicated_into(path: Path, copy: Path, vfs: str) -> None:
+    """Make a replicated database, VACUUM INTO ``copy`` through ``vfs`` as soon as it is
+    replicated, and read the output right after with a plain reader that meets any lock."""
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(v); INSERT INTO t VALUES('first'), ('second')")
+    walsync_vfs.flush(timeout=30)
+    vacuuming = apsw.Connection(str(path), vfs=vfs)
+    vacuuming.execute(f"VACUUM INTO '{copy}'")
+    vacuuming.close()
+    out = apsw.Connection(str(copy))  # no busy timeout: any lock fails it
+    assert out.execute("SELECT v FROM t").fetchall() == [("first",), ("second",)]
+    out.close()
+    con.close()
+
+
 def test_vacuum_into_outputs_are_left_as_they_are(replica, tmp_path):
     """A VACUUM INTO output opens through walsync like an attached database, but is written
     in one transaction and closed: the engine leaves it in its journal mode, unreplicated,
@@ -84,17 +99,7 @@ def test_vacuum_into_outputs_are_left_as_they_are(replica, tmp_path):
     databases each vacuumed into an output as soon as it is replicated, so that the engine's
     look at an output falls before, during and after its write."""
     for i in range(20):
-        path, copy = tmp_path / f"src{i}.db", tmp_path / f"copy{i}.db"
-        con = apsw.Connection(str(path), vfs="walsync")
-        con.execute("CREATE TABLE t(v); INSERT INTO t VALUES('first'), ('second')")
-        walsync_vfs.flush(timeout=30)
-        vacuuming = apsw.Connection(str(path), vfs="walsync")
-        vacuuming.execute(f"VACUUM INTO '{copy}'")
-        vacuuming.close()
-        out = apsw.Connection(str(copy))  # no busy timeout: any lock fails it
-        assert out.execute("SELECT v FROM t").fetchall() == [("first",), ("second",)]
-        out.close()
-        con.close()
+        vacuum_replicated_into(tmp_path / f"src{i}.db", tmp_path / f"copy{i}.db", "walsync")
     walsync_vfs.flush(timeout=30)
     for i in range(20):
         out = apsw.Connection(str(tmp_path / f"copy{i}.db"))
@@ -141,19 +146,10 @@ def test_a_vacuum_into_output_still_open_after_its_write_is_left_as_it_is(
             return HeldClose(name, flags)
 
     vfs = HoldingVFS()
-    path = tmp_path / "src.db"
-    con = apsw.Connection(str(path), vfs="walsync")
-    con.execute("CREATE TABLE t(v); INSERT INTO t VALUES('first'), ('second')")
+    vacuum_replicated_into(tmp_path / "src.db", copy, "held-close")
     walsync_vfs.flush(timeout=30)
-    vacuuming = apsw.Connection(str(path), vfs="held-close")
-    vacuuming.execute(f"VACUUM INTO '{copy}'")
-    vacuuming.close()
-    out = apsw.Connection(str(copy))  # no busy timeout: any lock fails it
-    assert out.execute("SELECT v FROM t").fetchall() == [("first",), ("second",)]
-    assert out.execute("PRAGMA journal_mode").fetchone() == ("delete",)
-    out.close()
-    con.close()
-    walsync_vfs.flush(timeout=30)
+    with apsw.Connection(str(copy)) as out:
+        assert out.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     assert list(catalog.databases(storage.open_replica(replica))) == ["src.db"]
     assert not Path(f"{copy}-wal").exists()
     vfs.unregister()
