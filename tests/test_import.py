@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,37 @@ def test_a_fixed_walsync_toml_applies_at_the_next_open(app_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [bad_message(app_dir / "walsync.toml"), "2"]
     assert (tmp_path / "replica" / "app.db").is_dir()
+
+
+# ``python -m walsync_vfs`` as a non-editable install runs it: the package is looked up on
+# sys.path, where the current directory comes first.  (This suite's editable install finds
+# the package by a finder of its own, ahead of sys.path: taken out here.)
+CLI_IN_A_CLONE = """
+import runpy, sys
+sys.meta_path[:] = [
+    f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")
+]
+sys.path.insert(0, "")
+runpy.run_module("walsync_vfs", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_source_tree_without_the_compiled_shim_says_how_to_build_it(tmp_path):
+    """``python -m walsync_vfs`` run inside a clone whose package was installed (not in
+    place) imports the clone's sources, which have no compiled shim: the error says so and
+    what to do, whichever module needs the shim first."""
+    import walsync_vfs
+
+    clone = tmp_path / "clone"
+    shutil.copytree(
+        Path(walsync_vfs.__file__).parent,
+        clone / "walsync_vfs",
+        ignore=shutil.ignore_patterns("_shim*.so", "__pycache__"),
+    )
+    args = ["-c", CLI_IN_A_CLONE, "list", f"file://{tmp_path}"]
+    out = run(args, clone, environment(tmp_path))
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        f"ImportError: walsync_vfs at {clone / 'walsync_vfs'} has no compiled shim (_shim): "
+        "build it with `pip install -e .` there, or run from outside that source directory"
+    )

@@ -16,6 +16,14 @@ from typing import Any
 
 import apsw
 
+try:  # first: every module below needs it
+    from walsync_vfs import _shim  # noqa: F401
+except ImportError as exc:  # a source tree without the compiled shim shadows the installed one
+    raise ImportError(
+        f"walsync_vfs at {os.path.dirname(__file__)} has no compiled shim (_shim): build it "
+        "with `pip install -e .` there, or run from outside that source directory"
+    ) from exc
+
 from walsync_vfs import capture, metrics, storage
 from walsync_vfs.capture import CaptureError
 from walsync_vfs.config import (

@@ -26,15 +26,7 @@ from typing import overload
 
 import apsw
 
-from walsync_vfs import format
-
-try:
-    from walsync_vfs import _shim
-except ImportError as exc:  # a source tree without the compiled shim shadows the installed one
-    raise ImportError(
-        f"walsync_vfs at {os.path.dirname(__file__)} has no compiled shim (_shim): build it "
-        "with `pip install -e .` there, or run from outside that source directory"
-    ) from exc
+from walsync_vfs import _shim, format
 
 VFS_NAME = "walsync"
 # Seconds the dispatcher waits after a busy drain: one wake-up and GIL hand-off per burst
