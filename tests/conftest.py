@@ -6,11 +6,24 @@ sys.path), which the benchmarks use too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from seaweedfs import FOREIGN_ENV, SeaweedFS, SeaweedFSError, running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_default_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A test that opens a database without configuring a replica replicates to the default
+    root: the session's own, never the user's (``$XDG_DATA_HOME``, ``$WALSYNC_*``), which
+    child processes inherit too."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if n.startswith("WALSYNC_")]:
+            mp.delenv(name)
+        mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg")))
+        yield
 
 
 @pytest.fixture(scope="session")

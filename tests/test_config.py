@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from walsync_vfs.config import ConfigError, Settings, load_toml
+from walsync_vfs.config import ConfigError, Settings, default_replica, load_toml
 
 GOOD = """
 upload_workers = 8
@@ -90,3 +90,8 @@ def test_name_function_then_overrides():
     assert s.for_db("/x/a.db").name == "fn-a.db"
     with pytest.raises(ValueError, match="invalid database name"):
         Settings(name=lambda p: "a/b").for_db("/x/a.db")
+
+
+def test_the_suite_replicates_to_a_default_root_of_its_own(tmp_path_factory):
+    """Tests that open databases without a replica of their own must not fill the user's."""
+    assert default_replica().startswith(tmp_path_factory.getbasetemp().as_uri() + "/")
