@@ -14,6 +14,7 @@ from pathlib import Path
 
 import apsw
 import pytest
+from foreign import write_while_closed
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
@@ -339,10 +340,10 @@ def test_follow_starts_over_from_a_new_generation(replica, tmp_path, followers):
     start, first = head(replica, "shared.db")
     follower = followers(url, out)
     follower.wait_same(con)
-    foreign = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DELETE FROM t')"
-    restart = "; c.commit(); c.execute('PRAGMA wal_checkpoint(TRUNCATE)')"
-    subprocess.run([sys.executable, "-c", foreign + restart, str(path)], check=True)
-    con.execute("INSERT INTO t(v) VALUES(x'01')")  # the engine notices the foreign write here
+    con.close()
+    write_while_closed(path, "DELETE FROM t")
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("INSERT INTO t(v) VALUES(x'01')")
     walsync_vfs.flush(timeout=30)
     txid, second = head(replica, "shared.db")
     assert second != first

@@ -931,3 +931,17 @@ def test_corrupt_object_is_value_error():
     err = CorruptObject("k", "why")
     assert isinstance(err, ValueError)
     assert (str(err), err.key, err.reason) == ("k: why", "k", "why")
+
+
+def test_changed_since_names_the_pages_that_differ_up_to_a_bound():
+    page = [bytes([i]) * 512 for i in range(8)]
+    base = DbChecksum.from_pages(page[:5])
+    assert DbChecksum.from_pages(page[:5]).changed_since(base, 8) == []
+    edited = page[:5]
+    edited[1], edited[3] = b"x" * 512, b"y" * 512
+    assert DbChecksum.from_pages(edited).changed_since(base, 8) == [2, 4]
+    grown = [*edited, page[5], page[6]]
+    assert DbChecksum.from_pages(grown).changed_since(base, 4) == [2, 4, 6, 7]
+    assert DbChecksum.from_pages(grown).changed_since(base, 3) is None
+    assert DbChecksum.from_pages(page[:7]).changed_since(base, 1) is None  # two new pages
+    assert DbChecksum.from_pages(edited[:3]).changed_since(base, 8) == [2]  # cut short

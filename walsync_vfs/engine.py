@@ -655,14 +655,21 @@ class Engine:
                     self._start_afresh(db)
                     state.resync = True
                 return
+            # A gap the WAL cannot bridge: on a resync the lineage's end is known page by page.
+            survivors, bridged = pinned.survivors, False
+            base, max_bytes = lineage.checksum, db.cfg.max_segment_bytes
+            if not survivors and base is not None and head.generation == lineage.generation:
+                survivors = sync.changed_pages(raw, pinned, base, head, max_bytes)
+                bridged = bool(survivors)
             upkeep = db.upkeep
             snapshot = (upkeep.force_snapshot, upkeep.snapshot_txid)
-            decision = decide(head, pinned.checksum, pinned.page_size, pinned.survivors, *snapshot)
+            decision = decide(
+                head, pinned.checksum, pinned.page_size, survivors, *snapshot, bridged=bridged
+            )
             with self._lock:  # commits arriving meanwhile are held, not pending
                 up = db.upload
                 queue = bool(up.pending or up.outbox or up.uploading)
             now = [] if queue else decision.survivors
-            max_bytes = db.cfg.max_segment_bytes
             sync.write(client, db.name, head, decision, pinned, raw, now, max_bytes, db.epoch())
             if not db.may_write(time.monotonic()):
                 with self._lock:  # it may have landed after a takeover: claim and look again
@@ -673,10 +680,11 @@ class Engine:
             lineage.restart(
                 decision, pinned.page_size, pinned.checksum, pinned.seq, pinned.wal, pinned.taken_ns
             )
-            # Commits recovered from the WAL behind others still pending ship after them.
+            # Commits recovered from the WAL (or the pages a gap changed) behind others still
+            # pending ship after them.
             if queue and decision.survivors:
-                survivors = [(pinned.seq, commit) for commit in decision.survivors]
-                self._queue(db, decision.generation, survivors)
+                behind = [(pinned.seq, commit) for commit in decision.survivors]
+                self._queue(db, decision.generation, behind)
             if decision.snapshot or not (up.pending or up.outbox or up.uploading):
                 up.durable_seq = max(up.durable_seq, pinned.seq)
                 up.durable_txid = max(up.durable_txid, decision.txid)

@@ -73,6 +73,7 @@ class Decision:
     continues: bool  # the lineage goes on (else: a new generation starts from a snapshot)
     survivors: list[format.Commit]  # commits recovered from the WAL, shipped before it
     periodic: bool  # a continuing lineage takes its periodic snapshot here
+    bridged: bool = False  # survivors is one commit of the pages a gap changed (sync.py)
 
     @property
     def snapshot(self) -> bool:
@@ -86,6 +87,9 @@ class Decision:
             return "new generation"
         if self.periodic:
             return "snapshot"
+        if self.bridged:
+            pages = self.survivors[0].page_count
+            return f"continued; {pages} pages changed outside the stream, as one commit"
         if self.survivors:
             return f"continued; {len(self.survivors)} commits recovered from the WAL"
         return "continued"
@@ -99,17 +103,18 @@ def decide(
     snapshot_due: bool = False,
     snapshot_txid: int = 0,
     new_generation: Callable[[int], str] = format.new_generation_id,
+    bridged: bool = False,
 ) -> Decision:
     """Continue the replica's lineage from ``head``, through the WAL ``survivors`` if any (they
-    lead from it to the ``pinned`` state), or start a new generation.  A due periodic
-    snapshot is taken only if the lineage has moved past the last one (``snapshot_txid``)."""
+    lead from it to the ``pinned`` state; ``bridged``: one commit of the pages a gap changed),
+    or start a new generation.  A due periodic snapshot is taken only if the lineage has
+    moved past the last one (``snapshot_txid``)."""
     continues = bool(survivors) or holds(head, pinned, page_size)
     if continues:
         assert head.generation is not None  # holds() and survivors both need a replica
         txid = head.txid + len(survivors)
-        return Decision(
-            head.generation, txid, True, survivors, snapshot_due and txid > snapshot_txid
-        )
+        periodic = snapshot_due and txid > snapshot_txid
+        return Decision(head.generation, txid, True, survivors, periodic, bridged)
     txid = head.txid + 1
     return Decision(new_generation(txid), txid, False, [], False)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -166,6 +167,29 @@ def pin(
             fetch,
             survivors,
         )
+
+
+def changed_pages(
+    raw: BinaryIO, pinned: Pinned, base: format.DbChecksum, head: Head, max_bytes: int
+) -> list[format.Commit]:
+    """The pinned state as one commit on top of ``head``, the lineage's end whose page hashes
+    ``base`` holds: the pages that differ, read from ``raw`` (the pinned pages).  A gap whose
+    commits the WAL no longer holds then costs those pages, not a new generation's snapshot;
+    only the gap's own restore points are lost.  Empty if they are more than
+    ``max_bytes``, if there are none (a database only cut short), or if the lock page would
+    be one of them (SQLite never writes it: a commit never gives it)."""
+    size = pinned.page_size
+    if head.page_size != size or holds(head, pinned.checksum, size):
+        return []
+    changed = pinned.checksum.changed_since(base, max_bytes // size)
+    if not changed or format.lock_page(size) in changed:
+        return []
+    raw.flush()
+    fd = raw.fileno()
+    pages = [(pgno, os.pread(fd, size, (pgno - 1) * size)) for pgno in changed]
+    time_ns = max(pinned.taken_ns, head.time_ns)  # a lineage's times never go backwards
+    value = pinned.checksum.value
+    return [format.Commit(head.txid + 1, time_ns, pinned.db_size, value, pages, pinned.wal)]
 
 
 def write(

@@ -97,6 +97,21 @@ class DbChecksum:
         del self._hashes[db_size:]
         self._value = value
 
+    def changed_since(self, base: DbChecksum, most: int) -> list[int] | None:
+        """The numbers of the pages whose hash differs from ``base``'s, or that ``base``
+        does not have; None as soon as there are more than ``most``."""
+        old, new = base._hashes, self._hashes
+        if len(new) - len(old) > most:
+            return None
+        changed: list[int] = []
+        for i in range(min(len(old), len(new))):
+            if old[i] != new[i]:
+                if len(changed) == most:
+                    return None
+                changed.append(i + 1)
+        changed += range(len(old) + 1, len(new) + 1)
+        return changed if len(changed) <= most else None
+
     def copy(self) -> DbChecksum:
         """An independent copy: verify a batch on it, keep it only if the whole batch checks out."""
         ck = DbChecksum()
