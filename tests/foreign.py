@@ -1,7 +1,8 @@
 """Writes by a process without the shim, for tests that need the replica to start a new
 generation: the one way that always does is a foreign write, its WAL truncated, while no
 walsync connection has the database open (a resync in the process that still holds the
-lineage would ship the changed pages as one commit instead)."""
+lineage would ship the changed pages as one commit instead); and the wait for the engine to
+let go of a closed database that it takes."""
 
 from __future__ import annotations
 
