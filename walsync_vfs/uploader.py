@@ -177,7 +177,7 @@ class UploadState:
         self.arrived_at = now
         self.pending += items
         before, limit = self.pending_bytes, cfg.max_segment_bytes
-        return first or any(before < mark <= grown for mark in (limit // 4, limit))
+        return first or before < limit // 4 <= grown or before < limit <= grown
 
     @property
     def memory(self) -> int:
