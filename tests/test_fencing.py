@@ -274,6 +274,36 @@ def test_lease_refuses_a_live_holder_and_takes_an_expired_one(file_url: str) -> 
         del os.environ[lease.ENV_HOST_ID]
 
 
+@pytest.mark.parametrize("damage", ["garbage", "deleted"])
+def test_a_lost_lease_object_is_taken_above_every_epoch_in_the_replica(
+    replica_url: str, tmp_path: Path, damage: str
+) -> None:
+    """A lease object that is unreadable (or gone) says nothing of the epochs used: the next
+    writer must take one above every epoch in the replica's keys, or its segments would be
+    fenced leftovers that restore ignores although flush() reported them stored."""
+    path = tmp_path / NAME
+    create(path)
+    for _ in range(2):  # two holdings: epochs 1 and 2
+        w = Writer(path, replica_url, "host-a")
+        w.ask("write 5")
+        assert w.flush() == {"flush": "ok"}
+        w.exit()
+    client = storage.open_replica(replica_url)
+    key = format.lease_key(NAME)
+    if damage == "garbage":
+        client.put(key, b"garbage")
+    else:
+        client.delete([key])
+    w = Writer(path, replica_url, "host-a")
+    w.ask("write 5")
+    assert w.flush() == {"flush": "ok"}
+    assert w.ask("stats")["epoch"] == 3
+    w.exit()
+    out = tmp_path / "restored.db"
+    restore(f"{replica_url}/{NAME}", str(out))
+    assert rows(out) == rows(path) and len(rows(path)) == 15
+
+
 def test_renewals_of_one_store_go_together_and_each_stands_alone(replica_url: str) -> None:
     """lease.renew_all: every lease still held is renewed (a later expiry in its object),
     one another writer took meanwhile is refused, and one released meanwhile is left be."""

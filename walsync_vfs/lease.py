@@ -62,7 +62,11 @@ class Holder:
             fields = json.loads(data)
             return cls(**{k: fields[k] for k in cls.__dataclass_fields__})
         except (ValueError, TypeError, KeyError):
-            return cls(0, "?", 0, "?", 0.0, "")  # unreadable: treated as expired
+            return UNREADABLE
+
+
+# A lease object that cannot be decoded: treated as expired, and its epoch as unknown.
+UNREADABLE = Holder(0, "?", 0, "?", 0.0, "")
 
 
 class Refused(ReplicationError):
@@ -158,7 +162,10 @@ class Lease:
                 self.held = False
                 raise Refused(self.path, self.name, self.client.url, current)
             else:
-                epoch = (current.epoch if current is not None else self._highest_epoch()) + 1
+                if current is None or current == UNREADABLE:
+                    epoch = self._highest_epoch() + 1
+                else:
+                    epoch = current.epoch + 1
                 holder = Holder(epoch, host_id(), os.getpid(), self.path, 0.0, secrets.token_hex(8))
             try:
                 self._write(holder, tag, epoch)
@@ -248,8 +255,9 @@ class Lease:
         return holder.pid == os.getpid() or holder.path == self.path
 
     def _highest_epoch(self) -> int:
-        """Without a lease object (a replica written before fencing, or one that lost it),
-        the epoch must still exceed every epoch in the replica's keys."""
+        """Without a readable lease object (a replica written before fencing, one that lost
+        it or whose object was damaged), the epoch must still exceed every epoch in the
+        replica's keys."""
         keys = (format.parse_key(o.key) for o in self.client.list(self.name + "/"))
         return max((k.epoch for k in keys if k is not None), default=0)
 
