@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +151,34 @@ def test_restore_refuses_to_overwrite_without_force(replica, tmp_path):
     assert out.read_bytes() == b"precious"
     assert rows(restore(f"{replica}/keep.db", out, "--force")) == [(1,)]
     con.close()
+
+
+def test_restore_installs_only_where_a_database_file_can_go(replica, tmp_path):
+    """A pipe or a directory at the output path is never replaced, --force or not; a
+    missing directory or an empty path is named as such, not as a temporary file."""
+    con = open_db(tmp_path / "keep.db")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    pipe, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(pipe)
+    folder.mkdir()
+    for out in (pipe, folder):
+        proc = cli("restore", f"{replica}/keep.db", "-o", str(out), "--force")
+        assert proc.returncode == 1
+        assert proc.stderr == (
+            f"walsync: error: {out} exists and is not a regular file; restore to a file path\n"
+        )
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and folder.is_dir()
+    missing = tmp_path / "nodir"
+    proc = cli("restore", f"{replica}/keep.db", "-o", str(missing / "x.db"))
+    assert proc.returncode == 1
+    assert proc.stderr == f"walsync: error: {missing}: no such directory to restore x.db in\n"
+    proc = cli("restore", f"{replica}/keep.db", "-o", "")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "walsync: error: the output path is empty; name the database file to write\n"
+    )
 
 
 def test_restore_of_unknown_database_fails_clearly(replica, tmp_path):

@@ -29,6 +29,7 @@ segments as they arrive (``restore --follow``), in place, as SQLite transactions
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from array import array
 from collections import deque
@@ -792,9 +793,20 @@ def _restore_into(
 
 
 def _output_path(out: str, force: bool) -> str:
+    """``out`` as an absolute path, once it is a place a database file can be installed:
+    a new file in an existing directory, or with ``force`` an existing regular file (a
+    device, pipe or directory is never replaced)."""
+    if not out:
+        raise RestoreError("the output path is empty; name the database file to write")
     out = os.path.abspath(out)
-    if os.path.exists(out) and not force:
-        raise RestoreError(f"{out} already exists; pass --force to overwrite it")
+    where = os.path.dirname(out)
+    if not os.path.isdir(where):
+        raise RestoreError(f"{where}: no such directory to restore {os.path.basename(out)} in")
+    if os.path.exists(out):
+        if not stat.S_ISREG(os.stat(out).st_mode):
+            raise RestoreError(f"{out} exists and is not a regular file; restore to a file path")
+        if not force:
+            raise RestoreError(f"{out} already exists; pass --force to overwrite it")
     return out
 
 
