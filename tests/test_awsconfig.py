@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from walsync_vfs import storage
 from walsync_vfs.storage import awsconfig, sigv4
 
 AWS_VARS = (
@@ -106,6 +107,24 @@ def test_a_bad_number_is_named(env) -> None:
     with pytest.raises(awsconfig.ConfigError) as info:
         awsconfig.resolve()
     assert str(info.value) == "AWS_MAX_ATTEMPTS='three' is not a whole number"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "why"),
+    [
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://host:notaport", "Port could not be cast to integer value as 'notaport'"),
+        ("http://host:99999", "Port out of range 0-65535"),
+        ("ftp://host", "use http(s)://host"),
+    ],
+)
+def test_a_malformed_endpoint_is_named(env, endpoint: str, why: str) -> None:
+    """A replica whose endpoint cannot be a URL fails at open with one line naming it (the
+    CLI prints it as its error), not with a traceback or a lookup of a bogus host."""
+    env({**KEYS, "AWS_ENDPOINT_URL_S3": endpoint})
+    with pytest.raises(storage.StorageError) as info:
+        storage.open_replica("s3://bucket/prefix")
+    assert str(info.value) == f"invalid S3 endpoint URL {endpoint!r}: {why}"
 
 
 def test_an_environment_configured_replica_never_imports_botocore(

@@ -169,8 +169,13 @@ class S3Service:
         self._ca_bundle = aws.ca_bundle
         self._current_credentials = aws.credentials
         self.endpoint_url = (endpoint_url or _aws_endpoint(region)).rstrip("/")
-        parts = urlsplit(self.endpoint_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(self.endpoint_url)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535"
+            raise StorageError(f"invalid S3 endpoint URL {self.endpoint_url!r}: {exc}") from None
+        if not valid:
             raise StorageError(f"invalid S3 endpoint URL {self.endpoint_url!r}: use http(s)://host")
         self.region = region
         if path_style is None:
