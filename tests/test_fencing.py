@@ -304,6 +304,20 @@ def test_a_lost_lease_object_is_taken_above_every_epoch_in_the_replica(
     assert rows(out) == rows(path) and len(rows(path)) == 15
 
 
+def test_a_file_replica_holds_only_objects_and_leases(file_url: str, tmp_path: Path) -> None:
+    """Each writer process starting on a local-directory replica leaves nothing in it but
+    the database's objects and its lease (no probe of conditional writes, nor its lock)."""
+    path = tmp_path / NAME
+    create(path)
+    for _ in range(2):
+        w = Writer(path, file_url, "host-a")
+        w.ask("write 1")
+        assert w.flush() == {"flush": "ok"}
+        w.exit()
+    root = Path(urlsplit(file_url).path)
+    assert sorted(p.name for p in root.iterdir()) == [".walsync-lease", NAME]
+
+
 def test_renewals_of_one_store_go_together_and_each_stands_alone(replica_url: str) -> None:
     """lease.renew_all: every lease still held is renewed (a later expiry in its object),
     one another writer took meanwhile is refused, and one released meanwhile is left be."""

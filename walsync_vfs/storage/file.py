@@ -50,6 +50,9 @@ class FileReplicaClient:
         self.url = self.root.as_uri()
         self.requests = 0
         self.create_only = False
+        # Create-only puts and swaps are this module's own (link, record locks): nothing for
+        # lease.check_conditional to probe, whose random key would leave a lock file behind.
+        self.conditional_checked = True
         self._lock = threading.Lock()
         # Swaps lock the object's lock file with a POSIX record lock, which a child forked
         # meanwhile does not inherit (a flock() it would hold until it exits).
