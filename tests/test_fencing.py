@@ -362,6 +362,7 @@ class Unconditional:
 
     def __init__(self, client: storage.ReplicaClient) -> None:
         self.client = client
+        self.conditional_checked = False  # a foreign store: probed (a file store is not)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.client, name)
