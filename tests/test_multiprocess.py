@@ -229,6 +229,40 @@ def test_prefork_master_that_opened_the_database_first(replica_url, tmp_path):
     check_one_lineage(replica_url, db, tmp_path)
 
 
+FORKED_LEADER = textwrap.dedent(
+    """
+    import os, sys
+    import apsw, walsync_vfs
+    path, url = sys.argv[1], sys.argv[2]
+    walsync_vfs.configure(replica=url)
+    walsync_vfs.flush()  # the engine runs in the parent, which never opens the database
+    pid = os.fork()
+    if pid == 0:
+        con = apsw.Connection(path, vfs="walsync")  # the child leads it
+        for k in range(10):
+            con.execute("INSERT INTO t(w, k, r, v) VALUES (1, ?, 0, 'child')", (k,))
+        walsync_vfs.flush(timeout=60)
+        con.close()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    """
+)
+
+
+def test_a_forked_child_replicates_where_its_parent_configured(replica_url, tmp_path):
+    """A pre-fork server configures replication in the master, which never opens the
+    database; a worker that does leads it, with the master's settings, not the defaults."""
+    db = tmp_path / "app.db"
+    create(db)
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED_LEADER, str(db), replica_url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    restore(f"{replica_url}/{db.name}", str(tmp_path / "latest.db"))
+    assert content(tmp_path / "latest.db") == content(db) and len(content(db)) == 10
+
+
 def test_a_child_forked_while_other_threads_use_sqlite_can_use_it(tmp_path):
     """The engine's threads use SQLite and the shim while a pre-fork server forks its
     workers.  A child forked while another thread held one of SQLite's own mutexes (its
@@ -354,6 +388,52 @@ def follower(db: Path, url: str, *statements: str) -> int:
         timeout=60,
     ).stdout
     return int(out)
+
+
+OTHER_ROOT = """
+import logging, sys, apsw, walsync_vfs
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+walsync_vfs.configure(replica=sys.argv[2])
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.set_busy_timeout(10_000)
+con.execute("INSERT INTO t(w, k, r, v) VALUES (9, 0, 0, x'00')")
+try:
+    walsync_vfs.flush(timeout=30)
+    print("flushed")
+except walsync_vfs.ReplicationError as exc:
+    print(exc)
+con.close()
+"""
+
+
+def test_a_process_configured_with_another_replica_is_told_where_its_commits_go(
+    file_replica, tmp_path
+):
+    """The leader's replica is the one used: a follower configured with another one is told
+    so, in a warning when it starts following and by flush(), which would otherwise report
+    its commits stored where they are not."""
+    import walsync_vfs
+
+    db, con = opened(tmp_path)
+    walsync_vfs.flush(timeout=30)  # this process leads
+    other = (tmp_path / "elsewhere").as_uri()
+    out = subprocess.run(
+        [sys.executable, "-c", OTHER_ROOT, str(db), other],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    problem = (
+        f"{db} is replicated by another process to {file_replica}/app.db, not to "
+        f"{other}/app.db as configured here; configure the same replica in every process "
+        "that opens it"
+    )
+    assert out.stdout == problem + "\n"
+    assert f"walsync: {problem}\n" in out.stderr
+    same = subprocess.run(
+        [sys.executable, "-c", OTHER_ROOT, str(db), file_replica],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert same.stdout == "flushed\n" and "configure the same replica" not in same.stderr
+    con.close()
 
 
 class Gate:

@@ -53,6 +53,8 @@ DEFAULT_BUSY_TIMEOUT_MS = 5000
 SYNC_POINT_WAIT_S = 10.0
 # The engine keeps this object: configure() and the start update it in place.
 _settings = Settings()
+# The config file is read once: a forked child keeps what its parent configured.
+_settings_loaded = False
 _engine: Engine | None = None
 _start_lock = threading.Lock()
 
@@ -112,11 +114,13 @@ def stats() -> list[dict]:
 def _engine_instance() -> Engine:
     """The process's engine, started on first use with the settings of the config file
     (a :class:`ConfigError` then leaves nothing started: the next call tries again)."""
-    global _engine
+    global _engine, _settings_loaded
     if _engine is None:
         with _start_lock:
             if _engine is None:
-                _adopt(initial_settings())
+                if not _settings_loaded:
+                    _adopt(initial_settings())
+                    _settings_loaded = True
                 engine = Engine(_settings)
                 # The dispatcher starts with the engine as its default sink: an OPEN queued
                 # by the connection being opened reaches the engine, not nowhere.
@@ -139,7 +143,7 @@ def _serve_metrics(engine: Engine) -> None:
 
 def _forget_engine_in_child() -> None:
     """A forked child (a pre-fork server's worker) starts its own engine at its first
-    open: the parent's threads did not come along."""
+    open, with the parent's settings: the parent's threads did not come along."""
     global _engine, _start_lock
     if _engine is not None:
         _engine.forget_after_fork()

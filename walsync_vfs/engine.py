@@ -704,13 +704,18 @@ class Engine:
     def _join(self, db: Database) -> bool:
         """Take part for a newly opened database and start its sync if this process leads it
         (a worker does it for every OPEN: replication does not wait for a connection hook)."""
+        cfg = self.settings.for_db(db.path)
+        replica = self._replica_url(cfg.replica_root(), cfg.name)
         with self._lock:
             if self._dbs.get(db.db_id) is not db or not db.open:
                 return False  # closed (and forgotten) before this worker ran
-            if not self._host.join(db.db_id, db.path):
+            if not self._host.join(db.db_id, db.path, replica):
                 # Another process of this host replicates it; stats() still names it.
-                db.cfg = self.settings.for_db(db.path)
+                db.cfg = cfg
                 db.name = db.name or db.cfg.name
+                problem = self._other_replica(db, replica)
+                if problem:
+                    log.warning("walsync: %s", problem)
                 return False
             if db.sync.pinned_seq < db.sync.open_seq:
                 if db.sync.syncing:
@@ -797,12 +802,34 @@ class Engine:
         with self._lock:
             followed = [db for db in self._dbs.values() if not self._host.leads(db.db_id)]
         for db in followed:
+            problem = self._other_replica(db, self._replica_url(db.cfg.replica_root(), db.name))
+            if problem:
+                raise ReplicationError(problem)
             try:
                 if self._host.ask_flush(db.db_id, deadline):
                     continue
             except LeaderError as exc:
                 raise ReplicationError(f"replica of {db.path} is failing: {exc}") from None
         self._flush(deadline)
+
+    def _replica_url(self, root: str, name: str) -> str:
+        """Where a database of this name goes under ``root``, spelled as its store spells it
+        ("" if the root is not a valid replica: that error is the sync's to report)."""
+        try:
+            return f"{self._client(root).url}/{name}"
+        except storage.StorageError:
+            return ""
+
+    def _other_replica(self, db: Database, ours: str) -> str:
+        """Why a database this process follows is not replicated where this process is
+        configured to replicate it ("" if it is, or if either side is unknown)."""
+        theirs = self._host.leader_replica(db.db_id)
+        if not theirs or not ours or theirs == ours:
+            return ""
+        return (
+            f"{db.path} is replicated by another process to {theirs}, not to {ours} as "
+            "configured here; configure the same replica in every process that opens it"
+        )
 
     def _flush_for_follower(self, db_id: int, timeout: float) -> str | None:
         """A follower's flush: make every commit in the WAL durable (None, or why not)."""

@@ -24,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +44,11 @@ _NOTIFY = struct.Struct("=q")
 _REQUEST = struct.Struct("=cQqd")  # b"F", request id, leader's db id, seconds it may take
 _REPLY = struct.Struct("=cQB")  # b"R", request id, status; then the error text
 _OK, _TIMEOUT, _FAILED = 0, 1, 2
+# The leader writes where it replicates the database into the side file, past the shim's
+# shared page (WsShared in csrc/walsync.c): a follower configured otherwise is told so.
+_REPLICA_AT = 2048
+_REPLICA_HEAD = struct.Struct("=IH")  # crc32 of the text, its length; then the UTF-8 text
+_REPLICA_MAX = 2048 - _REPLICA_HEAD.size
 
 
 class LeaderError(RuntimeError):
@@ -52,6 +58,7 @@ class LeaderError(RuntimeError):
 @dataclass
 class _Db:
     path: str
+    replica: str = ""  # where this process would replicate it ("" unknown)
     lock_fd: int = -1  # the side file (flock'ed while this process leads)
     role: int = ROLE_NONE
     wal_seen: tuple[int, int] = (0, 0)  # (size, mtime) of the WAL at the last look
@@ -99,10 +106,11 @@ class Host:
 
     # ------------------------------------------------------------------ roles
 
-    def join(self, db_id: int, path: str) -> bool:
-        """Take part for a newly opened database; True if this process leads it."""
+    def join(self, db_id: int, path: str, replica: str = "") -> bool:
+        """Take part for a newly opened database, which this process would replicate to
+        ``replica`` (its URL; "" if unknown); True if this process leads it."""
         with self._lock:
-            db = self._dbs.setdefault(db_id, _Db(path))
+            db = self._dbs.setdefault(db_id, _Db(path, replica))
             self._ensure_thread()
         return db.role == ROLE_LEAD or self._try_lead(db_id, db)
 
@@ -143,7 +151,25 @@ class Host:
             return False
         db.role = ROLE_LEAD
         lib.ws_role(db_id, ROLE_LEAD, self.addr.encode())
+        text = db.replica.encode()[:_REPLICA_MAX]
+        with contextlib.suppress(OSError):  # then followers cannot compare: nothing worse
+            os.pwrite(db.lock_fd, _REPLICA_HEAD.pack(zlib.crc32(text), len(text)) + text,
+                      _REPLICA_AT)  # fmt: skip
         return True
+
+    def leader_replica(self, db_id: int) -> str:
+        """Where the leader of a database this process follows replicates it ("" unknown:
+        not written yet, or caught half-written)."""
+        db = self._dbs.get(db_id)
+        if db is None or db.lock_fd < 0:
+            return ""
+        try:
+            raw = os.pread(db.lock_fd, _REPLICA_HEAD.size + _REPLICA_MAX, _REPLICA_AT)
+            crc, size = _REPLICA_HEAD.unpack_from(raw)
+        except (OSError, struct.error):
+            return ""
+        text = raw[_REPLICA_HEAD.size : _REPLICA_HEAD.size + size]
+        return text.decode(errors="replace") if size and zlib.crc32(text) == crc else ""
 
     def after_fork_in_child(self) -> None:
         """The parent's locks stay the parent's: drop this copy of their descriptors."""
