@@ -511,6 +511,8 @@ struct WsSeq {
   uint32_t v[1 + 5 * WS_LINKS];
 };
 
+/* The side file's first page.  Bytes 2048 and up are leader.py's: the leader
+** writes there where it replicates the database. */
 typedef struct WsShared WsShared;
 struct WsShared {
   uint32_t magic;
@@ -527,6 +529,7 @@ struct WsShared {
   ** connection that did not restart it writes its first header. */
   WsSeq links;
 };
+_Static_assert(sizeof(WsShared) <= 2048, "leader.py writes the side file from byte 2048");
 
 static void seqWrite(WsSeq *s, const uint32_t *v, int n) {
   uint32_t q = __atomic_load_n(&s->seq, __ATOMIC_RELAXED) | 1;
