@@ -263,6 +263,54 @@ def test_a_forked_child_replicates_where_its_parent_configured(replica_url, tmp_
     assert content(tmp_path / "latest.db") == content(db) and len(content(db)) == 10
 
 
+FORK_AFTER_FLUSH = textwrap.dedent(
+    """
+    import contextlib, os, sys, time
+    import apsw, walsync_vfs
+    path, url, rows, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    walsync_vfs.configure(replica=url, upload_interval=3600)  # only flush() uploads
+    con = apsw.Connection(path, vfs="walsync")
+    for child in range(1, 4):
+        with con if size > 1000 else contextlib.nullcontext():  # big: one transaction
+            for k in range(rows):
+                con.execute("INSERT INTO t(w, k, r, v) VALUES (0, ?, ?, randomblob(?))",
+                            (k, child, size))
+        walsync_vfs.flush(timeout=60)  # compressed on every core: a flush waits on it
+        pid = os.fork()
+        if pid == 0:
+            c = apsw.Connection(path, vfs="walsync")
+            c.set_busy_timeout(10_000)
+            c.execute("INSERT INTO t(w, k, r, v) VALUES (?, 0, 0, 'child')", (child,))
+            walsync_vfs.flush(timeout=60)
+            os._exit(0)
+        deadline = time.monotonic() + 30
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                sys.exit(f"child {child}, forked after a flush, hung")
+            time.sleep(0.05)
+    walsync_vfs.flush(timeout=60)
+    con.close()
+    """
+)
+
+
+@pytest.mark.parametrize(("rows", "size"), [(200, 100), (2_000, 4_000)])
+def test_a_child_forked_after_a_flush_runs(file_replica, tmp_path, rows, size):
+    """A pre-fork server's master that wrote and flushed, then forks (a worker, a graceful
+    reload): the child must run.  A flush compresses on zstd worker threads, which a child
+    does not have; a compressor that used them must not be freed there."""
+    db = tmp_path / "app.db"
+    create(db)
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_FLUSH, str(db), file_replica, str(rows), str(size)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    restore(f"{file_replica}/{db.name}", str(tmp_path / "latest.db"))
+    assert content(tmp_path / "latest.db") == content(db) and len(content(db)) == 3 * (rows + 1)
+
+
 def test_a_child_forked_while_other_threads_use_sqlite_can_use_it(tmp_path):
     """The engine's threads use SQLite and the shim while a pre-fork server forks its
     workers.  A child forked while another thread held one of SQLite's own mutexes (its

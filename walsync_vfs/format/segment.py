@@ -73,13 +73,17 @@ _PART_BLOCK = struct.Struct(">IIQ")  # part_index part_count commit_pages (versi
 SEGMENT_HEAD_SIZE = _SEG_HEADER.size + _PART_BLOCK.size
 
 
+# Below this, zstd's worker threads have no second job to run: one thread compresses it.
+THREADED_MIN_BYTES = 4 << 20
+
+
 class _ThreadCodecs(threading.local):
     """This thread's zstd contexts, made on first use and reused: a new context per segment
     allocated (and page-faulted in) its tables every time, which cost more CPU than
     compressing or decompressing a small segment."""
 
     def __init__(self) -> None:
-        self.compressors: dict[tuple[int, int], zstandard.ZstdCompressor] = {}
+        self.compressors: dict[int, zstandard.ZstdCompressor] = {}  # by level, no workers
         self.threads = 0  # zstd worker threads for this thread's compressions (0: none)
         self.decompressor: zstandard.ZstdDecompressor | None = None
 
@@ -99,12 +103,15 @@ def compression_threads(threads: int) -> Iterator[None]:
         _codecs.threads = before
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    key = (level, _codecs.threads)
-    compressor = _codecs.compressors.get(key)
+def _compressor(level: int, raw_length: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``raw_length`` bytes at ``level``.  One on zstd worker
+    threads is made for the call and never kept: a forked child frees what a dead thread
+    kept, and freeing one that used workers waits for them, which stayed in the parent."""
+    if _codecs.threads and raw_length >= THREADED_MIN_BYTES:
+        return zstandard.ZstdCompressor(level=level, threads=_codecs.threads)
+    compressor = _codecs.compressors.get(level)
     if compressor is None:
-        compressor = zstandard.ZstdCompressor(level=level, threads=key[1])
-        _codecs.compressors[key] = compressor
+        compressor = _codecs.compressors[level] = zstandard.ZstdCompressor(level=level)
     return compressor
 
 
@@ -112,7 +119,7 @@ def _compress(pieces: Sequence[bytes | memoryview], raw_length: int, level: int)
     """``pieces`` compressed as one frame that declares ``raw_length`` (their total), in
     chunks.  Never joined first: a join is a copy made holding the GIL, which stops the
     application's threads, while the compressor releases it."""
-    compressor = _compressor(level)
+    compressor = _compressor(level, raw_length)
     if len(pieces) == 1:
         return [compressor.compress(pieces[0])]
     stream = compressor.compressobj(size=raw_length)
@@ -412,7 +419,7 @@ def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
     """The size the commits' records come to compressed at ``level``, each piece of output
     dropped as it comes: what a segment body of them would take, measured without the
     memory of holding one."""
-    stream = _compressor(level).compressobj()
+    stream = _compressor(level, 0).compressobj()  # a measure: on this thread alone
     size = 0
     for c in commits:
         if isinstance(c, PackedRun):
