@@ -318,6 +318,31 @@ def test_a_file_replica_holds_only_objects_and_leases(file_url: str, tmp_path: P
     assert sorted(p.name for p in root.iterdir()) == [".walsync-lease", NAME]
 
 
+def test_a_renewal_whose_reply_was_lost_is_still_ours(
+    file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that stalled past a renewal's timeout may still apply it: the next renewal
+    then finds the lease object changed, by this very holding (its token), not by another
+    writer, and goes on holding it rather than fencing itself."""
+    client = storage.open_replica(file_url)
+    held = lease.Lease(client, NAME, "/x/app.db", ttl=5.0)
+    held.acquire()
+    swap = client.swap
+
+    def applied_then_timed_out(key: str, data: bytes, tag: str | None) -> str:
+        swap(key, data, tag)
+        raise storage.StorageError("timed out waiting for the store")
+
+    monkeypatch.setattr(client, "swap", applied_then_timed_out)
+    with pytest.raises(storage.StorageError, match="timed out"):
+        held.renew()
+    monkeypatch.setattr(client, "swap", swap)
+    held.renew()
+    assert held.held and held.valid()
+    current = lease.Holder.decode(client.get(held.key))
+    assert current.epoch == held.epoch == 1 and current.expires > time.time()
+
+
 def test_renewals_of_one_store_go_together_and_each_stands_alone(replica_url: str) -> None:
     """lease.renew_all: every lease still held is renewed (a later expiry in its object),
     one another writer took meanwhile is refused, and one released meanwhile is left be."""

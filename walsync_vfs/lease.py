@@ -214,13 +214,17 @@ class Lease:
 
     def _settle(self, start: float, holder: Holder, epoch: int, result: str | Exception) -> None:
         """Hold the lease as ``holder`` after its write, sent at ``start``, gave ``result``:
-        the new version's tag, or the error (raised; but a :class:`storage.Conflict` that
-        was this very write, retried, is a success)."""
+        the new version's tag, or the error (raised; but a :class:`storage.Conflict` over
+        this holding's own version is not another writer: this very write, retried, is a
+        success, and one an earlier write whose reply was lost made is written over)."""
         if isinstance(result, storage.Conflict):
             current, current_tag = self._read()
-            if current is None or current != holder or current_tag is None:
+            if current is None or current_tag is None or current.token != holder.token:
                 raise result
-            result = current_tag
+            if current == holder:  # this very write, retried
+                result = current_tag
+            else:  # an earlier write of this holding whose reply was lost: write again
+                result = self.swapping.swap(self.key, holder.encode(), current_tag)
         elif isinstance(result, Exception):
             raise result
         self._tag = result
