@@ -59,7 +59,7 @@ def test_defaults_and_overrides_by_glob_and_path():
         ),
         (
             '[defaults]\nupload_burst = "many"\n',
-            "walsync.toml [defaults]: upload_burst must be a int, got 'many'",
+            "walsync.toml [defaults]: upload_burst must be an integer, got 'many'",
         ),
         (
             "[[databases]]\nupload_interval = 1\n",
@@ -77,6 +77,20 @@ def test_defaults_and_overrides_by_glob_and_path():
         ("replicas = 1\n", "walsync.toml: unknown key 'replicas'"),
         ("[defaults\n", "walsync.toml: not valid TOML"),
         ('[defaults]\nname = "x"\n', "walsync.toml [defaults]: name is per database"),
+        (
+            "[defaults]\nlease_time = nan\n",
+            "walsync.toml [defaults]: lease_time must be a finite number, got nan",
+        ),
+        (
+            "[defaults]\nretention = inf\n",
+            "walsync.toml [defaults]: retention must be a finite number, got inf",
+        ),
+        ("metrics_port = 70000\n", "walsync.toml: metrics_port must be a TCP port (1-65535)"),
+        ("defaults = 5\n", "walsync.toml: defaults must be written as [defaults] tables"),
+        (
+            '[databases]\nmatch = "a"\n',
+            "walsync.toml: databases must be written as [[databases]] tables",
+        ),
     ],
 )
 def test_bad_config_names_the_key(text, message):

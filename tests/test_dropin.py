@@ -426,7 +426,7 @@ def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
         (
             {"upload_interval": "fast"},
             walsync_vfs.ConfigError,
-            "configure(): upload_interval must be a float, got 'fast'",
+            "configure(): upload_interval must be a number, got 'fast'",
         ),
         (
             {"memory_cap": "big"},

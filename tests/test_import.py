@@ -22,7 +22,7 @@ BAD_TOML = '[defaults]\nupload_interval = "fast"\n'
 
 def bad_message(path: Path) -> str:
     return (
-        f"{path} [defaults]: upload_interval must be a float, got 'fast'; "
+        f"{path} [defaults]: upload_interval must be a number, got 'fast'; "
         "fix that file, or set $WALSYNC_CONFIG to another one"
     )
 

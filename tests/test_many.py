@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import apsw
 
@@ -67,3 +70,34 @@ def test_stats_and_prometheus_endpoint(file_replica, tmp_path):
     assert 'walsync_replicated_txid{database="metered.db"} 7.0' in body
     assert 'walsync_lag_seconds{database="metered.db"} 0.0' in body
     con.close()
+
+
+METRICS_CHILD = """
+import logging, sys, apsw, walsync_vfs
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+walsync_vfs.configure(replica=sys.argv[2])
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+walsync_vfs.flush(timeout=30)
+print(walsync_vfs.stats()[0]["replicated_txid"])
+"""
+
+
+def test_a_metrics_port_another_process_serves_leaves_replication_going(
+    tmp_path: Path, file_url: str
+) -> None:
+    """Every worker of a server reads the same walsync.toml: the first serves the metrics
+    port, the others warn and replicate as usual."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "walsync.toml").write_text(f"metrics_port = {port}\n")
+        out = subprocess.run(
+            [sys.executable, "-c", METRICS_CHILD, str(tmp_path / "a.db"), file_url],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "3\n"  # snapshot, CREATE, INSERT
+    assert f"walsync: metrics not served by this process: port {port}: " in out.stderr
+    assert "Traceback" not in out.stderr

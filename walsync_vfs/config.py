@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import os
 import tomllib
 from collections.abc import Callable
@@ -91,6 +92,9 @@ _KNOBS: dict[str, tuple[type, float | None]] = {
 MAX_LEASE_TIME = 30.0
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def check_knob(where: str, key: str, value: object) -> Any:
     """Validate one knob and return its value as the knob's type (an int given for a float
     becomes a float); errors name where it came from and the key."""
@@ -101,7 +105,9 @@ def check_knob(where: str, key: str, value: object) -> Any:
     kind, low = _KNOBS[key]
     accepted = (int, float) if kind is float else (kind,)
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepted):
-        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be {_KIND_NAMES[kind]}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+        raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
     if key == "lease_time" and isinstance(value, int | float) and value > MAX_LEASE_TIME:
         raise ConfigError(f"{where}: lease_time must be <= {MAX_LEASE_TIME}, got {value!r}")
     if isinstance(value, int | float) and kind is not bool:
@@ -175,7 +181,10 @@ def load_toml(text: str, where: str) -> Settings:
         elif key == "upload_workers":
             settings.upload_workers = _positive_int(where, key, value)
         elif key == "metrics_port":
-            settings.metrics_port = _positive_int(where, key, value)
+            settings.metrics_port = _port(where, key, value)
+        elif key in ("defaults", "databases"):
+            table = "[defaults]" if key == "defaults" else "[[databases]]"
+            raise ConfigError(f"{where}: {key} must be written as {table} tables, got {value!r}")
         else:
             raise ConfigError(
                 f"{where}: unknown key {key!r}; known: defaults, databases, metrics_port, "
@@ -191,7 +200,7 @@ def check_process_option(where: str, key: str, value: object) -> Any:
     if value is None and key in ("metrics_port", "spool_dir", "name"):
         return None
     if key == "metrics_port":
-        return _positive_int(where, key, value)
+        return _port(where, key, value)
     if key == "spool_dir" and isinstance(value, str | os.PathLike):
         return os.fspath(value)
     if key == "name" and callable(value):
@@ -204,6 +213,13 @@ def check_process_option(where: str, key: str, value: object) -> Any:
         "client_options": "a dict",
     }[key]
     raise ConfigError(f"{where}: {key} must be {wanted}, got {value!r}")
+
+
+def _port(where: str, key: str, value: object) -> int:
+    port = _positive_int(where, key, value)
+    if port > 65535:
+        raise ConfigError(f"{where}: {key} must be a TCP port (1-65535), got {value!r}")
+    return port
 
 
 def _positive_int(where: str, key: str, value: object) -> int:

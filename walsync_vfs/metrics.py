@@ -6,6 +6,7 @@ database and an idle process does no metrics work at all.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,9 @@ _GAUGES = {
     "lost_restore_points": "Commits whose restore points were given up past the spool cap",
 }
 _started: set[int] = set()
+_registered = False
 _lock = threading.Lock()
+log = logging.getLogger("walsync_vfs")
 
 
 class _Collector:
@@ -44,14 +47,22 @@ class _Collector:
 
 
 def serve(port: int, engine: Engine) -> None:
-    """Start the endpoint once per port (idempotent)."""
+    """Start the endpoint once per port (idempotent).  A port another process serves (the
+    first of a server's workers took it) is only a warning: replication goes on."""
+    global _registered
     from prometheus_client import start_http_server
     from prometheus_client.core import REGISTRY
 
     with _lock:
         if port in _started:
             return
-        if not _started:
-            REGISTRY.register(_Collector(engine))
-        start_http_server(port, addr="127.0.0.1")
+        try:
+            start_http_server(port, addr="127.0.0.1")
+        except OSError as exc:
+            _started.add(port)  # warned once
+            log.warning("walsync: metrics not served by this process: port %d: %s", port, exc)
+            return
         _started.add(port)
+        if not _registered:
+            REGISTRY.register(_Collector(engine))
+            _registered = True
