@@ -153,6 +153,7 @@ struct WsDb {
   int64_t id;
   int nRef;     /* open main-db handles (gMutex) */
   int nApp;     /* of them, the application's: not ws_conn_open()'s (gMutex) */
+  int nAppRw;   /* of those, the ones it can write through (gMutex) */
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
@@ -211,6 +212,7 @@ struct WsFile {
   int bRestart;        /* MAIN: holds the lock SQLite restarts the WAL under */
   int bShm;            /* MAIN: has the wal-index mapped (counted in nShm) */
   int bApp;            /* MAIN: opened by the application (counted in nApp) */
+  int bAppRw;          /* MAIN: ... and writable (counted in nAppRw) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
 };
 #define WSF_OTHER 0
@@ -1735,6 +1737,7 @@ static int wsClose(sqlite3_file *pFile) {
     pthread_mutex_lock(&gMutex);
     bLast = (--p->pDb->nRef == 0);
     p->pDb->nApp -= p->bApp;
+    p->pDb->nAppRw -= p->bAppRw;
     pthread_mutex_unlock(&gMutex);
     if (bLast) {
       /* Nobody holds the db now; another process may change it before the
@@ -2041,9 +2044,13 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
     p->eType = WSF_MAIN;
     p->pDb = dbAcquire(zName);
     if (p->pDb && !tEngineOpen) {
+      /* Read-only (mode=ro, a file it cannot write, immutable=1): it commits nothing. */
       p->bApp = 1;
+      p->bAppRw = (flags & SQLITE_OPEN_READWRITE) && !(pOutFlags && (*pOutFlags & SQLITE_OPEN_READONLY)) &&
+                  !sqlite3_uri_boolean(zName, "immutable", 0);
       pthread_mutex_lock(&gMutex);
       p->pDb->nApp++;
+      p->pDb->nAppRw += p->bAppRw;
       pthread_mutex_unlock(&gMutex);
     }
   } else if (flags & SQLITE_OPEN_WAL) {
@@ -2141,6 +2148,16 @@ int ws_app_open(int64_t id) {
   int n = 0;
   pthread_mutex_lock(&gMutex);
   if (id >= 1 && id <= gnDb) n = gaDb[id - 1]->nApp > 0;
+  pthread_mutex_unlock(&gMutex);
+  return n;
+}
+
+/* Whether the application has database id open for writing in this process:
+** one that only reads it never leads its replication (leader.py). */
+int ws_app_writable(int64_t id) {
+  int n = 0;
+  pthread_mutex_lock(&gMutex);
+  if (id >= 1 && id <= gnDb) n = gaDb[id - 1]->nAppRw > 0;
   pthread_mutex_unlock(&gMutex);
   return n;
 }
@@ -2644,7 +2661,7 @@ static void forkChild(void) {
     pthread_mutex_init(&p->mu, &ma);
     if (p->walFd >= 0) close(p->walFd);
     p->walFd = -1;
-    p->nRef = p->nApp = p->nHold = p->nWaiter = p->nPending = 0;
+    p->nRef = p->nApp = p->nAppRw = p->nHold = p->nWaiter = p->nPending = 0;
     p->eRole = WS_ROLE_NONE;
     p->c.bKnown = 0;
     p->pShm = 0;

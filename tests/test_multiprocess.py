@@ -484,6 +484,42 @@ def test_a_process_configured_with_another_replica_is_told_where_its_commits_go(
     con.close()
 
 
+@pytest.mark.parametrize("how", ["mode=ro", "immutable=1"])
+def test_a_database_only_read_never_leads_its_replication(file_replica, tmp_path, how):
+    """A process that only reads a database never leads it: reading an old copy (restored
+    for inspection, under the same name) must not make it the replica's newest state, and
+    a process writing the live database meanwhile replicates it as usual."""
+    import walsync_vfs
+
+    db, con = opened(tmp_path)
+    for k in range(20):
+        con.execute("INSERT INTO t(w, k, r, v) VALUES (0, ?, 0, 'live')", (k,))
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    wait_until_forgotten(str(db))
+    old = tmp_path / "inspect" / "app.db"
+    old.parent.mkdir()
+    restore(f"{file_replica}/app.db", str(old), txid=5)
+    flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
+    if how == "immutable=1":
+        flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_URI
+    reader = apsw.Connection(f"file:{old}?{how}", flags=flags, vfs="walsync")
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] < 20  # an old state
+    live = apsw.Connection(f"file:{db}?{how}", flags=flags, vfs="walsync")
+    out = subprocess.run(
+        [sys.executable, "-c", OTHER_ROOT, str(db), file_replica],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert out.stdout == "flushed\n", out.stderr
+    walsync_vfs.flush(timeout=30)
+    reader.close()
+    live.close()
+    gens = catalog.generations(storage.open_replica(file_replica), "app.db")
+    assert len(gens) == 1
+    restore(f"{file_replica}/app.db", str(tmp_path / "latest.db"))
+    assert content(tmp_path / "latest.db") == content(db) and len(content(db)) == 21
+
+
 class Gate:
     """A sink in front of the engine that can keep the capture consumer in one batch, as a
     busy engine would: the commits published meanwhile stay queued, their frames unread."""

@@ -800,7 +800,12 @@ class Engine:
         databases another process replicates: by asking that process)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            followed = [db for db in self._dbs.values() if not self._host.leads(db.db_id)]
+            followed = [
+                db
+                for db in self._dbs.values()
+                # One only read here has nothing of this process's to wait for.
+                if not self._host.leads(db.db_id) and capture.lib.ws_app_writable(db.db_id)
+            ]
         for db in followed:
             problem = self._other_replica(db, self._replica_url(db.cfg.replica_root(), db.name))
             if problem:

@@ -130,7 +130,14 @@ class Host:
 
     def _try_lead(self, db_id: int, db: _Db) -> bool:
         """Try the side file's lock (its descriptor stays open while this process has the
-        database: a follower tries again on it, and closing it releases a lead)."""
+        database: a follower tries again on it, and closing it releases a lead).  A process
+        that only reads the database never leads it: it could replicate an old copy as the
+        newest state, or take the writer lease of its name from the real writer."""
+        if not lib.ws_app_writable(db_id):
+            if db.role != ROLE_FOLLOW:
+                db.role = ROLE_FOLLOW
+                lib.ws_role(db_id, ROLE_FOLLOW, ffi.NULL)
+            return False  # tried again when it is opened for writing
         if db.lock_fd < 0:
             side = db.path + "-walsync"
             try:
