@@ -181,6 +181,28 @@ def test_restore_installs_only_where_a_database_file_can_go(replica, tmp_path):
     )
 
 
+def test_restore_force_refuses_a_database_that_is_open(replica, tmp_path):
+    """--force replaces a file, not a live database: while a connection has it open in WAL
+    mode, a restore over it would leave the writer writing to a replaced file."""
+    con = open_db(tmp_path / "keep.db")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    live = tmp_path / "live.db"
+    app = apsw.Connection(str(live))
+    assert app.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    app.execute("CREATE TABLE mine(y); INSERT INTO mine VALUES(7)")
+    proc = cli("restore", f"{replica}/keep.db", "-o", str(live), "--force")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"walsync: error: {live} is open (its wal-index is in use); close it first, or "
+        "restore to another path\n"
+    )
+    assert app.execute("SELECT y FROM mine").fetchall() == [(7,)]
+    app.close()
+    assert rows(restore(f"{replica}/keep.db", live, "--force")) == [(1,)]
+    con.close()
+
+
 def test_restore_of_unknown_database_fails_clearly(replica, tmp_path):
     proc = cli("restore", f"{replica}/nothing.db", "-o", str(tmp_path / "n.db"))
     assert proc.returncode == 1

@@ -28,8 +28,10 @@ segments as they arrive (``restore --follow``), in place, as SQLite transactions
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+import struct
 import tempfile
 from array import array
 from collections import deque
@@ -807,7 +809,34 @@ def _output_path(out: str, force: bool) -> str:
             raise RestoreError(f"{out} exists and is not a regular file; restore to a file path")
         if not force:
             raise RestoreError(f"{out} already exists; pass --force to overwrite it")
+        if _open_elsewhere(out):
+            raise RestoreError(
+                f"{out} is open (its wal-index is in use); close it first, or restore to "
+                "another path"
+            )
     return out
+
+
+# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hh4xqqi4x")
+_SHM_DMS = 128  # the wal-index byte every connection to a WAL database holds a read lock on
+
+
+def _open_elsewhere(path: str) -> bool:
+    """Whether a process has the WAL database at ``path`` open: each SQLite connection holds
+    a read lock on its wal-index's DMS byte while it does (src/os_unix.c, unixShmMap).  An
+    open-file-description lock tests it without touching this process's own locks."""
+    try:
+        fd = os.open(path + "-shm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False  # no wal-index: no connection to it in WAL mode
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS, 1, 0))
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops that lock, and no other
+    return False
 
 
 @contextmanager
