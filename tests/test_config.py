@@ -102,8 +102,29 @@ def test_bad_config_names_the_key(text, message):
 def test_name_function_then_overrides():
     s = Settings(name=lambda p: "fn-" + p.rsplit("/", 1)[-1])
     assert s.for_db("/x/a.db").name == "fn-a.db"
-    with pytest.raises(ValueError, match="invalid database name"):
+    with pytest.raises(ConfigError) as info:
         Settings(name=lambda p: "a/b").for_db("/x/a.db")
+    assert str(info.value).startswith("configure(name=...) for /x/a.db: invalid database name")
+
+
+def test_a_name_function_giving_a_bad_name_fails_the_open_in_one_line(
+    file_replica, tmp_path, caplog
+):
+    """The opener gets a ConfigError naming the function and the path; the log says it in
+    one line, with no traceback."""
+    import apsw
+
+    import walsync_vfs
+
+    walsync_vfs.configure(name=lambda path: "..")
+    try:
+        with pytest.raises(ConfigError) as info:
+            apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+        assert str(info.value).startswith(f"configure(name=...) for {tmp_path / 'a.db'}: ")
+        walsync_vfs.flush(timeout=10)
+    finally:
+        walsync_vfs.configure(name=None)
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_the_suite_replicates_to_a_default_root_of_its_own(tmp_path_factory):

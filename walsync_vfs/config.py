@@ -148,7 +148,10 @@ class Settings:
         """The effective knobs for the database at ``path``."""
         cfg = self.defaults
         if self.name is not None:
-            cfg = dataclasses.replace(cfg, name=check_name(self.name(path)))
+            try:
+                cfg = dataclasses.replace(cfg, name=check_name(self.name(path)))
+            except ValueError as exc:
+                raise ConfigError(f"configure(name=...) for {path}: {exc}") from None
         base = os.path.basename(path)
         for o in self.overrides:
             if fnmatch.fnmatchcase(base, o.match) or fnmatch.fnmatchcase(path, o.match):

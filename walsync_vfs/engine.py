@@ -37,7 +37,7 @@ from typing import Any
 from walsync_vfs import capture, format, heap, storage, sync
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
-from walsync_vfs.config import Settings
+from walsync_vfs.config import ConfigError, Settings
 from walsync_vfs.database import FAILING_AFTER, Database, stats_of
 from walsync_vfs.errors import FlushTimeoutError, NameTaken, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
@@ -183,7 +183,7 @@ class Engine:
             log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
             db.open = True
             db.sync.open_seq = rec.seq
-            self._sync_pool.spawn(self._join, db)
+            self._sync_pool.spawn(self._join_opened, db)
         elif db is None:
             return
         elif rec.kind is Kind.GAP:
@@ -700,6 +700,14 @@ class Engine:
             decision.txid,
             decision.how,
         )
+
+    def _join_opened(self, db: Database) -> None:
+        """_join for an OPEN record; a configuration that cannot name the database is one
+        error line here (its opener's connection hook raises it)."""
+        try:
+            self._join(db)
+        except ConfigError as exc:
+            log.error("walsync: %s: not replicated: %s", db.path, exc)
 
     def _join(self, db: Database) -> bool:
         """Take part for a newly opened database and start its sync if this process leads it
