@@ -334,6 +334,15 @@ def test_bad_timestamps_are_one_line_errors(text, error, tmp_path):
     )
 
 
+def test_timestamps_in_every_rfc_3339_spelling_name_one_time():
+    from walsync_vfs.cli import parse_timestamp
+
+    utc = parse_timestamp("2001-01-01T05:30:00Z")
+    for text in ("2001-01-01t05:30:00z", "2001-01-01T11:00:00+05:30", "2001-01-01 05:30:00+00:00"):
+        assert parse_timestamp(text) == utc, text
+    assert utc == 978327000 * 1_000_000_000
+
+
 def expected_listing(client: storage.ReplicaClient, name: str) -> dict:
     """What ``list --json`` must say about ``name``, worked out from the store directly."""
     sizes = {o.key: o.size for o in client.list(name + "/")}

@@ -61,7 +61,7 @@ def parse_timestamp(text: str) -> int:
         raise invalid from None
     except ValueError:
         try:
-            when = datetime.fromisoformat(text)
+            when = datetime.fromisoformat(text.upper())  # RFC 3339 allows "t" and "z"
         except ValueError:
             raise invalid from None
         if when.tzinfo is None:
