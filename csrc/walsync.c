@@ -2143,24 +2143,19 @@ void ws_wake(void) {
 }
 
 /* Whether the application (not the engine's own connections) has database id
-** open in this process. */
-int ws_app_open(int64_t id) {
+** open in this process; with bWritable, open for writing. */
+static int appHas(int64_t id, int bWritable) {
   int n = 0;
   pthread_mutex_lock(&gMutex);
-  if (id >= 1 && id <= gnDb) n = gaDb[id - 1]->nApp > 0;
+  if (id >= 1 && id <= gnDb) n = (bWritable ? gaDb[id - 1]->nAppRw : gaDb[id - 1]->nApp) > 0;
   pthread_mutex_unlock(&gMutex);
   return n;
 }
 
-/* Whether the application has database id open for writing in this process:
-** one that only reads it never leads its replication (leader.py). */
-int ws_app_writable(int64_t id) {
-  int n = 0;
-  pthread_mutex_lock(&gMutex);
-  if (id >= 1 && id <= gnDb) n = gaDb[id - 1]->nAppRw > 0;
-  pthread_mutex_unlock(&gMutex);
-  return n;
-}
+int ws_app_open(int64_t id) { return appHas(id, 0); }
+
+/* A process that only reads a database never leads its replication (leader.py). */
+int ws_app_writable(int64_t id) { return appHas(id, 1); }
 
 /* How many databases this process has open through the VFS: with none, the
 ** consumer may end (the next first open starts one again, see ws_on_open). */
