@@ -721,7 +721,7 @@ class Engine:
                 # Another process of this host replicates it; stats() still names it.
                 db.cfg = cfg
                 db.name = db.name or db.cfg.name
-                problem = self._other_replica(db, replica)
+                problem = self._other_replica(db)
                 if problem:
                     log.warning("walsync: %s", problem)
                 return False
@@ -815,7 +815,7 @@ class Engine:
                 if not self._host.leads(db.db_id) and capture.lib.ws_app_writable(db.db_id)
             ]
         for db in followed:
-            problem = self._other_replica(db, self._replica_url(db.cfg.replica_root(), db.name))
+            problem = self._other_replica(db)
             if problem:
                 raise ReplicationError(problem)
             try:
@@ -833,12 +833,13 @@ class Engine:
         except storage.StorageError:
             return ""
 
-    def _other_replica(self, db: Database, ours: str) -> str:
+    def _other_replica(self, db: Database) -> str:
         """Why a database this process follows is not replicated where this process is
         configured to replicate it ("" if it is, or if either side is unknown)."""
-        theirs = self._host.leader_replica(db.db_id)
-        if not theirs or not ours or theirs == ours:
+        differ = self._host.other_replica(db.db_id)
+        if differ is None:
             return ""
+        theirs, ours = differ
         return (
             f"{db.path} is replicated by another process to {theirs}, not to {ours} as "
             "configured here; configure the same replica in every process that opens it"

@@ -164,19 +164,23 @@ class Host:
                       _REPLICA_AT)  # fmt: skip
         return True
 
-    def leader_replica(self, db_id: int) -> str:
-        """Where the leader of a database this process follows replicates it ("" unknown:
-        not written yet, or caught half-written)."""
+    def other_replica(self, db_id: int) -> tuple[str, str] | None:
+        """(where the leader replicates it, where this process would) for a database this
+        process follows, if the two differ; None if they agree or either is unknown (the
+        leader's not written yet, or caught half-written)."""
         db = self._dbs.get(db_id)
-        if db is None or db.lock_fd < 0:
-            return ""
+        if db is None or db.lock_fd < 0 or not db.replica:
+            return None
         try:
             raw = os.pread(db.lock_fd, _REPLICA_HEAD.size + _REPLICA_MAX, _REPLICA_AT)
             crc, size = _REPLICA_HEAD.unpack_from(raw)
         except (OSError, struct.error):
-            return ""
+            return None
         text = raw[_REPLICA_HEAD.size : _REPLICA_HEAD.size + size]
-        return text.decode(errors="replace") if size and zlib.crc32(text) == crc else ""
+        if not size or zlib.crc32(text) != crc:
+            return None
+        theirs = text.decode(errors="replace")
+        return None if theirs == db.replica else (theirs, db.replica)
 
     def after_fork_in_child(self) -> None:
         """The parent's locks stay the parent's: drop this copy of their descriptors."""
