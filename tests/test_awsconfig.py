@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from walsync_vfs import storage
-from walsync_vfs.storage import awsconfig, sigv4
+from walsync_vfs.storage import awsconfig, s3, sigv4
 
 AWS_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
@@ -24,7 +24,9 @@ KEYS = {"AWS_ACCESS_KEY_ID": "AKIAENV", "AWS_SECRET_ACCESS_KEY": "env-secret"}
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A clean AWS environment: no variables, no config file, an empty credentials file."""
+    """A clean AWS environment: no variables, no config file, an empty credentials file; no
+    S3 service resolved from another test's environment."""
+    monkeypatch.setattr(s3, "_services", {})
     for name in AWS_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
