@@ -91,6 +91,19 @@ def test_defaults_and_overrides_by_glob_and_path():
             '[databases]\nmatch = "a"\n',
             "walsync.toml: databases must be written as [[databases]] tables",
         ),
+        (
+            '[defaults]\nreplica = "ftp://host/dir"\n',
+            "walsync.toml [defaults]: invalid replica URL 'ftp://host/dir': unsupported scheme",
+        ),
+        (
+            '[[databases]]\nmatch = "a"\nreplica = "s3://Bad_Bucket/x"\n',
+            "walsync.toml [[databases]] #1: invalid replica URL 's3://Bad_Bucket/x': "
+            "'Bad_Bucket' is not a valid S3 bucket name",
+        ),
+        (
+            '[defaults]\nreplica = "file://relative/dir"\n',
+            "walsync.toml [defaults]: invalid replica URL 'file://relative/dir': file URLs need",
+        ),
     ],
 )
 def test_bad_config_names_the_key(text, message):
@@ -130,3 +143,21 @@ def test_a_name_function_giving_a_bad_name_fails_the_open_in_one_line(
 def test_the_suite_replicates_to_a_default_root_of_its_own(tmp_path_factory):
     """Tests that open databases without a replica of their own must not fill the user's."""
     assert default_replica().startswith(tmp_path_factory.getbasetemp().as_uri() + "/")
+
+
+def test_a_bad_replica_url_in_the_environment_fails_the_open_in_one_line(
+    tmp_path, monkeypatch, caplog
+):
+    """$WALSYNC_REPLICA is checked where it is used, at the open, not retried at every upload."""
+    import apsw
+
+    import walsync_vfs
+
+    monkeypatch.setenv("WALSYNC_REPLICA", "ftp://host/dir")
+    with pytest.raises(ConfigError) as info:
+        apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+    assert str(info.value).startswith(
+        "$WALSYNC_REPLICA: invalid replica URL 'ftp://host/dir': unsupported scheme 'ftp'; use "
+    )
+    walsync_vfs.flush(timeout=10)
+    assert not [r for r in caplog.records if r.exc_info]

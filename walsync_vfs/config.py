@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from walsync_vfs.format import check_name
+from walsync_vfs.storage import StorageError, replica_location
 
 ENV_REPLICA = "WALSYNC_REPLICA"
 ENV_CONFIG = "WALSYNC_CONFIG"
@@ -73,7 +74,12 @@ class DbConfig:
     fencing: bool = True
 
     def replica_root(self) -> str:
-        return self.replica or os.environ.get(ENV_REPLICA) or default_replica()
+        if self.replica:
+            return self.replica
+        env = os.environ.get(ENV_REPLICA)
+        if env:
+            check_replica(f"${ENV_REPLICA}", env)
+        return env or default_replica()
 
 
 # Checks per knob: (type, minimum).  Shared by configure() keywords and TOML tables.
@@ -119,7 +125,17 @@ def check_knob(where: str, key: str, value: object) -> Any:
             check_name(value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    elif isinstance(value, str) and key == "replica" and value:  # "": the env or the default
+        check_replica(where, value)
     return value
+
+
+def check_replica(where: str, url: str) -> None:
+    """A replica root URL that cannot work fails where it was written, not at every upload."""
+    try:
+        replica_location(url)
+    except StorageError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class Database:
     path: str
     name: str = ""
     cfg: DbConfig = field(default_factory=DbConfig)
+    claim: tuple[str, str] | None = None  # (replica root, name) it holds in the engine
     client: storage.ReplicaClient | None = None
     open: bool = True
     failures: int = 0  # consecutive failed syncs and uploads

@@ -334,9 +334,8 @@ class Engine:
             self.uploads.pool.spawn(self._release, db.lease)  # the next writer may start at once
         self._host.leave(db.db_id)
         self.compactor.drop_copies(db)
-        claim = (db.cfg.replica_root(), db.name)
-        if self._names.get(claim) == db.db_id:
-            del self._names[claim]
+        if db.claim is not None and self._names.get(db.claim) == db.db_id:
+            del self._names[db.claim]
             for waiting in self._dbs.values():
                 if waiting.client is None:  # one may be waiting for this name
                     self._retry_now(waiting)
@@ -474,8 +473,9 @@ class Engine:
         """Settle the database's knobs, name and client, once."""
         cfg = self.settings.for_db(db.path)
         name = cfg.name
+        claim = (cfg.replica_root(), name)
         with self._lock:
-            owner = self._names.setdefault((cfg.replica_root(), name), db.db_id)
+            owner = self._names.setdefault(claim, db.db_id)
             other = self._dbs[owner]
         if other is not db:
             if not other.open:
@@ -488,6 +488,7 @@ class Engine:
             )
         db.cfg = cfg
         db.name = name
+        db.claim = claim
         # Its commits bigger than a segment reach Python as files in the spool directory.
         spool_dir = os.fsencode(self._spool.directory())
         capture.lib.ws_spool_big(db.db_id, cfg.max_segment_bytes, spool_dir)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
@@ -223,9 +223,9 @@ def bad_url(url: str, reason: str) -> StorageError:
     return StorageError(f"invalid replica URL {redact_url(url)!r}: {reason}; use {ACCEPTED_FORMS}")
 
 
-def open_replica(url: str, **options: object) -> ReplicaClient:
-    """Open the replica root named by ``url``; ``options`` go to the backend (S3: endpoint_url,
-    region, path_style).  Backends are imported lazily so file-only users never load botocore."""
+def replica_location(url: str) -> tuple[str, str, str]:
+    """(scheme, directory or bucket, key prefix) of a replica root URL, checked without any
+    I/O, so a mistyped URL fails where it was written (StorageError says what is wrong)."""
     if not isinstance(url, str) or not url.strip():
         raise bad_url(str(url), "empty")
     try:
@@ -234,20 +234,29 @@ def open_replica(url: str, **options: object) -> ReplicaClient:
         raise bad_url(url, str(exc)) from None
     scheme = parts.scheme.lower()
     if scheme == "":
-        from walsync_vfs.storage.file import FileReplicaClient
-
-        return FileReplicaClient(os.path.abspath(url), **options)
+        return "file", os.path.abspath(url), ""
     if scheme == "file":
         path = unquote(parts.path)
         if parts.netloc or not Path(path).is_absolute():
             raise bad_url(url, "file URLs need an absolute path (three slashes)")
         if parts.query or parts.fragment:
             raise bad_url(url, "file URLs take no query or fragment")
+        return "file", os.path.normpath(path), ""
+    if scheme == "s3":
+        from walsync_vfs.storage.s3 import url_location
+
+        return ("s3", *url_location(url))
+    raise bad_url(url, f"unsupported scheme {parts.scheme!r}")
+
+
+def open_replica(url: str, **options: Any) -> ReplicaClient:
+    """Open the replica root named by ``url``; ``options`` go to the backend (S3: endpoint_url,
+    region, path_style).  Backends are imported lazily so file-only users never load botocore."""
+    scheme, where, prefix = replica_location(url)
+    if scheme == "file":
         from walsync_vfs.storage.file import FileReplicaClient
 
-        return FileReplicaClient(os.path.normpath(path), **options)
-    if scheme == "s3":
-        from walsync_vfs.storage.s3 import S3ReplicaClient
+        return FileReplicaClient(where, **options)
+    from walsync_vfs.storage.s3 import S3ReplicaClient
 
-        return S3ReplicaClient.from_url(url, **options)
-    raise bad_url(url, f"unsupported scheme {parts.scheme!r}")
+    return S3ReplicaClient(where, prefix, **options)

@@ -590,6 +590,23 @@ def _env_flag(name: str) -> bool | None:
     return None
 
 
+def url_location(url: str) -> tuple[str, str]:
+    """(bucket, key prefix) of an ``s3://`` replica URL, checked as S3 would check them."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise bad_url(url, "credentials do not belong in the URL, set AWS_ACCESS_KEY_ID")
+    if parts.query or parts.fragment:
+        raise bad_url(url, "s3 URLs take no query or fragment")
+    bucket = check_bucket(url, parts.netloc)
+    prefix = parts.path.strip("/")
+    if prefix:
+        try:
+            check_key(prefix)
+        except ValueError:
+            raise bad_url(url, f"invalid key prefix '{prefix}'") from None
+    return bucket, prefix
+
+
 def check_bucket(url: str, bucket: str) -> str:
     """Reject names S3 would refuse, so a typo fails at configuration and not on first upload."""
     if not bucket:
@@ -677,22 +694,6 @@ class S3ReplicaClient:
         self.transfer_workers = max(1, transfer_workers)
         self._root = prefix + "/" if prefix else ""
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> S3ReplicaClient:
-        parts = urlsplit(url)
-        if "@" in parts.netloc:
-            raise bad_url(url, "credentials do not belong in the URL, set AWS_ACCESS_KEY_ID")
-        if parts.query or parts.fragment:
-            raise bad_url(url, "s3 URLs take no query or fragment")
-        bucket = check_bucket(url, parts.netloc)
-        prefix = parts.path.strip("/")
-        if prefix:
-            try:
-                check_key(prefix)
-            except ValueError:
-                raise bad_url(url, f"invalid key prefix '{prefix}'") from None
-        return cls(bucket, prefix, **options)
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         full = self._root + check_key(key)
