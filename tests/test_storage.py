@@ -607,3 +607,10 @@ def test_swap_all_swaps_each_object_on_its_own_condition(replica_url: str) -> No
     assert [client.get(key) for key in "abcd"] == [b"v2", b"v1", b"v1", b"v1"]
     assert results[0] == client.get_tagged("a")[1] and results[3] == client.get_tagged("d")[1]
     assert isinstance(swap_all(client, [("a", b"v3", tags[0])])[0], Conflict)  # now stale
+
+
+def test_a_file_root_at_slash_names_objects_with_three_slashes() -> None:
+    client = open_replica("file:///")
+    with pytest.raises(ObjectNotFound) as info:
+        client.get("walsync-test-no-such-object")
+    assert str(info.value) == "object file:///walsync-test-no-such-object does not exist"

@@ -93,9 +93,9 @@ class FileReplicaClient:
         try:
             yield path
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise ObjectNotFound(f"object {self.url}/{key} does not exist") from None
+            raise ObjectNotFound(f"object {self._at(key)} does not exist") from None
         except OSError as exc:
-            raise StorageError(f"cannot read {self.url}/{key}: {_why(exc)}") from exc
+            raise StorageError(f"cannot read {self._at(key)}: {_why(exc)}") from exc
 
     def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
         """Remove temp files of puts under ``prefix`` that a crash left, once older than
@@ -145,7 +145,7 @@ class FileReplicaClient:
                     except FileNotFoundError:
                         current = None
                     if current != tag:
-                        raise Conflict(f"{self.url}/{key} changed since it was read")
+                        raise Conflict(f"{self._at(key)} changed since it was read")
                 self._write(key, [data], create_only=tag is None)
             finally:
                 os.close(fd)
@@ -161,9 +161,9 @@ class FileReplicaClient:
         try:
             return self._install(tmp, path, data, create_only)
         except FileExistsError:
-            raise Conflict(f"cannot create {self.url}/{key}: it already exists") from None
+            raise Conflict(f"cannot create {self._at(key)}: it already exists") from None
         except OSError as exc:
-            raise StorageError(f"cannot write {self.url}/{key}: {_why(exc)}") from exc
+            raise StorageError(f"cannot write {self._at(key)}: {_why(exc)}") from exc
         finally:
             with _writing_lock:
                 _writing.discard(tmp)
@@ -192,6 +192,10 @@ class FileReplicaClient:
         _fsync_dir(path.parent)  # the rename itself must survive a crash too
         return size
 
+    def _at(self, key: str) -> str:
+        """The URL of ``key``, for messages (the root "/" has its slash already)."""
+        return self.url + key if self.url.endswith("/") else f"{self.url}/{key}"
+
     def get(self, key: str) -> bytes:
         with self._reading(key) as path:
             return path.read_bytes()
@@ -203,7 +207,7 @@ class FileReplicaClient:
         try:
             self._walk(self.root, "", prefix, found)
         except OSError as exc:
-            raise StorageError(f"cannot list {self.url}/{prefix}: {_why(exc)}") from exc
+            raise StorageError(f"cannot list {self._at(prefix)}: {_why(exc)}") from exc
         found.sort(key=lambda info: info.key)
         return found
 
@@ -221,7 +225,7 @@ class FileReplicaClient:
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
             except OSError as exc:
-                raise StorageError(f"cannot delete {self.url}/{key}: {_why(exc)}") from exc
+                raise StorageError(f"cannot delete {self._at(key)}: {_why(exc)}") from exc
             emptied.add(path.parent)
         for directory in sorted(emptied, key=lambda d: len(d.parts), reverse=True):
             self._prune(directory)
