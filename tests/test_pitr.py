@@ -472,3 +472,27 @@ def test_the_recorded_checksum_is_that_of_the_source_file(history, tmp_path):
         check=True,
     )
     assert int(scratch.stdout) == last.checksum
+
+
+def test_a_name_with_a_space_round_trips_through_list_and_restore(tmp_path):
+    """A file URL is percent-encoded whole: ``list`` prints the name the way it prints the
+    root, and ``restore`` reads either spelling back."""
+    root = tmp_path / "back ups"
+    walsync_vfs.configure(replica=root.as_uri())
+    try:
+        con = apsw.Connection(str(tmp_path / "my db.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        con.execute("INSERT INTO t(v) VALUES(x'01')")
+        walsync_vfs.flush(timeout=30)
+        listed = json.loads(cli("list", root.as_uri(), "--json").stdout)
+        urls = [db["url"] for db in listed["databases"]]
+        assert urls == [f"{root.as_uri()}/my%20db.db"]
+        for i, url in enumerate((urls[0], f"{root.as_uri()}/my db.db")):
+            out = tmp_path / f"out{i}.db"
+            done = cli("restore", url, "-o", str(out))
+            assert done.returncode == 0, done.stderr
+            assert restored_hash(out) == content_hash(con)
+        con.close()
+    finally:
+        walsync_vfs.flush(timeout=30)
+        walsync_vfs.configure(replica="")

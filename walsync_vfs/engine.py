@@ -830,7 +830,7 @@ class Engine:
         """Where a database of this name goes under ``root``, spelled as its store spells it
         ("" if the root is not a valid replica: that error is the sync's to report)."""
         try:
-            return f"{self._client(root).url}/{name}"
+            return storage.database_url(self._client(root), name)
         except storage.StorageError:
             return ""
 

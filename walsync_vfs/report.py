@@ -70,7 +70,7 @@ def describe_database(client: storage.ReplicaClient, name: str) -> dict:
                 },
             }
         )
-    return {"url": f"{client.url}/{name}", "name": name, "generations": out}
+    return {"url": storage.database_url(client, name), "name": name, "generations": out}
 
 
 def _time_range(
@@ -133,7 +133,7 @@ def verify(client: storage.ReplicaClient, name: str) -> list[str]:
     """
     gens = catalog.generations(client, name)
     if not gens:
-        return [f"{client.url}/{name}: no replica found"]
+        return [f"{storage.database_url(client, name)}: no replica found"]
     problems = [f"{name}/{line}" for line in _overlaps(gens)]
     return problems + [line for g in gens for line in _verify_generation(client, name, g)]
 

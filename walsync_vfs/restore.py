@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import apsw
 
@@ -102,10 +102,13 @@ class Result:
 
 
 def split_url(url: str) -> tuple[str, str]:
-    """``<replica root>/<name>`` -> (root, name)."""
+    """``<replica root>/<name>`` -> (root, name); a file URL's name is percent-decoded, as
+    its root is."""
     root, sep, name = url.rstrip("/").rpartition("/")
     if not sep or not root or root.endswith(":/") or root.endswith(":"):
         raise RestoreError(f"{url}: expected <replica root>/<database name>")
+    if root.lower().startswith("file:"):
+        name = unquote(name)
     try:
         check_name(name)
     except ValueError as exc:

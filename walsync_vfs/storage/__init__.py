@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 if TYPE_CHECKING:
     from walsync_vfs.storage.transfer import Source
@@ -247,6 +247,14 @@ def replica_location(url: str) -> tuple[str, str, str]:
 
         return ("s3", *url_location(url))
     raise bad_url(url, f"unsupported scheme {parts.scheme!r}")
+
+
+def database_url(client: ReplicaClient, name: str) -> str:
+    """The URL of database ``name`` under ``client``'s root, spelled as restore reads it: a
+    file URL is percent-encoded whole, as its root already is."""
+    if not client.url.startswith("file:"):
+        return f"{client.url}/{name}"
+    return client.url.rstrip("/") + "/" + quote(name)
 
 
 def open_replica(url: str, **options: Any) -> ReplicaClient:
