@@ -510,6 +510,8 @@ class GatedStore:
 
     def __getattr__(self, name: str) -> object:
         call = getattr(self._client, name)
+        if not callable(call):
+            return call  # an attribute (url, create_only): nothing to wait for
 
         def gated(*args: object, **kwargs: object) -> object:
             self.gate.wait(60)
