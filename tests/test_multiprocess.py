@@ -784,6 +784,30 @@ def test_a_foreign_restart_over_a_commit_the_leader_never_read_is_a_gap(
     assert "pages changed outside the stream, as one commit)" in caplog.text
 
 
+def test_a_foreign_commit_truncated_away_resyncs_from_an_empty_wal(
+    file_replica, tmp_path, caplog
+):
+    """A process without the VFS commits and truncates the WAL before the leader looks, and
+    nobody commits after it: the leader's resync pins the database with no WAL frames.  Its
+    one commit of the changed pages has no WAL position (the format's "unknown"), and ships."""
+    import walsync_vfs
+
+    caplog.set_level(logging.INFO, logger="walsync_vfs")
+    db, con = opened(tmp_path)
+    try:
+        con.execute("INSERT INTO t VALUES (1, 1, 0, 'first')")
+        walsync_vfs.flush(timeout=30)
+        assert foreign(db, "write")[-1] == ["0", "0", "0"]
+        walsync_vfs.flush(timeout=30)
+        assert "pages changed outside the stream, as one commit)" in caplog.text
+        (state,) = [s for s in walsync_vfs.stats() if s["name"] == db.name]
+        assert state["errors"] == 0, state["last_error"]
+    finally:
+        con.close()
+    restore(f"{file_replica}/{db.name}", str(tmp_path / "latest.db"))
+    assert content(tmp_path / "latest.db") == content(db)
+
+
 def test_the_last_close_still_removes_the_wal_and_its_index(file_replica, tmp_path):
     """The read lock for unread frames is held through a handle of the shim's own, which
     goes before the last connection's wal-index: SQLite still removes ``-wal`` and ``-shm``

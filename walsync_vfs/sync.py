@@ -189,7 +189,9 @@ def changed_pages(
     pages = [(pgno, os.pread(fd, size, (pgno - 1) * size)) for pgno in changed]
     time_ns = max(pinned.taken_ns, head.time_ns)  # a lineage's times never go backwards
     value = pinned.checksum.value
-    return [format.Commit(head.txid + 1, time_ns, pinned.db_size, value, pages, pinned.wal)]
+    # A WAL a checkpoint emptied holds none of it: its position is unknown (FORMAT.md §4.2)
+    wal = pinned.wal if pinned.wal.end else None
+    return [format.Commit(head.txid + 1, time_ns, pinned.db_size, value, pages, wal)]
 
 
 def write(
