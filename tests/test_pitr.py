@@ -496,3 +496,11 @@ def test_a_name_with_a_space_round_trips_through_list_and_restore(tmp_path):
     finally:
         walsync_vfs.flush(timeout=30)
         walsync_vfs.configure(replica="")
+
+
+def test_a_root_one_directory_below_slash_is_listed_as_a_root():
+    """``file:///backups`` is a root, not database ``backups`` under a root ``file://``."""
+    from walsync_vfs import report
+
+    client, name = report.open_target("file:///tmp")
+    assert (client.url, name) == ("file:///tmp", None)

@@ -34,7 +34,10 @@ def open_target(url: str, **options: object) -> tuple[storage.ReplicaClient, str
     except RestoreError:
         root, name = url, None
     if name is not None:
-        client = storage.open_replica(root, **options)
+        try:
+            client = storage.open_replica(root, **options)
+        except storage.StorageError:  # file:///backups: "file://" is no root, the whole is
+            return storage.open_replica(url, **options), None
         if catalog.generations(client, name):
             return client, name
     return storage.open_replica(url, **options), None
