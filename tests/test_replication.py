@@ -203,6 +203,50 @@ def test_restore_force_refuses_a_database_that_is_open(replica, tmp_path):
     con.close()
 
 
+def test_restore_names_a_directory_path_and_standard_output_as_no_file(replica, tmp_path):
+    """``-o dir/`` and ``-o -`` are not file names a user means: refused, nothing written."""
+    con = open_db(tmp_path / "keep.db")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    slash = f"{tmp_path / 'restored'}/"
+    proc = cli("restore", f"{replica}/keep.db", "-o", slash)
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"walsync: error: {slash} names a directory; name the database file to write\n",
+    )
+    proc = cli("restore", f"{replica}/keep.db", "-o", "-")
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        "walsync: error: restore writes a database file, not standard output; name the file\n",
+    )
+    assert not (tmp_path / "restored").exists() and not (Path.cwd() / "-").exists()
+
+
+def test_restore_through_a_symlink_writes_and_guards_its_target(replica, tmp_path):
+    """A database reached through a symlink (an app path onto a volume) is restored where
+    the link points, the link kept; an open target is refused through the link too."""
+    con = open_db(tmp_path / "keep.db")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    (tmp_path / "vol").mkdir()
+    target, link = tmp_path / "vol" / "app.db", tmp_path / "app.db"
+    link.symlink_to(target)
+    app = apsw.Connection(str(link))
+    assert app.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    app.execute("CREATE TABLE mine(y); INSERT INTO mine VALUES(7)")
+    proc = cli("restore", f"{replica}/keep.db", "-o", str(link), "--force")
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"walsync: error: {target} is open (its wal-index is in use); close it first, or "
+        "restore to another path\n",
+    )
+    app.close()
+    assert rows(restore(f"{replica}/keep.db", link, "--force")) == [(1,)]
+    assert link.is_symlink() and rows(apsw.Connection(str(target))) == [(1,)]
+
+
 def test_restore_of_unknown_database_fails_clearly(replica, tmp_path):
     proc = cli("restore", f"{replica}/nothing.db", "-o", str(tmp_path / "n.db"))
     assert proc.returncode == 1

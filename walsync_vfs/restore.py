@@ -798,12 +798,17 @@ def _restore_into(
 
 
 def _output_path(out: str, force: bool) -> str:
-    """``out`` as an absolute path, once it is a place a database file can be installed:
-    a new file in an existing directory, or with ``force`` an existing regular file (a
-    device, pipe or directory is never replaced)."""
+    """``out`` as an absolute path without symlinks, once it is a place a database file can
+    be installed: a new file in an existing directory, or with ``force`` an existing regular
+    file (a device, pipe or directory is never replaced)."""
     if not out:
         raise RestoreError("the output path is empty; name the database file to write")
-    out = os.path.abspath(out)
+    if out == "-":
+        raise RestoreError("restore writes a database file, not standard output; name the file")
+    if out.endswith(os.sep):
+        raise RestoreError(f"{out} names a directory; name the database file to write")
+    # Through a symlink, the database is its target: that file is checked and replaced.
+    out = os.path.realpath(out)
     where = os.path.dirname(out)
     if not os.path.isdir(where):
         raise RestoreError(f"{where}: no such directory to restore {os.path.basename(out)} in")
