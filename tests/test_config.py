@@ -161,3 +161,16 @@ def test_a_bad_replica_url_in_the_environment_fails_the_open_in_one_line(
     )
     walsync_vfs.flush(timeout=10)
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_a_relative_replica_directory_is_where_configure_was_called(tmp_path, monkeypatch):
+    """A daemon that configures, then changes directory, still replicates where it meant."""
+    import walsync_vfs
+
+    monkeypatch.chdir(tmp_path)
+    walsync_vfs.configure(replica="backups")
+    try:
+        monkeypatch.chdir("/")
+        assert walsync_vfs._settings.defaults.replica_root() == str(tmp_path / "backups")
+    finally:
+        walsync_vfs.configure(replica="")

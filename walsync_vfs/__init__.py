@@ -13,6 +13,7 @@ import dataclasses
 import os
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 import apsw
 
@@ -93,6 +94,8 @@ def configure(
     if replica is not None:
         if replica:  # "" goes back to $WALSYNC_REPLICA or the default
             storage.open_replica(replica, **new.client_options)  # malformed URLs fail here
+            if not urlsplit(replica).scheme:  # a directory path: here, not after a chdir
+                replica = os.path.abspath(replica)
         knobs["replica"] = replica
     new.defaults = dataclasses.replace(new.defaults, **knobs)
     _adopt(new)
