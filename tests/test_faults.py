@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -457,3 +458,37 @@ def test_a_closed_database_still_uploading_keeps_its_name_until_done(
     walsync_vfs.flush(timeout=60)
     assert rows(restored(f"{s3_replica}/app.db", tmp_path / "r.db")) == [("b",)]
     b.close()
+
+
+def test_a_killed_process_s_private_spool_directory_goes_at_the_next_start(tmp_path):
+    """atexit never runs in a process killed by SIGKILL: the next process to make its own
+    private spool directory removes it, and never one whose process still runs."""
+    program = textwrap.dedent(
+        """
+        import os, sys
+        from walsync_vfs.config import Settings
+        from walsync_vfs.spool import Spool
+        print(Spool(Settings()).directory(), flush=True)
+        if sys.argv[1] == "die":
+            os.kill(os.getpid(), 9)
+        sys.stdin.read()
+        """
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+
+    def start(how: str) -> tuple[subprocess.Popen, str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", program, how],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        return proc, proc.stdout.readline().strip()
+
+    killed, dead = start("die")
+    assert killed.wait(30) == -9 and os.path.isdir(dead)
+    running, alive = start("live")
+    later, own = start("live")
+    assert not os.path.exists(dead) and os.path.isdir(alive) and os.path.isdir(own)
+    for proc in (running, later):
+        proc.communicate("", timeout=30)
+    assert not os.path.exists(alive) and not os.path.exists(own)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -28,6 +29,10 @@ def completes(part: tuple[int, int] | None) -> bool:
     """Whether storing a segment, whole (None) or part (index, count) of a commit, completes
     its last commit (FORMAT.md §4.5)."""
     return part is None or part[0] + 1 == part[1]
+
+
+PRIVATE_PREFIX = "walsync-spool-"  # then the process id: see Spool.directory
+OWNER = ".owner"  # in a private spool directory, locked by its process while it runs
 
 
 class SpoolFull(OSError):
@@ -76,6 +81,7 @@ class Spool:
         self.settings = settings
         self.used = 0
         self._private_dir: str | None = None
+        self._owner: int | None = None  # the descriptor whose lock says the directory is used
         self._lock = threading.Lock()
 
     def spill(self, item: Outgoing) -> None:
@@ -142,9 +148,15 @@ class Spool:
             return self.settings.spool_dir
         with self._lock:
             if self._private_dir is None:
-                self._private_dir = tempfile.mkdtemp(prefix=f"walsync-spool-{os.getpid()}-")
+                _remove_dead_ones()
+                path = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-")
+                # Held until the process ends, however it ends: see _remove_dead_ones.
+                owner = os.path.join(path, OWNER)
+                self._owner = os.open(owner, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._owner, fcntl.LOCK_SH)
                 # Made by every process now (local copies live in it), and useless to any other.
-                atexit.register(shutil.rmtree, self._private_dir, True)
+                atexit.register(shutil.rmtree, path, True)
+                self._private_dir = path
             return self._private_dir
 
     def discard(self, item: Outgoing) -> None:
@@ -160,3 +172,27 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         self._credit(size)
+
+
+def _remove_dead_ones() -> None:
+    """Remove the private spool directories of processes that have ended: one killed never
+    ran its atexit, and nothing else would ever remove its directory.  Its owner file's lock
+    went with it (a process id could be another's, or in another pid namespace)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(tempfile.gettempdir()):
+            if entry.name.startswith(PRIVATE_PREFIX) and _ended(entry.path):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _ended(path: str) -> bool:
+    try:
+        fd = os.open(os.path.join(path, OWNER), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # another user's, or just being made
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
