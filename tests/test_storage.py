@@ -614,3 +614,18 @@ def test_a_file_root_at_slash_names_objects_with_three_slashes() -> None:
     with pytest.raises(ObjectNotFound) as info:
         client.get("walsync-test-no-such-object")
     assert str(info.value) == "object file:///walsync-test-no-such-object does not exist"
+
+
+def test_a_file_root_that_is_a_file_is_refused_and_store_errors_are_one_line(
+    tmp_path: Path,
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    with pytest.raises(StorageError) as info:
+        open_replica(afile.as_uri())
+    assert str(info.value) == f"replica root {afile} is not a directory; name a directory"
+    client = open_replica(tmp_path.as_uri())
+    (tmp_path / "db").write_text("in the way")  # a file where a key's directory must go
+    with pytest.raises(StorageError) as info:
+        client.swap("db/lease", b"x", None)
+    assert str(info.value) == f"cannot write {tmp_path.as_uri()}/db/lease: Not a directory"

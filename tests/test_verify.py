@@ -241,3 +241,18 @@ def test_verify_of_nothing_fails(tmp_path):
     assert proc.stderr == (
         f"walsync: problem: {url}: no replica found\nwalsync: error: {url}: 1 problem(s) found\n"
     )
+
+
+def test_verify_of_a_root_asks_for_a_database(file_replica, tmp_path):
+    import walsync_vfs
+
+    con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    proc = cli("verify", file_replica)
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"walsync: error: {file_replica} is a replica root; verify one of its databases, "
+        f"{file_replica}/<name> (list names them)\n",
+    )

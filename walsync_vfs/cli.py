@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, NoReturn
 
-from walsync_vfs import heap, inplace, report, storage
+from walsync_vfs import catalog, heap, inplace, report, storage
 from walsync_vfs.format import CorruptObject
 from walsync_vfs.restore import Follower, RestoreError, iso_time, restore, split_url
 
@@ -140,6 +140,12 @@ def run_list(url: str, as_json: bool) -> int:
 
 
 def run_verify(url: str) -> int:
+    target, named = report.open_target(url)
+    if named is None and catalog.databases(target):
+        raise RestoreError(
+            f"{url} is a replica root; verify one of its databases, "
+            f"{url.rstrip('/')}/<name> (list names them)"
+        )
     root, name = split_url(url)
     client = storage.open_replica(root)
     problems = report.verify(client, name)

@@ -48,6 +48,8 @@ class FileReplicaClient:
     def __init__(self, root: str) -> None:
         self.root = Path(root)
         self.url = self.root.as_uri()
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(f"replica root {root} is not a directory; name a directory")
         self.requests = 0
         self.create_only = False
         # Create-only puts and swaps are this module's own (link, record locks): nothing for
@@ -133,10 +135,13 @@ class FileReplicaClient:
         # Closing any descriptor of the file drops this process's record lock: one at a time.
         with self._swapping:
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            except FileNotFoundError:
-                _makedirs(path.parent)
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                try:
+                    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                except FileNotFoundError:
+                    _makedirs(path.parent)
+                    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as exc:
+                raise StorageError(f"cannot write {self._at(key)}: {_why(exc)}") from exc
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX)
                 if tag is not None:
