@@ -77,6 +77,19 @@ def test_attached_database_is_replicated_under_its_own_name(replica, tmp_path):
     con.close()
 
 
+def test_an_attached_database_flushed_before_its_detach_is_replicated(replica, tmp_path):
+    """A new database attached for one commit and detached at once looks like a VACUUM INTO
+    output; a flush() before the DETACH waits for the engine to take it up."""
+    main, other = tmp_path / "main.db", tmp_path / "brief.db"
+    con = apsw.Connection(str(main), vfs="walsync")
+    con.execute(f"ATTACH '{other}' AS o")
+    con.execute("CREATE TABLE o.t(x); INSERT INTO o.t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    con.execute("DETACH o")
+    assert_restores(replica, other, tmp_path)
+    con.close()
+
+
 def vacuum_replicated_into(path: Path, copy: Path, vfs: str) -> None:
     """Make a replicated database, VACUUM INTO ``copy`` through ``vfs`` as soon as it is
     replicated, and read the output right after with a plain reader that meets any lock."""
