@@ -94,6 +94,19 @@ def test_expired_deletes_nothing_without_an_anchor() -> None:
     assert expired(listing, retention=700.0, now=1000.0) == []
 
 
+def test_a_snapshot_listed_less_than_a_second_before_the_window_is_no_anchor() -> None:
+    """S3 lists LastModified to the second: listed at 299.6, written up to 300.6, which is
+    inside a window starting at 300.  The snapshot before it anchors instead."""
+    listing = objects(
+        ("snapshot", 1, 1, 100.0),
+        ("segment", 2, 5, 150.0),
+        ("snapshot", 5, 5, 299.6),
+        ("segment", 6, 9, 320.0),
+    )
+    assert expired(listing, retention=700.0, now=1000.0) == []
+    assert expired(listing, retention=700.0, now=1000.6) == [listing[0].key, listing[1].key]
+
+
 class Recorder:
     """Stands in for the maintenance thread: records the passes it is given."""
 

@@ -37,6 +37,7 @@ MAINTENANCE_TICK = 1.0  # seconds between looks for due snapshots, compactions, 
 MERGED_BYTES = 4 << 20  # merged segments held at once for one batch of compaction PUTs
 UPLOAD_SWEEP_INTERVAL = 3600.0  # seconds between a database's looks for abandoned uploads
 STALE_UPLOAD_AGE = 3600.0  # an unfinished upload this old, not this process's, was abandoned
+LISTED_TIME_SLACK = 1.0  # S3 lists LastModified to the second: a write may be that much later
 
 # (database, retention due, small segments to merge, their local copies)
 Job = tuple["Database", bool, list[format.ParsedKey], Run | None]
@@ -151,9 +152,10 @@ def expired(
     """Keys no restore point in the last ``retention`` seconds needs.
 
     The newest snapshot written before the window starts covers every point inside it
-    (object write times are never earlier than the snapshot's own time, so this errs on the
-    side of keeping).  Everything older than that snapshot -- earlier snapshots, segments it
-    covers, whole earlier generations -- can go.
+    (object write times are never earlier than the snapshot's own time, and listed ones at
+    most LISTED_TIME_SLACK earlier than the write, so this errs on the side of keeping).
+    Everything older than that snapshot -- earlier snapshots, segments it covers, whole
+    earlier generations -- can go.
 
     The leftovers of fenced writers (catalog.leftovers) go too, and never anchor anything:
     the anchor is a snapshot of the one history that lease holders extend.
@@ -163,7 +165,9 @@ def expired(
     fenced = catalog.leftovers([k for k, _ in parsed])
     parsed = [(k, o) for k, o in parsed if k not in fenced]
     doomed = sorted(catalog.object_key(k) for k in fenced)
-    anchors = [k for k, o in parsed if k.kind == "snapshot" and o.modified <= cutoff]
+    anchors = [
+        k for k, o in parsed if k.kind == "snapshot" and o.modified + LISTED_TIME_SLACK <= cutoff
+    ]
     if not anchors:
         return doomed
     anchor = max(anchors, key=lambda k: k.last_txid)
