@@ -227,10 +227,10 @@ def test_file_delete_prunes_empty_directories(file_url: str) -> None:
 
 def test_file_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_bytes(b"")
-    client = open_replica(str(tmp_path / "blocker"))
+    client = open_replica(str(tmp_path))
     with pytest.raises(StorageError) as info:
-        client.put("k", b"v")
-    assert str(info.value) == f"cannot write {(tmp_path / 'blocker').as_uri()}/k: Not a directory"
+        client.put("blocker/k", b"v")
+    assert str(info.value) == f"cannot write {tmp_path.as_uri()}/blocker/k: Not a directory"
 
 
 def test_prefixes_isolate_clients(s3_server) -> None:
