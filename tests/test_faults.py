@@ -342,6 +342,39 @@ def test_an_application_exits_while_its_store_hangs(tmp_path):
     silent.close()
 
 
+APP_THAT_REOPENS = """
+import sys, time, apsw, walsync_vfs
+walsync_vfs.configure(replica="s3://bucket/p")
+for i in range(3):  # a connection per request
+    started = time.monotonic()
+    con = apsw.Connection(sys.argv[1], vfs="walsync")
+    print(round(time.monotonic() - started, 3), flush=True)
+    con.execute("CREATE TABLE IF NOT EXISTS t(x)")
+    con.execute("INSERT INTO t VALUES(?)", (i,))
+    time.sleep(0.5)
+    con.close()
+"""
+
+
+def test_a_reopen_never_waits_for_a_store_that_hangs(tmp_path):
+    """The first open's sync takes its sync point, then waits for the store; a reopen's
+    sync point comes after it, and its opener does not wait that long."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.extend(iter(lambda: silent.accept()[0], None)),
+                     daemon=True).start()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", APP_THAT_REOPENS, str(tmp_path / "a.db")],
+        capture_output=True, text=True, timeout=120,
+        env=store_env(f"http://127.0.0.1:{silent.getsockname()[1]}"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    opens = [float(line) for line in out.stdout.split()]
+    assert len(opens) == 3 and max(opens) < 1.0, opens
+    assert held, "the app never reached the store"
+    silent.close()
+
+
 @pytest.mark.parametrize(
     ("url", "text"),
     [
@@ -388,7 +421,7 @@ def test_reordered_objects_are_caught(file_url, tmp_path):
 def test_flush_reports_a_failing_replica(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    walsync_vfs.configure(replica=blocker.as_uri())
+    walsync_vfs.configure(replica=(blocker / "root").as_uri())  # no directory can go there
     con = apsw.Connection(str(tmp_path / "nowhere.db"), vfs="walsync")
     con.execute("CREATE TABLE t(x)")
     with pytest.raises(walsync_vfs.ReplicationError, match="replica of .*nowhere.db is failing: "):

@@ -57,6 +57,7 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
+BEHIND_A_SYNC_WAIT = 0.25  # s an opener waits for a sync that is past its sync point
 _COMMIT = int(Kind.COMMIT)  # a ws_rec's kind, compared on the capture path without the enum
 
 
@@ -368,7 +369,11 @@ class Engine:
                     self._never_held(db)
                     return
             try:
-                self._sync(db)
+                try:
+                    self._sync(db)
+                finally:
+                    with self._lock:
+                        state.past_pin = False
             except capture.ClosedError:
                 with self._lock:
                     self._never_held(db)
@@ -590,6 +595,7 @@ class Engine:
     def _pinned(self, db: Database, seq: int) -> None:
         with self._lock:
             db.sync.pinned_seq = seq
+            db.sync.past_pin = True
             self._cond.notify_all()
 
     def _head_at(self, db: Database, seq: int, stored: Head | None) -> Head | None:
@@ -751,10 +757,16 @@ class Engine:
             return
         with self._lock:
             state = db.sync
-            self._cond.wait_for(
-                lambda: self._stopped or state.pinned_seq >= state.open_seq or db.failures,
-                timeout,
-            )
+
+            def ready() -> bool:
+                return self._stopped or state.pinned_seq >= state.open_seq or bool(db.failures)
+
+            # Behind a sync past its own sync point (a reopen), this one's comes only once
+            # that sync is done with the store: wait a moment for it, never for the store.
+            deadline = time.monotonic() + timeout
+            if self._cond.wait_for(lambda: ready() or state.past_pin, timeout) and not ready():
+                wait = min(BEHIND_A_SYNC_WAIT, deadline - time.monotonic())
+                self._cond.wait_for(ready, max(0.0, wait))
 
     # ---------------------------------------------------------------- the uploader
 

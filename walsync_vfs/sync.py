@@ -48,6 +48,7 @@ class SyncState:
     held_bytes: int = 0  # page bytes of the held commits in memory
     open_seq: int = 0  # seq of the latest OPEN
     pinned_seq: int = 0  # seq of the latest sync point taken
+    past_pin: bool = False  # the sync running has taken its sync point (it may await the store)
     stored_head: Head | None = None  # the replica's head, read by a first sync's first pass
     seen_open: bool = False  # not in WAL, written and still open at a look (StillOpenError)
 
