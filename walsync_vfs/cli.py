@@ -14,13 +14,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any, NoReturn
 
 from walsync_vfs import catalog, heap, inplace, report, storage
 from walsync_vfs.format import CorruptObject
-from walsync_vfs.restore import Follower, RestoreError, iso_time, restore, split_url
+from walsync_vfs.restore import EPOCH, Follower, RestoreError, iso_time, restore, split_url
 
 ERRORS = (RestoreError, storage.StorageError, CorruptObject, inplace.LiveDatabaseError, OSError)
 FOLLOW_HELP = """\
@@ -69,7 +69,7 @@ def parse_timestamp(text: str) -> int:
             raise argparse.ArgumentTypeError(
                 f"timestamp {text!r} has no timezone: add one, e.g. {example}"
             ) from None
-        ns = int(when.timestamp() * 1_000_000) * 1000
+        ns = (when - EPOCH) // timedelta(microseconds=1) * 1000  # exact: no float
     try:
         iso_time(ns)
     except (ValueError, OverflowError, OSError):

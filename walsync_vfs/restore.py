@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import quote, unquote
 
@@ -116,8 +116,13 @@ def split_url(url: str) -> tuple[str, str]:
     return root, name
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def iso_time(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+    """A commit time as restore --timestamp reads it: rounded up to the microsecond, so a
+    restore at the printed time includes the commit."""
+    return (EPOCH + timedelta(microseconds=-(-ns // 1000))).isoformat(timespec="microseconds")
 
 
 def _outside(
