@@ -9,7 +9,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from walsync_vfs import format, storage
+from walsync_vfs import catalog, format, storage
 from walsync_vfs.compactor import (
     MAINTENANCE_TICK,
     Compactor,
@@ -160,3 +160,19 @@ def test_a_broken_lineage_gets_no_maintenance(tmp_path: Any) -> None:
     comp.schedule([db], now=1e6, request_sync=lambda d: None)
     assert pool.spawned == [] and not db.upkeep.maintaining
     comp.recent.close()
+
+
+def test_restorable_ranges_start_at_snapshots_and_stop_at_holes() -> None:
+    """A segment kept across the oldest snapshot restores nothing before it; commits whose
+    segments never arrived are a hole up to the next snapshot."""
+    listing = objects(
+        ("segment", 105, 110, 0.0),  # straddles the snapshot at 108
+        ("snapshot", 108, 108, 0.0),
+        ("segment", 111, 115, 0.0),
+        ("snapshot", 122, 122, 0.0),  # 116..121 never arrived
+        ("segment", 123, 125, 0.0),
+    )
+    (gen,) = catalog.scan(listing, "a.db")[0]
+    assert gen.restorable() == [(108, 115), (122, 125)]
+    assert catalog.spell_ranges(gen.restorable()) == "txids 108..115, 122..125"
+    assert catalog.spell_ranges([(1, 5), (6, 9), (12, 12)]) == "txids 1..9, 12"

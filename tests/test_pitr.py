@@ -372,6 +372,7 @@ def expected_listing(client: storage.ReplicaClient, name: str) -> dict:
                 "generation": gen_id,
                 "first_txid": snaps[0].last_txid,
                 "last_txid": last.txid,
+                "restorable": [[snaps[0].last_txid, last.txid]],
                 "snapshots": [
                     {"txid": s.last_txid, "bytes": sizes[catalog.object_key(s)]} for s in snaps
                 ],

@@ -45,6 +45,34 @@ class Generation:
         whole = self.snapshots + self.segments
         return max((k.last_txid for k in whole), default=self.first_txid - 1)
 
+    def restorable(self) -> list[tuple[int, int]]:
+        """The txid ranges a restore can reach: from each snapshot on through the segments
+        that follow it without a hole, merged.  Empty without a snapshot."""
+        segments = sorted(self.segments, key=lambda k: k.first_txid)
+        ranges: list[tuple[int, int]] = []
+        for snap in sorted(self.snapshots, key=lambda k: k.last_txid):
+            end = snap.last_txid
+            for seg in segments:
+                if seg.first_txid <= end + 1 < seg.last_txid + 1:
+                    end = seg.last_txid
+            if ranges and snap.last_txid <= ranges[-1][1] + 1:
+                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
+            else:
+                ranges.append((snap.last_txid, end))
+        return ranges
+
+
+def spell_ranges(ranges: list[tuple[int, int]]) -> str:
+    """``[(1, 2), (3, 9), (22, 22)]`` -> ``"txids 1..9, 22"`` (adjacent ranges joined: a
+    new generation's txids go on from the last one's)."""
+    joined: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if joined and a <= joined[-1][1] + 1:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], b))
+        else:
+            joined.append((a, b))
+    return "txids " + ", ".join(f"{a}..{b}" if a != b else f"{a}" for a, b in joined)
+
 
 def generations(client: storage.ReplicaClient, name: str) -> list[Generation]:
     """Every generation of database ``name``, oldest first, from one LIST; objects a fenced

@@ -59,6 +59,7 @@ def describe_database(client: storage.ReplicaClient, name: str) -> dict:
                 "generation": g.id,
                 "first_txid": g.first_txid,
                 "last_txid": g.last_txid,
+                "restorable": g.restorable(),
                 "snapshots": [
                     {"txid": s.last_txid, "bytes": g.sizes[catalog.object_key(s)]}
                     for s in g.snapshots
@@ -113,7 +114,9 @@ def format_database(info: dict) -> str:
     lines = [f"{info['url']}"]
     for g in info["generations"]:
         segs = g["segments"]
-        lines.append(f"  generation {g['generation']}  txids {g['first_txid']}..{g['last_txid']}")
+        ranges = g["restorable"]
+        reach = catalog.spell_ranges(ranges) if ranges else "nothing restorable (no snapshot)"
+        lines.append(f"  generation {g['generation']}  {reach}")
         for s in g["snapshots"]:
             lines.append(f"    snapshot  txid {s['txid']}  {s['bytes']} bytes")
         if segs["count"]:

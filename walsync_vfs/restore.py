@@ -138,7 +138,7 @@ def _outside(
     if not restorable:
         return RestoreError(f"{name}: no generation has a snapshot, nothing can be restored")
     first = restorable[0].snapshots[0]
-    available = f"txids {first.last_txid}..{gens[-1].last_txid}"
+    available = catalog.spell_ranges([r for g in restorable for r in g.restorable()])
     if timestamp_ns is None:
         return RestoreError(
             f"{name}: txid {txid} is not in the retained history (available: {available})"
