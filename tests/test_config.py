@@ -174,3 +174,21 @@ def test_a_relative_replica_directory_is_where_configure_was_called(tmp_path, mo
         assert walsync_vfs._settings.defaults.replica_root() == str(tmp_path / "backups")
     finally:
         walsync_vfs.configure(replica="")
+
+
+def test_a_file_name_that_cannot_be_a_replica_name_fails_the_open_in_one_line(
+    file_replica, tmp_path, caplog
+):
+    import apsw
+
+    import walsync_vfs
+
+    path = tmp_path / "a\\b.db"
+    with pytest.raises(ConfigError) as info:
+        apsw.Connection(str(path), vfs="walsync")
+    assert str(info.value).startswith(f"{path}: invalid database name 'a\\\\b.db': ")
+    assert str(info.value).endswith(
+        "; give it a replica name (configure(name=...), or name in a [[databases]] table)"
+    )
+    walsync_vfs.flush(timeout=10)
+    assert not [r for r in caplog.records if r.exc_info]

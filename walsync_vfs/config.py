@@ -172,7 +172,15 @@ class Settings:
         for o in self.overrides:
             if fnmatch.fnmatchcase(base, o.match) or fnmatch.fnmatchcase(path, o.match):
                 cfg = dataclasses.replace(cfg, **o.values)
-        return cfg if cfg.name else dataclasses.replace(cfg, name=check_name(base))
+        if cfg.name:
+            return cfg
+        try:
+            return dataclasses.replace(cfg, name=check_name(base))
+        except ValueError as exc:
+            raise ConfigError(
+                f"{path}: {exc}; give it a replica name (configure(name=...), or name in a "
+                "[[databases]] table)"
+            ) from None
 
 
 def load_toml(text: str, where: str) -> Settings:
