@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -373,6 +374,49 @@ def test_a_reopen_never_waits_for_a_store_that_hangs(tmp_path):
     assert len(opens) == 3 and max(opens) < 1.0, opens
     assert held, "the app never reached the store"
     silent.close()
+
+
+APP_WITHOUT_ITS_STORE = """
+import json, sys, time, apsw, walsync_vfs
+walsync_vfs.configure(replica="s3://bucket/p")
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.execute("CREATE TABLE t(x)")
+for i in range(24):
+    con.execute("INSERT INTO t VALUES(?)", (i,))
+    time.sleep(0.25)
+    s = walsync_vfs.stats()[0]
+    print(json.dumps([s["lag_seconds"], s["pending_commits"], s["errors"]]), flush=True)
+"""
+
+
+def test_lag_and_pending_commits_only_grow_while_the_first_sync_fails(tmp_path):
+    """A store that fails each request after 1.5 s: each retry of the first sync takes a new
+    sync point, past the head's wait.  The commits before it are in the snapshot it will
+    store, and still owed to the replica until it does."""
+    slow = socket.create_server(("127.0.0.1", 0))
+
+    def hang_up(conn: socket.socket) -> None:
+        time.sleep(1.5)
+        conn.close()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=hang_up, args=(slow.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    out = subprocess.run(
+        [sys.executable, "-c", APP_WITHOUT_ITS_STORE, str(tmp_path / "a.db")],
+        capture_output=True, text=True, timeout=120,
+        env=store_env(f"http://127.0.0.1:{slow.getsockname()[1]}"),
+    )  # fmt: skip
+    slow.close()
+    assert out.returncode == 0, out.stderr
+    samples = [json.loads(line) for line in out.stdout.splitlines()]
+    lags, pending, errors = zip(*samples, strict=True)
+    assert errors[-1] >= 1, "the sync never failed"
+    assert list(lags) == sorted(lags) and lags[-1] >= 5.5, lags
+    assert list(pending) == sorted(pending) and pending[-1] >= 25, pending
 
 
 @pytest.mark.parametrize(

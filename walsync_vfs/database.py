@@ -76,8 +76,10 @@ class Database:
 
 def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
     """One database's replication state; lag is the age of its oldest unreplicated commit."""
-    up, held = db.upload, db.sync.held
+    up, sync = db.upload, db.sync
+    held = sync.held
     oldest = up.pending[0][2].time_ns if up.pending else (held[0].time_ns if held else now_ns)
+    oldest = min(oldest, sync.owed_since_ns or now_ns)
     return {
         "path": db.path,
         "name": db.name,
@@ -85,7 +87,7 @@ def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
         "last_txid": db.lineage.next_txid - 1,
         "replicated_txid": up.durable_txid,
         "lag_seconds": max(0.0, (now_ns - oldest) / 1e9),
-        "pending_commits": up.pending_commits + len(held),
+        "pending_commits": up.pending_commits + len(held) + sync.owed,
         "pending_bytes": up.pending_bytes,
         "bytes_uploaded": up.bytes_uploaded,
         "syncing": db.sync.syncing,

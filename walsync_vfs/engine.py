@@ -604,7 +604,10 @@ class Engine:
         capture.dispatcher().barrier()
         with self._lock:
             for rec in db.sync.take_held(self._spool, seq):
-                self._append(db, rec)
+                if db.lineage.generation is None:
+                    db.sync.owe(rec)  # in the first snapshot, once the store takes it
+                else:
+                    self._append(db, rec)
             return db.lineage.head(stored)
 
     def _never_held(self, db: Database) -> None:
@@ -698,6 +701,7 @@ class Engine:
             db.failures = 0
             db.last_error = ""
             db.stopped = False
+            state.owed, state.owed_since_ns = 0, 0
             self.compactor.synced(db, decision, time.monotonic())
         log.info(
             "walsync: %s -> %s/%s at txid %d (%s)",

@@ -48,6 +48,10 @@ class SyncState:
     held_bytes: int = 0  # page bytes of the held commits in memory
     open_seq: int = 0  # seq of the latest OPEN
     pinned_seq: int = 0  # seq of the latest sync point taken
+    # Commits a first sync point took in that has not reached the store yet (its retries
+    # take later ones): what the database still owes the replica, for stats().
+    owed: int = 0
+    owed_since_ns: int = 0
     past_pin: bool = False  # the sync running has taken its sync point (it may await the store)
     stored_head: Head | None = None  # the replica's head, read by a first sync's first pass
     seen_open: bool = False  # not in WAL, written and still open at a look (StillOpenError)
@@ -69,6 +73,10 @@ class SyncState:
         dropped = len(self.held)
         self.held, self.held_bytes = [], 0
         return dropped
+
+    def owe(self, rec: Record) -> None:
+        self.owed += 1
+        self.owed_since_ns = self.owed_since_ns or rec.time_ns
 
     def take_held(self, spool: Spool, upto: float = float("inf")) -> list[Record]:
         """Take the held commits up to seq ``upto``, keeping the later ones."""
