@@ -147,3 +147,41 @@ def test_restore_plans_again_when_listed_segments_are_compacted_away(replica, tm
     assert digest(check) == digest(con)
     check.close()
     con.close()
+
+
+def test_flush_waits_for_the_segments_a_periodic_snapshot_came_after(file_url, tmp_path):
+    """Snapshots more often than uploads: a snapshot holds the state, not the restore points
+    of the commits queued before it, so flush() waits for their segments."""
+    walsync_vfs.configure(replica=file_url, upload_interval=5.0, snapshot_interval=0.3)
+    try:
+        con = apsw.Connection(str(tmp_path / "often.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        txid = next(s for s in walsync_vfs.stats() if s["name"] == "often.db")["last_txid"]
+        states = {}
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            con.execute("INSERT INTO t VALUES(randomblob(100))")
+            txid += 1
+            states[txid] = digest(con)
+            time.sleep(0.02)
+        deadline = time.monotonic() + 30
+        while not any(  # a periodic snapshot of the last state: nothing comes after it
+            s.last_txid == txid
+            for s in catalog.generations(storage.open_replica(file_url), "often.db")[0].snapshots
+        ):
+            assert time.monotonic() < deadline, "no periodic snapshot of the last commit"
+            time.sleep(0.05)
+        walsync_vfs.flush(timeout=30)
+        (state,) = [s for s in walsync_vfs.stats() if s["name"] == "often.db"]
+        assert state["pending_commits"] == 0, state
+        con.close()
+    finally:
+        walsync_vfs.flush(timeout=30)
+        walsync_vfs.configure(replica="", upload_interval=1.0, snapshot_interval=86400.0)
+    (gen,) = catalog.generations(storage.open_replica(file_url), "often.db")
+    assert len(gen.snapshots) >= 2 and gen.restorable() == [(1, max(states))]
+    for txid in sorted(states)[:: max(1, len(states) // 5)]:
+        out = tmp_path / f"at{txid}.db"
+        restore(f"{file_url}/often.db", str(out), txid=txid)
+        assert digest(apsw.Connection(str(out))) == states[txid]

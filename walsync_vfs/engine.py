@@ -695,7 +695,9 @@ class Engine:
             if queue and decision.survivors:
                 behind = [(pinned.seq, commit) for commit in decision.survivors]
                 self._queue(db, decision.generation, behind)
-            if decision.snapshot or not (up.pending or up.outbox or up.uploading):
+            # A periodic snapshot holds the state, not the restore points of the commits
+            # still queued before it: those are durable once their segments are stored.
+            if not decision.continues or not (up.pending or up.outbox or up.uploading):
                 up.durable_seq = max(up.durable_seq, pinned.seq)
                 up.durable_txid = max(up.durable_txid, decision.txid)
             db.failures = 0
