@@ -365,6 +365,33 @@ def test_follow_starts_over_from_a_new_generation(replica, tmp_path, followers):
     con.close()
 
 
+def test_connections_to_a_replaced_output_are_fenced_off(replica, tmp_path, followers):
+    """A restarted follower installs a new file.  A connection opened on the old one must not
+    take the new file's journal for a hot journal of its own and roll it back (deleting it
+    under the follower's update): it gets SQLITE_BUSY, and a new connection reads on."""
+    con = ledger(tmp_path / "src.db")
+    url = f"{replica}/src.db"
+    out = tmp_path / "replica.db"
+    follower = followers(url, out)
+    follower.wait_same(con)
+    stale = apsw.Connection(str(out))  # read-write, as sqlite3.connect() opens it
+    assert stale.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    follower.stop()
+    follower = followers(url, out, force=True)
+    follower.wait_started()
+    for _ in range(5):
+        add_rows(con, 200, 300)
+        walsync_vfs.flush(timeout=30)
+        with pytest.raises(apsw.BusyError):
+            stale.execute("SELECT count(*) FROM t").fetchall()
+    follower.wait_same(con)
+    assert read(out)[0] == 1001
+    assert follower.errors() == []
+    stale.close()
+    follower.stop()
+    con.close()
+
+
 def test_a_bad_object_is_reported_once_and_what_precedes_it_goes_out(replica, tmp_path, followers):
     con = source(tmp_path / "bad.db")
     url = f"{replica}/bad.db"

@@ -33,6 +33,7 @@ import os
 import stat
 import struct
 import tempfile
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +49,7 @@ import apsw
 from walsync_vfs import catalog, format, inplace, objects, storage
 from walsync_vfs.dbfile import apply_pages, page_runs, read_pages, write_pages
 from walsync_vfs.format import check_name
+from walsync_vfs.format.checksum import PENDING_BYTE
 from walsync_vfs.storage.transfer import read_ranges
 
 PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied ...
@@ -833,6 +835,7 @@ def _output_path(out: str, force: bool) -> str:
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hh4xqqi4x")
 _SHM_DMS = 128  # the wal-index byte every connection to a WAL database holds a read lock on
+FENCE_ATTEMPTS = 100
 
 
 def _open_elsewhere(path: str) -> bool:
@@ -850,6 +853,25 @@ def _open_elsewhere(path: str) -> bool:
     finally:
         os.close(fd)  # drops that lock, and no other
     return False
+
+
+def _fence_off(path: str) -> int | None:
+    """Before the file at ``path`` is replaced: a descriptor holding its PENDING byte, so that
+    connections still open on it start no more transactions (SQLITE_BUSY) instead of taking
+    the new file's journal for a hot one of theirs and rolling it back into the old file
+    (deleting it under the follower's update).  None if there is no file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    pending = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, PENDING_BYTE, 1, 0)
+    for _ in range(FENCE_ATTEMPTS):  # a reader holds it for a moment as it starts reading
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, pending)
+            break
+        except OSError:
+            time.sleep(0.01)
+    return fd
 
 
 @contextmanager
@@ -971,6 +993,7 @@ class Follower:
         self.generation: str | None = None  # of the published file
         self._image: Image | None = None
         self._live: inplace.LiveDatabase | None = None
+        self._fences: list[int] = []  # files replaced under connections still open on them
 
     def __enter__(self) -> Follower:
         return self
@@ -981,6 +1004,9 @@ class Follower:
     def close(self) -> None:
         """Stop writing ``out``; it stays at its last commit."""
         self._drop()
+        for fd in self._fences:
+            os.close(fd)
+        self._fences = []
 
     def poll(self) -> bool:
         """Bring ``out`` up to the replica's newest commit; True if ``out`` changed.
@@ -1035,6 +1061,9 @@ class Follower:
                 image = _replay(self.client, p, f)
                 page1 = image.sink.read(1, 1)  # as the replica has it, for the checksum
                 inplace.set_rollback_mode(f)
+            fence = _fence_off(self.out)
+            if fence is not None:
+                self._fences.append(fence)
             _install(tmp, self.out)
         self._live = inplace.LiveDatabase(self.out, image.result.page_size, page1)
         image.sink = self._live
