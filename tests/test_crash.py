@@ -129,6 +129,8 @@ import apsw, walsync_vfs
 
 db, replica, scenario = sys.argv[1:]
 walsync_vfs.configure(replica=replica, upload_interval=3600.0)
+if scenario == "snapshot":  # one upload at once after a quiet spell, snapshots soon after
+    walsync_vfs.configure(upload_burst=1, snapshot_interval=0.2)
 if scenario == "padded":  # synchronous=FULL pads each commit with copies of its last frame
     flags = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
     con = apsw.Connection(f"file:{db}?psow=0", flags=flags, vfs="walsync")
@@ -157,6 +159,19 @@ if scenario == "checkpointed":  # `other`'s pages leave the WAL: only the db fil
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 con.execute("INSERT INTO t VALUES(1, randomblob(100))")
 walsync_vfs.flush(timeout=30)
+if scenario == "snapshot":  # the replica ends with a periodic snapshot, past its last segment
+    from walsync_vfs import capture, catalog, storage
+    for k in (3, 4, 5):  # the first ships at once, the others wait for the upload clock
+        con.execute(f"INSERT INTO t VALUES({k}, randomblob(100))")
+    capture.dispatcher().barrier(30)  # the engine has seen them: stats() has the last txid
+    last = walsync_vfs.stats()[0]["last_txid"]
+    client = storage.open_replica(replica)
+    while not any(s.last_txid == last for g in catalog.generations(client, "left.db")
+                  for s in g.snapshots):
+        time.sleep(0.05)
+    import dataclasses  # and no snapshot after it, of the commits the crash leaves behind
+    replicated = walsync_vfs._engine_instance().database(db)
+    replicated.cfg = dataclasses.replace(replicated.cfg, snapshot_interval=0.0)
 print("ACK", digest(), flush=True)
 if scenario == "restarted":  # the WAL is emptied: what follows lands in a new one, new salts
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -245,7 +260,7 @@ def check_recovery(root: str, scenario: str, tmp_path: Path) -> None:
     url = f"{root}/left.db"
     acked, survivors = crash_writer(db, root, scenario)
     (g,) = listing(url)
-    gen, acked_txid = g["generation"], g["last_txid"]
+    gen, acked_txid, snapshots = g["generation"], g["last_txid"], len(g["snapshots"])
     assert restored_digest(url, tmp_path / "acked.db") == acked  # and nothing after it
     before = time.time_ns()
 
@@ -254,7 +269,7 @@ def check_recovery(root: str, scenario: str, tmp_path: Path) -> None:
     assert digest_of(con) == survivors[-1]
     (g,) = listing(url)
     assert (g["generation"], g["last_txid"]) == (gen, acked_txid + len(survivors))
-    assert len(g["snapshots"]) == 1  # no new snapshot either
+    assert len(g["snapshots"]) == snapshots  # no new snapshot either
     for n, want in enumerate(survivors, 1):
         got = restored_digest(url, tmp_path / f"r{n}.db", "--txid", str(acked_txid + n))
         assert got == want, f"restore point {acked_txid + n} (survivor {n})"
@@ -274,6 +289,9 @@ def check_recovery(root: str, scenario: str, tmp_path: Path) -> None:
         times.update(
             (e.txid, e.time_ns) for e in format.read_segment_header(client.get(key), key).index
         )
+    for k in catalog.generations(client, "left.db")[0].snapshots:  # the head may be one
+        key = catalog.object_key(k)
+        times.setdefault(k.last_txid, format.read_snapshot(client.get(key), key)[0].time_ns)
     stamps = {times[acked_txid + n] for n in range(1, len(survivors) + 1)}
     assert len(stamps) == 1 and times[acked_txid] <= stamps.pop() <= before
     con.execute("INSERT INTO t VALUES(-1, 'after')")  # and the lineage goes on from there
@@ -283,13 +301,14 @@ def check_recovery(root: str, scenario: str, tmp_path: Path) -> None:
     con.close()
 
 
-@pytest.mark.parametrize("scenario", ["wal", "restarted", "padded"])
+@pytest.mark.parametrize("scenario", ["wal", "restarted", "padded", "snapshot"])
 def test_commits_left_in_the_wal_continue_the_generation(
     scenario: str, file_replica: str, page_segments: None, tmp_path: Path
 ) -> None:
     """Commits that never reached the store but are still in the WAL (or in a WAL restarted
-    after a full checkpoint, or padded to sector boundaries) ship as ordinary commits of the
-    same generation on reopen."""
+    after a full checkpoint, or padded to sector boundaries, or after a periodic snapshot,
+    which records no WAL position) ship as ordinary commits of the same generation on
+    reopen."""
     check_recovery(file_replica, scenario, tmp_path)
 
 

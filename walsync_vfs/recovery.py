@@ -89,42 +89,61 @@ def wal_survivors(
     state for the rest, must have the replica's whole-db checksum: that proves the replica
     holds exactly that state -- a checkpoint that already copied later frames into the db
     file fails it -- so replaying the frames after F, one commit frame at a time, gives each
-    later commit's exact state; the last must be the pinned state.
+    later commit's exact state; the last must be the pinned state.  A head with no WAL
+    position (a snapshot's) is looked for at every commit frame from the db file on: the
+    last state equal to it is where the replica ends.
     """
     if head.checksum is None or head.page_size != sp.wal_page_size:
         raise Unrecoverable("the WAL is empty or has another page size")
     pos = head.wal
     same_wal = pos is not None and (pos.salt1, pos.salt2) == sp.salts
     start = pos.end if pos is not None and same_wal else 0
-    where = f"WAL frames {start}..{sp.nframe} ({'same WAL' if same_wal else 'from the start'})"
+    how = "same WAL" if same_wal else "from the start" if pos is not None else "searched"
+    where = f"WAL frames {start}..{sp.nframe} ({how})"
     if not start < sp.nframe:
         raise Unrecoverable(f"no {where}")
     try:
+        size = head.db_size if same_wal else _db_file_size(sp)
         with tempfile.TemporaryFile(buffering=COPY_BUFFER) as copy:
-            extents, touched = _copy_frames(sp, start, head.db_size, copy)
+            extents, touched = _copy_frames(sp, start, size, copy)
             copy.flush()
             fd = os.dup(copy.fileno())
         # Owns the copy's descriptor, closed once every commit's pages are gone.
         owner = capture.SpooledPages(fd, head.page_size, array("I"), array("I"))
-        cut_off = max(0, head.db_size - now.db_size)  # pages cut off since: all needed
+        cut_off = max(0, size - now.db_size)  # pages cut off since: all needed
         touched[len(touched) - cut_off :] = b"\x01" * cut_off
         state = now.copy()
-        state.apply(head.db_size, sp.pages_as_of(start, _marked(touched)))
-        if state.value != head.checksum:
-            raise Unrecoverable(f"what precedes {where} is not the replica's last state")
-        commits: list[format.Commit] = []
-        for txid, extent in enumerate(extents, head.txid + 1):
+        state.apply(size, sp.pages_as_of(start, _marked(touched)))
+        ends = [(state.value, state.db_size)]  # the state at start, then after each commit
+        replayed = []
+        for extent in extents:
             pgnos, frames = _newest(extent.pgnos, extent.first, extent.db_size)
             pages = capture.SpooledPages(fd, head.page_size, pgnos, frames, owner)
             state.apply(extent.db_size, pages)
-            commits.append(
-                format.Commit(txid, time_ns, extent.db_size, state.value, pages, extent.wal)
-            )
+            replayed.append((extent, pages, state.value))
+            ends.append((state.value, state.db_size))
     except (capture.CaptureError, ValueError) as exc:  # e.g. the db file no longer has a page
         raise Unrecoverable(f"{where}: {exc}") from exc
-    if state.value != now.value or state.db_size != now.db_size:
+    found = [i for i, end in enumerate(ends) if end == (head.checksum, head.db_size)]
+    if pos is not None:
+        found = found[:1] if found and found[0] == 0 else []
+    if not found:
+        raise Unrecoverable(f"what precedes {where} is not the replica's last state")
+    if ends[-1] != (now.value, now.db_size):
         raise Unrecoverable(f"replaying {where} does not give the database's state")
-    return commits
+    return [
+        format.Commit(txid, time_ns, extent.db_size, value, pages, extent.wal)
+        for txid, (extent, pages, value) in enumerate(replayed[found[-1] :], head.txid + 1)
+    ]
+
+
+def _db_file_size(sp: capture.SyncPoint) -> int:
+    """Pages of the database in its file alone, before WAL frame 0 (its header's count)."""
+    try:
+        ((_, page1),) = sp.pages_as_of(0, [1])
+    except capture.CaptureError:
+        return 0  # an empty file: every page is in the WAL
+    return int.from_bytes(page1[28:32], "big") if page1[92:96] == page1[24:28] else 0
 
 
 def _copy_frames(
