@@ -545,9 +545,15 @@ def test_a_killed_process_s_private_spool_directory_goes_at_the_next_start(tmp_p
         import os, sys
         from walsync_vfs.config import Settings
         from walsync_vfs.spool import Spool
-        print(Spool(Settings()).directory(), flush=True)
+        spool = Spool(Settings()).directory()
         if sys.argv[1] == "die":
+            print(spool, flush=True)
             os.kill(os.getpid(), 9)
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a forked worker's normal exit runs its parent's atexit functions
+        os.waitpid(child, 0)
+        print(spool, flush=True)
         sys.stdin.read()
         """
     )

@@ -149,14 +149,9 @@ class Spool:
         with self._lock:
             if self._private_dir is None:
                 _remove_dead_ones()
-                path = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-")
-                # Held until the process ends, however it ends: see _remove_dead_ones.
-                owner = os.path.join(path, OWNER)
-                self._owner = os.open(owner, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o600)
-                fcntl.flock(self._owner, fcntl.LOCK_SH)
+                self._private_dir, self._owner = _private_directory()
                 # Made by every process now (local copies live in it), and useless to any other.
-                atexit.register(shutil.rmtree, path, True)
-                self._private_dir = path
+                atexit.register(_remove_own, self._private_dir, os.getpid())
             return self._private_dir
 
     def discard(self, item: Outgoing) -> None:
@@ -172,6 +167,27 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         self._credit(size)
+
+
+def _private_directory() -> tuple[str, int]:
+    """A new private spool directory, and the descriptor whose lock on its owner file lasts
+    as long as this process (see _remove_dead_ones).  Made and locked under a name the sweep
+    passes over, then renamed: no sweep ever finds it unlocked."""
+    staging = tempfile.mkdtemp(prefix=f".{PRIVATE_PREFIX}")
+    fd = os.open(os.path.join(staging, OWNER), os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    where, name = os.path.split(staging)
+    unique = name.removeprefix("." + PRIVATE_PREFIX)
+    path = os.path.join(where, f"{PRIVATE_PREFIX}{os.getpid()}-{unique}")
+    os.rename(staging, path)
+    return path, fd
+
+
+def _remove_own(path: str, pid: int) -> None:
+    """At exit: the process's own directory only (a forked child runs its parent's atexit
+    functions too, and must not remove the directory its parent still uses)."""
+    if os.getpid() == pid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_dead_ones() -> None:
