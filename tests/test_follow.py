@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -388,6 +389,29 @@ def test_connections_to_a_replaced_output_are_fenced_off(replica, tmp_path, foll
     assert read(out)[0] == 1001
     assert follower.errors() == []
     stale.close()
+    follower.stop()
+    con.close()
+
+
+def test_a_follower_keeps_only_the_file_it_replaced_last(replica, tmp_path, followers):
+    """Each new generation installs a new file and fences the one before: that one only, so
+    the disk space of older files is given back."""
+    path = tmp_path / "src.db"
+    con = source(path)
+    url = f"{replica}/src.db"
+    out = tmp_path / "replica.db"
+    follower = followers(url, out)
+    follower.wait_same(con)
+    for n in range(3):
+        con.close()
+        write_while_closed(path, f"INSERT INTO t(v) VALUES(x'{n:02x}')")
+        con = apsw.Connection(str(path), vfs="walsync")
+        con.execute("INSERT INTO t(v) VALUES(x'ff')")
+        walsync_vfs.flush(timeout=30)
+        follower.wait_same(con)
+    fds = Path(f"/proc/{follower.proc.pid}/fd")
+    replaced = [os.readlink(fd) for fd in fds.iterdir() if "(deleted)" in os.readlink(fd)]
+    assert replaced == [f"{out} (deleted)"]
     follower.stop()
     con.close()
 

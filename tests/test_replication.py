@@ -356,3 +356,19 @@ def test_one_name_on_two_roots(replica, tmp_path):
     assert rows(restore(f"{other}/app.db", tmp_path / "rb.db")) == [("b",)]
     a.close()
     b.close()
+
+
+def test_restore_refuses_a_symlink_loop(replica, tmp_path):
+    con = open_db(tmp_path / "keep.db")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    proc = cli("restore", f"{replica}/keep.db", "-o", str(a))
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"walsync: error: {a} is a symlink that leads to no file (a loop); fix the link\n",
+    )
+    assert a.is_symlink() and b.is_symlink()

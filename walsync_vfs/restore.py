@@ -816,6 +816,8 @@ def _output_path(out: str, force: bool) -> str:
         raise RestoreError(f"{out} names a directory; name the database file to write")
     # Through a symlink, the database is its target: that file is checked and replaced.
     out = os.path.realpath(out)
+    if os.path.islink(out):
+        raise RestoreError(f"{out} is a symlink that leads to no file (a loop); fix the link")
     where = os.path.dirname(out)
     if not os.path.isdir(where):
         raise RestoreError(f"{where}: no such directory to restore {os.path.basename(out)} in")
@@ -1062,9 +1064,11 @@ class Follower:
                 page1 = image.sink.read(1, 1)  # as the replica has it, for the checksum
                 inplace.set_rollback_mode(f)
             fence = _fence_off(self.out)
-            if fence is not None:
-                self._fences.append(fence)
             _install(tmp, self.out)
+            if fence is not None:  # the file before keeps its disk space while fenced: one
+                for fd in self._fences:
+                    os.close(fd)
+                self._fences = [fence]
         self._live = inplace.LiveDatabase(self.out, image.result.page_size, page1)
         image.sink = self._live
         self._image = image
