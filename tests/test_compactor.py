@@ -176,3 +176,25 @@ def test_restorable_ranges_start_at_snapshots_and_stop_at_holes() -> None:
     assert gen.restorable() == [(108, 115), (122, 125)]
     assert catalog.spell_ranges(gen.restorable()) == "txids 108..115, 122..125"
     assert catalog.spell_ranges([(1, 5), (6, 9), (12, 12)]) == "txids 1..9, 12"
+
+
+def test_verify_goes_on_from_a_snapshot_after_a_hole_and_reports_one_without() -> None:
+    from walsync_vfs import report
+
+    listing = objects(
+        ("snapshot", 1, 1, 0.0),
+        ("segment", 2, 3, 0.0),
+        ("segment", 6, 7, 0.0),  # 4..5 missing, nothing to go on from
+        ("snapshot", 12, 12, 0.0),
+        ("segment", 13, 14, 0.0),  # 8..12 missing, the snapshot at 12 goes on
+    )
+    (gen,) = catalog.scan(listing, "a.db")[0]
+    holes = report._holes(gen)
+    lines = {
+        key.rsplit("/", 1)[1][:33]: (line.split(": ", 1)[1], at)
+        for key, (line, at) in holes.items()
+    }
+    assert lines == {
+        "0000000000000006-0000000000000007": ("txids 4..5 missing before it", None),
+        "000000000000000d-000000000000000e": ("txids 8..12 missing before it", gen.snapshots[1]),
+    }

@@ -299,6 +299,12 @@ def check_recovery(root: str, scenario: str, tmp_path: Path) -> None:
     assert listing(url)[0]["last_txid"] == acked_txid + len(survivors) + 1
     assert restored_digest(url, tmp_path / "next.db") == digest_of(con)
     con.close()
+    # Commits a crash kept from the store before a snapshot leave a hole restore skips.
+    checked = subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", "verify", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
 
 
 @pytest.mark.parametrize("scenario", ["wal", "restarted", "padded", "snapshot"])

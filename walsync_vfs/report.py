@@ -7,6 +7,7 @@ import tempfile
 from array import array
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
 
 from walsync_vfs import catalog, format, objects, storage
 from walsync_vfs.restore import (
@@ -180,6 +181,9 @@ def _problem(key: str, exc: Exception) -> str:
     return f"{key}: {exc}"
 
 
+_UNKNOWN = 0  # a txid's checksum the replay never reached
+
+
 class _History:
     """The whole-database checksum after each txid a generation's replay has reached, so
     objects outside the replayed chain (a later snapshot, a segment a compacted one covers)
@@ -194,10 +198,18 @@ class _History:
             if self.base + len(self.checksums) < c.txid <= upto:
                 self.checksums.append(c.checksum)
 
+    def resume(self, txid: int, checksum: int) -> None:
+        """The replay goes on from a snapshot at ``txid`` after a hole, whose txids it never
+        reached."""
+        while self.base + len(self.checksums) < txid - 1:
+            self.checksums.append(_UNKNOWN)
+        if self.base + len(self.checksums) == txid - 1:
+            self.checksums.append(checksum)
+
     def disagrees(self, txid: int, checksum: int) -> bool:
         """True if the replay reached ``txid`` and had another checksum there."""
         i = txid - self.base - 1
-        return 0 <= i < len(self.checksums) and self.checksums[i] != checksum
+        return 0 <= i < len(self.checksums) and self.checksums[i] not in (_UNKNOWN, checksum)
 
 
 def _verify_generation(
@@ -221,16 +233,17 @@ def _verify_generation(
         )
         image, history = None, _History(g.snapshots[0].last_txid if snap_keys else 0)
         if snap_keys:
-            first = snap_keys[0]
-            try:
-                snapshot = objects.open_snapshot(client, first, g.sizes[first])
-                image = Image.from_snapshot(f, g.id, snapshot)
-            except (format.CorruptObject, storage.StorageError) as exc:
-                problems.append(_problem(first, exc))
+            image = _replay_from(client, g, g.snapshots[0], f, problems)
         for key, future in segments:
             if key in holes:
-                problems.append(holes[key])
-                image = None  # replay cannot cross a hole; the objects are still checked
+                line, resume = holes[key]
+                if resume is None:
+                    problems.append(line)
+                    image = None  # replay cannot cross a hole; the objects are still checked
+                else:  # commits that never reached the store: restore goes on from a snapshot
+                    image = _replay_from(client, g, resume, f, problems)
+                    if image is not None:
+                        history.resume(image.result.txid, image.checksum.value)
             try:
                 _, header, commits = future.result()
             except (format.CorruptObject, storage.StorageError) as exc:
@@ -265,15 +278,41 @@ def _verify_generation(
     return problems
 
 
-def _holes(g: catalog.Generation) -> dict[str, str]:
-    """Segment key -> the problem line for txids missing before it, from the listing alone."""
+def _replay_from(
+    client: storage.ReplicaClient,
+    g: catalog.Generation,
+    snap: format.ParsedKey,
+    f: BinaryIO,
+    problems: list[str],
+) -> Image | None:
+    """The image of snapshot ``snap`` in the replay file ``f`` (None, and a problem, if it
+    does not read)."""
+    key = catalog.object_key(snap)
+    f.seek(0)
+    f.truncate()
+    try:
+        return Image.from_snapshot(f, g.id, objects.open_snapshot(client, key, g.sizes[key]))
+    except (format.CorruptObject, storage.StorageError) as exc:
+        problems.append(_problem(key, exc))
+        return None
+
+
+def _holes(g: catalog.Generation) -> dict[str, tuple[str, format.ParsedKey | None]]:
+    """Segment key -> the line for txids missing before it, from the listing alone, and the
+    snapshot the chain goes on from if one is there (restore then skips the hole)."""
     if not g.snapshots:
         return {}
     holes, expected = {}, g.snapshots[0].last_txid + 1
     for seg in g.segments:
         if seg.first_txid > expected:
             key = catalog.object_key(seg)
-            holes[key] = f"{key}: txids {expected}..{seg.first_txid - 1} missing before it"
+            resume = max(
+                (s for s in g.snapshots if seg.first_txid - 1 <= s.last_txid <= seg.last_txid),
+                key=lambda s: s.last_txid,
+                default=None,
+            )
+            line = f"{key}: txids {expected}..{seg.first_txid - 1} missing before it"
+            holes[key] = (line, resume)
         expected = max(expected, seg.last_txid + 1)
     return holes
 
