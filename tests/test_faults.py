@@ -575,3 +575,37 @@ def test_a_killed_process_s_private_spool_directory_goes_at_the_next_start(tmp_p
     for proc in (running, later):
         proc.communicate("", timeout=30)
     assert not os.path.exists(alive) and not os.path.exists(own)
+
+
+def test_stats_count_encoded_segments_the_store_does_not_take(tmp_path):
+    """Commits encoded into a segment whose PUT keeps failing are still unreplicated: they
+    count in pending_commits and their age in lag_seconds."""
+    store = tmp_path / "store"
+
+    def outage() -> dict:
+        (state,) = [s for s in walsync_vfs.stats() if s["path"] == str(tmp_path / "outage.db")]
+        return state
+
+    walsync_vfs.configure(replica=(store / "root").as_uri(), upload_interval=0.0)
+    try:
+        con = apsw.Connection(str(tmp_path / "outage.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        store.rename(tmp_path / "away")
+        store.write_text("")  # every write under the root fails now
+        for i in range(10):
+            con.execute("INSERT INTO t VALUES(?)", (i,))
+        deadline = time.monotonic() + 30
+        while (state := outage())["errors"] < 2:
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        assert state["pending_commits"] == 10 and state["pending_bytes"] > 0, state
+        assert state["lag_seconds"] > 0.1 and state["replicated_txid"] < state["last_txid"]
+        store.unlink()
+        (tmp_path / "away").rename(store)
+        walsync_vfs.flush(timeout=60)
+        assert outage()["pending_commits"] == 0
+        con.close()
+    finally:
+        walsync_vfs.flush(timeout=60)
+        walsync_vfs.configure(replica="", upload_interval=1.0)

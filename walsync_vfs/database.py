@@ -78,8 +78,10 @@ def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
     """One database's replication state; lag is the age of its oldest unreplicated commit."""
     up, sync = db.upload, db.sync
     held = sync.held
-    oldest = up.pending[0][2].time_ns if up.pending else (held[0].time_ns if held else now_ns)
-    oldest = min(oldest, sync.owed_since_ns or now_ns)
+    waiting = [o.time_ns for o in up.outbox[:1] if o.time_ns]
+    waiting += [c.time_ns for _, _, c in up.pending[:1]]
+    waiting += [r.time_ns for r in held[:1]] + [sync.owed_since_ns] * bool(sync.owed_since_ns)
+    oldest = min(waiting, default=now_ns)
     return {
         "path": db.path,
         "name": db.name,
@@ -87,8 +89,13 @@ def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
         "last_txid": db.lineage.next_txid - 1,
         "replicated_txid": up.durable_txid,
         "lag_seconds": max(0.0, (now_ns - oldest) / 1e9),
-        "pending_commits": up.pending_commits + len(held) + sync.owed,
-        "pending_bytes": up.pending_bytes,
+        "pending_commits": (
+            sum(o.commits for o in up.outbox if o.complete)
+            + up.pending_commits
+            + len(held)
+            + sync.owed
+        ),
+        "pending_bytes": up.pending_bytes + sum(o.raw_bytes for o in up.outbox),
         "bytes_uploaded": up.bytes_uploaded,
         "syncing": db.sync.syncing,
         "failures": db.failures,

@@ -53,6 +53,12 @@ class Outgoing:
     path: str | None = None
     discarded: bool = False  # shipped or dropped: a spill still under way must not keep it
     part: tuple[int, int] | None = None  # (index, count): one part of a commit (FORMAT.md §4.5)
+    time_ns: int = 0  # its first commit's time: how long the oldest unsent commit has waited
+
+    @property
+    def commits(self) -> int:
+        """The commits it holds (a part: its commit's, counted at the last part)."""
+        return 1 if self.part else self.last_txid - self.first_txid + 1
 
     @property
     def complete(self) -> bool:

@@ -418,6 +418,7 @@ def encode(
             part_bytes(whole, part[0], page_size, max_segment_bytes),
             encode_part(whole, part[0], page_size, max_segment_bytes, fast),
             part=part,
+            time_ns=whole.time_ns,
         )
     commits = [c for _, _, c in batch]
     page_size = _page_size(commits[0], page_size)
@@ -432,6 +433,7 @@ def encode(
         last,
         raw_bytes,
         format.encode_segment(page_size, commits, level),
+        time_ns=commits[0].time_ns,
     )
 
 
