@@ -416,6 +416,36 @@ def test_a_follower_keeps_only_the_file_it_replaced_last(replica, tmp_path, foll
     con.close()
 
 
+def test_a_second_follower_of_one_output_is_refused(replica, tmp_path, followers):
+    """Two followers of one OUTPUT would each write a file the other replaced: the second
+    (and a restore --force over it) is refused while the first runs."""
+    con = source(tmp_path / "src.db")
+    url = f"{replica}/src.db"
+    out = tmp_path / "replica.db"
+    follower = followers(url, out)
+    follower.wait_same(con)
+    for extra in (["--follow"], []):
+        proc = subprocess.run(
+            [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out), "--force"]
+            + extra,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (proc.returncode, proc.stderr) == (
+            1,
+            f"walsync: error: {out} is kept up to date by another follower; stop it first\n",
+        )
+    con.execute("INSERT INTO t(v) VALUES(x'02')")
+    walsync_vfs.flush(timeout=30)
+    follower.wait_same(con)
+    assert follower.errors() == []
+    follower.stop()
+    second = followers(url, out, force=True)  # once it has stopped, it may be replaced
+    second.wait_started()
+    second.wait_same(con)
+    second.stop()
+    con.close()
+
+
 def test_a_bad_object_is_reported_once_and_what_precedes_it_goes_out(replica, tmp_path, followers):
     con = source(tmp_path / "bad.db")
     url = f"{replica}/bad.db"

@@ -831,7 +831,28 @@ def _output_path(out: str, force: bool) -> str:
                 f"{out} is open (its wal-index is in use); close it first, or restore to "
                 "another path"
             )
+        fd = _keep(out)  # a follower's output: not while that follower runs
+        if fd is not None:
+            os.close(fd)
     return out
+
+
+def _keep(path: str) -> int | None:
+    """A descriptor holding the follower lock of the file at ``path`` (a ``flock``, which
+    SQLite's POSIX locks never meet); None if there is no file there.  Raises RestoreError
+    if another follower holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RestoreError(
+            f"{path} is kept up to date by another follower; stop it first"
+        ) from None
+    return fd
 
 
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid.
@@ -989,6 +1010,7 @@ class Follower:
     ) -> None:
         root, self.name = split_url(url)
         self.out = _output_path(out, force)
+        self._kept = _keep(self.out)  # one follower per output file
         inplace.roll_back(self.out)  # left by a follower killed mid-update: undo it first
         self.client = storage.open_replica(root, **(client_options or {}))
         self.published: Result | None = None
@@ -1006,9 +1028,9 @@ class Follower:
     def close(self) -> None:
         """Stop writing ``out``; it stays at its last commit."""
         self._drop()
-        for fd in self._fences:
+        for fd in self._fences + ([self._kept] if self._kept is not None else []):
             os.close(fd)
-        self._fences = []
+        self._fences, self._kept = [], None
 
     def poll(self) -> bool:
         """Bring ``out`` up to the replica's newest commit; True if ``out`` changed.
@@ -1065,6 +1087,9 @@ class Follower:
                 inplace.set_rollback_mode(f)
             fence = _fence_off(self.out)
             _install(tmp, self.out)
+            kept, self._kept = self._kept, _keep(self.out)
+            if kept is not None:
+                os.close(kept)
             if fence is not None:  # the file before keeps its disk space while fenced: one
                 for fd in self._fences:
                     os.close(fd)
