@@ -45,6 +45,14 @@ def restore(url: str, out: Path, *extra: str) -> apsw.Connection:
     return con
 
 
+def replicate_keep(tmp_path: Path) -> None:
+    """keep.db, one row in t, replicated and closed: something to restore."""
+    con = open_db(tmp_path / "keep.db")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+
+
 def rows(con: apsw.Connection, table: str = "t") -> list[tuple]:
     return con.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
 
@@ -156,10 +164,7 @@ def test_restore_refuses_to_overwrite_without_force(replica, tmp_path):
 def test_restore_installs_only_where_a_database_file_can_go(replica, tmp_path):
     """A pipe or a directory at the output path is never replaced, --force or not; a
     missing directory or an empty path is named as such, not as a temporary file."""
-    con = open_db(tmp_path / "keep.db")
-    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
-    walsync_vfs.flush(timeout=30)
-    con.close()
+    replicate_keep(tmp_path)
     pipe, folder = tmp_path / "pipe", tmp_path / "folder"
     os.mkfifo(pipe)
     folder.mkdir()
@@ -205,10 +210,7 @@ def test_restore_force_refuses_a_database_that_is_open(replica, tmp_path):
 
 def test_restore_names_a_directory_path_and_standard_output_as_no_file(replica, tmp_path):
     """``-o dir/`` and ``-o -`` are not file names a user means: refused, nothing written."""
-    con = open_db(tmp_path / "keep.db")
-    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
-    walsync_vfs.flush(timeout=30)
-    con.close()
+    replicate_keep(tmp_path)
     slash = f"{tmp_path / 'restored'}/"
     proc = cli("restore", f"{replica}/keep.db", "-o", slash)
     assert (proc.returncode, proc.stderr) == (
@@ -226,10 +228,7 @@ def test_restore_names_a_directory_path_and_standard_output_as_no_file(replica, 
 def test_restore_through_a_symlink_writes_and_guards_its_target(replica, tmp_path):
     """A database reached through a symlink (an app path onto a volume) is restored where
     the link points, the link kept; an open target is refused through the link too."""
-    con = open_db(tmp_path / "keep.db")
-    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
-    walsync_vfs.flush(timeout=30)
-    con.close()
+    replicate_keep(tmp_path)
     (tmp_path / "vol").mkdir()
     target, link = tmp_path / "vol" / "app.db", tmp_path / "app.db"
     link.symlink_to(target)
@@ -359,10 +358,7 @@ def test_one_name_on_two_roots(replica, tmp_path):
 
 
 def test_restore_refuses_a_symlink_loop(replica, tmp_path):
-    con = open_db(tmp_path / "keep.db")
-    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
-    walsync_vfs.flush(timeout=30)
-    con.close()
+    replicate_keep(tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
     a.symlink_to(b)
     b.symlink_to(a)
