@@ -192,3 +192,25 @@ def test_a_file_name_that_cannot_be_a_replica_name_fails_the_open_in_one_line(
     )
     walsync_vfs.flush(timeout=10)
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_a_replica_root_where_no_directory_can_be_is_refused_where_it_is_given(
+    tmp_path, monkeypatch
+):
+    import apsw
+
+    import walsync_vfs
+    from walsync_vfs import storage
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(storage.StorageError) as info:
+        walsync_vfs.configure(replica=str(afile / "sub"))
+    assert str(info.value) == f"replica root {afile / 'sub'} is not a directory; name a directory"
+    monkeypatch.setenv("WALSYNC_REPLICA", afile.as_uri())
+    with pytest.raises(ConfigError) as info:
+        apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+    assert str(info.value) == (
+        f"$WALSYNC_REPLICA: replica root {afile} is not a directory; name a directory"
+    )
+    walsync_vfs.flush(timeout=10)

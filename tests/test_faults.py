@@ -464,8 +464,8 @@ def test_reordered_objects_are_caught(file_url, tmp_path):
 
 def test_flush_reports_a_failing_replica(tmp_path):
     blocker = tmp_path / "not-a-dir"
-    blocker.write_text("x")
-    walsync_vfs.configure(replica=(blocker / "root").as_uri())  # no directory can go there
+    walsync_vfs.configure(replica=blocker.as_uri())
+    blocker.write_text("x")  # after configure() checked it: no directory can go there now
     con = apsw.Connection(str(tmp_path / "nowhere.db"), vfs="walsync")
     con.execute("CREATE TABLE t(x)")
     with pytest.raises(walsync_vfs.ReplicationError, match="replica of .*nowhere.db is failing: "):

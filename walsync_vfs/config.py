@@ -30,6 +30,7 @@ from typing import Any
 
 from walsync_vfs.format import check_name
 from walsync_vfs.storage import StorageError, replica_location
+from walsync_vfs.storage.file import check_root
 
 ENV_REPLICA = "WALSYNC_REPLICA"
 ENV_CONFIG = "WALSYNC_CONFIG"
@@ -133,7 +134,9 @@ def check_knob(where: str, key: str, value: object) -> Any:
 def check_replica(where: str, url: str) -> None:
     """A replica root URL that cannot work fails where it was written, not at every upload."""
     try:
-        replica_location(url)
+        scheme, root, _ = replica_location(url)
+        if scheme == "file":
+            check_root(root)
     except StorageError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

@@ -42,14 +42,23 @@ _writing_lock = threading.Lock()
 _PUT_ATTEMPTS = 3  # a concurrent delete may prune the directory between mkdir and create
 
 
+def check_root(root: str) -> None:
+    """StorageError unless ``root`` is a directory or one can be made there (no file is in
+    the way, at it or above it)."""
+    path = Path(root)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise StorageError(f"replica root {root} is not a directory; name a directory")
+
+
 class FileReplicaClient:
     """Objects are files under ``root``; key segments are directories."""
 
     def __init__(self, root: str) -> None:
         self.root = Path(root)
         self.url = self.root.as_uri()
-        if self.root.exists() and not self.root.is_dir():
-            raise StorageError(f"replica root {root} is not a directory; name a directory")
+        check_root(root)
         self.requests = 0
         self.create_only = False
         # Create-only puts and swaps are this module's own (link, record locks): nothing for
