@@ -49,7 +49,6 @@ import apsw
 from walsync_vfs import catalog, format, inplace, objects, storage
 from walsync_vfs.dbfile import apply_pages, page_runs, read_pages, write_pages
 from walsync_vfs.format import check_name
-from walsync_vfs.format.checksum import PENDING_BYTE
 from walsync_vfs.storage.transfer import read_ranges
 
 PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied ...
@@ -879,18 +878,19 @@ def _open_elsewhere(path: str) -> bool:
 
 
 def _fence_off(path: str) -> int | None:
-    """Before the file at ``path`` is replaced: a descriptor holding its PENDING byte, so that
-    connections still open on it start no more transactions (SQLITE_BUSY) instead of taking
-    the new file's journal for a hot one of theirs and rolling it back into the old file
-    (deleting it under the follower's update).  None if there is no file."""
+    """Before the file at ``path`` is replaced: a descriptor holding its RESERVED byte, as a
+    writer in the middle of a transaction would.  Connections still open on it go on reading
+    it, but take no journal at ``path``-journal for a hot one of theirs: rolling the new
+    file's journal back into the old file would delete it under the follower's update.  None
+    if there is no file."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return None
-    pending = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, PENDING_BYTE, 1, 0)
-    for _ in range(FENCE_ATTEMPTS):  # a reader holds it for a moment as it starts reading
+    reserved = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, inplace.RESERVED_BYTE, 1, 0)
+    for _ in range(FENCE_ATTEMPTS):  # a writer of it may hold it a moment
         try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, pending)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, reserved)
             break
         except OSError:
             time.sleep(0.01)
