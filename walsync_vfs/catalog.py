@@ -49,29 +49,31 @@ class Generation:
         """The txid ranges a restore can reach: from each snapshot on through the segments
         that follow it without a hole, merged.  Empty without a snapshot."""
         segments = sorted(self.segments, key=lambda k: k.first_txid)
-        ranges: list[tuple[int, int]] = []
+        ranges = []
         for snap in sorted(self.snapshots, key=lambda k: k.last_txid):
             end = snap.last_txid
             for seg in segments:
                 if seg.first_txid <= end + 1 < seg.last_txid + 1:
                     end = seg.last_txid
-            if ranges and snap.last_txid <= ranges[-1][1] + 1:
-                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
-            else:
-                ranges.append((snap.last_txid, end))
-        return ranges
+            ranges.append((snap.last_txid, end))
+        return _joined(ranges)
 
 
 def spell_ranges(ranges: list[tuple[int, int]]) -> str:
     """``[(1, 2), (3, 9), (22, 22)]`` -> ``"txids 1..9, 22"`` (adjacent ranges joined: a
     new generation's txids go on from the last one's)."""
+    return "txids " + ", ".join(f"{a}..{b}" if a != b else f"{a}" for a, b in _joined(ranges))
+
+
+def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges in order, those that overlap or touch made one."""
     joined: list[tuple[int, int]] = []
     for a, b in ranges:
         if joined and a <= joined[-1][1] + 1:
             joined[-1] = (joined[-1][0], max(joined[-1][1], b))
         else:
             joined.append((a, b))
-    return "txids " + ", ".join(f"{a}..{b}" if a != b else f"{a}" for a, b in joined)
+    return joined
 
 
 def generations(client: storage.ReplicaClient, name: str) -> list[Generation]:
