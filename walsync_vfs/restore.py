@@ -1017,7 +1017,7 @@ class Follower:
         self.generation: str | None = None  # of the published file
         self._image: Image | None = None
         self._live: inplace.LiveDatabase | None = None
-        self._fences: list[int] = []  # files replaced under connections still open on them
+        self._fence: int | None = None  # the file it replaced last, for connections still on it
 
     def __enter__(self) -> Follower:
         return self
@@ -1028,9 +1028,10 @@ class Follower:
     def close(self) -> None:
         """Stop writing ``out``; it stays at its last commit."""
         self._drop()
-        for fd in self._fences + ([self._kept] if self._kept is not None else []):
-            os.close(fd)
-        self._fences, self._kept = [], None
+        for fd in (self._fence, self._kept):
+            if fd is not None:
+                os.close(fd)
+        self._fence = self._kept = None
 
     def poll(self) -> bool:
         """Bring ``out`` up to the replica's newest commit; True if ``out`` changed.
@@ -1090,10 +1091,10 @@ class Follower:
             kept, self._kept = self._kept, _keep(self.out)
             if kept is not None:
                 os.close(kept)
-            if fence is not None:  # the file before keeps its disk space while fenced: one
-                for fd in self._fences:
-                    os.close(fd)
-                self._fences = [fence]
+            if fence is not None:  # a fenced file keeps its disk space: the last one only
+                if self._fence is not None:
+                    os.close(self._fence)
+                self._fence = fence
         self._live = inplace.LiveDatabase(self.out, image.result.page_size, page1)
         image.sink = self._live
         self._image = image
