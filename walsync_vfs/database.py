@@ -78,10 +78,14 @@ def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
     """One database's replication state; lag is the age of its oldest unreplicated commit."""
     up, sync = db.upload, db.sync
     held = sync.held
-    waiting = [o.time_ns for o in up.outbox[:1] if o.time_ns]
-    waiting += [c.time_ns for _, _, c in up.pending[:1]]
-    waiting += [r.time_ns for r in held[:1]] + [sync.owed_since_ns] * bool(sync.owed_since_ns)
-    oldest = min(waiting, default=now_ns)
+    # The first of each queue is its oldest: encoded segments, pending, held, owed commits.
+    firsts = (
+        up.outbox[0].time_ns if up.outbox else 0,
+        up.pending[0][2].time_ns if up.pending else 0,
+        held[0].time_ns if held else 0,
+        sync.owed_since_ns,
+    )
+    oldest = min((t for t in firsts if t), default=now_ns)
     return {
         "path": db.path,
         "name": db.name,
