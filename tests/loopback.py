@@ -18,7 +18,7 @@ class LoopbackProxy:
     reading from the client after that many bytes; ``auth``: the Proxy-Authorization value
     it requires (407 otherwise).  ``heads`` holds each connection's first request line and
     its Proxy-Authorization; ``received`` counts the bytes passed back to clients (what they
-    really downloaded)."""
+    really downloaded), ``sent`` the bytes passed on from them."""
 
     PIECE = 64 << 10
 
@@ -31,7 +31,7 @@ class LoopbackProxy:
     ) -> None:
         self.upstream, self.rate, self.stall_after, self.auth = upstream, rate, stall_after, auth
         self.heads: list[tuple[str, str]] = []
-        self.received = 0
+        self.received = self.sent = 0
         self._count = threading.Lock()
         self.stalled = threading.Event()
         self._stop = threading.Event()
@@ -110,6 +110,8 @@ class LoopbackProxy:
                     time.sleep(len(data) / self.rate)
                 upstream.sendall(data)
                 moved += len(data)
+                with self._count:
+                    self.sent += len(data)
         except OSError:
             return
         finally:

@@ -20,6 +20,7 @@ import apsw
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loopback import LoopbackProxy
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
@@ -341,6 +342,47 @@ def test_an_application_exits_while_its_store_hangs(tmp_path):
     app_exit(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}", "1")
     assert held, "the app never reached the store"
     silent.close()
+
+
+def test_a_follower_stops_at_once_while_its_store_hangs(
+    s3_server, s3_replica, stopped_store, tmp_path
+):
+    """SIGTERM to ``restore --follow`` whose poll waits on a frozen store: it exits 0 at once,
+    its last line naming the commit OUTPUT holds, not after the request's timeouts."""
+    con = apsw.Connection(str(tmp_path / "src.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    relay = LoopbackProxy(upstream=s3_server.endpoint.removeprefix("http://"))
+    out, url = tmp_path / "follower.db", f"{s3_replica}/src.db"
+    env = {**s3_server.env(), "AWS_ENDPOINT_URL_S3": relay.url}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out), "--follow",
+         "--interval", "0.05"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert follower.stdout is not None
+        first = follower.stdout.readline()
+        assert first.startswith(f"following {url}: {out} is at txid"), follower.stderr.read()
+        stopped_store.stop()
+        sent = relay.sent
+        deadline = time.monotonic() + 30
+        while relay.sent == sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.sent > sent, "the follower never asked the frozen store"
+        started = time.monotonic()
+        follower.send_signal(signal.SIGTERM)
+        rest, errors = follower.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        stopped_store.resume()
+        follower.kill()
+        relay.stop()
+        con.close()
+    assert follower.returncode == 0, errors
+    assert took < 3.0, f"exited {took:.1f} s after SIGTERM"
+    assert rest.splitlines()[-1] == f"stopped following {url}: {first.split(': ', 1)[1].strip()}"
+    assert apsw.Connection(str(out)).execute("SELECT x FROM t").fetchall() == [(1,)]
 
 
 APP_THAT_REOPENS = """

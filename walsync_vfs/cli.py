@@ -13,7 +13,8 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any, NoReturn
@@ -164,14 +165,22 @@ def run_verify(url: str) -> int:
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
+class Stopped(BaseException):
+    """A stop request that ends a poll at once (a BaseException: nothing on the way may take
+    it for an error of the store and retry)."""
+
+
 class StopRequest:
-    """SIGINT and SIGTERM ask a follower to stop, which it does between polls: never half-way
-    through an update, so its last line says where OUTPUT really is.  A second signal
-    interrupts at once.  SIGUSR1 asks for an integrity check, also between polls."""
+    """SIGINT and SIGTERM ask a follower to stop.  A poll stops at once, even one waiting on a
+    store that hangs, except while OUTPUT and the commit it holds change together
+    (``restore.uninterrupted``), so its last line says where OUTPUT really is.  Between
+    polls the follower stops at its next look.  A second signal interrupts at once.  SIGUSR1
+    asks for an integrity check, between polls."""
 
     def __init__(self) -> None:
         self.requested = False
         self.check_requested = False
+        self._polling = False
         self._saved: dict[int, Handler] = {}
 
     def __enter__(self) -> StopRequest:
@@ -183,10 +192,21 @@ class StopRequest:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
 
+    @contextmanager
+    def polling(self) -> Iterator[None]:
+        """A poll, which a stop request ends by raising Stopped."""
+        self._polling = True
+        try:
+            yield
+        finally:
+            self._polling = False
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self._polling:
+            raise Stopped
 
     def _check(self, signum: int, frame: FrameType | None) -> None:
         self.check_requested = True
@@ -207,7 +227,10 @@ def run_follow(url: str, output: str, force: bool, interval: float) -> int:
         while not stop.requested:
             generation = follower.generation
             try:
-                updated = follower.poll()
+                with stop.polling():
+                    updated = follower.poll()
+            except Stopped:
+                break
             except ERRORS as exc:
                 if follower.published is None:
                     raise

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import stat
 import struct
 import tempfile
+import threading
 import time
 from array import array
 from collections import deque
@@ -50,6 +52,7 @@ from walsync_vfs import catalog, format, inplace, objects, storage
 from walsync_vfs.dbfile import apply_pages, page_runs, read_pages, write_pages
 from walsync_vfs.format import check_name
 from walsync_vfs.storage.transfer import read_ranges
+from walsync_vfs.workers import Workers
 
 PREFETCH = 4  # segments downloaded and decoded ahead of the one being applied ...
 PREFETCH_BYTES = 8 << 20  # ... as long as they come to no more than this (but always one)
@@ -255,13 +258,30 @@ def _chain(
 
 
 @contextmanager
-def prefetch_pool() -> Iterator[ThreadPoolExecutor]:
-    """Threads for downloads; leaving early drops the queued ones rather than waiting."""
-    pool = ThreadPoolExecutor(PREFETCH)
+def prefetch_pool() -> Iterator[Workers]:
+    """Daemon threads for downloads; leaving early drops the queued ones and waits for none
+    in flight: a stopped follower must not wait for a store that hangs, nor keep the
+    interpreter from exiting."""
+    pool = Workers(PREFETCH, "walsync-prefetch")
     try:
         yield pool
     finally:
-        pool.shutdown(cancel_futures=True)
+        pool.shutdown(wait=False, cancel=True)
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (on the main thread) while a file and the result that
+    says what it holds change together, so a signal that stops a follower at once never
+    falls between the two."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 Decoded = tuple[str, format.SegmentHeader, list[format.Commit]]
@@ -269,7 +289,7 @@ T = TypeVar("T")
 
 
 def prefetched(
-    pool: ThreadPoolExecutor,
+    pool: Workers,
     keys: list[str],
     fetch: Callable[[str], T],
     depth: int = PREFETCH,
@@ -314,7 +334,7 @@ def decode_object(client: storage.ReplicaClient, key: str, upto_txid: int | None
 
 
 def _decoded(
-    pool: ThreadPoolExecutor,
+    pool: Workers,
     client: storage.ReplicaClient,
     segments: list[format.ParsedKey],
     sizes: Mapping[str, int],
@@ -565,8 +585,9 @@ class Image:
         if result is not self.result:
             kept = sorted(item for item in pages.items() if item[0] <= result.db_size)
             self.sink.write(kept, result.db_size)
-            self.sink.commit(result.db_size)
-            self.result = result
+            with uninterrupted():
+                self.sink.commit(result.db_size)
+                self.result = result
         return not reached
 
     def _apply_part(
@@ -614,8 +635,9 @@ class Image:
             raise RestoreError(f"{key}: the parts of txid {commit.txid} lack pages")
         if self.checksum.value != commit.checksum:
             raise RestoreError(f"{key}: whole-database checksum mismatch after txid {commit.txid}")
-        self.sink.commit(commit.db_size)
-        self.result = Result(commit.txid, commit.time_ns, commit.db_size, result.page_size)
+        with uninterrupted():
+            self.sink.commit(commit.db_size)
+            self.result = Result(commit.txid, commit.time_ns, commit.db_size, result.page_size)
         return True
 
     def abandon(self, checksum: format.ReadBackChecksum) -> None:
@@ -936,17 +958,24 @@ def first_integrity_problem(path: str, mmap: bool = True, live: bool = False) ->
 
 def _install(tmp: str, out: str) -> None:
     """Check ``tmp`` with SQLite, make it durable, and rename it over ``out``: whoever opens
-    ``out`` gets the old file or the new one, complete.
+    ``out`` gets the old file or the new one, complete."""
+    _check_durable(tmp)
+    _replace(tmp, out)
 
-    The fsync runs alongside the check (one writes the file back, the other reads it; both
-    release the GIL).
-    """
+
+def _check_durable(tmp: str) -> None:
+    """``PRAGMA integrity_check`` of ``tmp``, and fsync.  The fsync runs alongside the check
+    (one writes the file back, the other reads it; both release the GIL)."""
     with open(tmp, "rb+") as f, ThreadPoolExecutor(1) as pool:
         synced = pool.submit(os.fsync, f.fileno())
         problem = first_integrity_problem(tmp)
         synced.result()
     if problem is not None:
         raise RestoreError(f"restored database fails integrity_check: {problem}")
+
+
+def _replace(tmp: str, out: str) -> None:
+    """Rename the checked ``tmp`` over ``out``."""
     for suffix in ("-wal", "-shm", "-journal"):  # a stale WAL would be applied on open
         if os.path.exists(out + suffix):
             os.remove(out + suffix)
@@ -1086,15 +1115,21 @@ class Follower:
                 image = _replay(self.client, p, f)
                 page1 = image.sink.read(1, 1)  # as the replica has it, for the checksum
                 inplace.set_rollback_mode(f)
-            fence = _fence_off(self.out)
-            _install(tmp, self.out)
-            kept, self._kept = self._kept, _keep(self.out)
-            if kept is not None:
-                os.close(kept)
-            if fence is not None:  # a fenced file keeps its disk space: the last one only
-                if self._fence is not None:
-                    os.close(self._fence)
-                self._fence = fence
+            _check_durable(tmp)
+            with uninterrupted():  # out and what this follower says it holds change together
+                self._take_over(tmp, image, page1)
+
+    def _take_over(self, tmp: str, image: Image, page1: bytes) -> None:
+        """Rename the checked image ``tmp`` over ``out`` and go on writing it in place."""
+        fence = _fence_off(self.out)
+        _replace(tmp, self.out)
+        kept, self._kept = self._kept, _keep(self.out)
+        if kept is not None:
+            os.close(kept)
+        if fence is not None:  # a fenced file keeps its disk space: the last one only
+            if self._fence is not None:
+                os.close(self._fence)
+            self._fence = fence
         self._live = inplace.LiveDatabase(self.out, image.result.page_size, page1)
         image.sink = self._live
         self._image = image
