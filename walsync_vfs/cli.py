@@ -26,20 +26,20 @@ from walsync_vfs.restore import EPOCH, Follower, RestoreError, iso_time, restore
 ERRORS = (RestoreError, storage.StorageError, CorruptObject, inplace.LiveDatabaseError, OSError)
 FOLLOW_HELP = """\
 --follow keeps OUTPUT up to date as new commits reach the replica, polling it every
---interval seconds, until Ctrl-C or SIGTERM (exit status 0, after the update in progress;
-a second signal interrupts at once).  OUTPUT is a rollback-journal-mode database: read it
-with SQLite (read-only is fine) and a busy timeout.  The first state is built aside,
-checked with PRAGMA integrity_check and renamed to OUTPUT; after that each update is
-written in place as one SQLite transaction (locks, hot journal), so readers see whole
-commits only and wait a moment while one is written.  A follower killed mid-update leaves
-OUTPUT-journal, which the next read-write opener of OUTPUT (or the next follower) rolls
-back; until then read-only openers get "attempt to write a readonly database".  A new
-generation (the source was rewritten outside walsync) is followed from its snapshot, as a
-new file: connections opened before it keep the old one.  SIGUSR1 runs PRAGMA
-integrity_check on OUTPUT and prints one line with the result.  Errors before OUTPUT is
-first written end the command (exit status 1); later ones (store unreachable, an object
-missing or failing its checks) are reported on stderr, once while they repeat, and retried
-at every poll; OUTPUT keeps its last verified state.
+--interval seconds, until Ctrl-C or SIGTERM (exit status 0 at once, even while the store
+hangs; an update being written to OUTPUT is finished first).  OUTPUT is a
+rollback-journal-mode database: read it with SQLite (read-only is fine) and a busy
+timeout.  The first state is built aside, checked with PRAGMA integrity_check and renamed
+to OUTPUT; after that each update is written in place as one SQLite transaction (locks,
+hot journal), so readers see whole commits only and wait a moment while one is written.  A
+follower killed mid-update leaves OUTPUT-journal, which the next read-write opener of
+OUTPUT (or the next follower) rolls back; until then read-only openers get "attempt to
+write a readonly database".  A new generation (the source was rewritten outside walsync) is
+followed from its snapshot, as a new file: connections opened before it keep the old one.
+SIGUSR1 runs PRAGMA integrity_check on OUTPUT and prints one line with the result.  Errors
+before OUTPUT is first written end the command (exit status 1); later ones (store
+unreachable, an object missing or failing its checks) are reported on stderr, once while
+they repeat, and retried at every poll; OUTPUT keeps its last verified state.
 """
 
 
