@@ -75,6 +75,10 @@ SEGMENT_HEAD_SIZE = _SEG_HEADER.size + _PART_BLOCK.size
 
 # Below this, zstd's worker threads have no second job to run: one thread compresses it.
 THREADED_MIN_BYTES = 4 << 20
+# Streamed compression hands out its output in chunks this big.  The compressor releases the
+# GIL once per chunk, and every time this thread takes it back an application thread that
+# wants it waits for a wake-up: few big chunks, not zstd's 128 KiB.
+STREAM_CHUNK = 4 << 20
 
 
 class _ThreadCodecs(threading.local):
@@ -122,8 +126,8 @@ def _compress(pieces: Sequence[bytes | memoryview], raw_length: int, level: int)
     compressor = _compressor(level, raw_length)
     if len(pieces) == 1:
         return [compressor.compress(pieces[0])]
-    stream = compressor.compressobj(size=raw_length)
-    return [*(stream.compress(piece) for piece in pieces), stream.flush()]
+    chunker = compressor.chunker(size=raw_length, chunk_size=STREAM_CHUNK)
+    return [*(chunk for piece in pieces for chunk in chunker.compress(piece)), *chunker.finish()]
 
 
 def _segment_reader(body: memoryview) -> zstandard.ZstdDecompressionReader:
@@ -419,15 +423,15 @@ def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
     """The size the commits' records come to compressed at ``level``, each piece of output
     dropped as it comes: what a segment body of them would take, measured without the
     memory of holding one."""
-    stream = _compressor(level, 0).compressobj()  # a measure: on this thread alone
+    chunker = _compressor(level, 0).chunker(chunk_size=STREAM_CHUNK)  # on this thread alone
     size = 0
     for c in commits:
         if isinstance(c, PackedRun):
             pieces: Iterable[bytes | memoryview] = c.records
         else:
             pieces = _record([pgno for pgno, _ in c.pages], (data for _, data in c.pages))
-        size += sum(len(stream.compress(piece)) for piece in pieces)
-    return size + len(stream.flush())
+        size += sum(len(chunk) for piece in pieces for chunk in chunker.compress(piece))
+    return size + sum(len(chunk) for chunk in chunker.finish())
 
 
 def encode_part(
