@@ -127,7 +127,12 @@ def _compress(pieces: Sequence[bytes | memoryview], raw_length: int, level: int)
     if len(pieces) == 1:
         return [compressor.compress(pieces[0])]
     chunker = compressor.chunker(size=raw_length, chunk_size=STREAM_CHUNK)
-    return [*(chunk for piece in pieces for chunk in chunker.compress(piece)), *chunker.finish()]
+    return [*(chunk for piece in pieces for chunk in chunker.compress(piece)), *_finish(chunker)]
+
+
+def _finish(chunker: zstandard.ZstdCompressionChunker) -> list[bytes]:
+    """A chunker's last chunks."""
+    return list(chunker.finish())  # type: ignore[no-untyped-call]  # stub
 
 
 def _segment_reader(body: memoryview) -> zstandard.ZstdDecompressionReader:
@@ -431,7 +436,7 @@ def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
         else:
             pieces = _record([pgno for pgno, _ in c.pages], (data for _, data in c.pages))
         size += sum(len(chunk) for piece in pieces for chunk in chunker.compress(piece))
-    return size + sum(len(chunk) for chunk in chunker.finish())
+    return size + sum(map(len, _finish(chunker)))
 
 
 def encode_part(
