@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 MAX_LINE = 65536  # http.client's own limits on a reply's header block
 MAX_HEADERS = 100
 BIG_BODY = 1 << 16  # larger bodies are sent after the head, not copied into one buffer
-SEND_PIECE = 1 << 20  # bytes handed to one send(): each may wait the stall timeout
+SEND_PIECE = 4 << 20  # bytes handed to one send(): each may wait the stall timeout
+# A socket timeout within this share of the one wanted is kept: each change is a system call
+# made without the GIL, and an application thread may then wait for it to come back.
+TIMEOUT_SLACK = 0.1
 
 # A request body: one buffer, or several sent back to back (a multipart part never joined).
 Body = bytes | memoryview | Sequence[bytes | memoryview]
@@ -160,7 +163,7 @@ class Connection:
             self._send(method, target, headers, body, progress)
         finally:
             if progress is not None and self.open:
-                self.sock.settimeout(self.read_timeout)
+                self._set_timeout(self.read_timeout)
 
     def _send(
         self,
@@ -197,7 +200,7 @@ class Connection:
             sent = 0
             while sent < len(view):
                 if progress is not None:
-                    self.sock.settimeout(progress.left())
+                    self._set_timeout(progress.left())
                 try:
                     sent += self.sock.send(view[sent : sent + SEND_PIECE])
                 except TimeoutError:
@@ -205,6 +208,12 @@ class Connection:
                     raise Stalled(f"no byte accepted for {waited:g}s") from None
                 if progress is not None:
                     progress.moved()
+
+    def _set_timeout(self, seconds: float) -> None:
+        """The socket's timeout, unless it is within TIMEOUT_SLACK of ``seconds`` already."""
+        current = self.sock.gettimeout()
+        if current is None or abs(current - seconds) > TIMEOUT_SLACK * max(current, seconds):
+            self.sock.settimeout(seconds)
 
     def receive(
         self, method: str, timeout: float | None = None
