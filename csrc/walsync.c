@@ -154,6 +154,8 @@ struct WsDb {
   int nRef;     /* open main-db handles (gMutex) */
   int nApp;     /* of them, the application's: not ws_conn_open()'s (gMutex) */
   int nAppRw;   /* of those, the ones it can write through (gMutex) */
+  int nExclHeld; /* of those, the ones holding EXCLUSIVE past a commit (gMutex) */
+  int64_t exclSinceNs; /* monotonic: since when one of them has (gMutex) */
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
@@ -213,6 +215,8 @@ struct WsFile {
   int bShm;            /* MAIN: has the wal-index mapped (counted in nShm) */
   int bApp;            /* MAIN: opened by the application (counted in nApp) */
   int bAppRw;          /* MAIN: ... and writable (counted in nAppRw) */
+  int eLock;           /* MAIN: the lock level it holds */
+  int bExclHeld;       /* MAIN, application's: EXCLUSIVE kept past a commit (in nExclHeld) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
 };
 #define WSF_OTHER 0
@@ -1725,6 +1729,25 @@ static void publishFromMain(WsFile *pMain) {
   }
 }
 
+/* ------------------------------------------------- exclusive locking mode
+**
+** A connection in locking_mode=EXCLUSIVE keeps its EXCLUSIVE lock on the
+** database file after each commit, which keeps the engine's own connections
+** (and every other process) out for as long as it stays open.  The PRAGMA is
+** refused on a replicated database (wsFileControl), but an ATTACH takes the
+** mode from its connection's main database without asking.  An application's
+** main file that still holds EXCLUSIVE after a commit tells the engine why
+** its sync point cannot get in (ws_app_exclusive_ns()).
+*/
+static void exclHeld(WsFile *p, int bHeld) {
+  if (!p->pDb || p->bExclHeld == bHeld) return;
+  pthread_mutex_lock(&gMutex);
+  p->bExclHeld = bHeld;
+  if (bHeld && p->pDb->nExclHeld++ == 0) p->pDb->exclSinceNs = monotonicNs();
+  if (!bHeld) p->pDb->nExclHeld--;
+  pthread_mutex_unlock(&gMutex);
+}
+
 /* ------------------------------------------------------------ io methods */
 
 static int wsClose(sqlite3_file *pFile) {
@@ -1734,6 +1757,7 @@ static int wsClose(sqlite3_file *pFile) {
     waitConsumed(p->pDb, p->pReal); /* SQLite may delete the WAL next */
   } else if (p->eType == WSF_MAIN && p->pDb) {
     int bLast;
+    exclHeld(p, 0);
     pthread_mutex_lock(&gMutex);
     bLast = (--p->pDb->nRef == 0);
     p->pDb->nApp -= p->bApp;
@@ -1810,13 +1834,20 @@ static int wsFileSize(sqlite3_file *f, sqlite3_int64 *pSize) {
 }
 
 static int wsLock(sqlite3_file *f, int e) {
-  sqlite3_file *r = ((WsFile *)f)->pReal;
-  return r->pMethods->xLock(r, e);
+  WsFile *p = (WsFile *)f;
+  int rc = p->pReal->pMethods->xLock(p->pReal, e);
+  if (rc == SQLITE_OK) p->eLock = e;
+  return rc;
 }
 
 static int wsUnlock(sqlite3_file *f, int e) {
-  sqlite3_file *r = ((WsFile *)f)->pReal;
-  return r->pMethods->xUnlock(r, e);
+  WsFile *p = (WsFile *)f;
+  int rc = p->pReal->pMethods->xUnlock(p->pReal, e);
+  if (rc == SQLITE_OK) {
+    p->eLock = e;
+    if (e < SQLITE_LOCK_EXCLUSIVE) exclHeld(p, 0);
+  }
+  return rc;
 }
 
 static int wsCheckReservedLock(sqlite3_file *f, int *pOut) {
@@ -1836,7 +1867,10 @@ static int wsFileControl(sqlite3_file *f, int op, void *pArg) {
         if (p->pDb && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE)) ws_wake();
         break;
       case SQLITE_FCNTL_CKPT_DONE: p->bInCkpt = 0; break;
-      case SQLITE_FCNTL_COMMIT_PHASETWO: publishFromMain(p); break;
+      case SQLITE_FCNTL_COMMIT_PHASETWO:
+        publishFromMain(p);
+        if (p->bApp && p->eLock == SQLITE_LOCK_EXCLUSIVE) exclHeld(p, 1); /* until unlocked */
+        break;
       case SQLITE_FCNTL_PRAGMA: {
         /* Exclusive locking hides the database from every other connection: the
         ** engine's sync points and the other processes' replicator among them. */
@@ -2153,6 +2187,16 @@ static int appHas(int64_t id, int bWritable) {
 }
 
 int ws_app_open(int64_t id) { return appHas(id, 0); }
+
+/* How long an application connection has kept database id locked EXCLUSIVE past
+** a commit (locking_mode=EXCLUSIVE), in ns; 0 if none does. */
+int64_t ws_app_exclusive_ns(int64_t id) {
+  int64_t ns = 0;
+  pthread_mutex_lock(&gMutex);
+  if (id >= 1 && id <= gnDb && gaDb[id - 1]->nExclHeld > 0) ns = monotonicNs() - gaDb[id - 1]->exclSinceNs;
+  pthread_mutex_unlock(&gMutex);
+  return ns;
+}
 
 /* A process that only reads a database never leads its replication (leader.py). */
 int ws_app_writable(int64_t id) { return appHas(id, 1); }

@@ -90,6 +90,44 @@ def test_an_attached_database_flushed_before_its_detach_is_replicated(replica, t
     con.close()
 
 
+@pytest.mark.parametrize("replicated_before", [False, True])
+def test_an_attached_database_locked_exclusive_fails_flush_until_released(
+    replica, tmp_path, replicated_before
+):
+    """An ATTACH takes locking_mode=EXCLUSIVE from its connection's main database, where
+    the VFS cannot refuse it: its commits are not lost without a word.  flush() fails at
+    once saying why, and once that connection lets go they are replicated."""
+    path = tmp_path / "attached.db"
+    if replicated_before:
+        con = apsw.Connection(str(path), vfs="walsync")
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES('before')")
+        walsync_vfs.flush(timeout=30)
+        con.close()
+    uri = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    main = apsw.Connection(str(tmp_path / "plain.db"), flags=uri)  # not through walsync
+    main.execute("PRAGMA locking_mode=EXCLUSIVE")
+    main.execute(f"ATTACH 'file:{path}?vfs=walsync' AS b")
+    main.execute("CREATE TABLE IF NOT EXISTS b.t(x)")
+    for i in range(5):
+        main.execute("INSERT INTO b.t VALUES(?)", (i,))
+    with pytest.raises(walsync_vfs.ReplicationError) as failed:
+        walsync_vfs.flush(timeout=30)
+    assert str(failed.value) == (
+        f"replica of {path} is failing: {path}: a connection of this process keeps it locked "
+        "in locking_mode=EXCLUSIVE (an ATTACH takes that mode from its connection's main "
+        "database), so it cannot be replicated until that connection lets go of it; use "
+        "locking_mode=NORMAL there"
+    )
+    expected = dump(main, "b")
+    main.close()
+    con = apsw.Connection(str(path), vfs="walsync")  # the application's next run
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    out = restore(f"{replica}/{path.name}", tmp_path / "restored.db")
+    assert dump(out) == expected
+    out.close()
+
+
 def vacuum_replicated_into(path: Path, copy: Path, vfs: str) -> None:
     """Make a replicated database, VACUUM INTO ``copy`` through ``vfs`` as soon as it is
     replicated, and read the output right after with a plain reader that meets any lock."""
@@ -184,19 +222,24 @@ def test_memory_and_temporary_databases_pass_through(replica, tmp_path):
     con.close()
 
 
-def test_leaving_wal_stops_replication_loudly_and_wal_resumes_it(replica, tmp_path, caplog):
+@pytest.mark.parametrize("mode", ["DELETE", "MEMORY"])
+def test_leaving_wal_stops_replication_loudly_and_wal_resumes_it(
+    replica, tmp_path, caplog, mode
+):
+    """Whatever the mode left for: the file only says "not WAL" to the engine's connections,
+    so the error names no mode the application did not set."""
     path = tmp_path / "mode.db"
     con = apsw.Connection(str(path), vfs="walsync")
     con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
     walsync_vfs.flush(timeout=30)
     with caplog.at_level(logging.ERROR, logger="walsync_vfs"):
-        assert con.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+        assert con.execute(f"PRAGMA journal_mode={mode}").fetchone() == (mode.lower(),)
         con.execute("INSERT INTO t VALUES(2)")
         with pytest.raises(walsync_vfs.ReplicationError) as info:
             walsync_vfs.flush(timeout=30)
     text = (
-        f"{path}: journal_mode is 'delete', not WAL: replication of it has stopped; "
-        "run PRAGMA journal_mode=WAL on it to resume"
+        f"{path}: no longer in WAL mode (a connection set another journal_mode): replication "
+        "of it has stopped; run PRAGMA journal_mode=WAL on it to resume"
     )
     assert str(info.value) == f"replica of {path} is failing: {text}"
     (state,) = [s for s in walsync_vfs.stats() if s["name"] == "mode.db"]

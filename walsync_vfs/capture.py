@@ -32,6 +32,9 @@ VFS_NAME = "walsync"
 # Seconds the dispatcher waits after a busy drain: one wake-up and GIL hand-off per burst
 # instead of per commit, for at most this much lag on a busy stream (none on a sparse one).
 LINGER = 0.05
+# An application's EXCLUSIVE lock kept this long past a commit is locking_mode=EXCLUSIVE, not
+# a commit about to unlock.
+EXCLUSIVE_HELD_NS = 100_000_000
 _FCNTL_DB_ID = 0x57530001
 
 ffi, lib = _shim.ffi, _shim.lib
@@ -165,8 +168,19 @@ class CaptureError(RuntimeError):
     """The shim cannot be loaded or a database cannot be captured."""
 
 
-class JournalModeError(CaptureError):
+class Uncapturable(CaptureError):
+    """A database cannot be captured as the application has it now; replication resumes
+    once that changes."""
+
+
+class JournalModeError(Uncapturable):
     """A replicated database left WAL mode: its commits can no longer be captured."""
+
+
+class ExclusiveLockError(Uncapturable):
+    """A connection of this process keeps the database locked in ``locking_mode=EXCLUSIVE``
+    (an ATTACH takes that mode from its connection's main database): no sync point can get
+    in until that connection lets go."""
 
 
 class ClosedError(CaptureError):
@@ -224,6 +238,18 @@ class EmptyFileError(CaptureError):
 
 class DatabaseLockedError(CaptureError):
     """Another connection holds the lock an internal connection's statement needs."""
+
+
+def exclusive_problem(db_id: int, path: str) -> str | None:
+    """Why database ``db_id`` cannot be replicated now, if a connection of this process
+    keeps it locked in ``locking_mode=EXCLUSIVE``; else None."""
+    if lib.ws_app_exclusive_ns(db_id) < EXCLUSIVE_HELD_NS:
+        return None
+    return (
+        f"{path}: a connection of this process keeps it locked in locking_mode=EXCLUSIVE "
+        "(an ATTACH takes that mode from its connection's main database), so it cannot be "
+        "replicated until that connection lets go of it; use locking_mode=NORMAL there"
+    )
 
 
 def switch_to_wal(switch: Callable[[], str], timeout_s: float, locked: type[Exception]) -> str:
@@ -575,14 +601,19 @@ class SyncPoint:
             out = ffi.new("int64_t *")
             writer.file_control(_FCNTL_DB_ID, out)
             self.db_id = int(out[0])
-            mode = writer.query("PRAGMA journal_mode")
-            if mode != "wal" and enable_wal:
-                self._check_in_use(writer, seen_open)
-                mode = writer.switch_to_wal()
+            self._check_exclusive()
+            try:
+                mode = writer.query("PRAGMA journal_mode")
+                if mode != "wal" and enable_wal:
+                    self._check_in_use(writer, seen_open)
+                    mode = writer.switch_to_wal()
+            except DatabaseLockedError:
+                self._check_exclusive()
+                raise
             if mode != "wal":
                 raise JournalModeError(
-                    f"{path}: journal_mode is {mode!r}, not WAL: replication of it has "
-                    "stopped; run PRAGMA journal_mode=WAL on it to resume"
+                    f"{path}: no longer in WAL mode (a connection set another journal_mode): "
+                    "replication of it has stopped; run PRAGMA journal_mode=WAL on it to resume"
                 )
             pos = ffi.new("ws_pos *")
             writer.query("BEGIN IMMEDIATE")
@@ -607,6 +638,13 @@ class SyncPoint:
         self.wal_page_size = int(pos.page_size)
         self.nframe = int(pos.nframe)  # the pinned state is WAL frames [0, nframe) + the db file
         self.salts = (int(pos.salt1), int(pos.salt2))
+
+    def _check_exclusive(self) -> None:
+        """Raise :class:`ExclusiveLockError` if an application connection keeps the database
+        locked past its commits: waiting for the lock would be in vain."""
+        problem = exclusive_problem(self.db_id, self.path)
+        if problem:
+            raise ExclusiveLockError(problem)
 
     def _check_in_use(self, writer: InternalConnection, seen_open: bool) -> None:
         """Raise :class:`ClosedError` unless the application still has the database open

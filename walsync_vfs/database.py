@@ -30,10 +30,11 @@ class Database:
     claim: tuple[str, str] | None = None  # (replica root, name) it holds in the engine
     client: storage.ReplicaClient | None = None
     open: bool = True
+    joining: bool = False  # an OPEN's worker has yet to decide who replicates it (flush waits)
     failures: int = 0  # consecutive failed syncs and uploads
     last_error: str = ""
     errors: int = 0  # failed attempts, ever
-    stopped: bool = False  # it left WAL mode: nothing of it is captured until it is back
+    stopped: bool = False  # it cannot be captured (out of WAL, locked by the application)
     lost_restore_points: int = 0  # commits dropped past the spool cap (in a later snapshot)
     sync: SyncState = field(default_factory=SyncState)
     lineage: Lineage = field(default_factory=Lineage)

@@ -182,7 +182,7 @@ class Engine:
                 db = self._dbs[rec.db_id] = Database(rec.db_id, rec.path)
                 self._ensure_thread()
             log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
-            db.open = True
+            db.open = db.joining = True
             db.sync.open_seq = rec.seq
             self._sync_pool.spawn(self._join_opened, db)
         elif db is None:
@@ -378,7 +378,7 @@ class Engine:
                 with self._lock:
                     self._never_held(db)
                 return
-            except capture.JournalModeError as exc:
+            except capture.Uncapturable as exc:
                 self._stop(db, exc)
                 return
             except capture.EmptyFileError:
@@ -450,9 +450,10 @@ class Engine:
             self._wake.notify()
         return delay
 
-    def _stop(self, db: Database, exc: capture.JournalModeError) -> None:
-        """A replicated database left WAL mode: say so once (ERROR), make flush() fail at
-        once, and look again with backoff: back in WAL, it resumes in a new generation."""
+    def _stop(self, db: Database, exc: capture.Uncapturable) -> None:
+        """A database cannot be captured (out of WAL mode, or locked by the application):
+        say so once (ERROR), make flush() fail at once, and look again with backoff: once it
+        can be, replication resumes (after a switch out of WAL, in a new generation)."""
         with self._lock:
             if not db.stopped:  # logged before flush() can raise
                 log.error("walsync: %s", exc)
@@ -721,6 +722,10 @@ class Engine:
             self._join(db)
         except ConfigError as exc:
             log.error("walsync: %s: not replicated: %s", db.path, exc)
+        finally:
+            with self._lock:
+                db.joining = False
+                self._cond.notify_all()
 
     def _join(self, db: Database) -> bool:
         """Take part for a newly opened database and start its sync if this process leads it
@@ -919,13 +924,17 @@ class Engine:
                         state
                         for i, m in marks.items()
                         if (state := self._dbs.get(i)) is not None
-                        and (state.sync.syncing or state.upload.durable_seq < m)
+                        and (state.joining or state.sync.syncing or state.upload.durable_seq < m)
                     ]
                     if not waiting:
                         return
                     for db in waiting:
                         if db.fenced:
                             raise ReplicationError(db.fenced)
+                        if db.sync.syncing and (
+                            locked := capture.exclusive_problem(db.db_id, db.path)
+                        ):  # its sync point may be waiting for that lock still
+                            raise ReplicationError(f"replica of {db.path} is failing: {locked}")
                         if db.failures >= FAILING_AFTER:
                             raise ReplicationError(
                                 f"replica of {db.path} is failing: {db.last_error}"
