@@ -183,13 +183,15 @@ def test_a_file_name_that_cannot_be_a_replica_name_fails_the_open_in_one_line(
 
     import walsync_vfs
 
-    path = tmp_path / "a\\b.db"
-    with pytest.raises(ConfigError) as info:
-        apsw.Connection(str(path), vfs="walsync")
-    assert str(info.value).startswith(f"{path}: invalid database name 'a\\\\b.db': ")
-    assert str(info.value).endswith(
-        "; give it a replica name (configure(name=...), or name in a [[databases]] table)"
-    )
+    for name, shown in [("a\\b.db", "a\\b.db"), ("new\nline.db", "new\\nline.db")]:
+        path = tmp_path / name
+        with pytest.raises(ConfigError) as info:
+            apsw.Connection(str(path), vfs="walsync")
+        assert str(info.value).startswith(f"{tmp_path}/{shown}: invalid database name ")
+        assert str(info.value).endswith(
+            "; give it a replica name (configure(name=...), or name in a [[databases]] table)"
+        )
+        assert "\n" not in str(info.value)
     walsync_vfs.flush(timeout=10)
     assert not [r for r in caplog.records if r.exc_info]
 

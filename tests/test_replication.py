@@ -179,6 +179,11 @@ def test_restore_installs_only_where_a_database_file_can_go(replica, tmp_path):
     proc = cli("restore", f"{replica}/keep.db", "-o", str(missing / "x.db"))
     assert proc.returncode == 1
     assert proc.stderr == f"walsync: error: {missing}: no such directory to restore x.db in\n"
+    proc = cli("restore", f"{replica}/keep.db", "-o", str(tmp_path / "no\ndir" / "x.db"))
+    assert proc.returncode == 1  # a control character is escaped: still one line
+    assert proc.stderr == (
+        f"walsync: error: {tmp_path}/no\\ndir: no such directory to restore x.db in\n"
+    )
     proc = cli("restore", f"{replica}/keep.db", "-o", "")
     assert proc.returncode == 1
     assert proc.stderr == (

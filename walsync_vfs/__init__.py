@@ -36,7 +36,7 @@ from walsync_vfs.config import (
     load_file,
 )
 from walsync_vfs.engine import Engine, ReplicationError
-from walsync_vfs.errors import FlushTimeoutError
+from walsync_vfs.errors import FlushTimeoutError, one_line
 from walsync_vfs.storage import StorageError
 
 __all__ = [
@@ -183,8 +183,8 @@ def _ensure_wal(con: apsw.Connection) -> None:
         )
     if mode != "wal":
         raise CaptureError(
-            f"{con.filename or ':memory:'}: walsync needs journal_mode=WAL but SQLite kept "
-            f"{mode!r}; open an on-disk database file"
+            f"{one_line(con.filename or ':memory:')}: walsync needs journal_mode=WAL but SQLite "
+            f"kept {mode!r} (it refuses WAL to a file opened with nolock=1); open it without"
         )
     engine.await_sync_point(db_id, SYNC_POINT_WAIT_S)
 

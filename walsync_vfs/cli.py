@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from walsync_vfs import catalog, heap, inplace, report, storage
+from walsync_vfs.errors import one_line
 from walsync_vfs.format import CorruptObject
 from walsync_vfs.restore import EPOCH, Follower, RestoreError, iso_time, restore, split_url
 
@@ -43,11 +44,16 @@ they repeat, and retried at every poll; OUTPUT keeps its last verified state.
 """
 
 
+def fail(message: str) -> None:
+    """The one line on stderr a failure ends in."""
+    print(f"walsync: error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with this tool's one-line errors: the usage block would bury the message."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"walsync: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"walsync: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def parse_timestamp(text: str) -> int:
@@ -153,9 +159,9 @@ def run_verify(url: str) -> int:
     for line in report.ignored(client, name):
         print(f"walsync: ignored: {line}", file=sys.stderr)
     for line in problems:
-        print(f"walsync: problem: {line}", file=sys.stderr)
+        print(f"walsync: problem: {one_line(line)}", file=sys.stderr)
     if problems:
-        print(f"walsync: error: {url}: {len(problems)} problem(s) found", file=sys.stderr)
+        fail(f"{url}: {len(problems)} problem(s) found")
         return 1
     print(f"{url}: every object, txid chain and database checksum verified")
     return 0
@@ -235,7 +241,7 @@ def run_follow(url: str, output: str, force: bool, interval: float) -> int:
                 if follower.published is None:
                     raise
                 if str(exc) != last_error:  # one line per distinct error, not one per poll
-                    print(f"walsync: error: {exc}", file=sys.stderr, flush=True)
+                    fail(str(exc))
                 last_error = str(exc)
             else:
                 last_error = None
@@ -261,7 +267,7 @@ def report_integrity(follower: Follower, output: str) -> None:
     if problem is None:
         print(f"integrity_check of {at}: ok", flush=True)
     else:
-        print(f"walsync: error: integrity_check of {at}: {problem}", file=sys.stderr, flush=True)
+        fail(f"integrity_check of {at}: {problem}")
 
 
 def _where(follower: Follower) -> str:
@@ -307,10 +313,10 @@ def run(argv: list[str] | None) -> int:
             progress=sys.stderr.isatty(),
         )
     except ERRORS as exc:
-        print(f"walsync: error: {exc}", file=sys.stderr)
+        fail(str(exc))
         return 1
     except KeyboardInterrupt:
-        print("walsync: error: interrupted", file=sys.stderr)
+        fail("interrupted")
         return 130
     print(
         f"restored {args.url} to {args.output} at txid {result.txid} "

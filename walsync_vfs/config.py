@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from walsync_vfs.errors import one_line
 from walsync_vfs.format import check_name
 from walsync_vfs.storage import StorageError, replica_location
 from walsync_vfs.storage.file import check_root
@@ -170,7 +171,7 @@ class Settings:
             try:
                 cfg = dataclasses.replace(cfg, name=check_name(self.name(path)))
             except ValueError as exc:
-                raise ConfigError(f"configure(name=...) for {path}: {exc}") from None
+                raise ConfigError(f"configure(name=...) for {one_line(path)}: {exc}") from None
         base = os.path.basename(path)
         for o in self.overrides:
             if fnmatch.fnmatchcase(base, o.match) or fnmatch.fnmatchcase(path, o.match):
@@ -181,8 +182,8 @@ class Settings:
             return dataclasses.replace(cfg, name=check_name(base))
         except ValueError as exc:
             raise ConfigError(
-                f"{path}: {exc}; give it a replica name (configure(name=...), or name in a "
-                "[[databases]] table)"
+                f"{one_line(path)}: {exc}; give it a replica name (configure(name=...), or "
+                "name in a [[databases]] table)"
             ) from None
 
 

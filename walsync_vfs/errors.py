@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from walsync_vfs import storage
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ReplicationError(RuntimeError):
@@ -16,6 +20,12 @@ class NameTaken(ReplicationError):
 
 class FlushTimeoutError(TimeoutError):
     """``flush()`` ran out of time (a ``TimeoutError``); the message says what to look at."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped as Python writes them: a path may hold
+    a newline, and an error stays one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def describe(exc: BaseException) -> str:
