@@ -385,6 +385,83 @@ def test_a_follower_stops_at_once_while_its_store_hangs(
     assert apsw.Connection(str(out)).execute("SELECT x FROM t").fetchall() == [(1,)]
 
 
+def test_flush_after_an_outage_waits_for_a_fresh_try_not_the_old_failures(tmp_path):
+    """The store failed for a while and is back: flush() does not report the replica as
+    failing from the attempts made during the outage, it tries again and succeeds; while
+    the store is still down it fails as soon as that new try fails."""
+    replica = tmp_path / "replica"
+    walsync_vfs.configure(replica=replica.as_uri(), upload_interval=0.1)
+    try:
+        con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        replica.rename(tmp_path / "away")
+        replica.write_text("the replica root is not a directory now")
+        con.execute("INSERT INTO t VALUES(1)")
+        with pytest.raises(walsync_vfs.ReplicationError):
+            walsync_vfs.flush(timeout=30)  # a failing replica, said at once
+        (state,) = walsync_vfs.stats()
+        assert state["failures"] >= 3
+        replica.unlink()
+        (tmp_path / "away").rename(replica)
+        walsync_vfs.flush(timeout=30)
+        (state,) = walsync_vfs.stats()
+        assert state["replicated_txid"] == state["last_txid"] and state["failures"] == 0
+        con.close()
+    finally:
+        walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
+def test_flush_timeouts_mean_what_they_say(tmp_path):
+    """No time at all still succeeds when everything is replicated; infinity and huge
+    values mean no limit; a negative or NaN timeout is an error, not a spin."""
+    walsync_vfs.configure(replica=(tmp_path / "replica").as_uri(), upload_interval=0.0)
+    try:
+        con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+        for timeout in (float("inf"), 1e10, 30):
+            walsync_vfs.flush(timeout=timeout)
+        walsync_vfs.flush(timeout=0)
+        for bad in (float("nan"), -1):
+            with pytest.raises(ValueError) as info:
+                walsync_vfs.flush(timeout=bad)
+            assert str(info.value) == f"flush timeout must be seconds >= 0 or None, got {bad!r}"
+        con.close()
+    finally:
+        walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
+def test_a_restore_stopped_by_sigterm_removes_its_temp_file(tmp_path):
+    """SIGTERM (a container stop, systemd) ends a restore as Ctrl-C does: one line, and no
+    partial database left beside OUTPUT."""
+    walsync_vfs.configure(replica=(tmp_path / "replica").as_uri())
+    try:
+        con = apsw.Connection(str(tmp_path / "big.db"), vfs="walsync")
+        con.execute("CREATE TABLE b(x)")
+        con.executemany("INSERT INTO b VALUES(randomblob(4000))", [()] * 8000)
+        walsync_vfs.flush(timeout=120)
+        con.close()
+    finally:
+        walsync_vfs.configure(replica="")
+    out = tmp_path / "out.db"
+    part = Path(f"{out}.walsync-tmp")
+    url = f"{(tmp_path / 'replica').as_uri()}/big.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "walsync_vfs", "restore", url, "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the restore never began writing"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, errors = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the restore finished before the signal")
+    assert (proc.returncode, errors) == (143, "walsync: error: terminated\n")
+    assert not part.exists() and not out.exists()
+
+
 APP_THAT_REOPENS = """
 import sys, time, apsw, walsync_vfs
 walsync_vfs.configure(replica="s3://bucket/p")

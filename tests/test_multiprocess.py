@@ -454,6 +454,53 @@ con.close()
 """
 
 
+FOLLOWER_FLUSH = """
+import sys, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], upload_interval=0.1)
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.set_busy_timeout(5000)
+print("ready", flush=True)
+sys.stdin.readline()  # the leader's replica fails from now on
+con.execute("INSERT INTO t VALUES(2)")
+try:
+    walsync_vfs.flush(timeout=30)
+except walsync_vfs.ReplicationError as exc:
+    print(exc)
+"""
+
+
+def test_a_follower_s_flush_gives_the_leader_s_error_once(tmp_path):
+    """Another process's flush() while the leader's replica fails: the leader's one line,
+    not that line prefixed again."""
+    import walsync_vfs
+
+    replica, path = tmp_path / "replica", tmp_path / "a.db"
+    walsync_vfs.configure(replica=replica.as_uri(), upload_interval=0.1)
+    try:
+        con = apsw.Connection(str(path), vfs="walsync")  # this process leads
+        con.execute("CREATE TABLE t(x)")
+        walsync_vfs.flush(timeout=30)
+        child = subprocess.Popen(
+            [sys.executable, "-c", FOLLOWER_FLUSH, str(path), replica.as_uri()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        replica.rename(tmp_path / "away")
+        replica.write_text("not a directory")
+        con.execute("INSERT INTO t VALUES(1)")
+        with pytest.raises(walsync_vfs.ReplicationError) as leader:
+            walsync_vfs.flush(timeout=30)
+        said, errors = child.communicate("go\n", timeout=120)
+        assert said.splitlines() == [str(leader.value)], errors
+        assert str(leader.value).count("is failing") == 1
+        replica.unlink()
+        (tmp_path / "away").rename(replica)
+        walsync_vfs.flush(timeout=30)
+        con.close()
+    finally:
+        walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
 def test_a_process_configured_with_another_replica_is_told_where_its_commits_go(
     file_replica, tmp_path
 ):

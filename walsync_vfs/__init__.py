@@ -10,6 +10,7 @@ opened through the VFS is switched to WAL mode and replicated to the configured 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 from typing import Any
@@ -105,7 +106,12 @@ def configure(
 def flush(timeout: float | None = None) -> None:
     """Block until every transaction committed in this process before the call is durable in
     its replica.  Raises ``TimeoutError`` on timeout and :class:`ReplicationError` when a
-    replica keeps failing."""
+    replica keeps failing.  ``timeout``: seconds (None or infinity: no limit)."""
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or math.isnan(timeout) or timeout < 0:
+            raise ValueError(f"flush timeout must be seconds >= 0 or None, got {timeout!r}")
+        if timeout >= threading.TIMEOUT_MAX:  # longer than any wait can be: no limit
+            timeout = None
     _engine_instance().flush(timeout)
 
 

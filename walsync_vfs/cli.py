@@ -172,8 +172,13 @@ Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class Stopped(BaseException):
-    """A stop request that ends a poll at once (a BaseException: nothing on the way may take
+    """SIGTERM, or a follower's stop request: it ends what the command is doing at once, and
+    what it leaves is cleaned up on the way out (a BaseException: nothing on the way may take
     it for an error of the store and retry)."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Stopped
 
 
 class StopRequest:
@@ -297,6 +302,7 @@ def run(argv: list[str] | None) -> int:
     if args.command == "restore" and args.interval is not None and not args.follow:
         restore_parser.error("--interval only applies with --follow")
     heap.map_big_blocks()  # a command's process reads objects: buffers come and go by the MiB
+    signal.signal(signal.SIGTERM, _terminate)  # as Ctrl-C: a restore removes its temp file
     try:
         if args.command == "list":
             return run_list(args.url, args.json)
@@ -318,6 +324,9 @@ def run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         fail("interrupted")
         return 130
+    except Stopped:
+        fail("terminated")
+        return 128 + signal.SIGTERM
     print(
         f"restored {args.url} to {args.output} at txid {result.txid} "
         f"({result.db_size} pages of {result.page_size} bytes)"

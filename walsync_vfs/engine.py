@@ -58,6 +58,7 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
 BEHIND_A_SYNC_WAIT = 0.25  # s an opener waits for a sync that is past its sync point
+BARRIER_FLOOR = 0.5  # s a flush waits for the capture thread to hand over what it holds
 _COMMIT = int(Kind.COMMIT)  # a ws_rec's kind, compared on the capture path without the enum
 
 
@@ -846,7 +847,7 @@ class Engine:
                 if self._host.ask_flush(db.db_id, deadline):
                     continue
             except LeaderError as exc:
-                raise ReplicationError(f"replica of {db.path} is failing: {exc}") from None
+                raise ReplicationError(str(exc)) from None  # the leader's words, whole
         self._flush(deadline)
 
     def _replica_url(self, root: str, name: str) -> str:
@@ -899,8 +900,8 @@ class Engine:
         for db_id in led:  # commits other processes made, not yet seen by the WAL poll
             capture.lib.ws_tail(db_id)
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        try:
-            capture.dispatcher().barrier(left if left is not None else 60.0)
+        try:  # the hand-over takes a moment, which even a flush given no time waits for
+            capture.dispatcher().barrier(max(left, BARRIER_FLOOR) if left is not None else 60.0)
         except TimeoutError:
             raise FlushTimeoutError(
                 "flush timed out before the capture thread handed over every commit; give "
@@ -908,14 +909,19 @@ class Engine:
             ) from None
         with self._lock:
             marks = {db.db_id: db.upload.seen_seq for db in self._led(only)}
+            now = time.monotonic()
+            # Failures from before this flush may be of an outage that is over: a failing
+            # database is tried again now, not after its backoff, and only a failure of
+            # that try (or a later one) makes this flush report it as failing.
+            errors = {}
             for db in self._dbs.values():
-                if db.stopped and db.db_id in marks:
-                    # The shim publishes nothing of a database out of WAL, so no record says
-                    # it is back: look now, and wait for that look rather than fail at once.
-                    db.failures = 0
+                if db.db_id not in marks:
+                    continue
+                errors[db.db_id] = db.errors
+                if db.failures or db.stopped:
+                    db.upload.next_attempt = min(db.upload.next_attempt, now)
                     self._retry_now(db)
             self.uploads.clock.flushers += 1
-            now = time.monotonic()
             for db in self._dbs.values():  # all urgent now
                 self.uploads.schedule(db, now)
             try:
@@ -935,7 +941,7 @@ class Engine:
                             locked := capture.exclusive_problem(db.db_id, db.path)
                         ):  # its sync point may be waiting for that lock still
                             raise ReplicationError(f"replica of {db.path} is failing: {locked}")
-                        if db.failures >= FAILING_AFTER:
+                        if db.failures >= FAILING_AFTER and db.errors > errors[db.db_id]:
                             raise ReplicationError(
                                 f"replica of {db.path} is failing: {db.last_error}"
                             )
