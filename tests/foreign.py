@@ -35,4 +35,10 @@ def write_while_closed(path: Path, sql: str) -> None:
     """Once walsync has let go of the closed database at ``path``, run ``sql`` on it in a
     process without the shim and truncate the WAL: its next open starts a new generation."""
     wait_until_forgotten(str(path))
+    write_foreign(path, sql)
+
+
+def write_foreign(path: Path | str, sql: str) -> None:
+    """Run ``sql`` on ``path`` in a process without the shim, then truncate the WAL (if
+    walsync has the database open, its next commit reveals the gap: a resync)."""
     subprocess.run([sys.executable, "-c", WRITE_AND_TRUNCATE, str(path), sql], check=True)

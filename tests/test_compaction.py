@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import apsw
 import pytest
+from foreign import write_foreign
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
@@ -139,6 +140,25 @@ def test_compaction_reads_local_copies_and_makes_no_get(replica, tmp_path):
     commit_segments(con, 2)  # the next run starts a file of its own
     assert db_state(path).upkeep.recent is not run
     check_restores(url, "local.db", con, str(tmp_path / "r.db"))
+    con.close()
+
+
+def test_compaction_merges_around_a_resync_s_commit(replica, tmp_path, caplog):
+    """A writer without the VFS checkpoints the WAL away: the resync ships the pages it
+    changed as one commit, outside the uploader's small segments.  Compaction merges the
+    runs on either side of that commit instead of failing at every pass."""
+    url, client = replica
+    path = str(tmp_path / "resynced.db")
+    con = open_db(path)
+    commit_segments(con, 2)
+    write_foreign(path, "INSERT INTO t VALUES(randomblob(300))")
+    con.execute("INSERT INTO t VALUES(randomblob(300))")  # reveals the gap: a resync
+    walsync_vfs.flush(timeout=30)
+    commit_segments(con, COMPACT)
+    wait_for_compaction(client, path)
+    assert not [r.getMessage() for r in caplog.records if "maintenance" in r.getMessage()]
+    assert db_state(path).errors == 0
+    check_restores(url, "resynced.db", con, str(tmp_path / "out.db"))
     con.close()
 
 

@@ -105,6 +105,18 @@ def small_keys(
     ]
 
 
+def consecutive(segments: list[format.ParsedKey]) -> list[list[format.ParsedKey]]:
+    """``segments`` cut where one does not continue the txids of the one before: a segment
+    this process did not upload through the uploader (a resync's commit) sits in between."""
+    runs: list[list[format.ParsedKey]] = []
+    for seg in segments:
+        if runs and seg.first_txid == runs[-1][-1].last_txid + 1:
+            runs[-1].append(seg)
+        else:
+            runs.append([seg])
+    return runs
+
+
 def merge_plan(
     client: storage.ReplicaClient,
     segments: list[format.ParsedKey],
@@ -341,10 +353,17 @@ class Compactor:
             segs = [k for k in segs if catalog.object_key(k) in alive]
             if retain:
                 self._sweep_uploads(db)
-        if len(segs) < 2:
+        runs = [r for r in consecutive(segs) if len(r) >= 2]
+        if not runs:
             return None
         copies = self.recent.read(run)
-        return merge_plan(db.client, segs, db.cfg.max_segment_bytes, copies.get)
+        puts: list[tuple[str, bytes]] = []
+        deletes: list[str] = []
+        for segments in runs:
+            more, gone = merge_plan(db.client, segments, db.cfg.max_segment_bytes, copies.get)
+            puts += more
+            deletes += gone
+        return puts, deletes
 
     def _sweep_uploads(self, db: Database) -> None:
         """Abort the database's abandoned uploads, at most every UPLOAD_SWEEP_INTERVAL (one
