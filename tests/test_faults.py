@@ -495,6 +495,49 @@ def test_a_reopen_never_waits_for_a_store_that_hangs(tmp_path):
     silent.close()
 
 
+APP_WITH_TWO_STORES = """
+import json, sys, time, apsw, walsync_vfs
+d = sys.argv[1]
+hung = [apsw.Connection(f"{d}/hung-{i}.db", vfs="walsync") for i in range(3)]
+fine = apsw.Connection(f"{d}/fine.db", vfs="walsync")
+for c in hung + [fine]:
+    c.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    (s,) = [s for s in walsync_vfs.stats() if s["path"].endswith("fine.db")]
+    if s["replicated_txid"] and s["replicated_txid"] == s["last_txid"]:
+        break
+    time.sleep(0.05)
+took = time.monotonic() - deadline + 60
+print(json.dumps([s["replicated_txid"], s["last_txid"], took]))
+"""
+
+
+def test_a_store_that_hangs_never_holds_up_another_store_s_databases(tmp_path):
+    """Databases replicated to a store that accepts connections and never answers keep
+    their syncs waiting; a database replicated elsewhere still gets its own at once."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.extend(iter(lambda: silent.accept()[0], None)),
+                     daemon=True).start()  # fmt: skip
+    config = tmp_path / "walsync.toml"
+    config.write_text(
+        f'[defaults]\nreplica = "{(tmp_path / "replica").as_uri()}"\n'
+        '[[databases]]\nmatch = "hung-*.db"\nreplica = "s3://bucket/p"\n'
+    )
+    env = store_env(f"http://127.0.0.1:{silent.getsockname()[1]}")
+    env["WALSYNC_CONFIG"] = str(config)
+    out = subprocess.run(
+        [sys.executable, "-c", APP_WITH_TWO_STORES, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    replicated, last, took = json.loads(out.stdout)
+    assert replicated == last > 0 and took < 10, (replicated, last, took)
+    assert held, "the hanging store was never asked"
+    silent.close()
+
+
 APP_WITHOUT_ITS_STORE = """
 import json, sys, time, apsw, walsync_vfs
 walsync_vfs.configure(replica="s3://bucket/p")

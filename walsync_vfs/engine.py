@@ -87,7 +87,10 @@ class Engine:
         self._next_maintenance = 0.0
         self._next_release = 0.0
         self._stopped = False
-        self._sync_pool = Workers(2, "walsync-sync")
+        self._join_pool = Workers(2, "walsync-join")
+        # A store that hangs holds a sync for its timeouts: each replica root has syncs of
+        # its own, so one root's outage never delays another root's databases.
+        self._sync_pools: dict[str, Workers] = {}
         self.compactor = Compactor(
             self._lock, self._cond, RecentCopies(self._spool), self.forget_if_done
         )
@@ -185,7 +188,7 @@ class Engine:
             log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
             db.open = db.joining = True
             db.sync.open_seq = rec.seq
-            self._sync_pool.spawn(self._join_opened, db)
+            self._join_pool.spawn(self._join_opened, db)
         elif db is None:
             return
         elif rec.kind is Kind.GAP:
@@ -276,7 +279,21 @@ class Engine:
             db.sync.resync = True
         else:
             db.sync.syncing = True
-            self._sync_pool.spawn(self._sync_loop, db)
+            self._spawn_sync(db)
+
+    def _spawn_sync(self, db: Database) -> None:
+        """Run the database's sync on its replica root's workers (lock held)."""
+        if db.claim is not None:
+            root = db.claim[0]
+        else:
+            try:
+                root = self.settings.for_db(db.path).replica_root()
+            except ConfigError:
+                root = ""  # the sync reports it
+        pool = self._sync_pools.get(root)
+        if pool is None:
+            pool = self._sync_pools[root] = Workers(2, "walsync-sync")
+        pool.spawn(self._sync_loop, db)
 
     def _append(self, db: Database, rec: Record) -> None:
         """Give a commit its txid and whole-db checksum and queue it for upload."""
@@ -804,8 +821,7 @@ class Engine:
                     finally:
                         self._lock.acquire()
                 while self._sync_retries and self._sync_retries[0][0] <= now:
-                    db = heapq.heappop(self._sync_retries)[2]
-                    self._sync_pool.spawn(self._sync_loop, db)
+                    self._spawn_sync(heapq.heappop(self._sync_retries)[2])
                 uploads.start(now)
                 if now >= self._next_spill_check:
                     self._next_spill_check = now + SPILL_CHECK
@@ -980,7 +996,8 @@ class Engine:
             self._thread.join()
         self.uploads.pool.shutdown(wait=True)
         self.compactor.pool.shutdown(wait=True)
-        self._sync_pool.shutdown(wait=False, cancel=True)
+        for pool in (self._join_pool, *self._sync_pools.values()):
+            pool.shutdown(wait=False, cancel=True)
         self.compactor.recent.close()
 
 
