@@ -475,9 +475,15 @@ def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
         (
             {"upload_intervall": 1.0},
             walsync_vfs.config.UnknownKeyError,
-            "configure(): unknown key 'upload_intervall'; known: compact_segments, fencing, "
-            "lease_time, max_segment_bytes, name, replica, retention, snapshot_interval, "
-            "upload_burst, upload_interval",
+            "configure(): unknown key 'upload_intervall'; known: client_options, "
+            "compact_segments, config, fencing, lease_time, max_segment_bytes, memory_cap, "
+            "metrics_port, name, replica, retention, snapshot_interval, spool_cap, spool_dir, "
+            "upload_burst, upload_interval, upload_workers",
+        ),
+        (
+            {"replica": 123},
+            walsync_vfs.ConfigError,
+            "configure(): replica must be a URL or a path, got 123",
         ),
         (
             {"upload_interval": "fast"},

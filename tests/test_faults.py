@@ -293,6 +293,16 @@ def store_env(endpoint: str) -> dict[str, str]:
     )
 
 
+def test_a_missing_ca_bundle_is_named(tmp_path):
+    env = dict(store_env("https://127.0.0.1:9"), AWS_CA_BUNDLE=str(tmp_path / "ca.pem"))
+    err = one_error_line(cli("restore", "s3://bucket/p/x.db", "-o", str(tmp_path / "x"), env=env))
+    assert err == (
+        f"walsync: error: cannot use the CA bundle {tmp_path / 'ca.pem'} (AWS_CA_BUNDLE or "
+        "ca_bundle in the AWS config): No such file or directory; point it at a PEM file of "
+        "CA certificates\n"
+    )
+
+
 def test_unreachable_endpoint(tmp_path):
     env = store_env("http://127.0.0.1:9")
     err = one_error_line(cli("restore", "s3://bucket/p/x.db", "-o", str(tmp_path / "x"), env=env))

@@ -91,7 +91,11 @@ def configure(
         if key in _PROCESS_OPTIONS:
             setattr(new, key, check_process_option("configure()", key, value))
         else:
-            knobs[key] = check_knob("configure()", key, value)
+            knobs[key] = check_knob("configure()", key, value, (*_PROCESS_OPTIONS, "config"))
+    if isinstance(replica, os.PathLike):
+        replica = os.fspath(replica)
+    if replica is not None and not isinstance(replica, str):
+        raise ConfigError(f"configure(): replica must be a URL or a path, got {replica!r}")
     if replica is not None:
         if replica:  # "" goes back to $WALSYNC_REPLICA or the default
             storage.open_replica(replica, **new.client_options)  # malformed URLs fail here

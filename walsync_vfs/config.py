@@ -103,13 +103,13 @@ MAX_LEASE_TIME = 30.0
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
-def check_knob(where: str, key: str, value: object) -> Any:
+def check_knob(where: str, key: str, value: object, also: tuple[str, ...] = ()) -> Any:
     """Validate one knob and return its value as the knob's type (an int given for a float
-    becomes a float); errors name where it came from and the key."""
+    becomes a float); errors name where it came from and the key (and list the knobs, with
+    the other keys ``also`` known there)."""
     if key not in _KNOBS:
-        raise UnknownKeyError(
-            f"{where}: unknown key {key!r}; known: {', '.join(sorted(_KNOBS))}"
-        )
+        known = ", ".join(sorted({*_KNOBS, *also}))
+        raise UnknownKeyError(f"{where}: unknown key {key!r}; known: {known}")
     kind, low = _KNOBS[key]
     accepted = (int, float) if kind is float else (kind,)
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepted):

@@ -386,7 +386,14 @@ class _Pool:
         if https:
             import ssl  # only for https endpoints: plain http never loads OpenSSL's tables
 
-            self._context = ssl.create_default_context(cafile=ca_bundle)
+            try:
+                self._context = ssl.create_default_context(cafile=ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise StorageError(
+                    f"cannot use the CA bundle {ca_bundle} (AWS_CA_BUNDLE or ca_bundle in the "
+                    f"AWS config): {exc.strerror or exc}; point it at a PEM file of CA "
+                    "certificates"
+                ) from None
 
     def exchange(
         self, method: str, target: str, body: Body, headers: dict[str, str]
