@@ -472,6 +472,42 @@ def test_a_restore_stopped_by_sigterm_removes_its_temp_file(tmp_path):
     assert not part.exists() and not out.exists()
 
 
+KILLED_WRITER = """
+import sys, time, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], upload_interval=3600)  # only flush() uploads
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.execute("CREATE TABLE t(x)")
+walsync_vfs.flush(timeout=30)
+for i in range(200):
+    con.execute("INSERT INTO t VALUES(randomblob(500))")
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_commits_a_killed_process_left_count_in_the_reopener_s_bytes_uploaded(tmp_path):
+    """The next opener ships them from the WAL, as a segment of the same generation: its
+    stats() count that segment like any upload."""
+    path, replica = tmp_path / "a.db", (tmp_path / "replica").as_uri()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path), replica], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+    writer.kill()
+    writer.wait()
+    walsync_vfs.configure(replica=replica)
+    try:
+        con = apsw.Connection(str(path), vfs="walsync")
+        walsync_vfs.flush(timeout=30)
+        (state,) = walsync_vfs.stats()
+        segments = sum(p.stat().st_size for p in (tmp_path / "replica").rglob("*.wseg"))
+        assert state["replicated_txid"] == state["last_txid"] == 202  # the same generation
+        assert 0 < state["bytes_uploaded"] < segments
+        con.close()
+    finally:
+        walsync_vfs.configure(replica="")
+
+
 APP_THAT_REOPENS = """
 import sys, time, apsw, walsync_vfs
 walsync_vfs.configure(replica="s3://bucket/p")

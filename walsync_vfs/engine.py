@@ -699,7 +699,10 @@ class Engine:
                 up = db.upload
                 queue = bool(up.pending or up.outbox or up.uploading)
             now = [] if queue else decision.survivors
-            sync.write(client, db.name, head, decision, pinned, raw, now, max_bytes, db.epoch())
+            epoch = db.epoch()
+            put = sync.write(client, db.name, head, decision, pinned, raw, now, max_bytes, epoch)
+            with self._lock:
+                db.upload.bytes_uploaded += put
             if not db.may_write(time.monotonic()):
                 with self._lock:  # it may have landed after a takeover: claim and look again
                     state.resync = True

@@ -213,11 +213,11 @@ def write(
     survivors: list[format.Commit],
     max_segment_bytes: int,
     epoch: int = 0,
-) -> None:
+) -> int:
     """Upload ``survivors`` (commits recovered from the WAL that nothing pending precedes:
     shipped before the sync ends, so a process killed again soon after still finds them in
     the store), then the snapshot if the decision (taken against ``head``) takes one; every
-    key carries the writer's lease ``epoch``."""
+    key carries the writer's lease ``epoch``.  Returns the bytes of the segments put."""
     if not decision.continues and head.generation is not None:
         log.debug(
             "walsync: %s differs from its replica (%s) at seq %d: checksum %x, %d pages of %d",
@@ -231,12 +231,14 @@ def write(
     objects = encode_commits(
         name, decision.generation, pinned.page_size, max_segment_bytes, survivors, epoch
     )
+    stored = 0
     for key, data in objects:  # encoded one at a time
         try:
             client.put(key, data)
         except storage.Conflict as exc:
             if not storage.stored_before(client, key, data, exc):
                 raise
+        stored += len(data)
     if decision.snapshot:
         raw.seek(0)
         key = format.snapshot_key(name, decision.generation, decision.txid, epoch)
@@ -244,6 +246,7 @@ def write(
         put_snapshot(
             client, key, pages, pinned.page_size, decision.txid, pinned.taken_ns, pinned.db_size
         )
+    return stored
 
 
 def _pages(raw: BinaryIO, page_size: int, db_size: int) -> Iterator[memoryview]:
