@@ -455,7 +455,7 @@ con.close()
 
 
 FOLLOWER_FLUSH = """
-import sys, apsw, walsync_vfs
+import json, sys, apsw, walsync_vfs
 walsync_vfs.configure(replica=sys.argv[2], upload_interval=0.1)
 con = apsw.Connection(sys.argv[1], vfs="walsync")
 con.set_busy_timeout(5000)
@@ -466,12 +466,13 @@ try:
     walsync_vfs.flush(timeout=30)
 except walsync_vfs.ReplicationError as exc:
     print(exc)
+print(json.dumps(walsync_vfs.stats()))
 """
 
 
-def test_a_follower_s_flush_gives_the_leader_s_error_once(tmp_path):
+def test_a_follower_s_flush_and_stats_while_the_leader_s_replica_fails(tmp_path):
     """Another process's flush() while the leader's replica fails: the leader's one line,
-    not that line prefixed again."""
+    not that line prefixed again; its stats() claim nothing about the replica."""
     import walsync_vfs
 
     replica, path = tmp_path / "replica", tmp_path / "a.db"
@@ -491,7 +492,13 @@ def test_a_follower_s_flush_gives_the_leader_s_error_once(tmp_path):
         with pytest.raises(walsync_vfs.ReplicationError) as leader:
             walsync_vfs.flush(timeout=30)
         said, errors = child.communicate("go\n", timeout=120)
-        assert said.splitlines() == [str(leader.value)], errors
+        error, stats = said.splitlines()
+        assert error == str(leader.value), errors
+        # Its stats are the leader's to give: nothing here may read as a healthy replica.
+        (state,) = json.loads(stats)
+        assert state.pop("leader") is False
+        assert state.pop("path") == str(path) and state.pop("name") == "a.db"
+        assert set(state.values()) == {None}
         assert str(leader.value).count("is failing") == 1
         replica.unlink()
         (tmp_path / "away").rename(replica)

@@ -977,12 +977,18 @@ class Engine:
                 self.uploads.clock.flushers -= 1
 
     def stats(self) -> list[dict[str, Any]]:
+        """Each database's stats_of; one another process replicates (the leader's stats
+        say how it goes) has only its path and name here, every other field None: zeros
+        would read as a healthy replica during an outage."""
         now = time.time_ns()
         with self._lock:
-            return [
-                dict(stats_of(db, now), leader=self._host.leads(db.db_id))
-                for db in self._dbs.values()
-            ]
+            out = []
+            for db in self._dbs.values():
+                state = stats_of(db, now)
+                if not self._host.leads(db.db_id):
+                    state = {k: v if k in ("path", "name") else None for k, v in state.items()}
+                out.append(dict(state, leader=self._host.leads(db.db_id)))
+            return out
 
     def forget_after_fork(self) -> None:
         """In a forked child: this engine's threads stayed in the parent; let go of what

@@ -41,6 +41,8 @@ class _Collector:
         for key, text in _GAUGES.items():
             family = GaugeMetricFamily(f"walsync_{key}", text, labels=["database"])
             for s in stats:
+                if not s["leader"]:
+                    continue  # the leader's process reports it
                 value = bool(s[key]) if key == "fenced" else s[key]  # fenced: the reason
                 family.add_metric([s["name"] or s["path"]], float(value))
             yield family
