@@ -155,6 +155,9 @@ struct WsDb {
   int nApp;     /* of them, the application's: not ws_conn_open()'s (gMutex) */
   int nAppRw;   /* of those, the ones it can write through (gMutex) */
   int nExclHeld; /* of those, the ones holding EXCLUSIVE past a commit (gMutex) */
+  int nAppWal;   /* WAL files the application has open (gMutex) ... */
+  dev_t walDev;  /* ... and the file the first of them opened */
+  ino_t walIno;
   int64_t exclSinceNs; /* monotonic: since when one of them has (gMutex) */
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
@@ -217,6 +220,7 @@ struct WsFile {
   int bAppRw;          /* MAIN: ... and writable (counted in nAppRw) */
   int eLock;           /* MAIN: the lock level it holds */
   int bExclHeld;       /* MAIN, application's: EXCLUSIVE kept past a commit (in nExclHeld) */
+  int bAppWal;         /* WAL: the application's (counted in nAppWal) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
 };
 #define WSF_OTHER 0
@@ -1755,6 +1759,11 @@ static int wsClose(sqlite3_file *pFile) {
   int rc;
   if (p->eType == WSF_WAL) {
     waitConsumed(p->pDb, p->pReal); /* SQLite may delete the WAL next */
+    if (p->bAppWal) {
+      pthread_mutex_lock(&gMutex);
+      p->pDb->nAppWal--;
+      pthread_mutex_unlock(&gMutex);
+    }
   } else if (p->eType == WSF_MAIN && p->pDb) {
     int bLast;
     exclHeld(p, 0);
@@ -2088,10 +2097,48 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
       pthread_mutex_unlock(&gMutex);
     }
   } else if (flags & SQLITE_OPEN_WAL) {
+    struct stat st;
     p->eType = WSF_WAL;
     p->pDb = dbByWal(zName);
+    if (p->pDb && !tEngineOpen && stat(zName, &st) == 0) {
+      pthread_mutex_lock(&gMutex);
+      p->bAppWal = 1;
+      if (p->pDb->nAppWal++ == 0) {
+        p->pDb->walDev = st.st_dev;
+        p->pDb->walIno = st.st_ino;
+      }
+      pthread_mutex_unlock(&gMutex);
+    }
   }
   return SQLITE_OK;
+}
+
+/* Whether the WAL the application writes for database id is no longer the file
+** at <db>-wal: another copy of SQLite in this process (stdlib sqlite3 beside
+** apsw) closed its last connection to the database and, its POSIX locks not
+** keeping it from ours, checkpointed and deleted the WAL under our connections.
+** Their commits then go to a file no other connection, and no sync point, sees. */
+int ws_wal_orphaned(int64_t id) {
+  WsDb *pDb = dbById(id);
+  struct stat st;
+  char *zWal;
+  int n, bOrphaned = 0;
+  dev_t dev;
+  ino_t ino;
+  if (!pDb) return 0;
+  pthread_mutex_lock(&gMutex);
+  n = pDb->nAppWal;
+  dev = pDb->walDev;
+  ino = pDb->walIno;
+  pthread_mutex_unlock(&gMutex);
+  if (n == 0 || !(zWal = sqlite3_mprintf("%s-wal", pDb->zPath))) return 0;
+  if (stat(zWal, &st) != 0) {
+    bOrphaned = errno == ENOENT;
+  } else {
+    bOrphaned = st.st_dev != dev || st.st_ino != ino;
+  }
+  sqlite3_free(zWal);
+  return bOrphaned;
 }
 
 /* The database whose WAL is at zWal, if this process has it open. */

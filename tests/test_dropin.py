@@ -128,6 +128,39 @@ def test_an_attached_database_locked_exclusive_fails_flush_until_released(
     out.close()
 
 
+def test_a_wal_another_sqlite_library_deleted_fails_flush_until_reopened(replica, tmp_path):
+    """Stdlib sqlite3 beside apsw in one process: its last close checkpoints and deletes the
+    WAL under apsw's connection (POSIX locks do not keep two copies of SQLite apart), whose
+    commits then go to a file nobody else reads.  flush() says so at once instead of
+    returning with the replica stuck; reopened, the connection's commits are replicated."""
+    import sqlite3
+
+    path = tmp_path / "two-libraries.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("INSERT INTO t VALUES(2)")
+    other.close()
+    con.execute("INSERT INTO t VALUES(3)")
+    with pytest.raises(walsync_vfs.ReplicationError) as failed:
+        walsync_vfs.flush(timeout=30)
+    assert str(failed.value) == (
+        f"replica of {path} is failing: {path}: its WAL was deleted under this process's "
+        "connections by another SQLite library in the process (stdlib sqlite3 beside apsw), "
+        "whose close checkpointed it: their commits reach no file a replicator reads; close "
+        "and reopen them, and open a database with one library per process"
+    )
+    con.close()
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("INSERT INTO t VALUES(4)")
+    walsync_vfs.flush(timeout=30)
+    out = restore(f"{replica}/{path.name}", tmp_path / "restored.db")
+    assert dump(out) == dump(con) == [("t", [(1,), (2,), (3,), (4,)])]
+    out.close()
+    con.close()
+
+
 def vacuum_replicated_into(path: Path, copy: Path, vfs: str) -> None:
     """Make a replicated database, VACUUM INTO ``copy`` through ``vfs`` as soon as it is
     replicated, and read the output right after with a plain reader that meets any lock."""

@@ -183,6 +183,11 @@ class ExclusiveLockError(Uncapturable):
     in until that connection lets go."""
 
 
+class OrphanedWalError(Uncapturable):
+    """The WAL this process's connections write was deleted under them by another copy of
+    SQLite in the process: until they close, their commits reach no file anyone else reads."""
+
+
 class ClosedError(CaptureError):
     """A database not in WAL mode that the application closed before the engine could
     switch it (a ``VACUUM INTO`` output): nothing of it to replicate."""
@@ -602,6 +607,13 @@ class SyncPoint:
             writer.file_control(_FCNTL_DB_ID, out)
             self.db_id = int(out[0])
             self._check_exclusive()
+            if lib.ws_wal_orphaned(self.db_id):
+                raise OrphanedWalError(
+                    f"{path}: its WAL was deleted under this process's connections by another "
+                    "SQLite library in the process (stdlib sqlite3 beside apsw), whose close "
+                    "checkpointed it: their commits reach no file a replicator reads; close "
+                    "and reopen them, and open a database with one library per process"
+                )
             try:
                 mode = writer.query("PRAGMA journal_mode")
                 if mode != "wal" and enable_wal:
