@@ -219,7 +219,9 @@ def test_parse_key_rejects_foreign(key):
     assert parse_key(key) is None
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b", "x\ny", "d\x00b", "d\x7fb"])
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a/b", "a\\b", "x\ny", "d\x00b", "d\x7fb", ".walsync-lease"]
+)
 def test_one_name_rule_for_config_and_keys(name):
     """A name the configuration refuses is never put in a key, and no key parses to one."""
     for refuse in (

@@ -31,16 +31,20 @@ LEASES = ".walsync-lease"
 
 
 def _valid_name(name: object) -> bool:
-    """One path component: never empty, ``.`` or ``..``, no ``/``, ``\\`` or control chars."""
+    """One path component: never empty, ``.``, ``..`` or the leases' folder, no ``/``, ``\\``
+    or control chars."""
     return (
         isinstance(name, str)
-        and name not in ("", ".", "..")
+        and name not in ("", ".", "..", LEASES)
         and _BAD_NAME_CHAR.search(name) is None
     )
 
 
 def check_name(name: str) -> str:
-    """``name`` if it is a valid database name: names must never reach outside the replica root."""
+    """``name`` if it is a valid database name: names must never reach outside the replica root
+    (nor into its folder of leases)."""
+    if name == LEASES:
+        raise ValueError(f"invalid database name {name!r}: the replica root keeps its leases there")
     if not _valid_name(name):
         raise ValueError(
             f"invalid database name {name!r}: use one path component without '/', '\\' or "
