@@ -110,10 +110,11 @@ def configure(
 def flush(timeout: float | None = None) -> None:
     """Block until every transaction committed in this process before the call is durable in
     its replica.  Raises ``TimeoutError`` on timeout and :class:`ReplicationError` when a
-    replica keeps failing.  ``timeout``: seconds (None or infinity: no limit)."""
+    replica keeps failing.  ``timeout``: seconds (None or infinity: no limit; 0 or less: no
+    time but the capture thread's hand-over)."""
     if timeout is not None:
-        if not isinstance(timeout, int | float) or math.isnan(timeout) or timeout < 0:
-            raise ValueError(f"flush timeout must be seconds >= 0 or None, got {timeout!r}")
+        if not isinstance(timeout, int | float) or math.isnan(timeout):
+            raise ValueError(f"flush timeout must be a number of seconds or None, got {timeout!r}")
         if timeout >= threading.TIMEOUT_MAX:  # longer than any wait can be: no limit
             timeout = None
     _engine_instance().flush(timeout)
