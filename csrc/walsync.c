@@ -154,11 +154,11 @@ struct WsDb {
   int nRef;     /* open main-db handles (gMutex) */
   int nApp;     /* of them, the application's: not ws_conn_open()'s (gMutex) */
   int nAppRw;   /* of those, the ones it can write through (gMutex) */
-  int nExclHeld; /* of those, the ones holding EXCLUSIVE past a commit (gMutex) */
+  int nExcl[2]; /* of those, the ones holding EXCLUSIVE (WS_EXCL_*; gMutex) ... */
   int nAppWal;   /* WAL files the application has open (gMutex) ... */
   dev_t walDev;  /* ... and the file the first of them opened */
   ino_t walIno;
-  int64_t exclSinceNs; /* monotonic: since when one of them has (gMutex) */
+  int64_t exclSinceNs[2]; /* ... and since when one of them has (monotonic) */
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
@@ -219,7 +219,7 @@ struct WsFile {
   int bApp;            /* MAIN: opened by the application (counted in nApp) */
   int bAppRw;          /* MAIN: ... and writable (counted in nAppRw) */
   int eLock;           /* MAIN: the lock level it holds */
-  int bExclHeld;       /* MAIN, application's: EXCLUSIVE kept past a commit (in nExclHeld) */
+  int bExcl[2];        /* MAIN, application's: holds EXCLUSIVE (WS_EXCL_*, in nExcl) */
   int bAppWal;         /* WAL: the application's (counted in nAppWal) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
 };
@@ -1740,16 +1740,26 @@ static void publishFromMain(WsFile *pMain) {
 ** (and every other process) out for as long as it stays open.  The PRAGMA is
 ** refused on a replicated database (wsFileControl), but an ATTACH takes the
 ** mode from its connection's main database without asking.  An application's
-** main file that still holds EXCLUSIVE after a commit tells the engine why
-** its sync point cannot get in (ws_app_exclusive_ns()).
+** main file that still holds EXCLUSIVE after a commit, or holds it at all while
+** the database is in WAL mode (SQLite takes it there only in that mode, or for
+** a moment at the last close), tells the engine why its sync point cannot get
+** in (ws_app_exclusive_ns()).
 */
-static void exclHeld(WsFile *p, int bHeld) {
-  if (!p->pDb || p->bExclHeld == bHeld) return;
+#define WS_EXCL_ANY 0    /* holds EXCLUSIVE */
+#define WS_EXCL_KEPT 1   /* ... past a commit */
+
+static void exclNote(WsFile *p, int kind, int bOn) {
+  if (!p->pDb || !p->bApp || p->bExcl[kind] == bOn) return;
   pthread_mutex_lock(&gMutex);
-  p->bExclHeld = bHeld;
-  if (bHeld && p->pDb->nExclHeld++ == 0) p->pDb->exclSinceNs = monotonicNs();
-  if (!bHeld) p->pDb->nExclHeld--;
+  p->bExcl[kind] = bOn;
+  if (bOn && p->pDb->nExcl[kind]++ == 0) p->pDb->exclSinceNs[kind] = monotonicNs();
+  if (!bOn) p->pDb->nExcl[kind]--;
   pthread_mutex_unlock(&gMutex);
+}
+
+static void exclNone(WsFile *p) {
+  exclNote(p, WS_EXCL_ANY, 0);
+  exclNote(p, WS_EXCL_KEPT, 0);
 }
 
 /* ------------------------------------------------------------ io methods */
@@ -1766,7 +1776,7 @@ static int wsClose(sqlite3_file *pFile) {
     }
   } else if (p->eType == WSF_MAIN && p->pDb) {
     int bLast;
-    exclHeld(p, 0);
+    exclNone(p);
     pthread_mutex_lock(&gMutex);
     bLast = (--p->pDb->nRef == 0);
     p->pDb->nApp -= p->bApp;
@@ -1845,7 +1855,10 @@ static int wsFileSize(sqlite3_file *f, sqlite3_int64 *pSize) {
 static int wsLock(sqlite3_file *f, int e) {
   WsFile *p = (WsFile *)f;
   int rc = p->pReal->pMethods->xLock(p->pReal, e);
-  if (rc == SQLITE_OK) p->eLock = e;
+  if (rc == SQLITE_OK) {
+    p->eLock = e;
+    if (e == SQLITE_LOCK_EXCLUSIVE) exclNote(p, WS_EXCL_ANY, 1);
+  }
   return rc;
 }
 
@@ -1854,7 +1867,7 @@ static int wsUnlock(sqlite3_file *f, int e) {
   int rc = p->pReal->pMethods->xUnlock(p->pReal, e);
   if (rc == SQLITE_OK) {
     p->eLock = e;
-    if (e < SQLITE_LOCK_EXCLUSIVE) exclHeld(p, 0);
+    if (e < SQLITE_LOCK_EXCLUSIVE) exclNone(p);
   }
   return rc;
 }
@@ -1873,12 +1886,13 @@ static int wsFileControl(sqlite3_file *f, int op, void *pArg) {
         /* A WAL restart may follow: have the consumer read queued frames now,
         ** while the checkpoint runs, rather than the writer at the restart. */
         p->bInCkpt = 1;
+        exclNote(p, WS_EXCL_ANY, 0); /* the last close's checkpoint, not a locking mode */
         if (p->pDb && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE)) ws_wake();
         break;
       case SQLITE_FCNTL_CKPT_DONE: p->bInCkpt = 0; break;
       case SQLITE_FCNTL_COMMIT_PHASETWO:
         publishFromMain(p);
-        if (p->bApp && p->eLock == SQLITE_LOCK_EXCLUSIVE) exclHeld(p, 1); /* until unlocked */
+        if (p->eLock == SQLITE_LOCK_EXCLUSIVE) exclNote(p, WS_EXCL_KEPT, 1); /* until unlocked */
         break;
       case SQLITE_FCNTL_PRAGMA: {
         /* Exclusive locking hides the database from every other connection: the
@@ -2235,12 +2249,20 @@ static int appHas(int64_t id, int bWritable) {
 
 int ws_app_open(int64_t id) { return appHas(id, 0); }
 
-/* How long an application connection has kept database id locked EXCLUSIVE past
-** a commit (locking_mode=EXCLUSIVE), in ns; 0 if none does. */
+/* How long an application connection has kept database id locked as only
+** locking_mode=EXCLUSIVE keeps it, in ns; 0 if none does. */
 int64_t ws_app_exclusive_ns(int64_t id) {
   int64_t ns = 0;
+  WsDb *pDb;
   pthread_mutex_lock(&gMutex);
-  if (id >= 1 && id <= gnDb && gaDb[id - 1]->nExclHeld > 0) ns = monotonicNs() - gaDb[id - 1]->exclSinceNs;
+  if (id >= 1 && id <= gnDb) {
+    pDb = gaDb[id - 1];
+    if (pDb->nExcl[WS_EXCL_KEPT] > 0) {
+      ns = monotonicNs() - pDb->exclSinceNs[WS_EXCL_KEPT];
+    } else if (pDb->nExcl[WS_EXCL_ANY] > 0 && pDb->nAppWal > 0) {
+      ns = monotonicNs() - pDb->exclSinceNs[WS_EXCL_ANY];
+    }
+  }
   pthread_mutex_unlock(&gMutex);
   return ns;
 }

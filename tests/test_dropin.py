@@ -128,6 +128,24 @@ def test_an_attached_database_locked_exclusive_fails_flush_until_released(
     out.close()
 
 
+def test_a_replicated_database_attached_exclusive_and_only_read_fails_flush(replica, tmp_path):
+    """In WAL mode an EXCLUSIVE attach locks the file at its first read, commit or not."""
+    path = tmp_path / "read.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    uri = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    main = apsw.Connection(str(tmp_path / "plain.db"), flags=uri)
+    main.execute("PRAGMA locking_mode=EXCLUSIVE")
+    main.execute(f"ATTACH 'file:{path}?vfs=walsync' AS b")
+    assert main.execute("SELECT x FROM b.t").fetchall() == [(1,)]
+    with pytest.raises(walsync_vfs.ReplicationError, match="locking_mode=EXCLUSIVE"):
+        walsync_vfs.flush(timeout=30)
+    main.close()
+    walsync_vfs.flush(timeout=30)
+
+
 def test_a_wal_another_sqlite_library_deleted_fails_flush_until_reopened(replica, tmp_path):
     """Stdlib sqlite3 beside apsw in one process: its last close checkpoints and deletes the
     WAL under apsw's connection (POSIX locks do not keep two copies of SQLite apart), whose

@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import apsw
@@ -398,18 +399,21 @@ def test_a_follower_stops_at_once_while_its_store_hangs(
 def test_flush_after_an_outage_waits_for_a_fresh_try_not_the_old_failures(tmp_path):
     """The store failed for a while and is back: flush() does not report the replica as
     failing from the attempts made during the outage, it tries again and succeeds; while
-    the store is still down it fails as soon as that new try fails."""
+    the store is still down it fails as soon as that new try fails, in one line whatever
+    the paths in it hold."""
     replica = tmp_path / "replica"
     walsync_vfs.configure(replica=replica.as_uri(), upload_interval=0.1)
     try:
-        con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+        (tmp_path / "new\nline").mkdir()
+        con = apsw.Connection(str(tmp_path / "new\nline" / "a.db"), vfs="walsync")
         con.execute("CREATE TABLE t(x)")
         walsync_vfs.flush(timeout=30)
         replica.rename(tmp_path / "away")
         replica.write_text("the replica root is not a directory now")
         con.execute("INSERT INTO t VALUES(1)")
-        with pytest.raises(walsync_vfs.ReplicationError):
+        with pytest.raises(walsync_vfs.ReplicationError) as failing:
             walsync_vfs.flush(timeout=30)  # a failing replica, said at once
+        assert str(failing.value).startswith(f"replica of {tmp_path}/new\\nline/a.db is failing: ")
         (state,) = walsync_vfs.stats()
         assert state["failures"] >= 3
         replica.unlink()
@@ -433,7 +437,8 @@ def test_flush_timeouts_mean_what_they_say(tmp_path):
             walsync_vfs.flush(timeout=timeout)
         walsync_vfs.flush(timeout=0)
         walsync_vfs.flush(timeout=-1)  # out of time already, and nothing to wait for
-        for bad in (float("nan"), "10"):
+        walsync_vfs.flush(timeout=Fraction(1, 2))
+        for bad in (float("nan"), "10", True):
             with pytest.raises(ValueError) as info:
                 walsync_vfs.flush(timeout=bad)  # type: ignore[arg-type]
             assert str(info.value) == (

@@ -339,6 +339,23 @@ def test_a_follower_killed_mid_update_leaves_the_last_commit(file_url, tmp_path,
         walsync_vfs.configure(replica="", upload_interval=1.0)
 
 
+def test_a_stop_during_an_uninterrupted_block_lands_after_it():
+    """A follower's stop never falls between writing OUTPUT and recording what it holds, on
+    whichever thread the kernel delivers the signal."""
+    from walsync_vfs.cli import Stopped, StopRequest
+    from walsync_vfs.restore import uninterrupted
+
+    threading.Thread(target=time.sleep, args=(2,), daemon=True).start()  # may take the signal
+    finished = []
+    with StopRequest() as stop, stop.polling(), pytest.raises(Stopped), uninterrupted():
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 0.3  # Python runs on: the handler has had its turn
+        while time.monotonic() < deadline:
+            pass
+        finished.append(True)
+    assert finished == [True] and stop.requested
+
+
 def test_follow_starts_over_from_a_new_generation(replica, tmp_path, followers):
     path = tmp_path / "shared.db"
     con = source(path)

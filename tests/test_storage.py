@@ -629,3 +629,14 @@ def test_a_file_root_that_is_a_file_is_refused_and_store_errors_are_one_line(
     with pytest.raises(StorageError) as info:
         client.swap("db/lease", b"x", None)
     assert str(info.value) == f"cannot write {tmp_path.as_uri()}/db/lease: Not a directory"
+
+
+def test_file_puts_leave_the_application_s_random_numbers_alone(tmp_path):
+    """Temp names come from a generator of the store's own, not the random module's."""
+    random.seed(42)
+    expected = [random.random() for _ in range(3)]
+    random.seed(42)
+    client = open_replica((tmp_path / "replica").as_uri())
+    for i in range(5):
+        client.put(f"db/{i}", b"x")
+    assert [random.random() for _ in range(3)] == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import threading
 from typing import Any
@@ -113,7 +114,8 @@ def flush(timeout: float | None = None) -> None:
     replica keeps failing.  ``timeout``: seconds (None or infinity: no limit; 0 or less: no
     time but the capture thread's hand-over)."""
     if timeout is not None:
-        if not isinstance(timeout, int | float) or math.isnan(timeout):
+        number = isinstance(timeout, numbers.Real) and not isinstance(timeout, bool)
+        if not number or math.isnan(timeout):
             raise ValueError(f"flush timeout must be a number of seconds or None, got {timeout!r}")
         if timeout >= threading.TIMEOUT_MAX:  # longer than any wait can be: no limit
             timeout = None

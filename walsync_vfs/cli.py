@@ -22,7 +22,15 @@ from typing import Any, NoReturn
 from walsync_vfs import catalog, heap, inplace, report, storage
 from walsync_vfs.errors import one_line
 from walsync_vfs.format import CorruptObject
-from walsync_vfs.restore import EPOCH, Follower, RestoreError, iso_time, restore, split_url
+from walsync_vfs.restore import (
+    EPOCH,
+    Follower,
+    RestoreError,
+    defer,
+    iso_time,
+    restore,
+    split_url,
+)
 
 ERRORS = (RestoreError, storage.StorageError, CorruptObject, inplace.LiveDatabaseError, OSError)
 FOLLOW_HELP = """\
@@ -216,6 +224,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self._polling and not defer(self._stop_polling):
+            raise Stopped
+
+    def _stop_polling(self) -> None:
         if self._polling:
             raise Stopped
 

@@ -59,6 +59,7 @@ SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
 BEHIND_A_SYNC_WAIT = 0.25  # s an opener waits for a sync that is past its sync point
 BARRIER_FLOOR = 0.5  # s a flush waits for the capture thread to hand over what it holds
+FLUSH_LOOK = 0.25  # s between a waiting flush's looks at what it waits for
 _COMMIT = int(Kind.COMMIT)  # a ws_rec's kind, compared on the capture path without the enum
 
 
@@ -972,7 +973,8 @@ class Engine:
                             "walsync_vfs.stats() for their lag and last_error, or give "
                             "flush() more time"
                         )
-                    self._cond.wait(left if left is not None else 1.0)
+                    # Nothing signals a lock an application holds: look again now and then.
+                    self._cond.wait(min(left, FLUSH_LOOK) if left is not None else FLUSH_LOOK)
             finally:
                 self.uploads.clock.flushers -= 1
 
@@ -984,10 +986,10 @@ class Engine:
         with self._lock:
             out = []
             for db in self._dbs.values():
-                state = stats_of(db, now)
-                if not self._host.leads(db.db_id):
+                state, leads = stats_of(db, now), self._host.leads(db.db_id)
+                if not leads:
                     state = {k: v if k in ("path", "name") else None for k, v in state.items()}
-                out.append(dict(state, leader=self._host.leads(db.db_id)))
+                out.append(dict(state, leader=leads))
             return out
 
     def forget_after_fork(self) -> None:

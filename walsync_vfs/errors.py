@@ -10,7 +10,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ReplicationError(RuntimeError):
-    """A database's replica cannot be written (the message says why and what to do)."""
+    """A database's replica cannot be written (the message says why and what to do, in one
+    line: control characters of a path in it are escaped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 class NameTaken(ReplicationError):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import stat
 import struct
 import tempfile
@@ -271,17 +270,32 @@ def prefetch_pool() -> Iterator[Workers]:
 
 @contextmanager
 def uninterrupted() -> Iterator[None]:
-    """SIGINT and SIGTERM held back (on the main thread) while a file and the result that
-    says what it holds change together, so a signal that stops a follower at once never
-    falls between the two."""
+    """A file and the result that says what it holds change together inside: a signal
+    handler that would stop the command there defers the stop to the end of the block
+    (:func:`defer`).  Handlers run on the main thread only, so only its blocks count."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _critical.append(None)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _critical.pop()
+        if not _critical and _deferred:
+            _deferred.pop()()
+
+
+def defer(stop: Callable[[], None]) -> bool:
+    """For a signal handler: run ``stop`` when the :func:`uninterrupted` block under way
+    ends, and say so (False: none is, stop now)."""
+    if not _critical:
+        return False
+    _deferred[:] = [stop]
+    return True
+
+
+_critical: list[None] = []  # the main thread's uninterrupted() blocks under way
+_deferred: list[Callable[[], None]] = []  # a stop to run when the last one ends
 
 
 Decoded = tuple[str, format.SegmentHeader, list[format.Commit]]

@@ -41,6 +41,10 @@ _writing: set[Path] = set()
 _writing_lock = threading.Lock()
 _PUT_ATTEMPTS = 3  # a concurrent delete may prune the directory between mkdir and create
 IOV_MAX = 1024  # pieces one writev() takes (Linux)
+# Temp names from a generator of our own (the application's random module stays its own),
+# drawn again in a forked child: a temp name costs no system call.
+_TMP_NAMES = random.Random()
+os.register_at_fork(after_in_child=_TMP_NAMES.seed)
 
 
 def check_root(root: str) -> None:
@@ -170,8 +174,7 @@ class FileReplicaClient:
         """Write ``data`` to a temp file, then give it its name; returns its size."""
         path = self._path(key)
         self._count()
-        # random's generator, reseeded in a forked child: a temp name costs no system call.
-        tmp = path.with_name(f".{path.name}.{random.getrandbits(48):012x}{TMP_SUFFIX}")
+        tmp = path.with_name(f".{path.name}.{_TMP_NAMES.getrandbits(48):012x}{TMP_SUFFIX}")
         with _writing_lock:
             _writing.add(tmp)
         try:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 MAX_LINE = 65536  # http.client's own limits on a reply's header block
 MAX_HEADERS = 100
 BIG_BODY = 1 << 16  # larger bodies are sent after the head, not copied into one buffer
-SEND_PIECE = 4 << 20  # bytes handed to one send(): each may wait the stall timeout
+SEND_PIECE = 1 << 20  # bytes handed to one send(): each may wait the stall timeout
 # A socket timeout within this share of the one wanted is kept: each change is a system call
 # made without the GIL, and an application thread may then wait for it to come back.
 TIMEOUT_SLACK = 0.1
