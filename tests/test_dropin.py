@@ -90,6 +90,20 @@ def test_an_attached_database_flushed_before_its_detach_is_replicated(replica, t
     con.close()
 
 
+LOCKED_EXCLUSIVE = (
+    "a connection of this process keeps it locked in locking_mode=EXCLUSIVE (an ATTACH takes "
+    "that mode from its connection's main database), so it cannot be replicated until that "
+    "connection lets go of it; use locking_mode=NORMAL there"
+)
+
+
+def assert_flush_fails(path: Path, reason: str) -> None:
+    """flush() fails at once: the replica of ``path`` is failing for ``reason``."""
+    with pytest.raises(walsync_vfs.ReplicationError) as failed:
+        walsync_vfs.flush(timeout=30)
+    assert str(failed.value) == f"replica of {path} is failing: {path}: {reason}"
+
+
 @pytest.mark.parametrize("replicated_before", [False, True])
 def test_an_attached_database_locked_exclusive_fails_flush_until_released(
     replica, tmp_path, replicated_before
@@ -110,14 +124,7 @@ def test_an_attached_database_locked_exclusive_fails_flush_until_released(
     main.execute("CREATE TABLE IF NOT EXISTS b.t(x)")
     for i in range(5):
         main.execute("INSERT INTO b.t VALUES(?)", (i,))
-    with pytest.raises(walsync_vfs.ReplicationError) as failed:
-        walsync_vfs.flush(timeout=30)
-    assert str(failed.value) == (
-        f"replica of {path} is failing: {path}: a connection of this process keeps it locked "
-        "in locking_mode=EXCLUSIVE (an ATTACH takes that mode from its connection's main "
-        "database), so it cannot be replicated until that connection lets go of it; use "
-        "locking_mode=NORMAL there"
-    )
+    assert_flush_fails(path, LOCKED_EXCLUSIVE)
     expected = dump(main, "b")
     main.close()
     con = apsw.Connection(str(path), vfs="walsync")  # the application's next run
@@ -140,8 +147,7 @@ def test_a_replicated_database_attached_exclusive_and_only_read_fails_flush(repl
     main.execute("PRAGMA locking_mode=EXCLUSIVE")
     main.execute(f"ATTACH 'file:{path}?vfs=walsync' AS b")
     assert main.execute("SELECT x FROM b.t").fetchall() == [(1,)]
-    with pytest.raises(walsync_vfs.ReplicationError, match="locking_mode=EXCLUSIVE"):
-        walsync_vfs.flush(timeout=30)
+    assert_flush_fails(path, LOCKED_EXCLUSIVE)
     main.close()
     walsync_vfs.flush(timeout=30)
 
@@ -161,13 +167,12 @@ def test_a_wal_another_sqlite_library_deleted_fails_flush_until_reopened(replica
     other.execute("INSERT INTO t VALUES(2)")
     other.close()
     con.execute("INSERT INTO t VALUES(3)")
-    with pytest.raises(walsync_vfs.ReplicationError) as failed:
-        walsync_vfs.flush(timeout=30)
-    assert str(failed.value) == (
-        f"replica of {path} is failing: {path}: its WAL was deleted under this process's "
-        "connections by another SQLite library in the process (stdlib sqlite3 beside apsw), "
-        "whose close checkpointed it: their commits reach no file a replicator reads; close "
-        "and reopen them, and open a database with one library per process"
+    assert_flush_fails(
+        path,
+        "its WAL was deleted under this process's connections by another SQLite library in "
+        "the process (stdlib sqlite3 beside apsw), whose close checkpointed it: their commits "
+        "reach no file a replicator reads; close and reopen them, and open a database with "
+        "one library per process",
     )
     con.close()
     con = apsw.Connection(str(path), vfs="walsync")
