@@ -183,7 +183,7 @@ static unsigned char *ws_room(ws_run *run, uint64_t n, uint64_t len) {
   ws_block *b = run->last_block;
   if (!b || b->capacity - b->used < len) {
     uint64_t cap = b ? 2 * b->capacity : 16384;
-    if (cap > (1 << 20)) cap = 1 << 20;
+    if (cap > (4 << 20)) cap = 4 << 20; /* each block is freed by a call that hands the GIL over */
     if (cap < len) cap = len;
     b = malloc(sizeof(ws_block) + cap);
     if (!b) return 0;

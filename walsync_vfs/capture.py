@@ -849,6 +849,7 @@ class Dispatcher:
         return out
 
     def _run(self) -> None:
+        look = True  # whether the last databases may have closed
         while True:
             with self._lock:
                 requested = self._requested
@@ -857,9 +858,13 @@ class Dispatcher:
             # waking this thread, so a busy writer pays one wake-up per LINGER, not per
             # commit.  Idle, the thread blocks in C and costs nothing.
             idle = requested == self._served
-            if idle and lib.ws_open_count() == 0 and self._retire():
+            if idle and look and lib.ws_open_count() == 0 and self._retire():
                 return
-            self._hand_over(drain(None if idle else 0, LINGER if idle else 0))
+            groups = drain(None if idle else 0, LINGER if idle else 0)
+            # Only a drain holding more than commits (a CLOSE among them) can leave no
+            # database open: each look is a C call, a GIL hand-off, so not one per drain.
+            look = not groups or any(b.nrec != b.ncommit for b in groups)
+            self._hand_over(groups)
             with self._cond:
                 self._served = requested
                 self._cond.notify_all()
