@@ -169,6 +169,36 @@ def test_every_broken_object_is_named(replica):
     )
 
 
+def test_an_object_under_another_object_s_name_is_named_not_restored(replica):
+    """A snapshot copied under a later txid's key, a segment under a key claiming more
+    commits than it holds: both would restore another state than asked, or skip commits."""
+    gen, epoch, client = replica.gens[0], replica.epoch(0), replica.client
+    snap = replica.snapshot(0)
+    late = format.snapshot_key("v.db", gen.id, gen.last_txid, epoch)
+    last_seg = f"{gen.last_txid:016x}.e{epoch:08x}.wseg"
+    client.delete([k for k in replica.segments(0) if k.endswith(last_seg)])
+    client.put(late, client.get(snap))
+    first = gen.snapshots[0].last_txid
+    assert replica.problems()[0] == (
+        f"{late}: holds txid {first}, its name says txid {gen.last_txid}"
+    )
+    assert replica.restore_error("--txid", str(gen.last_txid)) == (
+        f"{late}: holds txid {first}, its name says txid {gen.last_txid}"
+    )
+    client.delete([late])
+    seg = replica.segments(1)[0]
+    (header, _) = replica.decoded(seg)
+    wide = format.segment_key(
+        "v.db", replica.gens[1].id, header.first_txid, header.last_txid + 1, replica.epoch(1)
+    )
+    client.put(wide, client.get(seg))
+    client.delete([seg])
+    said = f"txids {header.first_txid}..{header.last_txid + 1}"
+    wrong = f"{wide}: holds txid {header.first_txid}, its name says {said}"
+    assert replica.problems()[0] == wrong
+    assert replica.restore_error() == wrong
+
+
 def test_a_corrupt_snapshot_is_named_and_its_segments_still_checked(replica):
     snap, segs = replica.snapshot(1), replica.segments(1)
     data = bytearray(replica.client.get(snap))

@@ -147,15 +147,21 @@ def merge_plan(
 
 
 def _read(client: storage.ReplicaClient, key: str, copy: bytes | None) -> format.RawSegment:
-    """The segment from its local copy if that is intact, else from the store."""
+    """The segment from its local copy if that is intact, else from the store (either way,
+    one whose key names its txids)."""
     if copy is not None:
         try:
-            return format.read_segment_raw(copy, key)
+            return _named(key, format.read_segment_raw(copy, key))
         except format.CorruptObject as exc:
             log.warning(
                 "walsync: local copy of %s is damaged (%s); reading the store", key, exc.reason
             )
-    return format.read_segment_raw(client.get(key), key)
+    return _named(key, format.read_segment_raw(client.get(key), key))
+
+
+def _named(key: str, raw: format.RawSegment) -> format.RawSegment:
+    format.check_named(key, raw.first_txid, raw.last_txid)
+    return raw
 
 
 def expired(

@@ -97,7 +97,7 @@ def snapshot_header(
     size = _size(client, key, size)
     head = client.get_range(key, 0, format.SNAPSHOT_HEADER_SIZE)
     footer = _footer(client, key, size)
-    return format.snapshot_header(head, footer, size, key)
+    return _named_snapshot(key, format.snapshot_header(head, footer, size, key))
 
 
 def open_snapshot(
@@ -108,7 +108,15 @@ def open_snapshot(
     size = _size(client, key, size)
     footer = _footer(client, key, size)
     pieces = read_ranges(client, key, size=size, part_size=DOWNLOAD_PART)
-    return format.stream_snapshot(pieces, size, footer, key)
+    header, pages = format.stream_snapshot(pieces, size, footer, key)
+    return _named_snapshot(key, header), pages
+
+
+def _named_snapshot(key: str, header: format.SnapshotHeader) -> format.SnapshotHeader:
+    """``header``, if its object's key names its txid (a snapshot copied or renamed in the
+    store would restore another state than the one asked for)."""
+    format.check_named(key, header.txid, header.txid)
+    return header
 
 
 def segment_header(
@@ -124,4 +132,6 @@ def segment_header(
             return prefix[start : start + length]
         return client.get_range(key, start, length)
 
-    return format.read_segment_index(read_at, size, key)
+    header = format.read_segment_index(read_at, size, key)
+    format.check_named(key, header.first_txid, header.last_txid)
+    return header

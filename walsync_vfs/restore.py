@@ -343,8 +343,14 @@ def prefetched(
 
 
 def decode_object(client: storage.ReplicaClient, key: str, upto_txid: int | None = None) -> Decoded:
-    """Download one segment and check and decode it whole (SHA-256, frame, zstd, records)."""
-    return key, *format.decode_segment(client.get(key), key, upto_txid)
+    """Download one segment and check and decode it whole (SHA-256, frame, zstd, records,
+    and that its key names its txids)."""
+    return _named(key, *format.decode_segment(client.get(key), key, upto_txid))
+
+
+def _named(key: str, header: format.SegmentHeader, commits: list[format.Commit]) -> Decoded:
+    format.check_named(key, header.first_txid, header.last_txid)
+    return key, header, commits
 
 
 def _decoded(
@@ -371,7 +377,7 @@ def _decoded(
 
     def open_part(key: str) -> Decoded:
         # Opened only when its turn comes: its pieces download while it is applied.
-        return key, *format.stream_part(pieces(key), sizes[key], key, upto_txid)
+        return _named(key, *format.stream_part(pieces(key), sizes[key], key, upto_txid))
 
     def cost(key: str) -> int:
         # What a decoded segment holds: its bytes twice over (the object, what it decompresses to).

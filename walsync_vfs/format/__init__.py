@@ -18,6 +18,7 @@ from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.keys import (
     ParsedKey,
     check_name,
+    check_named,
     lease_key,
     new_generation_id,
     parse_key,
@@ -93,6 +94,7 @@ __all__ = [
     "SnapshotWriter",
     "WalPos",
     "check_name",
+    "check_named",
     "lease_key",
     "compressed_size",
     "compression_threads",

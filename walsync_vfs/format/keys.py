@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
+from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.fields import U64_MAX
 
 _BAD_NAME_CHAR = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -144,3 +145,16 @@ def parse_key(key: str) -> ParsedKey | None:
 
 def _epoch(tag: str | None) -> int:
     return int(tag, 16) if tag else 0
+
+
+def check_named(key: str, first: int, last: int) -> None:
+    """CorruptObject if ``key`` is one of ours and names other txids than its object holds:
+    a misnamed object (copied or renamed in the store) would restore another state."""
+    named = parse_key(key)
+    if named is not None and (named.first_txid, named.last_txid) != (first, last):
+        held, said = (first, last), (named.first_txid, named.last_txid)
+        raise CorruptObject(key, f"holds {_txids(*held)}, its name says {_txids(*said)}")
+
+
+def _txids(first: int, last: int) -> str:
+    return f"txid {first}" if first == last else f"txids {first}..{last}"
