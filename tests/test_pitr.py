@@ -519,3 +519,37 @@ def test_a_root_one_directory_below_slash_is_listed_as_a_root():
 
     client, name = report.open_target("file:///tmp")
     assert (client.url, name) == ("file:///tmp", None)
+
+
+def test_a_generation_with_only_a_part_of_a_commit_is_refused_in_one_line(file_url, tmp_path):
+    """A later generation whose snapshot never landed and whose only object is one part of a
+    cut-short commit: no time can be read from it, and it holds no whole commit."""
+    walsync_vfs.configure(replica=file_url)
+    try:
+        con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+        walsync_vfs.flush(timeout=30)
+        con.close()
+    finally:
+        walsync_vfs.configure(replica="")
+    seg = tmp_path / "replica" / "a.db" / "00000000000000aa-deadbeef" / "seg"
+    seg.mkdir(parents=True)
+    (seg / "00000000000000aa-00000000000000aa.p00000000of00000002.e00000001.wseg").write_bytes(b"x")
+    for at in (["--timestamp", "2030-01-01T00:00:00+00:00"], []):
+        proc = cli("restore", f"{file_url}/a.db", "-o", str(tmp_path / "out.db"), *at)
+        assert (proc.returncode, proc.stderr) == (
+            1,
+            "walsync: error: a.db: generation 00000000000000aa-deadbeef has no snapshot, so its "
+            "state at txid 170 cannot be restored; choose an earlier --txid or --timestamp\n",
+        )
+
+
+def test_unix_seconds_are_read_to_the_nanosecond():
+    """A float has ~240 ns of resolution at today's epoch: a commit's own time given as
+    unix seconds must not land before it, nor 100 ns before it after it."""
+    from walsync_vfs.cli import parse_timestamp
+
+    commit = 1_796_647_105_169_901_846
+    for ns in (commit, commit - 100, commit + 1):
+        assert parse_timestamp(f"{ns // 10**9}.{ns % 10**9:09d}") == ns
+    assert parse_timestamp("1_796_647_105.5") == 1_796_647_105_500_000_000

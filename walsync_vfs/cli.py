@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -71,10 +72,10 @@ def parse_timestamp(text: str) -> int:
         f"invalid timestamp {text!r}: use ISO 8601 with a timezone or unix seconds"
     )
     try:
-        ns = int(float(text) * 1_000_000_000)
+        ns = int(Decimal(text.strip()) * 1_000_000_000)  # exact to the nanosecond: no float
     except OverflowError:
         raise invalid from None
-    except ValueError:
+    except (InvalidOperation, ValueError):
         try:
             when = datetime.fromisoformat(text.upper())  # RFC 3339 allows "t" and "z"
         except ValueError:

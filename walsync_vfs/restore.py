@@ -166,17 +166,18 @@ def _lacks_snapshot(
     start = int(g.id[:16], 16)  # the generation id begins with its snapshot's txid (FORMAT.md)
     if txid is not None:
         reached = txid >= start
-    elif timestamp_ns is not None:
+    elif timestamp_ns is not None and g.segments:
         key = catalog.object_key(g.segments[0])
         header = objects.segment_header(client, key, g.sizes[key])
         reached = header.index[0].time_ns <= timestamp_ns
-    else:
+    else:  # the latest state, or a time nothing in it can be dated by (a lone part)
         reached = True
     if not reached:
         return None
+    held = f"txids {start}..{g.last_txid}" if g.last_txid >= start else f"its state at txid {start}"
     return RestoreError(
-        f"{name}: generation {g.id} has no snapshot, so txids {start}..{g.last_txid} "
-        "cannot be restored; choose an earlier --txid or --timestamp"
+        f"{name}: generation {g.id} has no snapshot, so {held} cannot be restored; choose an "
+        "earlier --txid or --timestamp"
     )
 
 
