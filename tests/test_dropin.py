@@ -557,6 +557,12 @@ def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
             "configure(): spool_dir must be a directory path, got 3",
         ),
         (
+            {"spool_dir": "/nonexistent/walsync-spool"},
+            walsync_vfs.ConfigError,
+            "configure(): spool_dir /nonexistent/walsync-spool is not a directory; create it or "
+            "name one",
+        ),
+        (
             {"replica": "ftp://host/x"},
             walsync_vfs.StorageError,
             "invalid replica URL 'ftp://host/x': unsupported scheme 'ftp'; use "

@@ -233,7 +233,12 @@ def check_process_option(where: str, key: str, value: object) -> Any:
     if key == "metrics_port":
         return _port(where, key, value)
     if key == "spool_dir" and isinstance(value, str | os.PathLike):
-        return os.fspath(value)
+        path = os.path.abspath(os.fspath(value))  # here, not after a chdir
+        if not os.path.isdir(path):
+            raise ConfigError(
+                f"{where}: spool_dir {one_line(path)} is not a directory; create it or name one"
+            )
+        return path
     if key == "name" and callable(value):
         return value
     if key == "client_options" and isinstance(value, dict):
