@@ -67,9 +67,42 @@ def test_stats_and_prometheus_endpoint(file_replica, tmp_path):
         port = sock.getsockname()[1]
     walsync_vfs.configure(metrics_port=port)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert 'walsync_replicated_txid{database="metered.db"} 7.0' in body
-    assert 'walsync_lag_seconds{database="metered.db"} 0.0' in body
+    labels = f'database="metered.db",path="{tmp_path / "metered.db"}"'
+    assert f"walsync_replicated_txid{{{labels}}} 7.0" in body
+    assert f"walsync_lag_seconds{{{labels}}} 0.0" in body
     con.close()
+
+
+PREFORK_METRICS = """
+import os, sys, time, urllib.request, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], metrics_port=int(sys.argv[3]))  # the master
+child = os.fork()
+if child == 0:  # a worker: the first to open a database serves the port
+    con = apsw.Connection(sys.argv[1], vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+    walsync_vfs.flush(timeout=30)
+    url = f"http://127.0.0.1:{sys.argv[3]}/metrics"
+    print(urllib.request.urlopen(url, timeout=10).read().decode(), flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+"""
+
+
+def test_metrics_of_a_pre_fork_server_are_served_by_the_worker_that_replicates(
+    tmp_path: Path, file_url: str
+) -> None:
+    """A master that configures metrics_port and forks never opens a database: the port is
+    left to the worker that replicates one, not served empty by the master."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = tmp_path / "a.db"
+    out = subprocess.run(
+        [sys.executable, "-c", PREFORK_METRICS, str(path), file_url, str(port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f'walsync_replicated_txid{{database="a.db",path="{path}"}} 3.0' in out.stdout
 
 
 METRICS_CHILD = """

@@ -85,7 +85,7 @@ def configure(
     ``retention``, ``compact_segments``) or process-wide options (``name``: a function from
     database path to replica name, ``upload_workers``, ``metrics_port``, ``client_options``).
     """
-    engine = _engine_instance()  # the file's settings first: what follows overrides them
+    _engine_instance()  # the file's settings first: what follows overrides them
     new = load_file(config) if config is not None else dataclasses.replace(_settings)
     knobs: dict[str, Any] = {}
     for key, value in options.items():
@@ -105,7 +105,7 @@ def configure(
         knobs["replica"] = replica
     new.defaults = dataclasses.replace(new.defaults, **knobs)
     _adopt(new)
-    _serve_metrics(engine)
+    _serve_metrics()
 
 
 def flush(timeout: float | None = None) -> None:
@@ -141,7 +141,6 @@ def _engine_instance() -> Engine:
                 # The dispatcher starts with the engine as its default sink: an OPEN queued
                 # by the connection being opened reaches the engine, not nowhere.
                 capture.dispatcher(default=engine.on_records)
-                _serve_metrics(engine)
                 _engine = engine
     return _engine
 
@@ -152,9 +151,11 @@ def _adopt(new: Settings) -> None:
         setattr(_settings, f.name, getattr(new, f.name))
 
 
-def _serve_metrics(engine: Engine) -> None:
-    if _settings.metrics_port is not None:
-        metrics.serve(_settings.metrics_port, engine)
+def _serve_metrics() -> None:
+    """Serve metrics_port once this process has a database open: a pre-fork server's master
+    that only configures leaves the port to the first worker that replicates."""
+    if _settings.metrics_port is not None and capture.lib.ws_open_count() > 0:
+        metrics.serve(_settings.metrics_port, lambda: _engine)
 
 
 def _forget_engine_in_child() -> None:
@@ -213,6 +214,7 @@ def _on_first_open() -> None:
     except Exception as exc:  # noqa: BLE001 - C cannot take it: say it loudly
         capture.log.error("walsync: replication not started: %s", exc)
         return
+    _serve_metrics()
     capture.dispatcher()
 
 

@@ -1,13 +1,16 @@
 """Optional Prometheus endpoint: per-database replication gauges, computed at scrape time.
 
 A custom collector reads :meth:`Engine.stats` when scraped, so no metric objects exist per
-database and an idle process does no metrics work at all.
+database and an idle process does no metrics work at all.  It reads the process's engine of
+the moment: a forked child's, not the one its parent had when it registered the collector.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,26 +34,29 @@ log = logging.getLogger("walsync_vfs")
 
 
 class _Collector:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, current: Callable[[], Engine | None]) -> None:
+        self.current = current
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        stats = self.engine.stats()
+        engine = self.current()
+        stats = engine.stats() if engine is not None else []
         for key, text in _GAUGES.items():
-            family = GaugeMetricFamily(f"walsync_{key}", text, labels=["database"])
+            # The path too: two databases may share a name in two replica roots.
+            family = GaugeMetricFamily(f"walsync_{key}", text, labels=["database", "path"])
             for s in stats:
                 if not s["leader"]:
                     continue  # the leader's process reports it
                 value = bool(s[key]) if key == "fenced" else s[key]  # fenced: the reason
-                family.add_metric([s["name"] or s["path"]], float(value))
+                family.add_metric([s["name"] or s["path"], s["path"]], float(value))
             yield family
 
 
-def serve(port: int, engine: Engine) -> None:
-    """Start the endpoint once per port (idempotent).  A port another process serves (the
-    first of a server's workers took it) is only a warning: replication goes on."""
+def serve(port: int, current: Callable[[], Engine | None]) -> None:
+    """Start the endpoint once per port (idempotent), reporting ``current()``'s databases.  A
+    port another process serves (the first of a server's workers took it) is only a warning:
+    replication goes on."""
     global _registered
     from prometheus_client import start_http_server
     from prometheus_client.core import REGISTRY
@@ -66,5 +72,14 @@ def serve(port: int, engine: Engine) -> None:
             return
         _started.add(port)
         if not _registered:
-            REGISTRY.register(_Collector(engine))
+            REGISTRY.register(_Collector(current))
             _registered = True
+
+
+def _forget_served_in_child() -> None:
+    """A forked child has none of its parent's server threads: it may serve the port itself
+    (or learn that the parent does)."""
+    _started.clear()
+
+
+os.register_at_fork(after_in_child=_forget_served_in_child)
