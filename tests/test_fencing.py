@@ -200,6 +200,43 @@ def test_rolling_deploy(replica_url: str, two_copies: tuple[Path, Path]) -> None
         assert overwritten(now, versions(replica_url)) == []
 
 
+FENCED_FROM_THE_START = """
+import json, sys, time, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2])
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, host TEXT, v BLOB)")
+for i in range(20):
+    con.execute("INSERT INTO t(host) VALUES('b')")
+deadline = time.monotonic() + 30
+while not walsync_vfs.stats()[0]["fenced"] and time.monotonic() < deadline:
+    time.sleep(0.05)
+first = walsync_vfs.stats()[0]
+time.sleep(0.2)
+print(json.dumps([first["fenced"], first["lag_seconds"], walsync_vfs.stats()[0]["lag_seconds"]]))
+"""
+
+
+def test_a_writer_fenced_from_its_start_reports_its_commits_waiting(
+    replica_url: str, two_copies: tuple[Path, Path]
+) -> None:
+    """Its commits never reach the replica: its lag grows, it does not read 0."""
+    create(two_copies[0])
+    a = Writer(two_copies[0], replica_url, "host-a")
+    try:
+        a.ask("write 1")
+        assert a.flush() == {"flush": "ok"}
+        env = dict(os.environ, WALSYNC_HOST_ID="host-b")
+        b = subprocess.run(
+            [sys.executable, "-c", FENCED_FROM_THE_START, str(two_copies[1]), replica_url],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert b.returncode == 0, b.stderr
+        fenced, first, later = json.loads(b.stdout)
+        assert fenced and 0 < first < later
+    finally:
+        a.kill()
+
+
 def test_paused_holder_is_fenced(replica_url: str, two_copies: tuple[Path, Path]) -> None:
     """A frozen past its lease (SIGSTOP) loses it to B; resumed, A's flush raises, and what
     it may still write is ignored: verify passes and the latest restore is B's database."""

@@ -42,6 +42,7 @@ class Database:
     upkeep: MaintenanceState = field(default_factory=MaintenanceState)
     lease: Lease | None = None  # None: fencing is off (or the first sync has not run)
     fenced: str = ""  # why another writer keeps this one from replicating ("" = it does not)
+    fenced_since_ns: int = 0  # time of the oldest commit fencing kept from the replica
 
     def fail(self, exc: BaseException) -> None:
         """Count a failed sync or upload."""
@@ -75,18 +76,26 @@ class Database:
         )
 
 
+def oldest_unreplicated_ns(db: Database) -> int:
+    """The time of the database's oldest commit not in the replica (0: none): the first of
+    each queue is its oldest (encoded segments, pending, held, owed commits, and those
+    fencing dropped)."""
+    up, sync = db.upload, db.sync
+    firsts = (
+        up.outbox[0].time_ns if up.outbox else 0,
+        up.pending[0][2].time_ns if up.pending else 0,
+        sync.held[0].time_ns if sync.held else 0,
+        sync.owed_since_ns,
+        db.fenced_since_ns,
+    )
+    return min((t for t in firsts if t), default=0)
+
+
 def stats_of(db: Database, now_ns: int) -> dict[str, Any]:
     """One database's replication state; lag is the age of its oldest unreplicated commit."""
     up, sync = db.upload, db.sync
     held = sync.held
-    # The first of each queue is its oldest: encoded segments, pending, held, owed commits.
-    firsts = (
-        up.outbox[0].time_ns if up.outbox else 0,
-        up.pending[0][2].time_ns if up.pending else 0,
-        held[0].time_ns if held else 0,
-        sync.owed_since_ns,
-    )
-    oldest = min((t for t in firsts if t), default=now_ns)
+    oldest = oldest_unreplicated_ns(db) or now_ns
     return {
         "path": db.path,
         "name": db.name,

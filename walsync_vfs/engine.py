@@ -38,7 +38,7 @@ from walsync_vfs import capture, format, heap, storage, sync
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import ConfigError, Settings
-from walsync_vfs.database import FAILING_AFTER, Database, stats_of
+from walsync_vfs.database import FAILING_AFTER, Database, oldest_unreplicated_ns, stats_of
 from walsync_vfs.errors import FlushTimeoutError, NameTaken, ReplicationError
 from walsync_vfs.leader import Host, LeaderError
 from walsync_vfs.lease import Lease, Refused, Unfenceable, renew_all
@@ -538,7 +538,7 @@ class Engine:
             with self._lock:
                 if db.fenced:
                     log.warning("walsync: %s: the other writer let go; replicating again", db.path)
-                    db.fenced = ""
+                    db.fenced, db.fenced_since_ns = "", 0
         assert db.client is not None
         return fresh, read_head(db.client, db.name) if read else None
 
@@ -550,6 +550,8 @@ class Engine:
         if db.fenced != str(exc):
             log.error("walsync: %s", exc)
             db.fenced = str(exc)
+        if not db.fenced_since_ns:  # its lag runs from the oldest commit it drops, or now
+            db.fenced_since_ns = oldest_unreplicated_ns(db) or time.time_ns()
         self._start_afresh(db)
         return True
 
