@@ -198,11 +198,13 @@ def plan(
     name: str,
     txid: int | None = None,
     timestamp_ns: int | None = None,
+    damaged: frozenset[str] = frozenset(),
 ) -> Plan:
     """Choose the snapshot and the chain of segments that rebuild ``name`` as of ``txid`` or
-    ``timestamp_ns`` (default: the newest commit).  A hole in the chain before the target is
-    an error, never a silently older database."""
-    return _choose(client, name, catalog.generations(client, name), txid, timestamp_ns)
+    ``timestamp_ns`` (default: the newest commit), passing over the ``damaged`` snapshots.
+    A hole in the chain before the target is an error, never a silently older database."""
+    gens = catalog.generations(client, name)
+    return _choose(client, name, gens, txid, timestamp_ns, damaged)
 
 
 def _choose(
@@ -211,6 +213,7 @@ def _choose(
     gens: list[catalog.Generation],
     txid: int | None = None,
     timestamp_ns: int | None = None,
+    damaged: frozenset[str] = frozenset(),
 ) -> Plan:
     """`plan` from a listing already made (a follower lists once per poll)."""
     if not gens:
@@ -220,11 +223,14 @@ def _choose(
             if error := _lacks_snapshot(client, name, g, txid, timestamp_ns):
                 raise error
             continue
-        snaps = [s for s in g.snapshots if txid is None or s.last_txid <= txid]
+        intact = [s for s in g.snapshots if catalog.object_key(s) not in damaged]
+        snaps = [s for s in intact if txid is None or s.last_txid <= txid]
         if timestamp_ns is not None:
             found = _snapshot_at(client, g, snaps, timestamp_ns)
             snaps = [found] if found else []
         if not snaps:
+            if len(intact) < len(g.snapshots):  # never an older generation instead
+                raise RestoreError(f"{name}: no intact snapshot leads to the state asked for")
             continue
         snap = snaps[-1]
         chain = _chain(name, g, snap.last_txid, txid)
@@ -828,11 +834,13 @@ def _restore_into(
         image = built
 
     stalled = 0
+    damaged: set[str] = set()  # snapshots that failed their checks: restore around them
+    first_damage: format.CorruptObject | None = None
     while True:
         reached = image.result.txid if image is not None else None
         try:
             if p is None or image is None or (g := _continuable(client, p, image)) is None:
-                p, image = plan(client, name, txid, timestamp_ns), None
+                p, image = plan(client, name, txid, timestamp_ns, frozenset(damaged)), None
                 f.seek(0)
                 f.truncate()
                 image = _replay(client, p, f, timestamp_ns, progress, started)
@@ -840,10 +848,23 @@ def _restore_into(
                 _carry_on(client, name, image, g, _planned_end(p), timestamp_ns, progress)
             return image.result
         except (Vanished, Hole):
+            if first_damage is not None:
+                raise first_damage from None  # what stands between the target and the rest
             progressed = image is not None and (reached is None or image.result.txid > reached)
             stalled = 0 if progressed else stalled + 1
             if stalled == RESTORE_ATTEMPTS:
                 raise
+        except format.CorruptObject as exc:
+            if p is None or exc.key != catalog.object_key(p.snapshot) or exc.key in damaged:
+                raise
+            # An earlier snapshot and the segments after it may rebuild the same state.
+            damaged.add(exc.key)
+            first_damage = first_damage or exc
+            p = image = None
+        except RestoreError:
+            if first_damage is not None:
+                raise first_damage from None
+            raise
 
 
 def _output_path(out: str, force: bool) -> str:
