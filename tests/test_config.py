@@ -120,20 +120,27 @@ def test_name_function_then_overrides():
     assert str(info.value).startswith("configure(name=...) for /x/a.db: invalid database name")
 
 
+@pytest.mark.parametrize(
+    ("function", "says"),
+    [
+        (lambda path: "..", ": invalid database name '..'"),
+        (lambda path: {}["tenant"], " raised KeyError: 'tenant'"),
+    ],
+)
 def test_a_name_function_giving_a_bad_name_fails_the_open_in_one_line(
-    file_replica, tmp_path, caplog
+    file_replica, tmp_path, caplog, function, says
 ):
-    """The opener gets a ConfigError naming the function and the path; the log says it in
-    one line, with no traceback."""
+    """The opener gets a ConfigError naming the function and the path, whether the function
+    gave a bad name or raised; the log says it in one line, with no traceback."""
     import apsw
 
     import walsync_vfs
 
-    walsync_vfs.configure(name=lambda path: "..")
+    walsync_vfs.configure(name=function)
     try:
         with pytest.raises(ConfigError) as info:
             apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
-        assert str(info.value).startswith(f"configure(name=...) for {tmp_path / 'a.db'}: ")
+        assert str(info.value).startswith(f"configure(name=...) for {tmp_path / 'a.db'}{says}")
         walsync_vfs.flush(timeout=10)
     finally:
         walsync_vfs.configure(name=None)

@@ -172,6 +172,11 @@ class Settings:
                 cfg = dataclasses.replace(cfg, name=check_name(self.name(path)))
             except ValueError as exc:
                 raise ConfigError(f"configure(name=...) for {one_line(path)}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - the application's function: say what it raised
+                raise ConfigError(
+                    f"configure(name=...) for {one_line(path)} raised "
+                    f"{type(exc).__name__}: {one_line(str(exc))}"
+                ) from None
         base = os.path.basename(path)
         for o in self.overrides:
             if fnmatch.fnmatchcase(base, o.match) or fnmatch.fnmatchcase(path, o.match):
