@@ -847,9 +847,11 @@ def _restore_into(
             else:
                 _carry_on(client, name, image, g, _planned_end(p), timestamp_ns, progress)
             return image.result
-        except (Vanished, Hole):
+        except RestoreError as exc:
             if first_damage is not None:
                 raise first_damage from None  # what stands between the target and the rest
+            if not isinstance(exc, Vanished | Hole):
+                raise
             progressed = image is not None and (reached is None or image.result.txid > reached)
             stalled = 0 if progressed else stalled + 1
             if stalled == RESTORE_ATTEMPTS:
@@ -861,10 +863,6 @@ def _restore_into(
             damaged.add(exc.key)
             first_damage = first_damage or exc
             p = image = None
-        except RestoreError:
-            if first_damage is not None:
-                raise first_damage from None
-            raise
 
 
 def _output_path(out: str, force: bool) -> str:

@@ -198,10 +198,9 @@ class FileReplicaClient:
         fd = self._create(tmp)
         try:
             try:
-                pieces = data if isinstance(data, list) else None
-                if pieces is not None:
-                    size = _write_all(fd, pieces)
-                else:
+                if isinstance(data, list):  # an object in pieces: one writev() for all
+                    size = _write_all(fd, data)
+                else:  # a stream: each chunk as it comes
                     for chunk in data:
                         size += _write_all(fd, [chunk])
                 os.fsync(fd)
