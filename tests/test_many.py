@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -103,6 +104,45 @@ def test_metrics_of_a_pre_fork_server_are_served_by_the_worker_that_replicates(
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert f'walsync_replicated_txid{{database="a.db",path="{path}"}} 3.0' in out.stdout
+
+
+FOLLOWER_METRICS = """
+import json, sys, urllib.request, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], metrics_port=int(sys.argv[3]))
+con = apsw.Connection(sys.argv[1], vfs="walsync")  # another process leads it
+con.execute("INSERT INTO t VALUES (2)")
+walsync_vfs.flush(timeout=30)
+print(json.dumps(walsync_vfs.stats()))
+url = f"http://127.0.0.1:{sys.argv[3]}/metrics"
+print(urllib.request.urlopen(url, timeout=10).read().decode(), flush=True)
+"""
+
+
+def test_a_worker_serving_metrics_reports_databases_another_worker_leads(
+    file_replica: str, tmp_path: Path
+) -> None:
+    """Of a server's workers only one serves the metrics port, and it need not lead every
+    database: for one another process leads, its stats() and metrics give the leader's
+    figures, asked of the leader when read."""
+    path = tmp_path / "a.db"
+    con = apsw.Connection(str(path), vfs="walsync")  # this process leads
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+    walsync_vfs.flush(timeout=30)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = subprocess.run(
+        [sys.executable, "-c", FOLLOWER_METRICS, str(path), file_replica, str(port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    stats, body = out.stdout.split("\n", 1)
+    (state,) = json.loads(stats)
+    assert state["leader"] is False
+    assert state["last_txid"] == state["replicated_txid"] == 4  # snapshot, CREATE, 2 INSERTs
+    assert state["lag_seconds"] == 0 and state["errors"] == 0 and state["fenced"] == ""
+    assert f'walsync_replicated_txid{{database="a.db",path="{path}"}} 4.0' in body
+    con.close()
 
 
 METRICS_CHILD = """

@@ -155,9 +155,7 @@ def test_workers_a_foreign_writer_and_a_truncate_make_one_lineage(replica_url, t
     check_one_lineage(replica_url, db, tmp_path)
 
 
-def test_leader_killed_another_takes_over_and_nothing_acknowledged_is_lost(
-    replica_url, tmp_path
-):
+def test_leader_killed_another_takes_over_and_nothing_acknowledged_is_lost(replica_url, tmp_path):
     db = tmp_path / "app.db"
     create(db)
     workers = [start(db, replica_url, w, 150) for w in range(3)]
@@ -472,7 +470,7 @@ print(json.dumps(walsync_vfs.stats()))
 
 def test_a_follower_s_flush_and_stats_while_the_leader_s_replica_fails(tmp_path):
     """Another process's flush() while the leader's replica fails: the leader's one line,
-    not that line prefixed again; its stats() claim nothing about the replica."""
+    not that line prefixed again; its stats() are the leader's, failing."""
     import walsync_vfs
 
     replica, path = tmp_path / "replica", tmp_path / "a.db"
@@ -494,11 +492,12 @@ def test_a_follower_s_flush_and_stats_while_the_leader_s_replica_fails(tmp_path)
         said, errors = child.communicate("go\n", timeout=120)
         error, stats = said.splitlines()
         assert error == str(leader.value), errors
-        # Its stats are the leader's to give: nothing here may read as a healthy replica.
+        # Its stats are the leader's, asked of it: they show the replica failing.
         (state,) = json.loads(stats)
-        assert state.pop("leader") is False
-        assert state.pop("path") == str(path) and state.pop("name") == "a.db"
-        assert set(state.values()) == {None}
+        assert state["leader"] is False
+        assert state["path"] == str(path) and state["name"] == "a.db"
+        assert state["replicated_txid"] < state["last_txid"] == 4  # + this process's INSERT
+        assert state["failures"] >= 1 and "Not a directory" in state["last_error"]
         assert str(leader.value).count("is failing") == 1
         replica.unlink()
         (tmp_path / "away").rename(replica)
@@ -506,6 +505,49 @@ def test_a_follower_s_flush_and_stats_while_the_leader_s_replica_fails(tmp_path)
         con.close()
     finally:
         walsync_vfs.configure(replica="", upload_interval=1.0)
+
+
+LEADER_CHILD = """
+import sys, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2])
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+walsync_vfs.flush(timeout=30)
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_follower_s_stats_while_the_leader_does_not_answer(file_replica, tmp_path):
+    """A leader that does not answer (stopped, here) leaves a follower's stats() without
+    figures, every field but the path and name None, after a short wait; it answers again
+    once it runs."""
+    import walsync_vfs
+
+    path = tmp_path / "a.db"
+    leader = subprocess.Popen(
+        [sys.executable, "-c", LEADER_CHILD, str(path), file_replica],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert leader.stdout is not None and leader.stdout.readline() == "ready\n"
+        con = apsw.Connection(str(path), vfs="walsync")
+        (state,) = walsync_vfs.stats()
+        assert (state["leader"], state["replicated_txid"]) == (False, 3)
+        leader.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        (state,) = walsync_vfs.stats()
+        assert time.monotonic() - started < 5
+        assert state.pop("leader") is False
+        assert state.pop("path") == str(path) and state.pop("name") == "a.db"
+        assert set(state.values()) == {None}
+        leader.send_signal(signal.SIGCONT)
+        (state,) = walsync_vfs.stats()
+        assert state["replicated_txid"] == 3
+        con.close()
+    finally:
+        leader.send_signal(signal.SIGCONT)
+        leader.communicate("", timeout=60)
 
 
 def test_a_process_configured_with_another_replica_is_told_where_its_commits_go(
@@ -684,7 +726,10 @@ def foreign(db: Path, *args: str) -> list[list[str]]:
     """Run FOREIGN_TRUNCATE: each checkpoint's (busy, log, checkpointed) as printed."""
     out = subprocess.run(
         [sys.executable, "-c", FOREIGN_TRUNCATE, str(db), *args],
-        check=True, capture_output=True, text=True, timeout=60,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout
     return [line.split() for line in out.splitlines()]
 
@@ -838,9 +883,7 @@ def test_a_foreign_restart_over_a_commit_the_leader_never_read_is_a_gap(
     assert "pages changed outside the stream, as one commit)" in caplog.text
 
 
-def test_a_foreign_commit_truncated_away_resyncs_from_an_empty_wal(
-    file_replica, tmp_path, caplog
-):
+def test_a_foreign_commit_truncated_away_resyncs_from_an_empty_wal(file_replica, tmp_path, caplog):
     """A process without the VFS commits and truncates the WAL before the leader looks, and
     nobody commits after it: the leader's resync pins the database with no WAL frames.  Its
     one commit of the changed pages has no WAL position (the format's "unknown"), and ships."""
@@ -877,9 +920,7 @@ def test_the_last_close_still_removes_the_wal_and_its_index(file_replica, tmp_pa
     assert not os.path.exists(f"{db}-wal") and not os.path.exists(f"{db}-shm")
 
 
-def test_an_engine_connection_closing_after_the_application_removes_the_wal(
-    file_replica, tmp_path
-):
+def test_an_engine_connection_closing_after_the_application_removes_the_wal(file_replica, tmp_path):
     """A sync point's connection that outlives the application's last connection (a short
     script closing while its first sync runs) is then the last connection: its close
     checkpoints and removes ``-wal`` and ``-shm``, as the application's own close would have
@@ -903,9 +944,7 @@ def test_an_engine_connection_closing_after_the_application_removes_the_wal(
 LINKS_SEQ = 264  # WsShared.links.seq in <db>-walsync (csrc/walsync.c)
 
 
-def test_restarts_are_followed_after_a_process_died_writing_a_link(
-    file_replica, tmp_path, caplog
-):
+def test_restarts_are_followed_after_a_process_died_writing_a_link(file_replica, tmp_path, caplog):
     """A process killed half-way through recording a WAL restart in the shared page leaves
     that record's sequence odd.  The next restart still records its link, so the leader
     follows another process's restart without a gap, as before."""

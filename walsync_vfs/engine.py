@@ -60,6 +60,7 @@ RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads f
 BEHIND_A_SYNC_WAIT = 0.25  # s an opener waits for a sync that is past its sync point
 BARRIER_FLOOR = 0.5  # s a flush waits for the capture thread to hand over what it holds
 FLUSH_LOOK = 0.25  # s between a waiting flush's looks at what it waits for
+LEADER_STATS_WAIT = 0.5  # s stats() waits for the leaders of databases it follows
 _COMMIT = int(Kind.COMMIT)  # a ws_rec's kind, compared on the capture path without the enum
 
 
@@ -99,7 +100,7 @@ class Engine:
             settings, self._lock, (self._cond, self._wake), self._spool, self, self.compactor
         )
         self._thread: threading.Thread | None = None  # runs while a database is kept
-        self._host = Host(self._promote, self._flush_for_follower)
+        self._host = Host(self._promote, self._flush_for_follower, self._stats_for_follower)
         self._leases: set[Lease] = set()  # held or being released: released at exit too
         atexit.register(self._release_leases)
 
@@ -981,18 +982,31 @@ class Engine:
                 self.uploads.clock.flushers -= 1
 
     def stats(self) -> list[dict[str, Any]]:
-        """Each database's stats_of; one another process replicates (the leader's stats
-        say how it goes) has only its path and name here, every other field None: zeros
-        would read as a healthy replica during an outage."""
+        """Each database's stats_of.  One another process replicates has the leader's
+        figures, asked of it now; if it does not answer, only its path and name, every
+        other field None: zeros would read as a healthy replica during an outage."""
         now = time.time_ns()
         with self._lock:
-            out = []
-            for db in self._dbs.values():
-                state, leads = stats_of(db, now), self._host.leads(db.db_id)
-                if not leads:
-                    state = {k: v if k in ("path", "name") else None for k, v in state.items()}
-                out.append(dict(state, leader=leads))
-            return out
+            states = [(db.db_id, stats_of(db, now)) for db in self._dbs.values()]
+        followed = [db_id for db_id, _ in states if not self._host.leads(db_id)]
+        theirs = self._host.ask_stats(followed, LEADER_STATS_WAIT) if followed else {}
+        out = []
+        for db_id, state in states:
+            leads = db_id not in followed
+            if not leads:
+                leader = theirs.get(db_id, {})
+                state = {k: v if k in ("path", "name") else leader.get(k) for k, v in state.items()}
+            out.append(dict(state, leader=leads))
+        return out
+
+    def _stats_for_follower(self, db_id: int) -> dict[str, Any] | None:
+        """A follower's stats(): this leader's figures for the database (None if it does
+        not lead it, or no longer has it)."""
+        with self._lock:
+            db = self._dbs.get(db_id)
+            if db is None or not self._host.leads(db_id):
+                return None
+            return stats_of(db, time.time_ns())
 
     def forget_after_fork(self) -> None:
         """In a forked child: this engine's threads stayed in the parent; let go of what

@@ -8,9 +8,9 @@ after their commits so it reads them at once.  The kernel drops the lock when th
 exits or dies, and a follower that finds it free takes over.
 
 Each process has one unix datagram socket (an abstract name, so nothing is left on disk).  It
-receives the shim's notifications (an 8-byte database id) when the process leads, and flush
-requests and replies: a follower's ``flush()`` asks the leader to make everything in the WAL
-durable and waits for the answer.
+receives the shim's notifications (an 8-byte database id) when the process leads, and requests
+and replies: a follower's ``flush()`` asks the leader to make everything in the WAL durable and
+waits for the answer; a follower's ``stats()`` asks the leader for its figures.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import json
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from walsync_vfs.capture import ffi, lib
 from walsync_vfs.errors import FlushTimeoutError
@@ -41,8 +43,10 @@ REPLY_WAIT = 1.0  # s a follower waits for the leader's answer before asking aga
 
 # The shim's datagram: the leader's id for the database, negative when a restart waits.
 _NOTIFY = struct.Struct("=q")
-_REQUEST = struct.Struct("=cQqd")  # b"F", request id, leader's db id, seconds it may take
-_REPLY = struct.Struct("=cQB")  # b"R", request id, status; then the error text
+_REQUEST = struct.Struct("=cQqd")  # b"F" or b"S", request id, leader's db id, seconds it may take
+_REPLY = struct.Struct("=cQB")  # b"R", request id, status; then the error text or the stats
+_DATAGRAM_MAX = 65536
+_TEXT_MAX = 2000  # characters of a text field a leader's stats carry
 _OK, _TIMEOUT, _FAILED = 0, 1, 2
 # The leader writes where it replicates the database into the side file, past the shim's
 # shared page (WsShared in csrc/walsync.c): a follower configured otherwise is told so.
@@ -78,16 +82,20 @@ class Host:
     Called on the host thread: ``on_promote(db_id)`` when this process took the lead of a
     database it followed.  ``on_flush(db_id, timeout)``
     runs on a thread of its own when a follower asks for everything in the WAL to be made
-    durable: it returns None or an error text.
+    durable: it returns None or an error text.  ``on_stats(db_id)`` runs on a thread of its
+    own when a follower asks for a database's stats: the leader's, or None if it does not
+    lead it.
     """
 
     def __init__(
         self,
         on_promote: Callable[[int], None],
         on_flush: Callable[[int, float], str | None],
+        on_stats: Callable[[int], dict[str, Any] | None],
     ) -> None:
         self._on_promote = on_promote
         self._on_flush = on_flush
+        self._on_stats = on_stats
         self._lock = threading.Lock()
         self._dbs: dict[int, _Db] = {}
         self._waiters: dict[int, _Waiter] = {}
@@ -205,25 +213,15 @@ class Host:
                     "flush timed out waiting for the process that replicates the database; "
                     "give flush() more time"
                 )
-            leader_db = ffi.new("int64_t *")
-            addr = ffi.new("char[64]")
-            if not lib.ws_leader(db_id, leader_db, addr):
+            asked = self._ask(b"F", db_id, left if left is not None else 3600.0)
+            if asked is None:
                 time.sleep(min(TAKEOVER_CHECK, left or TAKEOVER_CHECK))  # between leaders
                 continue
-            waiter = _Waiter()
-            req = next(self._ids)
-            with self._lock:
-                self._waiters[req] = waiter
+            req, waiter = asked
             try:
-                msg = _REQUEST.pack(b"F", req, leader_db[0], left if left is not None else 3600.0)
-                try:
-                    self._sock.sendto(msg, b"\0" + ffi.string(addr))
-                except OSError:
-                    continue  # the leader just went away
                 waiter.done.wait(REPLY_WAIT if left is None else min(left, REPLY_WAIT))
             finally:
-                with self._lock:
-                    self._waiters.pop(req, None)
+                self._forget(req)
             if not waiter.done.is_set():
                 continue  # no answer: ask again (perhaps another leader)
             if waiter.status == _OK:
@@ -231,6 +229,44 @@ class Host:
             if waiter.status == _TIMEOUT:
                 raise FlushTimeoutError(waiter.text)
             raise LeaderError(waiter.text)
+
+    def ask_stats(self, db_ids: list[int], timeout: float) -> dict[int, dict[str, Any]]:
+        """Follower: the leaders' stats of these databases, asked all at once; one whose
+        leader does not answer within ``timeout`` seconds is left out."""
+        asked = {db_id: a for db_id in db_ids if (a := self._ask(b"S", db_id, 0.0)) is not None}
+        deadline = time.monotonic() + timeout
+        out = {}
+        for db_id, (req, waiter) in asked.items():
+            answered = waiter.done.wait(max(deadline - time.monotonic(), 0.0))
+            self._forget(req)
+            if answered and waiter.status == _OK:
+                with contextlib.suppress(ValueError):
+                    out[db_id] = json.loads(waiter.text)
+        return out
+
+    def _ask(self, kind: bytes, db_id: int, timeout: float) -> tuple[int, _Waiter] | None:
+        """Send the database's leader a request; its id and the waiter its reply will set,
+        or None if no leader can be asked now (none, or it just went away)."""
+        leader_db = ffi.new("int64_t *")
+        addr = ffi.new("char[64]")
+        if not lib.ws_leader(db_id, leader_db, addr):
+            return None
+        waiter = _Waiter()
+        req = next(self._ids)
+        with self._lock:
+            self._waiters[req] = waiter
+        try:
+            self._sock.sendto(
+                _REQUEST.pack(kind, req, leader_db[0], timeout), b"\0" + ffi.string(addr)
+            )
+        except OSError:
+            self._forget(req)
+            return None
+        return req, waiter
+
+    def _forget(self, req: int) -> None:
+        with self._lock:
+            self._waiters.pop(req, None)
 
     def _answer(self, req: int, db_id: int, timeout: float, sender: bytes) -> None:
         try:
@@ -240,8 +276,19 @@ class Host:
             status, error = _TIMEOUT, str(exc)
         except Exception as exc:  # noqa: BLE001 - the asker gets the text
             status, error = _FAILED, str(exc)
+        self._reply(req, status, error or "", sender)
+
+    def _answer_stats(self, req: int, db_id: int, sender: bytes) -> None:
+        stats = self._on_stats(db_id)
+        if stats is None:
+            self._reply(req, _FAILED, "", sender)
+            return
+        shown = {k: v[:_TEXT_MAX] if isinstance(v, str) else v for k, v in stats.items()}
+        self._reply(req, _OK, json.dumps(shown), sender)
+
+    def _reply(self, req: int, status: int, text: str, sender: bytes) -> None:
         with contextlib.suppress(OSError):  # the asker is gone
-            self._sock.sendto(_REPLY.pack(b"R", req, status) + (error or "").encode(), sender)
+            self._sock.sendto(_REPLY.pack(b"R", req, status) + text.encode(), sender)
 
     # ------------------------------------------------------------- the thread
 
@@ -266,7 +313,7 @@ class Host:
             else:  # nothing open here, only flush replies to wait for
                 self._sock.settimeout(None)
             try:
-                msg, sender = self._sock.recvfrom(4096)
+                msg, sender = self._sock.recvfrom(_DATAGRAM_MAX)
             except TimeoutError:
                 continue
             except OSError:
@@ -280,14 +327,14 @@ class Host:
         if len(msg) == _NOTIFY.size:
             (db_id,) = _NOTIFY.unpack(msg)
             self._tail(db_id)  # a follower committed, or waits to restart the WAL
-        elif msg[:1] == b"F" and len(msg) == _REQUEST.size:
-            _, req, db_id, timeout = _REQUEST.unpack(msg)
-            threading.Thread(
-                target=self._answer,
-                args=(req, db_id, timeout, sender),
-                name="walsync-flush",
-                daemon=True,
-            ).start()
+        elif msg[:1] in (b"F", b"S") and len(msg) == _REQUEST.size:
+            kind, req, db_id, timeout = _REQUEST.unpack(msg)
+            answer, args = (
+                (self._answer, (req, db_id, timeout, sender))
+                if kind == b"F"
+                else (self._answer_stats, (req, db_id, sender))
+            )
+            threading.Thread(target=answer, args=args, name="walsync-answer", daemon=True).start()
         elif msg[:1] == b"R" and len(msg) >= _REPLY.size:
             _, req, status = _REPLY.unpack_from(msg)
             with self._lock:

@@ -46,8 +46,8 @@ class _Collector:
             # The path too: two databases may share a name in two replica roots.
             family = GaugeMetricFamily(f"walsync_{key}", text, labels=["database", "path"])
             for s in stats:
-                if not s["leader"]:
-                    continue  # the leader's process reports it
+                if s["last_txid"] is None:
+                    continue  # another process leads it and did not answer
                 value = bool(s[key]) if key == "fenced" else s[key]  # fenced: the reason
                 family.add_metric([s["name"] or s["path"], s["path"]], float(value))
             yield family
