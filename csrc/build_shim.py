@@ -63,6 +63,7 @@ int ws_open_count(void);
 int ws_app_open(int64_t id);
 int ws_app_writable(int64_t id);
 int64_t ws_app_exclusive_ns(int64_t id);
+int64_t ws_app_locked_ns(int64_t id);
 int ws_wal_orphaned(int64_t id);
 void *ws_conn_open(const char *path, int busy_ms, char *err, int nerr);
 int ws_conn_query(void *db, const char *sql, char *out, int nout);

@@ -154,11 +154,11 @@ struct WsDb {
   int nRef;     /* open main-db handles (gMutex) */
   int nApp;     /* of them, the application's: not ws_conn_open()'s (gMutex) */
   int nAppRw;   /* of those, the ones it can write through (gMutex) */
-  int nExcl[2]; /* of those, the ones holding EXCLUSIVE (WS_EXCL_*; gMutex) ... */
+  int nExcl[3]; /* of those, the ones holding EXCLUSIVE or a lock (WS_EXCL_*; gMutex) ... */
   int nAppWal;   /* WAL files the application has open (gMutex) ... */
   dev_t walDev;  /* ... and the file the first of them opened */
   ino_t walIno;
-  int64_t exclSinceNs[2]; /* ... and since when one of them has (monotonic) */
+  int64_t exclSinceNs[3]; /* ... and since when one of them has (monotonic) */
   uint64_t seq; /* last record seq used (gMutex) */
   int nHold;    /* >0: WAL restarts are refused (a raw snapshot is reading it) */
   WsChain c;
@@ -219,7 +219,7 @@ struct WsFile {
   int bApp;            /* MAIN: opened by the application (counted in nApp) */
   int bAppRw;          /* MAIN: ... and writable (counted in nAppRw) */
   int eLock;           /* MAIN: the lock level it holds */
-  int bExcl[2];        /* MAIN, application's: holds EXCLUSIVE (WS_EXCL_*, in nExcl) */
+  int bExcl[3];        /* MAIN, application's: holds EXCLUSIVE or a lock (WS_EXCL_*, in nExcl) */
   int bAppWal;         /* WAL: the application's (counted in nAppWal) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
 };
@@ -1747,6 +1747,7 @@ static void publishFromMain(WsFile *pMain) {
 */
 #define WS_EXCL_ANY 0    /* holds EXCLUSIVE */
 #define WS_EXCL_KEPT 1   /* ... past a commit */
+#define WS_EXCL_HELD 2   /* holds any lock (in rollback mode, EXCLUSIVE keeps a read's) */
 
 static void exclNote(WsFile *p, int kind, int bOn) {
   if (!p->pDb || !p->bApp || p->bExcl[kind] == bOn) return;
@@ -1760,6 +1761,7 @@ static void exclNote(WsFile *p, int kind, int bOn) {
 static void exclNone(WsFile *p) {
   exclNote(p, WS_EXCL_ANY, 0);
   exclNote(p, WS_EXCL_KEPT, 0);
+  exclNote(p, WS_EXCL_HELD, 0);
 }
 
 /* ------------------------------------------------------------ io methods */
@@ -1858,6 +1860,7 @@ static int wsLock(sqlite3_file *f, int e) {
   if (rc == SQLITE_OK) {
     p->eLock = e;
     if (e == SQLITE_LOCK_EXCLUSIVE) exclNote(p, WS_EXCL_ANY, 1);
+    exclNote(p, WS_EXCL_HELD, 1);
   }
   return rc;
 }
@@ -1867,7 +1870,11 @@ static int wsUnlock(sqlite3_file *f, int e) {
   int rc = p->pReal->pMethods->xUnlock(p->pReal, e);
   if (rc == SQLITE_OK) {
     p->eLock = e;
-    if (e < SQLITE_LOCK_EXCLUSIVE) exclNone(p);
+    if (e < SQLITE_LOCK_EXCLUSIVE) {
+      exclNote(p, WS_EXCL_ANY, 0);
+      exclNote(p, WS_EXCL_KEPT, 0);
+    }
+    if (e == SQLITE_LOCK_NONE) exclNote(p, WS_EXCL_HELD, 0);
   }
   return rc;
 }
@@ -2261,6 +2268,23 @@ int64_t ws_app_exclusive_ns(int64_t id) {
       ns = monotonicNs() - pDb->exclSinceNs[WS_EXCL_KEPT];
     } else if (pDb->nExcl[WS_EXCL_ANY] > 0 && pDb->nAppWal > 0) {
       ns = monotonicNs() - pDb->exclSinceNs[WS_EXCL_ANY];
+    }
+  }
+  pthread_mutex_unlock(&gMutex);
+  return ns;
+}
+
+/* How long, in ns, application connections have kept a lock on database id
+** while none has its WAL open, so that a switch to WAL cannot get in; 0 if
+** none holds one. */
+int64_t ws_app_locked_ns(int64_t id) {
+  int64_t ns = 0;
+  WsDb *pDb;
+  pthread_mutex_lock(&gMutex);
+  if (id >= 1 && id <= gnDb) {
+    pDb = gaDb[id - 1];
+    if (pDb->nExcl[WS_EXCL_HELD] > 0 && pDb->nAppWal == 0) {
+      ns = monotonicNs() - pDb->exclSinceNs[WS_EXCL_HELD];
     }
   }
   pthread_mutex_unlock(&gMutex);

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -152,6 +153,32 @@ def test_a_replicated_database_attached_exclusive_and_only_read_fails_flush(repl
     walsync_vfs.flush(timeout=30)
 
 
+def test_a_rollback_database_attached_exclusive_and_only_read_fails_flush(replica, tmp_path):
+    """In rollback mode an EXCLUSIVE attach keeps even a read's lock: the switch to WAL
+    cannot get in.  flush() fails soon saying why, not after a minute as "database is
+    locked"; once that connection lets go the database is switched and replicated."""
+    path = tmp_path / "rollback.db"
+    plain = apsw.Connection(str(path))
+    plain.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    plain.close()
+    uri = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    main = apsw.Connection(str(tmp_path / "plain.db"), flags=uri)
+    main.execute("PRAGMA locking_mode=EXCLUSIVE")
+    main.execute(f"ATTACH 'file:{path}?vfs=walsync' AS b")
+    assert main.execute("SELECT x FROM b.t").fetchall() == [(1,)]
+    started = time.monotonic()
+    assert_flush_fails(
+        path,
+        "a connection of this process keeps it locked, so it cannot be switched to WAL and "
+        "replicated until that connection lets go of it: in locking_mode=EXCLUSIVE (an ATTACH "
+        "takes that mode from its connection's main database) even a read keeps its lock; use "
+        "locking_mode=NORMAL there, or finish that connection's read",
+    )
+    assert time.monotonic() - started < 20
+    main.close()
+    assert_restores(replica, path, tmp_path)
+
+
 def test_a_wal_another_sqlite_library_deleted_fails_flush_until_reopened(replica, tmp_path):
     """Stdlib sqlite3 beside apsw in one process: its last close checkpoints and deletes the
     WAL under apsw's connection (POSIX locks do not keep two copies of SQLite apart), whose
@@ -279,9 +306,7 @@ def test_memory_and_temporary_databases_pass_through(replica, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["DELETE", "MEMORY"])
-def test_leaving_wal_stops_replication_loudly_and_wal_resumes_it(
-    replica, tmp_path, caplog, mode
-):
+def test_leaving_wal_stops_replication_loudly_and_wal_resumes_it(replica, tmp_path, caplog, mode):
     """Whatever the mode left for: the file only says "not WAL" to the engine's connections,
     so the error names no mode the application did not set."""
     path = tmp_path / "mode.db"

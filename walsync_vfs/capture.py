@@ -35,6 +35,9 @@ LINGER = 0.05
 # An application's EXCLUSIVE lock kept this long past a commit is locking_mode=EXCLUSIVE, not
 # a commit about to unlock.
 EXCLUSIVE_HELD_NS = 100_000_000
+# A lock kept this long on a database still to be switched to WAL: a read in EXCLUSIVE mode
+# (or one never finished), which a switch would wait for in vain.
+LOCK_KEPT_NS = 2_000_000_000
 _FCNTL_DB_ID = 0x57530001
 
 ffi, lib = _shim.ffi, _shim.lib
@@ -247,27 +250,42 @@ class DatabaseLockedError(CaptureError):
 
 def exclusive_problem(db_id: int, path: str) -> str | None:
     """Why database ``db_id`` cannot be replicated now, if a connection of this process
-    keeps it locked in ``locking_mode=EXCLUSIVE``; else None."""
-    if lib.ws_app_exclusive_ns(db_id) < EXCLUSIVE_HELD_NS:
-        return None
-    return (
-        f"{path}: a connection of this process keeps it locked in locking_mode=EXCLUSIVE "
-        "(an ATTACH takes that mode from its connection's main database), so it cannot be "
-        "replicated until that connection lets go of it; use locking_mode=NORMAL there"
-    )
+    keeps it locked in ``locking_mode=EXCLUSIVE`` (or, before its switch to WAL, keeps any
+    lock for long); else None."""
+    if lib.ws_app_exclusive_ns(db_id) >= EXCLUSIVE_HELD_NS:
+        return (
+            f"{path}: a connection of this process keeps it locked in locking_mode=EXCLUSIVE "
+            "(an ATTACH takes that mode from its connection's main database), so it cannot "
+            "be replicated until that connection lets go of it; use locking_mode=NORMAL there"
+        )
+    if lib.ws_app_locked_ns(db_id) >= LOCK_KEPT_NS:
+        return (
+            f"{path}: a connection of this process keeps it locked, so it cannot be switched "
+            "to WAL and replicated until that connection lets go of it: in "
+            "locking_mode=EXCLUSIVE (an ATTACH takes that mode from its connection's main "
+            "database) even a read keeps its lock; use locking_mode=NORMAL there, or finish "
+            "that connection's read"
+        )
+    return None
 
 
-def switch_to_wal(switch: Callable[[], str], timeout_s: float, locked: type[Exception]) -> str:
+def switch_to_wal(
+    switch: Callable[[], str],
+    timeout_s: float,
+    locked: type[Exception],
+    give_up: Callable[[], None] = lambda: None,
+) -> str:
     """Run ``switch`` (a ``PRAGMA journal_mode=WAL``) again while it raises ``locked``, for
     up to ``timeout_s``: the pragma upgrades its own read transaction, for which SQLite never
     calls the busy handler, and the opener and the engine may switch at the same time.
-    Returns the journal mode SQLite kept."""
+    ``give_up`` raises if waiting on is in vain.  Returns the journal mode SQLite kept."""
     deadline = time.monotonic() + timeout_s
     delay = 0.001
     while True:
         try:
             return switch()
         except locked:
+            give_up()
             if time.monotonic() > deadline:
                 raise
         time.sleep(delay)  # no event to wait on: the lock is another connection's
@@ -298,12 +316,13 @@ class InternalConnection:
             raise CaptureError(f"{self.path}: {sql}: {text}")
         return text
 
-    def switch_to_wal(self) -> str:
+    def switch_to_wal(self, give_up: Callable[[], None]) -> str:
         """``PRAGMA journal_mode=WAL`` (see :func:`switch_to_wal`)."""
         return switch_to_wal(
             lambda: self.query("PRAGMA journal_mode=WAL"),
             self.busy_timeout_ms / 1000,
             DatabaseLockedError,
+            give_up,
         )
 
     def file_control(self, op: int, arg: object) -> None:
@@ -618,7 +637,7 @@ class SyncPoint:
                 mode = writer.query("PRAGMA journal_mode")
                 if mode != "wal" and enable_wal:
                     self._check_in_use(writer, seen_open)
-                    mode = writer.switch_to_wal()
+                    mode = writer.switch_to_wal(self._check_exclusive)
             except DatabaseLockedError:
                 self._check_exclusive()
                 raise
