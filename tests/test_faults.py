@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -26,7 +27,7 @@ from loopback import LoopbackProxy
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
 from walsync_vfs.config import Settings
-from walsync_vfs.restore import RestoreError, plan
+from walsync_vfs.restore import RestoreError, plan, restore_from
 from walsync_vfs.spool import Outgoing, Spool
 
 
@@ -478,6 +479,47 @@ def test_a_restore_stopped_by_sigterm_removes_its_temp_file(tmp_path):
         pytest.skip("the restore finished before the signal")
     assert (proc.returncode, errors) == (143, "walsync: error: terminated\n")
     assert not part.exists() and not out.exists()
+
+
+def test_a_second_restore_to_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    """Two restores (or a restore and a follower) of one OUTPUT at once would build it in one
+    temporary file: the second is refused, leaving the first's work alone.  A temporary file
+    no restore holds (one was killed) is taken over."""
+    replica = (tmp_path / "replica").as_uri()
+    walsync_vfs.configure(replica=replica)
+    try:
+        con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+        walsync_vfs.flush(timeout=60)
+        con.close()
+    finally:
+        walsync_vfs.configure(replica="")
+    out = tmp_path / "out.db"
+    part = Path(f"{out}.walsync-tmp")
+    first = os.open(part, os.O_RDWR | os.O_CREAT)  # a restore under way
+    os.write(first, b"the first restore's pages")
+    fcntl.flock(first, fcntl.LOCK_EX)
+    cmd = [sys.executable, "-m", "walsync_vfs", "restore", f"{replica}/a.db", "-o", str(out)]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert (second.returncode, second.stderr) == (
+        1,
+        f"walsync: error: {out} is being restored by another process ({part} is in use); "
+        "wait for it to finish, or restore to another path\n",
+    )
+    assert part.read_bytes() == b"the first restore's pages" and not out.exists()
+    os.close(first)  # killed: its file stays behind, unlocked
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert not part.exists()
+    assert apsw.Connection(str(out)).execute("SELECT x FROM t").fetchall() == [(1,)]
+    # One made by another restore after this one checked the path is not overwritten.
+    client = storage.open_replica(replica)
+    with pytest.raises(RestoreError) as made:
+        restore_from(client, "a.db", str(out), force=False)
+    assert str(made.value) == (
+        f"{out} was made by another restore meanwhile; pass --force to overwrite it"
+    )
+    assert not part.exists()
 
 
 KILLED_WRITER = """

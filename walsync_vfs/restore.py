@@ -959,15 +959,63 @@ def _fence_off(path: str) -> int | None:
     return fd
 
 
+STAGE_ATTEMPTS = 10
+
+
+@dataclass
+class _Stage:
+    """The temporary file a new output is built in, and the descriptor of its lock."""
+
+    path: str
+    fd: int
+
+    def keep_lock(self) -> int:
+        """Once the file is installed as the output: its lock, for a follower to keep as
+        the output's (see :func:`_keep`)."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+
 @contextmanager
-def _staged(out: str) -> Iterator[str]:
-    """The temporary name a new ``out`` is built under; removed unless it was installed."""
+def _staged(out: str) -> Iterator[_Stage]:
+    """The temporary file a new ``out`` is built under, removed unless it was installed.  It
+    is locked (a ``flock``) while it is built and installed: a second restore or follower of
+    the same ``out`` is refused instead of writing into it.  One left by a restore that was
+    killed holds no lock: it is taken over."""
     tmp = f"{out}.walsync-tmp"
+    for _ in range(STAGE_ATTEMPTS):
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RestoreError(
+                f"{out} is being restored by another process ({tmp} is in use); wait for it "
+                "to finish, or restore to another path"
+            ) from None
+        if _same_file(fd, tmp):
+            break
+        os.close(fd)  # the one it opened was installed or removed meanwhile: open anew
+    else:
+        raise RestoreError(f"{tmp} keeps changing under this restore; restore to another path")
+    stage = _Stage(tmp, fd)
     try:
-        yield tmp
+        yield stage
     finally:
-        if os.path.exists(tmp):
+        if _same_file(fd, tmp):  # not installed
             os.remove(tmp)
+        if stage.fd >= 0:
+            os.close(stage.fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` names the file open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def first_integrity_problem(path: str, mmap: bool = True, live: bool = False) -> str | None:
@@ -1035,7 +1083,7 @@ def restore(
     root, name = split_url(url)
     out = _output_path(out, force)
     client = storage.open_replica(root, **(client_options or {}))
-    return restore_from(client, name, out, txid, timestamp_ns, progress)
+    return restore_from(client, name, out, txid, timestamp_ns, progress, force)
 
 
 def restore_from(
@@ -1045,14 +1093,21 @@ def restore_from(
     txid: int | None = None,
     timestamp_ns: int | None = None,
     progress: bool = False,
+    force: bool = True,
 ) -> Result:
-    """:func:`restore` through an open client, into a checked output path."""
+    """:func:`restore` through an open client, into a checked output path (without
+    ``force``, one that did not exist: another restore may have made it meanwhile)."""
     try:
-        with _staged(out) as tmp:
+        with _staged(out) as stage:
+            tmp = stage.path
             with open(tmp, "w+b", buffering=WRITE_BUFFER) as f:
                 result = _restore_into(client, name, f, txid, timestamp_ns, progress)
             if txid is not None and result.txid != txid:
                 raise RestoreError(f"{name}: replay ended at txid {result.txid}, wanted {txid}")
+            if not force and os.path.exists(out):  # restores of one out take turns on tmp
+                raise RestoreError(
+                    f"{out} was made by another restore meanwhile; pass --force to overwrite it"
+                )
             _install(tmp, out)
             return result
     except format.CorruptObject as exc:
@@ -1150,20 +1205,20 @@ class Follower:
         """Build ``p``'s image under a temporary name and install it as ``out``."""
         self._drop()
         inplace.roll_back(self.out)  # readers see the last commit while the new one builds
-        with _staged(self.out) as tmp:
-            with open(tmp, "w+b", buffering=WRITE_BUFFER) as f:
+        with _staged(self.out) as stage:
+            with open(stage.path, "w+b", buffering=WRITE_BUFFER) as f:
                 image = _replay(self.client, p, f)
                 page1 = image.sink.read(1, 1)  # as the replica has it, for the checksum
                 inplace.set_rollback_mode(f)
-            _check_durable(tmp)
+            _check_durable(stage.path)
             with uninterrupted():  # out and what this follower says it holds change together
-                self._take_over(tmp, image, page1)
+                self._take_over(stage, image, page1)
 
-    def _take_over(self, tmp: str, image: Image, page1: bytes) -> None:
-        """Rename the checked image ``tmp`` over ``out`` and go on writing it in place."""
+    def _take_over(self, stage: _Stage, image: Image, page1: bytes) -> None:
+        """Rename the checked image over ``out`` and go on writing it in place."""
         fence = _fence_off(self.out)
-        _replace(tmp, self.out)
-        kept, self._kept = self._kept, _keep(self.out)
+        _replace(stage.path, self.out)
+        kept, self._kept = self._kept, stage.keep_lock()  # the lock moved with the file
         if kept is not None:
             os.close(kept)
         if fence is not None:  # a fenced file keeps its disk space: the last one only
