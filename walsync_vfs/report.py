@@ -26,6 +26,7 @@ from walsync_vfs.restore import (
 # decoded segment holds up to max_segment_bytes of pages (plus its download and a joined copy
 # while it decodes), and reading further ahead raises the peak without speeding verify up.
 VERIFY_PREFETCH = 2
+VERIFY_PASSES = 5  # listings a verify of a replica that keeps changing reads from
 
 
 def open_target(url: str, **options: object) -> tuple[storage.ReplicaClient, str | None]:
@@ -137,12 +138,33 @@ def verify(client: storage.ReplicaClient, name: str) -> list[str]:
     ``PRAGMA integrity_check``.  Objects are streamed through restore's prefetch window and
     the replay goes to a temporary file, so memory stays at a few segments (plus the
     snapshot being read) however large the replica is.
+
+    A replica being written changes under the reads: an object listed and then gone, and
+    listed no longer (compaction replaced it, retention removed it), makes verify start
+    again from a fresh listing; one still listed is missing.
     """
-    gens = catalog.generations(client, name)
-    if not gens:
-        return [f"{storage.database_url(client, name)}: no replica found"]
-    problems = [f"{name}/{line}" for line in _overlaps(gens)]
-    return problems + [line for g in gens for line in _verify_generation(client, name, g)]
+    for _ in range(VERIFY_PASSES):
+        gens = catalog.generations(client, name)
+        if not gens:
+            return [f"{storage.database_url(client, name)}: no replica found"]
+        missing: set[str] = set()
+        problems = [f"{name}/{line}" for line in _overlaps(gens)]
+        problems += [line for g in gens for line in _verify_generation(client, name, g, missing)]
+        if not missing or missing & _listed(client, name):
+            return problems
+    return [
+        f"{storage.database_url(client, name)}: objects kept being replaced (compaction, "
+        "retention) while verify read them; run it again"
+    ]
+
+
+def _listed(client: storage.ReplicaClient, name: str) -> set[str]:
+    """The keys of every snapshot and segment listed now."""
+    return {
+        catalog.object_key(k)
+        for g in catalog.generations(client, name)
+        for k in (*g.snapshots, *g.segments)
+    }
 
 
 def ignored(client: storage.ReplicaClient, name: str) -> list[str]:
@@ -172,9 +194,11 @@ def _overlaps(gens: list[catalog.Generation]) -> list[str]:
     ]
 
 
-def _problem(key: str, exc: Exception) -> str:
-    """One line naming ``key``; format and replay errors already start with it."""
+def _problem(key: str, exc: Exception, missing: set[str]) -> str:
+    """One line naming ``key``; format and replay errors already start with it.  A key
+    listed but not found goes into ``missing`` too."""
     if isinstance(exc, storage.ObjectNotFound):
+        missing.add(key)
         return f"{key}: object listed but missing"
     if isinstance(exc, format.CorruptObject | RestoreError):
         return str(exc)
@@ -213,10 +237,10 @@ class _History:
 
 
 def _verify_generation(
-    client: storage.ReplicaClient, name: str, g: catalog.Generation
+    client: storage.ReplicaClient, name: str, g: catalog.Generation, missing: set[str]
 ) -> list[str]:
     """Problems of one generation; the replay stops at the first break in its chain, but every
-    object is still checked on its own."""
+    object is still checked on its own.  Keys listed but not found are added to ``missing``."""
     problems = []
     seg_keys = [catalog.object_key(s) for s in g.segments]
     snap_keys = [catalog.object_key(s) for s in g.snapshots]
@@ -233,7 +257,7 @@ def _verify_generation(
         )
         image, history = None, _History(g.snapshots[0].last_txid if snap_keys else 0)
         if snap_keys:
-            image = _replay_from(client, g, g.snapshots[0], f, problems)
+            image = _replay_from(client, g, g.snapshots[0], f, problems, missing)
         for key, future in segments:
             if key in holes:
                 line, resume = holes[key]
@@ -241,13 +265,13 @@ def _verify_generation(
                     problems.append(line)
                     image = None  # replay cannot cross a hole; the objects are still checked
                 else:  # commits that never reached the store: restore goes on from a snapshot
-                    image = _replay_from(client, g, resume, f, problems)
+                    image = _replay_from(client, g, resume, f, problems, missing)
                     if image is not None:
                         history.resume(image.result.txid, image.checksum.value)
             try:
                 _, header, commits = future.result()
             except (format.CorruptObject, storage.StorageError) as exc:
-                problems.append(_problem(key, exc))
+                problems.append(_problem(key, exc, missing))
                 image = None
                 continue
             for c in commits:
@@ -271,7 +295,7 @@ def _verify_generation(
             try:
                 snap = _read_snapshot(client, key, g.sizes[key])
             except (format.CorruptObject, storage.StorageError) as exc:
-                problems.append(_problem(key, exc))
+                problems.append(_problem(key, exc, missing))
                 continue
             if history.disagrees(snap.txid, snap.checksum):
                 problems.append(f"{key}: snapshot differs from the replayed history")
@@ -284,6 +308,7 @@ def _replay_from(
     snap: format.ParsedKey,
     f: BinaryIO,
     problems: list[str],
+    missing: set[str],
 ) -> Image | None:
     """The image of snapshot ``snap`` in the replay file ``f`` (None, and a problem, if it
     does not read)."""
@@ -293,7 +318,7 @@ def _replay_from(
     try:
         return Image.from_snapshot(f, g.id, objects.open_snapshot(client, key, g.sizes[key]))
     except (format.CorruptObject, storage.StorageError) as exc:
-        problems.append(_problem(key, exc))
+        problems.append(_problem(key, exc, missing))
         return None
 
 
