@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import resource
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -283,22 +285,46 @@ def test_a_database_sqlite_rejects_fails_verify_and_restore(replica):
 def test_verify_of_nothing_fails(tmp_path):
     url = f"{tmp_path.as_uri()}/none.db"
     proc = cli("verify", url)
-    assert proc.returncode == 1
-    assert proc.stderr == (
-        f"walsync: problem: {url}: no replica found\nwalsync: error: {url}: 1 problem(s) found\n"
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"walsync: error: no replica of 'none.db' found at {tmp_path.as_uri()}\n",
     )
 
 
-def test_verify_of_a_root_asks_for_a_database(file_replica, tmp_path):
+@pytest.mark.parametrize("command", ["verify", "restore"])
+def test_a_command_given_a_root_asks_for_a_database(file_replica, tmp_path, command):
     import walsync_vfs
 
     con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
     con.execute("CREATE TABLE t(x)")
     walsync_vfs.flush(timeout=30)
     con.close()
-    proc = cli("verify", file_replica)
+    output = ["-o", str(tmp_path / "out.db")] if command == "restore" else []
+    proc = cli(command, file_replica, *output)
     assert (proc.returncode, proc.stderr) == (
         1,
-        f"walsync: error: {file_replica} is a replica root; verify one of its databases, "
+        f"walsync: error: {file_replica} is a replica root; {command} one of its databases, "
         f"{file_replica}/<name> (list names them)\n",
     )
+
+
+def test_a_restore_that_cannot_write_names_its_output(file_replica, tmp_path):
+    """A write error that names no file (a full disk, a file size limit) says where."""
+    import walsync_vfs
+
+    con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(randomblob(300000))")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    out = tmp_path / "out.db"
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", "restore", f"{file_replica}/a.db", "-o", str(out)],
+        capture_output=True, text=True, timeout=60, preexec_fn=small_files,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (1, f"walsync: error: {out}: File too large\n")
+    assert list(tmp_path.glob("out.db*")) == []

@@ -12,6 +12,7 @@ import gc
 import json
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -155,15 +156,22 @@ def run_list(url: str, as_json: bool) -> int:
     return 0
 
 
-def run_verify(url: str) -> int:
+def refuse_root(url: str, command: str) -> None:
+    """Raise RestoreError if ``url`` is a replica root with databases, not one of them."""
     target, named = report.open_target(url)
     if named is None and catalog.databases(target):
         raise RestoreError(
-            f"{url} is a replica root; verify one of its databases, "
+            f"{url} is a replica root; {command} one of its databases, "
             f"{url.rstrip('/')}/<name> (list names them)"
         )
+
+
+def run_verify(url: str) -> int:
+    refuse_root(url, "verify")
     root, name = split_url(url)
     client = storage.open_replica(root)
+    if not catalog.generations(client, name):
+        raise RestoreError(f"no replica of {name!r} found at {client.url}")
     problems = report.verify(client, name)
     for line in report.ignored(client, name):
         print(f"walsync: ignored: {line}", file=sys.stderr)
@@ -258,9 +266,10 @@ def run_follow(url: str, output: str, force: bool, interval: float) -> int:
             except ERRORS as exc:
                 if follower.published is None:
                     raise
-                if str(exc) != last_error:  # one line per distinct error, not one per poll
-                    fail(str(exc))
-                last_error = str(exc)
+                line = described(exc, output)
+                if line != last_error:  # one line per distinct error, not one per poll
+                    fail(line)
+                last_error = line
             else:
                 last_error = None
                 if updated and follower.generation != generation:  # the first, or a new one
@@ -304,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
 
 
+def described(exc: Exception, written: str) -> str:
+    """The error's line; a write error that names no file (a full disk) names ``written``,
+    what the command writes (OUTPUT, or the file beside it a new OUTPUT is built in)."""
+    if not isinstance(exc, OSError) or exc.filename is not None or exc.errno is None:
+        return str(exc)
+    return f"{written}: {exc.strerror}"
+
+
 def run(argv: list[str] | None) -> int:
     parser, restore_parser = build_parser()
     args = parser.parse_args(argv)
@@ -321,6 +338,7 @@ def run(argv: list[str] | None) -> int:
             return run_list(args.url, args.json)
         if args.command == "verify":
             return run_verify(args.url)
+        refuse_root(args.url, "restore")
         if args.follow:
             return run_follow(args.url, args.output, args.force, args.interval or 1.0)
         result = restore(
@@ -332,7 +350,13 @@ def run(argv: list[str] | None) -> int:
             progress=sys.stderr.isatty(),
         )
     except ERRORS as exc:
-        fail(str(exc))
+        verifying = args.command == "verify"
+        fail(
+            described(
+                exc,
+                f"verify's replay file in {tempfile.gettempdir()}" if verifying else args.output,
+            )
+        )
         return 1
     except KeyboardInterrupt:
         fail("interrupted")
