@@ -313,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
 
 
+# What each command writes, for a write error that names no file.
+WRITTEN: dict[str, Callable[[argparse.Namespace], str]] = {
+    "restore": lambda args: args.output,
+    "verify": lambda args: f"verify's replay file in {tempfile.gettempdir()}",
+    "list": lambda args: "the output",
+}
+
+
 def described(exc: Exception, written: str) -> str:
     """The error's line; a write error that names no file (a full disk) names ``written``,
     what the command writes (OUTPUT, or the file beside it a new OUTPUT is built in)."""
@@ -350,13 +358,7 @@ def run(argv: list[str] | None) -> int:
             progress=sys.stderr.isatty(),
         )
     except ERRORS as exc:
-        verifying = args.command == "verify"
-        fail(
-            described(
-                exc,
-                f"verify's replay file in {tempfile.gettempdir()}" if verifying else args.output,
-            )
-        )
+        fail(described(exc, WRITTEN[args.command](args)))
         return 1
     except KeyboardInterrupt:
         fail("interrupted")
