@@ -8,6 +8,7 @@ carries on).
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import signal
@@ -313,20 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
 
 
-# What each command writes, for a write error that names no file.
+# What each command writes, named by a write error that names no file.
 WRITTEN: dict[str, Callable[[argparse.Namespace], str]] = {
     "restore": lambda args: args.output,
     "verify": lambda args: f"verify's replay file in {tempfile.gettempdir()}",
-    "list": lambda args: "the output",
 }
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
-def described(exc: Exception, written: str) -> str:
+def described(exc: Exception, written: str | None) -> str:
     """The error's line; a write error that names no file (a full disk) names ``written``,
     what the command writes (OUTPUT, or the file beside it a new OUTPUT is built in)."""
-    if not isinstance(exc, OSError) or exc.filename is not None or exc.errno is None:
-        return str(exc)
-    return f"{written}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno in WRITE_ERRORS and written:
+        return f"{written}: {exc.strerror}"
+    return str(exc)
 
 
 def run(argv: list[str] | None) -> int:
@@ -358,7 +359,7 @@ def run(argv: list[str] | None) -> int:
             progress=sys.stderr.isatty(),
         )
     except ERRORS as exc:
-        fail(described(exc, WRITTEN[args.command](args)))
+        fail(described(exc, WRITTEN[args.command](args) if args.command in WRITTEN else None))
         return 1
     except KeyboardInterrupt:
         fail("interrupted")
