@@ -222,6 +222,10 @@ struct WsFile {
   int bExcl[3];        /* MAIN, application's: holds EXCLUSIVE or a lock (WS_EXCL_*, in nExcl) */
   int bAppWal;         /* WAL: the application's (counted in nAppWal) */
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
+  uint32_t shmShared;  /* wal-index locks it holds, one bit per slot */
+  uint32_t shmExcl;
+  WsFile *pNextEng;    /* MAIN and WAL of the engine's connections: gEngFiles (gMutex) */
+  WsFile *pPrevEng;
 };
 #define WSF_OTHER 0
 #define WSF_MAIN 1
@@ -233,6 +237,16 @@ struct WsFile {
 static pthread_mutex_t gMutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gCond = PTHREAD_COND_INITIALIZER;
 static __thread int tEngineOpen = 0; /* ws_conn_open() is opening: not the application */
+static WsFile *gEngFiles = 0; /* the engine's open MAIN and WAL files (gMutex) */
+
+/* The engine's file p is closing (gMutex held). */
+static void engFileGone(WsFile *p) {
+  if (p->pPrevEng) p->pPrevEng->pNextEng = p->pNextEng;
+  else if (gEngFiles == p) gEngFiles = p->pNextEng;
+  if (p->pNextEng) p->pNextEng->pPrevEng = p->pPrevEng;
+  p->pNextEng = p->pPrevEng = 0;
+}
+
 static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
 static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
@@ -1769,6 +1783,11 @@ static void exclNone(WsFile *p) {
 static int wsClose(sqlite3_file *pFile) {
   WsFile *p = (WsFile *)pFile;
   int rc;
+  if (p->pNextEng || p->pPrevEng || gEngFiles == p) {
+    pthread_mutex_lock(&gMutex);
+    engFileGone(p);
+    pthread_mutex_unlock(&gMutex);
+  }
   if (p->eType == WSF_WAL) {
     waitConsumed(p->pDb, p->pReal); /* SQLite may delete the WAL next */
     if (p->bAppWal) {
@@ -1962,6 +1981,23 @@ static int wsShmMap(sqlite3_file *f, int i, int sz, int bExtend, void volatile *
 ** exclusive lock on read locks 1..4 together is taken only to restart the
 ** WAL (walRestartLog, TRUNCATE checkpoints); refuse it with SQLITE_BUSY
 ** while a raw snapshot reads the WAL -- SQLite then simply appends. */
+/* Take or release wal-index locks, noting which are held: a child forked while
+** the engine held some lets go of them (forkChild). */
+static int shmLockNoted(WsFile *p, int ofst, int n, int flags) {
+  int rc = p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
+  uint32_t bits = ((1u << n) - 1) << ofst;
+  if (rc != SQLITE_OK) return rc;
+  if (flags & SQLITE_SHM_UNLOCK) {
+    p->shmShared &= ~bits;
+    p->shmExcl &= ~bits;
+  } else if (flags & SQLITE_SHM_EXCLUSIVE) {
+    p->shmExcl |= bits;
+  } else {
+    p->shmShared |= bits;
+  }
+  return rc;
+}
+
 static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
   WsFile *p = (WsFile *)f;
   if (p->eType == WSF_MAIN && (flags & SQLITE_SHM_EXCLUSIVE)) {
@@ -1976,7 +2012,7 @@ static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
       ** (waitConsumed()), and holding this lock keeps everyone else out. */
       pthread_mutex_lock(&gMutex);
       pinDrop(p->pDb);
-      rc = p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
+      rc = shmLockNoted(p, ofst, n, flags);
       if (rc != SQLITE_OK && __atomic_load_n(&p->pDb->nPending, __ATOMIC_ACQUIRE) > 0) {
         pinFrames(p->pDb);
       }
@@ -1987,7 +2023,7 @@ static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
       restartDone(p);
     }
   }
-  return p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
+  return shmLockNoted(p, ofst, n, flags);
 }
 
 static void wsShmBarrier(sqlite3_file *f) {
@@ -2026,6 +2062,34 @@ static const sqlite3_io_methods ws_io_methods = {
     wsClose, wsRead, wsWrite, wsTruncate, wsSync, wsFileSize, wsLock, wsUnlock,
     wsCheckReservedLock, wsFileControl, wsSectorSize, wsDeviceCharacteristics,
     wsShmMap, wsShmLock, wsShmBarrier, wsShmUnmap, wsFetch, wsUnfetch,
+};
+
+/* A file of the engine's that a forked child let go of (forkLetGo): its lower
+** file is closed, so every method fails or does nothing. */
+static int fkClose(sqlite3_file *f) { (void)f; return SQLITE_OK; }
+static int fkRead(sqlite3_file *f, void *z, int n, sqlite3_int64 o) { (void)f; (void)z; (void)n; (void)o; return SQLITE_IOERR_READ; }
+static int fkWrite(sqlite3_file *f, const void *z, int n, sqlite3_int64 o) { (void)f; (void)z; (void)n; (void)o; return SQLITE_IOERR_WRITE; }
+static int fkTruncate(sqlite3_file *f, sqlite3_int64 n) { (void)f; (void)n; return SQLITE_IOERR_TRUNCATE; }
+static int fkSync(sqlite3_file *f, int flags) { (void)f; (void)flags; return SQLITE_IOERR_FSYNC; }
+static int fkFileSize(sqlite3_file *f, sqlite3_int64 *pn) { (void)f; *pn = 0; return SQLITE_IOERR_FSTAT; }
+static int fkLock(sqlite3_file *f, int e) { (void)f; (void)e; return SQLITE_BUSY; }
+static int fkUnlock(sqlite3_file *f, int e) { (void)f; (void)e; return SQLITE_OK; }
+static int fkReserved(sqlite3_file *f, int *pOut) { (void)f; *pOut = 0; return SQLITE_OK; }
+static int fkFileControl(sqlite3_file *f, int op, void *a) { (void)f; (void)op; (void)a; return SQLITE_NOTFOUND; }
+static int fkSectorSize(sqlite3_file *f) { (void)f; return 4096; }
+static int fkCharacteristics(sqlite3_file *f) { (void)f; return 0; }
+static int fkShmMap(sqlite3_file *f, int i, int sz, int b, void volatile **pp) { (void)f; (void)i; (void)sz; (void)b; *pp = 0; return SQLITE_IOERR_SHMMAP; }
+static int fkShmLock(sqlite3_file *f, int o, int n, int flags) { (void)f; (void)o; (void)n; return (flags & SQLITE_SHM_UNLOCK) ? SQLITE_OK : SQLITE_BUSY; }
+static void fkShmBarrier(sqlite3_file *f) { (void)f; }
+static int fkShmUnmap(sqlite3_file *f, int d) { (void)f; (void)d; return SQLITE_OK; }
+static int fkFetch(sqlite3_file *f, sqlite3_int64 o, int n, void **pp) { (void)f; (void)o; (void)n; *pp = 0; return SQLITE_OK; }
+static int fkUnfetch(sqlite3_file *f, sqlite3_int64 o, void *p) { (void)f; (void)o; (void)p; return SQLITE_OK; }
+
+static const sqlite3_io_methods ws_forked_methods = {
+    3,
+    fkClose, fkRead, fkWrite, fkTruncate, fkSync, fkFileSize, fkLock, fkUnlock,
+    fkReserved, fkFileControl, fkSectorSize, fkCharacteristics,
+    fkShmMap, fkShmLock, fkShmBarrier, fkShmUnmap, fkFetch, fkUnfetch,
 };
 
 /* ----------------------------------------------------------- vfs methods */
@@ -2131,8 +2195,16 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
       pthread_mutex_unlock(&gMutex);
     }
   }
+  if (tEngineOpen && p->eType != WSF_OTHER) {
+    pthread_mutex_lock(&gMutex);
+    p->pNextEng = gEngFiles;
+    if (gEngFiles) gEngFiles->pPrevEng = p;
+    gEngFiles = p;
+    pthread_mutex_unlock(&gMutex);
+  }
   return SQLITE_OK;
 }
+
 
 /* Whether the WAL the application writes for database id is no longer the file
 ** at <db>-wal: another copy of SQLite in this process (stdlib sqlite3 beside
@@ -2771,6 +2843,35 @@ static void forkParent(void) {
   pthread_mutex_unlock(&gSpoolMutex);
   pthread_mutex_unlock(&gMutex);
 }
+/*
+** SQLite's unix VFS counts a process's locks per file in memory, and a child
+** inherits those counts with the parent's open connections: its own
+** connections then take no lock the counts say the process holds already.  The
+** engine's connections (a sync in progress at the fork) would so leave the
+** child's connections without locks, and the parent's last close would
+** checkpoint and delete the WAL under them.  The child lets go of the files of
+** the engine's connections and of the pin: locks released, wal-index unmapped,
+** closed.  Their connections are never used in the child.  (An application's
+** own connection carried across fork() is SQLite's rule to keep.)
+*/
+static void forkLetGo(void) {
+  WsFile *p;
+  int64_t i;
+  for (p = gEngFiles; p; p = p->pNextEng) {
+    sqlite3_file *r = p->pReal;
+    int k;
+    for (k = 0; k < 32; k++) {
+      if (p->shmExcl & (1u << k)) r->pMethods->xShmLock(r, k, 1, SQLITE_SHM_UNLOCK | SQLITE_SHM_EXCLUSIVE);
+      if (p->shmShared & (1u << k)) r->pMethods->xShmLock(r, k, 1, SQLITE_SHM_UNLOCK | SQLITE_SHM_SHARED);
+    }
+    if (p->eType == WSF_MAIN && r->pMethods->iVersion >= 2) r->pMethods->xShmUnmap(r, 0);
+    r->pMethods->xClose(r);
+    p->base.pMethods = &ws_forked_methods;
+  }
+  gEngFiles = 0;
+  for (i = 0; i < gnDb; i++) pinClose(gaDb[i]);
+}
+
 /* A child process starts with no connection of its own (SQLite forbids using
 ** the parent's across fork), no queue and no consumer: forget the parent's
 ** per-process state so its first open is an OPEN, and a role of its own. */
@@ -2778,6 +2879,7 @@ static void forkChild(void) {
   int64_t i;
   pthread_mutexattr_t ma;
   forkLeaveSqlite();
+  forkLetGo();
   pthread_mutex_init(&gMutex, 0);
   pthread_mutex_init(&gSpoolMutex, 0);
   pthread_cond_init(&gCond, 0);
@@ -2798,8 +2900,6 @@ static void forkChild(void) {
     p->c.bKnown = 0;
     p->pShm = 0;
     p->nShm = 0;
-    p->pPin = 0; /* the parent's handle and lock: SQLite objects do not cross fork() */
-    p->zPinName = 0;
     p->iPin = p->iLastPin = 0;
     p->pBatch = 0;
     memset(p->own, 0, sizeof(p->own));

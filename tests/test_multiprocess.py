@@ -353,6 +353,49 @@ def test_a_child_forked_while_other_threads_use_sqlite_can_use_it(tmp_path):
     assert hung == 0
 
 
+def test_a_worker_forked_while_a_sync_of_the_master_s_is_open_keeps_its_commits(
+    file_replica, tmp_path
+):
+    """A pre-fork master that opened the database and closed it before forking, as SQLite
+    asks: a sync of walsync's may still have its own connection open at the fork.  The
+    child inherits SQLite's record of that connection's locks, so its own connections took
+    none; when the master's last connection then closed, it checkpointed and deleted the
+    WAL under the workers, whose every later commit was lost.  The child forgets what it
+    inherited of walsync's connections: its locks are real."""
+    import walsync_vfs
+
+    path = tmp_path / "app.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    sync = capture.SyncPoint(str(path))  # what a sync holds open while it reads the state
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker, on plain SQLite: the inherited locks are SQLite's own
+        try:
+            worker = apsw.Connection(str(path))
+            worker.set_busy_timeout(20_000)
+            worker.execute("INSERT INTO t VALUES (0)")
+            os.write(ready_w, b"x")
+            os.read(go_r, 1)  # the master's last connection is closed
+            for k in range(1, 100):
+                worker.execute("INSERT INTO t VALUES (?)", (k,))
+            worker.close()
+        finally:
+            os._exit(0)
+    assert os.read(ready_r, 1) == b"x"
+    sync.close()  # the master's last connection to the database
+    os.write(go_w, b"x")
+    assert os.waitpid(pid, 0)[1] == 0
+    for fd in (ready_r, ready_w, go_r, go_w):
+        os.close(fd)
+    check = apsw.Connection(str(path))
+    assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 100
+    check.close()
+
+
 def test_exclusive_locking_is_refused_and_replication_goes_on(replica_url, tmp_path):
     import walsync_vfs
 
