@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -143,6 +144,110 @@ def test_a_worker_serving_metrics_reports_databases_another_worker_leads(
     assert state["lag_seconds"] == 0 and state["errors"] == 0 and state["fenced"] == ""
     assert f'walsync_replicated_txid{{database="a.db",path="{path}"}} 4.0' in body
     con.close()
+
+
+METRICS_APP = """
+import sys, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], metrics_port=int(sys.argv[3]))
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.execute("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1)")
+walsync_vfs.flush(timeout=30)
+print("leader" if walsync_vfs.stats()[0]["leader"] else "follower", flush=True)
+sys.stdin.readline()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scraped_txid(port: int, path: Path) -> float | None:
+    """walsync_last_txid of ``path`` on the endpoint (None: not reported, or not served)."""
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except OSError:
+        return None
+    series = f'walsync_last_txid{{database="{path.name}",path="{path}"}} '
+    lines = [line for line in body.decode().splitlines() if line.startswith(series)]
+    return float(lines[0].removeprefix(series)) if lines else None
+
+
+def scraped_within(port: int, path: Path, seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    while (txid := scraped_txid(port, path)) is None:
+        assert time.monotonic() < deadline, f"no walsync_last_txid of {path} on port {port}"
+        time.sleep(0.2)
+    return txid
+
+
+def test_the_metrics_port_passes_to_a_process_that_can_serve_it(
+    tmp_path: Path, file_url: str
+) -> None:
+    """The process serving metrics_port goes away (the leader killed): another that has the
+    database open takes the port within a few seconds, instead of having warned once at its
+    start and never tried again."""
+    port, path = free_port(), tmp_path / "a.db"
+    cmd = [sys.executable, "-c", METRICS_APP, str(path), file_url, str(port)]
+    first = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    second = None
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "leader\n"
+        second = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert second.stdout is not None and second.stdout.readline() == "follower\n"
+        assert scraped_within(port, path, 10) == 4  # snapshot, CREATE, 2 INSERTs
+        first.kill()
+        first.wait()
+        assert scraped_within(port, path, 20) == 4
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+PREFORK_CLOSED = """
+import os, sys, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], metrics_port=int(sys.argv[3]))
+con = apsw.Connection(sys.argv[1], vfs="walsync")  # the master's migrations
+con.execute("CREATE TABLE t(x)")
+walsync_vfs.flush(timeout=30)
+con.close()
+if os.fork() == 0:  # a worker, which replicates from now on
+    worker = apsw.Connection(sys.argv[1], vfs="walsync")
+    worker.execute("INSERT INTO t VALUES (1)")
+    walsync_vfs.flush(timeout=30)
+    print("worker", flush=True)
+    sys.stdin.readline()
+    os._exit(0)
+sys.stdin.readline()
+"""
+
+
+def test_a_pre_fork_master_that_closed_its_database_leaves_metrics_to_a_worker(
+    tmp_path: Path, file_url: str
+) -> None:
+    """A master that opened the database (migrations), closed it and forked took the port:
+    it gives it up, having no database to report, and a worker serves it; a worker holds
+    no copy of the master's listening socket, which would hang scrapes once the master
+    exits."""
+    port, path = free_port(), tmp_path / "a.db"
+    master = subprocess.Popen(
+        [sys.executable, "-c", PREFORK_CLOSED, str(path), file_url, str(port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert master.stdout is not None and master.stdout.readline() == "worker\n"
+        assert scraped_within(port, path, 20) == 3  # snapshot, CREATE, INSERT
+        master.kill()  # the worker keeps running: it has the master's stdin
+        master.wait()
+        assert scraped_within(port, path, 20) == 3
+    finally:
+        master.kill()
+        master.wait()
+        with contextlib.suppress(OSError):
+            master.stdin.close()  # type: ignore[union-attr]
 
 
 METRICS_CHILD = """

@@ -155,7 +155,11 @@ def _serve_metrics() -> None:
     """Serve metrics_port once this process has a database open: a pre-fork server's master
     that only configures leaves the port to the first worker that replicates."""
     if _settings.metrics_port is not None and capture.lib.ws_open_count() > 0:
-        metrics.serve(_settings.metrics_port, lambda: _engine)
+        metrics.serve(_settings.metrics_port, lambda: _engine, _has_databases)
+
+
+def _has_databases() -> bool:
+    return capture.lib.ws_open_count() > 0
 
 
 def _forget_engine_in_child() -> None:
