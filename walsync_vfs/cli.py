@@ -158,9 +158,16 @@ def run_list(url: str, as_json: bool) -> int:
 
 
 def refuse_root(url: str, command: str) -> None:
-    """Raise RestoreError if ``url`` is a replica root with databases, not one of them."""
-    target, named = report.open_target(url)
-    if named is None and catalog.databases(target):
+    """Raise RestoreError if ``url`` is a replica root with databases, not one of them.  A
+    URL that names no database is the command's own error; so is a root that cannot be
+    listed."""
+    split_url(url)
+    try:
+        target, named = report.open_target(url)
+        is_root = named is None and bool(catalog.databases(target))
+    except storage.StorageError:
+        return
+    if is_root:
         raise RestoreError(
             f"{url} is a replica root; {command} one of its databases, "
             f"{url.rstrip('/')}/<name> (list names them)"
