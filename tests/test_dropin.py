@@ -717,6 +717,42 @@ def test_commits_held_during_a_sync_keep_their_restore_points_in_the_spool(gated
     con.close()
 
 
+def test_commits_held_during_a_sync_come_back_a_share_of_the_memory_cap_at_a_time(
+    gated, tmp_path, monkeypatch
+):
+    """Held commits read back from the spool all at once would take all their bytes in
+    memory (a fast writer held behind a slow first sync: hundreds of MiB).  They are
+    appended a quarter of the memory cap at a time, waiting for the uploader to spill or
+    ship past the cap; every one keeps its restore point."""
+    con = reopen_behind_a_shut_gate(tmp_path / "many.db", gated)
+    for _ in range(200):  # 200 x 3000 bytes: about 9 times the 64 KiB memory cap
+        con.execute("INSERT INTO t(v) VALUES(randomblob(3000))")
+    capture.dispatcher().barrier(10)
+    engine = walsync_vfs._engine_instance()
+    (db,) = [d for d in engine._dbs.values() if d.name == "many.db"]
+    peak = 0
+    append = engine._append
+
+    def noted(db_: object, rec: object) -> None:
+        nonlocal peak
+        append(db_, rec)
+        peak = max(peak, db.upload.memory)
+
+    monkeypatch.setattr(engine, "_append", noted)
+    gated.gate.set()
+    walsync_vfs.flush(timeout=120)
+    cap = walsync_vfs._settings.memory_cap
+    assert 0 < peak <= cap + cap // 4 + 2 * 4096  # a quarter more, and a commit's pages
+    assert state_of("many.db")["lost_restore_points"] == 0
+    url = walsync_vfs._settings.defaults.replica
+    (gen,) = catalog.generations(storage.open_replica(url), "many.db")
+    for back in (0, 1, 150):
+        out = restore(f"{url}/many.db", tmp_path / f"r{back}.db", gen.last_txid - back)
+        assert dump(out) == [("t", dump(con)[0][1][: 200 - back])]
+        out.close()
+    con.close()
+
+
 def test_held_commits_past_the_spool_cap_are_counted_as_lost_restore_points(gated, tmp_path):
     walsync_vfs.configure(spool_cap=40_000)  # room for a few held commits, not for 40
     con = reopen_behind_a_shut_gate(tmp_path / "lost.db", gated)

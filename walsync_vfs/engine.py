@@ -61,6 +61,7 @@ BEHIND_A_SYNC_WAIT = 0.25  # s an opener waits for a sync that is past its sync 
 BARRIER_FLOOR = 0.5  # s a flush waits for the capture thread to hand over what it holds
 FLUSH_LOOK = 0.25  # s between a waiting flush's looks at what it waits for
 LEADER_STATS_WAIT = 0.5  # s stats() waits for the leaders of databases it follows
+HELD_WAIT = 0.05  # s between looks at the memory held commits are appended into
 _COMMIT = int(Kind.COMMIT)  # a ws_rec's kind, compared on the capture path without the enum
 
 
@@ -171,6 +172,7 @@ class Engine:
         up.pending_bytes = grown
         if due:
             self.uploads.schedule(db, now)
+        self._check_cap(db)
 
     def _on_record(self, rec: Record) -> None:
         """Handle one record (lock held)."""
@@ -334,6 +336,15 @@ class Engine:
         up.pending_bytes = grown  # before scheduling: a segment's worth is due at once
         if due:
             self.uploads.schedule(db, now)
+        self._check_cap(db)
+
+    def _check_cap(self, db: Database) -> None:
+        """A database past the memory cap on its own has the uploader spill at once (lock
+        held): asleep while a slow store keeps every ship slot, it would look only when a
+        ship ends, and a fast writer's commits would pile up in memory meanwhile."""
+        if db.upload.memory > self.settings.memory_cap and not db.upload.spilling:
+            self._next_spill_check = 0.0
+            self._wake.notify()
 
     def give_up(self, db: Database) -> None:
         """A closed database whose store keeps failing: stop retrying (lock held).
@@ -441,13 +452,13 @@ class Engine:
                 return
             with self._lock:
                 state.retries = 0
+                if not state.broken:
+                    self._append_held(db)
                 if state.broken:  # commits dropped while this round ran: go round afresh
                     state.broken = False
                     db.lineage.checksum = None
                     state.drop_held(self._spool)
                     state.resync = True
-                for rec in state.take_held(self._spool):
-                    self._append(db, rec)
                 if state.resync or state.pinned_seq < state.open_seq:
                     state.resync = False
                     continue
@@ -632,6 +643,20 @@ class Engine:
                 else:
                     self._append(db, rec)
             return db.lineage.head(stored)
+
+    def _append_held(self, db: Database) -> None:
+        """Append the commits held during the sync (lock held), a quarter of the memory cap
+        at a time: held past the cap they wait in the spool, and read back all at once they
+        would take all that memory.  Past the cap the lock is let go until the uploader has
+        spilled or shipped some; commits arriving meanwhile are held behind them."""
+        state, cap = db.sync, self.settings.memory_cap
+        while state.held and not state.broken and not self._stopped:
+            for rec in state.take_held(self._spool, budget=cap // 4):
+                self._append(db, rec)
+            up = db.upload
+            while (up.memory > cap or up.spilling) and not state.broken and not self._stopped:
+                self._check_cap(db)
+                self._cond.wait(HELD_WAIT)
 
     def _never_held(self, db: Database) -> None:
         """A database closed before it ever held one to replicate (a ``VACUUM INTO``

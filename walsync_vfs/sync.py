@@ -78,12 +78,23 @@ class SyncState:
         self.owed += 1
         self.owed_since_ns = self.owed_since_ns or rec.time_ns
 
-    def take_held(self, spool: Spool, upto: float = float("inf")) -> list[Record]:
-        """Take the held commits up to seq ``upto``, keeping the later ones."""
-        taken = [item for item in self.held if item.seq <= upto]
-        self.held = [item for item in self.held if item.seq > upto]
+    def take_held(
+        self, spool: Spool, upto: float = float("inf"), budget: float = float("inf")
+    ) -> list[Record]:
+        """Take the held commits up to seq ``upto``, keeping the later ones: the first of
+        them, and the ones after it while their pages come to less than ``budget`` bytes
+        (the spooled ones are read back)."""
+        taken: list[Record] = []
+        size = n = 0
+        while n < len(self.held) and self.held[n].seq <= upto and (not taken or size < budget):
+            item = self.held[n]
+            rec = item if isinstance(item, Record) else item.load(spool)
+            taken.append(rec)
+            size += rec.memory
+            n += 1
+        del self.held[:n]
         self.held_bytes = sum(r.memory for r in self.held if isinstance(r, Record))
-        return [item if isinstance(item, Record) else item.load(spool) for item in taken]
+        return taken
 
 
 @dataclass(slots=True)
