@@ -92,6 +92,7 @@ struct ws_run {
   ws_block *blocks, *last_block;
 };
 void ws_run_free(ws_run *run);
+void ws_block_free(ws_block *b);
 #define WS_IN_N ...
 #define WS_OUT_N ...
 void ws_extend_all(uint32_t n, ws_rec **first, ws_run **open, uint64_t **hashes,

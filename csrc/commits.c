@@ -158,11 +158,55 @@ static void ws_apply(const ws_rec *r, ws_lineage *l, unsigned char *entry, unsig
   ws_put32(entry + 40, r->frame_end);
 }
 
+/* Blocks this big are mappings of their own, unmapped when freed: from the C library's heap,
+   freed on an upload thread, they would stay in its arenas (glibc keeps freed chunks, and
+   after the first freed mapping serves blocks up to 32 MiB from the heap).  A few blocks of
+   the largest size are kept for the next runs, so a steady writer does not fault in fresh
+   pages for every block. */
+#define WS_MAPPED_BLOCK (256 << 10)
+#define WS_MAX_BLOCK (4 << 20)
+#define WS_KEPT_BLOCKS 4
+
+static ws_block *ws_kept[WS_KEPT_BLOCKS];
+static int ws_nkept = 0;
+/* Taken without waiting: when busy the block is mapped or unmapped instead (and a child forked
+   while it was taken never uses the kept blocks). */
+static int ws_kept_busy = 0;
+
+static int ws_kept_take(void) { return !__atomic_exchange_n(&ws_kept_busy, 1, __ATOMIC_ACQUIRE); }
+static void ws_kept_give(void) { __atomic_store_n(&ws_kept_busy, 0, __ATOMIC_RELEASE); }
+
+static ws_block *ws_block_new(uint64_t cap) {
+  ws_block *b = 0;
+  if (cap < WS_MAPPED_BLOCK) return malloc(sizeof(ws_block) + cap);
+  if (cap == WS_MAX_BLOCK && ws_kept_take()) {
+    if (ws_nkept > 0) b = ws_kept[--ws_nkept];
+    ws_kept_give();
+    if (b) return b;
+  }
+  void *p = mmap(0, sizeof(ws_block) + cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? 0 : p;
+}
+
+void ws_block_free(ws_block *b) {
+  if (b->capacity < WS_MAPPED_BLOCK) {
+    free(b);
+    return;
+  }
+  if (b->capacity == WS_MAX_BLOCK && ws_kept_take()) {
+    int kept = ws_nkept < WS_KEPT_BLOCKS;
+    if (kept) ws_kept[ws_nkept++] = b;
+    ws_kept_give();
+    if (kept) return;
+  }
+  munmap(b, sizeof(ws_block) + b->capacity);
+}
+
 void ws_run_free(ws_run *run) {
   if (!run) return;
   for (ws_block *b = run->blocks, *next; b; b = next) {
     next = b->next;
-    free(b);
+    ws_block_free(b);
   }
   free(run->entries);
   free(run);
@@ -183,9 +227,9 @@ static unsigned char *ws_room(ws_run *run, uint64_t n, uint64_t len) {
   ws_block *b = run->last_block;
   if (!b || b->capacity - b->used < len) {
     uint64_t cap = b ? 2 * b->capacity : 16384;
-    if (cap > (4 << 20)) cap = 4 << 20; /* each block is freed by a call that hands the GIL over */
+    if (cap > WS_MAX_BLOCK) cap = WS_MAX_BLOCK; /* each block is freed by a call that hands the GIL over */
     if (cap < len) cap = len;
-    b = malloc(sizeof(ws_block) + cap);
+    b = ws_block_new(cap);
     if (!b) return 0;
     b->next = 0;
     b->capacity = cap;

@@ -429,7 +429,7 @@ class OpenRun:
         records = []
         while block:  # a NULL pointer is false
             following, used = block.next, block.used
-            owned = ffi.buffer(ffi.gc(block, lib.free), head + used)  # type: ignore[arg-type]
+            owned = ffi.buffer(ffi.gc(block, lib.ws_block_free), head + used)  # type: ignore[arg-type]
             records.append(memoryview(owned)[head:])
             block = following
         return format.PackedRun(self.page_size, memoryview(index), records)  # type: ignore[arg-type]
