@@ -2328,40 +2328,32 @@ static int appHas(int64_t id, int bWritable) {
 
 int ws_app_open(int64_t id) { return appHas(id, 0); }
 
-/* How long an application connection has kept database id locked as only
-** locking_mode=EXCLUSIVE keeps it, in ns; 0 if none does. */
-int64_t ws_app_exclusive_ns(int64_t id) {
+/* How long, in ns, application connections have held database id locked in a
+** way that keeps the engine out (0: none does): as only locking_mode=EXCLUSIVE
+** keeps it, or (bAnyLock) with any lock while none has its WAL open, so that a
+** switch to WAL cannot get in. */
+static int64_t appHeldNs(int64_t id, int bAnyLock) {
   int64_t ns = 0;
-  WsDb *pDb;
+  int kind = -1;
+  WsDb *p;
   pthread_mutex_lock(&gMutex);
   if (id >= 1 && id <= gnDb) {
-    pDb = gaDb[id - 1];
-    if (pDb->nExcl[WS_EXCL_KEPT] > 0) {
-      ns = monotonicNs() - pDb->exclSinceNs[WS_EXCL_KEPT];
-    } else if (pDb->nExcl[WS_EXCL_ANY] > 0 && pDb->nAppWal > 0) {
-      ns = monotonicNs() - pDb->exclSinceNs[WS_EXCL_ANY];
+    p = gaDb[id - 1];
+    if (bAnyLock) {
+      if (p->nExcl[WS_EXCL_HELD] > 0 && p->nAppWal == 0) kind = WS_EXCL_HELD;
+    } else if (p->nExcl[WS_EXCL_KEPT] > 0) {
+      kind = WS_EXCL_KEPT;
+    } else if (p->nExcl[WS_EXCL_ANY] > 0 && p->nAppWal > 0) {
+      kind = WS_EXCL_ANY;
     }
+    if (kind >= 0) ns = monotonicNs() - p->exclSinceNs[kind];
   }
   pthread_mutex_unlock(&gMutex);
   return ns;
 }
 
-/* How long, in ns, application connections have kept a lock on database id
-** while none has its WAL open, so that a switch to WAL cannot get in; 0 if
-** none holds one. */
-int64_t ws_app_locked_ns(int64_t id) {
-  int64_t ns = 0;
-  WsDb *pDb;
-  pthread_mutex_lock(&gMutex);
-  if (id >= 1 && id <= gnDb) {
-    pDb = gaDb[id - 1];
-    if (pDb->nExcl[WS_EXCL_HELD] > 0 && pDb->nAppWal == 0) {
-      ns = monotonicNs() - pDb->exclSinceNs[WS_EXCL_HELD];
-    }
-  }
-  pthread_mutex_unlock(&gMutex);
-  return ns;
-}
+int64_t ws_app_exclusive_ns(int64_t id) { return appHeldNs(id, 0); }
+int64_t ws_app_locked_ns(int64_t id) { return appHeldNs(id, 1); }
 
 /* A process that only reads a database never leads its replication (leader.py). */
 int ws_app_writable(int64_t id) { return appHas(id, 1); }

@@ -136,6 +136,17 @@ def test_an_attached_database_locked_exclusive_fails_flush_until_released(
     out.close()
 
 
+def read_attached_exclusive(path: Path, tmp_path: Path) -> apsw.Connection:
+    """A connection in locking_mode=EXCLUSIVE, not through walsync, that has attached
+    ``path`` through walsync and read it."""
+    uri = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    main = apsw.Connection(str(tmp_path / "plain.db"), flags=uri)
+    main.execute("PRAGMA locking_mode=EXCLUSIVE")
+    main.execute(f"ATTACH 'file:{path}?vfs=walsync' AS b")
+    assert main.execute("SELECT x FROM b.t").fetchall() == [(1,)]
+    return main
+
+
 def test_a_replicated_database_attached_exclusive_and_only_read_fails_flush(replica, tmp_path):
     """In WAL mode an EXCLUSIVE attach locks the file at its first read, commit or not."""
     path = tmp_path / "read.db"
@@ -143,11 +154,7 @@ def test_a_replicated_database_attached_exclusive_and_only_read_fails_flush(repl
     con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
     walsync_vfs.flush(timeout=30)
     con.close()
-    uri = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
-    main = apsw.Connection(str(tmp_path / "plain.db"), flags=uri)
-    main.execute("PRAGMA locking_mode=EXCLUSIVE")
-    main.execute(f"ATTACH 'file:{path}?vfs=walsync' AS b")
-    assert main.execute("SELECT x FROM b.t").fetchall() == [(1,)]
+    main = read_attached_exclusive(path, tmp_path)
     assert_flush_fails(path, LOCKED_EXCLUSIVE)
     main.close()
     walsync_vfs.flush(timeout=30)
@@ -161,11 +168,7 @@ def test_a_rollback_database_attached_exclusive_and_only_read_fails_flush(replic
     plain = apsw.Connection(str(path))
     plain.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
     plain.close()
-    uri = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
-    main = apsw.Connection(str(tmp_path / "plain.db"), flags=uri)
-    main.execute("PRAGMA locking_mode=EXCLUSIVE")
-    main.execute(f"ATTACH 'file:{path}?vfs=walsync' AS b")
-    assert main.execute("SELECT x FROM b.t").fetchall() == [(1,)]
+    main = read_attached_exclusive(path, tmp_path)
     started = time.monotonic()
     assert_flush_fails(
         path,

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from loopback import LoopbackProxy
+from replicas import replicate
 
 import walsync_vfs
 from walsync_vfs import catalog, format, storage
@@ -486,14 +487,7 @@ def test_a_second_restore_to_the_same_output_is_refused_while_the_first_runs(tmp
     temporary file: the second is refused, leaving the first's work alone.  A temporary file
     no restore holds (one was killed) is taken over."""
     replica = (tmp_path / "replica").as_uri()
-    walsync_vfs.configure(replica=replica)
-    try:
-        con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
-        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
-        walsync_vfs.flush(timeout=60)
-        con.close()
-    finally:
-        walsync_vfs.configure(replica="")
+    replicate(replica, tmp_path / "a.db", "CREATE TABLE t(x); INSERT INTO t VALUES(1)")
     out = tmp_path / "out.db"
     part = Path(f"{out}.walsync-tmp")
     first = os.open(part, os.O_RDWR | os.O_CREAT)  # a restore under way

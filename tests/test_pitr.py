@@ -21,6 +21,7 @@ from pathlib import Path
 
 import apsw
 import pytest
+from replicas import replicate
 
 import walsync_vfs
 from walsync_vfs import catalog, compactor, format, storage
@@ -524,14 +525,7 @@ def test_a_root_one_directory_below_slash_is_listed_as_a_root():
 def test_a_generation_with_only_a_part_of_a_commit_is_refused_in_one_line(file_url, tmp_path):
     """A later generation whose snapshot never landed and whose only object is one part of a
     cut-short commit: no time can be read from it, and it holds no whole commit."""
-    walsync_vfs.configure(replica=file_url)
-    try:
-        con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
-        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
-        walsync_vfs.flush(timeout=30)
-        con.close()
-    finally:
-        walsync_vfs.configure(replica="")
+    replicate(file_url, tmp_path / "a.db", "CREATE TABLE t(x); INSERT INTO t VALUES(1)")
     seg = tmp_path / "replica" / "a.db" / "00000000000000aa-deadbeef" / "seg"
     seg.mkdir(parents=True)
     (seg / "00000000000000aa-00000000000000aa.p00000000of00000002.e00000001.wseg").write_bytes(b"x")

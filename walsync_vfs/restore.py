@@ -906,14 +906,18 @@ def _keep(path: str) -> int | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    _lock_or_refuse(fd, f"{path} is kept up to date by another follower; stop it first")
+    return fd
+
+
+def _lock_or_refuse(fd: int, refusal: str) -> None:
+    """Take the ``flock`` of ``fd``, or close it and raise RestoreError(refusal) if another
+    process holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RestoreError(
-            f"{path} is kept up to date by another follower; stop it first"
-        ) from None
-    return fd
+        raise RestoreError(refusal) from None
 
 
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid.
@@ -985,14 +989,11 @@ def _staged(out: str) -> Iterator[_Stage]:
     tmp = f"{out}.walsync-tmp"
     for _ in range(STAGE_ATTEMPTS):
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RestoreError(
-                f"{out} is being restored by another process ({tmp} is in use); wait for it "
-                "to finish, or restore to another path"
-            ) from None
+        _lock_or_refuse(
+            fd,
+            f"{out} is being restored by another process ({tmp} is in use); wait for it to "
+            "finish, or restore to another path",
+        )
         if _same_file(fd, tmp):
             break
         os.close(fd)  # the one it opened was installed or removed meanwhile: open anew
