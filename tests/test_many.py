@@ -250,6 +250,33 @@ def test_a_pre_fork_master_that_closed_its_database_leaves_metrics_to_a_worker(
             master.stdin.close()  # type: ignore[union-attr]
 
 
+PER_REQUEST = """
+import sys, urllib.request, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2], metrics_port=int(sys.argv[3]))
+url = f"http://127.0.0.1:{sys.argv[3]}/metrics"
+for i in range(3):  # each request opens the database, writes, and closes it
+    con = apsw.Connection(sys.argv[1], vfs="walsync")
+    con.execute("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    print(urllib.request.urlopen(url, timeout=10).status, flush=True)
+"""
+
+
+def test_a_process_that_opens_a_database_per_request_keeps_serving_metrics(
+    tmp_path: Path, file_url: str
+) -> None:
+    """A lone process with no database open between requests is asked for the port by no
+    one, so it keeps serving it: scrapes between requests are answered, not refused."""
+    port = free_port()
+    out = subprocess.run(
+        [sys.executable, "-c", PER_REQUEST, str(tmp_path / "a.db"), file_url, str(port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "200\n200\n200\n"
+
+
 METRICS_CHILD = """
 import logging, sys, apsw, walsync_vfs
 logging.basicConfig(level=logging.WARNING, format="%(message)s")

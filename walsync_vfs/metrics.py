@@ -7,11 +7,14 @@ the moment: a forked child's, not the one its parent had when it registered the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,19 +32,30 @@ _GAUGES = {
     "lost_restore_points": "Commits whose restore points were given up past the spool cap",
 }
 RETRY_EVERY = 2.0  # s between a process's attempts at a port another process serves
-_servers: dict[int, Any] = {}  # port -> the server this process runs on it
+_served: dict[int, _Served] = {}  # port -> what this process runs for it
 _retrying: set[int] = set()  # ports another process serves, tried again now and then
 _registered = False
 _lock = threading.Lock()
 log = logging.getLogger("walsync_vfs")
 
 
+@dataclass
+class _Served:
+    """A port this process serves: the HTTP server, and the socket on which a process that
+    wants the port asks for it (an abstract unix name per port, so nothing is left on
+    disk)."""
+
+    server: Any
+    asks: socket.socket
+
+
+def _ask_address(port: int) -> str:
+    return f"\0walsync-metrics-{port}"
+
+
 class _Collector:
-    def __init__(
-        self, current: Callable[[], Engine | None], has_databases: Callable[[], bool]
-    ) -> None:
+    def __init__(self, current: Callable[[], Engine | None]) -> None:
         self.current = current
-        self.has_databases = has_databases
 
     def describe(self) -> list:
         return []  # registering must not collect: the series come and go with databases
@@ -49,8 +63,6 @@ class _Collector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        if not self.has_databases():  # nothing to report: leave the port to one that has
-            threading.Thread(target=_give_up_ports, name="walsync-metrics", daemon=True).start()
         engine = self.current()
         stats = engine.stats() if engine is not None else []
         for key, text in _GAUGES.items():
@@ -68,11 +80,12 @@ def serve(
     port: int, current: Callable[[], Engine | None], has_databases: Callable[[], bool]
 ) -> None:
     """Serve the endpoint on ``port`` (idempotent), reporting ``current()``'s databases.  A
-    port another process serves (another of a server's workers) is only a warning, and is
-    tried again every RETRY_EVERY seconds while ``has_databases()``: that process may exit,
-    or give the port up having no database to report."""
+    port another process serves (another of a server's workers) is only a warning: every
+    RETRY_EVERY seconds while ``has_databases()``, this process asks the one serving it to
+    let go if it has no database open (a pre-fork master that closed its own), and tries
+    the port again (the other one may also have exited)."""
     with _lock:
-        if port in _servers or port in _retrying:
+        if port in _served or port in _retrying:
             return
         error = _start(port, current, has_databases)
         if error is None:
@@ -99,49 +112,72 @@ def _start(
         server, _ = start_http_server(port, addr="127.0.0.1")
     except OSError as exc:
         return exc
-    _servers[port] = server
+    asks = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with contextlib.suppress(OSError):  # held by a process on its way out: asked in vain
+        asks.bind(_ask_address(port))
+    _served[port] = _Served(server, asks)
+    threading.Thread(
+        target=_answer, args=(port, asks, has_databases), name="walsync-metrics", daemon=True
+    ).start()
     if not _registered:
-        REGISTRY.register(_Collector(current, has_databases))
+        REGISTRY.register(_Collector(current))
         _registered = True
     return None
+
+
+def _answer(port: int, asks: socket.socket, has_databases: Callable[[], bool]) -> None:
+    """Let go of ``port`` when another process asks for it and this one has no database
+    open: it has nothing to report."""
+    while True:
+        try:
+            asks.recv(16)
+        except OSError:
+            return  # closed: the port was let go of
+        if not has_databases():
+            _let_go(port)
+            return
+
+
+def _let_go(port: int) -> None:
+    with _lock:
+        served = _served.get(port)
+    if served is None:
+        return
+    served.server.shutdown()  # waits for a scrape under way
+    served.server.server_close()
+    served.asks.close()
+    with _lock:  # listed until closed: a child forked meanwhile closes its copies
+        _served.pop(port, None)
+    log.info("walsync: metrics port %d left to another process (no database open here)", port)
 
 
 def _retry(
     port: int, current: Callable[[], Engine | None], has_databases: Callable[[], bool]
 ) -> None:
-    while True:
-        time.sleep(RETRY_EVERY)
-        with _lock:
-            if port not in _retrying:
-                return  # forked: the child's own first open starts anew
-            if not has_databases() or _start(port, current, has_databases) is None:
-                _retrying.discard(port)  # the next first open tries again
-                served = port in _servers
-                break
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ask:
+        while True:
+            with contextlib.suppress(OSError):  # nobody to ask: it is exiting, or not ours
+                ask.sendto(b"let go", _ask_address(port))
+            time.sleep(RETRY_EVERY)
+            with _lock:
+                if port not in _retrying:
+                    return  # forked: the child's own first open starts anew
+                if not has_databases() or _start(port, current, has_databases) is None:
+                    _retrying.discard(port)  # the next first open tries again
+                    served = port in _served
+                    break
     if served:
         log.info("walsync: metrics served by this process now: port %d", port)
 
 
-def _give_up_ports() -> None:
-    """Stop serving: this process has no database to report (shutdown waits for the serving
-    thread to finish the scrape that found that out).  A server stays listed until its
-    socket is closed, for a child forked meanwhile to close its copy."""
-    with _lock:
-        servers = list(_servers.items())
-    for port, server in servers:
-        server.shutdown()
-        server.server_close()
-        with _lock:
-            _servers.pop(port, None)
-
-
 def _forget_served_in_child() -> None:
     """A forked child has none of its parent's server threads: it closes its copies of their
-    listening sockets (left open, a scrape would wait on them for no one once the parent is
-    gone) and may serve the port itself."""
-    for server in _servers.values():
-        server.socket.close()
-    _servers.clear()
+    sockets (a listening one left open would have scrapes wait on it for no one once the
+    parent is gone) and may serve the port itself."""
+    for served in _served.values():
+        served.server.socket.close()
+        served.asks.close()
+    _served.clear()
     _retrying.clear()
 
 
