@@ -93,6 +93,7 @@ struct ws_run {
 };
 void ws_run_free(ws_run *run);
 void ws_block_free(ws_block *b);
+void ws_blocks_release(void);
 #define WS_IN_N ...
 #define WS_OUT_N ...
 void ws_extend_all(uint32_t n, ws_rec **first, ws_run **open, uint64_t **hashes,

@@ -160,15 +160,19 @@ static void ws_apply(const ws_rec *r, ws_lineage *l, unsigned char *entry, unsig
 
 /* Blocks this big are mappings of their own, unmapped when freed: from the C library's heap,
    freed on an upload thread, they would stay in its arenas (glibc keeps freed chunks, and
-   after the first freed mapping serves blocks up to 32 MiB from the heap).  A few blocks of
-   the largest size are kept for the next runs, so a steady writer does not fault in fresh
-   pages for every block. */
+   after the first freed mapping serves blocks up to 32 MiB from the heap).  Freed blocks of
+   the sizes a run grows through are kept, up to WS_KEPT_BYTES in all, for the next runs: a
+   steady writer's runs then reuse memory instead of faulting in (and zeroing) every page
+   of every run afresh.  A run's records are grouped so that its blocks have those sizes. */
 #define WS_MAPPED_BLOCK (256 << 10)
 #define WS_MAX_BLOCK (4 << 20)
-#define WS_KEPT_BLOCKS 4
+#define WS_SIZES 5 /* 256 KiB, 512 KiB, ... WS_MAX_BLOCK */
+#define WS_KEPT_PER_SIZE 8
+#define WS_KEPT_BYTES (24 << 20)
 
-static ws_block *ws_kept[WS_KEPT_BLOCKS];
-static int ws_nkept = 0;
+static ws_block *ws_kept[WS_SIZES][WS_KEPT_PER_SIZE];
+static int ws_nkept[WS_SIZES];
+static uint64_t ws_kept_bytes = 0;
 /* Taken without waiting: when busy the block is mapped or unmapped instead (and a child forked
    while it was taken never uses the kept blocks). */
 static int ws_kept_busy = 0;
@@ -176,11 +180,23 @@ static int ws_kept_busy = 0;
 static int ws_kept_take(void) { return !__atomic_exchange_n(&ws_kept_busy, 1, __ATOMIC_ACQUIRE); }
 static void ws_kept_give(void) { __atomic_store_n(&ws_kept_busy, 0, __ATOMIC_RELEASE); }
 
+/* The kept list for blocks of `cap` bytes (-1: blocks of that size are not kept). */
+static int ws_size_class(uint64_t cap) {
+  for (int i = 0; i < WS_SIZES; i++) {
+    if (cap == ((uint64_t)WS_MAPPED_BLOCK << i)) return i;
+  }
+  return -1;
+}
+
 static ws_block *ws_block_new(uint64_t cap) {
   ws_block *b = 0;
+  int i = ws_size_class(cap);
   if (cap < WS_MAPPED_BLOCK) return malloc(sizeof(ws_block) + cap);
-  if (cap == WS_MAX_BLOCK && ws_kept_take()) {
-    if (ws_nkept > 0) b = ws_kept[--ws_nkept];
+  if (i >= 0 && ws_kept_take()) {
+    if (ws_nkept[i] > 0) {
+      b = ws_kept[i][--ws_nkept[i]];
+      ws_kept_bytes -= cap;
+    }
     ws_kept_give();
     if (b) return b;
   }
@@ -189,17 +205,35 @@ static ws_block *ws_block_new(uint64_t cap) {
 }
 
 void ws_block_free(ws_block *b) {
+  int i = ws_size_class(b->capacity);
   if (b->capacity < WS_MAPPED_BLOCK) {
     free(b);
     return;
   }
-  if (b->capacity == WS_MAX_BLOCK && ws_kept_take()) {
-    int kept = ws_nkept < WS_KEPT_BLOCKS;
-    if (kept) ws_kept[ws_nkept++] = b;
+  if (i >= 0 && ws_kept_take()) {
+    int kept = ws_nkept[i] < WS_KEPT_PER_SIZE && ws_kept_bytes + b->capacity <= WS_KEPT_BYTES;
+    if (kept) {
+      ws_kept[i][ws_nkept[i]++] = b;
+      ws_kept_bytes += b->capacity;
+    }
     ws_kept_give();
     if (kept) return;
   }
   munmap(b, sizeof(ws_block) + b->capacity);
+}
+
+/* Unmap the kept blocks: the engine calls this once uploads have freed runs (at most once a
+   second), so a stream that stopped gives them back and a steady one makes a few anew. */
+void ws_blocks_release(void) {
+  if (!ws_kept_take()) return;
+  for (int i = 0; i < WS_SIZES; i++) {
+    while (ws_nkept[i] > 0) {
+      ws_block *b = ws_kept[i][--ws_nkept[i]];
+      munmap(b, sizeof(ws_block) + b->capacity);
+    }
+  }
+  ws_kept_bytes = 0;
+  ws_kept_give();
 }
 
 void ws_run_free(ws_run *run) {
@@ -210,6 +244,27 @@ void ws_run_free(ws_run *run) {
   }
   free(run->entries);
   free(run);
+}
+
+/* Bytes of commit r's record: page numbers, then pages (FORMAT.md §4.3). */
+static uint64_t ws_record_bytes(const ws_rec *r) { return (uint64_t)r->npages * (4 + r->page_size); }
+
+/* The size of the block a run that needs `len` more bytes begins: twice its last block (the
+   first 16 KiB), up to WS_MAX_BLOCK, and a kept size for any `len` up to WS_MAX_BLOCK.  Only a
+   commit bigger than that has a block of its own size. */
+static uint64_t ws_next_capacity(const ws_run *run, uint64_t len) {
+  uint64_t cap = run->last_block ? 2 * run->last_block->capacity : 16384;
+  if (cap > WS_MAX_BLOCK) cap = WS_MAX_BLOCK; /* each block is freed by a call that hands the GIL over */
+  while (cap < len && cap < WS_MAX_BLOCK) cap *= 2;
+  return cap < len ? len : cap;
+}
+
+/* Bytes of records `run` can take into one block: what its last block has left, or else what
+   the next block will hold, if `first` (the first record's size) fits there. */
+static uint64_t ws_block_room(const ws_run *run, uint64_t first) {
+  const ws_block *b = run->last_block;
+  if (b && b->capacity - b->used >= first) return b->capacity - b->used;
+  return ws_next_capacity(run, first);
 }
 
 /* Room in `run` for `n` more index entries and `len` more record bytes: where the records
@@ -226,9 +281,7 @@ static unsigned char *ws_room(ws_run *run, uint64_t n, uint64_t len) {
   }
   ws_block *b = run->last_block;
   if (!b || b->capacity - b->used < len) {
-    uint64_t cap = b ? 2 * b->capacity : 16384;
-    if (cap > WS_MAX_BLOCK) cap = WS_MAX_BLOCK; /* each block is freed by a call that hands the GIL over */
-    if (cap < len) cap = len;
+    uint64_t cap = ws_next_capacity(run, len);
     b = ws_block_new(cap);
     if (!b) return 0;
     b->next = 0;
@@ -275,11 +328,14 @@ static void ws_extend(ws_extension *x) {
     to->page_size = r->page_size;
     /* The commits from r on that `to` takes, sized first: their records go in one block. */
     uint64_t n = 0, pages = 0, len = 0;
+    uint64_t room = ws_block_room(to, ws_record_bytes(r));
     uint32_t size = l->db_size;
-    for (ws_rec *q = r; q && ws_takes(q, l, size) && ws_fits(to, n, pages, q, l); q = q->next) {
+    for (ws_rec *q = r; q && ws_takes(q, l, size) && ws_fits(to, n, pages, q, l) &&
+                        (!n || len + ws_record_bytes(q) <= room);
+         q = q->next) {
       n++;
       pages += q->npages;
-      len += (uint64_t)q->npages * (4 + q->page_size);
+      len += ws_record_bytes(q);
       size = q->db_size;
     }
     unsigned char *records = ws_room(to, n, len);
@@ -294,7 +350,7 @@ static void ws_extend(ws_extension *x) {
     }
     for (uint64_t i = 0; i < n; i++, r = r->next) {
       ws_apply(r, l, run->entries + (size_t)run->ncommit * WS_ENTRY_SIZE, records);
-      records += (uint64_t)r->npages * (4 + r->page_size);
+      records += ws_record_bytes(r);
       if (!run->ncommit++) {
         run->first_txid = l->next_txid - 1;
         run->first_time_ns = l->time_ns;

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,3 +490,34 @@ def test_lone_commits_of_several_databases_drained_together(tmp_path: Path):
         run = d["run"].seal()
         same_commits([run], one_by_one(d["base"], d["records"], 1, d["seq"]), d["ps"])
     assert sum(len(d["records"]) for d in dbs.values()) == 1 + len(paths) + 40
+
+
+STEADY_STREAM = """
+import resource, sys, apsw, walsync_vfs
+walsync_vfs.configure(replica=sys.argv[2])
+con = apsw.Connection(sys.argv[1], vfs="walsync")
+con.execute("PRAGMA synchronous=NORMAL")
+con.execute("CREATE TABLE t(x)")
+def commits(n):
+    for i in range(n):
+        con.execute("INSERT INTO t VALUES (?)", (i,))
+    walsync_vfs.flush(timeout=60)
+commits(20000)  # the blocks a steady stream needs are made once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+commits(40000)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40000)
+"""
+
+
+def test_a_steady_stream_of_commits_reuses_the_memory_of_its_runs(
+    tmp_path: Path, file_url: str
+) -> None:
+    """Each 1-row commit puts a 4 KiB page in a run: runs freed after upload give their
+    blocks to the next runs, instead of every page of every run being faulted in (and zeroed
+    by the kernel) anew, a page fault per commit on the capture thread."""
+    out = subprocess.run(
+        [sys.executable, "-c", STEADY_STREAM, str(tmp_path / "a.db"), file_url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 0.5

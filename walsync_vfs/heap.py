@@ -20,7 +20,9 @@ MAPPED_BLOCK = 1 << 20
 
 
 def release() -> None:
-    """Return free heap memory to the OS, where the C library can."""
+    """Return free memory to the OS: the blocks kept for the next runs of commits, and free
+    heap memory where the C library can."""
+    _shim.lib.ws_blocks_release()
     _shim.lib.ws_release_heap()
 
 
