@@ -90,6 +90,7 @@ struct ws_run {
   unsigned char *entries;
   uint64_t entries_cap;
   ws_block *blocks, *last_block;
+  uint64_t first_block;
 };
 void ws_run_free(ws_run *run);
 void ws_block_free(ws_block *b);

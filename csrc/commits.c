@@ -65,6 +65,7 @@ struct ws_run {
   unsigned char *entries;  /* ncommit index entries of WS_ENTRY_SIZE, of entries_cap */
   uint64_t entries_cap;
   ws_block *blocks, *last_block; /* its records, oldest first */
+  uint64_t first_block;    /* the capacity of its first block (0: the smallest) */
 };
 
 /* One database's part of a ws_extend_all() call. */
@@ -253,7 +254,8 @@ static uint64_t ws_record_bytes(const ws_rec *r) { return (uint64_t)r->npages * 
    first 16 KiB), up to WS_MAX_BLOCK, and a kept size for any `len` up to WS_MAX_BLOCK.  Only a
    commit bigger than that has a block of its own size. */
 static uint64_t ws_next_capacity(const ws_run *run, uint64_t len) {
-  uint64_t cap = run->last_block ? 2 * run->last_block->capacity : 16384;
+  uint64_t cap = run->last_block ? 2 * run->last_block->capacity
+                                 : run->first_block ? run->first_block : 16384;
   if (cap > WS_MAX_BLOCK) cap = WS_MAX_BLOCK; /* each block is freed by a call that hands the GIL over */
   while (cap < len && cap < WS_MAX_BLOCK) cap *= 2;
   return cap < len ? len : cap;
@@ -325,6 +327,10 @@ static void ws_extend(ws_extension *x) {
   while (r && ws_takes(r, l, l->db_size)) {
     ws_run *to = run && ws_fits(run, 0, 0, r, l) ? run : calloc(1, sizeof(ws_run));
     if (!to) break;
+    /* A run that follows a full one begins with blocks as big as that one's last: a busy
+       stream's runs are then a few blocks each, and each block costs the uploader a GIL
+       hand-off (compressed, then freed). */
+    if (to != run && run && run->last_block) to->first_block = run->last_block->capacity;
     to->page_size = r->page_size;
     /* The commits from r on that `to` takes, sized first: their records go in one block. */
     uint64_t n = 0, pages = 0, len = 0;

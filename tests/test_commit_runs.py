@@ -279,8 +279,32 @@ def test_later_drains_add_to_the_open_run_until_it_is_full_or_sealed():
     same_commits(runs, one_by_one(base.copy(), records, 10), 1024)
 
 
+def test_the_runs_of_a_busy_stream_are_a_few_blocks_each():
+    """A run that follows a full one begins with blocks as big as that one's last, instead
+    of doubling up from the smallest again: the uploader compresses and frees each block
+    with a GIL hand-off the application's threads may wait for."""
+    rng = random.Random(3)
+    base = random_db(rng, 4096, 8)
+    ck, txid, run = base.copy(), 10, None
+    chains: list[Chain] = []
+    runs: list[capture.OpenRun] = []
+    for _ in range(60):  # drains of 20 commits: 4.7 MiB of records, runs of 1 MiB
+        chain = Chain(4096, after=chains[-1] if chains else None)
+        for _ in range(20):
+            chain.commit(8, {rng.randrange(1, 9): rng.randbytes(4096)})
+        chains.append(chain)
+        start = (chain.recs[0], run, 8, ck, 4096, txid, 0, 0, 1 << 20)
+        (ext,) = capture.extend_runs([start])
+        txid, runs = ext.next_txid, runs + ext.began
+        run = runs[-1]
+    packed = [r.seal() for r in runs]
+    assert [len(r.records) for r in packed] == [7, 2, 1, 1, 1]  # 16 KiB, 32 KiB, ... 1 MiB
+    records = [r for chain in chains for r in chain.records()]
+    same_commits(packed, one_by_one(base.copy(), records, 10), 4096)
+
+
 def test_a_run_grown_over_many_calls_keeps_its_records_whole():
-    """Records go in blocks that double as the run grows, a call's commits in one block:
+    """Records go in blocks that double as the run grows, a call's commits in as few as fit:
     the run reads back the same commits across the block boundaries."""
     rng = random.Random(7)
     base = random_db(rng, 4096, 8)
