@@ -93,7 +93,7 @@ struct ws_run {
   uint64_t first_block;
 };
 void ws_run_free(ws_run *run);
-void ws_block_free(ws_block *b);
+void ws_run_memory_free(unsigned char *entries, ws_block *blocks);
 void ws_blocks_release(void);
 #define WS_IN_N ...
 #define WS_OUT_N ...

@@ -237,13 +237,19 @@ void ws_blocks_release(void) {
   ws_kept_give();
 }
 
-void ws_run_free(ws_run *run) {
-  if (!run) return;
-  for (ws_block *b = run->blocks, *next; b; b = next) {
+/* A run's memory, its index entries and its chain of blocks: freed in one call, as a sealed
+   run's is once the uploader is done with all of it (one GIL hand-off, not one per block). */
+void ws_run_memory_free(unsigned char *entries, ws_block *blocks) {
+  for (ws_block *b = blocks, *next; b; b = next) {
     next = b->next;
     ws_block_free(b);
   }
-  free(run->entries);
+  free(entries);
+}
+
+void ws_run_free(ws_run *run) {
+  if (!run) return;
+  ws_run_memory_free(run->entries, run->blocks);
   free(run);
 }
 

@@ -424,15 +424,35 @@ class OpenRun:
         run.sealed = 1
         entries, block = run.entries, run.blocks
         run.entries, run.blocks, run.last_block = ffi.NULL, ffi.NULL, ffi.NULL
-        index = ffi.buffer(ffi.gc(entries, lib.free), run.ncommit * ENTRY_SIZE)
+        memory = _RunMemory(entries, block)
+        index = ffi.buffer(memory.owned(entries), run.ncommit * ENTRY_SIZE)
         head = ffi.sizeof("ws_block")
         records = []
         while block:  # a NULL pointer is false
-            following, used = block.next, block.used
-            owned = ffi.buffer(ffi.gc(block, lib.ws_block_free), head + used)  # type: ignore[arg-type]
+            owned = ffi.buffer(memory.owned(block), head + block.used)
             records.append(memoryview(owned)[head:])
-            block = following
+            block = block.next
         return format.PackedRun(self.page_size, memoryview(index), records)  # type: ignore[arg-type]
+
+
+class _RunMemory:
+    """A sealed run's entries and blocks, freed by one C call once the last of their buffers
+    is gone: a C destructor per block would hand the GIL over once per block."""
+
+    __slots__ = ("_entries", "_blocks", "_left")
+
+    def __init__(self, entries: object, blocks: object) -> None:
+        self._entries, self._blocks, self._left = entries, blocks, 0
+
+    def owned(self, piece: object) -> object:
+        """``piece``, kept until the cdata returned is collected."""
+        self._left += 1
+        return ffi.gc(piece, self._release)
+
+    def _release(self, _piece: object) -> None:
+        self._left -= 1
+        if not self._left:
+            lib.ws_run_memory_free(self._entries, self._blocks)
 
 
 @dataclass(slots=True)
