@@ -340,6 +340,46 @@ def test_leaving_wal_stops_replication_loudly_and_wal_resumes_it(replica, tmp_pa
     con.close()
 
 
+def leave_wal(con: apsw.Connection) -> None:
+    """PRAGMA journal_mode=DELETE, retried while walsync reads the database (README)."""
+    for _ in range(500):
+        try:
+            assert con.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+            return
+        except apsw.BusyError:
+            time.sleep(0.01)
+    raise AssertionError("journal_mode=DELETE stayed busy")
+
+
+@pytest.mark.parametrize("then", ["flush", "close"])
+def test_commits_made_in_wal_ship_though_the_database_then_leaves_it(replica, tmp_path, then):
+    """Commits made in WAL and still waiting for their upload when the application switches
+    the database out of WAL are commits like any other: they reach the replica, whether it
+    then flushes (which raises for the stop once they are in) or closes the database first
+    (flush() then returns once they are in, or raises for the stop if walsync's own
+    connection, the one that found it out of WAL, still had it open)."""
+    walsync_vfs.configure(upload_interval=30.0)  # nothing ships on its own meanwhile
+    path = tmp_path / "left.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    walsync_vfs.flush(timeout=30)
+    for i in range(50):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    leave_wal(con)
+    if then == "flush":
+        with pytest.raises(walsync_vfs.ReplicationError, match="no longer in WAL mode"):
+            walsync_vfs.flush(timeout=30)
+        con.close()
+    else:
+        con.close()
+        try:
+            walsync_vfs.flush(timeout=30)
+        except walsync_vfs.ReplicationError as exc:
+            assert "no longer in WAL mode" in str(exc)
+    out = restore(f"{replica}/left.db", tmp_path / "out.db")
+    assert out.execute("SELECT x FROM t ORDER BY rowid").fetchall() == [(i,) for i in range(50)]
+
+
 class StackedVFS(apsw.VFS):
     """The usual way to add logging or encryption in apsw: a Python VFS over another."""
 

@@ -202,6 +202,8 @@ class Engine:
         elif rec.kind is Kind.CLOSE:
             log.debug("walsync: %s closed (seq %d)", db.path, rec.seq)
             db.open = False
+            if db.stopped and self._cancel_retry(db):
+                db.sync.syncing = False  # nothing to look at until it is opened again
             if db.given_up() and self._cancel_retry(db):
                 db.sync.syncing = False
                 self.give_up(db)  # rather than after one more refused attempt
@@ -483,19 +485,21 @@ class Engine:
 
     def _stop(self, db: Database, exc: capture.Uncapturable) -> None:
         """A database cannot be captured (out of WAL mode, or locked by the application):
-        say so once (ERROR), make flush() fail at once, and look again with backoff: once it
-        can be, replication resumes (after a switch out of WAL, in a new generation)."""
+        say so once (ERROR), make flush() fail once what was committed before is uploaded
+        (the store is not failing: that still ships), and look again with backoff while it
+        is open: once it can be, replication resumes (after a switch out of WAL, in a new
+        generation)."""
         with self._lock:
             if not db.stopped:  # logged before flush() can raise
                 log.error("walsync: %s", exc)
             db.stopped = True
-            db.fail(exc)
+            db.errors += 1
             db.last_error = str(exc)  # already one line saying what to do
-            db.failures = max(db.failures, FAILING_AFTER)
+            self.uploads.schedule(db, time.monotonic())  # a sync kept them waiting
             self._cond.notify_all()
-            if db.given_up():
+            if not db.open:  # nothing to look at until it is opened again
                 db.sync.syncing = False
-                self.give_up(db)
+                self.forget_if_done(db)
                 return
             self._retry_later(db)
 
@@ -989,7 +993,11 @@ class Engine:
                             locked := capture.exclusive_problem(db.db_id, db.path)
                         ):  # its sync point may be waiting for that lock still
                             raise ReplicationError(f"replica of {db.path} is failing: {locked}")
-                        if db.failures >= FAILING_AFTER and db.errors > errors[db.db_id]:
+                        # A stopped database's commits made before the stop ship first.
+                        failing = db.failures >= FAILING_AFTER or (
+                            db.stopped and not db.upload.shipping()
+                        )
+                        if failing and db.errors > errors[db.db_id]:
                             raise ReplicationError(
                                 f"replica of {db.path} is failing: {db.last_error}"
                             )

@@ -154,6 +154,10 @@ class UploadState:
     fast_level: bool = False  # segments take format.FAST_SEGMENT_LEVEL (Uploader._encode)
     level_probe: int = 0  # segments to encode before measuring the levels again
 
+    def shipping(self) -> bool:
+        """Whether commits are pending, encoded or being uploaded."""
+        return bool(self.pending or self.outbox or self.uploading)
+
     def open_run(self, generation: str | None) -> capture.OpenRun | None:
         """The run the capture adds its next commits of ``generation`` to: the newest
         pending item, if it is a run of that generation (a run taken from pending is sealed,
@@ -213,7 +217,10 @@ class UploadClock:
     def ship_time(self, db: Database, now: float) -> float:
         """When the database's pending commits should ship (inf: nothing to do for now)."""
         up, s = db.upload, db.cfg
-        if not (up.pending or up.outbox) or up.uploading or up.spilling or db.sync.syncing:
+        # A stopped database (out of WAL) syncs no more until it can be captured again: what
+        # it committed before ships meanwhile.
+        syncing = db.sync.syncing and not db.stopped
+        if not (up.pending or up.outbox) or up.uploading or up.spilling or syncing:
             return math.inf  # an upload's, spill's or sync's end schedules it again
         if not db.may_write(now):
             return math.inf  # the lease's renewal schedules it again
@@ -648,8 +655,9 @@ class Uploader:
             up.outbox.remove(item)
             item.data = None
             up.uploading = False
-            db.failures = 0
-            db.last_error = ""
+            if not db.stopped:  # the store works; the stop still stands
+                db.failures = 0
+                db.last_error = ""
             if item.complete:  # a commit's earlier parts make nothing durable yet
                 up.durable_seq = max(up.durable_seq, item.last_seq)
                 up.durable_txid = item.last_txid
