@@ -21,10 +21,11 @@ from pathlib import Path
 
 import apsw
 import pytest
+from foreign import write_while_closed
 from replicas import replicate
 
 import walsync_vfs
-from walsync_vfs import catalog, compactor, format, storage
+from walsync_vfs import catalog, compactor, format, objects, storage
 from walsync_vfs.restore import (
     RESTORE_ATTEMPTS,
     RestoreError,
@@ -547,3 +548,100 @@ def test_unix_seconds_are_read_to_the_nanosecond():
     for ns in (commit, commit - 100, commit + 1):
         assert parse_timestamp(f"{ns // 10**9}.{ns % 10**9:09d}") == ns
     assert parse_timestamp("1_796_647_105.5") == 1_796_647_105_500_000_000
+
+
+def snapshots_of(url: str, name: str) -> list[int]:
+    return [s.last_txid for g in catalog.generations(storage.open_replica(url), name)
+            for s in g.snapshots]  # fmt: skip
+
+
+@pytest.fixture
+def lost_tail(file_url, tmp_path):
+    """A generation with two snapshots, the segments after the older one deleted (the newer
+    one still holds the end state): (url, commit time by txid, older and newer snapshot's
+    txids).  Snapshots come from snapshot_interval; the test waits for them to land."""
+    # No compaction: it would delete the segments the fixture reads.
+    walsync_vfs.configure(
+        replica=file_url, upload_interval=0.0, snapshot_interval=0.3, compact_segments=10**6
+    )
+    try:
+        con = apsw.Connection(str(tmp_path / "tail.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x)")
+        deadline = time.monotonic() + 60
+        while len(snapshots_of(file_url, "tail.db")) < 3:  # the first, then two periodic
+            assert time.monotonic() < deadline, "no periodic snapshots"
+            con.execute("INSERT INTO t VALUES(randomblob(100))")
+            walsync_vfs.flush(timeout=30)
+        con.close()
+        walsync_vfs.flush(timeout=30)
+    finally:
+        walsync_vfs.configure(
+            replica="", upload_interval=1.0, snapshot_interval=86400.0, compact_segments=32
+        )
+    client = storage.open_replica(file_url)
+    (gen,) = catalog.generations(client, "tail.db")
+    older, newer = (s.last_txid for s in gen.snapshots[-2:])
+    times: dict[int, int] = {}
+    for seg in gen.segments:
+        key = catalog.object_key(seg)
+        for entry in format.read_segment_header(client.get(key), key).index:
+            times[entry.txid] = entry.time_ns
+        if seg.last_txid > older:
+            client.delete([key])
+    return f"{file_url}/tail.db", times, older, newer
+
+
+def test_a_timestamp_whose_commits_are_missing_is_refused(lost_tail, tmp_path):
+    """The state at a time after the older snapshot's commits comes from commits whose
+    segments are gone: refused, as --txid is, not the older snapshot's state."""
+    url, times, older, newer = lost_tail
+    assert newer > older + 1
+    when = times[older + 1] + 1000  # just after the first commit the older one lacks
+    proc = cli("restore", url, "-o", str(tmp_path / "o.db"), "--timestamp", f"{when / 1e9:.9f}")
+    assert proc.returncode == 1, proc.stdout
+    assert "missing" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "o.db").exists()
+
+
+def test_the_newest_state_is_refused_when_only_an_older_one_can_be_rebuilt(lost_tail, tmp_path):
+    """The newest snapshot is damaged and the segments that lead to it from the one before
+    are gone: a restore of the latest state fails, not the older state with exit 0."""
+    url, *_ = lost_tail
+    client = storage.open_replica(url.rsplit("/", 1)[0])
+    (gen,) = catalog.generations(client, "tail.db")
+    path = Path(client.root) / catalog.object_key(gen.snapshots[-1])
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    proc = cli("restore", url, "-o", str(tmp_path / "o.db"))
+    assert proc.returncode == 1, proc.stdout
+    key = catalog.object_key(gen.snapshots[-1])
+    assert proc.stderr == f"walsync: error: {key}: sha256 mismatch\n"
+    assert not (tmp_path / "o.db").exists()
+
+
+def test_a_time_a_generation_without_its_snapshot_may_hold_is_refused(file_url, tmp_path):
+    """The second generation's snapshot is lost: a time after the first generation's last
+    commit but before the second's first may be after that snapshot, so it is refused
+    rather than restored as the first generation's end."""
+    path = tmp_path / "gens.db"
+    replicate(file_url, path, "CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+    write_while_closed(path, "INSERT INTO t VALUES (2)")  # the next open: a new generation
+    replicate(file_url, path, "INSERT INTO t VALUES (3)")
+    client = storage.open_replica(file_url)
+    first, second = catalog.generations(client, "gens.db")
+    began, ended = (
+        objects.segment_header(client, key, g.sizes[key]).index[i].time_ns
+        for g, i in ((second, 0), (first, -1))
+        for key in [catalog.object_key(g.segments[i])]
+    )
+    when = (ended + began) // 2
+    client.delete([catalog.object_key(s) for s in second.snapshots])
+    url, out = f"{file_url}/gens.db", tmp_path / "o.db"
+    proc = cli("restore", url, "-o", str(out), "--timestamp", f"{when / 1e9:.9f}")
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stderr == (
+        f"walsync: error: gens.db: generation {second.id} has no snapshot, so txids "
+        f"{second.first_txid}..{second.last_txid} cannot be restored; choose an earlier "
+        "--txid or --timestamp\n"
+    )

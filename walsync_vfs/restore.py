@@ -158,18 +158,24 @@ def _lacks_snapshot(
     client: storage.ReplicaClient,
     name: str,
     g: catalog.Generation,
+    before: catalog.Generation | None,
     txid: int | None,
     timestamp_ns: int | None,
 ) -> RestoreError | None:
     """For a generation without a snapshot (lost: the engine writes it first): an error if the
-    target is in it, rather than a silently older database from the generation before."""
+    target is in it, rather than a silently older database from the generation ``before``.
+    A time after that one's last commit may be in it: its snapshot, which is not there to
+    date, was taken between the two."""
     start = int(g.id[:16], 16)  # the generation id begins with its snapshot's txid (FORMAT.md)
     if txid is not None:
         reached = txid >= start
     elif timestamp_ns is not None and g.segments:
         key = catalog.object_key(g.segments[0])
         header = objects.segment_header(client, key, g.sizes[key])
-        reached = header.index[0].time_ns <= timestamp_ns
+        ended = _end_time(client, before) if before is not None else None
+        reached = header.index[0].time_ns <= timestamp_ns or (
+            ended is not None and ended <= timestamp_ns
+        )
     else:  # the latest state, or a time nothing in it can be dated by (a lone part)
         reached = True
     if not reached:
@@ -179,6 +185,17 @@ def _lacks_snapshot(
         f"{name}: generation {g.id} has no snapshot, so {held} cannot be restored; choose an "
         "earlier --txid or --timestamp"
     )
+
+
+def _end_time(client: storage.ReplicaClient, g: catalog.Generation) -> int | None:
+    """The time of the generation's last commit (None: nothing in it to date it by)."""
+    last = max(g.snapshots + g.segments, key=lambda k: k.last_txid, default=None)
+    if last is None:
+        return None
+    key = catalog.object_key(last)
+    if last in g.segments:
+        return objects.segment_header(client, key, g.sizes[key]).index[-1].time_ns
+    return objects.snapshot_header(client, key, g.sizes[key]).time_ns
 
 
 def _snapshot_at(
@@ -218,9 +235,11 @@ def _choose(
     """`plan` from a listing already made (a follower lists once per poll)."""
     if not gens:
         raise RestoreError(f"no replica of {name!r} found at {client.url}")
-    for g in reversed(gens):
+    for i in reversed(range(len(gens))):
+        g = gens[i]
         if not g.snapshots:
-            if error := _lacks_snapshot(client, name, g, txid, timestamp_ns):
+            before = gens[i - 1] if i else None
+            if error := _lacks_snapshot(client, name, g, before, txid, timestamp_ns):
                 raise error
             continue
         intact = [s for s in g.snapshots if catalog.object_key(s) not in damaged]
@@ -234,8 +253,22 @@ def _choose(
             continue
         snap = snaps[-1]
         chain = _chain(name, g, snap.last_txid, txid)
-        if txid is not None and (chain[-1] if chain else snap).last_txid < txid:
+        reached = (chain[-1] if chain else snap).last_txid
+        if txid is not None and reached < txid:
             raise _outside(client, name, gens, txid, timestamp_ns)
+        if txid is None and reached < g.last_txid:
+            # The generation goes on past what can be rebuilt (its later segments are
+            # missing, or the snapshots after them damaged): its newest state, or the one at
+            # the timestamp, may be among the commits that cannot be: never an older one.
+            target = "its newest state" if timestamp_ns is None else (
+                f"the state at {iso_time(timestamp_ns)}"
+            )
+            damage = " or damaged" if len(intact) < len(g.snapshots) else ""
+            raise RestoreError(
+                f"{name}: {target} cannot be restored: generation {g.id} goes on to txid "
+                f"{g.last_txid}, but the segments after txid {reached} are missing{damage} "
+                "(list shows what is there; an earlier --txid can be restored)"
+            )
         return Plan(name, g.id, snap, chain, txid, g.sizes)
     raise _outside(client, name, gens, txid, timestamp_ns)
 
