@@ -645,3 +645,13 @@ def test_a_time_a_generation_without_its_snapshot_may_hold_is_refused(file_url, 
         f"{second.first_txid}..{second.last_txid} cannot be restored; choose an earlier "
         "--txid or --timestamp\n"
     )
+
+
+def test_iso_timestamps_are_read_to_the_nanosecond():
+    """Commit times are nanoseconds: an ISO time with nine digits names the same instant as
+    the same time in unix seconds, not the microsecond before it."""
+    from walsync_vfs.cli import parse_timestamp
+
+    assert parse_timestamp("2001-01-01T05:30:00.123456789Z") == 978327000_123456789
+    assert parse_timestamp("2001-01-01T11:00:00,5+05:30") == 978327000_500000000
+    assert parse_timestamp("978327000.123456789") == 978327000_123456789

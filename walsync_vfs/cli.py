@@ -11,6 +11,7 @@ import argparse
 import errno
 import gc
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -67,6 +68,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"walsync: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+_FRACTION = re.compile(r"(?<=:\d\d)[.,](\d+)")  # of the seconds
+
+
 def parse_timestamp(text: str) -> int:
     """ISO 8601 with a timezone, or unix seconds -> unix nanoseconds.  Times a datetime cannot
     show (before year 1, after 9999, inf) are refused here, not in a later error message."""
@@ -78,8 +82,11 @@ def parse_timestamp(text: str) -> int:
     except OverflowError:
         raise invalid from None
     except (InvalidOperation, ValueError):
+        # datetime keeps microseconds: the fraction is read here, to the nanosecond.
+        fraction = _FRACTION.search(text)
+        whole = text if fraction is None else text[: fraction.start()] + text[fraction.end() :]
         try:
-            when = datetime.fromisoformat(text.upper())  # RFC 3339 allows "t" and "z"
+            when = datetime.fromisoformat(whole.upper())  # RFC 3339 allows "t" and "z"
         except ValueError:
             raise invalid from None
         if when.tzinfo is None:
@@ -87,7 +94,9 @@ def parse_timestamp(text: str) -> int:
             raise argparse.ArgumentTypeError(
                 f"timestamp {text!r} has no timezone: add one, e.g. {example}"
             ) from None
-        ns = (when - EPOCH) // timedelta(microseconds=1) * 1000  # exact: no float
+        ns = (when - EPOCH) // timedelta(seconds=1) * 1_000_000_000  # exact: no float
+        if fraction is not None:
+            ns += int(fraction.group(1)[:9].ljust(9, "0"))
     try:
         iso_time(ns)
     except (ValueError, OverflowError, OSError):
