@@ -147,6 +147,33 @@ def test_a_name_function_giving_a_bad_name_fails_the_open_in_one_line(
     assert not [r for r in caplog.records if r.exc_info]
 
 
+def test_an_attached_database_that_cannot_be_named_fails_flush(file_replica, tmp_path):
+    """An ATTACH has no open for the name's ConfigError to fail: flush() raises it instead,
+    and stats() says it, rather than a database silently left unreplicated."""
+    import apsw
+
+    import walsync_vfs
+
+    walsync_vfs.configure(name=lambda path: "side/x" if path.endswith("side.db") else "main.db")
+    con = apsw.Connection(str(tmp_path / "main.db"), vfs="walsync")
+    try:
+        con.execute(f"ATTACH '{tmp_path / 'side.db'}' AS s")
+        con.execute("CREATE TABLE s.t(x); INSERT INTO s.t VALUES (1)")
+        says = (
+            f"configure(name=...) for {tmp_path / 'side.db'}: invalid database name 'side/x'"
+        )
+        with pytest.raises(walsync_vfs.ReplicationError) as info:
+            walsync_vfs.flush(timeout=10)
+        assert str(info.value).startswith(f"replica of {tmp_path / 'side.db'} is failing: {says}")
+        (side,) = [s for s in walsync_vfs.stats() if s["path"] == str(tmp_path / "side.db")]
+        assert side["last_error"].startswith(says)
+        con.execute("DETACH s")
+        walsync_vfs.flush(timeout=10)  # once it is closed, nothing of it is waited for
+    finally:
+        con.close()
+        walsync_vfs.configure(name=None)
+
+
 def test_the_suite_replicates_to_a_default_root_of_its_own(tmp_path_factory):
     """Tests that open databases without a replica of their own must not fill the user's."""
     assert default_replica().startswith(tmp_path_factory.getbasetemp().as_uri() + "/")

@@ -42,6 +42,7 @@ class Database:
     upkeep: MaintenanceState = field(default_factory=MaintenanceState)
     lease: Lease | None = None  # None: fencing is off (or the first sync has not run)
     fenced: str = ""  # why another writer keeps this one from replicating ("" = it does not)
+    unnamed: str = ""  # why its configuration names no replica for it ("" = it does)
     fenced_since_ns: int = 0  # time of the oldest commit fencing kept from the replica
 
     def fail(self, exc: BaseException) -> None:

@@ -776,6 +776,12 @@ class Engine:
             self._join(db)
         except ConfigError as exc:
             log.error("walsync: %s: not replicated: %s", db.path, exc)
+            with self._lock:  # an ATTACH has no open to fail: flush() raises it instead
+                db.unnamed = db.last_error = str(exc)
+                db.errors += 1
+        else:
+            with self._lock:
+                db.unnamed = ""
         finally:
             with self._lock:
                 db.joining = False
@@ -960,6 +966,9 @@ class Engine:
                 "flush() more time"
             ) from None
         with self._lock:
+            for db in self._dbs.values():
+                if db.unnamed and only in (None, db.db_id):
+                    raise ReplicationError(f"replica of {db.path} is failing: {db.unnamed}")
             marks = {db.db_id: db.upload.seen_seq for db in self._led(only)}
             now = time.monotonic()
             # Failures from before this flush may be of an outage that is over: a failing
