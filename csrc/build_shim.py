@@ -61,6 +61,7 @@ void ws_read_any(int64_t db_id);
 void ws_on_open(void (*cb)(void));
 int ws_open_count(void);
 int ws_app_open(int64_t id);
+int ws_app_nolock(int64_t id);
 int ws_app_writable(int64_t id);
 int64_t ws_app_exclusive_ns(int64_t id);
 int64_t ws_app_locked_ns(int64_t id);

@@ -154,6 +154,7 @@ struct WsDb {
   int nRef;     /* open main-db handles (gMutex) */
   int nApp;     /* of them, the application's: not ws_conn_open()'s (gMutex) */
   int nAppRw;   /* of those, the ones it can write through (gMutex) */
+  int nAppNoLock; /* of those, the ones opened with nolock=1, which SQLite refuses WAL (gMutex) */
   int nExcl[3]; /* of those, the ones holding EXCLUSIVE or a lock (WS_EXCL_*; gMutex) ... */
   int nAppWal;   /* WAL files the application has open (gMutex) ... */
   dev_t walDev;  /* ... and the file the first of them opened */
@@ -218,6 +219,7 @@ struct WsFile {
   int bShm;            /* MAIN: has the wal-index mapped (counted in nShm) */
   int bApp;            /* MAIN: opened by the application (counted in nApp) */
   int bAppRw;          /* MAIN: ... and writable (counted in nAppRw) */
+  int bAppNoLock;      /* MAIN: ... with nolock=1 (counted in nAppNoLock) */
   int eLock;           /* MAIN: the lock level it holds */
   int bExcl[3];        /* MAIN, application's: holds EXCLUSIVE or a lock (WS_EXCL_*, in nExcl) */
   int bAppWal;         /* WAL: the application's (counted in nAppWal) */
@@ -1802,6 +1804,7 @@ static int wsClose(sqlite3_file *pFile) {
     bLast = (--p->pDb->nRef == 0);
     p->pDb->nApp -= p->bApp;
     p->pDb->nAppRw -= p->bAppRw;
+    p->pDb->nAppNoLock -= p->bAppNoLock;
     pthread_mutex_unlock(&gMutex);
     if (bLast) {
       /* Nobody holds the db now; another process may change it before the
@@ -2176,9 +2179,11 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
       p->bApp = 1;
       p->bAppRw = (flags & SQLITE_OPEN_READWRITE) && !(pOutFlags && (*pOutFlags & SQLITE_OPEN_READONLY)) &&
                   !sqlite3_uri_boolean(zName, "immutable", 0);
+      p->bAppNoLock = sqlite3_uri_boolean(zName, "nolock", 0);
       pthread_mutex_lock(&gMutex);
       p->pDb->nApp++;
       p->pDb->nAppRw += p->bAppRw;
+      p->pDb->nAppNoLock += p->bAppNoLock;
       pthread_mutex_unlock(&gMutex);
     }
   } else if (flags & SQLITE_OPEN_WAL) {
@@ -2318,15 +2323,28 @@ void ws_wake(void) {
 
 /* Whether the application (not the engine's own connections) has database id
 ** open in this process; with bWritable, open for writing. */
-static int appHas(int64_t id, int bWritable) {
+/* Whether an application connection has database id open: any (WS_APP_ANY), one it can
+** write through (WS_APP_RW), or one opened with nolock=1 (WS_APP_NOLOCK). */
+#define WS_APP_ANY 0
+#define WS_APP_RW 1
+#define WS_APP_NOLOCK 2
+static int appHas(int64_t id, int kind) {
   int n = 0;
+  WsDb *p;
   pthread_mutex_lock(&gMutex);
-  if (id >= 1 && id <= gnDb) n = (bWritable ? gaDb[id - 1]->nAppRw : gaDb[id - 1]->nApp) > 0;
+  if (id >= 1 && id <= gnDb) {
+    p = gaDb[id - 1];
+    n = (kind == WS_APP_RW ? p->nAppRw : kind == WS_APP_NOLOCK ? p->nAppNoLock : p->nApp) > 0;
+  }
   pthread_mutex_unlock(&gMutex);
   return n;
 }
 
-int ws_app_open(int64_t id) { return appHas(id, 0); }
+int ws_app_open(int64_t id) { return appHas(id, WS_APP_ANY); }
+
+/* SQLite refuses WAL to a connection opened with nolock=1: switching such a database to WAL
+** under it would make its next statement fail. */
+int ws_app_nolock(int64_t id) { return appHas(id, WS_APP_NOLOCK); }
 
 /* How long, in ns, application connections have held database id locked in a
 ** way that keeps the engine out (0: none does): as only locking_mode=EXCLUSIVE
@@ -2356,7 +2374,7 @@ int64_t ws_app_exclusive_ns(int64_t id) { return appHeldNs(id, 0); }
 int64_t ws_app_locked_ns(int64_t id) { return appHeldNs(id, 1); }
 
 /* A process that only reads a database never leads its replication (leader.py). */
-int ws_app_writable(int64_t id) { return appHas(id, 1); }
+int ws_app_writable(int64_t id) { return appHas(id, WS_APP_RW); }
 
 /* How many databases this process has open through the VFS: with none, the
 ** consumer may end (the next first open starts one again, see ws_on_open). */
@@ -2887,7 +2905,7 @@ static void forkChild(void) {
     pthread_mutex_init(&p->mu, &ma);
     if (p->walFd >= 0) close(p->walFd);
     p->walFd = -1;
-    p->nRef = p->nApp = p->nAppRw = p->nHold = p->nWaiter = p->nPending = 0;
+    p->nRef = p->nApp = p->nAppRw = p->nAppNoLock = p->nHold = p->nWaiter = p->nPending = 0;
     p->eRole = WS_ROLE_NONE;
     p->c.bKnown = 0;
     p->pShm = 0;

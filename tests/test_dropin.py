@@ -380,6 +380,30 @@ def test_commits_made_in_wal_ship_though_the_database_then_leaves_it(replica, tm
     assert out.execute("SELECT x FROM t ORDER BY rowid").fetchall() == [(i,) for i in range(50)]
 
 
+def test_a_database_attached_with_nolock_is_left_alone_and_flush_says_why(replica, tmp_path):
+    """SQLite refuses WAL to a connection that opened the file with nolock=1: switching it
+    to WAL underneath would fail that connection's next statement.  It stays in its mode,
+    its application goes on, and flush() says why it is not replicated."""
+    flags = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    side = tmp_path / "nolock.db"
+    con = apsw.Connection(str(tmp_path / "main.db"), vfs="walsync", flags=flags)
+    con.execute(f"ATTACH 'file:{side}?nolock=1' AS n")
+    con.execute("CREATE TABLE n.t(x)")
+    with pytest.raises(walsync_vfs.ReplicationError) as info:
+        walsync_vfs.flush(timeout=30)
+    assert str(info.value) == (
+        f"replica of {side} is failing: {side}: a connection of this process opened it with "
+        "nolock=1, to which SQLite refuses WAL, so it cannot be replicated; open it without "
+        "nolock (it is left in its journal mode)"
+    )
+    for i in range(5):
+        con.execute("INSERT INTO n.t VALUES(?)", (i,))
+    assert con.execute("SELECT count(*) FROM n.t").fetchone() == (5,)
+    assert con.execute("PRAGMA n.journal_mode").fetchone() == ("delete",)
+    con.execute("DETACH n")
+    con.close()
+
+
 class StackedVFS(apsw.VFS):
     """The usual way to add logging or encryption in apsw: a Python VFS over another."""
 

@@ -186,6 +186,10 @@ class ExclusiveLockError(Uncapturable):
     in until that connection lets go."""
 
 
+class NoLockError(Uncapturable):
+    """A connection of this process opened the database with nolock=1: SQLite refuses it WAL."""
+
+
 class OrphanedWalError(Uncapturable):
     """The WAL this process's connections write was deleted under them by another copy of
     SQLite in the process: until they close, their commits reach no file anyone else reads."""
@@ -658,6 +662,12 @@ class SyncPoint:
             try:
                 mode = writer.query("PRAGMA journal_mode")
                 if mode != "wal" and enable_wal:
+                    if lib.ws_app_nolock(self.db_id):
+                        raise NoLockError(
+                            f"{path}: a connection of this process opened it with nolock=1, "
+                            "to which SQLite refuses WAL, so it cannot be replicated; open "
+                            "it without nolock (it is left in its journal mode)"
+                        )
                     self._check_in_use(writer, seen_open)
                     mode = writer.switch_to_wal(self._check_exclusive)
             except DatabaseLockedError:
