@@ -199,11 +199,11 @@ def test_a_wal_another_sqlite_library_deleted_fails_flush_until_reopened(replica
     con.execute("INSERT INTO t VALUES(3)")
     assert_flush_fails(
         path,
-        "its WAL was deleted under this process's connections, by another SQLite library in "
-        "the process (stdlib sqlite3 beside apsw) or by the process this one was forked from "
-        "while it had the database open, whose close checkpointed it: their commits reach no "
-        "file a replicator reads; close and reopen them, open a database with one library per "
-        "process, and close it before fork()",
+        "its WAL was deleted under this process's connections (by another SQLite library in "
+        "the process, stdlib sqlite3 beside apsw; by the process this one was forked from "
+        "while it had the database open, whose close checkpointed it; or with the database's "
+        "files): their commits reach no file a replicator reads; close and reopen them, open a "
+        "database with one library per process, and close it before fork()",
     )
     con.close()
     con = apsw.Connection(str(path), vfs="walsync")

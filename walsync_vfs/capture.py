@@ -652,12 +652,12 @@ class SyncPoint:
             self._check_exclusive()
             if lib.ws_wal_orphaned(self.db_id):
                 raise OrphanedWalError(
-                    f"{path}: its WAL was deleted under this process's connections, by another "
-                    "SQLite library in the process (stdlib sqlite3 beside apsw) or by the "
-                    "process this one was forked from while it had the database open, whose "
-                    "close checkpointed it: their commits reach no file a replicator reads; "
-                    "close and reopen them, open a database with one library per process, "
-                    "and close it before fork()"
+                    f"{path}: its WAL was deleted under this process's connections (by another "
+                    "SQLite library in the process, stdlib sqlite3 beside apsw; by the process "
+                    "this one was forked from while it had the database open, whose close "
+                    "checkpointed it; or with the database's files): their commits reach no "
+                    "file a replicator reads; close and reopen them, open a database with one "
+                    "library per process, and close it before fork()"
                 )
             try:
                 mode = writer.query("PRAGMA journal_mode")
