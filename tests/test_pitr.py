@@ -300,8 +300,8 @@ def test_targets_outside_history_name_the_available_range(history, tmp_path):
     proc = cli("restore", url, "-o", out, "--timestamp", "2001-01-01T00:00:00Z")
     assert proc.returncode == 1
     assert proc.stderr == (
-        "walsync: error: pit.db: timestamp 2001-01-01T00:00:00.000000+00:00 is before the retained "
-        f"history (available: {since} onwards, txids 1..{last})\n"
+        "walsync: error: pit.db: timestamp 2001-01-01T00:00:00.000000000+00:00 is before the "
+        f"retained history (available: {since} onwards, txids 1..{last})\n"
     )
     assert not (tmp_path / "x.db").exists()
     proc = cli("restore", url, "-o", out, "--timestamp", since)  # the time it names works
@@ -309,8 +309,8 @@ def test_targets_outside_history_name_the_available_range(history, tmp_path):
 
 
 def test_a_restore_at_a_printed_commit_time_includes_that_commit(history, tmp_path):
-    """Times are printed rounded up to the microsecond: restoring at list's time of the last
-    commit restores that commit, not the one before it."""
+    """Times are printed to the nanosecond: restoring at list's time of the last commit
+    restores that commit, not the one before it."""
     url, log, con = history
     listed = json.loads(cli("list", url, "--json").stdout)
     last_time = listed["generations"][-1]["segments"]["last_time"]

@@ -123,9 +123,10 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def iso_time(ns: int) -> str:
-    """A commit time as restore --timestamp reads it: rounded up to the microsecond, so a
-    restore at the printed time includes the commit."""
-    return (EPOCH + timedelta(microseconds=-(-ns // 1000))).isoformat(timespec="microseconds")
+    """A commit time as restore --timestamp reads it, to the nanosecond (UTC)."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    whole = (EPOCH + timedelta(seconds=seconds)).isoformat(timespec="seconds")
+    return whole.replace("+00:00", f".{fraction:09d}+00:00")
 
 
 def _outside(
