@@ -655,3 +655,16 @@ def test_iso_timestamps_are_read_to_the_nanosecond():
     assert parse_timestamp("2001-01-01T05:30:00.123456789Z") == 978327000_123456789
     assert parse_timestamp("2001-01-01T11:00:00,5+05:30") == 978327000_500000000
     assert parse_timestamp("978327000.123456789") == 978327000_123456789
+
+
+def test_a_file_restore_makes_beside_output_is_named_as_output_in_errors():
+    """The staging copy beside OUTPUT is restore's own: a directory the user cannot write
+    is reported for OUTPUT, with the directory, not as a raw error about that file."""
+    import errno
+
+    from walsync_vfs.cli import described
+
+    denied = PermissionError(errno.EACCES, "Permission denied", "/ro/app.db.walsync-tmp")
+    assert described(denied, "/ro/app.db") == "/ro/app.db: Permission denied (in /ro)"
+    other = PermissionError(errno.EACCES, "Permission denied", "/elsewhere/file")
+    assert described(other, "/ro/app.db") == "[Errno 13] Permission denied: '/elsewhere/file'"

@@ -11,6 +11,7 @@ import argparse
 import errno
 import gc
 import json
+import os
 import re
 import signal
 import sys
@@ -340,9 +341,14 @@ WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 def described(exc: Exception, written: str | None) -> str:
     """The error's line; a write error that names no file (a full disk) names ``written``,
-    what the command writes (OUTPUT, or the file beside it a new OUTPUT is built in)."""
-    if isinstance(exc, OSError) and exc.filename is None and exc.errno in WRITE_ERRORS and written:
+    what the command writes (OUTPUT, or the file beside it a new OUTPUT is built in), as
+    does an error about that file beside it (a directory the user cannot write)."""
+    if not isinstance(exc, OSError) or not written:
+        return str(exc)
+    if exc.filename is None and exc.errno in WRITE_ERRORS:
         return f"{written}: {exc.strerror}"
+    if isinstance(exc.filename, str) and exc.filename.startswith(written + "."):
+        return f"{written}: {exc.strerror} (in {os.path.dirname(os.path.abspath(written))})"
     return str(exc)
 
 
