@@ -668,3 +668,15 @@ def test_a_file_restore_makes_beside_output_is_named_as_output_in_errors():
     assert described(denied, "/ro/app.db") == "/ro/app.db: Permission denied (in /ro)"
     other = PermissionError(errno.EACCES, "Permission denied", "/elsewhere/file")
     assert described(other, "/ro/app.db") == "[Errno 13] Permission denied: '/elsewhere/file'"
+
+
+def test_verify_shows_the_history_gone_from_the_store(lost_tail):
+    """Objects deleted from the store leave nothing to check, but not nothing to see: verify
+    says which txids can be restored, and the deleted segments show as a gap."""
+    url, _, older, newer = lost_tail
+    proc = cli("verify", url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        f"{url}: every object, txid chain and database checksum verified; restorable: "
+        f"txids 1..{older}, {newer}\n"
+    )

@@ -115,8 +115,10 @@ def test_a_sound_replica_verifies_with_overlaps_and_later_snapshots(replica):
 
     proc = cli("verify", replica.url)
     assert (proc.returncode, proc.stderr) == (0, "")
-    assert (
-        proc.stdout == f"{replica.url}: every object, txid chain and database checksum verified\n"
+    ranges = [r for g in catalog.generations(replica.client, "v.db") for r in g.restorable()]
+    assert proc.stdout == (
+        f"{replica.url}: every object, txid chain and database checksum verified; restorable: "
+        f"{catalog.spell_ranges(ranges)}\n"
     )
 
 
