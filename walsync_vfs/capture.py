@@ -659,15 +659,16 @@ class SyncPoint:
                     "file a replicator reads; close and reopen them, open a database with one "
                     "library per process, and close it before fork()"
                 )
+            # Before any read: without locks, that connection may be writing right now.
+            if enable_wal and lib.ws_app_nolock(self.db_id):
+                raise NoLockError(
+                    f"{path}: a connection of this process opened it with nolock=1, to which "
+                    "SQLite refuses WAL, so it cannot be replicated; open it without nolock "
+                    "(it is left in its journal mode)"
+                )
             try:
                 mode = writer.query("PRAGMA journal_mode")
                 if mode != "wal" and enable_wal:
-                    if lib.ws_app_nolock(self.db_id):
-                        raise NoLockError(
-                            f"{path}: a connection of this process opened it with nolock=1, "
-                            "to which SQLite refuses WAL, so it cannot be replicated; open "
-                            "it without nolock (it is left in its journal mode)"
-                        )
                     self._check_in_use(writer, seen_open)
                     mode = writer.switch_to_wal(self._check_exclusive)
             except DatabaseLockedError:
