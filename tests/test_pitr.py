@@ -680,3 +680,11 @@ def test_verify_shows_the_history_gone_from_the_store(lost_tail):
         f"{url}: every object, txid chain and database checksum verified; restorable: "
         f"txids 1..{older}, {newer}\n"
     )
+
+
+def test_an_unknown_option_points_at_its_command_s_help(tmp_path):
+    proc = cli("list", "--jsno", tmp_path.as_uri())
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        "walsync: error: unrecognized arguments: --jsno (see python -m walsync_vfs list --help)\n",
+    )

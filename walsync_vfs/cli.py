@@ -115,8 +115,8 @@ def positive_seconds(text: str) -> float:
     return seconds
 
 
-def build_parser() -> tuple[Parser, Parser]:
-    """The command line, and its ``restore`` subcommand (for errors between its options)."""
+def build_parser() -> tuple[Parser, dict[str, Parser]]:
+    """The command line, and its subcommands by name (for errors about a command's options)."""
     parser = Parser(prog="python -m walsync_vfs")
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
@@ -151,7 +151,7 @@ def build_parser() -> tuple[Parser, Parser]:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     v = sub.add_parser("verify", help="download and check every object of a database's replica")
     v.add_argument("url", help="replica root + '/' + database name")
-    return parser, r
+    return parser, sub.choices
 
 
 def run_list(url: str, as_json: bool) -> int:
@@ -359,8 +359,11 @@ def described(exc: Exception, written: str | None) -> str:
 
 
 def run(argv: list[str] | None) -> int:
-    parser, restore_parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, commands = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own help lists what it takes
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    restore_parser = commands["restore"]
     pinned = args.command == "restore" and (args.txid is not None or args.timestamp is not None)
     if pinned and args.follow:
         restore_parser.error(
