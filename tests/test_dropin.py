@@ -404,6 +404,29 @@ def test_a_database_attached_with_nolock_is_left_alone_and_flush_says_why(replic
     con.close()
 
 
+def test_a_database_back_in_wal_resumes_within_half_a_second(replica, tmp_path):
+    """While a database is out of WAL it is looked at again within half a second, however
+    long it stays out: commits made back in WAL before the next look go into the resuming
+    sync point's state, without restore points of their own."""
+    path = tmp_path / "back.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    leave_wal(con)
+    for _ in range(8):  # each flush looks again, and each look fails: the backoff grows
+        with pytest.raises(walsync_vfs.ReplicationError):
+            walsync_vfs.flush(timeout=30)
+    db = walsync_vfs._engine_instance().database(str(path))
+    assert db is not None and db.stopped
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    con.execute("INSERT INTO t VALUES(2)")
+    began = time.monotonic()
+    while db.stopped:
+        assert time.monotonic() - began < 2.0, "resumed only after a long backoff"
+        time.sleep(0.01)
+    con.close()
+
+
 class StackedVFS(apsw.VFS):
     """The usual way to add logging or encryption in apsw: a Python VFS over another."""
 

@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from walsync_vfs import capture, format, heap, storage, sync
+from walsync_vfs.backoff import Backoff
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import ConfigError, Settings
@@ -57,6 +58,10 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
+# A database that cannot be captured (out of WAL) is looked at again this often: a look is two
+# local connections and a PRAGMA, and commits made back in WAL before it go into the resuming
+# sync point's state, without restore points of their own.
+LOOK_AGAIN = Backoff(first=0.1, cap=0.5)
 BEHIND_A_SYNC_WAIT = 0.25  # s an opener waits for a sync that is past its sync point
 BARRIER_FLOOR = 0.5  # s a flush waits for the capture thread to hand over what it holds
 FLUSH_LOOK = 0.25  # s between a waiting flush's looks at what it waits for
@@ -473,10 +478,10 @@ class Engine:
                 self._cond.notify_all()
                 return
 
-    def _retry_later(self, db: Database) -> float:
+    def _retry_later(self, db: Database, backoff: Backoff = RETRY) -> float:
         """Have the uploader thread start the sync again after a backoff (lock held)."""
         db.sync.retries += 1
-        delay = RETRY.delay(db.sync.retries)
+        delay = backoff.delay(db.sync.retries)
         at = time.monotonic() + delay
         heapq.heappush(self._sync_retries, (at, next(self._ticket), db))
         if at < self.uploads.wake_at:
@@ -501,7 +506,7 @@ class Engine:
                 db.sync.syncing = False
                 self.forget_if_done(db)
                 return
-            self._retry_later(db)
+            self._retry_later(db, LOOK_AGAIN)
 
     def _retry_now(self, db: Database) -> None:
         """Move the database's sync retry, if one is waiting out its backoff, to now."""
