@@ -36,7 +36,7 @@ from typing import Any
 
 from walsync_vfs import capture, format, heap, storage, sync
 from walsync_vfs.backoff import Backoff
-from walsync_vfs.capture import Kind, Record
+from walsync_vfs.capture import JournalModeError, Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
 from walsync_vfs.config import ConfigError, Settings
 from walsync_vfs.database import FAILING_AFTER, Database, oldest_unreplicated_ns, stats_of
@@ -58,9 +58,10 @@ COALESCE = 0.01  # s: uploads falling due this close together start in one uploa
 # wakes: for a due upload, a database past max_segment_bytes, or at least every MAINTENANCE_TICK.
 SPILL_CHECK = 0.05
 RELEASE_EVERY = 1.0  # s between heap.release() calls, made only after uploads freed page copies
-# A database that cannot be captured (out of WAL) is looked at again this often: a look is two
-# local connections and a PRAGMA, and commits made back in WAL before it go into the resuming
-# sync point's state, without restore points of their own.
+# A database out of WAL is looked at again this often: commits made back in WAL before the
+# next look go into the resuming sync point's state, without restore points of their own.  A
+# look also claims the lease (two requests to the store), so other stops (an application's
+# EXCLUSIVE lock, which may last) keep the sync backoff.
 LOOK_AGAIN = Backoff(first=0.1, cap=0.5)
 BEHIND_A_SYNC_WAIT = 0.25  # s an opener waits for a sync that is past its sync point
 BARRIER_FLOOR = 0.5  # s a flush waits for the capture thread to hand over what it holds
@@ -506,7 +507,7 @@ class Engine:
                 db.sync.syncing = False
                 self.forget_if_done(db)
                 return
-            self._retry_later(db, LOOK_AGAIN)
+            self._retry_later(db, LOOK_AGAIN if isinstance(exc, JournalModeError) else RETRY)
 
     def _retry_now(self, db: Database) -> None:
         """Move the database's sync retry, if one is waiting out its backoff, to now."""
