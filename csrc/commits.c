@@ -191,8 +191,9 @@ static int ws_size_class(uint64_t cap) {
 
 static ws_block *ws_block_new(uint64_t cap) {
   ws_block *b = 0;
-  int i = ws_size_class(cap);
+  int i;
   if (cap < WS_MAPPED_BLOCK) return malloc(sizeof(ws_block) + cap);
+  i = ws_size_class(cap);
   if (i >= 0 && ws_kept_take()) {
     if (ws_nkept[i] > 0) {
       b = ws_kept[i][--ws_nkept[i]];
@@ -205,12 +206,13 @@ static ws_block *ws_block_new(uint64_t cap) {
   return p == MAP_FAILED ? 0 : p;
 }
 
-void ws_block_free(ws_block *b) {
-  int i = ws_size_class(b->capacity);
+static void ws_block_free(ws_block *b) {
+  int i;
   if (b->capacity < WS_MAPPED_BLOCK) {
     free(b);
     return;
   }
+  i = ws_size_class(b->capacity);
   if (i >= 0 && ws_kept_take()) {
     int kept = ws_nkept[i] < WS_KEPT_PER_SIZE && ws_kept_bytes + b->capacity <= WS_KEPT_BYTES;
     if (kept) {
@@ -262,7 +264,7 @@ static uint64_t ws_record_bytes(const ws_rec *r) { return (uint64_t)r->npages * 
 static uint64_t ws_next_capacity(const ws_run *run, uint64_t len) {
   uint64_t cap = run->last_block ? 2 * run->last_block->capacity
                                  : run->first_block ? run->first_block : 16384;
-  if (cap > WS_MAX_BLOCK) cap = WS_MAX_BLOCK; /* each block is freed by a call that hands the GIL over */
+  if (cap > WS_MAX_BLOCK) cap = WS_MAX_BLOCK; /* the largest kept size */
   while (cap < len && cap < WS_MAX_BLOCK) cap *= 2;
   return cap < len ? len : cap;
 }

@@ -736,7 +736,7 @@ class Engine:
             )
             with self._lock:  # commits arriving meanwhile are held, not pending
                 up = db.upload
-                queue = bool(up.pending or up.outbox or up.uploading)
+                queue = up.shipping()
             now = [] if queue else decision.survivors
             epoch = db.epoch()
             put = sync.write(client, db.name, head, decision, pinned, raw, now, max_bytes, epoch)
@@ -758,7 +758,7 @@ class Engine:
                 self._queue(db, decision.generation, behind)
             # A periodic snapshot holds the state, not the restore points of the commits
             # still queued before it: those are durable once their segments are stored.
-            if not decision.continues or not (up.pending or up.outbox or up.uploading):
+            if not decision.continues or not up.shipping():
                 up.durable_seq = max(up.durable_seq, pinned.seq)
                 up.durable_txid = max(up.durable_txid, decision.txid)
             db.failures = 0

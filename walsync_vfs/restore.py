@@ -173,10 +173,10 @@ def _lacks_snapshot(
     elif timestamp_ns is not None and g.segments:
         key = catalog.object_key(g.segments[0])
         header = objects.segment_header(client, key, g.sizes[key])
-        ended = _end_time(client, before) if before is not None else None
         reached = header.index[0].time_ns <= timestamp_ns or (
-            ended is not None and ended <= timestamp_ns
-        )
+            before is not None and (ended := _end_time(client, before)) is not None
+            and ended <= timestamp_ns
+        )  # fmt: skip
     else:  # the latest state, or a time nothing in it can be dated by (a lone part)
         reached = True
     if not reached:
