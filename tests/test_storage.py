@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import resource
+import signal
 import socket
 import threading
 import time
@@ -528,6 +530,25 @@ def test_s3_put_many_real_refusals(s3_server, monkeypatch: pytest.MonkeyPatch) -
     denied = f"access denied to {url}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
     assert [str(e) for e in results] == [denied, denied]
     assert client.requests == 2
+
+
+def test_a_file_put_that_cannot_be_written_leaves_nothing(file_url: str) -> None:
+    """A write failing after the temp file was made (here: the file size limit) is a one-line
+    StorageError, and neither the object nor its temp file is left."""
+    client = open_replica(file_url)
+    client.put("db/small", b"fits")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, limit[1]))
+    try:
+        with pytest.raises(StorageError) as info:
+            client.put("db/big", b"x" * 5000)  # 1,000 bytes written, then EFBIG
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert str(info.value) == f"cannot write {file_url}/db/big: File too large"
+    root = Path(file_url.removeprefix("file://"))
+    assert sorted(p.name for p in (root / "db").iterdir()) == ["small"]
 
 
 def test_file_put_all_stores_every_object(file_url: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from walsync_vfs import _shim
 from walsync_vfs.storage import (
     Conflict,
     ObjectInfo,
@@ -40,7 +42,6 @@ _PUT_TMP = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX) + "$")
 _writing: set[Path] = set()
 _writing_lock = threading.Lock()
 _PUT_ATTEMPTS = 3  # a concurrent delete may prune the directory between mkdir and create
-IOV_MAX = 1024  # pieces one writev() takes (Linux)
 # Temp names from a generator of our own (the application's random module stays its own),
 # drawn again in a forked child: a temp name costs no system call.
 _TMP_NAMES = random.Random()
@@ -75,7 +76,7 @@ class FileReplicaClient:
         self._swapping = threading.Lock()
 
     def put(self, key: str, data: bytes | memoryview) -> None:
-        self._write(key, [data], self.create_only)
+        self._write(key, data, self.create_only)
 
     def put_stream(self, key: str, source: Source, size_hint: int | None = None) -> int:
         """See :meth:`ReplicaClient.put_stream`: the temp file is written chunk by chunk."""
@@ -165,13 +166,16 @@ class FileReplicaClient:
                         current = None
                     if current != tag:
                         raise Conflict(f"{self._at(key)} changed since it was read")
-                self._write(key, [data], create_only=tag is None)
+                self._write(key, data, create_only=tag is None)
             finally:
                 os.close(fd)
         return _tag(data)
 
-    def _write(self, key: str, data: Iterable[bytes | memoryview], create_only: bool) -> int:
-        """Write ``data`` to a temp file, then give it its name; returns its size."""
+    def _write(
+        self, key: str, data: bytes | memoryview | Iterable[bytes], create_only: bool
+    ) -> int:
+        """Write ``data`` (an object, or a stream of its chunks) to a temp file, then give it
+        its name; returns its size."""
         path = self._path(key)
         self._count()
         tmp = path.with_name(f".{path.name}.{_TMP_NAMES.getrandbits(48):012x}{TMP_SUFFIX}")
@@ -188,21 +192,17 @@ class FileReplicaClient:
                 _writing.discard(tmp)
 
     def _install(
-        self, tmp: Path, path: Path, data: Iterable[bytes | memoryview], create_only: bool
+        self, tmp: Path, path: Path, data: bytes | memoryview | Iterable[bytes], create_only: bool
     ) -> int:
-        """Fill and fsync ``tmp``, then link (create-only) or rename it to ``path``.
-
-        Plain system calls, as few as it takes: each is made without the GIL, and every
-        time this thread takes it back an application thread may have to wait for it."""
+        """Fill and fsync ``tmp``, then link (create-only) or rename it to ``path``."""
+        if isinstance(data, bytes | memoryview):
+            return _put_whole(tmp, path, data, create_only)
         size = 0
         fd = self._create(tmp)
         try:
             try:
-                if isinstance(data, list):  # an object in pieces: one writev() for all
-                    size = _write_all(fd, data)
-                else:  # a stream: each chunk as it comes
-                    for chunk in data:
-                        size += _write_all(fd, [chunk])
+                for chunk in data:  # a stream: each chunk as it comes
+                    size += _write_all(fd, chunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -320,18 +320,33 @@ def _makedirs(directory: Path) -> None:
         _fsync_dir(d.parent)
 
 
-def _write_all(fd: int, pieces: list[bytes | memoryview]) -> int:
-    """Write ``pieces`` in order with as few writev() calls as the kernel takes them in;
-    returns their size."""
-    views = [memoryview(piece).cast("B") for piece in pieces if len(piece)]
-    size = sum(len(view) for view in views)
-    while views:
-        done = os.writev(fd, views[:IOV_MAX])
-        while views and done >= len(views[0]):
-            done -= len(views.pop(0))
-        if views and done:
-            views[0] = views[0][done:]
+def _write_all(fd: int, chunk: bytes | memoryview) -> int:
+    """Write ``chunk``, however many write() calls the kernel takes it in; returns its size."""
+    view = memoryview(chunk).cast("B")
+    size = len(view)
+    while view:
+        view = view[os.write(fd, view) :]
     return size
+
+
+def _put_whole(tmp: Path, path: Path, data: bytes | memoryview, create_only: bool) -> int:
+    """:meth:`FileReplicaClient._install` of a whole object, in one C call with the GIL
+    released once (csrc/objectfile.c): each system call made from here would take it back,
+    and every take can make an application thread wait for it."""
+    buffer = _shim.ffi.from_buffer("unsigned char[]", data)
+    stage = _shim.ffi.new("int *")
+    for attempt in range(_PUT_ATTEMPTS):
+        if attempt:  # a concurrent delete may prune the directory again: make it again
+            _makedirs(tmp.parent)
+        err = _shim.lib.ws_put_file(
+            bytes(tmp), bytes(path), bytes(path.parent), buffer, len(buffer), create_only, stage
+        )
+        if err != errno.ENOENT or stage[0] != _shim.lib.WS_PUT_CREATE:
+            break
+    if err:
+        failed = {_shim.lib.WS_PUT_NAME: path, _shim.lib.WS_PUT_DIR: path.parent}
+        raise OSError(err, os.strerror(err), str(failed.get(stage[0], tmp)))
+    return len(buffer)
 
 
 def _fsync_dir(directory: Path) -> None:
