@@ -947,3 +947,24 @@ def test_changed_since_names_the_pages_that_differ_up_to_a_bound():
     assert DbChecksum.from_pages(grown).changed_since(base, 3) is None
     assert DbChecksum.from_pages(page[:7]).changed_since(base, 1) is None  # two new pages
     assert DbChecksum.from_pages(edited[:3]).changed_since(base, 8) == [2]  # cut short
+
+
+def test_small_pieces_are_compressed_in_groups_and_big_ones_where_they_are() -> None:
+    """The compressor gets a page-by-page record as a few pieces of about GATHER_BYTES (one
+    GIL take each, not one per page), the same bytes in the same order; a big piece is
+    handed over as it is, not copied."""
+    from walsync_vfs.format.segment import GATHER_BYTES, _gathered
+
+    pages = [bytes([i % 251]) * 4096 for i in range(600)]
+    big = memoryview(bytes(GATHER_BYTES))
+    pieces = [b"\x00\x01", *pages, big, *pages[:3]]
+    out = list(_gathered(pieces))
+    assert b"".join(out) == b"".join(pieces)
+    assert [len(p) for p in out] == [
+        2 + 256 * 4096,  # 2 + 255 pages make less than GATHER_BYTES: the 256th fills it
+        256 * 4096,
+        (600 - 512) * 4096,  # the pages left before the big piece
+        GATHER_BYTES,
+        3 * 4096,
+    ]
+    assert out[3] is big

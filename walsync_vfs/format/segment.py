@@ -79,6 +79,9 @@ THREADED_MIN_BYTES = 4 << 20
 # GIL once per chunk, and every time this thread takes it back an application thread that
 # wants it waits for a wake-up: few big chunks, not zstd's 128 KiB.
 STREAM_CHUNK = 4 << 20
+# Smaller pieces are copied together before compressing, which holds the GIL for a copy of
+# about this much: far shorter than the wake-ups one take of it per page costs.
+GATHER_BYTES = 1 << 20
 
 
 class _ThreadCodecs(threading.local):
@@ -121,13 +124,40 @@ def _compressor(level: int, raw_length: int) -> zstandard.ZstdCompressor:
 
 def _compress(pieces: Sequence[bytes | memoryview], raw_length: int, level: int) -> list[bytes]:
     """``pieces`` compressed as one frame that declares ``raw_length`` (their total), in
-    chunks.  Never joined first: a join is a copy made holding the GIL, which stops the
-    application's threads, while the compressor releases it."""
+    chunks.  Not joined first: a join is a copy made holding the GIL, which stops the
+    application's threads, while the compressor releases it; only small pieces are
+    (:func:`_gathered`)."""
     compressor = _compressor(level, raw_length)
     if len(pieces) == 1:
         return [compressor.compress(pieces[0])]
     chunker = compressor.chunker(size=raw_length, chunk_size=STREAM_CHUNK)
-    return [*(chunk for piece in pieces for chunk in chunker.compress(piece)), *_finish(chunker)]
+    return [
+        *(chunk for piece in _gathered(pieces) for chunk in chunker.compress(piece)),
+        *_finish(chunker),
+    ]
+
+
+def _gathered(pieces: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+    """``pieces`` with consecutive small ones copied together into pieces of about
+    GATHER_BYTES: the compressor takes the GIL back once per piece it is handed, and a record
+    of the general path comes page by page.  A piece is kept until its group is full, so none
+    may be a buffer its producer reuses."""
+    group: list[bytes | memoryview] = []
+    size = 0
+    for piece in pieces:
+        if len(piece) >= GATHER_BYTES:
+            if group:
+                yield b"".join(group)
+                group, size = [], 0
+            yield piece
+            continue
+        group.append(piece)
+        size += len(piece)
+        if size >= GATHER_BYTES:
+            yield b"".join(group)
+            group, size = [], 0
+    if group:
+        yield b"".join(group) if len(group) > 1 else group[0]
 
 
 def _finish(chunker: zstandard.ZstdCompressionChunker) -> list[bytes]:
@@ -429,13 +459,16 @@ def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
     dropped as it comes: what a segment body of them would take, measured without the
     memory of holding one."""
     chunker = _compressor(level, 0).chunker(chunk_size=STREAM_CHUNK)  # on this thread alone
-    size = 0
-    for c in commits:
-        if isinstance(c, PackedRun):
-            pieces: Iterable[bytes | memoryview] = c.records
-        else:
-            pieces = _record([pgno for pgno, _ in c.pages], (data for _, data in c.pages))
-        size += sum(len(chunk) for piece in pieces for chunk in chunker.compress(piece))
+    pieces = (
+        piece
+        for c in commits
+        for piece in (
+            c.records
+            if isinstance(c, PackedRun)
+            else _record([pgno for pgno, _ in c.pages], (data for _, data in c.pages))
+        )
+    )
+    size = sum(len(chunk) for piece in _gathered(pieces) for chunk in chunker.compress(piece))
     return size + sum(map(len, _finish(chunker)))
 
 
@@ -544,8 +577,8 @@ def _seal_segment(
     """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4).
 
     Shared by encoding commits and merging segments, so both produce the same bytes.  The
-    records are compressed where they are: the one copy made holding the GIL is the
-    object's own bytes.
+    records are compressed where they are (small pieces gathered first): the one whole copy
+    made holding the GIL is the object's own bytes.
     """
     raw_length = sum(len(r) for r in records)
     body = _compress(records, raw_length, level)
