@@ -226,7 +226,8 @@ struct WsFile {
   uint32_t aRestart[3]; /* MAIN: salt1, salt2, last frame of the WAL when taken */
   uint32_t shmShared;  /* wal-index locks it holds, one bit per slot */
   uint32_t shmExcl;
-  WsFile *pNextEng;    /* MAIN and WAL of the engine's connections: gEngFiles (gMutex) */
+  int bEng;            /* MAIN or WAL of an engine's connection: in gEngFiles (set at open) */
+  WsFile *pNextEng;    /* gEngFiles links (gMutex) */
   WsFile *pPrevEng;
 };
 #define WSF_OTHER 0
@@ -1785,7 +1786,7 @@ static void exclNone(WsFile *p) {
 static int wsClose(sqlite3_file *pFile) {
   WsFile *p = (WsFile *)pFile;
   int rc;
-  if (p->pNextEng || p->pPrevEng || gEngFiles == p) {
+  if (p->bEng) { /* its links change as its neighbours close: only read under gMutex */
     pthread_mutex_lock(&gMutex);
     engFileGone(p);
     pthread_mutex_unlock(&gMutex);
@@ -1980,12 +1981,8 @@ static int wsShmMap(sqlite3_file *f, int i, int sz, int bExtend, void volatile *
 #define WAL_READ_LOCK1 4
 #define WAL_NREADER_1 4
 
-/* Releasing the WAL write lock ends a write transaction: publish first.  An
-** exclusive lock on read locks 1..4 together is taken only to restart the
-** WAL (walRestartLog, TRUNCATE checkpoints); refuse it with SQLITE_BUSY
-** while a raw snapshot reads the WAL -- SQLite then simply appends. */
 /* Take or release wal-index locks, noting which are held: a child forked while
-** the engine held some lets go of them (forkChild). */
+** the engine held some lets go of them (forkLetGo). */
 static int shmLockNoted(WsFile *p, int ofst, int n, int flags) {
   int rc = p->pReal->pMethods->xShmLock(p->pReal, ofst, n, flags);
   uint32_t bits = ((1u << n) - 1) << ofst;
@@ -2001,6 +1998,10 @@ static int shmLockNoted(WsFile *p, int ofst, int n, int flags) {
   return rc;
 }
 
+/* Releasing the WAL write lock ends a write transaction: publish first.  An
+** exclusive lock on read locks 1..4 together is taken only to restart the
+** WAL (walRestartLog, TRUNCATE checkpoints); refuse it with SQLITE_BUSY
+** while a raw snapshot reads the WAL -- SQLite then simply appends. */
 static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
   WsFile *p = (WsFile *)f;
   if (p->eType == WSF_MAIN && (flags & SQLITE_SHM_EXCLUSIVE)) {
@@ -2201,6 +2202,7 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
     }
   }
   if (tEngineOpen && p->eType != WSF_OTHER) {
+    p->bEng = 1;
     pthread_mutex_lock(&gMutex);
     p->pNextEng = gEngFiles;
     if (gEngFiles) gEngFiles->pPrevEng = p;
@@ -2209,7 +2211,6 @@ static int wsOpen(sqlite3_vfs *pVfs, sqlite3_filename zName, sqlite3_file *pFile
   }
   return SQLITE_OK;
 }
-
 
 /* Whether the WAL the application writes for database id is no longer the file
 ** at <db>-wal: another copy of SQLite in this process (stdlib sqlite3 beside
@@ -2321,8 +2322,6 @@ void ws_wake(void) {
   pthread_mutex_unlock(&gMutex);
 }
 
-/* Whether the application (not the engine's own connections) has database id
-** open in this process; with bWritable, open for writing. */
 /* Whether an application connection has database id open: any (WS_APP_ANY), one it can
 ** write through (WS_APP_RW), or one opened with nolock=1 (WS_APP_NOLOCK). */
 #define WS_APP_ANY 0
