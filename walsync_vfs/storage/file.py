@@ -21,8 +21,9 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from walsync_vfs import _shim
 from walsync_vfs.storage import (
@@ -42,6 +43,7 @@ _PUT_TMP = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX) + "$")
 _writing: set[Path] = set()
 _writing_lock = threading.Lock()
 _PUT_ATTEMPTS = 3  # a concurrent delete may prune the directory between mkdir and create
+T = TypeVar("T")
 # Temp names from a generator of our own (the application's random module stays its own),
 # drawn again in a forked child: a temp name costs no system call.
 _TMP_NAMES = random.Random()
@@ -267,12 +269,7 @@ class FileReplicaClient:
     def _create(self, tmp: Path) -> int:
         """Create ``tmp`` exclusively, making (and fsyncing) its missing directories."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        for _ in range(_PUT_ATTEMPTS - 1):
-            try:
-                return os.open(tmp, flags, 0o666)
-            except FileNotFoundError:
-                _makedirs(tmp.parent)
-        return os.open(tmp, flags, 0o666)
+        return _making_dirs(tmp.parent, lambda: os.open(tmp, flags, 0o666))
 
     def _walk(
         self, directory: Path, rel: str, prefix: str, found: builtins.list[ObjectInfo]
@@ -307,6 +304,17 @@ class FileReplicaClient:
             directory = directory.parent
 
 
+def _making_dirs(directory: Path, create: Callable[[], T]) -> T:
+    """``create()``, making ``directory`` (and its parents) while it raises FileNotFoundError:
+    a concurrent delete may prune the directory again between the two."""
+    for _ in range(_PUT_ATTEMPTS - 1):
+        try:
+            return create()
+        except FileNotFoundError:
+            _makedirs(directory)
+    return create()
+
+
 def _makedirs(directory: Path) -> None:
     missing = []
     while not directory.is_dir():
@@ -335,14 +343,16 @@ def _put_whole(tmp: Path, path: Path, data: bytes | memoryview, create_only: boo
     and every take can make an application thread wait for it."""
     buffer = _shim.ffi.from_buffer("unsigned char[]", data)
     stage = _shim.ffi.new("int *")
-    for attempt in range(_PUT_ATTEMPTS):
-        if attempt:  # a concurrent delete may prune the directory again: make it again
-            _makedirs(tmp.parent)
+
+    def put() -> int:
         err = _shim.lib.ws_put_file(
             bytes(tmp), bytes(path), bytes(path.parent), buffer, len(buffer), create_only, stage
         )
-        if err != errno.ENOENT or stage[0] != _shim.lib.WS_PUT_CREATE:
-            break
+        if err == errno.ENOENT and stage[0] == _shim.lib.WS_PUT_CREATE:
+            raise FileNotFoundError(err, os.strerror(err), str(tmp))
+        return int(err)
+
+    err = _making_dirs(tmp.parent, put)
     if err:
         failed = {_shim.lib.WS_PUT_NAME: path, _shim.lib.WS_PUT_DIR: path.parent}
         raise OSError(err, os.strerror(err), str(failed.get(stage[0], tmp)))
