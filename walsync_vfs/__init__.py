@@ -154,7 +154,7 @@ def _adopt(new: Settings) -> None:
 def _serve_metrics() -> None:
     """Serve metrics_port once this process has a database open: a pre-fork server's master
     that only configures leaves the port to the first worker that replicates."""
-    if _settings.metrics_port is not None and capture.lib.ws_open_count() > 0:
+    if _settings.metrics_port is not None and _has_databases():
         metrics.serve(_settings.metrics_port, lambda: _engine, _has_databases)
 
 

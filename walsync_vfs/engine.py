@@ -46,7 +46,7 @@ from walsync_vfs.lease import Lease, Refused, Unfenceable, renew_all
 from walsync_vfs.lineage import Head, decide, extend_runs, read_head
 from walsync_vfs.recent import RecentCopies
 from walsync_vfs.spool import Spool
-from walsync_vfs.uploader import PUT_BATCH, RETRY, Queued, Uploader
+from walsync_vfs.uploader import PUT_BATCH, RETRY, Pending, Queued, Uploader
 from walsync_vfs.workers import Workers
 
 __all__ = ["Engine", "ReplicationError", "stats_of"]
@@ -173,12 +173,7 @@ class Engine:
         if ext.open is not None:
             seq = ext.open.last_seq if began else ext.last_seq
             up.pending[-1] = (seq, gen, ext.open)
-        grown = up.pending_bytes + ext.pages * lineage.page_size
-        due = up.queue(began, grown, now, db.cfg)
-        up.pending_bytes = grown
-        if due:
-            self.uploads.schedule(db, now)
-        self._check_cap(db)
+        self._pend(db, began, ext.pages * lineage.page_size, now)
 
     def _on_record(self, rec: Record) -> None:
         """Handle one record (lock held)."""
@@ -339,8 +334,14 @@ class Engine:
             # An exact type test: isinstance against an abstract Sequence is slow.
             if type(c) is format.Commit and type(c.pages) is capture.SpooledPages:
                 up.disk_bytes += c.page_count * page_size
+        self._pend(db, pending, size, now)
+
+    def _pend(self, db: Database, items: Sequence[Pending], size: int, now: float) -> None:
+        """Add ``items`` (``size`` bytes of pages) to the database's pending commits,
+        schedule its upload if they are due, and spill past the memory cap (lock held)."""
+        up = db.upload
         grown = up.pending_bytes + size
-        due = up.queue(pending, grown, now, db.cfg)
+        due = up.queue(items, grown, now, db.cfg)
         up.pending_bytes = grown  # before scheduling: a segment's worth is due at once
         if due:
             self.uploads.schedule(db, now)
