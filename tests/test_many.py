@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import apsw
+from seaweedfs import free_ports
 
 import walsync_vfs
 from walsync_vfs.restore import restore
@@ -64,9 +65,7 @@ def test_stats_and_prometheus_endpoint(file_replica, tmp_path):
     assert s["last_txid"] == s["replicated_txid"] == 7  # snapshot, CREATE, 5 inserts
     assert s["lag_seconds"] == 0 and s["pending_commits"] == 0 and s["errors"] == 0
     assert s["bytes_uploaded"] > 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    (port,) = free_ports(1)
     walsync_vfs.configure(metrics_port=port)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     labels = f'database="metered.db",path="{tmp_path / "metered.db"}"'
@@ -95,9 +94,7 @@ def test_metrics_of_a_pre_fork_server_are_served_by_the_worker_that_replicates(
 ) -> None:
     """A master that configures metrics_port and forks never opens a database: the port is
     left to the worker that replicates one, not served empty by the master."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    (port,) = free_ports(1)
     path = tmp_path / "a.db"
     out = subprocess.run(
         [sys.executable, "-c", PREFORK_METRICS, str(path), file_url, str(port)],
@@ -129,9 +126,7 @@ def test_a_worker_serving_metrics_reports_databases_another_worker_leads(
     con = apsw.Connection(str(path), vfs="walsync")  # this process leads
     con.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
     walsync_vfs.flush(timeout=30)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    (port,) = free_ports(1)
     out = subprocess.run(
         [sys.executable, "-c", FOLLOWER_METRICS, str(path), file_replica, str(port)],
         capture_output=True, text=True, timeout=60,
@@ -155,12 +150,6 @@ walsync_vfs.flush(timeout=30)
 print("leader" if walsync_vfs.stats()[0]["leader"] else "follower", flush=True)
 sys.stdin.readline()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scraped_txid(port: int, path: Path) -> float | None:
@@ -188,7 +177,7 @@ def test_the_metrics_port_passes_to_a_process_that_can_serve_it(
     """The process serving metrics_port goes away (the leader killed): another that has the
     database open takes the port within a few seconds, instead of having warned once at its
     start and never tried again."""
-    port, path = free_port(), tmp_path / "a.db"
+    port, path = free_ports(1)[0], tmp_path / "a.db"
     cmd = [sys.executable, "-c", METRICS_APP, str(path), file_url, str(port)]
     first = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     second = None
@@ -232,7 +221,7 @@ def test_a_pre_fork_master_that_closed_its_database_leaves_metrics_to_a_worker(
     it gives it up, having no database to report, and a worker serves it; a worker holds
     no copy of the master's listening socket, which would hang scrapes once the master
     exits."""
-    port, path = free_port(), tmp_path / "a.db"
+    port, path = free_ports(1)[0], tmp_path / "a.db"
     master = subprocess.Popen(
         [sys.executable, "-c", PREFORK_CLOSED, str(path), file_url, str(port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -268,7 +257,7 @@ def test_a_process_that_opens_a_database_per_request_keeps_serving_metrics(
 ) -> None:
     """A lone process with no database open between requests is asked for the port by no
     one, so it keeps serving it: scrapes between requests are answered, not refused."""
-    port = free_port()
+    port = free_ports(1)[0]
     out = subprocess.run(
         [sys.executable, "-c", PER_REQUEST, str(tmp_path / "a.db"), file_url, str(port)],
         capture_output=True, text=True, timeout=60,
