@@ -170,6 +170,7 @@ struct WsDb {
   int bReopen;  /* the WAL may be another file now: reopen walFd (atomic) */
   ws_batch *pBatch; /* ws_drain() scratch: this db's batch being built (in `batch`) */
   ws_batch batch;   /* its storage: a drain makes one batch per database, never allocated */
+  ws_rec *pSpare;   /* a recycled record for the next commit (mu), taken from gSpare */
   /* Several processes: see "Host-wide coordination" below. */
   pthread_mutex_t mu;        /* guards c (recursive): ws_tail() runs without the WAL lock */
   volatile unsigned char *pShm; /* this process's wal-index region 0, or NULL */
@@ -236,8 +237,16 @@ struct WsFile {
 
 #define ORIGVFS(p) ((sqlite3_vfs *)((p)->pAppData))
 
-/* Global registry and record queue, guarded by one mutex. */
+/* Global registry and record queue, guarded by one mutex.  Writers and the
+** consumer hold it for a few instructions at a time: spinning a moment beats
+** sleeping on it, whose wake-up costs a writer more than the wait. */
+#ifdef PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
+static pthread_mutex_t gMutex = PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP;
+#define WS_MUTEX_SPINS PTHREAD_MUTEX_ADAPTIVE_NP
+#else
 static pthread_mutex_t gMutex = PTHREAD_MUTEX_INITIALIZER;
+#define WS_MUTEX_SPINS PTHREAD_MUTEX_DEFAULT
+#endif
 static pthread_cond_t gCond = PTHREAD_COND_INITIALIZER;
 static __thread int tEngineOpen = 0; /* ws_conn_open() is opening: not the application */
 static WsFile *gEngFiles = 0; /* the engine's open MAIN and WAL files (gMutex) */
@@ -253,6 +262,12 @@ static void engFileGone(WsFile *p) {
 static WsDb **gaDb = 0; /* indexed by id-1; never shrinks (ids stay valid) */
 static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
+/* Commit records the consumer is done with, kept for writers' next commits:
+** a commit then costs no malloc, and the consumer never frees into the arena
+** a writer allocates from (each free would take that arena's lock). */
+#define WS_SPARE_MAX 1024
+static ws_rec *gSpare = 0;
+static int gnSpare = 0;
 static int gWaiting = 0, gWake = 0;
 /* The consumer lingers (ws_drain); bytes of commits queued since it last read ahead. */
 static sqlite3_int64 gUnread = 0;
@@ -445,6 +460,11 @@ static void enqueue(WsDb *pDb, ws_rec *r) {
   pthread_mutex_lock(&gMutex);
   if (r->kind == WS_COMMIT) {
     __atomic_add_fetch(&pDb->nPending, 1, __ATOMIC_ACQ_REL);
+    if (!pDb->pSpare && gSpare) {
+      pDb->pSpare = gSpare;
+      gSpare = gSpare->next;
+      gnSpare--;
+    }
     pinFrames(pDb);
     pDb->aQueued[0] = r->salt1;
     pDb->aQueued[1] = r->salt2;
@@ -940,8 +960,13 @@ static int isPadding(int fd, const WsChain *c, uint32_t f) {
 ** checksum endCk and leaves the database at dbSize pages. */
 static ws_rec *commitRecord(WsDb *pDb, const WsChain *c, uint32_t f0, uint32_t f1, uint32_t dbSize,
                             const uint32_t *endCk) {
-  ws_rec *r = calloc(1, sizeof(*r));
-  if (!r) return 0;
+  ws_rec *r = pDb->pSpare;
+  if (r) {
+    pDb->pSpare = 0;
+    memset(r, 0, sizeof(*r));
+  } else if (!(r = calloc(1, sizeof(*r)))) {
+    return 0;
+  }
   r->pDb = pDb;
   r->db_id = pDb->id;
   r->kind = WS_COMMIT;
@@ -2386,10 +2411,15 @@ int ws_open_count(void) {
   return n;
 }
 
-static void freeRecord(ws_rec *r) {
+/* Free what a record holds, leaving the record itself. */
+static void clearRecord(ws_rec *r) {
   if (r->spool_fd >= 0) close(r->spool_fd); /* unless Python took it */
   releaseFrames(r);
   free(r->pIndex);
+}
+
+static void freeRecord(ws_rec *r) {
+  clearRecord(r);
   free(r);
 }
 
@@ -2446,16 +2476,41 @@ static ws_batch *takeBatches(void) {
   return head;
 }
 
+/* Free a drain's records; commit records go back to gSpare for reuse. */
 static void freeBatches(ws_batch *b) {
+  ws_rec *spare = 0, *last = 0;
+  int n = 0;
   while (b) {
     ws_batch *nb = b->next;
     ws_rec *r = b->first;
     while (r) {
-      ws_rec *n = r->next;
-      freeRecord(r);
-      r = n;
+      ws_rec *next = r->next;
+      if (r->kind == WS_COMMIT && n < WS_SPARE_MAX) {
+        clearRecord(r);
+        r->next = spare;
+        if (!spare) last = r;
+        spare = r;
+        n++;
+      } else {
+        freeRecord(r);
+      }
+      r = next;
     }
     b = nb; /* the batch itself lives in its WsDb */
+  }
+  if (!spare) return;
+  pthread_mutex_lock(&gMutex);
+  if (gnSpare < WS_SPARE_MAX) {
+    last->next = gSpare;
+    gSpare = spare;
+    gnSpare += n;
+    spare = 0;
+  }
+  pthread_mutex_unlock(&gMutex);
+  while (spare) {
+    ws_rec *next = spare->next;
+    free(spare);
+    spare = next;
   }
 }
 
@@ -2889,7 +2944,10 @@ static void forkChild(void) {
   pthread_mutexattr_t ma;
   forkLeaveSqlite();
   forkLetGo();
-  pthread_mutex_init(&gMutex, 0);
+  pthread_mutexattr_init(&ma);
+  pthread_mutexattr_settype(&ma, WS_MUTEX_SPINS);
+  pthread_mutex_init(&gMutex, &ma);
+  pthread_mutexattr_destroy(&ma);
   pthread_mutex_init(&gSpoolMutex, 0);
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);
