@@ -112,15 +112,18 @@ void free(void *p);
 #define WS_PUT_DIR ...
 int ws_put_file(const char *zTmp, const char *zPath, const char *zDir, const unsigned char *a,
                 size_t n, int bCreateOnly, int *pStage);
+unsigned char *ws_join(const unsigned char *const *pieces, const uint64_t *lens, uint32_t n,
+                       uint64_t total);
 """
 
+SOURCES = ("walsync.c", "xxh3.c", "commits.c", "objectfile.c", "join.c")
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "walsync_vfs._shim",
-    '#include "walsync.c"\n#include "xxh3.c"\n#include "commits.c"\n#include "objectfile.c"',
+    "".join(f'#include "{name}"\n' for name in SOURCES),
     include_dirs=[str(HERE)],
-    depends=[str(HERE / name) for name in ("walsync.c", "xxh3.c", "commits.c", "objectfile.c")],
+    depends=[str(HERE / name) for name in SOURCES],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
     libraries=["pthread"],
 )

@@ -42,9 +42,9 @@ LISTED_TIME_SLACK = 1.0  # S3 lists LastModified to the second: a write may be t
 # (database, retention due, small segments to merge, their local copies)
 Job = tuple["Database", bool, list[format.ParsedKey], Run | None]
 # (objects to put, keys to delete once every put succeeded)
-Plan = tuple[list[tuple[str, bytes]], list[str]]
+Plan = tuple[list[tuple[str, bytes | memoryview]], list[str]]
 # (database, merged segments to put, segments to delete once they are all in)
-Compaction = tuple["Database", list[tuple[str, bytes]], list[str]]
+Compaction = tuple["Database", list[tuple[str, bytes | memoryview]], list[str]]
 
 
 def _pairs() -> array[int]:
@@ -363,7 +363,7 @@ class Compactor:
         if not runs:
             return None
         copies = self.recent.read(run)
-        puts: list[tuple[str, bytes]] = []
+        puts: list[tuple[str, bytes | memoryview]] = []
         deletes: list[str] = []
         for segments in runs:
             more, gone = merge_plan(db.client, segments, db.cfg.max_segment_bytes, copies.get)

@@ -20,6 +20,8 @@ from typing import BinaryIO, cast, overload
 
 import zstandard
 
+from walsync_vfs._shim import ffi as _ffi
+from walsync_vfs._shim import lib as _lib
 from walsync_vfs.format.checksum import Page
 from walsync_vfs.format.container import (
     CHUNK,
@@ -384,7 +386,7 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
 
 def encode_segment(
     page_size: int, commits: Sequence[Commit | PackedRun], level: int = SEGMENT_LEVEL
-) -> bytes:
+) -> bytes | memoryview:
     """Encode consecutive commits (or runs of them) as one segment object.
 
     Raises ValueError for input the format cannot represent, so nothing is uploaded
@@ -403,7 +405,7 @@ def encode_segment(
     return _encode_commits(page_size, commits, level)  # type: ignore[arg-type]
 
 
-def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes:
+def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes | memoryview:
     """Runs of packed commits: their entries and records as they are, checked already."""
     for a, b in zip(runs, runs[1:], strict=False):
         if b.txid != a.last_txid + 1:
@@ -415,7 +417,7 @@ def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes
     return _seal_segment(page_size, runs[0].txid, runs[-1].last_txid, index, records, level)
 
 
-def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> bytes:
+def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> bytes | memoryview:
     """Commits one by one, each checked."""
     first = commits[0].txid
     index: list[bytes | memoryview] = []
@@ -573,7 +575,7 @@ def _seal_segment(
     index: Sequence[bytes | memoryview],
     records: Sequence[bytes | memoryview],
     level: int,
-) -> bytes:
+) -> bytes | memoryview:
     """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4).
 
     Shared by encoding commits and merging segments, so both produce the same bytes.  The
@@ -586,7 +588,23 @@ def _seal_segment(
     digest = hashlib.sha256(head)
     for piece in (*index, *body):
         digest.update(piece)
-    return b"".join((head, *index, *body, digest.digest()))
+    return _joined((head, *index, *body, digest.digest()))
+
+
+def _joined(pieces: Sequence[bytes | memoryview]) -> bytes | memoryview:
+    """The pieces back to back as one object.  Past GATHER_BYTES the copy is made by the shim
+    with the GIL released (a read-only view of memory freed with the view): a copy of a
+    multi-megabyte segment, and the page faults of its new memory, would otherwise hold the
+    GIL for milliseconds while application threads wait for it."""
+    total = sum(len(p) for p in pieces)
+    if total < GATHER_BYTES:
+        return b"".join(pieces)
+    joined = _lib.ws_join([_ffi.from_buffer(p) for p in pieces], [len(p) for p in pieces],
+                          len(pieces), total)  # fmt: skip
+    if joined == _ffi.NULL:
+        raise MemoryError(f"no memory for a {total}-byte segment")
+    owned = _ffi.gc(joined, _lib.free, size=total)
+    return memoryview(_ffi.buffer(owned, total)).toreadonly()
 
 
 _Row = tuple[int, int, int, int, int, int, int, int]  # one index entry, version 2 fields
@@ -915,7 +933,7 @@ def read_segment_raw(data: bytes, key: str) -> RawSegment:
 
 def merge_segments(
     segments: Sequence[RawSegment], max_bytes: int, level: int = SEGMENT_LEVEL
-) -> Iterator[tuple[int, int, bytes]]:
+) -> Iterator[tuple[int, int, bytes | memoryview]]:
     """Merge consecutive segments into as few as fit ``max_bytes`` of page data each (a
     single commit over it gets a segment of its own); yields ``(first_txid, last_txid,
     object)`` for each.
@@ -964,7 +982,9 @@ def merge_segments(
             pos += pages + 4 * page_count
         indexes[-1].append(index[start * width :])
         bodies[-1].append(raw[run_pos:])
-    whole = {(s.first_txid, s.last_txid): s.data for s in segments}
+    whole: dict[tuple[int, int], bytes | memoryview] = {
+        (s.first_txid, s.last_txid): s.data for s in segments
+    }
     lasts = [f - 1 for f in firsts[1:]] + [expected - 1]
     for first, last, index_runs, body_runs in zip(firsts, lasts, indexes, bodies, strict=True):
         data = whole.get((first, last))
