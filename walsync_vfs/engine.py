@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from walsync_vfs import capture, format, heap, storage, sync
+from walsync_vfs import capture, descriptors, format, heap, storage, sync
 from walsync_vfs.backoff import Backoff
 from walsync_vfs.capture import JournalModeError, Kind, Record
 from walsync_vfs.compactor import MAINTENANCE_TICK, Compactor
@@ -190,6 +190,7 @@ class Engine:
             if db is None:
                 db = self._dbs[rec.db_id] = Database(rec.db_id, rec.path)
                 self._ensure_thread()
+                descriptors.check(len(self._dbs))
             log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
             db.open = db.joining = True
             db.sync.open_seq = rec.seq
