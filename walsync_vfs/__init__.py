@@ -27,7 +27,7 @@ except ImportError as exc:  # a source tree without the compiled shim shadows th
         "with `pip install -e .` there, or run from outside that source directory"
     ) from exc
 
-from walsync_vfs import capture, descriptors, metrics, storage
+from walsync_vfs import capture, metrics, storage
 from walsync_vfs.capture import CaptureError
 from walsync_vfs.config import (
     ConfigError,
@@ -137,7 +137,6 @@ def _engine_instance() -> Engine:
                 if not _settings_loaded:
                     _adopt(initial_settings())
                     _settings_loaded = True
-                descriptors.raise_soft_limit()
                 engine = Engine(_settings)
                 # The dispatcher starts with the engine as its default sink: an OPEN queued
                 # by the connection being opened reaches the engine, not nowhere.

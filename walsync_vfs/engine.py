@@ -190,7 +190,7 @@ class Engine:
             if db is None:
                 db = self._dbs[rec.db_id] = Database(rec.db_id, rec.path)
                 self._ensure_thread()
-                descriptors.check(len(self._dbs))
+                descriptors.make_room(len(self._dbs))
             log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
             db.open = db.joining = True
             db.sync.open_seq = rec.seq
