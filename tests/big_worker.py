@@ -6,7 +6,8 @@ takes a snapshot of it) and flush to ``URL``; ``plain DB``: the same write witho
 ``grow DB ROWS [URL]``: one transaction that appends copies of ``t``'s first ROWS rows (the
 same bytes on every copy of a database), through the VFS replicating to URL and flushed, or
 without URL through plain apsw.
-``restore URL OUT``: ``restore`` it.  ``paced DB URL RATE SECONDS LOG``: RATE commits a
+``restore URL OUT [cli]``: ``restore`` it (with ``cli``, after ``heap.map_big_blocks()``,
+as ``python -m walsync_vfs restore`` does).  ``paced DB URL RATE SECONDS LOG``: RATE commits a
 second through the VFS for SECONDS, each one row of ``t`` and ``head.n`` set to its rowid,
 logging "rowid unix-time" after each commit.  Each
 prints ``{"peak_rss": bytes}``; a fresh process per run, so the peak is that run's alone.
@@ -76,9 +77,12 @@ def main() -> None:
         walsync_vfs.flush(timeout=300)
         con.close()
     elif mode == "restore":
+        from walsync_vfs import heap
         from walsync_vfs.restore import restore
 
-        url, out = args
+        url, out, *how = args
+        if how == ["cli"]:
+            heap.map_big_blocks()
         restore(url, out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")

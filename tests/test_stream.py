@@ -77,24 +77,34 @@ UPLOAD_BOUND = (TRANSFER_WORKERS + 1) * PART_SIZE + 24 * MIB
 def test_snapshot_and_restore_memory_does_not_grow_with_the_database(
     tmp_path: Path, replica_url: str
 ) -> None:
-    """On S3 a snapshot of the big database goes up as a multipart upload of 25 parts."""
+    """On S3 a snapshot of the big database goes up as a multipart upload of 25 parts.
+
+    Restore is held to the bound as the CLI runs it.  Called as a library function it
+    cannot set the process-wide allocator option the CLI sets (heap.map_big_blocks), and
+    glibc's arenas then keep freed MiB-sized buffers of the transfer and prefetch threads:
+    its peak varies from run to run (20-80 MiB over the small database's on the 2-core CI
+    machine), so there it is only held to not growing with the database."""
     small, big = build(tmp_path / "small.db", MIB), build(tmp_path / "big.db", BIG)
     assert os.path.getsize(big) >= 3 * RSS_BOUND
     plain = peak_rss("plain", str(big))  # the same write without walsync
     # The same run on a 1 MiB database is the baseline: interpreter, imports, threads.
     replicate = {p.name: peak_rss("replicate", str(p), replica_url) for p in (small, big)}
-    restored = {p.name: tmp_path / f"restored-{p.name}" for p in (small, big)}
-    restores = {
-        name: peak_rss("restore", f"{replica_url}/{name}", str(out))
-        for name, out in restored.items()
-    }
-    assert digest(restored["big.db"]) == digest(big)
+    extra_restore = {}
+    for how in ("cli", "library"):
+        outs = {p.name: tmp_path / f"restored-{how}-{p.name}" for p in (small, big)}
+        peaks = {
+            name: peak_rss("restore", f"{replica_url}/{name}", str(out), how)
+            for name, out in outs.items()
+        }
+        assert digest(outs["big.db"]) == digest(big)
+        extra_restore[how] = peaks["big.db"] - peaks["small.db"]
     extra_app = replicate["big.db"] - plain
     grown = replicate["big.db"] - replicate["small.db"]
-    extra_restore = restores["big.db"] - restores["small.db"]
     assert extra_app < RSS_BOUND, f"the app took {extra_app / MIB:.0f} MiB over plain apsw"
     assert grown < UPLOAD_BOUND, f"snapshot upload took {grown / MIB:.0f} MiB more"
-    assert extra_restore < RSS_BOUND, f"restore took {extra_restore / MIB:.0f} MiB more"
+    cli, library = extra_restore["cli"], extra_restore["library"]
+    assert cli < RSS_BOUND, f"restore took {cli / MIB:.0f} MiB more"
+    assert library < BIG // 2, f"restore() took {library / MIB:.0f} MiB more"
 
 
 def test_headers_alone_go_over_the_wire(
