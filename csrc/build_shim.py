@@ -1,6 +1,6 @@
 """cffi build script: compiles csrc/walsync.c (the VFS) with xxh3.c, commits.c (the
-consumer's per-batch work) and objectfile.c (the local-directory store's put) into
-``walsync_vfs._shim``.
+consumer's per-batch work), objectfile.c (the local-directory store's put) and join.c (a
+segment's final copy without the GIL) into ``walsync_vfs._shim``.
 
 The result is one shared object that is both a CPython extension (so Python calls the
 consumer API directly) and a SQLite loadable extension (entry ``sqlite3_walsync_init``),

@@ -264,7 +264,8 @@ static int64_t gnDb = 0, gnDbAlloc = 0;
 static ws_rec *gHead = 0, *gTail = 0;
 /* Commit records the consumer is done with, kept for writers' next commits:
 ** a commit then costs no malloc, and the consumer never frees into the arena
-** a writer allocates from (each free would take that arena's lock). */
+** a writer allocates from (each free would take that arena's lock).  At most
+** WS_SPARE_MAX are kept; a drain's records past that are freed. */
 #define WS_SPARE_MAX 1024
 static ws_rec *gSpare = 0;
 static int gnSpare = 0;
@@ -2500,7 +2501,7 @@ static void freeBatches(ws_batch *b) {
   }
   if (!spare) return;
   pthread_mutex_lock(&gMutex);
-  if (gnSpare < WS_SPARE_MAX) {
+  if (gnSpare + n <= WS_SPARE_MAX) {
     last->next = gSpare;
     gSpare = spare;
     gnSpare += n;
