@@ -7,6 +7,8 @@ import random
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -225,6 +227,38 @@ def test_file_delete_prunes_empty_directories(file_url: str) -> None:
     client.delete(["a/d"])
     assert root.is_dir()
     assert list(root.iterdir()) == []
+
+
+CONFLICT_IN_A_CYCLE = """
+import gc, sys
+from walsync_vfs import storage
+from walsync_vfs.format import Commit, encode_segment
+client = storage.open_replica(sys.argv[1])
+client.create_only = True
+page = [(1, bytes(4096))]
+segment = encode_segment(4096, [Commit(txid=1, time_ns=1, db_size=1, checksum=0, pages=page)])
+client.put("k", segment)
+try:
+    client.put("k", segment)
+except storage.Conflict as exc:
+    kept = [exc]
+    kept.append(kept)  # the error, its traceback's frames and their locals: garbage in a cycle
+del kept, segment
+gc.collect()
+print("collected")
+"""
+
+
+def test_a_failed_file_put_leaves_no_buffer_exported(file_url: str) -> None:
+    """A segment is a memoryview; the local-directory put hands it to C through an export
+    that must end with the call.  Held by a frame that an error's traceback keeps in a
+    cycle, the collector could not release the view, cleared it anyway, and the process
+    crashed when it was freed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CONFLICT_IN_A_CYCLE, file_url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "collected\n", "")
 
 
 def test_file_errors_are_one_line(tmp_path: Path) -> None:

@@ -341,22 +341,24 @@ def _put_whole(tmp: Path, path: Path, data: bytes | memoryview, create_only: boo
     """:meth:`FileReplicaClient._install` of a whole object, in one C call with the GIL
     released once (csrc/objectfile.c): each system call made from here would take it back,
     and every take can make an application thread wait for it."""
-    buffer = _shim.ffi.from_buffer("unsigned char[]", data)
     stage = _shim.ffi.new("int *")
+    # The export ends with the block: a buffer still exported from a memoryview that an
+    # exception's traceback keeps in a reference cycle crashes CPython's collector.
+    with _shim.ffi.from_buffer("unsigned char[]", data) as buffer:
 
-    def put() -> int:
-        err = _shim.lib.ws_put_file(
-            bytes(tmp), bytes(path), bytes(path.parent), buffer, len(buffer), create_only, stage
-        )
-        if err == errno.ENOENT and stage[0] == _shim.lib.WS_PUT_CREATE:
-            raise FileNotFoundError(err, os.strerror(err), str(tmp))
-        return int(err)
+        def put() -> int:
+            err = _shim.lib.ws_put_file(
+                bytes(tmp), bytes(path), bytes(path.parent), buffer, len(data), create_only, stage
+            )
+            if err == errno.ENOENT and stage[0] == _shim.lib.WS_PUT_CREATE:
+                raise FileNotFoundError(err, os.strerror(err), str(tmp))
+            return int(err)
 
-    err = _making_dirs(tmp.parent, put)
+        err = _making_dirs(tmp.parent, put)
     if err:
         failed = {_shim.lib.WS_PUT_NAME: path, _shim.lib.WS_PUT_DIR: path.parent}
         raise OSError(err, os.strerror(err), str(failed.get(stage[0], tmp)))
-    return len(buffer)
+    return len(data)
 
 
 def _fsync_dir(directory: Path) -> None:
