@@ -1,6 +1,6 @@
 """cffi build script: compiles csrc/walsync.c (the VFS) with xxh3.c, commits.c (the
-consumer's per-batch work), objectfile.c (the local-directory store's put) and join.c (a
-segment's final copy without the GIL) into ``walsync_vfs._shim``.
+consumer's per-batch work) and objectfile.c (the local-directory store's put) into
+``walsync_vfs._shim``.
 
 The result is one shared object that is both a CPython extension (so Python calls the
 consumer API directly) and a SQLite loadable extension (entry ``sqlite3_walsync_init``),
@@ -105,18 +105,15 @@ void ws_extend_all(uint32_t n, ws_rec **first, ws_run **open, uint64_t **hashes,
 uint64_t ws_page_hash(const unsigned char *page, uint32_t n, uint64_t pgno);
 void ws_wal_checksum(int big_end, const unsigned char *a, int n, uint32_t *ck);
 uint64_t ws_run_hash(const unsigned char *pages, uint32_t page_size, uint64_t n, uint64_t pgno);
-void free(void *p);
 #define WS_PUT_CREATE ...
 #define WS_PUT_WRITE ...
 #define WS_PUT_NAME ...
 #define WS_PUT_DIR ...
 int ws_put_file(const char *zTmp, const char *zPath, const char *zDir, const unsigned char *a,
                 size_t n, int bCreateOnly, int *pStage);
-unsigned char *ws_join(const unsigned char *const *pieces, const uint64_t *lens, uint32_t n,
-                       uint64_t total);
 """
 
-SOURCES = ("walsync.c", "xxh3.c", "commits.c", "objectfile.c", "join.c")
+SOURCES = ("walsync.c", "xxh3.c", "commits.c", "objectfile.c")
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(

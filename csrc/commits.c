@@ -162,24 +162,33 @@ static void ws_apply(const ws_rec *r, ws_lineage *l, unsigned char *entry, unsig
 /* Blocks this big are mappings of their own, unmapped when freed: from the C library's heap,
    freed on an upload thread, they would stay in its arenas (glibc keeps freed chunks, and
    after the first freed mapping serves blocks up to 32 MiB from the heap).  Freed blocks of
-   the sizes a run grows through are kept, up to WS_KEPT_BYTES in all, for the next runs: a
+   the sizes a run grows through are kept, up to a pool's bytes in all, for the next runs: a
    steady writer's runs then reuse memory instead of faulting in (and zeroing) every page
    of every run afresh.  A run's records are grouped so that its blocks have those sizes. */
 #define WS_MAPPED_BLOCK (256 << 10)
 #define WS_MAX_BLOCK (4 << 20)
 #define WS_SIZES 5 /* 256 KiB, 512 KiB, ... WS_MAX_BLOCK */
-#define WS_KEPT_PER_SIZE 8
-#define WS_KEPT_BYTES (24 << 20)
+#define WS_KEPT_PER_SIZE 64
 
-static ws_block *ws_kept[WS_SIZES][WS_KEPT_PER_SIZE];
-static int ws_nkept[WS_SIZES];
-static uint64_t ws_kept_bytes = 0;
-/* Taken without waiting: when busy the block is mapped or unmapped instead (and a child forked
-   while it was taken never uses the kept blocks). */
-static int ws_kept_busy = 0;
+typedef struct ws_pool ws_pool;
+struct ws_pool {
+  ws_block *kept[WS_SIZES][WS_KEPT_PER_SIZE];
+  int nkept[WS_SIZES];
+  uint64_t bytes, most; /* kept now, and at most */
+  /* Taken without waiting: when busy a block is mapped or unmapped instead (and a child
+     forked while it was taken never uses the kept blocks). */
+  int busy;
+};
+/* Runs' blocks, and the WAL frames walsync.c reads before they are copied into runs: apart,
+   as a drain makes all its reads (a read ahead every 256 KiB of commits) before its runs
+   take any block. */
+static ws_pool ws_runs_pool = {.most = 24 << 20};
+static ws_pool ws_frames_pool = {.most = 32 << 20};
 
-static int ws_kept_take(void) { return !__atomic_exchange_n(&ws_kept_busy, 1, __ATOMIC_ACQUIRE); }
-static void ws_kept_give(void) { __atomic_store_n(&ws_kept_busy, 0, __ATOMIC_RELEASE); }
+static int ws_kept_take(ws_pool *pool) {
+  return !__atomic_exchange_n(&pool->busy, 1, __ATOMIC_ACQUIRE);
+}
+static void ws_kept_give(ws_pool *pool) { __atomic_store_n(&pool->busy, 0, __ATOMIC_RELEASE); }
 
 /* The kept list for blocks of `cap` bytes (-1: blocks of that size are not kept). */
 static int ws_size_class(uint64_t cap) {
@@ -189,54 +198,75 @@ static int ws_size_class(uint64_t cap) {
   return -1;
 }
 
-static ws_block *ws_block_new(uint64_t cap) {
+static ws_block *ws_block_new(ws_pool *pool, uint64_t cap) {
   ws_block *b = 0;
   int i;
   if (cap < WS_MAPPED_BLOCK) return malloc(sizeof(ws_block) + cap);
   i = ws_size_class(cap);
-  if (i >= 0 && ws_kept_take()) {
-    if (ws_nkept[i] > 0) {
-      b = ws_kept[i][--ws_nkept[i]];
-      ws_kept_bytes -= cap;
+  if (i >= 0 && ws_kept_take(pool)) {
+    if (pool->nkept[i] > 0) {
+      b = pool->kept[i][--pool->nkept[i]];
+      pool->bytes -= cap;
     }
-    ws_kept_give();
+    ws_kept_give(pool);
     if (b) return b;
   }
   void *p = mmap(0, sizeof(ws_block) + cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   return p == MAP_FAILED ? 0 : p;
 }
 
-static void ws_block_free(ws_block *b) {
+static void ws_block_free(ws_pool *pool, ws_block *b) {
   int i;
   if (b->capacity < WS_MAPPED_BLOCK) {
     free(b);
     return;
   }
   i = ws_size_class(b->capacity);
-  if (i >= 0 && ws_kept_take()) {
-    int kept = ws_nkept[i] < WS_KEPT_PER_SIZE && ws_kept_bytes + b->capacity <= WS_KEPT_BYTES;
+  if (i >= 0 && ws_kept_take(pool)) {
+    int kept = pool->nkept[i] < WS_KEPT_PER_SIZE && pool->bytes + b->capacity <= pool->most;
     if (kept) {
-      ws_kept[i][ws_nkept[i]++] = b;
-      ws_kept_bytes += b->capacity;
+      pool->kept[i][pool->nkept[i]++] = b;
+      pool->bytes += b->capacity;
     }
-    ws_kept_give();
+    ws_kept_give(pool);
     if (kept) return;
   }
   munmap(b, sizeof(ws_block) + b->capacity);
 }
 
-/* Unmap the kept blocks: the engine calls this once uploads have freed runs (at most once a
-   second), so a stream that stopped gives them back and a steady one makes a few anew. */
-void ws_blocks_release(void) {
-  if (!ws_kept_take()) return;
+/* Memory for `n` bytes of WAL frames (walsync.c): a block of the smallest kept size that
+   holds them, so a steady stream's reads reuse memory too. */
+void *ws_mem_new(uint64_t n) {
+  uint64_t cap = n;
+  if (n > WS_MAPPED_BLOCK && n <= WS_MAX_BLOCK) {
+    cap = WS_MAPPED_BLOCK;
+    while (cap < n) cap <<= 1;
+  }
+  ws_block *b = ws_block_new(&ws_frames_pool, cap);
+  if (!b) return 0;
+  b->capacity = cap;
+  return b + 1;
+}
+
+void ws_mem_free(void *p) { ws_block_free(&ws_frames_pool, (ws_block *)p - 1); }
+
+static void ws_pool_release(ws_pool *pool) {
+  if (!ws_kept_take(pool)) return;
   for (int i = 0; i < WS_SIZES; i++) {
-    while (ws_nkept[i] > 0) {
-      ws_block *b = ws_kept[i][--ws_nkept[i]];
+    while (pool->nkept[i] > 0) {
+      ws_block *b = pool->kept[i][--pool->nkept[i]];
       munmap(b, sizeof(ws_block) + b->capacity);
     }
   }
-  ws_kept_bytes = 0;
-  ws_kept_give();
+  pool->bytes = 0;
+  ws_kept_give(pool);
+}
+
+/* Unmap the kept blocks: the engine calls this once uploads have freed runs (at most once a
+   second), so a stream that stopped gives them back and a steady one makes a few anew. */
+void ws_blocks_release(void) {
+  ws_pool_release(&ws_runs_pool);
+  ws_pool_release(&ws_frames_pool);
 }
 
 /* A run's memory, its index entries and its chain of blocks: freed in one call, as a sealed
@@ -244,7 +274,7 @@ void ws_blocks_release(void) {
 void ws_run_memory_free(unsigned char *entries, ws_block *blocks) {
   for (ws_block *b = blocks, *next; b; b = next) {
     next = b->next;
-    ws_block_free(b);
+    ws_block_free(&ws_runs_pool, b);
   }
   free(entries);
 }
@@ -292,7 +322,7 @@ static unsigned char *ws_room(ws_run *run, uint64_t n, uint64_t len) {
   ws_block *b = run->last_block;
   if (!b || b->capacity - b->used < len) {
     uint64_t cap = ws_next_capacity(run, len);
-    b = ws_block_new(cap);
+    b = ws_block_new(&ws_runs_pool, cap);
     if (!b) return 0;
     b->next = 0;
     b->capacity = cap;

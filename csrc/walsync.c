@@ -1370,15 +1370,20 @@ static int writeFull(int fd, const unsigned char *a, sqlite3_int64 n, sqlite3_in
 
 /* Frames of consecutive commits read with one call: the bytes follow the
 ** header, and the block is freed with the last commit pointing into it.  Only
-** the consumer thread frees records, so the count needs no atomics. */
+** the consumer thread frees records, so the count needs no atomics.  The memory
+** comes from the blocks runs are made of (commits.c), kept for reuse in the same
+** sizes: never MiB-sized chunks of the C library's heap, which glibc would keep in
+** its arenas once freed. */
 typedef union WsBlock WsBlock;
 union WsBlock {
   uint32_t nRef;
   int64_t align_; /* the bytes after it start 8-byte aligned */
 };
+void *ws_mem_new(uint64_t n);
+void ws_mem_free(void *p);
 
 static void releaseFrames(ws_rec *r) {
-  if (r->pBlock && --r->pBlock->nRef == 0) free(r->pBlock);
+  if (r->pBlock && --r->pBlock->nRef == 0) ws_mem_free(r->pBlock);
   r->pBlock = 0;
   r->aFrames = 0;
 }
@@ -1409,18 +1414,24 @@ static int unreadCommit(const ws_rec *r, const WsDb *pDb) {
   return r && r->pDb == pDb && r->kind == WS_COMMIT && !r->bRead;
 }
 
+/* Frames read at once for a run of several commits: at most the biggest block
+** size kept for reuse (WS_MAX_BLOCK in commits.c), so that a steady stream's
+** reads reuse their memory. */
+#define WS_RUN_READ ((sqlite3_int64)4 << 20)
+
 /* Claim commit r and the unread commits of its database right after it in the
-** list that continue it in the same WAL, up to the big-commit bound in all (a
-** big commit alone): marks them read, sets *pBytes to their frames' size and
-** returns how many.  Called where the list cannot change (gMutex held, or a
-** detached list). */
+** list that continue it in the same WAL, up to WS_RUN_READ (or the big-commit
+** bound) in all (a bigger commit alone): marks them read, sets *pBytes to their
+** frames' size and returns how many.  Called where the list cannot change
+** (gMutex held, or a detached list). */
 static uint32_t claimRun(ws_rec *r, sqlite3_int64 *pBytes) {
   sqlite3_int64 big = bigBytes(r->pDb), n = frameBytes(r);
+  sqlite3_int64 most = big < WS_RUN_READ ? big : WS_RUN_READ;
   ws_rec *q = r, *p = r->next;
   uint32_t nRec = 1;
   r->bRead = 1;
   for (; unreadCommit(p, r->pDb) && p->frame_start == q->frame_end && p->salt1 == r->salt1 &&
-         p->salt2 == r->salt2 && n + frameBytes(p) <= big;
+         p->salt2 == r->salt2 && n + frameBytes(p) <= most;
        q = p, p = p->next) {
     p->bRead = 1;
     n += frameBytes(p);
@@ -1445,9 +1456,9 @@ static ws_rec *readClaimed(ws_rec *r, uint32_t nRec, sqlite3_int64 n, sqlite3_fi
     spoolFrames(r, pFile, fd);
     return r;
   }
-  pBlock = malloc(sizeof(WsBlock) + (size_t)n);
+  pBlock = ws_mem_new(sizeof(WsBlock) + (uint64_t)n);
   if (pBlock && readAt(pFile, fd, (unsigned char *)(pBlock + 1), n, frameOffset(r))) {
-    free(pBlock);
+    ws_mem_free(pBlock);
     pBlock = 0;
   }
   if (pBlock) pBlock->nRef = nRec;

@@ -9,12 +9,17 @@ without URL through plain apsw.
 ``restore URL OUT [cli]``: ``restore`` it (with ``cli``, after ``heap.map_big_blocks()``,
 as ``python -m walsync_vfs restore`` does).  ``paced DB URL RATE SECONDS LOG``: RATE commits a
 second through the VFS for SECONDS, each one row of ``t`` and ``head.n`` set to its rowid,
-logging "rowid unix-time" after each commit.  Each
-prints ``{"peak_rss": bytes}``; a fresh process per run, so the peak is that run's alone.
+logging "rowid unix-time" after each commit.  Each prints ``{"peak_rss": bytes}``; a fresh
+process per run, so the peak is that run's alone.
+
+``stream DB URL COUNT RATE``: after a first flush, COUNT commits of 1 MiB of random rows at
+RATE a second through the VFS; prints the RSS before them, the median RSS sampled while they
+stream, and the largest size the malloc arenas reached meanwhile (glibc).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 
@@ -76,6 +81,46 @@ def main() -> None:
                 f.write(f"{con.last_insert_rowid()} {time.time()}\n")
         walsync_vfs.flush(timeout=300)
         con.close()
+    elif mode == "stream":  # COUNT commits of 1 MiB, RATE a second, after a first flush
+        import threading
+        import time
+
+        import apsw
+
+        import walsync_vfs
+
+        path, url, count, rate = args
+        walsync_vfs.configure(replica=url)
+        con = apsw.Connection(path, vfs="walsync")
+        con.execute("CREATE TABLE IF NOT EXISTS s(v)")
+        walsync_vfs.flush(timeout=300)  # the first sync is done: what the stream costs follows
+        before, rss_seen, heap_seen = rss(), [], []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                rss_seen.append(rss())
+                heap_seen.append(heap_bytes())
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        start = time.monotonic()
+        for i in range(int(count)):
+            time.sleep(max(0.0, start + i / float(rate) - time.monotonic()))
+            with con:
+                con.execute("DELETE FROM s")
+                con.execute(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 256)"
+                    " INSERT INTO s SELECT randomblob(4000) FROM n"
+                )
+        walsync_vfs.flush(timeout=300)
+        done.set()
+        sampler.join()
+        con.close()
+        rss_seen.sort()
+        median = rss_seen[len(rss_seen) // 2]
+        print(json.dumps({"rss_before": before, "rss_median": median, "heap_max": max(heap_seen)}))
+        return
     elif mode == "restore":
         from walsync_vfs import heap
         from walsync_vfs.restore import restore
@@ -89,14 +134,38 @@ def main() -> None:
     print(json.dumps({"peak_rss": peak_rss()}))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost",
+    )]  # fmt: skip
+
+
+def heap_bytes() -> int:
+    """Bytes of glibc's malloc arenas, in use or free (mallinfo2's ``arena``): memory the
+    allocator holds apart from the chunks it maps one by one."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().arena)
+
+
+def rss() -> int:
+    """This process's resident memory now, in bytes."""
+    return _status("VmRSS")
+
+
 def peak_rss() -> int:
     """This process's peak RSS in bytes: VmHWM, which belongs to the program image (not
     ru_maxrss, which Linux carries over exec from the parent that forked this process)."""
+    return _status("VmHWM")
+
+
+def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) << 10
-    raise SystemExit("no VmHWM in /proc/self/status")
+    raise SystemExit(f"no {field} in /proc/self/status")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ so the tests also check that the code and FORMAT.md agree.
 import dataclasses
 import hashlib
 import io
+import mmap
 import random
 import struct
 from functools import reduce
@@ -551,7 +552,7 @@ def test_segment_every_byte_flip_detected():
 
 
 def test_segment_truncation_and_extension_detected():
-    data = encode_segment(512, SMALL)
+    data = bytes(encode_segment(512, SMALL))
     for n in range(len(data)):
         assert_corrupt(SEG_KEY, decode_segment_fully, data[:n])
     assert_corrupt(SEG_KEY, decode_segment_fully, data + b"\0")
@@ -950,42 +951,44 @@ def test_changed_since_names_the_pages_that_differ_up_to_a_bound():
 
 
 def test_small_pieces_are_compressed_in_groups_and_big_ones_where_they_are() -> None:
-    """The compressor gets a page-by-page record as a few pieces of about GATHER_BYTES (one
+    """The compressor reads a page-by-page record as a few pieces of about GATHER_BYTES (one
     GIL take each, not one per page), the same bytes in the same order; a big piece is
-    handed over as it is, not copied."""
-    from walsync_vfs.format.segment import GATHER_BYTES, _gathered
+    handed over where it is, not copied, in reads of at most the size asked for."""
+    from walsync_vfs.format.segment import GATHER_BYTES, _Pieces
 
     pages = [bytes([i % 251]) * 4096 for i in range(600)]
-    big = memoryview(bytes(GATHER_BYTES))
-    pieces = [b"\x00\x01", *pages, big, *pages[:3]]
-    out = list(_gathered(pieces))
-    assert b"".join(out) == b"".join(pieces)
+    big = bytes(range(256)) * (GATHER_BYTES // 256)
+    reader = _Pieces([b"\x00\x01", *pages, big, *pages[:3]])
+    out = []
+    while piece := reader.read(GATHER_BYTES // 2):
+        out.append(bytes(piece))
+        if len(out) == 4:
+            assert piece.obj is big  # the big piece's own memory
+    assert b"".join(out) == b"".join([b"\x00\x01", *pages, big, *pages[:3]])
     assert [len(p) for p in out] == [
-        2 + 256 * 4096,  # 2 + 255 pages make less than GATHER_BYTES: the 256th fills it
+        2 + 255 * 4096,  # the 256th page would not fit with the first 2 bytes
         256 * 4096,
-        (600 - 512) * 4096,  # the pages left before the big piece
-        GATHER_BYTES,
+        (600 - 511) * 4096,  # the pages left before the big piece
+        GATHER_BYTES // 2,
+        GATHER_BYTES // 2,
         3 * 4096,
     ]
-    assert out[3] is big
+    empty_first = _Pieces([b"", b"", big, b"", b"z"])  # an empty read would end the stream
+    assert bytes(empty_first.read(GATHER_BYTES)) == big
+    assert bytes(empty_first.read(GATHER_BYTES)) == b"z" and empty_first.read(1) == b""
 
 
-def test_a_big_segment_is_joined_by_the_shim_into_the_same_bytes() -> None:
-    """A segment of GATHER_BYTES or more comes back as a read-only view of memory the shim
-    joined it in, byte for byte what a Python join makes and decodable; a small one is a
-    plain join."""
-    from walsync_vfs.format.segment import GATHER_BYTES, _joined
-
-    pieces = [b"head", memoryview(bytes(range(256)) * (GATHER_BYTES // 256)), b"", b"tail"]
-    big = _joined(pieces)
-    assert isinstance(big, memoryview) and big.readonly
-    assert big == b"".join(pieces)
-    assert _joined([b"a", memoryview(b"bc")]) == b"abc"
-
-    rng = random.Random(1)  # incompressible pages: the segment is over GATHER_BYTES
-    pages = [(pgno, rng.randbytes(4096)) for pgno in range(1, 300)]
-    commit = Commit(txid=7, time_ns=1, db_size=299, checksum=0, pages=pages)
-    segment = encode_segment(4096, [commit])
-    assert isinstance(segment, memoryview) and len(segment) > GATHER_BYTES
-    header, commits = decode_segment(bytes(segment), "k")
-    assert header.first_txid == 7 and list(commits[0].pages) == pages
+def test_a_segment_is_made_in_a_mapping_of_its_own() -> None:
+    """A segment comes back as a read-only view of the private mapping the compressor wrote
+    it into (its memory goes back to the system with the view, never to malloc's arenas),
+    small or big, and decodes to what went in."""
+    rng = random.Random(1)  # incompressible pages: the object is as big as the pages
+    for count in (1, 300):
+        pages = [(pgno, rng.randbytes(4096)) for pgno in range(1, count + 1)]
+        commit = Commit(txid=7, time_ns=1, db_size=count, checksum=0, pages=pages)
+        segment = encode_segment(4096, [commit])
+        assert isinstance(segment, memoryview) and segment.readonly
+        assert isinstance(segment.obj, mmap.mmap)
+        assert len(segment) > count * 4096
+        header, commits = decode_segment(bytes(segment), "k")
+        assert header.first_txid == 7 and list(commits[0].pages) == pages

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import mmap
 import os
 import shutil
 import tempfile
@@ -66,10 +67,13 @@ class Outgoing:
         return completes(self.part)
 
     def payload(self) -> bytes | memoryview:
+        """Its bytes; a spilled segment's as a read-only mapping of its file: read into the
+        heap, a multi-MiB buffer would stay in the malloc arenas once freed (see
+        format.segment._encoded)."""
         if self.data is not None:
             return self.data
         with open(self.path, "rb") as f:  # type: ignore[arg-type]
-            return f.read()
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
     @property
     def memory(self) -> int:

@@ -20,8 +20,6 @@ from typing import BinaryIO, cast, overload
 
 import zstandard
 
-from walsync_vfs._shim import ffi as _ffi
-from walsync_vfs._shim import lib as _lib
 from walsync_vfs.format.checksum import Page
 from walsync_vfs.format.container import (
     CHUNK,
@@ -77,9 +75,9 @@ SEGMENT_HEAD_SIZE = _SEG_HEADER.size + _PART_BLOCK.size
 
 # Below this, zstd's worker threads have no second job to run: one thread compresses it.
 THREADED_MIN_BYTES = 4 << 20
-# Streamed compression hands out its output in chunks this big.  The compressor releases the
-# GIL once per chunk, and every time this thread takes it back an application thread that
-# wants it waits for a wake-up: few big chunks, not zstd's 128 KiB.
+# The compressor is handed its input in reads of at most this much.  It releases the GIL for
+# each, and every time this thread takes it back an application thread that wants it waits
+# for a wake-up: few big reads, not one per page.
 STREAM_CHUNK = 4 << 20
 # Smaller pieces are copied together before compressing, which holds the GIL for a copy of
 # about this much: far shorter than the wake-ups one take of it per page costs.
@@ -95,6 +93,7 @@ class _ThreadCodecs(threading.local):
         self.compressors: dict[int, zstandard.ZstdCompressor] = {}  # by level, no workers
         self.threads = 0  # zstd worker threads for this thread's compressions (0: none)
         self.decompressor: zstandard.ZstdDecompressor | None = None
+        self.gather: mmap.mmap | None = None  # _Pieces' buffer, when none is using it
 
 
 _codecs = _ThreadCodecs()
@@ -124,47 +123,95 @@ def _compressor(level: int, raw_length: int) -> zstandard.ZstdCompressor:
     return compressor
 
 
-def _compress(pieces: Sequence[bytes | memoryview], raw_length: int, level: int) -> list[bytes]:
-    """``pieces`` compressed as one frame that declares ``raw_length`` (their total), in
-    chunks.  Not joined first: a join is a copy made holding the GIL, which stops the
-    application's threads, while the compressor releases it; only small pieces are
-    (:func:`_gathered`)."""
-    compressor = _compressor(level, raw_length)
-    if len(pieces) == 1:
-        return [compressor.compress(pieces[0])]
-    chunker = compressor.chunker(size=raw_length, chunk_size=STREAM_CHUNK)
-    return [
-        *(chunk for piece in _gathered(pieces) for chunk in chunker.compress(piece)),
-        *_finish(chunker),
-    ]
+class _Pieces:
+    """``pieces`` as a file for zstd's stream reader: each ``read`` hands out a big piece
+    where it is, at most ``n`` bytes of it at a time, or consecutive small ones copied
+    together into one buffer of GATHER_BYTES (a record of the general path comes page by
+    page).  zstd takes in what it is handed before it reads again, so the buffer is reused,
+    and a piece is asked for only once the ones before it are taken in or copied: a producer
+    may reuse a piece's memory for the next one.
+
+    The buffer is a mapping (see :func:`_encoded`) that the thread keeps for its next
+    stream: a fresh one would be faulted in page by page for every segment."""
+
+    def __init__(self, pieces: Iterable[bytes | memoryview]) -> None:
+        self._pieces = iter(pieces)
+        self._ahead: bytes | memoryview | None = None  # taken from pieces, not handed out
+        self._rest = memoryview(b"")  # what is left of a big piece
+        self._buffer, _codecs.gather = _codecs.gather, None  # none other uses it meanwhile
+
+    def _next(self) -> bytes | memoryview | None:
+        piece, self._ahead = self._ahead, None
+        return piece if piece is not None else next(self._pieces, None)
+
+    def read(self, n: int) -> bytes | memoryview:
+        if not self._rest:
+            piece = self._next()
+            while piece is not None and not len(piece):  # b"" would read as the end
+                piece = self._next()
+            if piece is None:
+                _codecs.gather = self._buffer  # the stream is read: the next one's
+                return b""
+            if len(piece) < GATHER_BYTES:
+                return self._gather(piece)
+            self._rest = memoryview(piece)
+        out, self._rest = self._rest[:n], self._rest[n:]
+        return out
+
+    def _gather(self, first: bytes | memoryview) -> memoryview:
+        if self._buffer is None:
+            self._buffer = mmap.mmap(-1, GATHER_BYTES, flags=mmap.MAP_PRIVATE)
+        view, size = memoryview(self._buffer), 0
+        piece: bytes | memoryview | None = first
+        while piece is not None and size + len(piece) <= GATHER_BYTES:
+            view[size : size + len(piece)] = piece
+            size += len(piece)
+            piece = self._next()
+        self._ahead = piece
+        return view[:size]
+
+    def stream(self) -> BinaryIO:
+        """As the file zstd's stream reader takes (it only calls ``read``)."""
+        return cast(BinaryIO, self)
 
 
-def _gathered(pieces: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
-    """``pieces`` with consecutive small ones copied together into pieces of about
-    GATHER_BYTES: the compressor takes the GIL back once per piece it is handed, and a record
-    of the general path comes page by page.  A piece is kept until its group is full, so none
-    may be a buffer its producer reuses."""
-    group: list[bytes | memoryview] = []
-    size = 0
-    for piece in pieces:
-        if len(piece) >= GATHER_BYTES:
-            if group:
-                yield b"".join(group)
-                group, size = [], 0
-            yield piece
-            continue
-        group.append(piece)
-        size += len(piece)
-        if size >= GATHER_BYTES:
-            yield b"".join(group)
-            group, size = [], 0
-    if group:
-        yield b"".join(group) if len(group) > 1 else group[0]
+def _encoded(
+    fixed: int,
+    pieces: Iterable[bytes | memoryview],
+    raw_length: int,
+    compressor: zstandard.ZstdCompressor,
+    head: Callable[[int], Iterable[bytes | memoryview]],
+) -> memoryview:
+    """An object made in a private mapping of its own: ``head(body_length)`` (``fixed``
+    bytes: header, part block, index), ``pieces`` (``raw_length`` bytes in all) compressed
+    into it by ``compressor`` as one frame that declares their length, and the SHA-256
+    trailer (§4).
+    Returns a read-only view of it.
 
-
-def _finish(chunker: zstandard.ZstdCompressionChunker) -> list[bytes]:
-    """A chunker's last chunks."""
-    return list(chunker.finish())  # type: ignore[no-untyped-call]  # stub
+    The compressor writes straight into the mapping, with the GIL released, so the object
+    is never copied, and its memory goes back to the system as soon as the last view of it
+    is dropped: glibc raises its mmap threshold to the size of every mapped chunk freed,
+    after which such buffers would come from the malloc arenas of the threads freeing them
+    and stay there (a process replicating MiB-sized commits held hundreds of MiB that way).
+    Pages of the mapping never written to are never part of the process's memory.
+    """
+    bound = raw_length + raw_length // 256 + (64 << 10)  # above zstd's worst case
+    out = mmap.mmap(-1, fixed + bound + SHA_LEN, flags=mmap.MAP_PRIVATE)
+    view = memoryview(out)
+    source = _Pieces(pieces).stream()
+    reader = compressor.stream_reader(source, size=raw_length, read_size=STREAM_CHUNK)
+    end = fixed
+    while n := reader.readinto(view[end : fixed + bound]):
+        end += n
+    if end == fixed + bound:
+        raise ValueError(f"compressed body outgrew its {bound}-byte bound")
+    out.seek(0)
+    for piece in head(end - fixed):
+        out.write(piece)
+    if out.tell() != fixed:
+        raise ValueError(f"head of {out.tell()} bytes where {fixed} were laid out")
+    view[end : end + SHA_LEN] = hashlib.sha256(view[:end]).digest()
+    return view[: end + SHA_LEN].toreadonly()
 
 
 def _segment_reader(body: memoryview) -> zstandard.ZstdDecompressionReader:
@@ -386,7 +433,7 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
 
 def encode_segment(
     page_size: int, commits: Sequence[Commit | PackedRun], level: int = SEGMENT_LEVEL
-) -> bytes | memoryview:
+) -> memoryview:
     """Encode consecutive commits (or runs of them) as one segment object.
 
     Raises ValueError for input the format cannot represent, so nothing is uploaded
@@ -405,7 +452,7 @@ def encode_segment(
     return _encode_commits(page_size, commits, level)  # type: ignore[arg-type]
 
 
-def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes | memoryview:
+def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> memoryview:
     """Runs of packed commits: their entries and records as they are, checked already."""
     for a, b in zip(runs, runs[1:], strict=False):
         if b.txid != a.last_txid + 1:
@@ -417,7 +464,7 @@ def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes
     return _seal_segment(page_size, runs[0].txid, runs[-1].last_txid, index, records, level)
 
 
-def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> bytes | memoryview:
+def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> memoryview:
     """Commits one by one, each checked."""
     first = commits[0].txid
     index: list[bytes | memoryview] = []
@@ -460,7 +507,6 @@ def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
     """The size the commits' records come to compressed at ``level``, each piece of output
     dropped as it comes: what a segment body of them would take, measured without the
     memory of holding one."""
-    chunker = _compressor(level, 0).chunker(chunk_size=STREAM_CHUNK)  # on this thread alone
     pieces = (
         piece
         for c in commits
@@ -470,8 +516,12 @@ def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
             else _record([pgno for pgno, _ in c.pages], (data for _, data in c.pages))
         )
     )
-    size = sum(len(chunk) for piece in _gathered(pieces) for chunk in chunker.compress(piece))
-    return size + sum(map(len, _finish(chunker)))
+    reader = _compressor(level, 0).stream_reader(_Pieces(pieces).stream(), read_size=STREAM_CHUNK)
+    scratch = memoryview(mmap.mmap(-1, STREAM_CHUNK, flags=mmap.MAP_PRIVATE))
+    size = 0
+    while n := reader.readinto(scratch):
+        size += n
+    return size
 
 
 def encode_part(
@@ -488,9 +538,8 @@ def encode_part(
     asked for).
 
     The pages go through the compressor as they come, straight into the one buffer the
-    object is made in: a part costs about its compressed size in memory, however it is
-    read.  That buffer is a private mapping of its own, returned to the system as soon as
-    the object (a read-only view of it) is dropped, not kept by the allocator.
+    object is made in (:func:`_encoded`): a part costs about its compressed size in memory,
+    however it is read.
 
     Raises ValueError for input the format cannot represent, as :func:`encode_segment`.
     """
@@ -511,36 +560,33 @@ def encode_part(
     except struct.error:
         raise ValueError(f"txid {commit.txid}: a field is out of range") from None
     raw_length = len(pgnos) * (4 + page_size)
-    body_at = _SEG_HEADER.size + _PART_BLOCK.size + len(entry)
-    # Incompressible pages grow by a 3-byte header per 128 KiB block; what is never written
-    # to is never mapped in.
-    out = mmap.mmap(-1, body_at + raw_length + raw_length // 256 + (64 << 10) + SHA_LEN,
-                    flags=mmap.MAP_PRIVATE)  # fmt: skip
-    out.seek(body_at)
-    compressor = zstandard.ZstdCompressor(level=level).compressobj(size=raw_length)
     numbers = array("I", pgnos)
     if sys.byteorder == "little":
         numbers.byteswap()
-    out.write(compressor.compress(memoryview(numbers)))
-    left = len(pgnos) * page_size
-    for chunk in pages:
-        if len(chunk) % page_size or len(chunk) > left:
-            raise ValueError(
-                f"txid {commit.txid}: {len(chunk)} bytes of pages where {left} of whole"
-                f" {page_size}-byte pages remain"
-            )
-        out.write(compressor.compress(chunk))
-        left -= len(chunk)
-    if left:
-        raise ValueError(f"txid {commit.txid}: {left} bytes of pages missing")
-    out.write(compressor.flush())
-    end = out.tell()
-    out.seek(0)
-    out.write(_segment_head(page_size, commit.txid, commit.txid, end - body_at, raw_length, part))
-    out.write(entry)
-    view = memoryview(out)
-    view[end : end + SHA_LEN] = hashlib.sha256(view[:end]).digest()
-    return view[: end + SHA_LEN].toreadonly()
+
+    def record() -> Iterator[bytes | memoryview]:
+        yield memoryview(numbers).cast("B")
+        left = len(pgnos) * page_size
+        for chunk in pages:
+            if len(chunk) % page_size or len(chunk) > left:
+                raise ValueError(
+                    f"txid {commit.txid}: {len(chunk)} bytes of pages where {left} of whole"
+                    f" {page_size}-byte pages remain"
+                )
+            yield chunk
+            left -= len(chunk)
+        if left:
+            raise ValueError(f"txid {commit.txid}: {left} bytes of pages missing")
+
+    def head(body_length: int) -> tuple[bytes, bytes]:
+        txid = commit.txid
+        return _segment_head(page_size, txid, txid, body_length, raw_length, part), entry
+
+    # A context of its own, freed with the part: kept by the thread, it would hold a giant
+    # commit's window between giant commits.
+    compressor = zstandard.ZstdCompressor(level=level)
+    fixed = _SEG_HEADER.size + _PART_BLOCK.size + len(entry)
+    return _encoded(fixed, record(), raw_length, compressor, head)
 
 
 def _pack_entry(
@@ -575,36 +621,17 @@ def _seal_segment(
     index: Sequence[bytes | memoryview],
     records: Sequence[bytes | memoryview],
     level: int,
-) -> bytes | memoryview:
-    """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4).
-
-    Shared by encoding commits and merging segments, so both produce the same bytes.  The
-    records are compressed where they are (small pieces gathered first): the one whole copy
-    made holding the GIL is the object's own bytes.
-    """
+) -> memoryview:
+    """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4), in
+    a mapping of its own (:func:`_encoded`).  Shared by encoding commits and merging
+    segments, so both produce the same bytes."""
     raw_length = sum(len(r) for r in records)
-    body = _compress(records, raw_length, level)
-    head = _segment_head(page_size, first, last, sum(len(b) for b in body), raw_length, None)
-    digest = hashlib.sha256(head)
-    for piece in (*index, *body):
-        digest.update(piece)
-    return _joined((head, *index, *body, digest.digest()))
 
+    def head(body_length: int) -> list[bytes | memoryview]:
+        return [_segment_head(page_size, first, last, body_length, raw_length, None), *index]
 
-def _joined(pieces: Sequence[bytes | memoryview]) -> bytes | memoryview:
-    """The pieces back to back as one object.  Past GATHER_BYTES the copy is made by the shim
-    with the GIL released (a read-only view of memory freed with the view): a copy of a
-    multi-megabyte segment, and the page faults of its new memory, would otherwise hold the
-    GIL for milliseconds while application threads wait for it."""
-    total = sum(len(p) for p in pieces)
-    if total < GATHER_BYTES:
-        return b"".join(pieces)
-    joined = _lib.ws_join([_ffi.from_buffer(p) for p in pieces], [len(p) for p in pieces],
-                          len(pieces), total)  # fmt: skip
-    if joined == _ffi.NULL:
-        raise MemoryError(f"no memory for a {total}-byte segment")
-    owned = _ffi.gc(joined, _lib.free, size=total)
-    return memoryview(_ffi.buffer(owned, total)).toreadonly()
+    fixed = _SEG_HEADER.size + sum(len(e) for e in index)
+    return _encoded(fixed, records, raw_length, _compressor(level, raw_length), head)
 
 
 _Row = tuple[int, int, int, int, int, int, int, int]  # one index entry, version 2 fields
