@@ -978,17 +978,24 @@ def test_small_pieces_are_compressed_in_groups_and_big_ones_where_they_are() -> 
     assert bytes(empty_first.read(GATHER_BYTES)) == b"z" and empty_first.read(1) == b""
 
 
-def test_a_segment_is_made_in_a_mapping_of_its_own() -> None:
-    """A segment comes back as a read-only view of the private mapping the compressor wrote
-    it into (its memory goes back to the system with the view, never to malloc's arenas),
-    small or big, and decodes to what went in."""
+def test_a_big_segment_is_made_in_a_mapping_of_its_own() -> None:
+    """A segment of MAPPED_OBJECT record bytes or more comes back as a read-only view of the
+    private mapping the compressor wrote it into (its memory goes back to the system with
+    the view, never to malloc's arenas); a small one is bytes.  Both decode to what went
+    in."""
+    from walsync_vfs.format.segment import MAPPED_OBJECT
+
     rng = random.Random(1)  # incompressible pages: the object is as big as the pages
-    for count in (1, 300):
+    for count, mapped in ((1, False), (MAPPED_OBJECT // 4096 + 1, True)):
         pages = [(pgno, rng.randbytes(4096)) for pgno in range(1, count + 1)]
         commit = Commit(txid=7, time_ns=1, db_size=count, checksum=0, pages=pages)
         segment = encode_segment(4096, [commit])
-        assert isinstance(segment, memoryview) and segment.readonly
-        assert isinstance(segment.obj, mmap.mmap)
+        if mapped:
+            assert isinstance(segment, memoryview) and segment.readonly
+            assert isinstance(segment.obj, mmap.mmap)
+        else:
+            assert isinstance(segment, bytes)
         assert len(segment) > count * 4096
         header, commits = decode_segment(bytes(segment), "k")
         assert header.first_txid == 7 and list(commits[0].pages) == pages
+

@@ -82,6 +82,9 @@ STREAM_CHUNK = 4 << 20
 # Smaller pieces are copied together before compressing, which holds the GIL for a copy of
 # about this much: far shorter than the wake-ups one take of it per page costs.
 GATHER_BYTES = 1 << 20
+# Segments of fewer record bytes are made in the heap, whose small buffers are reused; a
+# mapping of their own costs more than encoding them (see _encoded).
+MAPPED_OBJECT = 256 << 10
 
 
 class _ThreadCodecs(threading.local):
@@ -433,7 +436,7 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
 
 def encode_segment(
     page_size: int, commits: Sequence[Commit | PackedRun], level: int = SEGMENT_LEVEL
-) -> memoryview:
+) -> bytes | memoryview:
     """Encode consecutive commits (or runs of them) as one segment object.
 
     Raises ValueError for input the format cannot represent, so nothing is uploaded
@@ -452,7 +455,7 @@ def encode_segment(
     return _encode_commits(page_size, commits, level)  # type: ignore[arg-type]
 
 
-def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> memoryview:
+def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes | memoryview:
     """Runs of packed commits: their entries and records as they are, checked already."""
     for a, b in zip(runs, runs[1:], strict=False):
         if b.txid != a.last_txid + 1:
@@ -464,7 +467,7 @@ def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> memor
     return _seal_segment(page_size, runs[0].txid, runs[-1].last_txid, index, records, level)
 
 
-def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> memoryview:
+def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> bytes | memoryview:
     """Commits one by one, each checked."""
     first = commits[0].txid
     index: list[bytes | memoryview] = []
@@ -621,11 +624,18 @@ def _seal_segment(
     index: Sequence[bytes | memoryview],
     records: Sequence[bytes | memoryview],
     level: int,
-) -> memoryview:
+) -> bytes | memoryview:
     """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4), in
-    a mapping of its own (:func:`_encoded`).  Shared by encoding commits and merging
-    segments, so both produce the same bytes."""
+    a mapping of its own (:func:`_encoded`) unless small.  Shared by encoding commits and
+    merging segments, so both produce the same bytes."""
     raw_length = sum(len(r) for r in records)
+    if raw_length < MAPPED_OBJECT:
+        body = _compressor(level, raw_length).compress(b"".join(records))
+        header = _segment_head(page_size, first, last, len(body), raw_length, None)
+        digest = hashlib.sha256(header)
+        for piece in (*index, body):
+            digest.update(piece)
+        return b"".join((header, *index, body, digest.digest()))
 
     def head(body_length: int) -> list[bytes | memoryview]:
         return [_segment_head(page_size, first, last, body_length, raw_length, None), *index]
