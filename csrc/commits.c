@@ -234,14 +234,17 @@ static void ws_block_free(ws_pool *pool, ws_block *b) {
   munmap(b, sizeof(ws_block) + b->capacity);
 }
 
+/* `cap` doubled until it holds `len` bytes or reaches WS_MAX_BLOCK, the largest kept size;
+   `len` itself past that. */
+static uint64_t ws_grown(uint64_t cap, uint64_t len) {
+  while (cap < len && cap < WS_MAX_BLOCK) cap *= 2;
+  return cap < len ? len : cap;
+}
+
 /* Memory for `n` bytes of WAL frames (walsync.c): a block of the smallest kept size that
    holds them, so a steady stream's reads reuse memory too. */
 void *ws_mem_new(uint64_t n) {
-  uint64_t cap = n;
-  if (n > WS_MAPPED_BLOCK && n <= WS_MAX_BLOCK) {
-    cap = WS_MAPPED_BLOCK;
-    while (cap < n) cap <<= 1;
-  }
+  uint64_t cap = n <= WS_MAPPED_BLOCK ? n : ws_grown(WS_MAPPED_BLOCK, n);
   ws_block *b = ws_block_new(&ws_frames_pool, cap);
   if (!b) return 0;
   b->capacity = cap;
@@ -294,9 +297,7 @@ static uint64_t ws_record_bytes(const ws_rec *r) { return (uint64_t)r->npages * 
 static uint64_t ws_next_capacity(const ws_run *run, uint64_t len) {
   uint64_t cap = run->last_block ? 2 * run->last_block->capacity
                                  : run->first_block ? run->first_block : 16384;
-  if (cap > WS_MAX_BLOCK) cap = WS_MAX_BLOCK; /* the largest kept size */
-  while (cap < len && cap < WS_MAX_BLOCK) cap *= 2;
-  return cap < len ? len : cap;
+  return ws_grown(cap > WS_MAX_BLOCK ? WS_MAX_BLOCK : cap, len);
 }
 
 /* Bytes of records `run` can take into one block: what its last block has left, or else what
