@@ -290,7 +290,7 @@ class WalsyncTrace:
         disp.default = sink
         encode = wformat.encode_segment
 
-        def traced_encode(*args: Any, **kwargs: Any) -> bytes:
+        def traced_encode(*args: Any, **kwargs: Any) -> wformat.Encoded:
             t0 = time.monotonic()
             data = encode(*args, **kwargs)
             commits = kwargs.get("commits", args[1] if len(args) > 1 else None)
@@ -312,10 +312,12 @@ class WalsyncTrace:
         put_many = S3ReplicaClient.put_many
 
         def traced_put_many(
-            client: S3ReplicaClient, objects: Sequence[tuple[str, bytes]]
+            client: S3ReplicaClient,
+            objects: Sequence[tuple[str, bytes]],
+            sha256: Sequence[str | None] | None = None,
         ) -> list[Exception | None]:
             t0 = time.monotonic()
-            results = put_many(client, objects)
+            results = put_many(client, objects, sha256)
             t1 = time.monotonic()
             done = zip(objects, results, strict=True)
             self.puts.extend((k, t0, t1, r is None) for (k, _), r in done)

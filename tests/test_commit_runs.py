@@ -90,9 +90,9 @@ def same_commits(runs: list[format.PackedRun], plain: list[format.Commit], page_
     for a, b in zip(packed, plain, strict=True):
         assert [(p, bytes(d)) for p, d in a.pages] == [(p, bytes(d)) for p, d in b.pages]
     if packed:
-        segment = format.encode_segment(page_size, plain)
-        assert format.encode_segment(page_size, runs) == segment
-        assert format.encode_segment(page_size, [*runs[:-1], *runs[-1].commits()]) == segment
+        segment = format.encode_segment(page_size, plain).data
+        assert format.encode_segment(page_size, runs).data == segment
+        assert format.encode_segment(page_size, [*runs[:-1], *runs[-1].commits()]).data == segment
         assert sum(r.page_count for r in runs) == sum(len(c.pages) for c in plain)
         assert (runs[0].txid, runs[-1].last_txid) == (plain[0].txid, plain[-1].txid)
         assert runs[0].time_ns == plain[0].time_ns and runs[-1].wal == plain[-1].wal

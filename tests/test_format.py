@@ -327,7 +327,7 @@ def test_checksum_incremental_matches_scratch(data):
 
 def test_segment_round_trip_single():
     commit = make_commits(4096, 1, [(1, [1])])
-    data = encode_segment(4096, commit)
+    data = encode_segment(4096, commit).data
     assert decode_segment(data, SEG_KEY)[1] == commit
     header = read_segment_header(data, SEG_KEY)
     assert (header.page_size, header.first_txid, header.last_txid) == (4096, 1, 1)
@@ -345,7 +345,7 @@ def test_part_round_trip_from_chunks_of_pages():
         joined = b"".join(data for _, data in pages)
         chunks = [joined[k : k + 3 * 1024] for k in range(0, len(joined), 3 * 1024)]
         part = Part(i, 2, 40)
-        obj = encode_part(1024, whole, part, [pgno for pgno, _ in pages], chunks)
+        obj = encode_part(1024, whole, part, [pgno for pgno, _ in pages], chunks).data
         assert obj.readonly
         header, (commit,) = decode_segment(bytes(obj), SEG_KEY)
         assert header.part == part and (header.first_txid, header.last_txid) == (9, 9)
@@ -354,7 +354,9 @@ def test_part_round_trip_from_chunks_of_pages():
         parts.append(obj)
     # Page by page, as an in-memory commit gives them: the same object.
     by_page = [data for _, data in second]
-    assert encode_part(1024, whole, Part(1, 2, 40), [p for p, _ in second], by_page) == parts[1]
+    assert (
+        encode_part(1024, whole, Part(1, 2, 40), [p for p, _ in second], by_page).data == parts[1]
+    )
 
 
 def test_part_streamed_in_pieces_of_any_size():
@@ -363,7 +365,7 @@ def test_part_streamed_in_pieces_of_any_size():
     caught as the damage it is, before the last batch is handed out."""
     (whole,) = make_commits(1024, 9, [(2100, list(range(1, 2101)))])  # three 1 MiB batches
     obj = bytes(encode_part(1024, whole, Part(0, 2, 2100), list(range(1, 2101)),
-                            [data for _, data in whole.pages]))  # fmt: skip
+                            [data for _, data in whole.pages]).data)  # fmt: skip
     expected = decode_segment(obj, SEG_KEY)
 
     def stream(data: bytes, n: int, upto: int | None = None):
@@ -394,7 +396,7 @@ def test_part_streamed_in_pieces_of_any_size():
         got.extend(commit.pages.batches())
     assert len(got) < 3  # the last batch waits for the SHA-256
     assert_corrupt(SEG_KEY, read_all, obj[:-1])
-    seg = encode_segment(512, SMALL)
+    seg = encode_segment(512, SMALL).data
     with pytest.raises(CorruptObject, match="a whole segment where a part was listed"):
         stream_part([seg], len(seg), SEG_KEY)
 
@@ -421,7 +423,7 @@ def test_encode_part_rejects(pgnos, chunks, match):
 def test_segment_round_trip_page_sizes(page_size):
     sizes = [(4, [1, 2, 3, 4]), (4, [2]), (2, []), (3, [1, 3]), (3, [3])]
     commits = make_commits(page_size, 2**64 - 5, sizes)
-    data = encode_segment(page_size, commits)
+    data = encode_segment(page_size, commits).data
     assert decode_segment_fully(data) == commits
     header = read_segment_header(data, SEG_KEY)
     assert [e.page_count for e in header.index] == [4, 1, 0, 2, 1]
@@ -430,18 +432,31 @@ def test_segment_round_trip_page_sizes(page_size):
 
 def test_segment_round_trip_many_and_big():
     many = make_commits(1024, 100, [(i // 3 + 1, [i // 3 + 1]) for i in range(300)])
-    assert decode_segment_fully(encode_segment(1024, many)) == many
+    assert decode_segment_fully(encode_segment(1024, many).data) == many
     big = make_commits(65536, 7, [(40, list(range(1, 41))), (40, list(range(1, 41, 2)))])
-    data = encode_segment(65536, big, level=1)
+    data = encode_segment(65536, big, level=1).data
     assert decode_segment_fully(data) == big
+
+
+def test_an_encoded_object_carries_the_sha256_of_its_bytes():
+    """What an S3 PUT of it signs, had from the trailer's hash state: right for an object
+    made in the heap, one made in a mapping, and a part."""
+    small = encode_segment(512, SMALL)
+    mapped = encode_segment(4096, make_commits(4096, 1, [(80, list(range(1, 81)))]))
+    (whole,) = make_commits(1024, 9, [(40, list(range(1, 41)))])
+    part = encode_part(1024, whole, Part(0, 2, 40), list(range(1, 21)),
+                       [data for _, data in whole.pages[:20]])  # fmt: skip
+    assert isinstance(small.data, bytes) and isinstance(mapped.data, memoryview)
+    for obj in (small, mapped, part):
+        assert obj.sha256 == hashlib.sha256(obj.data).hexdigest()
 
 
 def test_a_segment_compressed_on_worker_threads_reads_the_same():
     commits = make_commits(4096, 1, [(i + 1, [i + 1]) for i in range(2000)])  # 8 MiB of pages
-    alone = encode_segment(4096, commits)
+    alone = encode_segment(4096, commits).data
     with compression_threads(2):
-        threaded = encode_segment(4096, commits)
-    assert encode_segment(4096, commits) == alone  # the threads end with the block
+        threaded = encode_segment(4096, commits).data
+    assert encode_segment(4096, commits).data == alone  # the threads end with the block
     assert threaded != alone  # zstd cut the frame into jobs: the workers did compress it
     assert decode_segment_fully(threaded) == commits
 
@@ -456,7 +471,7 @@ def with_wal(commits: list[Commit]) -> list[Commit]:
 
 def test_segment_is_self_consistent_with_spec():
     commits = with_wal(SMALL)
-    data = encode_segment(512, commits)
+    data = encode_segment(512, commits).data
     magic, version, flags, psize, first, last, count, blen, rawlen = struct.unpack_from(
         ">8sHHIQQIQQ", data
     )
@@ -474,7 +489,7 @@ def test_segment_is_self_consistent_with_spec():
 
 def test_wal_positions_round_trip_and_unknown_ones_read_as_none():
     commits = with_wal(SMALL[:2]) + SMALL[2:]  # compaction may merge old commits without one
-    data = encode_segment(512, commits)
+    data = encode_segment(512, commits).data
     assert decode_segment_fully(data) == commits
     assert [e.wal for e in read_segment_header(data, SEG_KEY).index] == [
         WalPos(0xFFFFFFFF, 7, 3),
@@ -525,7 +540,7 @@ def test_encode_segment_rejects(page_size, commits, match):
 
 
 def test_upto_txid_yields_prefix():
-    data = encode_segment(512, SMALL)
+    data = encode_segment(512, SMALL).data
     for upto in range(3, 10):
         _, got = decode_segment(data, SEG_KEY, upto_txid=upto)
         assert got == [c for c in SMALL if c.txid <= upto]
@@ -544,7 +559,7 @@ def test_upto_txid_does_not_decode_the_rest():
 
 
 def test_segment_every_byte_flip_detected():
-    data = encode_segment(512, SMALL)
+    data = encode_segment(512, SMALL).data
     for pos in range(len(data)):
         bad = bytearray(data)
         bad[pos] ^= 0x10
@@ -552,7 +567,7 @@ def test_segment_every_byte_flip_detected():
 
 
 def test_segment_truncation_and_extension_detected():
-    data = bytes(encode_segment(512, SMALL))
+    data = bytes(encode_segment(512, SMALL).data)
     for n in range(len(data)):
         assert_corrupt(SEG_KEY, decode_segment_fully, data[:n])
     assert_corrupt(SEG_KEY, decode_segment_fully, data + b"\0")
@@ -664,7 +679,7 @@ def test_fuzz_segment_random_bytes(data):
     only_corrupt(decode_segment_fully, data)
 
 
-VALID_SEGMENT = encode_segment(512, SMALL)
+VALID_SEGMENT = encode_segment(512, SMALL).data
 
 
 @FUZZ
@@ -716,7 +731,7 @@ def merge_by_decoding(blobs: list[bytes], max_bytes: int) -> list[tuple[int, int
         (
             g[0].txid,
             g[-1].txid,
-            whole.get((g[0].txid, g[-1].txid)) or encode_segment(header.page_size, g),
+            whole.get((g[0].txid, g[-1].txid)) or encode_segment(header.page_size, g).data,
         )
         for g in groups
     ]
@@ -746,7 +761,11 @@ def test_merge_segments_is_byte_for_byte_encode_segment(max_bytes):
     """Version 2 segments with and without WAL positions, and a version 1 one, merged by raw
     bytes into exactly what decoding them and encoding the commits makes, group for group."""
     c = with_wal(MERGE_INPUT[:3]) + MERGE_INPUT[3:]
-    blobs = [encode_segment(1024, c[:2]), v1_segment(c[2:4], 1024), encode_segment(1024, c[4:])]
+    blobs = [
+        encode_segment(1024, c[:2]).data,
+        v1_segment(c[2:4], 1024),
+        encode_segment(1024, c[4:]).data,
+    ]
     merged = merge_raw(blobs, max_bytes)
     assert merged == merge_by_decoding(blobs, max_bytes)
     v1_read = [dataclasses.replace(x, wal=None) for x in c[2:4]]  # version 1 lost them
@@ -756,16 +775,25 @@ def test_merge_segments_is_byte_for_byte_encode_segment(max_bytes):
 def test_merge_segments_keeps_a_lone_segment_as_it_is():
     """A group that is exactly one input (here: too big to merge with its neighbours) is that
     input's own object, not a re-encoding of it (a version 1 segment stays version 1)."""
-    blobs = [encode_segment(1024, MERGE_INPUT[:1]), v1_segment(MERGE_INPUT[1:2], 1024)]
+    blobs = [encode_segment(1024, MERGE_INPUT[:1]).data, v1_segment(MERGE_INPUT[1:2], 1024)]
     assert merge_raw(blobs, 0) == [(5, 5, blobs[0]), (6, 6, blobs[1])]
 
 
 @pytest.mark.parametrize(
     "blobs",
     [
-        [encode_segment(1024, MERGE_INPUT[:2]), encode_segment(1024, MERGE_INPUT[3:])],  # a gap
-        [encode_segment(1024, MERGE_INPUT[2:]), encode_segment(1024, MERGE_INPUT[:2])],  # order
-        [encode_segment(512, SMALL), encode_segment(1024, make_commits(1024, 8, [(1, [1])]))],
+        [
+            encode_segment(1024, MERGE_INPUT[:2]).data,
+            encode_segment(1024, MERGE_INPUT[3:]).data,
+        ],  # a gap
+        [
+            encode_segment(1024, MERGE_INPUT[2:]).data,
+            encode_segment(1024, MERGE_INPUT[:2]).data,
+        ],  # order
+        [
+            encode_segment(512, SMALL).data,
+            encode_segment(1024, make_commits(1024, 8, [(1, [1])])).data,
+        ],
     ],
 )
 def test_merge_segments_refuses_inputs_that_do_not_continue_each_other(blobs):
@@ -989,7 +1017,7 @@ def test_a_big_segment_is_made_in_a_mapping_of_its_own() -> None:
     for count, mapped in ((1, False), (MAPPED_OBJECT // 4096 + 1, True)):
         pages = [(pgno, rng.randbytes(4096)) for pgno in range(1, count + 1)]
         commit = Commit(txid=7, time_ns=1, db_size=count, checksum=0, pages=pages)
-        segment = encode_segment(4096, [commit])
+        segment = encode_segment(4096, [commit]).data
         if mapped:
             assert isinstance(segment, memoryview) and segment.readonly
             assert isinstance(segment.obj, mmap.mmap)
@@ -998,4 +1026,3 @@ def test_a_big_segment_is_made_in_a_mapping_of_its_own() -> None:
         assert len(segment) > count * 4096
         header, commits = decode_segment(bytes(segment), "k")
         assert header.first_txid == 7 and list(commits[0].pages) == pages
-

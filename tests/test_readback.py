@@ -66,7 +66,7 @@ def segment_key(first: int, last: int, part: tuple[int, int] | None = None) -> s
 def apply(image: Image, commits: list[Commit]) -> str:
     """Encode ``commits`` as one segment and apply it as a restore does; returns its key."""
     key = segment_key(commits[0].txid, commits[-1].txid)
-    header, decoded = format.decode_segment(format.encode_segment(PS, commits), key)
+    header, decoded = format.decode_segment(format.encode_segment(PS, commits).data, key)
     assert image.apply_segment(key, header, decoded)
     return key
 
@@ -79,7 +79,9 @@ def apply_parts(image: Image, commit: Commit, cuts: list[int], upto: int | None 
     for i in range(count if upto is None else upto):
         pages = commit.pages[bounds[i] : bounds[i + 1]]
         part = Part(i, count, len(commit.pages))
-        obj = format.encode_part(PS, commit, part, [p for p, _ in pages], [d for _, d in pages])
+        obj = format.encode_part(
+            PS, commit, part, [p for p, _ in pages], [d for _, d in pages]
+        ).data
         key = segment_key(commit.txid, commit.txid, (i, count))
         header, decoded = format.decode_segment(bytes(obj), key)
         assert image.apply_segment(key, header, decoded)
@@ -383,7 +385,7 @@ def restore_peak(pages: int) -> tuple[int, ReadBackChecksum]:
     data = b"".join(format.encode_snapshot(model.pages, PS, 1, T0, pages))
     shrink = model.commit(10, [1])
     key = segment_key(shrink.txid, shrink.txid)
-    segment = format.decode_segment(format.encode_segment(PS, [shrink]), key)
+    segment = format.decode_segment(format.encode_segment(PS, [shrink]).data, key)
     with tempfile.TemporaryFile() as f:
         tracemalloc.start()
         try:

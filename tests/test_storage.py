@@ -236,7 +236,7 @@ from walsync_vfs.format import Commit, encode_segment
 client = storage.open_replica(sys.argv[1])
 client.create_only = True
 page = [(1, bytes(4096))]
-segment = encode_segment(4096, [Commit(txid=1, time_ns=1, db_size=1, checksum=0, pages=page)])
+segment = encode_segment(4096, [Commit(txid=1, time_ns=1, db_size=1, checksum=0, pages=page)]).data
 client.put("k", segment)
 try:
     client.put("k", segment)

@@ -248,7 +248,7 @@ def encoded_at(seg: format.RawSegment) -> list[int]:
             format.encode_segment(
                 seg.page_size, [format.PackedRun(seg.page_size, memoryview(seg.index), parts)],
                 level,
-            ) == seg.data
+            ).data == seg.data
             for parts in forms
         )
     ]  # fmt: skip

@@ -109,7 +109,7 @@ def test_a_sound_replica_verifies_with_overlaps_and_later_snapshots(replica):
     merged = format.segment_key(
         "v.db", replica.gens[0].id, ca[0].txid, cb[-1].txid, replica.epoch(0)
     )
-    replica.client.put(merged, format.encode_segment(ha.page_size, ca + cb))
+    replica.client.put(merged, format.encode_segment(ha.page_size, ca + cb).data)
     txid = cb[-1].txid
     replica.client.put(*snapshot_at(replica, txid, replica.restored_pages(txid)))
 
@@ -237,7 +237,7 @@ def test_a_wrong_database_checksum_names_segment_and_txid(replica):
     key = replica.segments(1)[1]
     header, commits = replica.decoded(key)
     bad = [dataclasses.replace(c, checksum=c.checksum ^ 1) for c in commits]
-    replica.client.put(key, format.encode_segment(header.page_size, bad))
+    replica.client.put(key, format.encode_segment(header.page_size, bad).data)
     txid = commits[0].txid
     assert replica.problems() == [f"{key}: whole-database checksum mismatch after txid {txid}"]
     assert replica.restore_error() == f"{key}: whole-database checksum mismatch after txid {txid}"
@@ -252,7 +252,7 @@ def test_objects_that_contradict_the_replayed_history_are_named(replica):
     merged = format.segment_key(
         "v.db", replica.gens[0].id, ca[0].txid, cb[-1].txid, replica.epoch(0)
     )
-    replica.client.put(merged, format.encode_segment(ha.page_size, liar))
+    replica.client.put(merged, format.encode_segment(ha.page_size, liar).data)
     txid = cb[-1].txid
     pages = replica.restored_pages(txid)
     pages[-1] = bytes(len(pages[-1]))  # one page zeroed
@@ -273,7 +273,7 @@ def test_a_database_sqlite_rejects_fails_verify_and_restore(replica):
     pages = tuple((pgno, bytes(len(page)) if pgno > 1 else page) for pgno, page in commit.pages)
     before.apply(commit.db_size, pages)
     forged = dataclasses.replace(commit, pages=pages, checksum=before.value)
-    replica.client.put(key, format.encode_segment(header.page_size, [forged]))
+    replica.client.put(key, format.encode_segment(header.page_size, [forged]).data)
 
     (problem,) = replica.problems()
     prefix = f"v.db/{replica.gens[1].id}: database replayed to txid {commit.txid} fails "

@@ -4,6 +4,7 @@ TLS front for SeaweedFS, stall timeouts and proxies through loopback proxies of 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import select
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from loopback import LoopbackProxy
 
-from walsync_vfs.storage import StorageError, open_replica
+from walsync_vfs.storage import StorageError, open_replica, put_all
 from walsync_vfs.storage import s3 as s3_backend
 from walsync_vfs.storage.proxy import bypassed, proxy_for
 from walsync_vfs.storage.wire import Connection, Disconnected, ProtocolError, address
@@ -267,6 +268,7 @@ class FakeS3:
     def __init__(self, answer) -> None:
         self.answer = answer
         self.requests: list[tuple[str, str, bytes]] = []
+        self.payload_sha256: list[str] = []  # each request's x-amz-content-sha256
         self.connections = 0
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -301,9 +303,11 @@ class FakeS3:
     def _serve(self, conn: socket.socket) -> None:
         try:
             with conn, conn.makefile("rb") as reader:
-                while request := self._read(reader):
+                while read := self._read(reader):
+                    request, signed = read
                     with self._lock:
                         self.requests.append(request)
+                        self.payload_sha256.append(signed)
                     reply = self.answer(*request)
                     if reply is HANG:
                         self._stopped.wait()
@@ -323,17 +327,18 @@ class FakeS3:
             return
 
     @staticmethod
-    def _read(reader) -> tuple[str, str, bytes] | None:
+    def _read(reader) -> tuple[tuple[str, str, bytes], str] | None:
+        """The next request as (method, path, body), and the payload hash it was signed with."""
         line = reader.readline()
         if not line:
             return None
         method, path, _ = line.decode("latin-1").split(" ", 2)
-        length = 0
+        headers = {}
         while (header := reader.readline()) not in (b"\r\n", b""):
             name, _, value = header.decode("latin-1").partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        return method, path, reader.read(length)
+            headers[name.strip().lower()] = value.strip()
+        body = reader.read(int(headers.get("content-length", 0)))
+        return (method, path, body), headers.get("x-amz-content-sha256", "")
 
 
 @pytest.fixture
@@ -381,6 +386,34 @@ def test_put_many_retries_a_slow_down_through_the_request_path(fake_s3) -> None:
     ]  # fmt: skip
     bodies = [(p, b) for _, p, b in server.requests if p == "/bucket/x/k1"]
     assert bodies == [("/bucket/x/k1", batch[1][1])] * 2  # the same object, sent again
+
+
+def test_a_known_payload_hash_is_what_a_put_signs(fake_s3) -> None:
+    """A digest handed to put_all (the uploader's, made with the segment's trailer) is signed
+    as the payload's SHA-256 instead of hashing the body again, on the first attempt and on
+    a retry alike; objects without one are hashed.  A store that checks (AWS does) thus
+    refuses bytes that differ from what was encoded."""
+    slow_down = s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.")
+    answered: set[str] = set()
+
+    def answer(method: str, path: str, body: bytes):
+        first = path not in answered
+        answered.add(path)
+        return slow_down if path == "/bucket/x/k2" and first else OK
+
+    server, client = fake_s3(answer)
+    batch = objects(4)
+    told = ["a" * 64, None, "b" * 64, "c" * 64]
+    batch[3] = ("../k3", batch[3][1])  # refused before sending: the digests after it keep order
+    results = put_all(client, batch, told)
+    assert results[:3] == [None] * 3 and isinstance(results[3], ValueError)
+    signed = sorted(zip(server.paths(), server.payload_sha256, strict=True))
+    assert signed == [
+        ("/bucket/x/k0", "a" * 64),
+        ("/bucket/x/k1", hashlib.sha256(batch[1][1]).hexdigest()),
+        ("/bucket/x/k2", "b" * 64),
+        ("/bucket/x/k2", "b" * 64),  # the retry, through request()
+    ]
 
 
 def test_put_many_gives_up_on_a_store_that_keeps_throttling(

@@ -51,6 +51,7 @@ class Outgoing:
     last_txid: int
     raw_bytes: int  # page bytes it carries (compaction only merges small segments)
     data: bytes | memoryview | None  # None once spilled or uploaded
+    sha256: str | None = None  # of its bytes, if known: kept when spilled, checked by an S3 PUT
     path: str | None = None
     discarded: bool = False  # shipped or dropped: a spill still under way must not keep it
     part: tuple[int, int] | None = None  # (index, count): one part of a commit (FORMAT.md §4.5)

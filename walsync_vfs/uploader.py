@@ -82,7 +82,7 @@ def part_bytes(commit: format.Commit, index: int, page_size: int, max_bytes: int
 
 def encode_part(
     commit: format.Commit, index: int, page_size: int, max_bytes: int, fast: bool = False
-) -> memoryview:
+) -> format.Encoded:
     """The object of part ``index`` of a commit bigger than a segment (FORMAT.md §4.5), at
     the fast level if ``fast``.  Pages in a spool file are read a chunk at a time into the
     compressor, never a Python object per page."""
@@ -113,11 +113,11 @@ def encode_commits(
         count = part_count(c, page_size, max_bytes) if len(batch) == 1 else 1
         if count == 1:
             key = format.segment_key(name, generation, c.txid, batch[-1].txid, epoch)
-            yield key, format.encode_segment(page_size, batch)
+            yield key, format.encode_segment(page_size, batch).data
             continue
         for i in range(count):
             key = format.segment_key(name, generation, c.txid, c.txid, epoch, (i, count))
-            yield key, encode_part(c, i, page_size, max_bytes)
+            yield key, encode_part(c, i, page_size, max_bytes).data
 
 
 def per_client(entries: list[_E]) -> Iterable[list[_E]]:
@@ -416,6 +416,7 @@ def encode(
     if part is not None:
         seq, _, whole = batch[0]
         assert isinstance(whole, format.Commit)
+        encoded = encode_part(whole, part[0], page_size, max_segment_bytes, fast)
         return Outgoing(
             format.segment_key(name, gen, whole.txid, whole.txid, epoch, part),
             gen,
@@ -423,7 +424,8 @@ def encode(
             whole.txid,
             whole.txid,
             part_bytes(whole, part[0], page_size, max_segment_bytes),
-            encode_part(whole, part[0], page_size, max_segment_bytes, fast),
+            encoded.data,
+            sha256=encoded.sha256,
             part=part,
             time_ns=whole.time_ns,
         )
@@ -432,6 +434,7 @@ def encode(
     raw_bytes = sum(c.page_count for c in commits) * page_size
     level = format.segment_level(is_small(raw_bytes, max_segment_bytes), fast)
     first, last = commits[0].txid, commits[-1].last_txid
+    encoded = format.encode_segment(page_size, commits, level)
     return Outgoing(
         format.segment_key(name, gen, first, last, epoch),
         gen,
@@ -439,7 +442,8 @@ def encode(
         first,
         last,
         raw_bytes,
-        format.encode_segment(page_size, commits, level),
+        encoded.data,
+        sha256=encoded.sha256,
         time_ns=commits[0].time_ns,
     )
 
@@ -596,7 +600,7 @@ class Uploader:
                 except OSError as unreadable:  # a spooled segment that cannot be read back
                     self._failed(db, unreadable)
                     settled += 1
-            results = storage.put_all(client, objects)
+            results = storage.put_all(client, objects, [item.sha256 for _, item in sending])
             for i, ((db, item), error) in enumerate(zip(sending, results, strict=True)):
                 # Settling a part lets the next part of its commit be encoded at once: by
                 # then, nothing here may hold this one's bytes any more.

@@ -16,7 +16,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, cast, overload
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, cast, overload
 
 import zstandard
 
@@ -34,6 +34,9 @@ from walsync_vfs.format.container import (
 )
 from walsync_vfs.format.errors import CorruptObject
 from walsync_vfs.format.fields import I64_MAX, I64_MIN, U32_MAX, U64_MAX, valid_page_size
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 # Whole segments are written as version 2 (index entries carry the commit's WAL position),
 # so replicas without giant commits stay readable by version 2 readers; parts of a commit
@@ -178,18 +181,34 @@ class _Pieces:
         return cast(BinaryIO, self)
 
 
+class Encoded(NamedTuple):
+    """A new object, and the SHA-256 (hex) of all its bytes, trailer included: what an S3
+    PUT signs.  Had from the trailer's hash state, so the object is hashed once, not twice."""
+
+    data: bytes | memoryview
+    sha256: str
+
+
+def _sealed(digest: _Hash) -> tuple[bytes, str]:
+    """The trailer (§4) of the bytes ``digest`` has taken, and the SHA-256 of them and it."""
+    trailer = digest.digest()
+    whole = digest.copy()
+    whole.update(trailer)
+    return trailer, whole.hexdigest()
+
+
 def _encoded(
     fixed: int,
     pieces: Iterable[bytes | memoryview],
     raw_length: int,
     compressor: zstandard.ZstdCompressor,
     head: Callable[[int], Iterable[bytes | memoryview]],
-) -> memoryview:
+) -> Encoded:
     """An object made in a private mapping of its own: ``head(body_length)`` (``fixed``
     bytes: header, part block, index), ``pieces`` (``raw_length`` bytes in all) compressed
     into it by ``compressor`` as one frame that declares their length, and the SHA-256
     trailer (§4).
-    Returns a read-only view of it.
+    Its data is a read-only view of it.
 
     The compressor writes straight into the mapping, with the GIL released, so the object
     is never copied, and its memory goes back to the system as soon as the last view of it
@@ -213,8 +232,9 @@ def _encoded(
         out.write(piece)
     if out.tell() != fixed:
         raise ValueError(f"head of {out.tell()} bytes where {fixed} were laid out")
-    view[end : end + SHA_LEN] = hashlib.sha256(view[:end]).digest()
-    return view[: end + SHA_LEN].toreadonly()
+    trailer, sha256 = _sealed(hashlib.sha256(view[:end]))
+    view[end : end + SHA_LEN] = trailer
+    return Encoded(view[: end + SHA_LEN].toreadonly(), sha256)
 
 
 def _segment_reader(body: memoryview) -> zstandard.ZstdDecompressionReader:
@@ -436,7 +456,7 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
 
 def encode_segment(
     page_size: int, commits: Sequence[Commit | PackedRun], level: int = SEGMENT_LEVEL
-) -> bytes | memoryview:
+) -> Encoded:
     """Encode consecutive commits (or runs of them) as one segment object.
 
     Raises ValueError for input the format cannot represent, so nothing is uploaded
@@ -455,7 +475,7 @@ def encode_segment(
     return _encode_commits(page_size, commits, level)  # type: ignore[arg-type]
 
 
-def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes | memoryview:
+def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> Encoded:
     """Runs of packed commits: their entries and records as they are, checked already."""
     for a, b in zip(runs, runs[1:], strict=False):
         if b.txid != a.last_txid + 1:
@@ -467,7 +487,7 @@ def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> bytes
     return _seal_segment(page_size, runs[0].txid, runs[-1].last_txid, index, records, level)
 
 
-def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> bytes | memoryview:
+def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> Encoded:
     """Commits one by one, each checked."""
     first = commits[0].txid
     index: list[bytes | memoryview] = []
@@ -534,7 +554,7 @@ def encode_part(
     pgnos: Sequence[int],
     pages: Iterable[Page],
     level: int = SEGMENT_LEVEL,
-) -> memoryview:
+) -> Encoded:
     """Encode one part of a commit bigger than a segment (§4.5): ``commit`` gives the
     commit's fields (not its pages), ``pgnos`` the part's page numbers and ``pages`` their
     bytes in that order, in chunks of whole pages (a chunk may be reused once the next is
@@ -624,7 +644,7 @@ def _seal_segment(
     index: Sequence[bytes | memoryview],
     records: Sequence[bytes | memoryview],
     level: int,
-) -> bytes | memoryview:
+) -> Encoded:
     """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4), in
     a mapping of its own (:func:`_encoded`) unless small.  Shared by encoding commits and
     merging segments, so both produce the same bytes."""
@@ -635,7 +655,8 @@ def _seal_segment(
         digest = hashlib.sha256(header)
         for piece in (*index, body):
             digest.update(piece)
-        return b"".join((header, *index, body, digest.digest()))
+        trailer, sha256 = _sealed(digest)
+        return Encoded(b"".join((header, *index, body, trailer)), sha256)
 
     def head(body_length: int) -> list[bytes | memoryview]:
         return [_segment_head(page_size, first, last, body_length, raw_length, None), *index]
@@ -1026,5 +1047,5 @@ def merge_segments(
     for first, last, index_runs, body_runs in zip(firsts, lasts, indexes, bodies, strict=True):
         data = whole.get((first, last))
         if data is None:
-            data = _seal_segment(page_size, first, last, index_runs, body_runs, level)
+            data = _seal_segment(page_size, first, last, index_runs, body_runs, level).data
         yield first, last, data

@@ -129,9 +129,13 @@ class Swapping(Protocol):
 
 
 def put_all(
-    client: ReplicaClient, objects: Sequence[tuple[str, bytes | memoryview]]
+    client: ReplicaClient,
+    objects: Sequence[tuple[str, bytes | memoryview]],
+    sha256: Sequence[str | None] | None = None,
 ) -> list[Exception | None]:
-    """PUT several objects; per object, None or the exception its put raised.
+    """PUT several objects; per object, None or the exception its put raised.  ``sha256[i]``,
+    if given, is the SHA-256 (hex) of object ``i``'s bytes as its maker had it: a store that
+    signs payloads then need not hash them again, and refuses bytes that differ from it.
 
     A backend whose requests can overlap offers ``put_many`` with this contract (S3: every
     request is sent before any reply is read); the others get one put after another.  Not
@@ -139,7 +143,7 @@ def put_all(
     """
     many = getattr(client, "put_many", None)
     if many is not None:
-        return many(objects)
+        return many(objects, sha256)
     results: list[Exception | None] = []
     for key, data in objects:
         try:

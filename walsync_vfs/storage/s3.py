@@ -201,6 +201,7 @@ class S3Service:
         headers: Mapping[str, str] | None = None,
         attempt: int = 1,
         reply: dict[str, str] | None = None,
+        sha256: str | None = None,
     ) -> bytes:
         """Sign and send one request, retrying transient failures with jittered backoff;
         returns the body of a 2xx response.  Raises _Unreachable, _Failed or _NoCredentials.
@@ -210,12 +211,13 @@ class S3Service:
         ``reply``, if given, receives the response's headers.
 
         Payloads are always SHA-256 signed (never UNSIGNED-PAYLOAD): the store then refuses a
-        body damaged in transit even without TLS, for the price of hashing it.
+        body damaged in transit even without TLS, for the price of hashing it (none if the
+        caller knows the ``sha256`` of the body already).
         """
         host, path = self._address(bucket, key)
         qs = canonical_query(query) if query else ""
         target = f"{path}?{qs}" if qs else path
-        payload = _sha256(body)
+        payload = sha256 or _sha256(body)
         pool = self._pool(host)
         while True:
             if attempt > 1:
@@ -246,12 +248,13 @@ class S3Service:
         *,
         each: Sequence[Mapping[str, str]] | None = None,
         replies: Sequence[dict[str, str]] | None = None,
+        sha256: Sequence[str | None] | None = None,
     ) -> list[Exception | None]:
         """PUT several objects at once, one connection each: every request is sent before
         any reply is read, so the thread wakes up once per batch instead of once per object
         (waking up for each reply is most of the CPU cost of a small PUT).  ``each[i]``: more
         headers for object ``i`` (a condition, say); ``replies[i]`` receives the headers of
-        the reply that stored object ``i``.
+        the reply that stored object ``i``; ``sha256[i]``, if known, its body's SHA-256.
 
         Per object: None, or what :meth:`request` would raise.  A failure of one object or
         connection (a kept-alive connection the server had closed, a 503) sends that object
@@ -288,9 +291,8 @@ class S3Service:
                 continue
             host, path = self._address(bucket, key)
             signed = {"host": host, **(headers or {}), **(each[i] if each else {})}
-            self.signer.sign(
-                "PUT", path, "", signed, hashlib.sha256(body).hexdigest(), creds, amz_date
-            )
+            payload = (sha256[i] if sha256 else None) or hashlib.sha256(body).hexdigest()
+            self.signer.sign("PUT", path, "", signed, payload, creds, amz_date)
             pool = self._pool(host)
             try:
                 conn, reused = pool.take(fresh=False)
@@ -330,8 +332,9 @@ class S3Service:
             got = replies[i] if replies is not None else None
             try:
                 self.request(
-                    "PUT", bucket, key, body=body, headers=more, attempt=attempt, reply=got
-                )
+                    "PUT", bucket, key, body=body, headers=more, attempt=attempt, reply=got,
+                    sha256=sha256[i] if sha256 else None,
+                )  # fmt: skip
                 results[i] = None
             except (_Unreachable, _Failed, _NoCredentials) as exc:
                 results[i] = exc
@@ -744,7 +747,11 @@ class S3ReplicaClient:
                 out.append(exc)
         return out
 
-    def put_many(self, objects: Sequence[tuple[str, bytes | memoryview]]) -> list[Exception | None]:
+    def put_many(
+        self,
+        objects: Sequence[tuple[str, bytes | memoryview]],
+        sha256: Sequence[str | None] | None = None,
+    ) -> list[Exception | None]:
         """Several PUTs at once (see :func:`storage.put_all`); per object None or the
         StorageError its put would raise."""
         results: list[Exception | None] = [None] * len(objects)
@@ -761,6 +768,7 @@ class S3ReplicaClient:
             self.bucket,
             [(self._root + objects[i][0], objects[i][1]) for i in valid],
             CREATE_ONLY if self.create_only else None,
+            sha256=[sha256[i] for i in valid] if sha256 else None,
         )
         for i, error in zip(valid, errors, strict=True):
             if error is not None:
