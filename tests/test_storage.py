@@ -26,6 +26,7 @@ from walsync_vfs.storage import (
     sigv4,
     swap_all,
 )
+from walsync_vfs.storage import file as file_backend
 from walsync_vfs.storage import s3 as s3_backend
 from walsync_vfs.storage.file import TMP_SUFFIX
 
@@ -204,6 +205,29 @@ def test_file_put_leaves_no_temp_files_under_concurrency(file_url: str) -> None:
     root = Path(file_url.removeprefix("file://"))
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["db", "db/shared"]
     assert client.requests == 3 * len(payloads) + 3
+
+
+def test_a_file_delete_never_prunes_the_directory_of_a_put_in_progress(
+    file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the test above runs into now and then, made to happen every time: a delete
+    in this process empties a directory just after a put made it, before the put's temp
+    file is there.  Pruning it then would fail the put (every attempt of it, here)."""
+    client = open_replica(file_url)
+    root = Path(file_url.removeprefix("file://"))
+    made = file_backend._makedirs
+
+    def made_then_emptied(directory: Path) -> None:
+        made(directory)
+        (directory / "other").write_bytes(b"x")
+        client.delete(["db/n/other"])  # the directory is empty again: prune it, if allowed
+
+    monkeypatch.setattr(file_backend, "_makedirs", made_then_emptied)
+    client.put("db/n/k", b"v")
+    assert client.get("db/n/k") == b"v"
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        "db", "db/n", "db/n/k"
+    ]  # fmt: skip
 
 
 def test_file_list_ignores_leftover_temp_files(file_url: str) -> None:

@@ -39,10 +39,11 @@ from walsync_vfs.storage.transfer import Source, chunks
 TMP_SUFFIX = ".walsync-tmp"  # in-flight puts; never listed, never a valid key
 # An in-flight put's temp file (not a swap's lock file, which must never be removed).
 _PUT_TMP = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX) + "$")
-# Temp files of this process's puts in progress: never stale, whatever their age.
+# Temp files of this process's puts in progress: never stale, whatever their age, and their
+# directories are not pruned (the lock is held across the check and the rmdir).
 _writing: set[Path] = set()
 _writing_lock = threading.Lock()
-_PUT_ATTEMPTS = 3  # a concurrent delete may prune the directory between mkdir and create
+_PUT_ATTEMPTS = 3  # another process's delete may prune the directory between mkdir and create
 T = TypeVar("T")
 # Temp names from a generator of our own (the application's random module stays its own),
 # drawn again in a forked child: a temp name costs no system call.
@@ -296,7 +297,10 @@ class FileReplicaClient:
         """Remove ``directory`` and its parents while empty, stopping at the root."""
         while directory != self.root and self.root in directory.parents:
             try:
-                directory.rmdir()
+                with _writing_lock:
+                    if any(directory in tmp.parents for tmp in _writing):
+                        return  # a put of this process is making a file in it
+                    directory.rmdir()
             except FileNotFoundError:
                 pass  # a concurrent delete pruned it; its parents may still be empty
             except OSError:
