@@ -265,6 +265,8 @@ class S3Service:
         backoff).
         """
         results: list[Exception | None] = [None] * len(objects)
+        # Each body's SHA-256: as given, or hashed once here, and signed again by a retry.
+        payloads: list[str | None] = list(sha256) if sha256 else [None] * len(objects)
         retry: list[tuple[int, int]] = []  # (object, attempt it goes on with)
         sent: list[tuple[int, _Pool, Connection, bool]] = []
         try:
@@ -291,7 +293,7 @@ class S3Service:
                 continue
             host, path = self._address(bucket, key)
             signed = {"host": host, **(headers or {}), **(each[i] if each else {})}
-            payload = (sha256[i] if sha256 else None) or hashlib.sha256(body).hexdigest()
+            payload = payloads[i] = payloads[i] or hashlib.sha256(body).hexdigest()
             self.signer.sign("PUT", path, "", signed, payload, creds, amz_date)
             pool = self._pool(host)
             try:
@@ -333,7 +335,7 @@ class S3Service:
             try:
                 self.request(
                     "PUT", bucket, key, body=body, headers=more, attempt=attempt, reply=got,
-                    sha256=sha256[i] if sha256 else None,
+                    sha256=payloads[i],
                 )  # fmt: skip
                 results[i] = None
             except (_Unreachable, _Failed, _NoCredentials) as exc:
