@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from walsync_vfs.config import check_name
 from walsync_vfs.format import (
+    LONG_SEGMENT_LEVEL,
     SEGMENT_MAGIC,
     SNAPSHOT_MAGIC,
     Commit,
@@ -45,6 +46,7 @@ from walsync_vfs.format import (
     read_segment_header,
     read_segment_raw,
     read_snapshot,
+    segment,
     segment_key,
     snapshot_key,
     stream_part,
@@ -459,6 +461,35 @@ def test_a_segment_compressed_on_worker_threads_reads_the_same():
     assert encode_segment(4096, commits).data == alone  # the threads end with the block
     assert threaded != alone  # zstd cut the frame into jobs: the workers did compress it
     assert decode_segment_fully(threaded) == commits
+
+
+def test_a_long_window_segment_reads_the_same_in_one_call_and_streamed(monkeypatch):
+    """Random pages rewritten a cycle of 1.2 MiB apart: past level 1's window, inside the
+    long one's.  Decoded in one call (the usual) or in steps (a body longer than
+    ONE_CALL_BYTES), the commits come back; and the long window found the repeats."""
+    rng = random.Random(7)
+    pages = [rng.randbytes(4096) for _ in range(300)]
+    commits = [
+        Commit(k + 1, 1_700_000_000_000_000_000 + k, 300, k, ((k % 300 + 1, pages[k % 300]),))
+        for k in range(900)
+    ]
+    long = encode_segment(4096, commits, LONG_SEGMENT_LEVEL).data
+    usual = encode_segment(4096, commits, 1).data
+    assert len(long) * 2 < len(usual)
+    assert decode_segment_fully(long) == commits
+    monkeypatch.setattr(segment, "ONE_CALL_BYTES", 0)
+    assert decode_segment_fully(long) == commits
+
+
+def test_a_forged_length_under_the_one_call_bound_is_corrupt():
+    """A body that declares far more than it holds: decompressed in one call, it is refused
+    like any other short body."""
+    raw_length = 8 << 20
+    n = raw_length // (4 + 65536)
+    data = forge_segment(
+        65536, [(5, 0, n, n, 0)], b"", body=huge_frame(n * (4 + 65536)), raw_length=n * (4 + 65536)
+    )
+    assert "zstd" in assert_corrupt(SEG_KEY, decode_segment_fully, data).reason
 
 
 def with_wal(commits: list[Commit]) -> list[Commit]:

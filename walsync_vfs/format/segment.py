@@ -2,12 +2,15 @@
 
 Encoding, reading (header only, commits, or taken apart for compaction) and merging.  Every
 object is untrusted: any defect raises `CorruptObject` and nothing else, and no declared
-length is trusted for an allocation before the object's real size vouches for it.
+length is trusted for an allocation before the object's real size vouches for it (but a
+body's, up to ONE_CALL_BYTES, for its decompression in one call: only what really
+decompresses is ever written to, so only that becomes memory).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import mmap
 import struct
@@ -53,18 +56,49 @@ SEGMENT_LEVEL = 1
 # standard level, half the CPU of level 1 at about the same size on page data.
 SMALL_SEGMENT_LEVEL = -1
 # zstd's effort does not pay on every stream: pages it can barely shrink (random or
-# compressed blobs in their cells, encrypted columns) and pages made of long repeats (the
-# same page rewritten commit after commit) come out within a few percent of level 1's size
-# at this level, for a half to a quarter of the CPU.  The uploader measures which case a
-# stream is (see uploader.Uploader._encode).
+# compressed blobs in their cells, encrypted columns) come out within a few percent of level
+# 1's size at this level, for a half to a quarter of the CPU.
 FAST_SEGMENT_LEVEL = -7
+# Small writes rewrite the same pages commit after commit, farther apart than a level's
+# window: long-distance matching over the whole segment finds those repeats at the fast
+# level's speed, and shrinks such streams well past level 1 for no more CPU.  Its window (the
+# segment, up to this) is held while compressing; readers decompress a segment in one call,
+# which needs none (see _decompressed).
+LONG_WINDOW_LOG = 24
 
 
-def segment_level(small: bool, fast: bool) -> int:
-    """The zstd level of a new segment: see the levels above."""
-    if fast:
-        return FAST_SEGMENT_LEVEL
-    return SMALL_SEGMENT_LEVEL if small else SEGMENT_LEVEL
+@dataclass(frozen=True, slots=True)
+class LongLevel:
+    """zstd ``level`` with long-distance matching over a window as long as the segment."""
+
+    level: int
+
+
+LONG_SEGMENT_LEVEL = LongLevel(FAST_SEGMENT_LEVEL)
+Level = int | LongLevel
+
+
+class Effort(enum.Enum):
+    """How a database's segments are compressed: which of these suits its stream best is
+    measured as it goes (see uploader.Uploader._encode)."""
+
+    FAST = "fast"  # FAST_SEGMENT_LEVEL
+    LONG = "long"  # LONG_SEGMENT_LEVEL
+    USUAL = "usual"  # SEGMENT_LEVEL (SMALL_SEGMENT_LEVEL for a small segment)
+
+
+def segment_level(small: bool, effort: Effort) -> Level:
+    """The zstd level of a new segment: see the levels above.  A small segment is merged,
+    so recompressed, soon: it never takes the long window."""
+    if effort is Effort.USUAL:
+        return SMALL_SEGMENT_LEVEL if small else SEGMENT_LEVEL
+    return LONG_SEGMENT_LEVEL if effort is Effort.LONG and not small else FAST_SEGMENT_LEVEL
+
+
+def part_level(effort: Effort) -> int:
+    """The zstd level of a part (§4.5): a long window would be a part's size, held beside
+    the part, so a database whose segments take it has its parts at the fast level."""
+    return SEGMENT_LEVEL if effort is Effort.USUAL else FAST_SEGMENT_LEVEL
 
 
 # magic version flags page_size first_txid last_txid commit_count body_length body_raw_length
@@ -85,6 +119,10 @@ STREAM_CHUNK = 4 << 20
 # Smaller pieces are copied together before compressing, which holds the GIL for a copy of
 # about this much: far shorter than the wake-ups one take of it per page costs.
 GATHER_BYTES = 1 << 20
+WINDOW_LOG_MIN = 10  # zstd's smallest window
+# Segment bodies of up to this many raw bytes are decompressed in one call (see
+# _decompressed); writers cut segments at max_segment_bytes, far below it by default.
+ONE_CALL_BYTES = 64 << 20
 # Segments of fewer record bytes are made in the heap, whose small buffers are reused; a
 # mapping of their own costs more than encoding them (see _encoded).
 MAPPED_OBJECT = 256 << 10
@@ -117,12 +155,21 @@ def compression_threads(threads: int) -> Iterator[None]:
         _codecs.threads = before
 
 
-def _compressor(level: int, raw_length: int) -> zstandard.ZstdCompressor:
+def _compressor(level: Level, raw_length: int) -> zstandard.ZstdCompressor:
     """This thread's compressor for ``raw_length`` bytes at ``level``.  One on zstd worker
     threads is made for the call and never kept: a forked child frees what a dead thread
-    kept, and freeing one that used workers waits for them, which stayed in the parent."""
-    if _codecs.threads and raw_length >= THREADED_MIN_BYTES:
-        return zstandard.ZstdCompressor(level=level, threads=_codecs.threads)
+    kept, and freeing one that used workers waits for them, which stayed in the parent.
+    Nor is a long window's: it would keep buffers the size of the biggest segment."""
+    threads = _codecs.threads if raw_length >= THREADED_MIN_BYTES else 0
+    if isinstance(level, LongLevel):
+        window_log = min(LONG_WINDOW_LOG, max(WINDOW_LOG_MIN, (raw_length - 1).bit_length()))
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level.level, source_size=raw_length, window_log=window_log, enable_ldm=True,
+            threads=threads,
+        )  # fmt: skip
+        return zstandard.ZstdCompressor(compression_params=params)
+    if threads:
+        return zstandard.ZstdCompressor(level=level, threads=threads)
     compressor = _codecs.compressors.get(level)
     if compressor is None:
         compressor = _codecs.compressors[level] = zstandard.ZstdCompressor(level=level)
@@ -237,13 +284,34 @@ def _encoded(
     return Encoded(view[: end + SHA_LEN].toreadonly(), sha256)
 
 
-def _segment_reader(body: memoryview) -> zstandard.ZstdDecompressionReader:
-    """A reader over a segment body, on this thread's decompressor.  Only for bodies read to
-    the end at once: a second reader on the same thread resets the first."""
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor."""
     decompressor = _codecs.decompressor
     if decompressor is None:
         decompressor = _codecs.decompressor = zstandard.ZstdDecompressor()
-    return decompressor.stream_reader(body)
+    return decompressor
+
+
+def _decompressed(body: memoryview, raw_length: int, key: str) -> bytes:
+    """A checked segment body (§4.3: one frame declaring ``raw_length``) decompressed.
+
+    Up to ONE_CALL_BYTES in one call, straight into the buffer it is returned in: a stream
+    would keep a buffer as big as the frame's window beside it (the whole body, for a frame
+    whose window covers it) and join its reads into one more copy.  A longer body, which
+    only a writer configured for segments that big makes, is read in CHUNK steps, so memory
+    follows what really decompresses rather than what its length fields claim."""
+    try:
+        if raw_length <= ONE_CALL_BYTES:
+            raw = _decompressor().decompress(body)
+            if len(raw) != raw_length:
+                raise CorruptObject(key, f"body decompresses to {len(raw)} bytes, not {raw_length}")
+            return raw
+    except zstandard.ZstdError as e:
+        raise CorruptObject(key, f"zstd: {e}") from None
+    reader = _decompressor().stream_reader(body)
+    raw = read_exact(reader, raw_length, key)
+    expect_end(reader, key)
+    return raw
 
 
 # --- data model ---------------------------------------------------------------------------
@@ -455,7 +523,7 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
 
 
 def encode_segment(
-    page_size: int, commits: Sequence[Commit | PackedRun], level: int = SEGMENT_LEVEL
+    page_size: int, commits: Sequence[Commit | PackedRun], level: Level = SEGMENT_LEVEL
 ) -> Encoded:
     """Encode consecutive commits (or runs of them) as one segment object.
 
@@ -475,7 +543,7 @@ def encode_segment(
     return _encode_commits(page_size, commits, level)  # type: ignore[arg-type]
 
 
-def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> Encoded:
+def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: Level) -> Encoded:
     """Runs of packed commits: their entries and records as they are, checked already."""
     for a, b in zip(runs, runs[1:], strict=False):
         if b.txid != a.last_txid + 1:
@@ -487,7 +555,7 @@ def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> Encod
     return _seal_segment(page_size, runs[0].txid, runs[-1].last_txid, index, records, level)
 
 
-def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> Encoded:
+def _encode_commits(page_size: int, commits: Sequence[Commit], level: Level) -> Encoded:
     """Commits one by one, each checked."""
     first = commits[0].txid
     index: list[bytes | memoryview] = []
@@ -526,10 +594,10 @@ def encoded_body_length(segment: bytes | memoryview) -> int:
     return int(_SEG_HEADER.unpack_from(segment)[7])
 
 
-def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
-    """The size the commits' records come to compressed at ``level``, each piece of output
-    dropped as it comes: what a segment body of them would take, measured without the
-    memory of holding one."""
+def compressed_size(commits: Sequence[Commit | PackedRun], raw_length: int, level: Level) -> int:
+    """The size the commits' records (``raw_length`` bytes) come to compressed at ``level``,
+    each piece of output dropped as it comes: what a segment body of them would take,
+    measured without the memory of holding one."""
     pieces = (
         piece
         for c in commits
@@ -539,7 +607,10 @@ def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
             else _record([pgno for pgno, _ in c.pages], (data for _, data in c.pages))
         )
     )
-    reader = _compressor(level, 0).stream_reader(_Pieces(pieces).stream(), read_size=STREAM_CHUNK)
+    compressor = _compressor(level, raw_length)
+    reader = compressor.stream_reader(
+        _Pieces(pieces).stream(), size=raw_length, read_size=STREAM_CHUNK
+    )
     scratch = memoryview(mmap.mmap(-1, STREAM_CHUNK, flags=mmap.MAP_PRIVATE))
     size = 0
     while n := reader.readinto(scratch):
@@ -643,7 +714,7 @@ def _seal_segment(
     last: int,
     index: Sequence[bytes | memoryview],
     records: Sequence[bytes | memoryview],
-    level: int,
+    level: Level,
 ) -> Encoded:
     """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4), in
     a mapping of its own (:func:`_encoded`) unless small.  Shared by encoding commits and
@@ -930,13 +1001,12 @@ def _record_pgnos(
 def _segment_commits(
     header: SegmentHeader, body: memoryview, key: str, upto_txid: int | None
 ) -> Iterator[Commit]:
-    """Decompress the records wanted in 1 MiB steps, then cut pages out of that one buffer."""
+    """Decompress the body, then cut the pages of the records wanted out of that one buffer."""
     entries = [e for e in header.index if upto_txid is None or e.txid <= upto_txid]
-    record_size = [e.page_count * (4 + header.page_size) for e in entries]
-    reader = _segment_reader(body)
-    raw = memoryview(read_exact(reader, sum(record_size), key))  # the rest is never decompressed
-    if len(entries) == len(header.index):
-        expect_end(reader, key)
+    width = 4 + header.page_size
+    record_size = [e.page_count * width for e in entries]
+    raw_length = sum(e.page_count for e in header.index) * width
+    raw = memoryview(_decompressed(body, raw_length, key))
     pos = 0
     for entry, size in zip(entries, record_size, strict=True):
         pgnos = _record_pgnos(raw, pos, entry, key)
@@ -972,9 +1042,7 @@ def read_segment_raw(data: bytes, key: str) -> RawSegment:
     version, page_size, first = checked.version, checked.page_size, checked.first
     rows = checked.rows
     body, raw_length = checked.body, checked.raw_length
-    reader = _segment_reader(body)
-    raw = read_exact(reader, raw_length, key)
-    expect_end(reader, key)
+    raw = _decompressed(body, raw_length, key)
     pos, width = 0, 4 + page_size
     for txid, _, db_size, page_count, *_ in rows:
         problem = _pgno_problem(struct.unpack_from(f">{page_count}I", raw, pos), db_size)
