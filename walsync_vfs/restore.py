@@ -406,9 +406,21 @@ def _decoded(
     opened there: its pages come as it downloads (:func:`format.stream_part`).  The
     downloads start at once, not at the first ``next``."""
     streamed = {catalog.object_key(seg) for seg in segments if seg.parts}
+    # Only an object's size is listed, not what it decompresses to: that is estimated at the
+    # highest ratio decoded so far, and until one is decoded, only one is fetched.  A replica
+    # of very compressible pages (a segment of zeros is a hundredth of its pages) must not
+    # have a window of them decoded at once.
+    ratio = 0.0
 
     def fetch(key: str) -> Decoded | None:
-        return None if key in streamed else decode_object(client, key, upto_txid)
+        nonlocal ratio
+        if key in streamed:
+            return None
+        decoded = decode_object(client, key, upto_txid)
+        header = decoded[1]
+        raw = sum(e.page_count for e in header.index) * (4 + header.page_size)
+        ratio = max(ratio, raw / max(1, sizes.get(key, 0)))  # a lost race only lowers it once
+        return decoded
 
     def pieces(key: str) -> Iterator[bytes]:
         try:
@@ -421,8 +433,11 @@ def _decoded(
         return _named(key, *format.stream_part(pieces(key), sizes[key], key, upto_txid))
 
     def cost(key: str) -> int:
-        # What a decoded segment holds: its bytes twice over (the object, what it decompresses to).
-        return 0 if key in streamed else 2 * sizes.get(key, 0)
+        # What a decoded segment holds: the object, and what it decompresses to.
+        if key in streamed:
+            return 0
+        size = sizes.get(key, 0)
+        return size + int(size * ratio) if ratio else PREFETCH_BYTES + 1
 
     keys = [catalog.object_key(seg) for seg in segments]
     fetched = prefetched(pool, keys, fetch, cost=cost)
