@@ -561,8 +561,7 @@ class Uploader:
         upload's encode of the same database only moves when the next measurement falls.
         """
         up, limit = db.upload, db.cfg.max_segment_bytes
-        page_size = db.lineage.page_size
-        item = encode(db.name, page_size, limit, batch, db.epoch(), up.effort)
+        item = encode(db.name, db.lineage.page_size, limit, batch, db.epoch(), up.effort)
         if batch[1] is not None or is_small(item.raw_bytes, limit):
             return item
         if up.level_probe > 0:
@@ -570,6 +569,7 @@ class Uploader:
             return item
         up.level_probe = LEVEL_PROBE_EVERY - 1
         commits = [c for _, _, c in batch[0]]
+        page_size = _page_size(commits[0], db.lineage.page_size)  # as encode() took it
         raw_length = item.raw_bytes // page_size * (4 + page_size)  # pages and their numbers
         sizes = {
             effort: format.encoded_body_length(item.payload())
