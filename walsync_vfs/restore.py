@@ -419,7 +419,8 @@ def _decoded(
         decoded = decode_object(client, key, upto_txid)
         header = decoded[1]
         raw = sum(e.page_count for e in header.index) * (4 + header.page_size)
-        ratio = max(ratio, raw / max(1, sizes.get(key, 0)))  # a lost race only lowers it once
+        # Two fetches ending together may keep the lower ratio: the next one raises it again.
+        ratio = max(ratio, raw / max(1, sizes.get(key, 0)))
         return decoded
 
     def pieces(key: str) -> Iterator[bytes]:
@@ -437,7 +438,7 @@ def _decoded(
         if key in streamed:
             return 0
         size = sizes.get(key, 0)
-        return size + int(size * ratio) if ratio else PREFETCH_BYTES + 1
+        return size + int(size * ratio) if ratio else PREFETCH_BYTES + 1  # over: fetched alone
 
     keys = [catalog.object_key(seg) for seg in segments]
     fetched = prefetched(pool, keys, fetch, cost=cost)

@@ -88,7 +88,7 @@ def encode_part(
     effort: format.Effort = format.Effort.USUAL,
 ) -> format.Encoded:
     """The object of part ``index`` of a commit bigger than a segment (FORMAT.md §4.5), at
-    the fast level if ``fast``.  Pages in a spool file are read a chunk at a time into the
+    the level ``effort`` gives parts.  Pages in a spool file are read a chunk at a time into the
     compressor, never a Python object per page."""
     per_part = part_pages(page_size, max_bytes)
     pages = commit.pages[index * per_part : (index + 1) * per_part]
