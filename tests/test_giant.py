@@ -13,7 +13,6 @@ from pathlib import Path
 import apsw
 import pytest
 
-import walsync_vfs
 from walsync_vfs import catalog, format, report, storage
 from walsync_vfs.restore import RestoreError, Vanished, plan, replay, restore_from, split_url
 from walsync_vfs.storage.file import FileReplicaClient
@@ -124,45 +123,6 @@ def test_a_giant_commit_restores_in_bounded_memory(file_url, tmp_path):
     assert digest_of(tmp_path / "restored-parts.db") == (parts["digest"], parts["rows"])
     extra = peaks["parts.db"] - peaks["snap.db"]
     assert extra < 24 * MIB, f"restoring the parts took {extra / MIB:.1f} MiB more"
-
-
-def test_very_compressible_segments_restore_a_few_at_a_time(file_replica, tmp_path):
-    """Segments of zero-filled rows decompress to a hundred times their size.  A restore
-    estimates what each comes to from the ones decoded before it, so it decodes one ahead
-    of the one applied, as for big segments of any kind, not a window of them: about three
-    are held at once (the one applied, the one handed over next, the one decoding)."""
-    rows = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 512) "
-    walsync_vfs.configure(upload_interval=60.0, max_segment_bytes=8 * MIB)
-    try:
-        for name, commits in (("tiny.db", 1), ("zeros.db", 48)):  # 2 MiB of pages a commit
-            con = apsw.Connection(str(tmp_path / name), vfs="walsync")
-            con.execute("CREATE TABLE t(b BLOB)")
-            for _ in range(commits):
-                con.execute(rows + "INSERT INTO t SELECT zeroblob(4000) FROM n")
-            con.close()
-        walsync_vfs.flush(timeout=60)
-    finally:
-        walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)
-    root, _ = split_url(f"{file_replica}/zeros.db")
-    client = storage.open_replica(root)
-    (g,) = catalog.generations(client, "zeros.db")
-    raw = []
-    for key in g.segments:
-        data = client.get(catalog.object_key(key))
-        header = format.read_segment_header(data, key.name)
-        raw.append(sum(e.page_count for e in header.index) * (4 + header.page_size))
-        assert len(data) * 50 < raw[-1] or raw[-1] < MIB
-    assert sum(r > 4 * MIB for r in raw) >= 5
-    peaks = {
-        name: restore_peak(f"{file_replica}/{name}", tmp_path / f"restored-{name}")
-        for name in ("tiny.db", "zeros.db")
-    }
-    out = apsw.Connection(str(tmp_path / "restored-zeros.db"))
-    assert out.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    assert out.execute("SELECT count(*), max(length(b)) FROM t").fetchall() == [(48 * 512, 4000)]
-    out.close()
-    extra = peaks["zeros.db"] - peaks["tiny.db"]
-    assert extra < 4 * max(raw), f"{extra / MIB:.1f} MiB for segments of {max(raw) / MIB:.1f}"
 
 
 def test_a_commit_missing_a_part_is_never_restored(file_url, tmp_path):

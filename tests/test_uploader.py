@@ -13,7 +13,7 @@ from pathlib import Path
 import apsw
 
 import walsync_vfs
-from walsync_vfs import catalog, format, restore, storage, uploader
+from walsync_vfs import catalog, format, storage, uploader
 
 
 def segments(url: str, name: str) -> list[str]:
@@ -235,58 +235,15 @@ def test_segments_take_the_fast_level_where_zstd_effort_does_not_pay(
         walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)
 
 
-def test_pages_rewritten_far_apart_take_the_long_window(file_replica, tmp_path, monkeypatch):
-    """Rows of random bytes, one to a page, updated in turn: each page's previous version
-    lies a cycle of 640 KiB back, past level 1's window, so only long-distance matching
-    shrinks the segments, to a third of what level 1 makes of them.  The first
-    segment of updates is measured (the rows before it are too few pages to say anything)
-    and puts the ones after it on the long window; measured again, the third stays there.
-    Restored, the database equals the source."""
-    monkeypatch.setattr(uploader, "LEVEL_PROBE_EVERY", 2)
-    walsync_vfs.configure(upload_interval=60.0, max_segment_bytes=4 << 20)
-    try:
-        path = tmp_path / "far.db"
-        con, _ = replicated_table(file_replica, path)
-        con.execute("CREATE TABLE f(n INTEGER, blob BLOB)")
-        con.execute(
-            "WITH RECURSIVE i(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM i WHERE k < 160) "
-            "INSERT INTO f SELECT 0, randomblob(3000) FROM i"
-        )
-        walsync_vfs.flush(timeout=30)  # the rows: a small segment, not measured
-        before = len(segments(file_replica, "far.db"))
-        for _ in range(3):
-            for k in range(480):  # three cycles: about 2 MiB of pages, one segment
-                con.execute("UPDATE f SET n = n + 1 WHERE rowid = ?", (k % 160 + 1,))
-            walsync_vfs.flush(timeout=30)
-        rows = con.execute("SELECT n, blob FROM f ORDER BY rowid").fetchall()
-        con.close()
-        client = storage.open_replica(file_replica)
-        keys = segments(file_replica, "far.db")[before:]
-        found = [client.get(catalog.object_key(key)) for key in keys]
-        raws = [format.read_segment_raw(b, k.name) for b, k in zip(found, keys, strict=True)]
-        assert [encoded_at(raw) for raw in raws] == [[1]] + [[format.LONG_SEGMENT_LEVEL]] * 2
-        # A segment's first cycle has no earlier version in it: the other two shrink to nothing.
-        assert len(found[1]) * 2 < len(found[0])
-        out = restore.restore(f"{file_replica}/far.db", str(tmp_path / "out.db"))
-        assert out.txid == replicated_txid(file_replica, "far.db")
-        copy = apsw.Connection(str(tmp_path / "out.db"))
-        assert copy.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert copy.execute("SELECT n, blob FROM f ORDER BY rowid").fetchall() == rows
-        copy.close()
-    finally:
-        walsync_vfs.configure(upload_interval=1.0, max_segment_bytes=16 << 20)
-
-
-def encoded_at(seg: format.RawSegment) -> list[format.Level]:
-    """Which of the fast level, the long window and level 1 made the segment.  The capture
-    hands a lone commit's records over in one block (compressed in one call) and a run's in
-    several (compressed as a stream, whatever the cut): try both."""
+def encoded_at(seg: format.RawSegment) -> list[int]:
+    """Which of the fast level and level 1 made the segment.  The capture hands a lone
+    commit's records over in one block (compressed in one call) and a run's in several
+    (compressed as a stream, whatever the cut): try both."""
     raw = memoryview(seg.raw)
     forms = ([raw], [raw[:1], raw[1:]])
-    levels: list[format.Level] = [format.FAST_SEGMENT_LEVEL, format.LONG_SEGMENT_LEVEL, 1]
     return [
         level
-        for level in levels
+        for level in (format.FAST_SEGMENT_LEVEL, 1)
         if any(
             format.encode_segment(
                 seg.page_size, [format.PackedRun(seg.page_size, memoryview(seg.index), parts)],

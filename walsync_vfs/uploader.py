@@ -81,14 +81,10 @@ def part_bytes(commit: format.Commit, index: int, page_size: int, max_bytes: int
 
 
 def encode_part(
-    commit: format.Commit,
-    index: int,
-    page_size: int,
-    max_bytes: int,
-    effort: format.Effort = format.Effort.USUAL,
+    commit: format.Commit, index: int, page_size: int, max_bytes: int, fast: bool = False
 ) -> format.Encoded:
     """The object of part ``index`` of a commit bigger than a segment (FORMAT.md §4.5), at
-    the level ``effort`` gives parts.  Pages in a spool file are read a chunk at a time into the
+    the fast level if ``fast``.  Pages in a spool file are read a chunk at a time into the
     compressor, never a Python object per page."""
     per_part = part_pages(page_size, max_bytes)
     pages = commit.pages[index * per_part : (index + 1) * per_part]
@@ -98,7 +94,8 @@ def encode_part(
         data: Iterable[format.Page] = pages.chunks()
     else:
         pgnos, data = [pgno for pgno, _ in pages], (page for _, page in pages)
-    return format.encode_part(page_size, commit, part, pgnos, data, format.part_level(effort))
+    level = format.segment_level(small=False, fast=fast)
+    return format.encode_part(page_size, commit, part, pgnos, data, level)
 
 
 def encode_commits(
@@ -154,7 +151,7 @@ class UploadState:
     bytes_uploaded: int = 0
     next_part: int = 0  # pending[0] is bigger than a segment: its part to encode next
     disk_bytes: int = 0  # of pending_bytes, pages read from a file when encoded, not memory
-    effort: format.Effort = format.Effort.USUAL  # how segments are compressed (Uploader._encode)
+    fast_level: bool = False  # segments take format.FAST_SEGMENT_LEVEL (Uploader._encode)
     level_probe: int = 0  # segments to encode before measuring the levels again
 
     def shipping(self) -> bool:
@@ -410,16 +407,16 @@ def encode(
     max_segment_bytes: int,
     shipment: Shipment,
     epoch: int = 0,
-    effort: format.Effort = format.Effort.USUAL,
+    fast: bool = False,
 ) -> Outgoing:
     """One segment of a batch of pending commits (of one generation), or one part of a commit,
-    keyed with the lease ``epoch`` of its writer, compressed as ``effort`` says."""
+    keyed with the lease ``epoch`` of its writer; at the fast level if ``fast``."""
     batch, part = shipment
     gen = batch[0][1]
     if part is not None:
         seq, _, whole = batch[0]
         assert isinstance(whole, format.Commit)
-        encoded = encode_part(whole, part[0], page_size, max_segment_bytes, effort)
+        encoded = encode_part(whole, part[0], page_size, max_segment_bytes, fast)
         return Outgoing(
             format.segment_key(name, gen, whole.txid, whole.txid, epoch, part),
             gen,
@@ -435,7 +432,7 @@ def encode(
     commits = [c for _, _, c in batch]
     page_size = _page_size(commits[0], page_size)
     raw_bytes = sum(c.page_count for c in commits) * page_size
-    level = format.segment_level(is_small(raw_bytes, max_segment_bytes), effort)
+    level = format.segment_level(is_small(raw_bytes, max_segment_bytes), fast)
     first, last = commits[0].txid, commits[-1].last_txid
     encoded = format.encode_segment(page_size, commits, level)
     return Outgoing(
@@ -549,36 +546,30 @@ class Uploader:
         return take_batch(db.upload, db.lineage.page_size, db.cfg.max_segment_bytes)
 
     def _encode(self, db: Database, batch: Shipment) -> Outgoing:
-        """Encode as the database's stream was last measured to suit.
+        """Encode at the level the database's stream was last measured to suit.
 
         Every LEVEL_PROBE_EVERY-th segment past a quarter of max_segment_bytes (the first
-        included) is measured at the other efforts too (compressed, the output dropped as it
-        comes), and the next ones take the cheapest effort, in the order of
-        :class:`format.Effort`, that comes within a tenth of the smallest size: a dearer one
-        on data it cannot shrink further costs two to four times the CPU on every segment,
-        one measurement costs two compressions.  Parts and small segments (a new table's
-        few pages say too little about the stream) are not measured.  A spill racing an
-        upload's encode of the same database only moves when the next measurement falls.
+        included) is measured at the other level too (compressed, the output dropped as it
+        comes), and the next ones take the fast level unless level 1 saves a tenth over it:
+        that costs one compression a measurement, where level 1 on data it cannot shrink
+        further costs twice to four times the fast level's CPU on every segment.  Parts and small
+        segments (a new table's few pages say too little about the stream) are not
+        measured.  A spill racing an upload's encode of the same database only moves when
+        the next measurement falls.
         """
         up, limit = db.upload, db.cfg.max_segment_bytes
-        item = encode(db.name, db.lineage.page_size, limit, batch, db.epoch(), up.effort)
+        item = encode(db.name, db.lineage.page_size, limit, batch, db.epoch(), up.fast_level)
         if batch[1] is not None or is_small(item.raw_bytes, limit):
             return item
         if up.level_probe > 0:
             up.level_probe -= 1
             return item
         up.level_probe = LEVEL_PROBE_EVERY - 1
-        commits = [c for _, _, c in batch[0]]
-        page_size = _page_size(commits[0], db.lineage.page_size)  # as encode() took it
-        raw_length = item.raw_bytes // page_size * (4 + page_size)  # pages and their numbers
-        sizes = {
-            effort: format.encoded_body_length(item.payload())
-            if effort is up.effort
-            else format.compressed_size(commits, raw_length, format.segment_level(False, effort))
-            for effort in format.Effort
-        }
-        smallest = min(sizes.values())
-        up.effort = next(e for e, size in sizes.items() if size * 10 <= smallest * 11)
+        mine = format.encoded_body_length(item.payload())
+        other_level = format.segment_level(small=False, fast=not up.fast_level)
+        other = format.compressed_size([c for _, _, c in batch[0]], other_level)
+        fast, usual = (mine, other) if up.fast_level else (other, mine)
+        up.fast_level = fast * 10 <= usual * 11
         return item
 
     def _encode_or_none(self, db: Database, batch: Shipment) -> Outgoing | None:

@@ -10,7 +10,6 @@ decompresses is ever written to, so only that becomes memory).
 from __future__ import annotations
 
 import contextlib
-import enum
 import hashlib
 import mmap
 import struct
@@ -56,49 +55,18 @@ SEGMENT_LEVEL = 1
 # standard level, half the CPU of level 1 at about the same size on page data.
 SMALL_SEGMENT_LEVEL = -1
 # zstd's effort does not pay on every stream: pages it can barely shrink (random or
-# compressed blobs in their cells, encrypted columns) come out within a few percent of level
-# 1's size at this level, for a half to a quarter of the CPU.
+# compressed blobs in their cells, encrypted columns) and pages made of long repeats (the
+# same page rewritten commit after commit) come out within a few percent of level 1's size
+# at this level, for a half to a quarter of the CPU.  The uploader measures which case a
+# stream is (see uploader.Uploader._encode).
 FAST_SEGMENT_LEVEL = -7
-# Small writes rewrite the same pages commit after commit, farther apart than a level's
-# window: long-distance matching over the whole segment finds those repeats at the fast
-# level's speed, and shrinks such streams well past level 1 for no more CPU.  Its window (the
-# segment, up to this) is held while compressing; readers decompress a segment in one call,
-# which needs none (see _decompressed).
-LONG_WINDOW_LOG = 24
 
 
-@dataclass(frozen=True, slots=True)
-class LongLevel:
-    """zstd ``level`` with long-distance matching over a window as long as the segment."""
-
-    level: int
-
-
-LONG_SEGMENT_LEVEL = LongLevel(FAST_SEGMENT_LEVEL)
-Level = int | LongLevel
-
-
-class Effort(enum.Enum):
-    """How a database's segments are compressed: which of these suits its stream best is
-    measured as it goes (see uploader.Uploader._encode)."""
-
-    FAST = "fast"  # FAST_SEGMENT_LEVEL
-    LONG = "long"  # LONG_SEGMENT_LEVEL
-    USUAL = "usual"  # SEGMENT_LEVEL (SMALL_SEGMENT_LEVEL for a small segment)
-
-
-def segment_level(small: bool, effort: Effort) -> Level:
-    """The zstd level of a new segment: see the levels above.  A small segment is merged,
-    so recompressed, soon: it never takes the long window."""
-    if effort is Effort.USUAL:
-        return SMALL_SEGMENT_LEVEL if small else SEGMENT_LEVEL
-    return LONG_SEGMENT_LEVEL if effort is Effort.LONG and not small else FAST_SEGMENT_LEVEL
-
-
-def part_level(effort: Effort) -> int:
-    """The zstd level of a part (§4.5): a long window would be a part's size, held beside
-    the part, so a database whose segments take it has its parts at the fast level."""
-    return SEGMENT_LEVEL if effort is Effort.USUAL else FAST_SEGMENT_LEVEL
+def segment_level(small: bool, fast: bool) -> int:
+    """The zstd level of a new segment: see the levels above."""
+    if fast:
+        return FAST_SEGMENT_LEVEL
+    return SMALL_SEGMENT_LEVEL if small else SEGMENT_LEVEL
 
 
 # magic version flags page_size first_txid last_txid commit_count body_length body_raw_length
@@ -119,7 +87,6 @@ STREAM_CHUNK = 4 << 20
 # Smaller pieces are copied together before compressing, which holds the GIL for a copy of
 # about this much: far shorter than the wake-ups one take of it per page costs.
 GATHER_BYTES = 1 << 20
-WINDOW_LOG_MIN = 10  # zstd's smallest window
 # Segment bodies of up to this many raw bytes are decompressed in one call (see
 # _decompressed); writers cut segments at max_segment_bytes, far below it by default.
 ONE_CALL_BYTES = 64 << 20
@@ -155,21 +122,12 @@ def compression_threads(threads: int) -> Iterator[None]:
         _codecs.threads = before
 
 
-def _compressor(level: Level, raw_length: int) -> zstandard.ZstdCompressor:
+def _compressor(level: int, raw_length: int) -> zstandard.ZstdCompressor:
     """This thread's compressor for ``raw_length`` bytes at ``level``.  One on zstd worker
     threads is made for the call and never kept: a forked child frees what a dead thread
-    kept, and freeing one that used workers waits for them, which stayed in the parent.
-    Nor is a long window's: it would keep buffers the size of the biggest segment."""
-    threads = _codecs.threads if raw_length >= THREADED_MIN_BYTES else 0
-    if isinstance(level, LongLevel):
-        window_log = min(LONG_WINDOW_LOG, max(WINDOW_LOG_MIN, (raw_length - 1).bit_length()))
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level.level, source_size=raw_length, window_log=window_log, enable_ldm=True,
-            threads=threads,
-        )  # fmt: skip
-        return zstandard.ZstdCompressor(compression_params=params)
-    if threads:
-        return zstandard.ZstdCompressor(level=level, threads=threads)
+    kept, and freeing one that used workers waits for them, which stayed in the parent."""
+    if _codecs.threads and raw_length >= THREADED_MIN_BYTES:
+        return zstandard.ZstdCompressor(level=level, threads=_codecs.threads)
     compressor = _codecs.compressors.get(level)
     if compressor is None:
         compressor = _codecs.compressors[level] = zstandard.ZstdCompressor(level=level)
@@ -523,7 +481,7 @@ def _commit_problem(c: Commit, txid: int, page_size: int) -> str:
 
 
 def encode_segment(
-    page_size: int, commits: Sequence[Commit | PackedRun], level: Level = SEGMENT_LEVEL
+    page_size: int, commits: Sequence[Commit | PackedRun], level: int = SEGMENT_LEVEL
 ) -> Encoded:
     """Encode consecutive commits (or runs of them) as one segment object.
 
@@ -543,7 +501,7 @@ def encode_segment(
     return _encode_commits(page_size, commits, level)  # type: ignore[arg-type]
 
 
-def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: Level) -> Encoded:
+def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: int) -> Encoded:
     """Runs of packed commits: their entries and records as they are, checked already."""
     for a, b in zip(runs, runs[1:], strict=False):
         if b.txid != a.last_txid + 1:
@@ -555,7 +513,7 @@ def _encode_runs(page_size: int, runs: Sequence[PackedRun], level: Level) -> Enc
     return _seal_segment(page_size, runs[0].txid, runs[-1].last_txid, index, records, level)
 
 
-def _encode_commits(page_size: int, commits: Sequence[Commit], level: Level) -> Encoded:
+def _encode_commits(page_size: int, commits: Sequence[Commit], level: int) -> Encoded:
     """Commits one by one, each checked."""
     first = commits[0].txid
     index: list[bytes | memoryview] = []
@@ -594,10 +552,10 @@ def encoded_body_length(segment: bytes | memoryview) -> int:
     return int(_SEG_HEADER.unpack_from(segment)[7])
 
 
-def compressed_size(commits: Sequence[Commit | PackedRun], raw_length: int, level: Level) -> int:
-    """The size the commits' records (``raw_length`` bytes) come to compressed at ``level``,
-    each piece of output dropped as it comes: what a segment body of them would take,
-    measured without the memory of holding one."""
+def compressed_size(commits: Sequence[Commit | PackedRun], level: int) -> int:
+    """The size the commits' records come to compressed at ``level``, each piece of output
+    dropped as it comes: what a segment body of them would take, measured without the
+    memory of holding one."""
     pieces = (
         piece
         for c in commits
@@ -607,10 +565,7 @@ def compressed_size(commits: Sequence[Commit | PackedRun], raw_length: int, leve
             else _record([pgno for pgno, _ in c.pages], (data for _, data in c.pages))
         )
     )
-    compressor = _compressor(level, raw_length)
-    reader = compressor.stream_reader(
-        _Pieces(pieces).stream(), size=raw_length, read_size=STREAM_CHUNK
-    )
+    reader = _compressor(level, 0).stream_reader(_Pieces(pieces).stream(), read_size=STREAM_CHUNK)
     scratch = memoryview(mmap.mmap(-1, STREAM_CHUNK, flags=mmap.MAP_PRIVATE))
     size = 0
     while n := reader.readinto(scratch):
@@ -714,7 +669,7 @@ def _seal_segment(
     last: int,
     index: Sequence[bytes | memoryview],
     records: Sequence[bytes | memoryview],
-    level: Level,
+    level: int,
 ) -> Encoded:
     """Header, index, the records compressed as one frame, and the SHA-256 trailer (§4), in
     a mapping of its own (:func:`_encoded`) unless small.  Shared by encoding commits and
