@@ -13,9 +13,10 @@ from pathlib import Path
 import apsw
 import pytest
 
-from walsync_vfs import catalog, format, report, storage
+from walsync_vfs import catalog, format, report, restore, storage
 from walsync_vfs.restore import RestoreError, Vanished, plan, replay, restore_from, split_url
 from walsync_vfs.storage.file import FileReplicaClient
+from walsync_vfs.workers import Workers
 
 WRITER = Path(__file__).with_name("giant_writer.py")
 RECOVERY = Path(__file__).with_name("giant_recovery.py")
@@ -282,3 +283,39 @@ def test_a_transaction_bigger_than_memory_cap_is_recovered_from_the_wal(file_url
 @pytest.mark.slow
 def test_256_mib_transaction_with_default_settings(replica_url, tmp_path):
     assert check_giant(replica_url, tmp_path, 256, 16 * MIB, 64 * MIB) <= 64 * MIB  # issue 14
+
+
+def test_segments_of_very_compressible_pages_are_decoded_one_ahead(tmp_path, monkeypatch):
+    """A segment of zero pages is almost nothing of what it decompresses to.  Restore's
+    prefetch estimates what each comes to from the ones decoded before it (and fetches one
+    alone until then), so with segments past its byte budget it decodes one ahead of the
+    one applied, as for big segments of any kind.  Counted as fetches started: the listed
+    sizes alone would have started a window of them at once."""
+    client = FileReplicaClient(str(tmp_path / "replica"))
+    gen = format.new_generation_id(1)
+    zero, pages = bytes(4096), 3000  # 12 MB of pages a segment: past the 8 MiB budget
+    keys, sizes = [], {}
+    for txid in range(2, 8):
+        commit = format.Commit(txid, txid, pages, 0, tuple((p, zero) for p in range(1, pages + 1)))
+        key = format.segment_key("z.db", gen, txid, txid)
+        data = bytes(format.encode_segment(4096, [commit]).data)
+        client.put(key, data)
+        keys.append(format.parse_key(key))
+        sizes[key] = len(data)
+    started = []
+
+    class Counted(Workers):
+        def submit(self, fn, *args):
+            started.append(args[0])
+            return super().submit(fn, *args)
+
+    pool = Counted(4, "test-prefetch")
+    try:
+        decoded = restore._decoded(pool, client, keys, sizes)
+        assert len(started) == 1  # nothing decoded yet: one alone
+        seen = [next(decoded)[0] for _ in range(3)]
+        assert seen == [catalog.object_key(k) for k in keys[:3]]
+        assert len(started) == 4  # the three handed over, one more decoding
+        assert [c.txid for *_, commits in decoded for c in commits] == [5, 6, 7]
+    finally:
+        pool.shutdown()
