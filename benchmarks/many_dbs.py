@@ -279,6 +279,9 @@ def run_mode(mode: str, n: int, args: argparse.Namespace, workdir: Path,
         for tid, cpu in threads1.items():
             name = done["threads"].get(str(tid), "other")
             by_thread[name] = by_thread.get(name, 0.0) + cpu - threads0.get(tid, 0.0)
+        # Threads that ended in the window (compaction's, between its passes) are only in the
+        # process's total.
+        by_thread["ended threads"] = res["cpu_s"] - sum(by_thread.values())
         res["thread_cpu_s"] = by_thread
         app.send({"op": "stop"})
         res.update(app.reply())
