@@ -285,7 +285,7 @@ def test_256_mib_transaction_with_default_settings(replica_url, tmp_path):
     assert check_giant(replica_url, tmp_path, 256, 16 * MIB, 64 * MIB) <= 64 * MIB  # issue 14
 
 
-def test_segments_of_very_compressible_pages_are_decoded_one_ahead(tmp_path, monkeypatch):
+def test_segments_of_very_compressible_pages_are_decoded_one_ahead(tmp_path):
     """A segment of zero pages is almost nothing of what it decompresses to.  Restore's
     prefetch estimates what each comes to from the ones decoded before it (and fetches one
     alone until then), so with segments past its byte budget it decodes one ahead of the

@@ -417,10 +417,8 @@ def _decoded(
         if key in streamed:
             return None
         decoded = decode_object(client, key, upto_txid)
-        header = decoded[1]
-        raw = sum(e.page_count for e in header.index) * (4 + header.page_size)
         # Two fetches ending together may keep the lower ratio: the next one raises it again.
-        ratio = max(ratio, raw / max(1, sizes.get(key, 0)))
+        ratio = max(ratio, decoded[1].raw_length / max(1, sizes.get(key, 0)))
         return decoded
 
     def pieces(key: str) -> Iterator[bytes]:

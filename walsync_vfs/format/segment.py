@@ -441,6 +441,11 @@ class SegmentHeader:
     index: tuple[IndexEntry, ...]
     part: Part | None = None  # None: the object holds its commits whole
 
+    @property
+    def raw_length(self) -> int:
+        """Bytes the body decompresses to: each commit's record, page numbers and pages."""
+        return sum(e.page_count for e in self.index) * (4 + self.page_size)
+
 
 _NO_WAL = WalPos(0, 0, 0)  # how an unknown WAL position is stored
 
@@ -958,10 +963,8 @@ def _segment_commits(
 ) -> Iterator[Commit]:
     """Decompress the body, then cut the pages of the records wanted out of that one buffer."""
     entries = [e for e in header.index if upto_txid is None or e.txid <= upto_txid]
-    width = 4 + header.page_size
-    record_size = [e.page_count * width for e in entries]
-    raw_length = sum(e.page_count for e in header.index) * width
-    raw = memoryview(_decompressed(body, raw_length, key))
+    record_size = [e.page_count * (4 + header.page_size) for e in entries]
+    raw = memoryview(_decompressed(body, header.raw_length, key))
     pos = 0
     for entry, size in zip(entries, record_size, strict=True):
         pgnos = _record_pgnos(raw, pos, entry, key)
