@@ -145,6 +145,7 @@ class Side:
     stmt: str
     settle: Callable[[], None] = lambda: None  # run inside the timed section, after the commits
     rates: list[float] = field(default_factory=list)
+    settled: list[float] = field(default_factory=list)  # seconds each slice's settle took
     commits: int = 0
 
     def run(self, n: int) -> float:
@@ -156,10 +157,12 @@ class Side:
             t0 = time.perf_counter()
             for _ in range(n):
                 execute(stmt)
+            t1 = time.perf_counter()
             self.settle()
             dt = time.perf_counter() - t0
         finally:
             gc.enable()
+        self.settled.append(t0 + dt - t1)
         self.commits += n
         return n / dt
 
@@ -215,6 +218,7 @@ class Result:
     ratios: list[float]
     rate_a: list[float]
     rate_b: list[float]
+    settled: list[float]  # seconds each walsync slice waited at its end (flush, barrier)
     per_slice: int
     captured: int
     others: float | None  # share of the CPUs other processes used (user time) during the case
@@ -303,7 +307,9 @@ def run_case(
         for name in os.listdir(d):
             os.unlink(os.path.join(d, name))
         os.rmdir(d)
-    return Result(case, ratios, a.rates, b.rates, per_slice, captured, others, store)
+    return Result(
+        case, ratios, a.rates, b.rates, a.settled, per_slice, captured, others, store
+    )
 
 
 def replicated_settle() -> None:
@@ -403,8 +409,8 @@ def report(
     print()
     head = (
         f"{'case':<16} {'ratio med':>9} {'min':>6} {'max':>6}  {'target':>7}  {'met':<4}"
-        f" {'walsync c/s':>12} {'plain c/s':>10} {'commits/slice':>13} {'others':>6}"
-        f" {'store':>5}"
+        f" {'walsync c/s':>12} {'plain c/s':>10} {'commits/slice':>13} {'end ms':>6}"
+        f" {'others':>6} {'store':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -418,12 +424,16 @@ def report(
             f"{case.name:<16} {res.median:>9.3f} {min(res.ratios):>6.3f} {max(res.ratios):>6.3f}"
             f"  >={case.target:<5.2f}  {'yes' if res.met else 'NO':<4}"
             f" {statistics.median(res.rate_a):>12,.0f} {statistics.median(res.rate_b):>10,.0f}"
-            f" {res.per_slice:>13,} {others:>6} {store:>5}",
+            f" {res.per_slice:>13,} {statistics.median(res.settled) * 1e3:>6.1f}"
+            f" {others:>6} {store:>5}",
             flush=True,
         )
     print()
     print("ratio = walsync commits/s / plain commits/s per round (median over rounds);")
-    print("absolute commits/s are medians, for context only; others = user CPU share taken by")
+    print("absolute commits/s are medians, for context only; end ms = median wait at the end")
+    print("of a walsync slice, inside its time, for its last commits to reach the replica")
+    print("(flush) or the sink (barrier): the durability wait of an app that flushes once a")
+    print("slice, which a longer slice spreads thinner; others = user CPU share taken by")
     print("other processes during the case (high: the machine was busy, the ratio is noisier);")
     print("store = cores the store's server (SeaweedFS) kept busy on this machine during the")
     print("case: CPU a remote store would not take from the writer.")
