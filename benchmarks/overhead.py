@@ -344,7 +344,9 @@ def replica_root(store: str, workdir: str) -> Iterator[tuple[str, int | None]]:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import seaweedfs  # the SeaweedFS launcher the tests use
 
-        with seaweedfs.running(Path(d)) as server:
+        # 1 GiB volumes: the 1,000-row cases write ~100 MB/s, which would fill the tests'
+        # 64 MiB ones every second, each time pausing a PUT for a volume to grow.
+        with seaweedfs.running(Path(d), volume_mb=1024) as server:
             os.environ.update(server.env())
             root = f"s3://{server.new_bucket()}/overhead"
             walsync_vfs.configure(replica=root)

@@ -154,9 +154,14 @@ class SeaweedFS:
                 sock.unlink(missing_ok=True)
 
 
-def start(workdir: Path) -> SeaweedFS:
+def start(workdir: Path, volume_mb: int = 64) -> SeaweedFS:
     """Start master, volume, filer and S3 in ``workdir`` on free loopback ports and wait until
-    a bucket can be created (the one real readiness test: it needs every part up)."""
+    a bucket can be created (the one real readiness test: it needs every part up).
+
+    ``volume_mb``: the size at which a volume is full.  The master grows a full bucket's
+    volume while a PUT waits, about a second: small volumes suit the tests' hundreds of
+    small buckets, a benchmark writing ~100 MB/s into one bucket needs bigger ones, as a
+    real store has no such pauses."""
     (workdir / "data").mkdir(parents=True)
     (workdir / "s3.json").write_text(json.dumps(S3_IDENTITIES))
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
@@ -169,7 +174,7 @@ def start(workdir: Path) -> SeaweedFS:
         "-ip.bind=127.0.0.1",
         f"-master.port={master}",
         f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=64",
+        f"-master.volumeSizeLimitMB={volume_mb}",
         "-master.telemetry=false",
         f"-volume.port={volume}",
         f"-volume.port.grpc={volume_grpc}",
@@ -223,9 +228,9 @@ def _wait_ready(server: SeaweedFS) -> None:
 
 
 @contextmanager
-def running(workdir: Path) -> Iterator[SeaweedFS]:
-    """A started server, stopped on the way out; raises if it died while in use."""
-    server = start(workdir)
+def running(workdir: Path, volume_mb: int = 64) -> Iterator[SeaweedFS]:
+    """A started server (see start), stopped on the way out; raises if it died while in use."""
+    server = start(workdir, volume_mb)
     try:
         yield server
         server.check_alive()
