@@ -129,7 +129,7 @@ def check_history(url: str, tmp: Path, holder_rows: list[tuple], old_rows: list[
     the old writer's final rows or of the lease holder's), the old writer's final database is
     one of them, and the latest restore is the lease holder's database."""
     client = storage.open_replica(url)
-    assert report.verify(client, NAME) == []
+    assert report.verify(client, NAME).problems == []
     out = str(tmp / "restored.db")
     states = []
     for g in catalog.generations(client, NAME):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import resource
 import signal
 import subprocess
@@ -36,6 +37,7 @@ class Replica:
     client: storage.ReplicaClient
     gens: list[catalog.Generation]
     tmp: Path
+    restorable: str = ""  # what the last failing verify said can be restored
 
     def segments(self, gen: int) -> list[str]:
         return [catalog.object_key(k) for k in self.gens[gen].segments]
@@ -51,11 +53,14 @@ class Replica:
         return format.decode_segment(self.client.get(key), key)
 
     def problems(self) -> list[str]:
-        """verify's problem lines, after checking its exit status and last line."""
+        """verify's problem lines, after checking its exit status and last line (which
+        ``self.restorable`` keeps the end of)."""
         proc = cli("verify", self.url)
         assert proc.returncode == 1, proc.stdout + proc.stderr
         lines = proc.stderr.splitlines()
-        assert lines[-1] == f"walsync: error: {self.url}: {len(lines) - 1} problem(s) found"
+        head = f"walsync: error: {self.url}: {len(lines) - 1} problem(s) found; restorable: "
+        assert lines[-1].startswith(head), lines[-1]
+        self.restorable = lines[-1].removeprefix(head)
         assert proc.stdout == ""
         return [line.removeprefix("walsync: problem: ") for line in lines[:-1]]
 
@@ -158,6 +163,9 @@ def test_every_broken_object_is_named(replica):
         "before it",
         f"v.db/{replica.gens[1].id}: generation has no snapshot",
     ]
+    # Only what comes before the first damaged object can be restored.
+    first = replica.gens[0].snapshots[0].last_txid
+    assert replica.restorable == f"txids {first}..{format.parse_key(segs[0]).last_txid}"
     # Restore refuses rather than hand back an older database, and names what is broken.
     g1 = replica.gens[1]
     assert replica.restore_error() == (
@@ -330,3 +338,69 @@ def test_a_restore_that_cannot_write_names_its_output(file_replica, tmp_path):
     )  # fmt: skip
     assert (proc.returncode, proc.stderr) == (1, f"walsync: error: {out}: File too large\n")
     assert list(tmp_path.glob("out.db*")) == []
+
+
+def test_a_segment_gone_from_the_middle_leaves_what_is_before_it_and_later_generations(replica):
+    segs = replica.segments(0)
+    gone = format.parse_key(segs[3])
+    replica.client.delete([segs[3]])
+
+    assert replica.problems() == [
+        f"{segs[4]}: txids {gone.first_txid}..{gone.last_txid} missing before it"
+    ]
+    first, g1 = replica.gens[0].snapshots[0].last_txid, replica.gens[1]
+    assert replica.restorable == (
+        f"txids {first}..{gone.first_txid - 1}, {g1.snapshots[0].last_txid}..{g1.last_txid}"
+    )
+
+
+def restore_with_stdout(file_replica: str, tmp_path: Path, stdout: int) -> tuple[int, str, Path]:
+    """``restore`` of a small replica with standard output on the descriptor ``stdout``:
+    (exit status, stderr, the output path)."""
+    con = apsw.Connection(str(tmp_path / "a.db"), vfs="walsync")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    con.close()
+    assert last_txid(file_replica, "a.db") == 3  # what the restore's summary line says
+    out = tmp_path / "out.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "walsync_vfs", "restore", f"{file_replica}/a.db", "-o", str(out)],
+        stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60,
+    )  # fmt: skip
+    return proc.returncode, proc.stderr, out
+
+
+def last_txid(root: str, name: str) -> int:
+    return catalog.generations(storage.open_replica(root), name)[-1].last_txid
+
+
+def test_a_reader_gone_from_standard_output_fails_nothing(file_replica, tmp_path):
+    """``restore ... | head -0``: the restore is done, and nothing says otherwise."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        status, err, out = restore_with_stdout(file_replica, tmp_path, write_end)
+    finally:
+        os.close(write_end)
+    assert (status, err) == (0, "")
+    assert apsw.Connection(str(out)).execute("SELECT x FROM t").fetchall() == [(1,)]
+
+
+def test_standard_output_that_cannot_be_written_is_named(file_replica, tmp_path):
+    """A full disk under standard output: restore's work is done all the same (status 0, a
+    warning); verify's output is its work (status 1).  Neither blames a file of its own."""
+    with open("/dev/full", "w") as full:
+        status, err, out = restore_with_stdout(file_replica, tmp_path, full.fileno())
+        assert status == 0
+        assert err == (
+            "walsync: warning: standard output: No space left on device; restored "
+            f"{file_replica}/a.db to {out} at txid 3 (2 pages of 4096 bytes)\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "walsync_vfs", "verify", f"{file_replica}/a.db"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        "walsync: error: standard output: No space left on device\n",
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from walsync_vfs import format, storage
@@ -45,12 +46,22 @@ class Generation:
         whole = self.snapshots + self.segments
         return max((k.last_txid for k in whole), default=self.first_txid - 1)
 
-    def restorable(self) -> list[tuple[int, int]]:
+    def restorable(self, without: AbstractSet[str] = frozenset()) -> list[tuple[int, int]]:
         """The txid ranges a restore can reach: from each snapshot on through the segments
-        that follow it without a hole, merged.  Empty without a snapshot."""
-        segments = sorted(self.segments, key=lambda k: k.first_txid)
+        that follow it without a hole, merged.  Empty without a snapshot.  The objects keyed
+        in ``without`` (damaged ones) count as missing; a part, as its whole commit."""
+        split = {k.first_txid for k in self.segments if k.parts and object_key(k) in without}
+        segments = sorted(
+            (
+                k
+                for k in self.segments
+                if object_key(k) not in without and not (k.parts and k.first_txid in split)
+            ),
+            key=lambda k: k.first_txid,
+        )
+        snapshots = [k for k in self.snapshots if object_key(k) not in without]
         ranges = []
-        for snap in sorted(self.snapshots, key=lambda k: k.last_txid):
+        for snap in sorted(snapshots, key=lambda k: k.last_txid):
             end = snap.last_txid
             for seg in segments:
                 if seg.first_txid <= end + 1 < seg.last_txid + 1:

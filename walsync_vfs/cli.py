@@ -37,7 +37,19 @@ from walsync_vfs.restore import (
     split_url,
 )
 
-ERRORS = (RestoreError, storage.StorageError, CorruptObject, inplace.LiveDatabaseError, OSError)
+
+class StdoutError(Exception):
+    """Standard output cannot be written (a full disk, an I/O error)."""
+
+
+ERRORS = (
+    RestoreError,
+    storage.StorageError,
+    CorruptObject,
+    inplace.LiveDatabaseError,
+    OSError,
+    StdoutError,
+)
 FOLLOW_HELP = """\
 --follow keeps OUTPUT up to date as new commits reach the replica, polling it every
 --interval seconds, until Ctrl-C or SIGTERM (exit status 0 at once, even while the store
@@ -60,6 +72,21 @@ they repeat, and retried at every poll; OUTPUT keeps its last verified state.
 def fail(message: str) -> None:
     """The one line on stderr a failure ends in."""
     print(f"walsync: error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def say(text: str) -> None:
+    """Write ``text`` and a newline to standard output, at once.  A reader that went away
+    (``| head``) is no failure of the command: what it has left to say goes nowhere, and its
+    work and exit status stay what they are.  Any other write error is the command's
+    failure, named as standard output's rather than as a file the command writes."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush too goes there
+        os.close(devnull)
+    except OSError as exc:
+        raise StdoutError(f"standard output: {exc.strerror}") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -160,10 +187,10 @@ def run_list(url: str, as_json: bool) -> int:
     if name is None and not info["databases"]:
         raise RestoreError(f"nothing replicated at {url}")
     if as_json:
-        print(json.dumps(info, indent=2))
+        say(json.dumps(info, indent=2))
     else:
         dbs = [info] if name else info["databases"]
-        print("\n".join(report.format_database(d) for d in dbs))
+        say("\n".join(report.format_database(d) for d in dbs))
     return 0
 
 
@@ -190,21 +217,19 @@ def run_verify(url: str) -> int:
     client = storage.open_replica(root)
     if not catalog.generations(client, name):
         raise RestoreError(f"no replica of {name!r} found at {client.url}")
-    problems = report.verify(client, name)
+    verdict = report.verify(client, name)
     for line in report.ignored(client, name):
         print(f"walsync: ignored: {line}", file=sys.stderr)
-    for line in problems:
+    for line in verdict.problems:
         print(f"walsync: problem: {one_line(line)}", file=sys.stderr)
-    if problems:
-        fail(f"{url}: {len(problems)} problem(s) found")
-        return 1
     # What can be restored, so that objects gone from the store (which no check of what is
     # there can see) show as a gap or an end short of what the application committed.
-    ranges = [r for g in catalog.generations(client, name) for r in g.restorable()]
-    print(
-        f"{url}: every object, txid chain and database checksum verified; restorable: "
-        f"{catalog.spell_ranges(ranges) if ranges else 'nothing'}"
-    )
+    ranges = verdict.restorable
+    restorable = f"restorable: {catalog.spell_ranges(ranges) if ranges else 'nothing'}"
+    if verdict.problems:
+        fail(f"{url}: {len(verdict.problems)} problem(s) found; {restorable}")
+        return 1
+    say(f"{url}: every object, txid chain and database checksum verified; {restorable}")
     return 0
 
 
@@ -297,13 +322,13 @@ def run_follow(url: str, output: str, force: bool, interval: float) -> int:
             else:
                 last_error = None
                 if updated and follower.generation != generation:  # the first, or a new one
-                    print(f"following {url}: {output} {_where(follower)}", flush=True)
+                    say(f"following {url}: {output} {_where(follower)}")
             if stop.check_requested and follower.published is not None:
                 stop.check_requested = False
                 report_integrity(follower, output)
             else:
                 stop.sleep(interval)
-        print(f"stopped following {url}: {output} {_where(follower)}", flush=True)
+        say(f"stopped following {url}: {output} {_where(follower)}")
     return 0
 
 
@@ -316,7 +341,7 @@ def report_integrity(follower: Follower, output: str) -> None:
     except ERRORS as exc:
         problem = str(exc)
     if problem is None:
-        print(f"integrity_check of {at}: ok", flush=True)
+        say(f"integrity_check of {at}: ok")
     else:
         fail(f"integrity_check of {at}: {problem}")
 
@@ -389,6 +414,15 @@ def run(argv: list[str] | None) -> int:
             force=args.force,
             progress=sys.stderr.isatty(),
         )
+        done = (
+            f"restored {args.url} to {args.output} at txid {result.txid} "
+            f"({result.db_size} pages of {result.page_size} bytes)"
+        )
+        try:
+            say(done)
+        except StdoutError as exc:  # the restore is done all the same: no failure status
+            print(f"walsync: warning: {exc}; {done}", file=sys.stderr, flush=True)
+        return 0
     except ERRORS as exc:
         fail(described(exc, WRITTEN[args.command](args) if args.command in WRITTEN else None))
         return 1
@@ -398,8 +432,3 @@ def run(argv: list[str] | None) -> int:
     except Stopped:
         fail("terminated")
         return 128 + signal.SIGTERM
-    print(
-        f"restored {args.url} to {args.output} at txid {result.txid} "
-        f"({result.db_size} pages of {result.page_size} bytes)"
-    )
-    return 0

@@ -7,7 +7,8 @@ import tempfile
 from array import array
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from dataclasses import dataclass, field
+from typing import BinaryIO, NamedTuple
 
 from walsync_vfs import catalog, format, objects, storage
 from walsync_vfs.restore import (
@@ -129,8 +130,38 @@ def format_database(info: dict) -> str:
     return "\n".join(lines)
 
 
-def verify(client: storage.ReplicaClient, name: str) -> list[str]:
-    """Every problem found, one line each naming the object (empty list = sound).
+class Verdict(NamedTuple):
+    """What verify found: one line per problem, naming its object (none: sound), and the
+    txid ranges a restore can reach with the damaged objects left out."""
+
+    problems: list[str]
+    restorable: list[tuple[int, int]]
+
+
+@dataclass
+class _Findings:
+    """What verifying one listing found so far."""
+
+    problems: list[str] = field(default_factory=list)
+    damaged: set[str] = field(default_factory=set)  # keys of objects that failed a check
+    missing: set[str] = field(default_factory=set)  # keys listed but not found
+    unsound: set[str] = field(default_factory=set)  # generations whose replay fails SQLite's check
+
+    def object_problem(self, key: str, exc: Exception) -> None:
+        """An object failed: one line naming ``key`` (format and replay errors already start
+        with it)."""
+        self.damaged.add(key)
+        if isinstance(exc, storage.ObjectNotFound):
+            self.missing.add(key)
+            self.problems.append(f"{key}: object listed but missing")
+        elif isinstance(exc, format.CorruptObject | RestoreError):
+            self.problems.append(str(exc))
+        else:
+            self.problems.append(f"{key}: {exc}")
+
+
+def verify(client: storage.ReplicaClient, name: str) -> Verdict:
+    """Every problem found, and what is restorable around them.
 
     Each object is downloaded once and checked whole (SHA-256, structure, zstd); each
     generation is replayed from its first snapshot through its segments the way restore does,
@@ -146,16 +177,22 @@ def verify(client: storage.ReplicaClient, name: str) -> list[str]:
     for _ in range(VERIFY_PASSES):
         gens = catalog.generations(client, name)
         if not gens:
-            return [f"{storage.database_url(client, name)}: no replica found"]
-        missing: set[str] = set()
-        problems = [f"{name}/{line}" for line in _overlaps(gens)]
-        problems += [line for g in gens for line in _verify_generation(client, name, g, missing)]
-        if not missing or missing & _listed(client, name):
-            return problems
-    return [
-        f"{storage.database_url(client, name)}: objects kept being replaced (compaction, "
-        "retention) while verify read them; run it again"
-    ]
+            return Verdict([f"{storage.database_url(client, name)}: no replica found"], [])
+        found = _Findings([f"{name}/{line}" for line in _overlaps(gens)])
+        for g in gens:
+            _verify_generation(client, name, g, found)
+        if not found.missing or found.missing & _listed(client, name):
+            restorable = [
+                r for g in gens if g.id not in found.unsound for r in g.restorable(found.damaged)
+            ]
+            return Verdict(found.problems, restorable)
+    return Verdict(
+        [
+            f"{storage.database_url(client, name)}: objects kept being replaced (compaction, "
+            "retention) while verify read them; run it again"
+        ],
+        [],
+    )
 
 
 def _listed(client: storage.ReplicaClient, name: str) -> set[str]:
@@ -194,17 +231,6 @@ def _overlaps(gens: list[catalog.Generation]) -> list[str]:
     ]
 
 
-def _problem(key: str, exc: Exception, missing: set[str]) -> str:
-    """One line naming ``key``; format and replay errors already start with it.  A key
-    listed but not found goes into ``missing`` too."""
-    if isinstance(exc, storage.ObjectNotFound):
-        missing.add(key)
-        return f"{key}: object listed but missing"
-    if isinstance(exc, format.CorruptObject | RestoreError):
-        return str(exc)
-    return f"{key}: {exc}"
-
-
 _UNKNOWN = 0  # a txid's checksum the replay never reached
 
 
@@ -237,15 +263,14 @@ class _History:
 
 
 def _verify_generation(
-    client: storage.ReplicaClient, name: str, g: catalog.Generation, missing: set[str]
-) -> list[str]:
-    """Problems of one generation; the replay stops at the first break in its chain, but every
-    object is still checked on its own.  Keys listed but not found are added to ``missing``."""
-    problems = []
+    client: storage.ReplicaClient, name: str, g: catalog.Generation, found: _Findings
+) -> None:
+    """Check one generation into ``found``; the replay stops at the first break in its chain,
+    but every object is still checked on its own."""
     seg_keys = [catalog.object_key(s) for s in g.segments]
     snap_keys = [catalog.object_key(s) for s in g.snapshots]
     if not snap_keys:
-        problems.append(f"{name}/{g.id}: generation has no snapshot")
+        found.problems.append(f"{name}/{g.id}: generation has no snapshot")
     holes = _holes(g)
     with (
         tempfile.TemporaryDirectory(prefix="walsync-verify-") as tmp,
@@ -257,37 +282,40 @@ def _verify_generation(
         )
         image, history = None, _History(g.snapshots[0].last_txid if snap_keys else 0)
         if snap_keys:
-            image = _replay_from(client, g, g.snapshots[0], f, problems, missing)
+            image = _replay_from(client, g, g.snapshots[0], f, found)
         for key, future in segments:
             if key in holes:
                 line, resume = holes[key]
                 if resume is None:
-                    problems.append(line)
+                    found.problems.append(line)
                     image = None  # replay cannot cross a hole; the objects are still checked
                 else:  # commits that never reached the store: restore goes on from a snapshot
-                    image = _replay_from(client, g, resume, f, problems, missing)
+                    image = _replay_from(client, g, resume, f, found)
                     if image is not None:
                         history.resume(image.result.txid, image.checksum.value)
             try:
                 _, header, commits = future.result()
             except (format.CorruptObject, storage.StorageError) as exc:
-                problems.append(_problem(key, exc, missing))
+                found.object_problem(key, exc)
                 image = None
                 continue
             for c in commits:
                 if history.disagrees(c.txid, c.checksum):
-                    problems.append(f"{key}: txid {c.txid} differs from the replayed history")
+                    found.object_problem(
+                        key, RestoreError(f"{key}: txid {c.txid} differs from the replayed history")
+                    )
                     break
             if image is not None:
                 try:
                     image.apply_segment(key, header, commits)
                 except RestoreError as exc:
-                    problems.append(str(exc))
+                    found.object_problem(key, exc)
                     image = None
                     continue
                 history.add(commits, image.result.txid)
         if image is not None and (bad := first_integrity_problem(f.name, mmap=False)) is not None:
-            problems.append(
+            found.unsound.add(g.id)
+            found.problems.append(
                 f"{name}/{g.id}: database replayed to txid {image.result.txid} fails "
                 f"integrity_check: {bad}"
             )
@@ -295,11 +323,12 @@ def _verify_generation(
             try:
                 snap = _read_snapshot(client, key, g.sizes[key])
             except (format.CorruptObject, storage.StorageError) as exc:
-                problems.append(_problem(key, exc, missing))
+                found.object_problem(key, exc)
                 continue
             if history.disagrees(snap.txid, snap.checksum):
-                problems.append(f"{key}: snapshot differs from the replayed history")
-    return problems
+                found.object_problem(
+                    key, RestoreError(f"{key}: snapshot differs from the replayed history")
+                )
 
 
 def _replay_from(
@@ -307,8 +336,7 @@ def _replay_from(
     g: catalog.Generation,
     snap: format.ParsedKey,
     f: BinaryIO,
-    problems: list[str],
-    missing: set[str],
+    found: _Findings,
 ) -> Image | None:
     """The image of snapshot ``snap`` in the replay file ``f`` (None, and a problem, if it
     does not read)."""
@@ -318,7 +346,7 @@ def _replay_from(
     try:
         return Image.from_snapshot(f, g.id, objects.open_snapshot(client, key, g.sizes[key]))
     except (format.CorruptObject, storage.StorageError) as exc:
-        problems.append(_problem(key, exc, missing))
+        found.object_problem(key, exc)
         return None
 
 
