@@ -185,6 +185,7 @@ sys.meta_path[:] = [
     f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")
 ]
 sys.path.insert(0, "")
+sys.argv[0] = "-m"  # as while `python -m` looks for the module
 runpy.run_module("walsync_vfs", run_name="__main__", alter_sys=True)
 """
 
@@ -202,9 +203,14 @@ def test_a_source_tree_without_the_compiled_shim_says_how_to_build_it(tmp_path):
         ignore=shutil.ignore_patterns("_shim*.so", "__pycache__"),
     )
     args = ["-c", CLI_IN_A_CLONE, "list", f"file://{tmp_path}"]
-    out = run(args, clone, environment(tmp_path))
-    assert out.returncode == 1
-    assert out.stderr.splitlines()[-1] == (
-        f"ImportError: walsync_vfs at {clone / 'walsync_vfs'} has no compiled shim (_shim): "
-        "build it with `pip install -e .` there, or run from outside that source directory"
+    why = (
+        f"walsync_vfs at {clone / 'walsync_vfs'} has no compiled shim (_shim): build it with "
+        "`pip install -e .` there, or run from outside that source directory"
     )
+    out = run(args, clone, environment(tmp_path))
+    assert (out.returncode, out.stderr) == (1, f"walsync: error: {why}\n")
+    # Imported by an application instead, it is an ImportError like any other.
+    imported = CLI_IN_A_CLONE.split("sys.argv[0]")[0] + "import walsync_vfs\n"
+    out = run(["-c", imported], clone, environment(tmp_path))
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == f"ImportError: {why}"

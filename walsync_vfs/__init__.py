@@ -13,6 +13,7 @@ import dataclasses
 import math
 import numbers
 import os
+import sys
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,10 +23,18 @@ import apsw
 try:  # first: every module below needs it
     from walsync_vfs import _shim  # noqa: F401
 except ImportError as exc:  # a source tree without the compiled shim shadows the installed one
-    raise ImportError(
-        f"walsync_vfs at {os.path.dirname(__file__)} has no compiled shim (_shim): build it "
-        "with `pip install -e .` there, or run from outside that source directory"
-    ) from exc
+    _here = os.path.dirname(__file__)
+    _built = [n for n in os.listdir(_here) if n.startswith("_shim.") and n.endswith(".so")]
+    _why = (
+        f"walsync_vfs at {_here} cannot load its compiled shim: {exc}"
+        if _built
+        else f"walsync_vfs at {_here} has no compiled shim (_shim): build it with "
+        "`pip install -e .` there, or run from outside that source directory"
+    )
+    if sys.argv[:1] == ["-m"]:  # `python -m walsync_vfs`: the CLI's one line, not a traceback
+        print(f"walsync: error: {_why}", file=sys.stderr)
+        raise SystemExit(1) from None
+    raise ImportError(_why) from (exc if _built else None)
 
 from walsync_vfs import capture, metrics, storage
 from walsync_vfs.capture import CaptureError
