@@ -84,6 +84,7 @@ SQLITE_EXTENSION_INIT1
 ** to the thread it woke. */
 #define WS_READ_AHEAD ((sqlite3_int64)256 << 10)
 #define WS_READ_AHEAD_TICK_NS 2000000LL /* the shortest wait, and the first */
+#define WS_ENGINE_FIRST_NS 100000000LL /* the longest an application writer lets the engine go first */
 #define FRAME_HDR 24
 
 /* Position in the WAL checksum chain after the last published commit.  Only
@@ -166,6 +167,7 @@ struct WsDb {
   int nPending; /* COMMITs queued whose frames nobody has read yet (atomic) */
   uint32_t aQueued[3]; /* salts and end frame of the last COMMIT queued (gMutex) */
   int nWaiter;  /* writers in waitConsumed() (gMutex) */
+  int nEngWrite; /* engine connections trying for or holding the WAL write lock (gMutex) */
   int walFd;    /* the consumer's descriptor for the WAL, or -1 */
   int bReopen;  /* the WAL may be another file now: reopen walFd (atomic) */
   ws_batch *pBatch; /* ws_drain() scratch: this db's batch being built (in `batch`) */
@@ -228,6 +230,7 @@ struct WsFile {
   uint32_t shmShared;  /* wal-index locks it holds, one bit per slot */
   uint32_t shmExcl;
   int bEng;            /* MAIN or WAL of an engine's connection: in gEngFiles (set at open) */
+  int bEngWrite;       /* MAIN, engine's: wants or holds the WAL write lock (in nEngWrite) */
   WsFile *pNextEng;    /* gEngFiles links (gMutex) */
   WsFile *pPrevEng;
 };
@@ -275,6 +278,7 @@ static sqlite3_int64 gUnread = 0;
 static ws_rec *gSeen = 0; /* the last queued record readAhead() looked at */
 
 static pthread_cond_t gDone = PTHREAD_COND_INITIALIZER; /* some db's nPending hit 0 */
+static pthread_cond_t gEngWrite = PTHREAD_COND_INITIALIZER; /* some db's nEngWrite hit 0 */
 
 void ws_wake(void);
 
@@ -1820,10 +1824,13 @@ static void exclNone(WsFile *p) {
 
 /* ------------------------------------------------------------ io methods */
 
+static void engineWants(WsFile *p, int bOn);
+
 static int wsClose(sqlite3_file *pFile) {
   WsFile *p = (WsFile *)pFile;
   int rc;
   if (p->bEng) { /* its links change as its neighbours close: only read under gMutex */
+    if (p->bEngWrite) engineWants(p, 0); /* it gave up on the write lock */
     pthread_mutex_lock(&gMutex);
     engFileGone(p);
     pthread_mutex_unlock(&gMutex);
@@ -2035,6 +2042,35 @@ static int shmLockNoted(WsFile *p, int ofst, int n, int flags) {
   return rc;
 }
 
+/* The engine's connections (sync points) go first to the WAL write lock.
+** Taken in a moment between two transactions of a writer committing flat out,
+** it could wait for the whole burst (SQLite's busy handler only retries now
+** and then), and commits made meanwhile after a gap would all end up inside
+** the sync point's snapshot, without restore points of their own.  So while
+** an engine connection wants or holds it, this process's application writers
+** wait before taking it, at most WS_ENGINE_FIRST_NS: one whose own other
+** connection holds it would otherwise wait for ever. */
+static void engineWants(WsFile *p, int bOn) {
+  pthread_mutex_lock(&gMutex);
+  if (p->bEngWrite != bOn) {
+    p->bEngWrite = bOn;
+    p->pDb->nEngWrite += bOn ? 1 : -1;
+    if (!bOn) pthread_cond_broadcast(&gEngWrite);
+  }
+  pthread_mutex_unlock(&gMutex);
+}
+
+static void engineFirst(WsDb *pDb) {
+  struct timespec ts;
+  if (!__atomic_load_n(&pDb->nEngWrite, __ATOMIC_ACQUIRE)) return;
+  ts = deadlineIn(WS_ENGINE_FIRST_NS);
+  pthread_mutex_lock(&gMutex);
+  while (pDb->nEngWrite > 0) {
+    if (pthread_cond_timedwait(&gEngWrite, &gMutex, &ts) == ETIMEDOUT) break;
+  }
+  pthread_mutex_unlock(&gMutex);
+}
+
 /* Releasing the WAL write lock ends a write transaction: publish first.  An
 ** exclusive lock on read locks 1..4 together is taken only to restart the
 ** WAL (walRestartLog, TRUNCATE checkpoints); refuse it with SQLITE_BUSY
@@ -2043,7 +2079,20 @@ static int wsShmLock(sqlite3_file *f, int ofst, int n, int flags) {
   WsFile *p = (WsFile *)f;
   if (p->eType == WSF_MAIN && (flags & SQLITE_SHM_EXCLUSIVE)) {
     if (ofst == WAL_WRITE_LOCK && (flags & SQLITE_SHM_UNLOCK)) {
+      int rc;
       publishFromMain(p);
+      rc = shmLockNoted(p, ofst, n, flags);
+      if (p->bEngWrite) engineWants(p, 0);
+      return rc;
+    } else if (ofst == WAL_WRITE_LOCK && p->pDb) {
+      int rc;
+      if (!p->bEng) {
+        engineFirst(p->pDb);
+        return shmLockNoted(p, ofst, n, flags);
+      }
+      rc = shmLockNoted(p, ofst, n, flags);
+      engineWants(p, 1); /* refused: its busy handler tries again soon; taken: until its unlock */
+      return rc;
     } else if (ofst == WAL_READ_LOCK1 && n == WAL_NREADER_1 && (flags & SQLITE_SHM_LOCK) && p->pDb) {
       int rc;
       if (__atomic_load_n(&p->pDb->nHold, __ATOMIC_ACQUIRE) > 0 || !restartAllowed(p->pDb)) {
@@ -2806,6 +2855,18 @@ int ws_release_heap(void) {
 ** thread) connections that are not its own.
 */
 
+/* The busy handler of the engine's connections: short sleeps, as the
+** application's writers let them in as soon as the lock is free (engineFirst());
+** longer ones after a while (another process holds it); gives up after about
+** the busy timeout, in ms, that pArg carries. */
+static int engineBusy(void *pArg, int nTry) {
+  int busyMs = (int)(intptr_t)pArg;
+  int slept = nTry < 100 ? nTry : 100 + (nTry - 100) * 10;
+  if (slept >= busyMs) return 0;
+  sqlite3_sleep(nTry < 100 ? 1 : 10);
+  return 1;
+}
+
 /* Open zPath read-write through this VFS; NULL with the reason in zErr. */
 void *ws_conn_open(const char *zPath, int busyMs, char *zErr, int nErr) {
   sqlite3 *db = 0;
@@ -2818,7 +2879,7 @@ void *ws_conn_open(const char *zPath, int busyMs, char *zErr, int nErr) {
     sqlite3_close_v2(db);
     return 0;
   }
-  sqlite3_busy_timeout(db, busyMs);
+  sqlite3_busy_handler(db, engineBusy, (void *)(intptr_t)busyMs);
   /* Closing the last connection checkpoints and deletes the WAL; while the
   ** application has the db open ours must never be that one: the WAL may hold
   ** commits a sync is about to take (see ws_conn_close()). */
@@ -2963,6 +3024,7 @@ static void forkChild(void) {
   pthread_mutex_init(&gSpoolMutex, 0);
   pthread_cond_init(&gCond, 0);
   pthread_cond_init(&gDone, 0);
+  pthread_cond_init(&gEngWrite, 0);
   gHead = gTail = 0; /* the parent's records stay the parent's */
   gWaiting = gWake = 0;
   gUnread = 0;
@@ -2975,6 +3037,7 @@ static void forkChild(void) {
     if (p->walFd >= 0) close(p->walFd);
     p->walFd = -1;
     p->nRef = p->nApp = p->nAppRw = p->nAppNoLock = p->nHold = p->nWaiter = p->nPending = 0;
+    p->nEngWrite = 0; /* the engine's connections stayed in the parent */
     p->eRole = WS_ROLE_NONE;
     p->c.bKnown = 0;
     p->pShm = 0;

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import apsw
 
-import walsync_vfs  # noqa: F401  (registers the VFS and the WAL hook)
+import walsync_vfs
 from walsync_vfs import capture, format, sync
 from walsync_vfs.capture import Kind, Record
 from walsync_vfs.lineage import Head, Lineage, decide
@@ -101,3 +101,25 @@ def test_commits_recovered_from_the_wal_are_not_dated_after_the_sync_point(
         capture.dispatcher().route_path(str(path), None)
     assert [c.txid for c in pinned.survivors] == [3, 4]
     assert all(c.time_ns <= pinned.taken_ns < wrote_after[0] for c in pinned.survivors)
+
+
+def test_a_writer_flat_out_after_a_gap_keeps_its_restore_points(file_replica, tmp_path):
+    """A process without the shim truncates the WAL, so this process's next commit reveals a
+    gap and a resync.  Its sync point needs the WAL write lock for a moment; a writer
+    committing flat out (no busy timeout) lets it in at once instead of holding it off through
+    the whole burst, whose commits would all end up inside the sync point's snapshot."""
+    from foreign import write_foreign
+
+    path = tmp_path / "db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    walsync_vfs.flush(timeout=30)
+    write_foreign(path, "INSERT INTO t VALUES(0)")
+    commits = 3000
+    for i in range(commits):  # no busy timeout: the sync point must never make one fail
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    walsync_vfs.flush(timeout=30)
+    (state,) = [s for s in walsync_vfs.stats() if s["path"] == str(path)]
+    # the schema, the foreign commit (in the sync point's snapshot), and the burst
+    assert state["replicated_txid"] >= 1 + commits - 10
+    con.close()
