@@ -230,6 +230,29 @@ def test_restore_names_a_directory_path_and_standard_output_as_no_file(replica, 
     assert not (tmp_path / "restored").exists() and not (Path.cwd() / "-").exists()
 
 
+def test_restore_force_refuses_a_rollback_database_inside_a_transaction(replica, tmp_path):
+    """In a rollback journal mode only a transaction holds a lock: a reader inside one is
+    seen (an idle connection is not, and goes on reading the file it opened)."""
+    con = open_db(tmp_path / "keep.db")
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    walsync_vfs.flush(timeout=30)
+    live = tmp_path / "live.db"
+    app = apsw.Connection(str(live))
+    app.execute("CREATE TABLE mine(y); INSERT INTO mine VALUES(7)")
+    app.execute("BEGIN")
+    assert app.execute("SELECT y FROM mine").fetchall() == [(7,)]  # SHARED held
+    proc = cli("restore", f"{replica}/keep.db", "-o", str(live), "--force")
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"walsync: error: {live} is open (a connection is inside a transaction on it); close "
+        "it first, or restore to another path\n",
+    )
+    app.execute("COMMIT")
+    assert rows(restore(f"{replica}/keep.db", live, "--force")) == [(1,)]
+    app.close()
+    con.close()
+
+
 def test_restore_through_a_symlink_writes_and_guards_its_target(replica, tmp_path):
     """A database reached through a symlink (an app path onto a volume) is restored where
     the link points, the link kept; an open target is refused through the link too."""

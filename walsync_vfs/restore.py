@@ -935,14 +935,13 @@ def _output_path(out: str, force: bool) -> str:
             raise RestoreError(f"{out} exists and is not a regular file; restore to a file path")
         if not force:
             raise RestoreError(f"{out} already exists; pass --force to overwrite it")
-        if _open_elsewhere(out):
-            raise RestoreError(
-                f"{out} is open (its wal-index is in use); close it first, or restore to "
-                "another path"
-            )
         fd = _keep(out)  # a follower's output: not while that follower runs
         if fd is not None:
             os.close(fd)
+        if seen := _open_elsewhere(out):
+            raise RestoreError(
+                f"{out} is open ({seen}); close it first, or restore to another path"
+            )
     return out
 
 
@@ -971,24 +970,33 @@ def _lock_or_refuse(fd: int, refusal: str) -> None:
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hh4xqqi4x")
 _SHM_DMS = 128  # the wal-index byte every connection to a WAL database holds a read lock on
+# A database file's lock bytes from PENDING_BYTE: pending, reserved and the shared range.
+_LOCK_BYTES = inplace.SHARED_FIRST + inplace.SHARED_SIZE - inplace.PENDING_BYTE
 FENCE_ATTEMPTS = 100
 
 
-def _open_elsewhere(path: str) -> bool:
-    """Whether a process has the WAL database at ``path`` open: each SQLite connection holds
-    a read lock on its wal-index's DMS byte while it does (src/os_unix.c, unixShmMap).  An
-    open-file-description lock tests it without touching this process's own locks."""
-    try:
-        fd = os.open(path + "-shm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False  # no wal-index: no connection to it in WAL mode
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS, 1, 0))
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # drops that lock, and no other
-    return False
+def _open_elsewhere(path: str) -> str | None:
+    """How a process is seen to have the database at ``path`` open, or None: in WAL mode each
+    SQLite connection holds a read lock on its wal-index's DMS byte while it is open
+    (src/os_unix.c, unixShmMap); in a rollback journal mode, only a connection inside a
+    transaction holds a lock, on the database file's lock bytes (an idle one holds none, and
+    goes on reading the file it opened).  Open-file-description locks test both without
+    touching this process's own locks."""
+    for file, start, length, seen in (
+        (path + "-shm", _SHM_DMS, 1, "its wal-index is in use"),
+        (path, inplace.PENDING_BYTE, _LOCK_BYTES, "a connection is inside a transaction on it"),
+    ):
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # no wal-index: no connection to it in WAL mode
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, start, length, 0))
+        except OSError:
+            return seen
+        finally:
+            os.close(fd)  # drops that lock, and no other
+    return None
 
 
 def _fence_off(path: str) -> int | None:
