@@ -419,6 +419,43 @@ def test_leftovers_after_a_takeover() -> None:
     assert catalog.leftovers(keys) == {keys[2]}  # type: ignore[arg-type]
 
 
+def test_objects_of_an_epoch_no_lease_granted_fence_nothing(file_replica, tmp_path) -> None:
+    """A segment copied under a key with an epoch above the lease's (no writer was ever
+    granted it) would make every object of the real epoch from its txid on a leftover: a
+    restore short of the history, and the holder's retention deleting its own objects.  It
+    fences nothing: restore and retention go by the lease's epoch, verify names it."""
+    import walsync_vfs
+    from walsync_vfs.compactor import expired
+
+    path = tmp_path / "s.db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    for i in range(5):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+        walsync_vfs.flush(timeout=30)
+    client = storage.open_replica(file_replica)
+    epoch = catalog.granted_epoch(client, "s.db")
+    assert epoch is not None and epoch >= 1
+    (gen,) = catalog.generations(client, "s.db")
+    first = gen.segments[0]
+    stray = format.segment_key("s.db", gen.id, first.first_txid, first.last_txid, epoch + 1)
+    client.put(stray, client.get(catalog.object_key(first)))
+
+    assert catalog.generations(client, "s.db")[-1].last_txid == gen.last_txid
+    out = tmp_path / "out.db"
+    assert restore(f"{file_replica}/s.db", str(out)).txid == gen.last_txid
+    assert apsw.Connection(str(out)).execute("SELECT count(*) FROM t").fetchone() == (5,)
+    assert report.verify(client, "s.db").problems == [
+        f"{stray}: keyed with lease epoch {epoch + 1}, which no writer was granted (the lease "
+        f"is at {epoch}); not part of the history"
+    ]
+    listing = client.list("s.db/")
+    keep = 10**9  # nothing is old enough for retention: only leftovers could go
+    assert expired(listing, keep, epoch=epoch) == []
+    assert expired(listing, keep) != []  # what a holder going by every key would delete
+    con.close()
+
+
 class Unconditional:
     """A store that ignores conditional writes (as an old MinIO does): every swap writes."""
 

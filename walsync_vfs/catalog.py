@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from walsync_vfs import format, storage
+from walsync_vfs import format, lease, storage
 
 FETCH_WORKERS = 8
 
@@ -88,20 +88,36 @@ def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def generations(client: storage.ReplicaClient, name: str) -> list[Generation]:
-    """Every generation of database ``name``, oldest first, from one LIST; objects a fenced
-    writer left (see :func:`leftovers`) are not part of any."""
-    return scan(client.list(name + "/"), name)[0]
+    """Every generation of database ``name``, oldest first, from one LIST (and the lease's
+    epoch, read after it); objects a fenced writer left (see :func:`leftovers`) and objects
+    of an epoch no lease granted are not part of any."""
+    objects = client.list(name + "/")
+    return scan(objects, name, granted_epoch(client, name))[0]
+
+
+def granted_epoch(client: storage.ReplicaClient, name: str) -> int | None:
+    """The epoch of the lease object of ``name``: the highest any writer was granted
+    (FORMAT.md §2.1); None without a readable one.  Read after a listing, it covers every
+    object the listing holds: a writer takes the lease before it writes."""
+    try:
+        holder = lease.Holder.decode(client.get(format.lease_key(name)))
+    except storage.ObjectNotFound:
+        return None
+    return None if holder is lease.UNREADABLE else holder.epoch
 
 
 def scan(
-    objects: list[storage.ObjectInfo], name: str
-) -> tuple[list[Generation], list[format.ParsedKey]]:
-    """The generations of ``name`` in a listing, and the leftovers of fenced writers."""
+    objects: list[storage.ObjectInfo], name: str, ceiling: int | None = None
+) -> tuple[list[Generation], list[format.ParsedKey], list[format.ParsedKey]]:
+    """The generations of ``name`` in a listing, the leftovers of fenced writers, and the
+    objects keyed with an epoch above ``ceiling`` (the lease's): no writer was granted one,
+    so they are no history's (a copy under a made-up key), and they fence nothing."""
     ours = [(k, obj) for obj in objects if (k := format.parse_key(obj.key)) and k.name == name]
-    fenced = leftovers([k for k, _ in ours])
+    stray = {k for k, _ in ours if ceiling is not None and k.epoch > ceiling}
+    fenced = leftovers([k for k, _ in ours if k not in stray])
     gens: dict[str, Generation] = {}
     for k, obj in ours:
-        if k in fenced:
+        if k in fenced or k in stray:
             continue
         g = gens.setdefault(k.generation, Generation(k.generation))
         (g.snapshots if k.kind == "snapshot" else g.segments).append(k)
@@ -109,7 +125,8 @@ def scan(
     for g in gens.values():
         g.snapshots.sort(key=lambda k: k.last_txid)
         g.segments, g.partial = _complete(g.segments)
-    return [gens[i] for i in sorted(gens)], sorted(fenced, key=object_key)
+    ordered = [gens[i] for i in sorted(gens)]
+    return ordered, sorted(fenced, key=object_key), sorted(stray, key=object_key)
 
 
 def _complete(

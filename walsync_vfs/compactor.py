@@ -165,7 +165,10 @@ def _named(key: str, raw: format.RawSegment) -> format.RawSegment:
 
 
 def expired(
-    objects: list[storage.ObjectInfo], retention: float, now: float | None = None
+    objects: list[storage.ObjectInfo],
+    retention: float,
+    now: float | None = None,
+    epoch: int | None = None,
 ) -> list[str]:
     """Keys no restore point in the last ``retention`` seconds needs.
 
@@ -176,10 +179,13 @@ def expired(
     earlier generations -- can go.
 
     The leftovers of fenced writers (catalog.leftovers) go too, and never anchor anything:
-    the anchor is a snapshot of the one history that lease holders extend.
+    the anchor is a snapshot of the one history that lease holders extend.  Objects keyed
+    with an epoch above the holder's own ``epoch`` are no writer's (none was granted one
+    while it holds the lease): they neither make its own objects leftovers nor go.
     """
     cutoff = (time.time() if now is None else now) - retention
     parsed = [(k, o) for o in objects if (k := format.parse_key(o.key)) is not None]
+    parsed = [(k, o) for k, o in parsed if epoch is None or k.epoch <= epoch]
     fenced = catalog.leftovers([k for k, _ in parsed])
     parsed = [(k, o) for k, o in parsed if k not in fenced]
     doomed = sorted(catalog.object_key(k) for k in fenced)
@@ -348,7 +354,8 @@ class Compactor:
             # for retention, and for telling which of segs still exist -- unless all of them
             # were uploaded after retention last deleted anything and have local copies.
             objects = db.client.list(db.name + "/")
-            doomed = expired(objects, db.cfg.retention) if retain else []
+            epoch = db.lease.epoch if db.lease is not None else None
+            doomed = expired(objects, db.cfg.retention, epoch=epoch) if retain else []
             if doomed and not confirmed(db):
                 doomed = []  # only the lease holder deletes
             if doomed:

@@ -175,10 +175,17 @@ def verify(client: storage.ReplicaClient, name: str) -> Verdict:
     again from a fresh listing; one still listed is missing.
     """
     for _ in range(VERIFY_PASSES):
-        gens = catalog.generations(client, name)
+        objects = client.list(name + "/")
+        ceiling = catalog.granted_epoch(client, name)
+        gens, _, stray = catalog.scan(objects, name, ceiling)
         if not gens:
             return Verdict([f"{storage.database_url(client, name)}: no replica found"], [])
         found = _Findings([f"{name}/{line}" for line in _overlaps(gens)])
+        found.problems += [
+            f"{catalog.object_key(k)}: keyed with lease epoch {k.epoch}, which no writer was "
+            f"granted (the lease is at {ceiling}); not part of the history"
+            for k in stray
+        ]
         for g in gens:
             _verify_generation(client, name, g, found)
         if not found.missing or found.missing & _listed(client, name):
@@ -206,7 +213,8 @@ def _listed(client: storage.ReplicaClient, name: str) -> set[str]:
 
 def ignored(client: storage.ReplicaClient, name: str) -> list[str]:
     """The objects fenced writers left, which no history uses (FORMAT.md §2.1), one line each."""
-    gens, fenced = catalog.scan(client.list(name + "/"), name)
+    objects = client.list(name + "/")
+    gens, fenced, _ = catalog.scan(objects, name, catalog.granted_epoch(client, name))
     return [
         f"{catalog.object_key(k)}: written under lease epoch {k.epoch} after a writer of a "
         "higher epoch took over; not part of the history"
