@@ -30,8 +30,9 @@ COMPACT = 4  # small segments per compaction
 
 
 class CountingGets:
-    """A real replica client that records the key of every GET and the prefix of every LIST
-    made through it."""
+    """A real replica client that records the key of every GET of a data object (a lease's
+    aside: a sync reads it with the replica's head) and the prefix of every LIST made
+    through it."""
 
     def __init__(self, client: storage.ReplicaClient) -> None:
         self.client = client
@@ -39,7 +40,8 @@ class CountingGets:
         self.lists: list[str] = []
 
     def get(self, key: str) -> bytes:
-        self.gets.append(key)
+        if format.parse_key(key) is not None:
+            self.gets.append(key)
         return self.client.get(key)
 
     def list(self, prefix: str) -> list[storage.ObjectInfo]:

@@ -97,11 +97,12 @@ def generations(client: storage.ReplicaClient, name: str) -> list[Generation]:
 
 def granted_epoch(client: storage.ReplicaClient, name: str) -> int | None:
     """The epoch of the lease object of ``name``: the highest any writer was granted
-    (FORMAT.md §2.1); None without a readable one.  Read after a listing, it covers every
-    object the listing holds: a writer takes the lease before it writes."""
+    (FORMAT.md §2.1); None without a readable one (missing, damaged, or not readable with
+    these credentials: a restore may only be allowed the data).  Read after a listing, it
+    covers every object the listing holds: a writer takes the lease before it writes."""
     try:
         holder = lease.Holder.decode(client.get(format.lease_key(name)))
-    except storage.ObjectNotFound:
+    except storage.StorageError:
         return None
     return None if holder is lease.UNREADABLE else holder.epoch
 
