@@ -51,7 +51,9 @@ def test_defaults_and_overrides_by_glob_and_path():
     [
         (
             "[defaults]\nupload_intervall = 1\n",
-            "walsync.toml [defaults]: unknown key 'upload_intervall'; known: ",
+            "walsync.toml [defaults]: unknown key 'upload_intervall'; known: compact_segments, "
+            "fencing, lease_time, max_segment_bytes, replica, retention, snapshot_interval, "
+            "upload_burst, upload_interval",  # no name: it is per database
         ),
         (
             "[defaults]\nupload_interval = -1\n",

@@ -679,6 +679,12 @@ def test_connection_option_sweep_restores_equal(op, replica, tmp_path):
             "name one",
         ),
         (
+            {"client_options": {"endpoint": "http://127.0.0.1:9000"}},
+            walsync_vfs.config.UnknownKeyError,
+            "configure(): client_options: unknown key 'endpoint'; known: endpoint_url, "
+            "multipart_threshold, part_size, path_style, region, transfer_workers",
+        ),
+        (
             {"replica": "ftp://host/x"},
             walsync_vfs.StorageError,
             "invalid replica URL 'ftp://host/x': unsupported scheme 'ftp'; use "
@@ -691,6 +697,21 @@ def test_configure_errors_are_walsync_errors_saying_what_to_do(replica, options,
         walsync_vfs.configure(**options)
     assert type(info.value) is kind and str(info.value) == text
     walsync_vfs.flush(timeout=30)  # the settings before the call still apply
+
+
+def test_s3_client_options_leave_a_file_replica_alone(file_replica, tmp_path):
+    """One set of client_options serves every root a process replicates to: a file root
+    takes none, and ignores those of S3 (it used to fail with a TypeError)."""
+    walsync_vfs.configure(client_options={"endpoint_url": "http://127.0.0.1:1"})
+    try:
+        con = apsw.Connection(str(tmp_path / "f.db"), vfs="walsync")
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+        walsync_vfs.flush(timeout=30)
+        got = restore(f"{file_replica}/f.db", tmp_path / "out.db")
+        assert got.execute("SELECT x FROM t").fetchall() == [(1,)]
+        con.close()
+    finally:
+        walsync_vfs.configure(client_options={})
 
 
 def test_a_flush_out_of_time_is_a_walsync_timeout_saying_what_to_do(replica, tmp_path):

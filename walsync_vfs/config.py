@@ -30,7 +30,7 @@ from typing import Any
 
 from walsync_vfs.errors import one_line
 from walsync_vfs.format import check_name
-from walsync_vfs.storage import StorageError, replica_location
+from walsync_vfs.storage import StorageError, client_option_names, replica_location
 from walsync_vfs.storage.file import check_root
 
 ENV_REPLICA = "WALSYNC_REPLICA"
@@ -103,12 +103,14 @@ MAX_LEASE_TIME = 30.0
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
-def check_knob(where: str, key: str, value: object, also: tuple[str, ...] = ()) -> Any:
+def check_knob(
+    where: str, key: str, value: object, also: tuple[str, ...] = (), without: tuple[str, ...] = ()
+) -> Any:
     """Validate one knob and return its value as the knob's type (an int given for a float
     becomes a float); errors name where it came from and the key (and list the knobs, with
-    the other keys ``also`` known there)."""
-    if key not in _KNOBS:
-        known = ", ".join(sorted({*_KNOBS, *also}))
+    the other keys ``also`` known there, less those ``without`` it)."""
+    if key not in _KNOBS or key in without:
+        known = ", ".join(sorted({*_KNOBS, *also} - set(without)))
         raise UnknownKeyError(f"{where}: unknown key {key!r}; known: {known}")
     kind, low = _KNOBS[key]
     accepted = (int, float) if kind is float else (kind,)
@@ -201,11 +203,12 @@ def load_toml(text: str, where: str) -> Settings:
     settings = Settings()
     for key, value in doc.items():
         if key == "defaults" and isinstance(value, dict):
-            knobs = {k: check_knob(f"{where} [defaults]", k, v) for k, v in value.items()}
-            if "name" in knobs:
+            if "name" in value:
                 raise ConfigError(
                     f"{where} [defaults]: name is per database; set it in a [[databases]] table"
                 )
+            here = f"{where} [defaults]"
+            knobs = {k: check_knob(here, k, v, without=("name",)) for k, v in value.items()}
             settings.defaults = dataclasses.replace(settings.defaults, **knobs)
         elif key == "databases" and isinstance(value, list):
             for i, table in enumerate(value):
@@ -247,6 +250,12 @@ def check_process_option(where: str, key: str, value: object) -> Any:
     if key == "name" and callable(value):
         return value
     if key == "client_options" and isinstance(value, dict):
+        known = client_option_names()
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise UnknownKeyError(
+                f"{where}: client_options: unknown key {unknown[0]!r}; known: {', '.join(known)}"
+            )
         return value
     wanted = {
         "spool_dir": "a directory path",

@@ -9,6 +9,7 @@ both backends share for big objects (:func:`.transfer.read_ranges`: a parallel d
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -262,13 +263,23 @@ def database_url(client: ReplicaClient, name: str) -> str:
 
 
 def open_replica(url: str, **options: Any) -> ReplicaClient:
-    """Open the replica root named by ``url``; ``options`` go to the backend (S3: endpoint_url,
-    region, path_style).  Backends are imported lazily so file-only users never load botocore."""
+    """Open the replica root named by ``url``; ``options`` go to an S3 backend (see
+    :func:`client_option_names`) and a file root, which takes none, ignores them: one set of
+    options serves the roots of either kind a process replicates to.  Backends are imported
+    lazily so file-only users never load botocore."""
     scheme, where, prefix = replica_location(url)
     if scheme == "file":
         from walsync_vfs.storage.file import FileReplicaClient
 
-        return FileReplicaClient(where, **options)
+        return FileReplicaClient(where)
     from walsync_vfs.storage.s3 import S3ReplicaClient
 
     return S3ReplicaClient(where, prefix, **options)
+
+
+def client_option_names() -> list[str]:
+    """The options :func:`open_replica` takes (an S3 client's keyword arguments)."""
+    from walsync_vfs.storage.s3 import S3ReplicaClient
+
+    parameters = inspect.signature(S3ReplicaClient).parameters.values()
+    return sorted(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
