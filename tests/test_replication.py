@@ -361,6 +361,9 @@ def test_two_open_databases_cannot_share_a_name_on_one_root(replica, tmp_path):
         f"replica of {second} is failing: {second}: replica name 'app.db' is already used by "
         f"{first}; give one of them another name"
     )
+    # Nothing of it is replicated: its lag runs from its open, not zero (an alert on it fires).
+    (state,) = [s for s in walsync_vfs.stats() if s["path"] == str(second)]
+    assert state["syncing"] and state["lag_seconds"] > 0
     b.close()  # gives up: its name was never its own
     assert rows(restore(f"{replica}/app.db", tmp_path / "r.db")) == [("a",)]
     a.close()

@@ -44,6 +44,7 @@ class Database:
     fenced: str = ""  # why another writer keeps this one from replicating ("" = it does not)
     unnamed: str = ""  # why its configuration names no replica for it ("" = it does)
     fenced_since_ns: int = 0  # time of the oldest commit fencing kept from the replica
+    opened_ns: int = 0  # when it was last opened: its state is behind since then until a sync
 
     def fail(self, exc: BaseException) -> None:
         """Count a failed sync or upload."""
@@ -80,7 +81,8 @@ class Database:
 def oldest_unreplicated_ns(db: Database) -> int:
     """The time of the database's oldest commit not in the replica (0: none): the first of
     each queue is its oldest (encoded segments, pending, held, owed commits, and those
-    fencing dropped)."""
+    fencing dropped).  A database no sync has joined to a lineage yet (its name taken, its
+    store away since the open) counts from its open: nothing says its state is replicated."""
     up, sync = db.upload, db.sync
     firsts = (
         up.outbox[0].time_ns if up.outbox else 0,
@@ -88,6 +90,7 @@ def oldest_unreplicated_ns(db: Database) -> int:
         sync.held[0].time_ns if sync.held else 0,
         sync.owed_since_ns,
         db.fenced_since_ns,
+        db.opened_ns if db.open and db.lineage.generation is None else 0,
     )
     return min((t for t in firsts if t), default=0)
 

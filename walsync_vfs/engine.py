@@ -193,6 +193,7 @@ class Engine:
                 descriptors.make_room(len(self._dbs))
             log.debug("walsync: %s opened (seq %d)", rec.path, rec.seq)
             db.open = db.joining = True
+            db.opened_ns = rec.time_ns
             db.sync.open_seq = rec.seq
             self._join_pool.spawn(self._join_opened, db)
         elif db is None:
