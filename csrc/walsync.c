@@ -486,7 +486,8 @@ static void enqueue(WsDb *pDb, ws_rec *r) {
 }
 
 /* Queue a record with no page payload (GAP, OPEN, CLOSE). */
-static void publishEvent(WsDb *pDb, int kind, const char *zText) {
+/* nMissed: GAP only, see reportGapOf(). */
+static void publishEvent(WsDb *pDb, int kind, const char *zText, uint32_t nMissed) {
   size_t n = zText ? strlen(zText) + 1 : 0;
   ws_rec *r = calloc(1, sizeof(*r) + n);
   if (!r) return; /* out of memory: the consumer will see a seq hole */
@@ -495,6 +496,7 @@ static void publishEvent(WsDb *pDb, int kind, const char *zText) {
   r->kind = kind;
   r->spool_fd = -1;
   r->time_ns = now_ns();
+  r->npages = nMissed;
   if (n) {
     r->path = (char *)(r + 1);
     memcpy(r->path, zText, n);
@@ -505,13 +507,16 @@ static void publishEvent(WsDb *pDb, int kind, const char *zText) {
 /* Forget the chain position and tell the consumer the stream broke. */
 static void readAnything(WsDb *pDb);
 
-static void reportGap(WsDb *pDb) {
+/* nMissed: commits known to be lost with it (its record's npages), 0 if unknown. */
+static void reportGapOf(WsDb *pDb, uint32_t nMissed) {
   pthread_mutex_lock(&pDb->mu);
   pDb->c.bKnown = 0;
   pthread_mutex_unlock(&pDb->mu);
   readAnything(pDb);
-  publishEvent(pDb, WS_GAP, 0);
+  publishEvent(pDb, WS_GAP, 0, nMissed);
 }
+
+static void reportGap(WsDb *pDb) { reportGapOf(pDb, 0); }
 
 /* ------------------------------------------------- host-wide coordination
 **
@@ -1045,6 +1050,7 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd, const uin
   uint32_t f, start, szFrame;
   ws_rec *first = 0, *prev = 0; /* records made, queued once they are known to continue */
   int fd, bCounted = 0;
+  uint32_t nMissed = 0; /* commits the counter says were lost, if that is how it broke */
   char *zWal;
   if (!c.bKnown) return 0;
   if (c.bHdr && c.salt1 == s1 && c.salt2 == s2 && nEnd <= c.nFrame) {
@@ -1108,7 +1114,12 @@ static int catchUp(WsDb *pDb, uint32_t s1, uint32_t s2, uint32_t nEnd, const uin
   }
 done:
   if (pChange) {
-    if (bCounted && c.iChange != *pChange) goto gap;
+    if (bCounted && c.iChange != *pChange) {
+      /* Commits were erased unread: they, and those read here, which only the
+      ** counter could have vouched for, lose their restore points. */
+      nMissed = *pChange - pDb->c.iChange < 0x80000000u ? *pChange - pDb->c.iChange : 0;
+      goto gap;
+    }
     c.iChange = *pChange;
     c.bChange = 1;
   }
@@ -1121,7 +1132,7 @@ gap:
   ** counter could have said so. */
   settleRecords(pDb, first, !bCounted);
   if (fd >= 0) close(fd);
-  reportGap(pDb);
+  reportGapOf(pDb, nMissed);
   return 1;
 }
 
@@ -1158,6 +1169,14 @@ static int headerBefore(WsDb *pDb, uint32_t fStart, uint32_t *pSalt1, uint32_t *
 static int onlyOurs(WsDb *pDb) {
   uint32_t s1, s2, ic;
   return pDb->c.bChange && headerBefore(pDb, 0, &s1, &s2, &ic) && ic == pDb->c.iChange;
+}
+
+/* How many commits came between the chain's end and the transaction being
+** published in a new WAL, by SQLite's commit counter (0 if it cannot tell). */
+static uint32_t commitsBetween(WsDb *pDb) {
+  uint32_t s1, s2, ic;
+  if (!pDb->c.bChange || !headerBefore(pDb, 0, &s1, &s2, &ic)) return 0;
+  return ic - pDb->c.iChange < 0x80000000u ? ic - pDb->c.iChange : 0;
 }
 
 static void publishPending(WsDb *pDb) {
@@ -1222,7 +1241,7 @@ static void publishLocked(WsDb *pDb, sqlite3_int64 nBuf) {
     } else if (pDb->c.bHdr && c.salt1 != pDb->c.salt1 + (pDb->c.nTrunc ? pDb->c.nTrunc : 1) &&
         !(pDb->c.nFrame == 0 && c.salt1 == pDb->c.salt1 && c.salt2 == pDb->c.salt2) &&
         !permitted(pDb, c.salt1, c.salt2) && !onlyOurs(pDb)) {
-      reportGap(pDb);
+      reportGapOf(pDb, commitsBetween(pDb));
       return;
     }
     off = WAL_HDR;
@@ -1668,9 +1687,12 @@ static void checkRestart(WsFile *pWal) {
     /* Emptied by a TRUNCATE checkpoint: ours, or another process's once the
     ** leader had read every frame. */
     uint32_t s1, s2, mx, ic;
-    if (pDb->c.bHdr && !pDb->c.nTrunc && !(shmHeader(pDb, &s1, &s2, &mx, &ic) &&
-        (permitted(pDb, s1, s2) || (pDb->c.bChange && ic == pDb->c.iChange)))) {
-      reportGap(pDb);
+    int bShm = pDb->c.bHdr && !pDb->c.nTrunc && shmHeader(pDb, &s1, &s2, &mx, &ic);
+    int bCounter = bShm && pDb->c.bChange;
+    if (pDb->c.bHdr && !pDb->c.nTrunc &&
+        !(bShm && (permitted(pDb, s1, s2) || (bCounter && ic == pDb->c.iChange)))) {
+      /* The commit counter says how many commits it erased unread. */
+      reportGapOf(pDb, bCounter && ic - pDb->c.iChange < 0x80000000u ? ic - pDb->c.iChange : 0);
     }
     return;
   }
@@ -1862,7 +1884,7 @@ static int wsClose(sqlite3_file *pFile) {
       p->pDb->aFh = 0;
       pthread_mutex_unlock(&p->pDb->mu);
       releaseWal(p->pDb);
-      publishEvent(p->pDb, WS_CLOSE, 0);
+      publishEvent(p->pDb, WS_CLOSE, 0, 0);
     }
   }
   rc = p->pReal->pMethods ? p->pReal->pMethods->xClose(p->pReal) : SQLITE_OK;
@@ -2242,7 +2264,7 @@ out:
   pthread_mutex_unlock(&gMutex);
   if (bOpened) {
     void (*cb)(void) = __atomic_load_n(&gOnOpen, __ATOMIC_ACQUIRE);
-    publishEvent(pDb, WS_OPEN, zPath);
+    publishEvent(pDb, WS_OPEN, zPath, 0);
     if (cb) cb();
   }
   return pDb;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import Future
@@ -122,4 +124,34 @@ def test_a_writer_flat_out_after_a_gap_keeps_its_restore_points(file_replica, tm
     (state,) = [s for s in walsync_vfs.stats() if s["path"] == str(path)]
     # the schema, the foreign commit (in the sync point's snapshot), and the burst
     assert state["replicated_txid"] >= 1 + commits - 10
+    con.close()
+
+
+FOREIGN_COMMITS = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+for i in range(int(sys.argv[2])):
+    c.execute("INSERT INTO t VALUES(?)", (i,))
+c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+"""
+
+
+def test_commits_a_foreign_truncate_erased_unread_are_counted_lost(file_replica, tmp_path):
+    """A process without the shim commits and truncates the WAL before the leader reads its
+    commits (or after it read some): each of them keeps its own restore point or is counted
+    in lost_restore_points, by SQLite's commit counter, never silently gone."""
+    path = tmp_path / "db"
+    con = apsw.Connection(str(path), vfs="walsync")
+    con.execute("CREATE TABLE t(x)")
+    walsync_vfs.flush(timeout=30)
+    foreign = 20
+    subprocess.run([sys.executable, "-c", FOREIGN_COMMITS, str(path), str(foreign)], check=True)
+    con.execute("INSERT INTO t VALUES(-1)")  # reveals what happened to the WAL
+    walsync_vfs.flush(timeout=30)
+    (state,) = [s for s in walsync_vfs.stats() if s["path"] == str(path)]
+    lost = state["lost_restore_points"]
+    # txids: the schema, the foreign commits read, the resync's one commit if any were lost,
+    # then this process's commit
+    kept = state["replicated_txid"] - 1 - (1 if lost else 0) - 1
+    assert kept + lost == foreign
     con.close()

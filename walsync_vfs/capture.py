@@ -78,6 +78,7 @@ class Record:
     wal_salts: tuple[int, int] = (0, 0)
     wal_frames: tuple[int, int] = (0, 0)  # [start, end) frame indices in the WAL
     path: str = ""  # OPEN only
+    missed: int = 0  # GAP only: commits known to be lost with it (0: none known)
 
     @property
     def memory(self) -> int:
@@ -371,7 +372,8 @@ def convert(rec) -> Record:
             (rec.salt1, rec.salt2), (rec.frame_start, rec.frame_end),
         )  # fmt: skip
     path = ffi.string(rec.path).decode() if kind is Kind.OPEN else ""
-    return Record(kind, rec.db_id, rec.seq, rec.time_ns, path=path)
+    missed = rec.npages if kind is Kind.GAP else 0
+    return Record(kind, rec.db_id, rec.seq, rec.time_ns, path=path, missed=missed)
 
 
 class OpenRun:

@@ -35,7 +35,9 @@ class Database:
     last_error: str = ""
     errors: int = 0  # failed attempts, ever
     stopped: bool = False  # it cannot be captured (out of WAL, locked by the application)
-    lost_restore_points: int = 0  # commits dropped past the spool cap (in a later snapshot)
+    # Commits dropped past the spool cap, or erased unread by a foreign WAL restart (their
+    # changes ship in a later snapshot or resync commit).
+    lost_restore_points: int = 0
     sync: SyncState = field(default_factory=SyncState)
     lineage: Lineage = field(default_factory=Lineage)
     upload: UploadState = field(default_factory=UploadState)

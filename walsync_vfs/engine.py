@@ -199,6 +199,16 @@ class Engine:
         elif db is None:
             return
         elif rec.kind is Kind.GAP:
+            if rec.missed:
+                # A process without the shim restarted the WAL over them before they were read.
+                db.lost_restore_points += rec.missed
+                log.warning(
+                    "walsync: %s: %d commits made outside the stream were erased from the WAL "
+                    "before they were read; their restore points are lost, their changes ship "
+                    "with the resync",
+                    db.path,
+                    rec.missed,
+                )
             log.info("walsync: %s changed outside the stream; resyncing", db.path)
             db.lineage.lost(rec.seq)
             self._request_sync(db)

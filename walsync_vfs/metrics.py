@@ -29,7 +29,10 @@ _GAUGES = {
     "errors": "Failed store requests since the database was opened",
     "fenced": "1 while another writer holds the database's lease (see the ERROR log)",
     "stopped": "1 while the database is out of WAL mode and not replicated",
-    "lost_restore_points": "Commits whose restore points were given up past the spool cap",
+    "lost_restore_points": (
+        "Commits whose restore points were lost: given up past the spool cap, or erased "
+        "unread from the WAL by a process without the shim"
+    ),
 }
 RETRY_EVERY = 2.0  # s between a process's attempts at a port another process serves
 _served: dict[int, _Served] = {}  # port -> what this process runs for it
