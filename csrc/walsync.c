@@ -518,6 +518,12 @@ static void reportGapOf(WsDb *pDb, uint32_t nMissed) {
 
 static void reportGap(WsDb *pDb) { reportGapOf(pDb, 0); }
 
+/* Commits SQLite's commit counter went through from `from` to `to` (it wraps),
+** 0 if `to` is behind: a counter that went back says nothing. */
+static uint32_t commitsCounted(uint32_t from, uint32_t to) {
+  return to - from < 0x80000000u ? to - from : 0;
+}
+
 /* ------------------------------------------------- host-wide coordination
 **
 ** Several processes may open one database.  Exactly one of them, the
@@ -1117,7 +1123,7 @@ done:
     if (bCounted && c.iChange != *pChange) {
       /* Commits were erased unread: they, and those read here, which only the
       ** counter could have vouched for, lose their restore points. */
-      nMissed = *pChange - pDb->c.iChange < 0x80000000u ? *pChange - pDb->c.iChange : 0;
+      nMissed = commitsCounted(pDb->c.iChange, *pChange);
       goto gap;
     }
     c.iChange = *pChange;
@@ -1176,7 +1182,7 @@ static int onlyOurs(WsDb *pDb) {
 static uint32_t commitsBetween(WsDb *pDb) {
   uint32_t s1, s2, ic;
   if (!pDb->c.bChange || !headerBefore(pDb, 0, &s1, &s2, &ic)) return 0;
-  return ic - pDb->c.iChange < 0x80000000u ? ic - pDb->c.iChange : 0;
+  return commitsCounted(pDb->c.iChange, ic);
 }
 
 static void publishPending(WsDb *pDb) {
@@ -1687,12 +1693,13 @@ static void checkRestart(WsFile *pWal) {
     /* Emptied by a TRUNCATE checkpoint: ours, or another process's once the
     ** leader had read every frame. */
     uint32_t s1, s2, mx, ic;
-    int bShm = pDb->c.bHdr && !pDb->c.nTrunc && shmHeader(pDb, &s1, &s2, &mx, &ic);
-    int bCounter = bShm && pDb->c.bChange;
-    if (pDb->c.bHdr && !pDb->c.nTrunc &&
-        !(bShm && (permitted(pDb, s1, s2) || (bCounter && ic == pDb->c.iChange)))) {
+    int bShm, bCounter;
+    if (!pDb->c.bHdr || pDb->c.nTrunc) return;
+    bShm = shmHeader(pDb, &s1, &s2, &mx, &ic);
+    bCounter = bShm && pDb->c.bChange;
+    if (!(bShm && (permitted(pDb, s1, s2) || (bCounter && ic == pDb->c.iChange)))) {
       /* The commit counter says how many commits it erased unread. */
-      reportGapOf(pDb, bCounter && ic - pDb->c.iChange < 0x80000000u ? ic - pDb->c.iChange : 0);
+      reportGapOf(pDb, bCounter ? commitsCounted(pDb->c.iChange, ic) : 0);
     }
     return;
   }
@@ -2064,14 +2071,6 @@ static int shmLockNoted(WsFile *p, int ofst, int n, int flags) {
   return rc;
 }
 
-/* The engine's connections (sync points) go first to the WAL write lock.
-** Taken in a moment between two transactions of a writer committing flat out,
-** it could wait for the whole burst (SQLite's busy handler only retries now
-** and then), and commits made meanwhile after a gap would all end up inside
-** the sync point's snapshot, without restore points of their own.  So while
-** an engine connection wants or holds it, this process's application writers
-** wait before taking it, at most WS_ENGINE_FIRST_NS: one whose own other
-** connection holds it would otherwise wait for ever. */
 /* Engine connections wanting the write lock, all databases: read by every
 ** application transaction, written only around a sync point, so it gets a
 ** cache line of its own (beside the queue's counters a writer would fetch it
@@ -2081,6 +2080,14 @@ static struct {
   char pad[64 - sizeof(int)];
 } gEngWriting;
 
+/* The engine's connections (sync points) go first to the WAL write lock.
+** Taken in a moment between two transactions of a writer committing flat out,
+** it could wait for the whole burst (SQLite's busy handler only retries now
+** and then), and commits made meanwhile after a gap would all end up inside
+** the sync point's snapshot, without restore points of their own.  So while
+** an engine connection wants or holds it, this process's application writers
+** wait before taking it, at most WS_ENGINE_FIRST_NS: one whose own other
+** connection holds it would otherwise wait for ever. */
 static void engineWants(WsFile *p, int bOn) {
   pthread_mutex_lock(&gMutex);
   if (p->bEngWrite != bOn) {

@@ -88,11 +88,18 @@ def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def generations(client: storage.ReplicaClient, name: str) -> list[Generation]:
-    """Every generation of database ``name``, oldest first, from one LIST (and the lease's
-    epoch, read after it); objects a fenced writer left (see :func:`leftovers`) and objects
-    of an epoch no lease granted are not part of any."""
+    """Every generation of database ``name``, oldest first (see :func:`read`)."""
+    return read(client, name)[0]
+
+
+def read(
+    client: storage.ReplicaClient, name: str
+) -> tuple[list[Generation], list[format.ParsedKey], list[format.ParsedKey]]:
+    """:func:`scan` of one LIST of database ``name``, with the lease's epoch read after it:
+    objects a fenced writer left (see :func:`leftovers`) and objects of an epoch no lease
+    granted are not part of any generation."""
     objects = client.list(name + "/")
-    return scan(objects, name, granted_epoch(client, name))[0]
+    return scan(objects, name, granted_epoch(client, name))
 
 
 def granted_epoch(client: storage.ReplicaClient, name: str) -> int | None:

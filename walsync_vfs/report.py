@@ -147,17 +147,21 @@ class _Findings:
     missing: set[str] = field(default_factory=set)  # keys listed but not found
     unsound: set[str] = field(default_factory=set)  # generations whose replay fails SQLite's check
 
-    def object_problem(self, key: str, exc: Exception) -> None:
-        """An object failed: one line naming ``key`` (format and replay errors already start
-        with it)."""
+    def damage(self, key: str, line: str) -> None:
+        """The object ``key`` failed a check, as ``line`` says (naming it)."""
         self.damaged.add(key)
+        self.problems.append(line)
+
+    def object_problem(self, key: str, exc: Exception) -> None:
+        """An object failed to read or decode: one line naming ``key`` (format and replay
+        errors already start with it)."""
         if isinstance(exc, storage.ObjectNotFound):
             self.missing.add(key)
-            self.problems.append(f"{key}: object listed but missing")
+            self.damage(key, f"{key}: object listed but missing")
         elif isinstance(exc, format.CorruptObject | RestoreError):
-            self.problems.append(str(exc))
+            self.damage(key, str(exc))
         else:
-            self.problems.append(f"{key}: {exc}")
+            self.damage(key, f"{key}: {exc}")
 
 
 def verify(client: storage.ReplicaClient, name: str) -> Verdict:
@@ -176,7 +180,7 @@ def verify(client: storage.ReplicaClient, name: str) -> Verdict:
     """
     for _ in range(VERIFY_PASSES):
         objects = client.list(name + "/")
-        ceiling = catalog.granted_epoch(client, name)
+        ceiling = catalog.granted_epoch(client, name)  # named in the stray objects' lines
         gens, _, stray = catalog.scan(objects, name, ceiling)
         if not gens:
             return Verdict([f"{storage.database_url(client, name)}: no replica found"], [])
@@ -213,8 +217,7 @@ def _listed(client: storage.ReplicaClient, name: str) -> set[str]:
 
 def ignored(client: storage.ReplicaClient, name: str) -> list[str]:
     """The objects fenced writers left, which no history uses (FORMAT.md §2.1), one line each."""
-    objects = client.list(name + "/")
-    gens, fenced, _ = catalog.scan(objects, name, catalog.granted_epoch(client, name))
+    gens, fenced, _ = catalog.read(client, name)
     return [
         f"{catalog.object_key(k)}: written under lease epoch {k.epoch} after a writer of a "
         "higher epoch took over; not part of the history"
@@ -309,9 +312,7 @@ def _verify_generation(
                 continue
             for c in commits:
                 if history.disagrees(c.txid, c.checksum):
-                    found.object_problem(
-                        key, RestoreError(f"{key}: txid {c.txid} differs from the replayed history")
-                    )
+                    found.damage(key, f"{key}: txid {c.txid} differs from the replayed history")
                     break
             if image is not None:
                 try:
@@ -334,9 +335,7 @@ def _verify_generation(
                 found.object_problem(key, exc)
                 continue
             if history.disagrees(snap.txid, snap.checksum):
-                found.object_problem(
-                    key, RestoreError(f"{key}: snapshot differs from the replayed history")
-                )
+                found.damage(key, f"{key}: snapshot differs from the replayed history")
 
 
 def _replay_from(

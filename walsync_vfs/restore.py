@@ -989,7 +989,7 @@ def _open_elsewhere(path: str) -> str | None:
         try:
             fd = os.open(file, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
-            continue  # no wal-index: no connection to it in WAL mode
+            continue  # no wal-index: no connection in WAL mode (the file is there)
         try:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, start, length, 0))
         except OSError:
